@@ -1,0 +1,270 @@
+"""The byte-level backend interface and the key-update notifications.
+
+A backend stores keys and encoded values as bytes; the frontend
+(:class:`telstate.TelescopeState`) owns namespaces and value encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterable
+from typing import BinaryIO
+
+from .utils import KeyType, PathType, pack_timestamp, split_timestamp
+
+#: What :meth:`Backend.get` returns: (value, timestamp) for each key type.
+GetResult = (
+    tuple[None, None] | tuple[bytes, None] | tuple[bytes, float] | tuple[dict[bytes, bytes], None]
+)
+
+#: The contents of one key as found in an RDB file: immutable -> bytes,
+#: mutable -> list of packed members (timestamp + value), indexed -> dict.
+RecordValue = bytes | list[bytes] | dict[bytes, bytes]
+Record = tuple[bytes, KeyType, RecordValue]
+
+
+class KeyUpdateBase:
+    """Tells the monitor's caller to check its condition again.
+
+    It says nothing about what changed; subclasses do.
+    """
+
+
+class KeyUpdate(ABC, KeyUpdateBase):
+    """Update notification for one key (base of the type-specific classes)."""
+
+    def __init__(self, key: bytes, value: bytes) -> None:
+        self.key = key
+        self.value = value
+
+    @property
+    @abstractmethod
+    def key_type(self) -> KeyType:
+        """The type of the updated key."""
+
+
+class MutableKeyUpdate(KeyUpdate):
+    """A (value, timestamp) sample was added to a mutable key."""
+
+    def __init__(self, key: bytes, value: bytes, timestamp: float) -> None:
+        super().__init__(key, value)
+        self.timestamp = timestamp
+
+    @property
+    def key_type(self) -> KeyType:
+        return KeyType.MUTABLE
+
+
+class ImmutableKeyUpdate(KeyUpdate):
+    """An immutable key was set."""
+
+    @property
+    def key_type(self) -> KeyType:
+        return KeyType.IMMUTABLE
+
+
+class IndexedKeyUpdate(KeyUpdate):
+    """A sub-key of an indexed key was set."""
+
+    def __init__(self, key: bytes, sub_key: bytes, value: bytes) -> None:
+        super().__init__(key, value)
+        self.sub_key = sub_key
+
+    @property
+    def key_type(self) -> KeyType:
+        return KeyType.INDEXED
+
+
+class Backend(ABC):
+    """Low-level interface for telescope state backends.
+
+    Keys, sub-keys and values are bytes, already encoded by the frontend.
+    Timestamps are non-negative finite floats (the frontend checks them).
+    """
+
+    def __contains__(self, key: bytes) -> bool:
+        """Whether `key` exists."""
+        return self.key_type(key) is not None
+
+    @abstractmethod
+    def keys(self, filter: bytes) -> list[bytes]:
+        """Return all keys matching `filter`, a Redis glob pattern."""
+
+    @abstractmethod
+    def delete(self, key: bytes) -> None:
+        """Delete a key (no-op if it does not exist)."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Remove all keys."""
+
+    @abstractmethod
+    def key_type(self, key: bytes) -> KeyType | None:
+        """Get the type of `key`, or None if it does not exist."""
+
+    @abstractmethod
+    def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        """Set an immutable key unless it exists.
+
+        Returns
+        -------
+        The existing value if the key is already set (it is left unchanged),
+        otherwise None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not immutable.
+        """
+
+    @abstractmethod
+    def get(self, key: bytes) -> GetResult:
+        """Get the value and timestamp of a key.
+
+        Immutable: (value, None). Mutable: (latest value, its timestamp).
+        Indexed: (dict of every sub-key to value, None). Absent: (None, None).
+        """
+
+    @abstractmethod
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        """Add a (value, timestamp) sample to a mutable key.
+
+        An identical (timestamp, value) sample already present is not stored twice.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not mutable.
+        """
+
+    @abstractmethod
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        """Set a sub-key of an indexed key unless the sub-key exists.
+
+        Returns
+        -------
+        The existing value if the sub-key is already set (it is left
+        unchanged), otherwise None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not indexed.
+        """
+
+    @abstractmethod
+    def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
+        """Get the value of one sub-key, or None if the key exists without it.
+
+        Raises
+        ------
+        KeyError
+            If the key does not exist.
+        ImmutableKeyError
+            If the key exists and is not indexed.
+        """
+
+    @abstractmethod
+    def get_range(
+        self,
+        key: bytes,
+        start_time: float,
+        end_time: float,
+        include_previous: bool,
+        include_end: bool,
+    ) -> list[tuple[bytes, float]] | None:
+        """Return the (value, timestamp) samples of a mutable key in a time range.
+
+        Samples are ordered by timestamp, then by value bytes. The range is
+        ``[start_time, end_time)``, or ``[start_time, end_time]`` with
+        `include_end`; `include_previous` adds the last sample before
+        `start_time`. `start_time` may be negative or infinite; `end_time`
+        is non-negative (possibly infinite). Returns None if the key does
+        not exist.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not mutable.
+        """
+
+    def dump(self, key: bytes) -> bytes | None:
+        """Return `key` in the format of the Redis DUMP command, or None if absent."""
+        from . import rdb_utility
+
+        key_type = self.key_type(key)
+        if key_type is None:
+            return None
+        if key_type == KeyType.IMMUTABLE:
+            value, _ = self.get(key)
+            assert isinstance(value, bytes)
+            return rdb_utility.dump_string(value)
+        if key_type == KeyType.INDEXED:
+            values, _ = self.get(key)
+            assert isinstance(values, dict)
+            return rdb_utility.dump_hash(values)
+        samples = self.get_range(key, -1.0, float("inf"), False, True) or []
+        return rdb_utility.dump_zset([pack_timestamp(ts) + value for value, ts in samples])
+
+    def load_from_file(self, file: PathType | BinaryIO) -> int:
+        """Load the keys of an RDB file; implements :meth:`TelescopeState.load_from_file`.
+
+        Returns
+        -------
+        The number of keys loaded.
+
+        Raises
+        ------
+        RdbParseError
+            If the file is not a valid RDB file.
+        """
+        from . import rdb_reader
+
+        return self.load_records(rdb_reader.read_records(file))
+
+    def load_records(self, records: Iterable[Record]) -> int:
+        """Store whole keys as read from an RDB file, without checks; return the count.
+
+        Existing keys of the same name are merged into, as Redis RESTORE
+        would not do; callers load into an empty store. Backends override
+        this with a bulk path; this default goes through the write methods.
+        """
+        count = 0
+        for key, key_type, value in records:
+            if key_type == KeyType.IMMUTABLE:
+                assert isinstance(value, bytes)
+                self.set_immutable(key, value)
+            elif key_type == KeyType.MUTABLE:
+                assert isinstance(value, list)
+                for member in value:
+                    sample, timestamp = split_timestamp(member)
+                    self.add_mutable(key, sample, timestamp)
+            else:
+                assert isinstance(value, dict)
+                for sub_key, sub_value in value.items():
+                    self.set_indexed(key, sub_key, sub_value)
+            count += 1
+        return count
+
+    def monitor_keys(
+        self, keys: Iterable[bytes]
+    ) -> Generator[KeyUpdateBase | None, float | None, None]:
+        """Report changes to `keys`.
+
+        Returns a generator. Its first yield is None or a
+        :class:`KeyUpdateBase` (check again at once). After that the caller
+        sends a timeout in seconds and receives an update, or None if there
+        was none within the timeout. Updates may occasionally be missed (the
+        caller re-checks after each wake), and a bare :class:`KeyUpdateBase`
+        means only "check again". The generator runs until closed.
+
+        This default polls: it reports "check again" every 0.1 s.
+        """
+        timeout = yield None
+        while True:
+            time.sleep(min(timeout or 0.0, 0.1))
+            timeout = yield KeyUpdateBase()
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Release resources held by the backend (connections, files); idempotent."""

@@ -1,0 +1,210 @@
+"""In-process backend: a dictionary, for tests, tools and RDB files loaded into memory."""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+from collections.abc import Generator, Iterable
+
+from .backend import (
+    Backend,
+    GetResult,
+    ImmutableKeyUpdate,
+    IndexedKeyUpdate,
+    KeyUpdateBase,
+    MutableKeyUpdate,
+    Record,
+)
+from .errors import ImmutableKeyError
+from .utils import KeyType, compile_pattern, pack_query_timestamp, pack_timestamp, split_timestamp
+
+_Value = bytes | list[bytes] | dict[bytes, bytes]
+_TYPES = {bytes: KeyType.IMMUTABLE, list: KeyType.MUTABLE, dict: KeyType.INDEXED}
+
+
+class MemoryBackend(Backend):
+    """Telescope state held in a dictionary in this process.
+
+    Immutable keys hold bytes, mutable keys a sorted list of packed members
+    (8-byte big-endian timestamp followed by the value, exactly as in the
+    Redis zset, so ordering and deduplication match), and indexed keys a
+    dict. Safe to use from several threads; :meth:`monitor_keys` wakes
+    waiters in other threads of this process.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, _Value] = {}
+        self._lock = threading.Lock()
+        # Waiters by watched key: each waiter is a deque of updates plus a condition.
+        self._watchers: dict[bytes, list[_Watcher]] = {}
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._data
+
+    def keys(self, filter: bytes) -> list[bytes]:
+        if filter == b"*":
+            return list(self._data)
+        match = compile_pattern(filter).fullmatch
+        return [key for key in list(self._data) if match(key)]
+
+    def delete(self, key: bytes) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def key_type(self, key: bytes) -> KeyType | None:
+        value = self._data.get(key)
+        return None if value is None else _TYPES[type(value)]
+
+    def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        with self._lock:
+            old = self._data.get(key)
+            if old is None:
+                self._data[key] = value
+                if self._watchers:
+                    self._notify(key, ImmutableKeyUpdate, value)
+                return None
+        if type(old) is not bytes:
+            raise ImmutableKeyError(key)
+        return old
+
+    def get(self, key: bytes) -> GetResult:
+        value = self._data.get(key)
+        if value is None:
+            return None, None
+        if type(value) is list:
+            return split_timestamp(value[-1])
+        if type(value) is dict:
+            return dict(value), None
+        return value, None  # type: ignore[return-value]
+
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        member = pack_timestamp(timestamp) + value
+        with self._lock:
+            members = self._data.setdefault(key, [])
+            if type(members) is not list:
+                raise ImmutableKeyError(key)
+            if not members or members[-1] < member:
+                members.append(member)
+            else:
+                pos = bisect.bisect_left(members, member)
+                if pos < len(members) and members[pos] == member:
+                    return
+                members.insert(pos, member)
+            if self._watchers:
+                self._notify(key, MutableKeyUpdate, value, timestamp)
+
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        with self._lock:
+            sub_keys = self._data.setdefault(key, {})
+            if type(sub_keys) is not dict:
+                raise ImmutableKeyError(key)
+            old = sub_keys.get(sub_key)
+            if old is not None:
+                return old
+            sub_keys[sub_key] = value
+            if self._watchers:
+                self._notify(key, IndexedKeyUpdate, sub_key, value)
+        return None
+
+    def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
+        sub_keys = self._data.get(key)
+        if sub_keys is None:
+            raise KeyError(key)
+        if type(sub_keys) is not dict:
+            raise ImmutableKeyError(key)
+        return sub_keys.get(sub_key)
+
+    def get_range(
+        self,
+        key: bytes,
+        start_time: float,
+        end_time: float,
+        include_previous: bool,
+        include_end: bool,
+    ) -> list[tuple[bytes, float]] | None:
+        members = self._data.get(key)
+        if members is None:
+            return None
+        if type(members) is not list:
+            raise ImmutableKeyError(key)
+        start = _bisect_bound(members, pack_query_timestamp(start_time, False))
+        end = _bisect_bound(members, pack_query_timestamp(end_time, True, include_end))
+        if include_previous and start > 0:
+            start -= 1
+        return [split_timestamp(member) for member in members[start:end]]
+
+    def load_records(self, records: Iterable[Record]) -> int:
+        count = 0
+        with self._lock:
+            for key, _key_type, value in records:
+                if isinstance(value, list):
+                    value = sorted(set(value))
+                elif isinstance(value, dict):
+                    value = dict(value)
+                self._data[key] = value
+                count += 1
+        return count
+
+    def monitor_keys(
+        self, keys: Iterable[bytes]
+    ) -> Generator[KeyUpdateBase | None, float | None, None]:
+        watcher = _Watcher()
+        keys = list(keys)
+        with self._lock:
+            for key in keys:
+                self._watchers.setdefault(key, []).append(watcher)
+        try:
+            timeout = yield None
+            while True:
+                timeout = yield watcher.get(timeout)
+        finally:
+            with self._lock:
+                for key in keys:
+                    waiting = self._watchers.get(key, [])
+                    if watcher in waiting:
+                        waiting.remove(watcher)
+                    if not waiting:
+                        self._watchers.pop(key, None)
+
+    def _notify(self, key: bytes, update_class: type, *args) -> None:
+        """Hand an update to every waiter on `key` (called with the lock held)."""
+        for watcher in self._watchers.get(key, ()):
+            watcher.put(update_class(key, *args))
+
+
+def _bisect_bound(members: list[bytes], bound: bytes) -> int:
+    """Index where a ZRANGEBYLEX bound falls.
+
+    Only the bounds :func:`pack_query_timestamp` makes occur: ``-``, ``+``,
+    an inclusive start ``[x`` and an exclusive end ``(x``; both of the last
+    two split the members at the first one not below ``x``.
+    """
+    if bound == b"-":
+        return 0
+    if bound == b"+":
+        return len(members)
+    return bisect.bisect_left(members, bound[1:])
+
+
+class _Watcher:
+    """Updates for one waiter, handed over from writer threads."""
+
+    def __init__(self) -> None:
+        self._updates: collections.deque[KeyUpdateBase] = collections.deque()
+        self._condition = threading.Condition(threading.Lock())
+
+    def put(self, update: KeyUpdateBase) -> None:
+        with self._condition:
+            self._updates.append(update)
+            self._condition.notify()
+
+    def get(self, timeout: float | None) -> KeyUpdateBase | None:
+        with self._condition:
+            if not self._updates:
+                self._condition.wait(timeout)
+            return self._updates.popleft() if self._updates else None

@@ -1,0 +1,371 @@
+"""Redis backend, with katsdptelstate's key layout and update messages.
+
+Layout (shared with katsdptelstate, so either package reads what the other
+writes): an immutable key is a Redis string; a mutable key is a zset whose
+members are the 8-byte big-endian timestamp followed by the value, all with
+score 0 (so ZRANGEBYLEX orders them by time, then value); an indexed key is a
+hash of encoded sub-key to encoded value.
+
+Every write that changes something publishes on ``update/<key>``: the key
+type byte (1, 2 or 3, as :class:`~telstate.utils.KeyType`), then for
+immutable keys the value, for mutable keys the member, and for indexed keys
+``<sub-key length in ASCII>\\n<sub-key><value>``. Messages without the type
+byte (written by katsdptelstate for immutable and mutable keys) are
+understood too.
+
+Only commands and Lua that fakeredis supports are used, so a
+``fakeredis.FakeRedis`` client works as well as a real server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .backend import (
+    Backend,
+    GetResult,
+    ImmutableKeyUpdate,
+    IndexedKeyUpdate,
+    KeyUpdateBase,
+    MutableKeyUpdate,
+    Record,
+)
+from .errors import ConnectionError, ImmutableKeyError
+from .utils import KeyType, display_str, pack_query_timestamp, pack_timestamp, split_timestamp
+
+_SET_IMMUTABLE = b"""
+if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then
+    return redis.call('GET', KEYS[1])
+end
+redis.call('PUBLISH', 'update/' .. KEYS[1], '\\1' .. ARGV[1])
+return false
+"""
+
+_ADD_MUTABLE = b"""
+if redis.call('ZADD', KEYS[1], 0, ARGV[1]) == 1 then
+    redis.call('PUBLISH', 'update/' .. KEYS[1], '\\2' .. ARGV[1])
+end
+return false
+"""
+
+_SET_INDEXED = b"""
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+    return redis.call('HGET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', 'update/' .. KEYS[1],
+           '\\3' .. string.len(ARGV[1]) .. '\\n' .. ARGV[1] .. ARGV[2])
+return false
+"""
+
+# Returns {value-or-false, type}; HGETALL fails with WRONGTYPE for other types.
+_GET = b"""
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+    return {false, kind}
+elseif kind == 'string' then
+    return {redis.call('GET', KEYS[1]), kind}
+elseif kind == 'zset' then
+    return {redis.call('ZREVRANGEBYLEX', KEYS[1], '+', '-', 'LIMIT', 0, 1)[1], kind}
+end
+return {redis.call('HGETALL', KEYS[1]), kind}
+"""
+
+# Returns the value, or 1 if the key does not exist, or 0 if the sub-key does not.
+_GET_INDEXED = b"""
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if value then
+    return value
+end
+return redis.call('EXISTS', KEYS[1])
+"""
+
+_KEY_TYPES = {
+    b"none": None,
+    b"string": KeyType.IMMUTABLE,
+    b"zset": KeyType.MUTABLE,
+    b"hash": KeyType.INDEXED,
+}
+
+# Bulk loads go to the server in pipelines of about this many arguments.
+_LOAD_BATCH = 10000
+
+
+@contextlib.contextmanager
+def _wrong_type(key: bytes) -> Iterator[None]:
+    """Turn Redis WRONGTYPE errors (direct or from a script) into ImmutableKeyError."""
+    try:
+        yield
+    except redis.ResponseError as error:
+        if "WRONGTYPE" in str(error):
+            raise ImmutableKeyError(
+                f"key {display_str(key)} exists in Redis with another type"
+            ) from None
+        raise
+
+
+class RedisBackend(Backend):
+    """Telescope state kept in a Redis database.
+
+    Parameters
+    ----------
+    client
+        A redis-py client, or any compatible client (e.g. ``fakeredis.FakeRedis``).
+
+    Raises
+    ------
+    ConnectionError
+        If the server does not answer a PING (within the client's socket timeout).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        try:
+            _ping_without_retries(client)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            raise ConnectionError(f"could not connect to redis server: {error}") from error
+        self._set_immutable = client.register_script(_SET_IMMUTABLE)
+        self._add_mutable = client.register_script(_ADD_MUTABLE)
+        self._set_indexed = client.register_script(_SET_INDEXED)
+        self._get = client.register_script(_GET)
+        self._get_indexed = client.register_script(_GET_INDEXED)
+
+    @classmethod
+    def from_url(cls, url: str, *, db: int | None = None, **kwargs: Any) -> RedisBackend:
+        """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
+
+        The client gets a 5 s socket timeout and a 30 s health check unless
+        `kwargs` override them.
+
+        Raises
+        ------
+        ConnectionError
+            If the server cannot be reached.
+        """
+        kwargs.setdefault("socket_timeout", 5)
+        kwargs.setdefault("socket_connect_timeout", 5)
+        kwargs.setdefault("health_check_interval", 30)
+        return cls(redis.Redis.from_url(url, db=db, **kwargs))
+
+    @classmethod
+    def from_host(cls, host: str, port: int | None = None, *, db: int = 0) -> RedisBackend:
+        """Connect to a server by host and port (Redis's default port if None).
+
+        Raises
+        ------
+        ConnectionError
+            If the server cannot be reached.
+        """
+        kwargs: dict[str, Any] = dict(host=host, db=db, socket_timeout=5, health_check_interval=30)
+        if port is not None:
+            kwargs["port"] = port
+        return cls(redis.Redis(**kwargs))
+
+    def __contains__(self, key: bytes) -> bool:
+        return bool(self.client.exists(key))
+
+    def keys(self, filter: bytes) -> list[bytes]:
+        return cast(list[bytes], self.client.keys(filter))
+
+    def delete(self, key: bytes) -> None:
+        self.client.unlink(key)
+
+    def clear(self) -> None:
+        self.client.flushdb(asynchronous=True)
+
+    def key_type(self, key: bytes) -> KeyType | None:
+        return _KEY_TYPES.get(cast(bytes, self.client.type(key)))
+
+    def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        with _wrong_type(key):
+            return self._set_immutable([key], [value])
+
+    def get(self, key: bytes) -> GetResult:
+        with _wrong_type(key):
+            value, kind = self._get([key])
+        if kind == b"none":
+            return None, None
+        if kind == b"string":
+            return value, None
+        if kind == b"zset":
+            return split_timestamp(value)
+        it = iter(value)
+        return dict(zip(it, it)), None
+
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        with _wrong_type(key):
+            self._add_mutable([key], [pack_timestamp(timestamp) + value])
+
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        with _wrong_type(key):
+            return self._set_indexed([key], [sub_key, value])
+
+    def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
+        with _wrong_type(key):
+            result = self._get_indexed([key], [sub_key])
+        if result == 0:
+            raise KeyError(key)
+        if result == 1:
+            return None
+        return result
+
+    def get_range(
+        self,
+        key: bytes,
+        start_time: float,
+        end_time: float,
+        include_previous: bool,
+        include_end: bool,
+    ) -> list[tuple[bytes, float]] | None:
+        start = pack_query_timestamp(start_time, False)
+        end = pack_query_timestamp(end_time, True, include_end)
+        with self.client.pipeline(transaction=True) as pipe:
+            # TYPE rather than EXISTS: a range that needs no ZRANGEBYLEX must
+            # still refuse a key that is not a zset.
+            pipe.type(key)
+            if include_previous and start != b"-":
+                pipe.zrevrangebylex(key, start, b"-", start=0, num=1)
+            if start != b"+" and end != b"-":
+                pipe.zrangebylex(key, start, end)
+            # Errors are collected rather than raised so that WRONGTYPE keeps
+            # its plain message (execute() would annotate it).
+            replies = pipe.execute(raise_on_error=False)
+        kind = replies[0]
+        if kind == b"none":
+            return None
+        if kind != b"zset":
+            raise ImmutableKeyError(f"key {display_str(key)} is not a mutable key")
+        for reply in replies[1:]:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        return [split_timestamp(member) for member in itertools.chain(*replies[1:])]
+
+    def dump(self, key: bytes) -> bytes | None:
+        return self.client.dump(key)
+
+    def load_records(self, records: Iterable[Record]) -> int:
+        count = 0
+        pending = 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, key_type, value in records:
+                if key_type == KeyType.IMMUTABLE:
+                    assert isinstance(value, bytes)
+                    pipe.set(key, value)
+                    pending += 1
+                elif key_type == KeyType.MUTABLE:
+                    assert isinstance(value, list)
+                    for i in range(0, len(value), _LOAD_BATCH):
+                        chunk = value[i : i + _LOAD_BATCH]
+                        pipe.execute_command("ZADD", key, *_zadd_args(chunk))
+                        pending += len(chunk)
+                else:
+                    assert isinstance(value, dict)
+                    items = list(value.items())
+                    for i in range(0, len(items), _LOAD_BATCH):
+                        fields = items[i : i + _LOAD_BATCH]
+                        pipe.execute_command("HSET", key, *itertools.chain(*fields))
+                        pending += len(fields)
+                count += 1
+                if pending >= _LOAD_BATCH:
+                    pipe.execute()
+                    pending = 0
+            pipe.execute()
+        return count
+
+    def monitor_keys(
+        self, keys: Iterable[bytes]
+    ) -> Generator[KeyUpdateBase | None, float | None, None]:
+        pubsub = self.client.pubsub()
+        with contextlib.closing(pubsub):
+            pubsub.subscribe(*[b"update/" + key for key in keys])
+            timeout = yield None
+            while True:
+                message = pubsub.get_message(timeout=timeout or 0.0)
+                if message is None:
+                    timeout = yield None
+                elif message["type"] == "subscribe":
+                    # A write may have landed before the subscription (or
+                    # during a reconnect): tell the caller to look again.
+                    timeout = yield KeyUpdateBase()
+                elif message["type"] == "message":
+                    update = self._parse_update(message["channel"][len(b"update/") :], message)
+                    if update is not None:
+                        timeout = yield update
+
+    def _parse_update(self, key: bytes, message: dict) -> KeyUpdateBase | None:
+        data: bytes = message["data"]
+        try:
+            key_type = KeyType(data[0])
+            data = data[1:]
+        except (ValueError, IndexError):
+            # katsdptelstate omits the type byte for immutable and mutable keys.
+            found = self.key_type(key)
+            if found is None:
+                return None
+            key_type = found
+        return parse_update_message(key, key_type, data)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _ping_without_retries(client: redis.Redis) -> None:
+    """PING once, so that an unreachable server fails within one socket timeout.
+
+    redis-py retries timeouts with backoff by default, which would multiply
+    the wait at start-up; the client's own retry policy is restored after.
+    """
+    get_retry = getattr(client, "get_retry", None)
+    retry = get_retry() if get_retry is not None else None
+    if retry is None:
+        client.ping()
+        return
+    client.set_retry(Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    finally:
+        client.set_retry(retry)
+
+
+def parse_update_message(key: bytes, key_type: KeyType, data: bytes) -> KeyUpdateBase:
+    """Turn the payload of an ``update/<key>`` message (type byte removed) into an update.
+
+    Raises
+    ------
+    ValueError
+        If an indexed-key payload is malformed.
+    """
+    if key_type == KeyType.IMMUTABLE:
+        return ImmutableKeyUpdate(key, data)
+    if key_type == KeyType.MUTABLE:
+        value, timestamp = split_timestamp(data)
+        return MutableKeyUpdate(key, value, timestamp)
+    newline = data.find(b"\n")
+    if newline < 0:
+        raise ValueError(f"update message for {display_str(key)} lacks the sub-key length")
+    length = int(data[:newline])
+    start = newline + 1
+    return IndexedKeyUpdate(key, data[start : start + length], data[start + length :])
+
+
+def update_message(key_type: KeyType, payload: bytes, sub_key: bytes | None = None) -> bytes:
+    """The ``update/<key>`` message for a write, as the Lua scripts here publish it.
+
+    `payload` is the value (immutable, indexed) or the packed member (mutable).
+    """
+    if key_type == KeyType.INDEXED:
+        assert sub_key is not None
+        return b"\x03%d\n%b%b" % (len(sub_key), sub_key, payload)
+    return bytes([key_type.value]) + payload
+
+
+def _zadd_args(members: list[bytes]) -> Iterator[Any]:
+    for member in members:
+        yield 0
+        yield member
