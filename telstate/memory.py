@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import collections
 import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 
 from .backend import (
     Backend,
@@ -149,6 +149,14 @@ class MemoryBackend(Backend):
                 self._data[key] = value
                 count += 1
         return count
+
+    def records(self) -> Iterator[Record]:
+        """Every key as an RDB record, in key order (the inverse of :meth:`load_records`)."""
+        for key in sorted(self._data):
+            value = self._data.get(key)
+            if value is not None:
+                value = value.copy() if not isinstance(value, bytes) else value
+                yield key, _TYPES[type(value)], value
 
     def monitor_keys(
         self, keys: Iterable[bytes]

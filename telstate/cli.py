@@ -1,0 +1,479 @@
+"""The ``telstate`` command: inspect, audit, replay, export and verify an LMDB store.
+
+Every command takes the store directory first. Output is for people by
+default and JSON with ``--json``. Exit status: 0 success, 1 a negative
+answer (key not found, verify found differences), 2 bad usage or a path
+that is not a store, 3 a damaged store or file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+import numpy as np
+
+from .encoding import decode_value
+from .errors import DecodeError, RdbParseError, StoreError, TelstateError
+from .utils import KeyType, display_str, ensure_binary, ensure_str
+
+EXIT_OK, EXIT_NO, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    """A failure to report in one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """Turn a decoded telstate value into something :func:`json.dumps` accepts.
+
+    Arrays become lists, tuples lists, complex numbers ``{"real", "imag"}``,
+    bytes a string if they are UTF-8 and ``{"base64": ...}`` otherwise, and
+    non-finite floats their names.
+    """
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, dict):
+        return {
+            k if isinstance(k, str) else json.dumps(jsonable(k)): jsonable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, complex):
+        return {"real": jsonable(value.real), "imag": jsonable(value.imag)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
+
+
+def _decoded(encoded: bytes | None) -> Any:
+    if encoded is None:
+        return None
+    try:
+        return decode_value(encoded)
+    except DecodeError as error:
+        return f"<undecodable: {error}>"
+
+
+def _format_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class Progress:
+    """A one-line progress counter on stderr, shown only on a terminal."""
+
+    def __init__(self, label: str, total: int | None, stream: TextIO = sys.stderr) -> None:
+        self.label = label
+        self.total = total
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.count = 0
+        self._last = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self.enabled and now - self._last > 0.1:
+            self._last = now
+            if self.total:
+                self.stream.write(
+                    f"\r{self.label}: {self.count}/{self.total} "
+                    f"({100 * self.count / self.total:.0f}%)"
+                )
+            else:
+                self.stream.write(f"\r{self.label}: {self.count}")
+            self.stream.flush()
+
+    def wrap(self, items: Iterable[Any]) -> Iterator[Any]:
+        for item in items:
+            yield item
+            self.advance()
+        self.done()
+
+    def done(self) -> None:
+        if self.enabled:
+            self.stream.write(f"\r{self.label}: {self.count} done\033[K\n")
+            self.stream.flush()
+
+
+# --- argument parsing ------------------------------------------------------------------
+
+
+def parse_until(text: str) -> tuple[int | None, float | None]:
+    """Parse ``--until``: an integer is a seq; ``@<unix seconds>`` or ISO 8601 is a time.
+
+    Returns
+    -------
+    (until_seq, until_time), one of them None.
+
+    Raises
+    ------
+    CliError
+        If `text` is none of those.
+    """
+    if text.isdigit():
+        return int(text), None
+    if text.startswith("@"):
+        try:
+            return None, float(text[1:])
+        except ValueError:
+            pass
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.timezone.utc)
+            return None, moment.timestamp()
+    raise CliError(
+        f"--until {text!r}: give a sequence number (e.g. 1200), a unix time "
+        "(e.g. @1700000000.5) or an ISO 8601 time (e.g. 2026-11-23T10:00:00Z)"
+    )
+
+
+def _time_arg(text: str) -> float:
+    seq, moment = parse_until(text)
+    if moment is None:
+        raise CliError(f"{text!r} is not a time: use @<unix seconds> or ISO 8601")
+    return moment
+
+
+def _open_store(path: str, readonly: bool = True):
+    from .lmdb import LmdbBackend
+
+    if not os.path.isdir(path):
+        raise CliError(f"no telstate store at {path!r}: not a directory")
+    try:
+        return LmdbBackend(path, readonly=readonly)
+    except StoreError as error:
+        raise CliError(f"cannot open {path!r}: {error}", EXIT_DAMAGED) from error
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
+    backend = _open_store(args.store)
+    keys = backend.keys(b"*")
+    types = {t.name.lower(): 0 for t in KeyType}
+    for key in keys:
+        key_type = backend.key_type(key)
+        if key_type is not None:
+            types[key_type.name.lower()] += 1
+    first = next(iter(backend.events(1, 1)), None)
+    last = next(iter(backend.events(backend.last_seq, backend.last_seq)), None)
+    size = sum(os.path.getsize(os.path.join(args.store, name)) for name in os.listdir(args.store))
+    info = {
+        "path": os.path.abspath(args.store),
+        "uuid": str(backend.uuid),
+        "last_seq": backend.last_seq,
+        "keys": len(keys),
+        "key_types": types,
+        "first_event_time": first.time if first else None,
+        "last_event_time": last.time if last else None,
+        "size_bytes": size,
+    }
+    if args.json:
+        json.dump(info, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(
+            f"store      {info['path']}\n"
+            f"uuid       {info['uuid']}\n"
+            f"events     {info['last_seq']} "
+            f"({_format_time(info['first_event_time'])} .. "
+            f"{_format_time(info['last_event_time'])})\n"
+            f"keys       {len(keys)} ("
+            + ", ".join(f"{n} {t}" for t, n in types.items())
+            + f")\nsize       {size / 1e6:.1f} MB on disk\n"
+        )
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
+    backend = _open_store(args.store)
+    keys = sorted(ensure_str(k) for k in backend.keys(ensure_binary(args.pattern)))
+    if args.json:
+        json.dump(keys, out)
+        out.write("\n")
+    else:
+        out.writelines(key + "\n" for key in keys)
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
+    from .telescope_state import TelescopeState
+
+    state = TelescopeState(_open_store(args.store))
+    key = args.key
+    if key not in state:
+        raise CliError(f"key {key!r} not found in {args.store!r}", EXIT_NO)
+    key_type = state.key_type(key)
+    result: Any
+    if args.range:
+        if key_type != KeyType.MUTABLE:
+            raise CliError(f"key {key!r} is {key_type.name.lower()}, not mutable: no range")
+        start = _time_arg(args.range[0]) if args.range[0] != "-" else 0.0
+        end = _time_arg(args.range[1]) if args.range[1] != "-" else None
+        result = state.get_range(key, st=start, et=end)
+    elif key_type == KeyType.MUTABLE and args.all:
+        result = state.get_range(key, st=0)
+    elif key_type == KeyType.MUTABLE:
+        result = state.get_range(key)[0]
+    else:
+        result = state.get(key)
+    if args.json:
+        json.dump({"key": key, "type": key_type.name.lower(), "value": jsonable(result)}, out)
+        out.write("\n")
+    elif isinstance(result, list):
+        for value, stamp in result:
+            out.write(f"{_format_time(stamp)}  {stamp:.6f}  {value!r}\n")
+    elif isinstance(result, tuple):
+        value, stamp = result
+        out.write(f"{value!r}  (at {_format_time(stamp)})\n")
+    else:
+        out.write(f"{result!r}\n")
+    return EXIT_OK
+
+
+def _event_dict(event: Any) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "time": event.time,
+        "writer": {"host": event.writer.host, "pid": event.writer.pid, "name": event.writer.name},
+        "op": event.op.value if hasattr(event.op, "value") else str(event.op),
+        "key": None if event.key is None else ensure_str(event.key),
+        "sub_key": None if event.sub_key is None else jsonable(_decoded(event.sub_key)),
+        "value": None if event.value is None else jsonable(_decoded(event.value)),
+        "timestamp": event.timestamp,
+    }
+
+
+def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) -> int:
+    count = 0
+    for event in events:
+        count += 1
+        if args.json:
+            out.write(json.dumps(_event_dict(event)) + "\n")
+            continue
+        op = event.op.value if hasattr(event.op, "value") else str(event.op)
+        writer = f"{event.writer.host}:{event.writer.pid}"
+        if event.writer.name:
+            writer += f"({event.writer.name})"
+        what = "" if event.key is None else display_str(event.key)
+        if event.sub_key is not None:
+            what += f"[{_decoded(event.sub_key)!r}]"
+        if event.value is not None:
+            what += f" = {_short(_decoded(event.value))}"
+        if event.timestamp is not None:
+            what += f" @ {event.timestamp:.6f}"
+        out.write(f"{event.seq:>8}  {_format_time(event.time)}  {writer:<24} {op:<14} {what}\n")
+    return count
+
+
+def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+    backend = _open_store(args.store)
+    count = _write_events(backend.history(ensure_binary(args.key)), args, out)
+    if count == 0:
+        raise CliError(f"no event ever touched key {args.key!r}", EXIT_NO)
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace, out: TextIO) -> int:
+    from .utils import compile_pattern
+
+    backend = _open_store(args.store)
+    since = _time_arg(args.since) if args.since else None
+    until = _time_arg(args.until) if args.until else None
+    match = compile_pattern(ensure_binary(args.key)).fullmatch if args.key else None
+    shown = 0
+
+    def selected() -> Iterator[Any]:
+        nonlocal shown
+        for event in backend.events(args.from_seq, args.to_seq):
+            if since is not None and event.time < since:
+                continue
+            if until is not None and event.time > until:
+                break
+            # A clear touches every key, so it matches any key filter.
+            if match is not None and event.key is not None and not match(event.key):
+                continue
+            yield event
+            shown += 1
+            if args.limit and shown >= args.limit:
+                return
+
+    _write_events(selected(), args, out)
+    return EXIT_OK
+
+
+def _write_rdb(records: Iterable[Any], target: str, aux: dict[bytes, bytes], total: int) -> int:
+    from .rdb_writer import RDBWriter
+
+    progress = Progress(f"writing {target}", total)
+    with RDBWriter(target, aux=aux) as writer:
+        for key, key_type, value in progress.wrap(records):
+            writer.write_record(key, key_type, value)
+        return writer.keys_written
+
+
+def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb import replay
+
+    _open_store(args.store)  # checks the path
+    until_seq, until_time = parse_until(args.until)
+    state = replay(args.store, until_seq=until_seq, until_time=until_time)
+    backend = state.backend
+    aux = {b"telstate-replay-until": args.until.encode()}
+    count = _write_rdb(backend.records(), args.rdb, aux, len(backend.keys(b"*")))
+    result = {"until": args.until, "keys": count, "rdb": args.rdb}
+    out.write(
+        json.dumps(result) + "\n"
+        if args.json
+        else f"replayed to {args.until}: {count} keys written to {args.rdb}\n"
+    )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    backend = _open_store(args.store)
+    with backend.snapshot() as snap:
+        aux = {b"telstate-store-uuid": str(snap.uuid).encode(), b"telstate-seq": b"%d" % snap.seq}
+        count = _write_rdb(snap.records(), args.rdb, aux, len(backend.keys(b"*")))
+        seq = snap.seq
+    out.write(
+        json.dumps({"rdb": args.rdb, "keys": count, "seq": seq}) + "\n"
+        if args.json
+        else f"exported {count} keys (state at seq {seq}) to {args.rdb}\n"
+    )
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb import LmdbBackend
+    from .rdb_reader import read_records
+
+    if not os.path.exists(args.rdb):
+        raise CliError(f"no such RDB file: {args.rdb!r}")
+    backend = LmdbBackend(args.store)
+    before = backend.last_seq
+    progress = Progress(f"importing {args.rdb}", None)
+    count = backend.load_records(progress.wrap(read_records(args.rdb)))
+    events = backend.last_seq - before
+    out.write(
+        json.dumps({"rdb": args.rdb, "keys": count, "events": events}) + "\n"
+        if args.json
+        else f"imported {count} keys from {args.rdb} as {events} events\n"
+    )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    backend = _open_store(args.store)
+    differences = list(backend.verify())
+    if args.json:
+        out.write(json.dumps({"ok": not differences, "differences": differences[:100]}) + "\n")
+    elif differences:
+        out.write(f"verify FAILED: {len(differences)} differences between log and state\n")
+        out.writelines(f"  {d}\n" for d in differences[:100])
+    else:
+        out.write(f"verify OK: state matches the replayed log ({backend.last_seq} events)\n")
+    return EXIT_NO if differences else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``telstate`` command."""
+    parser = argparse.ArgumentParser(
+        prog="telstate",
+        description="Inspect, audit, replay, export and verify a telstate LMDB store.",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("store", help="store directory")
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        sub.set_defaults(func=func)
+        return sub
+
+    command("info", cmd_info, "identity, size and contents of a store")
+    keys = command("keys", cmd_keys, "list keys matching a Redis glob pattern")
+    keys.add_argument("pattern", nargs="?", default="*")
+    get = command("get", cmd_get, "show the value of a key")
+    get.add_argument("key")
+    get.add_argument("--all", action="store_true", help="every sample of a mutable key")
+    get.add_argument("--range", nargs=2, metavar=("START", "END"), help="samples in a time range")
+    history = command("history", cmd_history, "every event that touched a key")
+    history.add_argument("key")
+    log = command("log", cmd_log, "events of the log, filtered")
+    log.add_argument("--from-seq", type=int, default=1)
+    log.add_argument("--to-seq", type=int, default=None)
+    log.add_argument("--since", help="events appended at or after this time")
+    log.add_argument("--until", help="events appended at or before this time")
+    log.add_argument("--key", help="only events on keys matching this Redis glob pattern")
+    log.add_argument("--limit", type=int, default=0, help="at most this many events")
+    replay = command("replay", cmd_replay, "write the state as of a point in the log to RDB")
+    replay.add_argument("--until", required=True, help="SEQ, @UNIX_TIME or ISO 8601 time")
+    replay.add_argument("--rdb", required=True, help="output RDB file")
+    export = command("export", cmd_export, "write the current state to an RDB file")
+    export.add_argument("rdb")
+    import_ = command("import", cmd_import, "append an RDB file's keys to the store as events")
+    import_.add_argument("rdb")
+    command("verify", cmd_verify, "rebuild the state from the log and compare")
+    return parser
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    """Run the ``telstate`` command; returns its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, out))
+    except CliError as error:
+        print(f"telstate {args.command}: {error}", file=sys.stderr)
+        return error.status
+    except (RdbParseError, StoreError) as error:
+        print(f"telstate {args.command}: {error}", file=sys.stderr)
+        return EXIT_DAMAGED
+    except TelstateError as error:
+        print(f"telstate {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
