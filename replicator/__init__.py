@@ -1,1 +1,13 @@
-"""Replicator daemon: projects the telstate log into a Redis mirror and RDB snapshots."""
+"""Replicator daemon: projects the telstate log into a Redis mirror and RDB snapshots.
+
+Run it as ``telstate-replicator`` or ``python -m replicator`` (see
+:mod:`replicator.__main__`). One module per concern:
+
+- :mod:`replicator.source`: what the sinks read (a store's event log and snapshots);
+- :mod:`replicator.cursor`: where a mirror stands, kept in Redis beside it;
+- :mod:`replicator.redis_sink`: the state machine that keeps a mirror exact;
+- :mod:`replicator.snapshot_sink`: atomic RDB snapshots, named by store and seq;
+- :mod:`replicator.daemon`: wake-ups, threads and stopping;
+- :mod:`replicator.status`: the ``status`` command;
+- :mod:`replicator.verify`: comparing a mirror with its store.
+"""

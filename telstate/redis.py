@@ -15,6 +15,11 @@ understood too.
 
 Only commands and Lua that fakeredis supports are used, so a
 ``fakeredis.FakeRedis`` client works as well as a real server.
+
+A database that telstate-replicator keeps as a mirror of an LMDB store is
+read-only: the replicator records its cursor for database *n* in the hash
+:func:`mirror_cursor_key` (*n*) of database :data:`MIRROR_CURSOR_DB`, and a
+backend that finds it there at construction refuses every write.
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ from .backend import (
     MutableKeyUpdate,
     Record,
 )
-from .errors import ConnectionError, ImmutableKeyError
-from .utils import KeyType, display_str, pack_query_timestamp, pack_timestamp, split_timestamp
+from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
+from .utils import (
+    KeyType,
+    display_str,
+    ensure_str,
+    pack_query_timestamp,
+    pack_timestamp,
+    split_timestamp,
+)
 
 _SET_IMMUTABLE = b"""
 if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then
@@ -96,6 +108,16 @@ _KEY_TYPES = {
 # Bulk loads go to the server in pipelines of about this many arguments.
 _LOAD_BATCH = 10000
 
+#: Database where telstate-replicator keeps the cursor of every mirror it
+#: writes. It is not the mirror's own database, so that the cursor is never
+#: among the keys that telstate or katsdptelstate clients of the mirror list.
+MIRROR_CURSOR_DB = 15
+
+
+def mirror_cursor_key(db: int) -> bytes:
+    """Name of the hash (in :data:`MIRROR_CURSOR_DB`) holding the cursor of mirror database `db`."""
+    return b"telstate-replicator:cursor:%d" % db
+
 
 @contextlib.contextmanager
 def _wrong_type(key: bytes) -> Iterator[None]:
@@ -122,6 +144,12 @@ class RedisBackend(Backend):
     ------
     ConnectionError
         If the server does not answer a PING (within the client's socket timeout).
+
+    Notes
+    -----
+    If the database is a mirror kept by telstate-replicator, every write
+    method raises :exc:`~telstate.errors.ReadOnlyError`. That is found out
+    once, here, so reads cost nothing extra.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -130,6 +158,7 @@ class RedisBackend(Backend):
             _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             raise ConnectionError(f"could not connect to redis server: {error}") from error
+        self._read_only_reason = _mirror_description(client)
         self._set_immutable = client.register_script(_SET_IMMUTABLE)
         self._add_mutable = client.register_script(_ADD_MUTABLE)
         self._set_indexed = client.register_script(_SET_INDEXED)
@@ -174,15 +203,18 @@ class RedisBackend(Backend):
         return cast(list[bytes], self.client.keys(filter))
 
     def delete(self, key: bytes) -> None:
+        self._check_writable()
         self.client.unlink(key)
 
     def clear(self) -> None:
+        self._check_writable()
         self.client.flushdb(asynchronous=True)
 
     def key_type(self, key: bytes) -> KeyType | None:
         return _KEY_TYPES.get(cast(bytes, self.client.type(key)))
 
     def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        self._check_writable()
         with _wrong_type(key):
             return self._set_immutable([key], [value])
 
@@ -199,10 +231,12 @@ class RedisBackend(Backend):
         return dict(zip(it, it)), None
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        self._check_writable()
         with _wrong_type(key):
             self._add_mutable([key], [pack_timestamp(timestamp) + value])
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        self._check_writable()
         with _wrong_type(key):
             return self._set_indexed([key], [sub_key, value])
 
@@ -250,6 +284,7 @@ class RedisBackend(Backend):
         return self.client.dump(key)
 
     def load_records(self, records: Iterable[Record]) -> int:
+        self._check_writable()
         count = 0
         pending = 0
         with self.client.pipeline(transaction=False) as pipe:
@@ -314,6 +349,11 @@ class RedisBackend(Backend):
     def close(self) -> None:
         self.client.close()
 
+    def _check_writable(self) -> None:
+        """Raise :exc:`~telstate.errors.ReadOnlyError` if the database is a mirror."""
+        if self._read_only_reason is not None:
+            raise ReadOnlyError(self._read_only_reason)
+
 
 def _ping_without_retries(client: redis.Redis) -> None:
     """PING once, so that an unreachable server fails within one socket timeout.
@@ -331,6 +371,34 @@ def _ping_without_retries(client: redis.Redis) -> None:
         client.ping()
     finally:
         client.set_retry(retry)
+
+
+def _mirror_description(client: redis.Redis) -> str | None:
+    """Say which store the client's database mirrors, or return None if it is no mirror.
+
+    The cursor lives in another database; SELECT is queued inside MULTI
+    together with the SELECT back, so the pooled connection ends up in its
+    own database whatever happens (fakeredis runs this as Redis does). A
+    server that refuses the SELECT (fewer databases, ACLs) has no mirror.
+    """
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    db = int(kwargs.get("db", 0) or 0)
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
+            pipe.hmget(mirror_cursor_key(db), "store", "host", "path")
+            pipe.execute_command("SELECT", db)
+            selected, cursor, _ = pipe.execute(raise_on_error=False)
+    except redis.RedisError:
+        return None
+    if isinstance(selected, Exception) or not isinstance(cursor, list) or cursor[0] is None:
+        return None
+    store, host, path = (ensure_str(field) if field is not None else "?" for field in cursor)
+    return (
+        f"Redis database {db} is a read-only mirror of telstate store {store} "
+        f"(lmdb://{path} on host {host}), kept up to date by telstate-replicator: "
+        "write to the store instead"
+    )
 
 
 def parse_update_message(key: bytes, key_type: KeyType, data: bytes) -> KeyUpdateBase:

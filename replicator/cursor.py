@@ -1,0 +1,134 @@
+"""The mirror's cursor: which store's log a Redis mirror reflects, and up to which event.
+
+The cursor of mirror database *n* is the hash
+:func:`telstate.redis.mirror_cursor_key` (*n*) in database
+:data:`telstate.redis.MIRROR_CURSOR_DB`. It lives in another database than
+the mirror so that no client of the mirror ever lists it among the keys,
+yet one Lua script can still check it, change the mirror and move it in a
+single atomic step (scripts may SELECT another database; the change of
+database ends with the script). Fields:
+
+=========  ==================================================================
+``owner``  the replicator process that writes the mirror (host, pid, token)
+``store``  UUID of the store whose log the mirror reflects
+``host``   host of the store, and ``path`` its directory (for messages)
+``seq``    the last event of the log that the mirror includes
+``state``  ``ready``, or ``rebuilding`` while the store's state is loaded
+``keys``   the number of keys in the mirror database once the step is done
+=========  ==================================================================
+
+``keys`` is how a flushed or foreign-written mirror is noticed: every step
+compares it with DBSIZE before changing anything.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import redis
+
+from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
+from telstate.utils import ensure_str
+
+
+class MirrorState(enum.Enum):
+    """Whether the mirror is complete at its cursor's seq."""
+
+    READY = "ready"
+    REBUILDING = "rebuilding"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """One mirror's cursor, as stored in Redis.
+
+    Attributes
+    ----------
+    owner
+        The replicator that writes the mirror (host, pid and a random token).
+    store
+        UUID of the store whose log the mirror reflects.
+    seq
+        The last event that the mirror includes.
+    state
+        Whether the mirror is complete at `seq`.
+    keys
+        Number of keys in the mirror database.
+    host, path
+        Where the store lives.
+    """
+
+    owner: str
+    store: str
+    seq: int
+    state: MirrorState
+    keys: int
+    host: str
+    path: str
+
+    def fields(self) -> list[bytes | str | int]:
+        """Field/value pairs to HSET, except ``keys`` (the script sets that one)."""
+        return [
+            "owner",
+            self.owner,
+            "store",
+            self.store,
+            "seq",
+            self.seq,
+            "state",
+            self.state.value,
+            "host",
+            self.host,
+            "path",
+            self.path,
+        ]
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Cursor | None:
+        """Parse the cursor hash; None if it is missing or damaged (both mean: rebuild)."""
+        text = {ensure_str(name): ensure_str(value) for name, value in fields.items()}
+        try:
+            return cls(
+                owner=text["owner"],
+                store=text["store"],
+                seq=int(text["seq"]),
+                state=MirrorState(text["state"]),
+                keys=int(text["keys"]),
+                host=text.get("host", "?"),
+                path=text.get("path", "?"),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+# Returns {DBSIZE of the caller's database, the cursor hash as a flat list}.
+_READ_CURSOR = """
+local size = redis.call('DBSIZE')
+redis.call('SELECT', ARGV[1])
+return {size, redis.call('HGETALL', KEYS[1])}
+"""
+
+
+def mirror_db(client: redis.Redis) -> int:
+    """The database number that `client` works in."""
+    return int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+
+
+def read_cursor(client: redis.Redis) -> tuple[int, Cursor | None]:
+    """Read the cursor of the client's database and, at the same instant, its key count.
+
+    Returns
+    -------
+    The number of keys in the mirror database, and its cursor (None if it
+    has none).
+
+    Raises
+    ------
+    redis.RedisError
+        If the server cannot be reached or refuses the script.
+    """
+    key = mirror_cursor_key(mirror_db(client))
+    size, flat = client.eval(_READ_CURSOR, 1, key, MIRROR_CURSOR_DB)
+    it = iter(flat)
+    return int(size), Cursor.from_fields(dict(zip(it, it)))

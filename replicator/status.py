@@ -1,0 +1,122 @@
+"""The ``status`` command: how far the mirror and the snapshots are behind the store.
+
+Lag is given in events (the log's last seq minus the sink's seq) and in
+seconds: the age of the oldest event that the sink does not have yet
+(0 when it is level with the log), which is how stale a reader of the
+mirror or of the newest snapshot may be.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from telstate.lmdb import LmdbBackend
+
+from .cursor import read_cursor
+from .snapshot_sink import list_snapshots
+
+
+def gather_status(
+    log_path: str, redis_url: str | None = None, rdb_dir: str | None = None
+) -> dict[str, Any]:
+    """Collect the state of the store, its mirror and its snapshots.
+
+    A Redis server that cannot be reached is reported in the result (under
+    ``mirror.error``), not raised.
+
+    Raises
+    ------
+    StoreError
+        If there is no store at `log_path`.
+    """
+    source = LmdbBackend(log_path, readonly=True)
+    try:
+        now = time.time()
+        last_seq = source.last_seq
+        store = str(source.uuid)
+
+        def lag(seq: int) -> dict[str, Any]:
+            """Lag of a sink that holds the events up to `seq`."""
+            if seq >= last_seq:
+                return {"lag_events": 0, "lag_seconds": 0.0}
+            oldest = next(iter(source.events(seq + 1, seq + 1)))
+            return {"lag_events": last_seq - seq, "lag_seconds": max(0.0, now - oldest.time)}
+
+        status: dict[str, Any] = {
+            "store": {"uuid": store, "path": source.path, "last_seq": last_seq},
+        }
+        if redis_url is not None:
+            mirror: dict[str, Any] = {"url": redis_url}
+            try:
+                client = redis.Redis.from_url(redis_url, socket_timeout=5)
+                try:
+                    size, cursor = read_cursor(client)
+                finally:
+                    client.close()
+            except redis.RedisError as error:
+                mirror["error"] = f"cannot read the mirror: {error}"
+            else:
+                mirror["keys"] = size
+                if cursor is None:
+                    mirror["error"] = "no cursor: the replicator has not written this mirror"
+                else:
+                    mirror.update(
+                        store=cursor.store,
+                        seq=cursor.seq,
+                        state=cursor.state.value,
+                        owner=cursor.owner,
+                    )
+                    if cursor.store != store:
+                        mirror["error"] = f"the mirror holds another store ({cursor.store})"
+                    else:
+                        mirror.update(lag(cursor.seq))
+            status["mirror"] = mirror
+        if rdb_dir is not None:
+            snapshots = list_snapshots(rdb_dir, store)
+            latest: dict[str, Any] = {"directory": rdb_dir, "count": len(snapshots)}
+            if snapshots:
+                newest = snapshots[-1]
+                latest.update(file=str(newest.path), seq=newest.seq, **lag(newest.seq))
+            else:
+                latest.update(file=None, seq=None, lag_events=last_seq, lag_seconds=None)
+            status["snapshots"] = latest
+        return status
+    finally:
+        source.close()
+
+
+def format_status(status: dict[str, Any], as_json: bool = False) -> str:
+    """Render :func:`gather_status`'s result for people, or as JSON."""
+    if as_json:
+        return json.dumps(status, indent=2, sort_keys=True)
+    store = status["store"]
+    lines = [f"store      {store['uuid']} at {store['path']}: last seq {store['last_seq']}"]
+    mirror = status.get("mirror")
+    if mirror is not None:
+        if "seq" in mirror and "lag_events" in mirror:
+            lines.append(
+                f"mirror     {mirror['url']}: seq {mirror['seq']} ({mirror['state']}),"
+                f" keys: {mirror['keys']}, {_lag(mirror)}"
+            )
+        if "error" in mirror:
+            lines.append(f"mirror     {mirror['url']}: {mirror['error']}")
+    snapshots = status.get("snapshots")
+    if snapshots is not None:
+        if snapshots["seq"] is None:
+            lines.append(f"snapshots  {snapshots['directory']}: none")
+        else:
+            lines.append(
+                f"snapshots  {snapshots['directory']}: files: {snapshots['count']},"
+                f" newest seq {snapshots['seq']}, {_lag(snapshots)}"
+            )
+    return "\n".join(lines)
+
+
+def _lag(sink: dict[str, Any]) -> str:
+    if not sink["lag_events"]:
+        return "up to date"
+    return f"behind by {sink['lag_events']} events ({sink['lag_seconds']:.1f} s)"

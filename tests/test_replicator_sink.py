@@ -1,0 +1,425 @@
+"""The Redis sink's state machine, driven step by step against a real redis-server.
+
+The store is a small in-memory stand-in with the event-log interface of
+:class:`telstate.lmdb.LmdbBackend` (:class:`replicator.source.EventSource`),
+so that every transition can be provoked deterministically; the
+end-to-end tests run the real daemon on a real store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from replicator.cursor import MirrorState, read_cursor
+from replicator.redis_sink import RedisSink, SinkState
+from replicator.verify import differences, mirror_contents, record_contents
+from telstate.backend import Record
+from telstate.errors import ReadOnlyError
+from telstate.log import Event, Op, Writer
+from telstate.memory import MemoryBackend
+from telstate.redis import MIRROR_CURSOR_DB, RedisBackend, mirror_cursor_key, update_message
+from telstate.utils import KeyType, pack_timestamp
+
+_WRITER = Writer("test", 0, None)
+
+
+class _Snapshot:
+    def __init__(self, seq: int, store: uuid.UUID, records: list[Record]) -> None:
+        self.seq = seq
+        self.uuid = store
+        self._records = records
+
+    def records(self) -> Iterator[Record]:
+        return iter(self._records)
+
+
+class StandInLog:
+    """An in-memory store with an event log: writes that change nothing are no events."""
+
+    def __init__(self, store: uuid.UUID | None = None) -> None:
+        self.uuid = store or uuid.uuid4()
+        self.path = "/stand-in"
+        self.state = MemoryBackend()
+        self.log: list[Event] = []
+        self._commit = threading.Condition()
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.log)
+
+    def _append(self, op: Op, key: bytes | None, *fields) -> None:
+        with self._commit:
+            self.log.append(Event(len(self.log) + 1, time.time(), _WRITER, op, key, *fields))
+            self._commit.notify_all()
+
+    def set_immutable(self, key: bytes, value: bytes) -> None:
+        if self.state.set_immutable(key, value) is None:
+            self._append(Op.SET_IMMUTABLE, key, None, value)
+
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        before = self.state.get_range(key, timestamp, timestamp, False, True) or []
+        if (value, timestamp) not in before:
+            self.state.add_mutable(key, value, timestamp)
+            self._append(Op.ADD_MUTABLE, key, None, value, timestamp)
+
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> None:
+        if self.state.set_indexed(key, sub_key, value) is None:
+            self._append(Op.SET_INDEXED, key, sub_key, value)
+
+    def delete(self, key: bytes) -> None:
+        if key in self.state:
+            self.state.delete(key)
+            self._append(Op.DELETE, key)
+
+    def clear(self) -> None:
+        if self.state.keys(b"*"):
+            self.state.clear()
+            self._append(Op.CLEAR, None)
+
+    def events(self, start_seq: int = 1, end_seq: int | None = None) -> Iterator[Event]:
+        return iter(self.log[max(start_seq, 1) - 1 : end_seq])
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[_Snapshot]:
+        yield _Snapshot(self.last_seq, self.uuid, list(self.state.records()))
+
+    def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
+        with self._commit:
+            self._commit.wait_for(lambda: self.last_seq > after_seq, timeout)
+            return self.last_seq
+
+    def contents(self):
+        return record_contents(self.state.records())
+
+    def truncated(self, n: int) -> StandInLog:
+        """The same store as it was after event `n` (as an older copy of it would be)."""
+        older = StandInLog(self.uuid)
+        for event in self.log[:n]:
+            if event.op is Op.ADD_MUTABLE:
+                older.add_mutable(event.key, event.value, event.timestamp)
+            elif event.op is Op.SET_IMMUTABLE:
+                older.set_immutable(event.key, event.value)
+            elif event.op is Op.SET_INDEXED:
+                older.set_indexed(event.key, event.sub_key, event.value)
+            elif event.op is Op.DELETE:
+                older.delete(event.key)
+            else:
+                older.clear()
+        return older
+
+
+def _fill(log: StandInLog, n: int = 20, prefix: bytes = b"") -> None:
+    log.set_immutable(prefix + b"immutable", b"\xff\x01")
+    for i in range(n):
+        log.add_mutable(prefix + b"sensor", b"\xff%d" % i, 1000.0 + i)
+        log.set_indexed(prefix + b"indexed", b"\x92%d" % i, b"\xff%d" % (i * i))
+    log.add_mutable(prefix + b"other", b"\xff\x00", 5.0)
+
+
+def _run(sink: RedisSink, until=None, steps: int = 200) -> None:
+    """Step until the sink is idle and level with its log (or `until()` holds)."""
+    for _ in range(steps):
+        if until is not None and until():
+            return
+        step = sink.step()
+        if until is None and step.idle:
+            return
+        if step.wait and not step.idle:
+            time.sleep(min(step.wait, 0.05))
+    raise AssertionError(f"sink did not settle: {sink.state}")
+
+
+def _assert_exact(log: StandInLog, client: redis.Redis) -> None:
+    assert differences(log.contents(), mirror_contents(client)) == []
+    size, cursor = read_cursor(client)
+    assert cursor is not None and cursor.seq == log.last_seq and cursor.keys == size
+    assert cursor.state == MirrorState.READY and cursor.store == str(log.uuid)
+
+
+@pytest.fixture
+def mirror(redis_server, redis_client):
+    """URL and client of a flushed database 0 of the session's server."""
+    url = redis_server.url + "?db=0"
+    yield url, redis_client
+
+
+@pytest.fixture
+def sinks():
+    made: list[RedisSink] = []
+
+    def make(log, url, **kwargs) -> RedisSink:
+        kwargs.setdefault("check_interval", 0.0)
+        kwargs.setdefault("backoff", (0.01, 0.05))
+        sink = RedisSink(log, url, **kwargs)
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        sink.close()
+
+
+def test_new_mirror_is_built_then_tailed(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    sink = sinks(log, url)
+    _run(sink)
+    assert sink.state == SinkState.TAIL
+    _assert_exact(log, client)
+    log.delete(b"other")
+    log.add_mutable(b"sensor", b"\xffnew", 5000.0)
+    log.set_indexed(b"indexed", b"\x92new", b"\xffv")
+    _run(sink)
+    _assert_exact(log, client)
+
+
+def test_cursor_is_not_among_the_mirrors_keys(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    _run(sinks(log, url))
+    keys = {b"immutable", b"sensor", b"indexed", b"other"}
+    assert set(client.keys()) == keys
+    assert set(RedisBackend(client).keys(b"*")) == keys
+    katsdptelstate_redis = pytest.importorskip("katsdptelstate.redis")
+    assert set(katsdptelstate_redis.RedisBackend(client).keys(b"*")) == keys
+
+
+def test_updates_are_published_in_katsdptelstate_format(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    sink = sinks(log, url)
+    _run(sink)
+    pubsub = client.pubsub()
+    pubsub.psubscribe(b"update/*")
+    assert pubsub.get_message(timeout=1)["type"] == "psubscribe"
+    log.set_immutable(b"i", b"\xffvalue")
+    log.add_mutable(b"m", b"\xffsample", 1234.5)
+    log.set_indexed(b"x", b"\x92sub", b"\xffv")
+    _run(sink)
+    received = [pubsub.get_message(timeout=1) for _ in range(3)]
+    assert [(m["channel"], m["data"]) for m in received] == [
+        (b"update/i", update_message(KeyType.IMMUTABLE, b"\xffvalue")),
+        (b"update/m", update_message(KeyType.MUTABLE, pack_timestamp(1234.5) + b"\xffsample")),
+        (b"update/x", update_message(KeyType.INDEXED, b"\xffv", b"\x92sub")),
+    ]
+    pubsub.close()
+
+
+def test_clear_in_the_middle_of_a_batch(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, prefix=b"a/")
+    sink = sinks(log, url)
+    _run(sink)
+    _fill(log, prefix=b"b/")
+    log.clear()
+    _fill(log, n=3, prefix=b"c/")
+    _run(sink)
+    _assert_exact(log, client)
+    assert set(client.keys()) == {b"c/immutable", b"c/sensor", b"c/indexed", b"c/other"}
+
+
+def test_restarted_replicator_resumes_without_rebuilding(mirror, sinks, caplog):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    _run(sinks(log, url))
+    log.add_mutable(b"sensor", b"\xfflater", 9999.0)
+    caplog.set_level(logging.INFO, logger="replicator")
+    second = sinks(log, url)
+    _run(second)
+    assert "resuming" in caplog.text and "rebuilding" not in caplog.text
+    _assert_exact(log, client)
+    assert read_cursor(client)[1].owner == second.owner
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("flushdb", "0 keys where its cursor says 4"),
+        ("flushall", "no cursor"),
+        ("foreign key", "5 keys where its cursor says 4"),
+        ("retyped key", "another type"),
+        ("other store", "it holds store"),
+        ("cursor ahead", "ahead of the log"),
+    ],
+)
+def test_mirror_that_no_longer_matches_its_cursor_is_rebuilt(mirror, sinks, damage, reason, caplog):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    sink = sinks(log, url)
+    _run(sink)
+    if damage == "flushdb":
+        client.flushdb()
+    elif damage == "flushall":
+        client.flushall()
+    elif damage == "foreign key":
+        client.set(b"written by someone else", b"x")
+    elif damage == "retyped key":
+        # Same key count, so only the WRONGTYPE of the next write shows it.
+        client.delete(b"sensor")
+        client.set(b"sensor", b"x")
+    elif damage == "other store":
+        # Another store's replicator took the mirror; this one is restarted.
+        other = StandInLog()
+        _fill(other, prefix=b"other/")
+        _run(sinks(other, url))
+        assert set(client.keys()) == set(other.contents())
+        sink = sinks(log, url)
+    elif damage == "cursor ahead":
+        # The same store restored from an older copy: its log is shorter.
+        log = log.truncated(5)
+        sink = sinks(log, url)
+    caplog.set_level(logging.WARNING, logger="replicator")
+    log.add_mutable(b"sensor", b"\xffafter", 7777.0)
+    _run(sink, until=lambda: sink.seq == log.last_seq and sink.state == SinkState.TAIL)
+    _run(sink)
+    assert reason in caplog.text
+    _assert_exact(log, client)
+
+
+def test_displaced_replicator_stops_writing(mirror, sinks, caplog):
+    url, client = mirror
+    first, second = StandInLog(), StandInLog()
+    _fill(first, prefix=b"first/")
+    _fill(second, prefix=b"second/")
+    sink1 = sinks(first, url, backoff=(0.01, 60.0))
+    _run(sink1)
+    sink2 = sinks(second, url)
+    _run(sink2)
+    first.add_mutable(b"first/sensor", b"\xff", 1.0)
+    sink1.step()
+    assert sink1.state == SinkState.CONFLICT
+    assert "taken over" in caplog.text
+    for _ in range(3):
+        sink1.step()
+    second.add_mutable(b"second/sensor", b"\xff", 1.0)
+    _run(sink2)
+    _assert_exact(second, client)
+
+
+def test_redis_down_then_back_empty(sinks):
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        log = StandInLog()
+        _fill(log)
+        sink = sinks(log, server.url)
+        _run(sink)
+        server.stop()
+        log.add_mutable(b"sensor", b"\xffwhile down", 8888.0)
+        for _ in range(5):
+            step = sink.step()  # must not raise
+            assert sink.state in (SinkState.BACKOFF, SinkState.CONNECT)
+            time.sleep(step.wait)
+        server.start()
+        _run(sink, until=lambda: sink.seq == log.last_seq)
+        _assert_exact(log, server.client())
+
+
+def test_rebuild_in_chunks_and_a_cut_short_rebuild_is_redone(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    for i in range(300):
+        log.add_mutable(b"big", b"\xff%d" % i, float(i))
+        log.set_indexed(b"wide", b"\x92%d" % i, b"\xff")
+    sink = sinks(log, url, batch_events=40)
+    sink.step()  # CONNECT -> REBUILD
+    sink.stop.set()
+    sink.step()  # gives up after the first chunk
+    assert read_cursor(client)[1].state == MirrorState.REBUILDING
+    _run(sinks(log, url, batch_events=40))
+    _assert_exact(log, client)
+
+
+def test_batches_are_bounded(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    sink = sinks(log, url, batch_events=7)
+    _run(sink)
+    for i in range(30):
+        log.add_mutable(b"s", b"\xff%d" % i, float(i))
+    assert sink.step().applied == 7
+    _run(sink)
+    _assert_exact(log, client)
+
+
+def test_cursor_database_is_refused_as_mirror(redis_server):
+    with pytest.raises(ValueError, match="cursors"):
+        RedisSink(StandInLog(), f"{redis_server.url}?db={MIRROR_CURSOR_DB}")
+
+
+def test_telstate_client_of_a_mirror_refuses_writes(mirror, sinks, redis_server):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    _run(sinks(log, url))
+    backend = RedisBackend(redis_server.client())
+    assert backend.get(b"immutable") == (b"\xff\x01", None)
+    for write in (
+        lambda: backend.set_immutable(b"k", b"\xff"),
+        lambda: backend.add_mutable(b"k", b"\xff", 1.0),
+        lambda: backend.set_indexed(b"k", b"\x92", b"\xff"),
+        lambda: backend.delete(b"immutable"),
+        backend.clear,
+    ):
+        with pytest.raises(ReadOnlyError, match="write to the store instead"):
+            write()
+    # The connection is still in its own database after the check.
+    assert backend.keys(b"immutable") == [b"immutable"]
+    # Other databases of the same server are not mirrors.
+    other = RedisBackend(redis_server.client(db=1))
+    assert other.set_immutable(b"k", b"\xff") is None
+
+
+def test_mirror_check_works_on_fakeredis():
+    server = fakeredis.FakeServer()
+    plain = RedisBackend(fakeredis.FakeRedis(server=server))
+    assert plain.set_immutable(b"k", b"\xff") is None
+    fakeredis.FakeRedis(server=server, db=MIRROR_CURSOR_DB).hset(
+        mirror_cursor_key(0), mapping={"store": "x", "host": "h", "path": "/p"}
+    )
+    mirror = RedisBackend(fakeredis.FakeRedis(server=server))
+    with pytest.raises(ReadOnlyError, match="lmdb:///p on host h"):
+        mirror.set_immutable(b"k2", b"\xff")
+    assert mirror.keys(b"*") == [b"k"]
+
+
+def test_redis_too_slow_to_answer_then_the_cursor_decides(sinks):
+    """A step whose reply is lost may or may not have been applied: the cursor says which."""
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        log = StandInLog()
+        _fill(log)
+        sink = sinks(log, server.url, socket_timeout=0.3)
+        _run(sink)
+        pubsub = server.client().pubsub()
+        pubsub.subscribe(b"update/slow")
+        assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            log.add_mutable(b"slow", b"\xff", 1.0)
+            sink.step()  # the script is sent, the reply never comes in time
+            assert sink.state == SinkState.BACKOFF
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        _run(sink, until=lambda: sink.seq == log.last_seq)
+        _assert_exact(log, server.client())
+        # Applied once (when the server woke), not again after the reconnection.
+        assert pubsub.get_message(timeout=1)["channel"] == b"update/slow"
+        assert pubsub.get_message(timeout=0.3) is None
+        pubsub.close()

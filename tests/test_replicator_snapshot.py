@@ -1,0 +1,135 @@
+"""RDB snapshots: named by store and seq, atomic, pruned, and equal to the log replayed."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from replicator.daemon import Daemon
+from replicator.snapshot_sink import AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
+from replicator.verify import differences, mirror_contents, record_contents
+from telstate import TelescopeState
+from telstate.lmdb import LmdbBackend, replay
+from telstate.rdb_reader import read_records
+from tests.servers import RedisServer
+
+
+@pytest.fixture
+def store(tmp_path):
+    backend = LmdbBackend(tmp_path / "store", durability="none")
+    yield TelescopeState(backend)
+    backend.close()
+
+
+def _write(ts: TelescopeState, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        ts.add("sensor", float(i), ts=100.0 + i)
+        ts.set_indexed("indexed", i, {"value": i})
+        if i % 10 == 0:
+            ts.add(f"attr{i}", [i, "x"], immutable=True)
+
+
+def _replayed(path, seq: int):
+    return record_contents(replay(path, until_seq=seq).backend.records())
+
+
+def test_snapshot_at_seq_equals_the_log_replayed(store, tmp_path):
+    _write(store, 0, 50)
+    sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=3600, keep=10)
+    first = sink.write()
+    _write(store, 50, 50)
+    store.delete("attr10")
+    second = sink.write()
+    assert first is not None and second is not None
+    assert (first.seq, second.seq) == (105, store.backend.last_seq)
+    assert first.path.name == f"telstate-{store.backend.uuid}-{first.seq:016d}.rdb"
+    for snapshot in (first, second):
+        assert snapshot.read_aux()[AUX_SEQ] == str(snapshot.seq).encode()
+        assert snapshot.read_aux()[AUX_STORE] == str(store.backend.uuid).encode()
+        contents = record_contents(read_records(snapshot.path))
+        assert differences(_replayed(store.backend.path, snapshot.seq), contents) == []
+    assert sink.write() is None  # nothing new
+    assert not [name for name in os.listdir(tmp_path / "rdb") if name.endswith(".tmp")]
+
+
+def test_snapshot_loads_into_redis_server_and_katsdptelstate(store, tmp_path):
+    katsdptelstate = pytest.importorskip("katsdptelstate")
+    _write(store, 0, 30)
+    snapshot = SnapshotSink(store.backend, tmp_path / "rdb", interval=3600, keep=1).write()
+    assert snapshot is not None
+    expected = _replayed(store.backend.path, snapshot.seq)
+    with RedisServer(directory=snapshot.path.parent, dbfilename=snapshot.path.name) as server:
+        assert differences(expected, mirror_contents(server.client())) == []
+    theirs = katsdptelstate.TelescopeState()
+    theirs.load_from_file(snapshot.path)
+    assert sorted(theirs.keys()) == sorted(store.keys())
+    assert theirs.get_range("sensor", st=0) == store.get_range("sensor", st=0)
+    assert theirs.get_indexed("indexed", 7) == {"value": 7}
+    assert theirs["attr20"] == [20, "x"]
+
+
+def test_old_snapshots_are_pruned_and_others_stores_kept(store, tmp_path):
+    rdb = tmp_path / "rdb"
+    rdb.mkdir()
+    foreign = rdb / "telstate-00000000-0000-0000-0000-000000000000-0000000000000001.rdb"
+    foreign.write_bytes(b"not ours")
+    sink = SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    seqs = []
+    for i in range(4):
+        _write(store, i * 5, 5)
+        seqs.append(sink.write().seq)
+    assert [s.seq for s in list_snapshots(rdb, str(store.backend.uuid))] == seqs[-2:]
+    assert foreign.exists()
+
+
+def test_failed_snapshot_leaves_no_file(store, tmp_path, monkeypatch):
+    _write(store, 0, 5)
+    sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=3600, keep=2)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("telstate.rdb_writer.RDBWriter.write_record", fail)
+    with pytest.raises(OSError):
+        sink.write()
+    assert os.listdir(tmp_path / "rdb") == []
+    monkeypatch.undo()
+    assert sink.write() is not None
+
+
+def test_stale_temporary_files_are_removed(store, tmp_path):
+    rdb = tmp_path / "rdb"
+    rdb.mkdir()
+    uuid = store.backend.uuid
+    stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.tmp"
+    stale.write_bytes(b"half")
+    SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    assert not stale.exists()
+
+
+def test_daemon_writes_snapshots_periodically(store, tmp_path):
+    sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=0.2, keep=2)
+    daemon = Daemon(store.backend, None, sink)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        for i in range(4):
+            _write(store, i * 5, 5)
+            time.sleep(0.3)
+    finally:
+        daemon.stop.set()
+        runner.join(10)
+    snapshots = list_snapshots(tmp_path / "rdb")
+    assert len(snapshots) == 2
+    assert snapshots[-1].seq == store.backend.last_seq
+
+
+def test_empty_store_writes_no_snapshot(store, tmp_path):
+    sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=3600, keep=2)
+    store.add("k", 1, immutable=True)
+    store.backend.clear()
+    assert sink.write() is None
+    assert list_snapshots(tmp_path / "rdb") == []
