@@ -1,0 +1,324 @@
+"""Writing RDB files that Redis 6.x and 7.x, Valkey 9, katsdptelstate and telstate all load.
+
+Files have RDB version 9 (the newest that Redis 6.2 and rdbtools read) and
+a real CRC-64 trailer. Keys come either as telstate records, written
+directly (:meth:`RDBWriter.write_record`), or as Redis DUMP payloads
+(:meth:`RDBWriter.write_dump`, which :meth:`RDBWriter.save` uses for
+Redis servers). Payloads in an encoding that every reader understands are
+copied; newer encodings (the listpacks of Redis 7, the hashes with field
+expiry of Redis 7.4 and Valkey 9) are decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import rdb_reader, rdb_utility
+from .backend import Backend, RecordValue
+from .errors import RdbParseError
+from .rdb_utility import encode_string
+from .utils import KeyType, PathType, display_str, ensure_binary
+
+if TYPE_CHECKING:
+    import redis
+
+    from .telescope_state import TelescopeState
+
+logger = logging.getLogger(__name__)
+
+#: Start of every file: magic and version. Select database 0 follows the AUX fields.
+RDB_HEADER = b"REDIS%04d" % rdb_utility.RDB_VERSION
+RDB_TERMINATOR = b"\xff"
+_AUX = b"\xfa"
+_SELECT_DB_0 = b"\xfe\x00"
+
+# DUMP payload types whose encoding has not changed since RDB version 9, so
+# that any server's payload can be copied as is: string, list, set, zset,
+# hash, zset2, zipmap, ziplist list, intset, ziplist zset, ziplist hash,
+# quicklist, stream version 1.
+_PORTABLE_TYPES = frozenset({0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 15})
+# Redis 7 keeps small hashes and zsets in listpacks; ziplists hold the same entries.
+_LISTPACK_TO_ZIPLIST = {
+    rdb_reader.RDB_TYPE_HASH_LISTPACK: rdb_utility.RDB_TYPE_HASH_ZIPLIST,
+    rdb_reader.RDB_TYPE_ZSET_LISTPACK: rdb_utility.RDB_TYPE_ZSET_ZIPLIST,
+}
+
+_FLUSH_SIZE = 16 << 20
+# Keys whose DUMP payloads are fetched in one round trip from a Redis client.
+_DUMP_BATCH = 1000
+
+
+class RDBWriter:
+    """RDB file that stores keys from telescope states, backends or Redis databases.
+
+    The file is opened and its header written at construction. Call
+    :meth:`close` to write the trailer (or use the writer as a context
+    manager); a file with no keys is then deleted.
+
+    Parameters
+    ----------
+    filename
+        Destination file, opened with mode ``'wb'``.
+    aux
+        AUX fields to store in the header (names and values as bytes or str),
+        e.g. ``{b"telstate-seq": b"42"}``; :func:`telstate.rdb_reader.read_aux`
+        reads them back without reading the keys.
+    compress
+        LZF-compress long strings, as Redis does (smaller and slower).
+    keep_empty
+        Keep a file with no keys on :meth:`close` (a snapshot of an empty
+        store) instead of deleting it, as katsdptelstate's writer does.
+
+    Attributes
+    ----------
+    keys_written : int
+        Number of keys written to the file.
+    keys_failed : int
+        Number of keys that :meth:`save` could not write (missing or of
+        unsupported type); each is logged.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be created.
+    """
+
+    def __init__(
+        self,
+        filename: PathType,
+        *,
+        aux: Mapping[bytes, bytes] | Mapping[str, str] | None = None,
+        compress: bool = False,
+        keep_empty: bool = False,
+    ) -> None:
+        self.filename = filename
+        self._keep_empty = keep_empty
+        self.keys_written = 0
+        self.keys_failed = 0
+        self._compress = compress
+        self._crc = 0
+        self._closed = False
+        header = [RDB_HEADER]
+        for name, value in (aux or {}).items():
+            header += [
+                _AUX,
+                encode_string(ensure_binary(name)),
+                encode_string(ensure_binary(value)),
+            ]
+        header.append(_SELECT_DB_0)
+        self._buffer = bytearray(b"".join(header))
+        self._file = open(filename, "wb")  # noqa: SIM115 - closed by close()
+
+    def __enter__(self) -> RDBWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _append(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= _FLUSH_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._crc = rdb_utility.crc64(self._buffer, self._crc)
+        self._file.write(self._buffer)
+        self._buffer = bytearray()
+
+    def write_record(self, key: bytes, key_type: KeyType, value: RecordValue) -> None:
+        """Write one key, given as a telstate record.
+
+        Parameters
+        ----------
+        key
+            The full key.
+        key_type
+            Its type, which says what `value` is.
+        value
+            Immutable: the encoded value. Mutable: the zset members (8-byte
+            timestamp then encoded value), in any order. Indexed: a dict of
+            encoded sub-key to encoded value.
+
+        Raises
+        ------
+        TypeError
+            If `value` does not match `key_type`.
+        ValueError
+            If `value` is an empty list or dict (Redis has no empty sorted
+            sets or hashes), a string is too long for the RDB format, or the
+            writer is closed.
+        """
+        if self._closed:
+            raise ValueError("RDB writer is closed")
+        if key_type == KeyType.IMMUTABLE and isinstance(value, bytes):
+            rdb_type, encoded = rdb_utility.RDB_TYPE_STRING, encode_string(value, self._compress)
+        elif key_type != KeyType.IMMUTABLE and not value:
+            raise ValueError("Redis has no empty sorted sets or hashes")
+        elif key_type == KeyType.MUTABLE and isinstance(value, list):
+            # Ziplists must be in zset order and Redis refuses duplicate
+            # members; records from telstate are both already.
+            members = value
+            if not all(map(operator.lt, value, itertools.islice(value, 1, None))):
+                members = sorted(set(value))
+            rdb_type, encoded = rdb_utility.encode_zset_value(members, self._compress)
+        elif key_type == KeyType.INDEXED and isinstance(value, dict):
+            rdb_type, encoded = rdb_utility.encode_hash_value(value, self._compress)
+        else:
+            raise TypeError(f"{type(value).__name__} is not a value for a {key_type} key")
+        self._append(bytes((rdb_type,)) + encode_string(key) + encoded)
+        self.keys_written += 1
+
+    def write_dump(self, key: bytes, payload: bytes) -> None:
+        """Write one key, given as a Redis DUMP payload from any Redis or Valkey server.
+
+        The payload is trusted as the server's own output: it is copied when
+        its type is encoded the same way in RDB version 9; listpacks become
+        ziplists; hashes with field expiry (Redis 7.4, Valkey 9) become plain
+        hashes, dropping the expiry times.
+
+        Raises
+        ------
+        RdbParseError
+            If a payload that needs decoding is corrupt.
+        ValueError
+            If the key's type cannot be stored in an RDB version 9 file
+            (e.g. a stream or module value from a newer server), or the
+            writer is closed.
+        """
+        if self._closed:
+            raise ValueError("RDB writer is closed")
+        if len(payload) < 11:
+            raise RdbParseError(None, f"DUMP payload of {len(payload)} bytes is too short")
+        rdb_type = payload[0]
+        if rdb_type in _PORTABLE_TYPES:
+            self._append(payload[:1] + encode_string(key) + payload[1:-10])
+        elif rdb_type in _LISTPACK_TO_ZIPLIST:
+            entries = rdb_reader.decode_listpack_dump(payload, verify_checksum=False)
+            if not entries:
+                raise ValueError("Redis has no empty sorted sets or hashes")
+            # Members, fields and values that look like integers are stored as
+            # strings: rdbtools would turn them into ints, which katsdptelstate
+            # cannot handle. Zset scores stay as they are.
+            stride = 2 if rdb_type == rdb_reader.RDB_TYPE_ZSET_LISTPACK else 1
+            entries[::stride] = [b"%d" % e if isinstance(e, int) else e for e in entries[::stride]]
+            blob = encode_string(rdb_utility.encode_ziplist(entries), self._compress)
+            self._append(bytes((_LISTPACK_TO_ZIPLIST[rdb_type],)) + encode_string(key) + blob)
+        else:
+            _, key_type, value = rdb_reader.decode_dump(payload, verify_checksum=False)
+            if key_type is None or value is None:
+                raise ValueError(
+                    f"values of RDB type {rdb_type} cannot be written in RDB version 9"
+                )
+            self.write_record(key, key_type, value)
+            return
+        self.keys_written += 1
+
+    def save(
+        self,
+        client: TelescopeState | Backend | redis.Redis,
+        keys: Iterable[str | bytes] | None = None,
+    ) -> None:
+        """Save keys from a telescope state, a backend or a Redis client to the file.
+
+        Missing keys and keys that cannot be written are skipped, counted
+        in :attr:`keys_failed` and logged, without raising an exception.
+
+        Parameters
+        ----------
+        client
+            A :class:`~telstate.TelescopeState` (its whole backend is seen,
+            whatever its prefixes), a :class:`~telstate.backend.Backend`, or
+            a redis-py compatible client supporting ``keys`` and ``dump``.
+        keys
+            The keys to save (full keys, including any prefix); None
+            (default) saves all keys.
+
+        Raises
+        ------
+        ValueError
+            If the writer is closed.
+        """
+        from .telescope_state import TelescopeState
+
+        if self._closed:
+            raise ValueError("RDB writer is closed")
+        if isinstance(client, TelescopeState):
+            client = client.backend
+        # A backend that overrides dump() asks its server (one round trip per
+        # key); otherwise reading keys directly avoids encoding a payload only
+        # to decode it again.
+        backend = client if isinstance(client, Backend) else None
+        use_dump = backend is None or type(backend).dump is not Backend.dump
+        if keys is None:
+            logger.info("No keys specified - dumping entire database")
+            if backend is not None and not use_dump:
+                for key, key_type, value in backend.records():
+                    self._save_one(key, self.write_record, key, key_type, value)
+                return
+            keys = client.keys(b"*")
+        if not use_dump:
+            for key in map(ensure_binary, keys):
+                self._save_one(key, self._write_backend_key, client, key)
+            return
+        keys = iter(keys)
+        while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
+            for key, payload in zip(batch, _dump_keys(client, batch)):
+                self._save_one(key, self._write_payload, key, payload)
+
+    def _write_payload(self, key: bytes, payload: bytes | None) -> None:
+        if payload is None:
+            raise KeyError("key not found")
+        self.write_dump(key, payload)
+
+    def _write_backend_key(self, backend: Backend, key: bytes) -> None:
+        record = backend.record(key)
+        if record is None:
+            raise KeyError("key not found")
+        self.write_record(*record)
+
+    def _save_one(self, key: bytes, write: Callable[..., None], *args: Any) -> None:
+        """Call ``write(*args)`` for `key`, counting and logging the key as failed if it raises."""
+        try:
+            write(*args)
+        except (KeyError, TypeError, ValueError, RdbParseError) as exc:
+            self.keys_failed += 1
+            logger.error("Failed to save key %s: %s", display_str(key), exc)
+
+    def close(self) -> None:
+        """Write the trailer and close the file; delete it if it holds no keys.
+
+        Calling it again does nothing.
+
+        Raises
+        ------
+        OSError
+            If the file cannot be written.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._buffer += RDB_TERMINATOR
+            self._buffer += rdb_utility.crc64(self._buffer, self._crc).to_bytes(8, "little")
+            self._file.write(self._buffer)
+            self._buffer = bytearray()
+        finally:
+            self._file.close()
+            if not self.keys_written and not self._keep_empty:
+                logger.error("No valid keys found - removing empty file")
+                os.remove(self.filename)
+
+
+def _dump_keys(client: Any, keys: list[bytes]) -> list[bytes | None]:
+    """DUMP each key; a redis-py client gets them all in one round trip."""
+    if not isinstance(client, Backend) and callable(getattr(client, "pipeline", None)):
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.dump(key)
+            return pipe.execute()
+    return [client.dump(key) for key in keys]

@@ -1,0 +1,193 @@
+"""RDBWriter on its own: records, DUMP payloads, AUX fields and the file's life cycle.
+
+Loading written files into real servers and katsdptelstate is tested in
+test_rdb_servers.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+
+import telstate
+from telstate import rdb_utility
+from telstate.errors import RdbParseError
+from telstate.memory import MemoryBackend
+from telstate.rdb_reader import RdbReader, read_aux, read_records
+from telstate.rdb_writer import RDBWriter
+from telstate.utils import KeyType
+
+from .test_rdb_reader import listpack, string
+
+IMMUTABLE, MUTABLE, INDEXED = KeyType.IMMUTABLE, KeyType.MUTABLE, KeyType.INDEXED
+
+
+def sample(t: float, value: bytes) -> bytes:
+    return struct.pack(">d", t) + value
+
+
+RECORDS = [
+    (b"attr", IMMUTABLE, b"\xff\x92\x01\x02"),
+    (b"empty", IMMUTABLE, b""),
+    (b"sensor", MUTABLE, [sample(float(i), b"\xff%d" % i) for i in range(300)]),
+    (b"small sensor", MUTABLE, [sample(1.0, b"a")]),
+    (b"indexed", INDEXED, {b"\xa1a": b"\xff\x01", b"\xa1b": b"\xff" * 100}),
+    (b"\x00binary\xff", INDEXED, {b"f%d" % i: b"v" for i in range(200)}),
+]
+
+
+def test_records_round_trip(tmp_path) -> None:
+    path = tmp_path / "out.rdb"
+    with RDBWriter(path) as writer:
+        for record in RECORDS:
+            writer.write_record(*record)
+    assert writer.keys_written == len(RECORDS) and writer.keys_failed == 0
+    data = path.read_bytes()
+    assert data.startswith(b"REDIS0009") and data[-9] == 0xFF
+    reader = RdbReader(path)
+    assert list(reader) == RECORDS
+    assert reader.checksum == rdb_utility.crc64(data[:-8]) != 0
+
+
+def test_zset_members_are_sorted_and_distinct(tmp_path) -> None:
+    members = [sample(2.0, b"b"), sample(1.0, b"a"), sample(2.0, b"b"), sample(0.5, b"")]
+    with RDBWriter(tmp_path / "out.rdb") as writer:
+        writer.write_record(b"small", MUTABLE, members)
+        writer.write_record(b"large", MUTABLE, members * 100 + [b"%d" % i for i in range(200)])
+    records = dict((key, value) for key, _, value in read_records(tmp_path / "out.rdb"))
+    assert records[b"small"] == sorted(set(members))
+    assert records[b"large"] == sorted(set(members) | {b"%d" % i for i in range(200)})
+
+
+def test_aux_fields(tmp_path) -> None:
+    path = tmp_path / "out.rdb"
+    aux = {b"telstate-store-uuid": b"0123", b"telstate-seq": b"42"}
+    with RDBWriter(path, aux=aux) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"v")
+    assert read_aux(path) == aux
+    assert list(read_records(path)) == [(b"k", IMMUTABLE, b"v")]
+    with RDBWriter(path, aux={"telstate-seq": "43"}) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"v")
+    assert read_aux(path) == {b"telstate-seq": b"43"}
+
+
+def test_compression(tmp_path) -> None:
+    value = b"compressible " * 1000
+    for compress in (False, True):
+        path = tmp_path / f"{compress}.rdb"
+        with RDBWriter(path, compress=compress) as writer:
+            writer.write_record(b"attr", IMMUTABLE, value)
+            writer.write_record(b"sensor", MUTABLE, [sample(float(i), value) for i in range(3)])
+            writer.write_record(b"big sensor", MUTABLE, [sample(i, value) for i in range(200)])
+            writer.write_record(b"indexed", INDEXED, {b"a": value, b"b": b"c" * 30})
+        assert (path.stat().st_size < 50_000) == compress
+        records = {key: value for key, _, value in read_records(path)}
+        assert records[b"attr"] == value and records[b"indexed"][b"a"] == value
+        assert len(records[b"big sensor"]) == 200
+
+
+def test_large_file_spans_flushes(tmp_path) -> None:
+    path = tmp_path / "big.rdb"
+    value = bytes(range(256)) * 1000
+    with RDBWriter(path) as writer:
+        for i in range(40):
+            writer.write_record(b"k%d" % i, IMMUTABLE, value + b"%d" % i)
+    assert path.stat().st_size > 10_000_000
+    assert [v[-2:] for _, _, v in read_records(path)][-1] == b"39"
+
+
+def test_empty_file_is_removed(tmp_path, caplog) -> None:
+    path = tmp_path / "empty.rdb"
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+        with RDBWriter(path) as writer:
+            writer.save(MemoryBackend())
+    assert not path.exists()
+    assert "No valid keys" in caplog.text
+    writer.close()  # a second close does nothing
+
+
+def test_closed_writer_refuses_writes(tmp_path) -> None:
+    writer = RDBWriter(tmp_path / "out.rdb")
+    writer.write_record(b"k", IMMUTABLE, b"v")
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write_record(b"k2", IMMUTABLE, b"v")
+    with pytest.raises(ValueError, match="closed"):
+        writer.save(MemoryBackend())
+    assert list(read_records(tmp_path / "out.rdb")) == [(b"k", IMMUTABLE, b"v")]
+
+
+def test_bad_records(tmp_path) -> None:
+    with RDBWriter(tmp_path / "out.rdb") as writer:
+        with pytest.raises(TypeError):
+            writer.write_record(b"k", MUTABLE, b"not a list")
+        with pytest.raises(TypeError):
+            writer.write_record(b"k", IMMUTABLE, [b"a"])
+        with pytest.raises(ValueError, match="empty"):
+            writer.write_record(b"k", INDEXED, {})
+        writer.write_record(b"ok", IMMUTABLE, b"v")
+    assert writer.keys_written == 1
+
+
+def test_save_from_telescope_state_and_backend(tmp_path, caplog) -> None:
+    ts = telstate.TelescopeState()
+    ts.backend.load_records(RECORDS)
+    ts.view("ns")["attr"] = 5
+    expected = {key: value for key, _, value in RECORDS}
+    expected[b"ns_attr"] = ts.backend.get(b"ns_attr")[0]
+    with RDBWriter(tmp_path / "all.rdb") as writer:
+        writer.save(ts.view("ns"))  # the whole backend, whatever the view
+    assert {key: value for key, _, value in read_records(tmp_path / "all.rdb")} == expected
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+        with RDBWriter(tmp_path / "some.rdb") as writer:
+            writer.save(ts.backend, keys=["sensor", b"indexed", "missing"])
+    assert (writer.keys_written, writer.keys_failed) == (2, 1)
+    assert "Failed to save key 'missing'" in caplog.text
+    records = {key: value for key, _, value in read_records(tmp_path / "some.rdb")}
+    assert records == {b"sensor": expected[b"sensor"], b"indexed": expected[b"indexed"]}
+
+
+class DumpClient:
+    """A stand-in for a redis client: keys() and dump() only."""
+
+    def __init__(self, payloads: dict[bytes, bytes]) -> None:
+        self.payloads = payloads
+
+    def keys(self, pattern: bytes) -> list[bytes]:
+        return list(self.payloads)
+
+    def dump(self, key: bytes) -> bytes | None:
+        return self.payloads.get(key)
+
+
+def test_save_from_dump_payloads(tmp_path, caplog) -> None:
+    good = {
+        b"string": rdb_utility.dump_string(b"v"),
+        b"zset": rdb_utility.dump_zset([b"a", b"b"]),
+        b"hash": rdb_utility.dump_hash({b"f": b"v"}),
+    }
+    # A listpack zset with a non-zero score (as Redis 7 dumps it): scores survive.
+    payload = b"\x11" + string(listpack([b"a", 0, b"b", 1, b"c", 0])) + b"\x0a\x00"
+    good[b"listpack"] = payload + rdb_utility.crc64(payload).to_bytes(8, "little")
+    bad = {
+        b"short": b"\x00\x01",
+        b"corrupt": b"\x11\x05abcde\x0a\x00" + bytes(8),
+        b"unsupported": b"\x13\x00\x0a\x00" + bytes(8),
+        b"module": b"\x07" + bytes(12),
+    }
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+        with RDBWriter(tmp_path / "out.rdb") as writer:
+            writer.save(DumpClient({**good, **bad}), keys=[*good, *bad, b"missing"])
+    assert (writer.keys_written, writer.keys_failed) == (len(good), len(bad) + 1)
+    records = {key: value for key, _, value in read_records(tmp_path / "out.rdb")}
+    assert records == {
+        b"string": b"v",
+        b"zset": [b"a", b"b"],
+        b"hash": {b"f": b"v"},
+        b"listpack": [b"a", b"c", b"b"],  # scores 0, 0, 1
+    }
+    with RDBWriter(tmp_path / "x.rdb") as writer:
+        with pytest.raises(RdbParseError):
+            writer.write_dump(b"k", bad[b"corrupt"])
