@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from .backend import Backend, KeyUpdateBase
+from .backend import Backend
 from .encoding import ENCODING_DEFAULT
 from .endpoint import Endpoint, endpoint_parser
-from .errors import ImmutableKeyError
-from .telescope_state_base import TelescopeStateBase, WaitClock, _Key
-from .utils import KeyType, PathType, display_str, ensure_binary
+from .telescope_state_base import NextUpdate, Plan, TelescopeStateBase, WaitClock, _Key
+from .utils import KeyType, PathType
 
-logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 LMDB_SCHEME = "lmdb://"
 
@@ -113,6 +109,47 @@ class TelescopeState(TelescopeStateBase[Backend]):
             backend = backend_from_endpoint(endpoint, db)
         super().__init__(backend, prefixes, base)
 
+    def _run(
+        self,
+        plan: Plan[_R],
+        timeout: float | None = None,
+        cancel_future: Any = None,
+    ) -> _R:
+        """Carry out a plan (see :mod:`telstate.telescope_state_base`) on the backend.
+
+        `timeout` and `cancel_future` bound the waits of a wait plan, as in
+        :meth:`wait_key`.
+        """
+        backend = self._backend
+        monitor = None
+        clock = None
+        try:
+            request = next(plan)
+            while True:
+                if isinstance(request, NextUpdate):
+                    update = None
+                    if monitor is None:
+                        clock = WaitClock(request.what, timeout, cancel_future)
+                        clock.next_timeout()
+                        monitor = backend.monitor_keys(request.keys)
+                        update = monitor.send(None)
+                    assert clock is not None
+                    while update is None:
+                        update = monitor.send(clock.next_timeout())
+                    request = plan.send(update)
+                    continue
+                try:
+                    result = getattr(backend, request.method)(*request.args)
+                except Exception as error:
+                    request = plan.throw(error)
+                else:
+                    request = plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if monitor is not None:
+                monitor.close()
+
     def load_from_file(self, file: PathType | BinaryIO) -> int:
         """Load keys from a Redis-compatible RDB snapshot file.
 
@@ -136,20 +173,19 @@ class TelescopeState(TelescopeStateBase[Backend]):
             If the file cannot be opened or read.
         """
         count = self._backend.load_from_file(file)
-        name = os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else file
-        logger.info("Loaded %d keys from %s", count, name)
+        self._log_loaded(count, file)
         return count
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("__"):
             raise AttributeError(key)
         try:
-            return self._get(key)
+            return self._run(self._get_plan(key, False))
         except KeyError as error:
             raise AttributeError(str(error)) from None
 
     def __getitem__(self, key: _Key) -> Any:
-        return self._get(key)
+        return self._run(self._get_plan(key, False))
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key.startswith("_"):
@@ -167,7 +203,7 @@ class TelescopeState(TelescopeStateBase[Backend]):
 
     def __contains__(self, key: _Key) -> bool:
         """Whether `key` exists in any namespace of this view."""
-        return any(full_key in self._backend for full_key in self._full_keys(key))
+        return self._run(self._exists_plan(key))
 
     def __dir__(self) -> list[str]:
         keys = [k for k in self._completions(self._backend.keys(b"*")) if k.isidentifier()]
@@ -186,30 +222,25 @@ class TelescopeState(TelescopeStateBase[Backend]):
 
     def key_type(self, key: _Key) -> KeyType | None:
         """The type of `key` in the first namespace that has it, or None if absent."""
-        for full_key in self._full_keys(key):
-            key_type = self._backend.key_type(full_key)
-            if key_type is not None:
-                return key_type
-        return None
+        return self._run(self._key_type_plan(key))
 
     def exists(self, key: _Key) -> bool:
         """Whether `key` exists in any namespace of this view."""
-        return key in self
+        return self._run(self._exists_plan(key))
 
     def keys(self, filter: _Key = "*") -> list[str]:
         """All fully-qualified keys matching a Redis glob pattern, sorted.
 
         The view's namespaces are ignored.
         """
-        return self._keys_result(self._backend.keys(ensure_binary(filter)))
+        return self._run(self._keys_plan(filter))
 
     def delete(self, key: _Key) -> None:
         """Remove `key` and all its values from every namespace of this view.
 
         This breaks the promise of immutable keys: use it rarely (e.g. in tests).
         """
-        for full_key in self._full_keys(key):
-            self._backend.delete(full_key)
+        self._run(self._delete_plan(key))
 
     def clear(self) -> None:
         """Remove all keys in all namespaces (use rarely, e.g. in tests)."""
@@ -251,20 +282,7 @@ class TelescopeState(TelescopeStateBase[Backend]):
         EncodeError
             If `value` cannot be encoded.
         """
-        full_key = self._write_key(key)
-        encoded = self._encode(value, encoding)
-        if immutable:
-            try:
-                old = self._backend.set_immutable(full_key, encoded)
-            except ImmutableKeyError:
-                raise self._type_change_error(full_key, "immutable") from None
-            self._check_immutable_result(full_key, old, encoded, value)
-        else:
-            timestamp = self._timestamp(ts)
-            try:
-                self._backend.add_mutable(full_key, encoded, timestamp)
-            except ImmutableKeyError:
-                raise self._type_change_error(full_key, "mutable") from None
+        self._run(self._add_plan(key, value, ts, immutable, encoding))
 
     def set_indexed(
         self, key: _Key, sub_key: Any, value: Any, encoding: bytes = ENCODING_DEFAULT
@@ -290,14 +308,7 @@ class TelescopeState(TelescopeStateBase[Backend]):
             If the sub-key exists with a different value, or the key exists
             and is not indexed.
         """
-        sub_key_enc = self._encode_sub_key(sub_key)
-        full_key = self._write_key(key)
-        encoded = self._encode(value, encoding)
-        try:
-            old = self._backend.set_indexed(full_key, sub_key_enc, encoded)
-        except ImmutableKeyError:
-            raise self._type_change_error(full_key, "indexed") from None
-        self._check_indexed_result(full_key, sub_key, old, encoded, value)
+        self._run(self._set_indexed_plan(key, sub_key, value, encoding))
 
     def get_indexed(
         self, key: _Key, sub_key: Any, default: Any = None, return_encoded: bool = False
@@ -309,33 +320,14 @@ class TelescopeState(TelescopeStateBase[Backend]):
         ImmutableKeyError
             If the key exists and is not indexed.
         """
-        sub_key_enc = self._encode_sub_key(sub_key)
-        for full_key in self._full_keys(key):
-            try:
-                raw = self._backend.get_indexed(full_key, sub_key_enc)
-            except KeyError:
-                continue
-            if raw is None:
-                return default
-            return self._decode_get(raw, return_encoded)
-        return default
-
-    def _get(self, key: _Key, return_encoded: bool = False) -> Any:
-        for full_key in self._full_keys(key):
-            raw = self._backend.get(full_key)[0]
-            if raw is not None:
-                return self._decode_get(raw, return_encoded)
-        raise self._not_found(key)
+        return self._run(self._get_indexed_plan(key, sub_key, default, return_encoded))
 
     def get(self, key: _Key, default: Any = None, return_encoded: bool = False) -> Any:
         """Get the value of a key: the latest for mutable keys, a dict for indexed keys.
 
         Returns `default` if the key is absent from every namespace.
         """
-        try:
-            return self._get(key, return_encoded)
-        except KeyError:
-            return default
+        return self._run(self._get_plan(key, return_encoded, default))
 
     def get_range(
         self,
@@ -379,26 +371,9 @@ class TelescopeState(TelescopeStateBase[Backend]):
         InvalidTimestampError
             If `st` or `et` is NaN.
         """
-        st_, et_, include_previous = self._range_args(st, et, include_previous)
-        for full_key in self._full_keys(key):
-            try:
-                samples = self._backend.get_range(full_key, st_, et_, include_previous, include_end)
-            except ImmutableKeyError:
-                raise self._not_mutable(full_key) from None
-            if samples is not None:
-                return self._decode_range(samples, return_encoded)
-        raise self._not_found(key)
-
-    def _current(self, full_keys: list[bytes], update: KeyUpdateBase | None):
-        """(value, timestamp) of the first existing key, preferring what `update` carries."""
-        for full_key in full_keys:
-            carried = self._value_from_update(update, full_key)
-            if carried is not None:
-                return carried
-            value, timestamp = self._backend.get(full_key)
-            if value is not None:
-                return value, timestamp
-        return None, None
+        return self._run(
+            self._get_range_plan(key, st, et, include_previous, include_end, return_encoded)
+        )
 
     def wait_key(
         self,
@@ -429,38 +404,7 @@ class TelescopeState(TelescopeStateBase[Backend]):
         CancelledError
             If `cancel_future` is done first.
         """
-        full_keys = self._full_keys(key)
-        if self._key_condition_met(condition, *self._current(full_keys, None)):
-            return
-        clock = WaitClock(display_str(ensure_binary(key)), timeout, cancel_future)
-        clock.next_timeout()
-        monitor = self._backend.monitor_keys(full_keys)
-        with contextlib.closing(monitor):
-            update = monitor.send(None)
-            if update is not None and self._key_condition_met(
-                condition, *self._current(full_keys, None)
-            ):
-                return
-            while True:
-                update = monitor.send(clock.next_timeout())
-                if update is not None and self._key_condition_met(
-                    condition, *self._current(full_keys, update)
-                ):
-                    return
-
-    def _indexed_current(
-        self, full_keys: list[bytes], sub_key: bytes, update: KeyUpdateBase | None, key_str: str
-    ) -> bytes | None:
-        """Value of the sub-key in the first key that exists, or None."""
-        for full_key in full_keys:
-            carried = self._indexed_update_value(update, full_key, sub_key, key_str)
-            if carried is not None:
-                return carried
-            try:
-                return self._backend.get_indexed(full_key, sub_key)
-            except KeyError:
-                continue
-        return None
+        self._run(self._wait_key_plan(key, condition), timeout, cancel_future)
 
     def wait_indexed(
         self,
@@ -484,24 +428,4 @@ class TelescopeState(TelescopeStateBase[Backend]):
         ImmutableKeyError
             If the key exists (or is created while waiting) and is not indexed.
         """
-        sub_key_enc = self._encode_sub_key(sub_key)
-        full_keys = self._full_keys(key)
-        key_str = f"{display_str(ensure_binary(key))}[{sub_key!r}]"
-
-        def met(update: KeyUpdateBase | None) -> bool:
-            value = self._indexed_current(full_keys, sub_key_enc, update, key_str)
-            return value is not None and self._indexed_condition_met(condition, value)
-
-        if met(None):
-            return
-        clock = WaitClock(key_str, timeout, cancel_future)
-        clock.next_timeout()
-        monitor = self._backend.monitor_keys(full_keys)
-        with contextlib.closing(monitor):
-            update = monitor.send(None)
-            if update is not None and met(None):
-                return
-            while True:
-                update = monitor.send(clock.next_timeout())
-                if update is not None and met(update):
-                    return
+        self._run(self._wait_indexed_plan(key, sub_key, condition), timeout, cancel_future)

@@ -2,23 +2,29 @@
 
 Everything that does not touch the backend lives here: namespaces (views and
 prefixes), key and value encoding, argument checks, decoding of results,
-condition checks for waits and every error message. The two frontends
+condition checks for waits and every error message.
+
+Each operation that talks to the backend is written once, as a *plan*: a
+generator that yields requests (:class:`BackendCall` to call a backend
+method, :class:`NextUpdate` to wait for a change to some keys), receives
+each result by ``send`` (or the backend's exception by ``throw``), and
+returns the operation's result. The two frontends
 (:mod:`telstate.telescope_state` and :mod:`telstate.aio.telescope_state`)
-only call the backend, with or without ``await``, and hand the results to
-these methods.
+differ only in how they carry out the requests: by calling the backend, or
+by awaiting it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .backend import IndexedKeyUpdate, KeyUpdate, KeyUpdateBase
 from .encoding import (
-    ENCODING_DEFAULT,
     decode_value,
     encode_sub_key,
     encode_value,
@@ -37,11 +43,44 @@ logger = logging.getLogger(__name__)
 
 _B = TypeVar("_B")
 _T = TypeVar("_T", bound="TelescopeStateBase")
+_R = TypeVar("_R")
 _Key = bytes | str
 
 #: Longest single wait on a backend monitor, so that lost notifications
 #: (e.g. a Redis reconnect) and cancellation futures are noticed promptly.
 MONITOR_POLL_INTERVAL = 1.0
+
+
+class BackendCall(NamedTuple):
+    """A plan's request to call one backend method.
+
+    The sync frontend calls ``getattr(backend, method)(*args)``; the aio
+    frontend awaits it. The plan receives the result, or the exception.
+    """
+
+    method: str
+    args: tuple[Any, ...]
+
+
+class NextUpdate(NamedTuple):
+    """A wait plan's request for the next update to any of `keys`.
+
+    The frontend monitors `keys` (see the backends' ``monitor_keys``) from
+    the first such request of a plan until the plan ends, and sends the plan
+    each update that is not None.
+    """
+
+    keys: list[bytes]
+    #: What is awaited, for timeout and cancellation messages.
+    what: str
+
+
+#: Default of :meth:`TelescopeStateBase._get_plan`: raise KeyError for an absent key.
+_RAISE: Any = object()
+
+#: An operation written once for both frontends: it yields requests, is sent
+#: their results and returns its own.
+Plan = Generator[BackendCall | NextUpdate, Any, _R]
 
 
 def check_immutable_change(key: str, old_enc: bytes, new_enc: bytes, new: Any) -> None:
@@ -151,7 +190,8 @@ class TelescopeStateBase(Generic[_B]):
         """Return a view with only the root namespace."""
         return self.__class__(base=self)
 
-    # Everything below prepares backend calls and interprets their results.
+    # Plans: every operation that talks to the backend, written once for both
+    # frontends (see the module docstring). Backend errors arrive by throw().
 
     def _full_keys(self, key: _Key) -> list[bytes]:
         key = ensure_binary(key)
@@ -160,77 +200,186 @@ class TelescopeStateBase(Generic[_B]):
     def _write_key(self, key: _Key) -> bytes:
         return self._prefixes[0] + ensure_binary(key)
 
-    @staticmethod
-    def _timestamp(ts: float | None) -> float:
-        return time.time() if ts is None else check_timestamp(ts)
+    def _key_type_plan(self, key: _Key) -> Plan[KeyType | None]:
+        for full_key in self._full_keys(key):
+            key_type = yield BackendCall("key_type", (full_key,))
+            if key_type is not None:
+                return key_type
+        return None
 
-    @staticmethod
-    def _encode(value: Any, encoding: bytes = ENCODING_DEFAULT) -> bytes:
-        return encode_value(value, encoding)
+    def _exists_plan(self, key: _Key) -> Plan[bool]:
+        return (yield from self._key_type_plan(key)) is not None
 
-    @staticmethod
-    def _encode_sub_key(sub_key: Any) -> bytes:
-        return encode_sub_key(sub_key)
+    def _keys_plan(self, filter: _Key) -> Plan[list[str]]:
+        keys = yield BackendCall("keys", (ensure_binary(filter),))
+        return sorted(ensure_str(key) for key in keys)
 
-    @staticmethod
-    def _type_change_error(full_key: bytes, new_type: str) -> ImmutableKeyError:
-        return ImmutableKeyError(
-            f"Attempt to change key {display_str(full_key)} to {new_type}: "
-            "it already exists with another type (delete it first)"
-        )
+    def _delete_plan(self, key: _Key) -> Plan[None]:
+        for full_key in self._full_keys(key):
+            yield BackendCall("delete", (full_key,))
 
-    @staticmethod
-    def _check_immutable_result(full_key: bytes, old: bytes | None, new_enc: bytes, new: Any):
+    def _add_plan(
+        self, key: _Key, value: Any, ts: float | None, immutable: bool, encoding: bytes
+    ) -> Plan[None]:
+        full_key = self._write_key(key)
+        encoded = encode_value(value, encoding)
+        if immutable:
+            try:
+                old = yield BackendCall("set_immutable", (full_key, encoded))
+            except ImmutableKeyError:
+                raise _type_change_error(full_key, "immutable") from None
+            if old is not None:
+                check_immutable_change(display_str(full_key), old, encoded, value)
+        else:
+            timestamp = time.time() if ts is None else check_timestamp(ts)
+            try:
+                yield BackendCall("add_mutable", (full_key, encoded, timestamp))
+            except ImmutableKeyError:
+                raise _type_change_error(full_key, "mutable") from None
+
+    def _set_indexed_plan(self, key: _Key, sub_key: Any, value: Any, encoding: bytes) -> Plan[None]:
+        sub_key_enc = encode_sub_key(sub_key)
+        full_key = self._write_key(key)
+        encoded = encode_value(value, encoding)
+        try:
+            old = yield BackendCall("set_indexed", (full_key, sub_key_enc, encoded))
+        except ImmutableKeyError:
+            raise _type_change_error(full_key, "indexed") from None
         if old is not None:
-            check_immutable_change(display_str(full_key), old, new_enc, new)
+            check_immutable_change(f"{display_str(full_key)}[{sub_key!r}]", old, encoded, value)
 
-    @staticmethod
-    def _check_indexed_result(
-        full_key: bytes, sub_key: Any, old: bytes | None, new_enc: bytes, new: Any
-    ) -> None:
-        if old is not None:
-            check_immutable_change(f"{display_str(full_key)}[{sub_key!r}]", old, new_enc, new)
+    def _get_indexed_plan(
+        self, key: _Key, sub_key: Any, default: Any, return_encoded: bool
+    ) -> Plan[Any]:
+        sub_key_enc = encode_sub_key(sub_key)
+        for full_key in self._full_keys(key):
+            try:
+                raw = yield BackendCall("get_indexed", (full_key, sub_key_enc))
+            except KeyError:
+                continue
+            if raw is None:
+                return default
+            return raw if return_encoded else decode_value(raw)
+        return default
 
-    @staticmethod
-    def _decode_get(raw: bytes | dict[bytes, bytes], return_encoded: bool) -> Any:
-        if return_encoded:
-            return raw
-        if isinstance(raw, dict):
-            return {decode_value(k): decode_value(v) for k, v in raw.items()}
-        return decode_value(raw)
+    def _get_plan(self, key: _Key, return_encoded: bool, default: Any = _RAISE) -> Plan[Any]:
+        """The value of `key` (see :meth:`get`), or `default` if it is absent.
 
-    @staticmethod
-    def _not_found(key: _Key) -> KeyError:
-        return KeyError(f"{display_str(ensure_binary(key))} not found")
+        Raises
+        ------
+        KeyError
+            If the key is absent from every namespace and no `default` is given.
+        """
+        for full_key in self._full_keys(key):
+            raw, _ = yield BackendCall("get", (full_key,))
+            if raw is not None:
+                return raw if return_encoded else _decode_raw(raw)
+        if default is _RAISE:
+            raise KeyError(f"{display_str(ensure_binary(key))} not found")
+        return default
 
-    @staticmethod
-    def _range_args(
-        st: float | None, et: float | None, include_previous: bool | None
-    ) -> tuple[float, float, bool]:
+    def _get_range_plan(
+        self,
+        key: _Key,
+        st: float | None,
+        et: float | None,
+        include_previous: bool | None,
+        include_end: bool,
+        return_encoded: bool,
+    ) -> Plan[list[tuple[Any, float]]]:
         if include_previous is None:
             include_previous = st is None
-        et = math.inf if et is None else float(et)
-        st = et if st is None else float(st)
-        if math.isnan(st) or math.isnan(et):
+        end_time = math.inf if et is None else float(et)
+        start_time = end_time if st is None else float(st)
+        if math.isnan(start_time) or math.isnan(end_time):
             raise InvalidTimestampError("cannot use NaN start or end time in get_range")
-        return st, et, include_previous
+        for full_key in self._full_keys(key):
+            call = (full_key, start_time, end_time, include_previous, include_end)
+            try:
+                samples = yield BackendCall("get_range", call)
+            except ImmutableKeyError:
+                raise ImmutableKeyError(
+                    f"{display_str(full_key)} is not a mutable key, so it has no range of values"
+                ) from None
+            if samples is not None:
+                if return_encoded:
+                    return samples
+                return [(decode_value(value), timestamp) for value, timestamp in samples]
+        raise KeyError(f"{display_str(ensure_binary(key))} not found")
 
-    @staticmethod
-    def _not_mutable(full_key: bytes) -> ImmutableKeyError:
-        return ImmutableKeyError(
-            f"{display_str(full_key)} is not a mutable key, so it has no range of values"
-        )
+    # Waiting. A wait plan checks its condition, then asks for the next update
+    # (NextUpdate) and checks again, until the condition holds. The frontend
+    # starts one monitor of the keys at the first NextUpdate and closes it
+    # when the plan ends; its first update only means "check again", which
+    # covers writes made before the monitor was listening.
 
-    @staticmethod
-    def _decode_range(
-        samples: list[tuple[bytes, float]], return_encoded: bool
-    ) -> list[tuple[Any, float]]:
-        if return_encoded:
-            return samples
-        return [(decode_value(value), timestamp) for value, timestamp in samples]
+    def _wait_key_plan(
+        self, key: _Key, condition: Callable[[Any, float | None], bool] | None
+    ) -> Plan[None]:
+        full_keys = self._full_keys(key)
+        request = NextUpdate(full_keys, display_str(ensure_binary(key)))
+        update: KeyUpdateBase | None = None
+        while True:
+            value, timestamp = yield from self._current_plan(full_keys, update)
+            if value is not None and (
+                condition is None or condition(_decode_raw(value), timestamp)
+            ):
+                return
+            update = yield request
 
-    def _keys_result(self, keys: list[bytes]) -> list[str]:
-        return sorted(ensure_str(key) for key in keys)
+    def _current_plan(
+        self, full_keys: list[bytes], update: KeyUpdateBase | None
+    ) -> Plan[tuple[Any, float | None]]:
+        """(value, timestamp) of the first existing key, preferring what `update` carries."""
+        for full_key in full_keys:
+            if (
+                isinstance(update, KeyUpdate)
+                and update.key == full_key
+                and update.key_type != KeyType.INDEXED
+            ):
+                return update.value, getattr(update, "timestamp", None)
+            value, timestamp = yield BackendCall("get", (full_key,))
+            if value is not None:
+                return value, timestamp
+        return None, None
+
+    def _wait_indexed_plan(
+        self, key: _Key, sub_key: Any, condition: Callable[[Any], bool] | None
+    ) -> Plan[None]:
+        sub_key_enc = encode_sub_key(sub_key)
+        full_keys = self._full_keys(key)
+        what = f"{display_str(ensure_binary(key))}[{sub_key!r}]"
+        request = NextUpdate(full_keys, what)
+        update: KeyUpdateBase | None = None
+        while True:
+            value = yield from self._indexed_current_plan(full_keys, sub_key_enc, update, what)
+            if value is not None and (condition is None or condition(decode_value(value))):
+                return
+            update = yield request
+
+    def _indexed_current_plan(
+        self, full_keys: list[bytes], sub_key: bytes, update: KeyUpdateBase | None, what: str
+    ) -> Plan[bytes | None]:
+        """Value of the sub-key in the first key that exists, preferring what `update` carries.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key, or the update, shows that the key is not indexed.
+        """
+        for full_key in full_keys:
+            if isinstance(update, KeyUpdate) and update.key == full_key:
+                if not isinstance(update, IndexedKeyUpdate):
+                    raise ImmutableKeyError(f"wait_indexed called on non-indexed key {what}")
+                if update.sub_key == sub_key:
+                    return update.value
+            try:
+                return (yield BackendCall("get_indexed", (full_key, sub_key)))
+            except KeyError:
+                continue
+        return None
+
+    # Helpers for the frontends' own (non-backend) methods.
 
     def _completions(self, keys: list[bytes]) -> list[str]:
         """Keys as seen through this view (prefixes removed), for tab completion."""
@@ -241,57 +390,24 @@ class TelescopeStateBase(Generic[_B]):
                     seen[ensure_str(key[len(prefix) :])] = None
         return list(seen)
 
-    # Waiting: the condition checks and the timeout/cancel bookkeeping.
-
     @staticmethod
-    def _key_condition_met(
-        condition: Callable[[Any, float | None], bool] | None,
-        value: bytes | dict[bytes, bytes] | None,
-        timestamp: float | None,
-    ) -> bool:
-        if value is None:
-            return False
-        if condition is None:
-            return True
-        if isinstance(value, dict):
-            decoded: Any = {decode_value(k): decode_value(v) for k, v in value.items()}
-        else:
-            decoded = decode_value(value)
-        return bool(condition(decoded, timestamp))
+    def _log_loaded(count: int, file: Any) -> None:
+        name = os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else file
+        logger.info("Loaded %d keys from %s", count, name)
 
-    @staticmethod
-    def _value_from_update(
-        update: KeyUpdateBase | None, full_key: bytes
-    ) -> tuple[bytes, float | None] | None:
-        """The (value, timestamp) an update carries for `full_key`, if it carries one."""
-        if (
-            isinstance(update, KeyUpdate)
-            and update.key == full_key
-            and update.key_type != KeyType.INDEXED
-        ):
-            return update.value, getattr(update, "timestamp", None)
-        return None
 
-    @staticmethod
-    def _indexed_condition_met(condition: Callable[[Any], bool] | None, value: bytes) -> bool:
-        return condition is None or bool(condition(decode_value(value)))
+def _decode_raw(raw: bytes | dict[bytes, bytes]) -> Any:
+    """Decode a value as the backend's ``get`` returns it (a dict for indexed keys)."""
+    if isinstance(raw, dict):
+        return {decode_value(k): decode_value(v) for k, v in raw.items()}
+    return decode_value(raw)
 
-    @staticmethod
-    def _indexed_update_value(
-        update: KeyUpdateBase | None, full_key: bytes, sub_key: bytes, key_str: str
-    ) -> bytes | None:
-        """The value an indexed update carries for (`full_key`, `sub_key`), if any.
 
-        Raises
-        ------
-        ImmutableKeyError
-            If the update shows that the key is not indexed.
-        """
-        if not isinstance(update, KeyUpdate) or update.key != full_key:
-            return None
-        if not isinstance(update, IndexedKeyUpdate):
-            raise ImmutableKeyError(f"wait_indexed called on non-indexed key {key_str}")
-        return update.value if update.sub_key == sub_key else None
+def _type_change_error(full_key: bytes, new_type: str) -> ImmutableKeyError:
+    return ImmutableKeyError(
+        f"Attempt to change key {display_str(full_key)} to {new_type}: "
+        "it already exists with another type (delete it first)"
+    )
 
 
 class WaitClock:

@@ -1,0 +1,86 @@
+"""Writing RDB files from asynchronous telescope states, backends and Redis clients."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .. import rdb_writer
+from ..errors import RdbParseError
+from ..utils import display_str, ensure_binary
+from .backend import Backend
+from .telescope_state import TelescopeState
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+logger = logging.getLogger(__name__)
+
+
+class RDBWriter(rdb_writer.RDBWriter):
+    """RDB file that stores keys from asynchronous telescope states, backends or Redis.
+
+    As :class:`telstate.rdb_writer.RDBWriter` (same constructor, file
+    format, :meth:`write_record`, :meth:`write_dump` and :meth:`close`),
+    except that :meth:`save` is a coroutine that reads from the
+    asynchronous side. Writing to the file is not asynchronous: it is
+    buffered, and the writer flushes every few MiB.
+
+    Parameters
+    ----------
+    filename
+        Destination file, opened with mode ``'wb'``.
+    aux
+        AUX fields to store in the header.
+    compress
+        LZF-compress long strings, as Redis does.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be created.
+    """
+
+    async def save(  # type: ignore[override]
+        self,
+        client: TelescopeState | Backend | redis.asyncio.Redis,
+        keys: Iterable[str | bytes] | None = None,
+    ) -> None:
+        """Save keys from a telescope state, a backend or a Redis client to the file.
+
+        Missing keys and keys that cannot be written are skipped, counted
+        in :attr:`keys_failed` and logged, without raising an exception.
+
+        Parameters
+        ----------
+        client
+            A :class:`telstate.aio.TelescopeState` (its whole backend is
+            seen, whatever its prefixes), a :class:`telstate.aio.backend.Backend`,
+            or a :class:`redis.asyncio.Redis` compatible client supporting
+            ``keys`` and ``dump``.
+        keys
+            The keys to save (full keys, including any prefix); None
+            (default) saves all keys.
+
+        Raises
+        ------
+        ValueError
+            If the writer is closed.
+        """
+        if self._closed:
+            raise ValueError("RDB writer is closed")
+        source = client.backend if isinstance(client, TelescopeState) else client
+        if keys is None:
+            logger.info("No keys specified - dumping entire database")
+            keys = await source.keys(b"*")
+        for key in keys:
+            key = ensure_binary(key)
+            try:
+                payload = await source.dump(key)
+                if payload is None:
+                    raise KeyError("key not found")
+                self.write_dump(key, payload)
+            except (KeyError, TypeError, ValueError, RdbParseError) as exc:
+                self.keys_failed += 1
+                logger.error("Failed to save key %s: %s", display_str(key), exc)
