@@ -134,7 +134,6 @@ class SnapshotSink:
             self._due = self.latest.path.stat().st_mtime + interval
         # The seq of a state that had no keys: RDBWriter writes no file for
         # it, and trying again before the store changes would be pointless.
-        self._empty_seq: int | None = None
 
     def until_due(self) -> float:
         """Seconds until the next snapshot is due (0 if it is due now)."""
@@ -158,27 +157,20 @@ class SnapshotSink:
         self._due = time.time() + self.interval
         newest = self.latest.seq if self.latest is not None else 0
         last_seq = self.source.last_seq
-        if last_seq <= newest or last_seq == self._empty_seq:
+        if last_seq <= newest:
             return None
         started = time.monotonic()
         with self.source.snapshot() as snapshot:
             final = self.directory / snapshot_name(self._store, snapshot.seq)
             temporary = self.directory / f".{final.name}.{os.getpid()}.tmp"
-            aux: dict[bytes | str, bytes | str] = {
-                AUX_STORE: self._store,
-                AUX_SEQ: str(snapshot.seq),
-            }
+            aux = {AUX_STORE: str(self._store).encode(), AUX_SEQ: b"%d" % snapshot.seq}
             try:
-                with RDBWriter(temporary, aux=aux) as writer:
+                with RDBWriter(temporary, aux=aux, keep_empty=True) as writer:
                     for record in snapshot.records():
                         writer.write_record(*record)
             except BaseException:
                 temporary.unlink(missing_ok=True)
                 raise
-        if not writer.keys_written:
-            logger.info("store has no keys at seq %d: no snapshot written", snapshot.seq)
-            self._empty_seq = snapshot.seq
-            return None
         _fsync(temporary)
         os.replace(temporary, final)
         _fsync(self.directory)

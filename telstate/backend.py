@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import BinaryIO
 
 from .utils import KeyType, PathType, pack_timestamp, split_timestamp
@@ -189,23 +189,46 @@ class Backend(ABC):
             If the key exists and is not mutable.
         """
 
+    def record(self, key: bytes) -> Record | None:
+        """Return the whole of `key` as an RDB record, or None if it is absent.
+
+        Mutable keys give their members (packed timestamp + value) sorted
+        and distinct, as in the Redis zset.
+        """
+        key_type = self.key_type(key)
+        if key_type == KeyType.MUTABLE:
+            samples = self.get_range(key, -1.0, float("inf"), False, True)
+            if samples is None:
+                return None
+            return key, key_type, [pack_timestamp(ts) + value for value, ts in samples]
+        value, _ = self.get(key)
+        if key_type is None or value is None:
+            return None
+        return key, key_type, value
+
+    def records(self) -> Iterator[Record]:
+        """Every key as an RDB record (see :meth:`record`), in key order.
+
+        Backends override this with a consistent bulk read where they can.
+        """
+        for key in sorted(self.keys(b"*")):
+            record = self.record(key)
+            if record is not None:
+                yield record
+
     def dump(self, key: bytes) -> bytes | None:
         """Return `key` in the format of the Redis DUMP command, or None if absent."""
         from . import rdb_utility
 
-        key_type = self.key_type(key)
-        if key_type is None:
+        record = self.record(key)
+        if record is None:
             return None
-        if key_type == KeyType.IMMUTABLE:
-            value, _ = self.get(key)
-            assert isinstance(value, bytes)
+        _, key_type, value = record
+        if isinstance(value, bytes):
             return rdb_utility.dump_string(value)
-        if key_type == KeyType.INDEXED:
-            values, _ = self.get(key)
-            assert isinstance(values, dict)
-            return rdb_utility.dump_hash(values)
-        samples = self.get_range(key, -1.0, float("inf"), False, True) or []
-        return rdb_utility.dump_zset([pack_timestamp(ts) + value for value, ts in samples])
+        if isinstance(value, dict):
+            return rdb_utility.dump_hash(value)
+        return rdb_utility.dump_zset(value)
 
     def load_from_file(self, file: PathType | BinaryIO) -> int:
         """Load the keys of an RDB file; implements :meth:`TelescopeState.load_from_file`.

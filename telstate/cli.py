@@ -242,6 +242,7 @@ def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
     if key not in state:
         raise CliError(f"key {key!r} not found in {args.store!r}", EXIT_NO)
     key_type = state.key_type(key)
+    assert key_type is not None
     result: Any
     if args.range:
         if key_type != KeyType.MUTABLE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
 
@@ -134,18 +135,18 @@ class MemoryBackend(Backend):
             raise ImmutableKeyError(key)
         start = _bisect_bound(members, pack_query_timestamp(start_time, False))
         end = _bisect_bound(members, pack_query_timestamp(end_time, True, include_end))
-        if include_previous and start > 0:
-            start -= 1
-        return [split_timestamp(member) for member in members[start:end]]
+        # As in Redis, the previous sample comes even when the range itself is empty.
+        selected = members[start - 1 : start] if include_previous and start > 0 else []
+        selected += members[start:end]
+        return [split_timestamp(member) for member in selected]
 
     def load_records(self, records: Iterable[Record]) -> int:
         count = 0
         with self._lock:
             for key, _key_type, value in records:
-                if isinstance(value, list):
+                # RDB files hold zsets in order already; other sources may not.
+                if isinstance(value, list) and not all(map(operator.lt, value, value[1:])):
                     value = sorted(set(value))
-                elif isinstance(value, dict):
-                    value = dict(value)
                 self._data[key] = value
                 count += 1
         return count

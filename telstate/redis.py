@@ -105,8 +105,8 @@ _KEY_TYPES = {
     b"hash": KeyType.INDEXED,
 }
 
-# Bulk loads go to the server in pipelines of about this many arguments.
-_LOAD_BATCH = 10000
+#: Bulk loads go to the server in pipelines of about this many elements.
+LOAD_BATCH = 10000
 
 #: Database where telstate-replicator keeps the cursor of every mirror it
 #: writes. It is not the mirror's own database, so that the cursor is never
@@ -220,15 +220,7 @@ class RedisBackend(Backend):
 
     def get(self, key: bytes) -> GetResult:
         with _wrong_type(key):
-            value, kind = self._get([key])
-        if kind == b"none":
-            return None, None
-        if kind == b"string":
-            return value, None
-        if kind == b"zset":
-            return split_timestamp(value)
-        it = iter(value)
-        return dict(zip(it, it)), None
+            return decode_get_reply(self._get([key]))
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         self._check_writable()
@@ -242,12 +234,7 @@ class RedisBackend(Backend):
 
     def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
         with _wrong_type(key):
-            result = self._get_indexed([key], [sub_key])
-        if result == 0:
-            raise KeyError(key)
-        if result == 1:
-            return None
-        return result
+            return decode_get_indexed_reply(key, self._get_indexed([key], [sub_key]))
 
     def get_range(
         self,
@@ -257,28 +244,9 @@ class RedisBackend(Backend):
         include_previous: bool,
         include_end: bool,
     ) -> list[tuple[bytes, float]] | None:
-        start = pack_query_timestamp(start_time, False)
-        end = pack_query_timestamp(end_time, True, include_end)
         with self.client.pipeline(transaction=True) as pipe:
-            # TYPE rather than EXISTS: a range that needs no ZRANGEBYLEX must
-            # still refuse a key that is not a zset.
-            pipe.type(key)
-            if include_previous and start != b"-":
-                pipe.zrevrangebylex(key, start, b"-", start=0, num=1)
-            if start != b"+" and end != b"-":
-                pipe.zrangebylex(key, start, end)
-            # Errors are collected rather than raised so that WRONGTYPE keeps
-            # its plain message (execute() would annotate it).
-            replies = pipe.execute(raise_on_error=False)
-        kind = replies[0]
-        if kind == b"none":
-            return None
-        if kind != b"zset":
-            raise ImmutableKeyError(f"key {display_str(key)} is not a mutable key")
-        for reply in replies[1:]:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-        return [split_timestamp(member) for member in itertools.chain(*replies[1:])]
+            queue_range_query(pipe, key, start_time, end_time, include_previous, include_end)
+            return decode_range_replies(key, pipe.execute(raise_on_error=False))
 
     def dump(self, key: bytes) -> bytes | None:
         return self.client.dump(key)
@@ -288,26 +256,10 @@ class RedisBackend(Backend):
         count = 0
         pending = 0
         with self.client.pipeline(transaction=False) as pipe:
-            for key, key_type, value in records:
-                if key_type == KeyType.IMMUTABLE:
-                    assert isinstance(value, bytes)
-                    pipe.set(key, value)
-                    pending += 1
-                elif key_type == KeyType.MUTABLE:
-                    assert isinstance(value, list)
-                    for i in range(0, len(value), _LOAD_BATCH):
-                        chunk = value[i : i + _LOAD_BATCH]
-                        pipe.execute_command("ZADD", key, *_zadd_args(chunk))
-                        pending += len(chunk)
-                else:
-                    assert isinstance(value, dict)
-                    items = list(value.items())
-                    for i in range(0, len(items), _LOAD_BATCH):
-                        fields = items[i : i + _LOAD_BATCH]
-                        pipe.execute_command("HSET", key, *itertools.chain(*fields))
-                        pending += len(fields)
+            for record in records:
+                pending += queue_record(pipe, record)
                 count += 1
-                if pending >= _LOAD_BATCH:
+                if pending >= LOAD_BATCH:
                     pipe.execute()
                     pending = 0
             pipe.execute()
@@ -373,24 +325,30 @@ def _ping_without_retries(client: redis.Redis) -> None:
         client.set_retry(retry)
 
 
-def _mirror_description(client: redis.Redis) -> str | None:
-    """Say which store the client's database mirrors, or return None if it is no mirror.
+def client_db(client: Any) -> int:
+    """The database number a (sync or asyncio) redis-py client is connected to."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    return int(kwargs.get("db", 0) or 0)
+
+
+def queue_mirror_query(pipe: Any, db: int) -> None:
+    """Queue, on a MULTI pipeline, the lookup of database `db`'s mirror cursor.
 
     The cursor lives in another database; SELECT is queued inside MULTI
     together with the SELECT back, so the pooled connection ends up in its
-    own database whatever happens (fakeredis runs this as Redis does). A
-    server that refuses the SELECT (fewer databases, ACLs) has no mirror.
+    own database whatever happens (fakeredis runs this as Redis does).
     """
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-    db = int(kwargs.get("db", 0) or 0)
-    try:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
-            pipe.hmget(mirror_cursor_key(db), "store", "host", "path")
-            pipe.execute_command("SELECT", db)
-            selected, cursor, _ = pipe.execute(raise_on_error=False)
-    except redis.RedisError:
-        return None
+    pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
+    pipe.hmget(mirror_cursor_key(db), "store", "host", "path")
+    pipe.execute_command("SELECT", db)
+
+
+def mirror_reason(db: int, replies: list[Any]) -> str | None:
+    """Why database `db` is read-only, from :func:`queue_mirror_query`'s replies, or None.
+
+    A server that refuses the SELECT (fewer databases, ACLs) has no mirror.
+    """
+    selected, cursor, _ = replies
     if isinstance(selected, Exception) or not isinstance(cursor, list) or cursor[0] is None:
         return None
     store, host, path = (ensure_str(field) if field is not None else "?" for field in cursor)
@@ -399,6 +357,109 @@ def _mirror_description(client: redis.Redis) -> str | None:
         f"(lmdb://{path} on host {host}), kept up to date by telstate-replicator: "
         "write to the store instead"
     )
+
+
+def _mirror_description(client: redis.Redis) -> str | None:
+    """Say which store the client's database mirrors, or return None if it is no mirror."""
+    db = client_db(client)
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            queue_mirror_query(pipe, db)
+            return mirror_reason(db, pipe.execute(raise_on_error=False))
+    except redis.RedisError:
+        return None
+
+
+def decode_get_reply(reply: list[Any]) -> GetResult:
+    """Interpret the reply of the ``_GET`` script: [value, type]."""
+    value, kind = reply
+    if kind == b"none":
+        return None, None
+    if kind == b"string":
+        return value, None
+    if kind == b"zset":
+        return split_timestamp(value)
+    fields = iter(value)
+    return dict(zip(fields, fields)), None
+
+
+def decode_get_indexed_reply(key: bytes, reply: Any) -> bytes | None:
+    """Interpret the reply of the ``_GET_INDEXED`` script.
+
+    Raises
+    ------
+    KeyError
+        If the key does not exist.
+    """
+    if reply == 0:
+        raise KeyError(key)
+    return None if reply == 1 else reply
+
+
+def queue_range_query(
+    pipe: Any,
+    key: bytes,
+    start_time: float,
+    end_time: float,
+    include_previous: bool,
+    include_end: bool,
+) -> None:
+    """Queue the commands of a ``get_range`` on a MULTI pipeline (sync or asyncio)."""
+    start = pack_query_timestamp(start_time, False)
+    end = pack_query_timestamp(end_time, True, include_end)
+    # TYPE rather than EXISTS: a range that needs no ZRANGEBYLEX must still
+    # refuse a key that is not a zset.
+    pipe.type(key)
+    if include_previous and start != b"-":
+        pipe.zrevrangebylex(key, start, b"-", start=0, num=1)
+    if start != b"+" and end != b"-":
+        pipe.zrangebylex(key, start, end)
+
+
+def decode_range_replies(key: bytes, replies: list[Any]) -> list[tuple[bytes, float]] | None:
+    """Interpret the replies of :func:`queue_range_query`, executed with errors collected.
+
+    Errors are collected rather than raised so that WRONGTYPE keeps its
+    plain message (``execute()`` would annotate it).
+
+    Raises
+    ------
+    ImmutableKeyError
+        If the key is not a mutable key.
+    """
+    kind = replies[0]
+    if kind == b"none":
+        return None
+    if kind != b"zset":
+        raise ImmutableKeyError(f"key {display_str(key)} is not a mutable key")
+    for reply in replies[1:]:
+        if isinstance(reply, Exception):
+            raise reply
+    return [split_timestamp(member) for member in itertools.chain(*replies[1:])]
+
+
+def queue_record(pipe: Any, record: Record) -> int:
+    """Queue the commands that store one RDB record; returns how many elements they carry.
+
+    Large zsets and hashes are split into commands of at most
+    :data:`LOAD_BATCH` elements.
+    """
+    key, key_type, value = record
+    if key_type == KeyType.IMMUTABLE:
+        assert isinstance(value, bytes)
+        pipe.set(key, value)
+        return 1
+    if key_type == KeyType.MUTABLE:
+        assert isinstance(value, list)
+        for i in range(0, len(value), LOAD_BATCH):
+            members = value[i : i + LOAD_BATCH]
+            pipe.execute_command("ZADD", key, *itertools.chain(*((0, m) for m in members)))
+        return len(value)
+    assert isinstance(value, dict)
+    items = list(value.items())
+    for i in range(0, len(items), LOAD_BATCH):
+        pipe.execute_command("HSET", key, *itertools.chain(*items[i : i + LOAD_BATCH]))
+    return len(items)
 
 
 def parse_update_message(key: bytes, key_type: KeyType, data: bytes) -> KeyUpdateBase:
@@ -431,9 +492,3 @@ def update_message(key_type: KeyType, payload: bytes, sub_key: bytes | None = No
         assert sub_key is not None
         return b"\x03%d\n%b%b" % (len(sub_key), sub_key, payload)
     return bytes([key_type.value]) + payload
-
-
-def _zadd_args(members: list[bytes]) -> Iterator[Any]:
-    for member in members:
-        yield 0
-        yield member

@@ -127,9 +127,13 @@ def test_daemon_writes_snapshots_periodically(store, tmp_path):
     assert snapshots[-1].seq == store.backend.last_seq
 
 
-def test_empty_store_writes_no_snapshot(store, tmp_path):
+def test_snapshot_after_clear_is_an_empty_file(store, tmp_path):
+    """A cleared store is a state too: its snapshot exists, loads, and holds no keys."""
     sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=3600, keep=2)
     store.add("k", 1, immutable=True)
     store.backend.clear()
-    assert sink.write() is None
-    assert list_snapshots(tmp_path / "rdb") == []
+    written = sink.write()
+    assert written is not None and written.seq == store.backend.last_seq
+    assert [s.seq for s in list_snapshots(tmp_path / "rdb")] == [written.seq]
+    assert TelescopeState().load_from_file(written.path) == 0
+    assert sink.write() is None  # nothing new since
