@@ -1,0 +1,225 @@
+"""The data the workloads write and read: an observation's worth of telescope state.
+
+Sensor names follow MeerKAT's (`m012_pos_actual_scan_azim`), sampled about
+once a second; attributes are a mix of floats, strings and small arrays;
+indexed keys are calibration products keyed by input name; the array
+sensor carries 8 KB float64 arrays. Values are encoded once, here, with
+katsdptelstate's encoder (telstate encodes identically, by contract), so
+that every contender is filled with the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from katsdptelstate.encoding import encode_value
+from katsdptelstate.rdb_utility import dump_hash, dump_string, dump_zset
+from katsdptelstate.rdb_writer_base import RDBWriterBase
+from katsdptelstate.utils import pack_timestamp
+
+IMMUTABLE, MUTABLE, INDEXED = "immutable", "mutable", "indexed"
+#: (key, kind, value): value is the encoded bytes (immutable), the sorted
+#: packed members (mutable) or a dict of encoded sub-key to value (indexed).
+Record = tuple[bytes, str, Any]
+
+#: Start of the observation (sensor timestamps), and the sampling period.
+T0 = 1_700_000_000.0
+PERIOD = 1.0
+
+_SENSOR_KINDS = (
+    "pos_actual_scan_azim",
+    "pos_actual_scan_elev",
+    "pos_request_scan_azim",
+    "pos_request_scan_elev",
+    "ap_indexer_position",
+    "rsc_rxl_lna_h_power_enabled",
+    "dig_l_band_adc_hpol_rf_power_in",
+    "windstow_active",
+)
+HISTORY_SENSOR = "anc_weather_wind_speed"
+ARRAY_SENSOR = "cbf_bandpass_{:02d}"
+#: Pattern for `keys`: the sensors of antennas m010 to m019.
+KEYS_PATTERN = "m01?_*"
+#: 8 KB: 1024 float64.
+ARRAY_ELEMENTS = 1024
+
+
+def sensor_names(count: int) -> list[str]:
+    """`count` sensor names, antenna by antenna."""
+    kinds = len(_SENSOR_KINDS)
+    return [f"m{i // kinds:03d}_{_SENSOR_KINDS[i % kinds]}" for i in range(count)]
+
+
+def attribute_names(count: int) -> list[str]:
+    """`count` attribute (immutable key) names."""
+    return [f"sdp_l0_{i:05d}_config" for i in range(count)]
+
+
+def indexed_names(count: int) -> list[str]:
+    """`count` indexed key names."""
+    return [f"cal_{i:03d}_product_G" for i in range(count)]
+
+
+def sub_key_names(count: int) -> list[str]:
+    """`count` sub-keys (input names: antenna and polarisation)."""
+    return [f"m{i // 2:03d}{'hv'[i % 2]}" for i in range(count)]
+
+
+def sample_time(sensor: int, sample: int) -> float:
+    """Timestamp of a sensor's sample: once a period, sensors a millisecond apart."""
+    return T0 + sample * PERIOD + sensor * 1e-3
+
+
+def sensor_value(sensor: int, sample: int) -> float:
+    """A smooth, sensor-specific float."""
+    return 45.0 + 40.0 * math.sin(0.001 * sample + sensor)
+
+
+def attribute_value(index: int) -> Any:
+    """Attributes as pipelines store them: floats, strings, short lists, small arrays."""
+    choice = index % 4
+    if choice == 0:
+        return 0.5 + index
+    if choice == 1:
+        return f"m{index % 64:03d},m{(index + 1) % 64:03d} l-band {index}"
+    if choice == 2:
+        return [index, index + 1, "wide"]
+    return np.arange(3, dtype=np.float64) + index
+
+
+def indexed_value(index: int) -> np.ndarray:
+    """A calibration solution: four complex gains."""
+    return (np.arange(4) + 1j * index).astype(np.complex64)
+
+
+def arrays(count: int = 8) -> list[np.ndarray]:
+    """A few different 8 KB arrays to cycle through."""
+    rng = np.random.default_rng(7)
+    return [rng.standard_normal(ARRAY_ELEMENTS) for _ in range(count)]
+
+
+def encode_float(value: float) -> bytes:
+    """`encode_value` of a float, without its general dispatch (millions are needed)."""
+    return _MSGPACK_FLOAT + _DOUBLE.pack(value)
+
+
+_MSGPACK_FLOAT = b"\xff\xcb"  # msgpack encoding marker, then msgpack's float 64
+_DOUBLE = struct.Struct(">d")
+if encode_value(1.25) != encode_float(1.25):
+    raise ImportError("katsdptelstate encodes floats differently from benchmarks.data.encode_float")
+
+
+def packed_samples(sensor: int, samples: range) -> list[bytes]:
+    """Samples of a float sensor as stored: packed timestamp followed by encoded value."""
+    return [
+        pack_timestamp(sample_time(sensor, i)) + encode_float(sensor_value(sensor, i))
+        for i in samples
+    ]
+
+
+def sensor_blocks(count: int, events: int, block: int = 100) -> Iterator[list[Record]]:
+    """About `events` samples of `count` sensors, in blocks of `block` samples of every sensor.
+
+    Loaded block after block, they make a log in which the keys are
+    interleaved, as in an observation, instead of one key after another.
+    """
+    sensors = sensor_names(count)
+    per_sensor = max(1, events // count)
+    for first in range(0, per_sensor, block):
+        samples = range(first, min(per_sensor, first + block))
+        yield [
+            (name.encode(), MUTABLE, packed_samples(s, samples)) for s, name in enumerate(sensors)
+        ]
+
+
+def _sensor_records(sensors: Sequence[str], samples: int, offset: int = 0) -> list[Record]:
+    return [
+        (name.encode(), MUTABLE, packed_samples(s, range(samples)))
+        for s, name in enumerate(sensors, start=offset)
+    ]
+
+
+def _attribute_records(count: int) -> list[Record]:
+    return [
+        (name.encode(), IMMUTABLE, encode_value(attribute_value(i)))
+        for i, name in enumerate(attribute_names(count))
+    ]
+
+
+def _indexed_records(keys: int, sub_keys: int) -> list[Record]:
+    subs = [encode_value(sub) for sub in sub_key_names(sub_keys)]
+    return [
+        (name.encode(), INDEXED, {sub: encode_value(indexed_value(i)) for sub in subs})
+        for i, name in enumerate(indexed_names(keys))
+    ]
+
+
+def _array_records(samples: int) -> list[Record]:
+    values = [encode_value(array) for array in arrays()]
+    members = [pack_timestamp(sample_time(0, i)) + values[i % len(values)] for i in range(samples)]
+    return [(ARRAY_SENSOR.format(0).encode(), MUTABLE, members)]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The populated store the read workloads query."""
+
+    sensors: list[str]
+    samples: int
+    history_samples: int
+    attributes: list[str]
+    indexed: list[str]
+    sub_keys: list[str]
+
+    @classmethod
+    def sized(cls, scale: Any) -> Observation:
+        return cls(
+            sensor_names(scale.sensors),
+            scale.samples,
+            scale.history_samples,
+            attribute_names(scale.attributes),
+            indexed_names(scale.indexed_keys),
+            sub_key_names(scale.sub_keys),
+        )
+
+    def records(self) -> list[Record]:
+        return (
+            _sensor_records(self.sensors, self.samples)
+            + _sensor_records([HISTORY_SENSOR], self.history_samples, offset=len(self.sensors))
+            + _attribute_records(len(self.attributes))
+            + _indexed_records(len(self.indexed), len(self.sub_keys))
+        )
+
+
+def metadata_records(scale: Any) -> list[Record]:
+    """The attributes and indexed keys of an observation."""
+    return _attribute_records(scale.attributes) + _indexed_records(
+        scale.indexed_keys, scale.sub_keys
+    )
+
+
+def rdb_records(scale: Any) -> list[Record]:
+    """What the RDB file holds: float sensors, an array sensor, attributes, indexed keys."""
+    return (
+        _sensor_records(sensor_names(scale.rdb_sensors), scale.rdb_samples)
+        + _array_records(scale.rdb_arrays)
+        + metadata_records(scale)
+    )
+
+
+def write_katsdp_rdb(path: str | Path, records: Sequence[Record]) -> None:
+    """Write `records` to an RDB file with katsdptelstate's own writer primitives."""
+    with RDBWriterBase(str(path)) as writer:
+        for key, kind, value in records:
+            if kind == IMMUTABLE:
+                writer.write_key(key, dump_string(value))
+            elif kind == MUTABLE:
+                writer.write_key(key, dump_zset(value))
+            else:
+                writer.write_key(key, dump_hash(value))
