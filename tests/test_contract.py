@@ -144,6 +144,8 @@ def test_get_range_every_flag_combination(ts):
     assert r(st=-5) == [1.0, 2.0, 3.0, 4.0]
     assert r(st=math.inf, include_previous=True) == [4.0]
     assert r(st=3, et=2) == []
+    assert r(st=3, et=2, include_previous=True) == [2.0]  # as katsdptelstate's Redis backend
+    assert r(st=3, et=0, include_previous=True) == [2.0]
     assert ts.get_range("r", st=4, return_encoded=True) == [(encode_value(40.0), 4.0)]
 
 

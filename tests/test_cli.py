@@ -1,0 +1,163 @@
+"""The ``telstate`` command on a real store, in-process and as an installed entry point."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from telstate import TelescopeState, cli
+from telstate.lmdb import LmdbBackend
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = str(tmp_path / "store")
+    backend = LmdbBackend(path, durability="none", writer_name="cli-test")
+    ts = TelescopeState(backend)
+    ts.add("attr", "value", immutable=True)
+    for i in range(10):
+        ts.add("sensor", float(i), ts=T0 + i)
+    ts.add("other", np.arange(3), ts=T0)
+    ts.set_indexed("idx", "a", 1)
+    ts.delete("other")
+    ts.add("other", "back", immutable=True)
+    backend.close()
+    return path
+
+
+def run(*argv):
+    out = io.StringIO()
+    status = cli.main(list(argv), out=out)
+    return status, out.getvalue()
+
+
+def test_info(store):
+    status, text = run("info", store)
+    assert status == 0
+    assert "events     15" in text
+    status, text = run("--json", "info", store)
+    info = json.loads(text)
+    assert info["last_seq"] == 15
+    assert info["keys"] == 4
+    assert info["key_types"] == {"immutable": 2, "mutable": 1, "indexed": 1}
+
+
+def test_keys_and_get(store):
+    assert run("keys", store)[1].split() == ["attr", "idx", "other", "sensor"]
+    assert run("keys", store, "s*")[1].split() == ["sensor"]
+    assert run("get", store, "attr") == (0, "'value'\n")
+    status, text = run("get", store, "sensor", "--json")
+    assert json.loads(text)["value"] == [9.0, T0 + 9]
+    status, text = run("get", store, "sensor", "--all", "--json")
+    assert len(json.loads(text)["value"]) == 10
+    status, text = run("get", store, "sensor", "--range", f"@{T0 + 2}", f"@{T0 + 4}")
+    assert len(text.splitlines()) == 2
+    assert json.loads(run("get", store, "idx", "--json")[1])["value"] == {"a": 1}
+
+
+def test_history_includes_deletes(store):
+    status, text = run("--json", "history", store, "other")
+    events = [json.loads(line) for line in text.splitlines()]
+    assert [e["op"] for e in events] == ["add_mutable", "delete", "set_immutable"]
+    assert events[0]["value"] == [0, 1, 2]
+    assert events[0]["writer"]["name"] == "cli-test"
+    assert events[0]["writer"]["pid"] == os.getpid()
+
+
+def test_log_filters(store):
+    lines = run("--json", "log", store, "--key", "sens*", "--limit", "3")[1].splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["sensor"] * 3
+    lines = run("--json", "log", store, "--from-seq", "5", "--to-seq", "7")[1].splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [5, 6, 7]
+    assert run("log", store, "--since", "@0")[1].count("\n") == 15
+    assert run("log", store, "--until", "@0")[1] == ""
+    assert "set_immutable" in run("log", store)[1]
+
+
+def test_replay_export_import_verify(store, tmp_path):
+    mid = str(tmp_path / "mid.rdb")
+    assert run("replay", store, "--until", "6", "--rdb", mid)[0] == 0
+    state = TelescopeState()
+    state.load_from_file(mid)
+    assert state.keys() == ["attr", "sensor"]
+    assert len(state.get_range("sensor", st=0)) == 5
+
+    full = str(tmp_path / "full.rdb")
+    status, text = run("export", store, full)
+    assert status == 0 and "4 keys" in text
+    copy = str(tmp_path / "copy")
+    status, text = run("--json", "import", copy, full)
+    assert json.loads(text)["keys"] == 4
+    imported = TelescopeState(LmdbBackend(copy, readonly=True))
+    original = TelescopeState(LmdbBackend(store, readonly=True))
+    for key in original.keys():
+        assert imported.get(key, return_encoded=True) == original.get(key, return_encoded=True)
+    assert run("verify", copy)[0] == 0
+    assert run("verify", store) == (0, "verify OK: state matches the replayed log (15 events)\n")
+
+
+def test_bad_paths_and_keys(store, tmp_path, capsys):
+    assert run("info", str(tmp_path / "nowhere"))[0] == cli.EXIT_USAGE
+    assert "no telstate store" in capsys.readouterr().err
+    assert run("get", store, "missing")[0] == cli.EXIT_NO
+    assert "'missing' not found" in capsys.readouterr().err
+    assert run("history", store, "missing")[0] == cli.EXIT_NO
+    assert run("replay", store, "--until", "yesterday", "--rdb", "x.rdb")[0] == cli.EXIT_USAGE
+    assert "--until 'yesterday'" in capsys.readouterr().err
+    assert run("import", store, str(tmp_path / "none.rdb"))[0] == cli.EXIT_USAGE
+    bogus = tmp_path / "bogus.rdb"
+    bogus.write_bytes(b"not an rdb file at all")
+    assert run("import", store, str(bogus))[0] == cli.EXIT_DAMAGED
+    assert "Invalid RDB file" in capsys.readouterr().err
+
+
+def test_not_a_store(tmp_path, capsys):
+    (tmp_path / "data.mdb").write_bytes(b"\x00" * 100)
+    assert run("info", str(tmp_path))[0] == cli.EXIT_DAMAGED
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_parse_until():
+    assert cli.parse_until("42") == (42, None)
+    assert cli.parse_until("@1.5") == (None, 1.5)
+    assert cli.parse_until("1970-01-01T00:00:10Z") == (None, 10.0)
+    with pytest.raises(cli.CliError):
+        cli.parse_until("@soon")
+
+
+def test_jsonable():
+    value = {"a": (1, b"\xff", b"ok", 1 + 2j, np.float32(1.5), float("nan")), (1, 2): None}
+    assert json.loads(json.dumps(cli.jsonable(value))) == {
+        "a": [1, {"base64": "/w=="}, "ok", {"real": 1.0, "imag": 2.0}, 1.5, "nan"],
+        "[1, 2]": None,
+    }
+
+
+def test_entry_point(store):
+    exe = os.path.join(os.path.dirname(sys.executable), "telstate")
+    result = subprocess.run([exe, "keys", store], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["attr", "idx", "other", "sensor"]
+
+
+def test_demo_runs_small(tmp_path):
+    """`make run` is this demo at full size; a small one proves it end to end."""
+    target = str(tmp_path / "demo")
+    result = subprocess.run(
+        [sys.executable, "-m", "telstate.demo", target, "--sensors", "20", "--samples", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify OK" in result.stdout
+    assert "identical to the store: True" in result.stdout
+    assert "replay to now equals the live state: True" in result.stdout
