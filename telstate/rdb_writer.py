@@ -176,15 +176,17 @@ class RDBWriter:
     def write_dump(self, key: bytes, payload: bytes) -> None:
         """Write one key, given as a Redis DUMP payload from any Redis or Valkey server.
 
-        The payload is trusted as the server's own output: it is copied when
-        its type is encoded the same way in RDB version 9; listpacks become
-        ziplists; hashes with field expiry (Redis 7.4, Valkey 9) become plain
-        hashes, dropping the expiry times.
+        The payload's checksum (when non-zero) is verified first, so that
+        nothing but a server's own output reaches the file. It is then
+        copied when its type is encoded the same way in RDB version 9;
+        listpacks become ziplists; hashes with field expiry (Redis 7.4,
+        Valkey 9) become plain hashes, dropping the expiry times.
 
         Raises
         ------
         RdbParseError
-            If a payload that needs decoding is corrupt.
+            If the payload's checksum is wrong, or a payload that needs
+            decoding is corrupt.
         ValueError
             If the key's type cannot be stored in an RDB version 9 file
             (e.g. a stream or module value from a newer server), or the
@@ -194,6 +196,9 @@ class RDBWriter:
             raise ValueError("RDB writer is closed")
         if len(payload) < 11:
             raise RdbParseError(None, f"DUMP payload of {len(payload)} bytes is too short")
+        checksum = int.from_bytes(payload[-8:], "little")
+        if checksum and rdb_utility.crc64(payload[:-8]) != checksum:
+            raise RdbParseError(None, "DUMP payload checksum mismatch: not a Redis DUMP payload")
         rdb_type = payload[0]
         if rdb_type in _PORTABLE_TYPES:
             self._append(payload[:1] + encode_string(key) + payload[1:-10])

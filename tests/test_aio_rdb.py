@@ -43,11 +43,17 @@ def _check(state) -> None:
 
 
 async def test_save_loads_into_telstate_and_katsdptelstate(backend, tmp_path):
-    if "Fake" in type(getattr(backend, "client", None)).__name__:
-        pytest.skip("fakeredis's DUMP payloads are its own, not Redis's (the sync writer too)")
     ts = TelescopeState(backend)
     await _fill(ts)
     filename = tmp_path / "dump.rdb"
+    if "Fake" in type(getattr(backend, "client", None)).__name__:
+        # fakeredis's DUMP payloads are pickles of its own objects, not Redis's
+        # format: every key is counted as failed (and logged), nothing is written.
+        with RDBWriter(filename) as writer:
+            await writer.save(ts)
+        assert (writer.keys_written, writer.keys_failed) == (0, 4)
+        assert not filename.exists()
+        return
     with RDBWriter(filename) as writer:
         await writer.save(ts.view("cb1"))  # a view still saves the whole backend
     assert (writer.keys_written, writer.keys_failed) == (4, 0)

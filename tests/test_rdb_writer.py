@@ -191,3 +191,18 @@ def test_save_from_dump_payloads(tmp_path, caplog) -> None:
     with RDBWriter(tmp_path / "x.rdb") as writer:
         with pytest.raises(RdbParseError):
             writer.write_dump(b"k", bad[b"corrupt"])
+
+
+def test_write_dump_refuses_a_payload_with_a_bad_checksum(tmp_path):
+    """A corrupt (or foreign, e.g. fakeredis's) payload never reaches the file."""
+    from telstate.errors import RdbParseError
+    from telstate.rdb_utility import dump_string
+    from telstate.rdb_writer import RDBWriter
+
+    good = dump_string(b"value")
+    bad = good[:-9] + bytes([good[-9] ^ 1]) + good[-8:]
+    with RDBWriter(tmp_path / "x.rdb") as writer:
+        writer.write_dump(b"good", good)
+        with pytest.raises(RdbParseError, match="checksum"):
+            writer.write_dump(b"bad", bad)
+    assert writer.keys_written == 1
