@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 ## The main job: simulate an observation on the embedded LMDB store (no server needed).
 run: $(STAMP)
-	$(BIN)/python -m telstate.demo
+	$(BIN)/python -m telstate.demo demo-store --overwrite
 
 ## Install everything (redis-server included) and run the test suite.
 test: $(STAMP) redis-server

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
+from telstate.redis import MIRROR_CURSOR_DB, client_db, mirror_cursor_key
 from telstate.utils import ensure_str
 
 
@@ -110,11 +110,6 @@ return {size, redis.call('HGETALL', KEYS[1])}
 """
 
 
-def mirror_db(client: redis.Redis) -> int:
-    """The database number that `client` works in."""
-    return int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
-
-
 def read_cursor(client: redis.Redis) -> tuple[int, Cursor | None]:
     """Read the cursor of the client's database and, at the same instant, its key count.
 
@@ -128,7 +123,7 @@ def read_cursor(client: redis.Redis) -> tuple[int, Cursor | None]:
     redis.RedisError
         If the server cannot be reached or refuses the script.
     """
-    key = mirror_cursor_key(mirror_db(client))
+    key = mirror_cursor_key(client_db(client))
     size, flat = client.eval(_READ_CURSOR, 1, key, MIRROR_CURSOR_DB)
     it = iter(flat)
     return int(size), Cursor.from_fields(dict(zip(it, it)))

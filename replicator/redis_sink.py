@@ -48,10 +48,10 @@ from redis.retry import Retry
 
 from telstate.errors import StoreError
 from telstate.log import Event, Op
-from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
+from telstate.redis import MIRROR_CURSOR_DB, client_db, mirror_cursor_key
 from telstate.utils import KeyType, pack_timestamp
 
-from .cursor import Cursor, MirrorState, mirror_db, read_cursor
+from .cursor import Cursor, MirrorState, read_cursor
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class RedisSink:
             retry=Retry(NoBackoff(), 0),
             client_name="telstate-replicator",
         )
-        self.db = mirror_db(self.client)
+        self.db = client_db(self.client)
         if self.db == MIRROR_CURSOR_DB:
             raise ValueError(
                 f"{url}: database {MIRROR_CURSOR_DB} holds the replicators' cursors;"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import json
 import math
@@ -171,13 +172,18 @@ def _time_arg(text: str) -> float:
     return moment
 
 
-def _open_store(path: str, readonly: bool = True):
+def _open_store(args: argparse.Namespace, readonly: bool = True):
+    """Open ``args.store``, closed when the command ends (see :func:`main`)."""
     from .lmdb import LmdbBackend
+
+    path = args.store
 
     if not os.path.isdir(path):
         raise CliError(f"no telstate store at {path!r}: not a directory")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        raise CliError(f"no telstate store at {path!r}: it has no data.mdb")
     try:
-        return LmdbBackend(path, readonly=readonly)
+        return args.stores.enter_context(LmdbBackend(path, readonly=readonly))
     except StoreError as error:
         raise CliError(f"cannot open {path!r}: {error}", EXIT_DAMAGED) from error
 
@@ -186,7 +192,7 @@ def _open_store(path: str, readonly: bool = True):
 
 
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     keys = backend.keys(b"*")
     types = {t.name.lower(): 0 for t in KeyType}
     for key in keys:
@@ -224,7 +230,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     keys = sorted(ensure_str(k) for k in backend.keys(ensure_binary(args.pattern)))
     if args.json:
         json.dump(keys, out)
@@ -237,7 +243,7 @@ def cmd_keys(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
     from .telescope_state import TelescopeState
 
-    state = TelescopeState(_open_store(args.store))
+    state = TelescopeState(_open_store(args))
     key = args.key
     if key not in state:
         raise CliError(f"key {key!r} not found in {args.store!r}", EXIT_NO)
@@ -275,7 +281,7 @@ def _event_dict(event: Any) -> dict[str, Any]:
         "seq": event.seq,
         "time": event.time,
         "writer": {"host": event.writer.host, "pid": event.writer.pid, "name": event.writer.name},
-        "op": event.op.value if hasattr(event.op, "value") else str(event.op),
+        "op": event.op.value,
         "key": None if event.key is None else ensure_str(event.key),
         "sub_key": None if event.sub_key is None else jsonable(_decoded(event.sub_key)),
         "value": None if event.value is None else jsonable(_decoded(event.value)),
@@ -290,7 +296,7 @@ def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) 
         if args.json:
             out.write(json.dumps(_event_dict(event)) + "\n")
             continue
-        op = event.op.value if hasattr(event.op, "value") else str(event.op)
+        op = event.op.value
         writer = f"{event.writer.host}:{event.writer.pid}"
         if event.writer.name:
             writer += f"({event.writer.name})"
@@ -306,7 +312,7 @@ def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) 
 
 
 def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     count = _write_events(backend.history(ensure_binary(args.key)), args, out)
     if count == 0:
         raise CliError(f"no event ever touched key {args.key!r}", EXIT_NO)
@@ -316,7 +322,7 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_log(args: argparse.Namespace, out: TextIO) -> int:
     from .utils import compile_pattern
 
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     since = _time_arg(args.since) if args.since else None
     until = _time_arg(args.until) if args.until else None
     match = compile_pattern(ensure_binary(args.key)).fullmatch if args.key else None
@@ -354,7 +360,7 @@ def _write_rdb(records: Iterable[Any], target: str, aux: dict[bytes, bytes], tot
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     from .lmdb import replay
 
-    _open_store(args.store)  # checks the path
+    _open_store(args)  # a clear error for a path that is not a store
     until_seq, until_time = parse_until(args.until)
     state = replay(args.store, until_seq=until_seq, until_time=until_time)
     backend = state.backend
@@ -370,7 +376,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     with backend.snapshot() as snap:
         aux = {b"telstate-store-uuid": str(snap.uuid).encode(), b"telstate-seq": b"%d" % snap.seq}
         count = _write_rdb(snap.records(), args.rdb, aux, len(backend.keys(b"*")))
@@ -389,7 +395,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
-    backend = LmdbBackend(args.store)
+    backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
     before = backend.last_seq
     progress = Progress(f"importing {args.rdb}", None)
     count = backend.load_records(progress.wrap(read_records(args.rdb)))
@@ -403,7 +409,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args.store)
+    backend = _open_store(args)
     differences = list(backend.verify())
     if args.json:
         out.write(json.dumps({"ok": not differences, "differences": differences[:100]}) + "\n")
@@ -462,7 +468,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     """Run the ``telstate`` command; returns its exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args, out))
+        with contextlib.ExitStack() as args.stores:
+            return int(args.func(args, out))
     except CliError as error:
         print(f"telstate {args.command}: {error}", file=sys.stderr)
         return error.status
@@ -474,6 +481,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as error:
+        print(f"telstate {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

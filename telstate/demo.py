@@ -6,7 +6,7 @@ then shows the audit trail of a key, replays the log to mid-observation,
 exports an RDB file, loads it back and verifies the store. The store is
 left in ``./demo-store`` for the ``telstate`` command to explore.
 
-Run as ``python -m telstate.demo [DIRECTORY] [--sensors N] [--samples N]``.
+Run as ``python -m telstate.demo [DIRECTORY] [--sensors N] [--samples N] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -78,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", nargs="?", default="demo-store")
     parser.add_argument("--sensors", type=int, default=300)
     parser.add_argument("--samples", type=int, default=100, help="samples per sensor")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DIRECTORY if it is not empty"
+    )
     args = parser.parse_args(argv)
     path = os.path.abspath(args.directory)
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(path) and os.listdir(path):
+        if not args.overwrite:
+            parser.error(f"{path} is not empty: pass --overwrite to replace it")
+        shutil.rmtree(path)
 
     _heading(f"Recording an observation into lmdb://{path}")
     backend = LmdbBackend(path, durability="batch", writer_name="demo-observation")

@@ -2259,14 +2259,15 @@ class LmdbBackend(Backend):
         make_event = log.make_event
         decode = log.decode_record
         for seq, record in chunk:
-            raw = decode(record)
-            writer = writers.get(raw[1])
-            if writer is None:
-                writer = self._writer(raw[1])
             try:
-                yield make_event(seq, raw, writer)
+                raw = decode(record)
+                writer = writers.get(raw[1])
+                if writer is None:
+                    writer = self._writer(raw[1])
+                event = make_event(seq, raw, writer)
             except ValueError as error:
-                raise StoreError(str(error)) from None
+                raise StoreError(f"{self.path!r}: event {seq}: {error}") from None
+            yield event
 
     def _writer(self, writer_id: int) -> Writer:
         store = self._get_store()
@@ -2278,10 +2279,13 @@ class LmdbBackend(Backend):
 
     @staticmethod
     def _writers_in(txn: Any, tables: _Tables) -> dict[int, Writer]:
-        return {
-            log.unpack_writer_id(key): log.decode_writer(value)
-            for key, value in txn.cursor(db=tables.writers).iternext()
-        }
+        try:
+            return {
+                log.unpack_writer_id(key): log.decode_writer(value)
+                for key, value in txn.cursor(db=tables.writers).iternext()
+            }
+        except (ValueError, struct.error) as error:
+            raise StoreError(f"the writers table is damaged: {error}") from None
 
     def history(self, key: bytes) -> Iterator[Event]:
         """Every event that touched `key`: its writes, deletes, and the clears that removed it.

@@ -219,10 +219,20 @@ def decode_record(record: bytes) -> RawEvent:
     """Split a log record into its raw fields; see :data:`RawEvent`.
 
     Absent fields come back empty (bytes) or NaN (timestamp).
+
+    Raises
+    ------
+    ValueError
+        If the record is missing, truncated or its lengths overrun it.
     """
-    op_code, writer_id, time, timestamp, key_len, sub_key_len = _HEADER.unpack_from(record)
+    try:
+        op_code, writer_id, time, timestamp, key_len, sub_key_len = _HEADER.unpack_from(record)
+    except (struct.error, TypeError) as error:
+        raise ValueError(f"damaged log record: {error}") from None
     key_end = 29 + key_len
     sub_key_end = key_end + sub_key_len
+    if sub_key_end > len(record):
+        raise ValueError("damaged log record: its key lengths overrun it")
     return (
         op_code,
         writer_id,

@@ -86,10 +86,13 @@ class MemoryBackend(Backend):
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         member = pack_timestamp(timestamp) + value
         with self._lock:
-            members = self._data.setdefault(key, [])
-            if type(members) is not list:
+            # Readers take no lock, so a new key appears only with its first sample.
+            members = self._data.get(key)
+            if members is None:
+                self._data[key] = [member]
+            elif type(members) is not list:
                 raise ImmutableKeyError(key)
-            if not members or members[-1] < member:
+            elif members[-1] < member:
                 members.append(member)
             else:
                 pos = bisect.bisect_left(members, member)
@@ -101,13 +104,15 @@ class MemoryBackend(Backend):
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
         with self._lock:
-            sub_keys = self._data.setdefault(key, {})
-            if type(sub_keys) is not dict:
+            sub_keys = self._data.get(key)
+            if sub_keys is None:
+                self._data[key] = {sub_key: value}
+            elif type(sub_keys) is not dict:
                 raise ImmutableKeyError(key)
-            old = sub_keys.get(sub_key)
-            if old is not None:
+            elif (old := sub_keys.get(sub_key)) is not None:
                 return old
-            sub_keys[sub_key] = value
+            else:
+                sub_keys[sub_key] = value
             if self._watchers:
                 self._notify(key, IndexedKeyUpdate, sub_key, value)
         return None
@@ -168,7 +173,9 @@ class MemoryBackend(Backend):
             for key in keys:
                 self._watchers.setdefault(key, []).append(watcher)
         try:
-            timeout = yield None
+            # A write may have landed between the caller's check and the
+            # registration above: the first answer says "check again".
+            timeout = yield KeyUpdateBase()
             while True:
                 timeout = yield watcher.get(timeout)
         finally:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import struct
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, cast
 
@@ -97,6 +99,8 @@ if value then
 end
 return redis.call('EXISTS', KEYS[1])
 """
+
+logger = logging.getLogger(__name__)
 
 _KEY_TYPES = {
     b"none": None,
@@ -296,7 +300,11 @@ class RedisBackend(Backend):
             if found is None:
                 return None
             key_type = found
-        return parse_update_message(key, key_type, data)
+        try:
+            return parse_update_message(key, key_type, data)
+        except (ValueError, struct.error):
+            logger.warning("malformed update message on update/%s ignored", display_str(key))
+            return KeyUpdateBase()
 
     def close(self) -> None:
         self.client.close()

@@ -46,8 +46,10 @@ _T = TypeVar("_T", bound="TelescopeStateBase")
 _R = TypeVar("_R")
 _Key = bytes | str
 
-#: Longest single wait on a backend monitor, so that lost notifications
-#: (e.g. a Redis reconnect) and cancellation futures are noticed promptly.
+#: Longest single wait on a backend monitor, so that cancellation futures
+#: and deadlines are checked at least this often. (Lost notifications are
+#: the monitor's business: e.g. a Redis reconnect re-subscribes and says
+#: "check again".)
 MONITOR_POLL_INTERVAL = 1.0
 
 

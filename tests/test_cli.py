@@ -161,3 +161,45 @@ def test_demo_runs_small(tmp_path):
     assert "verify OK" in result.stdout
     assert "identical to the store: True" in result.stdout
     assert "replay to now equals the live state: True" in result.stdout
+
+
+def test_damaged_log_record_is_a_store_error(store, capsys):
+    """A log record cut short: events() raises StoreError, the CLI exits 3."""
+    import lmdb
+
+    from telstate import log
+    from telstate.errors import StoreError
+
+    env = lmdb.open(store, max_dbs=16, subdir=True)
+    with env.begin(write=True) as txn:
+        table = env.open_db(b"log", txn=txn, create=False)
+        txn.put(log.pack_seq(2), b"\x01\x02", db=table)
+    env.close()
+    backend = LmdbBackend(store, readonly=True)
+    with pytest.raises(StoreError, match="event 2"):
+        list(backend.events())
+    backend.close()
+    assert run("log", store)[0] == cli.EXIT_DAMAGED
+    assert "event 2" in capsys.readouterr().err
+
+
+def test_directory_without_a_store_and_unwritable_output(store, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("info", str(empty))[0] == cli.EXIT_USAGE
+    assert "no data.mdb" in capsys.readouterr().err
+    assert run("export", store, str(tmp_path / "no" / "such" / "dir.rdb"))[0] == cli.EXIT_USAGE
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_demo_refuses_to_overwrite_a_directory(tmp_path):
+    (tmp_path / "precious").write_text("keep me")
+    result = subprocess.run(
+        [sys.executable, "-m", "telstate.demo", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--overwrite" in result.stderr
+    assert (tmp_path / "precious").read_text() == "keep me"

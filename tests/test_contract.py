@@ -426,3 +426,19 @@ def test_wait_indexed_on_wrong_type(ts):
     _later(0.1, ts.add, "later", 1, immutable=True)
     with pytest.raises(ImmutableKeyError):
         ts.wait_indexed("later", "a", timeout=5)
+
+
+def test_wait_key_sees_a_write_that_lands_while_the_monitor_starts(ts):
+    """A write between the first check and the monitor's registration is not missed."""
+    backend = ts.backend
+    start_monitor = backend.monitor_keys
+
+    def racing_monitor(keys):
+        ts.add("race", 1, immutable=True)  # lands after the frontend's first look
+        return start_monitor(keys)
+
+    backend.monitor_keys = racing_monitor
+    try:
+        ts.wait_key("race", timeout=0.5)
+    finally:
+        del backend.monitor_keys

@@ -268,3 +268,17 @@ def test_host_port_endpoint():
         assert telstate.TelescopeState(Endpoint("127.0.0.1", port), db=2).tcp == 1
     with pytest.raises(telstate.ConnectionError):
         telstate.TelescopeState(f"127.0.0.1:{port}")
+
+
+def test_malformed_update_message_does_not_break_a_wait(redis_client):
+    """Garbage on update/<key> means "check again", never an exception in wait_key."""
+    ours = telstate.TelescopeState(RedisBackend(redis_client))
+
+    def publish_then_write():
+        redis_client.publish("update/k", b"\x03no-newline")
+        redis_client.publish("update/k", b"\x02short")
+        time.sleep(0.05)
+        ours.add("k", 1, immutable=True)
+
+    elapsed = _wake(lambda c: ours.wait_key("k", timeout=5), publish_then_write)
+    assert elapsed < 2
