@@ -7,8 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .. import rdb_writer
-from ..errors import RdbParseError
-from ..utils import display_str, ensure_binary
+from ..utils import ensure_binary
 from .backend import Backend
 from .telescope_state import TelescopeState
 
@@ -35,6 +34,8 @@ class RDBWriter(rdb_writer.RDBWriter):
         AUX fields to store in the header.
     compress
         LZF-compress long strings, as Redis does.
+    keep_empty
+        Keep a file with no keys on :meth:`close` instead of deleting it.
 
     Raises
     ------
@@ -76,11 +77,5 @@ class RDBWriter(rdb_writer.RDBWriter):
             keys = await source.keys(b"*")
         for key in keys:
             key = ensure_binary(key)
-            try:
-                payload = await source.dump(key)
-                if payload is None:
-                    raise KeyError("key not found")
-                self.write_dump(key, payload)
-            except (KeyError, TypeError, ValueError, RdbParseError) as exc:
-                self.keys_failed += 1
-                logger.error("Failed to save key %s: %s", display_str(key), exc)
+            # Counting and logging a failed key is the sync writer's job.
+            self._save_one(key, self._write_payload, key, await source.dump(key))
