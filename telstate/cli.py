@@ -79,7 +79,8 @@ def _decoded(encoded: bytes | None) -> Any:
         return f"<undecodable: {error}>"
 
 
-def _format_time(seconds: float | None) -> str:
+def format_time(seconds: float | None) -> str:
+    """A unix time as ISO 8601 UTC with milliseconds (``-`` for None)."""
     if seconds is None:
         return "-"
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
@@ -220,8 +221,8 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"store      {info['path']}\n"
             f"uuid       {info['uuid']}\n"
             f"events     {info['last_seq']} "
-            f"({_format_time(info['first_event_time'])} .. "
-            f"{_format_time(info['last_event_time'])})\n"
+            f"({format_time(info['first_event_time'])} .. "
+            f"{format_time(info['last_event_time'])})\n"
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
@@ -267,10 +268,10 @@ def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     elif isinstance(result, list):
         for value, stamp in result:
-            out.write(f"{_format_time(stamp)}  {stamp:.6f}  {value!r}\n")
+            out.write(f"{format_time(stamp)}  {stamp:.6f}  {value!r}\n")
     elif isinstance(result, tuple):
         value, stamp = result
-        out.write(f"{value!r}  (at {_format_time(stamp)})\n")
+        out.write(f"{value!r}  (at {format_time(stamp)})\n")
     else:
         out.write(f"{result!r}\n")
     return EXIT_OK
@@ -307,7 +308,7 @@ def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) 
             what += f" = {_short(_decoded(event.value))}"
         if event.timestamp is not None:
             what += f" @ {event.timestamp:.6f}"
-        out.write(f"{event.seq:>8}  {_format_time(event.time)}  {writer:<24} {op:<14} {what}\n")
+        out.write(f"{event.seq:>8}  {format_time(event.time)}  {writer:<24} {op:<14} {what}\n")
     return count
 
 

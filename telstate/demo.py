@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     at_time = replay(path, until_time=time.time())
     print(f"replay to now equals the live state: {at_time.keys() == ts.keys()}")
     print(
-        f"obs_activity at {cli._format_time(middle)} (sensor time): "
+        f"obs_activity at {cli.format_time(middle)} (sensor time): "
         f"{ts.get_range('obs_activity', et=middle)[0][0]!r}"
     )
 
