@@ -298,7 +298,7 @@ def test_dump_and_load_records_round_trip(backend, tmp_path):
 
 
 def test_load_records_in_batches(backend, monkeypatch):
-    monkeypatch.setattr("telstate.lmdb._LOAD_CHUNK", 7)
+    monkeypatch.setattr("telstate.lmdb.settings.LOAD_CHUNK", 7)
     samples = [pack_timestamp(float(i)) + b"v%d" % i for i in range(50)]
     assert backend.load_records([(b"m", KeyType.MUTABLE, samples)]) == 1
     assert backend.last_seq == 50
@@ -353,7 +353,7 @@ def test_event_decoding_and_repr(backend):
 
 
 def test_events_of_keys_use_the_history_index(backend, monkeypatch):
-    monkeypatch.setattr("telstate.lmdb._LOG_CHUNK", 3)  # several chunks, streams cut short
+    monkeypatch.setattr("telstate.lmdb.settings.LOG_CHUNK", 3)  # several chunks, streams cut short
     for i in range(10):
         backend.add_mutable(b"a", b"%d" % i, float(i))
         backend.add_mutable(b"b", b"%d" % i, float(i))

@@ -317,7 +317,7 @@ def test_wait_key_wakes_on_a_commit_in_another_process(tmp_path):
 
 
 def test_filesystem_events_wake_waiters_without_polling(tmp_path, monkeypatch):
-    monkeypatch.setattr("telstate.lmdb._POLL_INTERVAL", 30.0)  # only watchdog can wake us
+    monkeypatch.setattr("telstate.lmdb.settings.POLL_INTERVAL", 30.0)  # only watchdog can wake us
     path = str(tmp_path / "store")
     backend = LmdbBackend(path, durability="none")
     rounds = 5

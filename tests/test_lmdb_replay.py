@@ -152,7 +152,7 @@ def redis_range(members, start, end, include_previous, include_end):
 )
 def test_samples_in_tail_and_blocks_read_like_the_zset(samples, queries):
     """Small tails and blocks, so that sealing, late samples and splits all happen."""
-    with patched({"_TAIL_MAX": 4, "_BLOCK_MAX": 6}), tempfile.TemporaryDirectory() as directory:
+    with patched({"TAIL_MAX": 4, "BLOCK_MAX": 6}), tempfile.TemporaryDirectory() as directory:
         backend = LmdbBackend(f"{directory}/store", durability="none", map_size=1 << 20)
         members = sorted({pack_timestamp(stamp) + value for stamp, value in samples})
         try:
@@ -176,13 +176,13 @@ def test_samples_in_tail_and_blocks_read_like_the_zset(samples, queries):
 
 @contextlib.contextmanager
 def patched(values: dict):
-    import telstate.lmdb
+    from telstate.lmdb import settings
 
-    saved = {name: getattr(telstate.lmdb, name) for name in values}
+    saved = {name: getattr(settings, name) for name in values}
     for name, value in values.items():
-        setattr(telstate.lmdb, name, value)
+        setattr(settings, name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(telstate.lmdb, name, value)
+            setattr(settings, name, value)

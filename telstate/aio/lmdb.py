@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 
 from ..backend import GetResult, KeyUpdateBase, Record
 from ..errors import CancelledError
-from ..lmdb import _MONITOR_MAX_SCAN, _key_update
 from ..lmdb import LmdbBackend as SyncLmdbBackend
+from ..lmdb import settings
+from ..lmdb.eventlog import key_update
 from ..utils import KeyType, PathType
 from .backend import Backend, Inbox, Watchers
 
@@ -218,6 +219,6 @@ def _read_updates(
     sync: SyncLmdbBackend, start: int, end: int, keys: list[bytes]
 ) -> list[tuple[bytes | None, KeyUpdateBase]]:
     """The updates for the events ``start..end`` on `keys`, each with its key (None: all)."""
-    if end - start >= _MONITOR_MAX_SCAN:
+    if end - start >= settings.MONITOR_MAX_SCAN:
         return [(None, KeyUpdateBase())]
-    return [(event.key, _key_update(event)) for event in sync.events(start, end, keys)]
+    return [(event.key, key_update(event)) for event in sync.events(start, end, keys)]

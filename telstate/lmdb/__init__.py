@@ -1,0 +1,38 @@
+"""The durable store: an append-only event log and the current state in one LMDB environment.
+
+A store is a directory holding an LMDB environment. Every write that
+changes the state is one LMDB write transaction that appends an event to
+the log (see :mod:`telstate.log`) and updates the state tables, so the two
+can never disagree and the state can always be rebuilt from the log
+(:func:`replay`, :meth:`LmdbBackend.verify`). Writes that change nothing
+(a key or sub-key already set, a sample already present, deleting a
+missing key, clearing an empty store) and rejected writes are not events.
+Reads come from the state tables only.
+
+Modules, one concern each:
+
+:mod:`~telstate.lmdb.settings`
+    Every tunable (map size, intervals, chunk sizes, cache limits, tail
+    and block sizes), in one table.
+:mod:`~telstate.lmdb.layout`
+    The tables and the byte layout of their keys and records.
+:mod:`~telstate.lmdb.environment`
+    The LMDB environment shared per path in a process: opening, growth,
+    fork handling, housekeeping, commit wake-ups; durability modes.
+:mod:`~telstate.lmdb.samples`
+    The sample engine of mutable keys: tail, sealed blocks, ranges.
+:mod:`~telstate.lmdb.state`
+    Whole keys read from the state tables as RDB records.
+:mod:`~telstate.lmdb.eventlog`
+    Reading the log table; events as the frontend's key updates.
+:mod:`~telstate.lmdb.audit`
+    The state rebuilt from the log: :func:`replay` and ``verify``'s checks.
+:mod:`~telstate.lmdb.backend`
+    :class:`LmdbBackend` and :class:`Snapshot`.
+"""
+
+from .audit import replay
+from .backend import LmdbBackend, Snapshot
+from .environment import DURABILITIES
+
+__all__ = ["DURABILITIES", "LmdbBackend", "Snapshot", "replay"]

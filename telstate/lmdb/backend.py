@@ -1,0 +1,978 @@
+""":class:`LmdbBackend`, the telstate backend on an LMDB store, and its :class:`Snapshot`.
+
+Every write that changes the state is one LMDB write transaction that
+appends an event to the log and updates the state tables; reads come from
+the state tables only. See :mod:`telstate.lmdb` for the overview.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, TypeVar
+
+import lmdb
+
+from .. import log
+from ..backend import Backend, GetResult, KeyUpdateBase, Record
+from ..errors import ImmutableKeyError, ReadOnlyError, StoreError
+from ..log import Event, Op, Writer
+from ..utils import KeyType, PathType, compile_pattern, display_str
+from . import settings
+from .audit import verify_in
+from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
+from .eventlog import history_chunk, key_update, last_seq_in, log_chunk, writers_in
+from .layout import (
+    ALL_KEYS,
+    IMMUTABLE,
+    INDEXED,
+    INLINE_LIMIT,
+    INLINE_PREFIX,
+    KEY_ID,
+    LONG_NAME_KEY_LEN,
+    MUTABLE,
+    NAME,
+    TIMESTAMP,
+    TYPE_BY_CODE,
+    U32,
+    Tables,
+    inline,
+    key_record,
+    name_key_of,
+    record_body_offset,
+    record_name,
+    record_sealed,
+)
+from .samples import add_sample, latest_member, sample_range
+from .state import indexed_items, indexed_value, key_state_record, state_records
+
+_T = TypeVar("_T")
+_HOST = socket.gethostname()
+
+
+class LmdbBackend(Backend):
+    """Telescope state in an LMDB store on local disk, with an event log of every write.
+
+    Parameters
+    ----------
+    path
+        Directory of the store; created (with its parents) on first open.
+    durability
+        ``'fsync'``, ``'batch'`` or ``'none'``: what a power failure may
+        lose (see :mod:`telstate.lmdb.environment`). A process crash loses nothing in
+        any mode.
+    flush_interval
+        Seconds between background flushes in ``'batch'`` mode.
+    readonly
+        Open an existing store without writing to it; writes raise
+        :exc:`ReadOnlyError`.
+    writer_name
+        Recorded with every event written through this backend.
+    map_size
+        Initial size in bytes of the memory map of a new store (the map
+        grows automatically; this only matters for tests and tuning).
+
+    Raises
+    ------
+    ValueError
+        If `durability` or `flush_interval` is invalid.
+    StoreError
+        If the store is missing (read-only), damaged, of another format,
+        or the directory is not empty and not a store.
+
+    Attributes
+    ----------
+    durability, readonly, writer_name
+        As given.
+
+    Notes
+    -----
+    Besides the :class:`~telstate.backend.Backend` methods, the log API:
+    :attr:`uuid`, :attr:`last_seq`, :meth:`events`, :meth:`history`,
+    :meth:`snapshot`, :meth:`wait_for_commit`, :meth:`verify`,
+    :meth:`flush`, and :func:`telstate.lmdb.replay`.
+    """
+
+    def __init__(
+        self,
+        path: PathType,
+        *,
+        durability: str = "batch",
+        flush_interval: float = 1.0,
+        readonly: bool = False,
+        writer_name: str | None = None,
+        map_size: int = settings.INITIAL_MAP_SIZE,
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+        if not flush_interval > 0:
+            raise ValueError(f"flush_interval must be positive, not {flush_interval!r}")
+        self.durability = durability
+        self.readonly = readonly
+        self.writer_name = writer_name
+        self._batch_interval = flush_interval if durability == "batch" and not readonly else None
+        self._store: Store | None = attach_store(
+            path,
+            writable=not readonly,
+            sync=durability == "fsync" and not readonly,
+            batch_interval=self._batch_interval,
+            map_size=max(map_size, 1 << 16),
+        )
+        # State of the write transaction in progress (see _write and _append).
+        self._new_writer_id: int | None = None
+        self._appended: tuple[int, float] | None = None
+
+    # --- plumbing -------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The store's directory (absolute, symlinks resolved)."""
+        return self._get_store().path
+
+    def _get_store(self) -> Store:
+        store = self._store
+        if store is None:
+            raise StoreError("this LmdbBackend is closed")
+        return store
+
+    def _read(self, body: Callable[..., _T], *args: Any, buffers: bool = False) -> _T:
+        """Run ``body(txn, tables, *args)`` in a fresh read transaction."""
+        store = self._get_store()
+        while True:
+            env = store.env or store.ensure_open()
+            with store.read_lock:
+                if env is not store.env:
+                    continue  # reopened meanwhile
+                txn = begin_read(env, buffers)
+                if txn is not None:
+                    try:
+                        return body(txn, store.tables, *args)
+                    except lmdb.Error as error:
+                        raise StoreError(
+                            f"reading the store at {store.path!r} failed: {error}"
+                        ) from error
+                    finally:
+                        txn.abort()
+            store.adopt_map_size()
+
+    def _write(self, body: Callable[..., tuple[_T, bool]], *args: Any) -> _T:
+        """Run ``body(txn, tables, *args)`` in a write transaction, committed if it says so.
+
+        `body` returns (result, changed); it must have no effect outside the
+        transaction, as it is run again after the map grows or is resized.
+        """
+        store = self._store
+        if store is None or self.readonly:
+            self._get_store()
+            raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
+        with store.write_lock:
+            while True:
+                env = store.env or store.ensure_open()
+                try:
+                    txn = env.begin(None, None, True)
+                except lmdb.MapResizedError:
+                    store.adopt_map_size()
+                    continue
+                self._new_writer_id = None
+                self._appended = None
+                txnid = txn.id()
+                try:
+                    result, changed = body(txn, store.tables, *args)
+                    if changed:
+                        txn.commit()
+                    else:
+                        txn.abort()
+                except lmdb.MapFullError:
+                    abort(txn)
+                    store.grow()
+                    continue
+                except lmdb.Error as error:
+                    abort(txn)
+                    message = f"writing to the store at {store.path!r} failed: {error}"
+                    raise StoreError(message) from error
+                except BaseException:
+                    abort(txn)
+                    raise
+                break
+            if changed:
+                if self._new_writer_id is not None:
+                    store.writer_ids[self.writer_name] = self._new_writer_id
+                if self._appended is not None:
+                    store.last_commit = (txnid, *self._appended)
+        if changed:
+            store.committed()
+        return result
+
+    def _register_writer(self, txn: Any, tables: Tables) -> int:
+        """The writer id of this process and name, added to the writers table if new."""
+        if self._new_writer_id is not None:
+            return self._new_writer_id
+        cursor = txn.cursor(tables.writers)
+        writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
+        writer = Writer(_HOST, os.getpid(), self.writer_name)
+        txn.put(log.pack_writer_id(writer_id), log.encode_writer(writer), db=tables.writers)
+        self._new_writer_id = writer_id
+        return writer_id
+
+    def _append(
+        self,
+        txn: Any,
+        tables: Tables,
+        op_code: int,
+        name_key: bytes,
+        key: bytes = b"",
+        sub_key: bytes = b"",
+        value: bytes = b"",
+        timestamp: float = math.nan,
+    ) -> None:
+        """Append one event to the log and the history index."""
+        store: Store = self._store  # type: ignore[assignment]
+        previous_time = self._last_event(txn, tables)[1]
+        seq = self._appended[0] + 1  # type: ignore[index]
+        now = time.time()
+        if now < previous_time:
+            now = previous_time  # keep event times monotonic for replay(until_time=...)
+        writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
+        seq_key = log.pack_seq(seq)
+        record = log.encode_record(op_code, writer_id, now, key, sub_key, value, timestamp)
+        # Both appends: seqs grow, in the log and among each key's duplicates.
+        txn.put(seq_key, record, True, True, True, tables.log)
+        txn.put(name_key, seq_key, True, True, True, tables.history)
+        self._appended = (seq, now)
+
+    def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float]:
+        """(seq, time) of the last event before the one about to be appended.
+
+        Usually known without a look at the log: the last one appended in
+        this transaction, or this process's last commit if nobody else
+        committed since.
+        """
+        if self._appended is None:
+            committed_txnid, seq, previous_time = self._store.last_commit  # type: ignore[union-attr]
+            if committed_txnid != txn.id() - 1:
+                cursor = txn.cursor(tables.log)
+                if cursor.last():
+                    seq = log.unpack_seq(cursor.key())
+                    previous_time = log.record_time(cursor.value())
+                else:
+                    seq, previous_time = 0, 0.0
+            self._appended = (seq, previous_time)
+        return self._appended
+
+    def _new_key(
+        self, txn: Any, tables: Tables, name_key: bytes, key_type: int, key: bytes, value: bytes
+    ) -> bytes:
+        """Create the keys-table entry of a new key; return its key id."""
+        key_id = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
+        txn.put(b"next_key_id", KEY_ID.pack(key_id + 1), db=tables.meta)
+        txn.put(name_key, key_record(key_type, key_id, 0, key, value), db=tables.keys)
+        return KEY_ID.pack(key_id)
+
+    # --- Backend: reads -------------------------------------------------------------
+
+    def keys(self, filter: bytes) -> list[bytes]:
+        """Return all keys matching `filter`, a Redis glob pattern."""
+        match = None if filter == b"*" else compile_pattern(filter).fullmatch
+        literal = bytes(itertools.takewhile(lambda c: c not in b"*?[\\", filter))
+        return self._read(self._keys_in, NAME + literal[:INLINE_PREFIX], match, buffers=True)
+
+    @staticmethod
+    def _keys_in(
+        txn: Any, tables: Tables, prefix: bytes, match: Callable[[bytes], Any] | None
+    ) -> list[bytes]:
+        cursor = txn.cursor(db=tables.keys)
+        found = []
+        if cursor.set_range(prefix):
+            for name_key in cursor.iternext(keys=True, values=False):
+                if name_key[: len(prefix)] != prefix:
+                    break
+                if len(name_key) == LONG_NAME_KEY_LEN:
+                    key = record_name(name_key, cursor.value())
+                else:
+                    key = bytes(name_key[1:])
+                if match is None or match(key):
+                    found.append(key)
+        return found
+
+    def key_type(self, key: bytes) -> KeyType | None:
+        """Get the type of `key`, or None if it does not exist."""
+        return self._read(self._key_type_in, key, buffers=True)
+
+    @staticmethod
+    def _key_type_in(txn: Any, tables: Tables, key: bytes) -> KeyType | None:
+        record = txn.get(name_key_of(key), db=tables.keys)
+        return None if record is None else TYPE_BY_CODE[record[0]]
+
+    def get(self, key: bytes) -> GetResult:
+        """Get the value and timestamp of a key.
+
+        Immutable: (value, None). Mutable: (latest value, its timestamp).
+        Indexed: (dict of every sub-key to value, None). Absent: (None, None).
+        """
+        store = self._get_store()
+        # Results are cached per snapshot: valid while no commit happened since.
+        if store.last_txnid() == store.cache_txnid:
+            cached = store.get_cache.get(key)
+            if cached is not None:
+                value = cached[0]
+                return (dict(value), None) if type(value) is dict else cached
+        return self._read(self._get_in, key)
+
+    def _get_in(self, txn: Any, tables: Tables, key: bytes) -> GetResult:
+        record = txn.get(name_key_of(key), db=tables.keys)
+        result: GetResult
+        if record is None:
+            result = (None, None)
+        elif record[0] == MUTABLE:
+            member = latest_member(txn, tables, record[1:9], record[9])
+            result = (member[8:], TIMESTAMP.unpack_from(member)[0])
+        elif record[0] == IMMUTABLE:
+            result = (record[record_body_offset(record) :], None)
+        else:
+            result = (indexed_items(txn, tables, record[1:9]), None)
+        caches = self._get_store().caches_for(txn.id())
+        if caches is not None and _cacheable(result[0]):
+            caches[0][key] = result
+        if type(result[0]) is dict:
+            return dict(result[0]), None
+        return result
+
+    def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
+        """Get the value of one sub-key, or None if the key exists without it.
+
+        Raises
+        ------
+        KeyError
+            If the key does not exist.
+        ImmutableKeyError
+            If the key exists and is not indexed.
+        """
+        store = self._get_store()
+        if store.last_txnid() == store.cache_txnid:
+            cached = store.indexed_cache.get((key, sub_key), self)
+            if cached is not self:
+                return cached  # type: ignore[return-value]
+        return self._read(self._get_indexed_in, key, sub_key)
+
+    def _get_indexed_in(self, txn: Any, tables: Tables, key: bytes, sub_key: bytes) -> bytes | None:
+        record = txn.get(name_key_of(key), db=tables.keys)
+        if record is None:
+            raise KeyError(key)
+        if record[0] != INDEXED:
+            raise ImmutableKeyError(
+                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not indexed"
+            )
+        value = indexed_value(txn, tables, record[1:9], sub_key)
+        caches = self._get_store().caches_for(txn.id())
+        if caches is not None and _cacheable(value):
+            caches[1][key, sub_key] = value
+        return value
+
+    def get_range(
+        self,
+        key: bytes,
+        start_time: float,
+        end_time: float,
+        include_previous: bool,
+        include_end: bool,
+    ) -> list[tuple[bytes, float]] | None:
+        """Return the (value, timestamp) samples of a mutable key in a time range.
+
+        Samples are ordered by timestamp, then by value bytes. The range is
+        ``[start_time, end_time)``, or ``[start_time, end_time]`` with
+        `include_end`; `include_previous` adds the last sample before
+        `start_time` (even if the range is empty, as Redis does). Returns
+        None if the key does not exist.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not mutable.
+        """
+        samples = self._read(
+            self._range_in, key, start_time, end_time, include_previous, include_end
+        )
+        return None if samples is None else list(zip(*samples))
+
+    @staticmethod
+    def _range_in(
+        txn: Any,
+        tables: Tables,
+        key: bytes,
+        start: float,
+        end: float,
+        include_previous: bool,
+        include_end: bool,
+    ) -> tuple[list[bytes], list[float]] | None:
+        record = txn.get(name_key_of(key), db=tables.keys)
+        if record is None:
+            return None
+        if record[0] != MUTABLE:
+            raise ImmutableKeyError(
+                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not mutable"
+            )
+        sealed = record_sealed(record)
+        return sample_range(
+            txn, tables, record[1:9], record[9], sealed, start, end, include_previous, include_end
+        )
+
+    # --- Backend: writes ------------------------------------------------------------
+
+    def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        """Set an immutable key unless it exists.
+
+        Returns
+        -------
+        The existing value if the key is already set (it is left unchanged,
+        and no event is logged), otherwise None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not immutable.
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the store is closed or the disk is full.
+        """
+        return self._write(self._set_immutable_in, key, value)
+
+    def _set_immutable_in(
+        self, txn: Any, tables: Tables, key: bytes, value: bytes
+    ) -> tuple[bytes | None, bool]:
+        name_key = name_key_of(key)
+        record = txn.get(name_key, db=tables.keys)
+        if record is not None:
+            if record[0] != IMMUTABLE:
+                raise ImmutableKeyError(
+                    f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not immutable"
+                )
+            return record[record_body_offset(record) :], False
+        self._new_key(txn, tables, name_key, IMMUTABLE, key, value)
+        self._append(txn, tables, log.SET_IMMUTABLE, name_key, key, b"", value)
+        return None, True
+
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        """Add a (value, timestamp) sample to a mutable key.
+
+        An identical (timestamp, value) sample already present is not
+        stored twice (and no event is logged).
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not mutable.
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the store is closed or the disk is full.
+        """
+        self._write(self._add_mutable_in, key, value, timestamp)
+
+    def _add_mutable_in(
+        self, txn: Any, tables: Tables, key: bytes, value: bytes, timestamp: float
+    ) -> tuple[None, bool]:
+        name_key = NAME + key if len(key) < INLINE_LIMIT else name_key_of(key)
+        record = txn.get(name_key, db=tables.keys)
+        if record is None:
+            key_id = self._new_key(txn, tables, name_key, MUTABLE, key, b"")
+            flags, sealed = 0, -1.0
+        elif record[0] != MUTABLE:
+            raise ImmutableKeyError(
+                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not mutable"
+            )
+        else:
+            key_id = record[1:9]
+            flags = record[9]
+            sealed = TIMESTAMP.unpack_from(record, 10)[0]
+        # A long value points at the event that adds it (the seq it will get).
+        seq = self._last_event(txn, tables)[0] + 1 if len(value) >= INLINE_LIMIT else 0
+        # (timestamp or 0.0) turns -0.0 into 0.0, as pack_timestamp does.
+        if not add_sample(
+            txn, tables, name_key, key_id, flags, sealed, timestamp or 0.0, value, seq
+        ):
+            return None, False
+        self._append(txn, tables, log.ADD_MUTABLE, name_key, key, b"", value, timestamp)
+        return None, True
+
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        """Set a sub-key of an indexed key unless the sub-key exists.
+
+        Returns
+        -------
+        The existing value if the sub-key is already set (it is left
+        unchanged, and no event is logged), otherwise None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not indexed.
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the store is closed or the disk is full.
+        """
+        return self._write(self._set_indexed_in, key, sub_key, value)
+
+    def _set_indexed_in(
+        self, txn: Any, tables: Tables, key: bytes, sub_key: bytes, value: bytes
+    ) -> tuple[bytes | None, bool]:
+        name_key = name_key_of(key)
+        record = txn.get(name_key, db=tables.keys)
+        if record is None:
+            key_id = self._new_key(txn, tables, name_key, INDEXED, key, b"")
+        elif record[0] != INDEXED:
+            raise ImmutableKeyError(
+                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not indexed"
+            )
+        else:
+            key_id = record[1:9]
+            existing = indexed_value(txn, tables, key_id, sub_key)
+            if existing is not None:
+                return existing, False
+        data = value
+        if len(sub_key) >= INLINE_LIMIT:
+            data = U32.pack(len(sub_key)) + sub_key + value
+        txn.put(key_id + inline(sub_key), data, db=tables.indexed)
+        self._append(txn, tables, log.SET_INDEXED, name_key, key, sub_key, value)
+        return None, True
+
+    def delete(self, key: bytes) -> None:
+        """Delete a key (no-op, and no event, if it does not exist).
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the store is closed or the disk is full.
+        """
+        self._write(self._delete_in, key)
+
+    def _delete_in(self, txn: Any, tables: Tables, key: bytes) -> tuple[None, bool]:
+        name_key = name_key_of(key)
+        record = txn.get(name_key, db=tables.keys)
+        if record is None:
+            return None, False
+        key_type, key_id = record[0], record[1:9]
+        txn.delete(name_key, db=tables.keys)
+        if key_type == MUTABLE:
+            txn.delete(key_id, db=tables.samples)
+            self._delete_prefix(txn, tables.blocks, key_id)
+        elif key_type == INDEXED:
+            self._delete_prefix(txn, tables.indexed, key_id)
+        self._append(txn, tables, log.DELETE, name_key, key)
+        return None, True
+
+    @staticmethod
+    def _delete_prefix(txn: Any, db: Any, prefix: bytes) -> None:
+        cursor = txn.cursor(db=db)
+        found = cursor.set_range(prefix)
+        while found and cursor.key()[: len(prefix)] == prefix:
+            found = cursor.delete()
+
+    def clear(self) -> None:
+        """Remove all keys (no event if there are none).
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the store is closed or the disk is full.
+        """
+        self._write(self._clear_in)
+
+    def _clear_in(self, txn: Any, tables: Tables) -> tuple[None, bool]:
+        if txn.stat(tables.keys)["entries"] == 0:
+            return None, False
+        for db in (tables.keys, tables.samples, tables.blocks, tables.indexed):
+            txn.drop(db, delete=False)
+        self._append(txn, tables, log.CLEAR, ALL_KEYS)
+        return None, True
+
+    def load_records(self, records: Iterable[Record]) -> int:
+        """Store whole keys (as read from an RDB file), each element as one event.
+
+        Immutable keys become set_immutable events, each sample of a mutable
+        key an add_mutable event and each sub-key a set_indexed event;
+        elements already present are skipped (no event). Events are
+        committed in batches of up to 10000.
+
+        Returns
+        -------
+        The number of keys loaded.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If a key exists with another type (the batches before it stay
+            committed).
+        ReadOnlyError
+            If the store was opened read-only.
+        """
+        count = 0
+        batch: list[tuple[Callable[..., tuple[Any, bool]], tuple]] = []
+        for key, key_type, value in records:
+            count += 1
+            if key_type == KeyType.IMMUTABLE:
+                assert isinstance(value, bytes)
+                batch.append((self._set_immutable_in, (key, value)))
+            elif key_type == KeyType.MUTABLE:
+                assert isinstance(value, list)
+                for member in value:
+                    stamp = TIMESTAMP.unpack_from(member)[0]
+                    batch.append((self._add_mutable_in, (key, member[8:], stamp)))
+            else:
+                assert isinstance(value, dict)
+                for sub_key, sub_value in value.items():
+                    batch.append((self._set_indexed_in, (key, sub_key, sub_value)))
+            if len(batch) >= settings.LOAD_CHUNK:
+                self._write(self._batch_in, batch)
+                batch = []
+        if batch:
+            self._write(self._batch_in, batch)
+        return count
+
+    @staticmethod
+    def _batch_in(
+        txn: Any, tables: Tables, batch: list[tuple[Callable[..., tuple[Any, bool]], tuple]]
+    ) -> tuple[None, bool]:
+        changed = False
+        for body, args in batch:
+            changed = body(txn, tables, *args)[1] or changed
+        return None, changed
+
+    # --- Backend: waiting -----------------------------------------------------------
+
+    def monitor_keys(
+        self, keys: Iterable[bytes]
+    ) -> Generator[KeyUpdateBase | None, float | None, None]:
+        """Report changes to `keys`, made by this or any other process.
+
+        The first yield is a bare :class:`KeyUpdateBase` (check again: the
+        log position is fixed only then). After that each send of a timeout
+        returns the next update to one of the keys, in log order, or None if
+        there was none in time: a :class:`MutableKeyUpdate`,
+        :class:`ImmutableKeyUpdate` or :class:`IndexedKeyUpdate` carrying
+        the written value, or a bare :class:`KeyUpdateBase` for a delete or
+        clear, or when more than 10000 events arrived at once.
+        """
+        keys = list(keys)
+        seq = self.last_seq
+        pending: collections.deque[KeyUpdateBase] = collections.deque()
+        timeout = yield KeyUpdateBase()
+        while True:
+            deadline = time.monotonic() + (timeout or 0.0)
+            while not pending:
+                remaining = deadline - time.monotonic()
+                last = self.wait_for_commit(seq, max(remaining, 0.0))
+                if last > seq:
+                    if last - seq > settings.MONITOR_MAX_SCAN:
+                        pending.append(KeyUpdateBase())
+                    else:
+                        pending.extend(map(key_update, self.events(seq + 1, last, keys)))
+                    seq = last
+                elif remaining <= 0.0:
+                    break
+            timeout = yield pending.popleft() if pending else None
+
+    def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
+        """Wait until the log goes past `after_seq`, written by any process.
+
+        Parameters
+        ----------
+        after_seq
+            Return as soon as :attr:`last_seq` exceeds this.
+        timeout
+            Seconds to wait at most; None waits forever.
+
+        Returns
+        -------
+        :attr:`last_seq` at return: greater than `after_seq` unless the
+        timeout expired.
+        """
+        store = self._get_store()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        store.add_waiter()
+        try:
+            txnid = None
+            seq = after_seq
+            while True:
+                store.heartbeat()
+                generation = store.commit_generation
+                current_txnid = store.last_txnid()
+                if current_txnid != txnid or current_txnid == -2:
+                    txnid = current_txnid
+                    seq = self.last_seq
+                    if seq > after_seq:
+                        return seq
+                wait = settings.POLL_INTERVAL
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0.0:
+                        return seq
+                    wait = min(wait, remaining)
+                store.wait_commit(generation, wait)
+        finally:
+            store.remove_waiter()
+
+    # --- the log --------------------------------------------------------------------
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The store's identity, made when it was created (copies keep it)."""
+        return self._get_store().uuid
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last event (0 for an empty log)."""
+        return self._read(last_seq_in, buffers=True)
+
+    def events(
+        self,
+        start_seq: int = 1,
+        end_seq: int | None = None,
+        keys: Iterable[bytes] | None = None,
+    ) -> Iterator[Event]:
+        """Iterate over the events with ``start_seq <= seq <= end_seq``, lazily.
+
+        Events are read in batches, each in its own short read transaction
+        (the log is append-only, so batches are consistent).
+
+        Parameters
+        ----------
+        start_seq, end_seq
+            Inclusive range of sequence numbers; `end_seq` None means up to
+            the last event (as of when the iteration reaches it).
+        keys
+            Only events on these keys (found through the history index,
+            without scanning the log), plus every clear.
+
+        Raises
+        ------
+        StoreError
+            If a record refers to an unknown writer or operation.
+        """
+        if keys is None:
+            return self._events_in_range(start_seq, end_seq)
+        return self._events_of_keys(start_seq, end_seq, [name_key_of(key) for key in keys])
+
+    def _events_in_range(self, start_seq: int, end_seq: int | None) -> Iterator[Event]:
+        seq = max(start_seq, 1)
+        while end_seq is None or seq <= end_seq:
+            chunk = self._read(log_chunk, seq, end_seq)
+            if not chunk:
+                return
+            yield from self._make_events(chunk)
+            seq = chunk[-1][0] + 1
+
+    def _events_of_keys(
+        self, start_seq: int, end_seq: int | None, name_keys: list[bytes]
+    ) -> Iterator[Event]:
+        seq = max(start_seq, 1)
+        while end_seq is None or seq <= end_seq:
+            chunk = self._read(history_chunk, name_keys + [ALL_KEYS], seq, end_seq)
+            if not chunk:
+                return
+            yield from self._make_events(chunk)
+            seq = chunk[-1][0] + 1
+
+    def _make_events(self, chunk: list[tuple[int, bytes]]) -> Iterator[Event]:
+        store = self._get_store()
+        writers = store.writers
+        make_event = log.make_event
+        decode = log.decode_record
+        for seq, record in chunk:
+            try:
+                raw = decode(record)
+                writer = writers.get(raw[1])
+                if writer is None:
+                    writer = self._writer(raw[1])
+                event = make_event(seq, raw, writer)
+            except ValueError as error:
+                raise StoreError(f"{self.path!r}: event {seq}: {error}") from None
+            yield event
+
+    def _writer(self, writer_id: int) -> Writer:
+        store = self._get_store()
+        store.writers.update(self._read(writers_in))
+        writer = store.writers.get(writer_id)
+        if writer is None:
+            raise StoreError(f"the log refers to unknown writer {writer_id}")
+        return writer
+
+    def history(self, key: bytes) -> Iterator[Event]:
+        """Every event that touched `key`: its writes, deletes, and the clears that removed it.
+
+        Read through the history index, without scanning the log.
+        """
+        exists = False
+        for event in self.events(keys=[key]):
+            if event.op == Op.CLEAR:
+                if exists:
+                    exists = False
+                    yield event
+                continue
+            exists = event.op != Op.DELETE
+            yield event
+
+    def record(self, key: bytes) -> Record | None:
+        """Return the whole of `key` as an RDB record, read in one transaction, or None."""
+        return self._read(key_state_record, key)
+
+    def records(self) -> Iterator[Record]:
+        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`).
+
+        Raises
+        ------
+        StoreError
+            If the map is resized by this process while the records are read.
+        """
+        with self.snapshot() as snap:
+            yield from snap.records()
+
+    def snapshot(self) -> Snapshot:
+        """A consistent read-only view of the whole store, for ``with`` blocks.
+
+        Example::
+
+            with backend.snapshot() as snap:
+                write_rdb(snap.records(), seq=snap.seq, store=snap.uuid)
+        """
+        return Snapshot(self)
+
+    def verify(self) -> list[str]:
+        """Rebuild the state from the log and compare it with the stored state.
+
+        Everything is read in one transaction. Also checks that sequence
+        numbers are dense, that every event's writer is known and that the
+        history index counts every event.
+
+        Returns
+        -------
+        A description of each difference found; empty if the store is sound.
+        """
+        return self._read(verify_in)
+
+    # --- durability and lifetime ------------------------------------------------------
+
+    def flush(self) -> None:
+        """Flush every commit so far (by any process) to disk.
+
+        Raises
+        ------
+        StoreError
+            If the backend is closed.
+        """
+        self._get_store().flush()
+
+    def close(self) -> None:
+        """Release this backend's share of the store; the last one flushes and closes it."""
+        store, self._store = self._store, None
+        if store is not None:
+            detach_store(store, self._batch_interval)
+
+    def __enter__(self) -> LmdbBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._store is None else self._store.path
+        return f"LmdbBackend({state!r}, durability={self.durability!r})"
+
+
+class Snapshot:
+    """A consistent read-only view of a whole store at one sequence number.
+
+    Made by :meth:`LmdbBackend.snapshot`; use it as a context manager. It
+    holds one LMDB read transaction, so keep it short: while it is open,
+    pages it sees cannot be reused and the store grows.
+
+    Attributes
+    ----------
+    seq
+        The last event included in the view.
+    uuid
+        The store's identity.
+    """
+
+    def __init__(self, backend: LmdbBackend) -> None:
+        self._backend = backend
+        self._txn: Any = None
+        self._invalid: str | None = None
+        self.seq = 0
+        self.uuid = backend.uuid
+
+    def __enter__(self) -> Snapshot:
+        store = self._backend._get_store()
+        while True:
+            env = store.env or store.ensure_open()
+            with store.read_lock:
+                if env is not store.env:
+                    continue
+                self._txn = begin_read(env)
+                if self._txn is not None:
+                    store.snapshots.add(self)
+                    break
+            store.adopt_map_size()
+        self._tables = store.tables
+        self.seq = last_seq_in(self._txn, self._tables)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the view (idempotent)."""
+        store = self._backend._store
+        if store is not None:
+            store.snapshots.discard(self)
+        if self._txn is not None:
+            abort(self._txn)
+            self._txn = None
+
+    def _invalidate(self, reason: str) -> None:
+        self._invalid = reason
+        if self._txn is not None:
+            abort(self._txn)
+            self._txn = None
+
+    def _check(self) -> Any:
+        if self._invalid is not None:
+            raise StoreError(f"snapshot of seq {self.seq} is no longer valid: {self._invalid}")
+        if self._txn is None:
+            raise StoreError("the snapshot is not open: use it in a with block")
+        return self._txn
+
+    def records(self) -> Iterator[Record]:
+        """Every key of the store as a Record ``(key, KeyType, value)``, in key order.
+
+        Values are bytes (immutable), the sorted list of packed members
+        (mutable) or a dict (indexed), as :meth:`Backend.load_records` takes.
+
+        Raises
+        ------
+        StoreError
+            If the snapshot was closed or invalidated (its map was resized
+            by this process, which can happen when the store grows).
+        """
+        txn = self._check()
+        try:
+            yield from state_records(txn, self._tables)
+        except lmdb.Error as error:
+            self._check()
+            raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
+
+
+def _cacheable(value: object) -> bool:
+    """Whether a read result is small enough to keep in the read cache."""
+    return value is None or len(value) <= settings.CACHE_MAX_VALUE  # type: ignore[arg-type]

@@ -1,0 +1,771 @@
+"""The LMDB environment of a store, shared by every backend on its path in a process.
+
+This module owns opening (and creating) a store, growing its memory map
+and following growth by other processes, LMDB's lock word (the last
+committed transaction id), fork handling, the housekeeping thread, and
+the wake-ups of waiters on commits by any process.
+
+Durability
+----------
+A process crash (including SIGKILL) loses nothing in any mode: a write
+returns after its transaction committed to the shared memory map, which
+the kernel writes back to the file. What a *power failure or kernel crash*
+loses depends on `durability`:
+
+``'fsync'``
+    Nothing that returned: each commit is flushed to disk (LMDB's
+    two-phase sync: data pages, then the meta page) before the write returns.
+``'batch'`` (default)
+    Commits since the last flush, which a background thread performs every
+    `flush_interval` seconds (default 1 s) while there are new commits, like
+    Redis ``appendfsync everysec``. Between flushes LMDB runs without
+    sync (``MDB_NOSYNC``); its documentation warns that if the disk or
+    filesystem reorders those unsynced writes, a power failure can leave
+    the last transactions, or the store, damaged. Use ``'fsync'`` for
+    data that must survive power loss.
+``'none'``
+    Everything since the last :meth:`~LmdbBackend.flush` or close, bounded
+    only by the kernel's dirty-page writeback (typically about 30 s), with
+    the same caveat as ``'batch'``.
+
+Processes, threads and fork
+---------------------------
+Any number of processes may read and write one store at once; LMDB
+serialises the writers, so sequence numbers are dense and every check
+(e.g. an immutable already set) happens inside the write transaction.
+Each process opens the environment once per path: every
+:class:`LmdbBackend` on that path (views and TelescopeStates included)
+shares it, and it is opened with the strongest durability any of them
+asked for. After ``os.fork`` the child reopens it on first use (a store
+with an open :meth:`~LmdbBackend.snapshot` at the moment of the fork
+cannot be reopened in the child). Stale reader slots of killed processes
+are cleared at open, every 10 s by a housekeeping thread of each writing
+process and before growing the map. The memory map starts at `map_size`
+(4 MiB) and grows by doubling (by at most 1 GiB at a time) when full; the
+file space is reserved with ``posix_fallocate`` so that a full disk is an
+error, not a crash (LMDB writes through the map), so a store takes at most
+twice its data (1 GiB more above 1 GiB) on disk. Other processes follow
+a grown map on their next transaction.
+
+Results of ``get`` and ``get_indexed`` are cached per process while no
+transaction has committed since they were read (LMDB's last transaction
+id, read from its lock file, tells), so repeated reads between writes are
+dictionary lookups and every read still sees the latest commit.
+
+A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
+:meth:`~LmdbBackend.wait_for_commit`) is woken by a filesystem event: while
+a waiter has announced itself in the store's ``notify`` file (a heartbeat
+it renews), each commit writes a byte to that file, watched with
+``watchdog``. The truth is LMDB's last transaction id, polled every
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import lmdb
+
+from .. import log
+from ..backend import GetResult
+from ..errors import StoreError
+from ..log import Writer
+from ..utils import PathType
+from . import settings
+from .layout import KEY_ID, Tables
+
+if TYPE_CHECKING:
+    from .backend import Snapshot
+
+logger = logging.getLogger(__name__)
+
+#: Durability modes, see the module docstring.
+DURABILITIES = ("fsync", "batch", "none")
+_NOTIFY_FILE = "notify"
+# Where LMDB's lock file keeps the last committed transaction id (see _LockWord).
+_LOCK_MAGIC = 0xBEEFC0DE
+_LOCK_TXNID_INDEX = 6
+
+
+def begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
+    """A read transaction, or None if another process grew the map (adopt it and retry).
+
+    Raises
+    ------
+    lmdb.ReadersFullError
+        If every reader slot is taken even after clearing those of dead processes.
+    """
+    try:
+        try:
+            return env.begin(buffers=True) if buffers else env.begin()
+        except lmdb.ReadersFullError:
+            env.reader_check()
+            return env.begin(buffers=True) if buffers else env.begin()
+    except lmdb.MapResizedError:
+        return None
+
+
+def abort(txn: lmdb.Transaction) -> None:
+    try:
+        txn.abort()
+    except lmdb.Error:
+        pass
+
+
+class _LockWord:
+    """LMDB's last-committed-transaction id, read straight from its lock file.
+
+    The lock file starts with LMDB's magic; the id sits after the magic,
+    the format word and the reader mutex (on 64-bit Linux), followed by the
+    number of reader slots. Reading it is a memory load, where
+    ``env.info()`` builds a dict. It is trusted only if the magic, the id
+    and the reader count match what ``env.info()`` says at open; otherwise
+    `words` is None and ``env.info()`` is used.
+
+    POSIX releases *all* of a process's fcntl locks on a file when it closes
+    *any* descriptor of it, and LMDB keeps its liveness locks on the lock
+    file, so the descriptor (and the map's duplicate of it) must stay open
+    until the environment is closed: :meth:`close` must come after
+    ``env.close()``.
+    """
+
+    def __init__(self, path: str, env: lmdb.Environment) -> None:
+        self.words: memoryview | None = None
+        self.map: mmap.mmap | None = None
+        try:
+            self.fd: int | None = os.open(os.path.join(path, "lock.mdb"), os.O_RDONLY)
+        except OSError:  # no lock file (a read-only copy opened without locking)
+            self.fd = None
+            return
+        try:
+            self.map = mmap.mmap(self.fd, 4096, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return
+        words = memoryview(self.map).cast("Q")
+        magic, _ = struct.unpack_from("=II", self.map, 0)
+        readers = struct.unpack_from("=I", self.map, 8 * _LOCK_TXNID_INDEX + 8)[0]
+        info = env.info()
+        if (
+            magic == _LOCK_MAGIC
+            and words[_LOCK_TXNID_INDEX] == info["last_txnid"]
+            and readers == info["num_readers"]
+        ):
+            self.words = words
+        else:
+            words.release()
+
+    def close(self) -> None:
+        if self.words is not None:
+            self.words.release()
+            self.words = None
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Store:
+    """The one LMDB environment of a store in this process, shared by its backends.
+
+    Locks, always taken in this order: `write_lock` (one write transaction
+    at a time in this process), `read_lock` (held around every short read
+    transaction), `sync_lock` (held by the housekeeper while it syncs).
+    Remapping the environment (growing, following a resize, reopening)
+    holds all three, so no transaction of this process is in flight then,
+    except snapshots, which it invalidates.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.env: lmdb.Environment | None = None
+        self.tables: Tables
+        self.writable = False
+        self.sync = False
+        self.initial_map_size = settings.INITIAL_MAP_SIZE
+        self.users = 0
+        self.batch_intervals: list[float] = []
+        self.write_lock = threading.RLock()
+        self.read_lock = threading.RLock()
+        self.sync_lock = threading.Lock()
+        self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+        self.broken: str | None = None
+        self.uuid = uuid.UUID(int=0)
+        self.notify_fd: int | None = None
+        self.notify_map: mmap.mmap | None = None
+        self.notify_words: memoryview[float] | None = None
+        self.lock_word: _LockWord | None = None
+        self.lock_words: memoryview | None = None
+        self.writer_ids: dict[str | None, int] = {}
+        self.writers: dict[int, Writer] = {}
+        # Results of get/get_indexed for the snapshot cache_txnid (see backend.LmdbBackend.get).
+        self.cache_txnid = -1
+        self.get_cache: dict[bytes, GetResult] = {}
+        self.indexed_cache: dict[tuple[bytes, bytes], bytes | None] = {}
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """Forget what belongs to this process only (called at creation and after fork)."""
+        self.commit_condition = threading.Condition(threading.Lock())
+        self.commit_generation = 0
+        self.waiters = 0
+        self.watch: Any = None
+        self.housekeeper: threading.Thread | None = None
+        self.housekeeper_stop = threading.Event()
+        self.writer_ids = {}
+        # (transaction id, seq, time) of this process's last commit with events:
+        # while nobody else commits, the next event follows it (see backend.LmdbBackend._append).
+        self.last_commit: tuple[int, int, float] = (-1, 0, 0.0)
+        self.cache_txnid = -1
+        self.get_cache = {}
+        self.indexed_cache = {}
+
+    # --- opening and closing -----------------------------------------------------------
+
+    def attach(
+        self, writable: bool, sync: bool, batch_interval: float | None, map_size: int
+    ) -> None:
+        """Register one more backend, opening or upgrading the environment as it needs.
+
+        Raises
+        ------
+        StoreError
+            If the store is missing (read-only open), is not a telstate
+            store, or cannot be upgraded while a snapshot is open.
+        """
+        with self.write_lock, self.read_lock, self.sync_lock:
+            if self.broken:
+                raise StoreError(self.broken)
+            self.initial_map_size = map_size
+            if self.env is None or (writable and not self.writable) or (sync and not self.sync):
+                if self.env is not None and self.snapshots:
+                    raise StoreError(
+                        f"cannot reopen {self.path!r} for writing or fsync while a snapshot "
+                        "is open in this process: close the snapshot first"
+                    )
+                self._close_env()
+                self._open_env(writable or self.writable, sync or self.sync)
+            self.users += 1
+            if batch_interval is not None:
+                self.batch_intervals.append(batch_interval)
+        self.start_housekeeper()
+
+    def detach(self, batch_interval: float | None) -> bool:
+        """Unregister a backend; close everything after the last one. True if closed."""
+        with self.write_lock, self.read_lock:
+            if batch_interval is not None and batch_interval in self.batch_intervals:
+                self.batch_intervals.remove(batch_interval)
+            self.users -= 1
+            if self.users > 0:
+                return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Stop the helpers, flush and close the environment."""
+        self.stop_housekeeper()
+        self.unwatch()
+        with self.write_lock, self.read_lock, self.sync_lock:
+            if self.env is not None and self.writable and not self.sync:
+                try:
+                    self.env.sync(True)
+                except lmdb.Error as error:
+                    logger.warning("final flush of %s failed: %s", self.path, error)
+            self._close_env()
+            if self.notify_fd is not None:
+                assert self.notify_map is not None and self.notify_words is not None
+                self.notify_words.release()
+                self.notify_map.close()
+                os.close(self.notify_fd)
+                self.notify_fd = self.notify_map = self.notify_words = None
+
+    def _close_env(self) -> None:
+        for snap in list(self.snapshots):
+            snap._invalidate("the store was closed or reopened")
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        self.lock_words = None
+        if self.lock_word is not None:
+            self.lock_word.close()  # only now: closing it releases LMDB's fcntl locks
+            self.lock_word = None
+
+    def _open_env(self, writable: bool, sync: bool) -> None:
+        path = self.path
+        data_file = os.path.join(path, "data.mdb")
+        exists = os.path.exists(data_file)
+        if not exists:
+            if not writable:
+                raise StoreError(f"no telstate store at {path!r}: it has no data.mdb")
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise StoreError(f"cannot create a telstate store at {path!r}: it is a file")
+            os.makedirs(path, exist_ok=True)
+            strangers = set(os.listdir(path)) - {"lock.mdb", _NOTIFY_FILE}
+            if strangers:
+                raise StoreError(
+                    f"{path!r} is not a telstate store and not empty "
+                    f"(it holds {sorted(strangers)[:3]}): choose an empty or new directory"
+                )
+        options: dict[str, Any] = dict(
+            map_size=0 if exists else self.initial_map_size,
+            subdir=True,
+            readonly=not writable,
+            sync=sync,
+            writemap=writable,
+            max_readers=settings.MAX_READERS,
+            max_dbs=len(Tables.NAMES),
+            max_spare_txns=0,
+            create=writable,
+        )
+        try:
+            try:
+                env = lmdb.open(path, **options)
+            except lmdb.Error as error:
+                # A read-only copy without write access to its directory: no lock
+                # file can exist, so open without locking (nobody can write to it).
+                if writable or "ermission denied" not in str(error):
+                    raise
+                env = lmdb.open(path, lock=False, **options)
+        except lmdb.Error as error:
+            raise StoreError(f"cannot open the telstate store at {path!r}: {error}") from error
+        try:
+            if writable:
+                env.reader_check()
+            self.tables, self.uuid = self._open_tables(env, writable)
+            if writable:
+                self._reserve(data_file, env.info()["map_size"])
+            if self.notify_fd is None:
+                self._open_notify(writable)
+        except BaseException:
+            env.close()
+            raise
+        self.env = env
+        self.writable = writable
+        self.sync = sync
+        self.lock_word = _LockWord(path, env)
+        self.lock_words = self.lock_word.words
+
+    def _open_notify(self, writable: bool) -> None:
+        """Open and map the notify file: 8 bytes of heartbeat, then the byte commits write."""
+        try:
+            fd = os.open(
+                os.path.join(self.path, _NOTIFY_FILE),
+                os.O_RDWR | (os.O_CREAT if writable else 0),
+                0o644,
+            )
+        except OSError:
+            return  # a read-only copy: waiters poll
+        try:
+            if os.fstat(fd).st_size < 16:
+                os.ftruncate(fd, 16)
+            self.notify_map = mmap.mmap(fd, 16)
+        except OSError:
+            os.close(fd)
+            return
+        self.notify_fd = fd
+        self.notify_words = memoryview(self.notify_map).cast("d")
+
+    def _open_tables(self, env: lmdb.Environment, writable: bool) -> tuple[Tables, uuid.UUID]:
+        """Open the tables (creating them and the identity in a new store) and check the format.
+
+        Raises
+        ------
+        StoreError
+            If the environment is not a telstate store or has another format.
+        """
+        tables = None
+        if not writable:
+            tables = self._find_tables(env, None)
+        with env.begin(write=writable) as txn:
+            fresh = writable and txn.stat()["entries"] == 0
+            if tables is None:
+                tables = self._find_tables(env, txn, create=fresh)
+            if fresh:
+                identity = uuid.uuid4()
+                txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
+                txn.put(b"uuid", identity.bytes, db=tables.meta)
+                txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
+                return tables, identity
+            version = txn.get(b"format", db=tables.meta)
+            identity_bytes = txn.get(b"uuid", db=tables.meta)
+            if version is None or identity_bytes is None:
+                raise StoreError(f"{self.path!r} is not a telstate store: it has no identity")
+            if version != b"%d" % log.FORMAT_VERSION:
+                raise StoreError(
+                    f"{self.path!r} has log format {version.decode(errors='replace')}, "
+                    f"this telstate reads format {log.FORMAT_VERSION}: upgrade telstate"
+                )
+            return tables, uuid.UUID(bytes=identity_bytes)
+
+    def _find_tables(self, env: lmdb.Environment, txn: Any, create: bool = False) -> Tables:
+        try:
+            return Tables(env, txn, create)
+        except lmdb.NotFoundError:
+            raise StoreError(
+                f"{self.path!r} is an LMDB environment but not a telstate store"
+            ) from None
+
+    def caches_for(
+        self, txnid: int
+    ) -> tuple[dict[bytes, GetResult], dict[tuple[bytes, bytes], bytes | None]] | None:
+        """The read caches for results seen in snapshot `txnid`, or None if that is stale.
+
+        Entries are used only while no commit has happened since (see
+        LmdbBackend.get), so the tag only moves forward: a result from an
+        older snapshot, read by a slower thread, is not cached.
+        """
+        if txnid != self.cache_txnid:
+            if txnid < self.cache_txnid:
+                return None
+            self.get_cache = {}
+            self.indexed_cache = {}
+            self.cache_txnid = txnid
+        elif len(self.get_cache) + len(self.indexed_cache) >= settings.CACHE_MAX_ENTRIES:
+            self.get_cache.clear()
+            self.indexed_cache.clear()
+        return self.get_cache, self.indexed_cache
+
+    def last_txnid(self) -> int:
+        """The id of the last committed transaction, by any process (-2 if unknown).
+
+        A memory load when the lock word is mapped; otherwise env.info().
+        """
+        words = self.lock_words
+        if words is not None:
+            return words[_LOCK_TXNID_INDEX]
+        env = self.env
+        return env.info()["last_txnid"] if env is not None else -2
+
+    # --- recovery: fork, map resize, growth ---------------------------------------------
+
+    def ensure_open(self) -> lmdb.Environment:
+        """The environment, reopened if this is a forked child.
+
+        Raises
+        ------
+        StoreError
+            If the store was closed, or cannot be reopened in this child.
+        """
+        env = self.env
+        if env is not None:
+            return env
+        with self.write_lock, self.read_lock, self.sync_lock:
+            if self.broken:
+                raise StoreError(self.broken)
+            if self.env is None:
+                if self.users == 0:
+                    raise StoreError(f"the telstate store at {self.path!r} is closed")
+                self._open_env(self.writable, self.sync)
+        self.start_housekeeper()
+        assert self.env is not None
+        return self.env
+
+    def adopt_map_size(self) -> None:
+        """Follow a map that another process grew."""
+        with self.write_lock, self.read_lock, self.sync_lock:
+            self._remap(0)
+
+    def grow(self) -> None:
+        """Grow the map after MapFullError (caller holds write_lock, no write txn active).
+
+        Raises
+        ------
+        StoreError
+            If the disk has no room for the larger map.
+        """
+        with self.read_lock, self.sync_lock:
+            env = self.env
+            assert env is not None
+            if env.reader_check():
+                # Dead readers were pinning old pages; retrying may be enough.
+                return
+            size = env.info()["map_size"]
+            new_size = size + min(size, settings.MAX_GROWTH)
+            self._reserve(os.path.join(self.path, "data.mdb"), new_size)
+            logger.info("growing %s map from %d to %d bytes", self.path, size, new_size)
+            self._remap(new_size)
+
+    def _remap(self, size: int) -> None:
+        for snap in list(self.snapshots):
+            snap._invalidate("the store's map was resized")
+        assert self.env is not None
+        self.env.set_mapsize(size)
+
+    def _reserve(self, data_file: str, size: int) -> None:
+        """Allocate the file's blocks up to `size`, so writes through the map cannot hit ENOSPC.
+
+        Raises
+        ------
+        StoreError
+            If the disk is full.
+        """
+        fd = os.open(data_file, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(
+                    f"no room to grow the telstate store at {self.path!r} to {size} bytes: "
+                    f"{error.strerror}; free disk space"
+                ) from error
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+
+    # --- commits: notification and flushing --------------------------------------------
+
+    def committed(self) -> None:
+        """Tell waiters in this and other processes that a commit happened.
+
+        Other processes are told through a write to the notify file, which
+        their filesystem watch sees; it is skipped while no process has
+        announced that it is waiting (see :meth:`heartbeat`).
+        """
+        words = self.notify_words
+        if words is not None and words[0] > time.time():
+            os.pwrite(self.notify_fd, b"\x00", 8)  # type: ignore[arg-type]
+        if self.waiters:
+            self.wake()
+
+    def heartbeat(self) -> None:
+        """Announce, in the notify file, that a process is waiting for commits.
+
+        The announcement lasts a few seconds; waiters renew it on every
+        wake-up. A waiter that cannot write the file (a read-only copy)
+        relies on polling.
+        """
+        words = self.notify_words
+        if words is not None:
+            now = time.time()
+            if words[0] < now + settings.HEARTBEAT / 2:
+                words[0] = now + settings.HEARTBEAT
+
+    def wake(self) -> None:
+        with self.commit_condition:
+            self.commit_generation += 1
+            self.commit_condition.notify_all()
+
+    def wait_commit(self, generation: int, timeout: float) -> None:
+        """Sleep until a commit notification newer than `generation` or `timeout`."""
+        with self.commit_condition:
+            if self.commit_generation == generation:
+                self.commit_condition.wait(timeout)
+
+    def add_waiter(self) -> None:
+        with self.commit_condition:
+            self.waiters += 1
+        if self.watch is None:
+            _watch_store(self)
+
+    def remove_waiter(self) -> None:
+        with self.commit_condition:
+            self.waiters -= 1
+
+    def unwatch(self) -> None:
+        if self.watch is not None:
+            _unwatch_store(self)
+
+    def start_housekeeper(self) -> None:
+        """Start the thread that flushes (batch mode) and clears stale reader slots."""
+        with self.sync_lock:
+            if self.housekeeper is not None or not self.writable or self.env is None:
+                return
+            self.housekeeper_stop = threading.Event()
+            self.housekeeper = threading.Thread(
+                target=self._housekeeping,
+                args=(self.housekeeper_stop,),
+                name=f"telstate-housekeeper {self.path}",
+                daemon=True,
+            )
+            self.housekeeper.start()
+
+    def stop_housekeeper(self) -> None:
+        housekeeper = self.housekeeper
+        if housekeeper is not None:
+            self.housekeeper_stop.set()
+            if housekeeper is not threading.current_thread():
+                housekeeper.join()
+            self.housekeeper = None
+
+    def _housekeeping(self, stop: threading.Event) -> None:
+        synced = self.last_txnid()
+        next_reader_check = 0.0
+        while True:
+            batch = not self.sync and bool(self.batch_intervals)
+            if stop.wait(min(self.batch_intervals) if batch else settings.READER_CHECK_INTERVAL):
+                return
+            with self.sync_lock:
+                env = self.env
+                if env is None or stop.is_set():
+                    return
+                try:
+                    txnid = self.last_txnid()
+                    if batch and txnid != synced:
+                        env.sync(True)
+                        synced = txnid
+                    if time.monotonic() >= next_reader_check:
+                        next_reader_check = time.monotonic() + settings.READER_CHECK_INTERVAL
+                        cleared = env.reader_check()
+                        if cleared:
+                            logger.info("cleared %d stale reader slots of %s", cleared, self.path)
+                except lmdb.Error as error:
+                    logger.error("housekeeping of %s failed: %s", self.path, error)
+
+    def flush(self) -> None:
+        """Flush every commit so far to disk."""
+        with self.sync_lock:
+            if self.env is not None and self.writable:
+                self.env.sync(True)
+
+    # --- fork ------------------------------------------------------------------------
+
+    def before_fork(self) -> None:
+        self.write_lock.acquire()
+        self.read_lock.acquire()
+        self.sync_lock.acquire()
+
+    def after_fork_parent(self) -> None:
+        self.sync_lock.release()
+        self.read_lock.release()
+        self.write_lock.release()
+
+    def after_fork_child(self) -> None:
+        # No transaction of ours is in flight (before_fork held the locks),
+        # so closing the inherited environment cannot touch the parent's
+        # reader slots -- unless a snapshot is open: then leave it alone.
+        if self.env is not None:
+            if self.snapshots:
+                self.broken = (
+                    f"the telstate store at {self.path!r} had a snapshot open when this "
+                    "process was forked, so it cannot be reopened here: open it after forking"
+                )
+                self.snapshots = weakref.WeakSet()
+            else:
+                self.env.close()
+            self.env = None
+        if self.lock_word is not None:
+            self.lock_word.close()  # the child holds no locks to lose
+        self.lock_word = None
+        self.lock_words = None
+        self._reset_process_state()
+        self.sync_lock = threading.Lock()
+        self.read_lock = threading.RLock()
+        self.write_lock = threading.RLock()
+
+
+# --- the process-wide registry of open stores -------------------------------------------
+
+_STORES: dict[str, Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _before_fork() -> None:
+    _STORES_LOCK.acquire()
+    for store in _STORES.values():
+        store.before_fork()
+
+
+def _after_fork_parent() -> None:
+    for store in _STORES.values():
+        store.after_fork_parent()
+    _STORES_LOCK.release()
+
+
+def _after_fork_child() -> None:
+    global _STORES_LOCK, _OBSERVER
+    for store in _STORES.values():
+        store.after_fork_child()
+    _STORES_LOCK = threading.Lock()
+    _OBSERVER = None
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for store in list(_STORES.values()):
+        try:
+            store.flush()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            pass
+
+
+def attach_store(
+    path: PathType, writable: bool, sync: bool, batch_interval: float | None, map_size: int
+) -> Store:
+    path = os.path.realpath(os.fsdecode(path))
+    with _STORES_LOCK:
+        store = _STORES.get(path)
+        if store is None:
+            store = _STORES[path] = Store(path)
+        try:
+            store.attach(writable, sync, batch_interval, map_size)
+        except BaseException:
+            if store.users == 0:
+                del _STORES[path]
+            raise
+    return store
+
+
+def detach_store(store: Store, batch_interval: float | None) -> None:
+    with _STORES_LOCK:
+        if store.detach(batch_interval) and _STORES.get(store.path) is store:
+            del _STORES[store.path]
+
+
+# --- commit notification across processes (watchdog) ----------------------------------
+
+_OBSERVER: Any = None
+
+
+def _watch_store(store: Store) -> None:
+    """Wake `store`'s waiters on filesystem events of its notify file (best effort)."""
+    global _OBSERVER
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:  # pragma: no cover - watchdog is a dependency
+        return
+    notify_path = os.path.join(store.path, _NOTIFY_FILE)
+
+    class CommitHandler(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            if os.fsdecode(event.src_path) == notify_path:
+                store.wake()
+
+    with _STORES_LOCK:
+        if store.watch is not None:
+            return
+        try:
+            if _OBSERVER is None:
+                _OBSERVER = Observer()
+                _OBSERVER.daemon = True
+                _OBSERVER.start()
+            store.watch = _OBSERVER.schedule(CommitHandler(), store.path, recursive=False)
+        except OSError as error:
+            # E.g. out of inotify instances: polling still works.
+            logger.debug("cannot watch %s (%s); polling for commits", store.path, error)
+            store.watch = False
+
+
+def _unwatch_store(store: Store) -> None:
+    watch, store.watch = store.watch, None
+    if watch and _OBSERVER is not None:
+        try:
+            _OBSERVER.unschedule(watch)
+        except (KeyError, OSError):
+            pass

@@ -1,0 +1,368 @@
+"""The sample engine: the samples of mutable keys, in a tail and sealed blocks.
+
+A mutable key's samples live in two places. The *tail* holds its recent
+samples, one sorted duplicate each in the samples table, so an add is one
+put. When the tail reaches ``settings.TAIL_MAX`` samples, all but those
+with its last timestamp are *sealed* into a block: one record of the
+blocks table, key id + first timestamp -> count n, n big-endian
+timestamps and a msgpack array of the values, sorted like the zset.
+Blocks are disjoint in time and all older than the tail (the key record
+keeps the last sealed timestamp), so reading a long history is a scan of
+a few big records. A late sample (not after the sealed timestamp) goes
+into its block, which splits in two at a timestamp boundary when it
+outgrows ``settings.BLOCK_MAX``. Keys with sample values of 480 bytes or
+more (arrays, mostly) are not sealed: their reads are dominated by
+copying the values anyway. The table layouts are in
+:mod:`telstate.lmdb.layout`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from .. import log
+from ..errors import StoreError
+from . import settings
+from .layout import (
+    FLAG_LONG_VALUES,
+    INLINE_LIMIT,
+    INLINE_PREFIX,
+    KEY_ID,
+    LONG_PADDING,
+    LONG_SAMPLE_LEN,
+    TIMESTAMP,
+    U32,
+    Tables,
+    after8,
+    first8,
+    update_record,
+)
+
+
+def _encode_block(members: list[bytes]) -> bytes:
+    """One block of members (8-byte timestamp + full value), in order."""
+    return b"".join(
+        [
+            U32.pack(len(members)),
+            *map(first8, members),
+            msgpack.packb(list(map(after8, members))),
+        ]
+    )
+
+
+class _Block:
+    """A block read from the blocks table: timestamps decoded at once, values on demand."""
+
+    __slots__ = ("data", "count", "stamps", "_values")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.count = count = U32.unpack_from(data)[0]
+        self.stamps: tuple[float, ...] = struct.unpack_from(f">{count}d", data, 4)
+        self._values: list[bytes] | None = None
+
+    def values(self) -> list[bytes]:
+        if self._values is None:
+            self._values = msgpack.unpackb(self.data[4 + 8 * self.count :])
+        return self._values
+
+    def member(self, index: int) -> bytes:
+        return self.data[4 + 8 * index : 12 + 8 * index] + self.values()[index]
+
+    def members(self) -> list[bytes]:
+        stamps = self.data[4 : 4 + 8 * self.count]
+        return [stamps[8 * i : 8 * i + 8] + value for i, value in enumerate(self.values())]
+
+    def before(self, start: float) -> int:
+        """Index of the greatest member not above the packed `start`, or -1.
+
+        That is the last sample before `start`, or one at `start` with an
+        empty value (ZREVRANGEBYLEX's inclusive bound, which Redis uses).
+        """
+        index = bisect.bisect_left(self.stamps, start)
+        if index < self.count and self.stamps[index] == start and not self.values()[index]:
+            return index
+        return index - 1
+
+
+def _long_value(txn: Any, tables: Tables, member: bytes) -> bytes:
+    """The full value of a long tail member, from the event that added it."""
+    record = txn.get(member[-8:], db=tables.log)
+    if record is None:
+        raise StoreError(f"the log lacks event {log.unpack_seq(member[-8:])} of a sample")
+    return log.decode_record(record)[6]
+
+
+def _tail_members(txn: Any, tables: Tables, members: list) -> list[bytes]:
+    """Tail members as full members: long values fetched, and the order they lost restored."""
+    resolved = []
+    for member in members:
+        member = bytes(member)
+        if len(member) == LONG_SAMPLE_LEN:
+            member = member[:8] + _long_value(txn, tables, member)
+        resolved.append(member)
+    resolved.sort()
+    return resolved
+
+
+def _max_of_run(txn: Any, tables: Tables, key_id: bytes, cursor: Any) -> bytes:
+    """The greatest member with the timestamp of the tail member at `cursor`.
+
+    Long values lost their order, so every member of the run is compared.
+    """
+    member = bytes(cursor.value())
+    stamp = member[:8]
+    run = [member]
+    while cursor.prev_dup() and cursor.value()[:8] == stamp:
+        run.append(bytes(cursor.value()))
+    return _tail_members(txn, tables, run)[-1]
+
+
+def latest_member(txn: Any, tables: Tables, key_id: bytes, flags: int) -> bytes:
+    """The greatest (timestamp, value) member of a mutable key (always in its tail)."""
+    cursor = txn.cursor(tables.samples)
+    if not (cursor.set_key(key_id) and cursor.last_dup()):
+        raise StoreError(f"mutable key id {key_id.hex()} has no samples")
+    if flags & FLAG_LONG_VALUES:
+        return _max_of_run(txn, tables, key_id, cursor)
+    return bytes(cursor.value())
+
+
+def _previous_member(
+    txn: Any, tables: Tables, key_id: bytes, flags: int, sealed: float, start: float
+) -> bytes | None:
+    """The greatest member not above the packed `start` (> 0), or None (see _Block.before)."""
+    bound = TIMESTAMP.pack(start)
+    if start > sealed:
+        cursor = txn.cursor(tables.samples)
+        if start < math.inf and cursor.set_range_dup(key_id, bound):
+            if cursor.value() == bound:
+                return bound
+            found = cursor.prev_dup()
+        else:
+            found = cursor.set_key(key_id) and cursor.last_dup()
+        if found:
+            if flags & FLAG_LONG_VALUES:
+                return _max_of_run(txn, tables, key_id, cursor)
+            return bytes(cursor.value())
+    if sealed < 0.0:
+        return None
+    # In the block that starts at `start` (an empty value) or the last one before.
+    cursor = txn.cursor(tables.blocks)
+    found = cursor.set_range(key_id + bound)
+    if found and cursor.key() == key_id + bound and not _Block(cursor.value()).values()[0]:
+        return bound
+    if not (cursor.prev() if found else cursor.last()) or cursor.key()[:8] != key_id:
+        return None
+    block = _Block(cursor.value())
+    return block.member(block.before(start))
+
+
+def _add_member(values: list[bytes], stamps: list[float], member: bytes | None) -> None:
+    if member is not None:
+        values.append(member[8:])
+        stamps.append(TIMESTAMP.unpack_from(member)[0])
+
+
+def _blocks_from(txn: Any, tables: Tables, key_id: bytes, start: float) -> Iterator[_Block]:
+    """The blocks of a key from the one that may hold `start` on."""
+    cursor = txn.cursor(tables.blocks)
+    positioned = False
+    if start > 0.0:
+        target = key_id + TIMESTAMP.pack(start)
+        found = cursor.set_range(target)
+        if found and cursor.key() == target:
+            positioned = True
+        elif (cursor.prev() if found else cursor.last()) and cursor.key()[:8] == key_id:
+            positioned = True  # the block before may hold samples from `start` on
+    if not positioned and not cursor.set_range(key_id):
+        return
+    while cursor.key()[:8] == key_id:
+        yield _Block(cursor.value())
+        if not cursor.next():
+            return
+
+
+def sample_range(
+    txn: Any,
+    tables: Tables,
+    key_id: bytes,
+    flags: int,
+    sealed: float,
+    start: float,
+    end: float,
+    include_previous: bool,
+    include_end: bool,
+) -> tuple[list[bytes], list[float]]:
+    """Values and timestamps of the samples in [start, end) or [start, end], in order.
+
+    `include_previous` adds the last sample before a positive `start` first.
+    """
+    values: list[bytes] = []
+    stamps: list[float] = []
+    want_previous = include_previous and start > 0.0
+    if want_previous and start > sealed:
+        _add_member(values, stamps, _previous_member(txn, tables, key_id, flags, sealed, start))
+        want_previous = False
+    empty = start == math.inf or end < 0.0
+    if start <= sealed and not (empty and not want_previous):
+        below_end = bisect.bisect_right if include_end else bisect.bisect_left
+        for block in _blocks_from(txn, tables, key_id, start):
+            low = bisect.bisect_left(block.stamps, start) if start > block.stamps[0] else 0
+            if want_previous:
+                # The first block holds the previous sample, unless it starts at `start`.
+                want_previous = False
+                index = block.before(start)
+                if index >= 0:
+                    _add_member(values, stamps, block.member(index))
+                elif block.stamps[0] == start:
+                    previous = _previous_member(txn, tables, key_id, flags, sealed, start)
+                    _add_member(values, stamps, previous)
+            if empty or block.stamps[0] > end or (block.stamps[0] == end and not include_end):
+                break
+            high = below_end(block.stamps, end)
+            if low == 0 and high == block.count:
+                values += block.values()
+                stamps += block.stamps
+            else:
+                values += block.values()[low:high]
+                stamps += block.stamps[low:high]
+            if high < block.count:
+                return values, stamps
+    if empty:
+        return values, stamps
+    if end > sealed:
+        cursor = txn.cursor(tables.samples)
+        if (
+            cursor.set_range_dup(key_id, TIMESTAMP.pack(start))
+            if start > 0.0
+            else cursor.set_key(key_id)
+        ):
+            members = cursor.iternext_dup(keys=False)
+            if end < math.inf:
+                bound = TIMESTAMP.pack(end)
+                members = itertools.takewhile(
+                    (_next_packed(bound) if include_end else bound).__gt__, members
+                )
+            tail = list(members)
+            if flags & FLAG_LONG_VALUES:
+                tail = _tail_members(txn, tables, tail)
+            values += map(after8, tail)
+            stamps += struct.unpack(f">{len(tail)}d", b"".join(map(first8, tail)))
+    return values, stamps
+
+
+def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[bytes]:
+    """Every member of a mutable key, in order."""
+    members = []
+    for block in _blocks_from(txn, tables, key_id, -1.0):
+        members += block.members()
+    cursor = txn.cursor(tables.samples)
+    tail = list(cursor.iternext_dup(keys=False)) if cursor.set_key(key_id) else []
+    if flags & FLAG_LONG_VALUES:
+        return members + _tail_members(txn, tables, tail)
+    return members + [bytes(member) for member in tail]
+
+
+def add_sample(
+    txn: Any,
+    tables: Tables,
+    name_key: bytes,
+    key_id: bytes,
+    flags: int,
+    sealed: float,
+    stamp: float,
+    value: bytes,
+    seq: int,
+) -> bool:
+    """Store one sample of a mutable key, added by event `seq`; False if it is already there."""
+    if stamp <= sealed:
+        return _insert_into_block(txn, tables, key_id, stamp, value)
+    cursor = txn.cursor(tables.samples)
+    if len(value) < INLINE_LIMIT:
+        if not cursor.put(key_id, TIMESTAMP.pack(stamp) + value, False):
+            return False
+    else:
+        prefix = TIMESTAMP.pack(stamp) + value[:INLINE_PREFIX]
+        if cursor.set_range_dup(key_id, prefix):
+            for member in cursor.iternext_dup(keys=False):
+                if member[: len(prefix)] != prefix:
+                    break
+                if len(member) == LONG_SAMPLE_LEN and _long_value(txn, tables, member) == value:
+                    return False
+        cursor.put(key_id, prefix + LONG_PADDING + log.pack_seq(seq))
+        if not flags & FLAG_LONG_VALUES:
+            flags |= FLAG_LONG_VALUES
+            update_record(txn, tables, name_key, flags=flags)
+    count = cursor.count()
+    if count >= settings.TAIL_MAX and not flags & FLAG_LONG_VALUES:
+        _seal(txn, tables, name_key, key_id)
+    return True
+
+
+def _seal(txn: Any, tables: Tables, name_key: bytes, key_id: bytes) -> None:
+    """Move all tail samples but those with the last timestamp into a new block.
+
+    Only for keys without long values in the tail: blocks speed up reading
+    many small samples, while sealing big ones would only copy them.
+    """
+    cursor = txn.cursor(tables.samples)
+    cursor.set_key(key_id)
+    tail = list(cursor.iternext_dup(keys=False))
+    last = tail[-1][:8]
+    keep = len(tail)
+    while keep and tail[keep - 1][:8] == last:
+        keep -= 1
+    if not keep:
+        return  # every sample has the same timestamp: nothing can be sealed yet
+    moving = tail[:keep]
+    txn.delete(key_id, db=tables.samples)  # every duplicate at once, then put back the rest
+    for member in tail[keep:]:
+        cursor.put(key_id, member)
+    txn.put(key_id + moving[0][:8], _encode_block(moving), db=tables.blocks)
+    update_record(txn, tables, name_key, sealed=TIMESTAMP.unpack_from(moving[-1])[0])
+
+
+def _insert_into_block(txn: Any, tables: Tables, key_id: bytes, stamp: float, value: bytes) -> bool:
+    """Add a late sample to the block its timestamp falls in; False if already there."""
+    cursor = txn.cursor(tables.blocks)
+    target = key_id + TIMESTAMP.pack(stamp)
+    found = cursor.set_range(target)
+    if not (found and cursor.key() == target):
+        if not (cursor.prev() if found else cursor.last()) or cursor.key()[:8] != key_id:
+            cursor.set_range(key_id)  # before every block: the first one takes it
+    block_key = cursor.key()
+    members = _Block(cursor.value()).members()
+    member = TIMESTAMP.pack(stamp) + value
+    index = bisect.bisect_left(members, member)
+    if index < len(members) and members[index] == member:
+        return False
+    members.insert(index, member)
+    txn.delete(block_key, db=tables.blocks)
+    for part in _split_block(members):
+        txn.put(key_id + part[0][:8], _encode_block(part), db=tables.blocks)
+    return True
+
+
+def _split_block(members: list[bytes]) -> list[list[bytes]]:
+    """`members` as one block, or two split at the timestamp boundary nearest the middle."""
+    if len(members) <= settings.BLOCK_MAX:
+        return [members]
+    middle = len(members) // 2
+    for offset in range(middle):
+        for index in (middle - offset, middle + offset):
+            if 0 < index < len(members) and members[index][:8] != members[index - 1][:8]:
+                return [members[:index], members[index:]]
+    return [members]  # one timestamp throughout: it cannot be split
+
+
+def _next_packed(packed: bytes) -> bytes:
+    """The packed timestamp just above `packed` (as an exclusive bound)."""
+    return KEY_ID.pack(KEY_ID.unpack(packed)[0] + 1)

@@ -1,0 +1,39 @@
+"""Every tunable of the LMDB store, in one place.
+
+Modules read these as ``settings.NAME`` when they run, so a test may
+patch one (``monkeypatch.setattr(settings, "TAIL_MAX", 4)``). Constants
+that define the on-disk format (the inline limits, the record layouts)
+are not tunable: they live in :mod:`telstate.lmdb.layout`.
+
+=========================  =========  ==============================================
+Name                       Default    Meaning
+=========================  =========  ==============================================
+``INITIAL_MAP_SIZE``       4 MiB      memory map of a new store (``map_size``)
+``MAX_GROWTH``             1 GiB      most the map grows by at once (it doubles)
+``MAX_READERS``            1024       LMDB reader slots (concurrent read transactions)
+``READER_CHECK_INTERVAL``  10 s       housekeeper clears stale reader slots this often
+``POLL_INTERVAL``          0.05 s     waiters check the last transaction id this often
+``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
+``LOG_CHUNK``              4096       events read per read transaction
+``LOAD_CHUNK``             10000      events committed per transaction by ``load_records``
+``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
+``CACHE_MAX_ENTRIES``      4096       entries of the per-process read cache
+``CACHE_MAX_VALUE``        64 KiB     largest result kept in the read cache
+``TAIL_MAX``               128        tail samples of a mutable key before sealing a block
+``BLOCK_MAX``              512        samples of a block before a late sample splits it
+=========================  =========  ==============================================
+"""
+
+INITIAL_MAP_SIZE = 4 << 20
+MAX_GROWTH = 1 << 30
+MAX_READERS = 1024
+READER_CHECK_INTERVAL = 10.0
+POLL_INTERVAL = 0.05
+HEARTBEAT = 5.0
+LOG_CHUNK = 4096
+LOAD_CHUNK = 10000
+MONITOR_MAX_SCAN = 10000
+CACHE_MAX_ENTRIES = 4096
+CACHE_MAX_VALUE = 65536
+TAIL_MAX = 128
+BLOCK_MAX = 512

@@ -1,0 +1,93 @@
+"""Whole keys read from the state tables, as RDB records (and indexed keys' sub-keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..backend import Record
+from ..errors import StoreError
+from ..utils import KeyType, display_str
+from .layout import (
+    IMMUTABLE,
+    INDEXED,
+    INLINE_LIMIT,
+    INLINE_PREFIX,
+    KEY_ID,
+    KEY_RECORD,
+    MUTABLE,
+    U32,
+    Tables,
+    inline,
+    name_key_of,
+    record_body_offset,
+    record_name,
+)
+from .samples import all_members
+
+
+def indexed_items(txn: Any, tables: Tables, key_id: bytes) -> dict[bytes, bytes]:
+    """Every sub-key of an indexed key."""
+    cursor = txn.cursor(db=tables.indexed)
+    items: dict[bytes, bytes] = {}
+    if not cursor.set_range(key_id):
+        return items
+    for entry_key, data in cursor.iternext():
+        if entry_key[:8] != key_id:
+            break
+        if len(entry_key) == 8 + INLINE_LIMIT:
+            length = U32.unpack_from(data)[0]
+            items[bytes(data[4 : 4 + length])] = bytes(data[4 + length :])
+        else:
+            items[bytes(entry_key[8:])] = bytes(data)
+    return items
+
+
+def indexed_value(txn: Any, tables: Tables, key_id: bytes, sub_key: bytes) -> bytes | None:
+    data = txn.get(key_id + inline(sub_key), db=tables.indexed)
+    if data is None:
+        return None
+    if len(sub_key) >= INLINE_LIMIT:
+        length = U32.unpack_from(data)[0]
+        if bytes(data[4 : 4 + length]) != sub_key:
+            raise StoreError(f"SHA-256 collision between sub-keys of length {len(sub_key)}")
+        return bytes(data[4 + length :])
+    return bytes(data)
+
+
+def _state_record(txn: Any, tables: Tables, key: bytes, record: bytes) -> Record:
+    """The whole of one key, from its keys-table record, as an RDB Record."""
+    key_type, key_id_int, flags, _ = KEY_RECORD.unpack_from(record)
+    key_id = KEY_ID.pack(key_id_int)
+    if key_type == IMMUTABLE:
+        return key, KeyType.IMMUTABLE, bytes(record[record_body_offset(record) :])
+    if key_type == MUTABLE:
+        return key, KeyType.MUTABLE, all_members(txn, tables, key_id, flags)
+    if key_type == INDEXED:
+        return key, KeyType.INDEXED, indexed_items(txn, tables, key_id)
+    raise StoreError(f"key {display_str(key)} has unknown type code {key_type}")
+
+
+def state_records(txn: Any, tables: Tables) -> Iterator[Record]:
+    """Every key of the state tables as a Record, in key order.
+
+    The keys table is in key order except among keys that share their
+    first 448 bytes and are that long: their inline forms order by digest,
+    so each such group is sorted before it is given out.
+    """
+    group: list[tuple[bytes, bytes]] = []
+    for name_key, record in txn.cursor(db=tables.keys).iternext():
+        key = record_name(name_key, record)
+        if group and key[:INLINE_PREFIX] != group[0][0][:INLINE_PREFIX]:
+            yield from (_state_record(txn, tables, *entry) for entry in sorted(group))
+            group = []
+        if len(key) >= INLINE_PREFIX:
+            group.append((key, record))
+        else:
+            yield _state_record(txn, tables, key, record)
+    yield from (_state_record(txn, tables, *entry) for entry in sorted(group))
+
+
+def key_state_record(txn: Any, tables: Tables, key: bytes) -> Record | None:
+    record = txn.get(name_key_of(key), db=tables.keys)
+    return None if record is None else _state_record(txn, tables, key, record)
