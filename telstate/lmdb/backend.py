@@ -39,15 +39,12 @@ from .layout import (
     MUTABLE,
     NAME,
     TIMESTAMP,
-    TYPE_BY_CODE,
     U32,
+    KeyRecord,
     Tables,
     inline,
-    key_record,
     name_key_of,
-    record_body_offset,
     record_name,
-    record_sealed,
 )
 from .samples import add_sample, latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
@@ -269,10 +266,11 @@ class LmdbBackend(Backend):
         self, txn: Any, tables: Tables, name_key: bytes, key_type: int, key: bytes, value: bytes
     ) -> bytes:
         """Create the keys-table entry of a new key; return its key id."""
-        key_id = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
-        txn.put(b"next_key_id", KEY_ID.pack(key_id + 1), db=tables.meta)
-        txn.put(name_key, key_record(key_type, key_id, 0, key, value), db=tables.keys)
-        return KEY_ID.pack(key_id)
+        counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
+        txn.put(b"next_key_id", KEY_ID.pack(counter + 1), db=tables.meta)
+        key_id = KEY_ID.pack(counter)
+        txn.put(name_key, KeyRecord.new(key_type, key_id, key, value).encode(), db=tables.keys)
+        return key_id
 
     # --- Backend: reads -------------------------------------------------------------
 
@@ -306,8 +304,8 @@ class LmdbBackend(Backend):
 
     @staticmethod
     def _key_type_in(txn: Any, tables: Tables, key: bytes) -> KeyType | None:
-        record = txn.get(name_key_of(key), db=tables.keys)
-        return None if record is None else TYPE_BY_CODE[record[0]]
+        data = txn.get(name_key_of(key), db=tables.keys)
+        return None if data is None else KeyRecord.type_of(data)
 
     def get(self, key: bytes) -> GetResult:
         """Get the value and timestamp of a key.
@@ -325,17 +323,17 @@ class LmdbBackend(Backend):
         return self._read(self._get_in, key)
 
     def _get_in(self, txn: Any, tables: Tables, key: bytes) -> GetResult:
-        record = txn.get(name_key_of(key), db=tables.keys)
+        record = _key_record(txn, tables, name_key_of(key))
         result: GetResult
         if record is None:
             result = (None, None)
-        elif record[0] == MUTABLE:
-            member = latest_member(txn, tables, record[1:9], record[9])
+        elif record.type_code == MUTABLE:
+            member = latest_member(txn, tables, record.key_id, record.flags)
             result = (member[8:], TIMESTAMP.unpack_from(member)[0])
-        elif record[0] == IMMUTABLE:
-            result = (record[record_body_offset(record) :], None)
+        elif record.type_code == IMMUTABLE:
+            result = (record.value, None)
         else:
-            result = (indexed_items(txn, tables, record[1:9]), None)
+            result = (indexed_items(txn, tables, record.key_id), None)
         caches = self._get_store().caches_for(txn.id())
         if caches is not None and _cacheable(result[0]):
             caches[0][key] = result
@@ -361,14 +359,12 @@ class LmdbBackend(Backend):
         return self._read(self._get_indexed_in, key, sub_key)
 
     def _get_indexed_in(self, txn: Any, tables: Tables, key: bytes, sub_key: bytes) -> bytes | None:
-        record = txn.get(name_key_of(key), db=tables.keys)
+        record = _key_record(txn, tables, name_key_of(key))
         if record is None:
             raise KeyError(key)
-        if record[0] != INDEXED:
-            raise ImmutableKeyError(
-                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not indexed"
-            )
-        value = indexed_value(txn, tables, record[1:9], sub_key)
+        if record.type_code != INDEXED:
+            raise _wrong_type(key, record, "indexed")
+        value = indexed_value(txn, tables, record.key_id, sub_key)
         caches = self._get_store().caches_for(txn.id())
         if caches is not None and _cacheable(value):
             caches[1][key, sub_key] = value
@@ -410,16 +406,21 @@ class LmdbBackend(Backend):
         include_previous: bool,
         include_end: bool,
     ) -> tuple[list[bytes], list[float]] | None:
-        record = txn.get(name_key_of(key), db=tables.keys)
+        record = _key_record(txn, tables, name_key_of(key))
         if record is None:
             return None
-        if record[0] != MUTABLE:
-            raise ImmutableKeyError(
-                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not mutable"
-            )
-        sealed = record_sealed(record)
+        if record.type_code != MUTABLE:
+            raise _wrong_type(key, record, "mutable")
         return sample_range(
-            txn, tables, record[1:9], record[9], sealed, start, end, include_previous, include_end
+            txn,
+            tables,
+            record.key_id,
+            record.flags,
+            record.sealed,
+            start,
+            end,
+            include_previous,
+            include_end,
         )
 
     # --- Backend: writes ------------------------------------------------------------
@@ -447,13 +448,11 @@ class LmdbBackend(Backend):
         self, txn: Any, tables: Tables, key: bytes, value: bytes
     ) -> tuple[bytes | None, bool]:
         name_key = name_key_of(key)
-        record = txn.get(name_key, db=tables.keys)
+        record = _key_record(txn, tables, name_key)
         if record is not None:
-            if record[0] != IMMUTABLE:
-                raise ImmutableKeyError(
-                    f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not immutable"
-                )
-            return record[record_body_offset(record) :], False
+            if record.type_code != IMMUTABLE:
+                raise _wrong_type(key, record, "immutable")
+            return record.value, False
         self._new_key(txn, tables, name_key, IMMUTABLE, key, value)
         self._append(txn, tables, log.SET_IMMUTABLE, name_key, key, b"", value)
         return None, True
@@ -479,18 +478,14 @@ class LmdbBackend(Backend):
         self, txn: Any, tables: Tables, key: bytes, value: bytes, timestamp: float
     ) -> tuple[None, bool]:
         name_key = NAME + key if len(key) < INLINE_LIMIT else name_key_of(key)
-        record = txn.get(name_key, db=tables.keys)
+        record = _key_record(txn, tables, name_key)
         if record is None:
             key_id = self._new_key(txn, tables, name_key, MUTABLE, key, b"")
             flags, sealed = 0, -1.0
-        elif record[0] != MUTABLE:
-            raise ImmutableKeyError(
-                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not mutable"
-            )
+        elif record.type_code != MUTABLE:
+            raise _wrong_type(key, record, "mutable")
         else:
-            key_id = record[1:9]
-            flags = record[9]
-            sealed = TIMESTAMP.unpack_from(record, 10)[0]
+            key_id, flags, sealed = record.key_id, record.flags, record.sealed
         # A long value points at the event that adds it (the seq it will get).
         seq = self._last_event(txn, tables)[0] + 1 if len(value) >= INLINE_LIMIT else 0
         # (timestamp or 0.0) turns -0.0 into 0.0, as pack_timestamp does.
@@ -524,15 +519,13 @@ class LmdbBackend(Backend):
         self, txn: Any, tables: Tables, key: bytes, sub_key: bytes, value: bytes
     ) -> tuple[bytes | None, bool]:
         name_key = name_key_of(key)
-        record = txn.get(name_key, db=tables.keys)
+        record = _key_record(txn, tables, name_key)
         if record is None:
             key_id = self._new_key(txn, tables, name_key, INDEXED, key, b"")
-        elif record[0] != INDEXED:
-            raise ImmutableKeyError(
-                f"{display_str(key)} is {TYPE_BY_CODE[record[0]].name.lower()}, not indexed"
-            )
+        elif record.type_code != INDEXED:
+            raise _wrong_type(key, record, "indexed")
         else:
-            key_id = record[1:9]
+            key_id = record.key_id
             existing = indexed_value(txn, tables, key_id, sub_key)
             if existing is not None:
                 return existing, False
@@ -557,10 +550,10 @@ class LmdbBackend(Backend):
 
     def _delete_in(self, txn: Any, tables: Tables, key: bytes) -> tuple[None, bool]:
         name_key = name_key_of(key)
-        record = txn.get(name_key, db=tables.keys)
+        record = _key_record(txn, tables, name_key)
         if record is None:
             return None, False
-        key_type, key_id = record[0], record[1:9]
+        key_type, key_id = record.type_code, record.key_id
         txn.delete(name_key, db=tables.keys)
         if key_type == MUTABLE:
             txn.delete(key_id, db=tables.samples)
@@ -976,3 +969,13 @@ class Snapshot:
 def _cacheable(value: object) -> bool:
     """Whether a read result is small enough to keep in the read cache."""
     return value is None or len(value) <= settings.CACHE_MAX_VALUE  # type: ignore[arg-type]
+
+
+def _key_record(txn: Any, tables: Tables, name_key: bytes) -> KeyRecord | None:
+    """The decoded keys-table record at `name_key`, or None if there is no such key."""
+    data = txn.get(name_key, db=tables.keys)
+    return None if data is None else KeyRecord.decode(data)
+
+
+def _wrong_type(key: bytes, record: KeyRecord, wanted: str) -> ImmutableKeyError:
+    return ImmutableKeyError(f"{display_str(key)} is {record.key_type.name.lower()}, not {wanted}")

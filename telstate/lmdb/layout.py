@@ -49,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -64,7 +64,8 @@ LONG_NAME_KEY_LEN = 1 + INLINE_LIMIT
 LONG_SAMPLE_LEN = 8 + INLINE_LIMIT
 LONG_PADDING = bytes(INLINE_LIMIT - INLINE_PREFIX - 8)
 
-KEY_RECORD = struct.Struct(">BQBd")
+# Type code, key id, flags, sealed timestamp: the fixed start of a key record.
+_KEY_HEADER = struct.Struct(">B8sBd")
 KEY_ID = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 TIMESTAMP = struct.Struct(">d")
@@ -74,6 +75,7 @@ TYPE_BY_CODE = {1: KeyType.IMMUTABLE, 2: KeyType.MUTABLE, 3: KeyType.INDEXED}
 IMMUTABLE, MUTABLE, INDEXED = 1, 2, 3
 first8 = operator.itemgetter(slice(0, 8))
 after8 = operator.itemgetter(slice(8, None))
+_new_tuple = tuple.__new__
 
 
 def inline(data: bytes) -> bytes:
@@ -88,25 +90,57 @@ def name_key_of(key: bytes) -> bytes:
     return NAME + (key if len(key) < INLINE_LIMIT else inline(key))
 
 
-def key_record(
-    key_type: int, key_id: int, flags: int, key: bytes, value: bytes = b"", sealed: float = -1.0
-) -> bytes:
-    if len(key) >= INLINE_LIMIT:
-        header = KEY_RECORD.pack(key_type, key_id, flags | FLAG_LONG_NAME, sealed)
-        return header + U32.pack(len(key)) + key + value
-    return KEY_RECORD.pack(key_type, key_id, flags & ~FLAG_LONG_NAME, sealed) + value
+class KeyRecord(NamedTuple):
+    """A key's record in the keys table, decoded (see the ``keys`` table above).
 
+    `name` is the full name of a key whose name is too long for its table
+    key (``FLAG_LONG_NAME`` is set exactly then), None otherwise; `value`
+    is the value of an immutable key, empty for the other types.
+    """
 
-def record_body_offset(record: bytes | memoryview) -> int:
-    """Where the value of an immutable key starts in its key record."""
-    if record[9] & FLAG_LONG_NAME:
-        return 22 + U32.unpack_from(record, 18)[0]
-    return 18
+    type_code: int
+    key_id: bytes
+    flags: int
+    sealed: float
+    name: bytes | None
+    value: bytes
 
+    @classmethod
+    def new(cls, type_code: int, key_id: bytes, key: bytes, value: bytes = b"") -> KeyRecord:
+        """The record of a key just created, with no samples sealed."""
+        if len(key) >= INLINE_LIMIT:
+            return cls(type_code, key_id, FLAG_LONG_NAME, -1.0, key, value)
+        return cls(type_code, key_id, 0, -1.0, None, value)
 
-def record_sealed(record: bytes | memoryview) -> float:
-    """The last timestamp in the blocks of a mutable key (-1.0 if it has none)."""
-    return TIMESTAMP.unpack_from(record, 10)[0]
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> KeyRecord:
+        """The record stored as `data`."""
+        type_code, key_id, flags, sealed = _KEY_HEADER.unpack_from(data)
+        if flags & FLAG_LONG_NAME:
+            length = U32.unpack_from(data, _KEY_HEADER.size)[0]
+            start = _KEY_HEADER.size + U32.size
+            name = bytes(data[start : start + length])
+            return cls(type_code, key_id, flags, sealed, name, bytes(data[start + length :]))
+        # Every read decodes a record: skip the generated __new__ (a Python call).
+        value = bytes(data[_KEY_HEADER.size :])
+        return _new_tuple(cls, (type_code, key_id, flags, sealed, None, value))
+
+    @staticmethod
+    def type_of(data: bytes | memoryview) -> KeyType:
+        """The type of the key of an encoded record, without decoding the rest."""
+        return TYPE_BY_CODE[data[0]]
+
+    @property
+    def key_type(self) -> KeyType:
+        """The key's type (KeyError for an unknown type code)."""
+        return TYPE_BY_CODE[self.type_code]
+
+    def encode(self) -> bytes:
+        """The record as stored in the keys table."""
+        header = _KEY_HEADER.pack(self.type_code, self.key_id, self.flags, self.sealed)
+        if self.name is None:
+            return header + self.value
+        return header + U32.pack(len(self.name)) + self.name + self.value
 
 
 def update_record(
@@ -116,19 +150,21 @@ def update_record(
     flags: int | None = None,
     sealed: float | None = None,
 ) -> None:
-    record = bytearray(txn.get(name_key, db=tables.keys))
+    """Change the flags or the sealed timestamp of a key's record."""
+    record = KeyRecord.decode(txn.get(name_key, db=tables.keys))
     if flags is not None:
-        record[9] = flags
+        record = record._replace(flags=flags)
     if sealed is not None:
-        TIMESTAMP.pack_into(record, 10, sealed)
-    txn.put(name_key, bytes(record), db=tables.keys)
+        record = record._replace(sealed=sealed)
+    txn.put(name_key, record.encode(), db=tables.keys)
 
 
 def record_name(name_key: bytes, record: bytes | memoryview) -> bytes:
     """The telstate key of a keys table entry."""
     if len(name_key) == LONG_NAME_KEY_LEN:
-        length = U32.unpack_from(record, 18)[0]
-        return bytes(record[22 : 22 + length])
+        start = _KEY_HEADER.size + U32.size
+        length = U32.unpack_from(record, _KEY_HEADER.size)[0]
+        return bytes(record[start : start + length])
     return bytes(name_key[1:])
 
 

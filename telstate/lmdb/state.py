@@ -13,14 +13,12 @@ from .layout import (
     INDEXED,
     INLINE_LIMIT,
     INLINE_PREFIX,
-    KEY_ID,
-    KEY_RECORD,
     MUTABLE,
     U32,
+    KeyRecord,
     Tables,
     inline,
     name_key_of,
-    record_body_offset,
     record_name,
 )
 from .samples import all_members
@@ -57,15 +55,14 @@ def indexed_value(txn: Any, tables: Tables, key_id: bytes, sub_key: bytes) -> by
 
 def _state_record(txn: Any, tables: Tables, key: bytes, record: bytes) -> Record:
     """The whole of one key, from its keys-table record, as an RDB Record."""
-    key_type, key_id_int, flags, _ = KEY_RECORD.unpack_from(record)
-    key_id = KEY_ID.pack(key_id_int)
-    if key_type == IMMUTABLE:
-        return key, KeyType.IMMUTABLE, bytes(record[record_body_offset(record) :])
-    if key_type == MUTABLE:
-        return key, KeyType.MUTABLE, all_members(txn, tables, key_id, flags)
-    if key_type == INDEXED:
-        return key, KeyType.INDEXED, indexed_items(txn, tables, key_id)
-    raise StoreError(f"key {display_str(key)} has unknown type code {key_type}")
+    decoded = KeyRecord.decode(record)
+    if decoded.type_code == IMMUTABLE:
+        return key, KeyType.IMMUTABLE, decoded.value
+    if decoded.type_code == MUTABLE:
+        return key, KeyType.MUTABLE, all_members(txn, tables, decoded.key_id, decoded.flags)
+    if decoded.type_code == INDEXED:
+        return key, KeyType.INDEXED, indexed_items(txn, tables, decoded.key_id)
+    raise StoreError(f"key {display_str(key)} has unknown type code {decoded.type_code}")
 
 
 def state_records(txn: Any, tables: Tables) -> Iterator[Record]:
