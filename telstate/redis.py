@@ -173,8 +173,10 @@ class RedisBackend(Backend):
     def from_url(cls, url: str, *, db: int | None = None, **kwargs: Any) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
-        The client gets a 5 s socket timeout and a 30 s health check unless
-        `kwargs` override them.
+        The client is made by :meth:`redis.Redis.from_url`, called as
+        katsdptelstate calls it (so code that patches it sees the same
+        call), with a 5 s socket timeout (redis-py applies it to connecting
+        too) and a 30 s health check unless `kwargs` override them.
 
         Raises
         ------
@@ -182,7 +184,6 @@ class RedisBackend(Backend):
             If the server cannot be reached.
         """
         kwargs.setdefault("socket_timeout", 5)
-        kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
         return cls(redis.Redis.from_url(url, db=db, **kwargs))
 

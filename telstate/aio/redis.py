@@ -98,14 +98,15 @@ class RedisBackend(Backend):
 
     @classmethod
     async def from_url(
-        cls, url: str, *, db: int | None = None, max_connections: int = 32, **kwargs: Any
+        cls, url: str, *, db: int | None = None, max_connections: int | None = None, **kwargs: Any
     ) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
-        The client gets a pool of at most `max_connections` connections
-        (callers wait for a free one), a 5 s socket timeout and a 30 s
-        health check, unless `kwargs` (passed to the connection pool)
-        say otherwise. The server must answer a PING.
+        The client is made by :meth:`redis.asyncio.Redis.from_url`, called as
+        katsdptelstate calls it (so code that patches it sees the same call),
+        with a 5 s socket timeout (redis-py applies it to connecting too)
+        and a 30 s health check unless `kwargs` say otherwise. The server
+        must answer a PING.
 
         Parameters
         ----------
@@ -114,7 +115,8 @@ class RedisBackend(Backend):
         db
             Database number, if not given in `url`.
         max_connections
-            Size of the connection pool (see `max_in_flight` of the class).
+            Size of the connection pool, if it is to be bounded (see
+            `max_in_flight` of the class: the backend then never needs more).
         **kwargs
             Options of :class:`redis.asyncio.Connection`.
 
@@ -124,14 +126,10 @@ class RedisBackend(Backend):
             If the server cannot be reached.
         """
         kwargs.setdefault("socket_timeout", 5)
-        kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
-        if db is not None:
-            kwargs["db"] = db
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=None, **kwargs
-        )
-        client = redis.asyncio.Redis.from_pool(pool)
+        if max_connections is not None:
+            kwargs["max_connections"] = max_connections
+        client = redis.asyncio.Redis.from_url(url, db=db, **kwargs)
         try:
             await _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
@@ -453,7 +451,8 @@ async def _ping_without_retries(client: redis.asyncio.Redis) -> None:
     redis-py retries with backoff by default, which would multiply the wait
     at start-up; the client's own retry policy is restored after.
     """
-    retry = client.get_retry()
+    get_retry = getattr(client, "get_retry", None)
+    retry = get_retry() if get_retry is not None else None
     if retry is None:
         await client.ping()
         return
