@@ -57,6 +57,13 @@ _T = TypeVar("_T")
 
 _CHANNEL_PREFIX = b"update/"
 
+#: katsdptelstate's placeholder channel, which keeps its pub/sub connection
+#: subscribed while no key is watched. telstate's listener holds no
+#: placeholder (it closes its connection when the last monitor leaves); the
+#: name stays importable for code that imports it, katsdptelstate's own
+#: tests among them.
+_DUMMY_CHANNEL = b"\0katsdptelstate-internal0\1"
+
 #: Longest wait for a pub/sub message, so that health checks run while idle.
 _POLL_INTERVAL = 1.0
 #: Pause before the listener tries again after losing the server.
