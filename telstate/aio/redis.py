@@ -109,11 +109,12 @@ class RedisBackend(Backend):
     ) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
-        The client is made by :meth:`redis.asyncio.Redis.from_url`, called as
-        katsdptelstate calls it (so code that patches it sees the same call),
-        with a 5 s socket timeout (redis-py applies it to connecting too)
-        and a 30 s health check unless `kwargs` say otherwise. The server
-        must answer a PING.
+        Without `max_connections`, the client is made by
+        :meth:`redis.asyncio.Redis.from_url`, called as katsdptelstate calls
+        it (so code that patches it sees the same call). The client gets a
+        5 s socket timeout (redis-py applies it to connecting too) and a
+        30 s health check unless `kwargs` say otherwise. The server must
+        answer a PING.
 
         Parameters
         ----------
@@ -122,8 +123,11 @@ class RedisBackend(Backend):
         db
             Database number, if not given in `url`.
         max_connections
-            Size of the connection pool, if it is to be bounded (see
-            `max_in_flight` of the class: the backend then never needs more).
+            If given, the client gets a pool of at most this many
+            connections, in which callers wait for a free one (see
+            `max_in_flight` of the class). Otherwise the pool is redis-py's
+            default, unbounded; the backend itself never uses more than
+            ``max_in_flight + 1`` connections of it.
         **kwargs
             Options of :class:`redis.asyncio.Connection`.
 
@@ -134,9 +138,18 @@ class RedisBackend(Backend):
         """
         kwargs.setdefault("socket_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
-        if max_connections is not None:
-            kwargs["max_connections"] = max_connections
-        client = redis.asyncio.Redis.from_url(url, db=db, **kwargs)
+        if max_connections is None:
+            client = redis.asyncio.Redis.from_url(url, db=db, **kwargs)
+        else:
+            # A bounded pool that makes callers wait for a free connection
+            # (redis-py's default pool raises instead): Redis.from_url cannot
+            # make one.
+            if db is not None:
+                kwargs["db"] = db
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=None, **kwargs
+            )
+            client = redis.asyncio.Redis.from_pool(pool)
         try:
             await _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
