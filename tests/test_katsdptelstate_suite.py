@@ -8,7 +8,8 @@ module builds, in a temporary directory, a package named ``katsdptelstate``
 whose modules are copies of telstate's (``telstate/`` copied as it is; its
 imports are relative, so every module is telstate's code), copies the peer's
 test modules into it, and runs them with pytest in a subprocess. Nothing is
-fetched at run time.
+fetched at run time, and no redis-server is needed: the peer's Redis tests
+use fakeredis (patching redis-py's constructors where they test ``from_url``).
 
 A ``conftest.py`` beside the shim guards the run: a meta-path finder refuses
 to import any ``katsdptelstate`` module from anywhere but the shim, and at
@@ -193,19 +194,12 @@ def peer_run(tmp_path_factory) -> tuple[dict[str, str], str, Path]:
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTEST_ADDOPTS", None)
     files = [name for suite in SUITES.values() for name in suite]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+    # A peer module that fails to import counts as a failure; the rest still run.
+    command += ["--continue-on-collection-errors", "-c", str(root / "pytest.ini")]
+    command += ["--rootdir", str(root), f"--junitxml={junit}", *files]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-rfE",
-            "--continue-on-collection-errors",
-        ]
-        + ["-c", str(root / "pytest.ini"), "--rootdir", str(root), f"--junitxml={junit}"]
-        + files,
+        command,
         cwd=root,
         env=env,
         capture_output=True,
