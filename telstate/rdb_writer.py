@@ -30,10 +30,19 @@ if TYPE_CHECKING:
     from .telescope_state import TelescopeState
 
 logger = logging.getLogger(__name__)
+#: Keys that save() could not write are logged here: katsdptelstate logs them
+#: from its rdb_writer_base module, so log filters and scrapers written for
+#: it find them under the same name (telstate.rdb_writer_base).
+_failure_logger = logging.getLogger(f"{__package__}.rdb_writer_base")
+#: katsdptelstate's reason for a key that is missing, whatever the source.
+_MISSING = "Key not found in Redis"
 
 #: Start of every file: magic and version. Select database 0 follows the AUX fields.
 RDB_HEADER = b"REDIS%04d" % rdb_utility.RDB_VERSION
 RDB_TERMINATOR = b"\xff"
+#: The checksum katsdptelstate ends its files with: zero, which readers take
+#: as "not computed". telstate's writer writes the real CRC-64 instead.
+RDB_CHECKSUM = bytes(8)
 _AUX = b"\xfa"
 _SELECT_DB_0 = b"\xfe\x00"
 
@@ -201,7 +210,7 @@ class RDBWriter:
             raise RdbParseError(None, "DUMP payload checksum mismatch: not a Redis DUMP payload")
         rdb_type = payload[0]
         if rdb_type in _PORTABLE_TYPES:
-            self._append(payload[:1] + encode_string(key) + payload[1:-10])
+            self._append(encode_item(key, payload))
         elif rdb_type in _LISTPACK_TO_ZIPLIST:
             entries = rdb_reader.decode_listpack_dump(payload, verify_checksum=False)
             if not entries:
@@ -277,13 +286,13 @@ class RDBWriter:
 
     def _write_payload(self, key: bytes, payload: bytes | None) -> None:
         if payload is None:
-            raise KeyError("key not found")
+            raise KeyError(_MISSING)
         self.write_dump(key, payload)
 
     def _write_backend_key(self, backend: Backend, key: bytes) -> None:
         record = backend.record(key)
         if record is None:
-            raise KeyError("key not found")
+            raise KeyError(_MISSING)
         self.write_record(*record)
 
     def _save_one(self, key: bytes, write: Callable[..., None], *args: Any) -> None:
@@ -292,7 +301,7 @@ class RDBWriter:
             write(*args)
         except (KeyError, TypeError, ValueError, RdbParseError) as exc:
             self.keys_failed += 1
-            logger.error("Failed to save key %s: %s", display_str(key), exc)
+            _failure_logger.error("Failed to save key %s: %s", display_str(key), exc)
 
     def close(self) -> None:
         """Write the trailer and close the file; delete it if it holds no keys.
@@ -319,11 +328,29 @@ class RDBWriter:
                 os.remove(self.filename)
 
 
+def encode_item(key: bytes, dumped_value: bytes) -> bytes:
+    """Encode a key and its DUMP payload as an entry of an RDB file.
+
+    The entry is the payload's type byte, the key as an RDB string, and
+    the payload's value, without its 10-byte footer (version and checksum).
+    The payload is copied as it is: its type must be one that the file's
+    RDB version reads (:meth:`RDBWriter.write_dump` checks and converts).
+    """
+    return dumped_value[:1] + encode_string(key) + dumped_value[1:-10]
+
+
 def _dump_keys(client: Any, keys: list[bytes]) -> list[bytes | None]:
-    """DUMP each key; a redis-py client gets them all in one round trip."""
+    """DUMP each key with the client's own ``dump``, in one round trip where possible.
+
+    A redis-py client's pipeline runs the same ``dump`` as the client, so
+    all keys go in one round trip. A client whose class overrides ``dump``
+    (a wrapper, a test double) has it called once per key, as
+    katsdptelstate calls it.
+    """
     if not isinstance(client, Backend) and callable(getattr(client, "pipeline", None)):
         with client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.dump(key)
-            return pipe.execute()
+            if getattr(type(pipe), "dump", None) is getattr(type(client), "dump", None):
+                for key in keys:
+                    pipe.dump(key)
+                return pipe.execute()
     return [client.dump(key) for key in keys]

@@ -140,11 +140,16 @@ def test_save_from_telescope_state_and_backend(tmp_path, caplog) -> None:
     with RDBWriter(tmp_path / "all.rdb") as writer:
         writer.save(ts.view("ns"))  # the whole backend, whatever the view
     assert {key: value for key, _, value in read_records(tmp_path / "all.rdb")} == expected
-    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
         with RDBWriter(tmp_path / "some.rdb") as writer:
             writer.save(ts.backend, keys=["sensor", b"indexed", "missing"])
     assert (writer.keys_written, writer.keys_failed) == (2, 1)
-    assert "Failed to save key 'missing'" in caplog.text
+    # As katsdptelstate logs it (its log scrapers look for this).
+    assert caplog.record_tuples[-1] == (
+        "telstate.rdb_writer_base",
+        logging.ERROR,
+        "Failed to save key 'missing': 'Key not found in Redis'",
+    )
     records = {key: value for key, _, value in read_records(tmp_path / "some.rdb")}
     assert records == {b"sensor": expected[b"sensor"], b"indexed": expected[b"indexed"]}
 
@@ -177,7 +182,7 @@ def test_save_from_dump_payloads(tmp_path, caplog) -> None:
         b"unsupported": b"\x13\x00\x0a\x00" + bytes(8),
         b"module": b"\x07" + bytes(12),
     }
-    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
         with RDBWriter(tmp_path / "out.rdb") as writer:
             writer.save(DumpClient({**good, **bad}), keys=[*good, *bad, b"missing"])
     assert (writer.keys_written, writer.keys_failed) == (len(good), len(bad) + 1)
