@@ -63,6 +63,24 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EVENTS",
         help="most events applied to Redis in one atomic step (default: %(default)s)",
     )
+    run.add_argument(
+        "--accept-writes",
+        action="store_true",
+        help="apply the write requests that telstate clients send through the mirror"
+        " (opens the store writable; see the README, 'Writers on other hosts')",
+    )
+    run.add_argument(
+        "--durability",
+        choices=("fsync", "batch", "none"),
+        default="batch",
+        help="durability of the writes accepted with --accept-writes (default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics over HTTP on this port",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -102,11 +120,19 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from telstate.lmdb import LmdbBackend
 
     from .daemon import Daemon
+    from .intake import Intake
     from .redis_sink import RedisSink
     from .snapshot_sink import SnapshotSink
 
+    if options.accept_writes and options.redis is None:
+        parser.error("--accept-writes serves writes through the mirror: give --redis too")
     try:
-        source = LmdbBackend(options.log, readonly=True)
+        if options.accept_writes:
+            source = LmdbBackend(
+                options.log, durability=options.durability, writer_name="telstate-replicator"
+            )
+        else:
+            source = LmdbBackend(options.log, readonly=True)
     except StoreError as error:
         logging.getLogger("replicator").error("%s", error)
         return 2
@@ -122,7 +148,10 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as error:
         source.close()
         parser.error(str(error))
-    daemon = Daemon(source, redis_sink, snapshot_sink)
+    intake = Intake(source, options.redis) if options.accept_writes else None
+    daemon = Daemon(source, redis_sink, snapshot_sink, intake)
+    if options.metrics_port is not None:
+        daemon.metrics.serve(options.metrics_port)
     daemon.handle_signals()
     try:
         if options.once:

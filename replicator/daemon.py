@@ -6,7 +6,11 @@ long as there are events, and when it is level with the log it sleeps in
 store's commit notification (or its 50 ms poll of LMDB's transaction id),
 so a commit reaches Redis within milliseconds and an idle daemon does not
 spin. Snapshots run in a thread of their own so that writing a large file
-never holds up the mirror.
+never holds up the mirror. With ``--accept-writes`` the write intake
+(:mod:`replicator.intake`) runs in a thread too: it waits for requests in
+Redis, commits them (which wakes the mirror's thread at once), and waits
+for the mirror to hold their events (:attr:`Daemon.projected`, notified
+after every step that moved the mirror) before it replies.
 
 Stopping (SIGTERM, SIGINT, or :attr:`Daemon.stop` set) lets the current
 batch finish: a batch is one atomic script call, so there is never a half
@@ -23,6 +27,8 @@ from types import FrameType
 
 from telstate.errors import StoreError
 
+from .intake import Intake
+from .metrics import Metrics
 from .redis_sink import RedisSink, SinkState
 from .snapshot_sink import SnapshotSink
 from .source import EventSource
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT = 0.25
 # How often the daemon reports its progress in the log.
 _PROGRESS_INTERVAL = 60.0
+# How often the mirror's lag is measured for the metrics.
+_LAG_INTERVAL = 1.0
 
 
 class Daemon:
@@ -45,6 +53,10 @@ class Daemon:
         The store.
     redis_sink, snapshot_sink
         What to keep up to date (either may be None, not both).
+    intake
+        Serves write requests for the mirror (needs `redis_sink`).
+    metrics
+        Where to count (the intake's, or a fresh one).
 
     Attributes
     ----------
@@ -58,13 +70,21 @@ class Daemon:
         source: EventSource,
         redis_sink: RedisSink | None,
         snapshot_sink: SnapshotSink | None,
+        intake: Intake | None = None,
     ) -> None:
         if redis_sink is None and snapshot_sink is None:
             raise ValueError("nothing to do: give a Redis URL, a snapshot directory or both")
+        if intake is not None and redis_sink is None:
+            raise ValueError("accepting writes needs the mirror: give a Redis URL")
         self.source = source
         self.redis_sink = redis_sink
         self.snapshot_sink = snapshot_sink
+        self.intake = intake
+        self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
+        #: Notified whenever the mirror moves; :attr:`projections` counts the moves.
+        self.projected = threading.Condition()
+        self.projections = 0
 
     def handle_signals(self) -> None:
         """Make SIGTERM and SIGINT set :attr:`stop` (call from the main thread)."""
@@ -84,6 +104,12 @@ class Daemon:
                 target=self.snapshot_sink.run, args=(self.stop,), name="snapshots", daemon=True
             )
             snapshots.start()
+        writes = None
+        if self.intake is not None:
+            writes = threading.Thread(
+                target=self._serve_writes, args=(self.intake,), name="intake", daemon=True
+            )
+            writes.start()
         try:
             if self.redis_sink is not None:
                 self._follow(self.redis_sink, until_seq=None)
@@ -94,6 +120,10 @@ class Daemon:
             self.stop.set()
             if snapshots is not None:
                 snapshots.join()
+            if writes is not None:
+                with self.projected:
+                    self.projected.notify_all()
+                writes.join()
 
     def run_once(self) -> bool:
         """Bring the mirror up to the log's current end, then write a snapshot if configured.
@@ -122,6 +152,8 @@ class Daemon:
         Whether `until_seq` was reached.
         """
         reported = time.monotonic()
+        measured = 0.0
+        rebuilding = False
         while not self.stop.is_set():
             seq = sink.seq
             if until_seq is not None:
@@ -130,7 +162,17 @@ class Daemon:
                 if sink.state == SinkState.CONFLICT:
                     return False  # another replicator has the mirror: nothing to finish
             step = sink.step()
+            if step.applied:
+                with self.projected:
+                    self.projections += 1
+                    self.projected.notify_all()
+            if sink.state == SinkState.REBUILD and not rebuilding:
+                self.metrics.rebuilds.inc()
+            rebuilding = sink.state == SinkState.REBUILD
             now = time.monotonic()
+            if now - measured >= _LAG_INTERVAL:
+                measured = now
+                self._measure_lag(sink)
             if now - reported >= _PROGRESS_INTERVAL:
                 reported = now
                 logger.info("mirror %s at seq %s (%s)", sink.url, sink.seq, sink.state.value)
@@ -142,3 +184,44 @@ class Daemon:
             else:
                 self.stop.wait(step.wait)
         return False
+
+    def _measure_lag(self, sink: RedisSink) -> None:
+        """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""
+        seq = sink.seq
+        if seq is None:
+            return
+        try:
+            last_seq = self.source.last_seq
+            behind = max(0, last_seq - seq)
+            age = 0.0
+            if behind:
+                oldest = next(iter(self.source.events(seq + 1, seq + 1)))
+                age = max(0.0, time.time() - oldest.time)
+        except (StoreError, StopIteration):
+            return
+        self.metrics.lag_events.set(behind)
+        self.metrics.lag_seconds.set(age)
+
+    def _serve_writes(self, intake: Intake) -> None:
+        """The intake's thread: step it, and wait for requests or for the mirror."""
+
+        def mirror_seq() -> int | None:
+            return self.redis_sink.seq if self.redis_sink is not None else None
+
+        try:
+            while not self.stop.is_set():
+                moves = self.projections
+                step = intake.step(mirror_seq())
+                if step.wait <= 0.0:
+                    continue
+                wait = min(step.wait, _IDLE_WAIT)
+                if intake.owes_replies:
+                    with self.projected:
+                        if self.projections == moves and not self.stop.is_set():
+                            self.projected.wait(wait)
+                elif step.idle:
+                    intake.wait_for_requests(wait)
+                else:
+                    self.stop.wait(step.wait)
+        finally:
+            intake.close()
