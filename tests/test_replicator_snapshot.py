@@ -104,10 +104,13 @@ def test_stale_temporary_files_are_removed(store, tmp_path):
     rdb = tmp_path / "rdb"
     rdb.mkdir()
     uuid = store.backend.uuid
-    stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.tmp"
+    stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.0123abcd.tmp"
     stale.write_bytes(b"half")
+    # A writer in this process may be writing it: it is not stale.
+    live = rdb / f".telstate-{uuid}-{2:016d}.rdb.{os.getpid()}.0123abcd.tmp"
+    live.write_bytes(b"half")
     SnapshotSink(store.backend, rdb, interval=3600, keep=2)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 def test_daemon_writes_snapshots_periodically(store, tmp_path):
