@@ -381,6 +381,7 @@ def remove_stale_temporaries(directory: PathType, name_pattern: str) -> None:
         temporary files to look for.
     """
     pattern = re.compile(rf"\.(?:{name_pattern})\.(?P<pid>[0-9]+)\.[0-9a-f]{{8}}\.tmp")
+    directory = os.fsdecode(directory)
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
