@@ -143,7 +143,10 @@ def check_protection(client: redis.Redis, client_user: str) -> Protection:
     redis.ConnectionError
         If the server cannot be reached.
     """
-    me = whoami(client)
+    try:
+        me = whoami(client)
+    except redis.ResponseError as error:  # a server without ACLs (before Redis 6)
+        return Protection(None, f"cannot tell: {error}")
     if me == client_user:
         return Protection(
             False,

@@ -172,6 +172,20 @@ return {1, after, target_after}
 """
 
 
+# What the replicator needs besides the commands of _APPLY, tried without
+# changing anything: a write in the cursors' database, SWAPDB (with itself),
+# PUBLISH.
+_PROBE = """
+redis.call('SELECT', ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('SELECT', ARGV[3])
+redis.call('SWAPDB', ARGV[2], ARGV[2])
+redis.call('PUBLISH', KEYS[1], '')
+return 1
+"""
+_PROBE_KEY = b"telstate-replicator:probe"
+
+
 class _Operations:
     """The operations of one script call, each key sent once in KEYS and named by its index."""
 
@@ -385,6 +399,34 @@ class RedisSink:
                     " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
                 )
             return self._fail(f"Redis at {self.url} refused a command: {error}")
+
+    def check_access(self) -> None:
+        """Set up the clients' rules if asked, and check that this replicator may write.
+
+        Call it before the first step, to stop at once on a setup that
+        cannot work; Redis failures are left to :meth:`step`, which waits
+        for the server.
+
+        Raises
+        ------
+        AclError
+            If `acl_setup` was asked for and cannot be done, or the
+            replicator's own Redis user lacks a right it needs.
+        """
+        try:
+            if self.acl_setup:
+                setup_client_rules(self.client, self.client_user)
+            self.client.eval(_PROBE, 1, _PROBE_KEY, MIRROR_CURSOR_DB, self.spare_db, self.db)
+        except _TRANSIENT:
+            return
+        except redis.ResponseError as error:
+            if not _is_permission_error(error):
+                raise
+            raise AclError(
+                f"Redis at {self.url} refused the replicator's user a command it needs"
+                f" ({error}): give the replicator a user with every right (ACL SETUSER"
+                " telstate-replicator on >PASSWORD ~* &* +@all) in the URL"
+            ) from error
 
     def close(self) -> None:
         """Close the connections to Redis."""
