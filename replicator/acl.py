@@ -192,11 +192,13 @@ def _probe_without_admin(client: redis.Redis, client_user: str, me: str) -> Prot
             f"cannot tell: user {me!r} may not run ACL DRYRUN (needs @admin) and only the"
             " default user can be tried without its password",
         )
-    kwargs = dict(client.connection_pool.connection_kwargs)
-    kwargs.pop("username", None)
-    kwargs.pop("password", None)
-    kwargs.pop("credential_provider", None)
-    probe = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    for credential in ("username", "password", "credential_provider"):
+        kwargs.pop(credential, None)
+    probe = redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
     try:
         probe.delete(f"telstate-replicator:probe:{secrets.token_hex(8)}")
     except redis.exceptions.NoPermissionError:
