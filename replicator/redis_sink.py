@@ -16,6 +16,15 @@ changed behind its back (Redis restarted empty, FLUSHDB, a write by someone
 else, another store or another replicator) is noticed before anything is
 written over it.
 
+A rebuild never shows readers a partial mirror: the new mirror is built
+in a spare database and swapped with the mirror (SWAPDB) in the script
+that marks the cursor READY, so readers see the old mirror until the new
+one is complete, then the new one, on the connections they already have.
+
+Every key a script touches is passed in KEYS (operations name their key by
+its index there), as Redis ACLs and cluster tooling expect; the cursor's
+hash is KEYS[1], though it lives in another database.
+
 The sink is a small state machine, advanced by :meth:`RedisSink.step`::
 
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
