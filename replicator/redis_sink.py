@@ -421,6 +421,9 @@ class RedisSink:
         AclError
             If `acl_setup` was asked for and cannot be done, or the
             replicator's own Redis user lacks a right it needs.
+        ValueError
+            If Redis refuses the databases (e.g. it has fewer than the
+            spare's number).
         """
         try:
             if self.acl_setup:
@@ -430,7 +433,11 @@ class RedisSink:
             return
         except redis.ResponseError as error:
             if not _is_permission_error(error):
-                raise
+                # E.g. a server with fewer databases than the spare's number.
+                raise ValueError(
+                    f"Redis at {self.url} refused the replicator's first commands ({error});"
+                    f" check the mirror's database ({self.db}) and --spare-db ({self.spare_db})"
+                ) from error
             raise AclError(
                 f"Redis at {self.url} refused the replicator's user a command it needs"
                 f" ({error}): give the replicator a user with every right (ACL SETUSER"

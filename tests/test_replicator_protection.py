@@ -230,3 +230,37 @@ def test_acl_setup_needs_a_mirror(store, tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "give --redis too" in run.stderr
+
+
+def test_a_server_with_fewer_databases_than_the_spare(store, tmp_path):
+    from tests.servers import system_redis_server
+
+    socket = str(tmp_path / "small.sock")
+    server = subprocess.Popen(
+        [system_redis_server(), "--port", "0", "--unixsocket", socket, "--save", ""]
+        + ["--databases", "4", "--dir", str(tmp_path), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(unix_socket_path=socket)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, FileNotFoundError):
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.02)
+        run = subprocess.run(
+            [sys.executable, "-m", "replicator", "--log", str(store), "--once"]
+            + ["--redis", f"unix://{socket}?db=0"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2
+        assert "--spare-db (14)" in run.stderr and "out of range" in run.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
