@@ -8,16 +8,16 @@ yet one Lua script can still check it, change the mirror and move it in a
 single atomic step (scripts may SELECT another database; the change of
 database ends with the script). Fields:
 
-=========  ==================================================================
-``owner``  the replicator process that writes the mirror (host, pid, token)
-``store``  UUID of the store whose log the mirror reflects
-``host``   host of the store, and ``path`` its directory (for messages)
-``seq``    the last event of the log that the mirror includes
-``state``  ``ready``, or ``rebuilding`` while the store's state is loaded
-``keys``   the number of keys in the mirror database once the step is done
-``spare``  while rebuilding: the spare database the new mirror is built in
-``spare_keys`` the number of keys in the spare database once the step is done
-=========  ==================================================================
+==============  ==============================================================
+``owner``       the replicator process that writes the mirror (host, pid, token)
+``store``       UUID of the store whose log the mirror reflects
+``host``        host of the store, and ``path`` its directory (for messages)
+``seq``         the last event of the log that the mirror includes
+``state``       ``ready``, or ``rebuilding`` while the new mirror is built
+``keys``        the number of keys in the mirror database once the step is done
+``spare``       while rebuilding: the database the new mirror is built in
+``spare_keys``  the number of keys in that database once the step is done
+==============  ==============================================================
 
 ``keys`` (and ``spare_keys`` during a rebuild) is how a flushed or
 foreign-written mirror is noticed: every step compares it with DBSIZE
