@@ -28,9 +28,9 @@ hash is KEYS[1], though it lives in another database.
 The sink is a small state machine, advanced by :meth:`RedisSink.step`::
 
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
-    CONNECT, TAIL  --mirror not as expected-->       REBUILD --state loaded--> TAIL
+    CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
-    any state  --Redis failed-->                     BACKOFF --delay over--> CONNECT
+    any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
