@@ -18,6 +18,7 @@ import redis
 from replicator.acl import CLIENT_RULES
 from replicator.connection import redact_url
 from telstate import TelescopeState
+from telstate.errors import ReadOnlyError
 from telstate.lmdb import LmdbBackend
 from tests.servers import RedisServer
 from tests.test_replicator_e2e import REPO, Writer, daemons, settle, store, wait_for_cursor
@@ -79,6 +80,13 @@ def test_protected_mirror_refuses_katsdptelstate_writes_at_once(store, server, d
         with pytest.raises(redis.ResponseError, match="(?i)permission|can't run"):
             write()
         assert time.monotonic() - started < 1.0, name
+
+    # telstate's own client of the mirror reads it too, and refuses writes itself.
+    remote = TelescopeState(url(server))
+    assert sorted(remote.keys()) == sorted(ours.keys())
+    assert remote.get_range(sensor, st=0) == ours.get_range(sensor, st=0)
+    with pytest.raises(ReadOnlyError):
+        remote.add("foreign", 1.0)
 
     # wait_key on the protected mirror wakes on a write made to the store.
     woke: list = []
