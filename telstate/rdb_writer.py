@@ -18,6 +18,7 @@ import operator
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -68,12 +69,14 @@ class RDBWriter:
     temporary file (:meth:`abort`) instead of completing it. A file with no
     keys is discarded too, unless `keep_empty`; temporary files that killed
     processes left beside `filename` are removed when the next writer of
-    it starts.
+    it starts. A `filename` that is a pipe or device (``/dev/stdout``) is
+    written directly.
 
     Parameters
     ----------
     filename
-        Destination file; its directory must exist and be writable.
+        Destination file; its directory must exist and be writable (a pipe
+        or device is written directly).
     aux
         AUX fields to store in the header (names and values as bytes or str),
         e.g. ``{b"telstate-seq": b"42"}``; :func:`telstate.rdb_reader.read_aux`
@@ -123,11 +126,16 @@ class RDBWriter:
         header.append(_SELECT_DB_0)
         self._buffer = bytearray(b"".join(header))
         target = os.path.abspath(os.fsdecode(filename))
+        self._target = target
+        #: The temporary file that becomes `filename` when :meth:`close` completes
+        #: it; None when `filename` is a pipe or device, written to directly.
+        self.temporary: str | None = None
+        if _is_stream(target):
+            self._file = open(target, "wb")  # noqa: SIM115 - closed by close() or abort()
+            return
         directory, name = os.path.split(target)
         remove_stale_temporaries(directory, re.escape(name))
-        #: The temporary file that becomes `filename` when :meth:`close` completes it.
         self.temporary = os.path.join(directory, temporary_name(name))
-        self._target = target
         # O_EXCL: never write into someone else's file; mode 0o666 lets the
         # umask decide the permissions, as open(filename, "wb") would.
         fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -335,6 +343,9 @@ class RDBWriter:
             self._file.write(self._buffer)
             self._buffer = bytearray()
             self._file.flush()
+            if self.temporary is None:
+                self._file.close()
+                return
             os.fsync(self._file.fileno())
             self._file.close()
             if not self.keys_written and not self._keep_empty:
@@ -360,8 +371,9 @@ class RDBWriter:
 
     def _discard(self) -> None:
         self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.temporary)
+        if self.temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.temporary)
 
 
 def temporary_name(name: str) -> str:
@@ -391,6 +403,15 @@ def remove_stale_temporaries(directory: PathType, name_pattern: str) -> None:
         if match and not _process_exists(int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(directory, other))
+
+
+def _is_stream(path: str) -> bool:
+    """Whether `path` is an existing pipe or device (e.g. /dev/stdout): nothing to rename over."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _process_exists(pid: int) -> bool:

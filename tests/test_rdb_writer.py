@@ -262,3 +262,19 @@ def test_the_file_gets_the_permissions_open_would_give(tmp_path) -> None:
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_pipe_is_written_directly(tmp_path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    with RDBWriter(fifo) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"v")
+    reader.join(10)
+    (tmp_path / "copy.rdb").write_bytes(received[0])
+    assert list(read_records(tmp_path / "copy.rdb")) == [(b"k", IMMUTABLE, b"v")]
+    assert sorted(os.listdir(tmp_path)) == ["copy.rdb", "pipe"]
