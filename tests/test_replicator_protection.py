@@ -7,13 +7,17 @@ Each test that changes ACLs has a redis-server of its own: ACLs are server-wide.
 from __future__ import annotations
 
 import json
+import string
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicator.acl import CLIENT_RULES
 from replicator.connection import redact_url
@@ -272,3 +276,31 @@ def test_a_server_with_fewer_databases_than_the_spare(store, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+_NAME = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
+_SECRET = st.text(alphabet=string.ascii_letters + string.digits + "!$&'()*+,;=-._~", min_size=6)
+
+
+@given(
+    scheme=st.sampled_from(["redis", "rediss"]),
+    user=st.none() | _NAME,
+    password=_SECRET,
+    host=_NAME,
+    db=st.integers(0, 14),
+    in_query=st.booleans(),
+)
+def test_redacted_urls_keep_everything_but_the_password(scheme, user, password, host, db, in_query):
+    quoted = urllib.parse.quote(password, safe="")
+    if in_query:
+        url = f"{scheme}://{user + '@' if user else ''}{host}:6379/{db}?password={quoted}"
+    else:
+        url = f"{scheme}://{user or ''}:{quoted}@{host}:6379/{db}"
+    shown = redact_url(url)
+    assert password not in shown.replace(host, "").replace(user or "", "")
+    assert quoted not in shown.replace(host, "").replace(user or "", "")
+    assert "***" in shown
+    original = redis.connection.parse_url(url)
+    redacted = redis.connection.parse_url(shown)
+    for field in ("host", "port", "db", "username"):
+        assert redacted.get(field) == original.get(field), field
