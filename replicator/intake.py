@@ -51,7 +51,7 @@ from telstate.errors import ImmutableKeyError, InvalidTimestampError, StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, Tables
 from telstate.log import Op
-from telstate.redis import MIRROR_CURSOR_DB, client_db
+from telstate.redis import MIRROR_CURSOR_DB
 from telstate.remote import (
     MAX_TIMEOUT,
     InvalidRequest,
@@ -64,6 +64,7 @@ from telstate.remote import (
     request_stream_key,
 )
 
+from .connection import connect
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -159,8 +160,7 @@ class Intake:
     ) -> None:
         self.backend = backend
         self.store = str(backend.uuid)
-        mirror = redis.Redis.from_url(url)
-        self.db = client_db(mirror)
+        mirror, self.db = connect(url)
         kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
         mirror.close()
         kwargs.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
