@@ -47,7 +47,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from telstate.errors import ImmutableKeyError, InvalidTimestampError, StoreError
+from telstate.encoding import PICKLE_ERROR, decode_value
+from telstate.errors import DecodeError, ImmutableKeyError, InvalidTimestampError, StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, Tables
 from telstate.log import Op
@@ -340,6 +341,10 @@ class Intake:
                 )
                 self._reject(entry_id, other, now_ms, clock_offset, kind=b"store")
                 continue
+            undecodable = _undecodable(request)
+            if undecodable is not None:
+                self._reject(entry_id, undecodable, now_ms, clock_offset)
+                continue
             requests.append(request)
         for chunk in _chunks(requests, self.batch_bytes):
             for request, record in zip(chunk, apply_requests(self.backend, chunk, now_ms)):
@@ -393,6 +398,30 @@ class Intake:
                 0, entry_id, error.request_id, error.reply_to, reply, now_ms, now_ms, clock_offset
             )
         )
+
+
+def _undecodable(request: Request) -> InvalidRequest | None:
+    """An error if the request's value or sub-key is not an encoded value, else None.
+
+    Pickled values are let through undecoded (the daemon never unpickles;
+    a katsdptelstate client may write them, and readers decide).
+    """
+    parts = []
+    if request.op in (Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED):
+        parts.append(("value", request.value))
+    if request.op is Op.SET_INDEXED:
+        parts.append(("sub-key", request.sub_key))
+    for name, data in parts:
+        try:
+            decode_value(data, allow_pickle=False)
+        except DecodeError as error:
+            if str(error) != PICKLE_ERROR:
+                return InvalidRequest(
+                    f"request {request.request_id!r}: the {name} does not decode: {error}",
+                    request.request_id,
+                    request.reply_to,
+                )
+    return None
 
 
 def _chunks(requests: list[Request], size: int) -> list[list[Request]]:
