@@ -8,9 +8,10 @@ so a commit reaches Redis within milliseconds and an idle daemon does not
 spin. Snapshots run in a thread of their own so that writing a large file
 never holds up the mirror. With ``--accept-writes`` the write intake
 (:mod:`replicator.intake`) runs in a thread too: it waits for requests in
-Redis, commits them (which wakes the mirror's thread at once), and waits
-for the mirror to hold their events (:attr:`Daemon.projected`, notified
-after every step that moved the mirror) before it replies.
+Redis, commits them, and steps the Redis sink itself to project them at
+once before it replies (the two threads take turns at the sink, see
+:class:`SharedSink`); while the mirror cannot take them (rebuilding,
+Redis down), it waits for the mirror's thread to move it.
 
 Stopping (SIGTERM, SIGINT, or :attr:`Daemon.stop` set) lets the current
 batch finish: a batch is one atomic script call, so there is never a half
@@ -29,7 +30,7 @@ from telstate.errors import StoreError
 
 from .intake import Intake
 from .metrics import Metrics
-from .redis_sink import RedisSink, SinkState
+from .redis_sink import RedisSink, SinkState, Step
 from .snapshot_sink import SnapshotSink
 from .source import EventSource
 
@@ -42,6 +43,51 @@ _IDLE_WAIT = 0.25
 _PROGRESS_INTERVAL = 60.0
 # How often the mirror's lag is measured for the metrics.
 _LAG_INTERVAL = 1.0
+
+
+class SharedSink:
+    """The Redis sink, stepped by the mirror's thread and by the intake's, one at a time.
+
+    Attributes
+    ----------
+    turn
+        Held while stepping the sink; notified whenever the mirror moves.
+    moves
+        How many steps have moved the mirror.
+    """
+
+    def __init__(self, sink: RedisSink) -> None:
+        self.sink = sink
+        self.turn = threading.Condition()
+        self.moves = 0
+
+    @property
+    def seq(self) -> int | None:
+        """The last event the mirror holds, while it is complete."""
+        return self.sink.seq
+
+    def step(self) -> Step:
+        """One step of the sink."""
+        with self.turn:
+            step = self.sink.step()
+            if step.applied:
+                self.moves += 1
+                self.turn.notify_all()
+            return step
+
+    def catch_up(self, seq: int) -> int | None:
+        """Step the sink until the mirror holds `seq` or a step moves nothing."""
+        with self.turn:
+            while (self.sink.seq or 0) < seq and self.sink.step().applied:
+                self.moves += 1
+                self.turn.notify_all()
+            return self.sink.seq
+
+    def wait_for_move(self, moves: int, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a step after the `moves`-th to move the mirror."""
+        with self.turn:
+            if self.moves == moves:
+                self.turn.wait(timeout)
 
 
 class Daemon:
@@ -82,9 +128,7 @@ class Daemon:
         self.intake = intake
         self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
-        #: Notified whenever the mirror moves; :attr:`projections` counts the moves.
-        self.projected = threading.Condition()
-        self.projections = 0
+        self.shared = SharedSink(redis_sink) if redis_sink is not None else None
 
     def handle_signals(self) -> None:
         """Make SIGTERM and SIGINT set :attr:`stop` (call from the main thread)."""
@@ -121,8 +165,6 @@ class Daemon:
             if snapshots is not None:
                 snapshots.join()
             if writes is not None:
-                with self.projected:
-                    self.projected.notify_all()
                 writes.join()
 
     def run_once(self) -> bool:
@@ -161,11 +203,8 @@ class Daemon:
                     return True
                 if sink.state == SinkState.CONFLICT:
                     return False  # another replicator has the mirror: nothing to finish
-            step = sink.step()
-            if step.applied:
-                with self.projected:
-                    self.projections += 1
-                    self.projected.notify_all()
+            assert self.shared is not None
+            step = self.shared.step()
             if sink.state == SinkState.REBUILD and not rebuilding:
                 self.metrics.rebuilds.inc()
             rebuilding = sink.state == SinkState.REBUILD
@@ -205,20 +244,17 @@ class Daemon:
     def _serve_writes(self, intake: Intake) -> None:
         """The intake's thread: step it, and wait for requests or for the mirror."""
 
-        def mirror_seq() -> int | None:
-            return self.redis_sink.seq if self.redis_sink is not None else None
-
+        mirror = self.shared
+        assert mirror is not None
         try:
             while not self.stop.is_set():
-                moves = self.projections
-                step = intake.step(mirror_seq())
+                moves = mirror.moves
+                step = intake.step(mirror)
                 if step.wait <= 0.0:
                     continue
                 wait = min(step.wait, _IDLE_WAIT)
                 if intake.owes_replies:
-                    with self.projected:
-                        if self.projections == moves and not self.stop.is_set():
-                            self.projected.wait(wait)
+                    mirror.wait_for_move(moves, wait)
                 elif step.idle:
                     intake.wait_for_requests(wait)
                 else:

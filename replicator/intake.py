@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -114,6 +114,17 @@ class Step:
     idle: bool = False
 
 
+class Mirror(Protocol):
+    """The mirror as the intake sees it: how far it is, and a way to move it on at once."""
+
+    @property
+    def seq(self) -> int | None:
+        """The last event the mirror holds (None while it is incomplete)."""
+
+    def catch_up(self, seq: int) -> int | None:
+        """Project the log up to `seq` now if the mirror can take it; return :attr:`seq`."""
+
+
 @dataclass
 class _Owed:
     """A reply that goes out once the mirror holds event `seq`."""
@@ -178,6 +189,7 @@ class Intake:
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
+        self._now_ms = 0  # the server's time when _fetched was read
         self._owed: collections.deque[_Owed] = collections.deque()
         # Read the pending list (requests delivered before a restart) before new ones.
         self._backlog = True
@@ -191,13 +203,11 @@ class Intake:
         """Whether replies wait for the mirror to catch up."""
         return bool(self._owed)
 
-    def step(self, mirror_seq: int | None) -> Step:
+    def step(self, mirror: Mirror) -> Step:
         """Do the next piece of work; never raises for Redis failures.
 
-        Parameters
-        ----------
-        mirror_seq
-            The last event the mirror holds (None while it is not complete).
+        After a commit the step asks `mirror` to project it at once, so
+        that the replies go out in the same step.
         """
         try:
             if self.state == IntakeState.CONNECT:
@@ -208,7 +218,7 @@ class Intake:
                     return Step(0, wait=self._retry_at - now)
                 self.state = IntakeState.CONNECT
                 return Step(0)
-            return self._serve(mirror_seq)
+            return self._serve(mirror)
         except _TRANSIENT as error:
             return self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
@@ -223,7 +233,7 @@ class Intake:
         if self.state != IntakeState.SERVE or self._fetched or self._backlog:
             return
         try:
-            self._fetched = self._read(block_ms=max(1, int(timeout * 1000)))
+            self._fetched, self._now_ms = self._read(block_ms=max(1, int(timeout * 1000)))
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
@@ -252,15 +262,18 @@ class Intake:
         logger.info("accepting writes for mirror database %d into store %s", self.db, self.store)
         return Step(0)
 
-    def _serve(self, mirror_seq: int | None) -> Step:
-        answered = self._send_replies(mirror_seq)
+    def _serve(self, mirror: Mirror) -> Step:
+        answered = self._send_replies(mirror.seq)
         if not self._fetched:
-            self._fetched = self._read(block_ms=None)
+            self._fetched, self._now_ms = self._read(block_ms=None)
         if not self._fetched:
             self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
-        applied = self._process(fetched)
+        applied = self._process(fetched, self._now_ms)
+        if self._owed:
+            seq = mirror.catch_up(max(owed.seq for owed in self._owed))
+            answered += self._send_replies(seq)
         return Step(answered + applied)
 
     def _fail(self, message: str) -> Step:
@@ -274,11 +287,20 @@ class Intake:
 
     # Talking to Redis
 
-    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    def _read(self, block_ms: int | None) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], int]:
+        """The next requests, and the server's time (ms) when they were read."""
         start = b"0" if self._backlog else b">"
-        reply: Any = self.client.xreadgroup(
-            GROUP.decode(), GROUP.decode(), {self._stream: start}, count=self.batch, block=block_ms
-        )
+        with self.client.pipeline(transaction=False) as pipe:
+            # TIME runs when the read returns (a blocked client's next command waits).
+            pipe.xreadgroup(
+                GROUP.decode(),
+                GROUP.decode(),
+                {self._stream: start},
+                count=self.batch,
+                block=block_ms,
+            )
+            pipe.time()
+            reply, (seconds, micros) = pipe.execute()
         entries: list[tuple[bytes, dict[bytes, bytes]]] = [
             (entry_id, fields) for _, items in reply or () for entry_id, fields in items
         ]
@@ -288,7 +310,9 @@ class Intake:
         dropped = [entry_id for entry_id, fields in entries if not fields]
         if dropped:
             self.client.xack(self._stream, GROUP, *dropped)
-        return [(entry_id, fields) for entry_id, fields in entries if fields]
+        return [(entry_id, fields) for entry_id, fields in entries if fields], (
+            seconds * 1000 + micros // 1000
+        )
 
     def _send_replies(self, mirror_seq: int | None) -> int:
         if not self._owed or mirror_seq is None or self._owed[0].seq > mirror_seq:
@@ -320,9 +344,7 @@ class Intake:
             self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
         return len(ready)
 
-    def _process(self, fetched: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        seconds, micros = self.client.time()
-        now_ms = seconds * 1000 + micros // 1000
+    def _process(self, fetched: list[tuple[bytes, dict[bytes, bytes]]], now_ms: int) -> int:
         # Monotonic time minus server time: when replies go out, their age by the server's clock.
         clock_offset = time.monotonic() - now_ms / 1000
         requests: list[Request] = []

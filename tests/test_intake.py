@@ -56,9 +56,19 @@ class Client:
         return found
 
 
+class StuckMirror:
+    """A mirror that holds the events up to a given seq, and moves no further."""
+
+    def __init__(self, seq: int | None) -> None:
+        self.seq = seq
+
+    def catch_up(self, seq: int) -> int | None:
+        return self.seq
+
+
 def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
     for _ in range(steps):
-        intake.step(mirror_seq)
+        intake.step(StuckMirror(mirror_seq))
 
 
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
