@@ -143,9 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--metrics-port",
-        type=int,
+        type=_positive_int,
         metavar="PORT",
         help="serve Prometheus metrics over HTTP on this port",
+    )
+    run.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address the metrics server listens on (default: %(default)s)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -248,7 +254,11 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     intake = Intake(source, options.redis) if options.accept_writes else None
     daemon = Daemon(source, redis_sink, snapshot_sink, intake)
     if options.metrics_port is not None:
-        daemon.metrics.serve(options.metrics_port)
+        try:
+            daemon.metrics.serve(options.metrics_port, options.metrics_address)
+        except OSError as error:
+            source.close()
+            parser.error(f"--metrics-port: {error}")
     daemon.handle_signals()
     try:
         if options.once:

@@ -76,7 +76,7 @@ class Metrics:
         )
         self._next_publish = 0.0
 
-    def serve(self, port: int, address: str = "") -> None:
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
         """Serve the metrics over HTTP on `port`, in a thread."""
         prometheus_client.start_http_server(port, addr=address, registry=self.registry)
 

@@ -528,3 +528,40 @@ def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url
     control = server.client(db=MIRROR_CURSOR_DB)
     assert control.hget(intake_key(0), "store") is not None
     control.close()
+
+
+def test_status_and_prometheus_show_the_intake(store, server, mirror_url, daemon):
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon("--metrics-port", str(port), "--metrics-address", "127.0.0.1")
+    ts = TelescopeState(mirror_url)
+    for i in range(10):
+        ts.add("sensor", i, ts=float(i))
+    with pytest.raises(ImmutableKeyError):
+        ts.add("sensor", 1, immutable=True)
+    ts.backend.close()
+    command = [sys.executable, "-m", "replicator", "status", "--log", str(store)]
+    deadline = time.monotonic() + SETTLE
+    while True:
+        done = subprocess.run(
+            [*command, "--redis", mirror_url, "--json"], cwd=REPO, capture_output=True, text=True
+        )
+        writes = json.loads(done.stdout).get("writes", {})
+        if writes.get("requests_applied_total") == 10:
+            break
+        assert time.monotonic() < deadline, done.stdout
+        time.sleep(0.1)
+    assert writes["requests_rejected_total_immutable"] == 1
+    assert writes["store"] == str(LmdbBackend(store, readonly=True).uuid)
+    human = subprocess.run(
+        [*command, "--redis", mirror_url], cwd=REPO, capture_output=True, text=True
+    )
+    assert "applied 10, rejected 1 immutable" in human.stdout
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert "telstate_replicator_requests_applied_total 10.0" in scraped
+    assert "telstate_replicator_mirror_lag_events" in scraped
