@@ -10,8 +10,17 @@ from ..harness import Family
 from .log import Log
 from .rdb import Rdb
 from .reads import Reads
+from .remote import RemoteWrites
 from .replication import Replication
 from .waits import Waits
 from .writes import Writes
 
-FAMILIES: tuple[Family, ...] = (Writes(), Reads(), Waits(), Rdb(), Log(), Replication())
+FAMILIES: tuple[Family, ...] = (
+    Writes(),
+    Reads(),
+    Waits(),
+    Rdb(),
+    Log(),
+    Replication(),
+    RemoteWrites(),
+)
