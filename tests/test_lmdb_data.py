@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from unittest import mock
@@ -239,3 +242,156 @@ def test_adds_at_one_timestamp_are_not_quadratic(backend):
     backend.add_mutable(b"same", b"last", 6.0)
     assert backend.get_range(b"same", 5.0, 5.0, False, True)[-1] == (b"999", 5.0)
     assert backend.verify() == []
+
+
+# --- damage and memory, in subprocesses ---------------------------------------------------
+
+_DAMAGE_CHILD = r"""
+import json, os, random, shutil, sys, tempfile
+import lmdb
+from telstate.errors import StoreError
+from telstate.lmdb import LmdbBackend
+from telstate.rdb_writer import RDBWriter
+
+source, seed, trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = open(os.path.join(source, "data.mdb"), "rb").read()
+# Where the records are: every stored value of every table, found in the file.
+env = lmdb.open(source, max_dbs=16, readonly=True, lock=False)
+spans = []
+with env.begin() as txn:
+    for name, _ in txn.cursor():
+        db = env.open_db(name, txn=txn, create=False)
+        for _, value in txn.cursor(db=db):
+            start = data.find(value)
+            if start >= 0 and value:
+                spans.append((start, len(value)))
+env.close()
+rng = random.Random(seed)
+leaks = {}
+outcomes = {"clean": 0, "StoreError": 0}
+for trial in range(trials):
+    directory = tempfile.mkdtemp()
+    shutil.copy(os.path.join(source, "data.mdb"), directory)
+    damaged = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        start, length = rng.choice(spans)
+        damaged[start + rng.randrange(length)] ^= 1 << rng.randrange(8)
+    open(os.path.join(directory, "data.mdb"), "wb").write(damaged)
+    try:
+        with LmdbBackend(directory, readonly=True) as backend:
+            for key in backend.keys(b"*"):
+                kind = backend.key_type(key)
+                backend.get(key)
+                backend.record(key)
+                list(backend.history(key))
+                if kind is not None and kind.name == "MUTABLE":
+                    for args in ((0.0, 1e300, True, False), (2.5, 7.0, True, True)):
+                        backend.get_range(key, *args)
+                if kind is not None and kind.name == "INDEXED":
+                    backend.get_indexed(key, b"sub 1")
+            list(backend.events())
+            dump = os.path.join(directory, "dump.rdb")
+            with backend.snapshot() as snap, RDBWriter(dump) as writer:
+                for record in snap.records():
+                    writer.write_record(*record)
+        outcomes["clean"] += 1
+    except StoreError:
+        outcomes["StoreError"] += 1
+    except Exception as error:
+        leaks.setdefault(type(error).__name__, []).append(f"trial {trial}: {error!r}"[:200])
+    shutil.rmtree(directory)
+print(json.dumps({"outcomes": outcomes, "leaks": leaks}))
+"""
+
+
+def _store_of_every_kind(path) -> None:
+    with (
+        mock.patch.object(lmdb_settings, "TAIL_MAX", 8),
+        LmdbBackend(path, durability="fsync", writer_name="damage") as backend,
+    ):
+        backend.set_immutable(b"immutable", b"value" * 10)
+        backend.set_immutable(b"long name " * 60, b"v")
+        for i in range(40):
+            backend.add_mutable(b"sealed", b"sample %d" % i, float(i % 10))
+            backend.add_mutable(b"long values", bytes([i]) * 600, float(i))
+            backend.set_indexed(b"indexed", b"sub %d" % i, b"x" * i)
+        backend.set_indexed(b"indexed", b"long sub-key " * 50, b"y")
+        backend.delete(b"immutable")
+        backend.set_immutable(b"immutable", b"again")
+
+
+def test_a_damaged_store_raises_store_error_from_reads_and_export(tmp_path):
+    """Fix 9: bytes flipped in records surface as StoreError (or a clean read), nothing else.
+
+    The bytes are flipped inside stored values: LMDB keeps no checksums
+    of its pages, so damage to its own page structure can crash it
+    outright, which no reader above it can turn into an error.
+    """
+    source = tmp_path / "store"
+    _store_of_every_kind(source)
+    child = subprocess.run(
+        [sys.executable, "-c", _DAMAGE_CHILD, str(source), "11", "300"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout)
+    assert result["leaks"] == {}
+    assert result["outcomes"]["StoreError"] > 10  # the damage was seen, not always missed
+
+
+# Anonymous memory (RssAnon): the pages of the memory map, which reads touch,
+# are file-backed and would hide what the reader itself holds.
+_MEMORY_CHILD = r"""
+import sys
+from telstate.lmdb import LmdbBackend
+
+
+def anonymous_kib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
+
+backend = LmdbBackend(sys.argv[1], readonly=True)
+mode = sys.argv[2]
+before = peak = anonymous_kib()
+if mode == "events":
+    for event in backend.events():
+        assert len(event.value) == 2 << 20
+        peak = max(peak, anonymous_kib())
+elif mode == "export":
+    from telstate.rdb_writer import RDBWriter
+
+    with backend.snapshot() as snap, RDBWriter(sys.argv[3]) as writer:
+        for record in snap.records():
+            peak = max(peak, anonymous_kib())
+            writer.write_record(*record)
+            peak = max(peak, anonymous_kib())
+print((peak - before) // 1024)
+"""
+
+
+def _peak_mib(path, mode: str, *args: str) -> int:
+    child = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(path), mode, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    return int(child.stdout)
+
+
+def test_reading_big_events_takes_bounded_memory(tmp_path):
+    """Fix 6: a chunk of events is bounded in bytes, not only in count."""
+    path = tmp_path / "store"
+    with (
+        LmdbBackend(path, durability="none", map_size=256 << 20) as backend,
+        backend.write() as wtxn,
+    ):
+        for i in range(40):
+            wtxn.add_mutable(b"big", bytes([i]) * (2 << 20), float(i))
+    assert _peak_mib(path, "events") < 24  # 80 MiB of events, one or two held at a time
