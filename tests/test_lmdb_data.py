@@ -255,7 +255,8 @@ from telstate.rdb_writer import RDBWriter
 
 source, seed, trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 data = open(os.path.join(source, "data.mdb"), "rb").read()
-# Where the records are: every stored value of every table, found in the file.
+# Where the records are: every stored value of every table, found in the file
+# (not the table descriptors of LMDB's main database: those are its structure).
 env = lmdb.open(source, max_dbs=16, readonly=True, lock=False)
 spans = []
 with env.begin() as txn:
