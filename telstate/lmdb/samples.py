@@ -347,8 +347,9 @@ def add_sample(
         return _insert_into_block(txn, tables, key_id, stamp, value)
     cursor = txn.cursor(tables.samples)
     if len(value) < INLINE_LIMIT:
-        # dupdata=False: an identical (timestamp, value) is refused (False).
-        if not cursor.put(key_id, TIMESTAMP.pack(stamp) + value, dupdata=False):
+        # dupdata=False (by position: py-lmdb parses keywords slowly): an
+        # identical (timestamp, value) is refused, returning False.
+        if not cursor.put(key_id, TIMESTAMP.pack(stamp) + value, False):
             return False
     else:
         prefix = TIMESTAMP.pack(stamp) + value[:INLINE_PREFIX]

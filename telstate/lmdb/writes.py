@@ -100,6 +100,19 @@ class WriteTxn:
         On leaving the block, if LMDB failed (disk full, damaged store).
     """
 
+    __slots__ = (
+        "_store",
+        "_writer_name",
+        "txn",
+        "tables",
+        "changed",
+        "_writer_id",
+        "_new_writer_id",
+        "_last_commit",
+        "_appended",
+        "_txnid",
+    )
+
     def __init__(self, store: Store, writer_name: str | None) -> None:
         self._store = store
         self._writer_name = writer_name
@@ -109,6 +122,7 @@ class WriteTxn:
         self._writer_id: int | None = None
         self._new_writer_id: int | None = None
         self._last_commit = (-1, 0, 0.0)
+        self._txnid = -1
         # (seq, time) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float] | None = None
 
@@ -119,7 +133,7 @@ class WriteTxn:
             while True:
                 env = store.env or store.ensure_open()
                 try:
-                    self.txn = env.begin(write=True)
+                    self.txn = env.begin(None, None, True)  # write=True (by position: faster)
                 except lmdb.MapResizedError:
                     store.adopt_map_size()
                     continue
@@ -127,6 +141,7 @@ class WriteTxn:
         except BaseException:
             store.write_lock.release()
             raise
+        self._txnid = self.txn.id()
         self.tables = store.tables
         self._writer_id = store.writer_ids.get(self._writer_name)
         self._last_commit = store.last_commit
@@ -135,40 +150,40 @@ class WriteTxn:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
         self.txn = None
-        committed = False
-        try:
-            if exc is None:
-                txnid = txn.id()
-                if self.changed:
-                    txn.commit()
-                    committed = True
-                else:
-                    txn.abort()
-        except BaseException as error:
-            exc = error
         if exc is not None:
-            abort(txn)
-            if isinstance(exc, lmdb.MapFullError):
-                store.grow()
+            self._fail(txn, exc)
+            return  # the block's own exception propagates
+        try:
+            if not self.changed:
+                txn.abort()
                 store.write_lock.release()
+                return
+            txn.commit()
+        except BaseException as error:
+            self._fail(txn, error)
+            raise
+        if self._new_writer_id is not None:
+            store.writer_ids[self._writer_name] = self._new_writer_id
+        if self._appended is not None:
+            store.last_commit = (self._txnid, *self._appended)
+        store.write_lock.release()
+        store.committed()
+
+    def _fail(self, txn: Any, error: BaseException) -> None:
+        """Abort after `error` and release the write lock; raise what it means for callers."""
+        store = self._store
+        abort(txn)
+        try:
+            if isinstance(error, lmdb.MapFullError):
+                store.grow()
                 raise RetryTransaction(
                     f"the store at {store.path!r} was full; its map has grown"
                 ) from None
+        finally:
             store.write_lock.release()
-            if isinstance(exc, lmdb.Error):
-                message = f"writing to the store at {store.path!r} failed: {exc}"
-                raise StoreError(message) from exc
-            if exc_type is None:
-                raise exc
-            return  # the block's own exception propagates
-        if committed:
-            if self._new_writer_id is not None:
-                store.writer_ids[self._writer_name] = self._new_writer_id
-            if self._appended is not None:
-                store.last_commit = (txnid, *self._appended)
-        store.write_lock.release()
-        if committed:
-            store.committed()
+        if isinstance(error, lmdb.Error):
+            message = f"writing to the store at {store.path!r} failed: {error}"
+            raise StoreError(message) from error
 
     # --- the operations -------------------------------------------------------------
 
@@ -289,21 +304,23 @@ class WriteTxn:
     ) -> None:
         """Append the event of an operation that changed the state."""
         previous_seq, previous_time = self._last_event()
-        # Event times never go back, for replay(until_time=...).
-        now = max(time.time(), previous_time)
+        now = time.time()
+        if now < previous_time:
+            now = previous_time  # event times never go back, for replay(until_time=...)
         seq = previous_seq + 1
+        writer_id = self._writer_id or self._writer()
         append_event(
             self.txn,
             self.tables,
             seq,
             name_key,
-            op_code=op_code,
-            writer_id=self._writer(),
-            time=now,
-            key=key,
-            sub_key=sub_key,
-            value=value,
-            timestamp=timestamp,
+            op_code,
+            writer_id,
+            now,
+            key,
+            sub_key,
+            value,
+            timestamp,
         )
         self._appended = (seq, now)
         self.changed = True
@@ -312,7 +329,7 @@ class WriteTxn:
         """(seq, time) of the last event before the one about to be appended."""
         if self._appended is None:
             committed_txnid, seq, previous_time = self._last_commit
-            if committed_txnid != self.txn.id() - 1:
+            if committed_txnid != self._txnid - 1:
                 seq, previous_time = last_event(self.txn, self.tables)
             self._appended = (seq, previous_time)
         return self._appended
