@@ -117,9 +117,6 @@ class LmdbBackend(Backend):
             batch_interval=self._batch_interval,
             map_size=max(map_size, 1 << 16),
         )
-        # State of the write transaction in progress (see _write and _append).
-        self._new_writer_id: int | None = None
-        self._appended: tuple[int, float] | None = None
 
     # --- plumbing -------------------------------------------------------------------
 
