@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telstate.errors import InvalidTimestampError, StoreError
+from telstate.errors import ImmutableKeyError, InvalidTimestampError, StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb import settings as lmdb_settings
 from telstate.lmdb.writes import RetryTransaction, WriteTxn
@@ -77,6 +77,21 @@ def test_an_exception_in_a_write_block_commits_nothing(backend):
     with backend.write() as wtxn:  # the write lock was released
         wtxn.clear()
     assert backend.keys(b"*") == []
+    assert backend.verify() == []
+
+
+def test_a_refused_operation_leaves_the_rest_of_the_block_to_commit(backend):
+    backend.set_immutable(b"config", b"1")
+    with backend.write() as wtxn:
+        wtxn.add_mutable(b"sensor", b"a", 1.0)
+        with pytest.raises(ImmutableKeyError):
+            wtxn.add_mutable(b"config", b"b", 2.0)
+        with pytest.raises(InvalidTimestampError):
+            wtxn.add_mutable(b"sensor", b"c", -1.0)
+        wtxn.add_mutable(b"sensor", b"d", 3.0)
+    assert backend.get_range(b"sensor", 0.0, INF, False, True) == [(b"a", 1.0), (b"d", 3.0)]
+    assert backend.get(b"config") == (b"1", None)
+    assert backend.last_seq == 3
     assert backend.verify() == []
 
 

@@ -73,7 +73,11 @@ class WriteTxn:
     Entering takes the store's write lock and begins the LMDB transaction.
     Leaving the block normally commits it if an operation changed the
     state (else aborts it); leaving it by an exception aborts it, so none
-    of its operations take effect.
+    of its operations take effect. An operation that raises
+    :exc:`~telstate.errors.ImmutableKeyError` or
+    :exc:`~telstate.errors.InvalidTimestampError` has changed nothing, so
+    the block may catch that and go on (one bad request of a batch need
+    not fail the others); after any other exception, leave the block.
 
     Parameters
     ----------
