@@ -12,10 +12,12 @@ import tempfile
 import time
 from unittest import mock
 
+import lmdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telstate.encoding import encode_value
 from telstate.errors import ImmutableKeyError, InvalidTimestampError, StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb import settings as lmdb_settings
@@ -264,6 +266,7 @@ def test_adds_at_one_timestamp_are_not_quadratic(backend):
 _DAMAGE_CHILD = r"""
 import json, os, random, shutil, sys, tempfile
 import lmdb
+from telstate.encoding import encode_value
 from telstate.errors import StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.rdb_writer import RDBWriter
@@ -412,3 +415,48 @@ def test_reading_big_events_takes_bounded_memory(tmp_path):
         for i in range(40):
             wtxn.add_mutable(b"big", bytes([i]) * (2 << 20), float(i))
     assert _peak_mib(path, "events") < 24  # 80 MiB of events, one or two held at a time
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"),
+    [
+        ("blocks", lambda value: value[:6]),  # cut inside the timestamps
+        ("blocks", lambda value: value[:-3]),  # cut inside the values' msgpack
+        ("blocks", lambda value: b"\x00\x00\x00\x00"),  # an empty block
+        ("keys", lambda value: b"\x09" + value[1:]),  # unknown type code
+        ("keys", lambda value: value[:5]),  # cut inside the header
+        ("samples", lambda value: b"\x01"),  # a tail member without its timestamp
+    ],
+)
+def test_cli_reports_damaged_records_with_exit_3(tmp_path, table, damage):
+    """Fix 9 through the command line: damage is exit 3 and a message, not a traceback."""
+    path = tmp_path / "store"
+    with (
+        mock.patch.object(lmdb_settings, "TAIL_MAX", 4),
+        LmdbBackend(path, durability="none") as backend,
+    ):
+        for i in range(10):
+            backend.add_mutable(b"sensor", encode_value(f"value {i}"), float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(table.encode(), txn=txn, dupsort=table == "samples")
+        cursor = txn.cursor(db)
+        assert cursor.first()
+        key, value = cursor.key(), cursor.value()
+        if table == "samples":
+            txn.delete(key, db=db)
+        txn.put(key, damage(value), db=db)
+    env.close()
+    for command in (
+        ["export", str(path), str(tmp_path / "out.rdb")],
+        ["get", str(path), "sensor", "--all"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "telstate.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 3, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "damaged" in result.stderr

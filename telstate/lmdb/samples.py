@@ -325,10 +325,13 @@ def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[byt
     for block in _blocks_from(txn, tables, key_id, -1.0):
         members += block.members()
     cursor = txn.cursor(tables.samples)
-    tail = list(cursor.iternext_dup(keys=False)) if cursor.set_key(key_id) else []
-    if flags & FLAG_LONG_VALUES:
-        return members + _tail_members(txn, tables, tail)
-    return members + [_check_member(bytes(member)) for member in tail]
+    if cursor.set_key(key_id):
+        tail = cursor.iternext_dup(keys=False)
+        if flags & FLAG_LONG_VALUES:
+            members += _tail_members(txn, tables, list(tail))
+        else:
+            members += (_check_member(bytes(member)) for member in tail)
+    return members
 
 
 def add_sample(
