@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -49,8 +49,8 @@ from redis.retry import Retry
 
 from telstate.encoding import PICKLE_ERROR, decode_value
 from telstate.errors import DecodeError, ImmutableKeyError, InvalidTimestampError, StoreError
-from telstate.lmdb import LmdbBackend
-from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, Tables
+from telstate.lmdb import LmdbBackend, RetryTransaction, WriteTxn
+from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.remote import (
@@ -479,69 +479,64 @@ def apply_requests(
         If the store cannot be written (nothing of the batch is committed).
     """
 
-    def body(txn: Any, tables: Tables) -> tuple[list[RequestRecord], bool]:
-        records = []
-        changed = False
-        for request in requests:
-            record_key = REQUEST_PREFIX + request.request_id
-            found = txn.get(record_key, db=tables.meta)
-            if found is not None:
-                try:
-                    records.append(RequestRecord.decode(found))
-                    continue
-                except ValueError:
-                    logger.error("request record %r is damaged: applying again", record_key)
-            margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
-            if now_ms > request.expires_ms - margin:
-                records.append(
-                    RequestRecord(
-                        request.expires_ms,
-                        0,
-                        b"error",
-                        b"",
-                        b"expired",
-                        f"{request.op.value} request {request.request_id!r} arrived"
-                        f" {max(0, now_ms - request.sent_ms)} ms after it was sent, too late"
-                        f" for its {request.timeout_ms} ms timeout: not applied",
-                    )
-                )
-                continue
-            status, value, error, message = _apply_one(backend, txn, tables, request)
-            seq = backend._last_event(txn, tables)[0]
-            record = RequestRecord(request.expires_ms, seq, status, value, error, message)
-            txn.put(record_key, record.encode(), db=tables.meta)
-            changed = True
-            records.append(record)
-        return records, changed
-
-    return backend._write(body)
+    while True:
+        try:
+            with backend.write() as wtxn:
+                return [_apply_in(wtxn, request, now_ms) for request in requests]
+        except RetryTransaction:
+            continue  # the map grew: nothing was committed, run the batch again
 
 
-def _apply_one(
-    backend: LmdbBackend, txn: Any, tables: Tables, request: Request
-) -> tuple[bytes, bytes, bytes, str]:
-    """Apply one request in `txn`: (status, value, error, message) of its reply."""
+def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
+    """Apply one request in `wtxn` (unless it was before, or is too old) and record it."""
+    txn, meta = wtxn.txn, wtxn.tables.meta
+    record_key = REQUEST_PREFIX + request.request_id
+    found = txn.get(record_key, db=meta)
+    if found is not None:
+        try:
+            return RequestRecord.decode(found)
+        except ValueError:
+            logger.error("request record %r is damaged: applying the request again", record_key)
+    margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
+    if now_ms > request.expires_ms - margin:
+        return RequestRecord(
+            request.expires_ms,
+            0,
+            b"error",
+            b"",
+            b"expired",
+            f"{request.op.value} request {request.request_id!r} arrived"
+            f" {max(0, now_ms - request.sent_ms)} ms after it was sent, too late for its"
+            f" {request.timeout_ms} ms timeout: not applied",
+        )
+    wtxn.write_as(request.writer)
+    status, value, error, message = _apply_one(wtxn, request)
+    record = RequestRecord(request.expires_ms, wtxn.last_seq, status, value, error, message)
+    checked_put(txn, record_key, record.encode(), meta)
+    wtxn.changed = True  # the record alone must be committed too
+    return record
+
+
+def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, str]:
+    """Apply one request in `wtxn`: (status, value, error, message) of its reply.
+
+    A refused operation changes nothing (see :class:`WriteTxn`), so the
+    batch goes on past it.
+    """
     op = request.op
+    existing = None
     try:
         if op is Op.SET_IMMUTABLE:
-            existing = backend._set_immutable_in(txn, tables, request.key, request.value)[0]
+            existing = wtxn.set_immutable(request.key, request.value)
         elif op is Op.ADD_MUTABLE:
             assert request.timestamp is not None
-            timestamp = request.timestamp
-            if not timestamp >= 0.0:
-                raise InvalidTimestampError(f"timestamp {timestamp!r} is negative or NaN")
-            backend._add_mutable_in(txn, tables, request.key, request.value, timestamp)
-            existing = None
+            wtxn.add_mutable(request.key, request.value, request.timestamp)
         elif op is Op.SET_INDEXED:
-            existing = backend._set_indexed_in(
-                txn, tables, request.key, request.sub_key, request.value
-            )[0]
+            existing = wtxn.set_indexed(request.key, request.sub_key, request.value)
         elif op is Op.DELETE:
-            backend._delete_in(txn, tables, request.key)
-            existing = None
+            wtxn.delete(request.key)
         else:
-            backend._clear_in(txn, tables)
-            existing = None
+            wtxn.clear()
     except ImmutableKeyError as error:
         return b"error", b"", b"immutable", str(error)
     except InvalidTimestampError as error:
@@ -564,29 +559,27 @@ def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
     """
     horizon = now_ms - int(MAX_TIMEOUT * 1000)
 
-    def body(txn: Any, tables: Tables) -> tuple[bytes, bool]:
-        cursor = txn.cursor(db=tables.meta)
-        changed = False
-        if not cursor.set_range(start):
-            return REQUEST_PREFIX, False
-        for _ in range(SWEEP_CHUNK):
-            key = cursor.key()
-            if not key.startswith(REQUEST_PREFIX):
-                return REQUEST_PREFIX, changed
-            try:
-                expired = RequestRecord.decode(cursor.value()).expires_ms < horizon
-            except ValueError:
-                expired = True
-            if expired:
-                changed = True
-                if not cursor.delete():
-                    return REQUEST_PREFIX, changed
-            elif not cursor.next():
-                return REQUEST_PREFIX, changed
-        return bytes(cursor.key()), changed
-
     try:
-        return backend._write(body)
-    except StoreError as error:
+        with backend.write() as wtxn:
+            cursor = wtxn.txn.cursor(db=wtxn.tables.meta)
+            if not cursor.set_range(start):
+                return REQUEST_PREFIX
+            for _ in range(SWEEP_CHUNK):
+                key = cursor.key()
+                if not key.startswith(REQUEST_PREFIX):
+                    return REQUEST_PREFIX
+                try:
+                    expired = RequestRecord.decode(cursor.value()).expires_ms < horizon
+                except ValueError:
+                    expired = True
+                if not expired:
+                    if not cursor.next():
+                        return REQUEST_PREFIX
+                    continue
+                wtxn.changed = True
+                if not cursor.delete():
+                    return REQUEST_PREFIX
+            return bytes(cursor.key())
+    except StoreError as error:  # RetryTransaction included: the next sweep tries again
         logger.warning("sweeping request records failed: %s", error)
         return start
