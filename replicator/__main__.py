@@ -204,7 +204,7 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from telstate.lmdb import LmdbBackend
 
     from .daemon import Daemon
-    from .intake import Intake
+    from .intake import Intake, retire
     from .redis_sink import RedisSink
     from .snapshot_sink import SnapshotSink
 
@@ -251,7 +251,11 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             redis_sink.close()
         source.close()
         return 2
-    intake = Intake(source, options.redis) if options.accept_writes else None
+    intake = None
+    if options.accept_writes:
+        intake = Intake(source, options.redis)
+    elif options.redis is not None:
+        retire(options.redis)
     daemon = Daemon(source, redis_sink, snapshot_sink, intake)
     if options.metrics_port is not None:
         try:

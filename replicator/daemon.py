@@ -259,5 +259,9 @@ class Daemon:
                     intake.wait_for_requests(wait)
                 else:
                     self.stop.wait(step.wait)
+        except Exception:
+            logger.exception("the write intake failed: stopping the daemon")
+            self.stop.set()
+            raise
         finally:
             intake.close()

@@ -227,6 +227,10 @@ class Intake:
                 self.state = IntakeState.CONNECT
                 return Step(0)
             return self._fail(f"Redis refused a command: {error}")
+        except StoreError as error:
+            # Nothing of the batch was committed; its requests stay pending in
+            # Redis and are read again (or expire) after the backoff.
+            return self._fail(f"writing the store failed: {error}")
 
     def wait_for_requests(self, timeout: float) -> None:
         """Block up to `timeout` seconds for new requests (kept for the next step)."""
@@ -420,6 +424,27 @@ class Intake:
                 0, entry_id, error.request_id, error.reply_to, reply, now_ms, now_ms, clock_offset
             )
         )
+
+
+def retire(url: str) -> None:
+    """Say, for the mirror at `url`, that no daemon accepts writes any more (best effort).
+
+    Called by a replicator that runs without ``--accept-writes``, so that
+    new clients of the mirror are told at once that it is read-only rather
+    than time out.
+    """
+    try:
+        mirror, db = connect(url)
+        kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
+        mirror.close()
+        client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+        try:
+            if client.delete(intake_key(db)):
+                logger.info("mirror database %d no longer accepts writes", db)
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError) as error:
+        logger.debug("could not retire the write intake: %s", error)
 
 
 def _undecodable(request: Request) -> InvalidRequest | None:

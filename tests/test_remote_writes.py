@@ -28,7 +28,7 @@ import telstate.aio
 from replicator.cursor import MirrorState, read_cursor
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
-from telstate.errors import ConnectionError, ImmutableKeyError, WriteTimeoutError
+from telstate.errors import ConnectionError, ImmutableKeyError, ReadOnlyError, WriteTimeoutError
 from telstate.lmdb import LmdbBackend
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB, RedisBackend
@@ -565,3 +565,26 @@ def test_status_and_prometheus_show_the_intake(store, server, mirror_url, daemon
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert "telstate_replicator_requests_applied_total 10.0" in scraped
     assert "telstate_replicator_mirror_lag_events" in scraped
+
+
+def test_a_daemon_without_accept_writes_makes_the_mirror_read_only(
+    tmp_path, store, server, mirror_url, daemon
+):
+    daemon().stop()
+    command = [sys.executable, "-m", "replicator", "--log", str(store), "--redis", mirror_url]
+    with open(tmp_path / "plain.log", "wb") as output:
+        plain = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        control = server.client(db=MIRROR_CURSOR_DB)
+        deadline = time.monotonic() + SETTLE
+        while control.exists(intake_key(0)):
+            assert time.monotonic() < deadline, "the intake key stayed"
+            time.sleep(0.05)
+        control.close()
+        ts = TelescopeState(mirror_url)
+        with pytest.raises(ReadOnlyError, match="write to the store instead"):
+            ts.add("k", 1, immutable=True)
+        ts.backend.close()
+    finally:
+        plain.terminate()
+        plain.wait(10)
