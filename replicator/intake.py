@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -60,6 +60,7 @@ from telstate.remote import (
     Request,
     control_kwargs,
     decode_request,
+    entry_time_ms,
     intake_key,
     reply_stream_key,
     request_stream_key,
@@ -84,6 +85,29 @@ SWEEP_CHUNK = 64
 SWEEP_INTERVAL = 1.0
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Seconds between readings of the server's clock (between them it is
+#: extrapolated with the monotonic clock, and never behind a request's id).
+CLOCK_SYNC = 1.0
+
+# Sends replies and retires their requests in one call.
+# KEYS[1]: the request stream; KEYS[2..n+1]: the reply streams of the n replies.
+# ARGV[1]: the group; ARGV[2]: n; then per reply: its TTL in ms, its request's
+# entry id ('' for none) and its five fields (id, status, value, error, message).
+_REPLY = b"""
+local n = tonumber(ARGV[2])
+for i = 1, n do
+    local a = 3 + (i - 1) * 7
+    redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+               'id', ARGV[a + 2], 'status', ARGV[a + 3], 'value', ARGV[a + 4],
+               'error', ARGV[a + 5], 'message', ARGV[a + 6])
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[a])
+    if ARGV[a + 1] ~= '' then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[a + 1])
+        redis.call('XDEL', KEYS[1], ARGV[a + 1])
+    end
+end
+return n
+"""
 
 
 class IntakeState(enum.Enum):
@@ -189,7 +213,13 @@ class Intake:
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
-        self._now_ms = 0  # the server's time when _fetched was read
+        # Whether the last read may have left requests behind (it was full).
+        self._more = True
+        # The server's clock: (its time in ms, monotonic time) when last read.
+        self._clock: tuple[int, float] | None = None
+        self._reply_script = self.client.register_script(
+            _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
+        )
         self._owed: collections.deque[_Owed] = collections.deque()
         # Read the pending list (requests delivered before a restart) before new ones.
         self._backlog = True
@@ -237,7 +267,7 @@ class Intake:
         if self.state != IntakeState.SERVE or self._fetched or self._backlog:
             return
         try:
-            self._fetched, self._now_ms = self._read(block_ms=max(1, int(timeout * 1000)))
+            self._fetched = self._read(block_ms=max(1, int(timeout * 1000)))
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
@@ -268,13 +298,14 @@ class Intake:
 
     def _serve(self, mirror: Mirror) -> Step:
         answered = self._send_replies(mirror.seq)
+        if not self._fetched and (self._more or self._backlog):
+            self._fetched = self._read(block_ms=None)
         if not self._fetched:
-            self._fetched, self._now_ms = self._read(block_ms=None)
-        if not self._fetched:
+            # Nothing is known to wait: the daemon blocks in wait_for_requests.
             self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
-        applied = self._process(fetched, self._now_ms)
+        applied = self._process(fetched, self._server_time(fetched))
         if self._owed:
             seq = mirror.catch_up(max(owed.seq for owed in self._owed))
             answered += self._send_replies(seq)
@@ -291,32 +322,39 @@ class Intake:
 
     # Talking to Redis
 
-    def _read(self, block_ms: int | None) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], int]:
-        """The next requests, and the server's time (ms) when they were read."""
+    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The next requests (the pending ones first, after a connect)."""
         start = b"0" if self._backlog else b">"
-        with self.client.pipeline(transaction=False) as pipe:
-            # TIME runs when the read returns (a blocked client's next command waits).
-            pipe.xreadgroup(
-                GROUP.decode(),
-                GROUP.decode(),
-                {self._stream: start},
-                count=self.batch,
-                block=block_ms,
-            )
-            pipe.time()
-            reply, (seconds, micros) = pipe.execute()
+        reply: Any = self.client.xreadgroup(
+            GROUP.decode(), GROUP.decode(), {self._stream: start}, count=self.batch, block=block_ms
+        )
         entries: list[tuple[bytes, dict[bytes, bytes]]] = [
             (entry_id, fields) for _, items in reply or () for entry_id, fields in items
         ]
         if self._backlog and not entries:
             self._backlog = False  # the pending list is done: new requests from now on
+        self._more = len(entries) >= self.batch
         # A pending entry deleted meanwhile comes back with no fields: only acknowledge it.
         dropped = [entry_id for entry_id, fields in entries if not fields]
         if dropped:
             self.client.xack(self._stream, GROUP, *dropped)
-        return [(entry_id, fields) for entry_id, fields in entries if fields], (
-            seconds * 1000 + micros // 1000
-        )
+        return [(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def _server_time(self, fetched: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """The Redis server's time now, in ms: read with TIME about once a second.
+
+        Between readings it is extrapolated with this host's monotonic
+        clock, and it is never before the newest request's entry id (which
+        the server stamped), so a request is never judged younger than it is
+        by more than the drift of one second.
+        """
+        now = time.monotonic()
+        if self._clock is None or now - self._clock[1] >= CLOCK_SYNC:
+            seconds, micros = self.client.time()
+            self._clock = (seconds * 1000 + micros // 1000, now)
+        server_ms = self._clock[0] + int((now - self._clock[1]) * 1000)
+        newest = max(entry_time_ms(entry_id) for entry_id, _ in fetched)
+        return max(server_ms, newest)
 
     def _send_replies(self, mirror_seq: int | None) -> int:
         if not self._owed or mirror_seq is None or self._owed[0].seq > mirror_seq:
@@ -324,25 +362,25 @@ class Intake:
         ready = []
         while self._owed and self._owed[0].seq <= mirror_seq:
             ready.append(self._owed.popleft())
-        with self.client.pipeline(transaction=False) as pipe:
-            for owed in ready:
-                key = reply_stream_key(self.db, owed.reply_to)
-                pipe.xadd(
-                    key,
-                    owed.reply.fields(owed.request_id),  # type: ignore[arg-type]
-                    maxlen=REPLY_MAXLEN,
-                    approximate=True,
-                )
-                pipe.pexpire(key, owed.expires_ms - owed.sent_ms + REPLY_TTL_MS)
-            acked = [owed.entry_id for owed in ready if owed.entry_id is not None]
-            if acked:
-                pipe.xack(self._stream, GROUP, *acked)
-                pipe.xdel(self._stream, *acked)
-            try:
-                pipe.execute()
-            except BaseException:
-                self._owed.extendleft(reversed(ready))
-                raise
+        keys = [self._stream]
+        args: list[Any] = [GROUP, len(ready)]
+        for owed in ready:
+            keys.append(reply_stream_key(self.db, owed.reply_to))
+            reply = owed.reply
+            args += (
+                owed.expires_ms - owed.sent_ms + REPLY_TTL_MS,
+                owed.entry_id or b"",
+                owed.request_id,
+                reply.status,
+                reply.value,
+                reply.error,
+                reply.message.encode(),
+            )
+        try:
+            self._reply_script(keys=keys, args=args)
+        except BaseException:
+            self._owed.extendleft(reversed(ready))
+            raise
         now = time.monotonic()
         for owed in ready:
             self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))

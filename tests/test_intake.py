@@ -67,8 +67,10 @@ class StuckMirror:
 
 
 def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
+    """Step the intake as the daemon does, waiting (briefly) for requests when idle."""
     for _ in range(steps):
-        intake.step(StuckMirror(mirror_seq))
+        if intake.step(StuckMirror(mirror_seq)).idle:
+            intake.wait_for_requests(0.05)
 
 
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
