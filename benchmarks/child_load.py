@@ -6,7 +6,7 @@ whose memory is reported runs in a new Python process: it imports the
 suite's contenders (both packages, so every child starts from the same
 baseline), opens a new, empty store of one contender, loads the file
 through ``TelescopeState.load_from_file``, and prints the time, the key
-count and its own peak RSS (``getrusage`` ``ru_maxrss``) as JSON.
+count and its own peak RSS (``VmHWM``) as JSON.
 
 Run as ``python -m benchmarks.child_load CONTENDER SCALE FILE WORKDIR``;
 :func:`load_in_child` does that and reads the answer.
@@ -31,7 +31,20 @@ from .scale import SCALES, Scale
 
 
 def _peak_rss_mb() -> float:
-    # Linux reports kilobytes.
+    """This process's peak RSS in MB.
+
+    ``getrusage`` keeps, across ``exec``, the high-water mark of the process
+    it replaced: a child of a big benchmark process would report the
+    parent's size. Linux's ``VmHWM`` is the current program's alone.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # Kilobytes on Linux, bytes on macOS; this fallback is for the former.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
