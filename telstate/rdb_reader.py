@@ -442,10 +442,16 @@ def _read_packed_zset(buf: bytes, pos: int, binary_scores: bool) -> tuple[KeyTyp
     count, start = _read_length(buf, pos)
     if count >= _UNIFORM_RUN:
         found = _uniform_run(buf, start, count, 8 if binary_scores else 2)
-        if found is not None and len(found[0]) == count and found[1]:
+        if found is not None and found[1]:
             table, length = found
-            members = PackedMembers.from_buffer(table[:, 1 : length + 1].tobytes(), length)
-            return KeyType.MUTABLE, members, start + count * table.shape[1]
+            run, stride = table.shape
+            if run == count:
+                members = PackedMembers.from_buffer(table[:, 1 : length + 1].tobytes(), length)
+                return KeyType.MUTABLE, members, start + count * stride
+            if start + (run + 1) * stride > len(buf):
+                # Uniform up to the end of the buffer: read on rather than
+                # parse the members one by one only to run out of input.
+                raise _NeedMore()
     return _read_zset(buf, pos, binary_scores)
 
 
@@ -850,23 +856,51 @@ class RdbReader:
             raise _NeedMore()
         if self._crc is not None and self._pos:
             self._crc = crc64(memoryview(self._buf)[: self._pos], self._crc)
-        parts = [self._buf[self._pos :]]
         self._base += self._pos
-        self._pos = 0
         want = max(needed - available, available, _CHUNK_SIZE)
+        if self._remaining is not None:
+            self._refill_regular_file(available, min(want, self._remaining))
+            return
+        parts = [self._buf[self._pos :]]
+        self._pos = 0
         while want > 0:
-            limit = min(want, _CHUNK_SIZE)
-            if self._remaining is not None:
-                limit = min(limit, self._remaining)
-            data = self._file.read(limit) if limit else b""
+            data = self._file.read(min(want, _CHUNK_SIZE))
             if not data:
                 self._eof = True
                 break
-            if self._remaining is not None:
-                self._remaining -= len(data)
             parts.append(data)
             want -= len(data)
         self._buf = b"".join(parts)
+
+    def _refill_regular_file(self, available: int, fresh: int) -> None:
+        """Replace the buffer by its last `available` bytes and `fresh` new ones, in one read.
+
+        Reading the unparsed bytes again (from the page cache) instead of
+        joining them to the new ones means the old buffer is freed first and
+        nothing is copied: a key bigger than a chunk (one zset of 8 KB arrays
+        can be 80 MB) needs a buffer of its size, and a join would hold the
+        old buffer, the new data and the joined copy at once.
+        """
+        self._pos = 0
+        if fresh == 0:
+            self._eof = True
+            self._buf = self._buf[len(self._buf) - available :]
+            return
+        self._buf = b""
+        if available:
+            self._file.seek(-available, io.SEEK_CUR)
+        size = available + fresh
+        chunks = [self._file.read(size)]
+        got = len(chunks[0])
+        while got < size and (more := self._file.read(size - got)):
+            chunks.append(more)
+            got += len(more)
+        self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        assert self._remaining is not None
+        self._remaining -= max(got - available, 0)
+        if got < size:
+            # The file shrank under us: what is missing is a truncated item.
+            self._eof = True
 
     def _parse(self, parse: Callable[[bytes, int], tuple[Any, int]]) -> Any:
         """Run one item parser at the current offset, reading more input as needed.

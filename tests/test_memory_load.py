@@ -18,13 +18,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telstate
+from telstate import rdb_reader
 from telstate.backend import PackedMembers
-from telstate.errors import ImmutableKeyError
+from telstate.errors import ImmutableKeyError, RdbParseError
 from telstate.memory import MemoryBackend
 from telstate.rdb_reader import read_records
 from telstate.utils import KeyType, pack_timestamp
 
-from .test_rdb_reader import key, rdb_file, string, zset_binary, zset_text
+from .test_rdb_reader import (
+    expected_sample,
+    key,
+    rdb_file,
+    sample_file,
+    string,
+    zset_binary,
+    zset_text,
+)
 
 
 def members_of(size: int, count: int, seed: int = 0) -> list[bytes]:
@@ -187,3 +196,38 @@ def test_packed_load_matches_katsdptelstate(tmp_path) -> None:
             theirs.get_range(name, st=1e9 + 100, et=1e9 + 200, include_previous=True)
         )
         assert ours[name] == theirs[name]
+
+
+# -- regular files, re-read rather than joined when an item outgrows the buffer ----------
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, 1 << 20])
+def test_regular_files_in_small_chunks(monkeypatch, tmp_path, chunk: int) -> None:
+    monkeypatch.setattr(rdb_reader, "_CHUNK_SIZE", chunk)
+    uniform = members_of(18, 300)
+    arrays = [pack_timestamp(1000.0 + i) + bytes([i]) * 3000 for i in range(40)]
+    data = sample_file()
+    big = rdb_file(
+        key(3, b"uniform", zset_text(uniform)),
+        key(5, b"arrays", zset_binary(arrays[::-1])),
+        key(0, b"attr", string(b"x" * 5000)),
+    )
+    for content, expected in ((data, expected_sample()), (big, None)):
+        path = tmp_path / "file.rdb"
+        path.write_bytes(content)
+        records = list(read_records(path))
+        assert records == (expected or list(read_records(io.BytesIO(content))))
+        packed, plain = load_both(content)
+        from_path = MemoryBackend()
+        from_path.load_from_file(str(path))
+        assert list(from_path.records()) == list(plain.records())
+    # A file object that is not at its start: the reader starts where it is.
+    path.write_bytes(b"junk" + big)
+    with open(path, "rb") as file:
+        file.read(4)
+        assert list(read_records(file)) == list(read_records(io.BytesIO(big)))
+    # Truncated anywhere: an error, never fewer keys.
+    for cut in (len(big) // 3, len(big) - 9, len(big) - 1):
+        path.write_bytes(big[:cut])
+        with pytest.raises(RdbParseError):
+            list(read_records(path))
