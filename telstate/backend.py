@@ -22,6 +22,7 @@ GetResult = (
 
 #: The contents of one key as found in an RDB file: immutable -> bytes,
 #: mutable -> list of packed members (timestamp + value), indexed -> dict.
+#: (A reader asked for them gives some mutable keys as PackedMembers, below.)
 RecordValue = bytes | list[bytes] | dict[bytes, bytes]
 Record = tuple[bytes, KeyType, RecordValue]
 
