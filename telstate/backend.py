@@ -6,6 +6,8 @@ A backend stores keys and encoded values as bytes; the frontend
 
 from __future__ import annotations
 
+import operator
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -25,6 +27,20 @@ GetResult = (
 #: (A reader asked for them gives some mutable keys as PackedMembers, below.)
 RecordValue = bytes | list[bytes] | dict[bytes, bytes]
 Record = tuple[bytes, KeyType, RecordValue]
+
+
+_first = operator.itemgetter(0)
+
+
+def split_members(buffer: bytes, size: int) -> list[bytes]:
+    """Cut `buffer` into members of `size` bytes each (`size` divides its length).
+
+    :meth:`struct.Struct.iter_unpack` makes the bytes objects in C, about
+    twice as fast as slicing in a loop.
+    """
+    if size <= 0:
+        raise ValueError(f"members of {size} bytes")
+    return list(map(_first, struct.Struct(f"{size}s").iter_unpack(buffer)))
 
 
 class PackedMembers(Sequence[bytes]):
@@ -89,6 +105,8 @@ class PackedMembers(Sequence[bytes]):
         size = self._size
         if isinstance(index, slice):
             start, stop, step = index.indices(self._count)
+            if step == 1:
+                return split_members(self._buffer[start * size : stop * size], size)
             buffer = self._buffer
             return [buffer[i : i + size] for i in range(start * size, stop * size, step * size)]
         if index < 0:
@@ -99,9 +117,7 @@ class PackedMembers(Sequence[bytes]):
         return self._buffer[start : start + size]
 
     def __iter__(self) -> Iterator[bytes]:
-        buffer = self._buffer
-        size = self._size
-        return (buffer[i : i + size] for i in range(0, len(buffer), size))
+        return iter(split_members(self._buffer, self._size))
 
     def __repr__(self) -> str:
         return f"<PackedMembers: {self._count} members of {self._size} bytes>"

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import lzf
-from .backend import PackedMembers, Record, RecordValue
+from .backend import PackedMembers, Record, RecordValue, split_members
 from .errors import RdbParseError
 from .rdb_utility import crc64
 from .utils import KeyType, PathType
@@ -427,8 +427,7 @@ def _take_uniform_run(
     table, length = found
     run = len(table)
     if length:
-        body = table[:, 1 : length + 1].tobytes()
-        members.extend([body[i : i + length] for i in range(0, run * length, length)])
+        members += split_members(table[:, 1 : length + 1].tobytes(), length)
     else:
         members.extend([b""] * run)
     return run, pos + run * table.shape[1]
