@@ -108,7 +108,7 @@ class MemoryBackend(Backend):
             # Readers take no lock, so a new key appears only with its first sample.
             members = self._data.get(key)
             if type(members) is PackedMembers:
-                members = self._data[key] = list(members)
+                members = self._data[key] = members[:]
             if members is None:
                 self._data[key] = [member]
             elif type(members) is not list:
@@ -190,7 +190,7 @@ class MemoryBackend(Backend):
             if value is not None:
                 key_type = _TYPES[type(value)]
                 if type(value) is PackedMembers:
-                    yield key, key_type, list(value)
+                    yield key, key_type, value[:]
                 elif type(value) is bytes:
                     yield key, key_type, value
                 else:
