@@ -7,6 +7,7 @@ subclass and add it to `FAMILIES`.
 from __future__ import annotations
 
 from ..harness import Family
+from .archive import Archive
 from .log import Log
 from .rdb import Rdb
 from .reads import Reads
@@ -20,6 +21,7 @@ FAMILIES: tuple[Family, ...] = (
     Reads(),
     Waits(),
     Rdb(),
+    Archive(),
     Log(),
     Replication(),
     RemoteWrites(),
