@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -49,6 +50,8 @@ from .samples import add_sample
 from .state import delete_prefix, indexed_value
 
 _HOST = socket.gethostname()
+# The store of the write transaction open in this thread, if any.
+_open_in_thread = threading.local()
 
 
 class RetryTransaction(StoreError):
@@ -132,6 +135,13 @@ class WriteTxn:
 
     def __enter__(self) -> WriteTxn:
         store = self._store
+        if getattr(_open_in_thread, "store", None) is store:
+            # LMDB's writer mutex is not recursive: a second write
+            # transaction in this thread would wait for itself forever.
+            raise StoreError(
+                f"a write transaction on the store at {store.path!r} is already open in this "
+                "thread: use its WriteTxn (backend.write() blocks do not nest)"
+            )
         store.write_lock.acquire()
         try:
             while True:
@@ -145,6 +155,7 @@ class WriteTxn:
         except BaseException:
             store.write_lock.release()
             raise
+        _open_in_thread.store = store
         self._txnid = self.txn.id()
         self.tables = store.tables
         self._writer_id = store.writer_ids.get(self._writer_name)
@@ -154,6 +165,7 @@ class WriteTxn:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
         self.txn = None
+        _open_in_thread.store = None
         if exc is not None:
             self._fail(txn, exc)
             return  # the block's own exception propagates
