@@ -344,6 +344,8 @@ class RedisSink:
         database number included (default 0). It may carry the
         credentials of the replicator's Redis user; they appear in no
         message (see :func:`~replicator.connection.redact_url`).
+    password
+        The password of the replicator's Redis user, if `url` does not carry it.
     spare_db
         Database in which a rebuild builds the new mirror, unseen by
         readers, before swapping it with the mirror in one step. It must
@@ -383,6 +385,7 @@ class RedisSink:
         source: EventSource,
         url: str,
         *,
+        password: str | None = None,
         spare_db: int = DEFAULT_SPARE_DB,
         batch_events: int = 5000,
         batch_bytes: int = 8 << 20,
@@ -404,6 +407,7 @@ class RedisSink:
         # The state machine owns the retries: the client must fail fast.
         self.client, self.db = connect(
             url,
+            password,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
