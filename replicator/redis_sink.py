@@ -20,6 +20,7 @@ A rebuild never shows readers a partial mirror: the new mirror is built
 in a spare database and swapped with the mirror (SWAPDB) in the script
 that marks the cursor READY, so readers see the old mirror until the new
 one is complete, then the new one, on the connections they already have.
+Then an update for every key wakes the waiters (see :func:`wake_key`).
 
 Mirrors on one server may share a spare database (the default), but only
 one at a time rebuilds in it: a rebuild's claim takes the spare's lock,
@@ -70,7 +71,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from telstate.backend import Record
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
@@ -101,8 +101,9 @@ _APPLY = b"""
 -- KEYS[1]: the cursor hash, in database ARGV[1]; KEYS[2]: the lock of the
 -- spare database (same database); KEYS[3]: the cursor the spare database
 -- would have if it were a mirror; KEYS[4]: the cursor of the mirror that
--- held the spare's lock when the caller looked (KEYS[1] if none);
--- KEYS[5], ...: the keys that the operations name (by their index in KEYS).
+-- held the spare's lock when the caller looked (KEYS[1] if none); KEYS[5]:
+-- the mark, set by the swap, that the mirror's waiters are yet to be woken;
+-- KEYS[6], ...: the keys that the operations name (by their index in KEYS).
 -- ARGV[2]: the mirror database; ARGV[3]: the target of the operations, the
 -- mirror or (during a rebuild) the spare database.
 -- ARGV[4]: 'check' (go on only if the cursor has owner, store, seq, state
@@ -234,6 +235,7 @@ end
 redis.call('SELECT', ARGV[1])
 if swapped then
     redis.call('DEL', KEYS[2])
+    redis.call('SET', KEYS[5], after)
 end
 redis.call('HSET', KEYS[1], 'keys', after, 'spare_keys', target_after, unpack(ARGV, 10, 9 + n))
 return {1, after, target_after, ''}
@@ -254,15 +256,38 @@ return 1
 _PROBE_KEY = b"telstate-replicator:probe"
 
 
-# KEYS[1..4] of _APPLY are the cursor, the spare's lock and the cursors
-# the claim looks at; the operations' keys follow.
-_FIXED_KEYS = 4
+# KEYS[1..5] of _APPLY are the cursor, the spare's lock, the cursors the
+# claim looks at and the wake-up mark; the operations' keys follow.
+_FIXED_KEYS = 5
 
 # The mirror that holds the lock of spare database KEYS[1] (in database ARGV[1]).
 _READ_SPARE_LOCK = """
 redis.call('SELECT', ARGV[1])
 return redis.call('HGET', KEYS[1], 'mirror')
 """
+
+
+# Whether the wake-up mark KEYS[1] (in database ARGV[1]) is set; with
+# ARGV[2] 'done', clear it.
+_WAKE_MARK = """
+redis.call('SELECT', ARGV[1])
+if ARGV[2] == 'done' then
+    return redis.call('DEL', KEYS[1])
+end
+return redis.call('EXISTS', KEYS[1])
+"""
+# Keys read back from the mirror per round trip when waking its waiters.
+_WAKE_BATCH = 1000
+
+
+def wake_key(db: int) -> bytes:
+    """Name of the key (in :data:`MIRROR_CURSOR_DB`) marking mirror `db`'s waiters as not woken.
+
+    The swap that ends a rebuild sets it, and the replicator clears it once
+    it has published an update for every key: a replicator that dies in
+    between leaves it set, and the next one to resume the mirror wakes them.
+    """
+    return b"telstate-replicator:wake:%d" % db
 
 
 def spare_lock_key(db: int) -> bytes:
@@ -436,6 +461,7 @@ class RedisSink:
         self._key = mirror_cursor_key(self.db)
         self._apply_script = self.client.register_script(_APPLY)
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
+        self._wake_mark = self.client.register_script(_WAKE_MARK)
         # Why the last script call changed nothing (a failed check, a spare not free).
         self._refusal = ""
         # Whether this process has owned the mirror: from then on a foreign
@@ -562,6 +588,13 @@ class RedisSink:
             self._failed_since = None
         self._delay = self.backoff[0]
         self._reconcile(size, found)
+        if self.state == SinkState.TAIL and self._wake_mark(
+            keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "check"]
+        ):
+            logger.info(
+                "waking the waiters of mirror %s db %d after its rebuild", self.url, self.db
+            )
+            self._wake_waiters()
         return Step(0)
 
     def _tail(self) -> Step:
@@ -643,10 +676,7 @@ class RedisSink:
                 return Step(0)
             self.state = SinkState.TAIL
             self._next_check = time.monotonic() + self.check_interval
-            # Now that readers see the new mirror, wake its waiters: one
-            # update per key (per sub-key of an indexed key) makes each look
-            # at its key again.
-            self._publish_state(snapshot.records())
+            self._wake_waiters()
         logger.info(
             "mirror rebuilt: %d keys at seq %d in %.2f s",
             count,
@@ -808,6 +838,7 @@ class RedisSink:
                 spare_lock_key(target),
                 mirror_cursor_key(target),
                 holder,
+                wake_key(self.db),
                 *ops.keys,
             ],
             args=[
@@ -828,29 +859,51 @@ class RedisSink:
         self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
         return True
 
-    def _publish_state(self, records: Iterator[Record]) -> None:
-        """Publish one update per key of `records` (per sub-key of an indexed key)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            queued = 0
-            for key, key_type, value in records:
-                channel = b"update/" + key
-                if key_type == KeyType.IMMUTABLE:
-                    assert isinstance(value, bytes)
-                    pipe.publish(channel, update_message(key_type, value))
-                    queued += 1
-                elif key_type == KeyType.MUTABLE:
-                    assert isinstance(value, list)
-                    pipe.publish(channel, update_message(key_type, max(value)))
-                    queued += 1
-                else:
-                    assert isinstance(value, dict)
-                    for sub_key, sub_value in value.items():
-                        pipe.publish(channel, update_message(key_type, sub_value, sub_key))
-                        queued += 1
-                if queued >= self.batch_events:
-                    pipe.execute()
-                    queued = 0
-            pipe.execute()
+    def _wake_waiters(self) -> None:
+        """Publish an update for every key of the mirror (every sub-key of an indexed key).
+
+        Called once a rebuild has been swapped in: each waiter looks at its
+        key again. The updates carry what the mirror holds, read back from
+        it, so that a replicator resuming a mirror whose waiters were never
+        woken (see :func:`wake_key`) sends the same. Messages are sent in
+        batches bounded by count and bytes, as events are.
+        """
+        with self.client.pipeline(transaction=False) as publish:
+            queued = size = 0
+
+            def send(key: bytes, message: bytes) -> None:
+                nonlocal queued, size
+                publish.publish(b"update/" + key, message)
+                queued += 1
+                size += len(key) + len(message)
+                if queued >= self.batch_events or size >= self.batch_bytes:
+                    publish.execute()
+                    queued = size = 0
+
+            keys = self.client.scan_iter(count=_WAKE_BATCH)
+            while batch := list(itertools.islice(keys, _WAKE_BATCH)):
+                with self.client.pipeline(transaction=False) as read:
+                    for key in batch:
+                        read.type(key)
+                    kinds = read.execute()
+                with self.client.pipeline(transaction=False) as read:
+                    for key, kind in zip(batch, kinds):
+                        if kind == b"string":
+                            read.get(key)
+                        elif kind == b"zset":
+                            read.zrange(key, -1, -1)  # the newest sample
+                    values = iter(read.execute())
+                for key, kind in zip(batch, kinds):
+                    if kind == b"string":
+                        send(key, update_message(KeyType.IMMUTABLE, next(values)))
+                    elif kind == b"zset":
+                        for member in next(values):
+                            send(key, update_message(KeyType.MUTABLE, member))
+                    elif kind == b"hash":
+                        for sub_key, value in self.client.hscan_iter(key, count=_WAKE_BATCH):
+                            send(key, update_message(KeyType.INDEXED, value, sub_key))
+            publish.execute()
+        self._wake_mark(keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "done"])
 
 
 def _is_permission_error(error: redis.ResponseError) -> bool:

@@ -639,3 +639,34 @@ def test_a_foreign_write_to_the_old_mirror_does_not_hold_a_rebuild_up(mirror, si
     _run(log_sink)
     assert calls.count("claim") == 1  # never restarted
     _assert_exact(log, client)  # the foreign keys went with the old mirror
+
+
+def test_waiters_are_woken_by_the_next_replicator_if_one_dies_after_the_swap(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, n=5)
+    dying = sinks(log, url)
+    dying._wake_waiters = lambda: None  # killed right after the swap
+    _run(dying)
+    assert read_cursor(client)[1].state == MirrorState.READY
+    pubsub = client.pubsub()
+    pubsub.psubscribe(b"update/*")
+    assert pubsub.get_message(timeout=1)["type"] == "psubscribe"
+    _run(sinks(log, url))  # resumes without a rebuild, and wakes the waiters
+    published = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        published.append((message["channel"], message["data"]))
+    newest = pack_timestamp(1004.0) + b"\xff4"
+    assert (b"update/sensor", update_message(KeyType.MUTABLE, newest)) in published
+    assert (b"update/immutable", update_message(KeyType.IMMUTABLE, b"\xff\x01")) in published
+    indexed = [data for channel, data in published if channel == b"update/indexed"]
+    assert len(indexed) == 5
+    assert {channel for channel, _ in published} == {
+        b"update/sensor",
+        b"update/immutable",
+        b"update/indexed",
+        b"update/other",
+    }
+    _run(sinks(log, url))  # woken once: the next replicator publishes nothing
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
