@@ -316,7 +316,7 @@ class _Operations:
             index = self._index[key] = len(self.keys) + _FIXED_KEYS
             self.size += len(key)
         self.args += (code, index, *args)
-        self.size += sum(len(arg) for arg in args if isinstance(arg, bytes))
+        self.size += _size(args)
 
     def add_keyless(self, code: bytes) -> None:
         """Append an operation on the whole target database (flush, swap)."""
@@ -662,12 +662,15 @@ class RedisSink:
             count = 0
             for record in snapshot.records():
                 count += 1
-                for load in _record_ops(*record, self.batch_events):
-                    ops.add(*load)
-                    if len(ops) >= 4 * self.batch_events or ops.size >= self.batch_bytes:
+                for load in _record_ops(*record, self.batch_events, self.batch_bytes):
+                    # Sent before it would grow past a bound with this piece.
+                    if len(ops) >= 4 * self.batch_events or (
+                        len(ops) and ops.size + _size(load) > self.batch_bytes
+                    ):
                         if self.stop.is_set() or not self._load(ops):
                             return Step(0)
                         ops = _Operations()
+                    ops.add(*load)
             assert self.cursor is not None
             ready = replace(self.cursor, state=MirrorState.READY, spare=None)
             ops.add_keyless(_SWAP)
@@ -906,6 +909,11 @@ class RedisSink:
         self._wake_mark(keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "done"])
 
 
+def _size(arguments: tuple[Any, ...]) -> int:
+    """Bytes of the keys and values among `arguments` (roughly, what they cost to send)."""
+    return sum(len(argument) for argument in arguments if isinstance(argument, bytes))
+
+
 def _is_permission_error(error: redis.ResponseError) -> bool:
     """Whether Redis refused a command (or a script's command) for lack of rights."""
     text = str(error)
@@ -934,21 +942,33 @@ def _append_event(ops: _Operations, event: Event) -> None:
         ops.add_keyless(_FLUSH)
 
 
-def _record_ops(key: bytes, key_type: KeyType, value: Any, chunk: int) -> Iterator[tuple[Any, ...]]:
-    """The operations that load one key of the store's state, in pieces of about `chunk` values.
+def _record_ops(
+    key: bytes, key_type: KeyType, value: Any, chunk: int, chunk_bytes: int
+) -> Iterator[tuple[Any, ...]]:
+    """The operations that load one key of the store's state, in pieces.
 
-    Yields ``(code, key, *arguments)`` for :meth:`_Operations.add`. Nothing is
-    published: the key is loaded into the spare database, which no reader sees.
+    A piece holds at most `chunk` values and, unless one value alone is
+    larger, at most about `chunk_bytes` bytes: a script call must stay well
+    within what Redis accepts in one request (client-query-buffer-limit).
+    Yields ``(code, key, *arguments)`` for :meth:`_Operations.add`. Nothing
+    is published: the key is loaded into the spare database, which no
+    reader sees.
     """
     if key_type == KeyType.IMMUTABLE:
         yield _LOAD_STRING, key, value
-    elif key_type == KeyType.MUTABLE:
-        members: list[bytes] = value
-        for start in range(0, len(members), chunk):
-            part = members[start : start + chunk]
-            yield (_LOAD_ZSET, key, len(part), *part)
+        return
+    if key_type == KeyType.MUTABLE:
+        code, entries = _LOAD_ZSET, [(member,) for member in value]
     else:
-        items = list(value.items())
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            yield (_LOAD_HASH, key, len(part), *itertools.chain.from_iterable(part))
+        code, entries = _LOAD_HASH, list(value.items())
+    part: list[tuple[bytes, ...]] = []
+    size = 0
+    for entry in entries:
+        entry_size = sum(len(item) for item in entry)
+        if part and (len(part) >= chunk or size + entry_size > chunk_bytes):
+            yield (code, key, len(part), *itertools.chain.from_iterable(part))
+            part, size = [], 0
+        part.append(entry)
+        size += entry_size
+    if part:
+        yield (code, key, len(part), *itertools.chain.from_iterable(part))

@@ -670,3 +670,24 @@ def test_waiters_are_woken_by_the_next_replicator_if_one_dies_after_the_swap(mir
     _run(sinks(log, url))  # woken once: the next replicator publishes nothing
     assert pubsub.get_message(timeout=0.2) is None
     pubsub.close()
+
+
+def test_rebuild_calls_are_bounded_by_bytes(mirror, sinks):
+    """Large samples: no script call carries much more than batch_bytes."""
+    url, client = mirror
+    log = StandInLog()
+    for i in range(40):
+        log.add_mutable(b"images", b"\xff" + bytes(100_000) + b"%d" % i, float(i))
+        log.set_indexed(b"frames", b"\x92%d" % i, b"\xff" + bytes(50_000))
+    sink = sinks(log, url, batch_bytes=300_000)
+    original = sink._apply_script
+    sizes = []
+
+    def apply(keys, args):
+        sizes.append(sum(len(arg) for arg in args if isinstance(arg, bytes)))
+        return original(keys=keys, args=args)
+
+    sink._apply_script = apply
+    _run(sink)
+    _assert_exact(log, client)
+    assert len(sizes) > 10 and max(sizes) < 300_000 + 100_100
