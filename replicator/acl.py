@@ -15,7 +15,8 @@ script runs with its caller's rights, so katsdptelstate's read scripts run,
 and a write inside any script (katsdptelstate's ``add``) or outside one
 (``delete``) fails at once with a ``NOPERM`` error. ``PUBLISH`` is refused
 too, so that nobody can send a fake ``update/<key>`` message to the
-mirror's waiters; ``@admin`` so that a client cannot change the rules.
+mirror's waiters; ``@admin`` so that a client cannot change the rules;
+``SCRIPT FLUSH`` so that it cannot drop the scripts everyone shares.
 
 The rules apply to the whole server (ACLs have no notion of databases):
 clients of that user can write no database of it. ``clearselectors`` comes
@@ -58,6 +59,7 @@ CLIENT_RULES: tuple[str, ...] = (
     "-@admin",
     "-publish",
     "-spublish",
+    "-script|flush",
 )
 
 # What a client must be allowed: the commands of katsdptelstate's and

@@ -516,6 +516,11 @@ class RedisSink:
                     " the replicator needs a user with every right (ACL SETUSER"
                     " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
                 )
+            if str(error).startswith("BUSY"):
+                # A client's script that runs on (EVAL is every reader's right).
+                return self._fail(
+                    f"Redis at {self.url} is busy running a script ({error}); waiting for it"
+                )
             return self._fail(f"Redis at {self.url} refused a command: {error}")
 
     def check_access(self) -> None:

@@ -691,3 +691,35 @@ def test_rebuild_calls_are_bounded_by_bytes(mirror, sinks):
     _run(sink)
     _assert_exact(log, client)
     assert len(sizes) > 10 and max(sizes) < 300_000 + 100_100
+
+
+def test_a_clients_endless_script_is_waited_out(tmp_path, sinks, caplog):
+    from tests.servers import RedisServer
+
+    with RedisServer(directory=tmp_path) as server:
+        admin = server.client()
+        admin.config_set("busy-reply-threshold", 100)
+        log = StandInLog()
+        _fill(log)
+        sink = sinks(log, f"unix://{server.socket}?db=0", socket_timeout=30)
+        _run(sink)
+        looping = threading.Thread(
+            target=_eval_quietly, args=(server.client(), "while true do end")
+        )
+        looping.start()
+        deadline = time.monotonic() + 10
+        while "busy running a script" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            sink.step()
+        assert "refused a command" not in caplog.text
+        admin.script_kill()
+        looping.join(10)
+        log.add_mutable(b"sensor", b"\xffafter", 1e6)
+        _run(sink, until=lambda: sink.seq == log.last_seq)
+        _assert_exact(log, server.client())
+        sink.close()
+
+
+def _eval_quietly(client: redis.Redis, script: str) -> None:
+    with contextlib.suppress(redis.ResponseError):
+        client.eval(script, 0)
