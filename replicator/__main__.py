@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SPARE_DB,
         metavar="N",
         help="empty database in which a rebuild builds the new mirror before swapping it in"
-        " (default: %(default)s; each mirror on a server needs its own)",
+        " (default: %(default)s; mirrors on a server that share one rebuild one at a time)",
     )
     run.add_argument(
         "--snapshot-interval",
