@@ -173,6 +173,8 @@ class Intake:
     url
         The mirror's URL (the requests live in the replicators' database
         of the same server).
+    password
+        The Redis user's password, if the URL does not carry one.
     batch
         Most requests read (and applied in one transaction) at once.
     batch_bytes
@@ -188,6 +190,7 @@ class Intake:
         backend: LmdbBackend,
         url: str,
         *,
+        password: str | None = None,
         batch: int = 256,
         batch_bytes: int = 64 << 20,
         metrics: Metrics | None = None,
@@ -196,7 +199,7 @@ class Intake:
     ) -> None:
         self.backend = backend
         self.store = str(backend.uuid)
-        mirror, self.db = connect(url)
+        mirror, self.db = connect(url, password)
         kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
         mirror.close()
         kwargs.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
@@ -464,7 +467,7 @@ class Intake:
         )
 
 
-def retire(url: str) -> None:
+def retire(url: str, password: str | None = None) -> None:
     """Say, for the mirror at `url`, that no daemon accepts writes any more (best effort).
 
     Called by a replicator that runs without ``--accept-writes``, so that
@@ -472,7 +475,7 @@ def retire(url: str) -> None:
     than time out.
     """
     try:
-        mirror, db = connect(url)
+        mirror, db = connect(url, password)
         kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
         mirror.close()
         client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))

@@ -97,6 +97,16 @@ def test_a_refused_operation_leaves_the_rest_of_the_block_to_commit(backend):
     assert backend.verify() == []
 
 
+def test_write_blocks_do_not_nest_in_one_thread(backend):
+    """A second write transaction in the thread would wait for LMDB's writer mutex forever."""
+    with pytest.raises(StoreError, match="already open in this thread"), backend.write() as wtxn:
+        wtxn.set_immutable(b"a", b"1")
+        backend.set_immutable(b"b", b"2")
+    assert backend.keys(b"*") == []
+    backend.set_immutable(b"c", b"3")  # the thread may write again afterwards
+    assert backend.keys(b"*") == [b"c"]
+
+
 def test_a_write_block_without_changes_commits_nothing(backend):
     backend.set_immutable(b"a", b"1")
     before = backend._get_store().last_txnid()

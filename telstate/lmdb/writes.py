@@ -49,6 +49,8 @@ from .samples import add_sample
 from .state import delete_prefix, indexed_value
 
 _HOST = socket.gethostname()
+# The ids of the stores with a WriteTxn open (each holds its store's write lock).
+_OPEN: set[int] = set()
 
 
 class RetryTransaction(StoreError):
@@ -121,33 +123,43 @@ class WriteTxn:
     def __init__(self, store: Store, writer_name: str | None) -> None:
         self._store = store
         self._writer_name = writer_name
-        self.txn: Any = None
-        self.tables: Tables = store.tables
         self.changed = False
-        self._writer_id: int | None = None
         self._new_writer_id: int | None = None
         self._new_remote_ids: dict[Writer, int] = {}
-        self._last_commit = (-1, 0, 0.0)
-        self._txnid = -1
         # (seq, time) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float] | None = None
+        # Set by __enter__: the transaction and what it starts from.
+        self.txn: Any
+        self.tables: Tables
+        self._txnid: int
+        self._writer_id: int | None
+        self._last_commit: tuple[int, int, float]
 
     def __enter__(self) -> WriteTxn:
         store = self._store
         store.write_lock.acquire()
         try:
+            if id(store) in _OPEN:
+                # We hold the write lock, so that transaction is this thread's.
+                # LMDB's writer mutex is not recursive: a second write
+                # transaction here would wait for itself forever.
+                raise StoreError(
+                    f"a write transaction on the store at {store.path!r} is already open in "
+                    "this thread: use its WriteTxn (backend.write() blocks do not nest)"
+                )
             while True:
                 env = store.env or store.ensure_open()
                 try:
-                    self.txn = env.begin(None, None, True)  # write=True (by position: faster)
+                    txn = env.begin(None, None, True)  # write=True (by position: faster)
+                    break
                 except lmdb.MapResizedError:
-                    store.adopt_map_size()
-                    continue
-                break
+                    store.adopt_map_size()  # another process grew the map
         except BaseException:
             store.write_lock.release()
             raise
-        self._txnid = self.txn.id()
+        _OPEN.add(id(store))
+        self.txn = txn
+        self._txnid = txn.id()
         self.tables = store.tables
         self._writer_id = store.writer_ids.get(self._writer_name)
         self._last_commit = store.last_commit
@@ -156,6 +168,7 @@ class WriteTxn:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
         self.txn = None
+        _OPEN.discard(id(store))
         if exc is not None:
             self._fail(txn, exc)
             return  # the block's own exception propagates
