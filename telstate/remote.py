@@ -96,6 +96,8 @@ _BLOCK_CHUNK = 1.0
 _RETRY_DELAY = 0.05
 #: Longest request id and token accepted.
 _MAX_ID = 100
+#: Largest request accepted (all fields), well above an 8 MB array sensor.
+MAX_REQUEST_BYTES = 256 << 20
 
 _TIMESTAMP = struct.Struct(">d")
 _HOST = socket.gethostname()
@@ -329,6 +331,9 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         raise invalid(f"timeout {timeout_ms} ms is not in (0, {int(MAX_TIMEOUT * 1000)}]")
     if op is not Op.CLEAR and not fields[b"key"]:
         raise invalid("empty key")
+    size = sum(len(name) + len(value) for name, value in fields.items())
+    if size > MAX_REQUEST_BYTES:
+        raise invalid(f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
     return Request(
         entry_id=entry_id,
         request_id=request_id,
@@ -341,7 +346,7 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         timestamp=timestamp,
         timeout_ms=timeout_ms,
         writer=Writer(host, pid, name),
-        size=sum(len(k) + len(v) for k, v in fields.items()),
+        size=size,
     )
 
 

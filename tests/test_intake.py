@@ -166,6 +166,19 @@ def test_decoding_arbitrary_entries_raises_only_invalid_request(fields):
         pass
 
 
+def test_oversized_request_is_invalid(monkeypatch):
+    import telstate.remote
+
+    monkeypatch.setattr(telstate.remote, "MAX_REQUEST_BYTES", 1000)
+    from telstate.remote import _Session
+
+    _, fields = _Session(0, "store", 10.0, None).request(
+        Op.SET_IMMUTABLE, 10.0, key=b"k", value=b"\xff" + b"\x00" * 2000
+    )
+    with pytest.raises(InvalidRequest, match="more than the 1000"):
+        decode_request(b"1-0", fields)
+
+
 def test_reply_streams_expire(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")

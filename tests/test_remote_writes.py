@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,6 +224,7 @@ def test_four_processes_race_on_first_timestamp(store, server, mirror_url, daemo
     assert len(events) == 1
     # The writer identity is the writing process's, not the daemon's.
     assert events[0].writer.pid == winner_pid
+    assert events[0].writer.host == socket.gethostname()
     backend.close()
     settle(store, server)
 
@@ -252,7 +254,7 @@ def test_wait_key_barrier_across_processes(store, server, mirror_url, daemon):
 
 def test_results_and_errors_are_those_of_a_local_write(store, server, mirror_url, daemon):
     daemon()
-    ts = TelescopeState(mirror_url)
+    ts = TelescopeState(RedisBackend.from_url(mirror_url, writer_name="ingest1"))
     ts.add("attr", {"a": 1}, immutable=True)
     ts.add("attr", {"a": 1}, immutable=True)  # the same value again: fine, as locally
     with pytest.raises(ImmutableKeyError, match="attr"):
@@ -273,6 +275,10 @@ def test_results_and_errors_are_those_of_a_local_write(store, server, mirror_url
     assert ts.keys() == []
     ts.backend.close()
     settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    writers = {event.writer for event in backend.events()}
+    backend.close()
+    assert writers == {(socket.gethostname(), os.getpid(), "ingest1")}
 
 
 async def test_aio_writes_through_the_mirror(store, server, mirror_url, daemon):
