@@ -25,9 +25,17 @@ from ..errors import ImmutableKeyError, ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern, display_str
 from . import settings
-from .audit import verify_in
+from .audit import verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
-from .eventlog import history_chunk, key_update, last_seq_in, log_chunk, writers_in
+from .eventlog import (
+    chain_in,
+    head_in,
+    history_chunk,
+    key_update,
+    last_seq_in,
+    log_chunk,
+    writers_in,
+)
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -123,7 +131,7 @@ class LmdbBackend(Backend):
         )
         # State of the write transaction in progress (see _write and _append).
         self._new_writer_id: int | None = None
-        self._appended: tuple[int, float] | None = None
+        self._appended: tuple[int, float, bytes] | None = None
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -230,36 +238,40 @@ class LmdbBackend(Backend):
     ) -> None:
         """Append one event to the log and the history index."""
         store: Store = self._store  # type: ignore[assignment]
-        previous_time = self._last_event(txn, tables)[1]
-        seq = self._appended[0] + 1  # type: ignore[index]
+        previous_seq, previous_time, previous_chain = self._last_event(txn, tables)
+        seq = previous_seq + 1
         now = time.time()
         if now < previous_time:
             now = previous_time  # keep event times monotonic for replay(until_time=...)
         writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
         seq_key = log.pack_seq(seq)
-        record = log.encode_record(op_code, writer_id, now, key, sub_key, value, timestamp)
+        body = log.encode_record(op_code, writer_id, now, key, sub_key, value, timestamp)
+        record = log.seal(body, previous_chain)
         # Both appends: seqs grow, in the log and among each key's duplicates.
         txn.put(seq_key, record, True, True, True, tables.log)
         txn.put(name_key, seq_key, True, True, True, tables.history)
-        self._appended = (seq, now)
+        self._appended = (seq, now, record[-log.CHAIN_SIZE :])
 
-    def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float]:
-        """(seq, time) of the last event before the one about to be appended.
+    def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float, bytes]:
+        """(seq, time, chain) of the last event before the one about to be appended.
 
         Usually known without a look at the log: the last one appended in
         this transaction, or this process's last commit if nobody else
         committed since.
         """
         if self._appended is None:
-            committed_txnid, seq, previous_time = self._store.last_commit  # type: ignore[union-attr]
+            store: Store = self._store  # type: ignore[assignment]
+            committed_txnid, seq, previous_time, chain = store.last_commit
             if committed_txnid != txn.id() - 1:
                 cursor = txn.cursor(tables.log)
                 if cursor.last():
                     seq = log.unpack_seq(cursor.key())
-                    previous_time = log.record_time(cursor.value())
+                    record = cursor.value()
+                    previous_time = log.record_time(record)
+                    chain = log.record_chain(record)
                 else:
-                    seq, previous_time = 0, 0.0
-            self._appended = (seq, previous_time)
+                    seq, previous_time, chain = 0, 0.0, log.genesis(store.uuid)
+            self._appended = (seq, previous_time, chain)
         return self._appended
 
     def _new_key(
@@ -728,6 +740,29 @@ class LmdbBackend(Backend):
         """Sequence number of the last event (0 for an empty log)."""
         return self._read(last_seq_in, buffers=True)
 
+    @property
+    def head(self) -> tuple[int, bytes]:
+        """(seq, chain) of the last event, read together: (0, genesis) for an empty log.
+
+        The chain hash names the whole history up to seq (see :mod:`telstate.log`).
+        """
+        return self._read(head_in, log.genesis(self.uuid), buffers=True)
+
+    def chain_at(self, seq: int) -> bytes:
+        """The chain hash of the log up to event `seq`; for seq 0, the store's genesis hash.
+
+        Raises
+        ------
+        ValueError
+            If the log has no event `seq`.
+        """
+        if seq == 0:
+            return log.genesis(self.uuid)
+        chain = self._read(chain_in, seq) if seq > 0 else None
+        if chain is None:
+            raise ValueError(f"the store at {self.path!r} has no event {seq}")
+        return chain
+
     def events(
         self,
         start_seq: int = 1,
@@ -842,19 +877,35 @@ class LmdbBackend(Backend):
         return Snapshot(self)
 
     def verify(self) -> list[str]:
-        """Rebuild the state from the log and compare it with the stored state.
+        """Check the chain of the whole log, and that replaying it gives the stored state.
 
-        Everything is read in one transaction. Also checks that sequence
-        numbers are dense, that every event's writer is known and that the
-        history index counts every event.
+        Everything is read in one transaction, in memory bounded by the
+        number of keys and the largest key (the log is streamed, each key
+        replayed alone through the history index). Also checks that
+        sequence numbers are dense, every record decodes, every event's
+        writer is known and the history index counts every event. Each
+        problem names the event (seq) or key it concerns.
 
         Returns
         -------
         A description of each difference found; empty if the store is sound.
         """
-        return self._read(verify_in)
+        return self._read(verify_in, self.uuid)
 
     # --- durability and lifetime ------------------------------------------------------
+
+    def verify_rdb(self, records: Iterable[Record], seq: int) -> tuple[list[str], int]:
+        """Compare `records` (an RDB file's) with the state as of event `seq`.
+
+        Each key is replayed alone from the log up to `seq`, so `seq` may be
+        older than the current state.
+
+        Returns
+        -------
+        A description of each difference (empty if the records are exactly
+        the state at `seq`), and the number of records compared.
+        """
+        return self._read(verify_rdb_in, records, seq)
 
     def flush(self) -> None:
         """Flush every commit so far (by any process) to disk.
@@ -894,6 +945,8 @@ class Snapshot:
     ----------
     seq
         The last event included in the view.
+    chain
+        The chain hash at `seq` (see :mod:`telstate.log`).
     uuid
         The store's identity.
     """
@@ -904,6 +957,7 @@ class Snapshot:
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
+        self.chain = log.genesis(self.uuid)
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
@@ -918,7 +972,7 @@ class Snapshot:
                     break
             store.adopt_map_size()
         self._tables = store.tables
-        self.seq = last_seq_in(self._txn, self._tables)
+        self.seq, self.chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
         return self
 
     def __exit__(self, *exc: object) -> None:

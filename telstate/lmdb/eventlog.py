@@ -90,3 +90,17 @@ def writers_in(txn: Any, tables: Tables) -> dict[int, Writer]:
         }
     except (ValueError, struct.error) as error:
         raise StoreError(f"the writers table is damaged: {error}") from None
+
+
+def head_in(txn: Any, tables: Tables, genesis: bytes) -> tuple[int, bytes]:
+    """(seq, chain) of the last event; (0, `genesis`) for an empty log."""
+    cursor = txn.cursor(db=tables.log)
+    if not cursor.last():
+        return 0, genesis
+    return log.unpack_seq(cursor.key()), log.record_chain(cursor.value())
+
+
+def chain_in(txn: Any, tables: Tables, seq: int) -> bytes | None:
+    """The chain hash stored in event `seq`, or None if there is no such event."""
+    record = txn.get(log.pack_seq(seq), db=tables.log)
+    return None if record is None else log.record_chain(record)
