@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from . import log
 from .encoding import decode_value
 from .errors import DecodeError, RdbParseError, StoreError, TelstateError
 from .utils import KeyType, display_str, ensure_binary, ensure_str
@@ -287,6 +288,7 @@ def _event_dict(event: Any) -> dict[str, Any]:
         "sub_key": None if event.sub_key is None else jsonable(_decoded(event.sub_key)),
         "value": None if event.value is None else jsonable(_decoded(event.value)),
         "timestamp": event.timestamp,
+        "chain": event.chain.hex(),
     }
 
 
@@ -379,11 +381,11 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     backend = _open_store(args)
     with backend.snapshot() as snap:
-        aux = {b"telstate-store-uuid": str(snap.uuid).encode(), b"telstate-seq": b"%d" % snap.seq}
+        aux = log.position_aux(snap.uuid, snap.seq, snap.chain)
         count = _write_rdb(snap.records(), args.rdb, aux, len(backend.keys(b"*")))
-        seq = snap.seq
+        seq, chain = snap.seq, snap.chain.hex()
     out.write(
-        json.dumps({"rdb": args.rdb, "keys": count, "seq": seq}) + "\n"
+        json.dumps({"rdb": args.rdb, "keys": count, "seq": seq, "chain": chain}) + "\n"
         if args.json
         else f"exported {count} keys (state at seq {seq}) to {args.rdb}\n"
     )
@@ -411,15 +413,93 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     backend = _open_store(args)
+    if args.rdb is not None:
+        return _verify_rdb(backend, args, out)
+    seq, chain = backend.head
     differences = list(backend.verify())
     if args.json:
-        out.write(json.dumps({"ok": not differences, "differences": differences[:100]}) + "\n")
+        result = {"ok": not differences, "differences": differences[:100], "seq": seq}
+        out.write(json.dumps({**result, "chain": chain.hex()}) + "\n")
     elif differences:
-        out.write(f"verify FAILED: {len(differences)} differences between log and state\n")
+        out.write(f"verify FAILED: {len(differences)} problems in the log or state\n")
         out.writelines(f"  {d}\n" for d in differences[:100])
     else:
-        out.write(f"verify OK: state matches the replayed log ({backend.last_seq} events)\n")
+        out.write(
+            f"verify OK: the chain holds and the state matches the replayed log "
+            f"({seq} events, chain {chain.hex()[:16]})\n"
+        )
     return EXIT_NO if differences else EXIT_OK
+
+
+def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
+    """``verify STORE --rdb FILE``: is FILE exactly the state at the position it claims?"""
+    from .rdb_reader import read_aux, read_records
+
+    if not os.path.isfile(args.rdb):
+        raise CliError(f"no such RDB file: {args.rdb!r}")
+    problems: list[str] = []
+    position = None
+    keys = 0
+    try:
+        position = log.position_from_aux(read_aux(args.rdb))
+    except RdbParseError as error:
+        problems.append(f"the file is damaged: {error}")
+    if position is None and not problems:
+        problems.append(
+            "the file claims no log position (AUX fields telstate-store, telstate-seq, "
+            "telstate-chain): it was not written by telstate export or a snapshot"
+        )
+    elif position is not None:
+        store, seq, chain = position
+        last_seq = backend.last_seq
+        if store != backend.uuid:
+            problems.append(f"the file is of store {store}, not of this store ({backend.uuid})")
+        elif seq > last_seq:
+            problems.append(f"the file claims seq {seq}, but the store's log ends at {last_seq}")
+        elif backend.chain_at(seq) != chain:
+            problems.append(
+                f"the store's chain at seq {seq} is {backend.chain_at(seq).hex()[:16]}, the "
+                f"file claims {chain.hex()[:16]}: it is of another history of the store"
+            )
+        else:
+            try:
+                differences, keys = backend.verify_rdb(read_records(args.rdb), seq)
+                problems.extend(differences)
+            except RdbParseError as error:
+                problems.append(f"the file is damaged: {error}")
+    ok = not problems
+    if args.json:
+        result: dict[str, Any] = {"ok": ok, "rdb": args.rdb, "differences": problems[:100]}
+        if position is not None:
+            result.update(store=str(position[0]), seq=position[1], chain=position[2].hex())
+        out.write(json.dumps(result) + "\n")
+    elif ok:
+        assert position is not None
+        out.write(
+            f"verify OK: {args.rdb} is exactly the state at seq {position[1]} "
+            f"(chain {position[2].hex()[:16]}) of store {position[0]} ({keys} keys)\n"
+        )
+    else:
+        out.write(f"verify FAILED: {args.rdb} is not the state it claims\n")
+        out.writelines(f"  {p}\n" for p in problems[:100])
+    return EXIT_OK if ok else EXIT_NO
+
+
+def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb.upgrade import upgrade
+
+    if not os.path.isdir(args.store):
+        raise CliError(f"no telstate store at {args.store!r}: not a directory")
+    old, events = upgrade(args.store)
+    new = log.FORMAT_VERSION
+    if args.json:
+        out.write(json.dumps({"store": args.store, "from": old, "to": new, "events": events}))
+        out.write("\n")
+    elif old == new:
+        out.write(f"{args.store} already has log format {new}: nothing to do\n")
+    else:
+        out.write(f"upgraded {args.store} from log format {old} to {new} ({events} events)\n")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("rdb")
     import_ = command("import", cmd_import, "append an RDB file's keys to the store as events")
     import_.add_argument("rdb")
-    command("verify", cmd_verify, "rebuild the state from the log and compare")
+    verify = command("verify", cmd_verify, "check the chain and that replay gives the state")
+    verify.add_argument(
+        "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
+    )
+    command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
     return parser
 
 

@@ -359,3 +359,32 @@ def decode_writer(data: bytes) -> Writer:
     except Exception as error:
         raise ValueError(f"damaged writer record {data!r}") from error
     return Writer(host, pid, name)
+
+
+# --- projections -----------------------------------------------------------------------
+
+#: RDB AUX fields in which an RDB file (``telstate export``, a snapshot) records the
+#: (store UUID, seq, chain hex) of the log position whose state it holds.
+AUX_STORE = b"telstate-store"
+AUX_SEQ = b"telstate-seq"
+AUX_CHAIN = b"telstate-chain"
+# What telstate export wrote before the chain, still read.
+_AUX_OLD_STORE = b"telstate-store-uuid"
+
+
+def position_aux(store: uuid.UUID, seq: int, chain: bytes) -> dict[bytes, bytes]:
+    """The AUX fields that record the log position (store, seq, chain)."""
+    return {AUX_STORE: str(store).encode(), AUX_SEQ: b"%d" % seq, AUX_CHAIN: chain.hex().encode()}
+
+
+def position_from_aux(aux: dict[bytes, bytes]) -> tuple[uuid.UUID, int, bytes] | None:
+    """The (store, seq, chain) that AUX fields claim; None if they claim none (or garble it)."""
+    try:
+        store = uuid.UUID(aux.get(AUX_STORE, aux.get(_AUX_OLD_STORE, b"")).decode())
+        seq = int(aux[AUX_SEQ])
+        chain = bytes.fromhex(aux[AUX_CHAIN].decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    if seq < 0 or len(chain) != CHAIN_SIZE:
+        return None
+    return store, seq, chain
