@@ -13,12 +13,16 @@ database ends with the script). Fields:
 ``store``  UUID of the store whose log the mirror reflects
 ``host``   host of the store, and ``path`` its directory (for messages)
 ``seq``    the last event of the log that the mirror includes
+``chain``  the store's chain hash at ``seq`` (hex; see :mod:`telstate.log`)
 ``state``  ``ready``, or ``rebuilding`` while the store's state is loaded
 ``keys``   the number of keys in the mirror database once the step is done
 =========  ==================================================================
 
 ``keys`` is how a flushed or foreign-written mirror is noticed: every step
-compares it with DBSIZE before changing anything.
+compares it with DBSIZE before changing anything. (``store``, ``seq``,
+``chain``) is how a store restored from an older copy, rolled back by a
+power cut or otherwise of another history is noticed: before resuming, the
+replicator compares ``chain`` with the store's chain at ``seq``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class Cursor:
         UUID of the store whose log the mirror reflects.
     seq
         The last event that the mirror includes.
+    chain
+        The store's chain hash at `seq`, in hex ("" in a cursor written
+        before chains existed).
     state
         Whether the mirror is complete at `seq`.
     keys
@@ -62,6 +69,7 @@ class Cursor:
     owner: str
     store: str
     seq: int
+    chain: str
     state: MirrorState
     keys: int
     host: str
@@ -76,6 +84,8 @@ class Cursor:
             self.store,
             "seq",
             self.seq,
+            "chain",
+            self.chain,
             "state",
             self.state.value,
             "host",
@@ -93,6 +103,7 @@ class Cursor:
                 owner=text["owner"],
                 store=text["store"],
                 seq=int(text["seq"]),
+                chain=text.get("chain", ""),
                 state=MirrorState(text["state"]),
                 keys=int(text["keys"]),
                 host=text.get("host", "?"),

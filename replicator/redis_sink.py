@@ -301,12 +301,12 @@ class RedisSink:
         ops: list[Any] = []
         for event in events:
             _append_event(ops, event)
-        last = events[-1].seq
-        after = self._apply("check", self.cursor, ["seq", last], ops)
+        last, chain = events[-1].seq, events[-1].chain.hex()
+        after = self._apply("check", self.cursor, ["seq", last, "chain", chain], ops)
         if after is None:
             self._recheck()
             return Step(0)
-        self.cursor = replace(self.cursor, seq=last, keys=after)
+        self.cursor = replace(self.cursor, seq=last, chain=chain, keys=after)
         self._next_check = time.monotonic() + self.check_interval
         return Step(len(events))
 
@@ -321,6 +321,7 @@ class RedisSink:
                 owner=self.owner,
                 store=str(snapshot.uuid),
                 seq=snapshot.seq,
+                chain=snapshot.chain.hex(),
                 state=MirrorState.REBUILDING,
                 keys=0,
                 host=socket.gethostname(),
@@ -432,11 +433,12 @@ class RedisSink:
                 return
             found = mine
             logger.info(
-                "resuming mirror %s db %d of store %s after seq %d",
+                "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
                 self.url,
                 self.db,
                 found.store,
                 found.seq,
+                found.chain[:16],
             )
         self._claimed = True
         self.cursor = found
@@ -458,6 +460,16 @@ class RedisSink:
             return (
                 f"it has {size} keys where its cursor says {found.keys}"
                 " (flushed, or written by someone else)"
+            )
+        try:
+            chain = self.source.chain_at(found.seq).hex()
+        except ValueError:  # the log lost events since last_seq was read
+            chain = None
+        if chain != found.chain:
+            return (
+                f"its cursor's chain at seq {found.seq} ({found.chain[:16] or 'none'}) is not"
+                f" the store's ({(chain or 'none')[:16]}): the store was restored from an older"
+                " copy, rolled back, or holds another history since then"
             )
         return None
 
