@@ -255,6 +255,32 @@ def encode_record(
     )
 
 
+def chained_record(
+    previous_chain: bytes,
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes = b"",
+    sub_key: bytes = b"",
+    value: bytes = b"",
+    timestamp: float = _NAN,
+) -> bytes:
+    """The full record of one event after the chain hash `previous_chain`.
+
+    The same as ``seal(encode_record(...), previous_chain)``, in one call:
+    this is on the path of every write.
+    """
+    body = b"".join(
+        (
+            _HEADER.pack(op_code, writer_id, time, timestamp, len(key), len(sub_key)),
+            key,
+            sub_key,
+            value,
+        )
+    )
+    return body + _sha256(previous_chain + body).digest()
+
+
 def genesis(store: uuid.UUID) -> bytes:
     """The chain hash before the first event (seq 0) of the store with identity `store`."""
     return _sha256(_CHAIN_DOMAIN + store.bytes).digest()

@@ -245,8 +245,9 @@ class LmdbBackend(Backend):
             now = previous_time  # keep event times monotonic for replay(until_time=...)
         writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
         seq_key = log.pack_seq(seq)
-        body = log.encode_record(op_code, writer_id, now, key, sub_key, value, timestamp)
-        record = log.seal(body, previous_chain)
+        record = log.chained_record(
+            previous_chain, op_code, writer_id, now, key, sub_key, value, timestamp
+        )
         # Both appends: seqs grow, in the log and among each key's duplicates.
         txn.put(seq_key, record, True, True, True, tables.log)
         txn.put(name_key, seq_key, True, True, True, tables.history)
