@@ -310,6 +310,16 @@ def test_an_undecodable_event_fails_verify_without_a_traceback(filled):
     assert "Traceback" not in result.stderr
 
 
+def test_damaged_state_tables_fail_verify_without_a_traceback(filled):
+    env = lmdb.open(str(filled), max_dbs=len(Tables.NAMES))
+    with env.begin(write=True) as txn:
+        txn.put(b"\x01sensor", b"\x02", db=Tables(env, txn, create=False).keys)
+    env.close()
+    result = telstate_cli("verify", str(filled))
+    assert result.returncode == 1, result.stderr
+    assert "state: unreadable" in result.stdout and "Traceback" not in result.stderr
+
+
 def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     early = tmp_path / "early.rdb"
     assert telstate_cli("export", str(filled), str(early)).returncode == 0

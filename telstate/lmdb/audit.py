@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,9 @@ def replay(
     return TelescopeState(memory)
 
 
+#: What reading damaged state tables can raise (reported by verify, not raised).
+_DAMAGE = (ValueError, TypeError, KeyError, IndexError, struct.error, StoreError)
+
 #: How many problems of one kind verify lists before it only counts them.
 _MAX_LISTED = 20
 
@@ -139,14 +143,21 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     problems, counts = _check_log(txn, tables, store)
     clears = _clear_seqs(txn, tables)
     seen: set[bytes] = set()
-    for key, key_type, value in state_records(txn, tables):
-        name_key = name_key_of(key)
-        seen.add(name_key)
-        logged, last = _replay_key(txn, tables, name_key, clears)
-        difference = _difference(key_type, value, logged)
-        if difference:
-            where = f" (its last event: {last})" if last else ""
-            problems.append(f"key {display_str(key)}: {difference}{where}")
+    key = b""
+    try:
+        for key, key_type, value in state_records(txn, tables):
+            name_key = name_key_of(key)
+            seen.add(name_key)
+            logged, last = _replay_key(txn, tables, name_key, clears)
+            difference = _difference(key_type, value, logged)
+            if difference:
+                where = f" (its last event: {last})" if last else ""
+                problems.append(f"key {display_str(key)}: {difference}{where}")
+    except _DAMAGE as error:
+        # The keys after it are not compared; the log checks above still stand.
+        after = f" after key {display_str(key)}" if key else ""
+        problems.append(f"state: unreadable{after} ({type(error).__name__}: {error})")
+        return problems
     history = txn.cursor(db=tables.history)
     for name_key in history.iternext_nodup(keys=True, values=False):
         name_key = bytes(name_key)
