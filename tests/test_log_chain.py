@@ -390,6 +390,14 @@ def test_mirror_of_a_store_restored_from_an_older_copy_is_rebuilt(store, server,
     restored = LmdbBackend(store, readonly=True)
     assert restored.last_seq > mirrored_seq
     restored.close()
+    status = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "--log", str(store), "--redis"]
+        + [server.url, "--json"],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert "another history" in json.loads(status.stdout)["mirror"]["error"]
     daemon = daemons(store, server.url)
     settle(store, server.client(), daemon)  # the mirror equals the store, sample for sample
     daemon.stop()
