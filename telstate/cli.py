@@ -201,13 +201,15 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         key_type = backend.key_type(key)
         if key_type is not None:
             types[key_type.name.lower()] += 1
+    last_seq, chain = backend.head
     first = next(iter(backend.events(1, 1)), None)
-    last = next(iter(backend.events(backend.last_seq, backend.last_seq)), None)
+    last = next(iter(backend.events(last_seq, last_seq)), None)
     size = sum(os.path.getsize(os.path.join(args.store, name)) for name in os.listdir(args.store))
     info = {
         "path": os.path.abspath(args.store),
         "uuid": str(backend.uuid),
-        "last_seq": backend.last_seq,
+        "last_seq": last_seq,
+        "chain": chain.hex(),
         "keys": len(keys),
         "key_types": types,
         "first_event_time": first.time if first else None,
@@ -224,6 +226,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"events     {info['last_seq']} "
             f"({format_time(info['first_event_time'])} .. "
             f"{format_time(info['last_event_time'])})\n"
+            f"chain      {info['chain']}\n"
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"

@@ -129,6 +129,7 @@ def test_log_and_history_json_show_the_chain(filled):
     chains = [event.chain.hex() for event in backend.events()]
     sensor = [event.chain.hex() for event in backend.history(b"sensor")]
     backend.close()
+    assert json.loads(telstate_cli("--json", "info", str(filled)).stdout)["chain"] == chains[-1]
     shown = telstate_cli("--json", "log", str(filled))
     assert [json.loads(line)["chain"] for line in shown.stdout.splitlines()] == chains
     shown = telstate_cli("--json", "history", str(filled), "sensor")

@@ -99,8 +99,9 @@ class LmdbBackend(Backend):
     Notes
     -----
     Besides the :class:`~telstate.backend.Backend` methods, the log API:
-    :attr:`uuid`, :attr:`last_seq`, :meth:`events`, :meth:`history`,
-    :meth:`snapshot`, :meth:`wait_for_commit`, :meth:`verify`,
+    :attr:`uuid`, :attr:`last_seq`, :attr:`head`, :meth:`chain_at`,
+    :meth:`events`, :meth:`history`, :meth:`snapshot`,
+    :meth:`wait_for_commit`, :meth:`verify`, :meth:`verify_rdb`,
     :meth:`flush`, and :func:`telstate.lmdb.replay`.
     """
 
