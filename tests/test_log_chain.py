@@ -248,6 +248,17 @@ def test_format_1_store_is_refused_then_upgraded(filled, capsys):
     backend.close()
 
 
+def test_upgrade_in_chunks_gives_the_same_chain(filled, monkeypatch):
+    from telstate.lmdb import upgrade as upgrade_module
+
+    _, before = raw_log(filled)
+    make_format_1(filled)
+    monkeypatch.setattr(upgrade_module, "_CHUNK", 7)
+    assert upgrade(filled) == (1, len(before))
+    assert raw_log(filled)[1] == before
+    assert upgrade(filled) == (2, 0)
+
+
 def test_upgrade_refuses_unknown_formats_and_non_stores(filled, tmp_path):
     env = lmdb.open(str(filled), max_dbs=len(Tables.NAMES))
     with env.begin(write=True) as txn:

@@ -264,7 +264,7 @@ class LmdbBackend(Backend):
         if self._appended is None:
             store: Store = self._store  # type: ignore[assignment]
             committed_txnid, seq, previous_time, chain = store.last_commit
-            if committed_txnid != txn.id() - 1:
+            if committed_txnid != txn.id() - 1 or not chain:
                 cursor = txn.cursor(tables.log)
                 if cursor.last():
                     seq = log.unpack_seq(cursor.key())
