@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,40 @@ def test_upgrade_in_chunks_gives_the_same_chain(filled, monkeypatch):
     assert upgrade(filled) == (1, len(before))
     assert raw_log(filled)[1] == before
     assert upgrade(filled) == (2, 0)
+
+
+def test_upgrade_killed_at_random_points_leaves_format_1_or_a_complete_format_2(tmp_path):
+    original = tmp_path / "original"
+    backend = LmdbBackend(original, durability="none")
+    ts = TelescopeState(backend)
+    for i in range(20000):
+        ts.add(f"sensor{i % 50}", float(i), ts=1e9 + i)
+    backend.close()
+    _, chained = raw_log(original)
+    make_format_1(original)
+    _, unchained = raw_log(original)
+    # Kill times span the upgrade (about 0.3 s here): both outcomes occur.
+    rng = random.Random(12)
+    for attempt in range(6):
+        path = tmp_path / f"attempt{attempt}"
+        shutil.copytree(original, path)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "telstate.cli", "upgrade", str(path)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.0, 0.8))
+        process.kill()
+        process.wait()
+        records = raw_log(path)[1]
+        if records == unchained:
+            with pytest.raises(StoreError, match="telstate upgrade"):
+                LmdbBackend(path, readonly=True)
+            assert telstate_cli("upgrade", str(path)).returncode == 0
+            records = raw_log(path)[1]
+        assert records == chained
+        assert telstate_cli("verify", str(path)).returncode == 0
 
 
 def test_upgrade_refuses_unknown_formats_and_non_stores(filled, tmp_path):
