@@ -896,18 +896,21 @@ class LmdbBackend(Backend):
 
     # --- durability and lifetime ------------------------------------------------------
 
-    def verify_rdb(self, records: Iterable[Record], seq: int) -> tuple[list[str], int]:
+    def verify_rdb(
+        self, records: Iterable[Record], seq: int, complete: bool = True
+    ) -> tuple[list[str], int]:
         """Compare `records` (an RDB file's) with the state as of event `seq`.
 
         Each key is replayed alone from the log up to `seq`, so `seq` may be
-        older than the current state.
+        older than the current state. With `complete` false (the file holds
+        a selection of keys), keys missing from `records` are not differences.
 
         Returns
         -------
         A description of each difference (empty if the records are exactly
         the state at `seq`), and the number of records compared.
         """
-        return self._read(verify_rdb_in, records, seq)
+        return self._read(verify_rdb_in, records, seq, complete)
 
     def flush(self) -> None:
         """Flush every commit so far (by any process) to disk.
