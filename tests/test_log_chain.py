@@ -407,13 +407,31 @@ def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     failed = telstate_cli("verify", str(filled), "--rdb", str(claimed))
     assert failed.returncode == 1 and "another history" in failed.stdout
 
-    # A file that claims no position.
+    # A file that claims no position: replayed to a time, not a seq.
     replayed = tmp_path / "replayed.rdb"
-    assert (
-        telstate_cli("replay", str(filled), "--until", "5", "--rdb", str(replayed)).returncode == 0
-    )
+    until = f"@{time.time():.3f}"
+    result = telstate_cli("replay", str(filled), "--until", until, "--rdb", str(replayed))
+    assert result.returncode == 0, result.stderr
     failed = telstate_cli("verify", str(filled), "--rdb", str(replayed))
     assert failed.returncode == 1 and "claims no log position" in failed.stdout
+
+
+def test_verify_rdb_of_past_and_selected_exports(filled, tmp_path):
+    past = tmp_path / "past.rdb"
+    assert telstate_cli("export", str(filled), str(past), "--until", "12").returncode == 0
+    assert read_aux(past)[b"telstate-seq"] == b"12"
+    ok = telstate_cli("verify", str(filled), "--rdb", str(past))
+    assert ok.returncode == 0 and "exactly the state at seq 12" in ok.stdout
+    light = tmp_path / "light.rdb"
+    assert telstate_cli("export", str(filled), str(light), "--keys", "attr*").returncode == 0
+    ok = telstate_cli("--json", "verify", str(filled), "--rdb", str(light))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["complete"] is False
+    changed = tmp_path / "changed.rdb"
+    with RDBWriter(changed, aux=read_aux(light)) as writer:
+        for key, key_type, value in read_records(light):
+            writer.write_record(key, key_type, value + b"!" if key == b"attr20" else value)
+    failed = telstate_cli("verify", str(filled), "--rdb", str(changed))
+    assert failed.returncode == 1 and "key 'attr20': value differs" in failed.stdout
 
 
 # --- projections of a restored store ----------------------------------------------------------
