@@ -43,9 +43,9 @@ class Client:
         self.session = _Session(0, store, 10.0, "test")
         self.redis = server.client(db=MIRROR_CURSOR_DB)
 
-    def send(self, op: Op, timeout: float = 10.0, **write) -> bytes:
+    def send(self, op: Op, timeout: float = 10.0, entry_id: bytes = b"*", **write) -> bytes:
         request_id, fields = self.session.request(op, timeout, **write)
-        self.redis.xadd(self.session.requests, fields)
+        self.redis.xadd(self.session.requests, fields, id=entry_id)
         return request_id
 
     def replies(self) -> dict[bytes, Reply]:
@@ -101,8 +101,9 @@ def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
 def test_expired_request_is_never_applied(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")
+    # Sent (by the id the server would have given it) in 1970, with a 10 s timeout.
     stale = client.send(
-        Op.ADD_MUTABLE, timeout=0.001, key=b"s", value=encode_value(1), timestamp=1.0
+        Op.ADD_MUTABLE, entry_id=b"1-1", key=b"s", value=encode_value(1), timestamp=1.0
     )
     fresh = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2), timestamp=2.0)
     run(intake, mirror_seq=0)
