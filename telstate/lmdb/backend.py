@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -26,7 +27,7 @@ from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern, display_str
 from . import settings
 from .audit import verify_in
-from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
+from .environment import DURABILITIES, Store, abort, attach_store, detach_store
 from .eventlog import history_chunk, key_update, last_seq_in, log_chunk, writers_in
 from .layout import (
     ALL_KEYS,
@@ -72,8 +73,9 @@ class LmdbBackend(Backend):
     writer_name
         Recorded with every event written through this backend.
     map_size
-        Initial size in bytes of the memory map of a new store (the map
-        grows automatically; this only matters for tests and tuning).
+        Size in bytes of the memory map, the most the store can hold
+        (default 1 TiB; it costs address space, not disk or memory; see
+        :mod:`telstate.lmdb.environment`).
 
     Raises
     ------
@@ -104,7 +106,7 @@ class LmdbBackend(Backend):
         flush_interval: float = 1.0,
         readonly: bool = False,
         writer_name: str | None = None,
-        map_size: int = settings.INITIAL_MAP_SIZE,
+        map_size: int = settings.MAP_SIZE,
     ) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
@@ -139,69 +141,66 @@ class LmdbBackend(Backend):
         return store
 
     def _read(self, body: Callable[..., _T], *args: Any, buffers: bool = False) -> _T:
-        """Run ``body(txn, tables, *args)`` in a fresh read transaction."""
+        """Run ``body(txn, tables, *args)`` in a fresh read transaction.
+
+        Takes no lock: reads of several threads run in parallel.
+        """
         store = self._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue  # reopened meanwhile
-                txn = begin_read(env, buffers)
-                if txn is not None:
-                    try:
-                        return body(txn, store.tables, *args)
-                    except lmdb.Error as error:
-                        raise StoreError(
-                            f"reading the store at {store.path!r} failed: {error}"
-                        ) from error
-                    finally:
-                        txn.abort()
-            store.adopt_map_size()
+        try:
+            txn = store.begin_read(buffers)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        try:
+            return body(txn, store.tables, *args)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        finally:
+            store.txns.end_read(txn)
 
     def _write(self, body: Callable[..., tuple[_T, bool]], *args: Any) -> _T:
         """Run ``body(txn, tables, *args)`` in a write transaction, committed if it says so.
 
-        `body` returns (result, changed); it must have no effect outside the
-        transaction, as it is run again after the map grows or is resized.
+        `body` returns (result, changed) and must have no effect outside the
+        transaction.
         """
         store = self._store
         if store is None or self.readonly:
             self._get_store()
             raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
-        with store.write_lock:
-            while True:
-                env = store.env or store.ensure_open()
-                try:
-                    txn = env.begin(None, None, True)
-                except lmdb.MapResizedError:
-                    store.adopt_map_size()
-                    continue
-                self._new_writer_id = None
-                self._appended = None
-                txnid = txn.id()
-                try:
-                    result, changed = body(txn, store.tables, *args)
-                    if changed:
-                        txn.commit()
-                    else:
-                        txn.abort()
-                except lmdb.MapFullError:
-                    abort(txn)
-                    store.grow()
-                    continue
-                except lmdb.Error as error:
-                    abort(txn)
-                    message = f"writing to the store at {store.path!r} failed: {error}"
-                    raise StoreError(message) from error
-                except BaseException:
-                    abort(txn)
-                    raise
-                break
+        try:
+            txn = store.begin_write()
+        except lmdb.Error as error:
+            raise StoreError(f"writing to the store at {store.path!r} failed: {error}") from error
+        try:
+            self._new_writer_id = None
+            self._appended = None
+            txnid = txn.id()
+            try:
+                result, changed = body(txn, store.tables, *args)
+                if changed:
+                    txn.commit()
+                else:
+                    txn.abort()
+            except lmdb.MapFullError as error:
+                abort(txn)
+                raise StoreError(
+                    f"the telstate store at {store.path!r} is full: it reached its map size "
+                    f"({store.map_size} bytes); open it with a larger map_size"
+                ) from error
+            except lmdb.Error as error:
+                abort(txn)
+                message = f"writing to the store at {store.path!r} failed: {error}"
+                raise StoreError(message) from error
+            except BaseException:
+                abort(txn)
+                raise
             if changed:
                 if self._new_writer_id is not None:
                     store.writer_ids[self.writer_name] = self._new_writer_id
                 if self._appended is not None:
                     store.last_commit = (txnid, *self._appended)
+        finally:
+            store.end_write(txn)
         if changed:
             store.committed()
         return result
@@ -821,13 +820,7 @@ class LmdbBackend(Backend):
         return self._read(key_state_record, key)
 
     def records(self) -> Iterator[Record]:
-        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`).
-
-        Raises
-        ------
-        StoreError
-            If the map is resized by this process while the records are read.
-        """
+        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`)."""
         with self.snapshot() as snap:
             yield from snap.records()
 
@@ -888,7 +881,8 @@ class Snapshot:
 
     Made by :meth:`LmdbBackend.snapshot`; use it as a context manager. It
     holds one LMDB read transaction, so keep it short: while it is open,
-    pages it sees cannot be reused and the store grows.
+    pages it sees cannot be reused and the store grows, and closing the
+    store (or following a larger map of another process) waits for it.
 
     Attributes
     ----------
@@ -901,22 +895,20 @@ class Snapshot:
     def __init__(self, backend: LmdbBackend) -> None:
         self._backend = backend
         self._txn: Any = None
+        self._thread = 0
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue
-                self._txn = begin_read(env)
-                if self._txn is not None:
-                    store.snapshots.add(self)
-                    break
-            store.adopt_map_size()
+        try:
+            self._txn = store.begin_read()
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        self._thread = threading.get_ident()
+        self._store = store
+        store.snapshots.add(self)
         self._tables = store.tables
         self.seq = last_seq_in(self._txn, self._tables)
         return self
@@ -926,18 +918,16 @@ class Snapshot:
 
     def close(self) -> None:
         """End the view (idempotent)."""
-        store = self._backend._store
-        if store is not None:
-            store.snapshots.discard(self)
-        if self._txn is not None:
-            abort(self._txn)
-            self._txn = None
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            self._store.snapshots.discard(self)
+            self._store.txns.end_read(txn)
 
-    def _invalidate(self, reason: str) -> None:
-        self._invalid = reason
+    def _forked(self) -> None:
+        """In a forked child: forget the parent's transaction (see Store.after_fork_child)."""
         if self._txn is not None:
-            abort(self._txn)
             self._txn = None
+            self._invalid = "it was opened before this process was forked"
 
     def _check(self) -> Any:
         if self._invalid is not None:
@@ -955,8 +945,7 @@ class Snapshot:
         Raises
         ------
         StoreError
-            If the snapshot was closed or invalidated (its map was resized
-            by this process, which can happen when the store grows).
+            If the snapshot was closed, or opened before this process was forked.
         """
         txn = self._check()
         try:
