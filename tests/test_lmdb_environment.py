@@ -54,7 +54,7 @@ SNAPSHOT_READER = """
         backend.key_type(b"k00000")
     stop.set()
     thread.join()
-    assert all(n == keys for n in passes[: before + 3]), passes
+    assert set(passes) <= {keys, keys + 1} and passes[-1] == keys + 1, passes
     assert backend.verify() == []
     print("ok", len(passes), flush=True)
 """
@@ -111,8 +111,9 @@ def test_a_store_made_with_a_smaller_map_opens_and_grows_past_it(tmp_path):
 def big_store(tmp_path_factory):
     """A store whose verify and full get_range each take a good fraction of a second."""
     path = tmp_path_factory.mktemp("big") / "store"
+    # A verify of about 2 s and a full get_range of about 0.2 s (more on a loaded machine).
     with LmdbBackend(path, durability="none") as backend:
-        members = [TIMESTAMP.pack(float(i)) + b"%d" % i for i in range(200_000)]
+        members = [TIMESTAMP.pack(float(i)) + b"%d" % i for i in range(700_000)]
         backend.load_records([(b"sensor", KeyType.MUTABLE, members)])
         backend.set_immutable(b"attr", b"v")
     return path
@@ -158,7 +159,7 @@ def test_a_read_is_not_delayed_by_a_long_read_in_another_thread(big_store, opera
             def long_op():
                 backend.get_range(b"sensor", 0.0, float("inf"), False, False)
 
-        latencies = _latencies_during(backend, long_op, minimum=0.08)
+        latencies = _latencies_during(backend, long_op, minimum=0.15)
     # The other thread holds the GIL most of the time, so a read waits for a
     # few of its switch intervals (5 ms), never for the whole operation.
     assert statistics.median(latencies) < 0.05, sorted(latencies)
@@ -217,26 +218,33 @@ def test_fork_does_not_wait_for_a_long_verify_in_another_thread(big_store):
     started.wait()
     time.sleep(0.02)  # the verify is under way
 
-    def child():
-        assert backend.key_type(b"attr") is not None
-        backend.add_mutable(b"child", b"c", 1.0)
-        assert backend.get(b"child") == (b"c", 1.0)
+    def child_during_the_verify():
+        # The inherited environment was being read: left alone, never reopened.
+        with pytest.raises(StoreError, match="being read by another thread"):
+            backend.key_type(b"attr")
 
     start = time.perf_counter()
-    status = run_in_fork(child)
+    status = run_in_fork(child_during_the_verify)
     forked = time.perf_counter() - start
     thread.join()
     assert status == 0
     assert results == [[]]
     assert durations[0] > 0.15
     assert forked < durations[0] / 2, (forked, durations[0])
-    # The child's exit left this process's reader slots alone: reads and verify work.
+
+    def child():
+        assert backend.key_type(b"attr") is not None
+        backend.add_mutable(b"child", b"c", 1.0)
+        assert backend.get(b"child") == (b"c", 1.0)
+
+    assert run_in_fork(child) == 0
+    # The children's exits left this process's reader slots alone.
     assert backend.get(b"child") == (b"c", 1.0)
     assert backend.verify() == []
     backend.close()
 
 
-def test_a_snapshot_open_at_fork_is_closed_in_the_child_only(tmp_path):
+def test_a_snapshot_open_at_fork_stays_the_parents(tmp_path):
     backend = LmdbBackend(tmp_path / "store", durability="none")
     backend.add_mutable(b"m", b"v", 1.0)
     with backend.snapshot() as snap:
@@ -245,13 +253,14 @@ def test_a_snapshot_open_at_fork_is_closed_in_the_child_only(tmp_path):
             with pytest.raises(StoreError, match="fork"):
                 list(snap.records())
             snap.close()
-            assert backend.get(b"m") == (b"v", 1.0)
-            backend.add_mutable(b"m", b"child", 2.0)
+            with pytest.raises(StoreError, match="being read"):
+                backend.get(b"m")
 
         assert run_in_fork(child) == 0
         assert str(os.getpid()) in backend._store.env.readers()  # its slot is intact
+        backend.add_mutable(b"m", b"w", 2.0)
         assert len(list(snap.records())) == 1
-    assert backend.get(b"m") == (b"child", 2.0)
+    assert backend.get(b"m") == (b"w", 2.0)
     assert backend.verify() == []
     backend.close()
 
@@ -335,12 +344,12 @@ def test_a_full_disk_fails_writes_and_the_store_recovers(tmp_path, durability):
 
 
 GO_CREATOR = """
-    import sys
+    import os, sys
     from telstate.lmdb import LmdbBackend
     print("ready", flush=True)
     sys.stdin.readline()
     backend = LmdbBackend(sys.argv[1])
-    backend.add_mutable(b"m", b"%d" % backend._store.env.info()["last_txnid"], 1.0)
+    backend.add_mutable(b"m", b"%d" % os.getpid(), 1.0)
     print(backend.uuid, flush=True)
     backend.close()
 """

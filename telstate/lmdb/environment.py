@@ -62,9 +62,12 @@ every :class:`LmdbBackend` on that path (views and TelescopeStates
 included) shares it, and it is opened with the strongest durability any
 of them asked for. Reads in several threads of a process run in
 parallel (each its own LMDB read transaction); writes of a process take
-turns. ``os.fork`` waits for a write in flight, never for reads; the
-child reopens the store on first use, and snapshots open at the fork are
-closed in the child (see :meth:`Store.after_fork_child`). Stale reader
+turns. ``os.fork`` waits for a write or flush in flight, never for
+reads. The child reopens the store on first use, unless another thread
+was reading it (a snapshot included) at the moment of the fork: then the
+child cannot use the store, as py-lmdb can neither close the inherited
+environment safely nor open a second one on the same files (see
+:meth:`Store.after_fork_child`). Stale reader
 slots of killed processes are cleared at open and every 10 s by a
 housekeeping thread of each writing process, and every 32 writes of a
 process.
@@ -201,8 +204,12 @@ class _Transactions:
                 self.cond.notify_all()
 
     def end_read(self, txn: Any) -> None:
-        abort(txn)
-        self.leave(txn)
+        """End a read transaction from :meth:`begin_read` (under `cond`, see Store.before_fork)."""
+        with self.cond:
+            abort(txn)
+            del self.live[txn]
+            if self.pending:
+                self.cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self, path: str) -> Iterator[None]:
@@ -295,9 +302,9 @@ class Store:
     in this process; never the other way round, so a write never holds
     `write_lock` while waiting for a remap). Remapping, reopening and
     closing the environment happen inside ``txns.exclusive()``, with
-    `sync_lock` (held by the housekeeper while it syncs) taken inside it;
-    the fork hooks take `write_lock` and ``txns.cond`` only, which nobody
-    holds for long.
+    `sync_lock` (held by the housekeeper while it syncs) taken inside it.
+    The fork hooks take `write_lock`, ``txns.cond`` and `sync_lock`, in
+    that order, none of which a read holds.
     """
 
     def __init__(self, path: str) -> None:
@@ -816,29 +823,39 @@ class Store:
     # --- fork ------------------------------------------------------------------------
 
     def before_fork(self) -> None:
-        # A write in flight is short; reads (however long) are not waited for.
+        # Writes, syncs and the start of a read are short; reads (however
+        # long) are not waited for (see after_fork_child).
         self.write_lock.acquire()
         self.txns.cond.acquire()
+        self.sync_lock.acquire()
 
     def after_fork_parent(self) -> None:
+        self.sync_lock.release()
         self.txns.cond.release()
         self.write_lock.release()
 
     def after_fork_child(self) -> None:
-        # The child must never end a transaction it inherited: LMDB would clear
-        # the reader slot, which is the parent's (reads of other threads, and
-        # snapshots, may be live: the fork did not wait for them), and the
-        # parent's reader would stop pinning the pages it reads. Such an
-        # environment and its transactions are kept alive, untouched, for the
-        # child's lifetime (a reference never dropped, not even at exit); an
-        # environment with none is closed.
-        inherited = [txn for txn in self.txns.live if isinstance(txn, lmdb.Transaction)]
+        # Reads of other threads, and snapshots, may have been live at the
+        # fork (it does not wait for them). The child must then never close
+        # the inherited environment: py-lmdb would wait forever for their
+        # calls to return, or end them, clearing their reader slots, which
+        # are the parent's (LMDB's lock table is a shared map), so that the
+        # parent's readers would stop pinning the pages they read. It is kept
+        # (one reference never dropped, not even at exit), and as py-lmdb
+        # opens a store's files once per process, the child cannot reopen
+        # the store. Without live reads (the fork waited for writes and
+        # syncs) the environment is closed and reopened on first use.
+        live = any(isinstance(txn, lmdb.Transaction) for txn in self.txns.live)
         for snap in list(self.snapshots):
             snap._forked()
         if self.env is not None:
-            if inherited:
-                for thing in [self.env, *inherited]:
-                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(thing))
+            if live:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.env))
+                self.broken = (
+                    f"the telstate store at {self.path!r} was being read by another thread "
+                    "when this process was forked, so it cannot be reopened here: "
+                    "open it after forking, or fork while no read is in progress"
+                )
             else:
                 self.env.close()
             self.env = None
