@@ -281,11 +281,10 @@ def small_filesystem(directory, size: str):
 
 def fill(directory) -> None:
     """Take every free block of the filesystem at `directory`."""
-    with open(os.path.join(directory, "filler"), "wb") as filler:
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as filler:
         with contextlib.suppress(OSError):
             while True:
                 filler.write(b"f" * 4096)
-                filler.flush()
 
 
 CREATOR = """
