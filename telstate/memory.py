@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
+from typing import Any, BinaryIO
 
+# Public here as in katsdptelstate (its backends load files through it).
+from . import rdb_reader as rdb_reader
 from .backend import (
     Backend,
     GetResult,
@@ -15,13 +19,29 @@ from .backend import (
     IndexedKeyUpdate,
     KeyUpdateBase,
     MutableKeyUpdate,
+    PackedMembers,
     Record,
 )
 from .errors import ImmutableKeyError
-from .utils import KeyType, compile_pattern, pack_query_timestamp, pack_timestamp, split_timestamp
+from .rdb_reader import BackendCallback
+from .utils import (
+    KeyType,
+    PathType,
+    compile_pattern,
+    pack_query_timestamp,
+    pack_timestamp,
+    split_timestamp,
+)
 
-_Value = bytes | list[bytes] | dict[bytes, bytes]
-_TYPES = {bytes: KeyType.IMMUTABLE, list: KeyType.MUTABLE, dict: KeyType.INDEXED}
+logger = logging.getLogger(__name__)
+
+_Value = bytes | list[bytes] | PackedMembers | dict[bytes, bytes]
+_TYPES = {
+    bytes: KeyType.IMMUTABLE,
+    list: KeyType.MUTABLE,
+    PackedMembers: KeyType.MUTABLE,
+    dict: KeyType.INDEXED,
+}
 
 
 class MemoryBackend(Backend):
@@ -30,8 +50,11 @@ class MemoryBackend(Backend):
     Immutable keys hold bytes, mutable keys a sorted list of packed members
     (8-byte big-endian timestamp followed by the value, exactly as in the
     Redis zset, so ordering and deduplication match), and indexed keys a
-    dict. Safe to use from several threads; :meth:`monitor_keys` wakes
-    waiters in other threads of this process.
+    dict. A mutable key loaded from an RDB file whose members all have one
+    length is kept as :class:`~telstate.backend.PackedMembers` (one buffer
+    instead of a bytes object per sample) until it is next written to.
+    Safe to use from several threads; :meth:`monitor_keys` wakes waiters in
+    other threads of this process.
     """
 
     def __init__(self) -> None:
@@ -79,15 +102,19 @@ class MemoryBackend(Backend):
             return None, None
         if type(value) is list:
             return split_timestamp(value[-1])
+        if type(value) is bytes:
+            return value, None
         if type(value) is dict:
             return dict(value), None
-        return value, None  # type: ignore[return-value]
+        return split_timestamp(value[-1])  # type: ignore[arg-type,index]  # PackedMembers
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         member = pack_timestamp(timestamp) + value
         with self._lock:
             # Readers take no lock, so a new key appears only with its first sample.
             members = self._data.get(key)
+            if type(members) is PackedMembers:
+                members = self._data[key] = members[:]
             if members is None:
                 self._data[key] = [member]
             elif type(members) is not list:
@@ -136,7 +163,7 @@ class MemoryBackend(Backend):
         members = self._data.get(key)
         if members is None:
             return None
-        if type(members) is not list:
+        if type(members) is not list and type(members) is not PackedMembers:
             raise ImmutableKeyError(key)
         start = _bisect_bound(members, pack_query_timestamp(start_time, False))
         end = _bisect_bound(members, pack_query_timestamp(end_time, True, include_end))
@@ -156,13 +183,24 @@ class MemoryBackend(Backend):
                 count += 1
         return count
 
+    def load_from_file(self, file: PathType | BinaryIO) -> int:
+        """Load the keys of an RDB file, keeping uniform mutable keys packed (see the class)."""
+        from . import rdb_reader
+
+        return self.load_records(rdb_reader.read_records(file, packed_members=True))
+
     def records(self) -> Iterator[Record]:
         """Every key as an RDB record, in key order (the inverse of :meth:`load_records`)."""
         for key in sorted(self._data):
             value = self._data.get(key)
             if value is not None:
-                value = value.copy() if not isinstance(value, bytes) else value
-                yield key, _TYPES[type(value)], value
+                key_type = _TYPES[type(value)]
+                if type(value) is PackedMembers:
+                    yield key, key_type, value[:]
+                elif type(value) is bytes:
+                    yield key, key_type, value
+                else:
+                    yield key, key_type, value.copy()  # type: ignore[union-attr]
 
     def monitor_keys(
         self, keys: Iterable[bytes]
@@ -193,7 +231,7 @@ class MemoryBackend(Backend):
             watcher.put(update_class(key, *args))
 
 
-def _bisect_bound(members: list[bytes], bound: bytes) -> int:
+def _bisect_bound(members: list[bytes] | PackedMembers, bound: bytes) -> int:
     """Index where a ZRANGEBYLEX bound falls.
 
     Only the bounds :func:`pack_query_timestamp` makes occur: ``-``, ``+``,
@@ -224,3 +262,41 @@ class _Watcher:
             if not self._updates:
                 self._condition.wait(timeout)
             return self._updates.popleft() if self._updates else None
+
+
+class MemoryCallback(BackendCallback):
+    """RDB callback (see :func:`telstate.rdb_reader.load_from_file`) that fills a dict.
+
+    The dict takes :class:`MemoryBackend`'s layout: bytes for string keys,
+    a sorted list of members for sorted sets, a dict for hashes. Kept for
+    katsdptelstate's callback API; :meth:`MemoryBackend.load_from_file`
+    is the fast way to load a file.
+    """
+
+    def __init__(self, data: dict[bytes, _Value]) -> None:
+        super().__init__()
+        self.data = data
+
+    def set(self, key: bytes, value: bytes, expiry: Any, info: dict) -> None:
+        self.data[key] = value
+        self.n_keys += 1
+
+    def start_sorted_set(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._members: list[bytes] = []
+        self.data[key] = self._members
+        self.n_keys += 1
+
+    def zadd(self, key: bytes, score: float, member: bytes) -> None:
+        self._members.append(member)
+
+    def end_sorted_set(self, key: bytes) -> None:
+        # MemoryBackend keeps members in byte order (cheap: they come sorted).
+        self._members.sort()
+
+    def start_hash(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._fields: dict[bytes, bytes] = {}
+        self.data[key] = self._fields
+        self.n_keys += 1
+
+    def hset(self, key: bytes, field: bytes, value: bytes) -> None:
+        self._fields[field] = value

@@ -14,7 +14,8 @@ Name                       Default    Meaning
 ``READER_CHECK_WRITES``    32         and each process after this many write transactions
 ``POLL_INTERVAL``          0.05 s     waiters check the last transaction id this often
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
-``LOG_CHUNK``              4096       events read per read transaction
+``LOG_CHUNK``              4096       most events read per read transaction
+``LOG_CHUNK_BYTES``        1 MiB      a chunk of events ends once its records hold this much
 ``LOAD_CHUNK``             10000      events committed per transaction by ``load_records``
 ``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
 ``CACHE_MAX_ENTRIES``      4096       entries of the per-process read cache
@@ -31,6 +32,7 @@ READER_CHECK_WRITES = 32
 POLL_INTERVAL = 0.05
 HEARTBEAT = 5.0
 LOG_CHUNK = 4096
+LOG_CHUNK_BYTES = 1 << 20
 LOAD_CHUNK = 10000
 MONITOR_MAX_SCAN = 10000
 CACHE_MAX_ENTRIES = 4096
