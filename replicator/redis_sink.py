@@ -56,7 +56,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from telstate.backend import Record
+from telstate.backend import Record, member_chunks
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
@@ -739,7 +739,7 @@ class RedisSink:
                     pipe.publish(channel, update_message(key_type, value))
                     queued += 1
                 elif key_type == KeyType.MUTABLE:
-                    assert isinstance(value, list)
+                    assert not isinstance(value, (bytes, dict))
                     pipe.publish(channel, update_message(key_type, max(value)))
                     queued += 1
                 else:
@@ -790,9 +790,8 @@ def _record_ops(key: bytes, key_type: KeyType, value: Any, chunk: int) -> Iterat
     if key_type == KeyType.IMMUTABLE:
         yield _LOAD_STRING, key, value
     elif key_type == KeyType.MUTABLE:
-        members: list[bytes] = value
-        for start in range(0, len(members), chunk):
-            part = members[start : start + chunk]
+        # Pieces as they are read: a store's big key is never held whole.
+        for part in member_chunks(value, chunk):
             yield (_LOAD_ZSET, key, len(part), *part)
     else:
         items = list(value.items())
