@@ -28,6 +28,7 @@ def gather_status(
     rdb_dir: str | None = None,
     *,
     client_user: str = "default",
+    password: str | None = None,
 ) -> dict[str, Any]:
     """Collect the state of the store, its mirror and its snapshots.
 
@@ -35,7 +36,8 @@ def gather_status(
     ``mirror.error``), not raised. The mirror's URL is shown without its
     password. ``mirror.protected`` says whether `client_user`, the user that
     clients of the mirror connect as, is kept from writing it (None if that
-    cannot be told), and ``mirror.protection`` why.
+    cannot be told), and ``mirror.protection`` why. `password` is the Redis
+    user's, if the URL does not carry it.
 
     Raises
     ------
@@ -61,7 +63,7 @@ def gather_status(
         if redis_url is not None:
             mirror: dict[str, Any] = {"url": redact_url(redis_url)}
             try:
-                client, _ = connect(redis_url, socket_timeout=5, socket_connect_timeout=5)
+                client, _ = connect(redis_url, password, socket_timeout=5, socket_connect_timeout=5)
                 try:
                     size, cursor = read_cursor(client)
                     protection = check_protection(client, client_user)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -106,10 +107,12 @@ def test_stale_temporary_files_are_removed(store, tmp_path):
     uuid = store.backend.uuid
     stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.0123abcd.tmp"
     stale.write_bytes(b"half")
-    # A writer in this process may be writing it: it is not stale.
+    # A writer holds the lock on its temporary file: it is not stale.
     live = rdb / f".telstate-{uuid}-{2:016d}.rdb.{os.getpid()}.0123abcd.tmp"
     live.write_bytes(b"half")
-    SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        SnapshotSink(store.backend, rdb, interval=3600, keep=2)
     assert not stale.exists() and live.exists()
 
 
