@@ -52,6 +52,11 @@ def split_members(buffer: bytes, size: int) -> list[bytes]:
     return list(map(_first, struct.Struct(f"{size}s").iter_unpack(buffer)))
 
 
+def in_zset_order(members: Sequence[bytes]) -> bool:
+    """Whether `members` are distinct and in order (byte order, as in a Redis zset)."""
+    return all(map(operator.lt, members, itertools.islice(members, 1, None)))
+
+
 def member_chunks(members: Members, size: int) -> Iterator[Sequence[bytes]]:
     """The members in pieces of at most `size`, in their order, never all copied at once."""
     if isinstance(members, Sequence):

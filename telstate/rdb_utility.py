@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 import struct
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import lzf
-from .backend import member_chunks
+from .backend import in_zset_order, member_chunks
 
 #: The RDB version written in DUMP payload footers and RDB file headers.
 #: Version 9 (Redis 5 to 6.2) is the newest that every target reads: Redis
@@ -439,9 +438,7 @@ def _zset_pieces(members: Collection[bytes], count: int, compress: bool) -> Iter
 
 def _check_order(members: Sequence[bytes], last: bytes | None) -> None:
     """Raise ValueError unless `members` are distinct, in order, and all after `last`."""
-    if (last is not None and members and not last < members[0]) or not all(
-        map(operator.lt, members, itertools.islice(members, 1, None))
-    ):
+    if (last is not None and members and not last < members[0]) or not in_zset_order(members):
         raise ValueError("zset members are not distinct and in order")
 
 

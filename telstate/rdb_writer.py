@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import itertools
 import logging
-import operator
 import os
 import re
 import secrets
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import rdb_reader, rdb_utility
-from .backend import Backend, RecordValue
+from .backend import Backend, RecordValue, in_zset_order
 from .errors import RdbParseError, TelstateError
 from .rdb_utility import encode_string
 from .utils import KeyType, PathType, display_str, ensure_binary
@@ -221,9 +220,7 @@ class RDBWriter:
             # Ziplists must be in zset order and Redis refuses duplicate
             # members; records from telstate are both already.
             members = value
-            if isinstance(value, list) and not all(
-                map(operator.lt, value, itertools.islice(value, 1, None))
-            ):
+            if isinstance(value, list) and not in_zset_order(value):
                 members = sorted(set(value))
             rdb_type, pieces = rdb_utility.encode_zset_parts(members, self._compress)
             self._append(bytes((rdb_type,)) + encode_string(key))

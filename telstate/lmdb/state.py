@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from ..backend import Record
+from ..backend import Record, in_zset_order
 from ..errors import StoreError
 from ..utils import KeyType, display_str
 from . import settings
@@ -49,9 +49,10 @@ class SnapshotMembers(Collection[bytes]):
     block or ``settings.MEMBER_CHUNK`` members. Valid only while the
     snapshot it came from is open: using it after that raises
     :exc:`~telstate.errors.StoreError`. An iteration yields exactly
-    ``len()`` members, or raises StoreError (a read transaction is a
-    consistent view, so a difference means the store is damaged): a
-    writer that wrote the length first never writes a corrupt file.
+    ``len()`` members, distinct and in order, or raises StoreError (a read
+    transaction is a consistent view, so anything else means the store is
+    damaged): a writer that wrote the length first never writes a corrupt
+    file.
     """
 
     __slots__ = ("_check", "_tables", "_key", "_key_id", "_flags", "_count")
@@ -86,12 +87,19 @@ class SnapshotMembers(Collection[bytes]):
         """
         txn = self._check()
         seen = 0
+        last = b""
         try:
             for chunk in member_chunks(txn, self._tables, self._key_id, self._flags):
                 self._check()
                 seen += len(chunk)
                 if seen > self._count:
                     break
+                if not (last < chunk[0] and in_zset_order(chunk)):
+                    raise StoreError(
+                        f"key {display_str(self._key)} has samples out of order:"
+                        " the store is damaged"
+                    )
+                last = chunk[-1]
                 yield chunk
         except lmdb.Error as error:
             self._check()
