@@ -617,7 +617,7 @@ class RedisSink:
         ops = _Operations()
         for event in events:
             _append_event(ops, event)
-        moved = replace(self.cursor, seq=events[-1].seq)
+        moved = replace(self.cursor, seq=events[-1].seq, chain=events[-1].chain.hex())
         if not self._apply("check", self.cursor, moved, ops, self.db):
             self._recheck()
             return Step(0)
@@ -639,6 +639,7 @@ class RedisSink:
                 owner=self.owner,
                 store=str(snapshot.uuid),
                 seq=snapshot.seq,
+                chain=snapshot.chain.hex(),
                 state=MirrorState.REBUILDING,
                 keys=0,
                 host=socket.gethostname(),
@@ -760,11 +761,12 @@ class RedisSink:
             assert self.cursor is not None
             found = self.cursor
             logger.info(
-                "resuming mirror %s db %d of store %s after seq %d",
+                "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
                 self.url,
                 self.db,
                 found.store,
                 found.seq,
+                found.chain[:16],
             )
         self._claimed = True
         self.cursor = found
@@ -788,6 +790,16 @@ class RedisSink:
             return (
                 f"it has {size} keys where its cursor says {found.keys}"
                 " (flushed, or written by someone else)"
+            )
+        try:
+            chain = self.source.chain_at(found.seq).hex()
+        except ValueError:  # the log lost events since last_seq was read
+            chain = None
+        if chain != found.chain:
+            return (
+                f"its cursor's chain at seq {found.seq} ({found.chain[:16] or 'none'}) is not"
+                f" the store's ({(chain or 'none')[:16]}): the store was restored from an older"
+                " copy, rolled back, or holds another history since then"
             )
         return None
 

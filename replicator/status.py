@@ -47,7 +47,7 @@ def gather_status(
     source = LmdbBackend(log_path, readonly=True)
     try:
         now = time.time()
-        last_seq = source.last_seq
+        last_seq, head = source.head
         store = str(source.uuid)
 
         def lag(seq: int) -> dict[str, Any]:
@@ -58,7 +58,12 @@ def gather_status(
             return {"lag_events": last_seq - seq, "lag_seconds": max(0.0, now - oldest.time)}
 
         status: dict[str, Any] = {
-            "store": {"uuid": store, "path": source.path, "last_seq": last_seq},
+            "store": {
+                "uuid": store,
+                "path": source.path,
+                "last_seq": last_seq,
+                "chain": head.hex(),
+            },
         }
         if redis_url is not None:
             mirror: dict[str, Any] = {"url": redact_url(redis_url)}
@@ -81,11 +86,17 @@ def gather_status(
                     mirror.update(
                         store=cursor.store,
                         seq=cursor.seq,
+                        chain=cursor.chain,
                         state=cursor.state.value,
                         owner=cursor.owner,
                     )
                     if cursor.store != store:
                         mirror["error"] = f"the mirror holds another store ({cursor.store})"
+                    elif cursor.seq > last_seq or source.chain_at(cursor.seq).hex() != cursor.chain:
+                        mirror["error"] = (
+                            f"the mirror is of another history of the store (its chain at seq"
+                            f" {cursor.seq} is not the store's): the replicator will rebuild it"
+                        )
                     else:
                         mirror.update(lag(cursor.seq))
             status["mirror"] = mirror

@@ -9,6 +9,7 @@ end-to-end tests run the real daemon on a real store.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
@@ -23,6 +24,7 @@ import redis
 from replicator.cursor import MirrorState, read_cursor
 from replicator.redis_sink import RedisSink, SinkState, spare_lock_key
 from replicator.verify import differences, mirror_contents, record_contents
+from telstate import log as log_format
 from telstate.backend import Record
 from telstate.errors import ReadOnlyError
 from telstate.log import Event, Op, Writer
@@ -34,8 +36,9 @@ _WRITER = Writer("test", 0, None)
 
 
 class _Snapshot:
-    def __init__(self, seq: int, store: uuid.UUID, records: list[Record]) -> None:
+    def __init__(self, seq: int, chain: bytes, store: uuid.UUID, records: list[Record]) -> None:
         self.seq = seq
+        self.chain = chain
         self.uuid = store
         self._records = records
 
@@ -57,9 +60,19 @@ class StandInLog:
     def last_seq(self) -> int:
         return len(self.log)
 
+    def chain_at(self, seq: int) -> bytes:
+        if not 0 <= seq <= len(self.log):
+            raise ValueError(f"no event {seq}")
+        return self.log[seq - 1].chain if seq else log_format.genesis(self.uuid)
+
     def _append(self, op: Op, key: bytes | None, *fields) -> None:
+        # A chain over the event's content (not its time), as the store's is over its bytes.
+        padded = (list(fields) + [None, None, None])[:3]
+        content = repr((op.value, key, *padded)).encode()
+        chain = hashlib.sha256(self.chain_at(len(self.log)) + content).digest()
         with self._commit:
-            self.log.append(Event(len(self.log) + 1, time.time(), _WRITER, op, key, *fields))
+            seq = len(self.log) + 1
+            self.log.append(Event(seq, time.time(), _WRITER, op, key, *padded, chain=chain))
             self._commit.notify_all()
 
     def set_immutable(self, key: bytes, value: bytes) -> None:
@@ -91,7 +104,8 @@ class StandInLog:
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[_Snapshot]:
-        yield _Snapshot(self.last_seq, self.uuid, list(self.state.records()))
+        seq = self.last_seq
+        yield _Snapshot(seq, self.chain_at(seq), self.uuid, list(self.state.records()))
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
         with self._commit:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from replicator.daemon import Daemon
-from replicator.snapshot_sink import AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
+from replicator.snapshot_sink import AUX_CHAIN, AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
 from telstate.lmdb import LmdbBackend, replay
@@ -46,10 +46,12 @@ def test_snapshot_at_seq_equals_the_log_replayed(store, tmp_path):
     second = sink.write()
     assert first is not None and second is not None
     assert (first.seq, second.seq) == (105, store.backend.last_seq)
-    assert first.path.name == f"telstate-{store.backend.uuid}-{first.seq:016d}.rdb"
+    chain = store.backend.chain_at(first.seq).hex()
+    assert first.path.name == f"telstate-{store.backend.uuid}-{first.seq:016d}-{chain[:16]}.rdb"
     for snapshot in (first, second):
         assert snapshot.read_aux()[AUX_SEQ] == str(snapshot.seq).encode()
         assert snapshot.read_aux()[AUX_STORE] == str(store.backend.uuid).encode()
+        assert snapshot.read_aux()[AUX_CHAIN] == store.backend.chain_at(snapshot.seq).hex().encode()
         contents = record_contents(read_records(snapshot.path))
         assert differences(_replayed(store.backend.path, snapshot.seq), contents) == []
     assert sink.write() is None  # nothing new

@@ -18,6 +18,7 @@ import heapq
 import itertools
 import math
 import struct
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ def append_event(
     txn: Any,
     tables: Tables,
     seq: int,
+    previous_chain: bytes,
     name_key: bytes,
     op_code: int,
     writer_id: int,
@@ -41,8 +43,11 @@ def append_event(
     sub_key: bytes = b"",
     value: bytes = b"",
     timestamp: float = math.nan,
-) -> None:
-    """Append event `seq` to the log and to the history index of `name_key`.
+) -> bytes:
+    """Append event `seq` to the log and to the history index of `name_key`; return its chain.
+
+    The record carries the chain hash over `previous_chain` (event seq - 1's,
+    or the store's genesis hash) and the record (see :mod:`telstate.log`).
 
     `seq` must be one more than the last event's; both puts are appends
     (seqs grow, in the log and among each key's duplicates), and LMDB
@@ -55,7 +60,9 @@ def append_event(
         If LMDB refused an append (`seq` is not past the last event).
     """
     seq_key = log.pack_seq(seq)
-    record = log.encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
+    record = log.chained_record(
+        previous_chain, op_code, writer_id, time, key, sub_key, value, timestamp
+    )
     # By position (py-lmdb parses keywords slowly, 0.25 us a put, on every
     # write): dupdata=True, overwrite=True, append=True.
     if not (
@@ -66,15 +73,19 @@ def append_event(
             f"LMDB append out of order: event {seq} is not past the last one "
             "(the store may be damaged)"
         )
+    return record[-log.CHAIN_SIZE :]
 
 
-def last_event(txn: Any, tables: Tables) -> tuple[int, float]:
-    """(seq, time) of the last event of the log; (0, 0.0) if it is empty."""
+def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:
+    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty."""
     cursor = txn.cursor(db=tables.log)
     if not cursor.last():
-        return 0, 0.0
+        return 0, 0.0, log.genesis(store)
     try:
-        return log.unpack_seq(cursor.key()), log.record_time(cursor.value())
+        record = cursor.value()
+        if len(record) < log.CHAIN_SIZE:
+            raise ValueError(f"a record of {len(record)} bytes has no chain")
+        return log.unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
     except (struct.error, ValueError) as error:
         raise StoreError(f"the last event of the log is damaged: {error}") from None
 
@@ -173,3 +184,17 @@ def writers_in(txn: Any, tables: Tables) -> dict[int, Writer]:
         }
     except (ValueError, struct.error) as error:
         raise StoreError(f"the writers table is damaged: {error}") from None
+
+
+def head_in(txn: Any, tables: Tables, genesis: bytes) -> tuple[int, bytes]:
+    """(seq, chain) of the last event; (0, `genesis`) for an empty log."""
+    cursor = txn.cursor(db=tables.log)
+    if not cursor.last():
+        return 0, genesis
+    return log.unpack_seq(cursor.key()), log.record_chain(cursor.value())
+
+
+def chain_in(txn: Any, tables: Tables, seq: int) -> bytes | None:
+    """The chain hash stored in event `seq`, or None if there is no such event."""
+    record = txn.get(log.pack_seq(seq), db=tables.log)
+    return None if record is None else log.record_chain(record)
