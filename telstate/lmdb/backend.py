@@ -452,7 +452,7 @@ class LmdbBackend(Backend):
                 assert isinstance(value, bytes)
                 batch.append((IMMUTABLE, key, value, None))
             elif key_type == KeyType.MUTABLE:
-                assert isinstance(value, list)
+                assert not isinstance(value, (bytes, dict))
                 for member in value:
                     stamp = TIMESTAMP.unpack_from(member)[0]
                     batch.append((MUTABLE, key, member[8:], stamp))
@@ -683,7 +683,18 @@ class LmdbBackend(Backend):
         return self._read(key_state_record, key)
 
     def records(self) -> Iterator[Record]:
-        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`)."""
+        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`).
+
+        Big mutable keys come as members read while they are iterated (see
+        :meth:`Snapshot.records`), which works only until the iteration of
+        the records ends and the snapshot closes: write each record as it
+        comes rather than collecting them.
+
+        Raises
+        ------
+        StoreError
+            If the store cannot be read (for instance, it is damaged).
+        """
         with self.snapshot() as snap:
             yield from snap.records()
 
@@ -824,8 +835,12 @@ class Snapshot:
     def records(self) -> Iterator[Record]:
         """Every key of the store as a Record ``(key, KeyType, value)``, in key order.
 
-        Values are bytes (immutable), the sorted list of packed members
+        Values are bytes (immutable), the packed members in zset order
         (mutable) or a dict (indexed), as :meth:`Backend.load_records` takes.
+        A mutable key of more than ``settings.RECORD_LIST_MAX`` members
+        comes as a :class:`~telstate.lmdb.state.SnapshotMembers`, which
+        reads them as it is iterated and only while the snapshot is open;
+        smaller ones come as lists.
 
         Raises
         ------
@@ -834,7 +849,7 @@ class Snapshot:
         """
         txn = self._check()
         try:
-            yield from state_records(txn, self._tables)
+            yield from state_records(txn, self._tables, self._check)
         except lmdb.Error as error:
             self._check()
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error

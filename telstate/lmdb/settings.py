@@ -22,6 +22,8 @@ Name                       Default    Meaning
 ``CACHE_MAX_VALUE``        64 KiB     largest result kept in the read cache
 ``TAIL_MAX``               128        tail samples of a mutable key before sealing a block
 ``BLOCK_MAX``              512        samples of a block before a late sample splits it
+``RECORD_LIST_MAX``        65536      a snapshot gives mutable keys with more members lazily
+``MEMBER_CHUNK``           4096       most tail members read at once by a lazy record
 =========================  =========  ==============================================
 """
 
@@ -39,3 +41,5 @@ CACHE_MAX_ENTRIES = 4096
 CACHE_MAX_VALUE = 65536
 TAIL_MAX = 128
 BLOCK_MAX = 512
+RECORD_LIST_MAX = 65536
+MEMBER_CHUNK = 4096
