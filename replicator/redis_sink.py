@@ -63,7 +63,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -979,10 +979,12 @@ def _record_ops(
     if key_type == KeyType.IMMUTABLE:
         yield _LOAD_STRING, key, value
         return
+    entries: Iterable[tuple[bytes, ...]]
     if key_type == KeyType.MUTABLE:
-        code, entries = _LOAD_ZSET, [(member,) for member in value]
+        # Taken as they are read: a store's big key is never held whole.
+        code, entries = _LOAD_ZSET, ((member,) for member in value)
     else:
-        code, entries = _LOAD_HASH, list(value.items())
+        code, entries = _LOAD_HASH, value.items()
     part: list[tuple[bytes, ...]] = []
     size = 0
     for entry in entries:

@@ -24,7 +24,7 @@ _BATCH = 500
 def record_contents(records: Iterable[Record]) -> Contents:
     """The contents of a store given as records (e.g. from a snapshot)."""
     return {
-        key: (key_type, sorted(value) if isinstance(value, list) else value)
+        key: (key_type, value if isinstance(value, (bytes, dict)) else sorted(value))
         for key, key_type, value in records
     }
 

@@ -6,11 +6,12 @@ A backend stores keys and encoded values as bytes; the frontend
 
 from __future__ import annotations
 
+import itertools
 import operator
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterable, Iterator, Sequence
 from typing import BinaryIO, overload
 
 import numpy as np
@@ -22,10 +23,18 @@ GetResult = (
     tuple[None, None] | tuple[bytes, None] | tuple[bytes, float] | tuple[dict[bytes, bytes], None]
 )
 
-#: The contents of one key as found in an RDB file: immutable -> bytes,
-#: mutable -> list of packed members (timestamp + value), indexed -> dict.
-#: (A reader asked for them gives some mutable keys as PackedMembers, below.)
-RecordValue = bytes | list[bytes] | dict[bytes, bytes]
+#: The members of a mutable key: packed members (8-byte big-endian timestamp
+#: + value). A sized collection: a list (from an RDB file, in any order), a
+#: :class:`PackedMembers` (sorted and distinct), or the lazy
+#: :class:`telstate.lmdb.state.SnapshotMembers` of a big key (sorted and
+#: distinct, read as it is iterated, valid only while its snapshot is open).
+#: Consumers take ``len()`` and iterate (:func:`member_chunks` for pieces);
+#: they never need it whole.
+Members = Collection[bytes]
+#: The contents of one key, as found in an RDB file or a store: immutable ->
+#: bytes, mutable -> :data:`Members`, indexed -> dict of sub-key to value.
+#: Every backend's ``load_records`` and the RDB writer take any of them.
+RecordValue = bytes | Members | dict[bytes, bytes]
 Record = tuple[bytes, KeyType, RecordValue]
 
 
@@ -41,6 +50,22 @@ def split_members(buffer: bytes, size: int) -> list[bytes]:
     if size <= 0:
         raise ValueError(f"members of {size} bytes")
     return list(map(_first, struct.Struct(f"{size}s").iter_unpack(buffer)))
+
+
+def in_zset_order(members: Sequence[bytes]) -> bool:
+    """Whether `members` are distinct and in order (byte order, as in a Redis zset)."""
+    return all(map(operator.lt, members, itertools.islice(members, 1, None)))
+
+
+def member_chunks(members: Members, size: int) -> Iterator[Sequence[bytes]]:
+    """The members in pieces of at most `size`, in their order, never all copied at once."""
+    if isinstance(members, Sequence):
+        for start in range(0, len(members), size):
+            yield members[start : start + size]
+        return
+    remaining = iter(members)
+    while chunk := list(itertools.islice(remaining, size)):
+        yield chunk
 
 
 class PackedMembers(Sequence[bytes]):
@@ -358,7 +383,7 @@ class Backend(ABC):
                 assert isinstance(value, bytes)
                 self.set_immutable(key, value)
             elif key_type == KeyType.MUTABLE:
-                assert isinstance(value, list)
+                assert not isinstance(value, (bytes, dict))
                 for member in value:
                     sample, timestamp = split_timestamp(member)
                     self.add_mutable(key, sample, timestamp)

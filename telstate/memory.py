@@ -176,10 +176,16 @@ class MemoryBackend(Backend):
         count = 0
         with self._lock:
             for key, _key_type, value in records:
-                # RDB files hold zsets in order already; other sources may not.
-                if isinstance(value, list) and not all(map(operator.lt, value, value[1:])):
-                    value = sorted(set(value))
-                self._data[key] = value
+                stored: _Value
+                if isinstance(value, (bytes, dict, PackedMembers)):
+                    stored = value
+                else:
+                    # A store's lazy members are valid only while it is read.
+                    stored = value if type(value) is list else list(value)
+                    # RDB files hold zsets in order already; other sources may not.
+                    if not all(map(operator.lt, stored, stored[1:])):
+                        stored = sorted(set(stored))
+                self._data[key] = stored
                 count += 1
         return count
 

@@ -1318,17 +1318,17 @@ def load_from_file(callback: BackendCallback, file: PathType | BinaryIO) -> int:
         Whatever `callback` raises, unchanged.
     """
     for key, _, value in read_records(file):
-        # The value's type says the key's type (bytes, list or dict).
+        # The value's type says the key's type (bytes, dict, or members).
         if isinstance(value, bytes):
             callback.set(key, value, None, {})
-        elif isinstance(value, list):
-            callback.start_sorted_set(key, len(value), None, {})
-            for member in value:
-                callback.zadd(key, 0.0, member)
-            callback.end_sorted_set(key)
-        else:
+        elif isinstance(value, dict):
             callback.start_hash(key, len(value), None, {})
             for field, field_value in value.items():
                 callback.hset(key, field, field_value)
             callback.end_hash(key)
+        else:
+            callback.start_sorted_set(key, len(value), None, {})
+            for member in value:
+                callback.zadd(key, 0.0, member)
+            callback.end_sorted_set(key)
     return callback.n_keys

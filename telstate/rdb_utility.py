@@ -28,11 +28,12 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import lzf
+from .backend import in_zset_order, member_chunks
 
 #: The RDB version written in DUMP payload footers and RDB file headers.
 #: Version 9 (Redis 5 to 6.2) is the newest that every target reads: Redis
@@ -363,26 +364,82 @@ def _fits_ziplist(entries: Sequence[bytes], count: int) -> bool:
     return count <= ZIPLIST_MAX_ENTRIES and max(map(len, entries), default=0) <= ZIPLIST_MAX_VALUE
 
 
-def encode_zset_value(members: Sequence[bytes], compress: bool = False) -> tuple[int, bytes]:
+#: Members encoded per piece when a big zset is streamed.
+ZSET_CHUNK = 4096
+
+
+def encode_zset_value(members: Collection[bytes], compress: bool = False) -> tuple[int, bytes]:
     """Encode zset `members`, all with score 0, as (RDB type, encoded value).
 
-    The members must be distinct and in order (RDB readers trust the order
-    of a ziplist).
+    The members must be distinct and in order (see :func:`encode_zset_parts`).
 
     Raises
     ------
     ValueError
-        If a member is too long to encode.
+        If a member is too long to encode, or the members are not in order.
     """
-    if _fits_ziplist(members, len(members)):
-        blob = encode_ziplist(itertools.chain.from_iterable((member, 0) for member in members))
-        return RDB_TYPE_ZSET_ZIPLIST, encode_string(blob, compress)
-    # Type 3 stores each score as a string: "\x01" "0" is the score 0.
-    if compress:
-        body = b"".join(encode_string(member, True) + b"\x010" for member in members)
-    else:
-        body = _encode_strings(members, b"\x010")
-    return RDB_TYPE_ZSET, encode_len(len(members)) + body
+    rdb_type, parts = encode_zset_parts(members, compress)
+    return rdb_type, b"".join(parts)
+
+
+def encode_zset_parts(
+    members: Collection[bytes], compress: bool = False
+) -> tuple[int, Iterator[bytes]]:
+    """Encode zset `members`, all with score 0, as (RDB type, pieces of the encoded value).
+
+    The members must be distinct and in order (RDB readers trust the order
+    of a ziplist, and Redis refuses a repeated member). A big zset is
+    streamed: its length (``len(members)``) first, then the members in
+    pieces of :data:`ZSET_CHUNK`, read from `members` only as the pieces
+    are taken, so that a key of any length needs memory for one piece.
+
+    Raises
+    ------
+    ValueError
+        If a member is too long to encode (from the first piece), or the
+        members are out of order or number other than ``len(members)``
+        (from the piece that shows it: a file with the pieces before it
+        written is corrupt and must be discarded).
+    """
+    count = len(members)
+    if count <= ZIPLIST_MAX_ENTRIES:
+        small = list(members)
+        if len(small) != count:
+            raise ValueError(f"a zset of {count} members gave {len(small)}")
+        _check_order(small, None)
+        if _fits_ziplist(small, count):
+            entries: list[bytes | int] = []
+            for member in small:
+                entries += (member, 0)
+            return RDB_TYPE_ZSET_ZIPLIST, iter([encode_string(encode_ziplist(entries), compress)])
+        members = small
+    return RDB_TYPE_ZSET, _zset_pieces(members, count, compress)
+
+
+def _zset_pieces(members: Collection[bytes], count: int, compress: bool) -> Iterator[bytes]:
+    """Type 3: the length, then each member as a string followed by the score "0"."""
+    yield encode_len(count)
+    seen = 0
+    last: bytes | None = None
+    for chunk in member_chunks(members, ZSET_CHUNK):
+        _check_order(chunk, last)
+        seen += len(chunk)
+        if seen > count:
+            break
+        last = chunk[-1]
+        if compress:
+            yield b"".join(encode_string(member, True) + b"\x010" for member in chunk)
+        else:
+            # Type 3 stores each score as a string: "\x01" "0" is the score 0.
+            yield _encode_strings(chunk, b"\x010")
+    if seen != count:
+        raise ValueError(f"a zset of {count} members gave {'more' if seen > count else seen}")
+
+
+def _check_order(members: Sequence[bytes], last: bytes | None) -> None:
+    """Raise ValueError unless `members` are distinct, in order, and all after `last`."""
+    if (last is not None and members and not last < members[0]) or not in_zset_order(members):
+        raise ValueError("zset members are not distinct and in order")
 
 
 def encode_hash_value(fields: Mapping[bytes, bytes], compress: bool = False) -> tuple[int, bytes]:
@@ -428,7 +485,7 @@ def dump_string(data: bytes) -> bytes:
     return _dump(RDB_TYPE_STRING, encode_string(data))
 
 
-def dump_zset(data: Sequence[bytes]) -> bytes:
+def dump_zset(data: Collection[bytes]) -> bytes:
     """Encode zset members, all with score 0, as the Redis DUMP command would.
 
     Small sets become a ziplist (type 12); larger ones type 3, whose

@@ -15,17 +15,16 @@ import contextlib
 import fcntl
 import itertools
 import logging
-import operator
 import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import rdb_reader, rdb_utility
-from .backend import Backend, RecordValue
-from .errors import RdbParseError
+from .backend import Backend, RecordValue, in_zset_order
+from .errors import RdbParseError, TelstateError
 from .rdb_utility import encode_string
 from .utils import KeyType, PathType, display_str, ensure_binary
 
@@ -190,13 +189,22 @@ class RDBWriter:
             Its type, which says what `value` is.
         value
             Immutable: the encoded value. Mutable: the zset members (8-byte
-            timestamp then encoded value), in any order. Indexed: a dict of
-            encoded sub-key to encoded value.
+            timestamp then encoded value): a list in any order, or any other
+            sized collection (:data:`~telstate.backend.Members`) in zset
+            order, which a big key is streamed from, a piece at a time.
+            Indexed: a dict of encoded sub-key to encoded value.
 
         Raises
         ------
         TypeError
             If `value` does not match `key_type`.
+        TelstateError
+            If streamed members turn out out of order or fewer or more
+            than their length said: the file is discarded (the writer is
+            aborted), never left corrupt.
+        StoreError
+            If reading streamed members from a store fails (the file is
+            discarded too).
         ValueError
             If `value` is an empty list or dict (Redis has no empty sorted
             sets or hashes), a string is too long for the RDB format, or the
@@ -206,21 +214,48 @@ class RDBWriter:
             raise ValueError("RDB writer is closed")
         if key_type == KeyType.IMMUTABLE and isinstance(value, bytes):
             rdb_type, encoded = rdb_utility.RDB_TYPE_STRING, encode_string(value, self._compress)
-        elif key_type != KeyType.IMMUTABLE and not value:
+        elif key_type != KeyType.IMMUTABLE and not len(value):
             raise ValueError("Redis has no empty sorted sets or hashes")
-        elif key_type == KeyType.MUTABLE and isinstance(value, list):
+        elif key_type == KeyType.MUTABLE and not isinstance(value, (bytes, dict)):
             # Ziplists must be in zset order and Redis refuses duplicate
             # members; records from telstate are both already.
             members = value
-            if not all(map(operator.lt, value, itertools.islice(value, 1, None))):
+            if isinstance(value, list) and not in_zset_order(value):
                 members = sorted(set(value))
-            rdb_type, encoded = rdb_utility.encode_zset_value(members, self._compress)
+            rdb_type, pieces = rdb_utility.encode_zset_parts(members, self._compress)
+            self._append(bytes((rdb_type,)) + encode_string(key))
+            self._append_pieces(key, pieces)
+            self.keys_written += 1
+            return
         elif key_type == KeyType.INDEXED and isinstance(value, dict):
             rdb_type, encoded = rdb_utility.encode_hash_value(value, self._compress)
         else:
             raise TypeError(f"{type(value).__name__} is not a value for a {key_type} key")
         self._append(bytes((rdb_type,)) + encode_string(key) + encoded)
         self.keys_written += 1
+
+    def _append_pieces(self, key: bytes, pieces: Iterator[bytes]) -> None:
+        """Append a value streamed in pieces; a failure half way discards the file.
+
+        Raises
+        ------
+        TelstateError
+            If the value turns out to be invalid half way (members out of
+            order, or not as many as their count written first).
+        StoreError
+            If the store the value is read from fails.
+        """
+        try:
+            for piece in pieces:
+                self._append(piece)
+        except BaseException as error:
+            self.abort()
+            if isinstance(error, ValueError):
+                raise TelstateError(
+                    f"cannot write key {display_str(key)}: {error};"
+                    f" RDB file {os.fsdecode(self.filename)!r} was discarded"
+                ) from error
+            raise
 
     def write_dump(self, key: bytes, payload: bytes) -> None:
         """Write one key, given as a Redis DUMP payload from any Redis or Valkey server.

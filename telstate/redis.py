@@ -47,6 +47,7 @@ from .backend import (
     KeyUpdateBase,
     MutableKeyUpdate,
     Record,
+    member_chunks,
 )
 from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
 from .log import Op
@@ -539,9 +540,8 @@ def queue_record(pipe: Any, record: Record) -> int:
         pipe.set(key, value)
         return 1
     if key_type == KeyType.MUTABLE:
-        assert isinstance(value, list)
-        for i in range(0, len(value), LOAD_BATCH):
-            members = value[i : i + LOAD_BATCH]
+        assert not isinstance(value, (bytes, dict))
+        for members in member_chunks(value, LOAD_BATCH):
             pipe.execute_command("ZADD", key, *itertools.chain(*((0, m) for m in members)))
         return len(value)
     assert isinstance(value, dict)

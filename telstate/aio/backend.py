@@ -184,7 +184,7 @@ class Backend(ABC):
                 assert isinstance(value, bytes)
                 await self.set_immutable(key, value)
             elif key_type == KeyType.MUTABLE:
-                assert isinstance(value, list)
+                assert not isinstance(value, (bytes, dict))
                 for member in value:
                     sample, timestamp = split_timestamp(member)
                     await self.add_mutable(key, sample, timestamp)

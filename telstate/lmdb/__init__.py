@@ -24,7 +24,9 @@ Modules, one concern each:
 :mod:`~telstate.lmdb.samples`
     The sample engine of mutable keys: tail, sealed blocks, ranges.
 :mod:`~telstate.lmdb.state`
-    Whole keys read from the state tables as RDB records.
+    Whole keys read from the state tables as RDB records; a snapshot's
+    big mutable keys as :class:`~telstate.lmdb.state.SnapshotMembers`,
+    read as they are iterated.
 :mod:`~telstate.lmdb.eventlog`
     The log table: :func:`~telstate.lmdb.eventlog.append_event` (the one
     way into it), chunked reads, events as the frontend's key updates.
@@ -43,6 +45,6 @@ Modules, one concern each:
 from .audit import replay
 from .backend import LmdbBackend, Snapshot
 from .environment import DURABILITIES
-from .writes import RetryTransaction, WriteTxn
+from .writes import WriteTxn
 
-__all__ = ["DURABILITIES", "LmdbBackend", "RetryTransaction", "Snapshot", "WriteTxn", "replay"]
+__all__ = ["DURABILITIES", "LmdbBackend", "Snapshot", "WriteTxn", "replay"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -24,7 +25,7 @@ from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import settings
 from .audit import verify_in, verify_rdb_in
-from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
+from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
     head_in,
@@ -51,7 +52,7 @@ from .layout import (
 )
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
-from .writes import RetryTransaction, WriteTxn, wrong_type
+from .writes import WriteTxn, wrong_type
 
 _T = TypeVar("_T")
 _HOST = socket.gethostname()
@@ -76,8 +77,9 @@ class LmdbBackend(Backend):
     writer_name
         Recorded with every event written through this backend.
     map_size
-        Initial size in bytes of the memory map of a new store (the map
-        grows automatically; this only matters for tests and tuning).
+        Size in bytes of the memory map, the most the store can hold
+        (default 1 TiB; it costs address space, not disk or memory; see
+        :mod:`telstate.lmdb.environment`).
 
     Raises
     ------
@@ -109,7 +111,7 @@ class LmdbBackend(Backend):
         flush_interval: float = 1.0,
         readonly: bool = False,
         writer_name: str | None = None,
-        map_size: int = settings.INITIAL_MAP_SIZE,
+        map_size: int = settings.MAP_SIZE,
     ) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
@@ -141,24 +143,21 @@ class LmdbBackend(Backend):
         return store
 
     def _read(self, body: Callable[..., _T], *args: Any, buffers: bool = False) -> _T:
-        """Run ``body(txn, tables, *args)`` in a fresh read transaction."""
+        """Run ``body(txn, tables, *args)`` in a fresh read transaction.
+
+        Takes no lock: reads of several threads run in parallel.
+        """
         store = self._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue  # reopened meanwhile
-                txn = begin_read(env, buffers)
-                if txn is not None:
-                    try:
-                        return body(txn, store.tables, *args)
-                    except lmdb.Error as error:
-                        raise StoreError(
-                            f"reading the store at {store.path!r} failed: {error}"
-                        ) from error
-                    finally:
-                        txn.abort()
-            store.adopt_map_size()
+        try:
+            txn = store.begin_read(buffers)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        try:
+            return body(txn, store.tables, *args)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        finally:
+            store.txns.end_read(txn)
 
     def write(self) -> WriteTxn:
         """A write transaction for several operations, committed as one.
@@ -179,9 +178,6 @@ class LmdbBackend(Backend):
         ------
         ReadOnlyError
             If the store was opened read-only.
-        RetryTransaction
-            On leaving the block, if the store's map was full: it has
-            grown, nothing was committed, run the block again.
         StoreError
             If the store is closed, the disk is full or the store damaged.
         """
@@ -192,13 +188,9 @@ class LmdbBackend(Backend):
         return WriteTxn(store, self.writer_name)
 
     def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
-        """``operation(wtxn)`` in a transaction of its own, run again after the map grew."""
-        while True:
-            try:
-                with self.write() as wtxn:
-                    return operation(wtxn)
-            except RetryTransaction:
-                continue
+        """``operation(wtxn)`` in a transaction of its own."""
+        with self.write() as wtxn:
+            return operation(wtxn)
 
     # --- Backend: reads -------------------------------------------------------------
 
@@ -460,7 +452,7 @@ class LmdbBackend(Backend):
                 assert isinstance(value, bytes)
                 batch.append((IMMUTABLE, key, value, None))
             elif key_type == KeyType.MUTABLE:
-                assert isinstance(value, list)
+                assert not isinstance(value, (bytes, dict))
                 for member in value:
                     stamp = TIMESTAMP.unpack_from(member)[0]
                     batch.append((MUTABLE, key, member[8:], stamp))
@@ -693,10 +685,15 @@ class LmdbBackend(Backend):
     def records(self) -> Iterator[Record]:
         """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`).
 
+        Big mutable keys come as members read while they are iterated (see
+        :meth:`Snapshot.records`), which works only until the iteration of
+        the records ends and the snapshot closes: write each record as it
+        comes rather than collecting them.
+
         Raises
         ------
         StoreError
-            If the map is resized by this process while the records are read.
+            If the store cannot be read (for instance, it is damaged).
         """
         with self.snapshot() as snap:
             yield from snap.records()
@@ -777,7 +774,8 @@ class Snapshot:
 
     Made by :meth:`LmdbBackend.snapshot`; use it as a context manager. It
     holds one LMDB read transaction, so keep it short: while it is open,
-    pages it sees cannot be reused and the store grows.
+    pages it sees cannot be reused and the store grows, and closing the
+    store (or following a larger map of another process) waits for it.
 
     Attributes
     ----------
@@ -792,6 +790,7 @@ class Snapshot:
     def __init__(self, backend: LmdbBackend) -> None:
         self._backend = backend
         self._txn: Any = None
+        self._thread = 0
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
@@ -799,16 +798,13 @@ class Snapshot:
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue
-                self._txn = begin_read(env)
-                if self._txn is not None:
-                    store.snapshots.add(self)
-                    break
-            store.adopt_map_size()
+        try:
+            self._txn = store.begin_read()
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        self._thread = threading.get_ident()
+        self._store = store
+        store.snapshots.add(self)
         self._tables = store.tables
         self.seq, self.chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
         return self
@@ -818,18 +814,16 @@ class Snapshot:
 
     def close(self) -> None:
         """End the view (idempotent)."""
-        store = self._backend._store
-        if store is not None:
-            store.snapshots.discard(self)
-        if self._txn is not None:
-            abort(self._txn)
-            self._txn = None
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            self._store.snapshots.discard(self)
+            self._store.txns.end_read(txn)
 
-    def _invalidate(self, reason: str) -> None:
-        self._invalid = reason
+    def _forked(self) -> None:
+        """In a forked child: forget the parent's transaction (see Store.after_fork_child)."""
         if self._txn is not None:
-            abort(self._txn)
             self._txn = None
+            self._invalid = "it was opened before this process was forked"
 
     def _check(self) -> Any:
         if self._invalid is not None:
@@ -841,18 +835,21 @@ class Snapshot:
     def records(self) -> Iterator[Record]:
         """Every key of the store as a Record ``(key, KeyType, value)``, in key order.
 
-        Values are bytes (immutable), the sorted list of packed members
+        Values are bytes (immutable), the packed members in zset order
         (mutable) or a dict (indexed), as :meth:`Backend.load_records` takes.
+        A mutable key of more than ``settings.RECORD_LIST_MAX`` members
+        comes as a :class:`~telstate.lmdb.state.SnapshotMembers`, which
+        reads them as it is iterated and only while the snapshot is open;
+        smaller ones come as lists.
 
         Raises
         ------
         StoreError
-            If the snapshot was closed or invalidated (its map was resized
-            by this process, which can happen when the store grows).
+            If the snapshot was closed, or opened before this process was forked.
         """
         txn = self._check()
         try:
-            yield from state_records(txn, self._tables)
+            yield from state_records(txn, self._tables, self._check)
         except lmdb.Error as error:
             self._check()
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error

@@ -319,18 +319,56 @@ def _unpack_stamps(members: list) -> tuple[float, ...]:
     return struct.unpack(f">{len(members)}d", packed)
 
 
-def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[bytes]:
-    """Every member of a mutable key, in order."""
-    members = []
+def member_count(txn: Any, tables: Tables, key_id: bytes) -> int:
+    """How many members a mutable key has: its blocks' counts and its tail's, without values."""
+    count = 0
     for block in _blocks_from(txn, tables, key_id, -1.0):
-        members += block.members()
+        count += block.count
     cursor = txn.cursor(tables.samples)
     if cursor.set_key(key_id):
-        tail = cursor.iternext_dup(keys=False)
-        if flags & FLAG_LONG_VALUES:
-            members += _tail_members(txn, tables, list(tail))
-        else:
-            members += (_check_member(bytes(member)) for member in tail)
+        count += cursor.count()
+    return count
+
+
+def member_chunks(txn: Any, tables: Tables, key_id: bytes, flags: int) -> Iterator[list[bytes]]:
+    """Every member of a mutable key, in order, in lists of a block or ``settings.MEMBER_CHUNK``.
+
+    Long tail values lost their order beyond their stored prefix, so each
+    run of tail members sharing a prefix is resolved and sorted as a
+    whole: a list may be longer than ``MEMBER_CHUNK`` only by such a run
+    (or by a block of one timestamp, see the invariant).
+    """
+    for block in _blocks_from(txn, tables, key_id, -1.0):
+        yield block.members()
+    cursor = txn.cursor(tables.samples)
+    if not cursor.set_key(key_id):
+        return
+    tail = cursor.iternext_dup(keys=False)
+    size = settings.MEMBER_CHUNK
+    if not flags & FLAG_LONG_VALUES:
+        while chunk := [_check_member(bytes(member)) for member in itertools.islice(tail, size)]:
+            yield chunk
+        return
+    chunk = []
+    for _, run in itertools.groupby(map(bytes, tail), _stored_prefix):
+        chunk += _tail_members(txn, tables, list(run))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stored_prefix(member: bytes) -> bytes:
+    """What orders a tail member as stored: its timestamp and its value's inline prefix."""
+    return member[: 8 + INLINE_PREFIX]
+
+
+def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[bytes]:
+    """Every member of a mutable key, in order."""
+    members: list[bytes] = []
+    for chunk in member_chunks(txn, tables, key_id, flags):
+        members += chunk
     return members
 
 
