@@ -49,7 +49,7 @@ from redis.retry import Retry
 
 from telstate.encoding import PICKLE_ERROR, decode_value
 from telstate.errors import DecodeError, ImmutableKeyError, InvalidTimestampError, StoreError
-from telstate.lmdb import LmdbBackend, RetryTransaction, WriteTxn
+from telstate.lmdb import LmdbBackend, WriteTxn
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
@@ -545,12 +545,8 @@ def apply_requests(
         If the store cannot be written (nothing of the batch is committed).
     """
 
-    while True:
-        try:
-            with backend.write() as wtxn:
-                return [_apply_in(wtxn, request, now_ms) for request in requests]
-        except RetryTransaction:
-            continue  # the map grew: nothing was committed, run the batch again
+    with backend.write() as wtxn:
+        return [_apply_in(wtxn, request, now_ms) for request in requests]
 
 
 def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
@@ -646,6 +642,6 @@ def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
                 if not cursor.delete():
                     return REQUEST_PREFIX
             return bytes(cursor.key())
-    except StoreError as error:  # RetryTransaction included: the next sweep tries again
+    except StoreError as error:  # the next sweep tries again
         logger.warning("sweeping request records failed: %s", error)
         return start
