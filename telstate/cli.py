@@ -391,15 +391,21 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
-    from .rdb_reader import read_records
 
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
     backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
     before = backend.last_seq
-    progress = Progress(f"importing {args.rdb}", None)
-    count = backend.load_records(progress.wrap(read_records(args.rdb)))
+    # The file is checked whole before anything is written (see import_rules).
+    progress = Progress(f"importing {args.rdb} (events)", None)
+    try:
+        count = backend.load_from_file(args.rdb, progress=progress.advance)
+    except InvalidTimestampError as error:
+        raise CliError(f"{args.rdb!r}: {error}", EXIT_DAMAGED) from None
+    finally:
+        progress.done()
     events = backend.last_seq - before
     out.write(
         json.dumps({"rdb": args.rdb, "keys": count, "events": events}) + "\n"
@@ -459,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--rdb", required=True, help="output RDB file")
     export = command("export", cmd_export, "write the current state to an RDB file")
     export.add_argument("rdb")
-    import_ = command("import", cmd_import, "append an RDB file's keys to the store as events")
+    import_ = command(
+        "import",
+        cmd_import,
+        "append an RDB file's keys to the store as events (all or nothing: a bad file "
+        "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
+    )
     import_.add_argument("rdb")
     command("verify", cmd_verify, "rebuild the state from the log and compare")
     return parser

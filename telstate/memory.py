@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import bisect
 import collections
-import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
 
+from . import import_rules
 from .backend import (
     Backend,
     GetResult,
@@ -18,7 +18,14 @@ from .backend import (
     Record,
 )
 from .errors import ImmutableKeyError
-from .utils import KeyType, compile_pattern, pack_query_timestamp, pack_timestamp, split_timestamp
+from .utils import (
+    KeyType,
+    PathType,
+    compile_pattern,
+    pack_query_timestamp,
+    pack_timestamp,
+    split_timestamp,
+)
 
 _Value = bytes | list[bytes] | dict[bytes, bytes]
 _TYPES = {bytes: KeyType.IMMUTABLE, list: KeyType.MUTABLE, dict: KeyType.INDEXED}
@@ -145,16 +152,30 @@ class MemoryBackend(Backend):
         selected += members[start:end]
         return [split_timestamp(member) for member in selected]
 
-    def load_records(self, records: Iterable[Record]) -> int:
-        count = 0
+    def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
+        """Import whole keys; all or nothing (see :mod:`telstate.import_rules`).
+
+        Every record is checked, and checked against the keys held, before
+        any is stored.
+        """
+        checked = [import_rules.check_record(record, source) for record in records]
         with self._lock:
-            for key, _key_type, value in records:
-                # RDB files hold zsets in order already; other sources may not.
-                if isinstance(value, list) and not all(map(operator.lt, value, value[1:])):
-                    value = sorted(set(value))
-                self._data[key] = value
-                count += 1
-        return count
+            for record in checked:
+                key, key_type, value = record
+                existing = self._data.get(key)
+                existing_type = None if existing is None else _TYPES[type(existing)]
+                import_rules.raise_contradiction(record, existing_type, existing)
+            for key, key_type, value in checked:
+                existing = self._data.get(key)
+                if existing is None:
+                    self._data[key] = value
+                elif key_type == KeyType.MUTABLE:
+                    assert isinstance(existing, list) and isinstance(value, list)
+                    self._data[key] = sorted(set(existing).union(value))
+                elif key_type == KeyType.INDEXED:
+                    assert isinstance(existing, dict) and isinstance(value, dict)
+                    self._data[key] = {**value, **existing}
+        return len(checked)
 
     def records(self) -> Iterator[Record]:
         """Every key as an RDB record, in key order (the inverse of :meth:`load_records`)."""

@@ -35,6 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import import_rules
 from .backend import (
     Backend,
     GetResult,
@@ -47,6 +48,7 @@ from .backend import (
 from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
 from .utils import (
     KeyType,
+    PathType,
     display_str,
     ensure_str,
     pack_query_timestamp,
@@ -255,13 +257,20 @@ class RedisBackend(Backend):
     def dump(self, key: bytes) -> bytes | None:
         return self.client.dump(key)
 
-    def load_records(self, records: Iterable[Record]) -> int:
+    def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
+        """Import whole keys (see :mod:`telstate.import_rules`), pipelined.
+
+        Each record is checked, and checked against the server's keys,
+        before it is queued.
+        """
         self._check_writable()
         count = 0
         pending = 0
         with self.client.pipeline(transaction=False) as pipe:
             for record in records:
-                pending += queue_record(pipe, record)
+                checked = import_rules.check_record(record, source)
+                self.check_import(checked)
+                pending += queue_record(pipe, checked)
                 count += 1
                 if pending >= LOAD_BATCH:
                     pipe.execute()

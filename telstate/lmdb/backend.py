@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import lmdb
 
@@ -24,7 +24,7 @@ from ..backend import Backend, GetResult, KeyUpdateBase, Record
 from ..errors import ImmutableKeyError, ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern, display_str
-from . import settings
+from . import bulk, settings
 from .audit import verify_in
 from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
 from .eventlog import history_chunk, key_update, last_seq_in, log_chunk, writers_in
@@ -229,19 +229,48 @@ class LmdbBackend(Backend):
         timestamp: float = math.nan,
     ) -> None:
         """Append one event to the log and the history index."""
+        self._append_events(txn, tables, op_code, name_key, key, ((sub_key, value, timestamp),))
+
+    def _append_events(
+        self,
+        txn: Any,
+        tables: Tables,
+        op_code: int,
+        name_key: bytes,
+        key: bytes,
+        fields: Iterable[tuple[bytes, bytes, float]],
+    ) -> int:
+        """Append events of one kind on one key, (sub-key, value, timestamp) each; return how many.
+
+        The one place events are made: single writes append one, imports
+        (:mod:`telstate.lmdb.bulk`) many. The events get the seqs after
+        :meth:`_last_event` and one append time.
+        """
         store: Store = self._store  # type: ignore[assignment]
-        previous_time = self._last_event(txn, tables)[1]
-        seq = self._appended[0] + 1  # type: ignore[index]
+        previous_seq, previous_time = self._last_event(txn, tables)
         now = time.time()
         if now < previous_time:
             now = previous_time  # keep event times monotonic for replay(until_time=...)
         writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
-        seq_key = log.pack_seq(seq)
-        record = log.encode_record(op_code, writer_id, now, key, sub_key, value, timestamp)
-        # Both appends: seqs grow, in the log and among each key's duplicates.
-        txn.put(seq_key, record, True, True, True, tables.log)
-        txn.put(name_key, seq_key, True, True, True, tables.history)
-        self._appended = (seq, now)
+        encode = log.encode_record
+        records = [
+            encode(op_code, writer_id, now, key, sub_key, value, timestamp)
+            for sub_key, value, timestamp in fields
+        ]
+        count = len(records)
+        seq_keys = list(map(log.pack_seq, range(previous_seq + 1, previous_seq + count + 1)))
+        # Appends: seqs grow, in the log and among each key's duplicates.
+        added = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True)
+        indexed = txn.cursor(tables.history).putmulti(
+            zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
+        )
+        if added != (count, count) or indexed != (count, count):
+            raise StoreError(
+                f"{store.path!r}: appending events {previous_seq + 1}..{previous_seq + count} "
+                "failed: the log or history index is out of order (damaged store?)"
+            )
+        self._appended = (previous_seq + count, now)
+        return count
 
     def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float]:
         """(seq, time) of the last event before the one about to be appended.
@@ -590,57 +619,76 @@ class LmdbBackend(Backend):
         self._append(txn, tables, log.CLEAR, ALL_KEYS)
         return None, True
 
-    def load_records(self, records: Iterable[Record]) -> int:
-        """Store whole keys (as read from an RDB file), each element as one event.
+    def load_records(
+        self,
+        records: Iterable[Record],
+        source: PathType | None = None,
+        progress: bulk.Progress | None = None,
+    ) -> int:
+        """Import whole keys (as read from an RDB file) in bulk; return how many.
 
-        Immutable keys become set_immutable events, each sample of a mutable
-        key an add_mutable event and each sub-key a set_indexed event;
-        elements already present are skipped (no event). Events are
-        committed in batches of up to 10000.
+        Each element is one event: immutable keys set_immutable events, each
+        sample of a mutable key an add_mutable event and each sub-key a
+        set_indexed event. What happens to keys the store has is
+        :mod:`telstate.import_rules` (elements already present are skipped,
+        contradictions raise). Records are committed in chunks of at most
+        ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+        bytes, each checked whole before it is written (see
+        :mod:`telstate.lmdb.bulk`).
 
-        Returns
-        -------
-        The number of keys loaded.
+        Parameters
+        ----------
+        records
+            ``(key, key_type, value)`` records.
+        source
+            The file they come from, named in errors.
+        progress
+            Called after each committed chunk with its number of events.
 
         Raises
         ------
+        RdbParseError, InvalidTimestampError
+            If a record is malformed (see :mod:`telstate.import_rules`).
         ImmutableKeyError
-            If a key exists with another type (the batches before it stay
-            committed).
+            If a record contradicts a key of the store.
         ReadOnlyError
             If the store was opened read-only.
-        """
-        count = 0
-        batch: list[tuple[Callable[..., tuple[Any, bool]], tuple]] = []
-        for key, key_type, value in records:
-            count += 1
-            if key_type == KeyType.IMMUTABLE:
-                assert isinstance(value, bytes)
-                batch.append((self._set_immutable_in, (key, value)))
-            elif key_type == KeyType.MUTABLE:
-                assert isinstance(value, list)
-                for member in value:
-                    stamp = TIMESTAMP.unpack_from(member)[0]
-                    batch.append((self._add_mutable_in, (key, member[8:], stamp)))
-            else:
-                assert isinstance(value, dict)
-                for sub_key, sub_value in value.items():
-                    batch.append((self._set_indexed_in, (key, sub_key, sub_value)))
-            if len(batch) >= settings.LOAD_CHUNK:
-                self._write(self._batch_in, batch)
-                batch = []
-        if batch:
-            self._write(self._batch_in, batch)
-        return count
 
-    @staticmethod
-    def _batch_in(
-        txn: Any, tables: Tables, batch: list[tuple[Callable[..., tuple[Any, bool]], tuple]]
-    ) -> tuple[None, bool]:
-        changed = False
-        for body, args in batch:
-            changed = body(txn, tables, *args)[1] or changed
-        return None, changed
+        Chunks committed before an error stay committed; use
+        :meth:`load_from_file` for all or nothing.
+        """
+        return bulk.load(self, records, source, progress)
+
+    def load_from_file(
+        self, file: PathType | BinaryIO, progress: bulk.Progress | None = None
+    ) -> int:
+        """Import the keys of an RDB file in bulk (see :meth:`load_records`).
+
+        A path or seekable file is read twice: first every record is checked
+        (its shape, and against the store as of one snapshot), then it is
+        imported, so a bad file leaves the store unchanged. A file object
+        that cannot seek is checked chunk by chunk.
+
+        Raises
+        ------
+        RdbParseError, InvalidTimestampError, ImmutableKeyError, ReadOnlyError
+            As :meth:`load_records`.
+        """
+        from .. import import_rules, rdb_reader
+
+        source = import_rules.file_source(file)
+        if import_rules.rereadable(file):
+            if self.readonly:
+                raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
+            start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
+            self._read(bulk.check_file_in, rdb_reader.read_records(file), source)
+            if start is not None:
+                file.seek(start)  # type: ignore[union-attr]
+        return self.load_records(rdb_reader.read_records(file), source, progress)
+
+    def check_import(self, record: Record) -> None:
+        """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
+        self._read(bulk.check_file_in, [record], None)
 
     # --- Backend: waiting -----------------------------------------------------------
 

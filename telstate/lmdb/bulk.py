@@ -1,0 +1,258 @@
+"""Importing whole keys (RDB records) into a store in bulk.
+
+:meth:`LmdbBackend.load_records` and ``load_from_file`` (and ``telstate
+import``) come here. What an import may hold and what it does to existing
+keys are :mod:`telstate.import_rules`; this module makes it fast and
+bounded:
+
+- Records stream in from the reader and are cut into *chunks* of at most
+  ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+  bytes (a big key is cut into pieces across chunks), one write
+  transaction each, so memory stays bounded whatever the file size (the
+  largest single key is the reader's to hold).
+- A chunk is checked whole (records, and conflicts with the store inside
+  its transaction) before it writes anything. ``load_from_file`` of a
+  path or seekable file checks the whole file first, so a bad file
+  leaves the store unchanged; ``load_records`` of an iterator can fail
+  after earlier chunks committed (each committed chunk is whole keys or
+  whole pieces of keys, and the store verifies).
+- Every element is still one event (a set_immutable, one add_mutable per
+  sample, one set_indexed per sub-key), made by the backend's one append
+  function, so the log, replay and verify see an import as the writes it
+  stands for. Log and history entries go in with LMDB appends.
+- Samples that come after a key's latest sample (always, for a new key)
+  go straight into sealed blocks (:func:`~telstate.lmdb.samples.append_samples`);
+  samples among existing ones take the per-sample path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .. import log
+from ..backend import Record
+from ..errors import StoreError
+from ..import_rules import check_record, raise_contradiction
+from ..utils import KeyType, PathType, display_str
+from . import settings
+from .layout import (
+    IMMUTABLE,
+    INDEXED,
+    INLINE_LIMIT,
+    KEY_ID,
+    MUTABLE,
+    TIMESTAMP,
+    U32,
+    KeyRecord,
+    Tables,
+    after8,
+    first8,
+    inline,
+    name_key_of,
+)
+from .samples import append_samples, latest_member
+from .state import indexed_value
+
+if TYPE_CHECKING:
+    from .backend import LmdbBackend
+
+#: Called after each committed chunk with the number of events it held.
+Progress = Callable[[int], None]
+
+
+def load(
+    backend: LmdbBackend,
+    records: Iterable[Record],
+    source: PathType | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Import `records` chunk by chunk; return the number of keys (see the module docstring)."""
+    count = 0
+    chunk: list[Record] = []
+    events = size = 0
+    for record in records:
+        count += 1
+        for piece in _pieces(check_record(record, source)):
+            chunk.append(piece)
+            events += _events_of(piece)
+            size += _size_of(piece)
+            if events >= settings.LOAD_CHUNK or size >= settings.LOAD_CHUNK_BYTES:
+                backend._write(_write_chunk, backend, chunk)
+                if progress is not None:
+                    progress(events)
+                chunk = []
+                events = size = 0
+    if chunk:
+        backend._write(_write_chunk, backend, chunk)
+        if progress is not None:
+            progress(events)
+    return count
+
+
+def check_file_in(
+    txn: Any, tables: Tables, records: Iterable[Record], source: PathType | None
+) -> int:
+    """Check every record against the rules and the store as of `txn`; return how many."""
+    count = 0
+    for record in records:
+        _check_conflict(txn, tables, check_record(record, source))
+        count += 1
+    return count
+
+
+def _events_of(record: Record) -> int:
+    return 1 if record[1] == KeyType.IMMUTABLE else len(record[2])
+
+
+def _size_of(record: Record) -> int:
+    value = record[2]
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, list):
+        return sum(map(len, value))
+    return sum(len(sub_key) + len(sub_value) for sub_key, sub_value in value.items())
+
+
+def _pieces(record: Record) -> Iterator[Record]:
+    """`record` cut into pieces that each fit a chunk (whole, if it fits one)."""
+    key, key_type, value = record
+    if key_type == KeyType.IMMUTABLE:
+        yield record
+        return
+    count = len(value)
+    size = _size_of(record)
+    per_piece = max(1, min(settings.LOAD_CHUNK, count * settings.LOAD_CHUNK_BYTES // max(size, 1)))
+    if count <= per_piece:
+        yield record
+        return
+    if key_type == KeyType.MUTABLE:
+        for start in range(0, count, per_piece):
+            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
+        return
+    assert isinstance(value, dict)
+    items = iter(value.items())
+    while part := dict(itertools.islice(items, per_piece)):
+        yield key, key_type, part
+
+
+class _SubKeys:
+    """The stored sub-keys of an indexed key, looked up one at a time (for the conflict rules)."""
+
+    def __init__(self, txn: Any, tables: Tables, key_id: bytes) -> None:
+        self._args = (txn, tables, key_id)
+
+    def get(self, sub_key: bytes) -> bytes | None:
+        return indexed_value(*self._args, sub_key)
+
+
+def _stored(txn: Any, tables: Tables, key: bytes) -> KeyRecord | None:
+    data = txn.get(name_key_of(key), db=tables.keys)
+    return None if data is None else KeyRecord.decode(data)
+
+
+def _check_conflict(txn: Any, tables: Tables, record: Record) -> None:
+    stored = _stored(txn, tables, record[0])
+    if stored is None:
+        return
+    existing: Any = stored.value
+    if stored.type_code == INDEXED:
+        existing = _SubKeys(txn, tables, stored.key_id)
+    raise_contradiction(record, stored.key_type, existing)
+
+
+def _write_chunk(
+    txn: Any, tables: Tables, backend: LmdbBackend, chunk: list[Record]
+) -> tuple[None, bool]:
+    """Check every piece of `chunk` against the store, then write them all."""
+    for piece in chunk:
+        _check_conflict(txn, tables, piece)
+    changed = False
+    for piece in chunk:
+        if piece[1] == KeyType.IMMUTABLE:
+            changed = _write_immutable(txn, tables, backend, piece) or changed
+        elif piece[1] == KeyType.MUTABLE:
+            changed = _write_mutable(txn, tables, backend, piece) or changed
+        else:
+            changed = _write_indexed(txn, tables, backend, piece) or changed
+    return None, changed
+
+
+def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
+    """Whether `key_id` is the last one given out: no table holds a greater one."""
+    counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
+    return KEY_ID.unpack(key_id)[0] + 1 == counter
+
+
+def _write_immutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
+    key, _, value = record
+    if _stored(txn, tables, key) is not None:
+        return False  # the same value (checked)
+    assert isinstance(value, bytes)
+    name_key = name_key_of(key)
+    backend._new_key(txn, tables, name_key, IMMUTABLE, key, value)
+    backend._append(txn, tables, log.SET_IMMUTABLE, name_key, key, b"", value)
+    return True
+
+
+def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
+    key, _, members = record
+    assert not isinstance(members, (bytes, dict))
+    name_key = name_key_of(key)
+    stored = _stored(txn, tables, key)
+    if stored is None:
+        key_id = backend._new_key(txn, tables, name_key, MUTABLE, key, b"")
+        flags, newest = 0, True
+    else:
+        key_id, flags = stored.key_id, stored.flags
+        if members[0] <= latest_member(txn, tables, key_id, flags):
+            # Among existing samples: the per-sample path finds duplicates and late ones.
+            changed = False
+            for member in members:
+                value, stamp = member[8:], TIMESTAMP.unpack_from(member)[0]
+                changed = backend._add_mutable_in(txn, tables, key, value, stamp)[1] or changed
+            return changed
+        newest = _is_newest(txn, tables, key_id)
+    first_seq = backend._last_event(txn, tables)[0] + 1
+    append_samples(txn, tables, name_key, key_id, flags, members, first_seq, newest)
+    stamps = struct.unpack(f">{len(members)}d", b"".join(map(first8, members)))
+    values = map(after8, members)
+    backend._append_events(
+        txn, tables, log.ADD_MUTABLE, name_key, key, zip(itertools.repeat(b""), values, stamps)
+    )
+    return True
+
+
+def _write_indexed(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
+    key, _, value = record
+    assert isinstance(value, dict)
+    stored = _stored(txn, tables, key)
+    if stored is not None:
+        changed = False
+        for sub_key, sub_value in value.items():
+            changed = backend._set_indexed_in(txn, tables, key, sub_key, sub_value)[1] or changed
+        return changed
+    name_key = name_key_of(key)
+    key_id = backend._new_key(txn, tables, name_key, INDEXED, key, b"")
+    entries = []
+    for sub_key, sub_value in value.items():
+        data = sub_value
+        if len(sub_key) >= INLINE_LIMIT:
+            data = U32.pack(len(sub_key)) + sub_key + sub_value
+        entries.append((key_id + inline(sub_key), data))
+    entries.sort()
+    added = txn.cursor(tables.indexed).putmulti(entries, overwrite=False, append=True)
+    if added != (len(entries), len(entries)):
+        raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
+    backend._append_events(
+        txn,
+        tables,
+        log.SET_INDEXED,
+        name_key,
+        key,
+        ((sub_key, sub_value, math.nan) for sub_key, sub_value in value.items()),
+    )
+    return True
