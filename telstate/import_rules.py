@@ -109,7 +109,7 @@ def check_record(record: Any, source: PathType | None = None) -> Record:
 def _checked_members(name: str, members: Any, source: PathType | None) -> list[bytes]:
     if isinstance(members, (bytes, str, Mapping)) or not isinstance(members, Sequence):
         raise RdbParseError(source, f"mutable key {name}: value is not a sequence of members")
-    if not all(type(member) is bytes for member in members):
+    if not set(map(type, members)) <= {bytes}:
         raise RdbParseError(source, f"mutable key {name}: a member is not bytes")
     if members and min(map(len, members)) < 8:
         raise RdbParseError(source, f"mutable key {name}: a member is shorter than its timestamp")

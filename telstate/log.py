@@ -32,11 +32,14 @@ stores and reads records only through the functions here.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
 #: Version of the record layout above (stored in the store's meta table).
 FORMAT_VERSION = 1
@@ -293,3 +296,60 @@ def decode_writer(data: bytes) -> Writer:
     except Exception as error:
         raise ValueError(f"damaged writer record {data!r}") from error
     return Writer(host, pid, name)
+
+
+def encode_records(
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    values: Sequence[bytes] | np.ndarray,
+    sub_keys: Sequence[bytes] | None = None,
+    timestamps: Sequence[float] | np.ndarray | None = None,
+) -> list[bytes]:
+    """The records of events of one kind on one key, as :func:`encode_record` makes each.
+
+    `values` is a list of values, or a 2-D uint8 array with one value of
+    the same length in each row; `sub_keys` (set_indexed) and `timestamps`
+    (add_mutable) go with them. Events without sub-keys whose values all
+    have one length (a sensor's samples, mostly) are made all at once.
+    """
+    count = len(values)
+    if sub_keys is None and count > 1:
+        if isinstance(values, np.ndarray):
+            return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
+        length = len(values[0])
+        if all(len(value) == length for value in values):
+            table = np.frombuffer(b"".join(values), np.uint8).reshape(count, length)
+            return _encode_uniform(op_code, writer_id, time, key, table, timestamps)
+    return [
+        encode_record(op_code, writer_id, time, key, sub_key, bytes(value), timestamp)
+        for sub_key, value, timestamp in zip(
+            itertools.repeat(b"") if sub_keys is None else sub_keys,
+            values,
+            itertools.repeat(_NAN) if timestamps is None else timestamps,
+        )
+    ]
+
+
+def _encode_uniform(
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    values: np.ndarray,
+    timestamps: Sequence[float] | np.ndarray | None,
+) -> list[bytes]:
+    count, length = values.shape
+    start = _HEADER.size + len(key)
+    size = start + length
+    table = np.empty((count, size), np.uint8)
+    table[:, :start] = np.frombuffer(
+        _HEADER.pack(op_code, writer_id, time, _NAN, len(key), 0) + key, np.uint8
+    )
+    if timestamps is not None:
+        stamps = np.asarray(timestamps, dtype="<f8").reshape(count, 1)
+        table[:, 13:21] = stamps.view(np.uint8)
+    table[:, start:] = values
+    buffer = table.tobytes()
+    return [buffer[offset : offset + size] for offset in range(0, count * size, size)]

@@ -6,6 +6,7 @@ import bisect
 import collections
 import threading
 from collections.abc import Generator, Iterable, Iterator
+from typing import BinaryIO
 
 from . import import_rules
 from .backend import (
@@ -151,6 +152,12 @@ class MemoryBackend(Backend):
         selected = members[start - 1 : start] if include_previous and start > 0 else []
         selected += members[start:end]
         return [split_timestamp(member) for member in selected]
+
+    def load_from_file(self, file: PathType | BinaryIO) -> int:
+        """Load the keys of an RDB file, all or nothing (see :meth:`load_records`)."""
+        from . import rdb_reader
+
+        return self.load_records(rdb_reader.read_records(file), import_rules.file_source(file))
 
     def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
         """Import whole keys; all or nothing (see :mod:`telstate.import_rules`).

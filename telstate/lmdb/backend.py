@@ -14,10 +14,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import lmdb
+import numpy as np
 
 from .. import log
 from ..backend import Backend, GetResult, KeyUpdateBase, Record
@@ -229,7 +230,7 @@ class LmdbBackend(Backend):
         timestamp: float = math.nan,
     ) -> None:
         """Append one event to the log and the history index."""
-        self._append_events(txn, tables, op_code, name_key, key, ((sub_key, value, timestamp),))
+        self._append_events(txn, tables, op_code, name_key, key, [value], [sub_key], [timestamp])
 
     def _append_events(
         self,
@@ -238,13 +239,16 @@ class LmdbBackend(Backend):
         op_code: int,
         name_key: bytes,
         key: bytes,
-        fields: Iterable[tuple[bytes, bytes, float]],
-    ) -> int:
-        """Append events of one kind on one key, (sub-key, value, timestamp) each; return how many.
+        values: Sequence[bytes] | np.ndarray,
+        sub_keys: Sequence[bytes] | None = None,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """Append events of one kind on one key to the log and the history index.
 
         The one place events are made: single writes append one, imports
-        (:mod:`telstate.lmdb.bulk`) many. The events get the seqs after
-        :meth:`_last_event` and one append time.
+        (:mod:`telstate.lmdb.bulk`) many (see :func:`telstate.log.encode_records`
+        for the arguments). The events get the seqs after :meth:`_last_event`
+        and one append time.
         """
         store: Store = self._store  # type: ignore[assignment]
         previous_seq, previous_time = self._last_event(txn, tables)
@@ -252,11 +256,7 @@ class LmdbBackend(Backend):
         if now < previous_time:
             now = previous_time  # keep event times monotonic for replay(until_time=...)
         writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
-        encode = log.encode_record
-        records = [
-            encode(op_code, writer_id, now, key, sub_key, value, timestamp)
-            for sub_key, value, timestamp in fields
-        ]
+        records = log.encode_records(op_code, writer_id, now, key, values, sub_keys, timestamps)
         count = len(records)
         seq_keys = list(map(log.pack_seq, range(previous_seq + 1, previous_seq + count + 1)))
         # Appends: seqs grow, in the log and among each key's duplicates.
@@ -270,7 +270,6 @@ class LmdbBackend(Backend):
                 "failed: the log or history index is out of order (damaged store?)"
             )
         self._appended = (previous_seq + count, now)
-        return count
 
     def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float]:
         """(seq, time) of the last event before the one about to be appended.

@@ -28,10 +28,10 @@ bounded:
 from __future__ import annotations
 
 import itertools
-import math
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import log
 from ..backend import Record
@@ -218,12 +218,22 @@ def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Recor
         newest = _is_newest(txn, tables, key_id)
     first_seq = backend._last_event(txn, tables)[0] + 1
     append_samples(txn, tables, name_key, key_id, flags, members, first_seq, newest)
-    stamps = struct.unpack(f">{len(members)}d", b"".join(map(first8, members)))
-    values = map(after8, members)
-    backend._append_events(
-        txn, tables, log.ADD_MUTABLE, name_key, key, zip(itertools.repeat(b""), values, stamps)
-    )
+    values, stamps = _split_members(members)
+    backend._append_events(txn, tables, log.ADD_MUTABLE, name_key, key, values, None, stamps)
     return True
+
+
+def _split_members(members: list[bytes]) -> tuple[list[bytes] | np.ndarray, np.ndarray]:
+    """The values and timestamps of `members`: values as rows of an array if all one length."""
+    count = len(members)
+    joined = b"".join(members)
+    length = len(members[0])
+    if len(joined) == count * length:
+        table = np.frombuffer(joined, np.uint8).reshape(count, length)
+        stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
+        return table[:, 8:], stamps
+    stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
+    return list(map(after8, members)), stamps
 
 
 def _write_indexed(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
@@ -248,11 +258,6 @@ def _write_indexed(txn: Any, tables: Tables, backend: LmdbBackend, record: Recor
     if added != (len(entries), len(entries)):
         raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
     backend._append_events(
-        txn,
-        tables,
-        log.SET_INDEXED,
-        name_key,
-        key,
-        ((sub_key, sub_value, math.nan) for sub_key, sub_value in value.items()),
+        txn, tables, log.SET_INDEXED, name_key, key, list(value.values()), list(value)
     )
     return True

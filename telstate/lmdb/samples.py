@@ -391,7 +391,7 @@ def append_samples(
     greatest of the store, so its blocks go in with LMDB appends.
     """
     cursor = txn.cursor(tables.samples)
-    if flags & FLAG_LONG_VALUES or any(len(member) - 8 >= INLINE_LIMIT for member in members):
+    if flags & FLAG_LONG_VALUES or max(map(len, members)) - 8 >= INLINE_LIMIT:
         if not flags & FLAG_LONG_VALUES:
             update_record(txn, tables, name_key, flags=flags | FLAG_LONG_VALUES)
         for seq, member in enumerate(members, first_seq):
