@@ -5,6 +5,8 @@ Run it as ``telstate-replicator`` or ``python -m replicator`` (see
 
 - :mod:`replicator.source`: what the sinks read (a store's event log and snapshots);
 - :mod:`replicator.cursor`: where a mirror stands, kept in Redis beside it;
+- :mod:`replicator.connection`: connecting to the mirror, and naming it without credentials;
+- :mod:`replicator.acl`: the Redis ACL rules that keep clients from writing the mirror;
 - :mod:`replicator.redis_sink`: the state machine that keeps a mirror exact;
 - :mod:`replicator.snapshot_sink`: atomic RDB snapshots, named by store and seq;
 - :mod:`replicator.daemon`: wake-ups, threads and stopping;

@@ -9,12 +9,54 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 
 from telstate.errors import StoreError
 
+from .acl import AclError
+from .connection import connect
+from .redis_sink import DEFAULT_SPARE_DB
+
 _COMMANDS = ("run", "status")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _database(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a database number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a database number is 0 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _user(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Redis user name")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,19 +76,43 @@ def _parser() -> argparse.ArgumentParser:
             "--redis",
             metavar="URL",
             help="mirror: redis://, rediss:// or unix:// URL with the database number"
-            " (e.g. redis://host:6379/0, unix:///run/redis.sock?db=0)",
+            " (e.g. redis://host:6379/0, unix:///run/redis.sock?db=0); put the"
+            " replicator's own Redis user in it (redis://USER:PASSWORD@host/0) to protect"
+            " the mirror, see --acl-setup",
         )
         command.add_argument("--rdb-dir", metavar="DIR", help="directory for RDB snapshots")
+        command.add_argument(
+            "--client-user",
+            type=_user,
+            default="default",
+            metavar="USER",
+            help="the Redis user that clients of the mirror connect as, which must not be"
+            " able to write it (default: %(default)s, the user of clients without credentials)",
+        )
+    run.add_argument(
+        "--acl-setup",
+        action="store_true",
+        help="make --client-user read-only with Redis ACLs (needs a replicator user with"
+        " @admin rights; without it an administrator sets the rules, see the README)",
+    )
+    run.add_argument(
+        "--spare-db",
+        type=_database,
+        default=DEFAULT_SPARE_DB,
+        metavar="N",
+        help="empty database in which a rebuild builds the new mirror before swapping it in"
+        " (default: %(default)s; each mirror on a server needs its own)",
+    )
     run.add_argument(
         "--snapshot-interval",
-        type=float,
+        type=_seconds,
         default=600.0,
         metavar="SECONDS",
         help="seconds between snapshots while the store changes (default: %(default)s)",
     )
     run.add_argument(
         "--keep",
-        type=int,
+        type=_positive_int,
         default=5,
         metavar="N",
         help="snapshots of the store to keep (default: %(default)s)",
@@ -58,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--batch",
-        type=int,
+        type=_positive_int,
         default=5000,
         metavar="EVENTS",
         help="most events applied to Redis in one atomic step (default: %(default)s)",
@@ -77,6 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(args)
     if options.redis is None and options.rdb_dir is None:
         parser.error("give --redis, --rdb-dir or both")
+    if options.redis is None and options.command == "run" and options.acl_setup:
+        parser.error("--acl-setup protects the mirror: give --redis too")
+    if options.rdb_dir is not None and os.path.exists(options.rdb_dir):
+        if not os.path.isdir(options.rdb_dir):
+            parser.error(f"--rdb-dir {options.rdb_dir!r} is not a directory")
+    if options.redis is not None:
+        try:
+            connect(options.redis)[0].close()
+        except ValueError as error:
+            parser.error(f"--redis: {error}")
     if options.command == "status":
         return _status(options)
     return _run(options, parser)
@@ -86,7 +162,9 @@ def _status(options: argparse.Namespace) -> int:
     from .status import format_status, gather_status
 
     try:
-        status = gather_status(options.log, options.redis, options.rdb_dir)
+        status = gather_status(
+            options.log, options.redis, options.rdb_dir, client_user=options.client_user
+        )
     except StoreError as error:
         print(f"telstate-replicator: {error}", file=sys.stderr)
         return 2
@@ -113,15 +191,33 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         redis_sink = None
         if options.redis is not None:
-            redis_sink = RedisSink(source, options.redis, batch_events=options.batch)
+            redis_sink = RedisSink(
+                source,
+                options.redis,
+                batch_events=options.batch,
+                spare_db=options.spare_db,
+                client_user=options.client_user,
+                acl_setup=options.acl_setup,
+            )
         snapshot_sink = None
         if options.rdb_dir is not None:
             snapshot_sink = SnapshotSink(
                 source, options.rdb_dir, interval=options.snapshot_interval, keep=options.keep
             )
+        if redis_sink is not None:
+            redis_sink.check_access()
     except ValueError as error:
         source.close()
         parser.error(str(error))
+    except OSError as error:
+        source.close()
+        parser.error(f"--rdb-dir: {error}")
+    except AclError as error:
+        logging.getLogger("replicator").error("%s", error)
+        if redis_sink is not None:
+            redis_sink.close()
+        source.close()
+        return 2
     daemon = Daemon(source, redis_sink, snapshot_sink)
     daemon.handle_signals()
     try:

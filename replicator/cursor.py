@@ -8,17 +8,20 @@ yet one Lua script can still check it, change the mirror and move it in a
 single atomic step (scripts may SELECT another database; the change of
 database ends with the script). Fields:
 
-=========  ==================================================================
-``owner``  the replicator process that writes the mirror (host, pid, token)
-``store``  UUID of the store whose log the mirror reflects
-``host``   host of the store, and ``path`` its directory (for messages)
-``seq``    the last event of the log that the mirror includes
-``state``  ``ready``, or ``rebuilding`` while the store's state is loaded
-``keys``   the number of keys in the mirror database once the step is done
-=========  ==================================================================
+==============  ==============================================================
+``owner``       the replicator process that writes the mirror (host, pid, token)
+``store``       UUID of the store whose log the mirror reflects
+``host``        host of the store, and ``path`` its directory (for messages)
+``seq``         the last event of the log that the mirror includes
+``state``       ``ready``, or ``rebuilding`` while the new mirror is built
+``keys``        the number of keys in the mirror database once the step is done
+``spare``       while rebuilding: the database the new mirror is built in
+``spare_keys``  the number of keys in that database once the step is done
+==============  ==============================================================
 
-``keys`` is how a flushed or foreign-written mirror is noticed: every step
-compares it with DBSIZE before changing anything.
+``keys`` (and ``spare_keys`` during a rebuild) is how a flushed or
+foreign-written mirror is noticed: every step compares it with DBSIZE
+before changing anything.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class Cursor:
         Number of keys in the mirror database.
     host, path
         Where the store lives.
+    spare
+        While rebuilding, the database the new mirror is built in.
+    spare_keys
+        Number of keys in that database.
     """
 
     owner: str
@@ -66,9 +73,11 @@ class Cursor:
     keys: int
     host: str
     path: str
+    spare: int | None = None
+    spare_keys: int = 0
 
     def fields(self) -> list[bytes | str | int]:
-        """Field/value pairs to HSET, except ``keys`` (the script sets that one)."""
+        """Field/value pairs to HSET, except the key counts (the script sets those)."""
         return [
             "owner",
             self.owner,
@@ -82,6 +91,8 @@ class Cursor:
             self.host,
             "path",
             self.path,
+            "spare",
+            "" if self.spare is None else self.spare,
         ]
 
     @classmethod
@@ -97,6 +108,8 @@ class Cursor:
                 keys=int(text["keys"]),
                 host=text.get("host", "?"),
                 path=text.get("path", "?"),
+                spare=int(text["spare"]) if text.get("spare") else None,
+                spare_keys=int(text.get("spare_keys") or 0),
             )
         except (KeyError, ValueError):
             return None

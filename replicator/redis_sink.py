@@ -16,12 +16,21 @@ changed behind its back (Redis restarted empty, FLUSHDB, a write by someone
 else, another store or another replicator) is noticed before anything is
 written over it.
 
+A rebuild never shows readers a partial mirror: the new mirror is built
+in a spare database and swapped with the mirror (SWAPDB) in the script
+that marks the cursor READY, so readers see the old mirror until the new
+one is complete, then the new one, on the connections they already have.
+
+Every key a script touches is passed in KEYS (operations name their key by
+its index there), as Redis ACLs and cluster tooling expect; the cursor's
+hash is KEYS[1], though it lives in another database.
+
 The sink is a small state machine, advanced by :meth:`RedisSink.step`::
 
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
-    CONNECT, TAIL  --mirror not as expected-->       REBUILD --state loaded--> TAIL
+    CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
-    any state  --Redis failed-->                     BACKOFF --delay over--> CONNECT
+    any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
@@ -32,6 +41,7 @@ cursor is gone, and says so in the log.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import secrets
@@ -46,78 +56,172 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from telstate.backend import Record
 from telstate.errors import StoreError
 from telstate.log import Event, Op
-from telstate.redis import MIRROR_CURSOR_DB, client_db, mirror_cursor_key
+from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
 from telstate.utils import KeyType, pack_timestamp
 
+from .acl import AclError, Protection, check_protection, setup_client_rules
+from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
 
-# Operation codes of the script (each followed by its arguments):
-#   S key value        SET, publish    Z key member      ZADD, publish
-#   H key sub value    HSET, publish   U key             UNLINK
-#   F                  FLUSHDB ASYNC   z key n member*n  ZADD each member, silently
-_SET, _ZADD, _HSET, _UNLINK, _FLUSH, _LOAD_ZSET = b"S", b"Z", b"H", b"U", b"F", b"z"
+#: Database in which a rebuild builds the new mirror unless told otherwise.
+DEFAULT_SPARE_DB = 14
+
+# Operation codes of the script, each followed by the index of its key in
+# KEYS and its arguments. Tailing applies events to the mirror and
+# publishes them; a rebuild fills the spare database silently.
+#   S key value        SET, publish     Z key member        ZADD, publish
+#   H key sub value    HSET, publish    U key               UNLINK
+#   F                  FLUSHDB ASYNC    W                   swap spare and mirror
+#   s key value        SET              z key n member*n    ZADD each member
+#   h key n (sub value)*n  HSET each field
+_SET, _ZADD, _HSET, _UNLINK, _FLUSH, _SWAP = b"S", b"Z", b"H", b"U", b"F", b"W"
+_LOAD_STRING, _LOAD_ZSET, _LOAD_HASH = b"s", b"z", b"h"
 
 _APPLY = b"""
--- KEYS[1]: the cursor hash, in database ARGV[1]; ARGV[2]: the mirror database.
--- ARGV[3]: 'check' (go on only if the cursor has owner, store, seq, state
--- ARGV[4..7] and its key count equals DBSIZE) or 'claim' (replace the cursor).
--- ARGV[8]: number n of cursor field/value arguments ARGV[9..8+n]; the
+-- KEYS[1]: the cursor hash, in database ARGV[1]; KEYS[2], ...: the keys
+-- that the operations name (by their index in KEYS).
+-- ARGV[2]: the mirror database; ARGV[3]: the target of the operations, the
+-- mirror or (during a rebuild) the spare database.
+-- ARGV[4]: 'check' (go on only if the cursor has owner, store, seq, state
+-- ARGV[5..8], its key count equals the mirror's DBSIZE and, when the target
+-- is the spare, its spare key count the spare's DBSIZE) or 'claim' (replace
+-- the cursor; a spare target must be empty or the one the cursor names).
+-- ARGV[9]: number n of cursor field/value arguments ARGV[10..9+n]; the
 -- operations follow.
+-- Returns {1, mirror keys, target keys} once applied, {0, ...} if the check
+-- failed, {-1, ...} if the spare holds keys that are not this mirror's.
+local mirror, target = ARGV[2], ARGV[3]
+local rebuild = target ~= mirror
+redis.call('SELECT', target)
+local target_size = redis.call('DBSIZE')
+redis.call('SELECT', mirror)
 local size = redis.call('DBSIZE')
 redis.call('SELECT', ARGV[1])
-if ARGV[3] == 'check' then
-    local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys')
-    if c[1] ~= ARGV[4] or c[2] ~= ARGV[5] or c[3] ~= ARGV[6] or c[4] ~= ARGV[7]
-            or tonumber(c[5]) ~= size then
-        return {0, size}
+local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
+                     'spare_keys')
+if ARGV[4] == 'check' then
+    if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8]
+            or tonumber(c[5]) ~= size
+            or (rebuild and tonumber(c[7]) ~= target_size) then
+        return {0, size, target_size}
     end
 else
+    if rebuild and target_size > 0 and c[6] ~= target then
+        return {-1, size, target_size}
+    end
     redis.call('DEL', KEYS[1])
 end
-redis.call('SELECT', ARGV[2])
-local n = tonumber(ARGV[8])
-local i = 9 + n
+redis.call('SELECT', target)
+local n = tonumber(ARGV[9])
+local i = 10 + n
 while i <= #ARGV do
-    local op, key = ARGV[i], ARGV[i + 1]
-    if op == 'Z' then
-        redis.call('ZADD', key, 0, ARGV[i + 2])
-        redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[i + 2])
-        i = i + 3
-    elseif op == 'S' then
-        redis.call('SET', key, ARGV[i + 2])
-        redis.call('PUBLISH', 'update/' .. key, '\\1' .. ARGV[i + 2])
-        i = i + 3
-    elseif op == 'H' then
-        local sub, value = ARGV[i + 2], ARGV[i + 3]
-        redis.call('HSET', key, sub, value)
-        redis.call('PUBLISH', 'update/' .. key, '\\3' .. #sub .. '\\n' .. sub .. value)
-        i = i + 4
-    elseif op == 'U' then
-        redis.call('UNLINK', key)
-        i = i + 2
-    elseif op == 'F' then
+    local op = ARGV[i]
+    if op == 'F' then
         redis.call('FLUSHDB', 'ASYNC')
         i = i + 1
-    elseif op == 'z' then
-        local last = i + 2 + tonumber(ARGV[i + 2])
-        for j = i + 3, last do
-            redis.call('ZADD', key, 0, ARGV[j])
-        end
-        i = last + 1
+    elseif op == 'W' then
+        -- The spare becomes the mirror in one step; the old mirror, now in
+        -- the spare's place, is dropped.
+        redis.call('SWAPDB', mirror, target)
+        redis.call('FLUSHDB', 'ASYNC')
+        i = i + 1
     else
-        return redis.error_reply('unknown replicator operation ' .. op)
+        local key = KEYS[tonumber(ARGV[i + 1])]
+        if op == 'Z' then
+            redis.call('ZADD', key, 0, ARGV[i + 2])
+            redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[i + 2])
+            i = i + 3
+        elseif op == 'S' then
+            redis.call('SET', key, ARGV[i + 2])
+            redis.call('PUBLISH', 'update/' .. key, '\\1' .. ARGV[i + 2])
+            i = i + 3
+        elseif op == 'H' then
+            local sub, value = ARGV[i + 2], ARGV[i + 3]
+            redis.call('HSET', key, sub, value)
+            redis.call('PUBLISH', 'update/' .. key, '\\3' .. #sub .. '\\n' .. sub .. value)
+            i = i + 4
+        elseif op == 'U' then
+            redis.call('UNLINK', key)
+            i = i + 2
+        elseif op == 's' then
+            redis.call('SET', key, ARGV[i + 2])
+            i = i + 3
+        elseif op == 'z' then
+            local last = i + 2 + tonumber(ARGV[i + 2])
+            for j = i + 3, last do
+                redis.call('ZADD', key, 0, ARGV[j])
+            end
+            i = last + 1
+        elseif op == 'h' then
+            local last = i + 2 + 2 * tonumber(ARGV[i + 2])
+            for j = i + 3, last, 2 do
+                redis.call('HSET', key, ARGV[j], ARGV[j + 1])
+            end
+            i = last + 1
+        else
+            return redis.error_reply('unknown replicator operation ' .. op)
+        end
     end
 end
+local target_after = redis.call('DBSIZE')
+redis.call('SELECT', mirror)
 local after = redis.call('DBSIZE')
+if not rebuild then
+    target_after = 0
+end
 redis.call('SELECT', ARGV[1])
-redis.call('HSET', KEYS[1], 'keys', after, unpack(ARGV, 9, 8 + n))
-return {1, after}
+redis.call('HSET', KEYS[1], 'keys', after, 'spare_keys', target_after, unpack(ARGV, 10, 9 + n))
+return {1, after, target_after}
 """
+
+
+# What the replicator needs besides the commands of _APPLY, tried without
+# changing anything: a write in the cursors' database, SWAPDB (with itself),
+# PUBLISH.
+_PROBE = """
+redis.call('SELECT', ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('SELECT', ARGV[3])
+redis.call('SWAPDB', ARGV[2], ARGV[2])
+redis.call('PUBLISH', KEYS[1], '')
+return 1
+"""
+_PROBE_KEY = b"telstate-replicator:probe"
+
+
+class _Operations:
+    """The operations of one script call, each key sent once in KEYS and named by its index."""
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.args: list[Any] = []
+        #: Rough number of bytes of keys and values, to bound a call's size.
+        self.size = 0
+        self._index: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+    def add(self, code: bytes, key: bytes, *args: Any) -> None:
+        """Append an operation on `key`."""
+        index = self._index.get(key)
+        if index is None:
+            self.keys.append(key)
+            index = self._index[key] = len(self.keys) + 1  # KEYS[1] is the cursor
+            self.size += len(key)
+        self.args += (code, index, *args)
+        self.size += sum(len(arg) for arg in args if isinstance(arg, bytes))
+
+    def add_keyless(self, code: bytes) -> None:
+        """Append an operation on the whole target database (flush, swap)."""
+        self.args.append(code)
+
 
 # Redis failures that mean "try again later". A WRONGTYPE reply is not one
 # of them: it means the mirror holds something the store never wrote.
@@ -162,7 +266,14 @@ class RedisSink:
         The store.
     url
         ``redis://``, ``rediss://`` or ``unix://`` URL of the mirror,
-        database number included (default 0).
+        database number included (default 0). It may carry the
+        credentials of the replicator's Redis user; they appear in no
+        message (see :func:`~replicator.connection.redact_url`).
+    spare_db
+        Database in which a rebuild builds the new mirror, unseen by
+        readers, before swapping it with the mirror in one step. It must
+        be empty (or hold an interrupted rebuild of this mirror) and used
+        by nothing else; each mirror on a server needs its own.
     batch_events
         Most events applied in one step (one script call).
     batch_bytes
@@ -173,13 +284,22 @@ class RedisSink:
         First and longest delay between attempts while Redis fails.
     socket_timeout
         Seconds to wait for Redis to answer before treating it as failed.
+    client_user
+        The Redis user that clients of the mirror connect as: each time
+        the sink connects it checks (and logs) whether that user is kept
+        from writing, see :mod:`replicator.acl`.
+    acl_setup
+        Give `client_user` the read-only rules each time the sink connects
+        (needs a replicator user with ``@admin`` rights).
     stop
         Set to make a rebuild give up between chunks (the daemon is stopping).
 
     Raises
     ------
     ValueError
-        If the URL is invalid or names the database that holds the cursors.
+        If the URL is invalid or names the database that holds the cursors,
+        `spare_db` is the mirror's or the cursors' database, or a batch
+        bound is less than 1.
     """
 
     def __init__(
@@ -187,38 +307,52 @@ class RedisSink:
         source: EventSource,
         url: str,
         *,
+        spare_db: int = DEFAULT_SPARE_DB,
         batch_events: int = 5000,
         batch_bytes: int = 8 << 20,
         check_interval: float = 1.0,
         backoff: tuple[float, float] = (0.1, 10.0),
         socket_timeout: float = 10.0,
+        client_user: str = "default",
+        acl_setup: bool = False,
         stop: threading.Event | None = None,
     ) -> None:
+        if batch_events < 1 or batch_bytes < 1:
+            raise ValueError(
+                f"batches need at least one event and one byte, not {batch_events} events"
+                f" and {batch_bytes} bytes"
+            )
         self.source = source
-        self.url = url
+        #: The mirror's URL without its password, for messages.
+        self.url = redact_url(url)
         # The state machine owns the retries: the client must fail fast.
-        self.client = redis.Redis.from_url(
+        self.client, self.db = connect(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
             client_name="telstate-replicator",
         )
-        self.db = client_db(self.client)
-        if self.db == MIRROR_CURSOR_DB:
+        if spare_db in (self.db, MIRROR_CURSOR_DB) or spare_db < 0:
+            self.client.close()
             raise ValueError(
-                f"{url}: database {MIRROR_CURSOR_DB} holds the replicators' cursors;"
-                " choose another database for the mirror"
+                f"the spare database for rebuilds must be another than the mirror's ({self.db})"
+                f" and the cursors' ({MIRROR_CURSOR_DB}), not {spare_db}"
             )
+        self.spare_db = spare_db
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
         self.check_interval = check_interval
         self.backoff = backoff
+        self.client_user = client_user
+        self.acl_setup = acl_setup
         self.stop = stop or threading.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.state = SinkState.CONNECT
         #: What this replicator last wrote to (or found in) the mirror's cursor.
         self.cursor: Cursor | None = None
+        #: Whether clients of the mirror are kept from writing it, as last checked.
+        self.protection: Protection | None = None
         self._key = mirror_cursor_key(self.db)
         self._apply_script = self.client.register_script(_APPLY)
         # Whether this process has owned the mirror: from then on a foreign
@@ -259,13 +393,56 @@ class RedisSink:
         except StoreError as error:
             # E.g. a snapshot invalidated when this process followed the map's growth.
             return self._fail(f"reading the store failed: {error}")
+        except AclError as error:
+            return self._fail(f"cannot protect mirror {self.url} db {self.db}: {error}")
         except redis.ResponseError as error:
             if "WRONGTYPE" in str(error):
                 # Half applied, cursor unmoved: only a rebuild is certain to help.
                 logger.warning("mirror holds a key of another type (%s): rebuilding", error)
                 self.state = SinkState.REBUILD
                 return Step(0)
+            if _is_permission_error(error):
+                return self._fail(
+                    f"Redis at {self.url} refused the replicator's user a command ({error}):"
+                    " the replicator needs a user with every right (ACL SETUSER"
+                    " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
+                )
             return self._fail(f"Redis at {self.url} refused a command: {error}")
+
+    def check_access(self) -> None:
+        """Set up the clients' rules if asked, and check that this replicator may write.
+
+        Call it before the first step, to stop at once on a setup that
+        cannot work; Redis failures are left to :meth:`step`, which waits
+        for the server.
+
+        Raises
+        ------
+        AclError
+            If `acl_setup` was asked for and cannot be done, or the
+            replicator's own Redis user lacks a right it needs.
+        ValueError
+            If Redis refuses the databases (e.g. it has fewer than the
+            spare's number).
+        """
+        try:
+            if self.acl_setup:
+                setup_client_rules(self.client, self.client_user)
+            self.client.eval(_PROBE, 1, _PROBE_KEY, MIRROR_CURSOR_DB, self.spare_db, self.db)
+        except _TRANSIENT:
+            return
+        except redis.ResponseError as error:
+            if not _is_permission_error(error):
+                # E.g. a server with fewer databases than the spare's number.
+                raise ValueError(
+                    f"Redis at {self.url} refused the replicator's first commands ({error});"
+                    f" check the mirror's database ({self.db}) and --spare-db ({self.spare_db})"
+                ) from error
+            raise AclError(
+                f"Redis at {self.url} refused the replicator's user a command it needs"
+                f" ({error}): give the replicator a user with every right (ACL SETUSER"
+                " telstate-replicator on >PASSWORD ~* &* +@all) in the URL"
+            ) from error
 
     def close(self) -> None:
         """Close the connections to Redis."""
@@ -274,6 +451,24 @@ class RedisSink:
     # The states
 
     def _connect(self) -> Step:
+        if self.acl_setup:
+            setup_client_rules(self.client, self.client_user)
+        protection = check_protection(self.client, self.client_user)
+        if protection != self.protection:
+            self.protection = protection
+            if protection.protected:
+                logger.info(
+                    "mirror %s db %d is protected: %s", self.url, self.db, protection.detail
+                )
+            else:
+                logger.warning(
+                    "mirror %s db %d is not protected (%s): a client's write would be"
+                    " accepted, then lost at the next rebuild. Run with --acl-setup (as a"
+                    " user with @admin rights), or see the README on protecting the mirror",
+                    self.url,
+                    self.db,
+                    protection.detail,
+                )
         size, found = read_cursor(self.client)
         if self._failed_since is not None:
             logger.info(
@@ -298,23 +493,25 @@ class RedisSink:
                     self._reconcile(size, found)
                     return Step(0)
             return Step(0, wait=max(0.0, self._next_check - now), idle=True)
-        ops: list[Any] = []
+        ops = _Operations()
         for event in events:
             _append_event(ops, event)
-        last = events[-1].seq
-        after = self._apply("check", self.cursor, ["seq", last], ops)
-        if after is None:
+        moved = replace(self.cursor, seq=events[-1].seq)
+        if not self._apply("check", self.cursor, moved, ops, self.db):
             self._recheck()
             return Step(0)
-        self.cursor = replace(self.cursor, seq=last, keys=after)
         self._next_check = time.monotonic() + self.check_interval
         return Step(len(events))
 
     def _rebuild(self) -> Step:
-        """Replace the mirror by the store's current state, in chunks, under a REBUILDING cursor.
+        """Build the store's current state in the spare database, then swap it in.
 
-        A rebuild cut short (crash, Redis failure, stop) leaves the cursor
-        REBUILDING, which the next CONNECT treats as inconsistent: it starts again.
+        Readers of the mirror go on seeing the old mirror, complete, until
+        the swap (one script call, with the cursor's move to READY); then
+        they see the new one, complete. The cursor says REBUILDING (and
+        names the spare) in the meantime, so a rebuild cut short (crash,
+        Redis failure, stop) is started again by the next CONNECT, which
+        empties the spare first.
         """
         with self.source.snapshot() as snapshot:
             cursor = Cursor(
@@ -325,39 +522,48 @@ class RedisSink:
                 keys=0,
                 host=socket.gethostname(),
                 path=self.source.path,
+                spare=self.spare_db,
             )
             logger.info(
-                "rebuilding mirror %s db %d from store %s at seq %d",
+                "rebuilding mirror %s db %d from store %s at seq %d in spare db %d",
                 self.url,
                 self.db,
                 cursor.store,
                 cursor.seq,
+                self.spare_db,
             )
             started = time.monotonic()
-            self._apply("claim", None, cursor.fields(), [_FLUSH])
+            flush = _Operations()
+            flush.add_keyless(_FLUSH)
+            if not self._apply("claim", None, cursor, flush, self.spare_db):
+                return self._fail(
+                    f"database {self.spare_db} of {self.url}, the spare for rebuilds, holds"
+                    " keys that are not a rebuild of this mirror: empty it, or give the"
+                    " replicator another (--spare-db)"
+                )
             self._claimed = True
-            self.cursor = cursor
-            ops: list[Any] = []
-            size = 0
+            ops = _Operations()
             count = 0
             for record in snapshot.records():
                 count += 1
-                for piece, piece_size in _record_ops(*record, self.batch_events):
-                    ops += piece
-                    size += piece_size
-                    if len(ops) >= 4 * self.batch_events or size >= self.batch_bytes:
+                for load in _record_ops(*record, self.batch_events):
+                    ops.add(*load)
+                    if len(ops) >= 4 * self.batch_events or ops.size >= self.batch_bytes:
                         if self.stop.is_set() or not self._load(ops):
                             return Step(0)
-                        ops = []
-                        size = 0
-            ready = replace(cursor, state=MirrorState.READY)
-            after = self._apply("check", cursor, ["state", ready.state.value], ops)
-            if after is None:
+                        ops = _Operations()
+            assert self.cursor is not None
+            ready = replace(self.cursor, state=MirrorState.READY, spare=None)
+            ops.add_keyless(_SWAP)
+            if not self._apply("check", self.cursor, ready, ops, self.spare_db):
                 self._recheck()
                 return Step(0)
-        self.cursor = replace(ready, keys=after)
-        self.state = SinkState.TAIL
-        self._next_check = time.monotonic() + self.check_interval
+            self.state = SinkState.TAIL
+            self._next_check = time.monotonic() + self.check_interval
+            # Now that readers see the new mirror, wake its waiters: one
+            # update per key (per sub-key of an indexed key) makes each look
+            # at its key again.
+            self._publish_state(snapshot.records())
         logger.info(
             "mirror rebuilt: %d keys at seq %d in %.2f s",
             count,
@@ -427,10 +633,11 @@ class RedisSink:
         assert found is not None
         if found.owner != self.owner:
             mine = replace(found, owner=self.owner)
-            if self._apply("check", found, ["owner", self.owner], []) is None:
+            if not self._apply("check", found, mine, _Operations(), self.db):
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
-            found = mine
+            assert self.cursor is not None
+            found = self.cursor
             logger.info(
                 "resuming mirror %s db %d of store %s after seq %d",
                 self.url,
@@ -474,73 +681,121 @@ class RedisSink:
                 break
         return events
 
-    def _load(self, ops: list[Any]) -> bool:
-        """Apply part of a rebuild; False if the mirror was changed behind its back."""
+    def _load(self, ops: _Operations) -> bool:
+        """Apply part of a rebuild to the spare; False if something changed behind its back."""
         assert self.cursor is not None
-        after = self._apply("check", self.cursor, [], ops)
-        if after is None:
+        if not self._apply("check", self.cursor, self.cursor, ops, self.spare_db):
             self._recheck()
             return False
-        self.cursor = replace(self.cursor, keys=after)
         return True
 
     def _apply(
-        self, mode: str, expected: Cursor | None, fields: list[Any], ops: list[Any]
-    ) -> int | None:
-        """Run the script; return the mirror's new key count, or None if the check failed."""
+        self,
+        mode: str,
+        expected: Cursor | None,
+        cursor: Cursor,
+        ops: _Operations,
+        target: int,
+    ) -> bool:
+        """Run the script on `target` (the mirror or the spare), leaving `cursor` in Redis.
+
+        Returns
+        -------
+        Whether it was applied; if so :attr:`cursor` is `cursor` with the
+        new key counts. False if the check failed (or, on a claim, the spare
+        holds keys that are not this mirror's).
+        """
+        fields = cursor.fields()
         if expected is None:
             check: list[Any] = ["", "", "", ""]
         else:
             check = [expected.owner, expected.store, expected.seq, expected.state.value]
-        done, after = self._apply_script(
-            keys=[self._key],
-            args=[MIRROR_CURSOR_DB, self.db, mode, *check, len(fields), *fields, *ops],
+        done, after, target_after = self._apply_script(
+            keys=[self._key, *ops.keys],
+            args=[
+                MIRROR_CURSOR_DB,
+                self.db,
+                target,
+                mode,
+                *check,
+                len(fields),
+                *fields,
+                *ops.args,
+            ],
         )
-        return int(after) if done else None
+        if done != 1:
+            return False
+        self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
+        return True
+
+    def _publish_state(self, records: Iterator[Record]) -> None:
+        """Publish one update per key of `records` (per sub-key of an indexed key)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            queued = 0
+            for key, key_type, value in records:
+                channel = b"update/" + key
+                if key_type == KeyType.IMMUTABLE:
+                    assert isinstance(value, bytes)
+                    pipe.publish(channel, update_message(key_type, value))
+                    queued += 1
+                elif key_type == KeyType.MUTABLE:
+                    assert isinstance(value, list)
+                    pipe.publish(channel, update_message(key_type, max(value)))
+                    queued += 1
+                else:
+                    assert isinstance(value, dict)
+                    for sub_key, sub_value in value.items():
+                        pipe.publish(channel, update_message(key_type, sub_value, sub_key))
+                        queued += 1
+                if queued >= self.batch_events:
+                    pipe.execute()
+                    queued = 0
+            pipe.execute()
 
 
-def _append_event(ops: list[Any], event: Event) -> None:
+def _is_permission_error(error: redis.ResponseError) -> bool:
+    """Whether Redis refused a command (or a script's command) for lack of rights."""
+    text = str(error)
+    return isinstance(error, redis.exceptions.NoPermissionError) or "can't run this command" in text
+
+
+def _append_event(ops: _Operations, event: Event) -> None:
     """Add the script operations that apply `event` (and publish its update) to `ops`."""
     op = event.op
     if op is Op.ADD_MUTABLE:
+        assert event.key is not None
         assert event.timestamp is not None and event.value is not None
-        ops += (_ZADD, event.key, pack_timestamp(event.timestamp) + event.value)
+        ops.add(_ZADD, event.key, pack_timestamp(event.timestamp) + event.value)
     elif op is Op.SET_IMMUTABLE:
-        ops += (_SET, event.key, event.value)
+        assert event.key is not None
+        ops.add(_SET, event.key, event.value)
     elif op is Op.SET_INDEXED:
-        ops += (_HSET, event.key, event.sub_key, event.value)
+        assert event.key is not None
+        ops.add(_HSET, event.key, event.sub_key, event.value)
     elif op is Op.DELETE:
-        ops += (_UNLINK, event.key)
+        assert event.key is not None
+        ops.add(_UNLINK, event.key)
     else:
         # The mirror database holds exactly the store's keys (every step
         # checks its key count), so flushing it removes telstate's keys only.
-        ops.append(_FLUSH)
+        ops.add_keyless(_FLUSH)
 
 
-def _record_ops(
-    key: bytes, key_type: KeyType, value: Any, chunk: int
-) -> Iterator[tuple[list[Any], int]]:
+def _record_ops(key: bytes, key_type: KeyType, value: Any, chunk: int) -> Iterator[tuple[Any, ...]]:
     """The operations that load one key of the store's state, in pieces of about `chunk` values.
 
-    Yields (operations, bytes) pairs. Each key also publishes one update
-    (its value, its latest sample, or each sub-key) so that a client
-    waiting on the mirror looks at the key again.
+    Yields ``(code, key, *arguments)`` for :meth:`_Operations.add`. Nothing is
+    published: the key is loaded into the spare database, which no reader sees.
     """
     if key_type == KeyType.IMMUTABLE:
-        yield [_SET, key, value], len(key) + len(value)
+        yield _LOAD_STRING, key, value
     elif key_type == KeyType.MUTABLE:
         members: list[bytes] = value
         for start in range(0, len(members), chunk):
             part = members[start : start + chunk]
-            yield [_LOAD_ZSET, key, len(part), *part], len(key) + sum(map(len, part))
-        latest = max(members)
-        yield [_ZADD, key, latest], len(key) + len(latest)
+            yield (_LOAD_ZSET, key, len(part), *part)
     else:
         items = list(value.items())
         for start in range(0, len(items), chunk):
-            ops: list[Any] = []
-            size = 0
-            for sub_key, sub_value in items[start : start + chunk]:
-                ops += (_HSET, key, sub_key, sub_value)
-                size += len(key) + len(sub_key) + len(sub_value)
-            yield ops, size
+            part = items[start : start + chunk]
+            yield (_LOAD_HASH, key, len(part), *itertools.chain.from_iterable(part))

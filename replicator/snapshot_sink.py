@@ -5,10 +5,13 @@ names sort by seq), written from one read transaction of the store. It
 records the store and seq in AUX fields (``telstate-store``,
 ``telstate-seq``), which Redis ignores and
 :func:`telstate.rdb_reader.read_aux` reads. It is written the way that
-survives a crash at any instant: to a hidden temporary file, flushed to
-disk, renamed into place, and the directory flushed, so a snapshot file
-either is complete or does not exist. Only the newest `keep` snapshots of
-the store are kept.
+survives a crash at any instant (:class:`~telstate.rdb_writer.RDBWriter`
+writes a hidden temporary file, flushes it to disk, renames it into place
+and flushes the directory), so a snapshot file either is complete or does
+not exist. Only the newest `keep` snapshots of the store are kept.
+
+Snapshots fall due by the monotonic clock, so a wall clock stepped by NTP
+or by hand neither delays them nor fires them early.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from telstate.rdb_reader import read_aux
-from telstate.rdb_writer import RDBWriter
+from telstate.rdb_writer import RDBWriter, remove_stale_temporaries
 
 from .source import EventSource
 
@@ -34,7 +37,6 @@ AUX_STORE = b"telstate-store"
 AUX_SEQ = b"telstate-seq"
 
 _NAME = re.compile(r"telstate-(?P<store>[0-9a-f-]{36})-(?P<seq>[0-9]{16,})\.rdb")
-_TEMP = re.compile(r"\.telstate-(?P<store>[0-9a-f-]{36})-[0-9]+\.rdb\.(?P<pid>[0-9]+)\.tmp")
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,10 @@ class SnapshotSink:
     directory
         Where snapshots go; created if missing.
     interval
-        Seconds between snapshots (counted from the newest one's
-        modification time); a snapshot is only written if the store has
-        new events since the newest one.
+        Seconds between snapshots (the first is due at once, or, if the
+        directory holds one already, `interval` after it was written or at
+        once if the clock says it is older than that); a snapshot is only
+        written if the store has new events since the newest one.
     keep
         How many snapshots of the store to keep (at least 1).
 
@@ -125,19 +128,21 @@ class SnapshotSink:
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store = str(source.uuid)
-        self._remove_stale_temporaries()
+        # Left by a replicator killed while writing a snapshot of this store.
+        remove_stale_temporaries(self.directory, rf"telstate-{self._store}-[0-9]+\.rdb")
         existing = list_snapshots(self.directory, self._store)
         #: The newest snapshot of the store, if any.
         self.latest: SnapshotFile | None = existing[-1] if existing else None
-        self._due = time.time()
+        # The file's age is the only wall-clock reading, taken once and
+        # bounded to [0, interval]: from here on only monotonic time counts.
+        self._due = time.monotonic()
         if self.latest is not None:
-            self._due = self.latest.path.stat().st_mtime + interval
-        # The seq of a state that had no keys: RDBWriter writes no file for
-        # it, and trying again before the store changes would be pointless.
+            age = time.time() - self.latest.path.stat().st_mtime
+            self._due += min(max(interval - age, 0.0), interval)
 
     def until_due(self) -> float:
         """Seconds until the next snapshot is due (0 if it is due now)."""
-        return max(0.0, self._due - time.time())
+        return max(0.0, self._due - time.monotonic())
 
     def write(self) -> SnapshotFile | None:
         """Write a snapshot now if the store has events that the newest one lacks.
@@ -154,7 +159,7 @@ class SnapshotSink:
         StoreError
             If the store cannot be read.
         """
-        self._due = time.time() + self.interval
+        self._due = time.monotonic() + self.interval
         newest = self.latest.seq if self.latest is not None else 0
         last_seq = self.source.last_seq
         if last_seq <= newest:
@@ -162,18 +167,10 @@ class SnapshotSink:
         started = time.monotonic()
         with self.source.snapshot() as snapshot:
             final = self.directory / snapshot_name(self._store, snapshot.seq)
-            temporary = self.directory / f".{final.name}.{os.getpid()}.tmp"
             aux = {AUX_STORE: str(self._store).encode(), AUX_SEQ: b"%d" % snapshot.seq}
-            try:
-                with RDBWriter(temporary, aux=aux, keep_empty=True) as writer:
-                    for record in snapshot.records():
-                        writer.write_record(*record)
-            except BaseException:
-                temporary.unlink(missing_ok=True)
-                raise
-        _fsync(temporary)
-        os.replace(temporary, final)
-        _fsync(self.directory)
+            with RDBWriter(final, aux=aux, keep_empty=True) as writer:
+                for record in snapshot.records():
+                    writer.write_record(*record)
         self.latest = SnapshotFile(final, self._store, snapshot.seq)
         logger.info(
             "snapshot %s: %d keys in %.2f s",
@@ -205,32 +202,3 @@ class SnapshotSink:
                 logger.exception(
                     "snapshot of the store failed; next attempt in %.0f s", self.interval
                 )
-
-    def _remove_stale_temporaries(self) -> None:
-        """Delete temporary files that a killed replicator of this store left behind."""
-        for name in os.listdir(self.directory):
-            match = _TEMP.fullmatch(name)
-            if match and match["store"] == self._store and not _alive(int(match["pid"])):
-                (self.directory / name).unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    """Whether another process `pid` exists (this one has written nothing yet)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,17 +16,26 @@ import redis
 
 from telstate.lmdb import LmdbBackend
 
+from .acl import check_protection
+from .connection import connect, redact_url
 from .cursor import read_cursor
 from .snapshot_sink import list_snapshots
 
 
 def gather_status(
-    log_path: str, redis_url: str | None = None, rdb_dir: str | None = None
+    log_path: str,
+    redis_url: str | None = None,
+    rdb_dir: str | None = None,
+    *,
+    client_user: str = "default",
 ) -> dict[str, Any]:
     """Collect the state of the store, its mirror and its snapshots.
 
     A Redis server that cannot be reached is reported in the result (under
-    ``mirror.error``), not raised.
+    ``mirror.error``), not raised. The mirror's URL is shown without its
+    password. ``mirror.protected`` says whether `client_user`, the user that
+    clients of the mirror connect as, is kept from writing it (None if that
+    cannot be told), and ``mirror.protection`` why.
 
     Raises
     ------
@@ -50,17 +59,20 @@ def gather_status(
             "store": {"uuid": store, "path": source.path, "last_seq": last_seq},
         }
         if redis_url is not None:
-            mirror: dict[str, Any] = {"url": redis_url}
+            mirror: dict[str, Any] = {"url": redact_url(redis_url)}
             try:
-                client = redis.Redis.from_url(redis_url, socket_timeout=5)
+                client, _ = connect(redis_url, socket_timeout=5, socket_connect_timeout=5)
                 try:
                     size, cursor = read_cursor(client)
+                    protection = check_protection(client, client_user)
                 finally:
                     client.close()
-            except redis.RedisError as error:
+            except (redis.RedisError, ValueError) as error:
                 mirror["error"] = f"cannot read the mirror: {error}"
             else:
                 mirror["keys"] = size
+                mirror["protected"] = protection.protected
+                mirror["protection"] = protection.detail
                 if cursor is None:
                     mirror["error"] = "no cursor: the replicator has not written this mirror"
                 else:
@@ -104,6 +116,9 @@ def format_status(status: dict[str, Any], as_json: bool = False) -> str:
             )
         if "error" in mirror:
             lines.append(f"mirror     {mirror['url']}: {mirror['error']}")
+        if "protected" in mirror:
+            verdict = {True: "protected", False: "NOT protected", None: "protection unknown"}
+            lines.append(f"           {verdict[mirror['protected']]}: {mirror['protection']}")
     snapshots = status.get("snapshots")
     if snapshots is not None:
         if snapshots["seq"] is None:

@@ -349,13 +349,22 @@ def cmd_log(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _write_rdb(records: Iterable[Any], target: str, aux: dict[bytes, bytes], total: int) -> int:
+    """Write `records` to the RDB file `target`, replacing it only once complete.
+
+    An empty state is written as a valid RDB file with no keys.
+    """
     from .rdb_writer import RDBWriter
 
+    if os.path.isdir(target):
+        raise CliError(f"cannot write RDB file {target!r}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise CliError(f"cannot write RDB file {target!r}: no such directory {directory!r}")
     progress = Progress(f"writing {target}", total)
-    with RDBWriter(target, aux=aux) as writer:
+    with RDBWriter(target, aux=aux, keep_empty=True) as writer:
         for key, key_type, value in progress.wrap(records):
             writer.write_record(key, key_type, value)
-        return writer.keys_written
+    return writer.keys_written
 
 
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:

@@ -2,7 +2,9 @@
 
 The string forms are those of katsdptelstate: ``host``, ``host:port``,
 ``[ipv6]:port`` and, in lists, ``a.b.c.d+count:port`` for a run of
-consecutive IPv4 addresses.
+consecutive IPv4 addresses. Lists may also hold ``[ipv6]+count:port``, the
+runs of IPv6 addresses that :func:`endpoints_to_str` writes (as
+katsdptelstate's does, although its parser rejects them).
 """
 
 from __future__ import annotations
@@ -148,8 +150,11 @@ def endpoint_parser(default_port: Any) -> Callable[[str], Endpoint]:
     return parse
 
 
-def _expand_ipv4_run(host: str, port: Any, text: str) -> list[Endpoint]:
-    """Expand ``a.b.c.d+count`` into count + 1 endpoints with consecutive addresses."""
+def _expand_run(host: str, port: Any, text: str) -> list[Endpoint]:
+    """Expand ``address+count`` into count + 1 endpoints with consecutive addresses.
+
+    The address is IPv4 (``a.b.c.d``) or, in brackets, IPv6 (``[::1]``).
+    """
     start_text, _, count_text = host.rpartition("+")
     try:
         count = int(count_text)
@@ -157,19 +162,25 @@ def _expand_ipv4_run(host: str, port: Any, text: str) -> list[Endpoint]:
         raise ValueError(f"invalid count {count_text!r} in endpoint {text!r}") from None
     if count < 0:
         raise ValueError(f"bad count {count} in endpoint {text!r}: it must not be negative")
+    address_type: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = ipaddress.IPv4Address
+    bits = 32
+    if len(start_text) >= 2 and start_text[0] == "[" and start_text[-1] == "]":
+        address_type, bits, start_text = ipaddress.IPv6Address, 128, start_text[1:-1]
     try:
-        (start,) = _UINT32.unpack(socket.inet_aton(start_text))
-    except OSError:
+        # inet_aton for IPv4, as katsdptelstate: it takes short forms like 10.1.
+        if bits == 32:
+            (start,) = _UINT32.unpack(socket.inet_aton(start_text))
+        else:
+            start = int(ipaddress.IPv6Address(start_text))
+    except (OSError, ValueError):
         raise ValueError(
-            f"invalid IPv4 address in {start_text!r} in endpoint {text!r} "
-            "(only IPv4 addresses can be followed by +count)"
+            f"invalid address {start_text!r} in endpoint {text!r}: only an IPv4 "
+            "address, or an IPv6 address in brackets, can be followed by +count"
         ) from None
-    if start + count > 0xFFFFFFFF:
-        raise ValueError(f"endpoint {text!r} runs past 255.255.255.255")
-    return [
-        Endpoint(socket.inet_ntoa(_UINT32.pack(address)), port)
-        for address in range(start, start + count + 1)
-    ]
+    last = start + count
+    if last >= 1 << bits:
+        raise ValueError(f"endpoint {text!r} runs past the last address")
+    return [Endpoint(str(address_type(address)), port) for address in range(start, last + 1)]
 
 
 def endpoint_list_parser(
@@ -178,9 +189,10 @@ def endpoint_list_parser(
     """Return a function that parses a comma-separated list of endpoints.
 
     Each element has the form taken by :func:`endpoint_parser`, surrounding
-    whitespace ignored. An IPv4 address may be followed by ``+count`` to
-    add the `count` addresses that follow it: ``10.0.0.1+2:7148`` is
-    ``10.0.0.1:7148,10.0.0.2:7148,10.0.0.3:7148``.
+    whitespace ignored. An IPv4 address, or an IPv6 address in brackets,
+    may be followed by ``+count`` to add the `count` addresses that follow
+    it: ``10.0.0.1+2:7148`` is ``10.0.0.1:7148,10.0.0.2:7148,10.0.0.3:7148``
+    (katsdptelstate accepts runs of IPv4 addresses only).
 
     Parameters
     ----------
@@ -195,8 +207,9 @@ def endpoint_list_parser(
     Callable[[str], list[Endpoint]]
         The parser. It raises :exc:`ValueError` if an element is invalid
         (see :func:`endpoint_parser`), if ``+count`` follows something other
-        than an IPv4 address, has a negative or non-integer count, or runs
-        past 255.255.255.255, or (with `single_port`) if the ports differ.
+        than an IPv4 or bracketed IPv6 address, has a negative or non-integer
+        count, or runs past the last address, or (with `single_port`) if
+        the ports differ.
     """
     parse_one = endpoint_parser(default_port)
 
@@ -205,7 +218,7 @@ def endpoint_list_parser(
         for element in text.split(","):
             endpoint = parse_one(element.strip())
             if "+" in endpoint.host:
-                endpoints.extend(_expand_ipv4_run(endpoint.host, endpoint.port, text))
+                endpoints.extend(_expand_run(endpoint.host, endpoint.port, text))
             else:
                 endpoints.append(endpoint)
         if single_port and any(endpoint.port != endpoints[0].port for endpoint in endpoints):
@@ -229,7 +242,8 @@ def endpoints_to_str(endpoints: Iterable[Endpoint]) -> str:
 
     IPv4 addresses come first, grouped by port and sorted, with runs of
     consecutive addresses written as ``a.b.c.d+count``; then IPv6 addresses
-    (in brackets), then other hosts in their original order. Ports that are
+    in the same way (in brackets: ``[::1]+count``, which katsdptelstate
+    writes too but cannot parse), then other hosts in their original order. Ports that are
     None are left out. Parsing the string gives the same endpoints, possibly
     in a different order, as long as the hosts contain no ``,``, ``:`` or
     ``+`` and IP addresses are in their canonical form.
@@ -264,23 +278,21 @@ def endpoints_to_str(endpoints: Iterable[Endpoint]) -> str:
         except ipaddress.AddressValueError:
             other.append(_with_port(str(host), endpoint.port))
     parts: list[str] = []
-    # Runs of consecutive IPv4 addresses with one port, as [first, count, port].
-    runs: list[list[Any]] = []
-    for endpoint in sorted(ipv4, key=_sort_key):
-        # Compare as ints: IPv4Address arithmetic raises past 255.255.255.255.
-        if (
-            runs
-            and runs[-1][2] == endpoint.port
-            and int(runs[-1][0]) + runs[-1][1] == int(endpoint.host)
-        ):
-            runs[-1][1] += 1
-        else:
-            runs.append([endpoint.host, 1, endpoint.port])
-    for first, count, port in runs:
-        suffix = f"+{count - 1}" if count > 1 else ""
-        parts.append(_with_port(f"{first.compressed}{suffix}", port))
-    # No runs for IPv6: the parser accepts +count after IPv4 addresses only.
-    for endpoint in sorted(ipv6, key=_sort_key):
-        parts.append(_with_port(f"[{endpoint.host.compressed}]", endpoint.port))
+    for addresses, brackets in ((ipv4, "{}"), (ipv6, "[{}]")):
+        # Runs of consecutive addresses with one port, as [first, count, port].
+        runs: list[list[Any]] = []
+        for endpoint in sorted(addresses, key=_sort_key):
+            # Compare as ints: address arithmetic raises past the last address.
+            if (
+                runs
+                and runs[-1][2] == endpoint.port
+                and int(runs[-1][0]) + runs[-1][1] == int(endpoint.host)
+            ):
+                runs[-1][1] += 1
+            else:
+                runs.append([endpoint.host, 1, endpoint.port])
+        for first, count, port in runs:
+            suffix = f"+{count - 1}" if count > 1 else ""
+            parts.append(_with_port(brackets.format(first.compressed) + suffix, port))
     parts.extend(other)
     return ",".join(parts)

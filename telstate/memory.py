@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import threading
 from collections.abc import Generator, Iterable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import import_rules
+
+# Public here as in katsdptelstate (its backends load files through it).
+from . import rdb_reader as rdb_reader
 from .backend import (
     Backend,
     GetResult,
@@ -19,6 +23,7 @@ from .backend import (
     Record,
 )
 from .errors import ImmutableKeyError
+from .rdb_reader import BackendCallback
 from .utils import (
     KeyType,
     PathType,
@@ -27,6 +32,8 @@ from .utils import (
     pack_timestamp,
     split_timestamp,
 )
+
+logger = logging.getLogger(__name__)
 
 _Value = bytes | list[bytes] | dict[bytes, bytes]
 _TYPES = {bytes: KeyType.IMMUTABLE, list: KeyType.MUTABLE, dict: KeyType.INDEXED}
@@ -155,8 +162,6 @@ class MemoryBackend(Backend):
 
     def load_from_file(self, file: PathType | BinaryIO) -> int:
         """Load the keys of an RDB file, all or nothing (see :meth:`load_records`)."""
-        from . import rdb_reader
-
         return self.load_records(rdb_reader.read_records(file), import_rules.file_source(file))
 
     def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
@@ -252,3 +257,41 @@ class _Watcher:
             if not self._updates:
                 self._condition.wait(timeout)
             return self._updates.popleft() if self._updates else None
+
+
+class MemoryCallback(BackendCallback):
+    """RDB callback (see :func:`telstate.rdb_reader.load_from_file`) that fills a dict.
+
+    The dict takes :class:`MemoryBackend`'s layout: bytes for string keys,
+    a sorted list of members for sorted sets, a dict for hashes. Kept for
+    katsdptelstate's callback API; :meth:`MemoryBackend.load_from_file`
+    is the fast way to load a file.
+    """
+
+    def __init__(self, data: dict[bytes, _Value]) -> None:
+        super().__init__()
+        self.data = data
+
+    def set(self, key: bytes, value: bytes, expiry: Any, info: dict) -> None:
+        self.data[key] = value
+        self.n_keys += 1
+
+    def start_sorted_set(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._members: list[bytes] = []
+        self.data[key] = self._members
+        self.n_keys += 1
+
+    def zadd(self, key: bytes, score: float, member: bytes) -> None:
+        self._members.append(member)
+
+    def end_sorted_set(self, key: bytes) -> None:
+        # MemoryBackend keeps members in byte order (cheap: they come sorted).
+        self._members.sort()
+
+    def start_hash(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._fields: dict[bytes, bytes] = {}
+        self.data[key] = self._fields
+        self.n_keys += 1
+
+    def hset(self, key: bytes, field: bytes, value: bytes) -> None:
+        self._fields[field] = value

@@ -1144,3 +1144,102 @@ def decode_listpack_dump(payload: bytes, verify_checksum: bool = True) -> list[b
         return _listpack_entries(blob, pos), end
 
     return _parse_dump(payload, verify_checksum, parse)
+
+
+# -- katsdptelstate's callback API -------------------------------------------------------
+
+
+class BackendCallback:
+    """Receives the keys of an RDB file one by one from :func:`load_from_file`.
+
+    This is katsdptelstate's callback interface (the method names and
+    arguments of rdbtools' ``RdbCallback``, which katsdptelstate's callbacks
+    subclass), kept so that callbacks written for katsdptelstate work
+    unchanged; telstate's backends load files through
+    :meth:`~telstate.backend.Backend.load_records` instead. Every method
+    here does nothing: subclasses override those they need.
+
+    A string key is one call of :meth:`set`; a sorted set is
+    :meth:`start_sorted_set`, :meth:`zadd` once per member (in zset order)
+    and :meth:`end_sorted_set`; a hash is :meth:`start_hash`, :meth:`hset`
+    once per field and :meth:`end_hash`. `expiry` is always None (expiry
+    times are ignored, see the module docstring), `info` is an empty dict
+    and every score is 0.0 (members come in the zset's order instead).
+
+    Attributes
+    ----------
+    n_keys : int
+        Keys stored so far: subclasses count them, and :func:`load_from_file`
+        returns the count.
+    client_busy : bool
+        Kept for katsdptelstate's callbacks, which set it while they talk
+        to their client. telstate needs no such flag: exceptions raised by
+        a callback always reach the caller unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.n_keys = 0
+        self.client_busy = False
+
+    def set(self, key: bytes, value: bytes, expiry: Any, info: dict) -> None:
+        """Store a string key."""
+
+    def start_sorted_set(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        """Begin a sorted set of `length` members."""
+
+    def zadd(self, key: bytes, score: float, member: bytes) -> None:
+        """Add one member of the sorted set begun last."""
+
+    def end_sorted_set(self, key: bytes) -> None:
+        """End the sorted set begun last."""
+
+    def start_hash(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        """Begin a hash of `length` fields."""
+
+    def hset(self, key: bytes, field: bytes, value: bytes) -> None:
+        """Add one field of the hash begun last."""
+
+    def end_hash(self, key: bytes) -> None:
+        """End the hash begun last."""
+
+
+def load_from_file(callback: BackendCallback, file: PathType | BinaryIO) -> int:
+    """Hand every string, sorted set and hash key of an RDB file to `callback`.
+
+    Parameters
+    ----------
+    callback
+        Receives the keys (see :class:`BackendCallback`).
+    file
+        A path, or a binary file-like object (need not be seekable).
+
+    Returns
+    -------
+    int
+        ``callback.n_keys`` at the end: the number of keys the callback stored.
+
+    Raises
+    ------
+    RdbParseError
+        If the file is not a valid RDB file. Keys before the problem have
+        been handed to `callback` already.
+    OSError
+        If the file cannot be opened or read.
+    Exception
+        Whatever `callback` raises, unchanged.
+    """
+    for key, _, value in read_records(file):
+        # The value's type says the key's type (bytes, list or dict).
+        if isinstance(value, bytes):
+            callback.set(key, value, None, {})
+        elif isinstance(value, list):
+            callback.start_sorted_set(key, len(value), None, {})
+            for member in value:
+                callback.zadd(key, 0.0, member)
+            callback.end_sorted_set(key)
+        else:
+            callback.start_hash(key, len(value), None, {})
+            for field, field_value in value.items():
+                callback.hset(key, field, field_value)
+            callback.end_hash(key)
+    return callback.n_keys

@@ -39,6 +39,12 @@ from . import lzf
 #: 6.2 refuses 10, rdbtools stops at 9, and Valkey refuses 12 to 79.
 RDB_VERSION = 9
 
+#: The DUMP footer katsdptelstate appends to its payloads: RDB version 6
+#: and a zero checksum, which Redis and telstate take as "not computed".
+#: telstate's payloads end with :func:`dump_footer` instead (version 9, real
+#: CRC-64); the constant is kept for code that builds payloads itself.
+DUMP_POSTFIX = b"\x06\x00" + bytes(8)
+
 RDB_TYPE_STRING = 0
 RDB_TYPE_ZSET = 3
 RDB_TYPE_HASH = 4

@@ -11,10 +11,14 @@ expiry of Redis 7.4 and Valkey 9) are decoded and re-encoded.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import operator
 import os
+import re
+import secrets
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +34,19 @@ if TYPE_CHECKING:
     from .telescope_state import TelescopeState
 
 logger = logging.getLogger(__name__)
+#: Keys that save() could not write are logged here: katsdptelstate logs them
+#: from its rdb_writer_base module, so log filters and scrapers written for
+#: it find them under the same name (telstate.rdb_writer_base).
+_failure_logger = logging.getLogger(f"{__package__}.rdb_writer_base")
+#: katsdptelstate's reason for a key that is missing, whatever the source.
+_MISSING = "Key not found in Redis"
 
 #: Start of every file: magic and version. Select database 0 follows the AUX fields.
 RDB_HEADER = b"REDIS%04d" % rdb_utility.RDB_VERSION
 RDB_TERMINATOR = b"\xff"
+#: The checksum katsdptelstate ends its files with: zero, which readers take
+#: as "not computed". telstate's writer writes the real CRC-64 instead.
+RDB_CHECKSUM = bytes(8)
 _AUX = b"\xfa"
 _SELECT_DB_0 = b"\xfe\x00"
 
@@ -56,14 +69,23 @@ _DUMP_BATCH = 1000
 class RDBWriter:
     """RDB file that stores keys from telescope states, backends or Redis databases.
 
-    The file is opened and its header written at construction. Call
-    :meth:`close` to write the trailer (or use the writer as a context
-    manager); a file with no keys is then deleted.
+    The file is written atomically: keys go to a hidden temporary file in
+    the destination's directory, which :meth:`close` completes with the
+    trailer, flushes to disk and renames over `filename` (then flushes the
+    directory). Until then `filename` keeps whatever it held before, and a
+    writer that fails or is killed half way never leaves a file there. A
+    writer used as a context manager whose body raises discards the
+    temporary file (:meth:`abort`) instead of completing it. A file with no
+    keys is discarded too, unless `keep_empty`; temporary files that killed
+    processes left beside `filename` are removed when the next writer of
+    it starts. A `filename` that is a pipe or device (``/dev/stdout``) is
+    written directly.
 
     Parameters
     ----------
     filename
-        Destination file, opened with mode ``'wb'``.
+        Destination file; its directory must exist and be writable (a pipe
+        or device is written directly).
     aux
         AUX fields to store in the header (names and values as bytes or str),
         e.g. ``{b"telstate-seq": b"42"}``; :func:`telstate.rdb_reader.read_aux`
@@ -85,7 +107,7 @@ class RDBWriter:
     Raises
     ------
     OSError
-        If the file cannot be created.
+        If the temporary file cannot be created.
     """
 
     def __init__(
@@ -112,13 +134,30 @@ class RDBWriter:
             ]
         header.append(_SELECT_DB_0)
         self._buffer = bytearray(b"".join(header))
-        self._file = open(filename, "wb")  # noqa: SIM115 - closed by close()
+        target = os.path.abspath(os.fsdecode(filename))
+        self._target = target
+        #: The temporary file that becomes `filename` when :meth:`close` completes
+        #: it; None when `filename` is a pipe or device, written to directly.
+        self.temporary: str | None = None
+        if _is_stream(target):
+            self._file = open(target, "wb")  # noqa: SIM115 - closed by close() or abort()
+            return
+        directory, name = os.path.split(target)
+        remove_stale_temporaries(directory, re.escape(name))
+        self.temporary = os.path.join(directory, temporary_name(name))
+        # O_EXCL: never write into someone else's file; mode 0o666 lets the
+        # umask decide the permissions, as open(filename, "wb") would.
+        fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._file = os.fdopen(fd, "wb")
 
     def __enter__(self) -> RDBWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def _append(self, data: bytes) -> None:
         self._buffer += data
@@ -201,7 +240,7 @@ class RDBWriter:
             raise RdbParseError(None, "DUMP payload checksum mismatch: not a Redis DUMP payload")
         rdb_type = payload[0]
         if rdb_type in _PORTABLE_TYPES:
-            self._append(payload[:1] + encode_string(key) + payload[1:-10])
+            self._append(encode_item(key, payload))
         elif rdb_type in _LISTPACK_TO_ZIPLIST:
             entries = rdb_reader.decode_listpack_dump(payload, verify_checksum=False)
             if not entries:
@@ -277,13 +316,13 @@ class RDBWriter:
 
     def _write_payload(self, key: bytes, payload: bytes | None) -> None:
         if payload is None:
-            raise KeyError("key not found")
+            raise KeyError(_MISSING)
         self.write_dump(key, payload)
 
     def _write_backend_key(self, backend: Backend, key: bytes) -> None:
         record = backend.record(key)
         if record is None:
-            raise KeyError("key not found")
+            raise KeyError(_MISSING)
         self.write_record(*record)
 
     def _save_one(self, key: bytes, write: Callable[..., None], *args: Any) -> None:
@@ -292,17 +331,17 @@ class RDBWriter:
             write(*args)
         except (KeyError, TypeError, ValueError, RdbParseError) as exc:
             self.keys_failed += 1
-            logger.error("Failed to save key %s: %s", display_str(key), exc)
+            _failure_logger.error("Failed to save key %s: %s", display_str(key), exc)
 
     def close(self) -> None:
-        """Write the trailer and close the file; delete it if it holds no keys.
+        """Complete the file and rename it into place; discard it instead if it holds no keys.
 
-        Calling it again does nothing.
+        Calling it again (or after :meth:`abort`) does nothing.
 
         Raises
         ------
         OSError
-            If the file cannot be written.
+            If the file cannot be written; `filename` is then left as it was.
         """
         if self._closed:
             return
@@ -312,18 +351,121 @@ class RDBWriter:
             self._buffer += rdb_utility.crc64(self._buffer, self._crc).to_bytes(8, "little")
             self._file.write(self._buffer)
             self._buffer = bytearray()
-        finally:
+            self._file.flush()
+            if self.temporary is None:
+                self._file.close()
+                return
+            os.fsync(self._file.fileno())
             self._file.close()
             if not self.keys_written and not self._keep_empty:
-                logger.error("No valid keys found - removing empty file")
-                os.remove(self.filename)
+                logger.error("No valid keys found - not writing an empty file")
+                os.remove(self.temporary)
+                return
+            os.replace(self.temporary, self._target)
+        except BaseException:
+            self._discard()
+            raise
+        _fsync_directory(os.path.dirname(self._target))
+
+    def abort(self) -> None:
+        """Discard what was written, leaving `filename` as it was; then the writer is closed.
+
+        Calling it again (or after :meth:`close`) does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer = bytearray()
+        self._discard()
+
+    def _discard(self) -> None:
+        self._file.close()
+        if self.temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.temporary)
+
+
+def temporary_name(name: str) -> str:
+    """Name of a new temporary file for the RDB file `name` (hidden, naming this process)."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_stale_temporaries(directory: PathType, name_pattern: str) -> None:
+    """Delete temporary files left in `directory` by writers that no longer run.
+
+    Parameters
+    ----------
+    directory
+        Where to look.
+    name_pattern
+        Regular expression matching the names of the RDB files whose
+        temporary files to look for.
+    """
+    pattern = re.compile(rf"\.(?:{name_pattern})\.(?P<pid>[0-9]+)\.[0-9a-f]{{8}}\.tmp")
+    directory = os.fsdecode(directory)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return  # creating the temporary file will say so
+    for other in names:
+        match = pattern.fullmatch(other)
+        if match and not _process_exists(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, other))
+
+
+def _is_stream(path: str) -> bool:
+    """Whether `path` is an existing pipe or device (e.g. /dev/stdout): nothing to rename over."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process `pid` runs (this one counts: its writers may be open)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_item(key: bytes, dumped_value: bytes) -> bytes:
+    """Encode a key and its DUMP payload as an entry of an RDB file.
+
+    The entry is the payload's type byte, the key as an RDB string, and
+    the payload's value, without its 10-byte footer (version and checksum).
+    The payload is copied as it is: its type must be one that the file's
+    RDB version reads (:meth:`RDBWriter.write_dump` checks and converts).
+    """
+    return dumped_value[:1] + encode_string(key) + dumped_value[1:-10]
 
 
 def _dump_keys(client: Any, keys: list[bytes]) -> list[bytes | None]:
-    """DUMP each key; a redis-py client gets them all in one round trip."""
+    """DUMP each key with the client's own ``dump``, in one round trip where possible.
+
+    A redis-py client's pipeline runs the same ``dump`` as the client, so
+    all keys go in one round trip. A client whose class overrides ``dump``
+    (a wrapper, a test double) has it called once per key, as
+    katsdptelstate calls it.
+    """
     if not isinstance(client, Backend) and callable(getattr(client, "pipeline", None)):
         with client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.dump(key)
-            return pipe.execute()
+            if getattr(type(pipe), "dump", None) is getattr(type(client), "dump", None):
+                for key in keys:
+                    pipe.dump(key)
+                return pipe.execute()
     return [client.dump(key) for key in keys]

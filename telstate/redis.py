@@ -36,6 +36,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import import_rules
+
+# Public here as in katsdptelstate (its backends load files through it).
+from . import rdb_reader as rdb_reader
 from .backend import (
     Backend,
     GetResult,
@@ -46,6 +49,7 @@ from .backend import (
     Record,
 )
 from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
+from .rdb_reader import BackendCallback
 from .utils import (
     KeyType,
     PathType,
@@ -175,8 +179,10 @@ class RedisBackend(Backend):
     def from_url(cls, url: str, *, db: int | None = None, **kwargs: Any) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
-        The client gets a 5 s socket timeout and a 30 s health check unless
-        `kwargs` override them.
+        The client is made by :meth:`redis.Redis.from_url`, called as
+        katsdptelstate calls it (so code that patches it sees the same
+        call), with a 5 s socket timeout (redis-py applies it to connecting
+        too) and a 30 s health check unless `kwargs` override them.
 
         Raises
         ------
@@ -184,7 +190,6 @@ class RedisBackend(Backend):
             If the server cannot be reached.
         """
         kwargs.setdefault("socket_timeout", 5)
-        kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
         return cls(redis.Redis.from_url(url, db=db, **kwargs))
 
@@ -509,3 +514,46 @@ def update_message(key_type: KeyType, payload: bytes, sub_key: bytes | None = No
         assert sub_key is not None
         return b"\x03%d\n%b%b" % (len(sub_key), sub_key, payload)
     return bytes([key_type.value]) + payload
+
+
+class RedisCallback(BackendCallback):
+    """RDB callback (see :func:`telstate.rdb_reader.load_from_file`) that writes to Redis.
+
+    Each key is written with one command as it ends (SET, ZADD or HSET) to
+    a redis-py compatible `client`. Kept for katsdptelstate's callback API;
+    :meth:`RedisBackend.load_from_file` is the fast way to load a file (it
+    pipelines, and refuses to write to a replicator's mirror).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__()
+        self.client = client
+        self._zset: dict[bytes, float] = {}
+        self._hash: list[bytes] = []
+
+    def set(self, key: bytes, value: bytes, expiry: Any, info: dict) -> None:
+        self.client.set(key, value)
+        self.n_keys += 1
+
+    def start_sorted_set(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._zset = {}
+        self.n_keys += 1
+
+    def zadd(self, key: bytes, score: float, member: bytes) -> None:
+        self._zset[member] = score
+
+    def end_sorted_set(self, key: bytes) -> None:
+        self.client.zadd(key, self._zset)
+        self._zset = {}
+
+    def start_hash(self, key: bytes, length: int, expiry: Any, info: dict) -> None:
+        self._hash = []
+        self.n_keys += 1
+
+    def hset(self, key: bytes, field: bytes, value: bytes) -> None:
+        self._hash += (field, value)
+
+    def end_hash(self, key: bytes) -> None:
+        # Fields and values flat, as the command takes them: no dict to build.
+        self.client.execute_command("HSET", key, *self._hash)
+        self._hash = []

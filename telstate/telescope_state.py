@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
@@ -10,6 +11,10 @@ from .encoding import ENCODING_DEFAULT
 from .endpoint import Endpoint, endpoint_parser
 from .telescope_state_base import NextUpdate, Plan, TelescopeStateBase, WaitClock, _Key
 from .utils import KeyType, PathType
+from .utils import ensure_binary as ensure_binary  # public here as in katsdptelstate
+from .utils import ensure_str as ensure_str  # public here as in katsdptelstate
+
+logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 

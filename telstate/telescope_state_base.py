@@ -110,8 +110,8 @@ def check_immutable_change(key: str, old_enc: bytes, new_enc: bytes, new: Any) -
             )
     except DecodeError as error:
         raise ImmutableKeyError(
-            f"Attempt to set value of immutable key {key} to {new!r} but the stored "
-            f"value could not be decoded to compare: {error}"
+            f"Attempt to set value of immutable key {key} to {new!r} but "
+            f"failed to decode the previous value to compare: {error}"
         ) from error
     logger.debug("Immutable key %s set again with the same value", key)
 

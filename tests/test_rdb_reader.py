@@ -657,3 +657,97 @@ def test_claimed_lengths_fail_fast(tmp_path) -> None:
             with pytest.raises(RdbParseError):
                 list(read_records(source))
             assert time.perf_counter() - start < 1
+
+
+# -- katsdptelstate's callback API -----------------------------------------------------
+
+
+# Packed sample timestamps (members must have them to load into a backend).
+_A, _C = struct.pack(">d", 1.0), struct.pack(">d", 2.0)
+
+
+def _written(tmp_path: pathlib.Path) -> pathlib.Path:
+    from telstate.rdb_writer import RDBWriter
+
+    path = tmp_path / "callback.rdb"
+    with RDBWriter(path) as writer:
+        writer.write_record(b"attr", IMMUTABLE, b"value")
+        writer.write_record(b"sensor", MUTABLE, [_A + b"b", _A + b"a", _C + b"c"])
+        writer.write_record(b"indexed", INDEXED, {b"f1": b"v1", b"f2": b"v2"})
+    return path
+
+
+class RecordingCallback(rdb_reader.BackendCallback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def set(self, *args) -> None:
+        self.calls.append(("set", *args))
+        self.n_keys += 1
+
+    def start_sorted_set(self, *args) -> None:
+        self.calls.append(("start_sorted_set", *args))
+        self.n_keys += 1
+
+    def zadd(self, *args) -> None:
+        self.calls.append(("zadd", *args))
+
+    def end_sorted_set(self, *args) -> None:
+        self.calls.append(("end_sorted_set", *args))
+
+    def start_hash(self, *args) -> None:
+        self.calls.append(("start_hash", *args))
+        self.n_keys += 1
+
+    def hset(self, *args) -> None:
+        self.calls.append(("hset", *args))
+
+    def end_hash(self, *args) -> None:
+        self.calls.append(("end_hash", *args))
+
+
+def test_load_from_file_calls_back_in_rdbtools_order(tmp_path) -> None:
+    callback = RecordingCallback()
+    assert rdb_reader.load_from_file(callback, _written(tmp_path)) == 3
+    assert callback.calls == [
+        ("set", b"attr", b"value", None, {}),
+        ("start_sorted_set", b"sensor", 3, None, {}),
+        ("zadd", b"sensor", 0.0, _A + b"a"),
+        ("zadd", b"sensor", 0.0, _A + b"b"),
+        ("zadd", b"sensor", 0.0, _C + b"c"),
+        ("end_sorted_set", b"sensor"),
+        ("start_hash", b"indexed", 2, None, {}),
+        ("hset", b"indexed", b"f1", b"v1"),
+        ("hset", b"indexed", b"f2", b"v2"),
+        ("end_hash", b"indexed"),
+    ]
+    # The base class stores nothing and counts nothing.
+    assert rdb_reader.load_from_file(rdb_reader.BackendCallback(), _written(tmp_path)) == 0
+
+
+def test_memory_callback_fills_the_memory_backend_layout(tmp_path) -> None:
+    from telstate.memory import MemoryBackend, MemoryCallback
+
+    path = _written(tmp_path)
+    data: dict = {}
+    with open(path, "rb") as file:
+        assert rdb_reader.load_from_file(MemoryCallback(data), file) == 3
+    backend = MemoryBackend()
+    backend.load_from_file(path)
+    assert data == dict((key, value) for key, _, value in backend.records())
+
+
+def test_load_from_file_errors(tmp_path) -> None:
+    path = _written(tmp_path)
+
+    class Refusing(rdb_reader.BackendCallback):
+        def start_hash(self, *args) -> None:
+            raise LookupError("callback's own error")
+
+    with pytest.raises(LookupError, match="own error"):
+        rdb_reader.load_from_file(Refusing(), path)
+    with pytest.raises(RdbParseError):
+        rdb_reader.load_from_file(RecordingCallback(), io.BytesIO(path.read_bytes()[1:]))
+    with pytest.raises(OSError):
+        rdb_reader.load_from_file(RecordingCallback(), tmp_path / "missing.rdb")

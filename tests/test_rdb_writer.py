@@ -7,6 +7,7 @@ test_rdb_servers.py.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 
 import pytest
@@ -140,11 +141,16 @@ def test_save_from_telescope_state_and_backend(tmp_path, caplog) -> None:
     with RDBWriter(tmp_path / "all.rdb") as writer:
         writer.save(ts.view("ns"))  # the whole backend, whatever the view
     assert {key: value for key, _, value in read_records(tmp_path / "all.rdb")} == expected
-    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
         with RDBWriter(tmp_path / "some.rdb") as writer:
             writer.save(ts.backend, keys=["sensor", b"indexed", "missing"])
     assert (writer.keys_written, writer.keys_failed) == (2, 1)
-    assert "Failed to save key 'missing'" in caplog.text
+    # As katsdptelstate logs it (its log scrapers look for this).
+    assert caplog.record_tuples[-1] == (
+        "telstate.rdb_writer_base",
+        logging.ERROR,
+        "Failed to save key 'missing': 'Key not found in Redis'",
+    )
     records = {key: value for key, _, value in read_records(tmp_path / "some.rdb")}
     assert records == {b"sensor": expected[b"sensor"], b"indexed": expected[b"indexed"]}
 
@@ -177,7 +183,7 @@ def test_save_from_dump_payloads(tmp_path, caplog) -> None:
         b"unsupported": b"\x13\x00\x0a\x00" + bytes(8),
         b"module": b"\x07" + bytes(12),
     }
-    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer"):
+    with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
         with RDBWriter(tmp_path / "out.rdb") as writer:
             writer.save(DumpClient({**good, **bad}), keys=[*good, *bad, b"missing"])
     assert (writer.keys_written, writer.keys_failed) == (len(good), len(bad) + 1)
@@ -206,3 +212,74 @@ def test_write_dump_refuses_a_payload_with_a_bad_checksum(tmp_path):
         with pytest.raises(RdbParseError, match="checksum"):
             writer.write_dump(b"bad", bad)
     assert writer.keys_written == 1
+
+
+def test_a_failed_body_leaves_the_previous_file_and_no_temporary(tmp_path) -> None:
+    path = tmp_path / "out.rdb"
+    with RDBWriter(path) as writer:
+        writer.write_record(b"old", IMMUTABLE, b"v")
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="half way"):
+        with RDBWriter(path) as writer:
+            writer.write_record(b"new", IMMUTABLE, b"w")
+            assert path.read_bytes() == before  # nothing reaches the target before close
+            raise RuntimeError("half way")
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+    writer.close()  # closing an aborted writer does nothing
+    assert path.read_bytes() == before
+
+
+def test_a_failed_close_leaves_the_previous_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "out.rdb"
+    path.write_bytes(b"previous")
+    writer = RDBWriter(path)
+    writer.write_record(b"k", IMMUTABLE, b"v")
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert path.read_bytes() == b"previous"
+    assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+
+
+def test_an_empty_writer_keeps_the_previous_file_unless_keep_empty(tmp_path) -> None:
+    path = tmp_path / "out.rdb"
+    path.write_bytes(b"previous")
+    with RDBWriter(path):
+        pass
+    assert path.read_bytes() == b"previous"
+    with RDBWriter(path, keep_empty=True):
+        pass
+    assert list(read_records(path)) == []
+    assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+
+
+def test_the_file_gets_the_permissions_open_would_give(tmp_path) -> None:
+    path = tmp_path / "out.rdb"
+    umask = os.umask(0o022)
+    try:
+        with RDBWriter(path) as writer:
+            writer.write_record(b"k", IMMUTABLE, b"v")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_pipe_is_written_directly(tmp_path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    with RDBWriter(fifo) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"v")
+    reader.join(10)
+    (tmp_path / "copy.rdb").write_bytes(received[0])
+    assert list(read_records(tmp_path / "copy.rdb")) == [(b"k", IMMUTABLE, b"v")]
+    assert sorted(os.listdir(tmp_path)) == ["copy.rdb", "pipe"]

@@ -27,6 +27,8 @@ from telstate import KeyType, TelescopeState
 from telstate.errors import ReadOnlyError
 from telstate.lmdb import LmdbBackend, replay
 from telstate.rdb_reader import read_records
+from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
+from telstate.utils import pack_timestamp
 from tests.servers import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,3 +348,71 @@ def test_status_and_once(store, server, tmp_path):
     assert lagging["mirror"]["lag_events"] == 1 and lagging["mirror"]["lag_seconds"] >= 0
     text = subprocess.run(base + ["status", *where], cwd=REPO, capture_output=True, text=True)
     assert "behind by 1 events" in text.stdout
+
+
+def test_rebuild_is_invisible_to_readers(store, server, tmp_path):
+    """During the rebuild of a 200k-sample mirror a reader sees the old mirror, then the new one."""
+    katsdptelstate = pytest.importorskip("katsdptelstate")
+    backend = LmdbBackend(store, durability="none")
+    samples = [pack_timestamp(1e9 + i) + b"\xff%d" % i for i in range(200_000)]
+    backend.load_records(
+        [
+            (b"sensor", KeyType.MUTABLE, samples),
+            (b"attr", KeyType.IMMUTABLE, b"\xff\x01"),
+            (b"indexed", KeyType.INDEXED, {b"\x92%d" % i: b"\xff" for i in range(500)}),
+        ]
+    )
+    base = [sys.executable, "-m", "replicator", "--log", str(store), "--redis", server.url]
+    run = subprocess.run([*base, "--once"], cwd=REPO, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    client = server.client()
+    settle(store, client)
+    writer = TelescopeState(backend)
+    for i in range(1000):
+        writer.add("sensor", float(i), ts=2e9 + i)
+    backend.close()
+    # As a rebuild cut short leaves it: the next replicator must rebuild.
+    server.client(db=MIRROR_CURSOR_DB).hset(mirror_cursor_key(0), "state", "rebuilding")
+
+    seen: list[int] = []
+    foreign: set[str] = set()
+    problems: list[str] = []
+    polling = threading.Event()
+    polling.set()
+
+    def poll() -> None:
+        reader = server.client()
+        theirs = katsdptelstate.TelescopeState(server.url)
+        while polling.is_set():
+            with reader.pipeline(transaction=False) as pipe:
+                pipe.zcard(b"sensor").exists(b"attr").hlen(b"indexed")
+                count, attr, width = pipe.execute()
+            if not (attr == 1 and width == 500):
+                problems.append(f"attr exists: {attr}, indexed has {width} sub-keys")
+            seen.append(count)
+            foreign.update(set(theirs.keys()) - {"sensor", "attr", "indexed"})
+        reader.close()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    log = tmp_path / "rebuild.log"
+    with open(log, "wb") as output:
+        run = subprocess.run(
+            [*base, "--once", "--batch", "1000"],
+            cwd=REPO,
+            stdout=output,
+            stderr=output,
+            timeout=120,
+        )
+    polling.clear()
+    poller.join(30)
+    assert not poller.is_alive()
+    text = log.read_text()
+    assert run.returncode == 0, text
+    assert "must be rebuilt: it was left rebuilding" in text and "mirror rebuilt" in text
+    assert not problems, problems[:3]
+    assert len(seen) > 20, "the reader did not poll during the rebuild"
+    assert min(seen) == 200_000 and seen[-1] == 201_000
+    assert seen == sorted(seen)  # old, then new: never back
+    assert not foreign
+    settle(store, client)

@@ -423,3 +423,124 @@ def test_redis_too_slow_to_answer_then_the_cursor_decides(sinks):
         assert pubsub.get_message(timeout=1)["channel"] == b"update/slow"
         assert pubsub.get_message(timeout=0.3) is None
         pubsub.close()
+
+
+def test_rebuild_chunk_by_chunk_leaves_the_old_mirror_in_place(mirror, sinks, redis_server):
+    url, client = mirror
+    old = StandInLog()
+    _fill(old, prefix=b"old/")
+    _run(sinks(old, url))
+    before = mirror_contents(client)
+    new = StandInLog()
+    for i in range(300):
+        new.add_mutable(b"big", b"\xff%d" % i, float(i))
+        new.set_indexed(b"wide", b"\x92%d" % i, b"\xff")
+    sink = sinks(new, url, batch_events=40)
+    pubsub = client.pubsub()
+    pubsub.psubscribe(b"update/*")
+    assert pubsub.get_message(timeout=1)["type"] == "psubscribe"
+    spare = redis_server.client(db=sink.spare_db)
+    calls = 0
+    original = sink._apply_script
+
+    def apply(**kwargs):
+        # Before and after every script call of the rebuild, readers see the old mirror.
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            assert mirror_contents(client) == before
+        result = original(**kwargs)
+        if result[0] == 1 and b"W" not in kwargs["args"]:
+            assert mirror_contents(client) == before
+            assert pubsub.get_message(timeout=0.01) is None  # nothing published yet
+        return result
+
+    sink._apply_script = apply
+    _run(sink)
+    assert calls > 5
+    _assert_exact(new, client)
+    assert spare.dbsize() == 0  # the old mirror, swapped out, is gone
+    published = set()
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        published.add(message["channel"])
+    assert published == {b"update/big", b"update/wide"}
+    pubsub.close()
+
+
+def test_a_spare_database_in_use_is_left_alone(mirror, sinks, redis_server, caplog):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    spare = redis_server.client(db=3)
+    spare.set(b"someone else's", b"data")
+    sink = sinks(log, url, spare_db=3)
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.BACKOFF
+    assert "database 3" in caplog.text and "--spare-db" in caplog.text
+    assert spare.keys() == [b"someone else's"] and client.dbsize() == 0
+    spare.flushdb()
+    _run(sink, until=lambda: sink.state == SinkState.TAIL)
+    _assert_exact(log, client)
+
+
+def test_an_interrupted_rebuilds_spare_is_emptied_and_reused(mirror, sinks, redis_server):
+    url, client = mirror
+    log = StandInLog()
+    for i in range(1000):
+        log.add_mutable(b"big", b"\xff%d" % i, float(i))
+    sink = sinks(log, url, batch_events=40)
+    original = sink._apply_script
+    calls = []
+
+    def apply(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:  # the claim, then the first chunk: then stop
+            sink.stop.set()
+        return original(**kwargs)
+
+    sink._apply_script = apply
+    sink.step()  # CONNECT -> REBUILD
+    sink.step()  # one chunk in the spare, then it gives up
+    assert len(calls) == 2
+    assert redis_server.client(db=sink.spare_db).zcard(b"big") == 160
+    cursor = read_cursor(client)[1]
+    assert cursor.state == MirrorState.REBUILDING and cursor.spare == sink.spare_db
+    _run(sinks(log, url, batch_events=40))
+    _assert_exact(log, client)
+    assert redis_server.client(db=sink.spare_db).dbsize() == 0
+
+
+def test_options_are_checked(redis_server):
+    with pytest.raises(ValueError, match="at least one event"):
+        RedisSink(StandInLog(), redis_server.url, batch_events=0)
+    with pytest.raises(ValueError, match="spare database"):
+        RedisSink(StandInLog(), redis_server.url + "?db=2", spare_db=2)
+    with pytest.raises(ValueError, match="spare database"):
+        RedisSink(StandInLog(), redis_server.url, spare_db=MIRROR_CURSOR_DB)
+
+
+def test_every_key_a_script_touches_is_declared(mirror, sinks):
+    """Rebuilds and tail steps send the keys they write in KEYS, not only in ARGV."""
+    url, client = mirror
+    log = StandInLog()
+    _fill(log)
+    calls: list[tuple[list[bytes], list]] = []
+    sink = sinks(log, url)
+    original = sink._apply_script
+
+    def apply(keys, args):
+        calls.append((list(keys), list(args)))
+        return original(keys=keys, args=args)
+
+    sink._apply_script = apply
+    _run(sink)
+    log.add_mutable(b"sensor", b"\xffnext", 1e6)
+    log.delete(b"other")
+    _run(sink)
+    names = set(log.contents()) | {b"other"}
+    for keys, args in calls:
+        assert keys[0] == mirror_cursor_key(0)
+        assert not names & {arg for arg in args if isinstance(arg, bytes)}  # only in KEYS
+    declared = set().union(*(keys for keys, _ in calls))
+    assert set(log.contents()) | {b"other"} <= declared

@@ -104,10 +104,13 @@ def test_stale_temporary_files_are_removed(store, tmp_path):
     rdb = tmp_path / "rdb"
     rdb.mkdir()
     uuid = store.backend.uuid
-    stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.tmp"
+    stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.0123abcd.tmp"
     stale.write_bytes(b"half")
+    # A writer in this process may be writing it: it is not stale.
+    live = rdb / f".telstate-{uuid}-{2:016d}.rdb.{os.getpid()}.0123abcd.tmp"
+    live.write_bytes(b"half")
     SnapshotSink(store.backend, rdb, interval=3600, keep=2)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 def test_daemon_writes_snapshots_periodically(store, tmp_path):
@@ -137,3 +140,24 @@ def test_snapshot_after_clear_is_an_empty_file(store, tmp_path):
     assert [s.seq for s in list_snapshots(tmp_path / "rdb")] == [written.seq]
     assert TelescopeState().load_from_file(written.path) == 0
     assert sink.write() is None  # nothing new since
+
+
+def test_snapshots_fall_due_by_the_monotonic_clock(store, tmp_path, monkeypatch):
+    """A wall clock stepped forward or back neither fires snapshots early nor holds them up."""
+    _write(store, 0, 5)
+    sink = SnapshotSink(store.backend, tmp_path / "rdb", interval=100.0, keep=2)
+    assert sink.until_due() == 0.0
+    written = sink.write()
+    assert written is not None
+    wall = time.time()
+    for step in (-1e6, 1e6):
+        monkeypatch.setattr(time, "time", lambda step=step: wall + step)
+        assert 99.0 < sink.until_due() <= 100.0
+    monkeypatch.undo()
+    # A snapshot file dated in the future (the clock was stepped back since)
+    # delays the next one by at most the interval.
+    os.utime(written.path, (wall + 1e6, wall + 1e6))
+    again = SnapshotSink(store.backend, tmp_path / "rdb", interval=100.0, keep=2)
+    assert 99.0 < again.until_due() <= 100.0
+    os.utime(written.path, (wall - 1e6, wall - 1e6))
+    assert SnapshotSink(store.backend, tmp_path / "rdb", interval=100.0, keep=2).until_due() == 0

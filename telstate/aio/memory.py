@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncGenerator, Iterable
 
@@ -10,6 +11,8 @@ from ..backend import GetResult, KeyUpdateBase, Record
 from ..memory import MemoryBackend as SyncMemoryBackend
 from ..utils import KeyType
 from .backend import Backend
+
+logger = logging.getLogger(__name__)
 
 
 class MemoryBackend(Backend):

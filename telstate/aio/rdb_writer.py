@@ -21,15 +21,16 @@ class RDBWriter(rdb_writer.RDBWriter):
     """RDB file that stores keys from asynchronous telescope states, backends or Redis.
 
     As :class:`telstate.rdb_writer.RDBWriter` (same constructor, file
-    format, :meth:`write_record`, :meth:`write_dump` and :meth:`close`),
-    except that :meth:`save` is a coroutine that reads from the
-    asynchronous side. Writing to the file is not asynchronous: it is
-    buffered, and the writer flushes every few MiB.
+    format, atomic replacement of the file, :meth:`write_record`,
+    :meth:`write_dump`, :meth:`close` and :meth:`abort`), except that
+    :meth:`save` is a coroutine that reads from the asynchronous side.
+    Writing to the file is not asynchronous: it is buffered, and the
+    writer flushes every few MiB.
 
     Parameters
     ----------
     filename
-        Destination file, opened with mode ``'wb'``.
+        Destination file; its directory must exist and be writable.
     aux
         AUX fields to store in the header.
     compress
@@ -40,7 +41,7 @@ class RDBWriter(rdb_writer.RDBWriter):
     Raises
     ------
     OSError
-        If the file cannot be created.
+        If the temporary file cannot be created.
     """
 
     async def save(  # type: ignore[override]

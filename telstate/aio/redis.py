@@ -57,6 +57,13 @@ _T = TypeVar("_T")
 
 _CHANNEL_PREFIX = b"update/"
 
+#: katsdptelstate's placeholder channel, which keeps its pub/sub connection
+#: subscribed while no key is watched. telstate's listener holds no
+#: placeholder (it closes its connection when the last monitor leaves); the
+#: name stays importable for code that imports it, katsdptelstate's own
+#: tests among them.
+_DUMMY_CHANNEL = b"\0katsdptelstate-internal0\1"
+
 #: Longest wait for a pub/sub message, so that health checks run while idle.
 _POLL_INTERVAL = 1.0
 #: Pause before the listener tries again after losing the server.
@@ -98,14 +105,16 @@ class RedisBackend(Backend):
 
     @classmethod
     async def from_url(
-        cls, url: str, *, db: int | None = None, max_connections: int = 32, **kwargs: Any
+        cls, url: str, *, db: int | None = None, max_connections: int | None = None, **kwargs: Any
     ) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
-        The client gets a pool of at most `max_connections` connections
-        (callers wait for a free one), a 5 s socket timeout and a 30 s
-        health check, unless `kwargs` (passed to the connection pool)
-        say otherwise. The server must answer a PING.
+        Without `max_connections`, the client is made by
+        :meth:`redis.asyncio.Redis.from_url`, called as katsdptelstate calls
+        it (so code that patches it sees the same call). The client gets a
+        5 s socket timeout (redis-py applies it to connecting too) and a
+        30 s health check unless `kwargs` say otherwise. The server must
+        answer a PING.
 
         Parameters
         ----------
@@ -114,7 +123,11 @@ class RedisBackend(Backend):
         db
             Database number, if not given in `url`.
         max_connections
-            Size of the connection pool (see `max_in_flight` of the class).
+            If given, the client gets a pool of at most this many
+            connections, in which callers wait for a free one (see
+            `max_in_flight` of the class). Otherwise the pool is redis-py's
+            default, unbounded; the backend itself never uses more than
+            ``max_in_flight + 1`` connections of it.
         **kwargs
             Options of :class:`redis.asyncio.Connection`.
 
@@ -124,14 +137,19 @@ class RedisBackend(Backend):
             If the server cannot be reached.
         """
         kwargs.setdefault("socket_timeout", 5)
-        kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
-        if db is not None:
-            kwargs["db"] = db
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=None, **kwargs
-        )
-        client = redis.asyncio.Redis.from_pool(pool)
+        if max_connections is None:
+            client = redis.asyncio.Redis.from_url(url, db=db, **kwargs)
+        else:
+            # A bounded pool that makes callers wait for a free connection
+            # (redis-py's default pool raises instead): Redis.from_url cannot
+            # make one.
+            if db is not None:
+                kwargs["db"] = db
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=None, **kwargs
+            )
+            client = redis.asyncio.Redis.from_pool(pool)
         try:
             await _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
@@ -453,7 +471,8 @@ async def _ping_without_retries(client: redis.asyncio.Redis) -> None:
     redis-py retries with backoff by default, which would multiply the wait
     at start-up; the client's own retry policy is restored after.
     """
-    retry = client.get_retry()
+    get_retry = getattr(client, "get_retry", None)
+    retry = get_retry() if get_retry is not None else None
     if retry is None:
         await client.ping()
         return

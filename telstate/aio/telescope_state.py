@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
@@ -10,6 +11,8 @@ from ..encoding import ENCODING_DEFAULT
 from ..telescope_state_base import NextUpdate, Plan, TelescopeStateBase, _Key
 from ..utils import KeyType, PathType
 from .backend import Backend
+
+logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 
