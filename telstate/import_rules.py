@@ -38,9 +38,11 @@ a file twice therefore changes nothing the second time.
 
 When an import fails, the store is unchanged where the backend can
 promise it: ``load_from_file`` of a path or seekable file checks the whole
-file (records and conflicts) before it writes anything, on every backend;
-``load_records`` of an iterator checks each record before writing it (the
-LMDB store checks each whole committed chunk first).
+file (records and conflicts) before it writes anything, on every backend
+(the asyncio Redis and memory backends: per batch of records); the memory
+backend's ``load_records`` is all or nothing; the others' ``load_records``
+of an iterator check each record (the LMDB store: each chunk) before
+writing it.
 """
 
 from __future__ import annotations

@@ -406,3 +406,25 @@ def test_frontend_load_from_file_on_lmdb(tmp_path):
     path = write_rdb(tmp_path / "a.rdb", sample_records(1, 10))
     with LmdbBackend(tmp_path / "store", durability="none") as backend:
         assert TelescopeState(backend).load_from_file(path) == len(sample_records(1, 10))
+
+
+async def test_aio_lmdb_import_is_the_bulk_path(tmp_path):
+    from telstate.aio.lmdb import LmdbBackend as AioLmdbBackend
+
+    good = write_rdb(tmp_path / "good.rdb", sample_records(2, 300))
+    bad = write_rdb(
+        tmp_path / "bad.rdb", [(b"a", IMMUTABLE, b"1"), (b"zs", MUTABLE, HOSTILE["nan"])]
+    )
+    backend = AioLmdbBackend(tmp_path / "store", durability="none")
+    try:
+        assert await backend.load_from_file(good) == len(sample_records(2, 300))
+        with pytest.raises(InvalidTimestampError, match="zs"):
+            await backend.load_from_file(bad)
+        assert await backend.exists(b"a") is False
+    finally:
+        backend.close()
+    with LmdbBackend(tmp_path / "store") as sync:
+        assert sync.verify() == []
+        expected = MemoryBackend()
+        expected.load_records(sample_records(2, 300))
+        assert state(sync) == state(expected)

@@ -664,9 +664,10 @@ class LmdbBackend(Backend):
         """Import the keys of an RDB file in bulk (see :meth:`load_records`).
 
         A path or seekable file is read twice: first every record is checked
-        (its shape, and against the store as of one snapshot), then it is
-        imported, so a bad file leaves the store unchanged. A file object
-        that cannot seek is checked chunk by chunk.
+        (its shape, and against the store's keys), then it is imported, so a
+        bad file leaves the store unchanged (unless another writer creates a
+        contradicting key between the two passes: then the chunks before it
+        stay). A file object that cannot seek is checked chunk by chunk.
 
         Raises
         ------
@@ -680,14 +681,14 @@ class LmdbBackend(Backend):
             if self.readonly:
                 raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
             start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
-            self._read(bulk.check_file_in, rdb_reader.read_records(file), source)
+            bulk.check(self, rdb_reader.read_records(file), source)
             if start is not None:
                 file.seek(start)  # type: ignore[union-attr]
         return self.load_records(rdb_reader.read_records(file), source, progress)
 
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
-        self._read(bulk.check_file_in, [record], None)
+        bulk.check(self, [record], None)
 
     # --- Backend: waiting -----------------------------------------------------------
 

@@ -71,37 +71,52 @@ def load(
     progress: Progress | None = None,
 ) -> int:
     """Import `records` chunk by chunk; return the number of keys (see the module docstring)."""
-    count = 0
+    keys = 0
+
+    def counted() -> Iterator[Record]:
+        nonlocal keys
+        for record in records:
+            keys += 1
+            yield record
+
+    for chunk, events in _chunks(counted(), source):
+        backend._write(_write_chunk, backend, chunk)
+        if progress is not None:
+            progress(events)
+    return keys
+
+
+def check(backend: LmdbBackend, records: Iterable[Record], source: PathType | None) -> None:
+    """Check `records` against the rules and the store, chunk by chunk, writing nothing.
+
+    Each chunk is checked in a short read transaction of its own.
+    """
+    for chunk, _ in _chunks(records, source):
+        backend._read(_check_chunk, chunk)
+
+
+def _chunks(
+    records: Iterable[Record], source: PathType | None
+) -> Iterator[tuple[list[Record], int]]:
+    """Checked records, cut into pieces and gathered into chunks: (pieces, events) each."""
     chunk: list[Record] = []
     events = size = 0
     for record in records:
-        count += 1
         for piece in _pieces(check_record(record, source)):
             chunk.append(piece)
             events += _events_of(piece)
             size += _size_of(piece)
             if events >= settings.LOAD_CHUNK or size >= settings.LOAD_CHUNK_BYTES:
-                backend._write(_write_chunk, backend, chunk)
-                if progress is not None:
-                    progress(events)
+                yield chunk, events
                 chunk = []
                 events = size = 0
     if chunk:
-        backend._write(_write_chunk, backend, chunk)
-        if progress is not None:
-            progress(events)
-    return count
+        yield chunk, events
 
 
-def check_file_in(
-    txn: Any, tables: Tables, records: Iterable[Record], source: PathType | None
-) -> int:
-    """Check every record against the rules and the store as of `txn`; return how many."""
-    count = 0
-    for record in records:
-        _check_conflict(txn, tables, check_record(record, source))
-        count += 1
-    return count
+def _check_chunk(txn: Any, tables: Tables, chunk: list[Record]) -> None:
+    for piece in chunk:
+        _check_conflict(txn, tables, piece)
 
 
 def _events_of(record: Record) -> int:
@@ -168,8 +183,7 @@ def _write_chunk(
     txn: Any, tables: Tables, backend: LmdbBackend, chunk: list[Record]
 ) -> tuple[None, bool]:
     """Check every piece of `chunk` against the store, then write them all."""
-    for piece in chunk:
-        _check_conflict(txn, tables, piece)
+    _check_chunk(txn, tables, chunk)
     changed = False
     for piece in chunk:
         if piece[1] == KeyType.IMMUTABLE:
