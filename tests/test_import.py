@@ -428,3 +428,31 @@ async def test_aio_lmdb_import_is_the_bulk_path(tmp_path):
         expected = MemoryBackend()
         expected.load_records(sample_records(2, 300))
         assert state(sync) == state(expected)
+
+
+def two_databases(path, first: list[Record], second: list[Record]) -> str:
+    """An RDB file with `first` in database 0 and `second` in database 1 (no checksum)."""
+    parts = []
+    for records in (first, second):
+        write_rdb(path, records)
+        data = path.read_bytes()
+        parts.append(data[data.index(b"\xfe\x00") + 2 : data.rindex(b"\xff")])
+    header = data[: data.index(b"\xfe\x00")]
+    path.write_bytes(header + b"\xfe\x00" + parts[0] + b"\xfe\x01" + parts[1] + b"\xff" + bytes(8))
+    return str(path)
+
+
+def test_a_key_twice_in_one_file(store, tmp_path):
+    """An RDB file may hold one key in two databases: the second copy follows the rules."""
+    records = [(b"k", IMMUTABLE, b"1"), (b"m", MUTABLE, [member(1.0, b"a")])]
+    assert store.load_from_file(two_databases(tmp_path / "twice.rdb", records, records)) == 4
+    assert state(store) == records
+    path = two_databases(
+        tmp_path / "conflicting.rdb",
+        [(b"x", IMMUTABLE, b"1")],
+        [(b"x", MUTABLE, [member(1.0, b"a")])],
+    )
+    with pytest.raises(ImmutableKeyError, match="x"):
+        store.load_from_file(path)
+    assert store.verify() == []
+    assert store.key_type(b"x") is None

@@ -186,6 +186,8 @@ def _write_chunk(
     _check_chunk(txn, tables, chunk)
     changed = False
     for piece in chunk:
+        # Again: a key may be twice in one file (in two databases), so in one chunk.
+        _check_conflict(txn, tables, piece)
         if piece[1] == KeyType.IMMUTABLE:
             changed = _write_immutable(txn, tables, backend, piece) or changed
         elif piece[1] == KeyType.MUTABLE:
