@@ -309,19 +309,13 @@ def encode_records(
 ) -> list[bytes]:
     """The records of events of one kind on one key, as :func:`encode_record` makes each.
 
-    `values` is a list of values, or a 2-D uint8 array with one value of
-    the same length in each row; `sub_keys` (set_indexed) and `timestamps`
-    (add_mutable) go with them. Events without sub-keys whose values all
-    have one length (a sensor's samples, mostly) are made all at once.
+    `values` is a list of values, or a 2-D uint8 array with one value in
+    each row (small values of one length, a sensor's samples mostly: their
+    records are made all at once); `sub_keys` (set_indexed) and
+    `timestamps` (add_mutable) go with them.
     """
-    count = len(values)
-    if sub_keys is None and count > 1:
-        if isinstance(values, np.ndarray):
-            return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
-        length = len(values[0])
-        if all(len(value) == length for value in values):
-            table = np.frombuffer(b"".join(values), np.uint8).reshape(count, length)
-            return _encode_uniform(op_code, writer_id, time, key, table, timestamps)
+    if isinstance(values, np.ndarray):
+        return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
     return [
         encode_record(op_code, writer_id, time, key, sub_key, bytes(value), timestamp)
         for sub_key, value, timestamp in zip(

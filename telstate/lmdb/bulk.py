@@ -240,14 +240,15 @@ def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Recor
 
 
 def _split_members(members: list[bytes]) -> tuple[list[bytes] | np.ndarray, np.ndarray]:
-    """The values and timestamps of `members`: values as rows of an array if all one length."""
+    """The values and timestamps of `members`; small values of one length as rows of an array."""
     count = len(members)
-    joined = b"".join(members)
     length = len(members[0])
-    if len(joined) == count * length:
-        table = np.frombuffer(joined, np.uint8).reshape(count, length)
-        stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
-        return table[:, 8:], stamps
+    if length - 8 < INLINE_LIMIT:
+        joined = b"".join(members)
+        if len(joined) == count * length:
+            table = np.frombuffer(joined, np.uint8).reshape(count, length)
+            stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
+            return table[:, 8:], stamps
     stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
     return list(map(after8, members)), stamps
 
