@@ -204,7 +204,7 @@ def encode_record(
     time: float,
     key: bytes = b"",
     sub_key: bytes = b"",
-    value: bytes = b"",
+    value: bytes | memoryview = b"",
     timestamp: float = _NAN,
 ) -> bytes:
     """Make the log record of one event (see the module docstring for the layout)."""
@@ -303,7 +303,7 @@ def encode_records(
     writer_id: int,
     time: float,
     key: bytes,
-    values: Sequence[bytes] | np.ndarray,
+    values: Sequence[bytes | memoryview] | np.ndarray,
     sub_keys: Sequence[bytes] | None = None,
     timestamps: Sequence[float] | np.ndarray | None = None,
 ) -> list[bytes]:
@@ -317,7 +317,7 @@ def encode_records(
     if isinstance(values, np.ndarray):
         return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
     return [
-        encode_record(op_code, writer_id, time, key, sub_key, bytes(value), timestamp)
+        encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
         for sub_key, value, timestamp in zip(
             itertools.repeat(b"") if sub_keys is None else sub_keys,
             values,

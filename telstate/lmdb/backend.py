@@ -239,7 +239,7 @@ class LmdbBackend(Backend):
         op_code: int,
         name_key: bytes,
         key: bytes,
-        values: Sequence[bytes] | np.ndarray,
+        values: Sequence[bytes | memoryview] | np.ndarray,
         sub_keys: Sequence[bytes] | None = None,
         timestamps: Sequence[float] | np.ndarray | None = None,
     ) -> None:

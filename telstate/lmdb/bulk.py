@@ -49,7 +49,6 @@ from .layout import (
     U32,
     KeyRecord,
     Tables,
-    after8,
     first8,
     inline,
     name_key_of,
@@ -239,8 +238,11 @@ def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Recor
     return True
 
 
-def _split_members(members: list[bytes]) -> tuple[list[bytes] | np.ndarray, np.ndarray]:
-    """The values and timestamps of `members`; small values of one length as rows of an array."""
+def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray, np.ndarray]:
+    """The values and timestamps of `members`; small values of one length as rows of an array.
+
+    Other values are views into the members (big ones are not copied twice).
+    """
     count = len(members)
     length = len(members[0])
     if length - 8 < INLINE_LIMIT:
@@ -250,7 +252,7 @@ def _split_members(members: list[bytes]) -> tuple[list[bytes] | np.ndarray, np.n
             stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
             return table[:, 8:], stamps
     stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
-    return list(map(after8, members)), stamps
+    return [memoryview(member)[8:] for member in members], stamps
 
 
 def _write_indexed(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
