@@ -18,7 +18,7 @@ import textwrap
 
 import katsdptelstate
 import pytest
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -260,13 +260,15 @@ def test_huge_key_is_cut_into_bounded_chunks(store, monkeypatch):
 
 
 @hypothesis_settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     before=st.lists(st.tuples(st.integers(0, 40), st.binary(max_size=3)), max_size=200),
     imported=st.lists(st.tuples(st.integers(0, 60), st.binary(max_size=3)), max_size=400),
     chunk=st.integers(1, 300),
 )
+# Values of lengths that add up as if they were all one length.
+@example(before=[], imported=[(0, b"\x01"), (0, b"\x00\x00"), (0, b"\x00\x00\x00")], chunk=3)
 def test_import_matches_the_model(tmp_path_factory, monkeypatch, before, imported, chunk):
     """Bulk samples (appended, late, duplicate, across chunks) give the zset the model has."""
     monkeypatch.setattr(settings, "LOAD_CHUNK", chunk)

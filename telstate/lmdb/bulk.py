@@ -27,6 +27,7 @@ bounded:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -215,21 +216,27 @@ def _write_immutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Rec
 
 def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
     key, _, members = record
-    assert not isinstance(members, (bytes, dict))
+    assert isinstance(members, list)
     name_key = name_key_of(key)
     stored = _stored(txn, tables, key)
+    changed = False
     if stored is None:
         key_id = backend._new_key(txn, tables, name_key, MUTABLE, key, b"")
         flags, newest = 0, True
     else:
-        key_id, flags = stored.key_id, stored.flags
-        if members[0] <= latest_member(txn, tables, key_id, flags):
-            # Among existing samples: the per-sample path finds duplicates and late ones.
-            changed = False
-            for member in members:
-                value, stamp = member[8:], TIMESTAMP.unpack_from(member)[0]
-                changed = backend._add_mutable_in(txn, tables, key, value, stamp)[1] or changed
+        # Samples up to the key's latest take the per-sample path, which finds
+        # duplicates (a file imported again) and puts late ones in their blocks.
+        latest = latest_member(txn, tables, stored.key_id, stored.flags)
+        after = bisect.bisect_right(members, latest)
+        for member in members[:after]:
+            value, stamp = member[8:], TIMESTAMP.unpack_from(member)[0]
+            changed = backend._add_mutable_in(txn, tables, key, value, stamp)[1] or changed
+        members = members[after:]
+        if not members:
             return changed
+        stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
+        assert stored is not None
+        key_id, flags = stored.key_id, stored.flags
         newest = _is_newest(txn, tables, key_id)
     first_seq = backend._last_event(txn, tables)[0] + 1
     append_samples(txn, tables, name_key, key_id, flags, members, first_seq, newest)
@@ -245,7 +252,8 @@ def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray,
     """
     count = len(members)
     length = len(members[0])
-    if length - 8 < INLINE_LIMIT:
+    # Lengths that add up to count * length and none above it: all the same.
+    if length - 8 < INLINE_LIMIT and max(map(len, members)) == length:
         joined = b"".join(members)
         if len(joined) == count * length:
             table = np.frombuffer(joined, np.uint8).reshape(count, length)
