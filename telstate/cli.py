@@ -408,13 +408,23 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
     before = backend.last_seq
     # The file is checked whole before anything is written (see import_rules).
-    progress = Progress(f"importing {args.rdb} (events)", None)
+    shown: list[Progress] = []  # the phase on screen: checking the file, then importing
+
+    def progress(phase: str, events: int) -> None:
+        label = f"{phase} {args.rdb} (events)"
+        if not shown or shown[0].label != label:
+            if shown:
+                shown.pop().done()
+            shown.append(Progress(label, None))
+        shown[0].advance(events)
+
     try:
-        count = backend.load_from_file(args.rdb, progress=progress.advance)
+        count = backend.load_from_file(args.rdb, progress=progress)
     except InvalidTimestampError as error:
         raise CliError(f"{args.rdb!r}: {error}", EXIT_DAMAGED) from None
     finally:
-        progress.done()
+        if shown:
+            shown[0].done()
     events = backend.last_seq - before
     out.write(
         json.dumps({"rdb": args.rdb, "keys": count, "events": events}) + "\n"

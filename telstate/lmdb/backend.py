@@ -642,7 +642,8 @@ class LmdbBackend(Backend):
         source
             The file they come from, named in errors.
         progress
-            Called after each committed chunk with its number of events.
+            Called after each committed chunk with ``"importing"`` and its
+            number of events (:data:`telstate.lmdb.bulk.Progress`).
 
         Raises
         ------
@@ -681,14 +682,14 @@ class LmdbBackend(Backend):
             if self.readonly:
                 raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
             start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
-            bulk.check(self, rdb_reader.read_records(file), source)
+            bulk.check(self, rdb_reader.read_records(file), source, progress)
             if start is not None:
                 file.seek(start)  # type: ignore[union-attr]
         return self.load_records(rdb_reader.read_records(file), source, progress)
 
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
-        bulk.check(self, [record], None)
+        bulk.check(self, [record])
 
     # --- Backend: waiting -----------------------------------------------------------
 

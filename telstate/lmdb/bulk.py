@@ -60,8 +60,9 @@ from .state import indexed_value
 if TYPE_CHECKING:
     from .backend import LmdbBackend
 
-#: Called after each committed chunk with the number of events it held.
-Progress = Callable[[int], None]
+#: Called after each chunk with the phase (``"checking"`` the file first,
+#: or ``"importing"``) and the number of events the chunk held.
+Progress = Callable[[str, int], None]
 
 
 def load(
@@ -82,17 +83,24 @@ def load(
     for chunk, events in _chunks(counted(), source):
         backend._write(_write_chunk, backend, chunk)
         if progress is not None:
-            progress(events)
+            progress("importing", events)
     return keys
 
 
-def check(backend: LmdbBackend, records: Iterable[Record], source: PathType | None) -> None:
+def check(
+    backend: LmdbBackend,
+    records: Iterable[Record],
+    source: PathType | None = None,
+    progress: Progress | None = None,
+) -> None:
     """Check `records` against the rules and the store, chunk by chunk, writing nothing.
 
     Each chunk is checked in a short read transaction of its own.
     """
-    for chunk, _ in _chunks(records, source):
+    for chunk, events in _chunks(records, source):
         backend._read(_check_chunk, chunk)
+        if progress is not None:
+            progress("checking", events)
 
 
 def _chunks(
