@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +213,134 @@ def rdb_records(scale: Any) -> list[Record]:
     )
 
 
-def write_katsdp_rdb(path: str | Path, records: Sequence[Record]) -> None:
+#: A capture block's full dump: per antenna, the 2 s pointing and receiver
+#: sensors that make up most of its samples.
+_ARCHIVE_SENSORS = (
+    "pos_actual_scan_azim",
+    "pos_actual_scan_elev",
+    "pos_request_scan_azim",
+    "pos_request_scan_elev",
+    "pos_actual_pointm_azim",
+    "pos_actual_pointm_elev",
+    "pos_adjust_pointm_azim",
+    "pos_adjust_pointm_elev",
+    "ap_indexer_position_raw",
+    "dig_l_band_adc_hpol_rf_power_in",
+    "dig_l_band_adc_vpol_rf_power_in",
+    "rsc_rxl_lna_h_temperature",
+    "rsc_rxl_lna_v_temperature",
+    "ap_actual_azim_velocity",
+)
+_ACTIVITIES = ("slew", "track", "scan_ready", "scan", "scan_complete", "stop")
+ARCHIVE_PERIOD = 2.0
+#: Capture block id: the namespace its own keys live in (`<cbid>_obs_params`, ...).
+ARCHIVE_CAPTURE_BLOCK = "1700000000"
+#: Bandpass solutions: complex64 channels × 2 polarisations × antennas.
+ARCHIVE_CHANNELS = 4096
+
+
+def archive_records(scale: Any) -> Iterator[Record]:
+    """A capture block's full dump, key by key, as a metadata writer archives it.
+
+    Per antenna: `scale.archive_sensors` float sensors sampled every
+    :data:`ARCHIVE_PERIOD` seconds for `scale.archive_samples` samples
+    (the bulk of the file), an activity and a target sensor that change a
+    few times an hour, and an observer attribute. Then the capture block's
+    namespace (`<cbid>_obs_*`, its calibration products: gains every two
+    minutes and a bandpass solution of :data:`ARCHIVE_CHANNELS` channels
+    every 20 minutes), and the stream attributes. Generated
+    key by key, so a dump of any size is written in bounded memory;
+    deterministic, so every run writes the same file.
+    """
+    antennas = [f"m{i:03d}" for i in range(scale.archive_antennas)]
+    samples = scale.archive_samples
+    changes = max(2, samples // 300)
+    sensor = 0
+    for antenna in antennas:
+        for kind in _ARCHIVE_SENSORS[: scale.archive_sensors]:
+            members = [
+                pack_timestamp(T0 + i * ARCHIVE_PERIOD + sensor * 1e-4)
+                + encode_float(sensor_value(sensor, i))
+                for i in range(samples)
+            ]
+            yield f"{antenna}_{kind}".encode(), MUTABLE, members
+            sensor += 1
+        step = samples * ARCHIVE_PERIOD / changes
+        yield (
+            f"{antenna}_activity".encode(),
+            MUTABLE,
+            [
+                pack_timestamp(T0 + i * step) + encode_value(_ACTIVITIES[i % len(_ACTIVITIES)])
+                for i in range(changes)
+            ],
+        )
+        yield (
+            f"{antenna}_target".encode(),
+            MUTABLE,
+            [
+                pack_timestamp(T0 + i * step)
+                + encode_value(f"J{i:04d}-3000 | src{i}, radec, {i % 24}:00:00.0, -30:00:00.0")
+                for i in range(0, changes, 2)
+            ],
+        )
+        yield (
+            f"{antenna}_observer".encode(),
+            IMMUTABLE,
+            encode_value(f"{antenna}, -30:42:39.8, 21:26:38.0, 1035.0, 13.5, {sensor}.0 0 0"),
+        )
+    cbid = ARCHIVE_CAPTURE_BLOCK
+    yield from _capture_block_records(cbid, antennas, samples)
+    for i, name in enumerate(attribute_names(scale.attributes)):
+        yield f"sdp_l0_{name}".encode(), IMMUTABLE, encode_value(attribute_value(i))
+
+
+def _capture_block_records(cbid: str, antennas: list[str], samples: int) -> Iterator[Record]:
+    duration = samples * ARCHIVE_PERIOD
+    inputs = len(antennas) * 2
+    rng = np.random.default_rng(15)
+    yield (
+        f"{cbid}_obs_params".encode(),
+        IMMUTABLE,
+        encode_value(
+            {"description": "archive benchmark", "proposal_id": "BENCH-15", "sb_id_code": cbid}
+        ),
+    )
+    yield (
+        f"{cbid}_obs_activity".encode(),
+        MUTABLE,
+        [
+            pack_timestamp(T0 + i * 60.0) + encode_value(_ACTIVITIES[i % len(_ACTIVITIES)])
+            for i in range(max(1, int(duration // 60)))
+        ],
+    )
+    gains = max(1, int(duration // 120))
+    yield (
+        f"{cbid}_cal_product_G".encode(),
+        MUTABLE,
+        [
+            pack_timestamp(T0 + i * 120.0)
+            + encode_value(rng.standard_normal((2, inputs // 2)).astype(np.complex64))
+            for i in range(gains)
+        ],
+    )
+    bandpasses = max(1, int(duration // 1200))
+    yield (
+        f"{cbid}_cal_product_B0".encode(),
+        MUTABLE,
+        [
+            pack_timestamp(T0 + i * 1200.0)
+            + encode_value(
+                (rng.standard_normal((ARCHIVE_CHANNELS, 2, len(antennas))) * (1 + 1j)).astype(
+                    np.complex64
+                )
+            )
+            for i in range(bandpasses)
+        ],
+    )
+    yield f"{cbid}_cal_antlist".encode(), IMMUTABLE, encode_value(antennas)
+
+
+def write_katsdp_rdb(path: str | Path, records: Iterable[Record]) -> None:
     """Write `records` to an RDB file with katsdptelstate's own writer primitives."""
     with RDBWriterBase(str(path)) as writer:
         for key, kind, value in records:

@@ -41,6 +41,7 @@ OPS = Unit("ops/s", True)
 EVENTS = Unit("events/s", True)
 SECONDS = Unit("s", False)
 MILLISECONDS = Unit("ms", False)
+MEGABYTES = Unit("MB", False)
 
 
 @dataclass(frozen=True)

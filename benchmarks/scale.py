@@ -38,6 +38,10 @@ class Scale:
     rdb_sensors: int
     rdb_samples: int
     rdb_arrays: int
+    #: Archived full dump: antennas × float sensors each × 2 s samples (see data.archive_records).
+    archive_antennas: int
+    archive_sensors: int
+    archive_samples: int
     #: Events in the log that replay and verify read.
     log_events: int
     #: Replicator: backlog to catch up on; steady rate (events/s) and duration (s).
@@ -66,6 +70,9 @@ FULL = Scale(
     rdb_sensors=200,
     rdb_samples=5_000,
     rdb_arrays=10_000,
+    archive_antennas=64,
+    archive_sensors=14,
+    archive_samples=7_200,
     log_events=1_000_000,
     backlog_events=200_000,
     steady_rate=5_000,
@@ -92,6 +99,9 @@ QUICK = Scale(
     rdb_sensors=20,
     rdb_samples=1_000,
     rdb_arrays=400,
+    archive_antennas=16,
+    archive_sensors=14,
+    archive_samples=900,
     log_events=50_000,
     backlog_events=50_000,
     steady_rate=5_000,
@@ -119,6 +129,9 @@ TINY = Scale(
     rdb_sensors=3,
     rdb_samples=50,
     rdb_arrays=5,
+    archive_antennas=2,
+    archive_sensors=2,
+    archive_samples=40,
     log_events=500,
     backlog_events=300,
     steady_rate=1_000,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .harness import OK, Row, RowResult, speedup
-from .workloads import log, rdb, reads, replication, writes
+from .workloads import archive, log, rdb, reads, replication, writes
 
 LMDB_BATCH = "telstate lmdb (batch)"
 LMDB_FSYNC = "telstate lmdb (fsync)"
@@ -90,6 +90,13 @@ TARGETS: tuple[Target, ...] = (
         3.0,
     ),
     Target("RDB write ≥ 1.0x katsdptelstate", (rdb.WRITE,), "telstate memory", KATSDP_MEMORY, 1.0),
+    Target(
+        "archived full dump, in-memory load ≥ 5x katsdptelstate",
+        (archive.LOAD,),
+        "telstate memory",
+        KATSDP_MEMORY,
+        5.0,
+    ),
     Target("replay / verify ≥ 300k events/s", (log.REPLAY, log.VERIFY), LMDB_BATCH, None, 300_000),
     Target(
         "replicator catch-up ≥ 50k events/s",

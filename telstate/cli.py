@@ -18,13 +18,16 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from .encoding import decode_value
 from .errors import DecodeError, RdbParseError, StoreError, TelstateError
 from .utils import KeyType, display_str, ensure_binary, ensure_str
+
+if TYPE_CHECKING:
+    from .export import KeySelection
 
 EXIT_OK, EXIT_NO, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
 
@@ -367,35 +370,71 @@ def _write_rdb(records: Iterable[Any], target: str, aux: dict[bytes, bytes], tot
     return writer.keys_written
 
 
-def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
-    from .lmdb import replay
+def _selection(args: argparse.Namespace) -> KeySelection:
+    """The keys ``export`` writes: ``--keys``, ``--keys-from`` and ``--view``."""
+    from .export import KeySelection, read_key_patterns
 
-    _open_store(args)  # a clear error for a path that is not a store
-    until_seq, until_time = parse_until(args.until)
-    state = replay(args.store, until_seq=until_seq, until_time=until_time)
-    backend = state.backend
-    aux = {b"telstate-replay-until": args.until.encode()}
-    count = _write_rdb(backend.records(), args.rdb, aux, len(backend.keys(b"*")))
-    result = {"until": args.until, "keys": count, "rdb": args.rdb}
+    patterns = list(args.keys or ())
+    for path in args.keys_from or ():
+        try:
+            patterns += read_key_patterns(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"--keys-from {path!r}: cannot read the pattern list: {error}") from None
+    if args.keys_from and not patterns:
+        raise CliError("--keys-from: the pattern lists hold no patterns (would export nothing)")
+    return KeySelection.of(patterns, args.view)
+
+
+def _export(
+    args: argparse.Namespace, target: str, selection: KeySelection, until: str | None
+) -> dict[str, Any]:
+    """Write the selected keys of the store's state, now or as of `until`, to `target`.
+
+    The state as of `until` is rebuilt from the log by :func:`telstate.lmdb.replay`
+    (in memory); the current state is streamed from one snapshot.
+    """
+    from .export import select_records
+
+    backend = _open_store(args)
+    aux = {b"telstate-store-uuid": str(backend.uuid).encode()}
+    if not selection.everything:
+        aux[b"telstate-selection"] = selection.describe()
+    selected = selection.matcher()
+    if until is not None:
+        from .lmdb import replay
+
+        until_seq, until_time = parse_until(until)
+        memory = replay(args.store, until_seq=until_seq, until_time=until_time).backend
+        aux[b"telstate-replay-until"] = until.encode()
+        total = sum(1 for key in memory.keys(b"*") if selected(key))
+        count = _write_rdb(select_records(memory, selection), target, aux, total)
+        return {"rdb": target, "keys": count, "until": until}
+    with backend.snapshot() as snap:
+        aux[b"telstate-seq"] = b"%d" % snap.seq
+        total = sum(1 for key in backend.keys(b"*") if selected(key))
+        count = _write_rdb(select_records(snap, selection), target, aux, total)
+        return {"rdb": target, "keys": count, "seq": snap.seq}
+
+
+def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    from .export import KeySelection
+
+    result = _export(args, args.rdb, KeySelection(), args.until)
     out.write(
         json.dumps(result) + "\n"
         if args.json
-        else f"replayed to {args.until}: {count} keys written to {args.rdb}\n"
+        else f"replayed to {args.until}: {result['keys']} keys written to {args.rdb}\n"
     )
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    backend = _open_store(args)
-    with backend.snapshot() as snap:
-        aux = {b"telstate-store-uuid": str(snap.uuid).encode(), b"telstate-seq": b"%d" % snap.seq}
-        count = _write_rdb(snap.records(), args.rdb, aux, len(backend.keys(b"*")))
-        seq = snap.seq
-    out.write(
-        json.dumps({"rdb": args.rdb, "keys": count, "seq": seq}) + "\n"
-        if args.json
-        else f"exported {count} keys (state at seq {seq}) to {args.rdb}\n"
-    )
+    result = _export(args, args.rdb, _selection(args), args.until)
+    if args.json:
+        out.write(json.dumps(result) + "\n")
+    else:
+        state = f"state at seq {result['seq']}" if "seq" in result else f"state at {args.until}"
+        out.write(f"exported {result['keys']} keys ({state}) to {args.rdb}\n")
     return EXIT_OK
 
 
@@ -479,11 +518,33 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--until", help="events appended at or before this time")
     log.add_argument("--key", help="only events on keys matching this Redis glob pattern")
     log.add_argument("--limit", type=int, default=0, help="at most this many events")
-    replay = command("replay", cmd_replay, "write the state as of a point in the log to RDB")
+    replay = command(
+        "replay", cmd_replay, "write the state as of a point in the log to RDB (export --until)"
+    )
     replay.add_argument("--until", required=True, help="SEQ, @UNIX_TIME or ISO 8601 time")
     replay.add_argument("--rdb", required=True, help="output RDB file")
-    export = command("export", cmd_export, "write the current state to an RDB file")
-    export.add_argument("rdb")
+    export = command("export", cmd_export, "write the state, or the keys selected, to an RDB file")
+    export.add_argument("rdb", help="output RDB file")
+    export.add_argument(
+        "--keys",
+        action="append",
+        metavar="PATTERN",
+        help="only keys matching this Redis glob pattern (repeatable: any of them)",
+    )
+    export.add_argument(
+        "--keys-from",
+        action="append",
+        metavar="FILE",
+        help="patterns from a file, one per line; blank lines and # comments ignored",
+    )
+    export.add_argument(
+        "--view",
+        metavar="NAME",
+        help="only the keys of this namespace (names starting with NAME_), names kept whole",
+    )
+    export.add_argument(
+        "--until", help="the state as of SEQ, @UNIX_TIME or ISO 8601 time, replayed from the log"
+    )
     import_ = command(
         "import",
         cmd_import,

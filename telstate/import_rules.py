@@ -54,7 +54,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .backend import Record
+from .backend import PackedMembers, Record
 from .errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
 from .utils import KeyType, PathType, display_str
 
@@ -104,8 +104,27 @@ def check_record(record: Any, source: PathType | None = None) -> Record:
             raise RdbParseError(source, f"indexed key {name}: value is not a dict of bytes")
         return key, KeyType.INDEXED, value if type(value) is dict else dict(value)
     if key_type == KeyType.MUTABLE:
+        if type(value) is PackedMembers:  # one buffer, sorted and distinct already
+            return key, KeyType.MUTABLE, _checked_packed(name, value, source)  # type: ignore[return-value]
         return key, KeyType.MUTABLE, _checked_members(name, value, source)
     raise RdbParseError(source, f"key {name}: unknown key type {key_type!r}")
+
+
+def _checked_packed(name: str, members: PackedMembers, source: PathType | None) -> PackedMembers:
+    if members.size < 8:
+        raise RdbParseError(source, f"mutable key {name}: a member is shorter than its timestamp")
+    rows = np.frombuffer(members.buffer, np.uint8).reshape(len(members), members.size)
+    _check_stamps(name, np.ascontiguousarray(rows[:, :8]).view(">u8"), source)
+    return members
+
+
+def _check_stamps(name: str, stamps: np.ndarray, source: PathType | None) -> None:
+    """Raise InvalidTimestampError if a packed timestamp (as big-endian bits) is not valid."""
+    if len(stamps) and stamps.max() >= _INFINITY_BITS:
+        raise InvalidTimestampError(
+            f"mutable key {name}: a sample has a negative or non-finite timestamp"
+            + (f" (in {os.fsdecode(source)!r})" if source else "")
+        )
 
 
 def _checked_members(name: str, members: Any, source: PathType | None) -> list[bytes]:
@@ -115,12 +134,7 @@ def _checked_members(name: str, members: Any, source: PathType | None) -> list[b
         raise RdbParseError(source, f"mutable key {name}: a member is not bytes")
     if members and min(map(len, members)) < 8:
         raise RdbParseError(source, f"mutable key {name}: a member is shorter than its timestamp")
-    stamps = np.frombuffer(b"".join(map(_first8, members)), ">u8")
-    if len(stamps) and stamps.max() >= _INFINITY_BITS:
-        raise InvalidTimestampError(
-            f"mutable key {name}: a sample has a negative or non-finite timestamp"
-            + (f" (in {os.fsdecode(source)!r})" if source else "")
-        )
+    _check_stamps(name, np.frombuffer(b"".join(map(_first8, members)), ">u8"), source)
     if not all(map(operator.lt, members, members[1:])):
         return sorted(set(members))
     return members if type(members) is list else list(members)

@@ -20,6 +20,7 @@ from .backend import (
     IndexedKeyUpdate,
     KeyUpdateBase,
     MutableKeyUpdate,
+    PackedMembers,
     Record,
 )
 from .errors import ImmutableKeyError
@@ -35,8 +36,13 @@ from .utils import (
 
 logger = logging.getLogger(__name__)
 
-_Value = bytes | list[bytes] | dict[bytes, bytes]
-_TYPES = {bytes: KeyType.IMMUTABLE, list: KeyType.MUTABLE, dict: KeyType.INDEXED}
+_Value = bytes | list[bytes] | PackedMembers | dict[bytes, bytes]
+_TYPES = {
+    bytes: KeyType.IMMUTABLE,
+    list: KeyType.MUTABLE,
+    PackedMembers: KeyType.MUTABLE,
+    dict: KeyType.INDEXED,
+}
 
 
 class MemoryBackend(Backend):
@@ -45,8 +51,11 @@ class MemoryBackend(Backend):
     Immutable keys hold bytes, mutable keys a sorted list of packed members
     (8-byte big-endian timestamp followed by the value, exactly as in the
     Redis zset, so ordering and deduplication match), and indexed keys a
-    dict. Safe to use from several threads; :meth:`monitor_keys` wakes
-    waiters in other threads of this process.
+    dict. A mutable key loaded from an RDB file whose members all have one
+    length is kept as :class:`~telstate.backend.PackedMembers` (one buffer
+    instead of a bytes object per sample) until it is next written to.
+    Safe to use from several threads; :meth:`monitor_keys` wakes waiters in
+    other threads of this process.
     """
 
     def __init__(self) -> None:
@@ -94,15 +103,19 @@ class MemoryBackend(Backend):
             return None, None
         if type(value) is list:
             return split_timestamp(value[-1])
+        if type(value) is bytes:
+            return value, None
         if type(value) is dict:
             return dict(value), None
-        return value, None  # type: ignore[return-value]
+        return split_timestamp(value[-1])  # type: ignore[arg-type,index]  # PackedMembers
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         member = pack_timestamp(timestamp) + value
         with self._lock:
             # Readers take no lock, so a new key appears only with its first sample.
             members = self._data.get(key)
+            if type(members) is PackedMembers:
+                members = self._data[key] = members[:]
             if members is None:
                 self._data[key] = [member]
             elif type(members) is not list:
@@ -151,7 +164,7 @@ class MemoryBackend(Backend):
         members = self._data.get(key)
         if members is None:
             return None
-        if type(members) is not list:
+        if type(members) is not list and type(members) is not PackedMembers:
             raise ImmutableKeyError(key)
         start = _bisect_bound(members, pack_query_timestamp(start_time, False))
         end = _bisect_bound(members, pack_query_timestamp(end_time, True, include_end))
@@ -159,10 +172,6 @@ class MemoryBackend(Backend):
         selected = members[start - 1 : start] if include_previous and start > 0 else []
         selected += members[start:end]
         return [split_timestamp(member) for member in selected]
-
-    def load_from_file(self, file: PathType | BinaryIO) -> int:
-        """Load the keys of an RDB file, all or nothing (see :meth:`load_records`)."""
-        return self.load_records(rdb_reader.read_records(file), import_rules.file_source(file))
 
     def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
         """Import whole keys; all or nothing (see :mod:`telstate.import_rules`).
@@ -182,20 +191,34 @@ class MemoryBackend(Backend):
                 if existing is None:
                     self._data[key] = value
                 elif key_type == KeyType.MUTABLE:
-                    assert isinstance(existing, list) and isinstance(value, list)
+                    assert not isinstance(existing, (bytes, dict))
+                    assert not isinstance(value, (bytes, dict))
                     self._data[key] = sorted(set(existing).union(value))
                 elif key_type == KeyType.INDEXED:
                     assert isinstance(existing, dict) and isinstance(value, dict)
                     self._data[key] = {**value, **existing}
         return len(checked)
 
+    def load_from_file(self, file: PathType | BinaryIO) -> int:
+        """Load the keys of an RDB file, all or nothing (see :meth:`load_records`).
+
+        Uniform mutable keys stay packed (see the class).
+        """
+        records = rdb_reader.read_records(file, packed_members=True)
+        return self.load_records(records, import_rules.file_source(file))
+
     def records(self) -> Iterator[Record]:
         """Every key as an RDB record, in key order (the inverse of :meth:`load_records`)."""
         for key in sorted(self._data):
             value = self._data.get(key)
             if value is not None:
-                value = value.copy() if not isinstance(value, bytes) else value
-                yield key, _TYPES[type(value)], value
+                key_type = _TYPES[type(value)]
+                if type(value) is PackedMembers:
+                    yield key, key_type, value[:]
+                elif type(value) is bytes:
+                    yield key, key_type, value
+                else:
+                    yield key, key_type, value.copy()  # type: ignore[union-attr]
 
     def monitor_keys(
         self, keys: Iterable[bytes]
@@ -226,7 +249,7 @@ class MemoryBackend(Backend):
             watcher.put(update_class(key, *args))
 
 
-def _bisect_bound(members: list[bytes], bound: bytes) -> int:
+def _bisect_bound(members: list[bytes] | PackedMembers, bound: bytes) -> int:
     """Index where a ZRANGEBYLEX bound falls.
 
     Only the bounds :func:`pack_query_timestamp` makes occur: ``-``, ``+``,

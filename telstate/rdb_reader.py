@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import lzf
-from .backend import Record, RecordValue
+from .backend import PackedMembers, Record, RecordValue, split_members
 from .errors import RdbParseError
 from .rdb_utility import crc64
 from .utils import KeyType, PathType
@@ -383,24 +383,25 @@ _UNIFORM_RUN = 32
 _SEQUENTIAL_RUN = 64
 
 
-def _take_uniform_run(
-    buf: bytes, pos: int, limit: int, score_size: int, members: list[bytes]
-) -> tuple[int, int]:
-    """Append up to `limit` members forming a uniform run at `pos`; return (taken, new pos).
+def _uniform_run(
+    buf: bytes, pos: int, limit: int, score_size: int
+) -> tuple[np.ndarray, int] | None:
+    """The uniform run of up to `limit` members at `pos`, as (rows, member length), or None.
 
     A uniform run is a sequence of members with the same 6-bit length, each
-    followed by the score 0 (``"\\x01" "0"`` as text, or 8 zero bytes). Returns
-    (0, pos) if there is no run worth taking.
+    followed by the score 0 (``"\\x01" "0"`` as text, or 8 zero bytes). Each
+    row of the result is one member with its length byte and score. None if
+    there is no run worth taking.
     """
     length = buf[pos]
     stride = 1 + length + score_size
     rows = min(limit, (len(buf) - pos) // stride)
     if length >= 0x40 or rows < _UNIFORM_RUN:
-        return 0, pos
+        return None
     # Cheap test of a few rows before involving numpy.
     for row in range(1, 8):
         if buf[pos + row * stride] != length:
-            return 0, pos
+            return None
     table = np.frombuffer(buf, np.uint8, count=rows * stride, offset=pos).reshape(rows, stride)
     good = table[:, 0] == length
     if score_size == 2:
@@ -409,13 +410,48 @@ def _take_uniform_run(
         good &= ~table[:, length + 1 :].any(axis=1)
     run = rows if good.all() else int(good.argmin())
     if run < _UNIFORM_RUN:
+        return None
+    return table[:run], length
+
+
+def _take_uniform_run(
+    buf: bytes, pos: int, limit: int, score_size: int, members: list[bytes]
+) -> tuple[int, int]:
+    """Append up to `limit` members forming a uniform run at `pos`; return (taken, new pos).
+
+    Returns (0, pos) if there is no run worth taking (see :func:`_uniform_run`).
+    """
+    found = _uniform_run(buf, pos, limit, score_size)
+    if found is None:
         return 0, pos
+    table, length = found
+    run = len(table)
     if length:
-        body = table[:run, 1 : length + 1].tobytes()
-        members.extend([body[i : i + length] for i in range(0, run * length, length)])
+        members += split_members(table[:, 1 : length + 1].tobytes(), length)
     else:
         members.extend([b""] * run)
-    return run, pos + run * stride
+    return run, pos + run * table.shape[1]
+
+
+def _read_packed_zset(buf: bytes, pos: int, binary_scores: bool) -> tuple[KeyType, Any, int]:
+    """Types 3 and 5 as :class:`PackedMembers` when every member is in one uniform run.
+
+    Any other zset is read as a list by :func:`_read_zset`.
+    """
+    count, start = _read_length(buf, pos)
+    if count >= _UNIFORM_RUN:
+        found = _uniform_run(buf, start, count, 8 if binary_scores else 2)
+        if found is not None and found[1]:
+            table, length = found
+            run, stride = table.shape
+            if run == count:
+                members = PackedMembers.from_buffer(table[:, 1 : length + 1].tobytes(), length)
+                return KeyType.MUTABLE, members, start + count * stride
+            if start + (run + 1) * stride > len(buf):
+                # Uniform up to the end of the buffer: read on rather than
+                # parse the members one by one only to run out of input.
+                raise _NeedMore()
+    return _read_zset(buf, pos, binary_scores)
 
 
 def _read_zset(buf: bytes, pos: int, binary_scores: bool) -> tuple[KeyType, list[bytes], int]:
@@ -472,6 +508,14 @@ def _read_zset_text(buf: bytes, pos: int) -> tuple[KeyType, list[bytes], int]:
 
 def _read_zset_binary(buf: bytes, pos: int) -> tuple[KeyType, list[bytes], int]:
     return _read_zset(buf, pos, True)
+
+
+def _read_packed_zset_text(buf: bytes, pos: int) -> tuple[KeyType, Any, int]:
+    return _read_packed_zset(buf, pos, False)
+
+
+def _read_packed_zset_binary(buf: bytes, pos: int) -> tuple[KeyType, Any, int]:
+    return _read_packed_zset(buf, pos, True)
 
 
 def _read_hash(buf: bytes, pos: int) -> tuple[KeyType, dict[bytes, bytes], int]:
@@ -679,8 +723,16 @@ _SKIPPED_TYPE_NAMES = {
 }
 
 
-def _handlers_for_version(version: int) -> dict[int, _Handler]:
-    return _VALKEY_HANDLERS if version >= 80 else _REDIS_HANDLERS
+#: The same, for readers that return uniform zsets as :class:`PackedMembers`.
+_PACKED_ZSET_HANDLERS = {3: _read_packed_zset_text, 5: _read_packed_zset_binary}
+_REDIS_PACKED_HANDLERS = {**_REDIS_HANDLERS, **_PACKED_ZSET_HANDLERS}
+_VALKEY_PACKED_HANDLERS = {**_VALKEY_HANDLERS, **_PACKED_ZSET_HANDLERS}
+
+
+def _handlers_for_version(version: int, packed: bool = False) -> dict[int, _Handler]:
+    if version >= 80:
+        return _VALKEY_PACKED_HANDLERS if packed else _VALKEY_HANDLERS
+    return _REDIS_PACKED_HANDLERS if packed else _REDIS_HANDLERS
 
 
 # -- the reader ------------------------------------------------------------------------
@@ -707,6 +759,11 @@ class RdbReader:
         A path (str, bytes or path-like), opened and closed by the reader,
         or a binary file-like object with a ``read`` method, which need not
         be seekable (an HTTP response body will do) and is left open.
+    packed_members
+        Return the value of a mutable key whose members all have one length
+        as a :class:`~telstate.backend.PackedMembers` (one buffer, sliced
+        on access) instead of a list, for consumers that keep it whole (the
+        in-memory backend). Others want lists.
 
     Attributes
     ----------
@@ -727,7 +784,7 @@ class RdbReader:
         The CRC-64 from the file's trailer, once read (0 means "not computed").
     """
 
-    def __init__(self, file: PathType | BinaryIO) -> None:
+    def __init__(self, file: PathType | BinaryIO, *, packed_members: bool = False) -> None:
         self.version: int | None = None
         self.magic: bytes | None = None
         self.aux: dict[bytes, bytes] = {}
@@ -750,7 +807,8 @@ class RdbReader:
         self._base = 0  # file offset of self._buf[0]
         self._eof = False
         self._crc: int | None = 0
-        self._handlers = _REDIS_HANDLERS
+        self._packed = packed_members
+        self._handlers = _handlers_for_version(0, packed_members)
         self._finished = False
 
     def __enter__(self) -> RdbReader:
@@ -797,23 +855,51 @@ class RdbReader:
             raise _NeedMore()
         if self._crc is not None and self._pos:
             self._crc = crc64(memoryview(self._buf)[: self._pos], self._crc)
-        parts = [self._buf[self._pos :]]
         self._base += self._pos
-        self._pos = 0
         want = max(needed - available, available, _CHUNK_SIZE)
+        if self._remaining is not None:
+            self._refill_regular_file(available, min(want, self._remaining))
+            return
+        parts = [self._buf[self._pos :]]
+        self._pos = 0
         while want > 0:
-            limit = min(want, _CHUNK_SIZE)
-            if self._remaining is not None:
-                limit = min(limit, self._remaining)
-            data = self._file.read(limit) if limit else b""
+            data = self._file.read(min(want, _CHUNK_SIZE))
             if not data:
                 self._eof = True
                 break
-            if self._remaining is not None:
-                self._remaining -= len(data)
             parts.append(data)
             want -= len(data)
         self._buf = b"".join(parts)
+
+    def _refill_regular_file(self, available: int, fresh: int) -> None:
+        """Replace the buffer by its last `available` bytes and `fresh` new ones, in one read.
+
+        Reading the unparsed bytes again (from the page cache) instead of
+        joining them to the new ones means the old buffer is freed first and
+        nothing is copied: a key bigger than a chunk (one zset of 8 KB arrays
+        can be 80 MB) needs a buffer of its size, and a join would hold the
+        old buffer, the new data and the joined copy at once.
+        """
+        self._pos = 0
+        if fresh == 0:
+            self._eof = True
+            self._buf = self._buf[len(self._buf) - available :]
+            return
+        self._buf = b""
+        if available:
+            self._file.seek(-available, io.SEEK_CUR)
+        size = available + fresh
+        chunks = [self._file.read(size)]
+        got = len(chunks[0])
+        while got < size and (more := self._file.read(size - got)):
+            chunks.append(more)
+            got += len(more)
+        self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        assert self._remaining is not None
+        self._remaining -= max(got - available, 0)
+        if got < size:
+            # The file shrank under us: what is missing is a truncated item.
+            self._eof = True
 
     def _parse(self, parse: Callable[[bytes, int], tuple[Any, int]]) -> Any:
         """Run one item parser at the current offset, reading more input as needed.
@@ -862,7 +948,7 @@ class RdbReader:
             )
         self.magic = magic
         self.version = version
-        self._handlers = _handlers_for_version(version)
+        self._handlers = _handlers_for_version(version, self._packed)
         if version < _FIRST_VERSION_WITH_CHECKSUM or self._trailer_is_zero():
             self._crc = None
 
@@ -1039,13 +1125,16 @@ class RdbReader:
             )
 
 
-def read_records(file: PathType | BinaryIO) -> Iterator[Record]:
+def read_records(file: PathType | BinaryIO, *, packed_members: bool = False) -> Iterator[Record]:
     """Yield the ``(key, key_type, value)`` records of an RDB file as they are parsed.
 
     Parameters
     ----------
     file
         A path, or a binary file-like object (need not be seekable).
+    packed_members
+        Mutable keys whose members all have one length come as
+        :class:`~telstate.backend.PackedMembers` (see :class:`RdbReader`).
 
     Raises
     ------
@@ -1055,7 +1144,7 @@ def read_records(file: PathType | BinaryIO) -> Iterator[Record]:
     OSError
         If the file cannot be opened or read.
     """
-    with RdbReader(file) as reader:
+    with RdbReader(file, packed_members=packed_members) as reader:
         yield from reader.records()
 
 

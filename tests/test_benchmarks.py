@@ -12,7 +12,7 @@ from benchmarks.harness import FAILED, NOT_APPLICABLE, NOT_BUILT, OK
 from benchmarks.workloads import FAMILIES
 
 # Families that run on katsdptelstate as well as on telstate.
-SHARED_FAMILIES = {"writes", "reads", "wait_key", "rdb"}
+SHARED_FAMILIES = {"writes", "reads", "wait_key", "rdb", "archive"}
 
 
 @pytest.fixture(scope="module")

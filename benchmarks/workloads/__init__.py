@@ -7,6 +7,7 @@ subclass and add it to `FAMILIES`.
 from __future__ import annotations
 
 from ..harness import Family
+from .archive import Archive
 from .log import Log
 from .rdb import Rdb
 from .reads import Reads
@@ -14,4 +15,12 @@ from .replication import Replication
 from .waits import Waits
 from .writes import Writes
 
-FAMILIES: tuple[Family, ...] = (Writes(), Reads(), Waits(), Rdb(), Log(), Replication())
+FAMILIES: tuple[Family, ...] = (
+    Writes(),
+    Reads(),
+    Waits(),
+    Rdb(),
+    Archive(),
+    Log(),
+    Replication(),
+)

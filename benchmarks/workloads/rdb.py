@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import data
+from ..child_load import child_load_figures
 from ..contenders import KATSDPTELSTATE, TELSTATE, Contender, Store, TelstateLmdb
 from ..environment import BenchEnv
-from ..harness import SECONDS, Case, Family, Figure, Row, timed
+from ..harness import MEGABYTES, SECONDS, Case, Family, Figure, Row, timed
 from ..scale import Scale
 
 LOAD = Row("RDB load", SECONDS)
+PEAK_RSS = Row("RDB load peak RSS", MEGABYTES)
 WRITE = Row("RDB write", SECONDS)
 
 
@@ -34,6 +36,10 @@ class _Fixture:
     keys: int
     workdir: Path
     loaded: Store | None = None
+
+    @property
+    def scale(self) -> Scale:
+        return self.env.scale
 
     def fresh_store(self) -> Store:
         if self.loaded is not None:
@@ -59,6 +65,10 @@ def _load(fixture: _Fixture, round_: int) -> Figure:
             raise RuntimeError(f"the imported store does not verify: {problems[:3]}")
     size = _megabytes(fixture.source)
     return Figure(seconds, {"seconds": seconds, "megabytes": size, "mb_per_s": size / seconds})
+
+
+def _peak_rss(fixture: _Fixture, round_: int) -> dict[str, Figure]:
+    return child_load_figures(fixture, None, PEAK_RSS)
 
 
 def _writer_class(contender: Contender) -> Any:
@@ -93,6 +103,14 @@ class Rdb(Family):
     name = "rdb"
     cases = (
         Case((LOAD,), _load, needs=("telstate.rdb_reader",)),
+        Case(
+            (PEAK_RSS,),
+            _peak_rss,
+            applies=lambda contender: (
+                "the data live in the server" if contender.backend == "redis" else None
+            ),
+            needs=("telstate.rdb_reader",),
+        ),
         Case((WRITE,), _write, needs=("telstate.rdb_writer",)),
     )
 
@@ -103,7 +121,8 @@ class Rdb(Family):
             f"samples, {scale.rdb_arrays} samples of 8 KB arrays, attributes, indexed keys) "
             "written by katsdptelstate's writer, loaded into an empty store; that store then "
             "written out by the package's own `RDBWriter`. katsdptelstate reads through "
-            "rdbtools; loading into Redis goes through the client."
+            "rdbtools; loading into Redis goes through the client. Peak RSS: the same load "
+            "into a new store in a fresh process (see the archive family)."
         )
 
     def repeats(self, scale: Scale) -> int:

@@ -682,10 +682,12 @@ class LmdbBackend(Backend):
             if self.readonly:
                 raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
             start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
-            bulk.check(self, rdb_reader.read_records(file), source, progress)
+            records = rdb_reader.read_records(file, packed_members=True)
+            bulk.check(self, records, source, progress)
             if start is not None:
                 file.seek(start)  # type: ignore[union-attr]
-        return self.load_records(rdb_reader.read_records(file), source, progress)
+        records = rdb_reader.read_records(file, packed_members=True)
+        return self.load_records(records, source, progress)
 
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import log
-from ..backend import Record
+from ..backend import PackedMembers, Record
 from ..errors import StoreError
 from ..import_rules import check_record, raise_contradiction
 from ..utils import KeyType, PathType, display_str
@@ -135,6 +135,8 @@ def _size_of(record: Record) -> int:
     value = record[2]
     if isinstance(value, bytes):
         return len(value)
+    if isinstance(value, PackedMembers):
+        return len(value.buffer)
     if isinstance(value, list):
         return sum(map(len, value))
     return sum(len(sub_key) + len(sub_value) for sub_key, sub_value in value.items())
@@ -149,12 +151,16 @@ def _pieces(record: Record) -> Iterator[Record]:
     count = len(value)
     size = _size_of(record)
     per_piece = max(1, min(settings.LOAD_CHUNK, count * settings.LOAD_CHUNK_BYTES // max(size, 1)))
+    if key_type == KeyType.MUTABLE:
+        if count <= per_piece and isinstance(value, list):
+            yield record
+            return
+        for start in range(0, count, per_piece):
+            # Lists of members, also of PackedMembers (whose slices are lists).
+            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
+        return
     if count <= per_piece:
         yield record
-        return
-    if key_type == KeyType.MUTABLE:
-        for start in range(0, count, per_piece):
-            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
         return
     assert isinstance(value, dict)
     items = iter(value.items())
