@@ -366,11 +366,16 @@ class Backend(ABC):
         source = import_rules.file_source(file)
         if import_rules.rereadable(file):
             start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
-            for record in rdb_reader.read_records(file):
-                self.check_import(import_rules.check_record(record, source))
+            for batch in import_rules.batches(rdb_reader.read_records(file), source):
+                self.check_imports(batch)
             if start is not None:
                 file.seek(start)  # type: ignore[union-attr]
         return self.load_records(rdb_reader.read_records(file), source=source)
+
+    def check_imports(self, records: list[Record]) -> None:
+        """:meth:`check_import` for each of some checked records (backends may batch it)."""
+        for record in records:
+            self.check_import(record)
 
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key.

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -138,6 +138,28 @@ def _checked_members(name: str, members: Any, source: PathType | None) -> list[b
     if not all(map(operator.lt, members, members[1:])):
         return sorted(set(members))
     return members if type(members) is list else list(members)
+
+
+def batches(
+    records: Iterable[Any], source: PathType | None = None, elements: int = 10_000
+) -> Iterator[list[Record]]:
+    """`records`, checked (:func:`check_record`), in lists of about `elements` elements.
+
+    An element is an immutable value, a sample or a sub-key; a bigger
+    record makes a list of its own.
+    """
+    batch: list[Record] = []
+    count = 0
+    for record in records:
+        checked = check_record(record, source)
+        batch.append(checked)
+        count += 1 if checked[1] == KeyType.IMMUTABLE else len(checked[2])
+        if count >= elements:
+            yield batch
+            batch = []
+            count = 0
+    if batch:
+        yield batch
 
 
 def contradiction(record: Record, existing_type: KeyType | None, existing: Any) -> str | None:

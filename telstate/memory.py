@@ -181,11 +181,15 @@ class MemoryBackend(Backend):
         """
         checked = [import_rules.check_record(record, source) for record in records]
         with self._lock:
+            earlier: dict[bytes, Record] = {}  # a key may be twice in a file (two databases)
             for record in checked:
                 key, key_type, value = record
                 existing = self._data.get(key)
                 existing_type = None if existing is None else _TYPES[type(existing)]
                 import_rules.raise_contradiction(record, existing_type, existing)
+                if key in earlier:
+                    import_rules.raise_contradiction(record, earlier[key][1], earlier[key][2])
+                earlier[key] = record
             for key, key_type, value in checked:
                 existing = self._data.get(key)
                 if existing is None:

@@ -265,23 +265,50 @@ class RedisBackend(Backend):
     def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
         """Import whole keys (see :mod:`telstate.import_rules`), pipelined.
 
-        Each record is checked, and checked against the server's keys,
-        before it is queued.
+        Records are checked, and checked against the server's keys, a
+        batch at a time before the batch is written.
         """
         self._check_writable()
         count = 0
-        pending = 0
         with self.client.pipeline(transaction=False) as pipe:
-            for record in records:
-                checked = import_rules.check_record(record, source)
-                self.check_import(checked)
-                pending += queue_record(pipe, checked)
-                count += 1
-                if pending >= LOAD_BATCH:
-                    pipe.execute()
-                    pending = 0
-            pipe.execute()
+            for batch in import_rules.batches(records, source, LOAD_BATCH):
+                self.check_imports(batch)
+                for record in batch:
+                    queue_record(pipe, record)
+                pipe.execute()
+                count += len(batch)
         return count
+
+    def check_imports(self, records: list[Record]) -> None:
+        """Check records against the server's keys in two round trips (see import_rules)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, _, _ in records:
+                pipe.type(key)
+            types = [_KEY_TYPES.get(kind) for kind in pipe.execute()]
+            wanted = []
+            for record, existing_type in zip(records, types):
+                key, key_type, value = record
+                if existing_type != key_type:
+                    continue
+                if key_type == KeyType.IMMUTABLE:
+                    pipe.get(key)
+                    wanted.append(record)
+                elif key_type == KeyType.INDEXED:
+                    assert isinstance(value, dict)
+                    pipe.hmget(key, list(value))
+                    wanted.append(record)
+            found = dict(zip((record[0] for record in wanted), pipe.execute()))
+        earlier: dict[bytes, Record] = {}  # a key may be twice in a file (two databases)
+        for record, existing_type in zip(records, types):
+            key, key_type, value = record
+            existing = found.get(key)
+            if key_type == KeyType.INDEXED and existing is not None:
+                assert isinstance(value, dict)
+                existing = dict(zip(value, existing))
+            import_rules.raise_contradiction(record, existing_type, existing)
+            if key in earlier:
+                import_rules.raise_contradiction(record, earlier[key][1], earlier[key][2])
+            earlier[key] = record
 
     def monitor_keys(
         self, keys: Iterable[bytes]
