@@ -25,8 +25,6 @@ from typing import Any, BinaryIO, TypeVar
 from ..backend import GetResult, KeyUpdateBase, Record
 from ..errors import CancelledError
 from ..lmdb import LmdbBackend as SyncLmdbBackend
-from ..lmdb import settings
-from ..lmdb.eventlog import key_update
 from ..utils import KeyType, PathType
 from .backend import Backend, Inbox, Watchers
 
@@ -183,7 +181,7 @@ class LmdbBackend(Backend):
                 # The range and the keys are fixed together, here on the
                 # loop: a monitor added later checks after this point.
                 start, end, keys = self._seq + 1, sync.last_seq, self._watchers.keys()
-                updates = await loop.run_in_executor(thread, _read_updates, sync, start, end, keys)
+                updates = await loop.run_in_executor(thread, sync.updates, start, end, list(keys))
                 self._seq = end
                 for key, update in updates:
                     self._watchers.deliver(key, update)
@@ -217,12 +215,3 @@ class LmdbBackend(Backend):
         self.close()
         assert self._close_task is not None
         await self._close_task
-
-
-def _read_updates(
-    sync: SyncLmdbBackend, start: int, end: int, keys: list[bytes]
-) -> list[tuple[bytes | None, KeyUpdateBase]]:
-    """The updates for the events ``start..end`` on `keys`, each with its key (None: all)."""
-    if end - start >= settings.MONITOR_MAX_SCAN:
-        return [(None, KeyUpdateBase())]
-    return [(event.key, key_update(event)) for event in sync.events(start, end, keys)]

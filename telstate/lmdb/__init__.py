@@ -24,7 +24,14 @@ Modules, one concern each:
 :mod:`~telstate.lmdb.state`
     Whole keys read from the state tables as RDB records.
 :mod:`~telstate.lmdb.eventlog`
-    Reading the log table; events as the frontend's key updates.
+    The log table: :func:`~telstate.lmdb.eventlog.append_events` (the one
+    way into it), chunked reads, events as the frontend's key updates.
+:mod:`~telstate.lmdb.writes`
+    :class:`WriteTxn`: one write transaction and its operations, from the
+    keys table to the log (``LmdbBackend.write()`` makes one).
+:mod:`~telstate.lmdb.bulk`
+    Imports of RDB records: checked chunks, samples straight into sealed
+    blocks, events appended many at a time.
 :mod:`~telstate.lmdb.audit`
     The state rebuilt from the log: :func:`replay` and ``verify``'s checks.
 :mod:`~telstate.lmdb.backend`
@@ -34,5 +41,6 @@ Modules, one concern each:
 from .audit import replay
 from .backend import LmdbBackend, Snapshot
 from .environment import DURABILITIES
+from .writes import RetryTransaction, WriteTxn
 
-__all__ = ["DURABILITIES", "LmdbBackend", "Snapshot", "replay"]
+__all__ = ["DURABILITIES", "LmdbBackend", "RetryTransaction", "Snapshot", "WriteTxn", "replay"]

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
 import lmdb
-import numpy as np
 
 from .. import log
 from ..backend import Backend, GetResult, KeyUpdateBase, Record
-from ..errors import ImmutableKeyError, ReadOnlyError, StoreError
+from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
-from ..utils import KeyType, PathType, compile_pattern, display_str
+from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
 from .audit import verify_in
 from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
@@ -33,22 +31,20 @@ from .layout import (
     ALL_KEYS,
     IMMUTABLE,
     INDEXED,
-    INLINE_LIMIT,
     INLINE_PREFIX,
-    KEY_ID,
     LONG_NAME_KEY_LEN,
     MUTABLE,
     NAME,
     TIMESTAMP,
-    U32,
-    KeyRecord,
     Tables,
-    inline,
+    key_record,
+    key_type_of,
     name_key_of,
     record_name,
 )
-from .samples import add_sample, latest_member, sample_range
+from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
+from .writes import RetryTransaction, WriteTxn, wrong_type
 
 _T = TypeVar("_T")
 _HOST = socket.gethostname()
@@ -122,9 +118,6 @@ class LmdbBackend(Backend):
             batch_interval=self._batch_interval,
             map_size=max(map_size, 1 << 16),
         )
-        # State of the write transaction in progress (see _write and _append).
-        self._new_writer_id: int | None = None
-        self._appended: tuple[int, float] | None = None
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -159,146 +152,45 @@ class LmdbBackend(Backend):
                         txn.abort()
             store.adopt_map_size()
 
-    def _write(self, body: Callable[..., tuple[_T, bool]], *args: Any) -> _T:
-        """Run ``body(txn, tables, *args)`` in a write transaction, committed if it says so.
+    def write(self) -> WriteTxn:
+        """A write transaction for several operations, committed as one.
 
-        `body` returns (result, changed); it must have no effect outside the
-        transaction, as it is run again after the map grows or is resized.
+        Example::
+
+            with backend.write() as wtxn:
+                wtxn.add_mutable(b"sensor", value, timestamp)
+                wtxn.set_indexed(b"config", b"gain", gain)
+
+        The operations of :class:`~telstate.lmdb.writes.WriteTxn` return
+        what the backend's methods of the same name return (plus whether
+        ``add_mutable``/``delete``/``clear`` changed anything). Other
+        processes and threads see all of them or none. An exception in
+        the block aborts the transaction.
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only.
+        RetryTransaction
+            On leaving the block, if the store's map was full: it has
+            grown, nothing was committed, run the block again.
+        StoreError
+            If the store is closed, the disk is full or the store damaged.
         """
         store = self._store
         if store is None or self.readonly:
             self._get_store()
             raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
-        with store.write_lock:
-            while True:
-                env = store.env or store.ensure_open()
-                try:
-                    txn = env.begin(None, None, True)
-                except lmdb.MapResizedError:
-                    store.adopt_map_size()
-                    continue
-                self._new_writer_id = None
-                self._appended = None
-                txnid = txn.id()
-                try:
-                    result, changed = body(txn, store.tables, *args)
-                    if changed:
-                        txn.commit()
-                    else:
-                        txn.abort()
-                except lmdb.MapFullError:
-                    abort(txn)
-                    store.grow()
-                    continue
-                except lmdb.Error as error:
-                    abort(txn)
-                    message = f"writing to the store at {store.path!r} failed: {error}"
-                    raise StoreError(message) from error
-                except BaseException:
-                    abort(txn)
-                    raise
-                break
-            if changed:
-                if self._new_writer_id is not None:
-                    store.writer_ids[self.writer_name] = self._new_writer_id
-                if self._appended is not None:
-                    store.last_commit = (txnid, *self._appended)
-        if changed:
-            store.committed()
-        return result
+        return WriteTxn(store, self.writer_name)
 
-    def _register_writer(self, txn: Any, tables: Tables) -> int:
-        """The writer id of this process and name, added to the writers table if new."""
-        if self._new_writer_id is not None:
-            return self._new_writer_id
-        cursor = txn.cursor(tables.writers)
-        writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
-        writer = Writer(_HOST, os.getpid(), self.writer_name)
-        txn.put(log.pack_writer_id(writer_id), log.encode_writer(writer), db=tables.writers)
-        self._new_writer_id = writer_id
-        return writer_id
-
-    def _append(
-        self,
-        txn: Any,
-        tables: Tables,
-        op_code: int,
-        name_key: bytes,
-        key: bytes = b"",
-        sub_key: bytes = b"",
-        value: bytes = b"",
-        timestamp: float = math.nan,
-    ) -> None:
-        """Append one event to the log and the history index."""
-        self._append_events(txn, tables, op_code, name_key, key, [value], [sub_key], [timestamp])
-
-    def _append_events(
-        self,
-        txn: Any,
-        tables: Tables,
-        op_code: int,
-        name_key: bytes,
-        key: bytes,
-        values: Sequence[bytes | memoryview] | np.ndarray,
-        sub_keys: Sequence[bytes] | None = None,
-        timestamps: Sequence[float] | np.ndarray | None = None,
-    ) -> None:
-        """Append events of one kind on one key to the log and the history index.
-
-        The one place events are made: single writes append one, imports
-        (:mod:`telstate.lmdb.bulk`) many (see :func:`telstate.log.encode_records`
-        for the arguments). The events get the seqs after :meth:`_last_event`
-        and one append time.
-        """
-        store: Store = self._store  # type: ignore[assignment]
-        previous_seq, previous_time = self._last_event(txn, tables)
-        now = time.time()
-        if now < previous_time:
-            now = previous_time  # keep event times monotonic for replay(until_time=...)
-        writer_id = store.writer_ids.get(self.writer_name) or self._register_writer(txn, tables)
-        records = log.encode_records(op_code, writer_id, now, key, values, sub_keys, timestamps)
-        count = len(records)
-        seq_keys = list(map(log.pack_seq, range(previous_seq + 1, previous_seq + count + 1)))
-        # Appends: seqs grow, in the log and among each key's duplicates.
-        added = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True)
-        indexed = txn.cursor(tables.history).putmulti(
-            zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
-        )
-        if added != (count, count) or indexed != (count, count):
-            raise StoreError(
-                f"{store.path!r}: appending events {previous_seq + 1}..{previous_seq + count} "
-                "failed: the log or history index is out of order (damaged store?)"
-            )
-        self._appended = (previous_seq + count, now)
-
-    def _last_event(self, txn: Any, tables: Tables) -> tuple[int, float]:
-        """(seq, time) of the last event before the one about to be appended.
-
-        Usually known without a look at the log: the last one appended in
-        this transaction, or this process's last commit if nobody else
-        committed since.
-        """
-        if self._appended is None:
-            committed_txnid, seq, previous_time = self._store.last_commit  # type: ignore[union-attr]
-            if committed_txnid != txn.id() - 1:
-                cursor = txn.cursor(tables.log)
-                if cursor.last():
-                    seq = log.unpack_seq(cursor.key())
-                    previous_time = log.record_time(cursor.value())
-                else:
-                    seq, previous_time = 0, 0.0
-            self._appended = (seq, previous_time)
-        return self._appended
-
-    def _new_key(
-        self, txn: Any, tables: Tables, name_key: bytes, key_type: int, key: bytes, value: bytes
-    ) -> bytes:
-        """Create the keys-table entry of a new key; return its key id."""
-        counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
-        txn.put(b"next_key_id", KEY_ID.pack(counter + 1), db=tables.meta)
-        key_id = KEY_ID.pack(counter)
-        txn.put(name_key, KeyRecord.new(key_type, key_id, key, value).encode(), db=tables.keys)
-        return key_id
+    def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
+        """``operation(wtxn)`` in a transaction of its own, run again after the map grew."""
+        while True:
+            try:
+                with self.write() as wtxn:
+                    return operation(wtxn)
+            except RetryTransaction:
+                continue
 
     # --- Backend: reads -------------------------------------------------------------
 
@@ -333,7 +225,7 @@ class LmdbBackend(Backend):
     @staticmethod
     def _key_type_in(txn: Any, tables: Tables, key: bytes) -> KeyType | None:
         data = txn.get(name_key_of(key), db=tables.keys)
-        return None if data is None else KeyRecord.type_of(data)
+        return None if data is None else key_type_of(data)
 
     def get(self, key: bytes) -> GetResult:
         """Get the value and timestamp of a key.
@@ -351,7 +243,7 @@ class LmdbBackend(Backend):
         return self._read(self._get_in, key)
 
     def _get_in(self, txn: Any, tables: Tables, key: bytes) -> GetResult:
-        record = _key_record(txn, tables, name_key_of(key))
+        record = key_record(txn, tables, name_key_of(key))
         result: GetResult
         if record is None:
             result = (None, None)
@@ -387,11 +279,11 @@ class LmdbBackend(Backend):
         return self._read(self._get_indexed_in, key, sub_key)
 
     def _get_indexed_in(self, txn: Any, tables: Tables, key: bytes, sub_key: bytes) -> bytes | None:
-        record = _key_record(txn, tables, name_key_of(key))
+        record = key_record(txn, tables, name_key_of(key))
         if record is None:
             raise KeyError(key)
         if record.type_code != INDEXED:
-            raise _wrong_type(key, record, "indexed")
+            raise wrong_type(key, record, "indexed")
         value = indexed_value(txn, tables, record.key_id, sub_key)
         caches = self._get_store().caches_for(txn.id())
         if caches is not None and _cacheable(value):
@@ -434,11 +326,11 @@ class LmdbBackend(Backend):
         include_previous: bool,
         include_end: bool,
     ) -> tuple[list[bytes], list[float]] | None:
-        record = _key_record(txn, tables, name_key_of(key))
+        record = key_record(txn, tables, name_key_of(key))
         if record is None:
             return None
         if record.type_code != MUTABLE:
-            raise _wrong_type(key, record, "mutable")
+            raise wrong_type(key, record, "mutable")
         return sample_range(
             txn,
             tables,
@@ -470,20 +362,7 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write(self._set_immutable_in, key, value)
-
-    def _set_immutable_in(
-        self, txn: Any, tables: Tables, key: bytes, value: bytes
-    ) -> tuple[bytes | None, bool]:
-        name_key = name_key_of(key)
-        record = _key_record(txn, tables, name_key)
-        if record is not None:
-            if record.type_code != IMMUTABLE:
-                raise _wrong_type(key, record, "immutable")
-            return record.value, False
-        self._new_key(txn, tables, name_key, IMMUTABLE, key, value)
-        self._append(txn, tables, log.SET_IMMUTABLE, name_key, key, b"", value)
-        return None, True
+        return self._write_one(lambda wtxn: wtxn.set_immutable(key, value))
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         """Add a (value, timestamp) sample to a mutable key.
@@ -500,29 +379,7 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write(self._add_mutable_in, key, value, timestamp)
-
-    def _add_mutable_in(
-        self, txn: Any, tables: Tables, key: bytes, value: bytes, timestamp: float
-    ) -> tuple[None, bool]:
-        name_key = NAME + key if len(key) < INLINE_LIMIT else name_key_of(key)
-        record = _key_record(txn, tables, name_key)
-        if record is None:
-            key_id = self._new_key(txn, tables, name_key, MUTABLE, key, b"")
-            flags, sealed = 0, -1.0
-        elif record.type_code != MUTABLE:
-            raise _wrong_type(key, record, "mutable")
-        else:
-            key_id, flags, sealed = record.key_id, record.flags, record.sealed
-        # A long value points at the event that adds it (the seq it will get).
-        seq = self._last_event(txn, tables)[0] + 1 if len(value) >= INLINE_LIMIT else 0
-        # (timestamp or 0.0) turns -0.0 into 0.0, as pack_timestamp does.
-        if not add_sample(
-            txn, tables, name_key, key_id, flags, sealed, timestamp or 0.0, value, seq
-        ):
-            return None, False
-        self._append(txn, tables, log.ADD_MUTABLE, name_key, key, b"", value, timestamp)
-        return None, True
+        self._write_one(lambda wtxn: wtxn.add_mutable(key, value, timestamp))
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
         """Set a sub-key of an indexed key unless the sub-key exists.
@@ -541,28 +398,7 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write(self._set_indexed_in, key, sub_key, value)
-
-    def _set_indexed_in(
-        self, txn: Any, tables: Tables, key: bytes, sub_key: bytes, value: bytes
-    ) -> tuple[bytes | None, bool]:
-        name_key = name_key_of(key)
-        record = _key_record(txn, tables, name_key)
-        if record is None:
-            key_id = self._new_key(txn, tables, name_key, INDEXED, key, b"")
-        elif record.type_code != INDEXED:
-            raise _wrong_type(key, record, "indexed")
-        else:
-            key_id = record.key_id
-            existing = indexed_value(txn, tables, key_id, sub_key)
-            if existing is not None:
-                return existing, False
-        data = value
-        if len(sub_key) >= INLINE_LIMIT:
-            data = U32.pack(len(sub_key)) + sub_key + value
-        txn.put(key_id + inline(sub_key), data, db=tables.indexed)
-        self._append(txn, tables, log.SET_INDEXED, name_key, key, sub_key, value)
-        return None, True
+        return self._write_one(lambda wtxn: wtxn.set_indexed(key, sub_key, value))
 
     def delete(self, key: bytes) -> None:
         """Delete a key (no-op, and no event, if it does not exist).
@@ -574,29 +410,7 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write(self._delete_in, key)
-
-    def _delete_in(self, txn: Any, tables: Tables, key: bytes) -> tuple[None, bool]:
-        name_key = name_key_of(key)
-        record = _key_record(txn, tables, name_key)
-        if record is None:
-            return None, False
-        key_type, key_id = record.type_code, record.key_id
-        txn.delete(name_key, db=tables.keys)
-        if key_type == MUTABLE:
-            txn.delete(key_id, db=tables.samples)
-            self._delete_prefix(txn, tables.blocks, key_id)
-        elif key_type == INDEXED:
-            self._delete_prefix(txn, tables.indexed, key_id)
-        self._append(txn, tables, log.DELETE, name_key, key)
-        return None, True
-
-    @staticmethod
-    def _delete_prefix(txn: Any, db: Any, prefix: bytes) -> None:
-        cursor = txn.cursor(db=db)
-        found = cursor.set_range(prefix)
-        while found and cursor.key()[: len(prefix)] == prefix:
-            found = cursor.delete()
+        self._write_one(lambda wtxn: wtxn.delete(key))
 
     def clear(self) -> None:
         """Remove all keys (no event if there are none).
@@ -608,15 +422,7 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write(self._clear_in)
-
-    def _clear_in(self, txn: Any, tables: Tables) -> tuple[None, bool]:
-        if txn.stat(tables.keys)["entries"] == 0:
-            return None, False
-        for db in (tables.keys, tables.samples, tables.blocks, tables.indexed):
-            txn.drop(db, delete=False)
-        self._append(txn, tables, log.CLEAR, ALL_KEYS)
-        return None, True
+        self._write_one(WriteTxn.clear)
 
     def load_records(
         self,
@@ -718,14 +524,25 @@ class LmdbBackend(Backend):
                 remaining = deadline - time.monotonic()
                 last = self.wait_for_commit(seq, max(remaining, 0.0))
                 if last > seq:
-                    if last - seq > settings.MONITOR_MAX_SCAN:
-                        pending.append(KeyUpdateBase())
-                    else:
-                        pending.extend(map(key_update, self.events(seq + 1, last, keys)))
+                    pending.extend(update for _, update in self.updates(seq + 1, last, keys))
                     seq = last
                 elif remaining <= 0.0:
                     break
             timeout = yield pending.popleft() if pending else None
+
+    def updates(
+        self, start_seq: int, end_seq: int, keys: Iterable[bytes]
+    ) -> list[tuple[bytes | None, KeyUpdateBase]]:
+        """The key updates of the events ``start_seq..end_seq`` on `keys`, for wake-ups.
+
+        Each comes with its key (None for a clear). More than
+        ``settings.MONITOR_MAX_SCAN`` events give one bare
+        :class:`KeyUpdateBase` (with key None) instead: check every key
+        again. The sync and aio monitors both read updates through this.
+        """
+        if end_seq - start_seq >= settings.MONITOR_MAX_SCAN:
+            return [(None, KeyUpdateBase())]
+        return [(event.key, key_update(event)) for event in self.events(start_seq, end_seq, keys)]
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
         """Wait until the log goes past `after_seq`, written by any process.
@@ -1020,13 +837,3 @@ class Snapshot:
 def _cacheable(value: object) -> bool:
     """Whether a read result is small enough to keep in the read cache."""
     return value is None or len(value) <= settings.CACHE_MAX_VALUE  # type: ignore[arg-type]
-
-
-def _key_record(txn: Any, tables: Tables, name_key: bytes) -> KeyRecord | None:
-    """The decoded keys-table record at `name_key`, or None if there is no such key."""
-    data = txn.get(name_key, db=tables.keys)
-    return None if data is None else KeyRecord.decode(data)
-
-
-def _wrong_type(key: bytes, record: KeyRecord, wanted: str) -> ImmutableKeyError:
-    return ImmutableKeyError(f"{display_str(key)} is {record.key_type.name.lower()}, not {wanted}")

@@ -41,7 +41,6 @@ from ..import_rules import check_record, raise_contradiction
 from ..utils import KeyType, PathType, display_str
 from . import settings
 from .layout import (
-    IMMUTABLE,
     INDEXED,
     INLINE_LIMIT,
     KEY_ID,
@@ -56,6 +55,7 @@ from .layout import (
 )
 from .samples import append_samples, latest_member
 from .state import indexed_value
+from .writes import RetryTransaction, WriteTxn
 
 if TYPE_CHECKING:
     from .backend import LmdbBackend
@@ -81,7 +81,13 @@ def load(
             yield record
 
     for chunk, events in _chunks(counted(), source):
-        backend._write(_write_chunk, backend, chunk)
+        while True:
+            try:
+                with backend.write() as wtxn:
+                    _write_chunk(wtxn, chunk)
+                break
+            except RetryTransaction:
+                continue  # the map grew: write the chunk again
         if progress is not None:
             progress("importing", events)
     return keys
@@ -193,22 +199,23 @@ def _check_conflict(txn: Any, tables: Tables, record: Record) -> None:
     raise_contradiction(record, stored.key_type, existing)
 
 
-def _write_chunk(
-    txn: Any, tables: Tables, backend: LmdbBackend, chunk: list[Record]
-) -> tuple[None, bool]:
+def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
     """Check every piece of `chunk` against the store, then write them all."""
+    txn, tables = wtxn.txn, wtxn.tables
     _check_chunk(txn, tables, chunk)
-    changed = False
     for piece in chunk:
         # Again: a key may be twice in one file (in two databases), so in one chunk.
         _check_conflict(txn, tables, piece)
-        if piece[1] == KeyType.IMMUTABLE:
-            changed = _write_immutable(txn, tables, backend, piece) or changed
-        elif piece[1] == KeyType.MUTABLE:
-            changed = _write_mutable(txn, tables, backend, piece) or changed
+        key, key_type, value = piece
+        if key_type == KeyType.IMMUTABLE:
+            assert isinstance(value, bytes)
+            wtxn.set_immutable(key, value)  # the same value if it exists (checked)
+        elif key_type == KeyType.MUTABLE:
+            assert isinstance(value, list)
+            _write_mutable(wtxn, key, value)
         else:
-            changed = _write_indexed(txn, tables, backend, piece) or changed
-    return None, changed
+            assert isinstance(value, dict)
+            _write_indexed(wtxn, key, value)
 
 
 def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
@@ -217,46 +224,53 @@ def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
     return KEY_ID.unpack(key_id)[0] + 1 == counter
 
 
-def _write_immutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
-    key, _, value = record
-    if _stored(txn, tables, key) is not None:
-        return False  # the same value (checked)
-    assert isinstance(value, bytes)
-    name_key = name_key_of(key)
-    backend._new_key(txn, tables, name_key, IMMUTABLE, key, value)
-    backend._append(txn, tables, log.SET_IMMUTABLE, name_key, key, b"", value)
-    return True
-
-
-def _write_mutable(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
-    key, _, members = record
-    assert isinstance(members, list)
+def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
+    txn, tables = wtxn.txn, wtxn.tables
     name_key = name_key_of(key)
     stored = _stored(txn, tables, key)
-    changed = False
     if stored is None:
-        key_id = backend._new_key(txn, tables, name_key, MUTABLE, key, b"")
-        flags, newest = 0, True
+        stored = wtxn.new_key(name_key, MUTABLE, key, b"")
+        newest = True
     else:
         # Samples up to the key's latest take the per-sample path, which finds
         # duplicates (a file imported again) and puts late ones in their blocks.
         latest = latest_member(txn, tables, stored.key_id, stored.flags)
         after = bisect.bisect_right(members, latest)
         for member in members[:after]:
-            value, stamp = member[8:], TIMESTAMP.unpack_from(member)[0]
-            changed = backend._add_mutable_in(txn, tables, key, value, stamp)[1] or changed
+            wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
         members = members[after:]
         if not members:
-            return changed
+            return
         stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
         assert stored is not None
-        key_id, flags = stored.key_id, stored.flags
-        newest = _is_newest(txn, tables, key_id)
-    first_seq = backend._last_event(txn, tables)[0] + 1
-    append_samples(txn, tables, name_key, key_id, flags, members, first_seq, newest)
+        newest = _is_newest(txn, tables, stored.key_id)
+    append_samples(
+        txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
+    )
     values, stamps = _split_members(members)
-    backend._append_events(txn, tables, log.ADD_MUTABLE, name_key, key, values, None, stamps)
-    return True
+    wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
+
+
+def _write_indexed(wtxn: WriteTxn, key: bytes, sub_keys: dict[bytes, bytes]) -> None:
+    txn, tables = wtxn.txn, wtxn.tables
+    if _stored(txn, tables, key) is not None:
+        for sub_key, value in sub_keys.items():
+            wtxn.set_indexed(key, sub_key, value)  # skips sub-keys it has (the same: checked)
+        return
+    name_key = name_key_of(key)
+    key_id = wtxn.new_key(name_key, INDEXED, key, b"").key_id
+    entries = []
+    for sub_key, value in sub_keys.items():
+        data = value
+        if len(sub_key) >= INLINE_LIMIT:
+            data = U32.pack(len(sub_key)) + sub_key + value
+        entries.append((key_id + inline(sub_key), data))
+    entries.sort()
+    # A new key has the greatest key id: its entries are appends.
+    added = txn.cursor(tables.indexed).putmulti(entries, overwrite=False, append=True)
+    if added != (len(entries), len(entries)):
+        raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
+    wtxn.append_events(log.SET_INDEXED, name_key, key, list(sub_keys.values()), list(sub_keys))
 
 
 def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray, np.ndarray]:
@@ -275,30 +289,3 @@ def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray,
             return table[:, 8:], stamps
     stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
     return [memoryview(member)[8:] for member in members], stamps
-
-
-def _write_indexed(txn: Any, tables: Tables, backend: LmdbBackend, record: Record) -> bool:
-    key, _, value = record
-    assert isinstance(value, dict)
-    stored = _stored(txn, tables, key)
-    if stored is not None:
-        changed = False
-        for sub_key, sub_value in value.items():
-            changed = backend._set_indexed_in(txn, tables, key, sub_key, sub_value)[1] or changed
-        return changed
-    name_key = name_key_of(key)
-    key_id = backend._new_key(txn, tables, name_key, INDEXED, key, b"")
-    entries = []
-    for sub_key, sub_value in value.items():
-        data = sub_value
-        if len(sub_key) >= INLINE_LIMIT:
-            data = U32.pack(len(sub_key)) + sub_key + sub_value
-        entries.append((key_id + inline(sub_key), data))
-    entries.sort()
-    added = txn.cursor(tables.indexed).putmulti(entries, overwrite=False, append=True)
-    if added != (len(entries), len(entries)):
-        raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
-    backend._append_events(
-        txn, tables, log.SET_INDEXED, name_key, key, list(value.values()), list(value)
-    )
-    return True

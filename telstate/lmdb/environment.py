@@ -224,7 +224,7 @@ class Store:
         self.housekeeper_stop = threading.Event()
         self.writer_ids = {}
         # (transaction id, seq, time) of this process's last commit with events:
-        # while nobody else commits, the next event follows it (see backend.LmdbBackend._append).
+        # while nobody else commits, the next event follows it (see writes.WriteTxn._last_event).
         self.last_commit: tuple[int, int, float] = (-1, 0, 0.0)
         self.cache_txnid = -1
         self.get_cache = {}

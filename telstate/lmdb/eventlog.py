@@ -1,8 +1,15 @@
-"""Reading the event log table, and turning events into the frontend's key updates.
+"""The event log table: appending events, reading them, and the frontend's key updates.
 
 The record format of an event is :mod:`telstate.log`'s; the tables that
 hold the log, the writers and the history index are described in
-:mod:`telstate.lmdb.layout`.
+:mod:`telstate.lmdb.layout`. Every event enters the log through
+:func:`append_events`.
+
+Reads come in chunks, each in its own short read transaction; a chunk
+ends after ``settings.LOG_CHUNK`` events or once it holds
+``settings.LOG_CHUNK_BYTES`` bytes of records, whichever comes first (it
+always holds at least one event), so reading big events stays bounded
+in memory.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from .. import log
 from ..backend import ImmutableKeyUpdate, IndexedKeyUpdate, KeyUpdateBase, MutableKeyUpdate
@@ -21,9 +30,80 @@ from . import settings
 from .layout import Tables
 
 
-def last_seq_in(txn: Any, tables: Tables) -> int:
+def append_events(
+    txn: Any,
+    tables: Tables,
+    first_seq: int,
+    name_key: bytes,
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    values: Sequence[bytes | memoryview] | np.ndarray,
+    sub_keys: Sequence[bytes] | None = None,
+    timestamps: Sequence[float] | np.ndarray | None = None,
+) -> int:
+    """Append events `first_seq`, `first_seq` + 1, ... of one kind on one key; return how many.
+
+    The one place events are made: single writes append one, imports
+    (:mod:`telstate.lmdb.bulk`) many. See
+    :func:`telstate.log.encode_records` for `values`, `sub_keys` and
+    `timestamps`. `first_seq` must be one more than the last event's;
+    every put is an append (seqs grow, in the log and among each key's
+    duplicates), and LMDB refusing one raises StoreError, so that the
+    transaction is not committed with state changes lacking their events.
+
+    Raises
+    ------
+    StoreError
+        If LMDB refused an append (`first_seq` is not past the last event).
+    """
+    records = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
+    count = len(records)
+    if count == 1:
+        # Every single write: two plain puts, by position (py-lmdb parses
+        # keywords slowly, 0.25 us a put): dupdata, overwrite, append.
+        seq_key = log.pack_seq(first_seq)
+        appended = txn.put(seq_key, records[0], True, True, True, tables.log) and txn.put(
+            name_key, seq_key, True, True, True, tables.history
+        )
+    else:
+        seq_keys = list(map(log.pack_seq, range(first_seq, first_seq + count)))
+        appended = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True) == (
+            count,
+            count,
+        ) and txn.cursor(tables.history).putmulti(
+            zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
+        ) == (count, count)
+    if not appended:
+        raise StoreError(
+            f"LMDB append out of order: events {first_seq}..{first_seq + count - 1} are not "
+            "past the last one (the store may be damaged)"
+        )
+    return count
+
+
+def last_event(txn: Any, tables: Tables) -> tuple[int, float]:
+    """(seq, time) of the last event of the log; (0, 0.0) if it is empty."""
     cursor = txn.cursor(db=tables.log)
-    return log.unpack_seq(cursor.key()) if cursor.last() else 0
+    if not cursor.last():
+        return 0, 0.0
+    try:
+        return log.unpack_seq(cursor.key()), log.record_time(cursor.value())
+    except (struct.error, ValueError) as error:
+        raise StoreError(f"the last event of the log is damaged: {error}") from None
+
+
+def last_seq_in(txn: Any, tables: Tables) -> int:
+    """The seq of the last event of the log; 0 if it is empty."""
+    cursor = txn.cursor(db=tables.log)
+    return _unpack_seq(cursor.key()) if cursor.last() else 0
+
+
+def _unpack_seq(seq_key: bytes) -> int:
+    if len(seq_key) != 8:
+        raise StoreError(f"damaged log: a key of {len(seq_key)} bytes is not a seq")
+    return log.unpack_seq(seq_key)
 
 
 def raw_log(txn: Any, tables: Tables, start_seq: int) -> Iterator[tuple[int, bytes]]:
@@ -31,9 +111,8 @@ def raw_log(txn: Any, tables: Tables, start_seq: int) -> Iterator[tuple[int, byt
     cursor = txn.cursor(db=tables.log)
     if not cursor.set_range(log.pack_seq(max(start_seq, 1))):
         return
-    unpack_seq = log.unpack_seq
     for seq_key, record in cursor.iternext():
-        yield unpack_seq(seq_key), record
+        yield _unpack_seq(seq_key), record
 
 
 def key_update(event: Event) -> KeyUpdateBase:
@@ -55,11 +134,20 @@ def key_update(event: Event) -> KeyUpdateBase:
 def log_chunk(
     txn: Any, tables: Tables, start_seq: int, end_seq: int | None
 ) -> list[tuple[int, bytes]]:
-    chunk = list(itertools.islice(raw_log(txn, tables, start_seq), settings.LOG_CHUNK))
-    if end_seq is not None:
-        while chunk and chunk[-1][0] > end_seq:
-            chunk.pop()
+    """The next chunk of (seq, record) from `start_seq` up to `end_seq` (None: the end)."""
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    for seq, record in raw_log(txn, tables, start_seq):
+        if (end_seq is not None and seq > end_seq) or not _room(chunk, size):
+            break
+        chunk.append((seq, bytes(record)))
+        size += len(record)
     return chunk
+
+
+def _room(chunk: list, size: int) -> bool:
+    """Whether a chunk of this many events and bytes may take one more."""
+    return not chunk or (len(chunk) < settings.LOG_CHUNK and size < settings.LOG_CHUNK_BYTES)
 
 
 def history_chunk(
@@ -77,9 +165,19 @@ def history_chunk(
                 # Cut short: later seqs of the other keys wait for the next chunk.
                 limit = min(limit, seqs[-1])
             streams.append(seqs)
-    seq_keys = list(itertools.takewhile(limit.__ge__, heapq.merge(*streams)))
-    get = txn.get
-    return [(log.unpack_seq(seq), get(seq, db=tables.log)) for seq in seq_keys]
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    for seq_key in itertools.takewhile(limit.__ge__, heapq.merge(*streams)):
+        if not _room(chunk, size):
+            break
+        record = txn.get(seq_key, db=tables.log)
+        if record is None:
+            raise StoreError(
+                f"the history index names event {_unpack_seq(seq_key)}, not in the log"
+            )
+        chunk.append((_unpack_seq(seq_key), bytes(record)))
+        size += len(record)
+    return chunk
 
 
 def writers_in(txn: Any, tables: Tables) -> dict[int, Writer]:

@@ -19,7 +19,8 @@ record. Long sample values are handled differently (see ``samples``).
     ``0x01`` + inline key → key record: type (1 byte: 1 immutable,
     2 mutable, 3 indexed), key id (8 bytes, new for every creation of the
     key), flags (1 byte: 1 = long name, 2 = long sample values), the last
-    timestamp sealed into blocks (float64; -1 if none), then for a long
+    timestamp sealed into blocks (float64; ``NO_SEALED`` = -1 if none: sample
+    timestamps are never negative), then for a long
     name its 4-byte length and the name, then the value of an immutable key.
 ``samples`` (sorted duplicates)
     The *tail* of each mutable key: key id → one duplicate per recent
@@ -53,6 +54,7 @@ from typing import Any, NamedTuple
 
 import lmdb
 
+from ..errors import StoreError
 from ..utils import KeyType
 
 # Inline forms (see the module docstring).
@@ -66,6 +68,8 @@ LONG_PADDING = bytes(INLINE_LIMIT - INLINE_PREFIX - 8)
 
 # Type code, key id, flags, sealed timestamp: the fixed start of a key record.
 _KEY_HEADER = struct.Struct(">B8sBd")
+_unpack_header = _KEY_HEADER.unpack_from
+_HEADER_SIZE = _KEY_HEADER.size
 KEY_ID = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 TIMESTAMP = struct.Struct(">d")
@@ -73,6 +77,9 @@ FLAG_LONG_NAME = 1
 FLAG_LONG_VALUES = 2
 TYPE_BY_CODE = {1: KeyType.IMMUTABLE, 2: KeyType.MUTABLE, 3: KeyType.INDEXED}
 IMMUTABLE, MUTABLE, INDEXED = 1, 2, 3
+#: The sealed timestamp of a key without blocks: below every sample timestamp,
+#: which the sample engine keeps in [0, inf].
+NO_SEALED = -1.0
 first8 = operator.itemgetter(slice(0, 8))
 after8 = operator.itemgetter(slice(8, None))
 _new_tuple = tuple.__new__
@@ -109,26 +116,55 @@ class KeyRecord(NamedTuple):
     def new(cls, type_code: int, key_id: bytes, key: bytes, value: bytes = b"") -> KeyRecord:
         """The record of a key just created, with no samples sealed."""
         if len(key) >= INLINE_LIMIT:
-            return cls(type_code, key_id, FLAG_LONG_NAME, -1.0, key, value)
-        return cls(type_code, key_id, 0, -1.0, None, value)
+            return cls(type_code, key_id, FLAG_LONG_NAME, NO_SEALED, key, value)
+        return cls(type_code, key_id, 0, NO_SEALED, None, value)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> KeyRecord:
-        """The record stored as `data`."""
-        type_code, key_id, flags, sealed = _KEY_HEADER.unpack_from(data)
-        if flags & FLAG_LONG_NAME:
-            length = U32.unpack_from(data, _KEY_HEADER.size)[0]
-            start = _KEY_HEADER.size + U32.size
-            name = bytes(data[start : start + length])
-            return cls(type_code, key_id, flags, sealed, name, bytes(data[start + length :]))
+        """The record stored as `data`.
+
+        Raises
+        ------
+        StoreError
+            If `data` is not a key record (the store is damaged).
+        """
+        try:
+            type_code, key_id, flags, sealed = _unpack_header(data)
+        except struct.error:
+            raise StoreError(f"damaged key record ({len(data)} bytes)") from None
+        if flags & FLAG_LONG_NAME or type_code not in TYPE_BY_CODE:
+            return cls._decode_long(data, type_code, key_id, flags, sealed)
         # Every read decodes a record: skip the generated __new__ (a Python call).
-        value = bytes(data[_KEY_HEADER.size :])
-        return _new_tuple(cls, (type_code, key_id, flags, sealed, None, value))
+        return _new_tuple(cls, (type_code, key_id, flags, sealed, None, bytes(data[_HEADER_SIZE:])))
+
+    @classmethod
+    def _decode_long(
+        cls, data: bytes | memoryview, type_code: int, key_id: bytes, flags: int, sealed: float
+    ) -> KeyRecord:
+        if type_code not in TYPE_BY_CODE:
+            raise StoreError(f"damaged key record: unknown type code {type_code}")
+        if len(data) < _HEADER_SIZE + U32.size:
+            raise StoreError("damaged key record: its name length is missing")
+        length = U32.unpack_from(data, _HEADER_SIZE)[0]
+        start = _HEADER_SIZE + U32.size
+        if start + length > len(data):
+            raise StoreError("damaged key record: its name length overruns it")
+        name = bytes(data[start : start + length])
+        return cls(type_code, key_id, flags, sealed, name, bytes(data[start + length :]))
 
     @staticmethod
     def type_of(data: bytes | memoryview) -> KeyType:
-        """The type of the key of an encoded record, without decoding the rest."""
-        return TYPE_BY_CODE[data[0]]
+        """The type of the key of an encoded record, without decoding the rest.
+
+        Raises
+        ------
+        StoreError
+            If the type code is unknown (the store is damaged).
+        """
+        key_type = TYPE_BY_CODE.get(data[0])
+        if key_type is None:
+            raise StoreError(f"damaged key record: unknown type code {data[0]}")
+        return key_type
 
     @property
     def key_type(self) -> KeyType:
@@ -151,20 +187,54 @@ def update_record(
     sealed: float | None = None,
 ) -> None:
     """Change the flags or the sealed timestamp of a key's record."""
-    record = KeyRecord.decode(txn.get(name_key, db=tables.keys))
+    data = txn.get(name_key, db=tables.keys)
+    if data is None:
+        raise StoreError(f"the keys table lost the record of {name_key[1:20]!r}")
+    record = KeyRecord.decode(data)
     if flags is not None:
         record = record._replace(flags=flags)
     if sealed is not None:
         record = record._replace(sealed=sealed)
-    txn.put(name_key, record.encode(), db=tables.keys)
+    checked_put(txn, name_key, record.encode(), tables.keys)
+
+
+#: The type of the key of an encoded key record, without decoding the rest.
+key_type_of = KeyRecord.type_of
+
+
+def key_record(txn: Any, tables: Tables, name_key: bytes) -> KeyRecord | None:
+    """The decoded keys-table record at `name_key`, or None if there is no such key."""
+    data = txn.get(name_key, db=tables.keys)
+    return None if data is None else KeyRecord.decode(data)
+
+
+def checked_put(
+    txn: Any, key: bytes, value: bytes, db: Any, *, append: bool = False, dupdata: bool = True
+) -> None:
+    """``txn.put``, raising StoreError where py-lmdb returns False instead of raising.
+
+    With ``append=True`` LMDB refuses a key that does not sort after the
+    last one; py-lmdb reports that only through the result. Committing
+    anyway would, for the log, leave state changes without their event.
+
+    Raises
+    ------
+    StoreError
+        If the put was refused (out-of-order append, or an existing
+        duplicate with ``dupdata=False``).
+    """
+    if not txn.put(key, value, append=append, dupdata=dupdata, db=db):
+        what = "append out of order" if append else "put refused"
+        raise StoreError(f"LMDB {what}: key {bytes(key[:24]).hex()} (the store may be damaged)")
 
 
 def record_name(name_key: bytes, record: bytes | memoryview) -> bytes:
     """The telstate key of a keys table entry."""
     if len(name_key) == LONG_NAME_KEY_LEN:
-        start = _KEY_HEADER.size + U32.size
-        length = U32.unpack_from(record, _KEY_HEADER.size)[0]
-        return bytes(record[start : start + length])
+        name = KeyRecord.decode(record).name
+        if name is None:
+            raise StoreError("damaged key record: a long name key without its name")
+        return name
     return bytes(name_key[1:])
 
 

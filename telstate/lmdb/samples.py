@@ -14,6 +14,31 @@ outgrows ``settings.BLOCK_MAX``. Keys with sample values of 480 bytes or
 more (arrays, mostly) are not sealed: their reads are dominated by
 copying the values anyway. The table layouts are in
 :mod:`telstate.lmdb.layout`.
+
+Invariant
+---------
+For every mutable key, with ``sealed`` the timestamp in its key record:
+
+- Every timestamp is in [0, inf] (the callers reject others), so packed
+  big-endian timestamps sort like the numbers and ``NO_SEALED`` (-1)
+  cannot be one: ``sealed == NO_SEALED`` exactly when the key has no
+  blocks.
+- The samples of the key are the union of its blocks and its tail, each
+  (timestamp, value) once; sorted by (timestamp, value bytes) that union
+  is the key's zset.
+- Blocks hold members with timestamp <= ``sealed``; the tail holds those
+  with timestamp > ``sealed``. Blocks are disjoint in time: each block's
+  table key is key id + its first timestamp, and all members of one
+  timestamp are in one block (so a block of a single timestamp may exceed
+  ``BLOCK_MAX``; it cannot be split).
+- Every block is non-empty and sorted; the last block ends at ``sealed``.
+- Only keys without long values in the tail get sealed, and a tail is
+  only sealed when it holds at least two timestamps: checking that
+  costs two cursor moves, not a scan, so many samples at one timestamp
+  stay cheap to add.
+
+Every seek checks that it stays within the key id it seeks in, so damage
+or odd input cannot reach another key's records.
 """
 
 from __future__ import annotations
@@ -37,10 +62,12 @@ from .layout import (
     KEY_ID,
     LONG_PADDING,
     LONG_SAMPLE_LEN,
+    NO_SEALED,
     TIMESTAMP,
     U32,
     Tables,
     after8,
+    checked_put,
     first8,
     update_record,
 )
@@ -64,13 +91,28 @@ class _Block:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.count = count = U32.unpack_from(data)[0]
-        self.stamps: tuple[float, ...] = struct.unpack_from(f">{count}d", data, 4)
+        try:
+            self.count = count = U32.unpack_from(data)[0]
+            self.stamps: tuple[float, ...] = struct.unpack_from(f">{count}d", data, 4)
+        except struct.error:
+            raise StoreError(f"damaged sample block ({len(data)} bytes)") from None
+        if not count:
+            raise StoreError("damaged sample block: it is empty")
         self._values: list[bytes] | None = None
 
     def values(self) -> list[bytes]:
         if self._values is None:
-            self._values = msgpack.unpackb(self.data[4 + 8 * self.count :])
+            try:
+                values = msgpack.unpackb(self.data[4 + 8 * self.count :])
+            except Exception as error:  # msgpack raises many kinds on damaged input
+                raise StoreError(f"damaged sample block: {error!r}") from None
+            if (
+                type(values) is not list
+                or len(values) != self.count
+                or not all(type(value) is bytes for value in values)
+            ):
+                raise StoreError("damaged sample block: its values do not match its timestamps")
+            self._values = values
         return self._values
 
     def member(self, index: int) -> bytes:
@@ -97,14 +139,23 @@ def _long_value(txn: Any, tables: Tables, member: bytes) -> bytes:
     record = txn.get(member[-8:], db=tables.log)
     if record is None:
         raise StoreError(f"the log lacks event {log.unpack_seq(member[-8:])} of a sample")
-    return log.decode_record(record)[6]
+    try:
+        return log.decode_record(record)[6]
+    except ValueError as error:
+        raise StoreError(f"event {log.unpack_seq(member[-8:])}: {error}") from None
+
+
+def _check_member(member: bytes) -> bytes:
+    if len(member) < 8:
+        raise StoreError(f"damaged sample: {len(member)} bytes, without a timestamp")
+    return member
 
 
 def _tail_members(txn: Any, tables: Tables, members: list) -> list[bytes]:
     """Tail members as full members: long values fetched, and the order they lost restored."""
     resolved = []
     for member in members:
-        member = bytes(member)
+        member = _check_member(bytes(member))
         if len(member) == LONG_SAMPLE_LEN:
             member = member[:8] + _long_value(txn, tables, member)
         resolved.append(member)
@@ -132,7 +183,7 @@ def latest_member(txn: Any, tables: Tables, key_id: bytes, flags: int) -> bytes:
         raise StoreError(f"mutable key id {key_id.hex()} has no samples")
     if flags & FLAG_LONG_VALUES:
         return _max_of_run(txn, tables, key_id, cursor)
-    return bytes(cursor.value())
+    return _check_member(bytes(cursor.value()))
 
 
 def _previous_member(
@@ -151,8 +202,8 @@ def _previous_member(
         if found:
             if flags & FLAG_LONG_VALUES:
                 return _max_of_run(txn, tables, key_id, cursor)
-            return bytes(cursor.value())
-    if sealed < 0.0:
+            return _check_member(bytes(cursor.value()))
+    if sealed == NO_SEALED:
         return None
     # In the block that starts at `start` (an empty value) or the last one before.
     cursor = txn.cursor(tables.blocks)
@@ -162,7 +213,8 @@ def _previous_member(
     if not (cursor.prev() if found else cursor.last()) or cursor.key()[:8] != key_id:
         return None
     block = _Block(cursor.value())
-    return block.member(block.before(start))
+    index = block.before(start)
+    return None if index < 0 else block.member(index)
 
 
 def _add_member(values: list[bytes], stamps: list[float], member: bytes | None) -> None:
@@ -255,8 +307,16 @@ def sample_range(
             if flags & FLAG_LONG_VALUES:
                 tail = _tail_members(txn, tables, tail)
             values += map(after8, tail)
-            stamps += struct.unpack(f">{len(tail)}d", b"".join(map(first8, tail)))
+            stamps += _unpack_stamps(tail)
     return values, stamps
+
+
+def _unpack_stamps(members: list) -> tuple[float, ...]:
+    """The timestamps of tail members."""
+    packed = b"".join(map(first8, members))
+    if len(packed) != 8 * len(members):
+        raise StoreError("damaged sample: a tail member without a timestamp")
+    return struct.unpack(f">{len(members)}d", packed)
 
 
 def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[bytes]:
@@ -265,10 +325,13 @@ def all_members(txn: Any, tables: Tables, key_id: bytes, flags: int) -> list[byt
     for block in _blocks_from(txn, tables, key_id, -1.0):
         members += block.members()
     cursor = txn.cursor(tables.samples)
-    tail = list(cursor.iternext_dup(keys=False)) if cursor.set_key(key_id) else []
-    if flags & FLAG_LONG_VALUES:
-        return members + _tail_members(txn, tables, tail)
-    return members + [bytes(member) for member in tail]
+    if cursor.set_key(key_id):
+        tail = cursor.iternext_dup(keys=False)
+        if flags & FLAG_LONG_VALUES:
+            members += _tail_members(txn, tables, list(tail))
+        else:
+            members += (_check_member(bytes(member)) for member in tail)
+    return members
 
 
 def add_sample(
@@ -287,6 +350,8 @@ def add_sample(
         return _insert_into_block(txn, tables, key_id, stamp, value)
     cursor = txn.cursor(tables.samples)
     if len(value) < INLINE_LIMIT:
+        # dupdata=False (by position: py-lmdb parses keywords slowly): an
+        # identical (timestamp, value) is refused, returning False.
         if not cursor.put(key_id, TIMESTAMP.pack(stamp) + value, False):
             return False
     else:
@@ -297,14 +362,25 @@ def add_sample(
                     break
                 if len(member) == LONG_SAMPLE_LEN and _long_value(txn, tables, member) == value:
                     return False
-        cursor.put(key_id, prefix + LONG_PADDING + log.pack_seq(seq))
+        checked_put(txn, key_id, prefix + LONG_PADDING + log.pack_seq(seq), tables.samples)
         if not flags & FLAG_LONG_VALUES:
             flags |= FLAG_LONG_VALUES
             update_record(txn, tables, name_key, flags=flags)
-    count = cursor.count()
-    if count >= settings.TAIL_MAX and not flags & FLAG_LONG_VALUES:
+    if (
+        not flags & FLAG_LONG_VALUES
+        and cursor.count() >= settings.TAIL_MAX
+        and _has_two_timestamps(cursor)
+    ):
         _seal(txn, tables, name_key, key_id)
     return True
+
+
+def _has_two_timestamps(cursor: Any) -> bool:
+    """Whether the tail at `cursor` holds more than one timestamp (two cursor moves)."""
+    cursor.first_dup()
+    first = cursor.value()[:8]
+    cursor.last_dup()
+    return cursor.value()[:8] != first
 
 
 def _seal(txn: Any, tables: Tables, name_key: bytes, key_id: bytes) -> None:
@@ -315,7 +391,7 @@ def _seal(txn: Any, tables: Tables, name_key: bytes, key_id: bytes) -> None:
     """
     cursor = txn.cursor(tables.samples)
     cursor.set_key(key_id)
-    tail = list(cursor.iternext_dup(keys=False))
+    tail = [_check_member(bytes(member)) for member in cursor.iternext_dup(keys=False)]
     last = tail[-1][:8]
     keep = len(tail)
     while keep and tail[keep - 1][:8] == last:
@@ -325,8 +401,9 @@ def _seal(txn: Any, tables: Tables, name_key: bytes, key_id: bytes) -> None:
     moving = tail[:keep]
     txn.delete(key_id, db=tables.samples)  # every duplicate at once, then put back the rest
     for member in tail[keep:]:
-        cursor.put(key_id, member)
-    txn.put(key_id + moving[0][:8], _encode_block(moving), db=tables.blocks)
+        checked_put(txn, key_id, member, tables.samples)
+    for part in _split_block(moving):
+        checked_put(txn, key_id + part[0][:8], _encode_block(part), tables.blocks)
     update_record(txn, tables, name_key, sealed=TIMESTAMP.unpack_from(moving[-1])[0])
 
 
@@ -337,7 +414,9 @@ def _insert_into_block(txn: Any, tables: Tables, key_id: bytes, stamp: float, va
     found = cursor.set_range(target)
     if not (found and cursor.key() == target):
         if not (cursor.prev() if found else cursor.last()) or cursor.key()[:8] != key_id:
-            cursor.set_range(key_id)  # before every block: the first one takes it
+            # Before every block: the first one takes it.
+            if not cursor.set_range(key_id) or cursor.key()[:8] != key_id:
+                raise StoreError(f"mutable key id {key_id.hex()} lost its sample blocks")
     block_key = cursor.key()
     members = _Block(cursor.value()).members()
     member = TIMESTAMP.pack(stamp) + value
@@ -347,20 +426,40 @@ def _insert_into_block(txn: Any, tables: Tables, key_id: bytes, stamp: float, va
     members.insert(index, member)
     txn.delete(block_key, db=tables.blocks)
     for part in _split_block(members):
-        txn.put(key_id + part[0][:8], _encode_block(part), db=tables.blocks)
+        checked_put(txn, key_id + part[0][:8], _encode_block(part), tables.blocks)
     return True
 
 
 def _split_block(members: list[bytes]) -> list[list[bytes]]:
-    """`members` as one block, or two split at the timestamp boundary nearest the middle."""
-    if len(members) <= settings.BLOCK_MAX:
-        return [members]
-    middle = len(members) // 2
-    for offset in range(middle):
-        for index in (middle - offset, middle + offset):
-            if 0 < index < len(members) and members[index][:8] != members[index - 1][:8]:
-                return [members[:index], members[index:]]
-    return [members]  # one timestamp throughout: it cannot be split
+    """`members` cut at timestamp boundaries into blocks of at most ``BLOCK_MAX``.
+
+    A cut falls at the boundary nearest ``BLOCK_MAX`` members on, or
+    nearest the middle of what is left if two blocks suffice; a run of one
+    timestamp longer than that stays whole (see the invariant).
+    """
+    limit = settings.BLOCK_MAX
+    parts = []
+    start = 0
+    while len(members) - start > limit:
+        cut = _boundary_near(members, start, start + min(limit, (len(members) - start) // 2))
+        if cut is None:
+            break
+        parts.append(members[start:cut])
+        start = cut
+    parts.append(members[start:])
+    return parts
+
+
+def _boundary_near(members: list[bytes], start: int, target: int) -> int | None:
+    """The index after `start` nearest `target` where the timestamp changes, or None."""
+    for offset in range(len(members)):
+        below, above = target - offset, target + offset
+        if below <= start and above >= len(members):
+            return None
+        for index in (below, above):
+            if start < index < len(members) and members[index][:8] != members[index - 1][:8]:
+                return index
+    return None
 
 
 def _next_packed(packed: bytes) -> bytes:

@@ -14,7 +14,8 @@ Name                       Default    Meaning
 ``READER_CHECK_INTERVAL``  10 s       housekeeper clears stale reader slots this often
 ``POLL_INTERVAL``          0.05 s     waiters check the last transaction id this often
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
-``LOG_CHUNK``              4096       events read per read transaction
+``LOG_CHUNK``              4096       most events read per read transaction
+``LOG_CHUNK_BYTES``        1 MiB      a chunk of events ends once its records hold this much
 ``LOAD_CHUNK``             100000     most events an import commits per transaction
 ``LOAD_CHUNK_BYTES``       32 MiB     about the most bytes an import commits per transaction
 ``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
@@ -32,6 +33,7 @@ READER_CHECK_INTERVAL = 10.0
 POLL_INTERVAL = 0.05
 HEARTBEAT = 5.0
 LOG_CHUNK = 4096
+LOG_CHUNK_BYTES = 1 << 20
 LOAD_CHUNK = 100_000
 LOAD_CHUNK_BYTES = 32 << 20
 MONITOR_MAX_SCAN = 10000

@@ -1,4 +1,8 @@
-"""Whole keys read from the state tables, as RDB records (and indexed keys' sub-keys)."""
+"""Whole keys read from the state tables, as RDB records (and indexed keys' sub-keys).
+
+Every seek stays within the key id (or name prefix) it seeks in; a
+damaged entry raises :exc:`~telstate.errors.StoreError`.
+"""
 
 from __future__ import annotations
 
@@ -34,23 +38,42 @@ def indexed_items(txn: Any, tables: Tables, key_id: bytes) -> dict[bytes, bytes]
         if entry_key[:8] != key_id:
             break
         if len(entry_key) == 8 + INLINE_LIMIT:
-            length = U32.unpack_from(data)[0]
-            items[bytes(data[4 : 4 + length])] = bytes(data[4 + length :])
+            sub_key, value = _split_long_entry(data)
+            items[sub_key] = value
         else:
             items[bytes(entry_key[8:])] = bytes(data)
     return items
 
 
+def _split_long_entry(data: bytes) -> tuple[bytes, bytes]:
+    """(sub-key, value) of the indexed table entry of a long sub-key."""
+    if len(data) < U32.size:
+        raise StoreError("damaged indexed entry: its sub-key length is missing")
+    length = U32.unpack_from(data)[0]
+    if U32.size + length > len(data):
+        raise StoreError("damaged indexed entry: its sub-key length overruns it")
+    return bytes(data[4 : 4 + length]), bytes(data[4 + length :])
+
+
 def indexed_value(txn: Any, tables: Tables, key_id: bytes, sub_key: bytes) -> bytes | None:
+    """The value of one sub-key of an indexed key, or None if it has no such sub-key."""
     data = txn.get(key_id + inline(sub_key), db=tables.indexed)
     if data is None:
         return None
     if len(sub_key) >= INLINE_LIMIT:
-        length = U32.unpack_from(data)[0]
-        if bytes(data[4 : 4 + length]) != sub_key:
+        stored_sub_key, value = _split_long_entry(data)
+        if stored_sub_key != sub_key:
             raise StoreError(f"SHA-256 collision between sub-keys of length {len(sub_key)}")
-        return bytes(data[4 + length :])
+        return value
     return bytes(data)
+
+
+def delete_prefix(txn: Any, db: Any, prefix: bytes) -> None:
+    """Delete every entry of `db` whose key starts with `prefix`."""
+    cursor = txn.cursor(db=db)
+    found = cursor.set_range(prefix)
+    while found and cursor.key()[: len(prefix)] == prefix:
+        found = cursor.delete()
 
 
 def _state_record(txn: Any, tables: Tables, key: bytes, record: bytes) -> Record:
@@ -86,5 +109,6 @@ def state_records(txn: Any, tables: Tables) -> Iterator[Record]:
 
 
 def key_state_record(txn: Any, tables: Tables, key: bytes) -> Record | None:
+    """The whole of `key` as a Record, or None if there is no such key."""
     record = txn.get(name_key_of(key), db=tables.keys)
     return None if record is None else _state_record(txn, tables, key, record)

@@ -1,0 +1,406 @@
+"""One write transaction of an LMDB store: the write operations and their events.
+
+A :class:`WriteTxn` owns one LMDB write transaction and everything that
+belongs to it alone: the tables, the seq and time of the last event
+appended in it, and this process's writer id if the transaction
+registers it. Its methods are the write operations of
+:class:`~telstate.backend.Backend`; each changes the state tables and
+appends its event through :func:`telstate.lmdb.eventlog.append_events`.
+Several operations may run in one transaction; it commits as one.
+
+:meth:`LmdbBackend.write() <telstate.lmdb.LmdbBackend.write>` makes one
+and commits it: the path of a write is ``TelescopeState.add`` →
+``LmdbBackend.add_mutable`` → ``WriteTxn.add_mutable`` →
+``add_sample`` and ``append_events``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from .. import log
+from ..errors import ImmutableKeyError, InvalidTimestampError, StoreError
+from ..log import Writer
+from ..utils import display_str
+from .environment import Store, abort
+from .eventlog import append_events, last_event
+from .layout import (
+    ALL_KEYS,
+    IMMUTABLE,
+    INDEXED,
+    INLINE_LIMIT,
+    KEY_ID,
+    MUTABLE,
+    NAME,
+    U32,
+    KeyRecord,
+    Tables,
+    checked_put,
+    inline,
+    key_record,
+    name_key_of,
+)
+from .samples import add_sample
+from .state import delete_prefix, indexed_value
+
+_HOST = socket.gethostname()
+# The ids of the stores with a WriteTxn open (each holds its store's write lock).
+_OPEN: set[int] = set()
+
+
+class RetryTransaction(StoreError):
+    """The store's map was full and has grown: run the transaction again.
+
+    Raised by :meth:`LmdbBackend.write` when a transaction ran out of map
+    space; nothing of it was committed. The single-operation methods of
+    the backend retry by themselves.
+    """
+
+
+class WriteTxn:
+    """One write transaction of a store: the write operations, committed as one.
+
+    Use it as a context manager (:meth:`LmdbBackend.write
+    <telstate.lmdb.LmdbBackend.write>` makes one)::
+
+        with backend.write() as wtxn:
+            wtxn.add_mutable(b"sensor", value, timestamp)
+            wtxn.set_indexed(b"config", b"gain", gain)
+
+    Entering takes the store's write lock and begins the LMDB transaction.
+    Leaving the block normally commits it if an operation changed the
+    state (else aborts it); leaving it by an exception aborts it, so none
+    of its operations take effect. An operation that raises
+    :exc:`~telstate.errors.ImmutableKeyError` or
+    :exc:`~telstate.errors.InvalidTimestampError` has changed nothing, so
+    the block may catch that and go on (one bad request of a batch need
+    not fail the others); after any other exception, leave the block.
+
+    Parameters
+    ----------
+    store
+        The store to write to (opened writable).
+    writer_name
+        Recorded with this process's writer registration.
+
+    Attributes
+    ----------
+    txn
+        The LMDB write transaction (inside the with block).
+    tables
+        The store's tables.
+    changed
+        Whether any operation changed the state.
+
+    Raises
+    ------
+    RetryTransaction
+        On leaving the block, if the store's map was full: the map has
+        grown and nothing was committed; run the block again.
+    StoreError
+        On leaving the block, if LMDB failed (disk full, damaged store).
+    """
+
+    __slots__ = (
+        "_store",
+        "_writer_name",
+        "txn",
+        "tables",
+        "changed",
+        "_writer_id",
+        "_new_writer_id",
+        "_last_commit",
+        "_appended",
+        "_txnid",
+    )
+
+    def __init__(self, store: Store, writer_name: str | None) -> None:
+        self._store = store
+        self._writer_name = writer_name
+        self.changed = False
+        self._new_writer_id: int | None = None
+        # (seq, time) of the last event appended in this transaction (or before it).
+        self._appended: tuple[int, float] | None = None
+        # Set by __enter__: the transaction and what it starts from.
+        self.txn: Any
+        self.tables: Tables
+        self._txnid: int
+        self._writer_id: int | None
+        self._last_commit: tuple[int, int, float]
+
+    def __enter__(self) -> WriteTxn:
+        store = self._store
+        store.write_lock.acquire()
+        try:
+            if id(store) in _OPEN:
+                # We hold the write lock, so that transaction is this thread's.
+                # LMDB's writer mutex is not recursive: a second write
+                # transaction here would wait for itself forever.
+                raise StoreError(
+                    f"a write transaction on the store at {store.path!r} is already open in "
+                    "this thread: use its WriteTxn (backend.write() blocks do not nest)"
+                )
+            while True:
+                env = store.env or store.ensure_open()
+                try:
+                    txn = env.begin(None, None, True)  # write=True (by position: faster)
+                    break
+                except lmdb.MapResizedError:
+                    store.adopt_map_size()  # another process grew the map
+        except BaseException:
+            store.write_lock.release()
+            raise
+        _OPEN.add(id(store))
+        self.txn = txn
+        self._txnid = txn.id()
+        self.tables = store.tables
+        self._writer_id = store.writer_ids.get(self._writer_name)
+        self._last_commit = store.last_commit
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        store, txn = self._store, self.txn
+        self.txn = None
+        _OPEN.discard(id(store))
+        if exc is not None:
+            self._fail(txn, exc)
+            return  # the block's own exception propagates
+        try:
+            if not self.changed:
+                txn.abort()
+                store.write_lock.release()
+                return
+            txn.commit()
+        except BaseException as error:
+            self._fail(txn, error)
+            raise
+        if self._new_writer_id is not None:
+            store.writer_ids[self._writer_name] = self._new_writer_id
+        if self._appended is not None:
+            store.last_commit = (self._txnid, *self._appended)
+        store.write_lock.release()
+        store.committed()
+
+    def _fail(self, txn: Any, error: BaseException) -> None:
+        """Abort after `error` and release the write lock; raise what it means for callers."""
+        store = self._store
+        abort(txn)
+        try:
+            if isinstance(error, lmdb.MapFullError):
+                store.grow()
+                raise RetryTransaction(
+                    f"the store at {store.path!r} was full; its map has grown"
+                ) from None
+        finally:
+            store.write_lock.release()
+        if isinstance(error, lmdb.Error):
+            message = f"writing to the store at {store.path!r} failed: {error}"
+            raise StoreError(message) from error
+
+    # --- the operations -------------------------------------------------------------
+
+    def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        """Set an immutable key unless it exists; return the existing value, or None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not immutable.
+        """
+        name_key = name_key_of(key)
+        record = key_record(self.txn, self.tables, name_key)
+        if record is not None:
+            if record.type_code != IMMUTABLE:
+                raise wrong_type(key, record, "immutable")
+            return record.value
+        self.new_key(name_key, IMMUTABLE, key, value)
+        self._append(log.SET_IMMUTABLE, name_key, key, value=value)
+        return None
+
+    def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> bool:
+        """Add a sample to a mutable key; False if the same sample was there already.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not mutable.
+        InvalidTimestampError
+            If `timestamp` is negative or NaN (the sample engine keeps
+            timestamps in [0, inf]).
+        """
+        if not timestamp >= 0.0:
+            raise InvalidTimestampError(
+                f"{display_str(key)}: timestamp {timestamp!r} is negative or NaN"
+            )
+        txn, tables = self.txn, self.tables
+        name_key = NAME + key if len(key) < INLINE_LIMIT else name_key_of(key)
+        record = key_record(txn, tables, name_key)
+        if record is None:
+            record = self.new_key(name_key, MUTABLE, key, b"")
+        elif record.type_code != MUTABLE:
+            raise wrong_type(key, record, "mutable")
+        key_id, flags, sealed = record.key_id, record.flags, record.sealed
+        # A long value points at the event that adds it (the seq it will get).
+        seq = self._last_event()[0] + 1 if len(value) >= INLINE_LIMIT else 0
+        # (timestamp or 0.0) turns -0.0 into 0.0, as pack_timestamp does.
+        if not add_sample(
+            txn, tables, name_key, key_id, flags, sealed, timestamp or 0.0, value, seq
+        ):
+            return False
+        self._append(log.ADD_MUTABLE, name_key, key, value=value, timestamp=timestamp)
+        return True
+
+    def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        """Set a sub-key unless it exists; return the existing value, or None.
+
+        Raises
+        ------
+        ImmutableKeyError
+            If the key exists and is not indexed.
+        """
+        txn, tables = self.txn, self.tables
+        name_key = name_key_of(key)
+        record = key_record(txn, tables, name_key)
+        if record is None:
+            key_id = self.new_key(name_key, INDEXED, key, b"").key_id
+        elif record.type_code != INDEXED:
+            raise wrong_type(key, record, "indexed")
+        else:
+            key_id = record.key_id
+            existing = indexed_value(txn, tables, key_id, sub_key)
+            if existing is not None:
+                return existing
+        data = value
+        if len(sub_key) >= INLINE_LIMIT:
+            data = U32.pack(len(sub_key)) + sub_key + value
+        checked_put(txn, key_id + inline(sub_key), data, tables.indexed)
+        self._append(log.SET_INDEXED, name_key, key, sub_key, value)
+        return None
+
+    def delete(self, key: bytes) -> bool:
+        """Delete a key; False (and no event) if it does not exist."""
+        txn, tables = self.txn, self.tables
+        name_key = name_key_of(key)
+        record = key_record(txn, tables, name_key)
+        if record is None:
+            return False
+        txn.delete(name_key, db=tables.keys)
+        if record.type_code == MUTABLE:
+            txn.delete(record.key_id, db=tables.samples)
+            delete_prefix(txn, tables.blocks, record.key_id)
+        elif record.type_code == INDEXED:
+            delete_prefix(txn, tables.indexed, record.key_id)
+        self._append(log.DELETE, name_key, key)
+        return True
+
+    def clear(self) -> bool:
+        """Remove all keys; False (and no event) if there are none."""
+        txn, tables = self.txn, self.tables
+        if txn.stat(tables.keys)["entries"] == 0:
+            return False
+        for db in (tables.keys, tables.samples, tables.blocks, tables.indexed):
+            txn.drop(db, delete=False)
+        self._append(log.CLEAR, ALL_KEYS)
+        return True
+
+    # --- the log ----------------------------------------------------------------------
+
+    def _append(
+        self,
+        op_code: int,
+        name_key: bytes,
+        key: bytes = b"",
+        sub_key: bytes = b"",
+        value: bytes = b"",
+        timestamp: float = float("nan"),
+    ) -> None:
+        """Append the event of an operation that changed the state."""
+        self.append_events(op_code, name_key, key, [value], [sub_key], [timestamp])
+
+    def append_events(
+        self,
+        op_code: int,
+        name_key: bytes,
+        key: bytes,
+        values: Sequence[bytes | memoryview] | np.ndarray,
+        sub_keys: Sequence[bytes] | None = None,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """Append the events of changes already made to one key, in order, with one time.
+
+        For bulk paths (:mod:`telstate.lmdb.bulk`); see
+        :func:`~telstate.lmdb.eventlog.append_events` for the arguments.
+        """
+        previous_seq, previous_time = self._last_event()
+        now = time.time()
+        if now < previous_time:
+            now = previous_time  # event times never go back, for replay(until_time=...)
+        writer_id = self._writer_id or self._writer()
+        count = append_events(
+            self.txn,
+            self.tables,
+            previous_seq + 1,
+            name_key,
+            op_code,
+            writer_id,
+            now,
+            key,
+            values,
+            sub_keys,
+            timestamps,
+        )
+        self._appended = (previous_seq + count, now)
+        self.changed = True
+
+    def next_seq(self) -> int:
+        """The seq the next event appended in this transaction will get."""
+        return self._last_event()[0] + 1
+
+    def _last_event(self) -> tuple[int, float]:
+        """(seq, time) of the last event before the one about to be appended."""
+        if self._appended is None:
+            committed_txnid, seq, previous_time = self._last_commit
+            if committed_txnid != self._txnid - 1:
+                seq, previous_time = last_event(self.txn, self.tables)
+            self._appended = (seq, previous_time)
+        return self._appended
+
+    def _writer(self) -> int:
+        """This process's writer id, registered in the writers table if new."""
+        if self._writer_id is None:
+            cursor = self.txn.cursor(self.tables.writers)
+            writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
+            writer = Writer(_HOST, os.getpid(), self._writer_name)
+            checked_put(
+                self.txn,
+                log.pack_writer_id(writer_id),
+                log.encode_writer(writer),
+                self.tables.writers,
+            )
+            self._writer_id = self._new_writer_id = writer_id
+        return self._writer_id
+
+    def new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
+        """Create the keys-table entry of a new key; return its record (for bulk paths too)."""
+        txn, tables = self.txn, self.tables
+        counter_data = txn.get(b"next_key_id", db=tables.meta)
+        if counter_data is None or len(counter_data) != KEY_ID.size:
+            raise StoreError("the store's key id counter is missing or damaged")
+        counter = KEY_ID.unpack(counter_data)[0]
+        checked_put(txn, b"next_key_id", KEY_ID.pack(counter + 1), tables.meta)
+        key_id = KEY_ID.pack(counter)
+        record = KeyRecord.new(key_type, key_id, key, value)
+        checked_put(txn, name_key, record.encode(), tables.keys)
+        return record
+
+
+def wrong_type(key: bytes, record: KeyRecord, wanted: str) -> ImmutableKeyError:
+    """The error for an operation on `key` that needs it of type `wanted`."""
+    return ImmutableKeyError(f"{display_str(key)} is {record.key_type.name.lower()}, not {wanted}")
