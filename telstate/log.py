@@ -316,6 +316,10 @@ def encode_records(
     """
     if isinstance(values, np.ndarray):
         return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
+    if len(values) == 1:  # every single write
+        sub_key = b"" if sub_keys is None else sub_keys[0]
+        timestamp = _NAN if timestamps is None else timestamps[0]
+        return [encode_record(op_code, writer_id, time, key, sub_key, values[0], timestamp)]
     return [
         encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
         for sub_key, value, timestamp in zip(
