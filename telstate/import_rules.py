@@ -41,8 +41,8 @@ promise it: ``load_from_file`` of a path or seekable file checks the whole
 file (records and conflicts) before it writes anything, on every backend
 (the asyncio Redis and memory backends: per batch of records); the memory
 backend's ``load_records`` is all or nothing; the others' ``load_records``
-of an iterator check each record (the LMDB store: each chunk) before
-writing it.
+of an iterator check each batch of records (the LMDB store: each chunk,
+in the transaction that writes it) before writing it.
 """
 
 from __future__ import annotations
