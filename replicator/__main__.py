@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from telstate.errors import StoreError
 
 from .acl import AclError
-from .connection import connect
+from .connection import PASSWORD_VARIABLE, connect, read_password
 from .redis_sink import DEFAULT_SPARE_DB
 
 _COMMANDS = ("run", "status")
@@ -77,8 +77,15 @@ def _parser() -> argparse.ArgumentParser:
             metavar="URL",
             help="mirror: redis://, rediss:// or unix:// URL with the database number"
             " (e.g. redis://host:6379/0, unix:///run/redis.sock?db=0); put the"
-            " replicator's own Redis user in it (redis://USER:PASSWORD@host/0) to protect"
-            " the mirror, see --acl-setup",
+            " replicator's own Redis user in it (redis://USER@host/0, its password in"
+            " --redis-password-file) to protect the mirror, see --acl-setup",
+        )
+        command.add_argument(
+            "--redis-password-file",
+            metavar="FILE",
+            help="file whose first line is the password of the replicator's Redis user (the"
+            " user in --redis): unlike a password in the URL, ps does not show it. Default:"
+            f" ${PASSWORD_VARIABLE}, if set",
         )
         command.add_argument("--rdb-dir", metavar="DIR", help="directory for RDB snapshots")
         command.add_argument(
@@ -101,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SPARE_DB,
         metavar="N",
         help="empty database in which a rebuild builds the new mirror before swapping it in"
-        " (default: %(default)s; each mirror on a server needs its own)",
+        " (default: %(default)s; mirrors on a server that share one rebuild one at a time)",
     )
     run.add_argument(
         "--snapshot-interval",
@@ -148,9 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.rdb_dir is not None and os.path.exists(options.rdb_dir):
         if not os.path.isdir(options.rdb_dir):
             parser.error(f"--rdb-dir {options.rdb_dir!r} is not a directory")
+    options.password = None
     if options.redis is not None:
         try:
-            connect(options.redis)[0].close()
+            options.password = read_password(options.redis_password_file)
+        except OSError as error:
+            parser.error(f"--redis-password-file: {error}")
+        try:
+            connect(options.redis, options.password)[0].close()
         except ValueError as error:
             parser.error(f"--redis: {error}")
     if options.command == "status":
@@ -163,7 +175,11 @@ def _status(options: argparse.Namespace) -> int:
 
     try:
         status = gather_status(
-            options.log, options.redis, options.rdb_dir, client_user=options.client_user
+            options.log,
+            options.redis,
+            options.rdb_dir,
+            client_user=options.client_user,
+            password=options.password,
         )
     except StoreError as error:
         print(f"telstate-replicator: {error}", file=sys.stderr)
@@ -188,12 +204,13 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except StoreError as error:
         logging.getLogger("replicator").error("%s", error)
         return 2
+    redis_sink = None
     try:
-        redis_sink = None
         if options.redis is not None:
             redis_sink = RedisSink(
                 source,
                 options.redis,
+                password=options.password,
                 batch_events=options.batch,
                 spare_db=options.spare_db,
                 client_user=options.client_user,
@@ -201,23 +218,26 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
         snapshot_sink = None
         if options.rdb_dir is not None:
-            snapshot_sink = SnapshotSink(
-                source, options.rdb_dir, interval=options.snapshot_interval, keep=options.keep
-            )
-        if redis_sink is not None:
-            redis_sink.check_access()
+            try:
+                snapshot_sink = SnapshotSink(
+                    source, options.rdb_dir, interval=options.snapshot_interval, keep=options.keep
+                )
+            except OSError as error:
+                raise ValueError(f"--rdb-dir: {error}") from error
     except ValueError as error:
-        source.close()
-        parser.error(str(error))
-    except OSError as error:
-        source.close()
-        parser.error(f"--rdb-dir: {error}")
-    except AclError as error:
-        logging.getLogger("replicator").error("%s", error)
         if redis_sink is not None:
             redis_sink.close()
         source.close()
-        return 2
+        parser.error(str(error))
+    if redis_sink is not None:
+        try:
+            redis_sink.check_access()
+        except (AclError, ValueError) as error:
+            # Not a usage error: the server refuses (rights, databases).
+            logging.getLogger("replicator").error("%s", error)
+            redis_sink.close()
+            source.close()
+            return 2
     daemon = Daemon(source, redis_sink, snapshot_sink)
     daemon.handle_signals()
     try:

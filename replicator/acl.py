@@ -15,15 +15,31 @@ script runs with its caller's rights, so katsdptelstate's read scripts run,
 and a write inside any script (katsdptelstate's ``add``) or outside one
 (``delete``) fails at once with a ``NOPERM`` error. ``PUBLISH`` is refused
 too, so that nobody can send a fake ``update/<key>`` message to the
-mirror's waiters; ``@admin`` so that a client cannot change the rules.
+mirror's waiters; ``@admin`` so that a client cannot change the rules;
+``SCRIPT FLUSH`` so that it cannot drop the scripts everyone shares.
 
 The rules apply to the whole server (ACLs have no notion of databases):
-clients of that user can write no database of it.
+clients of that user can write no database of it. ``clearselectors`` comes
+first among them: a selector left from earlier rules (``(~* +@write)``)
+would otherwise keep its rights beside them.
+
+What "protected" means (:func:`check_protection`): the client user may
+read, and Redis refuses it every command that writes keys (the ``@write``
+category, as the server lists it), every ``@admin`` command and
+``PUBLISH``/``SPUBLISH``, on a key name no store uses and on a sample of
+the mirror's own keys. Rights granted on a narrow key pattern that no
+mirror key matches leave the mirror protected: a selector such as
+``(~telstate-requests:* +xadd)`` (or ``%W~telstate-requests:*``), added to
+the rules after ``clearselectors``, lets clients append to a request
+stream and the mirror stays protected, as long as no key of the store
+matches the pattern. A pattern that does match a sampled mirror key
+(``~sensor* +@write``), or any broader write right, makes it unprotected.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -33,6 +49,7 @@ from telstate.utils import ensure_str
 #: ACL rules for the user that clients of the mirror connect as (the
 #: user's passwords and on/off flag are left as they are).
 CLIENT_RULES: tuple[str, ...] = (
+    "clearselectors",
     "resetkeys",
     "~*",
     "resetchannels",
@@ -42,19 +59,12 @@ CLIENT_RULES: tuple[str, ...] = (
     "-@admin",
     "-publish",
     "-spublish",
+    "-script|flush",
 )
 
-# What a client must be refused (writes katsdptelstate makes, plus the
-# pub/sub messages that wake waiters) and what it must be allowed (the
-# commands of katsdptelstate's and telstate's reads and wait_key).
-_MUST_FAIL = (
-    ("set", "k", "v"),
-    ("zadd", "k", "0", "m"),
-    ("hset", "k", "f", "v"),
-    ("del", "k"),
-    ("flushdb",),
-    ("publish", "update/k", "m"),
-)
+# What a client must be allowed: the commands of katsdptelstate's and
+# telstate's reads and wait_key. (What it must be refused comes from the
+# server's own command table, see _forbidden_commands.)
 _MUST_WORK = (
     ("get", "k"),
     ("zrangebylex", "k", "-", "+"),
@@ -127,16 +137,24 @@ def setup_client_rules(client: redis.Redis, client_user: str) -> None:
             f" `ACL SETUSER {client_user} {' '.join(CLIENT_RULES)}` and start the"
             " replicator without --acl-setup"
         ) from error
+    except redis.ResponseError as error:  # e.g. Redis 6: no selectors
+        raise AclError(
+            f"Redis refused the rules for user {client_user!r} ({error}): a read-only mirror"
+            " needs Redis 7 ACLs"
+        ) from error
 
 
 def check_protection(client: redis.Redis, client_user: str) -> Protection:
-    """Find out whether `client_user` can read the mirror and not write it.
+    """Find out whether `client_user` can read the mirror and write none of its keys.
 
     With ``@admin`` rights the replicator asks Redis (ACL DRYRUN) about
-    every command that matters. Without them it can still test the
-    ``default`` user: it connects without credentials, as a client would,
-    and tries a write that changes nothing (DEL of a key that does not
-    exist).
+    every command that writes, administers or publishes (see the module
+    docstring). Without them, or when it connects as `client_user` itself
+    (``status`` run without credentials), or on a server without ACL
+    DRYRUN, it tries writes that change nothing (a DEL of a key that does
+    not exist, a ``SET ... XX``, ...) as a client would: on its own
+    connection, or for the ``default`` user on a connection without
+    credentials.
 
     Raises
     ------
@@ -148,28 +166,25 @@ def check_protection(client: redis.Redis, client_user: str) -> Protection:
     except redis.ResponseError as error:  # a server without ACLs (before Redis 6)
         return Protection(None, f"cannot tell: {error}")
     if me == client_user:
-        return Protection(
-            False,
-            f"the replicator connects as {me!r}, the user that clients use, so clients"
-            " may write too",
-        )
+        return _probe_writes(client, client_user, "tried as that user")
     try:
         refused = [
             command[0]
             for command in _MUST_WORK
             if _dry_run(client, client_user, command) is not None
         ]
-        allowed = [
-            command[0] for command in _MUST_FAIL if _dry_run(client, client_user, command) is None
-        ]
+        allowed = _allowed_writes(client, client_user)
     except redis.exceptions.NoPermissionError:
         return _probe_without_admin(client, client_user, me)
     except redis.ResponseError as error:
-        return Protection(False, f"cannot check user {client_user!r}: {error}")
+        if "unknown subcommand" in str(error).lower():  # before Redis 7: no DRYRUN
+            return _probe_without_admin(client, client_user, me)
+        return Protection(None, f"cannot check user {client_user!r}: {error}")
     if allowed:
         return Protection(
             False,
-            f"clients (user {client_user!r}) may write: {', '.join(allowed)} are allowed",
+            f"clients (user {client_user!r}) may write: {', '.join(allowed[:8])}"
+            f"{', ...' if len(allowed) > 8 else ''} allowed",
         )
     if refused:
         return Protection(
@@ -185,12 +200,99 @@ def _dry_run(client: redis.Redis, user: str, command: tuple[str, ...]) -> str | 
     return None if reply == "OK" else reply
 
 
+def _forbidden_commands(client: redis.Redis) -> Iterator[tuple[str, list[str], bool]]:
+    """Each command a client must be refused: name, words ("" for each argument), whether a write.
+
+    From the server's own table: every command (or subcommand, such as
+    ``xgroup|create``) in the ``@write`` or ``@admin`` category, and
+    ``publish`` and ``spublish``.
+    """
+    for name, info in client.command().items():
+        entries = [(name, info["arity"], info["acl_categories"])]
+        if info["subcommands"]:
+            entries = [
+                (ensure_str(sub[0]), sub[1], [ensure_str(category) for category in sub[6]])
+                for sub in info["subcommands"]
+            ]
+        for full_name, arity, categories in entries:
+            if "@write" in categories or "@admin" in categories or full_name in _PUBLISH:
+                words = full_name.split("|")
+                arguments = [""] * max(abs(int(arity)) - len(words), 0)
+                yield full_name, words + arguments, "@write" in categories
+
+
+_PUBLISH = frozenset({"publish", "spublish"})
+
+
+def _allowed_writes(client: redis.Redis, client_user: str) -> list[str]:
+    """The forbidden commands that ACL DRYRUN allows `client_user` on some probed key name.
+
+    Writes come first in the list: they are what the mirror is kept from.
+
+    Every argument of a command is the key name probed, so that whichever
+    of them the command takes as keys, ACLs judge that name (a command that
+    takes no keys is judged by its name alone). The names: one that no
+    store uses, and a few of the mirror's own keys.
+    """
+    names = [f"telstate-replicator:probe:{secrets.token_hex(8)}"]
+    names += [ensure_str(key) for key in client.scan(0, count=20)[1][:3]]
+    commands = list(_forbidden_commands(client))
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            for _, words, _ in commands:
+                arguments = [word or name for word in words]
+                pipe.execute_command("ACL", "DRYRUN", client_user, *arguments)
+        replies = pipe.execute()
+    allowed = {
+        (not write, full_name)
+        for (full_name, _, write), reply in zip(commands * len(names), replies)
+        if ensure_str(reply) == "OK"
+    }
+    return [full_name for _, full_name in sorted(allowed)]  # writes first
+
+
+# Writes that change nothing even when allowed: what a client without admin
+# rights can try. The key and channel names are random (filled in below).
+_HARMLESS_WRITES = (
+    ("del", "KEY"),
+    ("unlink", "KEY"),
+    ("hdel", "KEY", "f"),
+    ("zrem", "KEY", "m"),
+    ("expire", "KEY", "1"),
+    ("set", "KEY", "v", "XX"),
+    ("zadd", "KEY", "XX", "0", "m"),
+    ("publish", "KEY", ""),
+)
+
+
+def _probe_writes(client: redis.Redis, client_user: str, how: str) -> Protection:
+    """Try :data:`_HARMLESS_WRITES` on `client`, connected as `client_user`."""
+    key = f"telstate-replicator:probe:{secrets.token_hex(8)}"
+    allowed = []
+    for command in _HARMLESS_WRITES:
+        try:
+            client.execute_command(*(key if word == "KEY" else word for word in command))
+        except redis.exceptions.NoPermissionError:
+            continue
+        allowed.append(command[0])
+    if allowed:
+        return Protection(
+            False, f"clients (user {client_user!r}) may write: {', '.join(allowed)} allowed ({how})"
+        )
+    return Protection(
+        True,
+        f"clients (user {client_user!r}) cannot write ({how}: {len(_HARMLESS_WRITES)} writes"
+        " that change nothing were refused; ACL DRYRUN, with @admin rights, checks every"
+        " write)",
+    )
+
+
 def _probe_without_admin(client: redis.Redis, client_user: str, me: str) -> Protection:
     if client_user != "default":
         return Protection(
             None,
-            f"cannot tell: user {me!r} may not run ACL DRYRUN (needs @admin) and only the"
-            " default user can be tried without its password",
+            f"cannot tell: user {me!r} may not run ACL DRYRUN (needs @admin, Redis 7) and only"
+            " the default user can be tried without its password",
         )
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
@@ -200,11 +302,8 @@ def _probe_without_admin(client: redis.Redis, client_user: str, me: str) -> Prot
         connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
     )
     try:
-        probe.delete(f"telstate-replicator:probe:{secrets.token_hex(8)}")
-    except redis.exceptions.NoPermissionError:
-        return Protection(True, "clients (user 'default') cannot write (tried without admin)")
+        return _probe_writes(probe, client_user, "tried without admin rights")
     except redis.exceptions.AuthenticationError as error:
         return Protection(None, f"cannot tell: connecting as a client failed ({error})")
     finally:
         probe.close()
-    return Protection(False, "clients (user 'default') may write")

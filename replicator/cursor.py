@@ -13,6 +13,7 @@ database ends with the script). Fields:
 ``store``       UUID of the store whose log the mirror reflects
 ``host``        host of the store, and ``path`` its directory (for messages)
 ``seq``         the last event of the log that the mirror includes
+``chain``       the store's chain hash at ``seq`` (hex; see :mod:`telstate.log`)
 ``state``       ``ready``, or ``rebuilding`` while the new mirror is built
 ``keys``        the number of keys in the mirror database once the step is done
 ``spare``       while rebuilding: the database the new mirror is built in
@@ -21,7 +22,10 @@ database ends with the script). Fields:
 
 ``keys`` (and ``spare_keys`` during a rebuild) is how a flushed or
 foreign-written mirror is noticed: every step compares it with DBSIZE
-before changing anything.
+before changing anything. (``store``, ``seq``, ``chain``) is how a store
+restored from an older copy, rolled back by a power cut or otherwise of
+another history is noticed: before resuming, the replicator compares
+``chain`` with the store's chain at ``seq``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class Cursor:
         UUID of the store whose log the mirror reflects.
     seq
         The last event that the mirror includes.
+    chain
+        The store's chain hash at `seq`, in hex ("" in a cursor written
+        before chains existed).
     state
         Whether the mirror is complete at `seq`.
     keys
@@ -69,6 +76,7 @@ class Cursor:
     owner: str
     store: str
     seq: int
+    chain: str
     state: MirrorState
     keys: int
     host: str
@@ -85,6 +93,8 @@ class Cursor:
             self.store,
             "seq",
             self.seq,
+            "chain",
+            self.chain,
             "state",
             self.state.value,
             "host",
@@ -104,6 +114,7 @@ class Cursor:
                 owner=text["owner"],
                 store=text["store"],
                 seq=int(text["seq"]),
+                chain=text.get("chain", ""),
                 state=MirrorState(text["state"]),
                 keys=int(text["keys"]),
                 host=text.get("host", "?"),

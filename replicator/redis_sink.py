@@ -20,6 +20,21 @@ A rebuild never shows readers a partial mirror: the new mirror is built
 in a spare database and swapped with the mirror (SWAPDB) in the script
 that marks the cursor READY, so readers see the old mirror until the new
 one is complete, then the new one, on the connections they already have.
+Then an update for every key wakes the waiters (see :func:`wake_key`).
+
+Mirrors on one server may share a spare database (the default), but only
+one at a time rebuilds in it: a rebuild's claim takes the spare's lock,
+the hash :func:`spare_lock_key` (*n*) in the cursors' database naming the
+mirror database and replicator, and every later step of the rebuild
+checks that it still holds it; the swap releases it. A claim is refused
+while another mirror's cursor says it is rebuilding in that spare, and
+whenever the spare is some mirror's database (it has a cursor). A lock
+whose mirror is no longer rebuilding there (a replicator that died, or
+moved to another spare) is stale: the next claim takes it and empties
+what that rebuild left. A spare holding keys without a lock, other than
+this mirror's own interrupted rebuild, is never touched. While a rebuild
+fills the spare, the old mirror's key count is not checked: a client
+writing to it cannot hold the rebuild up, and the swap drops its write.
 
 Every key a script touches is passed in KEYS (operations name their key by
 its index there), as Redis ACLs and cluster tooling expect; the cursor's
@@ -56,11 +71,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from telstate.backend import Record
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
-from telstate.utils import KeyType, pack_timestamp
+from telstate.utils import KeyType, ensure_str, pack_timestamp
 
 from .acl import AclError, Protection, check_protection, setup_client_rules
 from .connection import connect, redact_url
@@ -84,18 +98,25 @@ _SET, _ZADD, _HSET, _UNLINK, _FLUSH, _SWAP = b"S", b"Z", b"H", b"U", b"F", b"W"
 _LOAD_STRING, _LOAD_ZSET, _LOAD_HASH = b"s", b"z", b"h"
 
 _APPLY = b"""
--- KEYS[1]: the cursor hash, in database ARGV[1]; KEYS[2], ...: the keys
--- that the operations name (by their index in KEYS).
+-- KEYS[1]: the cursor hash, in database ARGV[1]; KEYS[2]: the lock of the
+-- spare database (same database); KEYS[3]: the cursor the spare database
+-- would have if it were a mirror; KEYS[4]: the cursor of the mirror that
+-- held the spare's lock when the caller looked (KEYS[1] if none); KEYS[5]:
+-- the mark, set by the swap, that the mirror's waiters are yet to be woken;
+-- KEYS[6], ...: the keys that the operations name (by their index in KEYS).
 -- ARGV[2]: the mirror database; ARGV[3]: the target of the operations, the
 -- mirror or (during a rebuild) the spare database.
 -- ARGV[4]: 'check' (go on only if the cursor has owner, store, seq, state
--- ARGV[5..8], its key count equals the mirror's DBSIZE and, when the target
--- is the spare, its spare key count the spare's DBSIZE) or 'claim' (replace
--- the cursor; a spare target must be empty or the one the cursor names).
+-- ARGV[5..8]; then, when the target is the mirror, if the cursor's key
+-- count equals the mirror's DBSIZE; when it is the spare, if this mirror
+-- (and owner) holds the spare's lock and the spare's DBSIZE is the
+-- cursor's spare key count) or 'claim' (replace the cursor; a spare target
+-- is locked for owner ARGV[5], see the module docstring).
 -- ARGV[9]: number n of cursor field/value arguments ARGV[10..9+n]; the
 -- operations follow.
--- Returns {1, mirror keys, target keys} once applied, {0, ...} if the check
--- failed, {-1, ...} if the spare holds keys that are not this mirror's.
+-- Returns {1, mirror keys, target keys, ''} once applied, or {0, ...,
+-- reason} if the check failed, {-1, ..., reason} if the spare is not free,
+-- {-2, ..., reason} if the spare's lock changed since the caller looked.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
 redis.call('SELECT', target)
@@ -105,18 +126,53 @@ local size = redis.call('DBSIZE')
 redis.call('SELECT', ARGV[1])
 local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
                      'spare_keys')
+local lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
 if ARGV[4] == 'check' then
-    if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8]
-            or tonumber(c[5]) ~= size
-            or (rebuild and tonumber(c[7]) ~= target_size) then
-        return {0, size, target_size}
+    if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8] then
+        return {0, size, target_size, 'its cursor changed'}
+    end
+    if rebuild then
+        if lock[1] ~= mirror or lock[2] ~= ARGV[5] then
+            return {0, size, target_size, 'it lost the lock on spare database ' .. target}
+        end
+        if tonumber(c[7]) ~= target_size then
+            return {0, size, target_size, 'spare database ' .. target .. ' has ' .. target_size
+                    .. ' keys where the cursor says ' .. tostring(c[7])}
+        end
+    elseif tonumber(c[5]) ~= size then
+        return {0, size, target_size, 'it has ' .. size .. ' keys where the cursor says '
+                .. tostring(c[5])}
     end
 else
-    if rebuild and target_size > 0 and c[6] ~= target then
-        return {-1, size, target_size}
+    if rebuild then
+        if redis.call('EXISTS', KEYS[3]) == 1 then
+            return {-1, size, target_size, 'is the database of another mirror (it has a cursor)'}
+        end
+        local holder = KEYS[1]
+        if lock[1] then
+            holder = (string.gsub(KEYS[1], '%d+$', lock[1]))
+        end
+        if holder ~= KEYS[4] then
+            return {-2, size, target_size, 'changed hands while this replicator looked'}
+        end
+        if lock[1] and lock[1] ~= mirror then
+            local other = redis.call('HMGET', holder, 'state', 'spare')
+            if other[1] == 'rebuilding' and other[2] == target then
+                return {-1, size, target_size, 'is in use by the rebuild of mirror database '
+                        .. lock[1] .. ' (replicator ' .. tostring(lock[2]) .. ')'}
+            end
+        end
+        -- Keys in the spare may be emptied if a rebuild left them: one that
+        -- held the lock (this mirror's, or another's that no longer runs),
+        -- or, for a lock-less cursor of before, this mirror's.
+        if target_size > 0 and not lock[1] and c[6] ~= target then
+            return {-1, size, target_size, 'holds keys that are not a rebuild of a mirror'}
+        end
+        redis.call('HSET', KEYS[2], 'mirror', mirror, 'owner', ARGV[5])
     end
     redis.call('DEL', KEYS[1])
 end
+local swapped = false
 redis.call('SELECT', target)
 local n = tonumber(ARGV[9])
 local i = 10 + n
@@ -130,6 +186,7 @@ while i <= #ARGV do
         -- the spare's place, is dropped.
         redis.call('SWAPDB', mirror, target)
         redis.call('FLUSHDB', 'ASYNC')
+        swapped = true
         i = i + 1
     else
         local key = KEYS[tonumber(ARGV[i + 1])]
@@ -176,8 +233,12 @@ if not rebuild then
     target_after = 0
 end
 redis.call('SELECT', ARGV[1])
+if swapped then
+    redis.call('DEL', KEYS[2])
+    redis.call('SET', KEYS[5], after)
+end
 redis.call('HSET', KEYS[1], 'keys', after, 'spare_keys', target_after, unpack(ARGV, 10, 9 + n))
-return {1, after, target_after}
+return {1, after, target_after, ''}
 """
 
 
@@ -193,6 +254,45 @@ redis.call('PUBLISH', KEYS[1], '')
 return 1
 """
 _PROBE_KEY = b"telstate-replicator:probe"
+
+
+# KEYS[1..5] of _APPLY are the cursor, the spare's lock, the cursors the
+# claim looks at and the wake-up mark; the operations' keys follow.
+_FIXED_KEYS = 5
+
+# The mirror that holds the lock of spare database KEYS[1] (in database ARGV[1]).
+_READ_SPARE_LOCK = """
+redis.call('SELECT', ARGV[1])
+return redis.call('HGET', KEYS[1], 'mirror')
+"""
+
+
+# Whether the wake-up mark KEYS[1] (in database ARGV[1]) is set; with
+# ARGV[2] 'done', clear it.
+_WAKE_MARK = """
+redis.call('SELECT', ARGV[1])
+if ARGV[2] == 'done' then
+    return redis.call('DEL', KEYS[1])
+end
+return redis.call('EXISTS', KEYS[1])
+"""
+# Keys read back from the mirror per round trip when waking its waiters.
+_WAKE_BATCH = 1000
+
+
+def wake_key(db: int) -> bytes:
+    """Name of the key (in :data:`MIRROR_CURSOR_DB`) marking mirror `db`'s waiters as not woken.
+
+    The swap that ends a rebuild sets it, and the replicator clears it once
+    it has published an update for every key: a replicator that dies in
+    between leaves it set, and the next one to resume the mirror wakes them.
+    """
+    return b"telstate-replicator:wake:%d" % db
+
+
+def spare_lock_key(db: int) -> bytes:
+    """Name of the hash (in :data:`MIRROR_CURSOR_DB`) that locks spare database `db`."""
+    return b"telstate-replicator:spare:%d" % db
 
 
 class _Operations:
@@ -213,10 +313,10 @@ class _Operations:
         index = self._index.get(key)
         if index is None:
             self.keys.append(key)
-            index = self._index[key] = len(self.keys) + 1  # KEYS[1] is the cursor
+            index = self._index[key] = len(self.keys) + _FIXED_KEYS
             self.size += len(key)
         self.args += (code, index, *args)
-        self.size += sum(len(arg) for arg in args if isinstance(arg, bytes))
+        self.size += _size(args)
 
     def add_keyless(self, code: bytes) -> None:
         """Append an operation on the whole target database (flush, swap)."""
@@ -269,11 +369,14 @@ class RedisSink:
         database number included (default 0). It may carry the
         credentials of the replicator's Redis user; they appear in no
         message (see :func:`~replicator.connection.redact_url`).
+    password
+        The password of the replicator's Redis user, if `url` does not carry it.
     spare_db
         Database in which a rebuild builds the new mirror, unseen by
         readers, before swapping it with the mirror in one step. It must
-        be empty (or hold an interrupted rebuild of this mirror) and used
-        by nothing else; each mirror on a server needs its own.
+        be empty (or hold an interrupted rebuild) and used by nothing but
+        replicators. Mirrors that share it rebuild one at a time (see the
+        spare's lock above); one each lets them rebuild at once.
     batch_events
         Most events applied in one step (one script call).
     batch_bytes
@@ -307,6 +410,7 @@ class RedisSink:
         source: EventSource,
         url: str,
         *,
+        password: str | None = None,
         spare_db: int = DEFAULT_SPARE_DB,
         batch_events: int = 5000,
         batch_bytes: int = 8 << 20,
@@ -328,6 +432,7 @@ class RedisSink:
         # The state machine owns the retries: the client must fail fast.
         self.client, self.db = connect(
             url,
+            password,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -355,6 +460,10 @@ class RedisSink:
         self.protection: Protection | None = None
         self._key = mirror_cursor_key(self.db)
         self._apply_script = self.client.register_script(_APPLY)
+        self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
+        self._wake_mark = self.client.register_script(_WAKE_MARK)
+        # Why the last script call changed nothing (a failed check, a spare not free).
+        self._refusal = ""
         # Whether this process has owned the mirror: from then on a foreign
         # owner is a conflict, not something to take over.
         self._claimed = False
@@ -406,6 +515,11 @@ class RedisSink:
                     f"Redis at {self.url} refused the replicator's user a command ({error}):"
                     " the replicator needs a user with every right (ACL SETUSER"
                     " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
+                )
+            if str(error).startswith("BUSY"):
+                # A client's script that runs on (EVAL is every reader's right).
+                return self._fail(
+                    f"Redis at {self.url} is busy running a script ({error}); waiting for it"
                 )
             return self._fail(f"Redis at {self.url} refused a command: {error}")
 
@@ -479,6 +593,13 @@ class RedisSink:
             self._failed_since = None
         self._delay = self.backoff[0]
         self._reconcile(size, found)
+        if self.state == SinkState.TAIL and self._wake_mark(
+            keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "check"]
+        ):
+            logger.info(
+                "waking the waiters of mirror %s db %d after its rebuild", self.url, self.db
+            )
+            self._wake_waiters()
         return Step(0)
 
     def _tail(self) -> Step:
@@ -496,7 +617,7 @@ class RedisSink:
         ops = _Operations()
         for event in events:
             _append_event(ops, event)
-        moved = replace(self.cursor, seq=events[-1].seq)
+        moved = replace(self.cursor, seq=events[-1].seq, chain=events[-1].chain.hex())
         if not self._apply("check", self.cursor, moved, ops, self.db):
             self._recheck()
             return Step(0)
@@ -518,6 +639,7 @@ class RedisSink:
                 owner=self.owner,
                 store=str(snapshot.uuid),
                 seq=snapshot.seq,
+                chain=snapshot.chain.hex(),
                 state=MirrorState.REBUILDING,
                 keys=0,
                 host=socket.gethostname(),
@@ -537,21 +659,24 @@ class RedisSink:
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db):
                 return self._fail(
-                    f"database {self.spare_db} of {self.url}, the spare for rebuilds, holds"
-                    " keys that are not a rebuild of this mirror: empty it, or give the"
-                    " replicator another (--spare-db)"
+                    f"database {self.spare_db} of {self.url}, the spare for rebuilds,"
+                    f" {self._refusal}: wait, empty it, or give this replicator another"
+                    " (--spare-db; each mirror on a server should have its own)"
                 )
             self._claimed = True
             ops = _Operations()
             count = 0
             for record in snapshot.records():
                 count += 1
-                for load in _record_ops(*record, self.batch_events):
-                    ops.add(*load)
-                    if len(ops) >= 4 * self.batch_events or ops.size >= self.batch_bytes:
+                for load in _record_ops(*record, self.batch_events, self.batch_bytes):
+                    # Sent before it would grow past a bound with this piece.
+                    if len(ops) >= 4 * self.batch_events or (
+                        len(ops) and ops.size + _size(load) > self.batch_bytes
+                    ):
                         if self.stop.is_set() or not self._load(ops):
                             return Step(0)
                         ops = _Operations()
+                    ops.add(*load)
             assert self.cursor is not None
             ready = replace(self.cursor, state=MirrorState.READY, spare=None)
             ops.add_keyless(_SWAP)
@@ -560,10 +685,7 @@ class RedisSink:
                 return Step(0)
             self.state = SinkState.TAIL
             self._next_check = time.monotonic() + self.check_interval
-            # Now that readers see the new mirror, wake its waiters: one
-            # update per key (per sub-key of an indexed key) makes each look
-            # at its key again.
-            self._publish_state(snapshot.records())
+            self._wake_waiters()
         logger.info(
             "mirror rebuilt: %d keys at seq %d in %.2f s",
             count,
@@ -639,11 +761,12 @@ class RedisSink:
             assert self.cursor is not None
             found = self.cursor
             logger.info(
-                "resuming mirror %s db %d of store %s after seq %d",
+                "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
                 self.url,
                 self.db,
                 found.store,
                 found.seq,
+                found.chain[:16],
             )
         self._claimed = True
         self.cursor = found
@@ -657,6 +780,8 @@ class RedisSink:
         if found.store != str(self.source.uuid):
             return f"it holds store {found.store}, not {self.source.uuid}"
         if found.state != MirrorState.READY:
+            if found.owner == self.owner and self._refusal:
+                return f"this replicator's rebuild was cut short: {self._refusal}"
             return f"it was left {found.state.value}"
         last_seq = self.source.last_seq
         if found.seq > last_seq:
@@ -665,6 +790,16 @@ class RedisSink:
             return (
                 f"it has {size} keys where its cursor says {found.keys}"
                 " (flushed, or written by someone else)"
+            )
+        try:
+            chain = self.source.chain_at(found.seq).hex()
+        except ValueError:  # the log lost events since last_seq was read
+            chain = None
+        if chain != found.chain:
+            return (
+                f"its cursor's chain at seq {found.seq} ({found.chain[:16] or 'none'}) is not"
+                f" the store's ({(chain or 'none')[:16]}): the store was restored from an older"
+                " copy, rolled back, or holds another history since then"
             )
         return None
 
@@ -702,16 +837,30 @@ class RedisSink:
         Returns
         -------
         Whether it was applied; if so :attr:`cursor` is `cursor` with the
-        new key counts. False if the check failed (or, on a claim, the spare
-        holds keys that are not this mirror's).
+        new key counts. False if the check failed (or, on a claim, the
+        spare is not free), and why is in :attr:`_refusal`.
         """
         fields = cursor.fields()
+        holder = self._key
         if expected is None:
-            check: list[Any] = ["", "", "", ""]
+            check: list[Any] = [self.owner, "", "", ""]
+            if target != self.db:
+                locked_by = self._read_spare_lock(
+                    keys=[spare_lock_key(target)], args=[MIRROR_CURSOR_DB]
+                )
+                if locked_by is not None:
+                    holder = mirror_cursor_key(int(locked_by))
         else:
             check = [expected.owner, expected.store, expected.seq, expected.state.value]
-        done, after, target_after = self._apply_script(
-            keys=[self._key, *ops.keys],
+        done, after, target_after, reason = self._apply_script(
+            keys=[
+                self._key,
+                spare_lock_key(target),
+                mirror_cursor_key(target),
+                holder,
+                wake_key(self.db),
+                *ops.keys,
+            ],
             args=[
                 MIRROR_CURSOR_DB,
                 self.db,
@@ -724,33 +873,62 @@ class RedisSink:
             ],
         )
         if done != 1:
+            self._refusal = ensure_str(reason)
             return False
+        self._refusal = ""
         self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
         return True
 
-    def _publish_state(self, records: Iterator[Record]) -> None:
-        """Publish one update per key of `records` (per sub-key of an indexed key)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            queued = 0
-            for key, key_type, value in records:
-                channel = b"update/" + key
-                if key_type == KeyType.IMMUTABLE:
-                    assert isinstance(value, bytes)
-                    pipe.publish(channel, update_message(key_type, value))
-                    queued += 1
-                elif key_type == KeyType.MUTABLE:
-                    assert isinstance(value, list)
-                    pipe.publish(channel, update_message(key_type, max(value)))
-                    queued += 1
-                else:
-                    assert isinstance(value, dict)
-                    for sub_key, sub_value in value.items():
-                        pipe.publish(channel, update_message(key_type, sub_value, sub_key))
-                        queued += 1
-                if queued >= self.batch_events:
-                    pipe.execute()
-                    queued = 0
-            pipe.execute()
+    def _wake_waiters(self) -> None:
+        """Publish an update for every key of the mirror (every sub-key of an indexed key).
+
+        Called once a rebuild has been swapped in: each waiter looks at its
+        key again. The updates carry what the mirror holds, read back from
+        it, so that a replicator resuming a mirror whose waiters were never
+        woken (see :func:`wake_key`) sends the same. Messages are sent in
+        batches bounded by count and bytes, as events are.
+        """
+        with self.client.pipeline(transaction=False) as publish:
+            queued = size = 0
+
+            def send(key: bytes, message: bytes) -> None:
+                nonlocal queued, size
+                publish.publish(b"update/" + key, message)
+                queued += 1
+                size += len(key) + len(message)
+                if queued >= self.batch_events or size >= self.batch_bytes:
+                    publish.execute()
+                    queued = size = 0
+
+            keys = self.client.scan_iter(count=_WAKE_BATCH)
+            while batch := list(itertools.islice(keys, _WAKE_BATCH)):
+                with self.client.pipeline(transaction=False) as read:
+                    for key in batch:
+                        read.type(key)
+                    kinds = read.execute()
+                with self.client.pipeline(transaction=False) as read:
+                    for key, kind in zip(batch, kinds):
+                        if kind == b"string":
+                            read.get(key)
+                        elif kind == b"zset":
+                            read.zrange(key, -1, -1)  # the newest sample
+                    values = iter(read.execute())
+                for key, kind in zip(batch, kinds):
+                    if kind == b"string":
+                        send(key, update_message(KeyType.IMMUTABLE, next(values)))
+                    elif kind == b"zset":
+                        for member in next(values):
+                            send(key, update_message(KeyType.MUTABLE, member))
+                    elif kind == b"hash":
+                        for sub_key, value in self.client.hscan_iter(key, count=_WAKE_BATCH):
+                            send(key, update_message(KeyType.INDEXED, value, sub_key))
+            publish.execute()
+        self._wake_mark(keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "done"])
+
+
+def _size(arguments: tuple[Any, ...]) -> int:
+    """Bytes of the keys and values among `arguments` (roughly, what they cost to send)."""
+    return sum(len(argument) for argument in arguments if isinstance(argument, bytes))
 
 
 def _is_permission_error(error: redis.ResponseError) -> bool:
@@ -781,21 +959,33 @@ def _append_event(ops: _Operations, event: Event) -> None:
         ops.add_keyless(_FLUSH)
 
 
-def _record_ops(key: bytes, key_type: KeyType, value: Any, chunk: int) -> Iterator[tuple[Any, ...]]:
-    """The operations that load one key of the store's state, in pieces of about `chunk` values.
+def _record_ops(
+    key: bytes, key_type: KeyType, value: Any, chunk: int, chunk_bytes: int
+) -> Iterator[tuple[Any, ...]]:
+    """The operations that load one key of the store's state, in pieces.
 
-    Yields ``(code, key, *arguments)`` for :meth:`_Operations.add`. Nothing is
-    published: the key is loaded into the spare database, which no reader sees.
+    A piece holds at most `chunk` values and, unless one value alone is
+    larger, at most about `chunk_bytes` bytes: a script call must stay well
+    within what Redis accepts in one request (client-query-buffer-limit).
+    Yields ``(code, key, *arguments)`` for :meth:`_Operations.add`. Nothing
+    is published: the key is loaded into the spare database, which no
+    reader sees.
     """
     if key_type == KeyType.IMMUTABLE:
         yield _LOAD_STRING, key, value
-    elif key_type == KeyType.MUTABLE:
-        members: list[bytes] = value
-        for start in range(0, len(members), chunk):
-            part = members[start : start + chunk]
-            yield (_LOAD_ZSET, key, len(part), *part)
+        return
+    if key_type == KeyType.MUTABLE:
+        code, entries = _LOAD_ZSET, [(member,) for member in value]
     else:
-        items = list(value.items())
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            yield (_LOAD_HASH, key, len(part), *itertools.chain.from_iterable(part))
+        code, entries = _LOAD_HASH, list(value.items())
+    part: list[tuple[bytes, ...]] = []
+    size = 0
+    for entry in entries:
+        entry_size = sum(len(item) for item in entry)
+        if part and (len(part) >= chunk or size + entry_size > chunk_bytes):
+            yield (code, key, len(part), *itertools.chain.from_iterable(part))
+            part, size = [], 0
+        part.append(entry)
+        size += entry_size
+    if part:
+        yield (code, key, len(part), *itertools.chain.from_iterable(part))

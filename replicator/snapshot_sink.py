@@ -1,10 +1,13 @@
-"""Snapshot sink: RDB files of a store's whole state, each named by store and seq.
+"""Snapshot sink: RDB files of a store's whole state, each named by store, seq and chain.
 
-A snapshot is ``telstate-<store uuid>-<seq>.rdb`` (seq zero-padded, so
-names sort by seq), written from one read transaction of the store. It
-records the store and seq in AUX fields (``telstate-store``,
-``telstate-seq``), which Redis ignores and
-:func:`telstate.rdb_reader.read_aux` reads. It is written the way that
+A snapshot is ``telstate-<store uuid>-<seq>-<chain>.rdb`` (seq
+zero-padded, so names sort by seq; chain the first 16 hex digits of the
+store's chain hash at seq, so two histories of a store never give the same
+name), written from one read transaction of the store. It records the
+store, seq and full chain hash in AUX fields (``telstate-store``,
+``telstate-seq``, ``telstate-chain``), which Redis ignores and
+:func:`telstate.rdb_reader.read_aux` reads; ``telstate verify STORE --rdb
+FILE`` checks a file against them. It is written the way that
 survives a crash at any instant (:class:`~telstate.rdb_writer.RDBWriter`
 writes a hidden temporary file, flushes it to disk, renames it into place
 and flushes the directory), so a snapshot file either is complete or does
@@ -12,6 +15,13 @@ not exist. Only the newest `keep` snapshots of the store are kept.
 
 Snapshots fall due by the monotonic clock, so a wall clock stepped by NTP
 or by hand neither delays them nor fires them early.
+
+Before each snapshot the sink checks the store's existing snapshots
+against the store's chain: one whose seq is beyond the log or whose chain
+differs from the store's at its seq (the store was restored from an older
+copy, rolled back by a power cut, ...) is of another history. It is moved
+into the ``diverged`` subdirectory, kept but no longer counted or pruned,
+and the reason is logged; the store's state is then snapshotted anew.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from telstate import log
 from telstate.rdb_reader import read_aux
 from telstate.rdb_writer import RDBWriter, remove_stale_temporaries
 
@@ -32,11 +43,20 @@ from .source import EventSource
 logger = logging.getLogger(__name__)
 
 #: AUX field holding the UUID of the store.
-AUX_STORE = b"telstate-store"
+AUX_STORE = log.AUX_STORE
 #: AUX field holding the seq of the last event in the snapshot.
-AUX_SEQ = b"telstate-seq"
+AUX_SEQ = log.AUX_SEQ
+#: AUX field holding the store's chain hash at that seq (hex).
+AUX_CHAIN = log.AUX_CHAIN
+#: Subdirectory for snapshots of another history of the store.
+DIVERGED = "diverged"
+#: Hex digits of the chain hash in a snapshot's name.
+CHAIN_DIGITS = 16
 
-_NAME = re.compile(r"telstate-(?P<store>[0-9a-f-]{36})-(?P<seq>[0-9]{16,})\.rdb")
+# Names without a chain are from before chains existed (never of the current history).
+_NAME = re.compile(
+    r"telstate-(?P<store>[0-9a-f-]{36})-(?P<seq>[0-9]{16,})(?:-(?P<chain>[0-9a-f]{16}))?\.rdb"
+)
 
 
 @dataclass(frozen=True)
@@ -51,11 +71,15 @@ class SnapshotFile:
         UUID of the store it was taken from.
     seq
         The last event it includes.
+    chain
+        The first 16 hex digits of the store's chain hash at `seq` ("" for
+        a file named before chains existed).
     """
 
     path: Path
     store: str
     seq: int
+    chain: str = ""
 
     def read_aux(self) -> dict[bytes, bytes]:
         """The AUX fields recorded in the file (``telstate-store``, ``telstate-seq``, ...).
@@ -68,9 +92,9 @@ class SnapshotFile:
         return read_aux(self.path)
 
 
-def snapshot_name(store: str, seq: int) -> str:
-    """File name of the snapshot of `store` at `seq`."""
-    return f"telstate-{store}-{seq:016d}.rdb"
+def snapshot_name(store: str, seq: int, chain: bytes) -> str:
+    """File name of the snapshot of `store` at `seq`, where the chain hash is `chain`."""
+    return f"telstate-{store}-{seq:016d}-{chain.hex()[:CHAIN_DIGITS]}.rdb"
 
 
 def list_snapshots(
@@ -88,7 +112,11 @@ def list_snapshots(
     for name in names:
         match = _NAME.fullmatch(name)
         if match and (store is None or match["store"] == store):
-            found.append(SnapshotFile(Path(directory, name), match["store"], int(match["seq"])))
+            found.append(
+                SnapshotFile(
+                    Path(directory, name), match["store"], int(match["seq"]), match["chain"] or ""
+                )
+            )
     return sorted(found, key=lambda snapshot: (snapshot.store, snapshot.seq))
 
 
@@ -129,7 +157,9 @@ class SnapshotSink:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store = str(source.uuid)
         # Left by a replicator killed while writing a snapshot of this store.
-        remove_stale_temporaries(self.directory, rf"telstate-{self._store}-[0-9]+\.rdb")
+        remove_stale_temporaries(
+            self.directory, rf"telstate-{self._store}-[0-9]+(?:-[0-9a-f]{{16}})?\.rdb"
+        )
         existing = list_snapshots(self.directory, self._store)
         #: The newest snapshot of the store, if any.
         self.latest: SnapshotFile | None = existing[-1] if existing else None
@@ -160,18 +190,20 @@ class SnapshotSink:
             If the store cannot be read.
         """
         self._due = time.monotonic() + self.interval
-        newest = self.latest.seq if self.latest is not None else 0
+        self.set_aside_diverged()
         last_seq = self.source.last_seq
-        if last_seq <= newest:
-            return None
+        if self.latest is not None and self.latest.seq == last_seq:
+            return None  # of this history (set_aside_diverged checked it)
         started = time.monotonic()
         with self.source.snapshot() as snapshot:
-            final = self.directory / snapshot_name(self._store, snapshot.seq)
-            aux = {AUX_STORE: str(self._store).encode(), AUX_SEQ: b"%d" % snapshot.seq}
+            final = self.directory / snapshot_name(self._store, snapshot.seq, snapshot.chain)
+            aux = log.position_aux(snapshot.uuid, snapshot.seq, snapshot.chain)
             with RDBWriter(final, aux=aux, keep_empty=True) as writer:
                 for record in snapshot.records():
                     writer.write_record(*record)
-        self.latest = SnapshotFile(final, self._store, snapshot.seq)
+        self.latest = SnapshotFile(
+            final, self._store, snapshot.seq, snapshot.chain.hex()[:CHAIN_DIGITS]
+        )
         logger.info(
             "snapshot %s: %d keys in %.2f s",
             final.name,
@@ -180,6 +212,47 @@ class SnapshotSink:
         )
         self.prune()
         return self.latest
+
+    def set_aside_diverged(self) -> list[Path]:
+        """Move the store's snapshots of another history into ``diverged/``; return them.
+
+        A snapshot is of this history if the store's chain at its seq
+        begins with the chain digits in its name. :attr:`latest` becomes
+        the newest snapshot that is.
+        """
+        moved = []
+        kept = []
+        last_seq = self.source.last_seq
+        for snapshot in list_snapshots(self.directory, self._store):
+            if not snapshot.chain:
+                reason = "it has no chain hash (written before chains existed)"
+            elif snapshot.seq > last_seq:
+                reason = f"the store's log ends at seq {last_seq}"
+            else:
+                try:
+                    chain = self.source.chain_at(snapshot.seq).hex()[:CHAIN_DIGITS]
+                except ValueError:
+                    chain = ""
+                if chain == snapshot.chain:
+                    kept.append(snapshot)
+                    continue
+                reason = f"the store's chain at seq {snapshot.seq} is {chain or 'gone'}"
+            aside = self.directory / DIVERGED
+            aside.mkdir(exist_ok=True)
+            try:
+                os.replace(snapshot.path, aside / snapshot.path.name)
+            except FileNotFoundError:
+                continue
+            moved.append(aside / snapshot.path.name)
+            logger.warning(
+                "snapshot %s is not of the store's current history (%s: the store was restored"
+                " from an older copy, rolled back, or holds another history); moved to %s/",
+                snapshot.path.name,
+                reason,
+                aside,
+            )
+        self.latest = kept[-1] if kept else None
+        return moved
 
     def prune(self) -> list[Path]:
         """Delete the store's snapshots beyond the newest `keep`; return what was deleted."""

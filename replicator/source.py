@@ -27,6 +27,10 @@ class StoreSnapshot(Protocol):
     def uuid(self) -> UUID:
         """Identity of the store."""
 
+    @property
+    def chain(self) -> bytes:
+        """The store's chain hash at :attr:`seq` (see :mod:`telstate.log`)."""
+
     def records(self) -> Iterator[Record]:
         """Every key as ``(key, key_type, value)``, as :mod:`telstate.rdb_writer` takes them."""
 
@@ -45,6 +49,12 @@ class EventSource(Protocol):
     @property
     def last_seq(self) -> int:
         """Sequence number of the newest event (0 if there is none)."""
+
+    def chain_at(self, seq: int) -> bytes:
+        """The chain hash of the log up to event `seq` (seq 0: the store's genesis hash).
+
+        Raises ValueError if the log has no event `seq`.
+        """
 
     def events(self, start_seq: int = 1, end_seq: int | None = None) -> Iterator[Event]:
         """Events with ``start_seq <= seq <= end_seq``, in log order."""

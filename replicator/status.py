@@ -28,6 +28,7 @@ def gather_status(
     rdb_dir: str | None = None,
     *,
     client_user: str = "default",
+    password: str | None = None,
 ) -> dict[str, Any]:
     """Collect the state of the store, its mirror and its snapshots.
 
@@ -35,7 +36,8 @@ def gather_status(
     ``mirror.error``), not raised. The mirror's URL is shown without its
     password. ``mirror.protected`` says whether `client_user`, the user that
     clients of the mirror connect as, is kept from writing it (None if that
-    cannot be told), and ``mirror.protection`` why.
+    cannot be told), and ``mirror.protection`` why. `password` is the Redis
+    user's, if the URL does not carry it.
 
     Raises
     ------
@@ -45,7 +47,7 @@ def gather_status(
     source = LmdbBackend(log_path, readonly=True)
     try:
         now = time.time()
-        last_seq = source.last_seq
+        last_seq, head = source.head
         store = str(source.uuid)
 
         def lag(seq: int) -> dict[str, Any]:
@@ -56,12 +58,17 @@ def gather_status(
             return {"lag_events": last_seq - seq, "lag_seconds": max(0.0, now - oldest.time)}
 
         status: dict[str, Any] = {
-            "store": {"uuid": store, "path": source.path, "last_seq": last_seq},
+            "store": {
+                "uuid": store,
+                "path": source.path,
+                "last_seq": last_seq,
+                "chain": head.hex(),
+            },
         }
         if redis_url is not None:
             mirror: dict[str, Any] = {"url": redact_url(redis_url)}
             try:
-                client, _ = connect(redis_url, socket_timeout=5, socket_connect_timeout=5)
+                client, _ = connect(redis_url, password, socket_timeout=5, socket_connect_timeout=5)
                 try:
                     size, cursor = read_cursor(client)
                     protection = check_protection(client, client_user)
@@ -79,11 +86,17 @@ def gather_status(
                     mirror.update(
                         store=cursor.store,
                         seq=cursor.seq,
+                        chain=cursor.chain,
                         state=cursor.state.value,
                         owner=cursor.owner,
                     )
                     if cursor.store != store:
                         mirror["error"] = f"the mirror holds another store ({cursor.store})"
+                    elif cursor.seq > last_seq or source.chain_at(cursor.seq).hex() != cursor.chain:
+                        mirror["error"] = (
+                            f"the mirror is of another history of the store (its chain at seq"
+                            f" {cursor.seq} is not the store's): the replicator will rebuild it"
+                        )
                     else:
                         mirror.update(lag(cursor.seq))
             status["mirror"] = mirror

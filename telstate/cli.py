@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from . import log
 from .encoding import decode_value
 from .errors import DecodeError, RdbParseError, StoreError, TelstateError
 from .utils import KeyType, display_str, ensure_binary, ensure_str
@@ -203,13 +204,15 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         key_type = backend.key_type(key)
         if key_type is not None:
             types[key_type.name.lower()] += 1
+    last_seq, chain = backend.head
     first = next(iter(backend.events(1, 1)), None)
-    last = next(iter(backend.events(backend.last_seq, backend.last_seq)), None)
+    last = next(iter(backend.events(last_seq, last_seq)), None)
     size = sum(os.path.getsize(os.path.join(args.store, name)) for name in os.listdir(args.store))
     info = {
         "path": os.path.abspath(args.store),
         "uuid": str(backend.uuid),
-        "last_seq": backend.last_seq,
+        "last_seq": last_seq,
+        "chain": chain.hex(),
         "keys": len(keys),
         "key_types": types,
         "first_event_time": first.time if first else None,
@@ -226,6 +229,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"events     {info['last_seq']} "
             f"({format_time(info['first_event_time'])} .. "
             f"{format_time(info['last_event_time'])})\n"
+            f"chain      {info['chain']}\n"
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
@@ -290,6 +294,7 @@ def _event_dict(event: Any) -> dict[str, Any]:
         "sub_key": None if event.sub_key is None else jsonable(_decoded(event.sub_key)),
         "value": None if event.value is None else jsonable(_decoded(event.value)),
         "timestamp": event.timestamp,
+        "chain": event.chain.hex(),
     }
 
 
@@ -396,7 +401,7 @@ def _export(
     from .export import select_records
 
     backend = _open_store(args)
-    aux = {b"telstate-store-uuid": str(backend.uuid).encode()}
+    aux = {log.AUX_STORE: str(backend.uuid).encode()}
     if not selection.everything:
         aux[b"telstate-selection"] = selection.describe()
     selected = selection.matcher()
@@ -404,16 +409,19 @@ def _export(
         from .lmdb import replay
 
         until_seq, until_time = parse_until(until)
+        if until_seq is not None:  # a seq: the position is known, chain included
+            until_seq = max(0, min(until_seq, backend.last_seq))
+            aux.update(log.position_aux(backend.uuid, until_seq, backend.chain_at(until_seq)))
         memory = replay(args.store, until_seq=until_seq, until_time=until_time).backend
         aux[b"telstate-replay-until"] = until.encode()
         total = sum(1 for key in memory.keys(b"*") if selected(key))
         count = _write_rdb(select_records(memory, selection), target, aux, total)
         return {"rdb": target, "keys": count, "until": until}
     with backend.snapshot() as snap:
-        aux[b"telstate-seq"] = b"%d" % snap.seq
+        aux.update(log.position_aux(snap.uuid, snap.seq, snap.chain))
         total = sum(1 for key in backend.keys(b"*") if selected(key))
         count = _write_rdb(select_records(snap, selection), target, aux, total)
-        return {"rdb": target, "keys": count, "seq": snap.seq}
+        return {"rdb": target, "keys": count, "seq": snap.seq, "chain": snap.chain.hex()}
 
 
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
@@ -475,15 +483,99 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     backend = _open_store(args)
+    if args.rdb is not None:
+        return _verify_rdb(backend, args, out)
+    seq, chain = backend.head
     differences = list(backend.verify())
     if args.json:
-        out.write(json.dumps({"ok": not differences, "differences": differences[:100]}) + "\n")
+        result = {"ok": not differences, "differences": differences[:100], "seq": seq}
+        out.write(json.dumps({**result, "chain": chain.hex()}) + "\n")
     elif differences:
-        out.write(f"verify FAILED: {len(differences)} differences between log and state\n")
+        out.write(f"verify FAILED: {len(differences)} problems in the log or state\n")
         out.writelines(f"  {d}\n" for d in differences[:100])
     else:
-        out.write(f"verify OK: state matches the replayed log ({backend.last_seq} events)\n")
+        out.write(
+            f"verify OK: the chain holds and the state matches the replayed log "
+            f"({seq} events, chain {chain.hex()[:16]})\n"
+        )
     return EXIT_NO if differences else EXIT_OK
+
+
+def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
+    """``verify STORE --rdb FILE``: is FILE exactly the state at the position it claims?"""
+    from .rdb_reader import read_aux, read_records
+
+    if not os.path.isfile(args.rdb):
+        raise CliError(f"no such RDB file: {args.rdb!r}")
+    problems: list[str] = []
+    position = None
+    keys = 0
+    complete = True
+    try:
+        aux = read_aux(args.rdb)
+        position = log.position_from_aux(aux)
+        complete = b"telstate-selection" not in aux
+    except RdbParseError as error:
+        problems.append(f"the file is damaged: {error}")
+    if position is None and not problems:
+        problems.append(
+            "the file claims no log position (AUX fields telstate-store, telstate-seq, "
+            "telstate-chain): it was not written by telstate export or a snapshot"
+        )
+    elif position is not None:
+        store, seq, chain = position
+        last_seq = backend.last_seq
+        if store != backend.uuid:
+            problems.append(f"the file is of store {store}, not of this store ({backend.uuid})")
+        elif seq > last_seq:
+            problems.append(f"the file claims seq {seq}, but the store's log ends at {last_seq}")
+        elif backend.chain_at(seq) != chain:
+            problems.append(
+                f"the store's chain at seq {seq} is {backend.chain_at(seq).hex()[:16]}, the "
+                f"file claims {chain.hex()[:16]}: it is of another history of the store"
+            )
+        else:
+            try:
+                records = read_records(args.rdb)
+                differences, keys = backend.verify_rdb(records, seq, complete)
+                problems.extend(differences)
+            except RdbParseError as error:
+                problems.append(f"the file is damaged: {error}")
+    ok = not problems
+    if args.json:
+        result: dict[str, Any] = {"ok": ok, "rdb": args.rdb, "differences": problems[:100]}
+        result["complete"] = complete
+        if position is not None:
+            result.update(store=str(position[0]), seq=position[1], chain=position[2].hex())
+        out.write(json.dumps(result) + "\n")
+    elif ok:
+        assert position is not None
+        what = "exactly the state" if complete else "exactly the selected keys of the state"
+        out.write(
+            f"verify OK: {args.rdb} is {what} at seq {position[1]} "
+            f"(chain {position[2].hex()[:16]}) of store {position[0]} ({keys} keys)\n"
+        )
+    else:
+        out.write(f"verify FAILED: {args.rdb} is not the state it claims\n")
+        out.writelines(f"  {p}\n" for p in problems[:100])
+    return EXIT_OK if ok else EXIT_NO
+
+
+def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb.upgrade import upgrade
+
+    if not os.path.isdir(args.store):
+        raise CliError(f"no telstate store at {args.store!r}: not a directory")
+    old, events = upgrade(args.store)
+    new = log.FORMAT_VERSION
+    if args.json:
+        out.write(json.dumps({"store": args.store, "from": old, "to": new, "events": events}))
+        out.write("\n")
+    elif old == new:
+        out.write(f"{args.store} already has log format {new}: nothing to do\n")
+    else:
+        out.write(f"upgraded {args.store} from log format {old} to {new} ({events} events)\n")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -552,7 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
         "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
     )
     import_.add_argument("rdb")
-    command("verify", cmd_verify, "rebuild the state from the log and compare")
+    verify = command("verify", cmd_verify, "check the chain and that replay gives the state")
+    verify.add_argument(
+        "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
+    )
+    command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
     return parser
 
 

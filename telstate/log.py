@@ -18,9 +18,35 @@ offset size    field (little-endian)
 25     4       sub-key length *s* (uint32; set_indexed only, else 0)
 29     k       key, encoded as stored
 29+k   s       sub-key, encoded as stored (msgpack)
-29+k+s rest    value, encoded as stored (set_immutable, add_mutable,
+29+k+s v       value, encoded as stored (set_immutable, add_mutable,
                set_indexed; empty for delete and clear)
+end-32 32      chain hash (see below)
 ====== ======= ==============================================================
+
+The chain
+---------
+Every record ends with its *chain hash*, which ties it to the whole
+history before it::
+
+    chain_0 = SHA-256(b"telstate-chain-v1" || uuid.bytes)
+    chain_n = SHA-256(chain_{n-1} || record_n without its last 32 bytes)
+
+where ``uuid`` is the store's identity (16 bytes) and ``||`` is
+concatenation. So the chain at seq *n* names the store and every byte of
+events 1..n: two logs that agree on (UUID, seq, chain) hold the same
+history, and changing any byte of any event changes the chain from that
+event on. The chain is part of the stored record, so a follower copies
+records verbatim and checks each with :func:`chain_matches`; the head of
+the log (last seq and chain) is the last 32 bytes of the last record.
+
+SHA-256 because it is what anyone can recompute (``sha256sum``, every
+language's standard library) and is hardware-accelerated on current x86
+and ARM CPUs: about 0.45 µs for a small event in CPython, less than the
+call overhead of one LMDB put, and faster than BLAKE2b for large values.
+
+Format 1 (before the chain) had the same records without the last 32
+bytes; ``telstate upgrade`` rewrites such a store's log in place
+(:func:`telstate.lmdb.upgrade.upgrade`).
 
 The writers table maps a writer id (4 big-endian bytes) to the msgpack
 array ``[host, pid, name]`` of the process that wrote under it.
@@ -32,9 +58,11 @@ stores and reads records only through the functions here.
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import math
 import struct
+import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,7 +70,12 @@ import msgpack
 import numpy as np
 
 #: Version of the record layout above (stored in the store's meta table).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: Size of a chain hash in bytes.
+CHAIN_SIZE = 32
+_CHAIN_DOMAIN = b"telstate-chain-v1"
+_sha256 = hashlib.sha256
 
 
 class Op(enum.Enum):
@@ -64,8 +97,8 @@ _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _NAN = math.nan
 
-#: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value).
-RawEvent = tuple[int, int, float, float, bytes, bytes, bytes]
+#: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value, chain).
+RawEvent = tuple[int, int, float, float, bytes, bytes, bytes, bytes]
 
 
 class Writer(NamedTuple):
@@ -108,9 +141,12 @@ class Event:
         Encoded value exactly as stored for set and add operations, else None.
     timestamp
         Sensor timestamp for :attr:`Op.ADD_MUTABLE`, else None.
+    chain
+        The chain hash of the log up to and including this event (32
+        bytes; see :mod:`telstate.log`).
     """
 
-    __slots__ = ("seq", "time", "writer", "op", "key", "sub_key", "value", "timestamp")
+    __slots__ = ("seq", "time", "writer", "op", "key", "sub_key", "value", "timestamp", "chain")
 
     def __init__(
         self,
@@ -122,6 +158,7 @@ class Event:
         sub_key: bytes | None = None,
         value: bytes | None = None,
         timestamp: float | None = None,
+        chain: bytes = b"",
     ) -> None:
         self.seq = seq
         self.time = time
@@ -131,6 +168,7 @@ class Event:
         self.sub_key = sub_key
         self.value = value
         self.timestamp = timestamp
+        self.chain = chain
 
     def decode_value(self) -> Any:
         """Decode :attr:`value` with :func:`telstate.encoding.decode_value`.
@@ -186,6 +224,8 @@ class Event:
             parts.append(f"timestamp={self.timestamp!r}")
         parts.append(f"time={self.time!r}")
         parts.append(f"writer={tuple(self.writer)!r}")
+        if self.chain:
+            parts.append(f"chain={self.chain.hex()[:16]}...")
         return f"Event({', '.join(parts)})"
 
 
@@ -207,7 +247,7 @@ def encode_record(
     value: bytes | memoryview = b"",
     timestamp: float = _NAN,
 ) -> bytes:
-    """Make the log record of one event (see the module docstring for the layout)."""
+    """Make the log record of one event without its chain hash; :func:`seal` adds it."""
     return b"".join(
         (
             _HEADER.pack(op_code, writer_id, time, timestamp, len(key), len(sub_key)),
@@ -216,6 +256,66 @@ def encode_record(
             value,
         )
     )
+
+
+def chained_record(
+    previous_chain: bytes,
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes = b"",
+    sub_key: bytes = b"",
+    value: bytes = b"",
+    timestamp: float = _NAN,
+) -> bytes:
+    """The full record of one event after the chain hash `previous_chain`.
+
+    The same as ``seal(encode_record(...), previous_chain)``, in one call:
+    this is on the path of every write.
+    """
+    body = b"".join(
+        (
+            _HEADER.pack(op_code, writer_id, time, timestamp, len(key), len(sub_key)),
+            key,
+            sub_key,
+            value,
+        )
+    )
+    return body + _sha256(previous_chain + body).digest()
+
+
+def chain_records(bodies: Sequence[bytes], previous_chain: bytes) -> list[bytes]:
+    """Consecutive events' full records: each body sealed (:func:`seal`) after the one before."""
+    records = []
+    chain = previous_chain
+    for body in bodies:
+        chain = _sha256(chain + body).digest()
+        records.append(body + chain)
+    return records
+
+
+def genesis(store: uuid.UUID) -> bytes:
+    """The chain hash before the first event (seq 0) of the store with identity `store`."""
+    return _sha256(_CHAIN_DOMAIN + store.bytes).digest()
+
+
+def seal(body: bytes, previous_chain: bytes) -> bytes:
+    """The full record: `body` (from :func:`encode_record`) followed by its chain hash."""
+    return body + _sha256(previous_chain + body).digest()
+
+
+def record_chain(record: bytes | memoryview) -> bytes:
+    """The chain hash stored in a record (its last 32 bytes)."""
+    return bytes(record[-CHAIN_SIZE:])
+
+
+def chain_matches(previous_chain: bytes, record: bytes | memoryview) -> bool:
+    """Whether `record` carries the right chain hash, given the chain before it."""
+    if len(record) < _HEADER.size + CHAIN_SIZE:
+        return False
+    digest = _sha256(previous_chain)
+    digest.update(record[:-CHAIN_SIZE])
+    return digest.digest() == bytes(record[-CHAIN_SIZE:])
 
 
 def decode_record(record: bytes) -> RawEvent:
@@ -234,7 +334,8 @@ def decode_record(record: bytes) -> RawEvent:
         raise ValueError(f"damaged log record: {error}") from None
     key_end = 29 + key_len
     sub_key_end = key_end + sub_key_len
-    if sub_key_end > len(record):
+    value_end = len(record) - CHAIN_SIZE
+    if sub_key_end > value_end:
         raise ValueError("damaged log record: its key lengths overrun it")
     return (
         op_code,
@@ -243,7 +344,8 @@ def decode_record(record: bytes) -> RawEvent:
         timestamp,
         record[29:key_end],
         record[key_end:sub_key_end],
-        record[sub_key_end:],
+        record[sub_key_end:value_end],
+        record[value_end:],
     )
 
 
@@ -254,17 +356,17 @@ def record_time(record: bytes | memoryview) -> float:
 
 def make_event(seq: int, raw: RawEvent, writer: Writer) -> Event:
     """Build the :class:`Event` for the raw fields of record `seq`."""
-    op_code, _, time, timestamp, key, sub_key, value = raw
+    op_code, _, time, timestamp, key, sub_key, value, chain = raw
     if op_code == ADD_MUTABLE:
-        return Event(seq, time, writer, Op.ADD_MUTABLE, key, None, value, timestamp)
+        return Event(seq, time, writer, Op.ADD_MUTABLE, key, None, value, timestamp, chain)
     if op_code == SET_IMMUTABLE:
-        return Event(seq, time, writer, Op.SET_IMMUTABLE, key, None, value)
+        return Event(seq, time, writer, Op.SET_IMMUTABLE, key, None, value, None, chain)
     if op_code == SET_INDEXED:
-        return Event(seq, time, writer, Op.SET_INDEXED, key, sub_key, value)
+        return Event(seq, time, writer, Op.SET_INDEXED, key, sub_key, value, None, chain)
     if op_code == DELETE:
-        return Event(seq, time, writer, Op.DELETE, key)
+        return Event(seq, time, writer, Op.DELETE, key, None, None, None, chain)
     if op_code == CLEAR:
-        return Event(seq, time, writer, Op.CLEAR, None)
+        return Event(seq, time, writer, Op.CLEAR, None, None, None, None, chain)
     raise ValueError(f"log record {seq} has unknown operation code {op_code}")
 
 
@@ -307,7 +409,8 @@ def encode_records(
     sub_keys: Sequence[bytes] | None = None,
     timestamps: Sequence[float] | np.ndarray | None = None,
 ) -> list[bytes]:
-    """The records of events of one kind on one key, as :func:`encode_record` makes each.
+    """The records of events of one kind on one key, as :func:`encode_record` makes each
+    (without their chain hashes: :func:`chain_records` adds them).
 
     `values` is a list of values, or a 2-D uint8 array with one value in
     each row (small values of one length, a sensor's samples mostly: their
@@ -316,10 +419,6 @@ def encode_records(
     """
     if isinstance(values, np.ndarray):
         return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
-    if len(values) == 1:  # every single write
-        sub_key = b"" if sub_keys is None else sub_keys[0]
-        timestamp = _NAN if timestamps is None else timestamps[0]
-        return [encode_record(op_code, writer_id, time, key, sub_key, values[0], timestamp)]
     return [
         encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
         for sub_key, value, timestamp in zip(
@@ -351,3 +450,32 @@ def _encode_uniform(
     table[:, start:] = values
     buffer = table.tobytes()
     return [buffer[offset : offset + size] for offset in range(0, count * size, size)]
+
+
+# --- projections -----------------------------------------------------------------------
+
+#: RDB AUX fields in which an RDB file (``telstate export``, a snapshot) records the
+#: (store UUID, seq, chain hex) of the log position whose state it holds.
+AUX_STORE = b"telstate-store"
+AUX_SEQ = b"telstate-seq"
+AUX_CHAIN = b"telstate-chain"
+# What telstate export wrote before the chain, still read.
+_AUX_OLD_STORE = b"telstate-store-uuid"
+
+
+def position_aux(store: uuid.UUID, seq: int, chain: bytes) -> dict[bytes, bytes]:
+    """The AUX fields that record the log position (store, seq, chain)."""
+    return {AUX_STORE: str(store).encode(), AUX_SEQ: b"%d" % seq, AUX_CHAIN: chain.hex().encode()}
+
+
+def position_from_aux(aux: dict[bytes, bytes]) -> tuple[uuid.UUID, int, bytes] | None:
+    """The (store, seq, chain) that AUX fields claim; None if they claim none (or garble it)."""
+    try:
+        store = uuid.UUID(aux.get(AUX_STORE, aux.get(_AUX_OLD_STORE, b"")).decode())
+        seq = int(aux[AUX_SEQ])
+        chain = bytes.fromhex(aux[AUX_CHAIN].decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+    if seq < 0 or len(chain) != CHAIN_SIZE:
+        return None
+    return store, seq, chain

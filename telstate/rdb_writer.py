@@ -12,6 +12,7 @@ expiry of Redis 7.4 and Valkey 9) are decoded and re-encoded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import operator
@@ -76,10 +77,13 @@ class RDBWriter:
     writer that fails or is killed half way never leaves a file there. A
     writer used as a context manager whose body raises discards the
     temporary file (:meth:`abort`) instead of completing it. A file with no
-    keys is discarded too, unless `keep_empty`; temporary files that killed
-    processes left beside `filename` are removed when the next writer of
-    it starts. A `filename` that is a pipe or device (``/dev/stdout``) is
-    written directly.
+    keys is discarded too, unless `keep_empty` (and any earlier file at
+    `filename` stays). Each writer holds a lock on its temporary file; the
+    ones that no writer holds any more (their process died) are removed
+    when the next writer of `filename` starts. A `filename` that is a
+    symbolic link stays one: the file it points to is replaced. A replaced
+    file keeps its permissions. A `filename` that is a pipe or device
+    (``/dev/stdout``) is written directly.
 
     Parameters
     ----------
@@ -134,7 +138,8 @@ class RDBWriter:
             ]
         header.append(_SELECT_DB_0)
         self._buffer = bytearray(b"".join(header))
-        target = os.path.abspath(os.fsdecode(filename))
+        # A symbolic link stays one: the file it points to is replaced.
+        target = os.path.realpath(os.fsdecode(filename))
         self._target = target
         #: The temporary file that becomes `filename` when :meth:`close` completes
         #: it; None when `filename` is a pipe or device, written to directly.
@@ -144,11 +149,16 @@ class RDBWriter:
             return
         directory, name = os.path.split(target)
         remove_stale_temporaries(directory, re.escape(name))
-        self.temporary = os.path.join(directory, temporary_name(name))
-        # O_EXCL: never write into someone else's file; mode 0o666 lets the
-        # umask decide the permissions, as open(filename, "wb") would.
-        fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.temporary, fd = _create_temporary(directory, name)
         self._file = os.fdopen(fd, "wb")
+        try:
+            # A file replaced keeps its permissions (it may be shared on purpose).
+            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            self._discard()
+            raise
 
     def __enter__(self) -> RDBWriter:
         return self
@@ -341,7 +351,10 @@ class RDBWriter:
         Raises
         ------
         OSError
-            If the file cannot be written; `filename` is then left as it was.
+            If the file cannot be written; `filename` is then left as it
+            was. Only if flushing the directory after the rename fails is
+            the new file in place (readable, but its rename may not survive
+            a power cut).
         """
         if self._closed:
             return
@@ -356,12 +369,13 @@ class RDBWriter:
                 self._file.close()
                 return
             os.fsync(self._file.fileno())
-            self._file.close()
             if not self.keys_written and not self._keep_empty:
                 logger.error("No valid keys found - not writing an empty file")
-                os.remove(self.temporary)
+                self._discard()
                 return
+            # Still open, so still locked: no remover of stale files takes it now.
             os.replace(self.temporary, self._target)
+            self._file.close()
         except BaseException:
             self._discard()
             raise
@@ -379,10 +393,10 @@ class RDBWriter:
         self._discard()
 
     def _discard(self) -> None:
-        self._file.close()
         if self.temporary is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.temporary)
+        self._file.close()  # only now: closing releases the temporary file's lock
 
 
 def temporary_name(name: str) -> str:
@@ -390,8 +404,42 @@ def temporary_name(name: str) -> str:
     return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+def _create_temporary(directory: str, name: str) -> tuple[str, int]:
+    """Create and lock a new temporary file for the RDB file `name`; its path and descriptor.
+
+    The lock (flock) is held as long as the descriptor is open: it is what
+    tells :func:`remove_stale_temporaries` that the file is being written.
+    A remover may take the lock between the file's creation and its
+    locking here, and then deletes the file: this is noticed (the lock is
+    refused, or the file has no name any more) and another file is made.
+    """
+    while True:
+        path = os.path.join(directory, temporary_name(name))
+        # O_EXCL: never write into someone else's file; mode 0o666 lets the
+        # umask decide the permissions, as open(filename, "wb") would.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink > 0:
+                return path, fd
+        except BlockingIOError:
+            pass  # a remover holds it and will delete it
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            raise
+        os.close(fd)
+
+
 def remove_stale_temporaries(directory: PathType, name_pattern: str) -> None:
-    """Delete temporary files left in `directory` by writers that no longer run.
+    """Delete temporary files left in `directory` by writers that no longer write them.
+
+    A writer holds an exclusive flock on its temporary file until it is
+    done with it, and the lock dies with the writer's process, so a
+    temporary file whose lock can be taken is stale. This does not depend
+    on process ids (which another host or PID namespace sharing the
+    directory does not see, and which the system reuses).
 
     Parameters
     ----------
@@ -401,17 +449,29 @@ def remove_stale_temporaries(directory: PathType, name_pattern: str) -> None:
         Regular expression matching the names of the RDB files whose
         temporary files to look for.
     """
-    pattern = re.compile(rf"\.(?:{name_pattern})\.(?P<pid>[0-9]+)\.[0-9a-f]{{8}}\.tmp")
+    pattern = re.compile(rf"\.(?:{name_pattern})\.[0-9]+\.[0-9a-f]{{8}}\.tmp")
     directory = os.fsdecode(directory)
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return  # creating the temporary file will say so
     for other in names:
-        match = pattern.fullmatch(other)
-        if match and not _process_exists(int(match["pid"])):
+        if not pattern.fullmatch(other):
+            continue
+        path = os.path.join(directory, other)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone already, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a writer holds it
+        else:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, other))
+                os.remove(path)
+        finally:
+            os.close(fd)
 
 
 def _is_stream(path: str) -> bool:
@@ -421,17 +481,6 @@ def _is_stream(path: str) -> bool:
     except FileNotFoundError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether process `pid` runs (this one counts: its writers may be open)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_directory(directory: str) -> None:

@@ -141,7 +141,7 @@ def test_an_out_of_order_append_raises_and_commits_nothing(backend):
         backend.add_mutable(b"sensor", b"x", float(i))
     store = backend._get_store()
     # Make the next transaction believe the log ends at seq 1: it appends seq 2 again.
-    store.last_commit = (store.last_txnid(), 1, 0.0)
+    store.last_commit = (store.last_txnid(), 1, 0.0, backend.chain_at(1))
     with pytest.raises(StoreError, match="append out of order"):
         backend.set_immutable(b"new", b"value")
     assert backend.key_type(b"new") is None

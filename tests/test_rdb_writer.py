@@ -283,3 +283,93 @@ def test_a_pipe_is_written_directly(tmp_path) -> None:
     (tmp_path / "copy.rdb").write_bytes(received[0])
     assert list(read_records(tmp_path / "copy.rdb")) == [(b"k", IMMUTABLE, b"v")]
     assert sorted(os.listdir(tmp_path)) == ["copy.rdb", "pipe"]
+
+
+_HOLD_LOCKED = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+_WRITE_AND_DIE = """
+import os, sys
+from telstate.rdb_writer import RDBWriter
+from telstate.utils import KeyType
+writer = RDBWriter(sys.argv[1])
+writer.write_record(b"k", KeyType.IMMUTABLE, b"v")
+writer._flush()
+print(os.path.basename(writer.temporary), flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_temporary_files_are_judged_by_their_lock_not_by_a_pid(tmp_path) -> None:
+    """Stale: no process holds its lock, whatever pid its name gives (PID 1 always exists,
+    pids are reused). Live: a process holds its lock, though its pid is not seen here
+    (another host or PID namespace sharing the directory)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "out.rdb"
+    leftover = tmp_path / ".out.rdb.1.0123abcd.tmp"
+    leftover.write_bytes(b"half a file")
+    elsewhere = tmp_path / ".out.rdb.999999999.89abcdef.tmp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCKED, str(elsewhere)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with RDBWriter(path) as writer:
+            writer.write_record(b"k", IMMUTABLE, b"v")
+            assert not leftover.exists()
+            assert elsewhere.exists()
+            RDBWriter(path).abort()  # a second writer leaves the first one's file alone
+            assert writer.temporary is not None and os.path.exists(writer.temporary)
+        assert list(read_records(path)) == [(b"k", IMMUTABLE, b"v")]
+        assert elsewhere.exists()
+    finally:
+        holder.communicate("", timeout=10)
+    # The holder has exited: its file is stale now.
+    with RDBWriter(path, keep_empty=True):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "out.rdb"
+    run = subprocess.run(
+        [sys.executable, "-c", _WRITE_AND_DIE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert run.returncode == -9, run.stderr
+    assert os.listdir(tmp_path) == [run.stdout.strip()]
+    with RDBWriter(path) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"w")
+    assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+
+
+def test_a_symbolic_link_stays_one_and_a_replaced_file_keeps_its_mode(tmp_path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    target = real / "target.rdb"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "link.rdb"
+    link.symlink_to(target)
+    with RDBWriter(link) as writer:
+        writer.write_record(b"k", IMMUTABLE, b"v")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert list(read_records(target)) == [(b"k", IMMUTABLE, b"v")]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(real)) == ["target.rdb"]

@@ -7,6 +7,7 @@ Each test that changes ACLs has a redis-server of its own: ACLs are server-wide.
 from __future__ import annotations
 
 import json
+import os
 import string
 import subprocess
 import sys
@@ -16,11 +17,11 @@ import urllib.parse
 
 import pytest
 import redis
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from replicator.acl import CLIENT_RULES
-from replicator.connection import redact_url
+from replicator.acl import CLIENT_RULES, check_protection, setup_client_rules
+from replicator.connection import PASSWORD_VARIABLE, connect, redact_url
 from telstate import TelescopeState
 from telstate.errors import ReadOnlyError
 from telstate.lmdb import LmdbBackend
@@ -221,7 +222,7 @@ def test_credentials_appear_in_no_log_status_or_error(store, server, daemons, tm
         (["--spare-db", "0"], "spare database for rebuilds must be another"),
         (["--spare-db", "15"], "spare database for rebuilds must be another"),
         (["--client-user", ""], "--client-user: '' is not a Redis user name"),
-        (["--redis", "http://x"], "--redis: http://x is not a Redis URL"),
+        (["--redis", "http://x"], "--redis: http://<not shown> is not a Redis URL: give"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(store, options, message):
@@ -273,34 +274,162 @@ def test_a_server_with_fewer_databases_than_the_spare(store, tmp_path):
         )
         assert run.returncode == 2
         assert "--spare-db (14)" in run.stderr and "out of range" in run.stderr
+        assert "usage:" not in run.stderr  # not a usage error: the server refuses
     finally:
         server.terminate()
         server.wait(10)
 
 
 _NAME = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=12)
-_SECRET = st.text(alphabet=string.ascii_letters + string.digits + "!$&'()*+,;=-._~", min_size=6)
+_SECRET = st.text(alphabet=string.printable.strip() + " ", min_size=6)
 
 
 @given(
-    scheme=st.sampled_from(["redis", "rediss"]),
+    scheme=st.sampled_from(["redis", "rediss", "unix"]),
     user=st.none() | _NAME,
     password=_SECRET,
     host=_NAME,
     db=st.integers(0, 14),
     in_query=st.booleans(),
+    encoded=st.booleans(),
 )
-def test_redacted_urls_keep_everything_but_the_password(scheme, user, password, host, db, in_query):
-    quoted = urllib.parse.quote(password, safe="")
+def test_redacted_urls_never_show_the_password(scheme, user, password, host, db, in_query, encoded):
+    """Encoded or not (a '/', '?', '#' or '@' in it makes the URL ambiguous), the password
+    never shows; a URL that can be read keeps its host, port, database and user."""
+    secret = urllib.parse.quote(password, safe="") if encoded else password
+    location = f"/tmp/{host}.sock" if scheme == "unix" else f"{host}:6379/{db}"
+    query = f"?db={db}" if scheme == "unix" else ""
     if in_query:
-        url = f"{scheme}://{user + '@' if user else ''}{host}:6379/{db}?password={quoted}"
+        query += f"{'&' if query else '?'}password=\0"
+        template = f"{scheme}://{user + '@' if user else ''}{location}{query}"
     else:
-        url = f"{scheme}://{user or ''}:{quoted}@{host}:6379/{db}"
+        template = f"{scheme}://{user or ''}:\0@{location}{query}"
+    url = template.replace("\0", secret)
+    public = template.replace("\0", "") + "***<>"
+    assume(password not in public and secret not in public)
     shown = redact_url(url)
-    assert password not in shown.replace(host, "").replace(user or "", "")
-    assert quoted not in shown.replace(host, "").replace(user or "", "")
-    assert "***" in shown
+    assert password not in shown and secret not in shown
+    try:
+        connect(url)[0].close()
+    except ValueError as error:
+        assert password not in str(error) and secret not in str(error)
+        return
+    if not encoded:
+        return  # read as redis-py reads it, which may not be what was meant
     original = redis.connection.parse_url(url)
     redacted = redis.connection.parse_url(shown)
-    for field in ("host", "port", "db", "username"):
+    for field in ("host", "port", "db", "username", "path"):
         assert redacted.get(field) == original.get(field), field
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://admin:left-part/right-part@host/0",
+        "redis://admin:left-part?right-part@host/0",
+        "redis://admin:left-part#right-part@host/0",
+        "unix://admin:left-part/right-part@/tmp/x.sock",
+        "rediss://admin@host/0?ssl_password=left-part-right-part",
+        "redis://admin@host/0?password=left-part&unknown=right-part",
+    ],
+)
+def test_passwords_with_special_characters_are_never_shown(url):
+    shown = redact_url(url)
+    assert "left-part" not in shown and "right-part" not in shown, shown
+    try:
+        connect(url)[0].close()
+    except ValueError as error:
+        assert "left-part" not in str(error) and "right-part" not in str(error)
+        assert "percent-encode" in str(error) or "not a Redis URL" in str(error)
+
+
+def test_leftover_selectors_are_cleared_and_every_write_is_checked(server):
+    admin = as_admin(server)
+    client = server.client()  # user default, as katsdptelstate connects
+    admin.execute_command(
+        "ACL", "SETUSER", "default", "reset", "on", "nopass", "~*", "&*", "+@all", "(~* +@write)"
+    )
+    setup_client_rules(admin, "default")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.set(b"foreign", b"x")
+    assert check_protection(admin, "default").protected is True
+    # Rules that refuse only katsdptelstate's own writes are not enough.
+    admin.execute_command("ACL", "SETUSER", "default", "reset", "on", "nopass", "~*", "&*", "+@all")
+    for command in ("set", "zadd", "hset", "del", "flushdb", "publish"):
+        admin.execute_command("ACL", "SETUSER", "default", f"-{command}")
+    assert check_protection(admin, "default").protected is False
+    admin.execute_command("ACL", "SETUSER", "default", *CLIENT_RULES, "+unlink", "+swapdb")
+    protection = check_protection(admin, "default")
+    assert protection.protected is False
+    assert "may write: swapdb, unlink allowed" in protection.detail
+    # A client user (status without credentials) tries writes that change nothing.
+    assert check_protection(client, "default").protected is False
+    admin.execute_command("ACL", "SETUSER", "default", *CLIENT_RULES)
+    protection = check_protection(client, "default")
+    assert protection.protected is True, protection
+    for command in (
+        ("unlink", "k"),
+        ("flushall",),
+        ("swapdb", "0", "1"),
+        ("spublish", "update/k", "m"),
+        ("restore", "k", "0", "payload"),
+        ("function", "load", "code"),
+        ("script", "flush"),
+    ):
+        assert admin.execute_command("ACL", "DRYRUN", "default", *command) != b"OK", command
+
+
+def test_a_request_stream_granted_on_its_own_keys_leaves_the_mirror_protected(server):
+    """What the remote-writes rules may add: writes to keys that no store key matches."""
+    admin = as_admin(server)
+    admin.set(b"sensor-temperature", b"a mirror key")
+    client = server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "default", *CLIENT_RULES, "(~telstate-requests:* +xadd)"
+    )
+    # The stream is not in the mirror's database (whose keys are all the store's).
+    assert server.client(db=2).xadd(b"telstate-requests:1", {b"op": b"set"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.xadd(b"sensor-temperature-requests", {b"op": b"set"})
+    assert check_protection(admin, "default").protected is True
+    # A grant whose pattern matches a key of the mirror makes it unprotected.
+    admin.execute_command("ACL", "SETUSER", "default", *CLIENT_RULES, "(~sensor* +@write)")
+    protection = check_protection(admin, "default")
+    assert protection.protected is False and "may write: append" in protection.detail
+
+
+def test_the_password_from_a_file_or_the_environment(store, server, tmp_path):
+    Writer(store, count=50, rate=5000, seed=13).join()
+    secret_file = tmp_path / "password"
+    secret_file.write_text(PASSWORD + "\n")
+    mirror_url = f"unix://admin@{server.socket}?db=0"
+    run = subprocess.run(
+        [sys.executable, "-m", "replicator", "--log", str(store), "--once"]
+        + ["--redis", mirror_url, "--redis-password-file", str(secret_file), "--acl-setup"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    environment = {**os.environ, PASSWORD_VARIABLE: PASSWORD}
+    report = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "--log", str(store)]
+        + ["--redis", mirror_url, "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert json.loads(report.stdout)["mirror"]["protected"] is True
+    twice = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "--log", str(store)]
+        + ["--redis", url(server, "admin")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert twice.returncode == 2 and "give it once" in twice.stderr
+    assert PASSWORD not in run.stderr + report.stdout + twice.stderr

@@ -9,6 +9,7 @@ end-to-end tests run the real daemon on a real store.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
@@ -21,8 +22,9 @@ import pytest
 import redis
 
 from replicator.cursor import MirrorState, read_cursor
-from replicator.redis_sink import RedisSink, SinkState
+from replicator.redis_sink import RedisSink, SinkState, spare_lock_key
 from replicator.verify import differences, mirror_contents, record_contents
+from telstate import log as log_format
 from telstate.backend import Record
 from telstate.errors import ReadOnlyError
 from telstate.log import Event, Op, Writer
@@ -34,8 +36,9 @@ _WRITER = Writer("test", 0, None)
 
 
 class _Snapshot:
-    def __init__(self, seq: int, store: uuid.UUID, records: list[Record]) -> None:
+    def __init__(self, seq: int, chain: bytes, store: uuid.UUID, records: list[Record]) -> None:
         self.seq = seq
+        self.chain = chain
         self.uuid = store
         self._records = records
 
@@ -57,9 +60,19 @@ class StandInLog:
     def last_seq(self) -> int:
         return len(self.log)
 
+    def chain_at(self, seq: int) -> bytes:
+        if not 0 <= seq <= len(self.log):
+            raise ValueError(f"no event {seq}")
+        return self.log[seq - 1].chain if seq else log_format.genesis(self.uuid)
+
     def _append(self, op: Op, key: bytes | None, *fields) -> None:
+        # A chain over the event's content (not its time), as the store's is over its bytes.
+        padded = (list(fields) + [None, None, None])[:3]
+        content = repr((op.value, key, *padded)).encode()
+        chain = hashlib.sha256(self.chain_at(len(self.log)) + content).digest()
         with self._commit:
-            self.log.append(Event(len(self.log) + 1, time.time(), _WRITER, op, key, *fields))
+            seq = len(self.log) + 1
+            self.log.append(Event(seq, time.time(), _WRITER, op, key, *padded, chain=chain))
             self._commit.notify_all()
 
     def set_immutable(self, key: bytes, value: bytes) -> None:
@@ -91,7 +104,8 @@ class StandInLog:
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[_Snapshot]:
-        yield _Snapshot(self.last_seq, self.uuid, list(self.state.records()))
+        seq = self.last_seq
+        yield _Snapshot(seq, self.chain_at(seq), self.uuid, list(self.state.records()))
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
         with self._commit:
@@ -544,3 +558,182 @@ def test_every_key_a_script_touches_is_declared(mirror, sinks):
         assert not names & {arg for arg in args if isinstance(arg, bytes)}  # only in KEYS
     declared = set().union(*(keys for keys, _ in calls))
     assert set(log.contents()) | {b"other"} <= declared
+
+
+def _wide(tag: bytes, n: int = 100) -> StandInLog:
+    """A store whose one indexed key has the same name and sub-keys as any other's."""
+    log = StandInLog()
+    for i in range(n):
+        log.set_indexed(b"wide", b"\x92%d" % i, b"\xff" + tag + b"%d" % i)
+    return log
+
+
+def test_mirrors_sharing_a_spare_rebuild_one_at_a_time(redis_server, sinks, caplog):
+    """Two mirrors (db 0 and db 1) with the default spare: the second waits for the first."""
+    a_log, b_log = _wide(b"A"), _wide(b"B")
+    a = sinks(a_log, redis_server.url + "?db=0", batch_events=5)
+    b = sinks(b_log, redis_server.url + "?db=1", batch_events=5)
+    assert a.spare_db == b.spare_db
+    original = a._apply_script
+    b_states = []
+
+    def apply(**kwargs):
+        result = original(**kwargs)
+        if len(b_states) == 0:  # right after A's claim, while the spare is still empty
+            b.step()  # CONNECT -> REBUILD
+            b.step()  # its claim
+            b_states.append(b.state)
+        return result
+
+    a._apply_script = apply
+    _run(a)
+    assert b_states == [SinkState.BACKOFF]
+    assert "spare for rebuilds, is in use by the rebuild of mirror database 0" in caplog.text
+    _run(b)
+    _assert_exact(a_log, redis_server.client(db=0))
+    _assert_exact(b_log, redis_server.client(db=1))
+    assert redis_server.client(db=MIRROR_CURSOR_DB).exists(spare_lock_key(a.spare_db)) == 0
+
+
+def test_a_spare_that_is_another_mirrors_database_is_refused(redis_server, sinks, caplog):
+    empty = StandInLog()
+    _run(sinks(empty, redis_server.url + "?db=3", spare_db=4))  # an empty mirror, db 3
+    log = StandInLog()
+    _fill(log)
+    sink = sinks(log, redis_server.url + "?db=0", spare_db=3)
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.BACKOFF
+    assert "database 3" in caplog.text and "is the database of another mirror" in caplog.text
+    assert redis_server.client(db=3).dbsize() == 0  # its readers saw nothing of it
+
+
+def test_a_stale_lock_is_taken_over(redis_server, sinks):
+    """A replicator cut short in spare 14, restarted with spare 13: 14 is free again."""
+    a_log = StandInLog()
+    for i in range(500):
+        a_log.add_mutable(b"big", b"\xff%d" % i, float(i))
+    a = sinks(a_log, redis_server.url + "?db=0", batch_events=40)
+    original = a._apply_script
+    calls = []
+
+    def apply(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            a.stop.set()
+        return original(**kwargs)
+
+    a._apply_script = apply
+    a.step()
+    a.step()
+    assert redis_server.client(db=a.spare_db).dbsize() == 1  # A's partial rebuild
+    _run(sinks(a_log, redis_server.url + "?db=0", spare_db=13, batch_events=40))
+    b_log = _wide(b"B")
+    _run(sinks(b_log, redis_server.url + "?db=1"))
+    _assert_exact(a_log, redis_server.client(db=0))
+    _assert_exact(b_log, redis_server.client(db=1))
+
+
+def test_a_foreign_write_to_the_old_mirror_does_not_hold_a_rebuild_up(mirror, sinks, caplog):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, n=300)
+    _run(sinks(StandInLog(), url))  # an old mirror, to be replaced
+    log_sink = sinks(log, url, batch_events=20)
+    original = log_sink._apply_script
+    calls = []
+
+    def apply(**kwargs):
+        calls.append(kwargs["args"][3])
+        if len(calls) % 3 == 0:  # a client writes to the old mirror now and then
+            client.set(b"legacy-writer-%d" % len(calls), b"x")
+        return original(**kwargs)
+
+    log_sink._apply_script = apply
+    _run(log_sink)
+    assert calls.count("claim") == 1  # never restarted
+    _assert_exact(log, client)  # the foreign keys went with the old mirror
+
+
+def test_waiters_are_woken_by_the_next_replicator_if_one_dies_after_the_swap(mirror, sinks):
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, n=5)
+    dying = sinks(log, url)
+    dying._wake_waiters = lambda: None  # killed right after the swap
+    _run(dying)
+    assert read_cursor(client)[1].state == MirrorState.READY
+    pubsub = client.pubsub()
+    pubsub.psubscribe(b"update/*")
+    assert pubsub.get_message(timeout=1)["type"] == "psubscribe"
+    _run(sinks(log, url))  # resumes without a rebuild, and wakes the waiters
+    published = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        published.append((message["channel"], message["data"]))
+    newest = pack_timestamp(1004.0) + b"\xff4"
+    assert (b"update/sensor", update_message(KeyType.MUTABLE, newest)) in published
+    assert (b"update/immutable", update_message(KeyType.IMMUTABLE, b"\xff\x01")) in published
+    indexed = [data for channel, data in published if channel == b"update/indexed"]
+    assert len(indexed) == 5
+    assert {channel for channel, _ in published} == {
+        b"update/sensor",
+        b"update/immutable",
+        b"update/indexed",
+        b"update/other",
+    }
+    _run(sinks(log, url))  # woken once: the next replicator publishes nothing
+    assert pubsub.get_message(timeout=0.2) is None
+    pubsub.close()
+
+
+def test_rebuild_calls_are_bounded_by_bytes(mirror, sinks):
+    """Large samples: no script call carries much more than batch_bytes."""
+    url, client = mirror
+    log = StandInLog()
+    for i in range(40):
+        log.add_mutable(b"images", b"\xff" + bytes(100_000) + b"%d" % i, float(i))
+        log.set_indexed(b"frames", b"\x92%d" % i, b"\xff" + bytes(50_000))
+    sink = sinks(log, url, batch_bytes=300_000)
+    original = sink._apply_script
+    sizes = []
+
+    def apply(keys, args):
+        sizes.append(sum(len(arg) for arg in args if isinstance(arg, bytes)))
+        return original(keys=keys, args=args)
+
+    sink._apply_script = apply
+    _run(sink)
+    _assert_exact(log, client)
+    assert len(sizes) > 10 and max(sizes) < 300_000 + 100_100
+
+
+def test_a_clients_endless_script_is_waited_out(tmp_path, sinks, caplog):
+    from tests.servers import RedisServer
+
+    with RedisServer(directory=tmp_path) as server:
+        admin = server.client()
+        admin.config_set("busy-reply-threshold", 100)
+        log = StandInLog()
+        _fill(log)
+        sink = sinks(log, f"unix://{server.socket}?db=0", socket_timeout=30)
+        _run(sink)
+        looping = threading.Thread(
+            target=_eval_quietly, args=(server.client(), "while true do end")
+        )
+        looping.start()
+        deadline = time.monotonic() + 10
+        while "busy running a script" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            sink.step()
+        assert "refused a command" not in caplog.text
+        admin.script_kill()
+        looping.join(10)
+        log.add_mutable(b"sensor", b"\xffafter", 1e6)
+        _run(sink, until=lambda: sink.seq == log.last_seq)
+        _assert_exact(log, server.client())
+        sink.close()
+
+
+def _eval_quietly(client: redis.Redis, script: str) -> None:
+    with contextlib.suppress(redis.ResponseError):
+        client.eval(script, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from replicator.daemon import Daemon
-from replicator.snapshot_sink import AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
+from replicator.snapshot_sink import AUX_CHAIN, AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
 from telstate.lmdb import LmdbBackend, replay
@@ -45,10 +46,12 @@ def test_snapshot_at_seq_equals_the_log_replayed(store, tmp_path):
     second = sink.write()
     assert first is not None and second is not None
     assert (first.seq, second.seq) == (105, store.backend.last_seq)
-    assert first.path.name == f"telstate-{store.backend.uuid}-{first.seq:016d}.rdb"
+    chain = store.backend.chain_at(first.seq).hex()
+    assert first.path.name == f"telstate-{store.backend.uuid}-{first.seq:016d}-{chain[:16]}.rdb"
     for snapshot in (first, second):
         assert snapshot.read_aux()[AUX_SEQ] == str(snapshot.seq).encode()
         assert snapshot.read_aux()[AUX_STORE] == str(store.backend.uuid).encode()
+        assert snapshot.read_aux()[AUX_CHAIN] == store.backend.chain_at(snapshot.seq).hex().encode()
         contents = record_contents(read_records(snapshot.path))
         assert differences(_replayed(store.backend.path, snapshot.seq), contents) == []
     assert sink.write() is None  # nothing new
@@ -106,10 +109,12 @@ def test_stale_temporary_files_are_removed(store, tmp_path):
     uuid = store.backend.uuid
     stale = rdb / f".telstate-{uuid}-{1:016d}.rdb.999999999.0123abcd.tmp"
     stale.write_bytes(b"half")
-    # A writer in this process may be writing it: it is not stale.
+    # A writer holds the lock on its temporary file: it is not stale.
     live = rdb / f".telstate-{uuid}-{2:016d}.rdb.{os.getpid()}.0123abcd.tmp"
     live.write_bytes(b"half")
-    SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        SnapshotSink(store.backend, rdb, interval=3600, keep=2)
     assert not stale.exists() and live.exists()
 
 

@@ -7,7 +7,9 @@ can never disagree and the state can always be rebuilt from the log
 (:func:`replay`, :meth:`LmdbBackend.verify`). Writes that change nothing
 (a key or sub-key already set, a sample already present, deleting a
 missing key, clearing an empty store) and rejected writes are not events.
-Reads come from the state tables only.
+Reads come from the state tables only. Every event carries the hash chain
+of the log up to it (:mod:`telstate.log`), which ``verify`` checks and
+projections (mirror cursor, RDB snapshots) record with their seq.
 
 Modules, one concern each:
 
@@ -33,7 +35,10 @@ Modules, one concern each:
     Imports of RDB records: checked chunks, samples straight into sealed
     blocks, events appended many at a time.
 :mod:`~telstate.lmdb.audit`
-    The state rebuilt from the log: :func:`replay` and ``verify``'s checks.
+    The state rebuilt from the log: :func:`replay` and ``verify``'s checks
+    (the chain, and each key replayed alone against its state or an RDB file).
+:mod:`~telstate.lmdb.upgrade`
+    ``telstate upgrade``: a format 1 store (no chain) rewritten as format 2.
 :mod:`~telstate.lmdb.backend`
     :class:`LmdbBackend` and :class:`Snapshot`.
 """

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import struct
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import log
@@ -33,7 +35,7 @@ class _StateModel:
         self.data: dict[bytes, Any] = {}
 
     def apply(self, raw: log.RawEvent) -> None:
-        op_code, _, _, timestamp, key, sub_key, value = raw
+        op_code, _, _, timestamp, key, sub_key, value, _ = raw
         data = self.data
         if op_code == log.ADD_MUTABLE:
             members = data.get(key)
@@ -66,32 +68,11 @@ class _StateModel:
                 yield key, KeyType.INDEXED, dict(value)
 
 
-class _LogAudit:
-    """Checks made on every event while :meth:`LmdbBackend.verify` replays the log."""
-
-    def __init__(self, writers: set[int]) -> None:
-        self.writers = writers
-        self.problems: list[str] = []
-        self.expected_seq = 1
-        # Events per history-table entry, to compare with the history index.
-        self.counts: collections.Counter[bytes] = collections.Counter()
-
-    def see(self, seq: int, raw: log.RawEvent) -> None:
-        if seq != self.expected_seq:
-            self.problems.append(f"log: seq {self.expected_seq - 1} is followed by {seq}")
-        self.expected_seq = seq + 1
-        if raw[1] not in self.writers:
-            self.problems.append(f"log: event {seq} has unknown writer {raw[1]}")
-            self.writers.add(raw[1])
-        self.counts[name_key_of(raw[4]) if raw[0] != log.CLEAR else ALL_KEYS] += 1
-
-
 def replay_model(
     txn: Any,
     tables: Tables,
     until_seq: int | None = None,
     until_time: float | None = None,
-    audit: _LogAudit | None = None,
 ) -> _StateModel:
     """Apply the log, up to the limits, to an empty model."""
     model = _StateModel()
@@ -103,8 +84,6 @@ def replay_model(
         raw = decode(record)
         if until_time is not None and raw[2] > until_time:
             break
-        if audit is not None:
-            audit.see(seq, raw)
         apply(raw)
     return model
 
@@ -147,38 +126,195 @@ def replay(
     return TelescopeState(memory)
 
 
-def verify_in(txn: Any, tables: Tables) -> list[str]:
-    audit = _LogAudit(set(writers_in(txn, tables)))
-    problems = audit.problems
+#: What reading damaged state tables can raise (reported by verify, not raised).
+_DAMAGE = (ValueError, TypeError, KeyError, IndexError, struct.error, StoreError)
+
+#: How many problems of one kind verify lists before it only counts them.
+_MAX_LISTED = 20
+
+
+def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
+    """The checks of :meth:`LmdbBackend.verify`, in one read transaction.
+
+    Memory is bounded by the number of keys and the largest key: the log
+    is streamed once (seqs, chain, writers, history counts), then each key
+    is replayed alone through the history index and compared with its state.
+    """
+    problems, counts = _check_log(txn, tables, store)
+    clears = _clear_seqs(txn, tables)
+    seen: set[bytes] = set()
+    key = b""
     try:
-        expected = replay_model(txn, tables, audit=audit).data
-    except (StoreError, struct.error) as error:
-        return problems + [f"log: unreadable record ({error})"]
-    for key, key_type, value in state_records(txn, tables):
-        name = display_str(key)
-        logged = expected.pop(key, None)
-        if logged is None:
-            problems.append(f"key {name}: in the state but not in the log")
-            continue
-        logged_type = _MODEL_TYPES[type(logged)]
-        if key_type != logged_type:
-            problems.append(
-                f"key {name}: {key_type.name.lower()} in the state, "
-                f"{logged_type.name.lower()} in the log"
-            )
-        elif value != (sorted(logged) if logged_type == KeyType.MUTABLE else logged):
-            problems.append(f"key {name}: value differs between state and log")
-    for key in sorted(expected):
-        problems.append(f"key {display_str(key)}: in the log but not in the state")
+        for key, key_type, value in state_records(txn, tables):
+            name_key = name_key_of(key)
+            seen.add(name_key)
+            logged, last = _replay_key(txn, tables, name_key, clears)
+            difference = _difference(key_type, value, logged)
+            if difference:
+                where = f" (its last event: {last})" if last else ""
+                problems.append(f"key {display_str(key)}: {difference}{where}")
+    except _DAMAGE as error:
+        # The keys after it are not compared; the log checks above still stand.
+        after = f" after key {display_str(key)}" if key else ""
+        problems.append(f"state: unreadable{after} ({type(error).__name__}: {error})")
+        return problems
     history = txn.cursor(db=tables.history)
-    indexed: collections.Counter[bytes] = collections.Counter()
     for name_key in history.iternext_nodup(keys=True, values=False):
-        indexed[name_key] = history.count()
+        name_key = bytes(name_key)
+        if name_key == ALL_KEYS or name_key in seen:
+            continue
+        logged, last = _replay_key(txn, tables, name_key, clears)
+        if logged is not None:
+            problems.append(
+                f"key {display_str(logged[0])}: in the log but not in the state "
+                f"(its last event: {last})"
+            )
+    indexed: collections.Counter[bytes] = collections.Counter()
+    history = txn.cursor(db=tables.history)
+    for name_key in history.iternext_nodup(keys=True, values=False):
+        indexed[bytes(name_key)] = history.count()
     wrong = sum(
-        1
-        for name_key in indexed.keys() | audit.counts.keys()
-        if indexed[name_key] != audit.counts[name_key]
+        1 for name_key in indexed.keys() | counts.keys() if indexed[name_key] != counts[name_key]
     )
     if wrong:
         problems.append(f"history index: wrong event counts for {wrong} keys")
     return problems
+
+
+def verify_rdb_in(
+    txn: Any, tables: Tables, records: Iterable[Record], seq: int, complete: bool = True
+) -> tuple[list[str], int]:
+    """Compare RDB `records` with the state at `seq`, replayed key by key.
+
+    Returns
+    -------
+    The differences found, and the number of keys compared.
+    """
+    problems: list[str] = []
+    clears = _clear_seqs(txn, tables)
+    seen: set[bytes] = set()
+    count = 0
+    for key, key_type, value in records:
+        count += 1
+        name_key = name_key_of(key)
+        if name_key in seen:
+            problems.append(f"key {display_str(key)}: more than once in the file")
+            continue
+        seen.add(name_key)
+        logged, _ = _replay_key(txn, tables, name_key, clears, seq)
+        difference = _difference(key_type, value, logged)
+        if difference:
+            problems.append(f"key {display_str(key)}: {difference.replace('state', 'file')}")
+    if not complete:
+        return problems, count
+    history = txn.cursor(db=tables.history)
+    for name_key in history.iternext_nodup(keys=True, values=False):
+        name_key = bytes(name_key)
+        if name_key == ALL_KEYS or name_key in seen:
+            continue
+        logged, _ = _replay_key(txn, tables, name_key, clears, seq)
+        if logged is not None:
+            problems.append(f"key {display_str(logged[0])}: in the log but not in the file")
+    return problems, count
+
+
+def _check_log(
+    txn: Any, tables: Tables, store: uuid.UUID
+) -> tuple[list[str], collections.Counter[bytes]]:
+    """Stream the log: dense seqs, chain links, decodable records, known writers.
+
+    Returns the problems and the number of events per history-table entry.
+    """
+    problems: list[str] = []
+    writers = set(writers_in(txn, tables))
+    counts: collections.Counter[bytes] = collections.Counter()
+    chain = log.genesis(store)
+    expected_seq = 1
+    broken_links = 0
+    for seq, record in raw_log(txn, tables, 1):
+        if seq != expected_seq:
+            problems.append(f"log: seq {expected_seq - 1} is followed by {seq}")
+        expected_seq = seq + 1
+        if not log.chain_matches(chain, record):
+            broken_links += 1
+            if broken_links <= _MAX_LISTED:
+                problems.append(
+                    f"log: event {seq} does not match its chain hash "
+                    f"(the event, or the log before it, was altered)"
+                )
+        chain = log.record_chain(record)
+        try:
+            raw = log.decode_record(record)
+        except ValueError as error:
+            problems.append(f"log: event {seq} cannot be decoded ({error})")
+            continue
+        if raw[0] not in _OP_CODES:
+            problems.append(f"log: event {seq} has unknown operation code {raw[0]}")
+            continue
+        if raw[1] not in writers:
+            problems.append(f"log: event {seq} has unknown writer {raw[1]}")
+            writers.add(raw[1])
+        counts[name_key_of(raw[4]) if raw[0] != log.CLEAR else ALL_KEYS] += 1
+    if broken_links > _MAX_LISTED:
+        problems.append(f"log: {broken_links - _MAX_LISTED} more events do not match their chain")
+    return problems, counts
+
+
+def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
+    cursor = txn.cursor(db=tables.history)
+    if not cursor.set_key(ALL_KEYS):
+        return []
+    return [log.unpack_seq(seq) for seq in cursor.iternext_dup(keys=False)]
+
+
+def _replay_key(
+    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+) -> tuple[tuple[bytes, Any] | None, int]:
+    """Replay the events of one key (from the history index) up to `until_seq`.
+
+    Returns
+    -------
+    (key, model value) — bytes, a set of packed members or a dict, as in
+    :class:`_StateModel` — or None if the key does not exist then; and the
+    seq of the key's last event (0 if none). Undecodable events are skipped
+    (the log check reports them).
+    """
+    cursor = txn.cursor(db=tables.history)
+    model = _StateModel()
+    key = b""
+    last = 0
+    if cursor.set_key(name_key):
+        for seq_key in cursor.iternext_dup(keys=False):
+            seq = log.unpack_seq(seq_key)
+            if until_seq is not None and seq > until_seq:
+                break
+            if bisect.bisect_left(clears, seq) != bisect.bisect_left(clears, last):
+                model.data.clear()  # a clear between the previous event and this one
+            last = seq
+            try:
+                raw = log.decode_record(txn.get(seq_key, db=tables.log))
+                model.apply(raw)
+            except (ValueError, StoreError):
+                continue
+            key = raw[4]
+    end = len(clears) if until_seq is None else bisect.bisect_right(clears, until_seq)
+    if bisect.bisect_left(clears, last) < end:
+        model.data.clear()  # cleared after its last event
+    value = model.data.get(key)
+    return (None if value is None else (key, value)), last
+
+
+def _difference(key_type: KeyType, value: Any, logged: tuple[bytes, Any] | None) -> str:
+    """How a stored key differs from its replay; empty if it does not."""
+    if logged is None:
+        return "in the state but not in the log"
+    logged_type = _MODEL_TYPES[type(logged[1])]
+    if key_type != logged_type:
+        return f"{key_type.name.lower()} in the state, {logged_type.name.lower()} in the log"
+    expected = sorted(logged[1]) if logged_type == KeyType.MUTABLE else logged[1]
+    if value != expected:
+        return "value differs between state and log"
+    return ""
+
+
+_OP_CODES = frozenset((log.SET_IMMUTABLE, log.ADD_MUTABLE, log.SET_INDEXED, log.DELETE, log.CLEAR))

@@ -24,9 +24,17 @@ from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
-from .audit import verify_in
+from .audit import verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
-from .eventlog import history_chunk, key_update, last_seq_in, log_chunk, writers_in
+from .eventlog import (
+    chain_in,
+    head_in,
+    history_chunk,
+    key_update,
+    last_seq_in,
+    log_chunk,
+    writers_in,
+)
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -88,8 +96,9 @@ class LmdbBackend(Backend):
     Notes
     -----
     Besides the :class:`~telstate.backend.Backend` methods, the log API:
-    :attr:`uuid`, :attr:`last_seq`, :meth:`events`, :meth:`history`,
-    :meth:`snapshot`, :meth:`wait_for_commit`, :meth:`verify`,
+    :attr:`uuid`, :attr:`last_seq`, :attr:`head`, :meth:`chain_at`,
+    :meth:`events`, :meth:`history`, :meth:`snapshot`,
+    :meth:`wait_for_commit`, :meth:`verify`, :meth:`verify_rdb`,
     :meth:`flush`, and :func:`telstate.lmdb.replay`.
     """
 
@@ -596,6 +605,29 @@ class LmdbBackend(Backend):
         """Sequence number of the last event (0 for an empty log)."""
         return self._read(last_seq_in, buffers=True)
 
+    @property
+    def head(self) -> tuple[int, bytes]:
+        """(seq, chain) of the last event, read together: (0, genesis) for an empty log.
+
+        The chain hash names the whole history up to seq (see :mod:`telstate.log`).
+        """
+        return self._read(head_in, log.genesis(self.uuid), buffers=True)
+
+    def chain_at(self, seq: int) -> bytes:
+        """The chain hash of the log up to event `seq`; for seq 0, the store's genesis hash.
+
+        Raises
+        ------
+        ValueError
+            If the log has no event `seq`.
+        """
+        if seq == 0:
+            return log.genesis(self.uuid)
+        chain = self._read(chain_in, seq) if seq > 0 else None
+        if chain is None:
+            raise ValueError(f"the store at {self.path!r} has no event {seq}")
+        return chain
+
     def events(
         self,
         start_seq: int = 1,
@@ -710,19 +742,38 @@ class LmdbBackend(Backend):
         return Snapshot(self)
 
     def verify(self) -> list[str]:
-        """Rebuild the state from the log and compare it with the stored state.
+        """Check the chain of the whole log, and that replaying it gives the stored state.
 
-        Everything is read in one transaction. Also checks that sequence
-        numbers are dense, that every event's writer is known and that the
-        history index counts every event.
+        Everything is read in one transaction, in memory bounded by the
+        number of keys and the largest key (the log is streamed, each key
+        replayed alone through the history index). Also checks that
+        sequence numbers are dense, every record decodes, every event's
+        writer is known and the history index counts every event. Each
+        problem names the event (seq) or key it concerns.
 
         Returns
         -------
         A description of each difference found; empty if the store is sound.
         """
-        return self._read(verify_in)
+        return self._read(verify_in, self.uuid)
 
     # --- durability and lifetime ------------------------------------------------------
+
+    def verify_rdb(
+        self, records: Iterable[Record], seq: int, complete: bool = True
+    ) -> tuple[list[str], int]:
+        """Compare `records` (an RDB file's) with the state as of event `seq`.
+
+        Each key is replayed alone from the log up to `seq`, so `seq` may be
+        older than the current state. With `complete` false (the file holds
+        a selection of keys), keys missing from `records` are not differences.
+
+        Returns
+        -------
+        A description of each difference (empty if the records are exactly
+        the state at `seq`), and the number of records compared.
+        """
+        return self._read(verify_rdb_in, records, seq, complete)
 
     def flush(self) -> None:
         """Flush every commit so far (by any process) to disk.
@@ -762,6 +813,8 @@ class Snapshot:
     ----------
     seq
         The last event included in the view.
+    chain
+        The chain hash at `seq` (see :mod:`telstate.log`).
     uuid
         The store's identity.
     """
@@ -772,6 +825,7 @@ class Snapshot:
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
+        self.chain = log.genesis(self.uuid)
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
@@ -786,7 +840,7 @@ class Snapshot:
                     break
             store.adopt_map_size()
         self._tables = store.tables
-        self.seq = last_seq_in(self._txn, self._tables)
+        self.seq, self.chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -223,9 +223,9 @@ class Store:
         self.housekeeper: threading.Thread | None = None
         self.housekeeper_stop = threading.Event()
         self.writer_ids = {}
-        # (transaction id, seq, time) of this process's last commit with events:
+        # (transaction id, seq, time, chain) of this process's last commit with events:
         # while nobody else commits, the next event follows it (see writes.WriteTxn._last_event).
-        self.last_commit: tuple[int, int, float] = (-1, 0, 0.0)
+        self.last_commit: tuple[int, int, float, bytes] = (-1, 0, 0.0, b"")
         self.cache_txnid = -1
         self.get_cache = {}
         self.indexed_cache = {}
@@ -400,6 +400,12 @@ class Store:
             identity_bytes = txn.get(b"uuid", db=tables.meta)
             if version is None or identity_bytes is None:
                 raise StoreError(f"{self.path!r} is not a telstate store: it has no identity")
+            if version == b"1":
+                raise StoreError(
+                    f"{self.path!r} has log format 1 (events without chain hashes); "
+                    f"this telstate reads format {log.FORMAT_VERSION}: run "
+                    f"`telstate upgrade {self.path}` (with no process using the store)"
+                )
             if version != b"%d" % log.FORMAT_VERSION:
                 raise StoreError(
                     f"{self.path!r} has log format {version.decode(errors='replace')}, "

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import struct
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ def append_events(
     txn: Any,
     tables: Tables,
     first_seq: int,
+    previous_chain: bytes,
     name_key: bytes,
     op_code: int,
     writer_id: int,
@@ -42,8 +45,12 @@ def append_events(
     values: Sequence[bytes | memoryview] | np.ndarray,
     sub_keys: Sequence[bytes] | None = None,
     timestamps: Sequence[float] | np.ndarray | None = None,
-) -> int:
-    """Append events `first_seq`, `first_seq` + 1, ... of one kind on one key; return how many.
+) -> bytes:
+    """Append events `first_seq`, `first_seq` + 1, ... of one kind on one key; return the chain.
+
+    Each record carries the chain hash over the one before (`previous_chain`
+    is event `first_seq` - 1's, or the store's genesis hash; see
+    :mod:`telstate.log`); the chain of the last one is returned.
 
     The one place events are made: single writes append one, imports
     (:mod:`telstate.lmdb.bulk`) many. See
@@ -58,16 +65,30 @@ def append_events(
     StoreError
         If LMDB refused an append (`first_seq` is not past the last event).
     """
-    records = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
-    count = len(records)
-    if count == 1:
-        # Every single write: two plain puts, by position (py-lmdb parses
-        # keywords slowly, 0.25 us a put): dupdata, overwrite, append.
+    if len(values) == 1:
+        # Every single write: one call builds and chains the record, and two
+        # plain puts by position (py-lmdb parses keywords slowly, 0.25 us a
+        # put): dupdata, overwrite, append.
         seq_key = log.pack_seq(first_seq)
-        appended = txn.put(seq_key, records[0], True, True, True, tables.log) and txn.put(
+        value = values[0]
+        record = log.chained_record(
+            previous_chain,
+            op_code,
+            writer_id,
+            time,
+            key,
+            b"" if sub_keys is None else sub_keys[0],
+            value if type(value) is bytes else bytes(value),
+            math.nan if timestamps is None else timestamps[0],
+        )
+        appended = txn.put(seq_key, record, True, True, True, tables.log) and txn.put(
             name_key, seq_key, True, True, True, tables.history
         )
+        last = record
     else:
+        bodies = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
+        records = log.chain_records(bodies, previous_chain)
+        count = len(records)
         seq_keys = list(map(log.pack_seq, range(first_seq, first_seq + count)))
         appended = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True) == (
             count,
@@ -75,21 +96,25 @@ def append_events(
         ) and txn.cursor(tables.history).putmulti(
             zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
         ) == (count, count)
+        last = records[-1]
     if not appended:
         raise StoreError(
-            f"LMDB append out of order: events {first_seq}..{first_seq + count - 1} are not "
+            f"LMDB append out of order: events from {first_seq} on are not "
             "past the last one (the store may be damaged)"
         )
-    return count
+    return last[-log.CHAIN_SIZE :]
 
 
-def last_event(txn: Any, tables: Tables) -> tuple[int, float]:
-    """(seq, time) of the last event of the log; (0, 0.0) if it is empty."""
+def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:
+    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty."""
     cursor = txn.cursor(db=tables.log)
     if not cursor.last():
-        return 0, 0.0
+        return 0, 0.0, log.genesis(store)
     try:
-        return log.unpack_seq(cursor.key()), log.record_time(cursor.value())
+        record = cursor.value()
+        if len(record) < log.CHAIN_SIZE:
+            raise ValueError(f"a record of {len(record)} bytes has no chain")
+        return log.unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
     except (struct.error, ValueError) as error:
         raise StoreError(f"the last event of the log is damaged: {error}") from None
 
@@ -188,3 +213,17 @@ def writers_in(txn: Any, tables: Tables) -> dict[int, Writer]:
         }
     except (ValueError, struct.error) as error:
         raise StoreError(f"the writers table is damaged: {error}") from None
+
+
+def head_in(txn: Any, tables: Tables, genesis: bytes) -> tuple[int, bytes]:
+    """(seq, chain) of the last event; (0, `genesis`) for an empty log."""
+    cursor = txn.cursor(db=tables.log)
+    if not cursor.last():
+        return 0, genesis
+    return log.unpack_seq(cursor.key()), log.record_chain(cursor.value())
+
+
+def chain_in(txn: Any, tables: Tables, seq: int) -> bytes | None:
+    """The chain hash stored in event `seq`, or None if there is no such event."""
+    record = txn.get(log.pack_seq(seq), db=tables.log)
+    return None if record is None else log.record_chain(record)

@@ -126,14 +126,14 @@ class WriteTxn:
         self._writer_name = writer_name
         self.changed = False
         self._new_writer_id: int | None = None
-        # (seq, time) of the last event appended in this transaction (or before it).
-        self._appended: tuple[int, float] | None = None
+        # (seq, time, chain) of the last event appended in this transaction (or before it).
+        self._appended: tuple[int, float, bytes] | None = None
         # Set by __enter__: the transaction and what it starts from.
         self.txn: Any
         self.tables: Tables
         self._txnid: int
         self._writer_id: int | None
-        self._last_commit: tuple[int, int, float]
+        self._last_commit: tuple[int, int, float, bytes]
 
     def __enter__(self) -> WriteTxn:
         store = self._store
@@ -338,15 +338,16 @@ class WriteTxn:
         For bulk paths (:mod:`telstate.lmdb.bulk`); see
         :func:`~telstate.lmdb.eventlog.append_events` for the arguments.
         """
-        previous_seq, previous_time = self._last_event()
+        previous_seq, previous_time, previous_chain = self._last_event()
         now = time.time()
         if now < previous_time:
             now = previous_time  # event times never go back, for replay(until_time=...)
         writer_id = self._writer_id or self._writer()
-        count = append_events(
+        chain = append_events(
             self.txn,
             self.tables,
             previous_seq + 1,
+            previous_chain,
             name_key,
             op_code,
             writer_id,
@@ -356,20 +357,20 @@ class WriteTxn:
             sub_keys,
             timestamps,
         )
-        self._appended = (previous_seq + count, now)
+        self._appended = (previous_seq + len(values), now, chain)
         self.changed = True
 
     def next_seq(self) -> int:
         """The seq the next event appended in this transaction will get."""
         return self._last_event()[0] + 1
 
-    def _last_event(self) -> tuple[int, float]:
-        """(seq, time) of the last event before the one about to be appended."""
+    def _last_event(self) -> tuple[int, float, bytes]:
+        """(seq, time, chain) of the last event before the one about to be appended."""
         if self._appended is None:
-            committed_txnid, seq, previous_time = self._last_commit
-            if committed_txnid != self._txnid - 1:
-                seq, previous_time = last_event(self.txn, self.tables)
-            self._appended = (seq, previous_time)
+            committed_txnid, seq, previous_time, chain = self._last_commit
+            if committed_txnid != self._txnid - 1 or not chain:
+                seq, previous_time, chain = last_event(self.txn, self.tables, self._store.uuid)
+            self._appended = (seq, previous_time, chain)
         return self._appended
 
     def _writer(self) -> int:
