@@ -269,7 +269,8 @@ class RedisBackend(Backend):
         record leaves the batches before it loaded (as katsdptelstate's Redis
         load would), which keeps the load at its speed (one parse).
         """
-        return self.load_records(rdb_reader.read_records(file), import_rules.file_source(file))
+        records = rdb_reader.read_records(file, packed_members=True)  # checked at once
+        return self.load_records(records, import_rules.file_source(file))
 
     def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
         """Import whole keys (see :mod:`telstate.import_rules`), pipelined.
@@ -508,7 +509,7 @@ def queue_record(pipe: Any, record: Record) -> int:
         pipe.set(key, value)
         return 1
     if key_type == KeyType.MUTABLE:
-        assert isinstance(value, list)
+        assert not isinstance(value, (bytes, dict))  # a list, or PackedMembers
         for i in range(0, len(value), LOAD_BATCH):
             members = value[i : i + LOAD_BATCH]
             pipe.execute_command("ZADD", key, *itertools.chain(*((0, m) for m in members)))
