@@ -21,7 +21,7 @@ from telstate.encoding import encode_value
 from telstate.errors import ImmutableKeyError, InvalidTimestampError, StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb import settings as lmdb_settings
-from telstate.lmdb.writes import RetryTransaction, WriteTxn
+from telstate.lmdb.writes import WriteTxn
 from telstate.log import Op
 from telstate.utils import pack_timestamp
 
@@ -117,21 +117,14 @@ def test_a_write_block_without_changes_commits_nothing(backend):
     assert backend._get_store().last_txnid() == before
 
 
-def test_a_full_map_asks_for_the_transaction_again(tmp_path):
+def test_a_full_map_fails_the_transaction_and_commits_nothing(tmp_path):
     with LmdbBackend(tmp_path / "store", durability="none", map_size=1 << 16) as backend:
-        retries = 0
-        while True:
-            try:
-                with backend.write() as wtxn:
-                    for i in range(20000):
-                        wtxn.add_mutable(b"sensor", b"value %d" % i, float(i))
-                break
-            except RetryTransaction:
-                assert backend.last_seq == 0  # nothing of it was committed
-                retries += 1
-        assert retries > 0  # the small map had to grow
-        assert backend.get(b"sensor") == (b"value 19999", 19999.0)
-        assert backend.last_seq == 20000
+        with pytest.raises(StoreError, match="is full"):
+            with backend.write() as wtxn:
+                for i in range(20000):
+                    wtxn.add_mutable(b"sensor", b"value %d" % i, float(i))
+        assert backend.last_seq == 0
+        backend.add_mutable(b"sensor", b"small", 1.0)
         assert backend.verify() == []
 
 

@@ -1,10 +1,16 @@
 """Asynchronous LMDB backend: :class:`telstate.lmdb.LmdbBackend` for asyncio code.
 
 Reads of one key (``get``, ``key_type``, ``get_indexed``) are lookups in
-a memory map that never wait for a lock held across I/O, so they run on the
-event loop. Everything that may wait (writes, which queue for LMDB's writer
-lock and may fsync) or whose cost grows with the data (``keys``,
-``get_range``, ``dump``, loads) runs in the backend's one writer thread.
+a memory map, each in its own LMDB read transaction, and run on the event
+loop: they take no lock that another read or a write holds, so a long
+``verify`` or ``get_range`` in another thread does not hold them up (only
+the GIL is shared). The one wait they can meet is rare: following another
+process's larger map, or reopening the store for writing, waits for this
+process's transactions (snapshots included) to end (see
+:mod:`telstate.lmdb.environment`). Everything that may wait (writes,
+which queue for LMDB's writer lock and may fsync) or whose cost grows
+with the data (``keys``, ``get_range``, ``dump``, loads) runs in the
+backend's one writer thread.
 
 Waiting: one watcher task per backend, with one thread, serves every
 monitor. The thread sleeps until a commit by any process (see

@@ -46,6 +46,6 @@ Modules, one concern each:
 from .audit import replay
 from .backend import LmdbBackend, Snapshot
 from .environment import DURABILITIES
-from .writes import RetryTransaction, WriteTxn
+from .writes import WriteTxn
 
-__all__ = ["DURABILITIES", "LmdbBackend", "RetryTransaction", "Snapshot", "WriteTxn", "replay"]
+__all__ = ["DURABILITIES", "LmdbBackend", "Snapshot", "WriteTxn", "replay"]

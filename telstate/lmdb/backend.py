@@ -11,6 +11,7 @@ import collections
 import itertools
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -25,7 +26,7 @@ from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
 from .audit import verify_in, verify_rdb_in
-from .environment import DURABILITIES, Store, abort, attach_store, begin_read, detach_store
+from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
     head_in,
@@ -52,7 +53,7 @@ from .layout import (
 )
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
-from .writes import RetryTransaction, WriteTxn, wrong_type
+from .writes import WriteTxn, wrong_type
 
 _T = TypeVar("_T")
 _HOST = socket.gethostname()
@@ -77,8 +78,9 @@ class LmdbBackend(Backend):
     writer_name
         Recorded with every event written through this backend.
     map_size
-        Initial size in bytes of the memory map of a new store (the map
-        grows automatically; this only matters for tests and tuning).
+        Size in bytes of the memory map, the most the store can hold
+        (default 1 TiB; it costs address space, not disk or memory; see
+        :mod:`telstate.lmdb.environment`).
 
     Raises
     ------
@@ -110,7 +112,7 @@ class LmdbBackend(Backend):
         flush_interval: float = 1.0,
         readonly: bool = False,
         writer_name: str | None = None,
-        map_size: int = settings.INITIAL_MAP_SIZE,
+        map_size: int = settings.MAP_SIZE,
     ) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
@@ -142,24 +144,21 @@ class LmdbBackend(Backend):
         return store
 
     def _read(self, body: Callable[..., _T], *args: Any, buffers: bool = False) -> _T:
-        """Run ``body(txn, tables, *args)`` in a fresh read transaction."""
+        """Run ``body(txn, tables, *args)`` in a fresh read transaction.
+
+        Takes no lock: reads of several threads run in parallel.
+        """
         store = self._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue  # reopened meanwhile
-                txn = begin_read(env, buffers)
-                if txn is not None:
-                    try:
-                        return body(txn, store.tables, *args)
-                    except lmdb.Error as error:
-                        raise StoreError(
-                            f"reading the store at {store.path!r} failed: {error}"
-                        ) from error
-                    finally:
-                        txn.abort()
-            store.adopt_map_size()
+        try:
+            txn = store.begin_read(buffers)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        try:
+            return body(txn, store.tables, *args)
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        finally:
+            store.txns.end_read(txn)
 
     def write(self) -> WriteTxn:
         """A write transaction for several operations, committed as one.
@@ -180,9 +179,6 @@ class LmdbBackend(Backend):
         ------
         ReadOnlyError
             If the store was opened read-only.
-        RetryTransaction
-            On leaving the block, if the store's map was full: it has
-            grown, nothing was committed, run the block again.
         StoreError
             If the store is closed, the disk is full or the store damaged.
         """
@@ -193,13 +189,9 @@ class LmdbBackend(Backend):
         return WriteTxn(store, self.writer_name)
 
     def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
-        """``operation(wtxn)`` in a transaction of its own, run again after the map grew."""
-        while True:
-            try:
-                with self.write() as wtxn:
-                    return operation(wtxn)
-            except RetryTransaction:
-                continue
+        """``operation(wtxn)`` in a transaction of its own."""
+        with self.write() as wtxn:
+            return operation(wtxn)
 
     # --- Backend: reads -------------------------------------------------------------
 
@@ -721,13 +713,7 @@ class LmdbBackend(Backend):
         return self._read(key_state_record, key)
 
     def records(self) -> Iterator[Record]:
-        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`).
-
-        Raises
-        ------
-        StoreError
-            If the map is resized by this process while the records are read.
-        """
+        """Every key as an RDB record, in key order, from one snapshot (see :meth:`snapshot`)."""
         with self.snapshot() as snap:
             yield from snap.records()
 
@@ -807,7 +793,8 @@ class Snapshot:
 
     Made by :meth:`LmdbBackend.snapshot`; use it as a context manager. It
     holds one LMDB read transaction, so keep it short: while it is open,
-    pages it sees cannot be reused and the store grows.
+    pages it sees cannot be reused and the store grows, and closing the
+    store (or following a larger map of another process) waits for it.
 
     Attributes
     ----------
@@ -822,6 +809,7 @@ class Snapshot:
     def __init__(self, backend: LmdbBackend) -> None:
         self._backend = backend
         self._txn: Any = None
+        self._thread = 0
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
@@ -829,16 +817,13 @@ class Snapshot:
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
-        while True:
-            env = store.env or store.ensure_open()
-            with store.read_lock:
-                if env is not store.env:
-                    continue
-                self._txn = begin_read(env)
-                if self._txn is not None:
-                    store.snapshots.add(self)
-                    break
-            store.adopt_map_size()
+        try:
+            self._txn = store.begin_read()
+        except lmdb.Error as error:
+            raise StoreError(f"reading the store at {store.path!r} failed: {error}") from error
+        self._thread = threading.get_ident()
+        self._store = store
+        store.snapshots.add(self)
         self._tables = store.tables
         self.seq, self.chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
         return self
@@ -848,18 +833,16 @@ class Snapshot:
 
     def close(self) -> None:
         """End the view (idempotent)."""
-        store = self._backend._store
-        if store is not None:
-            store.snapshots.discard(self)
-        if self._txn is not None:
-            abort(self._txn)
-            self._txn = None
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            self._store.snapshots.discard(self)
+            self._store.txns.end_read(txn)
 
-    def _invalidate(self, reason: str) -> None:
-        self._invalid = reason
+    def _forked(self) -> None:
+        """In a forked child: forget the parent's transaction (see Store.after_fork_child)."""
         if self._txn is not None:
-            abort(self._txn)
             self._txn = None
+            self._invalid = "it was opened before this process was forked"
 
     def _check(self) -> Any:
         if self._invalid is not None:
@@ -877,8 +860,7 @@ class Snapshot:
         Raises
         ------
         StoreError
-            If the snapshot was closed or invalidated (its map was resized
-            by this process, which can happen when the store grows).
+            If the snapshot was closed, or opened before this process was forked.
         """
         txn = self._check()
         try:

@@ -1,51 +1,76 @@
 """The LMDB environment of a store, shared by every backend on its path in a process.
 
-This module owns opening (and creating) a store, growing its memory map
-and following growth by other processes, LMDB's lock word (the last
-committed transaction id), fork handling, the housekeeping thread, and
-the wake-ups of waiters on commits by any process.
+This module owns opening (and creating) a store, the registry of this
+process's transactions (so that nothing remaps under a live one), LMDB's
+lock word (the last committed transaction id), fork handling, the
+housekeeping thread, and the wake-ups of waiters on commits by any process.
 
 Durability
 ----------
 A process crash (including SIGKILL) loses nothing in any mode: a write
-returns after its transaction committed to the shared memory map, which
-the kernel writes back to the file. What a *power failure or kernel crash*
-loses depends on `durability`:
+returns after its transaction committed, its pages written to the file
+(``pwrite``; the kernel keeps them across a crash of the process). What a
+*power failure or kernel crash* loses depends on `durability`:
 
 ``'fsync'``
     Nothing that returned: each commit is flushed to disk (LMDB's
-    two-phase sync: data pages, then the meta page) before the write returns.
+    two-phase sync: data pages, then the meta page) before the write
+    returns. The store is never damaged.
 ``'batch'`` (default)
-    Commits since the last flush, which a background thread performs every
-    `flush_interval` seconds (default 1 s) while there are new commits, like
-    Redis ``appendfsync everysec``. Between flushes LMDB runs without
-    sync (``MDB_NOSYNC``); its documentation warns that if the disk or
-    filesystem reorders those unsynced writes, a power failure can leave
-    the last transactions, or the store, damaged. Use ``'fsync'`` for
-    data that must survive power loss.
+    The commits since the last flush, which a background thread performs
+    every `flush_interval` seconds (default 1 s) while there are new
+    commits, like Redis ``appendfsync everysec``; what was flushed stays.
+    Between flushes LMDB runs without sync (``MDB_NOSYNC``) and, in every
+    mode, without ``MDB_WRITEMAP``: LMDB then keeps the store consistent
+    across a power cut *if the disk and filesystem keep the order of
+    writes* (ZFS does; ext4 and XFS in their default modes do not promise
+    it). Where they do not, a power cut less than `flush_interval` after a
+    commit can leave the store damaged (the newest meta page on disk,
+    pages it points to not), which :meth:`~LmdbBackend.verify` and
+    ``telstate verify`` report; use ``'fsync'`` where that matters.
 ``'none'``
     Everything since the last :meth:`~LmdbBackend.flush` or close, bounded
     only by the kernel's dirty-page writeback (typically about 30 s), with
-    the same caveat as ``'batch'``.
+    the same condition on write order as ``'batch'``.
+
+The map and the disk
+--------------------
+Every process maps the store with ``settings.MAP_SIZE`` (1 TiB) from the
+start. Without ``MDB_WRITEMAP`` LMDB maps the file read-only and writes
+pages with ``pwrite``, so the map costs address space only: the file
+holds the data (it never grows to the map size), a full disk is an LMDB
+error on commit (a :exc:`StoreError`, the store unchanged), not a SIGBUS,
+and the map is never resized under a reader. A store made with a smaller
+map (older telstate, or a smaller `map_size`) opens with the larger one.
+If another process maps a store with a *larger* map and its data grow
+past this process's map, this process follows (``mdb_env_set_mapsize``)
+only once none of its transactions is live (see :class:`_Transactions`).
+32-bit platforms are not supported (a 1 TiB map does not fit).
+LMDB's lock file and the ``notify`` file are written through memory maps:
+their blocks are allocated (``posix_fallocate``) before they are mapped,
+so creating a store on a full disk is an error too.
 
 Processes, threads and fork
 ---------------------------
 Any number of processes may read and write one store at once; LMDB
 serialises the writers, so sequence numbers are dense and every check
 (e.g. an immutable already set) happens inside the write transaction.
-Each process opens the environment once per path: every
-:class:`LmdbBackend` on that path (views and TelescopeStates included)
-shares it, and it is opened with the strongest durability any of them
-asked for. After ``os.fork`` the child reopens it on first use (a store
-with an open :meth:`~LmdbBackend.snapshot` at the moment of the fork
-cannot be reopened in the child). Stale reader slots of killed processes
-are cleared at open, every 10 s by a housekeeping thread of each writing
-process and before growing the map. The memory map starts at `map_size`
-(4 MiB) and grows by doubling (by at most 1 GiB at a time) when full; the
-file space is reserved with ``posix_fallocate`` so that a full disk is an
-error, not a crash (LMDB writes through the map), so a store takes at most
-twice its data (1 GiB more above 1 GiB) on disk. Other processes follow
-a grown map on their next transaction.
+Several processes may create one store at once: the first write
+transaction on the empty environment makes the tables and the identity,
+the others find them. Each process opens the environment once per path:
+every :class:`LmdbBackend` on that path (views and TelescopeStates
+included) shares it, and it is opened with the strongest durability any
+of them asked for. Reads in several threads of a process run in
+parallel (each its own LMDB read transaction); writes of a process take
+turns. ``os.fork`` waits for a write or flush in flight, never for
+reads. The child reopens the store on first use, unless another thread
+was reading it (a snapshot included) at the moment of the fork: then the
+child cannot use the store, as py-lmdb can neither close the inherited
+environment safely nor open a second one on the same files (see
+:meth:`Store.after_fork_child`). Stale reader
+slots of killed processes are cleared at open and every 10 s by a
+housekeeping thread of each writing process, and every 32 writes of a
+process.
 
 Results of ``get`` and ``get_indexed`` are cached per process while no
 transaction has committed since they were read (LMDB's last transaction
@@ -57,11 +82,14 @@ A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
 a waiter has announced itself in the store's ``notify`` file (a heartbeat
 it renews), each commit writes a byte to that file, watched with
 ``watchdog``. The truth is LMDB's last transaction id, polled every
+``settings.POLL_INTERVAL`` as a fallback.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import errno
 import logging
 import mmap
@@ -71,6 +99,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import lmdb
@@ -96,22 +125,9 @@ _LOCK_MAGIC = 0xBEEFC0DE
 _LOCK_TXNID_INDEX = 6
 
 
-def begin_read(env: lmdb.Environment, buffers: bool = False) -> Any:
-    """A read transaction, or None if another process grew the map (adopt it and retry).
-
-    Raises
-    ------
-    lmdb.ReadersFullError
-        If every reader slot is taken even after clearing those of dead processes.
-    """
-    try:
-        try:
-            return env.begin(buffers=True) if buffers else env.begin()
-        except lmdb.ReadersFullError:
-            env.reader_check()
-            return env.begin(buffers=True) if buffers else env.begin()
-    except lmdb.MapResizedError:
-        return None
+def _lock_file_size() -> int:
+    """The size of LMDB's lock file (64-bit Linux): two cache lines of header, one per reader."""
+    return 64 * (settings.MAX_READERS + 2)
 
 
 def abort(txn: lmdb.Transaction) -> None:
@@ -119,6 +135,108 @@ def abort(txn: lmdb.Transaction) -> None:
         txn.abort()
     except lmdb.Error:
         pass
+
+
+class _Transactions:
+    """This process's live transactions on one environment, and the gate that remaps wait at.
+
+    LMDB allows changing the map (``mdb_env_set_mapsize``, closing or
+    reopening the environment) only while the process has no transaction
+    in flight, and py-lmdb releases the GIL inside every cursor call, so a
+    remap under another thread's live transaction (a snapshot being
+    iterated) makes it read unmapped memory. Transactions register here
+    while they live; :meth:`exclusive` waits until none does and holds new
+    ones back while it runs. Readers never wait for each other, only for a
+    remap, which is rare (another process opened the store with a larger
+    map; see the module docstring).
+
+    A thread that itself holds a live transaction is never held back (it
+    would wait for itself), and cannot remap: :meth:`exclusive` raises
+    :exc:`StoreError` for it.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        # Each live transaction (a write's token until it begins) -> its thread.
+        self.live: dict[Any, int] = {}
+        self.pending = 0
+
+    def _admit(self, ident: int) -> None:
+        """Wait (holding `cond`) while a remap is pending, unless this thread is in one."""
+        if self.pending and ident not in self.live.values():
+            self.cond.wait_for(lambda: not self.pending)
+
+    def begin_read(self, env: lmdb.Environment, buffers: bool) -> Any:
+        """A registered read transaction, or None if another process grew the map past ours.
+
+        Raises
+        ------
+        lmdb.ReadersFullError
+            If every reader slot is taken even after clearing those of dead processes.
+        """
+        ident = threading.get_ident()
+        with self.cond:
+            self._admit(ident)
+            try:
+                try:
+                    txn = env.begin(buffers=True) if buffers else env.begin()
+                except lmdb.ReadersFullError:
+                    env.reader_check()
+                    txn = env.begin(buffers=True) if buffers else env.begin()
+            except lmdb.MapResizedError:
+                return None
+            self.live[txn] = ident
+        return txn
+
+    def enter(self) -> object:
+        """Register a transaction about to begin (a write); returns its token for :meth:`leave`."""
+        token = object()
+        with self.cond:
+            self._admit(threading.get_ident())
+            self.live[token] = threading.get_ident()
+        return token
+
+    def leave(self, key: Any) -> None:
+        """Unregister an ended transaction (or a token), letting a waiting remap go ahead."""
+        with self.cond:
+            del self.live[key]
+            if self.pending:
+                self.cond.notify_all()
+
+    def end_read(self, txn: Any) -> None:
+        """End a read transaction from :meth:`begin_read` (under `cond`, see Store.before_fork)."""
+        with self.cond:
+            abort(txn)
+            del self.live[txn]
+            if self.pending:
+                self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, path: str) -> Iterator[None]:
+        """Wait until no transaction of this process is live, for a remap, reopen or close.
+
+        The caller holds `cond` (released while waiting), and keeps new
+        transactions out until the block ends.
+
+        Raises
+        ------
+        StoreError
+            If this thread holds a live transaction (an open snapshot).
+        """
+        if threading.get_ident() in self.live.values():
+            raise StoreError(
+                f"the telstate store at {path!r} must be remapped or reopened (another "
+                "process opened it with a larger map, or it is reopened for writing or "
+                "closed), which cannot happen while this thread has a snapshot of it "
+                "open: close the snapshot first"
+            )
+        self.pending += 1
+        try:
+            self.cond.wait_for(lambda: not self.live)
+            yield
+        finally:
+            self.pending -= 1
+            self.cond.notify_all()
 
 
 class _LockWord:
@@ -178,12 +296,15 @@ class _LockWord:
 class Store:
     """The one LMDB environment of a store in this process, shared by its backends.
 
-    Locks, always taken in this order: `write_lock` (one write transaction
-    at a time in this process), `read_lock` (held around every short read
-    transaction), `sync_lock` (held by the housekeeper while it syncs).
-    Remapping the environment (growing, following a resize, reopening)
-    holds all three, so no transaction of this process is in flight then,
-    except snapshots, which it invalidates.
+    Every transaction registers in `txns` (see :class:`_Transactions`);
+    reads take no other lock, so they run in parallel. A write enters
+    `txns` first, then takes `write_lock` (one write transaction at a time
+    in this process; never the other way round, so a write never holds
+    `write_lock` while waiting for a remap). Remapping, reopening and
+    closing the environment happen inside ``txns.exclusive()``, with
+    `sync_lock` (held by the housekeeper while it syncs) taken inside it.
+    The fork hooks take `write_lock`, ``txns.cond`` and `sync_lock`, in
+    that order, none of which a read holds.
     """
 
     def __init__(self, path: str) -> None:
@@ -192,11 +313,12 @@ class Store:
         self.tables: Tables
         self.writable = False
         self.sync = False
-        self.initial_map_size = settings.INITIAL_MAP_SIZE
+        self.map_size = settings.MAP_SIZE
         self.users = 0
+        self.writes = 0
         self.batch_intervals: list[float] = []
+        self.txns = _Transactions()
         self.write_lock = threading.RLock()
-        self.read_lock = threading.RLock()
         self.sync_lock = threading.Lock()
         self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self.broken: str | None = None
@@ -243,18 +365,14 @@ class Store:
             If the store is missing (read-only open), is not a telstate
             store, or cannot be upgraded while a snapshot is open.
         """
-        with self.write_lock, self.read_lock, self.sync_lock:
+        with self.txns.cond:
             if self.broken:
                 raise StoreError(self.broken)
-            self.initial_map_size = map_size
+            self.map_size = max(self.map_size, map_size) if self.env is not None else map_size
             if self.env is None or (writable and not self.writable) or (sync and not self.sync):
-                if self.env is not None and self.snapshots:
-                    raise StoreError(
-                        f"cannot reopen {self.path!r} for writing or fsync while a snapshot "
-                        "is open in this process: close the snapshot first"
-                    )
-                self._close_env()
-                self._open_env(writable or self.writable, sync or self.sync)
+                with self.txns.exclusive(self.path), self.sync_lock:
+                    self._close_env()
+                    self._open_env(writable or self.writable, sync or self.sync)
             self.users += 1
             if batch_interval is not None:
                 self.batch_intervals.append(batch_interval)
@@ -262,7 +380,7 @@ class Store:
 
     def detach(self, batch_interval: float | None) -> bool:
         """Unregister a backend; close everything after the last one. True if closed."""
-        with self.write_lock, self.read_lock:
+        with self.txns.cond:
             if batch_interval is not None and batch_interval in self.batch_intervals:
                 self.batch_intervals.remove(batch_interval)
             self.users -= 1
@@ -272,10 +390,18 @@ class Store:
         return True
 
     def close(self) -> None:
-        """Stop the helpers, flush and close the environment."""
+        """Stop the helpers, flush and close the environment.
+
+        Waits for the transactions of other threads to end; snapshots this
+        thread holds are closed.
+        """
         self.stop_housekeeper()
         self.unwatch()
-        with self.write_lock, self.read_lock, self.sync_lock:
+        mine = threading.get_ident()
+        for snap in list(self.snapshots):
+            if snap._thread == mine:
+                snap.close()
+        with self.txns.cond, self.txns.exclusive(self.path), self.sync_lock:
             if self.env is not None and self.writable and not self.sync:
                 try:
                     self.env.sync(True)
@@ -290,8 +416,6 @@ class Store:
                 self.notify_fd = self.notify_map = self.notify_words = None
 
     def _close_env(self) -> None:
-        for snap in list(self.snapshots):
-            snap._invalidate("the store was closed or reopened")
         if self.env is not None:
             self.env.close()
             self.env = None
@@ -303,25 +427,30 @@ class Store:
     def _open_env(self, writable: bool, sync: bool) -> None:
         path = self.path
         data_file = os.path.join(path, "data.mdb")
-        exists = os.path.exists(data_file)
-        if not exists:
+        if not os.path.exists(data_file):
             if not writable:
                 raise StoreError(f"no telstate store at {path!r}: it has no data.mdb")
             if os.path.exists(path) and not os.path.isdir(path):
                 raise StoreError(f"cannot create a telstate store at {path!r}: it is a file")
             os.makedirs(path, exist_ok=True)
-            strangers = set(os.listdir(path)) - {"lock.mdb", _NOTIFY_FILE}
+            # Another process may be creating the store right now: its files are
+            # no strangers (LMDB serialises the creation, _open_tables the rest).
+            strangers = set(os.listdir(path)) - {"data.mdb", "lock.mdb", _NOTIFY_FILE}
             if strangers:
                 raise StoreError(
                     f"{path!r} is not a telstate store and not empty "
                     f"(it holds {sorted(strangers)[:3]}): choose an empty or new directory"
                 )
+        if writable:
+            # LMDB writes its lock file through a memory map: its blocks must
+            # exist before, or a full disk is a SIGBUS instead of an error.
+            self._allocate(os.path.join(path, "lock.mdb"), _lock_file_size())
         options: dict[str, Any] = dict(
-            map_size=0 if exists else self.initial_map_size,
+            map_size=self.map_size,
             subdir=True,
             readonly=not writable,
             sync=sync,
-            writemap=writable,
+            writemap=False,
             max_readers=settings.MAX_READERS,
             max_dbs=len(Tables.NAMES),
             max_spare_txns=0,
@@ -342,10 +471,11 @@ class Store:
             if writable:
                 env.reader_check()
             self.tables, self.uuid = self._open_tables(env, writable)
-            if writable:
-                self._reserve(data_file, env.info()["map_size"])
             if self.notify_fd is None:
                 self._open_notify(writable)
+        except lmdb.Error as error:
+            env.close()
+            raise StoreError(f"cannot open the telstate store at {path!r}: {error}") from error
         except BaseException:
             env.close()
             raise
@@ -366,12 +496,19 @@ class Store:
         except OSError:
             return  # a read-only copy: waiters poll
         try:
-            if os.fstat(fd).st_size < 16:
-                os.ftruncate(fd, 16)
+            if writable:
+                # Written through the map below: allocated first, as lock.mdb.
+                self._allocate(fd, 16)
+            elif os.fstat(fd).st_size < 16:
+                os.close(fd)
+                return
             self.notify_map = mmap.mmap(fd, 16)
         except OSError:
             os.close(fd)
             return
+        except BaseException:
+            os.close(fd)
+            raise
         self.notify_fd = fd
         self.notify_words = memoryview(self.notify_map).cast("d")
 
@@ -452,7 +589,7 @@ class Store:
         env = self.env
         return env.info()["last_txnid"] if env is not None else -2
 
-    # --- recovery: fork, map resize, growth ---------------------------------------------
+    # --- transactions, remaps, reopening after fork ------------------------------------
 
     def ensure_open(self) -> lmdb.Environment:
         """The environment, reopened if this is a forked child.
@@ -465,69 +602,124 @@ class Store:
         env = self.env
         if env is not None:
             return env
-        with self.write_lock, self.read_lock, self.sync_lock:
+        with self.txns.cond:
             if self.broken:
                 raise StoreError(self.broken)
             if self.env is None:
                 if self.users == 0:
                     raise StoreError(f"the telstate store at {self.path!r} is closed")
-                self._open_env(self.writable, self.sync)
+                with self.txns.exclusive(self.path), self.sync_lock:
+                    self._open_env(self.writable, self.sync)
         self.start_housekeeper()
         assert self.env is not None
         return self.env
 
-    def adopt_map_size(self) -> None:
-        """Follow a map that another process grew."""
-        with self.write_lock, self.read_lock, self.sync_lock:
-            self._remap(0)
-
-    def grow(self) -> None:
-        """Grow the map after MapFullError (caller holds write_lock, no write txn active).
+    def begin_read(self, buffers: bool = False) -> Any:
+        """A read transaction, registered in `txns`; end it with ``txns.end_read``.
 
         Raises
         ------
         StoreError
-            If the disk has no room for the larger map.
+            If the store is closed, or must be remapped while this thread
+            holds a snapshot.
+        lmdb.ReadersFullError
+            If every reader slot is taken even after clearing those of dead processes.
         """
-        with self.read_lock, self.sync_lock:
-            env = self.env
-            assert env is not None
-            if env.reader_check():
-                # Dead readers were pinning old pages; retrying may be enough.
-                return
-            size = env.info()["map_size"]
-            new_size = size + min(size, settings.MAX_GROWTH)
-            self._reserve(os.path.join(self.path, "data.mdb"), new_size)
-            logger.info("growing %s map from %d to %d bytes", self.path, size, new_size)
-            self._remap(new_size)
+        while True:
+            env = self.env or self.ensure_open()
+            txn = self.txns.begin_read(env, buffers)
+            if txn is not None:
+                if env is self.env:
+                    return txn
+                self.txns.end_read(txn)  # reopened meanwhile
+                continue
+            self.adopt_map_size()
 
-    def _remap(self, size: int) -> None:
-        for snap in list(self.snapshots):
-            snap._invalidate("the store's map was resized")
-        assert self.env is not None
-        self.env.set_mapsize(size)
+    def begin_write(self) -> Any:
+        """A write transaction; the caller holds `write_lock` until :meth:`end_write`.
 
-    def _reserve(self, data_file: str, size: int) -> None:
-        """Allocate the file's blocks up to `size`, so writes through the map cannot hit ENOSPC.
+        Raises
+        ------
+        StoreError
+            If the store is closed, or must be remapped while this thread
+            holds a snapshot.
+        """
+        while True:
+            env = self.env or self.ensure_open()
+            token = self.txns.enter()
+            self.write_lock.acquire()
+            try:
+                if env is self.env:
+                    txn = env.begin(write=True)
+                    self.txns.live[txn] = self.txns.live[token]
+                    del self.txns.live[token]
+                    return txn
+            except lmdb.MapResizedError:
+                pass
+            except BaseException:
+                self.write_lock.release()
+                self.txns.leave(token)
+                raise
+            self.write_lock.release()
+            self.txns.leave(token)
+            if env is self.env:
+                self.adopt_map_size()
+
+    def end_write(self, txn: Any) -> None:
+        """Release a write transaction from :meth:`begin_write`, after its commit or abort.
+
+        Every ``settings.READER_CHECK_WRITES`` writes, clears the reader
+        slots of dead processes: a process killed during a read leaves a
+        slot that pins the pages it saw, and the file would grow until the
+        housekeeper's next check.
+        """
+        self.writes += 1
+        if self.writes % settings.READER_CHECK_WRITES == 0:
+            assert self.env is not None
+            try:
+                self.env.reader_check()
+            except lmdb.Error as error:
+                logger.warning("clearing stale readers of %s failed: %s", self.path, error)
+        self.write_lock.release()
+        self.txns.leave(txn)
+
+    def adopt_map_size(self) -> None:
+        """Follow another process that opened the store with a larger map than this one.
+
+        Every telstate process maps ``settings.MAP_SIZE`` (1 TiB) up front,
+        so this happens only when another process asked for a larger
+        `map_size`, once its data lie beyond this process's map.
+        """
+        with self.txns.cond, self.txns.exclusive(self.path):
+            if self.env is not None:
+                self.env.set_mapsize(0)
+                self.map_size = self.env.info()["map_size"]
+
+    def _allocate(self, file: str | int, size: int) -> None:
+        """Allocate the first `size` bytes of `file` (a path or descriptor) on disk.
 
         Raises
         ------
         StoreError
             If the disk is full.
         """
-        fd = os.open(data_file, os.O_RDWR)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644) if isinstance(file, str) else file
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise StoreError(
-                    f"no room to grow the telstate store at {self.path!r} to {size} bytes: "
-                    f"{error.strerror}; free disk space"
+                    f"no room for the telstate store at {self.path!r}: {error.strerror}; "
+                    "free disk space"
                 ) from error
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
+            # No fallocate on this filesystem: at least give the file its size.
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
         finally:
-            os.close(fd)
+            if isinstance(file, str):
+                os.close(fd)
 
     # --- commits: notification and flushing --------------------------------------------
 
@@ -637,26 +829,39 @@ class Store:
     # --- fork ------------------------------------------------------------------------
 
     def before_fork(self) -> None:
+        # Writes, syncs and the start of a read are short; reads (however
+        # long) are not waited for (see after_fork_child).
         self.write_lock.acquire()
-        self.read_lock.acquire()
+        self.txns.cond.acquire()
         self.sync_lock.acquire()
 
     def after_fork_parent(self) -> None:
         self.sync_lock.release()
-        self.read_lock.release()
+        self.txns.cond.release()
         self.write_lock.release()
 
     def after_fork_child(self) -> None:
-        # No transaction of ours is in flight (before_fork held the locks),
-        # so closing the inherited environment cannot touch the parent's
-        # reader slots -- unless a snapshot is open: then leave it alone.
+        # Reads of other threads, and snapshots, may have been live at the
+        # fork (it does not wait for them). The child must then never close
+        # the inherited environment: py-lmdb would wait forever for their
+        # calls to return, or end them, clearing their reader slots, which
+        # are the parent's (LMDB's lock table is a shared map), so that the
+        # parent's readers would stop pinning the pages they read. It is kept
+        # (one reference never dropped, not even at exit), and as py-lmdb
+        # opens a store's files once per process, the child cannot reopen
+        # the store. Without live reads (the fork waited for writes and
+        # syncs) the environment is closed and reopened on first use.
+        live = any(isinstance(txn, lmdb.Transaction) for txn in self.txns.live)
+        for snap in list(self.snapshots):
+            snap._forked()
         if self.env is not None:
-            if self.snapshots:
+            if live:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.env))
                 self.broken = (
-                    f"the telstate store at {self.path!r} had a snapshot open when this "
-                    "process was forked, so it cannot be reopened here: open it after forking"
+                    f"the telstate store at {self.path!r} was being read by another thread "
+                    "when this process was forked, so it cannot be reopened here: "
+                    "open it after forking, or fork while no read is in progress"
                 )
-                self.snapshots = weakref.WeakSet()
             else:
                 self.env.close()
             self.env = None
@@ -665,8 +870,9 @@ class Store:
         self.lock_word = None
         self.lock_words = None
         self._reset_process_state()
+        self.snapshots = weakref.WeakSet()
+        self.txns = _Transactions()
         self.sync_lock = threading.Lock()
-        self.read_lock = threading.RLock()
         self.write_lock = threading.RLock()
 
 

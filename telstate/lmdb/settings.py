@@ -8,10 +8,10 @@ are not tunable: they live in :mod:`telstate.lmdb.layout`.
 =========================  =========  ==============================================
 Name                       Default    Meaning
 =========================  =========  ==============================================
-``INITIAL_MAP_SIZE``       4 MiB      memory map of a new store (``map_size``)
-``MAX_GROWTH``             1 GiB      most the map grows by at once (it doubles)
+``MAP_SIZE``               1 TiB      memory map (address space only): the most a store holds
 ``MAX_READERS``            1024       LMDB reader slots (concurrent read transactions)
 ``READER_CHECK_INTERVAL``  10 s       housekeeper clears stale reader slots this often
+``READER_CHECK_WRITES``    32         and each process after this many write transactions
 ``POLL_INTERVAL``          0.05 s     waiters check the last transaction id this often
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
 ``LOG_CHUNK``              4096       most events read per read transaction
@@ -26,10 +26,10 @@ Name                       Default    Meaning
 =========================  =========  ==============================================
 """
 
-INITIAL_MAP_SIZE = 4 << 20
-MAX_GROWTH = 1 << 30
+MAP_SIZE = 1 << 40
 MAX_READERS = 1024
 READER_CHECK_INTERVAL = 10.0
+READER_CHECK_WRITES = 32
 POLL_INTERVAL = 0.05
 HEARTBEAT = 5.0
 LOG_CHUNK = 4096

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -52,16 +53,7 @@ from .state import delete_prefix, indexed_value
 
 _HOST = socket.gethostname()
 # The ids of the stores with a WriteTxn open (each holds its store's write lock).
-_OPEN: set[int] = set()
-
-
-class RetryTransaction(StoreError):
-    """The store's map was full and has grown: run the transaction again.
-
-    Raised by :meth:`LmdbBackend.write` when a transaction ran out of map
-    space; nothing of it was committed. The single-operation methods of
-    the backend retry by themselves.
-    """
+_OPEN: dict[int, int] = {}
 
 
 class WriteTxn:
@@ -101,11 +93,9 @@ class WriteTxn:
 
     Raises
     ------
-    RetryTransaction
-        On leaving the block, if the store's map was full: the map has
-        grown and nothing was committed; run the block again.
     StoreError
-        On leaving the block, if LMDB failed (disk full, damaged store).
+        On leaving the block, if LMDB failed (disk or map full, damaged
+        store); nothing of the block was committed.
     """
 
     __slots__ = (
@@ -137,27 +127,18 @@ class WriteTxn:
 
     def __enter__(self) -> WriteTxn:
         store = self._store
-        store.write_lock.acquire()
+        if _OPEN.get(id(store)) == threading.get_ident():
+            # LMDB's writer mutex is not recursive: a second write
+            # transaction in this thread would wait for itself forever.
+            raise StoreError(
+                f"a write transaction on the store at {store.path!r} is already open in "
+                "this thread: use its WriteTxn (backend.write() blocks do not nest)"
+            )
         try:
-            if id(store) in _OPEN:
-                # We hold the write lock, so that transaction is this thread's.
-                # LMDB's writer mutex is not recursive: a second write
-                # transaction here would wait for itself forever.
-                raise StoreError(
-                    f"a write transaction on the store at {store.path!r} is already open in "
-                    "this thread: use its WriteTxn (backend.write() blocks do not nest)"
-                )
-            while True:
-                env = store.env or store.ensure_open()
-                try:
-                    txn = env.begin(None, None, True)  # write=True (by position: faster)
-                    break
-                except lmdb.MapResizedError:
-                    store.adopt_map_size()  # another process grew the map
-        except BaseException:
-            store.write_lock.release()
-            raise
-        _OPEN.add(id(store))
+            txn = store.begin_write()
+        except lmdb.Error as error:
+            raise StoreError(f"writing to the store at {store.path!r} failed: {error}") from error
+        _OPEN[id(store)] = threading.get_ident()
         self.txn = txn
         self._txnid = txn.id()
         self.tables = store.tables
@@ -168,14 +149,14 @@ class WriteTxn:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
         self.txn = None
-        _OPEN.discard(id(store))
+        _OPEN.pop(id(store), None)
         if exc is not None:
             self._fail(txn, exc)
             return  # the block's own exception propagates
         try:
             if not self.changed:
                 txn.abort()
-                store.write_lock.release()
+                store.end_write(txn)
                 return
             txn.commit()
         except BaseException as error:
@@ -185,21 +166,19 @@ class WriteTxn:
             store.writer_ids[self._writer_name] = self._new_writer_id
         if self._appended is not None:
             store.last_commit = (self._txnid, *self._appended)
-        store.write_lock.release()
+        store.end_write(txn)
         store.committed()
 
     def _fail(self, txn: Any, error: BaseException) -> None:
         """Abort after `error` and release the write lock; raise what it means for callers."""
         store = self._store
         abort(txn)
-        try:
-            if isinstance(error, lmdb.MapFullError):
-                store.grow()
-                raise RetryTransaction(
-                    f"the store at {store.path!r} was full; its map has grown"
-                ) from None
-        finally:
-            store.write_lock.release()
+        store.end_write(txn)
+        if isinstance(error, lmdb.MapFullError):
+            raise StoreError(
+                f"the telstate store at {store.path!r} is full: it reached its map size "
+                f"({store.map_size} bytes); open it with a larger map_size"
+            ) from error
         if isinstance(error, lmdb.Error):
             message = f"writing to the store at {store.path!r} failed: {error}"
             raise StoreError(message) from error
