@@ -55,7 +55,7 @@ from .layout import (
 )
 from .samples import append_samples, latest_member
 from .state import indexed_value
-from .writes import RetryTransaction, WriteTxn
+from .writes import WriteTxn
 
 if TYPE_CHECKING:
     from .backend import LmdbBackend
@@ -81,13 +81,8 @@ def load(
             yield record
 
     for chunk, events in _chunks(counted(), source):
-        while True:
-            try:
-                with backend.write() as wtxn:
-                    _write_chunk(wtxn, chunk)
-                break
-            except RetryTransaction:
-                continue  # the map grew: write the chunk again
+        with backend.write() as wtxn:
+            _write_chunk(wtxn, chunk)
         if progress is not None:
             progress("importing", events)
     return keys
