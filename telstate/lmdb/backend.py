@@ -378,6 +378,8 @@ class LmdbBackend(Backend):
         ------
         ImmutableKeyError
             If the key exists and is not mutable.
+        InvalidTimestampError
+            If `timestamp` is negative or NaN.
         ReadOnlyError
             If the store was opened read-only.
         StoreError
