@@ -75,7 +75,12 @@ process.
 Results of ``get`` and ``get_indexed`` are cached per process while no
 transaction has committed since they were read (LMDB's last transaction
 id, read from its lock file, tells), so repeated reads between writes are
-dictionary lookups and every read still sees the latest commit.
+dictionary lookups and every read still sees the latest commit. The cache
+holds at most ``settings.CACHE_MAX_BYTES`` of results (see :class:`ReadCache`).
+
+A process forked inside a ``backend.write()`` block does not own that
+block's transaction: leaving the block in the child raises
+:exc:`StoreError` and commits nothing there (the parent's block goes on).
 
 A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
 :meth:`~LmdbBackend.wait_for_commit`) is woken by a filesystem event: while
