@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -119,6 +120,16 @@ class PackedMembers(Sequence[bytes]):
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def buffer(self) -> bytes:
+        """The members, concatenated in zset order (read only)."""
+        return self._buffer
+
+    @property
+    def size(self) -> int:
+        """The length of every member."""
+        return self._size
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -357,6 +368,10 @@ class Backend(ABC):
     def load_from_file(self, file: PathType | BinaryIO) -> int:
         """Load the keys of an RDB file; implements :meth:`TelescopeState.load_from_file`.
 
+        Follows :mod:`telstate.import_rules`: a path or seekable file is
+        checked whole (records, and conflicts with existing keys) before
+        anything is written, so a bad file leaves the store unchanged.
+
         Returns
         -------
         The number of keys loaded.
@@ -364,28 +379,77 @@ class Backend(ABC):
         Raises
         ------
         RdbParseError
-            If the file is not a valid RDB file.
+            If the file is not a valid RDB file, or holds a record of the
+            wrong shape.
+        InvalidTimestampError
+            If a sample's timestamp is negative or not finite.
+        ImmutableKeyError
+            If the file contradicts a key the store has.
         """
-        from . import rdb_reader
+        from . import import_rules, rdb_reader
 
-        return self.load_records(rdb_reader.read_records(file))
+        source = import_rules.file_source(file)
+        if import_rules.rereadable(file):
+            start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
+            for batch in import_rules.batches(rdb_reader.read_records(file), source):
+                self.check_imports(batch)
+            if start is not None:
+                file.seek(start)  # type: ignore[union-attr]
+        return self.load_records(rdb_reader.read_records(file), source=source)
 
-    def load_records(self, records: Iterable[Record]) -> int:
-        """Store whole keys as read from an RDB file, without checks; return the count.
+    def check_imports(self, records: list[Record]) -> None:
+        """:meth:`check_import` for each of some checked records (backends may batch it)."""
+        for record in records:
+            self.check_import(record)
 
-        Existing keys of the same name are merged into, as Redis RESTORE
-        would not do; callers load into an empty store. Backends override
-        this with a bulk path; this default goes through the write methods.
+    def check_import(self, record: Record) -> None:
+        """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key.
+
+        See :mod:`telstate.import_rules`. Backends override this with a
+        cheaper look at the store where they can.
         """
+        from . import import_rules
+
+        key, key_type, _ = record
+        existing_type = self.key_type(key)
+        existing = None
+        if existing_type in (KeyType.IMMUTABLE, KeyType.INDEXED) and existing_type == key_type:
+            existing = self.get(key)[0]
+        import_rules.raise_contradiction(record, existing_type, existing)
+
+    def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
+        """Import whole keys as read from an RDB file; return how many.
+
+        Each record is checked (see :mod:`telstate.import_rules`, which
+        also says what happens to keys the store has) before it is
+        written. Backends override this with a bulk path; this default
+        goes through the write methods.
+
+        Parameters
+        ----------
+        records
+            ``(key, key_type, value)`` records.
+        source
+            The file they come from, named in errors.
+
+        Raises
+        ------
+        RdbParseError, InvalidTimestampError, ImmutableKeyError
+            As :meth:`load_from_file`; the records before the bad one are
+            loaded.
+        """
+        from . import import_rules
+
         count = 0
-        for key, key_type, value in records:
+        for record in records:
+            key, key_type, value = checked = import_rules.check_record(record, source)
+            self.check_import(checked)
             if key_type == KeyType.IMMUTABLE:
                 assert isinstance(value, bytes)
                 self.set_immutable(key, value)
             elif key_type == KeyType.MUTABLE:
-                assert not isinstance(value, (bytes, dict))
                 for member in value:
-                    sample, timestamp = split_timestamp(member)
+                    sample, timestamp = split_timestamp(member)  # type: ignore[arg-type]
                     self.add_mutable(key, sample, timestamp)
             else:
                 assert isinstance(value, dict)

@@ -447,15 +447,31 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
-    from .rdb_reader import read_records
 
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
     backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
     before = backend.last_seq
-    progress = Progress(f"importing {args.rdb}", None)
-    count = backend.load_records(progress.wrap(read_records(args.rdb)))
+    # The file is checked whole before anything is written (see import_rules).
+    shown: list[Progress] = []  # the phase on screen: checking the file, then importing
+
+    def progress(phase: str, events: int) -> None:
+        label = f"{phase} {args.rdb} (events)"
+        if not shown or shown[0].label != label:
+            if shown:
+                shown.pop().done()
+            shown.append(Progress(label, None))
+        shown[0].advance(events)
+
+    try:
+        count = backend.load_from_file(args.rdb, progress=progress)
+    except InvalidTimestampError as error:
+        raise CliError(f"{args.rdb!r}: {error}", EXIT_DAMAGED) from None
+    finally:
+        if shown:
+            shown[0].done()
     events = backend.last_seq - before
     out.write(
         json.dumps({"rdb": args.rdb, "keys": count, "events": events}) + "\n"
@@ -621,7 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--until", help="the state as of SEQ, @UNIX_TIME or ISO 8601 time, replayed from the log"
     )
-    import_ = command("import", cmd_import, "append an RDB file's keys to the store as events")
+    import_ = command(
+        "import",
+        cmd_import,
+        "append an RDB file's keys to the store as events (all or nothing: a bad file "
+        "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
+    )
     import_.add_argument("rdb")
     verify = command("verify", cmd_verify, "check the chain and that replay gives the state")
     verify.add_argument(

@@ -59,12 +59,15 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import math
 import struct
 import uuid
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
 #: Version of the record layout above (stored in the store's meta table).
 FORMAT_VERSION = 2
@@ -241,7 +244,7 @@ def encode_record(
     time: float,
     key: bytes = b"",
     sub_key: bytes = b"",
-    value: bytes = b"",
+    value: bytes | memoryview = b"",
     timestamp: float = _NAN,
 ) -> bytes:
     """Make the log record of one event without its chain hash; :func:`seal` adds it."""
@@ -279,6 +282,16 @@ def chained_record(
         )
     )
     return body + _sha256(previous_chain + body).digest()
+
+
+def chain_records(bodies: Sequence[bytes], previous_chain: bytes) -> list[bytes]:
+    """Consecutive events' full records: each body sealed (:func:`seal`) after the one before."""
+    records = []
+    chain = previous_chain
+    for body in bodies:
+        chain = _sha256(chain + body).digest()
+        records.append(body + chain)
+    return records
 
 
 def genesis(store: uuid.UUID) -> bytes:
@@ -385,6 +398,58 @@ def decode_writer(data: bytes) -> Writer:
     except Exception as error:
         raise ValueError(f"damaged writer record {data!r}") from error
     return Writer(host, pid, name)
+
+
+def encode_records(
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    values: Sequence[bytes | memoryview] | np.ndarray,
+    sub_keys: Sequence[bytes] | None = None,
+    timestamps: Sequence[float] | np.ndarray | None = None,
+) -> list[bytes]:
+    """The records of events of one kind on one key, as :func:`encode_record` makes each
+    (without their chain hashes: :func:`chain_records` adds them).
+
+    `values` is a list of values, or a 2-D uint8 array with one value in
+    each row (small values of one length, a sensor's samples mostly: their
+    records are made all at once); `sub_keys` (set_indexed) and
+    `timestamps` (add_mutable) go with them.
+    """
+    if isinstance(values, np.ndarray):
+        return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
+    return [
+        encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
+        for sub_key, value, timestamp in zip(
+            itertools.repeat(b"") if sub_keys is None else sub_keys,
+            values,
+            itertools.repeat(_NAN) if timestamps is None else timestamps,
+        )
+    ]
+
+
+def _encode_uniform(
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    values: np.ndarray,
+    timestamps: Sequence[float] | np.ndarray | None,
+) -> list[bytes]:
+    count, length = values.shape
+    start = _HEADER.size + len(key)
+    size = start + length
+    table = np.empty((count, size), np.uint8)
+    table[:, :start] = np.frombuffer(
+        _HEADER.pack(op_code, writer_id, time, _NAN, len(key), 0) + key, np.uint8
+    )
+    if timestamps is not None:
+        stamps = np.asarray(timestamps, dtype="<f8").reshape(count, 1)
+        table[:, 13:21] = stamps.view(np.uint8)
+    table[:, start:] = values
+    buffer = table.tobytes()
+    return [buffer[offset : offset + size] for offset in range(0, count * size, size)]
 
 
 # --- projections -----------------------------------------------------------------------

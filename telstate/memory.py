@@ -5,10 +5,11 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import operator
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, BinaryIO
+
+from . import import_rules
 
 # Public here as in katsdptelstate (its backends load files through it).
 from . import rdb_reader as rdb_reader
@@ -182,28 +183,45 @@ class MemoryBackend(Backend):
         selected += members[start:end]
         return [split_timestamp(member) for member in selected]
 
-    def load_records(self, records: Iterable[Record]) -> int:
-        count = 0
+    def load_records(self, records: Iterable[Record], source: PathType | None = None) -> int:
+        """Import whole keys; all or nothing (see :mod:`telstate.import_rules`).
+
+        Every record is checked, and checked against the keys held, before
+        any is stored.
+        """
+        checked = [import_rules.check_record(record, source) for record in records]
         with self._lock:
-            for key, _key_type, value in records:
-                stored: _Value
-                if isinstance(value, (bytes, dict, PackedMembers)):
-                    stored = value
-                else:
-                    # A store's lazy members are valid only while it is read.
-                    stored = value if type(value) is list else list(value)
-                    # RDB files hold zsets in order already; other sources may not.
-                    if not all(map(operator.lt, stored, stored[1:])):
-                        stored = sorted(set(stored))
-                self._data[key] = stored
-                count += 1
-        return count
+            earlier: dict[bytes, Record] = {}  # a key may be twice in a file (two databases)
+            for record in checked:
+                key, key_type, value = record
+                existing = self._data.get(key)
+                existing_type = None if existing is None else _TYPES[type(existing)]
+                import_rules.raise_contradiction(record, existing_type, existing)
+                if key in earlier:
+                    import_rules.raise_contradiction(record, earlier[key][1], earlier[key][2])
+                earlier[key] = record
+            for key, key_type, value in checked:
+                existing = self._data.get(key)
+                if existing is None:
+                    # Checked: a list or PackedMembers, never a store's lazy members.
+                    assert isinstance(value, (bytes, dict, list, PackedMembers))
+                    self._data[key] = value
+                elif key_type == KeyType.MUTABLE:
+                    assert not isinstance(existing, (bytes, dict))
+                    assert not isinstance(value, (bytes, dict))
+                    self._data[key] = sorted(set(existing).union(value))
+                elif key_type == KeyType.INDEXED:
+                    assert isinstance(existing, dict) and isinstance(value, dict)
+                    self._data[key] = {**value, **existing}
+        return len(checked)
 
     def load_from_file(self, file: PathType | BinaryIO) -> int:
-        """Load the keys of an RDB file, keeping uniform mutable keys packed (see the class)."""
-        from . import rdb_reader
+        """Load the keys of an RDB file, all or nothing (see :meth:`load_records`).
 
-        return self.load_records(rdb_reader.read_records(file, packed_members=True))
+        Uniform mutable keys stay packed (see the class).
+        """
+        records = rdb_reader.read_records(file, packed_members=True)
+        return self.load_records(records, import_rules.file_source(file))
 
     def records(self) -> Iterator[Record]:
         """Every key as an RDB record, in key order (the inverse of :meth:`load_records`)."""

@@ -662,13 +662,17 @@ def test_claimed_lengths_fail_fast(tmp_path) -> None:
 # -- katsdptelstate's callback API -----------------------------------------------------
 
 
+# Packed sample timestamps (members must have them to load into a backend).
+_A, _C = struct.pack(">d", 1.0), struct.pack(">d", 2.0)
+
+
 def _written(tmp_path: pathlib.Path) -> pathlib.Path:
     from telstate.rdb_writer import RDBWriter
 
     path = tmp_path / "callback.rdb"
     with RDBWriter(path) as writer:
         writer.write_record(b"attr", IMMUTABLE, b"value")
-        writer.write_record(b"sensor", MUTABLE, [b"\x00b", b"\x00a", b"\x01c"])
+        writer.write_record(b"sensor", MUTABLE, [_A + b"b", _A + b"a", _C + b"c"])
         writer.write_record(b"indexed", INDEXED, {b"f1": b"v1", b"f2": b"v2"})
     return path
 
@@ -709,9 +713,9 @@ def test_load_from_file_calls_back_in_rdbtools_order(tmp_path) -> None:
     assert callback.calls == [
         ("set", b"attr", b"value", None, {}),
         ("start_sorted_set", b"sensor", 3, None, {}),
-        ("zadd", b"sensor", 0.0, b"\x00a"),
-        ("zadd", b"sensor", 0.0, b"\x00b"),
-        ("zadd", b"sensor", 0.0, b"\x01c"),
+        ("zadd", b"sensor", 0.0, _A + b"a"),
+        ("zadd", b"sensor", 0.0, _A + b"b"),
+        ("zadd", b"sensor", 0.0, _C + b"c"),
         ("end_sorted_set", b"sensor"),
         ("start_hash", b"indexed", 2, None, {}),
         ("hset", b"indexed", b"f1", b"v1"),

@@ -24,6 +24,7 @@ from katsdptelstate.rdb_writer import RDBWriter as KatsdpRDBWriter
 
 import telstate
 from telstate import rdb_writer
+from telstate.errors import RdbParseError
 from telstate.rdb_reader import RdbReader, read_records
 from telstate.rdb_writer import RDBWriter
 from telstate.redis import RedisBackend
@@ -170,9 +171,14 @@ def test_server_files_load_into_telstate(servers, name: str, tmp_path, caplog) -
         assert reader.aux[b"redis-bits"] == b"64"
     assert reader.version == {"redis6": 9, "redis-system": 10, "valkey9": 80}[name]
     assert reader.checksum
-    # The telescope state frontend sees the same through a memory backend.
+    # Members without a timestamp are not telstate samples: an import refuses them.
+    with pytest.raises(RdbParseError, match="zset:"):
+        telstate.TelescopeState().load_from_file(tmp_path / "dump.rdb")
+    client.delete(b"zset:small", b"zset:scores", b"zset:numbers")
+    save(server, client, tmp_path / "dump.rdb")
+    # Without them, the telescope state frontend sees the same through a memory backend.
     ts = telstate.TelescopeState()
-    assert ts.load_from_file(tmp_path / "dump.rdb") == len(expected)
+    assert ts.load_from_file(tmp_path / "dump.rdb") == len(expected) - 3
     assert ts.backend.get_range(b"zset:large", 10.0, 12.0, False, False) == [
         (b"v10", 10.0),
         (b"v11", 11.0),
@@ -434,8 +440,9 @@ def test_load_from_file_into_redis_backends(servers, name: str, tmp_path) -> Non
     source = fresh_client(servers["redis-system"])
     fill_through_frontends(source)
     fill_telstate_types(source)
-    # Records have no scores (telstate's are all 0), so a zset with others would change.
-    source.delete(b"zset:scores")
+    # Records have no scores (telstate's are all 0), so a zset with others would change;
+    # members without a timestamp are not telstate samples (an import refuses them).
+    source.delete(b"zset:scores", b"zset:small")
     expected = server_state(source)
     save(servers["redis-system"], source, tmp_path / "dump.rdb")
     target = fresh_client(servers[name])

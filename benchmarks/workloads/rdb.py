@@ -5,7 +5,8 @@ writer primitives (so katsdptelstate + rdbtools can read it). Each round
 loads into a new, empty store, then writes that store to a new file with
 the contender's own `RDBWriter` (katsdptelstate's for katsdptelstate,
 telstate's for telstate). The loaded key count and the written key count
-are checked, so a fast wrong answer cannot pass.
+are checked, so a fast wrong answer cannot pass; the LMDB store must
+also pass ``verify()`` after its first load (untimed).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def _load(fixture: _Fixture, round_: int) -> Figure:
     seconds, count = timed(lambda: ts.load_from_file(str(fixture.source)))
     if count != fixture.keys:
         raise RuntimeError(f"loaded {count} keys from {fixture.source}, expected {fixture.keys}")
+    if round_ == 0 and fixture.contender.kind is TelstateLmdb:
+        # Untimed: the import is the events it stands for (issue 15's check).
+        problems = ts.backend.verify()
+        if problems:
+            raise RuntimeError(f"the imported store does not verify: {problems[:3]}")
     size = _megabytes(fixture.source)
     return Figure(seconds, {"seconds": seconds, "megabytes": size, "mb_per_s": size / seconds})
 

@@ -26,7 +26,7 @@ import asyncio
 import concurrent.futures
 import functools
 from collections.abc import AsyncGenerator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from ..backend import GetResult, KeyUpdateBase, Record
 from ..errors import CancelledError
@@ -143,6 +143,10 @@ class LmdbBackend(Backend):
 
     async def load_records(self, records: Iterable[Record]) -> int:
         return await self._in_writer(self._sync.load_records, records)
+
+    async def load_from_file(self, file: PathType | BinaryIO) -> int:
+        """The synchronous bulk import, all or nothing, in the writer thread."""
+        return await self._in_writer(self._sync.load_from_file, file)
 
     async def monitor_keys(self, keys: Iterable[bytes]) -> AsyncGenerator[KeyUpdateBase, None]:
         if self._close_task is not None:

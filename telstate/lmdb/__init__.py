@@ -28,11 +28,14 @@ Modules, one concern each:
     big mutable keys as :class:`~telstate.lmdb.state.SnapshotMembers`,
     read as they are iterated.
 :mod:`~telstate.lmdb.eventlog`
-    The log table: :func:`~telstate.lmdb.eventlog.append_event` (the one
+    The log table: :func:`~telstate.lmdb.eventlog.append_events` (the one
     way into it), chunked reads, events as the frontend's key updates.
 :mod:`~telstate.lmdb.writes`
     :class:`WriteTxn`: one write transaction and its operations, from the
     keys table to the log (``LmdbBackend.write()`` makes one).
+:mod:`~telstate.lmdb.bulk`
+    Imports of RDB records: checked chunks, samples straight into sealed
+    blocks, events appended many at a time.
 :mod:`~telstate.lmdb.audit`
     The state rebuilt from the log: :func:`replay` and ``verify``'s checks
     (the chain, and each key replayed alone against its state or an RDB file).

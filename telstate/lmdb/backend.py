@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import lmdb
 
@@ -23,7 +24,7 @@ from ..backend import Backend, GetResult, KeyUpdateBase, Record
 from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
-from . import settings
+from . import bulk, settings
 from .audit import verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
@@ -430,51 +431,80 @@ class LmdbBackend(Backend):
         """
         self._write_one(WriteTxn.clear)
 
-    def load_records(self, records: Iterable[Record]) -> int:
-        """Store whole keys (as read from an RDB file), each element as one event.
+    def load_records(
+        self,
+        records: Iterable[Record],
+        source: PathType | None = None,
+        progress: bulk.Progress | None = None,
+    ) -> int:
+        """Import whole keys (as read from an RDB file) in bulk; return how many.
 
-        Immutable keys become set_immutable events, each sample of a mutable
-        key an add_mutable event and each sub-key a set_indexed event;
-        elements already present are skipped (no event). Events are
-        committed in batches of up to 10000.
+        Each element is one event: immutable keys set_immutable events, each
+        sample of a mutable key an add_mutable event and each sub-key a
+        set_indexed event. What happens to keys the store has is
+        :mod:`telstate.import_rules` (elements already present are skipped,
+        contradictions raise). Records are committed in chunks of at most
+        ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+        bytes, each checked whole before it is written (see
+        :mod:`telstate.lmdb.bulk`).
 
-        Returns
-        -------
-        The number of keys loaded.
+        Parameters
+        ----------
+        records
+            ``(key, key_type, value)`` records.
+        source
+            The file they come from, named in errors.
+        progress
+            Called after each committed chunk with ``"importing"`` and its
+            number of events (:data:`telstate.lmdb.bulk.Progress`).
 
         Raises
         ------
+        RdbParseError, InvalidTimestampError
+            If a record is malformed (see :mod:`telstate.import_rules`).
         ImmutableKeyError
-            If a key exists with another type (the batches before it stay
-            committed).
+            If a record contradicts a key of the store.
         ReadOnlyError
             If the store was opened read-only.
-        """
-        count = 0
-        batch: list[_LoadElement] = []
-        for key, key_type, value in records:
-            count += 1
-            if key_type == KeyType.IMMUTABLE:
-                assert isinstance(value, bytes)
-                batch.append((IMMUTABLE, key, value, None))
-            elif key_type == KeyType.MUTABLE:
-                assert not isinstance(value, (bytes, dict))
-                for member in value:
-                    stamp = TIMESTAMP.unpack_from(member)[0]
-                    batch.append((MUTABLE, key, member[8:], stamp))
-            else:
-                assert isinstance(value, dict)
-                for sub_key, sub_value in value.items():
-                    batch.append((INDEXED, key, sub_key, sub_value))
-            if len(batch) >= settings.LOAD_CHUNK:
-                self._load_chunk(batch)
-                batch = []
-        if batch:
-            self._load_chunk(batch)
-        return count
 
-    def _load_chunk(self, batch: list[_LoadElement]) -> None:
-        self._write_one(lambda wtxn: _load_batch(wtxn, batch))
+        Chunks committed before an error stay committed; use
+        :meth:`load_from_file` for all or nothing.
+        """
+        return bulk.load(self, records, source, progress)
+
+    def load_from_file(
+        self, file: PathType | BinaryIO, progress: bulk.Progress | None = None
+    ) -> int:
+        """Import the keys of an RDB file in bulk (see :meth:`load_records`).
+
+        A path or seekable file is read twice: first every record is checked
+        (its shape, and against the store's keys), then it is imported, so a
+        bad file leaves the store unchanged (unless another writer creates a
+        contradicting key between the two passes: then the chunks before it
+        stay). A file object that cannot seek is checked chunk by chunk.
+
+        Raises
+        ------
+        RdbParseError, InvalidTimestampError, ImmutableKeyError, ReadOnlyError
+            As :meth:`load_records`.
+        """
+        from .. import import_rules, rdb_reader
+
+        source = import_rules.file_source(file)
+        if import_rules.rereadable(file):
+            if self.readonly:
+                raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
+            start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
+            records = rdb_reader.read_records(file, packed_members=True)
+            bulk.check(self, records, source, progress)
+            if start is not None:
+                file.seek(start)  # type: ignore[union-attr]
+        records = rdb_reader.read_records(file, packed_members=True)
+        return self.load_records(records, source, progress)
+
+    def check_import(self, record: Record) -> None:
+        """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
+        bulk.check(self, [record])
 
     # --- Backend: waiting -----------------------------------------------------------
 
@@ -867,22 +897,6 @@ class Snapshot:
         except lmdb.Error as error:
             self._check()
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
-
-
-#: One element of a record being loaded: (type code, key, value or sub-key,
-#: timestamp or sub-key's value).
-_LoadElement = tuple[int, bytes, bytes, Any]
-
-
-def _load_batch(wtxn: WriteTxn, batch: list[_LoadElement]) -> None:
-    """Apply the elements of records in one write transaction."""
-    for type_code, key, first, second in batch:
-        if type_code == IMMUTABLE:
-            wtxn.set_immutable(key, first)
-        elif type_code == MUTABLE:
-            wtxn.add_mutable(key, first, second)
-        else:
-            wtxn.set_indexed(key, first, second)
 
 
 def _result_size(value: object) -> int:

@@ -3,7 +3,7 @@
 The record format of an event is :mod:`telstate.log`'s; the tables that
 hold the log, the writers and the history index are described in
 :mod:`telstate.lmdb.layout`. Every event enters the log through
-:func:`append_event`.
+:func:`append_events`.
 
 Reads come in chunks, each in its own short read transaction; a chunk
 ends after ``settings.LOG_CHUNK`` events or once it holds
@@ -19,8 +19,10 @@ import itertools
 import math
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from .. import log
 from ..backend import ImmutableKeyUpdate, IndexedKeyUpdate, KeyUpdateBase, MutableKeyUpdate
@@ -30,50 +32,77 @@ from . import settings
 from .layout import Tables
 
 
-def append_event(
+def append_events(
     txn: Any,
     tables: Tables,
-    seq: int,
+    first_seq: int,
     previous_chain: bytes,
     name_key: bytes,
     op_code: int,
     writer_id: int,
     time: float,
-    key: bytes = b"",
-    sub_key: bytes = b"",
-    value: bytes = b"",
-    timestamp: float = math.nan,
+    key: bytes,
+    values: Sequence[bytes | memoryview] | np.ndarray,
+    sub_keys: Sequence[bytes] | None = None,
+    timestamps: Sequence[float] | np.ndarray | None = None,
 ) -> bytes:
-    """Append event `seq` to the log and to the history index of `name_key`; return its chain.
+    """Append events `first_seq`, `first_seq` + 1, ... of one kind on one key; return the chain.
 
-    The record carries the chain hash over `previous_chain` (event seq - 1's,
-    or the store's genesis hash) and the record (see :mod:`telstate.log`).
+    Each record carries the chain hash over the one before (`previous_chain`
+    is event `first_seq` - 1's, or the store's genesis hash; see
+    :mod:`telstate.log`); the chain of the last one is returned.
 
-    `seq` must be one more than the last event's; both puts are appends
-    (seqs grow, in the log and among each key's duplicates), and LMDB
-    refusing one raises StoreError, so that the transaction is not
-    committed with state changes lacking their event.
+    The one place events are made: single writes append one, imports
+    (:mod:`telstate.lmdb.bulk`) many. See
+    :func:`telstate.log.encode_records` for `values`, `sub_keys` and
+    `timestamps`. `first_seq` must be one more than the last event's;
+    every put is an append (seqs grow, in the log and among each key's
+    duplicates), and LMDB refusing one raises StoreError, so that the
+    transaction is not committed with state changes lacking their events.
 
     Raises
     ------
     StoreError
-        If LMDB refused an append (`seq` is not past the last event).
+        If LMDB refused an append (`first_seq` is not past the last event).
     """
-    seq_key = log.pack_seq(seq)
-    record = log.chained_record(
-        previous_chain, op_code, writer_id, time, key, sub_key, value, timestamp
-    )
-    # By position (py-lmdb parses keywords slowly, 0.25 us a put, on every
-    # write): dupdata=True, overwrite=True, append=True.
-    if not (
-        txn.put(seq_key, record, True, True, True, tables.log)
-        and txn.put(name_key, seq_key, True, True, True, tables.history)
-    ):
-        raise StoreError(
-            f"LMDB append out of order: event {seq} is not past the last one "
-            "(the store may be damaged)"
+    if len(values) == 1:
+        # Every single write: one call builds and chains the record, and two
+        # plain puts by position (py-lmdb parses keywords slowly, 0.25 us a
+        # put): dupdata, overwrite, append.
+        seq_key = log.pack_seq(first_seq)
+        value = values[0]
+        record = log.chained_record(
+            previous_chain,
+            op_code,
+            writer_id,
+            time,
+            key,
+            b"" if sub_keys is None else sub_keys[0],
+            value if type(value) is bytes else bytes(value),
+            math.nan if timestamps is None else timestamps[0],
         )
-    return record[-log.CHAIN_SIZE :]
+        appended = txn.put(seq_key, record, True, True, True, tables.log) and txn.put(
+            name_key, seq_key, True, True, True, tables.history
+        )
+        last = record
+    else:
+        bodies = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
+        records = log.chain_records(bodies, previous_chain)
+        count = len(records)
+        seq_keys = list(map(log.pack_seq, range(first_seq, first_seq + count)))
+        appended = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True) == (
+            count,
+            count,
+        ) and txn.cursor(tables.history).putmulti(
+            zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
+        ) == (count, count)
+        last = records[-1]
+    if not appended:
+        raise StoreError(
+            f"LMDB append out of order: events from {first_seq} on are not "
+            "past the last one (the store may be damaged)"
+        )
+    return last[-log.CHAIN_SIZE :]
 
 
 def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:

@@ -503,3 +503,65 @@ def _boundary_near(members: list[bytes], start: int, target: int) -> int | None:
 def _next_packed(packed: bytes) -> bytes:
     """The packed timestamp just above `packed` (as an exclusive bound)."""
     return KEY_ID.pack(KEY_ID.unpack(packed)[0] + 1)
+
+
+def append_samples(
+    txn: Any,
+    tables: Tables,
+    name_key: bytes,
+    key_id: bytes,
+    flags: int,
+    members: list[bytes],
+    first_seq: int,
+    newest_key: bool,
+) -> None:
+    """Store sorted, distinct `members` that all come after the key's latest sample.
+
+    They are added by the events from `first_seq` on, in order.
+
+    The bulk counterpart of :func:`add_sample` (for imports): short samples
+    go straight into sealed blocks with the key's old tail, leaving in the
+    tail only the samples with the last timestamp, so the invariants above
+    hold (blocks disjoint in time, split only between timestamps, older
+    than the tail). Keys with long values get them in the tail, unsealed,
+    as :func:`add_sample` would. `newest_key` says the key id is the
+    greatest of the store, so its blocks go in with LMDB appends.
+    """
+    cursor = txn.cursor(tables.samples)
+    if flags & FLAG_LONG_VALUES or max(map(len, members)) - 8 >= INLINE_LIMIT:
+        if not flags & FLAG_LONG_VALUES:
+            update_record(txn, tables, name_key, flags=flags | FLAG_LONG_VALUES)
+        for seq, member in enumerate(members, first_seq):
+            if len(member) - 8 >= INLINE_LIMIT:
+                member = member[: 8 + INLINE_PREFIX] + LONG_PADDING + log.pack_seq(seq)
+            cursor.put(key_id, member)
+        return
+    tail = []
+    if cursor.set_key(key_id):
+        tail = [bytes(member) for member in cursor.iternext_dup(keys=False)]
+    if tail:
+        txn.delete(key_id, db=tables.samples)
+    combined = tail + members if tail else members
+    last = combined[-1][:8]
+    keep = len(combined) - 1
+    while keep and combined[keep - 1][:8] == last:
+        keep -= 1
+    blocks = []
+    start = 0
+    target = max(settings.BLOCK_MAX // 2, 1)
+    while start < keep:
+        end = min(start + target, keep)
+        while end < keep and combined[end][:8] == combined[end - 1][:8]:
+            end += 1
+        part = combined[start:end]
+        blocks.append((key_id + part[0][:8], _encode_block(part)))
+        start = end
+    if blocks:
+        added = txn.cursor(tables.blocks).putmulti(blocks, overwrite=False, append=newest_key)
+        if added != (len(blocks), len(blocks)):
+            raise StoreError(f"key id {key_id.hex()}: sealed blocks overlap ones already stored")
+        update_record(txn, tables, name_key, sealed=TIMESTAMP.unpack_from(combined[keep - 1])[0])
+    tail_part = combined[keep:]
+    added = cursor.putmulti(zip(itertools.repeat(key_id), tail_part), dupdata=True, append=True)
+    if added != (len(tail_part), len(tail_part)):
+        raise StoreError(f"key id {key_id.hex()}: the tail is out of order")

@@ -16,7 +16,8 @@ Name                       Default    Meaning
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
 ``LOG_CHUNK``              4096       most events read per read transaction
 ``LOG_CHUNK_BYTES``        1 MiB      a chunk of events ends once its records hold this much
-``LOAD_CHUNK``             10000      events committed per transaction by ``load_records``
+``LOAD_CHUNK``             100000     most events an import commits per transaction
+``LOAD_CHUNK_BYTES``       32 MiB     about the most bytes an import commits per transaction
 ``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
 ``MONITOR_MAX_BYTES``      16 MiB     so do new events holding more bytes than this
 ``CACHE_MAX_ENTRIES``      4096       entries of the per-process read cache
@@ -37,7 +38,8 @@ POLL_INTERVAL = 0.05
 HEARTBEAT = 5.0
 LOG_CHUNK = 4096
 LOG_CHUNK_BYTES = 1 << 20
-LOAD_CHUNK = 10000
+LOAD_CHUNK = 100_000
+LOAD_CHUNK_BYTES = 32 << 20
 MONITOR_MAX_SCAN = 10000
 MONITOR_MAX_BYTES = 16 << 20
 CACHE_MAX_ENTRIES = 4096

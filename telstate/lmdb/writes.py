@@ -5,13 +5,13 @@ belongs to it alone: the tables, the seq and time of the last event
 appended in it, and this process's writer id if the transaction
 registers it. Its methods are the write operations of
 :class:`~telstate.backend.Backend`; each changes the state tables and
-appends its event through :func:`telstate.lmdb.eventlog.append_event`.
+appends its event through :func:`telstate.lmdb.eventlog.append_events`.
 Several operations may run in one transaction; it commits as one.
 
 :meth:`LmdbBackend.write() <telstate.lmdb.LmdbBackend.write>` makes one
 and commits it: the path of a write is ``TelescopeState.add`` →
 ``LmdbBackend.add_mutable`` → ``WriteTxn.add_mutable`` →
-``add_sample`` and ``append_event``.
+``add_sample`` and ``append_events``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lmdb
+import numpy as np
 
 from .. import log
 from ..errors import ImmutableKeyError, InvalidTimestampError, StoreError
 from ..log import Writer
 from ..utils import display_str
 from .environment import Store, abort
-from .eventlog import append_event, last_event
+from .eventlog import append_events, last_event
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -247,7 +249,7 @@ class WriteTxn:
             if record.type_code != IMMUTABLE:
                 raise wrong_type(key, record, "immutable")
             return record.value
-        self._new_key(name_key, IMMUTABLE, key, value)
+        self.new_key(name_key, IMMUTABLE, key, value)
         self._append(log.SET_IMMUTABLE, name_key, key, value=value)
         return None
 
@@ -270,7 +272,7 @@ class WriteTxn:
         name_key = NAME + key if len(key) < INLINE_LIMIT else name_key_of(key)
         record = key_record(txn, tables, name_key)
         if record is None:
-            record = self._new_key(name_key, MUTABLE, key, b"")
+            record = self.new_key(name_key, MUTABLE, key, b"")
         elif record.type_code != MUTABLE:
             raise wrong_type(key, record, "mutable")
         key_id, flags, sealed = record.key_id, record.flags, record.sealed
@@ -296,7 +298,7 @@ class WriteTxn:
         name_key = name_key_of(key)
         record = key_record(txn, tables, name_key)
         if record is None:
-            key_id = self._new_key(name_key, INDEXED, key, b"").key_id
+            key_id = self.new_key(name_key, INDEXED, key, b"").key_id
         elif record.type_code != INDEXED:
             raise wrong_type(key, record, "indexed")
         else:
@@ -349,28 +351,47 @@ class WriteTxn:
         timestamp: float = float("nan"),
     ) -> None:
         """Append the event of an operation that changed the state."""
+        self.append_events(op_code, name_key, key, [value], [sub_key], [timestamp])
+
+    def append_events(
+        self,
+        op_code: int,
+        name_key: bytes,
+        key: bytes,
+        values: Sequence[bytes | memoryview] | np.ndarray,
+        sub_keys: Sequence[bytes] | None = None,
+        timestamps: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """Append the events of changes already made to one key, in order, with one time.
+
+        For bulk paths (:mod:`telstate.lmdb.bulk`); see
+        :func:`~telstate.lmdb.eventlog.append_events` for the arguments.
+        """
         previous_seq, previous_time, previous_chain = self._last_event()
         now = time.time()
         if now < previous_time:
             now = previous_time  # event times never go back, for replay(until_time=...)
-        seq = previous_seq + 1
         writer_id = self._writer_id or self._writer()
-        chain = append_event(
+        chain = append_events(
             self.txn,
             self.tables,
-            seq,
+            previous_seq + 1,
             previous_chain,
             name_key,
             op_code,
             writer_id,
             now,
             key,
-            sub_key,
-            value,
-            timestamp,
+            values,
+            sub_keys,
+            timestamps,
         )
-        self._appended = (seq, now, chain)
+        self._appended = (previous_seq + len(values), now, chain)
         self.changed = True
+
+    def next_seq(self) -> int:
+        """The seq the next event appended in this transaction will get."""
+        return self._last_event()[0] + 1
 
     def _last_event(self) -> tuple[int, float, bytes]:
         """(seq, time, chain) of the last event before the one about to be appended."""
@@ -396,8 +417,8 @@ class WriteTxn:
             self._writer_id = self._new_writer_id = writer_id
         return self._writer_id
 
-    def _new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
-        """Create the keys-table entry of a new key; return its record."""
+    def new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
+        """Create the keys-table entry of a new key; return its record (for bulk paths too)."""
         txn, tables = self.txn, self.tables
         counter_data = txn.get(b"next_key_id", db=tables.meta)
         if counter_data is None or len(counter_data) != KEY_ID.size:

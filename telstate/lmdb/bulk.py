@@ -1,0 +1,286 @@
+"""Importing whole keys (RDB records) into a store in bulk.
+
+:meth:`LmdbBackend.load_records` and ``load_from_file`` (and ``telstate
+import``) come here. What an import may hold and what it does to existing
+keys are :mod:`telstate.import_rules`; this module makes it fast and
+bounded:
+
+- Records stream in from the reader and are cut into *chunks* of at most
+  ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+  bytes (a big key is cut into pieces across chunks), one write
+  transaction each, so memory stays bounded whatever the file size (the
+  largest single key is the reader's to hold).
+- A chunk is checked whole (records, and conflicts with the store inside
+  its transaction) before it writes anything. ``load_from_file`` of a
+  path or seekable file checks the whole file first, so a bad file
+  leaves the store unchanged; ``load_records`` of an iterator can fail
+  after earlier chunks committed (each committed chunk is whole keys or
+  whole pieces of keys, and the store verifies).
+- Every element is still one event (a set_immutable, one add_mutable per
+  sample, one set_indexed per sub-key), made by the backend's one append
+  function, so the log, replay and verify see an import as the writes it
+  stands for. Log and history entries go in with LMDB appends.
+- Samples that come after a key's latest sample (always, for a new key)
+  go straight into sealed blocks (:func:`~telstate.lmdb.samples.append_samples`);
+  samples among existing ones take the per-sample path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import log
+from ..backend import PackedMembers, Record
+from ..errors import StoreError
+from ..import_rules import check_record, raise_contradiction
+from ..utils import KeyType, PathType, display_str
+from . import settings
+from .layout import (
+    INDEXED,
+    INLINE_LIMIT,
+    KEY_ID,
+    MUTABLE,
+    TIMESTAMP,
+    U32,
+    KeyRecord,
+    Tables,
+    first8,
+    inline,
+    name_key_of,
+)
+from .samples import append_samples, latest_member
+from .state import indexed_value
+from .writes import WriteTxn
+
+if TYPE_CHECKING:
+    from .backend import LmdbBackend
+
+#: Called after each chunk with the phase (``"checking"`` the file first,
+#: or ``"importing"``) and the number of events the chunk held.
+Progress = Callable[[str, int], None]
+
+
+def load(
+    backend: LmdbBackend,
+    records: Iterable[Record],
+    source: PathType | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Import `records` chunk by chunk; return the number of keys (see the module docstring)."""
+    keys = 0
+
+    def counted() -> Iterator[Record]:
+        nonlocal keys
+        for record in records:
+            keys += 1
+            yield record
+
+    for chunk, events in _chunks(counted(), source):
+        with backend.write() as wtxn:
+            _write_chunk(wtxn, chunk)
+        if progress is not None:
+            progress("importing", events)
+    return keys
+
+
+def check(
+    backend: LmdbBackend,
+    records: Iterable[Record],
+    source: PathType | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Check `records` against the rules and the store, chunk by chunk, writing nothing.
+
+    Each chunk is checked in a short read transaction of its own.
+    """
+    for chunk, events in _chunks(records, source):
+        backend._read(_check_chunk, chunk)
+        if progress is not None:
+            progress("checking", events)
+
+
+def _chunks(
+    records: Iterable[Record], source: PathType | None
+) -> Iterator[tuple[list[Record], int]]:
+    """Checked records, cut into pieces and gathered into chunks: (pieces, events) each."""
+    chunk: list[Record] = []
+    events = size = 0
+    for record in records:
+        for piece in _pieces(check_record(record, source)):
+            chunk.append(piece)
+            events += _events_of(piece)
+            size += _size_of(piece)
+            if events >= settings.LOAD_CHUNK or size >= settings.LOAD_CHUNK_BYTES:
+                yield chunk, events
+                chunk = []
+                events = size = 0
+    if chunk:
+        yield chunk, events
+
+
+def _check_chunk(txn: Any, tables: Tables, chunk: list[Record]) -> None:
+    for piece in chunk:
+        _check_conflict(txn, tables, piece)
+
+
+def _events_of(record: Record) -> int:
+    return 1 if record[1] == KeyType.IMMUTABLE else len(record[2])
+
+
+def _size_of(record: Record) -> int:
+    value = record[2]
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, PackedMembers):
+        return len(value.buffer)
+    if isinstance(value, dict):
+        return sum(len(sub_key) + len(sub_value) for sub_key, sub_value in value.items())
+    return sum(map(len, value))
+
+
+def _pieces(record: Record) -> Iterator[Record]:
+    """`record` cut into pieces that each fit a chunk (whole, if it fits one)."""
+    key, key_type, value = record
+    if key_type == KeyType.IMMUTABLE:
+        yield record
+        return
+    count = len(value)
+    size = _size_of(record)
+    per_piece = max(1, min(settings.LOAD_CHUNK, count * settings.LOAD_CHUNK_BYTES // max(size, 1)))
+    if key_type == KeyType.MUTABLE:
+        if count <= per_piece and isinstance(value, list):
+            yield record
+            return
+        for start in range(0, count, per_piece):
+            # Lists of members, also of PackedMembers (whose slices are lists).
+            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
+        return
+    if count <= per_piece:
+        yield record
+        return
+    assert isinstance(value, dict)
+    items = iter(value.items())
+    while part := dict(itertools.islice(items, per_piece)):
+        yield key, key_type, part
+
+
+class _SubKeys:
+    """The stored sub-keys of an indexed key, looked up one at a time (for the conflict rules)."""
+
+    def __init__(self, txn: Any, tables: Tables, key_id: bytes) -> None:
+        self._args = (txn, tables, key_id)
+
+    def get(self, sub_key: bytes) -> bytes | None:
+        return indexed_value(*self._args, sub_key)
+
+
+def _stored(txn: Any, tables: Tables, key: bytes) -> KeyRecord | None:
+    data = txn.get(name_key_of(key), db=tables.keys)
+    return None if data is None else KeyRecord.decode(data)
+
+
+def _check_conflict(txn: Any, tables: Tables, record: Record) -> None:
+    stored = _stored(txn, tables, record[0])
+    if stored is None:
+        return
+    existing: Any = stored.value
+    if stored.type_code == INDEXED:
+        existing = _SubKeys(txn, tables, stored.key_id)
+    raise_contradiction(record, stored.key_type, existing)
+
+
+def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
+    """Check every piece of `chunk` against the store, then write them all."""
+    txn, tables = wtxn.txn, wtxn.tables
+    _check_chunk(txn, tables, chunk)
+    for piece in chunk:
+        # Again: a key may be twice in one file (in two databases), so in one chunk.
+        _check_conflict(txn, tables, piece)
+        key, key_type, value = piece
+        if key_type == KeyType.IMMUTABLE:
+            assert isinstance(value, bytes)
+            wtxn.set_immutable(key, value)  # the same value if it exists (checked)
+        elif key_type == KeyType.MUTABLE:
+            assert isinstance(value, list)
+            _write_mutable(wtxn, key, value)
+        else:
+            assert isinstance(value, dict)
+            _write_indexed(wtxn, key, value)
+
+
+def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
+    """Whether `key_id` is the last one given out: no table holds a greater one."""
+    counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
+    return KEY_ID.unpack(key_id)[0] + 1 == counter
+
+
+def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
+    txn, tables = wtxn.txn, wtxn.tables
+    name_key = name_key_of(key)
+    stored = _stored(txn, tables, key)
+    if stored is None:
+        stored = wtxn.new_key(name_key, MUTABLE, key, b"")
+        newest = True
+    else:
+        # Samples up to the key's latest take the per-sample path, which finds
+        # duplicates (a file imported again) and puts late ones in their blocks.
+        latest = latest_member(txn, tables, stored.key_id, stored.flags)
+        after = bisect.bisect_right(members, latest)
+        for member in members[:after]:
+            wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
+        members = members[after:]
+        if not members:
+            return
+        stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
+        assert stored is not None
+        newest = _is_newest(txn, tables, stored.key_id)
+    append_samples(
+        txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
+    )
+    values, stamps = _split_members(members)
+    wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
+
+
+def _write_indexed(wtxn: WriteTxn, key: bytes, sub_keys: dict[bytes, bytes]) -> None:
+    txn, tables = wtxn.txn, wtxn.tables
+    if _stored(txn, tables, key) is not None:
+        for sub_key, value in sub_keys.items():
+            wtxn.set_indexed(key, sub_key, value)  # skips sub-keys it has (the same: checked)
+        return
+    name_key = name_key_of(key)
+    key_id = wtxn.new_key(name_key, INDEXED, key, b"").key_id
+    entries = []
+    for sub_key, value in sub_keys.items():
+        data = value
+        if len(sub_key) >= INLINE_LIMIT:
+            data = U32.pack(len(sub_key)) + sub_key + value
+        entries.append((key_id + inline(sub_key), data))
+    entries.sort()
+    # A new key has the greatest key id: its entries are appends.
+    added = txn.cursor(tables.indexed).putmulti(entries, overwrite=False, append=True)
+    if added != (len(entries), len(entries)):
+        raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
+    wtxn.append_events(log.SET_INDEXED, name_key, key, list(sub_keys.values()), list(sub_keys))
+
+
+def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray, np.ndarray]:
+    """The values and timestamps of `members`; small values of one length as rows of an array.
+
+    Other values are views into the members (big ones are not copied twice).
+    """
+    count = len(members)
+    length = len(members[0])
+    # Lengths that add up to count * length and none above it: all the same.
+    if length - 8 < INLINE_LIMIT and max(map(len, members)) == length:
+        joined = b"".join(members)
+        if len(joined) == count * length:
+            table = np.frombuffer(joined, np.uint8).reshape(count, length)
+            stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
+            return table[:, 8:], stamps
+    stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
+    return [memoryview(member)[8:] for member in members], stamps
