@@ -902,9 +902,10 @@ class Store:
             if live:
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.env))
                 self.broken = (
-                    f"the telstate store at {self.path!r} was being read by another thread "
-                    "when this process was forked, so it cannot be reopened here: "
-                    "open it after forking, or fork while no read is in progress"
+                    f"the telstate store at {self.path!r} had a transaction in progress (a "
+                    "read by another thread, a snapshot, or a write block) when this process "
+                    "was forked, so it cannot be reopened here: open it after forking, or "
+                    "fork while no transaction is in progress"
                 )
             else:
                 self.env.close()
