@@ -166,10 +166,20 @@ class MemoryBackend(Backend):
             return None
         if type(members) is not list and type(members) is not PackedMembers:
             raise ImmutableKeyError(key)
-        start = _bisect_bound(members, pack_query_timestamp(start_time, False))
+        start_bound = pack_query_timestamp(start_time, False)
+        start = _bisect_bound(members, start_bound)
         end = _bisect_bound(members, pack_query_timestamp(end_time, True, include_end))
-        # As in Redis, the previous sample comes even when the range itself is empty.
-        selected = members[start - 1 : start] if include_previous and start > 0 else []
+        selected = []
+        if include_previous:
+            # As Redis's ZREVRANGEBYLEX from the start bound: the last member
+            # not above it, even when the range itself is empty. A member with
+            # an empty value at start_time is the bare bound, so it is that
+            # previous sample and also the range's first.
+            previous = start
+            if start_bound[:1] == b"[":
+                previous = bisect.bisect_right(members, start_bound[1:])
+            if previous > 0:
+                selected = members[previous - 1 : previous]
         selected += members[start:end]
         return [split_timestamp(member) for member in selected]
 

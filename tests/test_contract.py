@@ -442,3 +442,15 @@ def test_wait_key_sees_a_write_that_lands_while_the_monitor_starts(ts):
         ts.wait_key("race", timeout=0.5)
     finally:
         del backend.monitor_keys
+
+
+def test_include_previous_with_empty_value_at_start_time(backend):
+    # An empty member at start_time is the bare packed timestamp: Redis's
+    # ZREVRANGEBYLEX from "[start" finds it as the previous sample.
+    backend.add_mutable(b"e", b"a", 2.0)
+    backend.add_mutable(b"e", b"", 3.0)
+    backend.add_mutable(b"e", b"b", 4.0)
+    assert backend.get_range(b"e", 3.0, -1.0, True, False) == [(b"", 3.0)]
+    assert backend.get_range(b"e", 3.0, 4.0, True, False) == [(b"", 3.0), (b"", 3.0)]
+    assert backend.get_range(b"e", 3.0, 4.0, False, False) == [(b"", 3.0)]
+    assert backend.get_range(b"e", 2.5, 4.0, True, False) == [(b"a", 2.0), (b"", 3.0)]

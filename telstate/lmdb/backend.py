@@ -236,8 +236,9 @@ class LmdbBackend(Backend):
         """
         store = self._get_store()
         # Results are cached per snapshot: valid while no commit happened since.
-        if store.last_txnid() == store.cache_txnid:
-            cached = store.get_cache.get(key)
+        cache = store.read_cache
+        if store.last_txnid() == cache.txnid:
+            cached = cache.gets.get(key)
             if cached is not None:
                 value = cached[0]
                 return (dict(value), None) if type(value) is dict else cached
@@ -255,9 +256,11 @@ class LmdbBackend(Backend):
             result = (record.value, None)
         else:
             result = (indexed_items(txn, tables, record.key_id), None)
-        caches = self._get_store().caches_for(txn.id())
-        if caches is not None and _cacheable(result[0]):
-            caches[0][key] = result
+        cache = self._get_store().cache_for(txn.id())
+        if cache is not None:
+            size = _result_size(result[0])
+            if size <= settings.CACHE_MAX_VALUE:
+                cache.put_get(key, result, size)
         if type(result[0]) is dict:
             return dict(result[0]), None
         return result
@@ -273,8 +276,9 @@ class LmdbBackend(Backend):
             If the key exists and is not indexed.
         """
         store = self._get_store()
-        if store.last_txnid() == store.cache_txnid:
-            cached = store.indexed_cache.get((key, sub_key), self)
+        cache = store.read_cache
+        if store.last_txnid() == cache.txnid:
+            cached = cache.indexed.get((key, sub_key), self)
             if cached is not self:
                 return cached  # type: ignore[return-value]
         return self._read(self._get_indexed_in, key, sub_key)
@@ -286,9 +290,9 @@ class LmdbBackend(Backend):
         if record.type_code != INDEXED:
             raise wrong_type(key, record, "indexed")
         value = indexed_value(txn, tables, record.key_id, sub_key)
-        caches = self._get_store().caches_for(txn.id())
-        if caches is not None and _cacheable(value):
-            caches[1][key, sub_key] = value
+        cache = self._get_store().cache_for(txn.id())
+        if cache is not None and (value is None or len(value) <= settings.CACHE_MAX_VALUE):
+            cache.put_indexed(key, sub_key, value)
         return value
 
     def get_range(
@@ -375,6 +379,8 @@ class LmdbBackend(Backend):
         ------
         ImmutableKeyError
             If the key exists and is not mutable.
+        InvalidTimestampError
+            If `timestamp` is negative or NaN.
         ReadOnlyError
             If the store was opened read-only.
         StoreError
@@ -537,13 +543,21 @@ class LmdbBackend(Backend):
         """The key updates of the events ``start_seq..end_seq`` on `keys`, for wake-ups.
 
         Each comes with its key (None for a clear). More than
-        ``settings.MONITOR_MAX_SCAN`` events give one bare
+        ``settings.MONITOR_MAX_SCAN`` events, or events holding more than
+        ``settings.MONITOR_MAX_BYTES``, give one bare
         :class:`KeyUpdateBase` (with key None) instead: check every key
         again. The sync and aio monitors both read updates through this.
         """
         if end_seq - start_seq >= settings.MONITOR_MAX_SCAN:
             return [(None, KeyUpdateBase())]
-        return [(event.key, key_update(event)) for event in self.events(start_seq, end_seq, keys)]
+        updates: list[tuple[bytes | None, KeyUpdateBase]] = []
+        size = 0
+        for event in self.events(start_seq, end_seq, keys):
+            size += 100 + sum(len(part or b"") for part in (event.key, event.sub_key, event.value))
+            if size > settings.MONITOR_MAX_BYTES:
+                return [(None, KeyUpdateBase())]
+            updates.append((event.key, key_update(event)))
+        return updates
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
         """Wait until the log goes past `after_seq`, written by any process.
@@ -885,6 +899,10 @@ class Snapshot:
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
 
 
-def _cacheable(value: object) -> bool:
-    """Whether a read result is small enough to keep in the read cache."""
-    return value is None or len(value) <= settings.CACHE_MAX_VALUE  # type: ignore[arg-type]
+def _result_size(value: object) -> int:
+    """About how many bytes a get result holds (an indexed key's dict: its keys and values)."""
+    if value is None:
+        return 0
+    if type(value) is dict:
+        return sum(len(sub_key) + len(item) + 100 for sub_key, item in value.items())
+    return len(value)  # type: ignore[arg-type]

@@ -75,7 +75,12 @@ process.
 Results of ``get`` and ``get_indexed`` are cached per process while no
 transaction has committed since they were read (LMDB's last transaction
 id, read from its lock file, tells), so repeated reads between writes are
-dictionary lookups and every read still sees the latest commit.
+dictionary lookups and every read still sees the latest commit. The cache
+holds at most ``settings.CACHE_MAX_BYTES`` of results (see :class:`ReadCache`).
+
+A process forked inside a ``backend.write()`` block does not own that
+block's transaction: leaving the block in the child raises
+:exc:`StoreError` and commits nothing there (the parent's block goes on).
 
 A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
 :meth:`~LmdbBackend.wait_for_commit`) is woken by a filesystem event: while
@@ -293,6 +298,50 @@ class _LockWord:
             self.fd = None
 
 
+class ReadCache:
+    """Results of ``get`` and ``get_indexed`` read in one snapshot (transaction id `txnid`).
+
+    Bounded by ``settings.CACHE_MAX_BYTES`` of values (roughly) and
+    ``settings.CACHE_MAX_ENTRIES`` entries: when a put would pass either,
+    the cache is emptied first. Threads may put concurrently: each put is
+    a few dict operations under the GIL, and a lost update of `nbytes` only
+    makes the bound approximate.
+    """
+
+    __slots__ = ("txnid", "gets", "indexed", "nbytes")
+
+    def __init__(self, txnid: int) -> None:
+        self.txnid = txnid
+        self.gets: dict[bytes, GetResult] = {}
+        self.indexed: dict[tuple[bytes, bytes], bytes | None] = {}
+        self.nbytes = 0
+
+    def _make_room(self, size: int) -> None:
+        if (
+            self.nbytes + size > settings.CACHE_MAX_BYTES
+            or len(self.gets) + len(self.indexed) >= settings.CACHE_MAX_ENTRIES
+        ):
+            self.gets.clear()
+            self.indexed.clear()
+            self.nbytes = 0
+        self.nbytes += size
+
+    def put_get(self, key: bytes, result: GetResult, size: int) -> None:
+        """Keep the result of get(key), of about `size` bytes."""
+        self._make_room(size + len(key) + _ENTRY_OVERHEAD)
+        self.gets[key] = result
+
+    def put_indexed(self, key: bytes, sub_key: bytes, value: bytes | None) -> None:
+        """Keep the result of get_indexed(key, sub_key)."""
+        size = len(key) + len(sub_key) + (len(value) if value is not None else 0)
+        self._make_room(size + _ENTRY_OVERHEAD)
+        self.indexed[key, sub_key] = value
+
+
+# What a cache entry costs besides its bytes (dict slot, tuple, bytes headers), roughly.
+_ENTRY_OVERHEAD = 200
+
+
 class Store:
     """The one LMDB environment of a store in this process, shared by its backends.
 
@@ -332,10 +381,8 @@ class Store:
         # Writer ids of other processes this one writes for (remote writes).
         self.remote_writer_ids: dict[Writer, int] = {}
         self.writers: dict[int, Writer] = {}
-        # Results of get/get_indexed for the snapshot cache_txnid (see backend.LmdbBackend.get).
-        self.cache_txnid = -1
-        self.get_cache: dict[bytes, GetResult] = {}
-        self.indexed_cache: dict[tuple[bytes, bytes], bytes | None] = {}
+        # Results of get/get_indexed for one snapshot (see backend.LmdbBackend.get).
+        self.read_cache = ReadCache(-1)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -351,9 +398,7 @@ class Store:
         # (transaction id, seq, time, chain) of this process's last commit with events:
         # while nobody else commits, the next event follows it (see writes.WriteTxn._last_event).
         self.last_commit: tuple[int, int, float, bytes] = (-1, 0, 0.0, b"")
-        self.cache_txnid = -1
-        self.get_cache = {}
-        self.indexed_cache = {}
+        self.read_cache = ReadCache(-1)
 
     # --- opening and closing -----------------------------------------------------------
 
@@ -561,25 +606,24 @@ class Store:
                 f"{self.path!r} is an LMDB environment but not a telstate store"
             ) from None
 
-    def caches_for(
-        self, txnid: int
-    ) -> tuple[dict[bytes, GetResult], dict[tuple[bytes, bytes], bytes | None]] | None:
-        """The read caches for results seen in snapshot `txnid`, or None if that is stale.
+    def cache_for(self, txnid: int) -> ReadCache | None:
+        """The read cache for results seen in snapshot `txnid`, or None if that is stale.
 
         Entries are used only while no commit has happened since (see
         LmdbBackend.get), so the tag only moves forward: a result from an
-        older snapshot, read by a slower thread, is not cached.
+        older snapshot, read by a slower thread, is not cached. A new
+        snapshot gets a new cache object, swapped in by one assignment, so
+        a thread still holding the old one fills only that (its tag says
+        which snapshot its entries come from).
         """
-        if txnid != self.cache_txnid:
-            if txnid < self.cache_txnid:
-                return None
-            self.get_cache = {}
-            self.indexed_cache = {}
-            self.cache_txnid = txnid
-        elif len(self.get_cache) + len(self.indexed_cache) >= settings.CACHE_MAX_ENTRIES:
-            self.get_cache.clear()
-            self.indexed_cache.clear()
-        return self.get_cache, self.indexed_cache
+        cache = self.read_cache
+        if txnid == cache.txnid:
+            return cache
+        if txnid < cache.txnid:
+            return None
+        cache = ReadCache(txnid)
+        self.read_cache = cache
+        return cache
 
     def last_txnid(self) -> int:
         """The id of the last committed transaction, by any process (-2 if unknown).
@@ -861,9 +905,10 @@ class Store:
             if live:
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.env))
                 self.broken = (
-                    f"the telstate store at {self.path!r} was being read by another thread "
-                    "when this process was forked, so it cannot be reopened here: "
-                    "open it after forking, or fork while no read is in progress"
+                    f"the telstate store at {self.path!r} had a transaction in progress (a "
+                    "read by another thread, a snapshot, or a write block) when this process "
+                    "was forked, so it cannot be reopened here: open it after forking, or "
+                    "fork while no transaction is in progress"
                 )
             else:
                 self.env.close()

@@ -19,8 +19,10 @@ Name                       Default    Meaning
 ``LOAD_CHUNK``             100000     most events an import commits per transaction
 ``LOAD_CHUNK_BYTES``       32 MiB     about the most bytes an import commits per transaction
 ``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
+``MONITOR_MAX_BYTES``      16 MiB     so do new events holding more bytes than this
 ``CACHE_MAX_ENTRIES``      4096       entries of the per-process read cache
 ``CACHE_MAX_VALUE``        64 KiB     largest result kept in the read cache
+``CACHE_MAX_BYTES``        16 MiB     bytes of results in the read cache (per store, process)
 ``TAIL_MAX``               128        tail samples of a mutable key before sealing a block
 ``BLOCK_MAX``              512        samples of a block before a late sample splits it
 ``RECORD_LIST_MAX``        65536      a snapshot gives mutable keys with more members lazily
@@ -39,8 +41,10 @@ LOG_CHUNK_BYTES = 1 << 20
 LOAD_CHUNK = 100_000
 LOAD_CHUNK_BYTES = 32 << 20
 MONITOR_MAX_SCAN = 10000
+MONITOR_MAX_BYTES = 16 << 20
 CACHE_MAX_ENTRIES = 4096
 CACHE_MAX_VALUE = 65536
+CACHE_MAX_BYTES = 16 << 20
 TAIL_MAX = 128
 BLOCK_MAX = 512
 RECORD_LIST_MAX = 65536

@@ -56,6 +56,25 @@ _HOST = socket.gethostname()
 _OPEN: dict[int, int] = {}
 
 
+_NEW, _OPEN_STATE, _DONE = range(3)
+
+# A forked child holds none of its parent's write transactions (each
+# WriteTxn checks the pid it was entered in).
+os.register_at_fork(after_in_child=_OPEN.clear)
+
+
+class _Closed:
+    """Stands for the LMDB transaction of a WriteTxn outside its with block."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise StoreError(
+            "this WriteTxn is not open: use it inside its with block "
+            "(with backend.write() as wtxn: ...)"
+        )
+
+
 class WriteTxn:
     """One write transaction of a store: the write operations, committed as one.
 
@@ -110,25 +129,30 @@ class WriteTxn:
         "_last_commit",
         "_appended",
         "_txnid",
+        "_state",
+        "_pid",
     )
 
     def __init__(self, store: Store, writer_name: str | None) -> None:
         self._store = store
         self._writer_name = writer_name
+        self._state = _NEW
+        self.txn: Any = _Closed()
+        self.tables: Tables = _Closed()  # type: ignore[assignment]
         self.changed = False
         self._new_writer_id: int | None = None
         self._new_remote_ids: dict[Writer, int] = {}
         # (seq, time, chain) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float, bytes] | None = None
-        # Set by __enter__: the transaction and what it starts from.
-        self.txn: Any
-        self.tables: Tables
+        # Set by __enter__: what the transaction starts from.
         self._txnid: int
         self._writer_id: int | None
         self._last_commit: tuple[int, int, float, bytes]
 
     def __enter__(self) -> WriteTxn:
         store = self._store
+        if self._state != _NEW:
+            raise StoreError("a WriteTxn is entered once: make a new one with backend.write()")
         if _OPEN.get(id(store)) == threading.get_ident():
             # LMDB's writer mutex is not recursive: a second write
             # transaction in this thread would wait for itself forever.
@@ -140,36 +164,62 @@ class WriteTxn:
             txn = store.begin_write()
         except lmdb.Error as error:
             raise StoreError(f"writing to the store at {store.path!r} failed: {error}") from error
-        _OPEN[id(store)] = threading.get_ident()
-        self.txn = txn
-        self._txnid = txn.id()
-        self.tables = store.tables
-        self._writer_id = store.writer_ids.get(self._writer_name)
-        self._last_commit = store.last_commit
+        # From here on the write lock is held: release it even if an
+        # exception (KeyboardInterrupt included) arrives before the block runs.
+        try:
+            _OPEN[id(store)] = threading.get_ident()
+            self.txn = txn
+            self._txnid = txn.id()
+            self.tables = store.tables
+            self._writer_id = store.writer_ids.get(self._writer_name)
+            self._last_commit = store.last_commit
+            self._pid = os.getpid()
+            self._state = _OPEN_STATE
+        except BaseException:
+            _OPEN.pop(id(store), None)
+            abort(txn)
+            store.end_write(txn)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
-        self.txn = None
+        if self._state != _OPEN_STATE:
+            return  # __enter__ failed, or a misuse already raised
+        self._state = _DONE
+        self.txn = _Closed()
         _OPEN.pop(id(store), None)
+        if self._pid != os.getpid():
+            # Forked inside the block: the transaction is the parent's.
+            raise StoreError(
+                f"this process was forked inside a write block on the store at {store.path!r}: "
+                "the block belongs to the parent, and is not committed here"
+            )
         if exc is not None:
             self._fail(txn, exc)
             return  # the block's own exception propagates
+        ended = False
         try:
             if not self.changed:
                 txn.abort()
                 store.end_write(txn)
+                ended = True
                 return
             txn.commit()
+            if self._new_writer_id is not None:
+                store.writer_ids[self._writer_name] = self._new_writer_id
+            store.remote_writer_ids.update(self._new_remote_ids)
+            if self._appended is not None:
+                store.last_commit = (self._txnid, *self._appended)
         except BaseException as error:
+            ended = True
             self._fail(txn, error)
             raise
-        if self._new_writer_id is not None:
-            store.writer_ids[self._writer_name] = self._new_writer_id
-        store.remote_writer_ids.update(self._new_remote_ids)
-        if self._appended is not None:
-            store.last_commit = (self._txnid, *self._appended)
-        store.end_write(txn)
+        finally:
+            # Reached with ended False after a commit, or if an exception
+            # (e.g. KeyboardInterrupt) came between commit and here.
+            if not ended:
+                store.end_write(txn)
         store.committed()
 
     def _fail(self, txn: Any, error: BaseException) -> None:
