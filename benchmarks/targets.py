@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .harness import OK, Row, RowResult, speedup
-from .workloads import archive, log, rdb, reads, replication, writes
+from .workloads import archive, log, rdb, reads, remote, replication, writes
 
 LMDB_BATCH = "telstate lmdb (batch)"
 LMDB_FSYNC = "telstate lmdb (fsync)"
@@ -111,6 +111,27 @@ TARGETS: tuple[Target, ...] = (
         LMDB_BATCH,
         None,
         20.0,
+    ),
+    Target(
+        "remote add p50 within 3x katsdptelstate's direct write (`batch`)",
+        (remote.LATENCY_P50,),
+        LMDB_BATCH,
+        KATSDP_REDIS,
+        1 / 3,
+    ),
+    Target(
+        "8 remote writers ≥ 0.5x katsdptelstate direct (`batch`)",
+        (remote.THROUGHPUT,),
+        LMDB_BATCH,
+        KATSDP_REDIS,
+        0.5,
+    ),
+    Target(
+        "8 remote writers ≥ 5x one writer alone (`fsync`, group commit)",
+        (remote.GAIN,),
+        LMDB_FSYNC,
+        None,
+        5.0,
     ),
 )
 

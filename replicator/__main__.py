@@ -136,6 +136,30 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EVENTS",
         help="most events applied to Redis in one atomic step (default: %(default)s)",
     )
+    run.add_argument(
+        "--accept-writes",
+        action="store_true",
+        help="apply the write requests that telstate clients send through the mirror"
+        " (opens the store writable; see the README, 'Writers on other hosts')",
+    )
+    run.add_argument(
+        "--durability",
+        choices=("fsync", "batch", "none"),
+        default="batch",
+        help="durability of the writes accepted with --accept-writes (default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        metavar="PORT",
+        help="serve Prometheus metrics over HTTP on this port",
+    )
+    run.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address the metrics server listens on (default: %(default)s)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -196,11 +220,19 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from telstate.lmdb import LmdbBackend
 
     from .daemon import Daemon
+    from .intake import Intake, retire
     from .redis_sink import RedisSink
     from .snapshot_sink import SnapshotSink
 
+    if options.accept_writes and options.redis is None:
+        parser.error("--accept-writes serves writes through the mirror: give --redis too")
     try:
-        source = LmdbBackend(options.log, readonly=True)
+        if options.accept_writes:
+            source = LmdbBackend(
+                options.log, durability=options.durability, writer_name="telstate-replicator"
+            )
+        else:
+            source = LmdbBackend(options.log, readonly=True)
     except StoreError as error:
         logging.getLogger("replicator").error("%s", error)
         return 2
@@ -215,6 +247,7 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 spare_db=options.spare_db,
                 client_user=options.client_user,
                 acl_setup=options.acl_setup,
+                accept_writes=options.accept_writes,
             )
         snapshot_sink = None
         if options.rdb_dir is not None:
@@ -238,7 +271,18 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             redis_sink.close()
             source.close()
             return 2
-    daemon = Daemon(source, redis_sink, snapshot_sink)
+    intake = None
+    if options.accept_writes:
+        intake = Intake(source, options.redis, password=options.password)
+    elif options.redis is not None:
+        retire(options.redis, options.password)
+    daemon = Daemon(source, redis_sink, snapshot_sink, intake)
+    if options.metrics_port is not None:
+        try:
+            daemon.metrics.serve(options.metrics_port, options.metrics_address)
+        except OSError as error:
+            source.close()
+            parser.error(f"--metrics-port: {error}")
     daemon.handle_signals()
     try:
         if options.once:

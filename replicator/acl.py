@@ -62,6 +62,12 @@ CLIENT_RULES: tuple[str, ...] = (
     "-script|flush",
 )
 
+#: Rules added for clients of a mirror whose replicator accepts writes: a
+#: Redis 7 selector that allows XADD on the request streams and nothing
+#: else, so a client can ask the replicator to write but can write no
+#: mirror key, cursor or reply (see :mod:`telstate.remote`).
+WRITER_RULES: tuple[str, ...] = ("clearselectors", "(~telstate-replicator:requests:* +xadd)")
+
 # What a client must be allowed: the commands of katsdptelstate's and
 # telstate's reads and wait_key. (What it must be refused comes from the
 # server's own command table, see _forbidden_commands.)
@@ -103,8 +109,10 @@ def whoami(client: redis.Redis) -> str:
     return ensure_str(client.execute_command("ACL", "WHOAMI"))
 
 
-def setup_client_rules(client: redis.Redis, client_user: str) -> None:
+def setup_client_rules(client: redis.Redis, client_user: str, writers: bool = False) -> None:
     """Give `client_user` :data:`CLIENT_RULES` (needs a replicator user with ``@admin`` rights).
+
+    With `writers`, :data:`WRITER_RULES` too (the replicator accepts writes).
 
     Raises
     ------
@@ -129,7 +137,8 @@ def setup_client_rules(client: redis.Redis, client_user: str) -> None:
                 f"there is no Redis user {client_user!r}: create it (ACL SETUSER"
                 f" {client_user} on >PASSWORD) or give another --client-user"
             )
-        client.execute_command("ACL", "SETUSER", client_user, *CLIENT_RULES)
+        rules = CLIENT_RULES + WRITER_RULES if writers else CLIENT_RULES
+        client.execute_command("ACL", "SETUSER", client_user, *rules)
     except redis.exceptions.NoPermissionError as error:
         raise AclError(
             f"Redis user {me!r} may not change ACLs ({error}): run the replicator as a user"

@@ -6,7 +6,12 @@ long as there are events, and when it is level with the log it sleeps in
 store's commit notification (or its 50 ms poll of LMDB's transaction id),
 so a commit reaches Redis within milliseconds and an idle daemon does not
 spin. Snapshots run in a thread of their own so that writing a large file
-never holds up the mirror.
+never holds up the mirror. With ``--accept-writes`` the write intake
+(:mod:`replicator.intake`) runs in a thread too: it waits for requests in
+Redis, commits them, and steps the Redis sink itself to project them at
+once before it replies (the two threads take turns at the sink, see
+:class:`SharedSink`); while the mirror cannot take them (rebuilding,
+Redis down), it waits for the mirror's thread to move it.
 
 Stopping (SIGTERM, SIGINT, or :attr:`Daemon.stop` set) lets the current
 batch finish: a batch is one atomic script call, so there is never a half
@@ -23,7 +28,9 @@ from types import FrameType
 
 from telstate.errors import StoreError
 
-from .redis_sink import RedisSink, SinkState
+from .intake import Intake
+from .metrics import Metrics
+from .redis_sink import RedisSink, SinkState, Step
 from .snapshot_sink import SnapshotSink
 from .source import EventSource
 
@@ -34,6 +41,53 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT = 0.25
 # How often the daemon reports its progress in the log.
 _PROGRESS_INTERVAL = 60.0
+# How often the mirror's lag is measured for the metrics.
+_LAG_INTERVAL = 1.0
+
+
+class SharedSink:
+    """The Redis sink, stepped by the mirror's thread and by the intake's, one at a time.
+
+    Attributes
+    ----------
+    turn
+        Held while stepping the sink; notified whenever the mirror moves.
+    moves
+        How many steps have moved the mirror.
+    """
+
+    def __init__(self, sink: RedisSink) -> None:
+        self.sink = sink
+        self.turn = threading.Condition()
+        self.moves = 0
+
+    @property
+    def seq(self) -> int | None:
+        """The last event the mirror holds, while it is complete."""
+        return self.sink.seq
+
+    def step(self) -> Step:
+        """One step of the sink."""
+        with self.turn:
+            step = self.sink.step()
+            if step.applied:
+                self.moves += 1
+                self.turn.notify_all()
+            return step
+
+    def catch_up(self, seq: int) -> int | None:
+        """Step the sink until the mirror holds `seq` or a step moves nothing."""
+        with self.turn:
+            while (self.sink.seq or 0) < seq and self.sink.step().applied:
+                self.moves += 1
+                self.turn.notify_all()
+            return self.sink.seq
+
+    def wait_for_move(self, moves: int, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a step after the `moves`-th to move the mirror."""
+        with self.turn:
+            if self.moves == moves:
+                self.turn.wait(timeout)
 
 
 class Daemon:
@@ -45,6 +99,10 @@ class Daemon:
         The store.
     redis_sink, snapshot_sink
         What to keep up to date (either may be None, not both).
+    intake
+        Serves write requests for the mirror (needs `redis_sink`).
+    metrics
+        Where to count (the intake's, or a fresh one).
 
     Attributes
     ----------
@@ -58,13 +116,19 @@ class Daemon:
         source: EventSource,
         redis_sink: RedisSink | None,
         snapshot_sink: SnapshotSink | None,
+        intake: Intake | None = None,
     ) -> None:
         if redis_sink is None and snapshot_sink is None:
             raise ValueError("nothing to do: give a Redis URL, a snapshot directory or both")
+        if intake is not None and redis_sink is None:
+            raise ValueError("accepting writes needs the mirror: give a Redis URL")
         self.source = source
         self.redis_sink = redis_sink
         self.snapshot_sink = snapshot_sink
+        self.intake = intake
+        self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
+        self.shared = SharedSink(redis_sink) if redis_sink is not None else None
 
     def handle_signals(self) -> None:
         """Make SIGTERM and SIGINT set :attr:`stop` (call from the main thread)."""
@@ -84,6 +148,12 @@ class Daemon:
                 target=self.snapshot_sink.run, args=(self.stop,), name="snapshots", daemon=True
             )
             snapshots.start()
+        writes = None
+        if self.intake is not None:
+            writes = threading.Thread(
+                target=self._serve_writes, args=(self.intake,), name="intake", daemon=True
+            )
+            writes.start()
         try:
             if self.redis_sink is not None:
                 self._follow(self.redis_sink, until_seq=None)
@@ -94,6 +164,8 @@ class Daemon:
             self.stop.set()
             if snapshots is not None:
                 snapshots.join()
+            if writes is not None:
+                writes.join()
 
     def run_once(self) -> bool:
         """Bring the mirror up to the log's current end, then write a snapshot if configured.
@@ -122,6 +194,8 @@ class Daemon:
         Whether `until_seq` was reached.
         """
         reported = time.monotonic()
+        measured = 0.0
+        rebuilding = False
         while not self.stop.is_set():
             seq = sink.seq
             if until_seq is not None:
@@ -129,8 +203,15 @@ class Daemon:
                     return True
                 if sink.state == SinkState.CONFLICT:
                     return False  # another replicator has the mirror: nothing to finish
-            step = sink.step()
+            assert self.shared is not None
+            step = self.shared.step()
+            if sink.state == SinkState.REBUILD and not rebuilding:
+                self.metrics.rebuilds.inc()
+            rebuilding = sink.state == SinkState.REBUILD
             now = time.monotonic()
+            if now - measured >= _LAG_INTERVAL:
+                measured = now
+                self._measure_lag(sink)
             if now - reported >= _PROGRESS_INTERVAL:
                 reported = now
                 logger.info("mirror %s at seq %s (%s)", sink.url, sink.seq, sink.state.value)
@@ -142,3 +223,45 @@ class Daemon:
             else:
                 self.stop.wait(step.wait)
         return False
+
+    def _measure_lag(self, sink: RedisSink) -> None:
+        """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""
+        seq = sink.seq
+        if seq is None:
+            return
+        try:
+            last_seq = self.source.last_seq
+            behind = max(0, last_seq - seq)
+            age = 0.0
+            if behind:
+                oldest = next(iter(self.source.events(seq + 1, seq + 1)))
+                age = max(0.0, time.time() - oldest.time)
+        except (StoreError, StopIteration):
+            return
+        self.metrics.lag_events.set(behind)
+        self.metrics.lag_seconds.set(age)
+
+    def _serve_writes(self, intake: Intake) -> None:
+        """The intake's thread: step it, and wait for requests or for the mirror."""
+
+        mirror = self.shared
+        assert mirror is not None
+        try:
+            while not self.stop.is_set():
+                moves = mirror.moves
+                step = intake.step(mirror)
+                if step.wait <= 0.0:
+                    continue
+                wait = min(step.wait, _IDLE_WAIT)
+                if intake.owes_replies:
+                    mirror.wait_for_move(moves, wait)
+                elif step.idle:
+                    intake.wait_for_requests(wait)
+                else:
+                    self.stop.wait(step.wait)
+        except Exception:
+            logger.exception("the write intake failed: stopping the daemon")
+            self.stop.set()
+            raise
+        finally:
+            intake.close()

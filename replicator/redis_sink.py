@@ -394,6 +394,9 @@ class RedisSink:
     acl_setup
         Give `client_user` the read-only rules each time the sink connects
         (needs a replicator user with ``@admin`` rights).
+    accept_writes
+        The replicator accepts writes: `acl_setup` lets `client_user` send
+        write requests too (:data:`replicator.acl.WRITER_RULES`).
     stop
         Set to make a rebuild give up between chunks (the daemon is stopping).
 
@@ -419,6 +422,7 @@ class RedisSink:
         socket_timeout: float = 10.0,
         client_user: str = "default",
         acl_setup: bool = False,
+        accept_writes: bool = False,
         stop: threading.Event | None = None,
     ) -> None:
         if batch_events < 1 or batch_bytes < 1:
@@ -451,6 +455,7 @@ class RedisSink:
         self.backoff = backoff
         self.client_user = client_user
         self.acl_setup = acl_setup
+        self.accept_writes = accept_writes
         self.stop = stop or threading.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.state = SinkState.CONNECT
@@ -541,7 +546,7 @@ class RedisSink:
         """
         try:
             if self.acl_setup:
-                setup_client_rules(self.client, self.client_user)
+                setup_client_rules(self.client, self.client_user, self.accept_writes)
             self.client.eval(_PROBE, 1, _PROBE_KEY, MIRROR_CURSOR_DB, self.spare_db, self.db)
         except _TRANSIENT:
             return
@@ -566,7 +571,7 @@ class RedisSink:
 
     def _connect(self) -> Step:
         if self.acl_setup:
-            setup_client_rules(self.client, self.client_user)
+            setup_client_rules(self.client, self.client_user, self.accept_writes)
         protection = check_protection(self.client, self.client_user)
         if protection != self.protection:
             self.protection = protection

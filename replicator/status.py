@@ -4,6 +4,11 @@ Lag is given in events (the log's last seq minus the sink's seq) and in
 seconds: the age of the oldest event that the sink does not have yet
 (0 when it is level with the log), which is how stale a reader of the
 mirror or of the newest snapshot may be.
+
+For a mirror whose replicator accepts writes, ``writes`` shows the
+daemon's metrics as it last published them (:mod:`replicator.metrics`):
+requests applied and rejected, batch sizes, request-to-reply latency,
+rebuilds.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from typing import Any
 import redis
 
 from telstate.lmdb import LmdbBackend
+from telstate.redis import MIRROR_CURSOR_DB
+from telstate.remote import intake_key
 
 from .acl import check_protection
 from .connection import connect, redact_url
 from .cursor import read_cursor
+from .metrics import read_published
 from .snapshot_sink import list_snapshots
 
 
@@ -68,10 +76,17 @@ def gather_status(
         if redis_url is not None:
             mirror: dict[str, Any] = {"url": redact_url(redis_url)}
             try:
-                client, _ = connect(redis_url, password, socket_timeout=5, socket_connect_timeout=5)
+                client, db = connect(
+                    redis_url, password, socket_timeout=5, socket_connect_timeout=5
+                )
                 try:
                     size, cursor = read_cursor(client)
                     protection = check_protection(client, client_user)
+                    with client.pipeline(transaction=True) as pipe:
+                        pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
+                        pipe.hgetall(intake_key(db))
+                        pipe.execute_command("SELECT", db)
+                        intake = pipe.execute()[1]
                 finally:
                     client.close()
             except (redis.RedisError, ValueError) as error:
@@ -99,6 +114,11 @@ def gather_status(
                         )
                     else:
                         mirror.update(lag(cursor.seq))
+                if intake:
+                    status["writes"] = {
+                        "store": intake.get(b"store", b"?").decode(errors="replace"),
+                        **read_published(intake),
+                    }
             status["mirror"] = mirror
         if rdb_dir is not None:
             snapshots = list_snapshots(rdb_dir, store)
@@ -132,6 +152,9 @@ def format_status(status: dict[str, Any], as_json: bool = False) -> str:
         if "protected" in mirror:
             verdict = {True: "protected", False: "NOT protected", None: "protection unknown"}
             lines.append(f"           {verdict[mirror['protected']]}: {mirror['protection']}")
+    writes = status.get("writes")
+    if writes is not None:
+        lines.append(_writes(writes))
     snapshots = status.get("snapshots")
     if snapshots is not None:
         if snapshots["seq"] is None:
@@ -142,6 +165,29 @@ def format_status(status: dict[str, Any], as_json: bool = False) -> str:
                 f" newest seq {snapshots['seq']}, {_lag(snapshots)}"
             )
     return "\n".join(lines)
+
+
+def _writes(writes: dict[str, Any]) -> str:
+    """The ``writes`` line: the intake's counters for people."""
+    rejected = {
+        name.removeprefix("requests_rejected_total_"): int(value)
+        for name, value in writes.items()
+        if name.startswith("requests_rejected_total_") and value
+    }
+    batches = writes.get("batch_size_count", 0)
+    latency_count = writes.get("request_seconds_count", 0)
+    parts = [
+        f"writes     accepted into store {writes['store']}:"
+        f" applied {int(writes.get('requests_applied_total', 0))}",
+        "rejected " + (", ".join(f"{n} {r}" for r, n in sorted(rejected.items())) or "0"),
+        f"batches {int(batches)}"
+        + (f" (mean {writes.get('batch_size_sum', 0) / batches:.1f} requests)" if batches else ""),
+    ]
+    if latency_count:
+        mean = writes.get("request_seconds_sum", 0) / latency_count * 1000
+        parts.append(f"mean request-to-reply {mean:.2f} ms")
+    parts.append(f"rebuilds {int(writes.get('rebuilds_total', 0))}")
+    return ", ".join(parts)
 
 
 def _lag(sink: dict[str, Any]) -> str:

@@ -80,3 +80,11 @@ class StoreError(TelstateError):
 
     Not in katsdptelstate.
     """
+
+
+class WriteTimeoutError(TimeoutError):
+    """A write sent through a mirror got no reply within its timeout.
+
+    Not in katsdptelstate. The request expires at the log host unapplied:
+    the daemon never applies a request older than its timeout.
+    """

@@ -19,7 +19,9 @@ Only commands and Lua that fakeredis supports are used, so a
 A database that telstate-replicator keeps as a mirror of an LMDB store is
 read-only: the replicator records its cursor for database *n* in the hash
 :func:`mirror_cursor_key` (*n*) of database :data:`MIRROR_CURSOR_DB`, and a
-backend that finds it there at construction refuses every write.
+backend that finds it there at construction refuses every write, unless
+the replicator accepts writes for the mirror (``--accept-writes``): then
+every write goes to the store's log through :mod:`telstate.remote`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from .backend import (
     member_chunks,
 )
 from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
+from .log import Op
 from .rdb_reader import BackendCallback
+from .remote import DEFAULT_TIMEOUT, RemoteWriter, intake_key
 from .utils import (
     KeyType,
     PathType,
@@ -150,26 +154,53 @@ class RedisBackend(Backend):
     ----------
     client
         A redis-py client, or any compatible client (e.g. ``fakeredis.FakeRedis``).
+    write_timeout
+        On a mirror that accepts writes: seconds to wait for the log host
+        to confirm each write before raising
+        :exc:`~telstate.errors.WriteTimeoutError`.
+    writer_name
+        On a mirror that accepts writes: recorded in the log with this
+        host and process id.
 
     Raises
     ------
     ConnectionError
         If the server does not answer a PING (within the client's socket timeout).
+    ValueError
+        If `write_timeout` is not positive (or above an hour).
 
     Notes
     -----
     If the database is a mirror kept by telstate-replicator, every write
-    method raises :exc:`~telstate.errors.ReadOnlyError`. That is found out
-    once, here, so reads cost nothing extra.
+    method raises :exc:`~telstate.errors.ReadOnlyError`, unless the
+    replicator accepts writes: then writes go to the store's log (see
+    :mod:`telstate.remote`), with the results and errors of a local write.
+    That is found out once, here, so reads cost nothing extra.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        write_timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+    ) -> None:
         self.client = client
         try:
             _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             raise ConnectionError(f"could not connect to redis server: {error}") from error
-        self._read_only_reason = _mirror_description(client)
+        self._read_only_reason, intake_store = _mirror_description(client)
+        self._remote: RemoteWriter | None = None
+        if intake_store is not None:
+            self._remote = RemoteWriter(
+                client,
+                client_db(client),
+                MIRROR_CURSOR_DB,
+                intake_store,
+                timeout=write_timeout,
+                writer_name=writer_name,
+            )
         self._set_immutable = client.register_script(_SET_IMMUTABLE)
         self._add_mutable = client.register_script(_ADD_MUTABLE)
         self._set_indexed = client.register_script(_SET_INDEXED)
@@ -177,13 +208,22 @@ class RedisBackend(Backend):
         self._get_indexed = client.register_script(_GET_INDEXED)
 
     @classmethod
-    def from_url(cls, url: str, *, db: int | None = None, **kwargs: Any) -> RedisBackend:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        db: int | None = None,
+        write_timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+        **kwargs: Any,
+    ) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
         The client is made by :meth:`redis.Redis.from_url`, called as
         katsdptelstate calls it (so code that patches it sees the same
         call), with a 5 s socket timeout (redis-py applies it to connecting
         too) and a 30 s health check unless `kwargs` override them.
+        `write_timeout` and `writer_name` are as for the class.
 
         Raises
         ------
@@ -192,7 +232,11 @@ class RedisBackend(Backend):
         """
         kwargs.setdefault("socket_timeout", 5)
         kwargs.setdefault("health_check_interval", 30)
-        return cls(redis.Redis.from_url(url, db=db, **kwargs))
+        return cls(
+            redis.Redis.from_url(url, db=db, **kwargs),
+            write_timeout=write_timeout,
+            writer_name=writer_name,
+        )
 
     @classmethod
     def from_host(cls, host: str, port: int | None = None, *, db: int = 0) -> RedisBackend:
@@ -215,10 +259,16 @@ class RedisBackend(Backend):
         return cast(list[bytes], self.client.keys(filter))
 
     def delete(self, key: bytes) -> None:
+        if self._remote is not None:
+            self._remote.write(Op.DELETE, key)
+            return
         self._check_writable()
         self.client.unlink(key)
 
     def clear(self) -> None:
+        if self._remote is not None:
+            self._remote.write(Op.CLEAR)
+            return
         self._check_writable()
         self.client.flushdb(asynchronous=True)
 
@@ -226,6 +276,8 @@ class RedisBackend(Backend):
         return _KEY_TYPES.get(cast(bytes, self.client.type(key)))
 
     def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
+        if self._remote is not None:
+            return self._remote.write(Op.SET_IMMUTABLE, key, value=value)
         self._check_writable()
         with _wrong_type(key):
             return self._set_immutable([key], [value])
@@ -235,11 +287,16 @@ class RedisBackend(Backend):
             return decode_get_reply(self._get([key]))
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
+        if self._remote is not None:
+            self._remote.write(Op.ADD_MUTABLE, key, value=value, timestamp=timestamp)
+            return
         self._check_writable()
         with _wrong_type(key):
             self._add_mutable([key], [pack_timestamp(timestamp) + value])
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
+        if self._remote is not None:
+            return self._remote.write(Op.SET_INDEXED, key, sub_key=sub_key, value=value)
         self._check_writable()
         with _wrong_type(key):
             return self._set_indexed([key], [sub_key, value])
@@ -279,6 +336,10 @@ class RedisBackend(Backend):
         Records are checked, and checked against the server's keys, a
         batch at a time before the batch is written.
         """
+        if self._remote is not None:
+            raise ReadOnlyError(
+                "load RDB files into the store on the log host, not through a mirror"
+            )
         self._check_writable()
         count = 0
         with self.client.pipeline(transaction=False) as pipe:
@@ -359,6 +420,8 @@ class RedisBackend(Backend):
             return KeyUpdateBase()
 
     def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
         self.client.close()
 
     def _check_writable(self) -> None:
@@ -400,6 +463,7 @@ def queue_mirror_query(pipe: Any, db: int) -> None:
     """
     pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
     pipe.hmget(mirror_cursor_key(db), "store", "host", "path")
+    pipe.hget(intake_key(db), "store")
     pipe.execute_command("SELECT", db)
 
 
@@ -408,7 +472,7 @@ def mirror_reason(db: int, replies: list[Any]) -> str | None:
 
     A server that refuses the SELECT (fewer databases, ACLs) has no mirror.
     """
-    selected, cursor, _ = replies
+    selected, cursor = replies[:2]
     if isinstance(selected, Exception) or not isinstance(cursor, list) or cursor[0] is None:
         return None
     store, host, path = (ensure_str(field) if field is not None else "?" for field in cursor)
@@ -419,15 +483,28 @@ def mirror_reason(db: int, replies: list[Any]) -> str | None:
     )
 
 
-def _mirror_description(client: redis.Redis) -> str | None:
-    """Say which store the client's database mirrors, or return None if it is no mirror."""
+def mirror_intake(replies: list[Any]) -> str | None:
+    """The store (UUID) whose replicator accepts writes, from :func:`queue_mirror_query`'s replies.
+
+    None if the database is no mirror or its replicator does not accept writes.
+    """
+    if mirror_reason(0, replies) is None:
+        return None
+    store = replies[2]
+    return ensure_str(store) if isinstance(store, bytes) else None
+
+
+def _mirror_description(client: redis.Redis) -> tuple[str | None, str | None]:
+    """Why the client's database is read-only (None if it is no mirror), and the
+    store whose replicator accepts writes for it (None if none does)."""
     db = client_db(client)
     try:
         with client.pipeline(transaction=True) as pipe:
             queue_mirror_query(pipe, db)
-            return mirror_reason(db, pipe.execute(raise_on_error=False))
+            replies = pipe.execute(raise_on_error=False)
     except redis.RedisError:
-        return None
+        return None, None
+    return mirror_reason(db, replies), mirror_intake(replies)
 
 
 def decode_get_reply(reply: list[Any]) -> GetResult:

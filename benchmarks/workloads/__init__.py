@@ -11,6 +11,7 @@ from .archive import Archive
 from .log import Log
 from .rdb import Rdb
 from .reads import Reads
+from .remote import RemoteWrites
 from .replication import Replication
 from .waits import Waits
 from .writes import Writes
@@ -23,4 +24,5 @@ FAMILIES: tuple[Family, ...] = (
     Archive(),
     Log(),
     Replication(),
+    RemoteWrites(),
 )

@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 
 from ..backend import GetResult, KeyUpdateBase, Record
 from ..errors import CancelledError, ConnectionError, ReadOnlyError
+from ..log import Op
 from ..redis import (
     _ADD_MUTABLE,
     _GET,
@@ -37,17 +38,20 @@ from ..redis import (
     _SET_IMMUTABLE,
     _SET_INDEXED,
     LOAD_BATCH,
+    MIRROR_CURSOR_DB,
     _wrong_type,
     client_db,
     decode_get_indexed_reply,
     decode_get_reply,
     decode_range_replies,
+    mirror_intake,
     mirror_reason,
     parse_update_message,
     queue_mirror_query,
     queue_range_query,
     queue_record,
 )
+from ..remote import DEFAULT_TIMEOUT, AsyncRemoteWriter
 from ..utils import KeyType, display_str, pack_timestamp
 from .backend import Backend, Inbox, Watchers
 
@@ -85,9 +89,19 @@ class RedisBackend(Backend):
         and all waits share one more, so the backend needs at most
         ``max_in_flight + 1`` connections however many coroutines use it
         (fewer if the pool is smaller: one stays free for the waits).
+    write_timeout, writer_name
+        For a mirror that accepts writes, as for
+        :class:`telstate.redis.RedisBackend`.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, *, max_in_flight: int = 16) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        max_in_flight: int = 16,
+        write_timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+    ) -> None:
         self.client = client
         pool_size = getattr(client.connection_pool, "max_connections", None) or max_in_flight + 1
         self._in_flight = asyncio.Semaphore(max(1, min(max_in_flight, pool_size - 1)))
@@ -102,10 +116,20 @@ class RedisBackend(Backend):
         # first write (the constructor cannot await), then cached.
         self._mirror_checked = False
         self._read_only_reason: str | None = None
+        self._remote: AsyncRemoteWriter | None = None
+        self._write_timeout = write_timeout
+        self._writer_name = writer_name
 
     @classmethod
     async def from_url(
-        cls, url: str, *, db: int | None = None, max_connections: int | None = None, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        db: int | None = None,
+        max_connections: int | None = None,
+        write_timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+        **kwargs: Any,
     ) -> RedisBackend:
         """Connect to the server a ``redis://``, ``rediss://`` or ``unix://`` URL names.
 
@@ -155,7 +179,7 @@ class RedisBackend(Backend):
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             await client.aclose()
             raise ConnectionError(f"could not connect to redis server {url}: {error}") from error
-        return cls(client)
+        return cls(client, write_timeout=write_timeout, writer_name=writer_name)
 
     async def _command(
         self, key: bytes | None, command: Callable[..., Awaitable[_T]], *args: Any
@@ -190,29 +214,42 @@ class RedisBackend(Backend):
         return cast(list[bytes], await self._command(None, self.client.keys, filter))
 
     async def delete(self, key: bytes) -> None:
-        await self._check_writable()
+        remote = await self._check_writable()
+        if remote is not None:
+            await remote.write(Op.DELETE, key)
+            return
         await self._command(None, self.client.unlink, key)
 
     async def clear(self) -> None:
-        await self._check_writable()
+        remote = await self._check_writable()
+        if remote is not None:
+            await remote.write(Op.CLEAR)
+            return
         await self._command(None, functools.partial(self.client.flushdb, asynchronous=True))
 
     async def key_type(self, key: bytes) -> KeyType | None:
         return _KEY_TYPES.get(cast(bytes, await self._command(None, self.client.type, key)))
 
     async def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
-        await self._check_writable()
+        remote = await self._check_writable()
+        if remote is not None:
+            return await remote.write(Op.SET_IMMUTABLE, key, value=value)
         return await self._command(key, self._set_immutable, [key], [value])
 
     async def get(self, key: bytes) -> GetResult:
         return decode_get_reply(await self._command(key, self._get, [key]))
 
     async def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
-        await self._check_writable()
+        remote = await self._check_writable()
+        if remote is not None:
+            await remote.write(Op.ADD_MUTABLE, key, value=value, timestamp=timestamp)
+            return
         await self._command(key, self._add_mutable, [key], [pack_timestamp(timestamp) + value])
 
     async def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
-        await self._check_writable()
+        remote = await self._check_writable()
+        if remote is not None:
+            return await remote.write(Op.SET_INDEXED, key, sub_key=sub_key, value=value)
         return await self._command(key, self._set_indexed, [key], [sub_key, value])
 
     async def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
@@ -238,7 +275,10 @@ class RedisBackend(Backend):
         return await self._command(None, self.client.dump, key)
 
     async def load_records(self, records: Iterable[Record]) -> int:
-        await self._check_writable()
+        if await self._check_writable() is not None:
+            raise ReadOnlyError(
+                "load RDB files into the store on the log host, not through a mirror"
+            )
         return await self._command(None, self._load, records)
 
     async def _load(self, records: Iterable[Record]) -> int:
@@ -254,8 +294,14 @@ class RedisBackend(Backend):
             await pipe.execute()
         return count
 
-    async def _check_writable(self) -> None:
-        """Raise :exc:`~telstate.errors.ReadOnlyError` if the database is a mirror."""
+    async def _check_writable(self) -> AsyncRemoteWriter | None:
+        """The writer to the store's log if the database is a mirror that accepts writes.
+
+        Raises
+        ------
+        ReadOnlyError
+            If the database is a mirror that does not accept writes.
+        """
         if not self._mirror_checked:
             db = client_db(self.client)
 
@@ -265,12 +311,27 @@ class RedisBackend(Backend):
                     return await pipe.execute(raise_on_error=False)
 
             try:
-                self._read_only_reason = mirror_reason(db, await self._command(None, query))
+                replies = await self._command(None, query)
             except redis.RedisError:
-                self._read_only_reason = None
+                replies = None
+            if replies is not None:
+                self._read_only_reason = mirror_reason(db, replies)
+                store = mirror_intake(replies)
+                if store is not None:
+                    self._remote = AsyncRemoteWriter(
+                        self.client,
+                        db,
+                        MIRROR_CURSOR_DB,
+                        store,
+                        timeout=self._write_timeout,
+                        writer_name=self._writer_name,
+                    )
             self._mirror_checked = True
+        if self._remote is not None:
+            return self._remote
         if self._read_only_reason is not None:
             raise ReadOnlyError(self._read_only_reason)
+        return None
 
     async def monitor_keys(self, keys: Iterable[bytes]) -> AsyncGenerator[KeyUpdateBase, None]:
         keys = list(dict.fromkeys(keys))
@@ -314,6 +375,8 @@ class RedisBackend(Backend):
 
     async def _close(self) -> None:
         await self._subscriptions.close()
+        if self._remote is not None:
+            await self._remote.close()
         await self.client.aclose()
 
     async def wait_closed(self) -> None:

@@ -378,6 +378,8 @@ class Store:
         self.lock_word: _LockWord | None = None
         self.lock_words: memoryview | None = None
         self.writer_ids: dict[str | None, int] = {}
+        # Writer ids of other processes this one writes for (remote writes).
+        self.remote_writer_ids: dict[Writer, int] = {}
         self.writers: dict[int, Writer] = {}
         # Results of get/get_indexed for one snapshot (see backend.LmdbBackend.get).
         self.read_cache = ReadCache(-1)
@@ -392,6 +394,7 @@ class Store:
         self.housekeeper: threading.Thread | None = None
         self.housekeeper_stop = threading.Event()
         self.writer_ids = {}
+        self.remote_writer_ids = {}
         # (transaction id, seq, time, chain) of this process's last commit with events:
         # while nobody else commits, the next event follows it (see writes.WriteTxn._last_event).
         self.last_commit: tuple[int, int, float, bytes] = (-1, 0, 0.0, b"")

@@ -10,7 +10,11 @@ record. Long sample values are handled differently (see ``samples``).
 
 ``meta``
     ``format`` → log format version; ``uuid`` → the store's 16-byte
-    identity, made at creation; ``next_key_id`` → 8-byte counter.
+    identity, made at creation; ``next_key_id`` → 8-byte counter;
+    ``request:`` + request id → the outcome of a remote write request
+    (:class:`RequestRecord`), written in the transaction that applied it,
+    so that a request delivered twice is applied once
+    (:mod:`replicator.intake`; removed once it can no longer be delivered).
 ``log``
     8-byte big-endian seq → event record (:mod:`telstate.log`).
 ``writers``
@@ -53,6 +57,7 @@ import struct
 from typing import Any, NamedTuple
 
 import lmdb
+import msgpack
 
 from ..errors import StoreError
 from ..utils import KeyType
@@ -270,3 +275,37 @@ class Tables:
             elif name == "history":
                 options = {"dupsort": True, "dupfixed": True}
             setattr(self, name, env.open_db(name.encode(), txn=txn, create=create, **options))
+
+
+#: Prefix of the request records in the meta table (see the module docstring).
+REQUEST_PREFIX = b"request:"
+
+
+class RequestRecord(NamedTuple):
+    """The outcome of a remote write request, kept in the meta table.
+
+    `expires_ms` is the server time after which the request cannot be
+    delivered again (the record may then go); `seq` the last event of the
+    log once it was applied (the mirror must reach it before the reply);
+    `status`, `value`, `error` and `message` the reply
+    (:class:`telstate.remote.Reply`).
+    """
+
+    expires_ms: int
+    seq: int
+    status: bytes
+    value: bytes
+    error: bytes
+    message: str
+
+    def encode(self) -> bytes:
+        """The record as stored."""
+        return msgpack.packb(list(self), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> RequestRecord:
+        """The record stored as `data` (ValueError if it is not one)."""
+        try:
+            return cls(*msgpack.unpackb(bytes(data), raw=False))
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
+            raise ValueError(f"damaged request record: {error}") from None

@@ -125,6 +125,7 @@ class WriteTxn:
         "changed",
         "_writer_id",
         "_new_writer_id",
+        "_new_remote_ids",
         "_last_commit",
         "_appended",
         "_txnid",
@@ -140,6 +141,7 @@ class WriteTxn:
         self.tables: Tables = _Closed()  # type: ignore[assignment]
         self.changed = False
         self._new_writer_id: int | None = None
+        self._new_remote_ids: dict[Writer, int] = {}
         # (seq, time, chain) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float, bytes] | None = None
         # Set by __enter__: what the transaction starts from.
@@ -206,6 +208,7 @@ class WriteTxn:
             txn.commit()
             if self._new_writer_id is not None:
                 store.writer_ids[self._writer_name] = self._new_writer_id
+            store.remote_writer_ids.update(self._new_remote_ids)
             if self._appended is not None:
                 store.last_commit = (self._txnid, *self._appended)
         except BaseException as error:
@@ -402,20 +405,41 @@ class WriteTxn:
             self._appended = (seq, previous_time, chain)
         return self._appended
 
+    @property
+    def last_seq(self) -> int:
+        """Seq of the log's last event as this transaction sees it (its own events included)."""
+        return self._last_event()[0]
+
+    def write_as(self, writer: Writer | None) -> None:
+        """Record the events of the operations that follow as written by `writer`.
+
+        For a process that writes on behalf of others: the replicator's
+        write intake records the host, pid and name of each remote writer.
+        None goes back to this process's own identity.
+        """
+        if writer is None:
+            self._writer_id = self._new_writer_id or self._store.writer_ids.get(self._writer_name)
+            return
+        writer_id = self._store.remote_writer_ids.get(writer) or self._new_remote_ids.get(writer)
+        if writer_id is None:
+            writer_id = self._new_remote_ids[writer] = self._register(writer)
+        self._writer_id = writer_id
+
     def _writer(self) -> int:
         """This process's writer id, registered in the writers table if new."""
         if self._writer_id is None:
-            cursor = self.txn.cursor(self.tables.writers)
-            writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
             writer = Writer(_HOST, os.getpid(), self._writer_name)
-            checked_put(
-                self.txn,
-                log.pack_writer_id(writer_id),
-                log.encode_writer(writer),
-                self.tables.writers,
-            )
-            self._writer_id = self._new_writer_id = writer_id
+            self._writer_id = self._new_writer_id = self._register(writer)
         return self._writer_id
+
+    def _register(self, writer: Writer) -> int:
+        """Add `writer` to the writers table; return its new id."""
+        cursor = self.txn.cursor(self.tables.writers)
+        writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
+        checked_put(
+            self.txn, log.pack_writer_id(writer_id), log.encode_writer(writer), self.tables.writers
+        )
+        return writer_id
 
     def new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
         """Create the keys-table entry of a new key; return its record (for bulk paths too)."""

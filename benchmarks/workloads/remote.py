@@ -1,0 +1,212 @@
+"""Writers on other hosts: telstate writing through a mirror against katsdptelstate writing Redis.
+
+telstate's columns write through `TelescopeState('unix://...mirror?db=0')`
+to a daemon (`python -m replicator --accept-writes --durability D`) that
+applies the requests to the LMDB store (durability D: the contender's)
+and replies once the mirror shows them; katsdptelstate's column writes
+directly to its Redis database, as its pipelines do today. Each round of
+telstate gets a redis-server and a daemon of its own.
+
+- Latency: one writer adds float samples one after the other; p50 and
+  p99 of the time `add` takes.
+- Throughput: 8 writer processes (and, for the group-commit gain, 1)
+  add float samples to sensors of their own as fast as they can; the rate
+  is all their adds over the time from the start barrier to the last
+  process done.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.servers import RedisServer
+
+from .. import data
+from ..contenders import KATSDPTELSTATE, Contender, KatsdpRedis, Store, TelstateLmdb, open_peer
+from ..environment import BenchEnv
+from ..harness import MILLISECONDS, OPS, Case, Family, Figure, Row, Unit, latency_figures
+from ..scale import Scale
+
+LATENCY_P50 = Row("remote add latency, 1 writer, p50", MILLISECONDS)
+LATENCY_P99 = Row("remote add latency, 1 writer, p99", MILLISECONDS)
+THROUGHPUT = Row("remote add throughput, 8 writer processes", OPS)
+GAIN = Row("remote add, 8 writers over 1 (group commit)", Unit("x", True))
+
+REPO = Path(__file__).resolve().parents[2]
+WRITERS = 8
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class _Fixture:
+    store: Store
+    env: BenchEnv
+
+
+class _Mirror:
+    """A redis-server and a daemon that accepts writes into the store at `path`."""
+
+    def __init__(self, env: BenchEnv, path: Path, durability: str) -> None:
+        directory = env.scratch("remote")
+        self.server = RedisServer(directory=directory).start()
+        self.url = f"unix://{self.server.socket}?db=0"
+        self.log = directory / "replicator.log"
+        with open(self.log, "ab") as output:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "--log", str(path), "--redis", self.url]
+                + ["--accept-writes", "--durability", durability],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        client = self.server.client(db=15)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while not client.exists(b"telstate-replicator:intake:0"):
+                if self.daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not start: {self.log.read_text()[-500:]}")
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.daemon.terminate()
+        try:
+            self.daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            self.daemon.wait()
+        self.server.cleanup()
+
+
+def _writer_ts(where: tuple[str, Any]) -> Any:
+    """The TelescopeState a writer uses: telstate on the mirror, or a contender's peer."""
+    kind, location = where
+    if kind == "mirror":
+        import telstate
+
+        return telstate.TelescopeState(location)
+    return open_peer((kind, location))
+
+
+def _close(ts: Any) -> None:
+    close = getattr(ts.backend, "close", None)  # katsdptelstate's RedisBackend has none
+    if close is not None:
+        close()
+
+
+def _writer_process(where: tuple[str, Any], name: str, count: int, barrier: Any, queue: Any):
+    ts = _writer_ts(where)
+    ts.add(name, 0.0, ts=data.T0)  # connected and warm
+    barrier.wait()
+    for i in range(count):
+        ts.add(name, float(i), ts=data.T0 + i + 1)
+    queue.put(time.monotonic())
+    _close(ts)
+
+
+def _rate(where: tuple[str, Any], processes: int, count: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes + 1)
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_writer_process, args=(where, f"remote_w{i}", count, barrier, queue))
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    barrier.wait(START_TIMEOUT)
+    start = time.monotonic()
+    ends = [queue.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+        if worker.exitcode != 0:
+            raise RuntimeError("a writer process failed")
+    return processes * count / (max(ends) - start)
+
+
+def _with_writers(fixture: _Fixture, measure: Any) -> Any:
+    """Run `measure(where)` where writers find the contender's store."""
+    store = fixture.store
+    if store.contender.package == KATSDPTELSTATE:
+        assert store.peer is not None
+        return measure(store.peer)
+    mirror = _Mirror(fixture.env, Path(store.location), store.contender.durability)
+    try:
+        return measure(("mirror", mirror.url))
+    finally:
+        mirror.close()
+
+
+def _ops(scale: Scale) -> int:
+    return max(200, min(scale.write_ops, 3000))
+
+
+def _latency(fixture: _Fixture, round_: int) -> dict[str, Figure]:
+    count = _ops(fixture.env.scale)
+
+    def measure(where: tuple[str, Any]) -> dict[str, Figure]:
+        ts = _writer_ts(where)
+        add = ts.add
+        add("remote_latency", 0.0, ts=data.T0)
+        latencies = []
+        clock = time.perf_counter
+        for i in range(count):
+            start = clock()
+            add("remote_latency", float(i), ts=data.T0 + i + 1)
+            latencies.append(clock() - start)
+        _close(ts)
+        return latency_figures(latencies, (LATENCY_P50, LATENCY_P99))
+
+    return _with_writers(fixture, measure)
+
+
+def _throughput(fixture: _Fixture, round_: int) -> dict[str, Figure]:
+    count = max(50, _ops(fixture.env.scale) // 4)
+
+    def measure(where: tuple[str, Any]) -> dict[str, Figure]:
+        one = _rate(where, 1, count)
+        many = _rate(where, WRITERS, count)
+        raw = {"one_writer_ops": one, "writers": WRITERS, "ops_per_writer": count}
+        return {THROUGHPUT.name: Figure(many, raw), GAIN.name: Figure(many / one, raw)}
+
+    return _with_writers(fixture, measure)
+
+
+class RemoteWrites(Family):
+    name = "remote writes"
+    needs = ("telstate.remote", "replicator.intake")
+    cases = (
+        Case((LATENCY_P50, LATENCY_P99), _latency),
+        Case((THROUGHPUT, GAIN), _throughput),
+    )
+
+    def describe(self, scale: Scale) -> str:
+        return (
+            "telstate writes through a mirror to a daemon that accepts writes (`--accept-writes"
+            " --durability` as the column says) and replies once the mirror shows the write;"
+            " katsdptelstate writes its Redis directly. Latency: one writer, "
+            f"{_ops(scale)} float adds. Throughput: {WRITERS} writer processes (and 1, for the"
+            f" gain) of {max(50, _ops(scale) // 4)} adds each, from a start barrier."
+        )
+
+    def repeats(self, scale: Scale) -> int:
+        return scale.heavy_repeats
+
+    def applies(self, contender: Contender) -> bool:
+        if contender.kind is TelstateLmdb:
+            return contender.durability in ("batch", "fsync")
+        return contender.kind is KatsdpRedis
+
+    def setup(self, store: Store, env: BenchEnv) -> Any:
+        return _Fixture(store, env)

@@ -1,0 +1,647 @@
+"""Write intake: applies the write requests that clients send through the mirror.
+
+With ``--accept-writes`` the daemon serves the request stream of its
+mirror (the keys and the request format are those of
+:mod:`telstate.remote`). One step of :class:`Intake`:
+
+1. sends the replies whose events the mirror now holds (a reply never
+   goes out before the mirror shows the write, so a writer that returns
+   can read its write back, and ``wait_key`` on other hosts has woken);
+2. reads the next requests (non-blocking; the daemon waits for them with
+   :meth:`Intake.wait_for_requests`);
+3. applies them all in ONE LMDB transaction (group commit: with ``fsync``
+   durability, the writers share one fsync), recording each request's
+   outcome in the same transaction (:class:`telstate.lmdb.layout.RequestRecord`).
+
+Exactly once: a request id found among the records is not applied again;
+its recorded outcome is sent. The stream is read through a consumer
+group, so requests delivered to a daemon that was killed before replying
+are delivered again when it restarts (its pending list is read first),
+and answered from their records if they were committed.
+
+A request whose timeout has passed by the Redis server's clock (its
+stream entry id is its sending time) is never applied: it gets an
+``expired`` reply. It must also leave time for the commit and the reply,
+so a request is applied only while :data:`APPLY_MARGIN` of its timeout
+remains.
+
+States, advanced by :meth:`Intake.step`::
+
+    CONNECT --group and intake key made--> SERVE --Redis failed--> BACKOFF --delay over--> CONNECT
+    SERVE --stream or group gone (Redis restarted empty)--> CONNECT
+
+Replies already owed when Redis fails are kept and sent once it is back.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from telstate.encoding import PICKLE_ERROR, decode_value
+from telstate.errors import DecodeError, ImmutableKeyError, InvalidTimestampError, StoreError
+from telstate.lmdb import LmdbBackend, WriteTxn
+from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put
+from telstate.log import Op
+from telstate.redis import MIRROR_CURSOR_DB
+from telstate.remote import (
+    MAX_TIMEOUT,
+    InvalidRequest,
+    Reply,
+    Request,
+    control_kwargs,
+    decode_request,
+    entry_time_ms,
+    intake_key,
+    reply_stream_key,
+    request_stream_key,
+)
+
+from .connection import connect
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: The consumer group (and consumer) that reads a mirror's requests.
+GROUP = b"telstate-replicator"
+#: Fraction of its timeout that must remain for a request to be applied.
+APPLY_MARGIN = 0.2
+#: Longest a reply stream lives after its last reply (ms), beyond the client's timeout.
+REPLY_TTL_MS = 60_000
+#: Replies kept in a client's reply stream (it reads them in order).
+REPLY_MAXLEN = 100
+#: Request records are swept a few at a time, so no transaction scans them all.
+SWEEP_CHUNK = 64
+#: Seconds between sweeps.
+SWEEP_INTERVAL = 1.0
+
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Seconds between readings of the server's clock (between them it is
+#: extrapolated with the monotonic clock, and never behind a request's id).
+CLOCK_SYNC = 1.0
+
+# Sends replies and retires their requests in one call.
+# KEYS[1]: the request stream; KEYS[2..n+1]: the reply streams of the n replies.
+# ARGV[1]: the group; ARGV[2]: n; then per reply: its TTL in ms, its request's
+# entry id ('' for none) and its five fields (id, status, value, error, message).
+_REPLY = b"""
+local n = tonumber(ARGV[2])
+for i = 1, n do
+    local a = 3 + (i - 1) * 7
+    redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+               'id', ARGV[a + 2], 'status', ARGV[a + 3], 'value', ARGV[a + 4],
+               'error', ARGV[a + 5], 'message', ARGV[a + 6])
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[a])
+    if ARGV[a + 1] ~= '' then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[a + 1])
+        redis.call('XDEL', KEYS[1], ARGV[a + 1])
+    end
+end
+return n
+"""
+
+
+class IntakeState(enum.Enum):
+    """What the intake does on its next step."""
+
+    CONNECT = "connect"
+    SERVE = "serve"
+    BACKOFF = "backoff"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one :meth:`Intake.step` did.
+
+    Attributes
+    ----------
+    applied
+        Requests answered or newly committed.
+    wait
+        Seconds the caller may let pass before the next step; 0: step again now.
+    idle
+        No request is waiting: only a new request (see
+        :meth:`Intake.wait_for_requests`) or a longer mirror calls for a step.
+    """
+
+    applied: int
+    wait: float = 0.0
+    idle: bool = False
+
+
+class Mirror(Protocol):
+    """The mirror as the intake sees it: how far it is, and a way to move it on at once."""
+
+    @property
+    def seq(self) -> int | None:
+        """The last event the mirror holds (None while it is incomplete)."""
+
+    def catch_up(self, seq: int) -> int | None:
+        """Project the log up to `seq` now if the mirror can take it; return :attr:`seq`."""
+
+
+@dataclass
+class _Owed:
+    """A reply that goes out once the mirror holds event `seq`."""
+
+    seq: int
+    entry_id: bytes | None
+    request_id: bytes
+    reply_to: bytes
+    reply: Reply
+    expires_ms: int
+    sent_ms: int
+    clock_offset: float
+
+
+class Intake:
+    """Serves one mirror's write requests into the store.
+
+    Parameters
+    ----------
+    backend
+        The store, opened writable (its durability is the writes').
+    url
+        The mirror's URL (the requests live in the replicators' database
+        of the same server).
+    password
+        The Redis user's password, if the URL does not carry one.
+    batch
+        Most requests read (and applied in one transaction) at once.
+    batch_bytes
+        Rough bound on the bytes of requests applied in one transaction.
+    metrics
+        Where to count (a fresh :class:`Metrics` if None).
+    socket_timeout, backoff
+        As for :class:`replicator.redis_sink.RedisSink`.
+    """
+
+    def __init__(
+        self,
+        backend: LmdbBackend,
+        url: str,
+        *,
+        password: str | None = None,
+        batch: int = 256,
+        batch_bytes: int = 64 << 20,
+        metrics: Metrics | None = None,
+        socket_timeout: float = 10.0,
+        backoff: tuple[float, float] = (0.1, 10.0),
+    ) -> None:
+        self.backend = backend
+        self.store = str(backend.uuid)
+        mirror, self.db = connect(url, password)
+        kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
+        mirror.close()
+        kwargs.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        kwargs.update(client_name="telstate-replicator-intake")
+        self.client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**kwargs), retry=Retry(NoBackoff(), 0)
+        )
+        self.socket_timeout = socket_timeout
+        self.batch = batch
+        self.batch_bytes = batch_bytes
+        self.metrics = metrics or Metrics()
+        self.backoff = backoff
+        self.state = IntakeState.CONNECT
+        self._stream = request_stream_key(self.db)
+        self._key = intake_key(self.db)
+        self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
+        # Whether the last read may have left requests behind (it was full).
+        self._more = True
+        # The server's clock: (its time in ms, monotonic time) when last read.
+        self._clock: tuple[int, float] | None = None
+        self._reply_script = self.client.register_script(
+            _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
+        )
+        self._owed: collections.deque[_Owed] = collections.deque()
+        # Read the pending list (requests delivered before a restart) before new ones.
+        self._backlog = True
+        self._delay = backoff[0]
+        self._retry_at = 0.0
+        self._sweep_from = REQUEST_PREFIX
+        self._next_sweep = 0.0
+
+    @property
+    def owes_replies(self) -> bool:
+        """Whether replies wait for the mirror to catch up."""
+        return bool(self._owed)
+
+    def step(self, mirror: Mirror) -> Step:
+        """Do the next piece of work; never raises for Redis failures.
+
+        After a commit the step asks `mirror` to project it at once, so
+        that the replies go out in the same step.
+        """
+        try:
+            if self.state == IntakeState.CONNECT:
+                return self._connect()
+            if self.state == IntakeState.BACKOFF:
+                now = time.monotonic()
+                if now < self._retry_at:
+                    return Step(0, wait=self._retry_at - now)
+                self.state = IntakeState.CONNECT
+                return Step(0)
+            return self._serve(mirror)
+        except _TRANSIENT as error:
+            return self._fail(f"Redis failed: {error}")
+        except redis.ResponseError as error:
+            if "NOGROUP" in str(error):
+                logger.warning("the request stream is gone (Redis restarted?): recreating it")
+                self.state = IntakeState.CONNECT
+                return Step(0)
+            return self._fail(f"Redis refused a command: {error}")
+        except StoreError as error:
+            # Nothing of the batch was committed; its requests stay pending in
+            # Redis and are read again (or expire) after the backoff.
+            return self._fail(f"writing the store failed: {error}")
+
+    def wait_for_requests(self, timeout: float) -> None:
+        """Block up to `timeout` seconds for new requests (kept for the next step)."""
+        if self.state != IntakeState.SERVE or self._fetched or self._backlog:
+            return
+        try:
+            self._fetched = self._read(block_ms=max(1, int(timeout * 1000)))
+        except _TRANSIENT as error:
+            self._fail(f"Redis failed: {error}")
+        except redis.ResponseError as error:
+            if "NOGROUP" in str(error):
+                self.state = IntakeState.CONNECT
+            else:
+                self._fail(f"Redis refused a command: {error}")
+
+    def close(self) -> None:
+        """Close the connections to Redis (the intake key stays: writers then time out)."""
+        self.client.close()
+
+    # The states
+
+    def _connect(self) -> Step:
+        try:
+            self.client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self.client.hset(self._key, mapping={"store": self.store, "path": self.backend.path})
+        self.metrics.publish(self.client, self._key)
+        self._backlog = True
+        self._delay = self.backoff[0]
+        self.state = IntakeState.SERVE
+        logger.info("accepting writes for mirror database %d into store %s", self.db, self.store)
+        return Step(0)
+
+    def _serve(self, mirror: Mirror) -> Step:
+        answered = self._send_replies(mirror.seq)
+        if not self._fetched and (self._more or self._backlog):
+            self._fetched = self._read(block_ms=None)
+        if not self._fetched:
+            # Nothing is known to wait: the daemon blocks in wait_for_requests.
+            self.metrics.publish_due(self.client, self._key)
+            return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
+        fetched, self._fetched = self._fetched, []
+        applied = self._process(fetched, self._server_time(fetched))
+        if self._owed:
+            seq = mirror.catch_up(max(owed.seq for owed in self._owed))
+            answered += self._send_replies(seq)
+        return Step(answered + applied)
+
+    def _fail(self, message: str) -> Step:
+        logger.warning("intake: %s; retrying in %.1f s", message, self._delay)
+        self.state = IntakeState.BACKOFF
+        self._fetched = []
+        self._retry_at = time.monotonic() + self._delay
+        wait = self._delay
+        self._delay = min(self._delay * 2, self.backoff[1])
+        return Step(0, wait=wait)
+
+    # Talking to Redis
+
+    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The next requests (the pending ones first, after a connect)."""
+        start = b"0" if self._backlog else b">"
+        reply: Any = self.client.xreadgroup(
+            GROUP.decode(), GROUP.decode(), {self._stream: start}, count=self.batch, block=block_ms
+        )
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = [
+            (entry_id, fields) for _, items in reply or () for entry_id, fields in items
+        ]
+        if self._backlog and not entries:
+            self._backlog = False  # the pending list is done: new requests from now on
+        self._more = len(entries) >= self.batch
+        # A pending entry deleted meanwhile comes back with no fields: only acknowledge it.
+        dropped = [entry_id for entry_id, fields in entries if not fields]
+        if dropped:
+            self.client.xack(self._stream, GROUP, *dropped)
+        return [(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def _server_time(self, fetched: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """The Redis server's time now, in ms: read with TIME about once a second.
+
+        Between readings it is extrapolated with this host's monotonic
+        clock, and it is never before the newest request's entry id (which
+        the server stamped), so a request is never judged younger than it is
+        by more than the drift of one second.
+        """
+        now = time.monotonic()
+        if self._clock is None or now - self._clock[1] >= CLOCK_SYNC:
+            seconds, micros = self.client.time()
+            self._clock = (seconds * 1000 + micros // 1000, now)
+        server_ms = self._clock[0] + int((now - self._clock[1]) * 1000)
+        newest = max(entry_time_ms(entry_id) for entry_id, _ in fetched)
+        return max(server_ms, newest)
+
+    def _send_replies(self, mirror_seq: int | None) -> int:
+        if not self._owed or mirror_seq is None or self._owed[0].seq > mirror_seq:
+            return 0
+        ready = []
+        while self._owed and self._owed[0].seq <= mirror_seq:
+            ready.append(self._owed.popleft())
+        keys = [self._stream]
+        args: list[Any] = [GROUP, len(ready)]
+        for owed in ready:
+            keys.append(reply_stream_key(self.db, owed.reply_to))
+            reply = owed.reply
+            args += (
+                owed.expires_ms - owed.sent_ms + REPLY_TTL_MS,
+                owed.entry_id or b"",
+                owed.request_id,
+                reply.status,
+                reply.value,
+                reply.error,
+                reply.message.encode(),
+            )
+        try:
+            self._reply_script(keys=keys, args=args)
+        except BaseException:
+            self._owed.extendleft(reversed(ready))
+            raise
+        now = time.monotonic()
+        for owed in ready:
+            self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
+        return len(ready)
+
+    def _process(self, fetched: list[tuple[bytes, dict[bytes, bytes]]], now_ms: int) -> int:
+        # Monotonic time minus server time: when replies go out, their age by the server's clock.
+        clock_offset = time.monotonic() - now_ms / 1000
+        requests: list[Request] = []
+        for entry_id, fields in fetched:
+            try:
+                request = decode_request(entry_id, fields)
+            except InvalidRequest as invalid:
+                self._reject(entry_id, invalid, now_ms, clock_offset)
+                continue
+            if request.store != self.store:
+                other = InvalidRequest(
+                    f"request {entry_id!r} is for store {request.store}, this daemon writes"
+                    f" store {self.store}",
+                    request.request_id,
+                    request.reply_to,
+                )
+                self._reject(entry_id, other, now_ms, clock_offset, kind=b"store")
+                continue
+            undecodable = _undecodable(request)
+            if undecodable is not None:
+                self._reject(entry_id, undecodable, now_ms, clock_offset)
+                continue
+            requests.append(request)
+        for chunk in _chunks(requests, self.batch_bytes):
+            for request, record in zip(chunk, apply_requests(self.backend, chunk, now_ms)):
+                self._owe(request, record, clock_offset)
+            self.metrics.batch_size.observe(len(chunk))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+            self._sweep_from = sweep_requests(self.backend, self._sweep_from, now_ms)
+        return len(fetched)
+
+    def _owe(self, request: Request, record: RequestRecord, clock_offset: float) -> None:
+        reply = Reply(record.status, record.value, record.error, record.message)
+        if record.error == b"expired":
+            self.metrics.rejected.labels("expired").inc()
+        elif record.error:
+            self.metrics.rejected.labels(record.error.decode()).inc()
+        else:
+            self.metrics.applied.inc()
+        self._owed.append(
+            _Owed(
+                record.seq,
+                request.entry_id,
+                request.request_id,
+                request.reply_to,
+                reply,
+                request.expires_ms,
+                request.sent_ms,
+                clock_offset,
+            )
+        )
+
+    def _reject(
+        self,
+        entry_id: bytes,
+        error: InvalidRequest,
+        now_ms: int,
+        clock_offset: float,
+        kind: bytes = b"invalid",
+    ) -> None:
+        """Answer a bad request (if it says where to) and drop it; it blocks nothing."""
+        logger.warning("rejected: %s", error)
+        self.metrics.rejected.labels(kind.decode()).inc()
+        if error.request_id is None or error.reply_to is None:
+            self.client.xack(self._stream, GROUP, entry_id)
+            self.client.xdel(self._stream, entry_id)
+            return
+        reply = Reply(b"error", error=kind, message=str(error))
+        # Owed at seq 0: it goes out with the next replies, in order.
+        self._owed.append(
+            _Owed(
+                0, entry_id, error.request_id, error.reply_to, reply, now_ms, now_ms, clock_offset
+            )
+        )
+
+
+def retire(url: str, password: str | None = None) -> None:
+    """Say, for the mirror at `url`, that no daemon accepts writes any more (best effort).
+
+    Called by a replicator that runs without ``--accept-writes``, so that
+    new clients of the mirror are told at once that it is read-only rather
+    than time out.
+    """
+    try:
+        mirror, db = connect(url, password)
+        kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
+        mirror.close()
+        client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+        try:
+            if client.delete(intake_key(db)):
+                logger.info("mirror database %d no longer accepts writes", db)
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError) as error:
+        logger.debug("could not retire the write intake: %s", error)
+
+
+def _undecodable(request: Request) -> InvalidRequest | None:
+    """An error if the request's value or sub-key is not an encoded value, else None.
+
+    Pickled values are let through undecoded (the daemon never unpickles;
+    a katsdptelstate client may write them, and readers decide).
+    """
+    parts = []
+    if request.op in (Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED):
+        parts.append(("value", request.value))
+    if request.op is Op.SET_INDEXED:
+        parts.append(("sub-key", request.sub_key))
+    for name, data in parts:
+        try:
+            decode_value(data, allow_pickle=False)
+        except DecodeError as error:
+            if str(error) != PICKLE_ERROR:
+                return InvalidRequest(
+                    f"request {request.request_id!r}: the {name} does not decode: {error}",
+                    request.request_id,
+                    request.reply_to,
+                )
+    return None
+
+
+def _chunks(requests: list[Request], size: int) -> list[list[Request]]:
+    chunks: list[list[Request]] = []
+    total = size
+    for request in requests:
+        if total + request.size > size and (not chunks or chunks[-1]):
+            chunks.append([])
+            total = 0
+        chunks[-1].append(request)
+        total += request.size
+    return chunks
+
+
+def apply_requests(
+    backend: LmdbBackend, requests: Sequence[Request], now_ms: int
+) -> list[RequestRecord]:
+    """Apply `requests` to the store in one write transaction, once each.
+
+    Each request's outcome is recorded in the same transaction. A request
+    recorded before is not applied again: its record is returned. One that
+    has (nearly) expired by `now_ms` (the Redis server's time) is not
+    applied and not recorded (a resend, with the same deadline, expires
+    too).
+
+    Returns
+    -------
+    The outcome of each request, in order.
+
+    Raises
+    ------
+    StoreError
+        If the store cannot be written (nothing of the batch is committed).
+    """
+
+    with backend.write() as wtxn:
+        return [_apply_in(wtxn, request, now_ms) for request in requests]
+
+
+def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
+    """Apply one request in `wtxn` (unless it was before, or is too old) and record it."""
+    txn, meta = wtxn.txn, wtxn.tables.meta
+    record_key = REQUEST_PREFIX + request.request_id
+    found = txn.get(record_key, db=meta)
+    if found is not None:
+        try:
+            return RequestRecord.decode(found)
+        except ValueError:
+            logger.error("request record %r is damaged: applying the request again", record_key)
+    margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
+    if now_ms > request.expires_ms - margin:
+        return RequestRecord(
+            request.expires_ms,
+            0,
+            b"error",
+            b"",
+            b"expired",
+            f"{request.op.value} request {request.request_id!r} arrived"
+            f" {max(0, now_ms - request.sent_ms)} ms after it was sent, too late for its"
+            f" {request.timeout_ms} ms timeout: not applied",
+        )
+    wtxn.write_as(request.writer)
+    status, value, error, message = _apply_one(wtxn, request)
+    record = RequestRecord(request.expires_ms, wtxn.last_seq, status, value, error, message)
+    checked_put(txn, record_key, record.encode(), meta)
+    wtxn.changed = True  # the record alone must be committed too
+    return record
+
+
+def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, str]:
+    """Apply one request in `wtxn`: (status, value, error, message) of its reply.
+
+    A refused operation changes nothing (see :class:`WriteTxn`), so the
+    batch goes on past it.
+    """
+    op = request.op
+    existing = None
+    try:
+        if op is Op.SET_IMMUTABLE:
+            existing = wtxn.set_immutable(request.key, request.value)
+        elif op is Op.ADD_MUTABLE:
+            assert request.timestamp is not None
+            wtxn.add_mutable(request.key, request.value, request.timestamp)
+        elif op is Op.SET_INDEXED:
+            existing = wtxn.set_indexed(request.key, request.sub_key, request.value)
+        elif op is Op.DELETE:
+            wtxn.delete(request.key)
+        else:
+            wtxn.clear()
+    except ImmutableKeyError as error:
+        return b"error", b"", b"immutable", str(error)
+    except InvalidTimestampError as error:
+        return b"error", b"", b"timestamp", str(error)
+    if existing is not None:
+        return b"exists", existing, b"", ""
+    return b"ok", b"", b"", ""
+
+
+def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
+    """Delete up to :data:`SWEEP_CHUNK` expired request records from `start` on.
+
+    A record may go once no copy of its request can be delivered any more:
+    its expiry plus the longest timeout (a resend carries the original
+    deadline, so this is generous).
+
+    Returns
+    -------
+    Where the next sweep starts.
+    """
+    horizon = now_ms - int(MAX_TIMEOUT * 1000)
+
+    try:
+        with backend.write() as wtxn:
+            cursor = wtxn.txn.cursor(db=wtxn.tables.meta)
+            if not cursor.set_range(start):
+                return REQUEST_PREFIX
+            for _ in range(SWEEP_CHUNK):
+                key = cursor.key()
+                if not key.startswith(REQUEST_PREFIX):
+                    return REQUEST_PREFIX
+                try:
+                    expired = RequestRecord.decode(cursor.value()).expires_ms < horizon
+                except ValueError:
+                    expired = True
+                if not expired:
+                    if not cursor.next():
+                        return REQUEST_PREFIX
+                    continue
+                wtxn.changed = True
+                if not cursor.delete():
+                    return REQUEST_PREFIX
+            return bytes(cursor.key())
+    except StoreError as error:  # the next sweep tries again
+        logger.warning("sweeping request records failed: %s", error)
+        return start

@@ -1,0 +1,590 @@
+"""Remote writes: writing to a store through its Redis mirror, and the request format.
+
+A mirror whose replicator runs with ``--accept-writes`` takes write
+requests: a client on any host sends each write as an entry of the
+mirror's request stream and waits for the entry with the same request id
+in its own reply stream. The daemon on the log host applies the request
+to the log (see :mod:`replicator.intake`), projects the new events to the
+mirror and only then replies, so a write that returns is durable in the
+log and visible in the mirror.
+
+Keys, all in the replicators' database (:data:`telstate.redis.MIRROR_CURSOR_DB`,
+never the mirror's own, so that no mirror client lists them):
+
+=====================================  ====================================================
+``telstate-replicator:intake:<db>``    hash: ``store`` (UUID) of the store whose daemon
+                                       accepts writes for mirror database *db*, and its
+                                       counters (see :mod:`replicator.intake`)
+``telstate-replicator:requests:<db>``  stream of requests; clients may only XADD to it
+``telstate-replicator:replies:<db>:<token>``  stream of replies to one client (expires)
+=====================================  ====================================================
+
+A request is one stream entry with these fields (bytes; integers as ASCII):
+
+===========  ================================================================
+``v``        format version, ``1``
+``id``       request id, unique to the client: ``<token>:<counter>``
+``reply``    the client's token (hex): names its reply stream
+``store``    UUID of the store the client means to write (the intake key's)
+``op``       ``set_immutable``, ``add_mutable``, ``set_indexed``, ``delete``, ``clear``
+``key``      encoded key (not for ``clear``)
+``sub``      encoded sub-key (``set_indexed`` only)
+``value``    encoded value (``set_immutable``, ``add_mutable``, ``set_indexed``)
+``ts``       sensor timestamp, 8-byte big-endian float64 (``add_mutable`` only)
+``timeout``  milliseconds the client waits from sending; a request whose
+             stream entry id (the server's clock) is older than that is never applied
+``host``     writer identity recorded in the event: host name,
+``pid``      process id,
+``name``     and writer name (empty for none)
+===========  ================================================================
+
+A reply is one entry of the reply stream:
+
+===========  ================================================================
+``id``       the request id
+``status``   ``ok``; ``exists`` (set_immutable / set_indexed found the key or
+             sub-key set: ``value`` holds the existing value); or ``error``
+``value``    see ``status``
+``error``    for ``error``: ``immutable`` (the key has another type),
+             ``timestamp`` (invalid timestamp), ``expired`` (older than its
+             timeout: not applied), ``invalid`` (malformed request),
+             ``store`` (the daemon writes another store, or failed)
+``message``  for ``error``: what went wrong, naming the key
+===========  ================================================================
+
+Nothing else in the package knows these layouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from .errors import (
+    ConnectionError,
+    ImmutableKeyError,
+    InvalidTimestampError,
+    ReadOnlyError,
+    TelstateError,
+    WriteTimeoutError,
+)
+from .log import Op, Writer
+from .utils import display_str, ensure_str
+
+#: Version of the request and reply layouts above.
+FORMAT_VERSION = b"1"
+
+#: How long a writer waits for its reply by default (seconds).
+DEFAULT_TIMEOUT = 10.0
+#: Longest timeout a request may ask for; the daemon remembers request ids
+#: at least this long, so that a retry is never applied twice.
+MAX_TIMEOUT = 3600.0
+#: Longest XREAD BLOCK of a waiting writer, so that a lost connection is noticed.
+_BLOCK_CHUNK = 1.0
+#: Pause between attempts of a writer whose connection failed.
+_RETRY_DELAY = 0.05
+#: Longest request id and token accepted.
+_MAX_ID = 100
+#: Largest request accepted (all fields), well above an 8 MB array sensor.
+MAX_REQUEST_BYTES = 256 << 20
+
+_TIMESTAMP = struct.Struct(">d")
+_HOST = socket.gethostname()
+_OPS = {op.value.encode(): op for op in Op}
+_FIELDS = {
+    Op.SET_IMMUTABLE: {b"key", b"value"},
+    Op.ADD_MUTABLE: {b"key", b"value", b"ts"},
+    Op.SET_INDEXED: {b"key", b"sub", b"value"},
+    Op.DELETE: {b"key"},
+    Op.CLEAR: set(),
+}
+_COMMON = {b"v", b"id", b"reply", b"store", b"op", b"timeout", b"host", b"pid", b"name"}
+
+
+def intake_key(db: int) -> bytes:
+    """The hash that says a daemon accepts writes for mirror database `db`."""
+    return b"telstate-replicator:intake:%d" % db
+
+
+def request_stream_key(db: int) -> bytes:
+    """The stream of write requests for mirror database `db`."""
+    return b"telstate-replicator:requests:%d" % db
+
+
+def reply_stream_key(db: int, token: bytes) -> bytes:
+    """The stream of replies to the client with `token`, for mirror database `db`."""
+    return b"telstate-replicator:replies:%d:%b" % (db, token)
+
+
+class InvalidRequest(TelstateError):
+    """A request stream entry that is not a valid request.
+
+    Attributes
+    ----------
+    request_id, reply_to
+        As far as they could be read (None otherwise): where to send the error.
+    """
+
+    def __init__(self, message: str, request_id: bytes | None, reply_to: bytes | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded write request.
+
+    Attributes
+    ----------
+    entry_id
+        The stream entry id (its first part is the server's time in ms).
+    request_id, reply_to
+        The client's request id and token.
+    store
+        UUID (text) of the store the client means.
+    op, key, sub_key, value, timestamp
+        The write (unused fields empty / None).
+    timeout_ms
+        How long the client waits from sending.
+    writer
+        Who asked, recorded in the event.
+    size
+        Bytes of the entry's fields.
+    """
+
+    entry_id: bytes
+    request_id: bytes
+    reply_to: bytes
+    store: str
+    op: Op
+    key: bytes
+    sub_key: bytes
+    value: bytes
+    timestamp: float | None
+    timeout_ms: int
+    writer: Writer
+    size: int
+
+    @property
+    def sent_ms(self) -> int:
+        """When the server added the entry, in ms since the epoch (its clock)."""
+        return entry_time_ms(self.entry_id)
+
+    @property
+    def expires_ms(self) -> int:
+        """The server time after which the request must not be applied."""
+        return self.sent_ms + self.timeout_ms
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The outcome of a request, as sent back (and remembered for redeliveries).
+
+    Attributes
+    ----------
+    status
+        ``ok``, ``exists`` or ``error``.
+    value
+        The existing value for ``exists``.
+    error, message
+        For ``error``: its kind (see the module docstring) and text.
+    """
+
+    status: bytes
+    value: bytes = b""
+    error: bytes = b""
+    message: str = ""
+
+    def fields(self, request_id: bytes) -> dict[bytes, bytes]:
+        """The reply stream entry for the request `request_id`."""
+        return {
+            b"id": request_id,
+            b"status": self.status,
+            b"value": self.value,
+            b"error": self.error,
+            b"message": self.message.encode(),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Reply:
+        """Parse a reply stream entry (missing fields read as empty)."""
+        return cls(
+            fields.get(b"status", b""),
+            fields.get(b"value", b""),
+            fields.get(b"error", b""),
+            ensure_str(fields.get(b"message", b"")),
+        )
+
+    def result(self) -> bytes | None:
+        """What the backend method returns; raises the error a local write would raise."""
+        if self.status == b"ok":
+            return None
+        if self.status == b"exists":
+            return self.value
+        if self.error == b"immutable":
+            raise ImmutableKeyError(self.message)
+        if self.error == b"timestamp":
+            raise InvalidTimestampError(self.message)
+        if self.error == b"expired":
+            raise WriteTimeoutError(self.message)
+        raise TelstateError(f"the log host refused the write: {self.message}")
+
+
+OK = Reply(b"ok")
+
+
+def entry_time_ms(entry_id: bytes) -> int:
+    """The server time (ms) in a stream entry id ``<ms>-<n>``."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def encode_request(
+    request_id: bytes,
+    reply_to: bytes,
+    store: str,
+    op: Op,
+    *,
+    key: bytes = b"",
+    sub_key: bytes = b"",
+    value: bytes = b"",
+    timestamp: float | None = None,
+    timeout: float,
+    writer: Writer,
+) -> dict[bytes, bytes]:
+    """The stream entry fields of a request (see the module docstring)."""
+    fields = {
+        b"v": FORMAT_VERSION,
+        b"id": request_id,
+        b"reply": reply_to,
+        b"store": store.encode(),
+        b"op": op.value.encode(),
+        b"timeout": b"%d" % max(1, int(timeout * 1000)),
+        b"host": writer.host.encode(),
+        b"pid": b"%d" % writer.pid,
+        b"name": (writer.name or "").encode(),
+    }
+    wanted = _FIELDS[op]
+    if b"key" in wanted:
+        fields[b"key"] = key
+    if b"sub" in wanted:
+        fields[b"sub"] = sub_key
+    if b"value" in wanted:
+        fields[b"value"] = value
+    if b"ts" in wanted:
+        assert timestamp is not None
+        fields[b"ts"] = _TIMESTAMP.pack(timestamp)
+    return fields
+
+
+def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
+    """Check and decode a request stream entry.
+
+    Raises
+    ------
+    InvalidRequest
+        If any field is missing, unknown or malformed.
+    """
+    request_id = fields.get(b"id")
+    reply_to = fields.get(b"reply")
+    if request_id is not None and not (0 < len(request_id) <= _MAX_ID):
+        request_id = None
+    if reply_to is not None and not (0 < len(reply_to) <= _MAX_ID and reply_to.isalnum()):
+        reply_to = None
+
+    def invalid(reason: str) -> InvalidRequest:
+        return InvalidRequest(f"request {entry_id!r}: {reason}", request_id, reply_to)
+
+    if request_id is None or reply_to is None:
+        raise invalid("no valid request id or reply token")
+    if fields.get(b"v") != FORMAT_VERSION:
+        raise invalid(f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}")
+    op = _OPS.get(fields.get(b"op", b""))
+    if op is None:
+        raise invalid(f"unknown operation {fields.get(b'op')!r}")
+    expected = _COMMON | _FIELDS[op]
+    if set(fields) != expected:
+        wrong = sorted(set(fields) ^ expected)
+        raise invalid(f"fields {wrong} missing or unexpected for {op.value}")
+    try:
+        timeout_ms = int(fields[b"timeout"])
+        pid = int(fields[b"pid"])
+        store = fields[b"store"].decode("ascii")
+        host = fields[b"host"].decode()
+        name = fields[b"name"].decode() or None
+        timestamp = _TIMESTAMP.unpack(fields[b"ts"])[0] if op is Op.ADD_MUTABLE else None
+        entry_time_ms(entry_id)
+    except (ValueError, struct.error) as error:
+        raise invalid(f"malformed field: {error}") from None
+    if not 0 < timeout_ms <= MAX_TIMEOUT * 1000:
+        raise invalid(f"timeout {timeout_ms} ms is not in (0, {int(MAX_TIMEOUT * 1000)}]")
+    if op is not Op.CLEAR and not fields[b"key"]:
+        raise invalid("empty key")
+    size = sum(len(name) + len(value) for name, value in fields.items())
+    if size > MAX_REQUEST_BYTES:
+        raise invalid(f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
+    return Request(
+        entry_id=entry_id,
+        request_id=request_id,
+        reply_to=reply_to,
+        store=store,
+        op=op,
+        key=fields.get(b"key", b""),
+        sub_key=fields.get(b"sub", b""),
+        value=fields.get(b"value", b""),
+        timestamp=timestamp,
+        timeout_ms=timeout_ms,
+        writer=Writer(host, pid, name),
+        size=size,
+    )
+
+
+def control_kwargs(client: Any, db: int) -> dict[str, Any]:
+    """Options for a connection pool like `client`'s, with database `db` instead of its own."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["db"] = db
+    kwargs["connection_class"] = pool.connection_class
+    return kwargs
+
+
+class _Session:
+    """What the sync and asyncio writers share: identity, request ids, the format."""
+
+    def __init__(self, mirror_db: int, store: str, timeout: float, writer_name: str | None):
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"write timeout must be in (0, {MAX_TIMEOUT}] s, not {timeout!r}")
+        self.store = store
+        self.timeout = timeout
+        self.token = secrets.token_hex(8).encode()
+        self.requests = request_stream_key(mirror_db)
+        self.replies = reply_stream_key(mirror_db, self.token)
+        self.writer_name = writer_name
+        self._counter = itertools.count(1)
+        self.last_reply_id = b"0"
+
+    def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
+        request_id = b"%b:%d" % (self.token, next(self._counter))
+        writer = Writer(_HOST, os.getpid(), self.writer_name)
+        return request_id, encode_request(
+            request_id, self.token, self.store, op, timeout=timeout, writer=writer, **write
+        )
+
+    def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
+        """The reply to `request_id` among an XREAD reply, or None."""
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                self.last_reply_id = entry_id
+                if fields.get(b"id") == request_id:
+                    return Reply.from_fields(fields)
+        return None
+
+    def timed_out(self, key: bytes | None, op: Op) -> WriteTimeoutError:
+        what = op.value if key is None else f"{op.value} of {display_str(key)}"
+        return WriteTimeoutError(
+            f"{what}: no reply from the log host's replicator within {self.timeout:g} s"
+            " (is telstate-replicator --accept-writes running?); the request expires"
+            " unapplied"
+        )
+
+    def unreachable(self, error: Exception) -> ConnectionError:
+        return ConnectionError(f"could not send the write to the redis server: {error}")
+
+
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class RemoteWriter:
+    """Writes to a store through its mirror: the write path of a sync RedisBackend on it.
+
+    Parameters
+    ----------
+    client
+        The backend's client (its connection options are reused, with the
+        replicators' database).
+    mirror_db, control_db
+        The mirror's database and the replicators' database.
+    store
+        UUID (text) of the store, from the intake key.
+    timeout
+        Seconds to wait for each reply.
+    writer_name
+        Recorded in the events, with this host and process id.
+
+    Raises
+    ------
+    ValueError
+        If `timeout` is not in (0, :data:`MAX_TIMEOUT`].
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        mirror_db: int,
+        control_db: int,
+        store: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+    ) -> None:
+        self._session = _Session(mirror_db, store, timeout, writer_name)
+        kwargs = control_kwargs(client, control_db)
+        self._client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**kwargs),
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        socket_timeout = kwargs.get("socket_timeout")
+        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
+        self._lock = threading.Lock()
+
+    def write(self, op: Op, key: bytes | None = None, **write: Any) -> bytes | None:
+        """Send one write and wait for its outcome.
+
+        Returns
+        -------
+        The existing value for a set that found one, else None.
+
+        Raises
+        ------
+        ImmutableKeyError, InvalidTimestampError
+            As a local write raises them.
+        WriteTimeoutError
+            If no reply came within the timeout (the write is not applied).
+        ConnectionError
+            If the Redis server cannot be reached.
+        """
+        session = self._session
+        if key is not None:
+            write["key"] = key
+        with self._lock:
+            start = time.monotonic()
+            deadline = start + session.timeout
+            request_id, fields = session.request(op, session.timeout, **write)
+            sent = ever_sent = False
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise session.timed_out(key, op)
+                try:
+                    if not sent:
+                        # A resend after a lost connection keeps the request id
+                        # (the daemon answers a duplicate from its record) and
+                        # the original deadline.
+                        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
+                        with self._client.pipeline(transaction=False) as pipe:
+                            pipe.xadd(session.requests, fields)  # type: ignore[arg-type]
+                            pipe.xread(
+                                {session.replies: session.last_reply_id},
+                                block=max(1, int(min(remaining, self._block) * 1000)),
+                            )
+                            reply = pipe.execute()[1]
+                        sent = ever_sent = True
+                    else:
+                        reply = self._client.xread(
+                            {session.replies: session.last_reply_id},
+                            block=max(1, int(min(remaining, self._block) * 1000)),
+                        )
+                except _TRANSIENT as error:
+                    if not ever_sent:
+                        # Nothing reached the server: fail at once, as a direct write does.
+                        raise session.unreachable(error) from error
+                    sent = False
+                    time.sleep(_RETRY_DELAY)
+                    continue
+                except redis.ResponseError as error:
+                    raise ReadOnlyError(
+                        f"the mirror refused the write request: {error} (see the README,"
+                        " 'Writers on other hosts', for the ACL rules clients need)"
+                    ) from error
+                found = session.take_reply(request_id, reply)
+                if found is not None:
+                    return found.result()
+
+    def close(self) -> None:
+        """Close the writer's connections."""
+        self._client.close()
+
+
+class AsyncRemoteWriter:
+    """The asyncio form of :class:`RemoteWriter`, used by :class:`telstate.aio.redis.RedisBackend`.
+
+    Parameters are those of :class:`RemoteWriter`, with a
+    :class:`redis.asyncio.Redis` client.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        mirror_db: int,
+        control_db: int,
+        store: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        writer_name: str | None = None,
+    ) -> None:
+        self._session = _Session(mirror_db, store, timeout, writer_name)
+        kwargs = control_kwargs(client, control_db)
+        self._client = redis.asyncio.Redis(
+            connection_pool=redis.asyncio.ConnectionPool(**kwargs),
+            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        socket_timeout = kwargs.get("socket_timeout")
+        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
+        self._lock = asyncio.Lock()
+
+    async def write(self, op: Op, key: bytes | None = None, **write: Any) -> bytes | None:
+        """Send one write and wait for its outcome (see :meth:`RemoteWriter.write`)."""
+        session = self._session
+        if key is not None:
+            write["key"] = key
+        async with self._lock:
+            start = time.monotonic()
+            deadline = start + session.timeout
+            request_id, fields = session.request(op, session.timeout, **write)
+            sent = ever_sent = False
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise session.timed_out(key, op)
+                block = max(1, int(min(remaining, self._block) * 1000))
+                try:
+                    if not sent:
+                        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
+                        async with self._client.pipeline(transaction=False) as pipe:
+                            pipe.xadd(session.requests, fields)  # type: ignore[arg-type]
+                            pipe.xread({session.replies: session.last_reply_id}, block=block)
+                            reply = (await pipe.execute())[1]
+                        sent = ever_sent = True
+                    else:
+                        reply = await self._client.xread(
+                            {session.replies: session.last_reply_id}, block=block
+                        )
+                except _TRANSIENT as error:
+                    if not ever_sent:
+                        raise session.unreachable(error) from error
+                    sent = False
+                    await asyncio.sleep(_RETRY_DELAY)
+                    continue
+                except redis.ResponseError as error:
+                    raise ReadOnlyError(
+                        f"the mirror refused the write request: {error} (see the README,"
+                        " 'Writers on other hosts', for the ACL rules clients need)"
+                    ) from error
+                found = session.take_reply(request_id, reply)
+                if found is not None:
+                    return found.result()
+
+    async def close(self) -> None:
+        """Close the writer's connections."""
+        await self._client.aclose()

@@ -1,0 +1,190 @@
+"""The write intake step by step, in-process, against a real redis-server.
+
+The mirror's progress is given to :meth:`Intake.step` by hand, so a test
+can hold replies back and "kill" the intake between its commit and its
+reply (by dropping it without acknowledging anything).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replicator.intake import Intake, IntakeState
+from telstate.encoding import encode_value
+from telstate.lmdb import LmdbBackend
+from telstate.log import Op
+from telstate.redis import MIRROR_CURSOR_DB
+from telstate.remote import InvalidRequest, Reply, decode_request, reply_stream_key
+from tests.servers import RedisServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "redis").mkdir()
+    with RedisServer(directory=tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def backend(tmp_path):
+    backend = LmdbBackend(tmp_path / "store", durability="none")
+    yield backend
+    backend.close()
+
+
+class Client:
+    """Sends requests as telstate's RemoteWriter does, and reads the replies by hand."""
+
+    def __init__(self, server: RedisServer, store: str) -> None:
+        from telstate.remote import _Session
+
+        self.session = _Session(0, store, 10.0, "test")
+        self.redis = server.client(db=MIRROR_CURSOR_DB)
+
+    def send(self, op: Op, timeout: float = 10.0, entry_id: bytes = b"*", **write) -> bytes:
+        request_id, fields = self.session.request(op, timeout, **write)
+        self.redis.xadd(self.session.requests, fields, id=entry_id)
+        return request_id
+
+    def replies(self) -> dict[bytes, Reply]:
+        found = {}
+        for _, entries in self.redis.xread({self.session.replies: b"0"}) or ():
+            for _, fields in entries:
+                found[fields[b"id"]] = Reply.from_fields(fields)
+        return found
+
+
+class StuckMirror:
+    """A mirror that holds the events up to a given seq, and moves no further."""
+
+    def __init__(self, seq: int | None) -> None:
+        self.seq = seq
+
+    def catch_up(self, seq: int) -> int | None:
+        return self.seq
+
+
+def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
+    """Step the intake as the daemon does, waiting (briefly) for requests when idle."""
+    for _ in range(steps):
+        if intake.step(StuckMirror(mirror_seq)).idle:
+            intake.wait_for_requests(0.05)
+
+
+def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
+    client = Client(server, str(backend.uuid))
+    first = Intake(backend, server.url + "?db=0")
+    won = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    lost = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    run(first, mirror_seq=None)  # committed, but the mirror "never" shows it: no reply
+    assert first.owes_replies
+    assert backend.last_seq == 1
+    assert client.replies() == {}
+    first.client.close()  # killed: nothing acknowledged, nothing replied
+
+    second = Intake(backend, server.url + "?db=0")
+    run(second, mirror_seq=0)
+    assert client.replies() == {}  # the mirror is behind the commit: still no reply
+    run(second, mirror_seq=1)
+    replies = client.replies()
+    assert replies[won] == Reply(b"ok")
+    assert replies[lost] == Reply(b"exists", encode_value(1))
+    assert backend.last_seq == 1  # applied once
+    pending = second.client.xpending(second._stream, "telstate-replicator")
+    assert pending["pending"] == 0
+    assert second.client.xlen(second._stream) == 0
+    second.close()
+
+
+def test_expired_request_is_never_applied(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    # Sent (by the id the server would have given it) in 1970, with a 10 s timeout.
+    stale = client.send(
+        Op.ADD_MUTABLE, entry_id=b"1-1", key=b"s", value=encode_value(1), timestamp=1.0
+    )
+    fresh = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2), timestamp=2.0)
+    run(intake, mirror_seq=0)
+    run(intake, mirror_seq=1)
+    replies = client.replies()
+    assert replies[stale].error == b"expired"
+    assert replies[fresh] == Reply(b"ok")
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    intake.close()
+
+
+def test_group_commit_applies_a_batch_in_one_transaction(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    ids = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
+        for i in range(50)
+    ]
+    run(intake, mirror_seq=None, steps=3)  # connect, then one read + one commit
+    registry = intake.metrics.registry
+    assert registry.get_sample_value("telstate_replicator_batch_size_count") == 1
+    assert registry.get_sample_value("telstate_replicator_batch_size_sum") == 50
+    run(intake, mirror_seq=backend.last_seq)
+    assert set(client.replies()) == set(ids)
+    assert backend.last_seq == 50
+    intake.close()
+
+
+def test_redis_restarted_empty_keeps_owed_replies(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
+    request = client.send(
+        Op.SET_INDEXED, key=b"i", sub_key=encode_value("a"), value=encode_value(1)
+    )
+    run(intake, mirror_seq=None)
+    assert intake.owes_replies
+    server.stop()
+    run(intake, mirror_seq=1)
+    assert intake.state in (IntakeState.BACKOFF, IntakeState.CONNECT)
+    server.start()
+    client.redis = server.client(db=MIRROR_CURSOR_DB)
+    run(intake, mirror_seq=1)
+    assert client.replies()[request] == Reply(b"ok")
+    assert intake.state == IntakeState.SERVE
+    intake.close()
+
+
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(
+            [b"v", b"id", b"reply", b"store", b"op", b"key", b"sub", b"value", b"ts", b"timeout"]
+            + [b"host", b"pid", b"name", b"junk"]
+        ),
+        st.binary(max_size=20),
+    )
+)
+def test_decoding_arbitrary_entries_raises_only_invalid_request(fields):
+    try:
+        decode_request(b"1-0", fields)
+    except InvalidRequest:
+        pass
+
+
+def test_oversized_request_is_invalid(monkeypatch):
+    import telstate.remote
+
+    monkeypatch.setattr(telstate.remote, "MAX_REQUEST_BYTES", 1000)
+    from telstate.remote import _Session
+
+    _, fields = _Session(0, "store", 10.0, None).request(
+        Op.SET_IMMUTABLE, 10.0, key=b"k", value=b"\xff" + b"\x00" * 2000
+    )
+    with pytest.raises(InvalidRequest, match="more than the 1000"):
+        decode_request(b"1-0", fields)
+
+
+def test_reply_streams_expire(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    client.send(Op.DELETE, key=b"nothing")
+    run(intake, mirror_seq=0)
+    ttl = client.redis.pttl(reply_stream_key(0, client.session.token))
+    assert 0 < ttl <= 10_000 + 60_000
+    intake.close()

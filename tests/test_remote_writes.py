@@ -1,0 +1,598 @@
+"""Writers on many hosts: real writer processes write through the mirror to the log.
+
+Each test runs a redis-server, ``telstate-replicator --accept-writes`` as a
+subprocess and writer processes that use only the public telstate API on
+the mirror's URL. Afterwards every write that returned must be in the log
+exactly once, ``verify`` must pass and the mirror must equal the store.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import katsdptelstate
+import katsdptelstate.redis
+import numpy as np
+import pytest
+import redis
+
+import telstate
+import telstate.aio
+from replicator.cursor import MirrorState, read_cursor
+from replicator.verify import differences, mirror_contents, record_contents
+from telstate import TelescopeState
+from telstate.errors import ConnectionError, ImmutableKeyError, ReadOnlyError, WriteTimeoutError
+from telstate.lmdb import LmdbBackend
+from telstate.log import Op
+from telstate.redis import MIRROR_CURSOR_DB, RedisBackend
+from telstate.remote import intake_key, request_stream_key
+from tests.servers import RedisServer
+
+REPO = Path(__file__).resolve().parents[1]
+SETTLE = 30.0
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+class Daemon:
+    """``python -m replicator --accept-writes`` as a subprocess, its log in a file."""
+
+    def __init__(self, store: Path, url: str, log: Path, *args: str) -> None:
+        self.log = log
+        command = [sys.executable, "-m", "replicator", "--log", str(store), "--redis", url]
+        with open(log, "ab") as output:
+            self.process = subprocess.Popen(
+                [*command, "--accept-writes", *args],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(10) == 0, self.log.read_text()
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "store"
+    LmdbBackend(path, durability="none").close()
+    return path
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "redis").mkdir()
+    with RedisServer(directory=tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def mirror_url(server):
+    return server.url + "?db=0"
+
+
+@pytest.fixture
+def daemon(tmp_path, store, server, mirror_url):
+    """A running daemon that accepts writes, with the mirror ready for writers."""
+    started: list[Daemon] = []
+
+    def start(*args: str, url: str | None = None) -> Daemon:
+        started.append(Daemon(store, url or mirror_url, tmp_path / "replicator.log", *args))
+        wait_ready(server)
+        return started[-1]
+
+    start.started = started  # type: ignore[attr-defined]
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.kill()
+
+
+def wait_ready(server: RedisServer) -> None:
+    """Wait until the mirror is READY and the intake accepts writes."""
+    client = server.client(db=0)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    deadline = time.monotonic() + SETTLE
+    while True:
+        try:
+            _, cursor = read_cursor(client)
+            groups = control.xinfo_groups(request_stream_key(0))
+            if cursor is not None and cursor.state == MirrorState.READY and groups:
+                break
+        except redis.ResponseError:
+            pass
+        assert time.monotonic() < deadline, "the daemon did not start accepting writes"
+        time.sleep(0.05)
+    client.close()
+    control.close()
+
+
+def settle(store: Path, server: RedisServer) -> None:
+    """Wait until the mirror holds the whole log; check it equals the store and verify passes."""
+    backend = LmdbBackend(store, readonly=True)
+    client = server.client(db=0)
+    try:
+        deadline = time.monotonic() + SETTLE
+        while True:
+            _, cursor = read_cursor(client)
+            if cursor is not None and cursor.seq == backend.last_seq:
+                break
+            assert time.monotonic() < deadline, f"mirror stuck at {cursor}"
+            time.sleep(0.05)
+        assert backend.verify() == []
+        expected = record_contents(backend.records())
+        assert differences(expected, mirror_contents(client)) == []
+    finally:
+        client.close()
+        backend.close()
+
+
+def run_processes(target: Any, *args_list: tuple, timeout: float = 120.0) -> list[Any]:
+    """Run `target(queue, *args)` in one spawned process per args; return what each put."""
+    queue = _SPAWN.Queue()
+    processes = [_SPAWN.Process(target=target, args=(queue, *args)) for args in args_list]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=timeout) for _ in processes]
+    for process in processes:
+        process.join(timeout)
+        assert process.exitcode == 0
+    return results
+
+
+# --- writer processes (module level, for spawn) -----------------------------------------
+
+
+def race_first_timestamp(queue: Any, url: str, value: float, barrier: Any) -> None:
+    ts = TelescopeState(url)
+    barrier.wait()
+    try:
+        ts.add("first_timestamp", value, immutable=True)
+        outcome = "set"
+    except ImmutableKeyError:
+        outcome = "lost"
+    queue.put((os.getpid(), value, outcome, ts["first_timestamp"]))
+    ts.backend.close()
+
+
+def write_sensor(queue: Any, url: str, name: str, count: int, size: int) -> None:
+    ts = TelescopeState(url)
+    for i in range(count):
+        value = np.full(size, i, dtype=np.float64) if size else float(i)
+        ts.add(name, value, ts=1000.0 + i)
+    queue.put((name, count))
+    ts.backend.close()
+
+
+def barrier_member(queue: Any, url: str, index: int, members: int) -> None:
+    ts = TelescopeState(url)
+    ts.add(f"ready{index}", index, immutable=True)
+    for other in range(members):
+        ts.wait_key(f"ready{other}", timeout=30)
+    queue.put(index)
+    ts.backend.close()
+
+
+def write_until_told(queue: Any, url: str, name: str, stop_file: str, log_file: str) -> None:
+    """Add numbered samples until `stop_file` exists; log each sample whose add returned."""
+    ts = TelescopeState(RedisBackend.from_url(url, write_timeout=30.0))
+    failures = 0
+    with open(log_file, "w") as log:
+        i = 0
+        while not os.path.exists(stop_file):
+            try:
+                ts.add(name, i, ts=float(i))
+            except (ConnectionError, WriteTimeoutError) as error:
+                failures += 1
+                log.write(f"failed {i} {type(error).__name__}\n")
+            else:
+                log.write(f"ok {i}\n")
+            log.flush()
+            i += 1
+    queue.put((name, failures))
+    ts.backend.close()
+
+
+# --- the tests --------------------------------------------------------------------------
+
+
+def test_four_processes_race_on_first_timestamp(store, server, mirror_url, daemon):
+    daemon()
+    barrier = _SPAWN.Barrier(4)
+    results = run_processes(
+        race_first_timestamp, *[(mirror_url, 1000.0 + i, barrier) for i in range(4)]
+    )
+    winners = [r for r in results if r[2] == "set"]
+    assert len(winners) == 1
+    winner_pid, winner_value = winners[0][:2]
+    assert {r[3] for r in results} == {winner_value}
+    backend = LmdbBackend(store, readonly=True)
+    events = [e for e in backend.events() if e.key == b"first_timestamp"]
+    assert len(events) == 1
+    # The writer identity is the writing process's, not the daemon's.
+    assert events[0].writer.pid == winner_pid
+    assert events[0].writer.host == socket.gethostname()
+    backend.close()
+    settle(store, server)
+
+
+def test_sensor_stream_and_8mb_array_sensor(store, server, mirror_url, daemon):
+    daemon()
+    run_processes(write_sensor, (mirror_url, "sensor", 300, 0), (mirror_url, "array", 4, 1 << 20))
+    ts = TelescopeState(mirror_url)
+    assert len(ts.get_range("sensor", st=0)) == 300
+    array = ts.get_range("array", st=0)
+    assert [v.nbytes for v, _ in array] == [8 << 20] * 4
+    assert np.all(array[3][0] == 3)
+    ts.backend.close()
+    settle(store, server)
+
+
+def test_wait_key_barrier_across_processes(store, server, mirror_url, daemon):
+    daemon()
+    assert sorted(run_processes(barrier_member, *[(mirror_url, i, 4) for i in range(4)])) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    settle(store, server)
+
+
+def test_results_and_errors_are_those_of_a_local_write(store, server, mirror_url, daemon):
+    daemon()
+    ts = TelescopeState(RedisBackend.from_url(mirror_url, writer_name="ingest1"))
+    ts.add("attr", {"a": 1}, immutable=True)
+    ts.add("attr", {"a": 1}, immutable=True)  # the same value again: fine, as locally
+    with pytest.raises(ImmutableKeyError, match="attr"):
+        ts.add("attr", {"a": 2}, immutable=True)
+    ts.add("sensor", 1.0, ts=5.0)
+    with pytest.raises(ImmutableKeyError):
+        ts.add("sensor", 1.0, immutable=True)
+    with pytest.raises(ImmutableKeyError):
+        ts.set_indexed("sensor", "x", 1)
+    ts.set_indexed("solutions", "gain", np.arange(3))
+    ts.set_indexed("solutions", "gain", np.arange(3))
+    with pytest.raises(ImmutableKeyError):
+        ts.set_indexed("solutions", "gain", np.arange(4))
+    assert list(ts.get_indexed("solutions", "gain")) == [0, 1, 2]
+    ts.delete("sensor")
+    assert "sensor" not in ts
+    ts.clear()
+    assert ts.keys() == []
+    ts.backend.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    writers = {event.writer for event in backend.events()}
+    backend.close()
+    assert writers == {(socket.gethostname(), os.getpid(), "ingest1")}
+
+
+async def test_aio_writes_through_the_mirror(store, server, mirror_url, daemon):
+    daemon()
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    ts = telstate.aio.TelescopeState(await AioRedisBackend.from_url(mirror_url))
+    await ts.add("aio", 1, immutable=True)
+    with pytest.raises(ImmutableKeyError):
+        await ts.add("aio", 2, immutable=True)
+    await ts.add("aio-sensor", 2.0, ts=3.0)
+    await ts.set_indexed("aio-indexed", "k", "v")
+    assert await ts.get("aio") == 1
+    assert await ts.get_indexed("aio-indexed", "k") == "v"
+    ts.backend.close()
+    await ts.backend.wait_closed()
+    settle(store, server)
+
+
+def test_katsdptelstate_reads_what_remote_writers_wrote(store, server, mirror_url, daemon):
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("attr", [1, "two"], immutable=True)
+    for i in range(5):
+        ts.add("sensor", i * 1.5, ts=100.0 + i)
+    ts.set_indexed("indexed", "sub", {"x": 1})
+    ts.backend.close()
+    theirs = katsdptelstate.TelescopeState(
+        katsdptelstate.redis.RedisBackend(redis.Redis(unix_socket_path=server.socket, db=0))
+    )
+    assert theirs["attr"] == [1, "two"]
+    assert theirs.get_range("sensor", st=0) == [(i * 1.5, 100.0 + i) for i in range(5)]
+    assert theirs.get_indexed("indexed", "sub") == {"x": 1}
+
+
+PASSWORD = "pw-for-remote-writes"
+
+
+def test_writers_may_send_requests_and_write_no_mirror_key(store, server, mirror_url, daemon):
+    """With --acl-setup, clients without credentials write through the daemon only."""
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "admin", "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    admin.close()
+    daemon("--acl-setup", url=f"unix://admin:{PASSWORD}@{server.socket}?db=0")
+    ours = TelescopeState(mirror_url)  # user default, as every client without credentials
+    ours.add("attr", 1, immutable=True)
+    ours.add("sensor", 2.0, ts=1.0)
+    theirs = katsdptelstate.TelescopeState(mirror_url)
+    assert theirs["attr"] == 1
+    with pytest.raises(redis.ResponseError, match="can't run this command"):
+        theirs.add("foreign", 1.0)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        theirs.delete("attr")
+    raw = server.client(db=MIRROR_CURSOR_DB)
+    for command in (
+        ("XADD", b"telstate-replicator:replies:0:forged", "*", "id", "x"),
+        ("XADD", b"telstate-replicator:cursor:0", "*", "f", "v"),
+        ("DEL", request_stream_key(0)),
+        ("HSET", intake_key(0), "store", "other"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            raw.execute_command(*command)
+    raw.close()
+    ours.backend.close()
+    settle(store, server)
+
+
+def test_duplicate_request_is_applied_once(store, server, mirror_url, daemon):
+    """A request delivered twice (a resend) is applied once and answered twice alike."""
+    daemon()
+    ts = TelescopeState(mirror_url)
+    writer = ts.backend._remote
+    session = writer._session
+    control = server.client(db=MIRROR_CURSOR_DB)
+    request_id, fields = session.request(Op.SET_IMMUTABLE, 10.0, key=b"dup", value=b"\xff\x01")
+    control.xadd(session.requests, fields)
+    control.xadd(session.requests, fields)
+    replies = []
+    deadline = time.monotonic() + SETTLE
+    while len(replies) < 2:
+        assert time.monotonic() < deadline
+        for _, entries in control.xread({session.replies: b"0"}, block=1000) or ():
+            replies = [f for _, f in entries if f[b"id"] == request_id]
+    assert replies[0] == replies[1]
+    assert replies[0][b"status"] == b"ok"
+    backend = LmdbBackend(store, readonly=True)
+    assert len([e for e in backend.events() if e.key == b"dup"]) == 1
+    backend.close()
+    control.close()
+    ts.backend.close()
+
+
+def test_bad_requests_get_error_replies_and_block_nothing(store, server, mirror_url, daemon):
+    process = daemon()
+    ts = TelescopeState(mirror_url)
+    session = ts.backend._remote._session
+    control = server.client(db=MIRROR_CURSOR_DB)
+    _, good = session.request(Op.SET_IMMUTABLE, 10.0, key=b"k", value=b"\xff\x01")
+    bad = [
+        {b"junk": b"1"},
+        {**good, b"id": b"bad1", b"v": b"99"},
+        {**good, b"id": b"bad2", b"op": b"explode"},
+        {**good, b"id": b"bad3", b"timeout": b"-5"},
+        {**good, b"id": b"bad4", b"timeout": b"x" * 1000},
+        {**good, b"id": b"bad5", b"store": b"another-store"},
+        {**good, b"id": b"bad6", b"extra": b"field"},
+        {**{k: v for k, v in good.items() if k != b"value"}, b"id": b"bad7"},
+        {**good, b"id": b"bad8", b"op": b"add_mutable", b"ts": b"short"},
+        {**good, b"id": b"bad9", b"value": b"\xff\xc1" * (4 << 20)},
+        {**good, b"id": b"big", b"key": b"k" * (1 << 20)},
+    ]
+    for fields in bad:
+        control.xadd(session.requests, fields)
+    ts.add("after", 1, immutable=True)  # served although bad requests came first
+    replies = {}
+    deadline = time.monotonic() + SETTLE
+    wanted = {b"bad%d" % i for i in range(1, 10)} | {b"big"}
+    while not wanted <= replies.keys():
+        assert time.monotonic() < deadline
+        for _, entries in control.xread({session.replies: b"0"}) or ():
+            replies = {f[b"id"]: f for _, f in entries}
+        time.sleep(0.05)
+    assert {replies[b"bad%d" % i][b"status"] for i in range(1, 10)} == {b"error"}
+    assert replies[b"bad5"][b"error"] == b"store"
+    assert b"does not decode" in replies[b"bad9"][b"message"]
+    assert replies[b"big"][b"status"] == b"ok"  # a 1 MB key is a key like another
+    assert process.process.poll() is None
+    backend = LmdbBackend(store, readonly=True)
+    assert backend.verify() == []
+    backend.close()
+    control.close()
+    ts.backend.close()
+
+
+def test_daemon_down_means_timeout_and_the_write_is_never_applied(
+    store, server, mirror_url, daemon
+):
+    first = daemon()
+    ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=1.0))
+    ts.add("before", 1, immutable=True)
+    first.stop()
+    start = time.monotonic()
+    with pytest.raises(WriteTimeoutError, match="no reply"):
+        ts.add("late", 1, immutable=True)
+    assert 0.9 < time.monotonic() - start < 5
+    daemon()  # comes back: finds the request, too old, and drops it
+    patient = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=30.0))
+    patient.add("after", 1, immutable=True)  # (sent while the daemon may still be starting)
+    patient.backend.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert [e.key for e in backend.events()] == [b"before", b"after"]
+    backend.close()
+    ts.backend.close()
+
+
+def test_redis_down_means_connection_error(store, server, mirror_url, daemon):
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("before", 1, immutable=True)
+    server.stop()
+    with pytest.raises(ConnectionError):
+        ts.add("during", 1, immutable=True)
+    ts.backend.close()
+
+
+def _logged(log_file: Path) -> tuple[list[int], list[int]]:
+    returned, failed = [], []
+    for line in log_file.read_text().splitlines():
+        status, number = line.split()[:2]
+        (returned if status == "ok" else failed).append(int(number))
+    return returned, failed
+
+
+def _check_exactly_once(store: Path, names: list[str], logs: list[Path]) -> None:
+    backend = LmdbBackend(store, readonly=True)
+    for name, log_file in zip(names, logs):
+        returned, failed = _logged(log_file)
+        assert returned, f"{name}: no write returned"
+        counts: dict[bytes, int] = {}
+        for event in backend.events(keys=[name.encode()]):
+            if event.op is Op.ADD_MUTABLE:
+                counts[event.value] = counts.get(event.value, 0) + 1
+        encode = telstate.encoding.encode_value
+        for i in returned:
+            assert counts.get(encode(i)) == 1, (
+                f"{name}: sample {i} is there {counts.get(encode(i))} times"
+            )
+        for i in failed:
+            assert counts.get(encode(i), 0) <= 1
+        assert sum(counts.values()) <= len(returned) + len(failed)
+    assert backend.verify() == []
+    backend.close()
+
+
+def _start_writers(url: str, tmp_path: Path, count: int) -> tuple[list, Path, list[Path]]:
+    stop_file = tmp_path / "stop"
+    logs = [tmp_path / f"writer{i}.log" for i in range(count)]
+    queue = _SPAWN.Queue()
+    processes = [
+        _SPAWN.Process(
+            target=write_until_told, args=(queue, url, f"s{i}", str(stop_file), str(logs[i]))
+        )
+        for i in range(count)
+    ]
+    for process in processes:
+        process.start()
+    return [processes, queue], stop_file, logs
+
+
+def _wait_for_progress(logs: list[Path], writes: int) -> None:
+    deadline = time.monotonic() + SETTLE
+    while not all(log.exists() and len(_logged(log)[0]) >= writes for log in logs):
+        assert time.monotonic() < deadline, "writers make no progress"
+        time.sleep(0.05)
+
+
+def _stop_writers(started: list, stop_file: Path) -> list:
+    processes, queue = started
+    stop_file.touch()
+    results = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    return results
+
+
+def test_daemon_killed_and_restarted_in_the_middle(tmp_path, store, server, mirror_url, daemon):
+    first = daemon()
+    started, stop_file, logs = _start_writers(mirror_url, tmp_path, 3)
+    _wait_for_progress(logs, 50)
+    first.kill()
+    second = daemon()
+    _wait_for_progress(logs, 150)
+    second.kill()
+    daemon()
+    counts = [len(_logged(log)[0]) for log in logs]
+    _wait_for_progress(logs, max(counts) + 50)
+    _stop_writers(started, stop_file)
+    _check_exactly_once(store, [f"s{i}" for i in range(3)], logs)
+    settle(store, server)
+
+
+def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url, daemon):
+    daemon()
+    started, stop_file, logs = _start_writers(mirror_url, tmp_path, 3)
+    _wait_for_progress(logs, 50)
+    server.stop()
+    server.start()
+    counts = [len(_logged(log)[0]) for log in logs]
+    _wait_for_progress(logs, max(counts) + 50)
+    _stop_writers(started, stop_file)
+    _check_exactly_once(store, [f"s{i}" for i in range(3)], logs)
+    settle(store, server)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    assert control.hget(intake_key(0), "store") is not None
+    control.close()
+
+
+def test_status_and_prometheus_show_the_intake(store, server, mirror_url, daemon):
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon("--metrics-port", str(port), "--metrics-address", "127.0.0.1")
+    ts = TelescopeState(mirror_url)
+    for i in range(10):
+        ts.add("sensor", i, ts=float(i))
+    with pytest.raises(ImmutableKeyError):
+        ts.add("sensor", 1, immutable=True)
+    ts.backend.close()
+    command = [sys.executable, "-m", "replicator", "status", "--log", str(store)]
+    deadline = time.monotonic() + SETTLE
+    while True:
+        done = subprocess.run(
+            [*command, "--redis", mirror_url, "--json"], cwd=REPO, capture_output=True, text=True
+        )
+        writes = json.loads(done.stdout).get("writes", {})
+        if writes.get("requests_applied_total") == 10:
+            break
+        assert time.monotonic() < deadline, done.stdout
+        time.sleep(0.1)
+    assert writes["requests_rejected_total_immutable"] == 1
+    assert writes["store"] == str(LmdbBackend(store, readonly=True).uuid)
+    human = subprocess.run(
+        [*command, "--redis", mirror_url], cwd=REPO, capture_output=True, text=True
+    )
+    assert "applied 10, rejected 1 immutable" in human.stdout
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert "telstate_replicator_requests_applied_total 10.0" in scraped
+    assert "telstate_replicator_mirror_lag_events" in scraped
+
+
+def test_a_daemon_without_accept_writes_makes_the_mirror_read_only(
+    tmp_path, store, server, mirror_url, daemon
+):
+    daemon().stop()
+    command = [sys.executable, "-m", "replicator", "--log", str(store), "--redis", mirror_url]
+    with open(tmp_path / "plain.log", "wb") as output:
+        plain = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        control = server.client(db=MIRROR_CURSOR_DB)
+        deadline = time.monotonic() + SETTLE
+        while control.exists(intake_key(0)):
+            assert time.monotonic() < deadline, "the intake key stayed"
+            time.sleep(0.05)
+        control.close()
+        ts = TelescopeState(mirror_url)
+        with pytest.raises(ReadOnlyError, match="write to the store instead"):
+            ts.add("k", 1, immutable=True)
+        ts.backend.close()
+    finally:
+        plain.terminate()
+        plain.wait(10)
