@@ -6,6 +6,7 @@ Each test that changes ACLs has a redis-server of its own: ACLs are server-wide.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import string
@@ -64,7 +65,7 @@ def status(store, mirror_url: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_protected_mirror_refuses_katsdptelstate_writes_at_once(store, server, daemons):
-    katsdptelstate = pytest.importorskip("katsdptelstate")
+    katsdptelstate = importlib.import_module("katsdptelstate")
     Writer(store, count=300, rate=5000, seed=11).join()
     daemon = daemons(store, url(server, "admin"), "--acl-setup")
     client = as_admin(server)
