@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from telstate.cli import whole_number
 from telstate.errors import StoreError
 
 from .acl import AclError
@@ -23,24 +24,8 @@ from .redis_sink import DEFAULT_SPARE_DB
 _COMMANDS = ("run", "status")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _database(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a database number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a database number is 0 or more, not {value}")
-    return value
+_positive_int = whole_number(1)
+_database = whole_number(0, "database number")
 
 
 def _seconds(text: str) -> float:

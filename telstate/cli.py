@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
@@ -168,6 +168,21 @@ def parse_until(text: str) -> tuple[int | None, float | None]:
         f"--until {text!r}: give a sequence number (e.g. 1200), a unix time "
         "(e.g. @1700000000.5) or an ISO 8601 time (e.g. 2026-11-23T10:00:00Z)"
     )
+
+
+def whole_number(minimum: int, what: str = "whole number") -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers of at least `minimum` (`what` names them)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
 
 
 def _time_arg(text: str) -> float:
@@ -604,12 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     history = command("history", cmd_history, "every event that touched a key")
     history.add_argument("key")
     log = command("log", cmd_log, "events of the log, filtered")
-    log.add_argument("--from-seq", type=int, default=1)
-    log.add_argument("--to-seq", type=int, default=None)
+    log.add_argument("--from-seq", type=whole_number(1, "sequence number"), default=1)
+    log.add_argument("--to-seq", type=whole_number(1, "sequence number"), default=None)
     log.add_argument("--since", help="events appended at or after this time")
     log.add_argument("--until", help="events appended at or before this time")
     log.add_argument("--key", help="only events on keys matching this Redis glob pattern")
-    log.add_argument("--limit", type=int, default=0, help="at most this many events")
+    log.add_argument("--limit", type=whole_number(1), default=None, help="at most this many events")
     replay = command(
         "replay", cmd_replay, "write the state as of a point in the log to RDB (export --until)"
     )

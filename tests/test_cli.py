@@ -82,6 +82,27 @@ def test_log_filters(store):
     assert "set_immutable" in run("log", store)[1]
 
 
+@pytest.mark.parametrize(
+    ("option", "text", "message"),
+    [
+        ("--limit", "0", "--limit: must be at least 1, not 0"),
+        ("--limit", "-1", "--limit: must be at least 1, not -1"),
+        ("--from-seq", "-5", "--from-seq: must be at least 1, not -5"),
+        ("--to-seq", "0", "--to-seq: must be at least 1, not 0"),
+        ("--limit", "x", "--limit: 'x' is not a whole number"),
+    ],
+)
+def test_log_options_are_validated(store, option, text, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "telstate.cli", "log", store, option, text],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
 def test_replay_export_import_verify(store, tmp_path):
     mid = str(tmp_path / "mid.rdb")
     assert run("replay", store, "--until", "6", "--rdb", mid)[0] == 0

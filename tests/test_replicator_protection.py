@@ -219,7 +219,7 @@ def test_credentials_appear_in_no_log_status_or_error(store, server, daemons, tm
         (["--keep", "0"], "--keep: must be at least 1"),
         (["--snapshot-interval", "0"], "--snapshot-interval: must be a positive number"),
         (["--snapshot-interval", "nan"], "--snapshot-interval: must be a positive number"),
-        (["--spare-db", "-2"], "--spare-db: a database number is 0 or more"),
+        (["--spare-db", "-2"], "--spare-db: must be at least 0, not -2"),
         (["--spare-db", "0"], "spare database for rebuilds must be another"),
         (["--spare-db", "15"], "spare database for rebuilds must be another"),
         (["--client-user", ""], "--client-user: '' is not a Redis user name"),
