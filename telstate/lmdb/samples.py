@@ -72,7 +72,6 @@ from .layout import (
     update_record,
 )
 
-
 _BYTES_ONLY = {bytes}
 
 
