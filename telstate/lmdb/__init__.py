@@ -29,7 +29,8 @@ Modules, one concern each:
     read as they are iterated.
 :mod:`~telstate.lmdb.eventlog`
     The log table: :func:`~telstate.lmdb.eventlog.append_event` and
-    ``append_events`` (the one way into it), chunked reads, events as the frontend's key updates.
+    ``append_events`` (the one way into it), chunked reads, events as the
+    frontend's key updates.
 :mod:`~telstate.lmdb.writes`
     :class:`WriteTxn`: one write transaction and its operations, from the
     keys table to the log (``LmdbBackend.write()`` makes one).

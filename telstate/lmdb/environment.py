@@ -358,7 +358,9 @@ class Store:
     reads take no other lock, so they run in parallel. A write enters
     `txns` first, then takes `write_lock` (one write transaction at a time
     in this process; never the other way round, so a write never holds
-    `write_lock` while waiting for a remap). Remapping, reopening and
+    `write_lock` while waiting for a remap); it leaves `txns` before
+    releasing `write_lock` (only a brief wait for ``txns.lock``, never for
+    a remap, happens under `write_lock`). Remapping, reopening and
     closing the environment happen inside ``txns.exclusive()``, with
     `sync_lock` (held by the housekeeper while it syncs) taken inside it.
     The fork hooks take `write_lock`, ``txns.cond`` and `sync_lock`, in
