@@ -31,7 +31,7 @@ from .eventlog import (
     chain_in,
     head_in,
     history_chunk,
-    key_update,
+    key_updates,
     last_seq_in,
     log_chunk,
     writers_in,
@@ -554,9 +554,11 @@ class LmdbBackend(Backend):
         size = 0
         for event in self.events(start_seq, end_seq, keys):
             size += 100 + sum(len(part or b"") for part in (event.key, event.sub_key, event.value))
+            if event.values is not None:
+                size += sum(map(len, event.values)) + 100 * len(event.values)
             if size > settings.MONITOR_MAX_BYTES:
                 return [(None, KeyUpdateBase())]
-            updates.append((event.key, key_update(event)))
+            updates.extend((event.key, update) for update in key_updates(event))
         return updates
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:
