@@ -429,23 +429,14 @@ def encode_samples(members: Sequence[bytes]) -> bytes:
     """The value field of an add_mutable_many event adding `members`.
 
     `members` are packed zset members (8-byte big-endian timestamp, then
-    the encoded value), at least one, in zset order. Members of one length
-    (a sensor's float samples, mostly) are laid out with numpy at once.
+    the encoded value), at least one, in zset order.
     """
     count = len(members)
     size = len(members[0])
     joined = b"".join(members)
     if len(joined) == count * size and max(map(len, members)) == size:
         # Lengths that add up to count * size and none above it: all the same.
-        table = np.frombuffer(joined, np.uint8).reshape(count, size)
-        return b"".join(
-            (
-                _COUNT.pack(count),
-                table[:, :8].tobytes(),
-                np.full(count, size - 8, "<u4").tobytes(),
-                table[:, 8:].tobytes(),
-            )
-        )
+        return encode_uniform_samples(joined, size)
     lengths = np.fromiter(map(len, members), np.int64, count) - 8
     return b"".join(
         (
@@ -453,6 +444,23 @@ def encode_samples(members: Sequence[bytes]) -> bytes:
             b"".join([member[:8] for member in members]),
             lengths.astype("<u4").tobytes(),
             *[member[8:] for member in members],
+        )
+    )
+
+
+def encode_uniform_samples(buffer: bytes, size: int) -> bytes:
+    """:func:`encode_samples` of members that all have `size` bytes, concatenated in `buffer`.
+
+    Laid out with numpy at once (a sensor's float samples, mostly).
+    """
+    table = np.frombuffer(buffer, np.uint8).reshape(-1, size)
+    count = len(table)
+    return b"".join(
+        (
+            _COUNT.pack(count),
+            table[:, :8].tobytes(),
+            np.full(count, size - 8, "<u4").tobytes(),
+            table[:, 8:].tobytes(),
         )
     )
 

@@ -439,12 +439,14 @@ class LmdbBackend(Backend):
     ) -> int:
         """Import whole keys (as read from an RDB file) in bulk; return how many.
 
-        Each element is one event: immutable keys set_immutable events, each
-        sample of a mutable key an add_mutable event and each sub-key a
-        set_indexed event. What happens to keys the store has is
+        Every element is in an event: immutable keys in set_immutable events,
+        each sub-key in a set_indexed event, and a mutable key's samples in
+        add_mutable_many events of up to ``settings.BULK_EVENT_SAMPLES``
+        samples (long values: an add_mutable event each; see
+        :mod:`telstate.lmdb.bulk`). What happens to keys the store has is
         :mod:`telstate.import_rules` (elements already present are skipped,
         contradictions raise). Records are committed in chunks of at most
-        ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+        ``settings.LOAD_CHUNK`` values and about ``settings.LOAD_CHUNK_BYTES``
         bytes, each checked whole before it is written (see
         :mod:`telstate.lmdb.bulk`).
 
@@ -456,7 +458,7 @@ class LmdbBackend(Backend):
             The file they come from, named in errors.
         progress
             Called after each committed chunk with ``"importing"`` and its
-            number of events (:data:`telstate.lmdb.bulk.Progress`).
+            number of values (:data:`telstate.lmdb.bulk.Progress`).
 
         Raises
         ------

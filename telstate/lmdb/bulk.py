@@ -162,12 +162,15 @@ def _pieces(record: Record) -> Iterator[Record]:
     size = _size_of(record)
     per_piece = max(1, min(settings.LOAD_CHUNK, count * settings.LOAD_CHUNK_BYTES // max(size, 1)))
     if key_type == KeyType.MUTABLE:
-        if count <= per_piece and isinstance(value, list):
+        if count <= per_piece:
             yield record
             return
         for start in range(0, count, per_piece):
-            # Lists of members, also of PackedMembers (whose slices are lists).
-            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
+            if isinstance(value, PackedMembers):
+                yield key, key_type, value.part(start, start + per_piece)
+            else:
+                assert isinstance(value, list)
+                yield key, key_type, value[start : start + per_piece]
         return
     if count <= per_piece:
         yield record
@@ -215,7 +218,7 @@ def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
             assert isinstance(value, bytes)
             wtxn.set_immutable(key, value)  # the same value if it exists (checked)
         elif key_type == KeyType.MUTABLE:
-            assert isinstance(value, list)
+            assert isinstance(value, (list, PackedMembers))
             _write_mutable(wtxn, key, value)
         else:
             assert isinstance(value, dict)
@@ -228,7 +231,7 @@ def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
     return KEY_ID.unpack(key_id)[0] + 1 == counter
 
 
-def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
+def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMembers) -> None:
     txn, tables = wtxn.txn, wtxn.tables
     name_key = name_key_of(key)
     stored = _stored(txn, tables, key)
@@ -242,27 +245,36 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
         after = bisect.bisect_right(members, latest)
         for member in members[:after]:
             wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
-        members = members[after:]
-        if not members:
+        if after == len(members):
             return
+        if after:
+            members = members[after:]
         stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
         assert stored is not None
         newest = _is_newest(txn, tables, stored.key_id)
+    listed = members if isinstance(members, list) else list(members)
     append_samples(
-        txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
+        txn, tables, name_key, stored.key_id, stored.flags, listed, wtxn.next_seq(), newest
     )
-    longest = max(map(len, members)) - 8
+    longest = members.size - 8 if isinstance(members, PackedMembers) else max(map(len, listed)) - 8
     if longest >= INLINE_LIMIT:
         # The store points at the event of each long value: one event per sample.
-        values = [memoryview(member)[8:] for member in members]
-        stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
+        values = [memoryview(member)[8:] for member in listed]
+        stamps = np.frombuffer(b"".join(map(first8, listed)), ">f8")
         wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
         return
     per_event = max(1, min(settings.BULK_EVENT_SAMPLES, settings.BULK_EVENT_BYTES // (longest + 8)))
-    payloads = [
-        log.encode_samples(members[start : start + per_event])
-        for start in range(0, len(members), per_event)
-    ]
+    starts = range(0, len(members), per_event)
+    if isinstance(members, PackedMembers):
+        size = members.size
+        payloads = [
+            log.encode_uniform_samples(
+                members.buffer[start * size : (start + per_event) * size], size
+            )
+            for start in starts
+        ]
+    else:
+        payloads = [log.encode_samples(members[start : start + per_event]) for start in starts]
     wtxn.append_events(log.ADD_MUTABLE_MANY, name_key, key, payloads)
 
 
