@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState, log
-from telstate.backend import Backend, MutableKeyUpdate, Record
+from telstate.backend import Backend, MutableKeyUpdate, PackedMembers, Record
 from telstate.encoding import encode_value
 from telstate.errors import ImmutableKeyError, StoreError
 from telstate.lmdb import LmdbBackend, replay, settings
@@ -350,3 +350,42 @@ def test_replicator_projects_an_import_into_redis(store, server, daemons, tmp_pa
     ours.backend.close()
     daemon.stop()
     assert "Traceback" not in daemon.log_text()
+
+
+# --- sealed blocks from packed members ----------------------------------------------------
+
+
+def table_contents(backend: LmdbBackend) -> dict[str, list[tuple[bytes, bytes]]]:
+    with backend.snapshot() as snap:
+        txn, tables = snap._txn, snap._tables
+        return {
+            name: [(bytes(k), bytes(v)) for k, v in txn.cursor(getattr(tables, name))]
+            for name in ("blocks", "samples")
+        }
+
+
+@hypothesis_settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    length=st.sampled_from([0, 1, 9, 255, 256, 471]),
+    stamps=st.lists(st.integers(0, 400), min_size=1, max_size=700),
+    block_max=st.integers(1, 600),
+)
+def test_packed_members_make_the_blocks_a_list_makes(
+    tmp_path_factory, monkeypatch, length, stamps, block_max
+):
+    """The numpy path cuts and encodes blocks byte for byte as the list path does."""
+    monkeypatch.setattr(settings, "BLOCK_MAX", block_max)
+    members = sorted({member(float(t), bytes([t % 251]) * length) for t in stamps})
+    packed = PackedMembers.from_buffer(b"".join(members), 8 + length)
+    contents = []
+    for value in (packed, members):
+        with LmdbBackend(tmp_path_factory.mktemp("store"), durability="none") as backend:
+            backend.load_records([(b"m", MUTABLE, value)])
+            assert backend.get_range(b"m", 0.0, float("inf"), False, True) == [
+                (m[8:], struct.unpack(">d", m[:8])[0]) for m in members
+            ]
+            assert backend.verify() == []
+            contents.append(table_contents(backend))
+    assert contents[0] == contents[1]

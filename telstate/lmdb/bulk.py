@@ -252,15 +252,14 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMemb
         stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
         assert stored is not None
         newest = _is_newest(txn, tables, stored.key_id)
-    listed = members if isinstance(members, list) else list(members)
     append_samples(
-        txn, tables, name_key, stored.key_id, stored.flags, listed, wtxn.next_seq(), newest
+        txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
     )
-    longest = members.size - 8 if isinstance(members, PackedMembers) else max(map(len, listed)) - 8
+    longest = members.size - 8 if isinstance(members, PackedMembers) else max(map(len, members)) - 8
     if longest >= INLINE_LIMIT:
         # The store points at the event of each long value: one event per sample.
-        values = [memoryview(member)[8:] for member in listed]
-        stamps = np.frombuffer(b"".join(map(first8, listed)), ">f8")
+        values = [memoryview(member)[8:] for member in members]
+        stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
         wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
         return
     per_event = max(1, min(settings.BULK_EVENT_SAMPLES, settings.BULK_EVENT_BYTES // (longest + 8)))
