@@ -588,7 +588,7 @@ class Store:
                 tables = self._find_tables(env, txn, create=fresh)
             if fresh:
                 identity = uuid.uuid4()
-                txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
+                txn.put(b"format", b"%d" % log.BASE_FORMAT, db=tables.meta)
                 txn.put(b"uuid", identity.bytes, db=tables.meta)
                 txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
                 return tables, identity
@@ -599,13 +599,14 @@ class Store:
             if version == b"1":
                 raise StoreError(
                     f"{self.path!r} has log format 1 (events without chain hashes); "
-                    f"this telstate reads format {log.FORMAT_VERSION}: run "
+                    f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: run "
                     f"`telstate upgrade {self.path}` (with no process using the store)"
                 )
-            if version != b"%d" % log.FORMAT_VERSION:
+            if version not in {b"%d" % known for known in log.FORMATS}:
                 raise StoreError(
                     f"{self.path!r} has log format {version.decode(errors='replace')}, "
-                    f"this telstate reads format {log.FORMAT_VERSION}: upgrade telstate"
+                    f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: "
+                    "upgrade telstate"
                 )
             return tables, uuid.UUID(bytes=identity_bytes)
 
