@@ -751,3 +751,32 @@ def test_sinks_move_past_a_promotion(tmp_path, redis_server, redis_client):
         assert written is not None and written.seq == follower.last_seq
         assert differences(contents, record_contents(read_rdb(written.path))) == []
     primary.close()
+
+
+def test_backup_progress_goes_to_a_terminal_only(tmp_path, primary):
+    import pty
+
+    command = [sys.executable, "-m", "telstate.cli", "backup", primary.path]
+    environment = dict(os.environ, PYTHONPATH=REPO)
+    controller, terminal = pty.openpty()
+    try:
+        on_terminal = subprocess.run(
+            [*command, str(tmp_path / "seen")],
+            stderr=terminal,
+            stdout=subprocess.PIPE,
+            env=environment,
+        )
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything is read
+            while chunk := os.read(controller, 4096):
+                shown += chunk
+    finally:
+        os.close(controller)
+    assert on_terminal.returncode == 0
+    assert b"copying " in shown and b"done" in shown
+    quiet = subprocess.run(
+        [*command, str(tmp_path / "unseen")], capture_output=True, env=environment, text=True
+    )
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout.startswith(f"backed up {primary.path} to {tmp_path / 'unseen'}: ")
