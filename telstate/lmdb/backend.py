@@ -36,6 +36,7 @@ from .eventlog import (
     log_chunk,
     writers_in,
 )
+from .follower import FOLLOWER, PRIMARY
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -625,7 +626,7 @@ class LmdbBackend(Backend):
     def role(self) -> str:
         """``"primary"``, or ``"follower"`` for a copy of another store's log that only
         its events change (see :mod:`telstate.lmdb.follower`)."""
-        return "primary" if self.primary is None else "follower"
+        return PRIMARY if self.primary is None else FOLLOWER
 
     @property
     def primary(self) -> str | None:
