@@ -101,7 +101,7 @@ OP_CODES = frozenset(range(1, 7))
 
 _HEADER = struct.Struct("<BIddII")
 _TIME = struct.Struct("<5xd")
-_WRITER_ID_LE = struct.Struct("<I")
+_OP_WRITER = struct.Struct("<BI")
 _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _NAN = math.nan
@@ -366,18 +366,9 @@ def record_time(record: bytes | memoryview) -> float:
     return _TIME.unpack_from(record)[0]
 
 
-def record_writer_id(record: bytes | memoryview) -> int:
-    """The writer id of a log record (a row of the writers table), without decoding the rest.
-
-    Raises
-    ------
-    ValueError
-        If the record is too short to hold one.
-    """
-    try:
-        return _WRITER_ID_LE.unpack_from(record, 1)[0]
-    except struct.error:
-        raise ValueError(f"damaged log record of {len(record)} bytes") from None
+def record_op_writer(record: bytes | memoryview) -> tuple[int, int]:
+    """The operation code and writer id of a log record, without decoding the rest."""
+    return _OP_WRITER.unpack_from(record)
 
 
 def make_event(seq: int, raw: RawEvent, writer: Writer) -> Event:

@@ -152,7 +152,7 @@ def follow(
         if not chunk:
             return
         records = [record for _, record in chunk]
-        ids = {log.record_writer_id(record) for record in records}
+        ids = {log.record_op_writer(record)[1] for record in records}
         seq, chain = apply_records(follower, head + 1, records, writers_of(primary, ids))
         assert (seq, chain) == (chunk[-1][0], log.record_chain(records[-1])) == follower.head
 
@@ -222,7 +222,7 @@ def test_follower_equals_primary_for_any_writes_and_chunking(ops, seed, max_chun
 def test_an_altered_record_is_refused_and_changes_nothing(tmp_path, primary):
     with new_follower(tmp_path / "follower", primary) as follower:
         records = [record for _, record in read_records(primary, 1, 100)]
-        writers = writers_of(primary, {log.record_writer_id(r) for r in records})
+        writers = writers_of(primary, {log.record_op_writer(r)[1] for r in records})
         apply_records(follower, 1, records[:40], writers)
         before = (follower.head, all_records(follower), state(follower))
         altered = bytearray(records[45])
@@ -243,7 +243,7 @@ def test_an_altered_record_is_refused_and_changes_nothing(tmp_path, primary):
 def test_wrong_position_other_store_and_missing_writer_are_refused(tmp_path, primary):
     with new_follower(tmp_path / "follower", primary) as follower:
         records = [record for _, record in read_records(primary, 1, 50)]
-        writers = writers_of(primary, {log.record_writer_id(r) for r in records})
+        writers = writers_of(primary, {log.record_op_writer(r)[1] for r in records})
         apply_records(follower, 1, records[:10], writers)
         for first_seq in (10, 12, 1):
             with pytest.raises(
@@ -270,7 +270,7 @@ def test_wrong_position_other_store_and_missing_writer_are_refused(tmp_path, pri
 
 def test_apply_records_needs_a_writable_follower(tmp_path, primary):
     records = [record for _, record in read_records(primary, 1, 5)]
-    writers = writers_of(primary, {log.record_writer_id(r) for r in records})
+    writers = writers_of(primary, {log.record_op_writer(r)[1] for r in records})
     with pytest.raises(StoreError, match="is a primary, not a follower"):
         apply_records(primary, primary.last_seq + 1, records, writers)
     create_follower(tmp_path / "follower", primary.uuid, PRIMARY)
@@ -315,7 +315,7 @@ APPLYING_FOLLOWER = """
         if not chunk:
             break
         records = [record for _, record in chunk]
-        ids = {log.record_writer_id(record) for record in records}
+        ids = {log.record_op_writer(record)[1] for record in records}
         print(apply_records(follower, head + 1, records, writers_of(primary, ids))[0], flush=True)
     print("done", flush=True)
 """
@@ -661,7 +661,7 @@ def test_backup_follow_promote_end_to_end(tmp_path, primary):
         TelescopeState(primary).add("old_primary_still", 2.0, ts=2.0)
         assert primary.chain_at(head + 1) != follower.chain_at(head + 1)
         old = [record for _, record in read_records(primary, head + 1, 10)]
-        old_writers = writers_of(primary, {log.record_writer_id(r) for r in old})
+        old_writers = writers_of(primary, {log.record_op_writer(r)[1] for r in old})
         rng = random.Random(7)
         create_follower(tmp_path / "second", primary.uuid, "new-primary")
         with LmdbBackend(tmp_path / "second", durability="none") as second:
@@ -678,7 +678,7 @@ def test_backup_follow_promote_end_to_end(tmp_path, primary):
                     third,
                     head + 2,
                     [after_promotion],
-                    writers_of(follower, [log.record_writer_id(after_promotion)]),
+                    writers_of(follower, [log.record_op_writer(after_promotion)[1]]),
                 )
 
 
