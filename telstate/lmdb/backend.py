@@ -202,11 +202,6 @@ class LmdbBackend(Backend):
             raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
         return store
 
-    def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
-        """``operation(wtxn)`` in a transaction of its own."""
-        with self.write() as wtxn:
-            return operation(wtxn)
-
     # --- Backend: reads -------------------------------------------------------------
 
     def keys(self, filter: bytes) -> list[bytes]:
@@ -381,7 +376,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write_one(lambda wtxn: wtxn.set_immutable(key, value))
+        with self.write() as wtxn:
+            return wtxn.set_immutable(key, value)
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         """Add a (value, timestamp) sample to a mutable key.
@@ -400,7 +396,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(lambda wtxn: wtxn.add_mutable(key, value, timestamp))
+        with self.write() as wtxn:
+            wtxn.add_mutable(key, value, timestamp)
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
         """Set a sub-key of an indexed key unless the sub-key exists.
@@ -419,7 +416,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write_one(lambda wtxn: wtxn.set_indexed(key, sub_key, value))
+        with self.write() as wtxn:
+            return wtxn.set_indexed(key, sub_key, value)
 
     def delete(self, key: bytes) -> None:
         """Delete a key (no-op, and no event, if it does not exist).
@@ -431,7 +429,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(lambda wtxn: wtxn.delete(key))
+        with self.write() as wtxn:
+            wtxn.delete(key)
 
     def clear(self) -> None:
         """Remove all keys (no event if there are none).
@@ -443,7 +442,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(WriteTxn.clear)
+        with self.write() as wtxn:
+            wtxn.clear()
 
     def load_records(
         self,
