@@ -986,10 +986,11 @@ def _append_event(ops: _Operations, event: Event) -> None:
     elif op is Op.DELETE:
         assert event.key is not None
         ops.add(_UNLINK, event.key)
-    else:
+    elif op is Op.CLEAR:
         # The mirror database holds exactly the store's keys (every step
         # checks its key count), so flushing it removes telstate's keys only.
         ops.add_keyless(_FLUSH)
+    # A promotion (Op.PROMOTE) changes no key: the cursor moves past it, nothing else.
 
 
 def _record_ops(

@@ -1,4 +1,4 @@
-"""The ``telstate`` command: inspect, audit, replay, export and verify an LMDB store.
+"""The ``telstate`` command: inspect, audit, replay, export, verify and back up an LMDB store.
 
 Every command takes the store directory first. Output is for people by
 default and JSON with ``--json``. Exit status: 0 success, 1 a negative
@@ -192,16 +192,20 @@ def _time_arg(text: str) -> float:
     return moment
 
 
+def _check_store_path(path: str) -> None:
+    """Raise CliError (usage) unless `path` is a store directory."""
+    if not os.path.isdir(path):
+        raise CliError(f"no telstate store at {path!r}: not a directory")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        raise CliError(f"no telstate store at {path!r}: it has no data.mdb")
+
+
 def _open_store(args: argparse.Namespace, readonly: bool = True):
     """Open ``args.store``, closed when the command ends (see :func:`main`)."""
     from .lmdb import LmdbBackend
 
     path = args.store
-
-    if not os.path.isdir(path):
-        raise CliError(f"no telstate store at {path!r}: not a directory")
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        raise CliError(f"no telstate store at {path!r}: it has no data.mdb")
+    _check_store_path(path)
     try:
         return args.stores.enter_context(LmdbBackend(path, readonly=readonly))
     except StoreError as error:
@@ -233,6 +237,8 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         "first_event_time": first.time if first else None,
         "last_event_time": last.time if last else None,
         "size_bytes": size,
+        "role": backend.role,
+        "primary": backend.primary,
     }
     if args.json:
         json.dump(info, out, indent=2)
@@ -245,6 +251,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"({format_time(info['first_event_time'])} .. "
             f"{format_time(info['last_event_time'])})\n"
             f"chain      {info['chain']}\n"
+            f"role       {info['role']}"
+            + (f" of {info['primary']}" if info["primary"] is not None else "")
+            + "\n"
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
@@ -368,8 +377,11 @@ def cmd_log(args: argparse.Namespace, out: TextIO) -> int:
                 continue
             if until is not None and event.time > until:
                 break
-            # A clear touches every key, so it matches any key filter.
-            if match is not None and event.key is not None and not match(event.key):
+            # A clear touches every key, so it matches any key filter; a
+            # promotion touches none.
+            if match is not None and (
+                event.op is log.Op.PROMOTE or (event.key is not None and not match(event.key))
+            ):
                 continue
             yield event
             shown += 1
@@ -602,6 +614,57 @@ def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb.backup import backup
+
+    _check_store_path(args.store)
+    if os.path.lexists(args.dest):
+        raise CliError(f"the backup destination {args.dest!r} exists: give a new path")
+    parent = os.path.dirname(os.path.abspath(args.dest))
+    if not os.path.isdir(parent):
+        raise CliError(f"cannot back up to {args.dest!r}: no such directory {parent!r}")
+    shown = Progress(f"copying {args.store} (MB)", None)
+
+    def progress(copied: int, used: int) -> None:
+        shown.total = max(1, used >> 20)
+        shown.advance((copied >> 20) - shown.count)
+
+    started = time.monotonic()
+    try:
+        seq, chain = backup(args.store, args.dest, progress if shown.enabled else None)
+    finally:
+        shown.done()
+    size = os.path.getsize(os.path.join(args.dest, "data.mdb"))
+    result = {
+        "store": args.store,
+        "backup": args.dest,
+        "seq": seq,
+        "chain": chain.hex(),
+        "size_bytes": size,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    out.write(
+        json.dumps(result) + "\n"
+        if args.json
+        else f"backed up {args.store} to {args.dest}: {seq} events (chain {chain.hex()[:16]}), "
+        f"{size / 1e6:.1f} MB in {result['seconds']:.1f} s\n"
+    )
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb import promote
+
+    _check_store_path(args.store)
+    seq = promote(args.store, args.name)
+    out.write(
+        json.dumps({"store": args.store, "seq": seq}) + "\n"
+        if args.json
+        else f"promoted {args.store} to primary: promotion event {seq}\n"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``telstate`` command."""
     parser = argparse.ArgumentParser(
@@ -673,6 +736,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
     )
     command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
+    backup = command(
+        "backup",
+        cmd_backup,
+        "copy the store, consistently, while writers keep writing (DEST must not exist)",
+    )
+    backup.add_argument("dest", help="directory of the copy, created")
+    promote = command(
+        "promote", cmd_promote, "make a follower store the primary (writable); print the event seq"
+    )
+    promote.add_argument("--name", help="name of the new primary in the event (default host:path)")
     return parser
 
 

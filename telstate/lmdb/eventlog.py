@@ -2,8 +2,10 @@
 
 The record format of an event is :mod:`telstate.log`'s; the tables that
 hold the log, the writers and the history index are described in
-:mod:`telstate.lmdb.layout`. Every event enters the log through
-:func:`append_event` (one) or :func:`append_events` (several of one kind).
+:mod:`telstate.lmdb.layout`. Every event made by this store enters the
+log through :func:`append_event` (one) or :func:`append_events` (several
+of one kind); a record made elsewhere (a follower's copy of its primary's
+event, a promotion) through :func:`append_record`.
 
 Reads come in chunks, each in its own short read transaction; a chunk
 ends after ``settings.LOG_CHUNK`` events or once it holds
@@ -139,6 +141,29 @@ def append_events(
     if not appended:
         raise _out_of_order(first_seq)
     return records[-1][-log.CHAIN_SIZE :]
+
+
+def append_record(
+    txn: Any, tables: Tables, seq: int, name_key: bytes | None, record: bytes
+) -> None:
+    """Append the complete `record` (chain hash included) as event `seq`, verbatim.
+
+    `name_key` is the history index entry of the event's key (``ALL_KEYS``
+    for a clear), or None for an event that touches no key (a promotion).
+    The caller has checked the chain. Both puts are appends by position,
+    as in :func:`append_event` (a follower catching up applies many).
+
+    Raises
+    ------
+    StoreError
+        If LMDB refused an append (`seq` is not past the last event).
+    """
+    seq_key = log.pack_seq(seq)
+    if not (
+        txn.put(seq_key, record, True, True, True, tables.log)
+        and (name_key is None or txn.put(name_key, seq_key, True, True, True, tables.history))
+    ):
+        raise _out_of_order(seq)
 
 
 def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:
