@@ -406,13 +406,13 @@ class Intake:
 
     def _read_command(self, block_ms: int | None) -> tuple[Any, ...]:
         """The XREADGROUP of the next requests (the pending ones first, after a connect)."""
-        block = () if block_ms is None or self._backlog else (b"BLOCK", block_ms)
-        start = b"0" if self._backlog else b">"
-        return (b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", self.batch, *block) + (
-            b"STREAMS",
-            self._stream,
-            start,
-        )
+        command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", self.batch]
+        if self._backlog:
+            command += [b"STREAMS", self._stream, b"0"]  # the pending list: never blocks
+        else:
+            block = [] if block_ms is None else [b"BLOCK", block_ms]
+            command += [*block, b"STREAMS", self._stream, b">"]
+        return tuple(command)
 
     def _take_requests(self, reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The requests of an XREADGROUP reply (entries deleted while pending are acknowledged)."""
