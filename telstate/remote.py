@@ -402,6 +402,7 @@ class Wire:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._connection: Any = None
+        self._pid = os.getpid()
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send `commands` in one write and read their replies.
@@ -417,8 +418,11 @@ class Wire:
             If the connection failed (it is closed, and reopened by the next call).
         """
         connection = self._connection
-        if connection is None:
+        if connection is None or self._pid != os.getpid():
+            # After a fork the parent's socket is not ours: the pool gives
+            # the child connections of its own.
             connection = self._connection = self._pool.get_connection()
+            self._pid = os.getpid()
         packed = b"".join(hiredis.pack_command(command) for command in commands)
         try:
             connection.send_packed_command([packed])
@@ -434,7 +438,7 @@ class Wire:
         return replies
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the pool's connections (this one included; the next call opens one)."""
         self._connection = None
         self._pool.disconnect()
 
@@ -484,16 +488,26 @@ class _Session:
             raise ValueError(f"write timeout must be in (0, {MAX_TIMEOUT}] s, not {timeout!r}")
         self.store = store
         self.timeout = timeout
-        self.token = secrets.token_hex(8).encode()
+        self.mirror_db = mirror_db
         self.requests = request_stream_key(mirror_db)
-        self.replies = reply_stream_key(mirror_db, self.token)
         self.writer_name = writer_name
+        self._new_token()
+
+    def _new_token(self) -> None:
+        """A token (and so request ids and a reply stream) of this process's own."""
+        self.pid = os.getpid()
+        self.token = secrets.token_hex(8).encode()
+        self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
         self.last_reply_id = b"0"
 
     def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
+        if self.pid != os.getpid():
+            # A forked child: its parent goes on with the same counter, and a
+            # request id the daemon has seen is answered, never applied again.
+            self._new_token()
         request_id = b"%b:%d" % (self.token, next(self._counter))
-        writer = Writer(_HOST, os.getpid(), self.writer_name)
+        writer = Writer(_HOST, self.pid, self.writer_name)
         return request_id, encode_request(
             request_id, self.token, self.store, op, timeout=timeout, writer=writer, **write
         )
