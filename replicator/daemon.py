@@ -229,23 +229,25 @@ class Daemon:
         return False
 
     def _wait_for_commit(self, sink: RedisSink, seq: int, timeout: float) -> None:
-        """Wait up to `timeout` s for a commit after `seq` that the mirror does not hold yet.
+        """Wait up to `timeout` s for a commit after `seq` that this thread has work for.
 
         The intake's commits wake this thread too, but the intake projects
         them itself (holding the sink's turn meanwhile): this thread only
-        looks whether the mirror holds them, and sleeps on.
+        looks whether they are projected, and sleeps on.
         """
-        assert self.shared is not None
         deadline = time.monotonic() + timeout
         while True:
             last = self.source.wait_for_commit(seq, max(0.0, deadline - time.monotonic()))
-            if last <= seq:
+            if last <= seq or not self._projected(sink, last) or time.monotonic() >= deadline:
                 return
-            with self.shared.turn:
-                mirrored = sink.seq
-            if mirrored is None or mirrored < last or time.monotonic() >= deadline:
-                return
-            seq = mirrored
+            seq = last
+
+    def _projected(self, sink: RedisSink, seq: int) -> bool:
+        """Whether everything this thread keeps up to date already holds `seq`."""
+        assert self.shared is not None
+        with self.shared.turn:  # taken once the intake has committed and projected
+            mirrored = sink.seq
+        return mirrored is not None and mirrored >= seq
 
     def _measure_lag(self, sink: RedisSink) -> None:
         """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""
