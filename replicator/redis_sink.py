@@ -74,6 +74,7 @@ from redis.retry import Retry
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
+from telstate.remote import Wire, WireScript
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
 from .acl import AclError, Protection, check_protection, setup_client_rules
@@ -485,7 +486,10 @@ class RedisSink:
         #: Whether clients of the mirror are kept from writing it, as last checked.
         self.protection: Protection | None = None
         self._key = mirror_cursor_key(self.db)
-        self._apply_script = self.client.register_script(_APPLY)
+        # Every step of the mirror is this script: called over a Wire, it
+        # costs a round trip and little Python (see telstate.remote.Wire).
+        self._wire = Wire(self.client.connection_pool)
+        self._apply_script = WireScript(self._wire, _APPLY)
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
         self._wake_mark = self.client.register_script(_WAKE_MARK)
         # Why the last script call changed nothing (a failed check, a spare not free).
@@ -586,6 +590,7 @@ class RedisSink:
 
     def close(self) -> None:
         """Close the connections to Redis."""
+        self._wire.close()
         self.client.close()
 
     # The states

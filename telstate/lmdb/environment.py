@@ -1081,6 +1081,11 @@ def _watch_store(store: Store) -> None:
             if os.fsdecode(event.src_path) == notify_path:
                 store.wake()
 
+    # The notify file alone, if it exists: a watch on the directory would
+    # also see every page LMDB writes to data.mdb, and each event costs two
+    # watchdog threads some Python, competing with the waiter for the GIL.
+    watched = notify_path if os.path.exists(notify_path) else store.path
+
     with _STORES_LOCK:
         if store.watch is not None:
             return
@@ -1089,7 +1094,7 @@ def _watch_store(store: Store) -> None:
                 _OBSERVER = Observer()
                 _OBSERVER.daemon = True
                 _OBSERVER.start()
-            store.watch = _OBSERVER.schedule(CommitHandler(), store.path, recursive=False)
+            store.watch = _OBSERVER.schedule(CommitHandler(), watched, recursive=False)
         except OSError as error:
             # E.g. out of inotify instances: polling still works.
             logger.debug("cannot watch %s (%s); polling for commits", store.path, error)
