@@ -61,10 +61,13 @@ import enum
 import hashlib
 import itertools
 import math
+import operator
 import struct
 import uuid
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from itertools import compress, repeat
+from operator import add, gt, ne
+from typing import Any, NamedTuple, cast
 
 import msgpack
 import numpy as np
@@ -96,6 +99,16 @@ _TIME = struct.Struct("<5xd")
 _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _NAN = math.nan
+# Offsets in the header (see the table above), for reading many records at once.
+_STAMP = 13
+_KEY_LENGTHS = 21
+_NEGATIVE_ZERO = 1 << 63
+_CHAIN_PART = slice(-CHAIN_SIZE, None)
+_BODY_PART = slice(None, -CHAIN_SIZE)
+_digest = operator.methodcaller("digest")
+# operator's functions, typed for bytes (map() over them keeps loops in C).
+_concat = cast(Callable[[bytes, bytes], bytes], operator.concat)
+_cut = cast(Callable[[bytes, slice], bytes], operator.getitem)
 
 #: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value, chain).
 RawEvent = tuple[int, int, float, float, bytes, bytes, bytes, bytes]
@@ -316,6 +329,112 @@ def chain_matches(previous_chain: bytes, record: bytes | memoryview) -> bool:
     digest = _sha256(previous_chain)
     digest.update(record[:-CHAIN_SIZE])
     return digest.digest() == bytes(record[-CHAIN_SIZE:])
+
+
+def chain_breaks(records: Sequence[bytes], previous_chain: bytes) -> tuple[list[int], bytes]:
+    """Check the chain hashes of consecutive records (see the module docstring).
+
+    Returns
+    -------
+    The indexes in `records` of those whose chain hash does not follow from
+    the chain before them (or that are too short to carry one), and the
+    chain stored in the last record (`previous_chain` if there is none).
+    A record that fails is still followed from the chain it stores, so one
+    altered event is reported once.
+    """
+    if not records:
+        return [], previous_chain
+    # verify checks every event: map() keeps the loop out of the interpreter.
+    stored = list(map(_cut, records, repeat(_CHAIN_PART)))
+    bodies = map(_cut, records, repeat(_BODY_PART))
+    digests = map(_digest, map(_sha256, map(_concat, [previous_chain, *stored[:-1]], bodies)))
+    breaks = list(compress(itertools.count(), map(ne, digests, stored)))
+    if min(map(len, records)) < _HEADER.size + CHAIN_SIZE:
+        short = (i for i, record in enumerate(records) if len(record) < _HEADER.size + CHAIN_SIZE)
+        breaks = sorted(set(breaks).union(short))
+    return breaks, bytes(stored[-1])
+
+
+def record_fields(records: Sequence[bytes]) -> tuple[list[int], list[int], list[bytes]]:
+    """The op codes, writer ids and keys of `records`, as three lists.
+
+    The fields that verify checks on every event, read without splitting
+    the rest. A record that cannot be decoded gets op code 0 (no operation
+    has it), writer id 0 and an empty key: :func:`decode_record` says why.
+    """
+    try:
+        headers = list(map(_HEADER.unpack_from, records))
+    except (struct.error, TypeError):
+        return _record_fields_one_by_one(records)
+    if not headers:
+        return [], [], []
+    ops, writer_ids, _, _, key_lengths, sub_key_lengths = zip(*headers)
+    key_ends = list(map(add, repeat(_HEADER.size), key_lengths))
+    value_starts = map(add, key_ends, sub_key_lengths)
+    value_ends = map(add, map(len, records), repeat(-CHAIN_SIZE))
+    if any(map(gt, value_starts, value_ends)):
+        return _record_fields_one_by_one(records)
+    keys = list(map(_cut, records, map(slice, repeat(_HEADER.size), key_ends)))
+    return list(ops), list(writer_ids), keys
+
+
+def _record_fields_one_by_one(
+    records: Sequence[bytes],
+) -> tuple[list[int], list[int], list[bytes]]:
+    ops: list[int] = []
+    writer_ids: list[int] = []
+    keys: list[bytes] = []
+    for record in records:
+        try:
+            op_code, writer_id, _, _, key, _, _, _ = decode_record(record)
+        except ValueError:
+            op_code, writer_id, key = 0, 0, b""
+        ops.append(op_code)
+        writer_ids.append(writer_id)
+        keys.append(key)
+    return ops, writer_ids, keys
+
+
+def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
+    """The members that `records` add to a mutable key, as rows of a 2-D uint8 array.
+
+    Each row is the member an ``add_mutable`` event adds: its sensor
+    timestamp packed as :func:`telstate.utils.pack_timestamp` packs it,
+    followed by its value. Returns (key, rows), in the order of `records`,
+    or None unless every record is a decodable ``add_mutable`` of one key
+    with a value of one length (then decode them one by one): a sensor's
+    samples mostly are, and this reads them all at once.
+    """
+    lengths = set(map(len, records))
+    if len(lengths) != 1:
+        return None
+    length = lengths.pop()
+    start = _HEADER.size
+    if length < start + CHAIN_SIZE:
+        return None
+    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
+    first = records[0]
+    op_code, _, _, _, key_len, sub_key_len = _HEADER.unpack_from(first)
+    key_end = start + key_len
+    if op_code != ADD_MUTABLE or sub_key_len or key_end > length - CHAIN_SIZE:
+        return None
+    # Every record has the first one's op code, lengths and key.
+    fixed = np.frombuffer(first, np.uint8)
+    if not (
+        (table[:, 0] == ADD_MUTABLE).all()
+        and (table[:, _KEY_LENGTHS:key_end] == fixed[_KEY_LENGTHS:key_end]).all()
+    ):
+        return None
+    count = len(records)
+    value_len = length - CHAIN_SIZE - key_end
+    stamps = table[:, _STAMP : _STAMP + 8].copy().view("<u8").reshape(count)
+    # pack_timestamp packs -0.0 as 0.0; the bytes are swapped as integers, so
+    # that every NaN keeps its bits as struct keeps them.
+    stamps[stamps == _NEGATIVE_ZERO] = 0
+    rows = np.empty((count, 8 + value_len), np.uint8)
+    rows[:, :8] = stamps.astype(">u8").view(np.uint8).reshape(count, 8)
+    rows[:, 8:] = table[:, key_end : key_end + value_len]
+    return first[start:key_end], rows
 
 
 def decode_record(record: bytes) -> RawEvent:
