@@ -61,13 +61,10 @@ import enum
 import hashlib
 import itertools
 import math
-import operator
 import struct
 import uuid
-from collections.abc import Callable, Sequence
-from itertools import compress, repeat
-from operator import add, gt, ne
-from typing import Any, NamedTuple, cast
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -103,12 +100,6 @@ _NAN = math.nan
 _STAMP = 13
 _KEY_LENGTHS = 21
 _NEGATIVE_ZERO = 1 << 63
-_CHAIN_PART = slice(-CHAIN_SIZE, None)
-_BODY_PART = slice(None, -CHAIN_SIZE)
-_digest = operator.methodcaller("digest")
-# operator's functions, typed for bytes (map() over them keeps loops in C).
-_concat = cast(Callable[[bytes, bytes], bytes], operator.concat)
-_cut = cast(Callable[[bytes, slice], bytes], operator.getitem)
 
 #: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value, chain).
 RawEvent = tuple[int, int, float, float, bytes, bytes, bytes, bytes]
@@ -342,17 +333,19 @@ def chain_breaks(records: Sequence[bytes], previous_chain: bytes) -> tuple[list[
     A record that fails is still followed from the chain it stores, so one
     altered event is reported once.
     """
-    if not records:
-        return [], previous_chain
-    # verify checks every event: map() keeps the loop out of the interpreter.
-    stored = list(map(_cut, records, repeat(_CHAIN_PART)))
-    bodies = map(_cut, records, repeat(_BODY_PART))
-    digests = map(_digest, map(_sha256, map(_concat, [previous_chain, *stored[:-1]], bodies)))
-    breaks = list(compress(itertools.count(), map(ne, digests, stored)))
-    if min(map(len, records)) < _HEADER.size + CHAIN_SIZE:
-        short = (i for i, record in enumerate(records) if len(record) < _HEADER.size + CHAIN_SIZE)
-        breaks = sorted(set(breaks).union(short))
-    return breaks, bytes(stored[-1])
+    # verify checks every event: one tight loop, no function call per record.
+    breaks = []
+    sha256 = _sha256
+    minimum = _HEADER.size + CHAIN_SIZE
+    for index, record in enumerate(records):
+        stored = record[-CHAIN_SIZE:]
+        if (
+            sha256(previous_chain + record[:-CHAIN_SIZE]).digest() != stored
+            or len(record) < minimum
+        ):
+            breaks.append(index)
+        previous_chain = stored
+    return breaks, bytes(previous_chain)
 
 
 def record_fields(records: Sequence[bytes]) -> tuple[list[int], list[int], list[bytes]]:
@@ -362,20 +355,23 @@ def record_fields(records: Sequence[bytes]) -> tuple[list[int], list[int], list[
     the rest. A record that cannot be decoded gets op code 0 (no operation
     has it), writer id 0 and an empty key: :func:`decode_record` says why.
     """
+    unpack = _HEADER.unpack_from
+    start = _HEADER.size
+    room = -(_HEADER.size + CHAIN_SIZE)
+    ops: list[int] = []
+    writer_ids: list[int] = []
+    keys: list[bytes] = []
     try:
-        headers = list(map(_HEADER.unpack_from, records))
-    except (struct.error, TypeError):
+        for record in records:
+            op_code, writer_id, _, _, key_len, sub_key_len = unpack(record)
+            if key_len + sub_key_len > len(record) + room:
+                raise ValueError("its key lengths overrun it")
+            ops.append(op_code)
+            writer_ids.append(writer_id)
+            keys.append(record[start : start + key_len])
+    except (struct.error, ValueError, TypeError):
         return _record_fields_one_by_one(records)
-    if not headers:
-        return [], [], []
-    ops, writer_ids, _, _, key_lengths, sub_key_lengths = zip(*headers)
-    key_ends = list(map(add, repeat(_HEADER.size), key_lengths))
-    value_starts = map(add, key_ends, sub_key_lengths)
-    value_ends = map(add, map(len, records), repeat(-CHAIN_SIZE))
-    if any(map(gt, value_starts, value_ends)):
-        return _record_fields_one_by_one(records)
-    keys = list(map(_cut, records, map(slice, repeat(_HEADER.size), key_ends)))
-    return list(ops), list(writer_ids), keys
+    return ops, writer_ids, keys
 
 
 def _record_fields_one_by_one(
