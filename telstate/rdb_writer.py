@@ -126,7 +126,9 @@ class RDBWriter:
         self.keys_written = 0
         self.keys_failed = 0
         self._compress = compress
+        # CRC-64 of the file up to _buffer[:_settled]; the rest is added when flushed.
         self._crc = 0
+        self._settled = 0
         self._closed = False
         header = [RDB_HEADER]
         for name, value in (aux or {}).items():
@@ -174,9 +176,31 @@ class RDBWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self._crc = rdb_utility.crc64(self._buffer, self._crc)
+        self._settle()
         self._file.write(self._buffer)
         self._buffer = bytearray()
+        self._settled = 0
+
+    def _settle(self) -> None:
+        """Bring the CRC up to the end of the buffer."""
+        if self._settled < len(self._buffer):
+            with memoryview(self._buffer) as view:
+                self._crc = rdb_utility.crc64(view[self._settled :], self._crc)
+            self._settled = len(self._buffer)
+
+    def _append_dump(self, key: bytes, payload: bytes, payload_crc: int) -> None:
+        """Append a portable DUMP payload whose CRC (the CRC-64 of `payload` without
+        its footer) is `payload_crc`: the file's CRC follows from it, unread."""
+        self._settle()
+        head = payload[:1] + encode_string(key)
+        # Linearity: crc(F+t+K+V) = shift(crc(F+t+K) ^ crc(t), |V|) ^ crc(t+V).
+        crc = rdb_utility.crc64(head, self._crc) ^ rdb_utility.crc64(payload[:1])
+        self._buffer += head
+        self._buffer += memoryview(payload)[1:-10]
+        self._crc = rdb_utility.crc64_shift(crc, len(payload) - 11) ^ payload_crc
+        self._settled = len(self._buffer)
+        if len(self._buffer) >= _FLUSH_SIZE:
+            self._flush()
 
     def write_record(self, key: bytes, key_type: KeyType, value: RecordValue) -> None:
         """Write one key, given as a telstate record.
@@ -276,15 +300,22 @@ class RDBWriter:
             (e.g. a stream or module value from a newer server), or the
             writer is closed.
         """
+        self._write_dump(key, payload, checked=False)
+
+    def _write_dump(self, key: bytes, payload: bytes, checked: bool) -> None:
+        """:meth:`write_dump`; `checked` says the checksum was verified already."""
         if self._closed:
             raise ValueError("RDB writer is closed")
         if len(payload) < 11:
             raise RdbParseError(None, f"DUMP payload of {len(payload)} bytes is too short")
         checksum = int.from_bytes(payload[-8:], "little")
-        if checksum and rdb_utility.crc64(payload[:-8]) != checksum:
+        if checksum and not checked and rdb_utility.crc64(payload[:-8]) != checksum:
             raise RdbParseError(None, "DUMP payload checksum mismatch: not a Redis DUMP payload")
         rdb_type = payload[0]
-        if rdb_type in _PORTABLE_TYPES:
+        if rdb_type in _PORTABLE_TYPES and checksum:
+            # The checksum covers the 2 version bytes too: take them back.
+            self._append_dump(key, payload, rdb_utility.crc64_before(checksum, payload[-10:-8]))
+        elif rdb_type in _PORTABLE_TYPES:
             self._append(encode_item(key, payload))
         elif rdb_type in _LISTPACK_TO_ZIPLIST:
             entries = rdb_reader.decode_listpack_dump(payload, verify_checksum=False)
@@ -356,13 +387,15 @@ class RDBWriter:
             return
         keys = iter(keys)
         while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
-            for key, payload in zip(batch, _dump_keys(client, batch)):
-                self._save_one(key, self._write_payload, key, payload)
+            payloads = _dump_keys(client, batch)
+            checked = _checksums_hold(payloads)
+            for key, payload in zip(batch, payloads):
+                self._save_one(key, self._write_payload, key, payload, checked)
 
-    def _write_payload(self, key: bytes, payload: bytes | None) -> None:
+    def _write_payload(self, key: bytes, payload: bytes | None, checked: bool) -> None:
         if payload is None:
             raise KeyError(_MISSING)
-        self.write_dump(key, payload)
+        self._write_dump(key, payload, checked)
 
     def _write_backend_key(self, backend: Backend, key: bytes) -> None:
         record = backend.record(key)
@@ -396,7 +429,8 @@ class RDBWriter:
         self._closed = True
         try:
             self._buffer += RDB_TERMINATOR
-            self._buffer += rdb_utility.crc64(self._buffer, self._crc).to_bytes(8, "little")
+            self._settle()
+            self._buffer += self._crc.to_bytes(8, "little")
             self._file.write(self._buffer)
             self._buffer = bytearray()
             self._file.flush()
@@ -536,6 +570,27 @@ def encode_item(key: bytes, dumped_value: bytes) -> bytes:
     RDB version reads (:meth:`RDBWriter.write_dump` checks and converts).
     """
     return dumped_value[:1] + encode_string(key) + dumped_value[1:-10]
+
+
+def _checksums_hold(payloads: list[bytes | None]) -> bool:
+    """Whether the checksum of every DUMP payload that has one is right, all found at once.
+
+    One CRC pass over the payloads joined, compared with the CRC their
+    checksums add up to (the CRC is linear): fast where many payloads each
+    take a pass of their own. False if any is wrong (then each is checked
+    alone, to find which).
+    """
+    bodies = []
+    expected = 0
+    for payload in payloads:
+        if payload is None or len(payload) < 11:
+            continue
+        checksum = int.from_bytes(payload[-8:], "little")
+        if checksum:
+            body = memoryview(payload)[:-8]
+            expected = rdb_utility.crc64_shift(expected, len(body)) ^ checksum
+            bodies.append(body)
+    return rdb_utility.crc64(b"".join(bodies)) == expected
 
 
 def _dump_keys(client: Any, keys: list[bytes]) -> list[bytes | None]:

@@ -199,6 +199,36 @@ def test_save_from_dump_payloads(tmp_path, caplog) -> None:
             writer.write_dump(b"k", bad[b"corrupt"])
 
 
+@pytest.mark.parametrize("flush_size", [64, 16 << 20])
+def test_save_checks_dump_checksums_together_and_still_finds_a_bad_one(
+    tmp_path, caplog, monkeypatch, flush_size
+) -> None:
+    """save() checks a batch of payloads with one CRC pass and takes the file's CRC from
+    their checksums: a wrong checksum among them is still refused, alone, and the file's
+    trailer is the CRC of its bytes whatever the flushes."""
+    from telstate import rdb_writer
+
+    monkeypatch.setattr(rdb_writer, "_FLUSH_SIZE", flush_size)
+    good = {b"s%d" % i: rdb_utility.dump_string(b"v" * (i * 37)) for i in range(40)}
+    good[b"zset"] = rdb_utility.dump_zset([b"a", b"b"])
+    good[b"hash"] = rdb_utility.dump_hash({b"f%d" % i: b"v" * i for i in range(300)})
+    good[b"zero checksum"] = rdb_utility.dump_string(b"old")[:-8] + bytes(8)
+    payload = good[b"s7"]
+    bad = payload[:-9] + bytes([payload[-9] ^ 1]) + payload[-8:]
+    path = tmp_path / "out.rdb"
+    for payloads in ({**good, b"bad": bad}, good):
+        with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
+            with RDBWriter(path, aux={b"a": b"b"}) as writer:
+                writer.save(DumpClient(payloads))
+        assert (writer.keys_written, writer.keys_failed) == (len(good), len(payloads) - len(good))
+        data = path.read_bytes()
+        assert int.from_bytes(data[-8:], "little") == rdb_utility.crc64(data[:-8])
+        records = {key: value for key, _, value in read_records(path)}
+        assert records[b"s39"] == b"v" * 39 * 37 and records[b"zero checksum"] == b"old"
+        assert len(records) == len(good)
+    assert "Failed to save key 'bad'" in caplog.text
+
+
 def test_write_dump_refuses_a_payload_with_a_bad_checksum(tmp_path):
     """A corrupt (or foreign, e.g. fakeredis's) payload never reaches the file."""
     from telstate.errors import RdbParseError
