@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +130,8 @@ class RDBWriter:
         # CRC-64 of the file up to _buffer[:_settled]; the rest is added when flushed.
         self._crc = 0
         self._settled = 0
+        #: The buffer being written by a thread while the next one fills (see _flush).
+        self._writing: _BackgroundWrite | None = None
         self._closed = False
         header = [RDB_HEADER]
         for name, value in (aux or {}).items():
@@ -176,10 +179,22 @@ class RDBWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the full buffer to a thread that writes it, once the one before is written.
+
+        The write's system call releases the GIL: the next buffer is encoded
+        (and its CRC computed) meanwhile. At most one buffer is in flight.
+        """
         self._settle()
-        self._file.write(self._buffer)
+        self._wait_for_write()
+        self._writing = _BackgroundWrite(self._file, self._buffer)
         self._buffer = bytearray()
         self._settled = 0
+
+    def _wait_for_write(self) -> None:
+        """Wait for the buffer in flight, raising what its write raised (OSError)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.wait()
 
     def _settle(self) -> None:
         """Bring the CRC up to the end of the buffer."""
@@ -431,6 +446,7 @@ class RDBWriter:
             self._buffer += RDB_TERMINATOR
             self._settle()
             self._buffer += self._crc.to_bytes(8, "little")
+            self._wait_for_write()
             self._file.write(self._buffer)
             self._buffer = bytearray()
             self._file.flush()
@@ -462,10 +478,38 @@ class RDBWriter:
         self._discard()
 
     def _discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait_for_write()  # the file is not closed under a write
         if self.temporary is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.temporary)
-        self._file.close()  # only now: closing releases the temporary file's lock
+        # Only now: closing releases the temporary file's lock. The bytes of a file
+        # discarded need not reach it (a full disk must not fail the discarding).
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+class _BackgroundWrite:
+    """One buffer written to a file by a thread of its own."""
+
+    def __init__(self, file: Any, data: bytearray) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(file, data), name="telstate-rdb-write", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, file: Any, data: bytearray) -> None:
+        try:
+            file.write(data)
+        except BaseException as error:  # raised in the writer's thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Wait until the buffer is written; raise what the write raised (OSError), if anything."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def temporary_name(name: str) -> str:

@@ -276,6 +276,22 @@ def test_a_failed_close_leaves_the_previous_file(tmp_path, monkeypatch) -> None:
     assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
 
 
+def test_a_write_that_fails_in_the_background_is_raised_not_lost(monkeypatch) -> None:
+    """Full buffers are written by a thread while the next fills: its error (here ENOSPC
+    from /dev/full) comes out of the writer's next call, and close() never pretends."""
+    from telstate import rdb_writer
+
+    monkeypatch.setattr(rdb_writer, "_FLUSH_SIZE", 1000)
+    writer = RDBWriter("/dev/full")
+    with pytest.raises(OSError, match="No space"):
+        for i in range(100):
+            writer.write_record(b"k%d" % i, IMMUTABLE, b"v" * 500)
+        writer.close()
+    writer.abort()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write_record(b"k", IMMUTABLE, b"v")
+
+
 def test_an_empty_writer_keeps_the_previous_file_unless_keep_empty(tmp_path) -> None:
     path = tmp_path / "out.rdb"
     path.write_bytes(b"previous")
