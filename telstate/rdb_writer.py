@@ -11,6 +11,7 @@ expiry of Redis 7.4 and Valkey 9) are decoded and re-encoded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import itertools
@@ -400,12 +401,32 @@ class RDBWriter:
             for key in map(ensure_binary, keys):
                 self._save_one(key, self._write_backend_key, client, key)
             return
-        keys = iter(keys)
-        while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
-            payloads = _dump_keys(client, batch)
-            checked = _checksums_hold(payloads)
-            for key, payload in zip(batch, payloads):
-                self._save_one(key, self._write_payload, key, payload, checked)
+        self._save_dumps(client, iter(keys))
+
+    def _save_dumps(self, client: Backend | redis.Redis, keys: Iterator[str | bytes]) -> None:
+        """Write the keys from their DUMP payloads, a batch at a time.
+
+        The next batch is fetched by a thread while this one is checked and
+        written: the server serialises one while the CRC runs on the other.
+        """
+        from .redis import RedisBackend
+
+        # RedisBackend.dump is its client's DUMP: a batch then takes one round trip.
+        source = client.client if isinstance(client, RedisBackend) else client
+
+        def next_batch() -> list[bytes]:
+            return [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]
+
+        with concurrent.futures.ThreadPoolExecutor(1, "telstate-rdb-dump") as fetcher:
+            batch = next_batch()
+            fetching = fetcher.submit(_dump_keys, source, batch) if batch else None
+            while fetching is not None:
+                current, payloads = batch, fetching.result()
+                batch = next_batch()
+                fetching = fetcher.submit(_dump_keys, source, batch) if batch else None
+                checked = _checksums_hold(payloads)
+                for key, payload in zip(current, payloads):
+                    self._save_one(key, self._write_payload, key, payload, checked)
 
     def _write_payload(self, key: bytes, payload: bytes | None, checked: bool) -> None:
         if payload is None:
