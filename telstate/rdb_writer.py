@@ -86,6 +86,10 @@ class RDBWriter:
     file keeps its permissions. A `filename` that is a pipe or device
     (``/dev/stdout``) is written directly.
 
+    Output goes in 16 MiB buffers; a full one is written by a thread while
+    the next fills (one at a time; a failed write is raised by the next
+    call). A writer is used by one thread at a time.
+
     Parameters
     ----------
     filename
@@ -428,7 +432,7 @@ class RDBWriter:
                 for key, payload in zip(current, payloads):
                     self._save_one(key, self._write_payload, key, payload, checked)
 
-    def _write_payload(self, key: bytes, payload: bytes | None, checked: bool) -> None:
+    def _write_payload(self, key: bytes, payload: bytes | None, checked: bool = False) -> None:
         if payload is None:
             raise KeyError(_MISSING)
         self._write_dump(key, payload, checked)

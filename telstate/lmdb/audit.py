@@ -239,7 +239,8 @@ def _check_log(
     chain = log.genesis(store)
     expected_seq = 1
     broken_links = 0
-    entries = txn.cursor(db=tables.log).iternext()
+    cursor = txn.cursor(db=tables.log)
+    entries = cursor.iternext() if cursor.set_range(log.pack_seq(1)) else iter(())
     while chunk := list(itertools.islice(entries, settings.VERIFY_CHUNK)):
         seq_keys, records = zip(*chunk)
         del chunk
