@@ -11,7 +11,6 @@ expiry of Redis 7.4 and Valkey 9) are decoded and re-encoded.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import itertools
@@ -408,29 +407,18 @@ class RDBWriter:
         self._save_dumps(client, iter(keys))
 
     def _save_dumps(self, client: Backend | redis.Redis, keys: Iterator[str | bytes]) -> None:
-        """Write the keys from their DUMP payloads, a batch at a time.
-
-        The next batch is fetched by a thread while this one is checked and
-        written: the server serialises one while the CRC runs on the other.
-        """
+        """Write the keys from their DUMP payloads, a batch at a time."""
         from .redis import RedisBackend
 
         # RedisBackend.dump is its client's DUMP: a batch then takes one round trip.
+        # (Fetching the next batch in a thread meanwhile was slower: the thread and
+        # the CRC's numpy loops hand the GIL back and forth.)
         source = client.client if isinstance(client, RedisBackend) else client
-
-        def next_batch() -> list[bytes]:
-            return [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]
-
-        with concurrent.futures.ThreadPoolExecutor(1, "telstate-rdb-dump") as fetcher:
-            batch = next_batch()
-            fetching = fetcher.submit(_dump_keys, source, batch) if batch else None
-            while fetching is not None:
-                current, payloads = batch, fetching.result()
-                batch = next_batch()
-                fetching = fetcher.submit(_dump_keys, source, batch) if batch else None
-                checked = _checksums_hold(payloads)
-                for key, payload in zip(current, payloads):
-                    self._save_one(key, self._write_payload, key, payload, checked)
+        while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
+            payloads = _dump_keys(source, batch)
+            checked = _checksums_hold(payloads)
+            for key, payload in zip(batch, payloads):
+                self._save_one(key, self._write_payload, key, payload, checked)
 
     def _write_payload(self, key: bytes, payload: bytes | None, checked: bool = False) -> None:
         if payload is None:
