@@ -209,7 +209,7 @@ def test_save_checks_dump_checksums_together_and_still_finds_a_bad_one(
     from telstate import rdb_writer
 
     monkeypatch.setattr(rdb_writer, "_FLUSH_SIZE", flush_size)
-    monkeypatch.setattr(rdb_writer, "_DUMP_BATCH", batch)  # batches fetched ahead
+    monkeypatch.setattr(rdb_writer, "_DUMP_BATCH", batch)  # several batches
     good = {b"s%d" % i: rdb_utility.dump_string(b"v" * (i * 37)) for i in range(40)}
     good[b"zset"] = rdb_utility.dump_zset([b"a", b"b"])
     good[b"hash"] = rdb_utility.dump_hash({b"f%d" % i: b"v" * i for i in range(300)})
