@@ -173,11 +173,13 @@ def _crc64_python(data: bytes | memoryview, crc: int) -> int:
 
 # Each numpy lane covers this many bytes; lanes come in powers of two so that
 # every shift needed to combine them is by LANE_BYTES * 2**k and the few
-# tables involved are computed once.
-_LANE_WORDS = 256
+# tables involved are computed once. 1 KiB lanes, up to 16 MiB at once: fewer,
+# longer numpy steps than 2 KiB lanes (about 20% faster from 1 MiB up, measured);
+# below 32 lanes (32 KiB) the Python loop is faster.
+_LANE_WORDS = 128
 _LANE_BYTES = 8 * _LANE_WORDS
-_MIN_LANES = 16
-_MAX_LANES = 8192
+_MIN_LANES = 32
+_MAX_LANES = 16384
 
 
 def _crc64_lanes(data: memoryview, lanes: int) -> int:
