@@ -144,6 +144,10 @@ _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _COUNT = struct.Struct("<I")
 _NAN = math.nan
+# Offsets in the header (see the table above), for reading many records at once.
+_STAMP = 13
+_KEY_LENGTHS = 21
+_NEGATIVE_ZERO = 1 << 63
 
 #: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value, chain).
 RawEvent = tuple[int, int, float, float, bytes, bytes, bytes, bytes]
@@ -404,6 +408,117 @@ def chain_matches(previous_chain: bytes, record: bytes | memoryview) -> bool:
     digest = _sha256(previous_chain)
     digest.update(record[:-CHAIN_SIZE])
     return digest.digest() == bytes(record[-CHAIN_SIZE:])
+
+
+def chain_breaks(records: Sequence[bytes], previous_chain: bytes) -> tuple[list[int], bytes]:
+    """Check the chain hashes of consecutive records (see the module docstring).
+
+    Returns
+    -------
+    The indexes in `records` of those whose chain hash does not follow from
+    the chain before them (or that are too short to carry one), and the
+    chain stored in the last record (`previous_chain` if there is none).
+    A record that fails is still followed from the chain it stores, so one
+    altered event is reported once.
+    """
+    # verify checks every event: one tight loop, no function call per record.
+    breaks = []
+    sha256 = _sha256
+    minimum = _HEADER.size + CHAIN_SIZE
+    for index, record in enumerate(records):
+        stored = record[-CHAIN_SIZE:]
+        if (
+            sha256(previous_chain + record[:-CHAIN_SIZE]).digest() != stored
+            or len(record) < minimum
+        ):
+            breaks.append(index)
+        previous_chain = stored
+    return breaks, bytes(previous_chain)
+
+
+def record_fields(records: Sequence[bytes]) -> tuple[list[int], list[int], list[bytes]]:
+    """The op codes, writer ids and keys of `records`, as three lists.
+
+    The fields that verify checks on every event, read without splitting
+    the rest. A record that cannot be decoded gets op code 0 (no operation
+    has it), writer id 0 and an empty key: :func:`decode_record` says why.
+    """
+    unpack = _HEADER.unpack_from
+    start = _HEADER.size
+    room = -(_HEADER.size + CHAIN_SIZE)
+    ops: list[int] = []
+    writer_ids: list[int] = []
+    keys: list[bytes] = []
+    try:
+        for record in records:
+            op_code, writer_id, _, _, key_len, sub_key_len = unpack(record)
+            if key_len + sub_key_len > len(record) + room:
+                raise ValueError("its key lengths overrun it")
+            ops.append(op_code)
+            writer_ids.append(writer_id)
+            keys.append(record[start : start + key_len])
+    except (struct.error, ValueError, TypeError):
+        return _record_fields_one_by_one(records)
+    return ops, writer_ids, keys
+
+
+def _record_fields_one_by_one(
+    records: Sequence[bytes],
+) -> tuple[list[int], list[int], list[bytes]]:
+    ops: list[int] = []
+    writer_ids: list[int] = []
+    keys: list[bytes] = []
+    for record in records:
+        try:
+            op_code, writer_id, _, _, key, _, _, _ = decode_record(record)
+        except ValueError:
+            op_code, writer_id, key = 0, 0, b""
+        ops.append(op_code)
+        writer_ids.append(writer_id)
+        keys.append(key)
+    return ops, writer_ids, keys
+
+
+def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
+    """The members that `records` add to a mutable key, as rows of a 2-D uint8 array.
+
+    Each row is the member an ``add_mutable`` event adds: its sensor
+    timestamp packed as :func:`telstate.utils.pack_timestamp` packs it,
+    followed by its value. Returns (key, rows), in the order of `records`,
+    or None unless every record is a decodable ``add_mutable`` of one key
+    with a value of one length (then decode them one by one): a sensor's
+    samples mostly are, and this reads them all at once.
+    """
+    lengths = set(map(len, records))
+    if len(lengths) != 1:
+        return None
+    length = lengths.pop()
+    start = _HEADER.size
+    if length < start + CHAIN_SIZE:
+        return None
+    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
+    first = records[0]
+    op_code, _, _, _, key_len, sub_key_len = _HEADER.unpack_from(first)
+    key_end = start + key_len
+    if op_code != ADD_MUTABLE or sub_key_len or key_end > length - CHAIN_SIZE:
+        return None
+    # Every record has the first one's op code, lengths and key.
+    fixed = np.frombuffer(first, np.uint8)
+    if not (
+        (table[:, 0] == ADD_MUTABLE).all()
+        and (table[:, _KEY_LENGTHS:key_end] == fixed[_KEY_LENGTHS:key_end]).all()
+    ):
+        return None
+    count = len(records)
+    value_len = length - CHAIN_SIZE - key_end
+    stamps = table[:, _STAMP : _STAMP + 8].copy().view("<u8").reshape(count)
+    # pack_timestamp packs -0.0 as 0.0; the bytes are swapped as integers, so
+    # that every NaN keeps its bits as struct keeps them.
+    stamps[stamps == _NEGATIVE_ZERO] = 0
+    rows = np.empty((count, 8 + value_len), np.uint8)
+    rows[:, :8] = stamps.astype(">u8").view(np.uint8).reshape(count, 8)
+    rows[:, 8:] = table[:, key_end : key_end + value_len]
+    return first[start:key_end], rows
 
 
 def decode_record(record: bytes) -> RawEvent:

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,10 @@ class RDBWriter:
     file keeps its permissions. A `filename` that is a pipe or device
     (``/dev/stdout``) is written directly.
 
+    Output goes in 16 MiB buffers; a full one is written by a thread while
+    the next fills (one at a time; a failed write is raised by the next
+    call). A writer is used by one thread at a time.
+
     Parameters
     ----------
     filename
@@ -126,7 +131,11 @@ class RDBWriter:
         self.keys_written = 0
         self.keys_failed = 0
         self._compress = compress
+        # CRC-64 of the file up to _buffer[:_settled]; the rest is added when flushed.
         self._crc = 0
+        self._settled = 0
+        #: The buffer being written by a thread while the next one fills (see _flush).
+        self._writing: _BackgroundWrite | None = None
         self._closed = False
         header = [RDB_HEADER]
         for name, value in (aux or {}).items():
@@ -174,9 +183,43 @@ class RDBWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self._crc = rdb_utility.crc64(self._buffer, self._crc)
-        self._file.write(self._buffer)
+        """Hand the full buffer to a thread that writes it, once the one before is written.
+
+        The write's system call releases the GIL: the next buffer is encoded
+        (and its CRC computed) meanwhile. At most one buffer is in flight.
+        """
+        self._settle()
+        self._wait_for_write()
+        self._writing = _BackgroundWrite(self._file, self._buffer)
         self._buffer = bytearray()
+        self._settled = 0
+
+    def _wait_for_write(self) -> None:
+        """Wait for the buffer in flight, raising what its write raised (OSError)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.wait()
+
+    def _settle(self) -> None:
+        """Bring the CRC up to the end of the buffer."""
+        if self._settled < len(self._buffer):
+            with memoryview(self._buffer) as view:
+                self._crc = rdb_utility.crc64(view[self._settled :], self._crc)
+            self._settled = len(self._buffer)
+
+    def _append_dump(self, key: bytes, payload: bytes, payload_crc: int) -> None:
+        """Append a portable DUMP payload whose CRC (the CRC-64 of `payload` without
+        its footer) is `payload_crc`: the file's CRC follows from it, unread."""
+        self._settle()
+        head = payload[:1] + encode_string(key)
+        # Linearity: crc(F+t+K+V) = shift(crc(F+t+K) ^ crc(t), |V|) ^ crc(t+V).
+        crc = rdb_utility.crc64(head, self._crc) ^ rdb_utility.crc64(payload[:1])
+        self._buffer += head
+        self._buffer += memoryview(payload)[1:-10]
+        self._crc = rdb_utility.crc64_shift(crc, len(payload) - 11) ^ payload_crc
+        self._settled = len(self._buffer)
+        if len(self._buffer) >= _FLUSH_SIZE:
+            self._flush()
 
     def write_record(self, key: bytes, key_type: KeyType, value: RecordValue) -> None:
         """Write one key, given as a telstate record.
@@ -276,15 +319,22 @@ class RDBWriter:
             (e.g. a stream or module value from a newer server), or the
             writer is closed.
         """
+        self._write_dump(key, payload, checked=False)
+
+    def _write_dump(self, key: bytes, payload: bytes, checked: bool) -> None:
+        """:meth:`write_dump`; `checked` says the checksum was verified already."""
         if self._closed:
             raise ValueError("RDB writer is closed")
         if len(payload) < 11:
             raise RdbParseError(None, f"DUMP payload of {len(payload)} bytes is too short")
         checksum = int.from_bytes(payload[-8:], "little")
-        if checksum and rdb_utility.crc64(payload[:-8]) != checksum:
+        if checksum and not checked and rdb_utility.crc64(payload[:-8]) != checksum:
             raise RdbParseError(None, "DUMP payload checksum mismatch: not a Redis DUMP payload")
         rdb_type = payload[0]
-        if rdb_type in _PORTABLE_TYPES:
+        if rdb_type in _PORTABLE_TYPES and checksum:
+            # The checksum covers the 2 version bytes too: take them back.
+            self._append_dump(key, payload, rdb_utility.crc64_before(checksum, payload[-10:-8]))
+        elif rdb_type in _PORTABLE_TYPES:
             self._append(encode_item(key, payload))
         elif rdb_type in _LISTPACK_TO_ZIPLIST:
             entries = rdb_reader.decode_listpack_dump(payload, verify_checksum=False)
@@ -354,15 +404,26 @@ class RDBWriter:
             for key in map(ensure_binary, keys):
                 self._save_one(key, self._write_backend_key, client, key)
             return
-        keys = iter(keys)
-        while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
-            for key, payload in zip(batch, _dump_keys(client, batch)):
-                self._save_one(key, self._write_payload, key, payload)
+        self._save_dumps(client, iter(keys))
 
-    def _write_payload(self, key: bytes, payload: bytes | None) -> None:
+    def _save_dumps(self, client: Backend | redis.Redis, keys: Iterator[str | bytes]) -> None:
+        """Write the keys from their DUMP payloads, a batch at a time."""
+        from .redis import RedisBackend
+
+        # RedisBackend.dump is its client's DUMP: a batch then takes one round trip.
+        # (Fetching the next batch in a thread meanwhile was slower: the thread and
+        # the CRC's numpy loops hand the GIL back and forth.)
+        source = client.client if isinstance(client, RedisBackend) else client
+        while batch := [ensure_binary(key) for key in itertools.islice(keys, _DUMP_BATCH)]:
+            payloads = _dump_keys(source, batch)
+            checked = _checksums_hold(payloads)
+            for key, payload in zip(batch, payloads):
+                self._save_one(key, self._write_payload, key, payload, checked)
+
+    def _write_payload(self, key: bytes, payload: bytes | None, checked: bool = False) -> None:
         if payload is None:
             raise KeyError(_MISSING)
-        self.write_dump(key, payload)
+        self._write_dump(key, payload, checked)
 
     def _write_backend_key(self, backend: Backend, key: bytes) -> None:
         record = backend.record(key)
@@ -396,7 +457,9 @@ class RDBWriter:
         self._closed = True
         try:
             self._buffer += RDB_TERMINATOR
-            self._buffer += rdb_utility.crc64(self._buffer, self._crc).to_bytes(8, "little")
+            self._settle()
+            self._buffer += self._crc.to_bytes(8, "little")
+            self._wait_for_write()
             self._file.write(self._buffer)
             self._buffer = bytearray()
             self._file.flush()
@@ -428,10 +491,38 @@ class RDBWriter:
         self._discard()
 
     def _discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait_for_write()  # the file is not closed under a write
         if self.temporary is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.temporary)
-        self._file.close()  # only now: closing releases the temporary file's lock
+        # Only now: closing releases the temporary file's lock. The bytes of a file
+        # discarded need not reach it (a full disk must not fail the discarding).
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+class _BackgroundWrite:
+    """One buffer written to a file by a thread of its own."""
+
+    def __init__(self, file: Any, data: bytearray) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(file, data), name="telstate-rdb-write", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, file: Any, data: bytearray) -> None:
+        try:
+            file.write(data)
+        except BaseException as error:  # raised in the writer's thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Wait until the buffer is written; raise what the write raised (OSError), if anything."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def temporary_name(name: str) -> str:
@@ -536,6 +627,27 @@ def encode_item(key: bytes, dumped_value: bytes) -> bytes:
     RDB version reads (:meth:`RDBWriter.write_dump` checks and converts).
     """
     return dumped_value[:1] + encode_string(key) + dumped_value[1:-10]
+
+
+def _checksums_hold(payloads: list[bytes | None]) -> bool:
+    """Whether the checksum of every DUMP payload that has one is right, all found at once.
+
+    One CRC pass over the payloads joined, compared with the CRC their
+    checksums add up to (the CRC is linear): fast where many payloads each
+    take a pass of their own. False if any is wrong (then each is checked
+    alone, to find which).
+    """
+    bodies = []
+    expected = 0
+    for payload in payloads:
+        if payload is None or len(payload) < 11:
+            continue
+        checksum = int.from_bytes(payload[-8:], "little")
+        if checksum:
+            body = memoryview(payload)[:-8]
+            expected = rdb_utility.crc64_shift(expected, len(body)) ^ checksum
+            bodies.append(body)
+    return rdb_utility.crc64(b"".join(bodies)) == expected
 
 
 def _dump_keys(client: Any, keys: list[bytes]) -> list[bytes | None]:

@@ -10,10 +10,11 @@ from copy import copy
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from telstate import ImmutableKeyError, KeyType
+from telstate import ImmutableKeyError, KeyType, log
 from telstate.lmdb import LmdbBackend, replay
+from telstate.lmdb.layout import KeyRecord, name_key_of
 from telstate.log import Op
-from telstate.utils import pack_query_timestamp, pack_timestamp, split_timestamp
+from telstate.utils import display_str, pack_query_timestamp, pack_timestamp, split_timestamp
 
 LONG = b"L" * 600
 KEYS = st.sampled_from([b"a", b"b", b"", b"k" * 500, b"k" * 500 + b"!"])
@@ -186,3 +187,88 @@ def patched(values: dict):
     finally:
         for name, value in saved.items():
             setattr(settings, name, value)
+
+
+@settings(max_examples=60)
+@given(
+    operations=OPERATIONS,
+    chunk=st.sampled_from([1, 2, 3, 1024]),
+    samples=st.lists(st.tuples(STAMPS, SAMPLE_VALUES), max_size=30),
+    damage=st.integers(0, 1 << 30),
+)
+def test_verify_in_any_chunk_size_passes_then_names_a_key_with_a_sample_taken_away(
+    operations, chunk, samples, damage
+):
+    """verify replays runs of samples in bulk: chunks of every size, mixed with other
+    events (deletes, clears, other value lengths), must agree with the state, and a
+    sample missing from the state must be found."""
+    with patched({"VERIFY_CHUNK": chunk}), tempfile.TemporaryDirectory() as directory:
+        backend = LmdbBackend(f"{directory}/store", durability="none", map_size=1 << 20)
+        try:
+            for stamp, value in samples:
+                backend.add_mutable(b"m", value, stamp)
+            for name, *args in operations:
+                with contextlib.suppress(ImmutableKeyError):
+                    getattr(backend, name)(*args)
+            assert backend.verify() == []
+            mutable = [
+                key for key in backend.keys(b"*") if backend.key_type(key) is KeyType.MUTABLE
+            ]
+            if not mutable:
+                return
+            key = mutable[damage % len(mutable)]
+            store = backend._store
+            with store.env.begin(write=True) as txn:  # take one sample away behind the log's back
+                key_id = KeyRecord.decode(txn.get(name_key_of(key), db=store.tables.keys)).key_id
+                cursor = txn.cursor(db=store.tables.samples)
+                assert cursor.set_key(key_id)
+                for _ in range(damage % cursor.count()):
+                    cursor.next_dup()
+                assert cursor.delete()
+            assert backend.verify() == [
+                f"key {display_str(key)}: value differs between state and log"
+                f" (its last event: {list(backend.history(key))[-1].seq})"
+            ]
+        finally:
+            backend.close()
+
+
+RECORDS = st.one_of(
+    st.binary(max_size=80),
+    st.builds(
+        lambda op, key, sub_key, value, stamp: (
+            log.encode_record(op, 7, 1.5, key, sub_key, value, stamp) + bytes(log.CHAIN_SIZE)
+        ),
+        st.integers(0, 6),
+        st.binary(max_size=5),
+        st.binary(max_size=3),
+        st.binary(max_size=4),
+        st.sampled_from([0.0, -0.0, 1.0, 2.5, math.nan]),
+    ),
+)
+
+
+@given(st.lists(RECORDS, max_size=8), st.binary(min_size=32, max_size=32))
+def test_records_read_in_bulk_read_as_decode_record_reads_them_one_by_one(records, chain):
+    """What verify reads in bulk (chain links, op codes, writers, keys, samples) is
+    what the one-by-one functions of telstate.log give."""
+    breaks, last = log.chain_breaks(records, chain)
+    expected_breaks = []
+    for index, record in enumerate(records):
+        if not log.chain_matches(chain, record):
+            expected_breaks.append(index)
+        chain = log.record_chain(record)
+    assert (breaks, last) == (expected_breaks, chain)
+    decoded = []
+    for record in records:
+        try:
+            decoded.append(log.decode_record(record))
+        except ValueError:
+            decoded.append((0, 0, 0.0, 0.0, b""))
+    ops, writer_ids, keys = log.record_fields(records)
+    assert list(zip(ops, writer_ids, keys)) == [(raw[0], raw[1], raw[4]) for raw in decoded]
+    samples = log.sample_rows(records)
+    if samples is not None:
+        key, rows = samples
+        assert all(raw[0] == log.ADD_MUTABLE and raw[4] == key for raw in decoded)
+        assert [bytes(row) for row in rows] == [pack_timestamp(raw[3]) + raw[6] for raw in decoded]

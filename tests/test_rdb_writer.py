@@ -199,6 +199,37 @@ def test_save_from_dump_payloads(tmp_path, caplog) -> None:
             writer.write_dump(b"k", bad[b"corrupt"])
 
 
+@pytest.mark.parametrize(("flush_size", "batch"), [(64, 3), (16 << 20, 1000)])
+def test_save_checks_dump_checksums_together_and_still_finds_a_bad_one(
+    tmp_path, caplog, monkeypatch, flush_size, batch
+) -> None:
+    """save() checks a batch of payloads with one CRC pass and takes the file's CRC from
+    their checksums: a wrong checksum among them is still refused, alone, and the file's
+    trailer is the CRC of its bytes whatever the flushes."""
+    from telstate import rdb_writer
+
+    monkeypatch.setattr(rdb_writer, "_FLUSH_SIZE", flush_size)
+    monkeypatch.setattr(rdb_writer, "_DUMP_BATCH", batch)  # several batches
+    good = {b"s%d" % i: rdb_utility.dump_string(b"v" * (i * 37)) for i in range(40)}
+    good[b"zset"] = rdb_utility.dump_zset([b"a", b"b"])
+    good[b"hash"] = rdb_utility.dump_hash({b"f%d" % i: b"v" * i for i in range(300)})
+    good[b"zero checksum"] = rdb_utility.dump_string(b"old")[:-8] + bytes(8)
+    payload = good[b"s7"]
+    bad = payload[:-9] + bytes([payload[-9] ^ 1]) + payload[-8:]
+    path = tmp_path / "out.rdb"
+    for payloads in ({**good, b"bad": bad}, good):
+        with caplog.at_level(logging.ERROR, logger="telstate.rdb_writer_base"):
+            with RDBWriter(path, aux={b"a": b"b"}) as writer:
+                writer.save(DumpClient(payloads))
+        assert (writer.keys_written, writer.keys_failed) == (len(good), len(payloads) - len(good))
+        data = path.read_bytes()
+        assert int.from_bytes(data[-8:], "little") == rdb_utility.crc64(data[:-8])
+        records = {key: value for key, _, value in read_records(path)}
+        assert records[b"s39"] == b"v" * 39 * 37 and records[b"zero checksum"] == b"old"
+        assert list(records) == [key for key in payloads if key != b"bad"]  # in order
+    assert "Failed to save key 'bad'" in caplog.text
+
+
 def test_write_dump_refuses_a_payload_with_a_bad_checksum(tmp_path):
     """A corrupt (or foreign, e.g. fakeredis's) payload never reaches the file."""
     from telstate.errors import RdbParseError
@@ -244,6 +275,22 @@ def test_a_failed_close_leaves_the_previous_file(tmp_path, monkeypatch) -> None:
         writer.close()
     assert path.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["out.rdb"]
+
+
+def test_a_write_that_fails_in_the_background_is_raised_not_lost(monkeypatch) -> None:
+    """Full buffers are written by a thread while the next fills: its error (here ENOSPC
+    from /dev/full) comes out of the writer's next call, and close() never pretends."""
+    from telstate import rdb_writer
+
+    monkeypatch.setattr(rdb_writer, "_FLUSH_SIZE", 1000)
+    writer = RDBWriter("/dev/full")
+    with pytest.raises(OSError, match="No space"):
+        for i in range(100):
+            writer.write_record(b"k%d" % i, IMMUTABLE, b"v" * 500)
+        writer.close()
+    writer.abort()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write_record(b"k", IMMUTABLE, b"v")
 
 
 def test_an_empty_writer_keeps_the_previous_file_unless_keep_empty(tmp_path) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import log
 from ..backend import Record
 from ..errors import StoreError
 from ..utils import KeyType, PathType, display_str, pack_timestamp
+from . import settings
 from .eventlog import raw_log, writers_in
 from .layout import ALL_KEYS, Tables, name_key_of
 from .state import state_records
@@ -142,6 +146,12 @@ _DAMAGE = (ValueError, TypeError, KeyError, IndexError, struct.error, StoreError
 #: How many problems of one kind verify lists before it only counts them.
 _MAX_LISTED = 20
 
+#: The operations a chunk of the log may hold to be checked in bulk: each
+#: counts once for its key in the history index and needs no more checks
+#: there (clears, promotions and imports' add_mutable_many events are
+#: checked event by event).
+_PLAIN_OPS = frozenset((log.SET_IMMUTABLE, log.ADD_MUTABLE, log.SET_INDEXED, log.DELETE))
+
 
 def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     """The checks of :meth:`LmdbBackend.verify`, in one read transaction.
@@ -234,46 +244,69 @@ def _check_log(
     """Stream the log: dense seqs, chain links, decodable records, known writers.
 
     Returns the problems and the number of events per history-table entry.
+    The log is read in chunks of ``settings.VERIFY_CHUNK`` events, each checked in bulk;
+    a chunk with anything unusual in it (a gap, a clear, a damaged record)
+    is gone through event by event.
     """
     problems: list[str] = []
     writers = set(writers_in(txn, tables))
-    counts: collections.Counter[bytes] = collections.Counter()
+    # Events per key as recorded (clears under None), turned into name keys at the end.
+    key_counts: collections.Counter[bytes | None] = collections.Counter()
     chain = log.genesis(store)
     expected_seq = 1
     broken_links = 0
-    for seq, record in raw_log(txn, tables, 1):
-        if seq != expected_seq:
-            problems.append(f"log: seq {expected_seq - 1} is followed by {seq}")
-        expected_seq = seq + 1
-        if not log.chain_matches(chain, record):
+    cursor = txn.cursor(db=tables.log)
+    entries = cursor.iternext() if cursor.set_range(log.pack_seq(1)) else iter(())
+    while chunk := list(itertools.islice(entries, settings.VERIFY_CHUNK)):
+        seq_keys, records = zip(*chunk)
+        del chunk
+        seqs: Sequence[int] = range(expected_seq, expected_seq + len(seq_keys))
+        if b"".join(seq_keys) == np.arange(seqs[0], seqs[0] + len(seqs), dtype=">u8").tobytes():
+            expected_seq += len(seqs)
+        else:
+            seqs = [log.unpack_seq(seq_key) for seq_key in seq_keys]
+            for seq in seqs:
+                if seq != expected_seq:
+                    problems.append(f"log: seq {expected_seq - 1} is followed by {seq}")
+                expected_seq = seq + 1
+        breaks, chain = log.chain_breaks(records, chain)
+        for index in breaks:
             broken_links += 1
             if broken_links <= _MAX_LISTED:
                 problems.append(
-                    f"log: event {seq} does not match its chain hash "
+                    f"log: event {seqs[index]} does not match its chain hash "
                     f"(the event, or the log before it, was altered)"
                 )
-        chain = log.record_chain(record)
-        try:
-            raw = log.decode_record(record)
-        except ValueError as error:
-            problems.append(f"log: event {seq} cannot be decoded ({error})")
+        ops, writer_ids, keys = log.record_fields(records)
+        if _PLAIN_OPS.issuperset(ops) and writers.issuperset(writer_ids):
+            key_counts.update(keys)
             continue
-        if raw[0] not in log.OP_CODES:
-            problems.append(f"log: event {seq} has unknown operation code {raw[0]}")
-            continue
-        if raw[0] == log.ADD_MUTABLE_MANY:
-            try:
-                log.decode_samples(raw[6])
-            except ValueError as error:
-                problems.append(f"log: event {seq} cannot be decoded ({error})")
-        if raw[1] not in writers:
-            problems.append(f"log: event {seq} has unknown writer {raw[1]}")
-            writers.add(raw[1])
-        if raw[0] == log.PROMOTE:
-            continue  # touches no key: not in the history index
-        counts[name_key_of(raw[4]) if raw[0] != log.CLEAR else ALL_KEYS] += 1
+        for seq, record, op_code, writer_id, key in zip(seqs, records, ops, writer_ids, keys):
+            if not op_code:
+                try:
+                    log.decode_record(record)
+                except ValueError as error:
+                    problems.append(f"log: event {seq} cannot be decoded ({error})")
+                    continue
+            if op_code not in log.OP_CODES:
+                problems.append(f"log: event {seq} has unknown operation code {op_code}")
+                continue
+            if op_code == log.ADD_MUTABLE_MANY:
+                try:
+                    log.decode_samples(log.decode_record(record)[6])
+                except ValueError as error:
+                    problems.append(f"log: event {seq} cannot be decoded ({error})")
+            if writer_id not in writers:
+                problems.append(f"log: event {seq} has unknown writer {writer_id}")
+                writers.add(writer_id)
+            if op_code == log.PROMOTE:
+                continue  # touches no key: not in the history index
+            key_counts[key if op_code != log.CLEAR else None] += 1
     if broken_links > _MAX_LISTED:
         problems.append(f"log: {broken_links - _MAX_LISTED} more events do not match their chain")
+    counts: collections.Counter[bytes] = collections.Counter()
+    for key_or_none, count in key_counts.items():
+        counts[ALL_KEYS if key_or_none is None else name_key_of(key_or_none)] += count
     return problems, counts
 
 
@@ -289,46 +322,148 @@ def _replay_key(
 ) -> tuple[tuple[bytes, Any] | None, int]:
     """Replay the events of one key (from the history index) up to `until_seq`.
 
+    Only the events after the last clear before the key's last event are
+    read, ``settings.VERIFY_CHUNK`` at a time.
+
     Returns
     -------
     (key, model value) — bytes, a set of packed members or a dict, as in
-    :class:`_StateModel` — or None if the key does not exist then; and the
-    seq of the key's last event (0 if none). Undecodable events are skipped
-    (the log check reports them).
+    :class:`_StateModel`, or :class:`_SortedRows` for members replayed in
+    bulk — or None if the key does not exist then; and the seq of the
+    key's last event (0 if none). Undecodable events are skipped (the log
+    check reports them).
     """
     cursor = txn.cursor(db=tables.history)
-    model = _StateModel()
-    key = b""
-    last = 0
-    if cursor.set_key(name_key):
-        for seq_key in cursor.iternext_dup(keys=False):
-            seq = log.unpack_seq(seq_key)
-            if until_seq is not None and seq > until_seq:
-                break
-            if bisect.bisect_left(clears, seq) != bisect.bisect_left(clears, last):
-                model.data.clear()  # a clear between the previous event and this one
-            last = seq
+    seq_keys = list(cursor.iternext_dup(keys=False)) if cursor.set_key(name_key) else []
+    if until_seq is not None:
+        del seq_keys[bisect.bisect_right(seq_keys, log.pack_seq(until_seq)) :]
+    if not seq_keys:
+        return None, 0
+    last = log.unpack_seq(seq_keys[-1])
+    end = len(clears) if until_seq is None else bisect.bisect_right(clears, until_seq)
+    before_last = bisect.bisect_left(clears, last)
+    if before_last < end:
+        return None, last  # cleared after its last event
+    if before_last:
+        # Seq keys sort as their seqs: drop the events that a clear wiped.
+        del seq_keys[: bisect.bisect_right(seq_keys, log.pack_seq(clears[before_last - 1]))]
+    replay = _KeyReplay()
+    log_cursor = txn.cursor(db=tables.log)
+    chunk = settings.VERIFY_CHUNK
+    for start in range(0, len(seq_keys), chunk):
+        # A missing event is left out, as an undecodable one is skipped.
+        replay.apply([record for _, record in log_cursor.getmulti(seq_keys[start : start + chunk])])
+    return replay.result(), last
+
+
+class _KeyReplay:
+    """The events of one key applied in order, runs of a sensor's samples in bulk.
+
+    Members added in bulk wait as arrays (:func:`telstate.log.sample_rows`)
+    while nothing else happens to the key; any other event first moves
+    them into the :class:`_StateModel`, one by one.
+    """
+
+    def __init__(self) -> None:
+        self.model = _StateModel()
+        self.key = b""
+        self.rows: list[np.ndarray] = []
+        self.pending = 0
+        self.compacted = 0
+
+    def apply(self, records: list[bytes]) -> None:
+        """Apply the next events of the key, in log order."""
+        samples = log.sample_rows(records)
+        if samples is not None:
+            key, rows = samples
+            if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
+                self._move_rows()  # rows of one key and one width wait together
+            self.key = key
+            self.rows.append(rows)
+            self.pending += len(rows)
+            if self.pending > 2 * self.compacted + settings.VERIFY_CHUNK:
+                # A sample added again is stored once: keep memory to the distinct ones.
+                self.rows = [_sorted_unique(np.concatenate(self.rows))]
+                self.pending = self.compacted = len(self.rows[0])
+            return
+        self._move_rows()
+        for record in records:
             try:
-                raw = log.decode_record(txn.get(seq_key, db=tables.log))
-                model.apply(raw)
+                raw = log.decode_record(record)
+                self.model.apply(raw)
             except (ValueError, StoreError):
                 continue
-            key = raw[4]
-    end = len(clears) if until_seq is None else bisect.bisect_right(clears, until_seq)
-    if bisect.bisect_left(clears, last) < end:
-        model.data.clear()  # cleared after its last event
-    value = model.data.get(key)
-    return (None if value is None else (key, value)), last
+            self.key = raw[4]
+
+    def result(self) -> tuple[bytes, Any] | None:
+        """(key, model value), or None if the key does not exist after the events."""
+        if self.rows and not self.model.data:
+            return self.key, _SortedRows(np.concatenate(self.rows))
+        self._move_rows()
+        value = self.model.data.get(self.key)
+        return None if value is None else (self.key, value)
+
+    def _move_rows(self) -> None:
+        if not self.rows:
+            return
+        rows = np.concatenate(self.rows)
+        self.rows = []
+        self.pending = self.compacted = 0
+        data = rows.tobytes()
+        width = rows.shape[1]
+        members = self.model.data.get(self.key)
+        if members is None:
+            members = self.model.data[self.key] = set()
+        members.update(data[start : start + width] for start in range(0, len(data), width))
+
+
+class _SortedRows:
+    """A mutable key's replayed members: the distinct rows of a 2-D uint8 array, sorted."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = _sorted_unique(rows)
+
+    def equals(self, members: Collection[bytes]) -> bool:
+        """Whether `members` are these, in the same order (zset order)."""
+        rows = self.rows
+        if len(members) != len(rows) or set(map(len, members)) != {rows.shape[1]}:
+            return False
+        return b"".join(members) == rows.tobytes()
+
+
+def _sorted_unique(rows: np.ndarray) -> np.ndarray:
+    """The distinct rows of a 2-D uint8 array, in the order of their bytes (as zsets keep them)."""
+    count, width = rows.shape
+    if count < 2:
+        return rows
+    # Big-endian words of the rows, zero-padded at the end: they sort as the bytes do.
+    words = -(-width // 8)
+    padded = np.zeros((count, words * 8), np.uint8)
+    padded[:, :width] = rows
+    columns = padded.view(">u8").astype(np.uint64)
+    if (columns[1:, 0] > columns[:-1, 0]).all():
+        return rows  # timestamps increase (a sensor's samples mostly): sorted and distinct
+    order = np.lexsort(columns.T[::-1])
+    columns = columns[order]
+    distinct = np.ones(count, bool)
+    distinct[1:] = (columns[1:] != columns[:-1]).any(axis=1)
+    return rows[order[distinct]]
 
 
 def _difference(key_type: KeyType, value: Any, logged: tuple[bytes, Any] | None) -> str:
     """How a stored key differs from its replay; empty if it does not."""
     if logged is None:
         return "in the state but not in the log"
-    logged_type = _MODEL_TYPES[type(logged[1])]
+    replayed = logged[1]
+    logged_type = (
+        KeyType.MUTABLE if isinstance(replayed, _SortedRows) else _MODEL_TYPES[type(replayed)]
+    )
     if key_type != logged_type:
         return f"{key_type.name.lower()} in the state, {logged_type.name.lower()} in the log"
-    expected = sorted(logged[1]) if logged_type == KeyType.MUTABLE else logged[1]
-    if value != expected:
+    if isinstance(replayed, _SortedRows):
+        same = isinstance(value, list) and replayed.equals(value)
+    else:
+        same = value == (sorted(replayed) if logged_type == KeyType.MUTABLE else replayed)
+    if not same:
         return "value differs between state and log"
     return ""
