@@ -46,11 +46,18 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
+    CONNECT, CONFLICT  --store lacks the recorded promotion--> FENCED (for good)
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
 replicator: finding itself displaced it stops writing (CONFLICT) until the
 cursor is gone, and says so in the log.
+
+After a follower's promotion, the promoted store's replicator records its
+promote event before it claims the mirror (:mod:`replicator.promotion`);
+a replicator whose store lacks that event (the old primary) is FENCED: it
+never writes the mirror again, and above all never rebuilds it from its
+own, abandoned history.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from telstate.utils import KeyType, ensure_str, pack_timestamp
 from .acl import AclError, Protection, check_protection, setup_client_rules
 from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
+from .promotion import latest_promotion, read_promotion, record_promotion
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -336,6 +344,7 @@ class SinkState(enum.Enum):
     TAIL = "tail"
     BACKOFF = "backoff"
     CONFLICT = "conflict"
+    FENCED = "fenced"
 
 
 @dataclass(frozen=True)
@@ -463,6 +472,8 @@ class RedisSink:
         self.cursor: Cursor | None = None
         #: Whether clients of the mirror are kept from writing it, as last checked.
         self.protection: Protection | None = None
+        #: Why the sink is FENCED (None otherwise).
+        self.fenced: str | None = None
         self._key = mirror_cursor_key(self.db)
         self._apply_script = self.client.register_script(_APPLY)
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
@@ -501,6 +512,8 @@ class RedisSink:
                 return self._tail()
             if self.state == SinkState.CONFLICT:
                 return self._conflict()
+            if self.state == SinkState.FENCED:
+                return Step(0, wait=self.backoff[1])
             return self._backoff()
         except _TRANSIENT as error:
             return self._fail(f"Redis at {self.url} failed: {error}")
@@ -588,6 +601,8 @@ class RedisSink:
                     self.db,
                     protection.detail,
                 )
+        if self._fence():
+            return Step(0, wait=self.backoff[1])
         size, found = read_cursor(self.client)
         if self._failed_since is not None:
             logger.info(
@@ -703,6 +718,8 @@ class RedisSink:
         now = time.monotonic()
         if now < self._retry_at:
             return Step(0, wait=self._retry_at - now)
+        if self._fence():
+            return Step(0, wait=self.backoff[1])
         _, found = read_cursor(self.client)
         if found is None or found.owner == self.owner:
             logger.info("mirror %s db %d is free again", self.url, self.db)
@@ -719,6 +736,34 @@ class RedisSink:
         return Step(0)
 
     # Transitions
+
+    def _fence(self) -> bool:
+        """Check the promotion recorded for the mirror, and record the store's own if newer.
+
+        Returns
+        -------
+        True if the store lacks the recorded promotion: the sink is then
+        FENCED and never writes the mirror again.
+        """
+        recorded = read_promotion(self.client, self.db)
+        if recorded is not None:
+            refusal = recorded.refusal(self.source)
+            if refusal is not None:
+                logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
+                self.fenced = refusal
+                self.state = SinkState.FENCED
+                return True
+        mine = latest_promotion(self.source, after=recorded)
+        if mine is not None and record_promotion(self.client, self.db, mine, recorded):
+            logger.info(
+                "recorded the promotion of store %s at seq %d for mirror %s db %d: the old"
+                " primary may no longer update it",
+                mine.store,
+                mine.seq,
+                self.url,
+                self.db,
+            )
+        return False
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)
@@ -958,10 +1003,11 @@ def _append_event(ops: _Operations, event: Event) -> None:
     elif op is Op.DELETE:
         assert event.key is not None
         ops.add(_UNLINK, event.key)
-    else:
+    elif op is Op.CLEAR:
         # The mirror database holds exactly the store's keys (every step
         # checks its key count), so flushing it removes telstate's keys only.
         ops.add_keyless(_FLUSH)
+    # Any other event (a promotion) changes no key.
 
 
 def _record_ops(
