@@ -1007,7 +1007,7 @@ def _append_event(ops: _Operations, event: Event) -> None:
         # The mirror database holds exactly the store's keys (every step
         # checks its key count), so flushing it removes telstate's keys only.
         ops.add_keyless(_FLUSH)
-    # Any other event (a promotion) changes no key.
+    # A promotion (Op.PROMOTE) changes no key: the cursor moves past it, nothing else.
 
 
 def _record_ops(

@@ -192,16 +192,20 @@ def _time_arg(text: str) -> float:
     return moment
 
 
+def _check_store_path(path: str) -> None:
+    """Raise CliError (usage) unless `path` is a store directory."""
+    if not os.path.isdir(path):
+        raise CliError(f"no telstate store at {path!r}: not a directory")
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        raise CliError(f"no telstate store at {path!r}: it has no data.mdb")
+
+
 def _open_store(args: argparse.Namespace, readonly: bool = True):
     """Open ``args.store``, closed when the command ends (see :func:`main`)."""
     from .lmdb import LmdbBackend
 
     path = args.store
-
-    if not os.path.isdir(path):
-        raise CliError(f"no telstate store at {path!r}: not a directory")
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        raise CliError(f"no telstate store at {path!r}: it has no data.mdb")
+    _check_store_path(path)
     try:
         return args.stores.enter_context(LmdbBackend(path, readonly=readonly))
     except StoreError as error:
@@ -233,6 +237,8 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         "first_event_time": first.time if first else None,
         "last_event_time": last.time if last else None,
         "size_bytes": size,
+        "role": backend.role,
+        "primary": backend.primary,
     }
     if args.json:
         json.dump(info, out, indent=2)
@@ -245,6 +251,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"({format_time(info['first_event_time'])} .. "
             f"{format_time(info['last_event_time'])})\n"
             f"chain      {info['chain']}\n"
+            f"role       {info['role']}"
+            + (f" of {info['primary']}" if info["primary"] is not None else "")
+            + "\n"
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
@@ -359,8 +368,11 @@ def cmd_log(args: argparse.Namespace, out: TextIO) -> int:
                 continue
             if until is not None and event.time > until:
                 break
-            # A clear touches every key, so it matches any key filter.
-            if match is not None and event.key is not None and not match(event.key):
+            # A clear touches every key, so it matches any key filter; a
+            # promotion touches none.
+            if match is not None and (
+                event.op is log.Op.PROMOTE or (event.key is not None and not match(event.key))
+            ):
                 continue
             yield event
             shown += 1
@@ -593,6 +605,19 @@ def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_promote(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb import promote
+
+    _check_store_path(args.store)
+    seq = promote(args.store, args.name)
+    out.write(
+        json.dumps({"store": args.store, "seq": seq}) + "\n"
+        if args.json
+        else f"promoted {args.store} to primary: promotion event {seq}\n"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``telstate`` command."""
     parser = argparse.ArgumentParser(
@@ -664,6 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
     )
     command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
+    promote = command(
+        "promote", cmd_promote, "make a follower store the primary (writable); print the event seq"
+    )
+    promote.add_argument("--name", help="name of the new primary in the event (default host:path)")
     return parser
 
 

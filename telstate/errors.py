@@ -88,3 +88,12 @@ class WriteTimeoutError(TimeoutError):
     Not in katsdptelstate. The request expires at the log host unapplied:
     the daemon never applies a request older than its timeout.
     """
+
+
+class ChainMismatchError(StoreError):
+    """An event does not continue a store's chain: it is of another history.
+
+    Not in katsdptelstate. Raised when a follower is given an event of
+    another store, of another history of its primary (one that went on
+    after a promotion elsewhere), or an altered one.
+    """

@@ -1,7 +1,9 @@
 """The event log format: what one write looks like once it is recorded.
 
 Every write that changes a store's state (``set_immutable``,
-``add_mutable``, ``set_indexed``, ``delete``, ``clear``) is one event. The
+``add_mutable``, ``set_indexed``, ``delete``, ``clear``) is one event, and
+so is the promotion of a follower to primary (``promote``, which changes
+no key; see :mod:`telstate.lmdb.follower`). The
 log is an LMDB table mapping the event's sequence number, as 8 big-endian
 bytes (so the table is in log order), to a record:
 
@@ -9,17 +11,19 @@ bytes (so the table is in log order), to a record:
 offset size    field (little-endian)
 ====== ======= ==============================================================
 0      1       operation code: 1 set_immutable, 2 add_mutable,
-               3 set_indexed, 4 delete, 5 clear
+               3 set_indexed, 4 delete, 5 clear, 6 promote
 1      4       writer id (uint32): a row of the writers table
 5      8       wall-clock time of the append (float64, seconds since the
                epoch; never less than the previous event's time)
 13     8       sensor timestamp (float64; add_mutable only, else NaN)
-21     4       key length *k* (uint32; 0 for clear)
+21     4       key length *k* (uint32; 0 for clear and promote)
 25     4       sub-key length *s* (uint32; set_indexed only, else 0)
 29     k       key, encoded as stored
 29+k   s       sub-key, encoded as stored (msgpack)
 29+k+s v       value, encoded as stored (set_immutable, add_mutable,
-               set_indexed; empty for delete and clear)
+               set_indexed; for promote, an encoded dict that says who
+               was promoted when, see :func:`promotion_value`; empty for
+               delete and clear)
 end-32 32      chain hash (see below)
 ====== ======= ==============================================================
 
@@ -86,10 +90,14 @@ class Op(enum.Enum):
     SET_INDEXED = "set_indexed"
     DELETE = "delete"
     CLEAR = "clear"
+    #: A follower became the primary (no key; the value says who and when).
+    PROMOTE = "promote"
 
 
 #: Operation codes of the record layout (see the module docstring).
-SET_IMMUTABLE, ADD_MUTABLE, SET_INDEXED, DELETE, CLEAR = range(1, 6)
+SET_IMMUTABLE, ADD_MUTABLE, SET_INDEXED, DELETE, CLEAR, PROMOTE = range(1, 7)
+#: Every operation code a record may have.
+OP_CODES = frozenset(range(1, 7))
 
 _HEADER = struct.Struct("<BIddII")
 _TIME = struct.Struct("<5xd")
@@ -134,11 +142,14 @@ class Event:
     op
         What kind of write it was.
     key
-        Encoded key, exactly as stored; None for :attr:`Op.CLEAR`.
+        Encoded key, exactly as stored; None for :attr:`Op.CLEAR` and
+        :attr:`Op.PROMOTE`.
     sub_key
         Encoded (msgpack) sub-key for :attr:`Op.SET_INDEXED`, else None.
     value
-        Encoded value exactly as stored for set and add operations, else None.
+        Encoded value exactly as stored for set and add operations; for
+        :attr:`Op.PROMOTE`, the encoded dict of :func:`promotion_value`;
+        else None.
     timestamp
         Sensor timestamp for :attr:`Op.ADD_MUTABLE`, else None.
     chain
@@ -367,7 +378,24 @@ def make_event(seq: int, raw: RawEvent, writer: Writer) -> Event:
         return Event(seq, time, writer, Op.DELETE, key, None, None, None, chain)
     if op_code == CLEAR:
         return Event(seq, time, writer, Op.CLEAR, None, None, None, None, chain)
+    if op_code == PROMOTE:
+        return Event(seq, time, writer, Op.PROMOTE, None, None, value, None, chain)
     raise ValueError(f"log record {seq} has unknown operation code {op_code}")
+
+
+def promotion_value(previous: str, primary: str, host: str, path: str, time: float) -> bytes:
+    """The value of a promote event: an encoded (:func:`telstate.encoding.encode_value`) dict.
+
+    Its keys: ``previous`` (the primary the store followed until then, as
+    the follower named it), ``primary`` (the name of the new primary),
+    ``host`` and ``path`` (where the promoted store lives) and ``time``
+    (seconds since the epoch).
+    """
+    from .encoding import encode_value
+
+    return encode_value(
+        {"previous": previous, "primary": primary, "host": host, "path": path, "time": time}
+    )
 
 
 def pack_writer_id(writer_id: int) -> bytes:

@@ -101,7 +101,7 @@ MAX_REQUEST_BYTES = 256 << 20
 
 _TIMESTAMP = struct.Struct(">d")
 _HOST = socket.gethostname()
-_OPS = {op.value.encode(): op for op in Op}
+# The operations a remote writer may request (a promotion is not one), and their fields.
 _FIELDS = {
     Op.SET_IMMUTABLE: {b"key", b"value"},
     Op.ADD_MUTABLE: {b"key", b"value", b"ts"},
@@ -109,6 +109,7 @@ _FIELDS = {
     Op.DELETE: {b"key"},
     Op.CLEAR: set(),
 }
+_OPS = {op.value.encode(): op for op in _FIELDS}
 _COMMON = {b"v", b"id", b"reply", b"store", b"op", b"timeout", b"host", b"pid", b"name"}
 
 

@@ -41,6 +41,9 @@ Modules, one concern each:
     (the chain, and each key replayed alone against its state or an RDB file).
 :mod:`~telstate.lmdb.upgrade`
     ``telstate upgrade``: a format 1 store (no chain) rewritten as format 2.
+:mod:`~telstate.lmdb.follower`
+    Follower stores (copies of a primary's log that only its events
+    change) and their promotion to primary.
 :mod:`~telstate.lmdb.backend`
     :class:`LmdbBackend` and :class:`Snapshot`.
 """
@@ -48,6 +51,26 @@ Modules, one concern each:
 from .audit import replay
 from .backend import LmdbBackend, Snapshot
 from .environment import DURABILITIES
+from .follower import (
+    apply_records,
+    create_follower,
+    make_follower,
+    promote,
+    read_records,
+    writers_of,
+)
 from .writes import WriteTxn
 
-__all__ = ["DURABILITIES", "LmdbBackend", "Snapshot", "WriteTxn", "replay"]
+__all__ = [
+    "DURABILITIES",
+    "LmdbBackend",
+    "Snapshot",
+    "WriteTxn",
+    "apply_records",
+    "create_follower",
+    "make_follower",
+    "promote",
+    "read_records",
+    "replay",
+    "writers_of",
+]

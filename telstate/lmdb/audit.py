@@ -53,7 +53,7 @@ class _StateModel:
             data.pop(key, None)
         elif op_code == log.CLEAR:
             data.clear()
-        else:
+        elif op_code != log.PROMOTE:  # a promotion changes no key
             raise StoreError(f"unknown operation code {op_code} in the log")
 
     def records(self) -> Iterator[Record]:
@@ -248,12 +248,14 @@ def _check_log(
         except ValueError as error:
             problems.append(f"log: event {seq} cannot be decoded ({error})")
             continue
-        if raw[0] not in _OP_CODES:
+        if raw[0] not in log.OP_CODES:
             problems.append(f"log: event {seq} has unknown operation code {raw[0]}")
             continue
         if raw[1] not in writers:
             problems.append(f"log: event {seq} has unknown writer {raw[1]}")
             writers.add(raw[1])
+        if raw[0] == log.PROMOTE:
+            continue  # touches no key: not in the history index
         counts[name_key_of(raw[4]) if raw[0] != log.CLEAR else ALL_KEYS] += 1
     if broken_links > _MAX_LISTED:
         problems.append(f"log: {broken_links - _MAX_LISTED} more events do not match their chain")
@@ -315,6 +317,3 @@ def _difference(key_type: KeyType, value: Any, logged: tuple[bytes, Any] | None)
     if value != expected:
         return "value differs between state and log"
     return ""
-
-
-_OP_CODES = frozenset((log.SET_IMMUTABLE, log.ADD_MUTABLE, log.SET_INDEXED, log.DELETE, log.CLEAR))

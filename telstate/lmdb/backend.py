@@ -49,11 +49,12 @@ from .layout import (
     key_record,
     key_type_of,
     name_key_of,
+    primary_in,
     record_name,
 )
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
-from .writes import WriteTxn, wrong_type
+from .writes import WriteTxn, follower_error, wrong_type
 
 _T = TypeVar("_T")
 _HOST = socket.gethostname()
@@ -98,7 +99,7 @@ class LmdbBackend(Backend):
     Notes
     -----
     Besides the :class:`~telstate.backend.Backend` methods, the log API:
-    :attr:`uuid`, :attr:`last_seq`, :attr:`head`, :meth:`chain_at`,
+    :attr:`uuid`, :attr:`role`, :attr:`primary`, :attr:`last_seq`, :attr:`head`, :meth:`chain_at`,
     :meth:`events`, :meth:`history`, :meth:`snapshot`,
     :meth:`wait_for_commit`, :meth:`verify`, :meth:`verify_rdb`,
     :meth:`flush`, and :func:`telstate.lmdb.replay`.
@@ -178,15 +179,27 @@ class LmdbBackend(Backend):
         Raises
         ------
         ReadOnlyError
-            If the store was opened read-only.
+            If the store was opened read-only (here), or is a follower (on
+            entering the block).
         StoreError
             If the store is closed, the disk is full or the store damaged.
         """
-        store = self._store
-        if store is None or self.readonly:
-            self._get_store()
+        return WriteTxn(self._writable_store(), self.writer_name)
+
+    def _writable_store(self) -> Store:
+        """The store, if this backend may write to it.
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only.
+        StoreError
+            If the backend is closed.
+        """
+        store = self._get_store()
+        if self.readonly:
             raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
-        return WriteTxn(store, self.writer_name)
+        return store
 
     def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
         """``operation(wtxn)`` in a transaction of its own."""
@@ -492,8 +505,10 @@ class LmdbBackend(Backend):
 
         source = import_rules.file_source(file)
         if import_rules.rereadable(file):
-            if self.readonly:
-                raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
+            self._writable_store()
+            primary = self.primary
+            if primary is not None:
+                raise follower_error(self.path, primary)
             start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
             records = rdb_reader.read_records(file, packed_members=True)
             bulk.check(self, records, source, progress)
@@ -605,6 +620,17 @@ class LmdbBackend(Backend):
     def uuid(self) -> uuid.UUID:
         """The store's identity, made when it was created (copies keep it)."""
         return self._get_store().uuid
+
+    @property
+    def role(self) -> str:
+        """``"primary"``, or ``"follower"`` for a copy of another store's log that only
+        its events change (see :mod:`telstate.lmdb.follower`)."""
+        return "primary" if self.primary is None else "follower"
+
+    @property
+    def primary(self) -> str | None:
+        """The name of the primary this store follows; None if it is a primary."""
+        return self._read(primary_in, buffers=True)
 
     @property
     def last_seq(self) -> int:

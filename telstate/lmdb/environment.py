@@ -398,6 +398,9 @@ class Store:
         # (transaction id, seq, time, chain) of this process's last commit with events:
         # while nobody else commits, the next event follows it (see writes.WriteTxn._last_event).
         self.last_commit: tuple[int, int, float, bytes] = (-1, 0, 0.0, b"")
+        # Transaction id of this process's last commit if the store was a primary
+        # after it (see writes.WriteTxn._check_role); -1 if unknown.
+        self.primary_txnid = -1
         self.read_cache = ReadCache(-1)
 
     # --- opening and closing -----------------------------------------------------------
@@ -493,17 +496,7 @@ class Store:
             # LMDB writes its lock file through a memory map: its blocks must
             # exist before, or a full disk is a SIGBUS instead of an error.
             self._allocate(os.path.join(path, "lock.mdb"), _lock_file_size())
-        options: dict[str, Any] = dict(
-            map_size=self.map_size,
-            subdir=True,
-            readonly=not writable,
-            sync=sync,
-            writemap=False,
-            max_readers=settings.MAX_READERS,
-            max_dbs=len(Tables.NAMES),
-            max_spare_txns=0,
-            create=writable,
-        )
+        options = _env_options(self.map_size, writable, sync)
         try:
             try:
                 env = lmdb.open(path, **options)
@@ -577,9 +570,7 @@ class Store:
                 tables = self._find_tables(env, txn, create=fresh)
             if fresh:
                 identity = uuid.uuid4()
-                txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
-                txn.put(b"uuid", identity.bytes, db=tables.meta)
-                txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
+                _initialise(txn, tables, identity)
                 return tables, identity
             version = txn.get(b"format", db=tables.meta)
             identity_bytes = txn.get(b"uuid", db=tables.meta)
@@ -922,6 +913,70 @@ class Store:
         self.txns = _Transactions()
         self.sync_lock = threading.Lock()
         self.write_lock = threading.RLock()
+
+
+def _env_options(map_size: int, writable: bool, sync: bool) -> dict[str, Any]:
+    """The options of ``lmdb.open`` for a store."""
+    return dict(
+        map_size=map_size,
+        subdir=True,
+        readonly=not writable,
+        sync=sync,
+        writemap=False,
+        max_readers=settings.MAX_READERS,
+        max_dbs=len(Tables.NAMES),
+        max_spare_txns=0,
+        create=writable,
+    )
+
+
+def _initialise(txn: Any, tables: Tables, identity: uuid.UUID) -> None:
+    """Write the meta entries of a new store with identity `identity`."""
+    txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
+    txn.put(b"uuid", identity.bytes, db=tables.meta)
+    txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
+
+
+def create_store(path: PathType, identity: uuid.UUID, meta: dict[bytes, bytes]) -> None:
+    """Create an empty store at `path` with the given identity and extra meta entries.
+
+    For a follower (:func:`telstate.lmdb.follower.create_follower`), whose
+    identity is its primary's. The store is flushed and closed; open it
+    with :class:`~telstate.lmdb.LmdbBackend`.
+
+    Raises
+    ------
+    StoreError
+        If `path` is a file, a directory that is not empty, or already
+        holds a store (a process creating one at the same moment included).
+    """
+    path = os.path.realpath(os.fsdecode(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"cannot create a telstate store at {path!r}: it is a file")
+    os.makedirs(path, exist_ok=True)
+    if os.listdir(path):
+        raise StoreError(
+            f"cannot create a telstate store at {path!r}: the directory is not empty "
+            f"(it holds {sorted(os.listdir(path))[:3]}); choose a new directory"
+        )
+    try:
+        env = lmdb.open(path, **_env_options(settings.MAP_SIZE, writable=True, sync=True))
+    except lmdb.Error as error:
+        raise StoreError(f"cannot create a telstate store at {path!r}: {error}") from error
+    try:
+        with env.begin(write=True) as txn:
+            if txn.stat()["entries"] != 0:
+                raise StoreError(
+                    f"cannot create a telstate store at {path!r}: another process created one"
+                )
+            tables = Tables(env, txn, create=True)
+            _initialise(txn, tables, identity)
+            for name, value in meta.items():
+                txn.put(name, value, db=tables.meta)
+    except lmdb.Error as error:
+        raise StoreError(f"cannot create a telstate store at {path!r}: {error}") from error
+    finally:
+        env.close()
 
 
 # --- the process-wide registry of open stores -------------------------------------------

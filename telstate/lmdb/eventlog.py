@@ -2,8 +2,10 @@
 
 The record format of an event is :mod:`telstate.log`'s; the tables that
 hold the log, the writers and the history index are described in
-:mod:`telstate.lmdb.layout`. Every event enters the log through
-:func:`append_events`.
+:mod:`telstate.lmdb.layout`. Every event made by this store enters the
+log through :func:`append_events`; a record made elsewhere (a
+follower's copy of its primary's event, a promotion) through
+:func:`append_record`.
 
 Reads come in chunks, each in its own short read transaction; a chunk
 ends after ``settings.LOG_CHUNK`` events or once it holds
@@ -103,6 +105,35 @@ def append_events(
             "past the last one (the store may be damaged)"
         )
     return last[-log.CHAIN_SIZE :]
+
+
+def append_record(
+    txn: Any, tables: Tables, seq: int, name_key: bytes | None, record: bytes
+) -> None:
+    """Append the complete `record` (chain hash included) as event `seq`, verbatim.
+
+    `name_key` is the history index entry of the event's key (``ALL_KEYS``
+    for a clear), or None for an event that touches no key (a promotion).
+    The caller has checked the chain. Both puts are appends, as in
+    :func:`append_events`.
+
+    Raises
+    ------
+    StoreError
+        If LMDB refused an append (`seq` is not past the last event).
+    """
+    seq_key = log.pack_seq(seq)
+    if not (
+        txn.put(seq_key, record, append=True, db=tables.log)
+        and (
+            name_key is None
+            or txn.put(name_key, seq_key, dupdata=True, append=True, db=tables.history)
+        )
+    ):
+        raise StoreError(
+            f"LMDB append out of order: event {seq} is not past the last one "
+            "(the store may be damaged)"
+        )
 
 
 def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:

@@ -11,6 +11,8 @@ record. Long sample values are handled differently (see ``samples``).
 ``meta``
     ``format`` → log format version; ``uuid`` → the store's 16-byte
     identity, made at creation; ``next_key_id`` → 8-byte counter;
+    ``follows`` → the name of the primary (UTF-8) of a follower store,
+    absent in a primary (see :mod:`telstate.lmdb.follower`);
     ``request:`` + request id → the outcome of a remote write request
     (:class:`RequestRecord`), written in the transaction that applied it,
     so that a request delivered twice is applied once
@@ -275,6 +277,16 @@ class Tables:
             elif name == "history":
                 options = {"dupsort": True, "dupfixed": True}
             setattr(self, name, env.open_db(name.encode(), txn=txn, create=create, **options))
+
+
+#: The meta table entry naming a follower's primary (see the module docstring).
+FOLLOWS = b"follows"
+
+
+def primary_in(txn: Any, tables: Tables) -> str | None:
+    """The primary that the store follows, or None if it is a primary itself."""
+    data = txn.get(FOLLOWS, db=tables.meta)
+    return None if data is None else bytes(data).decode("utf-8", errors="replace")
 
 
 #: Prefix of the request records in the meta table (see the module docstring).

@@ -21,13 +21,13 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
 
 from .. import log
-from ..errors import ImmutableKeyError, InvalidTimestampError, StoreError
+from ..errors import ImmutableKeyError, InvalidTimestampError, ReadOnlyError, StoreError
 from ..log import Writer
 from ..utils import display_str
 from .environment import Store, abort
@@ -47,6 +47,7 @@ from .layout import (
     inline,
     key_record,
     name_key_of,
+    primary_in,
 )
 from .samples import add_sample
 from .state import delete_prefix, indexed_value
@@ -57,6 +58,7 @@ _OPEN: dict[int, int] = {}
 
 
 _NEW, _OPEN_STATE, _DONE = range(3)
+_Txn = TypeVar("_Txn", bound="WriteTxn")
 
 # A forked child holds none of its parent's write transactions (each
 # WriteTxn checks the pid it was entered in).
@@ -85,7 +87,10 @@ class WriteTxn:
             wtxn.add_mutable(b"sensor", value, timestamp)
             wtxn.set_indexed(b"config", b"gain", gain)
 
-    Entering takes the store's write lock and begins the LMDB transaction.
+    Entering takes the store's write lock and begins the LMDB transaction;
+    on a follower store it raises :exc:`~telstate.errors.ReadOnlyError`
+    instead (a follower changes only through
+    :func:`telstate.lmdb.follower.apply_records`).
     Leaving the block normally commits it if an operation changed the
     state (else aborts it); leaving it by an exception aborts it, so none
     of its operations take effect. An operation that raises
@@ -112,6 +117,8 @@ class WriteTxn:
 
     Raises
     ------
+    ReadOnlyError
+        On entering the block, if the store is a follower.
     StoreError
         On leaving the block, if LMDB failed (disk or map full, damaged
         store); nothing of the block was committed.
@@ -131,6 +138,7 @@ class WriteTxn:
         "_txnid",
         "_state",
         "_pid",
+        "_primary_after",
     )
 
     def __init__(self, store: Store, writer_name: str | None) -> None:
@@ -144,12 +152,14 @@ class WriteTxn:
         self._new_remote_ids: dict[Writer, int] = {}
         # (seq, time, chain) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float, bytes] | None = None
+        # Whether the store is a primary once this transaction commits.
+        self._primary_after = True
         # Set by __enter__: what the transaction starts from.
         self._txnid: int
         self._writer_id: int | None
         self._last_commit: tuple[int, int, float, bytes]
 
-    def __enter__(self) -> WriteTxn:
+    def __enter__(self: _Txn) -> _Txn:
         store = self._store
         if self._state != _NEW:
             raise StoreError("a WriteTxn is entered once: make a new one with backend.write()")
@@ -171,16 +181,30 @@ class WriteTxn:
             self.txn = txn
             self._txnid = txn.id()
             self.tables = store.tables
+            self._check_role()
             self._writer_id = store.writer_ids.get(self._writer_name)
             self._last_commit = store.last_commit
             self._pid = os.getpid()
             self._state = _OPEN_STATE
         except BaseException:
             _OPEN.pop(id(store), None)
+            self.txn = _Closed()
             abort(txn)
             store.end_write(txn)
             raise
         return self
+
+    def _check_role(self) -> None:
+        """Refuse to write to a follower: only its primary's events change it.
+
+        Skipped when the last commit is this process's, made as a primary:
+        nothing can have changed the role since.
+        """
+        if self._store.primary_txnid == self._txnid - 1:
+            return
+        primary = primary_in(self.txn, self.tables)
+        if primary is not None:
+            raise follower_error(self._store.path, primary)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         store, txn = self._store, self.txn
@@ -206,6 +230,7 @@ class WriteTxn:
                 ended = True
                 return
             txn.commit()
+            self._store.primary_txnid = self._txnid if self._primary_after else -1
             if self._new_writer_id is not None:
                 store.writer_ids[self._writer_name] = self._new_writer_id
             store.remote_writer_ids.update(self._new_remote_ids)
@@ -453,6 +478,15 @@ class WriteTxn:
         record = KeyRecord.new(key_type, key_id, key, value)
         checked_put(txn, name_key, record.encode(), tables.keys)
         return record
+
+
+def follower_error(path: str, primary: str) -> ReadOnlyError:
+    """The error for a write to the follower store at `path`, which follows `primary`."""
+    return ReadOnlyError(
+        f"the telstate store at {path!r} is a follower of {primary}: it is read-only "
+        "(only its primary's events change it); write to the primary, or make this "
+        f"store the primary with `telstate promote {path}`"
+    )
 
 
 def wrong_type(key: bytes, record: KeyRecord, wanted: str) -> ImmutableKeyError:
