@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         " @admin rights; without it an administrator sets the rules, see the README)",
     )
     run.add_argument(
+        "--follower-user",
+        type=_user,
+        metavar="USER",
+        help="with --acl-setup: the Redis user of followers, given the rules that let it read"
+        " the log stream and report positions, and nothing else",
+    )
+    run.add_argument(
         "--spare-db",
         type=_database,
         default=DEFAULT_SPARE_DB,
@@ -215,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --redis, --rdb-dir or both")
     if options.redis is None and options.command == "run" and options.acl_setup:
         parser.error("--acl-setup protects the mirror: give --redis too")
+    if options.command == "run" and options.follower_user and not options.acl_setup:
+        parser.error("--follower-user is for --acl-setup")
     if options.rdb_dir is not None and os.path.exists(options.rdb_dir):
         if not os.path.isdir(options.rdb_dir):
             parser.error(f"--rdb-dir {options.rdb_dir!r} is not a directory")
@@ -248,7 +257,9 @@ def _status(options: argparse.Namespace) -> int:
         print(f"telstate-replicator: {error}", file=sys.stderr)
         return 2
     print(format_status(status, as_json=options.json))
-    return 1 if "error" in status.get("mirror", {}) else 0
+    followers = status.get("followers", {}).values()
+    problem = "error" in status.get("mirror", {}) or any("error" in f for f in followers)
+    return 1 if problem else 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -325,6 +336,7 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 client_user=options.client_user,
                 acl_setup=options.acl_setup,
                 accept_writes=options.accept_writes,
+                follower_user=options.follower_user,
             )
         snapshot_sink = None
         if options.rdb_dir is not None:

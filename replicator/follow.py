@@ -47,7 +47,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from telstate import log
-from telstate.errors import StoreError, TelstateError
+from telstate.errors import ChainMismatchError, StoreError, TelstateError
 from telstate.lmdb import LmdbBackend
 from telstate.log import Writer
 from telstate.redis import MIRROR_CURSOR_DB
@@ -153,6 +153,8 @@ class Follower:
         self._retry_at = 0.0
         self._next_report = 0.0
         self._failed_since: float | None = None
+        # Whether Redis refused a position report (said once).
+        self._unreported = False
 
     def run(self) -> None:
         """Follow until :attr:`stop` is set.
@@ -217,7 +219,7 @@ class Follower:
         self._meta = meta
         if self._failed_since is not None:
             logger.info(
-                "Redis at %s is back after %.1f s", self.url, time.monotonic() - self._failed_since
+                "log stream readable again after %.1f s", time.monotonic() - self._failed_since
             )
             self._failed_since = None
         logger.info(
@@ -234,7 +236,7 @@ class Follower:
 
     def _open_store(self, meta: StreamMeta) -> LmdbBackend:
         """Open the follower store, making it first if need be."""
-        from telstate.lmdb import create_follower, make_follower  # type: ignore[attr-defined]
+        from telstate.lmdb import create_follower, make_follower
 
         if not os.path.exists(self.path):
             first = first_seq(self.client, self.db)
@@ -253,7 +255,7 @@ class Follower:
             except StoreError as error:
                 raise FollowError(f"cannot open the follower at {self.path}: {error}") from None
             try:
-                store, role = str(existing.uuid), existing.role  # type: ignore[attr-defined]
+                store, role = str(existing.uuid), existing.role
             finally:
                 existing.close()
             if store != meta.store:
@@ -271,7 +273,7 @@ class Follower:
             raise FollowError(f"cannot open the follower at {self.path}: {error}") from None
 
     def _follow(self) -> Step:
-        from telstate.lmdb import apply_records  # type: ignore[attr-defined]
+        from telstate.lmdb import apply_records
 
         assert self.store is not None
         now = time.monotonic()
@@ -300,7 +302,7 @@ class Follower:
         try:
             self.seq, self._chain = apply_records(self.store, self.seq + 1, records, writers)
         except StoreError as error:
-            if _is_chain_mismatch(error):
+            if isinstance(error, ChainMismatchError):
                 raise FollowError(
                     f"the log stream of mirror {self.url} db {self.db} does not continue the"
                     f" follower at {self.path} (seq {self.seq}): {error}. The primary and the"
@@ -325,7 +327,7 @@ class Follower:
 
         None if the hash lacks one of them.
         """
-        ids = {log.decode_record(record)[1] for record in records}
+        ids = {log.record_op_writer(record)[1] for record in records}
         missing = ids - self._writers.keys()
         if missing:
             self._writers.update(read_writers(self.client, self.db, missing))
@@ -365,7 +367,13 @@ class Follower:
         try:
             report_position(self.client, self.db, self.name, position)
         except redis.exceptions.NoPermissionError as error:
-            logger.debug("cannot report the position: %s", error)
+            if not self._unreported:
+                logger.warning(
+                    "cannot report the position (%s): give the follower a Redis user with the"
+                    " follower rules (see the README, 'Followers')",
+                    error,
+                )
+            self._unreported = True
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)
@@ -376,9 +384,3 @@ class Follower:
         wait = self._delay
         self._delay = min(self._delay * 2, self.backoff[1])
         return Step(0, wait=wait)
-
-
-def _is_chain_mismatch(error: StoreError) -> bool:
-    from telstate.lmdb import ChainMismatchError  # type: ignore[attr-defined]
-
-    return isinstance(error, ChainMismatchError)

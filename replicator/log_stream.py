@@ -75,6 +75,7 @@ from redis.retry import Retry
 
 from telstate import log
 from telstate.errors import StoreError
+from telstate.lmdb import LmdbBackend, read_records, writers_of
 from telstate.log import Writer
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.remote import control_kwargs
@@ -83,7 +84,6 @@ from telstate.utils import ensure_str
 from .connection import connect, redact_url
 from .promotion import Promotion, promotion_key
 from .redis_sink import Step
-from .source import EventSource
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ class LogStream:
     Parameters
     ----------
     source
-        The store (:func:`telstate.lmdb.read_records` and
-        :func:`telstate.lmdb.writers_of` read its raw log).
+        The store (its raw log is read with :func:`telstate.lmdb.read_records`
+        and :func:`telstate.lmdb.writers_of`).
     url, password
         The mirror, as for :class:`~replicator.redis_sink.RedisSink`.
     owner
@@ -304,7 +304,7 @@ class LogStream:
 
     def __init__(
         self,
-        source: EventSource,
+        source: LmdbBackend,
         url: str,
         *,
         owner: str,
@@ -458,8 +458,6 @@ class LogStream:
         return None
 
     def _tail(self) -> Step:
-        from telstate.lmdb import read_records, writers_of  # type: ignore[attr-defined]
-
         assert self.head is not None
         batch: list[tuple[int, bytes]] = []
         size = 0
@@ -470,7 +468,7 @@ class LogStream:
                 break
         if not batch:
             return Step(0, wait=self.backoff[1], idle=True)
-        ids = {log.decode_record(record)[1] for _, record in batch} - self._writers_sent
+        ids = {log.record_op_writer(record)[1] for _, record in batch} - self._writers_sent
         writers: list[Any] = []
         if ids:
             for writer_id, writer in writers_of(self.source, ids).items():
@@ -571,14 +569,17 @@ def report_position(client: redis.Redis, db: int, name: str, position: dict[str,
     client.hset(followers_key(db), name, json.dumps(position, sort_keys=True))
 
 
-def read_positions(client: redis.Redis, db: int) -> dict[str, dict[str, Any]]:
-    """Every follower's last reported position, by name (unreadable reports are left out)."""
+def positions_from(fields: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """Every follower's last reported position, by name, from the followers hash's fields.
+
+    Reports that cannot be read are left out.
+    """
     positions = {}
-    for name, value in client.hgetall(followers_key(db)).items():
+    for name, value in fields.items():
         try:
             position = json.loads(value)
         except ValueError:
             continue
-        if isinstance(position, dict):
+        if isinstance(position, dict) and isinstance(position.get("seq"), int):
             positions[ensure_str(name)] = position
     return positions

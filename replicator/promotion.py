@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from telstate import log
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.utils import ensure_str
 
@@ -166,14 +167,39 @@ def record_promotion(
     )
 
 
-def latest_promotion(source: EventSource, after: Promotion | None = None) -> Promotion | None:
-    """The newest promote event of `source`, if it is later than `after`; else None."""
-    from telstate.lmdb import promotions  # type: ignore[attr-defined]
+class PromotionScan:
+    """Finds a store's newest promote event: reads the log once, then only its new events.
 
-    found = promotions(source)
-    if not found:
-        return None
-    seq, chain = found[-1]
-    if after is not None and after.store == str(source.uuid) and seq <= after.seq:
-        return None
-    return Promotion(str(source.uuid), seq, chain.hex(), socket.gethostname(), source.path)
+    Promote events have no key, so no index leads to them; the records
+    are read raw (:func:`telstate.lmdb.read_records`), checking only their
+    operation codes, at a few million events a second.
+    """
+
+    def __init__(self, source: EventSource) -> None:
+        self.source = source
+        self._scanned = 0
+        self._latest: tuple[int, bytes] | None = None
+
+    def latest(self, after: Promotion | None = None) -> Promotion | None:
+        """The newest promote event of the store, if later than `after`; else None."""
+        from telstate.lmdb import read_records
+
+        source: Any = self.source
+        last_seq = source.last_seq
+        if last_seq < self._scanned:  # the store was replaced under this process
+            self._scanned, self._latest = 0, None
+        while self._scanned < last_seq:
+            chunk = read_records(source, self._scanned + 1, last_seq - self._scanned)
+            if not chunk:
+                break
+            for seq, record in chunk:
+                if log.record_op_writer(record)[0] == log.PROMOTE:
+                    self._latest = (seq, log.record_chain(record))
+            self._scanned = chunk[-1][0]
+        if self._latest is None:
+            return None
+        seq, chain = self._latest
+        store = str(source.uuid)
+        if after is not None and after.store == store and seq <= after.seq:
+            return None
+        return Promotion(store, seq, chain.hex(), socket.gethostname(), source.path)

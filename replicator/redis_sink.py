@@ -83,10 +83,16 @@ from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
-from .acl import AclError, Protection, check_protection, setup_client_rules
+from .acl import (
+    AclError,
+    Protection,
+    check_protection,
+    setup_client_rules,
+    setup_follower_rules,
+)
 from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
-from .promotion import latest_promotion, read_promotion, record_promotion
+from .promotion import PromotionScan, read_promotion, record_promotion
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -406,6 +412,9 @@ class RedisSink:
     accept_writes
         The replicator accepts writes: `acl_setup` lets `client_user` send
         write requests too (:data:`replicator.acl.WRITER_RULES`).
+    follower_user
+        The Redis user of followers: `acl_setup` gives it
+        :data:`replicator.acl.FOLLOWER_RULES`.
     stop
         Set to make a rebuild give up between chunks (the daemon is stopping).
 
@@ -432,6 +441,7 @@ class RedisSink:
         client_user: str = "default",
         acl_setup: bool = False,
         accept_writes: bool = False,
+        follower_user: str | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         if batch_events < 1 or batch_bytes < 1:
@@ -464,6 +474,7 @@ class RedisSink:
         self.backoff = backoff
         self.client_user = client_user
         self.acl_setup = acl_setup
+        self.follower_user = follower_user
         self.accept_writes = accept_writes
         self.stop = stop or threading.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -474,6 +485,7 @@ class RedisSink:
         self.protection: Protection | None = None
         #: Why the sink is FENCED (None otherwise).
         self.fenced: str | None = None
+        self._promotions = PromotionScan(source)
         self._key = mirror_cursor_key(self.db)
         self._apply_script = self.client.register_script(_APPLY)
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
@@ -558,8 +570,7 @@ class RedisSink:
             spare's number).
         """
         try:
-            if self.acl_setup:
-                setup_client_rules(self.client, self.client_user, self.accept_writes)
+            self._setup_rules()
             self.client.eval(_PROBE, 1, _PROBE_KEY, MIRROR_CURSOR_DB, self.spare_db, self.db)
         except _TRANSIENT:
             return
@@ -580,11 +591,17 @@ class RedisSink:
         """Close the connections to Redis."""
         self.client.close()
 
+    def _setup_rules(self) -> None:
+        """With `acl_setup`, give the clients' (and the followers') users their rules."""
+        if self.acl_setup:
+            setup_client_rules(self.client, self.client_user, self.accept_writes)
+            if self.follower_user is not None:
+                setup_follower_rules(self.client, self.follower_user)
+
     # The states
 
     def _connect(self) -> Step:
-        if self.acl_setup:
-            setup_client_rules(self.client, self.client_user, self.accept_writes)
+        self._setup_rules()
         protection = check_protection(self.client, self.client_user)
         if protection != self.protection:
             self.protection = protection
@@ -753,7 +770,7 @@ class RedisSink:
                 self.fenced = refusal
                 self.state = SinkState.FENCED
                 return True
-        mine = latest_promotion(self.source, after=recorded)
+        mine = self._promotions.latest(after=recorded)
         if mine is not None and record_promotion(self.client, self.db, mine, recorded):
             logger.info(
                 "recorded the promotion of store %s at seq %d for mirror %s db %d: the old"

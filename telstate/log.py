@@ -101,6 +101,7 @@ OP_CODES = frozenset(range(1, 7))
 
 _HEADER = struct.Struct("<BIddII")
 _TIME = struct.Struct("<5xd")
+_OP_WRITER = struct.Struct("<BI")
 _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _NAN = math.nan
@@ -363,6 +364,11 @@ def decode_record(record: bytes) -> RawEvent:
 def record_time(record: bytes | memoryview) -> float:
     """The append time of a log record, without decoding the rest."""
     return _TIME.unpack_from(record)[0]
+
+
+def record_op_writer(record: bytes | memoryview) -> tuple[int, int]:
+    """The operation code and writer id of a log record, without decoding the rest."""
+    return _OP_WRITER.unpack_from(record)
 
 
 def make_event(seq: int, raw: RawEvent, writer: Writer) -> Event:
