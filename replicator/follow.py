@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from redis.backoff import NoBackoff
@@ -240,6 +240,8 @@ class Follower:
 
         if not os.path.exists(self.path):
             first = first_seq(self.client, self.db)
+            if first is None:
+                first = meta.seq + 1  # the stream's next entry
             if first != 1:
                 raise FollowError(
                     f"there is no store at {self.path}, and the log stream of mirror {self.url}"
@@ -301,17 +303,17 @@ class Follower:
             )
         try:
             self.seq, self._chain = apply_records(self.store, self.seq + 1, records, writers)
-        except StoreError as error:
-            if isinstance(error, ChainMismatchError):
-                raise FollowError(
-                    f"the log stream of mirror {self.url} db {self.db} does not continue the"
-                    f" follower at {self.path} (seq {self.seq}): {error}. The primary and the"
-                    " follower have diverged (the primary was restored from an older copy,"
-                    " or another store was promoted); start the follower again from"
-                    " `telstate backup` of the current primary"
-                ) from None
-            raise
+        except ChainMismatchError as error:
+            self._diverged(str(error))
         return Step(count)
+
+    def _diverged(self, detail: str) -> NoReturn:
+        raise FollowError(
+            f"the log stream of mirror {self.url} db {self.db} does not continue the follower"
+            f" at {self.path} (seq {self.seq}): {detail}. The primary and the follower have"
+            " diverged (the primary was restored from an older copy, or another follower was"
+            " promoted); start the follower again from `telstate backup` of the current primary"
+        )
 
     def _moved_past(self, first: int) -> None:
         bound = f" (it keeps about {self._meta.max_len} events)" if self._meta else ""
@@ -348,6 +350,10 @@ class Follower:
                 f" {meta.store} ({meta.primary}), not of {self.store.uuid}: stopping"
             )
         self._meta = meta
+        if meta.seq <= self.seq and self.store.chain_at(meta.seq).hex() != meta.chain:
+            # The stream's head is in the follower's past, and of another history:
+            # no entry to come will ever continue the follower.
+            self._diverged(f"the stream's chain at seq {meta.seq} is not the follower's")
         behind = max(0, meta.seq - self.seq)
         lag_seconds = 0.0
         if behind:
