@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from telstate import log
+from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.utils import ensure_str
 
@@ -170,9 +170,9 @@ def record_promotion(
 class PromotionScan:
     """Finds a store's newest promote event: reads the log once, then only its new events.
 
-    Promote events have no key, so no index leads to them; the records
-    are read raw (:func:`telstate.lmdb.read_records`), checking only their
-    operation codes, at a few million events a second.
+    Promote events have no key, so no index leads to them: the first call
+    reads the whole log (about half a million events a second), later
+    calls only the events appended since.
     """
 
     def __init__(self, source: EventSource) -> None:
@@ -182,20 +182,14 @@ class PromotionScan:
 
     def latest(self, after: Promotion | None = None) -> Promotion | None:
         """The newest promote event of the store, if later than `after`; else None."""
-        from telstate.lmdb import read_records
-
-        source: Any = self.source
+        source = self.source
         last_seq = source.last_seq
         if last_seq < self._scanned:  # the store was replaced under this process
             self._scanned, self._latest = 0, None
-        while self._scanned < last_seq:
-            chunk = read_records(source, self._scanned + 1, last_seq - self._scanned)
-            if not chunk:
-                break
-            for seq, record in chunk:
-                if log.record_op_writer(record)[0] == log.PROMOTE:
-                    self._latest = (seq, log.record_chain(record))
-            self._scanned = chunk[-1][0]
+        for event in source.events(self._scanned + 1, last_seq):
+            if event.op is Op.PROMOTE:
+                self._latest = (event.seq, event.chain)
+        self._scanned = last_seq
         if self._latest is None:
             return None
         seq, chain = self._latest
