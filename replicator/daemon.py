@@ -232,10 +232,12 @@ class Daemon:
             step = self.shared.step()
             if stream is not None and sink.state == SinkState.TAIL:
                 stream_step = stream.step()
+                # A stream waiting out a Redis failure leaves the mirror idle: new
+                # commits, not its retry, call for the next step.
                 step = Step(
                     step.applied,
                     wait=min(step.wait, stream_step.wait),
-                    idle=step.idle and stream_step.idle,
+                    idle=step.idle and not stream_step.applied,
                 )
             refusal = sink.fenced or (stream.refusal if stream is not None else None)
             if refusal is not None:
@@ -256,8 +258,6 @@ class Daemon:
                 continue
             seq = sink.seq
             if step.idle and seq is not None:
-                if stream is not None and stream.head is not None:
-                    seq = min(seq, stream.head)
                 self.source.wait_for_commit(seq, min(step.wait, _IDLE_WAIT))
             else:
                 self.stop.wait(step.wait)
