@@ -1,4 +1,4 @@
-"""The ``telstate`` command: inspect, audit, replay, export and verify an LMDB store.
+"""The ``telstate`` command: inspect, audit, replay, export, verify and back up an LMDB store.
 
 Every command takes the store directory first. Output is for people by
 default and JSON with ``--json``. Exit status: 0 success, 1 a negative
@@ -605,6 +605,44 @@ def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args: argparse.Namespace, out: TextIO) -> int:
+    from .lmdb.backup import backup
+
+    _check_store_path(args.store)
+    if os.path.lexists(args.dest):
+        raise CliError(f"the backup destination {args.dest!r} exists: give a new path")
+    parent = os.path.dirname(os.path.abspath(args.dest))
+    if not os.path.isdir(parent):
+        raise CliError(f"cannot back up to {args.dest!r}: no such directory {parent!r}")
+    shown = Progress(f"copying {args.store} (MB)", None)
+
+    def progress(copied: int, used: int) -> None:
+        shown.total = max(1, used >> 20)
+        shown.advance((copied >> 20) - shown.count)
+
+    started = time.monotonic()
+    try:
+        seq, chain = backup(args.store, args.dest, progress if shown.enabled else None)
+    finally:
+        shown.done()
+    size = os.path.getsize(os.path.join(args.dest, "data.mdb"))
+    result = {
+        "store": args.store,
+        "backup": args.dest,
+        "seq": seq,
+        "chain": chain.hex(),
+        "size_bytes": size,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    out.write(
+        json.dumps(result) + "\n"
+        if args.json
+        else f"backed up {args.store} to {args.dest}: {seq} events (chain {chain.hex()[:16]}), "
+        f"{size / 1e6:.1f} MB in {result['seconds']:.1f} s\n"
+    )
+    return EXIT_OK
+
+
 def cmd_promote(args: argparse.Namespace, out: TextIO) -> int:
     from .lmdb import promote
 
@@ -689,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
     )
     command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
+    backup = command(
+        "backup",
+        cmd_backup,
+        "copy the store, consistently, while writers keep writing (DEST must not exist)",
+    )
+    backup.add_argument("dest", help="directory of the copy, created")
     promote = command(
         "promote", cmd_promote, "make a follower store the primary (writable); print the event seq"
     )

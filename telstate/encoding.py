@@ -19,7 +19,7 @@ import pickle
 import struct
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -695,6 +695,34 @@ def decode_value(value: bytes, allow_pickle: bool | None = None) -> Any:
         f"value starts with unrecognised header byte {bytes(value[:1])!r} "
         "(telstate may need to be updated)"
     )
+
+
+# A msgpack-encoded float64, the usual sensor sample: header, 0xcb, 8 bytes big-endian.
+_FLOAT64_PREFIX = ENCODING_MSGPACK + b"\xcb"
+_FLOAT64_VALUE = np.dtype([("prefix", "S2"), ("value", ">f8")])
+# Below this many values, one call per value costs less than checking them all first.
+_BATCH_MIN = 16
+
+
+def decode_values(values: Sequence[bytes]) -> list[Any]:
+    """``[decode_value(value) for value in values]``, faster for many float samples.
+
+    When every value is a msgpack-encoded float64 (10 bytes: header,
+    0xcb, the number), all are decoded in one numpy call, which gives the
+    same floats as :func:`decode_value`; anything else goes through
+    :func:`decode_value` one by one, with its checks and errors.
+
+    Raises
+    ------
+    DecodeError
+        As :func:`decode_value`.
+    """
+    count = len(values)
+    if count >= _BATCH_MIN and set(map(len, values)) == {_FLOAT64_VALUE.itemsize}:
+        records = np.frombuffer(b"".join(values), dtype=_FLOAT64_VALUE)
+        if (records["prefix"] == _FLOAT64_PREFIX).all():
+            return records["value"].tolist()
+    return [decode_value(value) for value in values]
 
 
 def equal_encoded_values(a: bytes, b: bytes) -> bool:

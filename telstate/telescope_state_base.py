@@ -21,11 +21,13 @@ import math
 import os
 import time
 from collections.abc import Callable, Generator
+from operator import itemgetter
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .backend import IndexedKeyUpdate, KeyUpdate, KeyUpdateBase
 from .encoding import (
     decode_value,
+    decode_values,
     encode_sub_key,
     encode_value,
     equal_encoded_values,
@@ -45,6 +47,8 @@ _B = TypeVar("_B")
 _T = TypeVar("_T", bound="TelescopeStateBase")
 _R = TypeVar("_R")
 _Key = bytes | str
+# The value and the timestamp of a (value, timestamp) sample.
+_first, _second = itemgetter(0), itemgetter(1)
 
 #: Longest single wait on a backend monitor, so that cancellation futures
 #: and deadlines are checked at least this often. (Lost notifications are
@@ -306,7 +310,8 @@ class TelescopeStateBase(Generic[_B]):
             if samples is not None:
                 if return_encoded:
                     return samples
-                return [(decode_value(value), timestamp) for value, timestamp in samples]
+                values = decode_values(list(map(_first, samples)))
+                return list(zip(values, map(_second, samples)))
         raise KeyError(f"{display_str(ensure_binary(key))} not found")
 
     # Waiting. A wait plan checks its condition, then asks for the next update

@@ -39,7 +39,16 @@ def test_json_describes_the_run(run):
     assert {c["name"] for c in document["contenders"]} == {c.name for c in CONTENDERS}
     assert {row["family"] for row in document["rows"]} == {f.name for f in FAMILIES}
     assert document["targets"]
-    assert all(t["verdict"] in ("met", "MISSED", "n/a") for t in document["targets"])
+    assert all(t["verdict"] in ("met", "MISSED", "n/a", "reported") for t in document["targets"])
+
+
+def test_batch_adds_are_compared_with_the_bare_commit_without_sync(run):
+    _, document = run
+    floor = [t for t in document["targets"] if t["reference"] == "bare LMDB commit (no sync)"]
+    assert {t["row"] for t in floor} == {"add mutable float", "add mutable 8 KB ndarray"}
+    for verdict in floor:
+        assert verdict["verdict"] == "reported" and verdict["threshold"] is None
+        assert verdict["measured"] > 0
 
 
 def test_every_cell_is_measured_or_says_why_not(run):

@@ -977,3 +977,68 @@ def compare_with_peer(value: bytes) -> None:
         assert has_zero_sized_scalar(result)
     else:
         assert_same(decode_value(value), expected)
+
+
+# ---------------------------------------------------------------------------
+# decode_values: many samples at once
+
+
+def _one_by_one(values: list[bytes]) -> list[Any]:
+    """What decode_values must equal: decode_value of each, or its DecodeError."""
+    return [decode_value(value) for value in values]
+
+
+def _same_floats(a: list[Any], b: list[Any]) -> bool:
+    """Equal element by element, bit for bit for floats (NaN and -0.0 included)."""
+    return len(a) == len(b) and all(
+        type(x) is type(y)
+        and (struct.pack(">d", x) == struct.pack(">d", y) if type(x) is float else x == y)
+        for x, y in zip(a, b)
+    )
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=100))
+def test_decode_values_of_floats_is_decode_value_of_each(floats: list[float]) -> None:
+    values = [encode_value(x) for x in floats]
+    decoded = encoding.decode_values(values)
+    assert _same_floats(decoded, _one_by_one(values))
+    assert _same_floats(decoded, floats)
+
+
+@given(
+    st.lists(
+        st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=3)),
+        max_size=60,
+    )
+)
+def test_decode_values_of_mixed_samples_is_decode_value_of_each(samples: list[Any]) -> None:
+    values = [encode_value(x) for x in samples]
+    assert _same_floats(encoding.decode_values(values), _one_by_one(values))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda v: v[:9] + b"\x00" + v[9:],  # a float of 11 bytes (trailing data)
+        lambda v: b"\x00" + v[1:],  # a pickle header: refused
+        lambda v: b"\xff\xca" + v[2:],  # 0xca: float32 with trailing bytes
+    ],
+)
+def test_decode_values_refuses_what_decode_value_refuses(damage: Callable[[bytes], bytes]) -> None:
+    values = [encode_value(float(i)) for i in range(40)]
+    values[17] = damage(values[17])
+    with pytest.raises(DecodeError):
+        decode_value(values[17])
+    with pytest.raises(DecodeError):
+        encoding.decode_values(values)
+
+
+def test_decode_values_does_not_realign_values_of_other_lengths() -> None:
+    # Lengths summing to ten per value, with every tenth byte a float header:
+    # only a check of each length stops these from decoding as floats.
+    floats = [encode_value(float(i)) for i in range(40)]
+    values = floats[:10] + [floats[10][:9], b"\x00" + floats[11]] + floats[12:]
+    assert len(b"".join(values)) == 10 * len(values)
+    assert b"".join(values)[100::10][:3] == b"\xff\xff\xff"
+    with pytest.raises(DecodeError):
+        encoding.decode_values(values)

@@ -121,6 +121,56 @@ def test_fork_inside_a_write_block(backend):
     ]
 
 
+class _CheckedLock:
+    """A write lock that records, at each release, what the registry still holds."""
+
+    def __init__(self, lock, store) -> None:
+        self.lock, self.store, self.seen = lock, store, []
+
+    def acquire(self, *args):
+        return self.lock.acquire(*args)
+
+    def release(self) -> None:
+        self.seen.append(dict(self.store.txns.live))
+        self.lock.release()
+
+
+@pytest.mark.parametrize("outcome", ["commit", "abort", "error"])
+def test_a_write_is_unregistered_before_its_write_lock_is_released(backend, outcome):
+    # A fork takes the write lock first: a write that ended but was still
+    # registered then would make the child give up on the store.
+    store = backend._get_store()
+    checked = store.write_lock = _CheckedLock(store.write_lock, store)
+    try:
+        if outcome == "commit":
+            backend.add_mutable(b"k", b"v", 1.0)
+        elif outcome == "abort":
+            backend.add_mutable(b"k", b"v", 1.0)  # the same sample: nothing to commit
+        else:
+            with pytest.raises(ValueError), backend.write() as wtxn:
+                wtxn.add_mutable(b"k", b"w", 2.0)
+                raise ValueError
+    finally:
+        store.write_lock = checked.lock
+    assert checked.seen and all(live == {} for live in checked.seen)
+
+
+def test_forks_are_counted_for_write_blocks(backend):
+    from telstate.lmdb import writes
+
+    read, write = os.pipe()
+    before = writes._forks
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, b"%d" % writes._forks)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        assert int(pipe.read()) == before + 1
+    assert os.waitpid(pid, 0)[1] == 0
+    assert writes._forks == before
+
+
 def test_read_cache_of_an_older_snapshot_is_never_current(backend):
     backend.add_mutable(b"k", b"v", 1.0)
     store = backend._get_store()

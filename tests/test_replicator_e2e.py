@@ -231,13 +231,19 @@ def test_daemon_sigkilled_at_random_points(store, server, daemons):
     settle(store, client, daemons_[0])
     writer = Writer(store, count=9000, rate=1500, seed=1)
     rng = random.Random(2)
-    deadline = time.monotonic() + 20
     kills = 0
-    while writer.process.is_alive() and time.monotonic() < deadline and kills < 15:
-        if rng.random() < 0.7:
+    # At least 10 kills whatever the machine's speed: once the writer is done
+    # (a loaded machine starts daemons slowly), kills land during start-up.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (kills < 10 or writer.process.is_alive()) and kills < 15:
+        if writer.process.is_alive() and rng.random() < 0.7:
             # Once this daemon is applying batches, at a random instant.
             seq = read_cursor(client)[1].seq
-            while read_cursor(client)[1].seq == seq and time.monotonic() < deadline:
+            while (
+                read_cursor(client)[1].seq == seq
+                and writer.process.is_alive()
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.1))
         else:
@@ -252,7 +258,7 @@ def test_daemon_sigkilled_at_random_points(store, server, daemons):
     listening.clear()
     listener.join()
     pubsub.close()
-    assert kills >= 8
+    assert kills >= 10
     backend = LmdbBackend(store, readonly=True)
     published = [e for e in backend.events() if e.op.value not in ("delete", "clear")]
     backend.close()

@@ -2,8 +2,9 @@
 
 Each contender starts from an empty store; the rounds keep appending to
 it (later samples, new attributes, new sub-keys), as an observation does.
-The bare LMDB commit runs the mutable adds only: it is the floor under
-`telstate lmdb (fsync)`.
+The bare LMDB commits run the mutable adds only: with fsync, the floor
+under `telstate lmdb (fsync)`; without sync (and, like telstate, without
+writemap), the floor under `batch` and `none`.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ class Writes(Family):
             "Each contender starts empty and keeps appending, round after round, through "
             "`add` / `set_indexed` (value encoding included): float samples over "
             f"{scale.sensors} sensors, 8 KB float64 arrays, new attributes, new indexed "
-            "sub-keys. The bare LMDB commit stores the same bytes in one write transaction "
-            "with fsync: the floor under `lmdb (fsync)`."
+            "sub-keys. The bare LMDB commits store the same bytes in one write transaction "
+            "each, without writemap: with fsync, the floor under `lmdb (fsync)`; without "
+            "sync, the floor under `lmdb (batch)` and `lmdb (none)`."
         )
 
     def applies(self, contender: Contender) -> bool:

@@ -28,8 +28,9 @@ Modules, one concern each:
     big mutable keys as :class:`~telstate.lmdb.state.SnapshotMembers`,
     read as they are iterated.
 :mod:`~telstate.lmdb.eventlog`
-    The log table: :func:`~telstate.lmdb.eventlog.append_events` (the one
-    way into it), chunked reads, events as the frontend's key updates.
+    The log table: :func:`~telstate.lmdb.eventlog.append_event` and
+    ``append_events`` (the one way into it), chunked reads, events as the
+    frontend's key updates.
 :mod:`~telstate.lmdb.writes`
     :class:`WriteTxn`: one write transaction and its operations, from the
     keys table to the log (``LmdbBackend.write()`` makes one).

@@ -36,6 +36,7 @@ from .eventlog import (
     log_chunk,
     writers_in,
 )
+from .follower import FOLLOWER, PRIMARY
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -200,11 +201,6 @@ class LmdbBackend(Backend):
         if self.readonly:
             raise ReadOnlyError(f"the telstate store at {self.path!r} was opened read-only")
         return store
-
-    def _write_one(self, operation: Callable[[WriteTxn], _T]) -> _T:
-        """``operation(wtxn)`` in a transaction of its own."""
-        with self.write() as wtxn:
-            return operation(wtxn)
 
     # --- Backend: reads -------------------------------------------------------------
 
@@ -380,7 +376,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write_one(lambda wtxn: wtxn.set_immutable(key, value))
+        with self.write() as wtxn:
+            return wtxn.set_immutable(key, value)
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
         """Add a (value, timestamp) sample to a mutable key.
@@ -399,7 +396,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(lambda wtxn: wtxn.add_mutable(key, value, timestamp))
+        with self.write() as wtxn:
+            wtxn.add_mutable(key, value, timestamp)
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
         """Set a sub-key of an indexed key unless the sub-key exists.
@@ -418,7 +416,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        return self._write_one(lambda wtxn: wtxn.set_indexed(key, sub_key, value))
+        with self.write() as wtxn:
+            return wtxn.set_indexed(key, sub_key, value)
 
     def delete(self, key: bytes) -> None:
         """Delete a key (no-op, and no event, if it does not exist).
@@ -430,7 +429,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(lambda wtxn: wtxn.delete(key))
+        with self.write() as wtxn:
+            wtxn.delete(key)
 
     def clear(self) -> None:
         """Remove all keys (no event if there are none).
@@ -442,7 +442,8 @@ class LmdbBackend(Backend):
         StoreError
             If the store is closed or the disk is full.
         """
-        self._write_one(WriteTxn.clear)
+        with self.write() as wtxn:
+            wtxn.clear()
 
     def load_records(
         self,
@@ -625,7 +626,7 @@ class LmdbBackend(Backend):
     def role(self) -> str:
         """``"primary"``, or ``"follower"`` for a copy of another store's log that only
         its events change (see :mod:`telstate.lmdb.follower`)."""
-        return "primary" if self.primary is None else "follower"
+        return PRIMARY if self.primary is None else FOLLOWER
 
     @property
     def primary(self) -> str | None:

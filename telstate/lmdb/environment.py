@@ -161,7 +161,10 @@ class _Transactions:
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        # `cond` waits on `lock`; taking `lock` itself is a C call, where
+        # ``with cond`` is two Python calls: the per-transaction paths use it.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         # Each live transaction (a write's token until it begins) -> its thread.
         self.live: dict[Any, int] = {}
         self.pending = 0
@@ -180,8 +183,9 @@ class _Transactions:
             If every reader slot is taken even after clearing those of dead processes.
         """
         ident = threading.get_ident()
-        with self.cond:
-            self._admit(ident)
+        with self.lock:
+            if self.pending:
+                self._admit(ident)
             try:
                 try:
                     txn = env.begin(buffers=True) if buffers else env.begin()
@@ -193,24 +197,29 @@ class _Transactions:
             self.live[txn] = ident
         return txn
 
-    def enter(self) -> object:
-        """Register a transaction about to begin (a write); returns its token for :meth:`leave`."""
+    def enter(self, ident: int) -> object:
+        """Register a transaction about to begin in thread `ident` (a write).
+
+        Returns its token for :meth:`leave` (or to be replaced in `live`
+        by the transaction once it began).
+        """
         token = object()
-        with self.cond:
-            self._admit(threading.get_ident())
-            self.live[token] = threading.get_ident()
+        with self.lock:
+            if self.pending:
+                self._admit(ident)
+            self.live[token] = ident
         return token
 
     def leave(self, key: Any) -> None:
         """Unregister an ended transaction (or a token), letting a waiting remap go ahead."""
-        with self.cond:
+        with self.lock:
             del self.live[key]
             if self.pending:
                 self.cond.notify_all()
 
     def end_read(self, txn: Any) -> None:
-        """End a read transaction from :meth:`begin_read` (under `cond`, see Store.before_fork)."""
-        with self.cond:
+        """End a read transaction from :meth:`begin_read` (under `lock`, see Store.before_fork)."""
+        with self.lock:
             abort(txn)
             del self.live[txn]
             if self.pending:
@@ -349,7 +358,9 @@ class Store:
     reads take no other lock, so they run in parallel. A write enters
     `txns` first, then takes `write_lock` (one write transaction at a time
     in this process; never the other way round, so a write never holds
-    `write_lock` while waiting for a remap). Remapping, reopening and
+    `write_lock` while waiting for a remap); it leaves `txns` before
+    releasing `write_lock` (only a brief wait for ``txns.lock``, never for
+    a remap, happens under `write_lock`). Remapping, reopening and
     closing the environment happen inside ``txns.exclusive()``, with
     `sync_lock` (held by the housekeeper while it syncs) taken inside it.
     The fork hooks take `write_lock`, ``txns.cond`` and `sync_lock`, in
@@ -682,24 +693,28 @@ class Store:
             If the store is closed, or must be remapped while this thread
             holds a snapshot.
         """
+        ident = threading.get_ident()
         while True:
             env = self.env or self.ensure_open()
-            token = self.txns.enter()
+            txns = self.txns
+            token = txns.enter(ident)
             self.write_lock.acquire()
             try:
                 if env is self.env:
-                    txn = env.begin(write=True)
-                    self.txns.live[txn] = self.txns.live[token]
-                    del self.txns.live[token]
+                    # begin(db, parent, write) by position: py-lmdb parses keywords slowly.
+                    txn = env.begin(None, None, True)
+                    live = txns.live
+                    live[txn] = ident
+                    del live[token]
                     return txn
             except lmdb.MapResizedError:
                 pass
             except BaseException:
+                txns.leave(token)
                 self.write_lock.release()
-                self.txns.leave(token)
                 raise
+            txns.leave(token)
             self.write_lock.release()
-            self.txns.leave(token)
             if env is self.env:
                 self.adopt_map_size()
 
@@ -718,8 +733,11 @@ class Store:
                 self.env.reader_check()
             except lmdb.Error as error:
                 logger.warning("clearing stale readers of %s failed: %s", self.path, error)
-        self.write_lock.release()
+        # Unregistered before the write lock goes: a fork (which takes the
+        # write lock first) never finds an ended write still registered,
+        # which would leave the child unable to use the store.
         self.txns.leave(txn)
+        self.write_lock.release()
 
     def adopt_map_size(self) -> None:
         """Follow another process that opened the store with a larger map than this one.

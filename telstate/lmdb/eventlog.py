@@ -3,9 +3,9 @@
 The record format of an event is :mod:`telstate.log`'s; the tables that
 hold the log, the writers and the history index are described in
 :mod:`telstate.lmdb.layout`. Every event made by this store enters the
-log through :func:`append_events`; a record made elsewhere (a
-follower's copy of its primary's event, a promotion) through
-:func:`append_record`.
+log through :func:`append_event` (one) or :func:`append_events` (several
+of one kind); a record made elsewhere (a follower's copy of its primary's
+event, a promotion) through :func:`append_record`.
 
 Reads come in chunks, each in its own short read transaction; a chunk
 ends after ``settings.LOG_CHUNK`` events or once it holds
@@ -34,6 +34,51 @@ from . import settings
 from .layout import Tables
 
 
+def append_event(
+    txn: Any,
+    tables: Tables,
+    seq: int,
+    previous_chain: bytes,
+    name_key: bytes,
+    op_code: int,
+    writer_id: int,
+    time: float,
+    key: bytes,
+    sub_key: bytes,
+    value: bytes,
+    timestamp: float,
+) -> bytes:
+    """Append event `seq`, chained after `previous_chain`; return its chain hash.
+
+    The path of every single write: one call builds and chains the record
+    (see :func:`telstate.log.chained_record`), two plain puts by position
+    (py-lmdb parses keywords slowly, 0.25 us a put): dupdata, overwrite,
+    append. `seq` must be one more than the last event's.
+
+    Raises
+    ------
+    StoreError
+        If LMDB refused an append (`seq` is not past the last event).
+    """
+    seq_key = log.pack_seq(seq)
+    record = log.chained_record(
+        previous_chain, op_code, writer_id, time, key, sub_key, value, timestamp
+    )
+    if not (
+        txn.put(seq_key, record, True, True, True, tables.log)
+        and txn.put(name_key, seq_key, True, True, True, tables.history)
+    ):
+        raise _out_of_order(seq)
+    return record[-log.CHAIN_SIZE :]
+
+
+def _out_of_order(first_seq: int) -> StoreError:
+    return StoreError(
+        f"LMDB append out of order: events from {first_seq} on are not "
+        "past the last one (the store may be damaged)"
+    )
+
+
 def append_events(
     txn: Any,
     tables: Tables,
@@ -54,8 +99,8 @@ def append_events(
     is event `first_seq` - 1's, or the store's genesis hash; see
     :mod:`telstate.log`); the chain of the last one is returned.
 
-    The one place events are made: single writes append one, imports
-    (:mod:`telstate.lmdb.bulk`) many. See
+    Imports (:mod:`telstate.lmdb.bulk`) append many; one value goes
+    through :func:`append_event`. See
     :func:`telstate.log.encode_records` for `values`, `sub_keys` and
     `timestamps`. `first_seq` must be one more than the last event's;
     every put is an append (seqs grow, in the log and among each key's
@@ -68,13 +113,13 @@ def append_events(
         If LMDB refused an append (`first_seq` is not past the last event).
     """
     if len(values) == 1:
-        # Every single write: one call builds and chains the record, and two
-        # plain puts by position (py-lmdb parses keywords slowly, 0.25 us a
-        # put): dupdata, overwrite, append.
-        seq_key = log.pack_seq(first_seq)
         value = values[0]
-        record = log.chained_record(
+        return append_event(
+            txn,
+            tables,
+            first_seq,
             previous_chain,
+            name_key,
             op_code,
             writer_id,
             time,
@@ -83,28 +128,19 @@ def append_events(
             value if type(value) is bytes else bytes(value),
             math.nan if timestamps is None else timestamps[0],
         )
-        appended = txn.put(seq_key, record, True, True, True, tables.log) and txn.put(
-            name_key, seq_key, True, True, True, tables.history
-        )
-        last = record
-    else:
-        bodies = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
-        records = log.chain_records(bodies, previous_chain)
-        count = len(records)
-        seq_keys = list(map(log.pack_seq, range(first_seq, first_seq + count)))
-        appended = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True) == (
-            count,
-            count,
-        ) and txn.cursor(tables.history).putmulti(
-            zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
-        ) == (count, count)
-        last = records[-1]
+    bodies = log.encode_records(op_code, writer_id, time, key, values, sub_keys, timestamps)
+    records = log.chain_records(bodies, previous_chain)
+    count = len(records)
+    seq_keys = list(map(log.pack_seq, range(first_seq, first_seq + count)))
+    appended = txn.cursor(tables.log).putmulti(zip(seq_keys, records), append=True) == (
+        count,
+        count,
+    ) and txn.cursor(tables.history).putmulti(
+        zip(itertools.repeat(name_key), seq_keys), dupdata=True, append=True
+    ) == (count, count)
     if not appended:
-        raise StoreError(
-            f"LMDB append out of order: events from {first_seq} on are not "
-            "past the last one (the store may be damaged)"
-        )
-    return last[-log.CHAIN_SIZE :]
+        raise _out_of_order(first_seq)
+    return records[-1][-log.CHAIN_SIZE :]
 
 
 def append_record(
@@ -114,8 +150,8 @@ def append_record(
 
     `name_key` is the history index entry of the event's key (``ALL_KEYS``
     for a clear), or None for an event that touches no key (a promotion).
-    The caller has checked the chain. Both puts are appends, as in
-    :func:`append_events`.
+    The caller has checked the chain. Both puts are appends by position,
+    as in :func:`append_event` (a follower catching up applies many).
 
     Raises
     ------
@@ -124,16 +160,10 @@ def append_record(
     """
     seq_key = log.pack_seq(seq)
     if not (
-        txn.put(seq_key, record, append=True, db=tables.log)
-        and (
-            name_key is None
-            or txn.put(name_key, seq_key, dupdata=True, append=True, db=tables.history)
-        )
+        txn.put(seq_key, record, True, True, True, tables.log)
+        and (name_key is None or txn.put(name_key, seq_key, True, True, True, tables.history))
     ):
-        raise StoreError(
-            f"LMDB append out of order: event {seq} is not past the last one "
-            "(the store may be damaged)"
-        )
+        raise _out_of_order(seq)
 
 
 def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:

@@ -211,7 +211,8 @@ key_type_of = KeyRecord.type_of
 
 def key_record(txn: Any, tables: Tables, name_key: bytes) -> KeyRecord | None:
     """The decoded keys-table record at `name_key`, or None if there is no such key."""
-    data = txn.get(name_key, db=tables.keys)
+    # get(key, default, db) by position: py-lmdb parses keywords slowly.
+    data = txn.get(name_key, None, tables.keys)
     return None if data is None else KeyRecord.decode(data)
 
 

@@ -72,6 +72,8 @@ from .layout import (
     update_record,
 )
 
+_BYTES_ONLY = {bytes}
+
 
 def _encode_block(members: list[bytes]) -> bytes:
     """One block of members (8-byte timestamp + full value), in order."""
@@ -109,7 +111,7 @@ class _Block:
             if (
                 type(values) is not list
                 or len(values) != self.count
-                or not all(type(value) is bytes for value in values)
+                or set(map(type, values)) != _BYTES_ONLY
             ):
                 raise StoreError("damaged sample block: its values do not match its timestamps")
             self._values = values

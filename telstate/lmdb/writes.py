@@ -5,22 +5,22 @@ belongs to it alone: the tables, the seq and time of the last event
 appended in it, and this process's writer id if the transaction
 registers it. Its methods are the write operations of
 :class:`~telstate.backend.Backend`; each changes the state tables and
-appends its event through :func:`telstate.lmdb.eventlog.append_events`.
+appends its event through :func:`telstate.lmdb.eventlog.append_event`.
 Several operations may run in one transaction; it commits as one.
 
 :meth:`LmdbBackend.write() <telstate.lmdb.LmdbBackend.write>` makes one
 and commits it: the path of a write is ``TelescopeState.add`` →
 ``LmdbBackend.add_mutable`` → ``WriteTxn.add_mutable`` →
-``add_sample`` and ``append_events``.
+``add_sample`` and ``append_event``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
+from threading import get_ident
 from typing import Any, TypeVar
 
 import lmdb
@@ -31,7 +31,7 @@ from ..errors import ImmutableKeyError, InvalidTimestampError, ReadOnlyError, St
 from ..log import Writer
 from ..utils import display_str
 from .environment import Store, abort
-from .eventlog import append_events, last_event
+from .eventlog import append_event, append_events, last_event
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
@@ -60,9 +60,20 @@ _OPEN: dict[int, int] = {}
 _NEW, _OPEN_STATE, _DONE = range(3)
 _Txn = TypeVar("_Txn", bound="WriteTxn")
 
-# A forked child holds none of its parent's write transactions (each
-# WriteTxn checks the pid it was entered in).
-os.register_at_fork(after_in_child=_OPEN.clear)
+# How many forks this process is from the one that imported this module: a
+# WriteTxn entered before a fork is not the child's to commit. Compared
+# instead of pids, as os.getpid() is a system call on every write.
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    """A forked child holds none of its parent's write transactions."""
+    global _forks
+    _forks += 1
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Closed:
@@ -75,6 +86,9 @@ class _Closed:
             "this WriteTxn is not open: use it inside its with block "
             "(with backend.write() as wtxn: ...)"
         )
+
+
+_CLOSED: Any = _Closed()
 
 
 class WriteTxn:
@@ -137,7 +151,7 @@ class WriteTxn:
         "_appended",
         "_txnid",
         "_state",
-        "_pid",
+        "_forks",
         "_primary_after",
     )
 
@@ -145,11 +159,11 @@ class WriteTxn:
         self._store = store
         self._writer_name = writer_name
         self._state = _NEW
-        self.txn: Any = _Closed()
-        self.tables: Tables = _Closed()  # type: ignore[assignment]
+        self.txn: Any = _CLOSED
+        self.tables: Tables = _CLOSED
         self.changed = False
         self._new_writer_id: int | None = None
-        self._new_remote_ids: dict[Writer, int] = {}
+        self._new_remote_ids: dict[Writer, int] | None = None
         # (seq, time, chain) of the last event appended in this transaction (or before it).
         self._appended: tuple[int, float, bytes] | None = None
         # Whether the store is a primary once this transaction commits.
@@ -163,7 +177,7 @@ class WriteTxn:
         store = self._store
         if self._state != _NEW:
             raise StoreError("a WriteTxn is entered once: make a new one with backend.write()")
-        if _OPEN.get(id(store)) == threading.get_ident():
+        if _OPEN.get(id(store)) == get_ident():
             # LMDB's writer mutex is not recursive: a second write
             # transaction in this thread would wait for itself forever.
             raise StoreError(
@@ -177,14 +191,14 @@ class WriteTxn:
         # From here on the write lock is held: release it even if an
         # exception (KeyboardInterrupt included) arrives before the block runs.
         try:
-            _OPEN[id(store)] = threading.get_ident()
+            _OPEN[id(store)] = get_ident()
             self.txn = txn
             self._txnid = txn.id()
             self.tables = store.tables
             self._check_role()
             self._writer_id = store.writer_ids.get(self._writer_name)
             self._last_commit = store.last_commit
-            self._pid = os.getpid()
+            self._forks = _forks
             self._state = _OPEN_STATE
         except BaseException:
             _OPEN.pop(id(store), None)
@@ -211,9 +225,9 @@ class WriteTxn:
         if self._state != _OPEN_STATE:
             return  # __enter__ failed, or a misuse already raised
         self._state = _DONE
-        self.txn = _Closed()
+        self.txn = _CLOSED
         _OPEN.pop(id(store), None)
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             # Forked inside the block: the transaction is the parent's.
             raise StoreError(
                 f"this process was forked inside a write block on the store at {store.path!r}: "
@@ -233,7 +247,8 @@ class WriteTxn:
             self._store.primary_txnid = self._txnid if self._primary_after else -1
             if self._new_writer_id is not None:
                 store.writer_ids[self._writer_name] = self._new_writer_id
-            store.remote_writer_ids.update(self._new_remote_ids)
+            if self._new_remote_ids:
+                store.remote_writer_ids.update(self._new_remote_ids)
             if self._appended is not None:
                 store.last_commit = (self._txnid, *self._appended)
         except BaseException as error:
@@ -379,7 +394,23 @@ class WriteTxn:
         timestamp: float = float("nan"),
     ) -> None:
         """Append the event of an operation that changed the state."""
-        self.append_events(op_code, name_key, key, [value], [sub_key], [timestamp])
+        seq, now, chain = self._next_event()
+        chain = append_event(
+            self.txn,
+            self.tables,
+            seq,
+            chain,
+            name_key,
+            op_code,
+            self._writer_id or self._writer(),
+            now,
+            key,
+            sub_key,
+            value,
+            timestamp,
+        )
+        self._appended = (seq, now, chain)
+        self.changed = True
 
     def append_events(
         self,
@@ -395,27 +426,31 @@ class WriteTxn:
         For bulk paths (:mod:`telstate.lmdb.bulk`); see
         :func:`~telstate.lmdb.eventlog.append_events` for the arguments.
         """
-        previous_seq, previous_time, previous_chain = self._last_event()
-        now = time.time()
-        if now < previous_time:
-            now = previous_time  # event times never go back, for replay(until_time=...)
-        writer_id = self._writer_id or self._writer()
+        seq, now, chain = self._next_event()
         chain = append_events(
             self.txn,
             self.tables,
-            previous_seq + 1,
-            previous_chain,
+            seq,
+            chain,
             name_key,
             op_code,
-            writer_id,
+            self._writer_id or self._writer(),
             now,
             key,
             values,
             sub_keys,
             timestamps,
         )
-        self._appended = (previous_seq + len(values), now, chain)
+        self._appended = (seq + len(values) - 1, now, chain)
         self.changed = True
+
+    def _next_event(self) -> tuple[int, float, bytes]:
+        """The seq and time of the next event, and the chain hash it follows."""
+        previous_seq, previous_time, previous_chain = self._last_event()
+        now = time.time()
+        if now < previous_time:
+            now = previous_time  # event times never go back, for replay(until_time=...)
+        return previous_seq + 1, now, previous_chain
 
     def next_seq(self) -> int:
         """The seq the next event appended in this transaction will get."""
@@ -445,6 +480,8 @@ class WriteTxn:
         if writer is None:
             self._writer_id = self._new_writer_id or self._store.writer_ids.get(self._writer_name)
             return
+        if self._new_remote_ids is None:
+            self._new_remote_ids = {}
         writer_id = self._store.remote_writer_ids.get(writer) or self._new_remote_ids.get(writer)
         if writer_id is None:
             writer_id = self._new_remote_ids[writer] = self._register(writer)
