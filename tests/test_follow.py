@@ -192,10 +192,12 @@ def test_kills_of_follower_and_daemon_lose_and_repeat_nothing(store, server, url
 
 def test_follower_from_a_backup_taken_mid_stream(store, server, url, processes, tmp_path):
     start_daemon, start_follower = processes
-    # A short stream: it no longer reaches seq 1 by the time the follower starts.
-    daemon = start_daemon(store, url, "--log-stream-max-len", "200")
-    writer = Writer(store, count=4000, rate=2000, seed=21)
-    wait_for(lambda: head(store) > 1000, "1000 events", daemon)
+    # The stream keeps about 1000 events: it no longer reaches seq 1 when the follower
+    # starts, but still reaches the backup's end while the slow writer goes on.
+    daemon = start_daemon(store, url, "--log-stream-max-len", "1000")
+    Writer(store, count=2500, rate=5000, seed=21).join()
+    writer = Writer(store, count=3000, rate=300, seed=22)
+    wait_for(lambda: head(store) > 2600, "the slow writer", daemon)
     backup = tmp_path / "backup"
     done = subprocess.run(
         [sys.executable, "-m", "telstate.cli", "backup", str(store), str(backup)],
@@ -204,7 +206,10 @@ def test_follower_from_a_backup_taken_mid_stream(store, server, url, processes, 
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert 1000 < head(backup) < 4000
+    assert 2600 < head(backup) < head(store) + 1
+    control = server.client(db=MIRROR_CURSOR_DB)
+    first = control.xrange(log_stream_key(0), count=1)[0][0]
+    assert int(first.split(b"-")[0]) > 1
     follower = start_follower(backup, url)
     writer.join()
     wait_caught_up(store, backup, daemon, follower)
