@@ -223,6 +223,8 @@ def test_follower_whose_position_was_trimmed_refuses(store, server, url, process
     follower_path = store.parent / "follower"
     daemon = start_daemon(store, url, "--log-stream-max-len", "100")
     follower = start_follower(follower_path, url)
+    # Made from seq 1 before the stream moves on.
+    wait_for(lambda: "following store" in follower.log_text(), "the follower", follower)
     Writer(store, count=300, rate=3000, seed=31).join()
     wait_caught_up(store, follower_path, daemon, follower)
     follower.stop()
