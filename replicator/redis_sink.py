@@ -800,6 +800,8 @@ class RedisSink:
     def _reconcile(self, size: int, found: Cursor | None) -> None:
         """Choose the next state from the mirror's cursor and key count."""
         if found is not None and found.owner != self.owner and self._claimed:
+            if self._fence():
+                return  # displaced by the daemon of a promoted follower
             logger.error(
                 "mirror %s db %d was taken over by replicator %s (store %s at %s:%s);"
                 " not writing to it any more. Two replicators must not share a mirror:"

@@ -342,8 +342,8 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
     Writer(store, count=50, rate=3000, seed=62).join()
     wait_caught_up(store, other, daemon, second)
     second.stop()
-    daemon.stop()
 
+    # Promoted while the old primary's daemon still runs.
     out = io.StringIO()
     assert cli.main(["promote", str(promoted)], out=out) == 0, out.getvalue()
     new_daemon = start_daemon(promoted, url, "--accept-writes")
@@ -356,6 +356,8 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
         "the new primary's daemon to take the mirror",
         new_daemon,
     )
+    # The old primary's daemon, displaced, finds the promotion and stops.
+    assert daemon.process.wait(40) == 1, daemon.log_text()
     # Writes through the mirror now go to the promoted store.
     remote = TelescopeState(url)
     remote.add("after_promotion", 7, immutable=True)
@@ -364,7 +366,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
     backend.close()
     settle(promoted, client, new_daemon)
 
-    # The old primary's daemon is refused and leaves the mirror alone.
+    # Started again, it is refused at once and leaves the mirror alone.
     cursor = read_cursor(client)[1]
     old = Daemon(store, url, log=tmp_path / "old.log")
     assert old.process.wait(30) == 1
