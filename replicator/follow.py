@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 REPORT_INTERVAL = 1.0
 #: Longest XREAD BLOCK, so that a stop or a lost connection is noticed.
 _BLOCK = 1.0
+#: Entries asked for by the first read, before record sizes are known.
+_FIRST_COUNT = 16
 
 
 class FollowError(TelstateError):
@@ -102,6 +104,8 @@ class Follower:
         How the follower reports itself (default: host and path).
     batch
         Most events read and applied at once.
+    batch_bytes
+        Rough bound on the bytes of records read at once.
     durability
         Of the follower store's commits (see :class:`telstate.lmdb.LmdbBackend`).
     backoff
@@ -120,13 +124,16 @@ class Follower:
         password: str | None = None,
         name: str | None = None,
         batch: int = 5000,
+        batch_bytes: int = 8 << 20,
         durability: str = "batch",
         backoff: tuple[float, float] = (0.1, 10.0),
         socket_timeout: float = 10.0,
         stop: threading.Event | None = None,
     ) -> None:
-        if batch < 1:
-            raise ValueError(f"batches need at least one event, not {batch}")
+        if batch < 1 or batch_bytes < 1:
+            raise ValueError(
+                f"batches need at least one event and one byte, not {batch} and {batch_bytes}"
+            )
         self.url = redact_url(url)
         mirror, self.db = connect(url, password)
         kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
@@ -139,6 +146,10 @@ class Follower:
         self.path = os.path.abspath(path)
         self.name = name or f"{socket.gethostname()}:{self.path}"
         self.batch = batch
+        self.batch_bytes = batch_bytes
+        # Entries asked for per read: few at first, then as many as `batch_bytes`
+        # holds at the last read's mean record size (XREAD has no bound in bytes).
+        self._count = min(batch, _FIRST_COUNT)
         self.durability = durability
         self.backoff = backoff
         self.stop = stop or threading.Event()
@@ -284,7 +295,7 @@ class Follower:
             now = time.monotonic()
         block = max(1, int(min(_BLOCK, self._next_report - now) * 1000))
         try:
-            entries = read_entries(self.client, self.db, self.seq, self.batch, block)
+            entries = read_entries(self.client, self.db, self.seq, self._count, block)
         except ValueError as error:
             raise FollowError(f"the log stream of {self.url} db {self.db}: {error}") from None
         if not entries:
@@ -295,6 +306,8 @@ class Follower:
         while count < len(entries) and entries[count][0] == self.seq + 1 + count:
             count += 1
         records = [record for _, record in entries[:count]]
+        mean = sum(map(len, records)) // count + 1
+        self._count = max(1, min(self.batch, self.batch_bytes // mean))
         writers = self._writers_of(records)
         if writers is None:
             return self._fail(
