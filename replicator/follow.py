@@ -78,6 +78,10 @@ class FollowError(TelstateError):
     """The follower cannot go on: the message says why and what to do."""
 
 
+class _NotYet(Exception):
+    """The follower store cannot be set up yet: try again later."""
+
+
 class FollowState(enum.Enum):
     """What the follower does on its next step."""
 
@@ -220,7 +224,10 @@ class Follower:
                 " `telstate-replicator run` running on the primary, with its log stream?"
             )
         if self.store is None:
-            self.store = self._open_store(meta)
+            try:
+                self.store = self._open_store(meta)
+            except _NotYet as error:
+                return self._fail(str(error))
         if meta.store != str(self.store.uuid):
             raise FollowError(
                 f"the log stream of mirror {self.url} db {self.db} is of store {meta.store}"
@@ -268,7 +275,8 @@ class Follower:
             except StoreError as error:
                 raise FollowError(f"cannot open the follower at {self.path}: {error}") from None
             try:
-                store, role = str(existing.uuid), existing.role
+                store, role, primary = str(existing.uuid), existing.role, existing.primary
+                last_seq = existing.last_seq
             finally:
                 existing.close()
             if store != meta.store:
@@ -278,8 +286,22 @@ class Follower:
                     " or a `telstate backup` of its primary"
                 )
             if role != "follower":
+                if (meta.host, meta.path) == (socket.gethostname(), self.path):
+                    raise FollowError(
+                        f"the store at {self.path} is the primary itself: a follower is a"
+                        " copy of it elsewhere (`telstate backup`)"
+                    )
+                if last_seq > meta.seq:
+                    # A backup is never ahead of the stream, unless the daemon lags.
+                    raise _NotYet(
+                        f"the store at {self.path} (seq {last_seq}) is ahead of the log stream"
+                        f" (seq {meta.seq}): waiting for the daemon before making it a follower"
+                    )
                 make_follower(self.path, meta.primary)
                 logger.info("made %s (a copy of the primary) a follower", self.path)
+            elif primary != meta.primary:
+                make_follower(self.path, meta.primary)  # the primary's new name
+                logger.info("%s now follows %s (was %s)", self.path, meta.primary, primary)
         try:
             return LmdbBackend(self.path, durability=self.durability)
         except StoreError as error:

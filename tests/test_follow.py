@@ -420,3 +420,16 @@ def test_acl_follower_user_reads_the_stream_and_writes_nothing_else(tmp_path, pr
         follower.stop()
         daemon.stop()
     assert_same_log(store, tmp_path / "follower")
+
+
+def test_follow_refuses_the_primary_itself(store, server, url, processes):
+    start_daemon, start_follower = processes
+    daemon = start_daemon(store, url)
+    Writer(store, count=50, rate=5000, seed=71).join()
+    settle(store, server.client(db=0), daemon)
+    follower = start_follower(store, url)
+    assert follower.process.wait(30) == 1
+    assert "the primary itself" in follower.log_text()
+    with LmdbBackend(store) as backend:
+        assert backend.role == "primary"
+        TelescopeState(backend).add("still_writable", 1, immutable=True)
