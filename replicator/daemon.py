@@ -17,7 +17,8 @@ The log stream for followers (:mod:`replicator.log_stream`) is stepped
 in the mirror's thread, right after each step of the mirror, while this
 daemon holds the mirror: a batch reaches the stream one Redis round trip
 after it reaches the mirror, and the mirror never waits for the stream
-longer than one append.
+longer than one append. While the mirror catches up in full batches the
+stream waits, so that a backlog reaches the mirror as fast as without it.
 
 A daemon refused after a promotion (its store is the old primary, see
 :mod:`replicator.promotion`) stops, with the reason in :attr:`Daemon.failure`.
@@ -230,7 +231,13 @@ class Daemon:
                     return False  # another replicator has the mirror: nothing to finish
             assert self.shared is not None
             step = self.shared.step()
-            if stream is not None and sink.state == SinkState.TAIL:
+            # The mirror first: while it catches up in full batches the stream
+            # waits, then catches up itself in batches as large.
+            if (
+                stream is not None
+                and sink.state == SinkState.TAIL
+                and step.applied < sink.batch_events
+            ):
                 stream_step = stream.step()
                 # A stream waiting out a Redis failure leaves the mirror idle: new
                 # commits, not its retry, call for the next step.
