@@ -228,6 +228,8 @@ class Follower:
                 self.store = self._open_store(meta)
             except _NotYet as error:
                 return self._fail(str(error))
+            except StoreError as error:
+                raise FollowError(f"cannot make the follower at {self.path}: {error}") from None
         if meta.store != str(self.store.uuid):
             raise FollowError(
                 f"the log stream of mirror {self.url} db {self.db} is of store {meta.store}"
@@ -340,6 +342,10 @@ class Follower:
             self.seq, self._chain = apply_records(self.store, self.seq + 1, records, writers)
         except ChainMismatchError as error:
             self._diverged(str(error))
+        except StoreError as error:
+            raise FollowError(
+                f"the follower at {self.path} cannot take the events: {error}"
+            ) from None
         return Step(count)
 
     def _diverged(self, detail: str) -> NoReturn:
