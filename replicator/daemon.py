@@ -105,6 +105,10 @@ class SharedSink:
                 self.turn.notify_all()
             return self.sink.seq
 
+    def hold(self) -> threading.Condition:
+        """Hold the turn (a context manager) while the intake commits and projects."""
+        return self.turn
+
     def wait_for_move(self, moves: int, timeout: float) -> None:
         """Wait up to `timeout` seconds for a step after the `moves`-th to move the mirror."""
         with self.turn:
@@ -265,10 +269,31 @@ class Daemon:
                 continue
             seq = sink.seq
             if step.idle and seq is not None:
-                self.source.wait_for_commit(seq, min(step.wait, _IDLE_WAIT))
+                self._wait_for_commit(sink, seq, min(step.wait, _IDLE_WAIT))
             else:
                 self.stop.wait(step.wait)
         return False
+
+    def _wait_for_commit(self, sink: RedisSink, seq: int, timeout: float) -> None:
+        """Wait up to `timeout` s for a commit after `seq` that this thread has work for.
+
+        The intake's commits wake this thread too, but the intake projects
+        them itself (holding the sink's turn meanwhile): this thread only
+        looks whether they are projected, and sleeps on.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            last = self.source.wait_for_commit(seq, max(0.0, deadline - time.monotonic()))
+            if last <= seq or not self._projected(sink, last) or time.monotonic() >= deadline:
+                return
+            seq = last
+
+    def _projected(self, sink: RedisSink, seq: int) -> bool:
+        """Whether everything this thread keeps up to date already holds `seq`."""
+        assert self.shared is not None
+        with self.shared.turn:  # taken once the intake has committed and projected
+            mirrored = sink.seq
+        return mirrored is not None and mirrored >= seq
 
     def _measure_lag(self, sink: RedisSink) -> None:
         """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""

@@ -4,14 +4,21 @@ With ``--accept-writes`` the daemon serves the request stream of its
 mirror (the keys and the request format are those of
 :mod:`telstate.remote`). One step of :class:`Intake`:
 
-1. sends the replies whose events the mirror now holds (a reply never
+1. applies the requests read so far in ONE LMDB transaction (group
+   commit: with ``fsync`` durability, the writers share one fsync),
+   recording each request's outcome in the same transaction
+   (:class:`telstate.lmdb.layout.RequestRecord`);
+2. has the mirror project the new events at once (:meth:`Mirror.catch_up`),
+   while the mirror's own thread is held off (:meth:`Mirror.hold`);
+3. readies the replies whose events the mirror now holds (a reply never
    goes out before the mirror shows the write, so a writer that returns
-   can read its write back, and ``wait_key`` on other hosts has woken);
-2. reads the next requests (non-blocking; the daemon waits for them with
-   :meth:`Intake.wait_for_requests`);
-3. applies them all in ONE LMDB transaction (group commit: with ``fsync``
-   durability, the writers share one fsync), recording each request's
-   outcome in the same transaction (:class:`telstate.lmdb.layout.RequestRecord`).
+   can read its write back, and ``wait_key`` on other hosts has woken).
+
+The daemon then waits for requests with :meth:`Intake.wait_for_requests`,
+which sends the ready replies and blocks for the next requests in one
+round trip. So a request costs the intake two round trips (this read,
+and the mirror's script call), however many requests share them: the
+more writers, the larger the batches.
 
 Exactly once: a request id found among the records is not applied again;
 its recorded outcome is sent. The stream is read through a consumer
@@ -36,6 +43,7 @@ Replies already owed when Redis fails are kept and sent once it is back.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import time
@@ -58,12 +66,16 @@ from telstate.remote import (
     InvalidRequest,
     Reply,
     Request,
+    Wire,
+    WireScript,
+    checked,
     control_kwargs,
     decode_request,
     entry_time_ms,
     intake_key,
     reply_stream_key,
     request_stream_key,
+    stream_entries,
 )
 
 from .connection import connect
@@ -148,6 +160,14 @@ class Mirror(Protocol):
     def catch_up(self, seq: int) -> int | None:
         """Project the log up to `seq` now if the mirror can take it; return :attr:`seq`."""
 
+    def hold(self) -> contextlib.AbstractContextManager[object]:
+        """Keep other threads from moving the mirror while the intake commits and projects.
+
+        The intake's own commit wakes the daemon's thread that follows the
+        log; held off, that thread finds the commit already projected
+        instead of racing the intake to project it.
+        """
+
 
 @dataclass
 class _Owed:
@@ -207,6 +227,9 @@ class Intake:
         self.client = redis.Redis(
             connection_pool=redis.ConnectionPool(**kwargs), retry=Retry(NoBackoff(), 0)
         )
+        # The hot path (reading requests, sending replies) goes over a
+        # connection of its own, see :class:`telstate.remote.Wire`.
+        self._wire = Wire(self.client.connection_pool)
         self.socket_timeout = socket_timeout
         self.batch = batch
         self.batch_bytes = batch_bytes
@@ -216,14 +239,14 @@ class Intake:
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
-        # Whether the last read may have left requests behind (it was full).
-        self._more = True
         # The server's clock: (its time in ms, monotonic time) when last read.
         self._clock: tuple[int, float] | None = None
-        self._reply_script = self.client.register_script(
-            _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
+        self._reply_script = WireScript(
+            self._wire, _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
         )
+        # Replies waiting for the mirror to show their events, and replies ready to send.
         self._owed: collections.deque[_Owed] = collections.deque()
+        self._ready: list[_Owed] = []
         # Read the pending list (requests delivered before a restart) before new ones.
         self._backlog = True
         self._delay = backoff[0]
@@ -240,7 +263,7 @@ class Intake:
         """Do the next piece of work; never raises for Redis failures.
 
         After a commit the step asks `mirror` to project it at once, so
-        that the replies go out in the same step.
+        that the replies are ready for the next :meth:`wait_for_requests`.
         """
         try:
             if self.state == IntakeState.CONNECT:
@@ -266,11 +289,17 @@ class Intake:
             return self._fail(f"writing the store failed: {error}")
 
     def wait_for_requests(self, timeout: float) -> None:
-        """Block up to `timeout` seconds for new requests (kept for the next step)."""
-        if self.state != IntakeState.SERVE or self._fetched or self._backlog:
+        """Send the ready replies, and block up to `timeout` seconds for new requests.
+
+        Both in one round trip; the requests are kept for the next step.
+        """
+        if self.state != IntakeState.SERVE:
             return
         try:
-            self._fetched = self._read(block_ms=max(1, int(timeout * 1000)))
+            if self._fetched or self._backlog:
+                self._exchange(read=False)
+            else:
+                self._exchange(read=True, block_ms=max(1, int(timeout * 1000)))
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
@@ -280,7 +309,14 @@ class Intake:
                 self._fail(f"Redis refused a command: {error}")
 
     def close(self) -> None:
-        """Close the connections to Redis (the intake key stays: writers then time out)."""
+        """Send the ready replies (best effort), and close the connections to Redis.
+
+        The intake key stays: writers then time out.
+        """
+        if self._ready and self.state == IntakeState.SERVE:
+            with contextlib.suppress(*_TRANSIENT, redis.ResponseError):
+                self._exchange(read=False)
+        self._wire.close()
         self.client.close()
 
     # The states
@@ -300,24 +336,31 @@ class Intake:
         return Step(0)
 
     def _serve(self, mirror: Mirror) -> Step:
-        answered = self._send_replies(mirror.seq)
-        if not self._fetched and (self._more or self._backlog):
-            self._fetched = self._read(block_ms=None)
+        self._collect_replies(mirror.seq)
+        answered = len(self._ready)
+        if not self._fetched and self._backlog:
+            self._exchange(read=True)
         if not self._fetched:
-            # Nothing is known to wait: the daemon blocks in wait_for_requests.
+            # Nothing is known to wait: the daemon sends the ready replies
+            # and blocks for requests in wait_for_requests.
+            if self._ready and self._owed:
+                self._exchange(read=False)  # the mirror is behind: the daemon waits for it
             self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
-        applied = self._process(fetched, self._server_time(fetched))
-        if self._owed:
-            seq = mirror.catch_up(max(owed.seq for owed in self._owed))
-            answered += self._send_replies(seq)
-        return Step(answered + applied)
+        with mirror.hold():
+            applied = self._process(fetched, self._server_time(fetched))
+            if self._owed:
+                self._collect_replies(mirror.catch_up(max(owed.seq for owed in self._owed)))
+        if self._owed and self._ready:
+            self._exchange(read=False)  # the mirror could not take all: send what is ready
+        return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
 
     def _fail(self, message: str) -> Step:
         logger.warning("intake: %s; retrying in %.1f s", message, self._delay)
         self.state = IntakeState.BACKOFF
         self._fetched = []
+        self._wire.close()
         self._retry_at = time.monotonic() + self._delay
         wait = self._delay
         self._delay = min(self._delay * 2, self.backoff[1])
@@ -325,23 +368,62 @@ class Intake:
 
     # Talking to Redis
 
-    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """The next requests (the pending ones first, after a connect)."""
-        start = b"0" if self._backlog else b">"
-        reply: Any = self.client.xreadgroup(
-            GROUP.decode(), GROUP.decode(), {self._stream: start}, count=self.batch, block=block_ms
-        )
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = [
-            (entry_id, fields) for _, items in reply or () for entry_id, fields in items
-        ]
+    def _exchange(self, *, read: bool, block_ms: int | None = None) -> None:
+        """Send the ready replies and (if `read`) read the next requests, in one round trip.
+
+        The requests read are kept in :attr:`_fetched`; replies that may
+        not have gone out stay ready, to be sent again (a writer takes the
+        first reply to its request id and ignores the others).
+        """
+        commands: list[tuple[Any, ...]] = []
+        ready, self._ready = self._ready, []
+        if ready:
+            commands.append(self._reply_command(ready))
+        if read:
+            commands.append(self._read_command(block_ms))
+        if not commands:
+            return
+        try:
+            replies = self._wire.call(*commands)
+        except BaseException:
+            self._ready = ready + self._ready
+            raise
+        if ready:
+            try:
+                try:
+                    checked(replies[0])
+                except redis.exceptions.NoScriptError:
+                    # Redis restarted or its scripts were flushed: send again, loading it.
+                    self._reply_script(**self._reply_arguments(ready))
+            except BaseException:
+                # The requests read with them are read again from the pending
+                # list after the reconnect.
+                self._ready = ready + self._ready
+                raise
+            self._replied(ready)
+        if read:
+            self._fetched = self._take_requests(checked(replies[-1]))
+
+    def _read_command(self, block_ms: int | None) -> tuple[Any, ...]:
+        """The XREADGROUP of the next requests (the pending ones first, after a connect)."""
+        command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", self.batch]
+        if self._backlog:
+            command += [b"STREAMS", self._stream, b"0"]  # the pending list: never blocks
+        else:
+            block = [] if block_ms is None else [b"BLOCK", block_ms]
+            command += [*block, b"STREAMS", self._stream, b">"]
+        return tuple(command)
+
+    def _take_requests(self, reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The requests of an XREADGROUP reply (entries deleted while pending are acknowledged)."""
+        entries = stream_entries(reply)
         if self._backlog and not entries:
             self._backlog = False  # the pending list is done: new requests from now on
-        self._more = len(entries) >= self.batch
         # A pending entry deleted meanwhile comes back with no fields: only acknowledge it.
-        dropped = [entry_id for entry_id, fields in entries if not fields]
+        dropped = [entry_id for entry_id, fields in entries if fields is None]
         if dropped:
             self.client.xack(self._stream, GROUP, *dropped)
-        return [(entry_id, fields) for entry_id, fields in entries if fields]
+        return [(entry_id, fields) for entry_id, fields in entries if fields is not None]
 
     def _server_time(self, fetched: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         """The Redis server's time now, in ms: read with TIME about once a second.
@@ -359,12 +441,19 @@ class Intake:
         newest = max(entry_time_ms(entry_id) for entry_id, _ in fetched)
         return max(server_ms, newest)
 
-    def _send_replies(self, mirror_seq: int | None) -> int:
-        if not self._owed or mirror_seq is None or self._owed[0].seq > mirror_seq:
-            return 0
-        ready = []
+    def _collect_replies(self, mirror_seq: int | None) -> None:
+        """Ready the owed replies whose events the mirror holds (at `mirror_seq`)."""
+        if mirror_seq is None:
+            return
         while self._owed and self._owed[0].seq <= mirror_seq:
-            ready.append(self._owed.popleft())
+            self._ready.append(self._owed.popleft())
+
+    def _reply_command(self, ready: list[_Owed]) -> tuple[Any, ...]:
+        """The script call that sends `ready` and retires their requests."""
+        return self._reply_script.command(**self._reply_arguments(ready))
+
+    def _reply_arguments(self, ready: list[_Owed]) -> dict[str, list[Any]]:
+        """The keys and arguments of the script that sends `ready`."""
         keys = [self._stream]
         args: list[Any] = [GROUP, len(ready)]
         for owed in ready:
@@ -379,15 +468,12 @@ class Intake:
                 reply.error,
                 reply.message.encode(),
             )
-        try:
-            self._reply_script(keys=keys, args=args)
-        except BaseException:
-            self._owed.extendleft(reversed(ready))
-            raise
+        return {"keys": keys, "args": args}
+
+    def _replied(self, sent: list[_Owed]) -> None:
         now = time.monotonic()
-        for owed in ready:
+        for owed in sent:
             self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
-        return len(ready)
 
     def _process(self, fetched: list[tuple[bytes, dict[bytes, bytes]]], now_ms: int) -> int:
         # Monotonic time minus server time: when replies go out, their age by the server's clock.

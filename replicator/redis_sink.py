@@ -81,6 +81,7 @@ from redis.retry import Retry
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
+from telstate.remote import Wire, WireScript
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
 from .acl import (
@@ -108,7 +109,10 @@ DEFAULT_SPARE_DB = 14
 #   F                  FLUSHDB ASYNC    W                   swap spare and mirror
 #   s key value        SET              z key n member*n    ZADD each member
 #   h key n (sub value)*n  HSET each field
+#   M key n member*n   ZADD the members (in ZADD calls of up to 1000: Lua's
+#                      unpack is limited to about 8000 values), publish each
 _SET, _ZADD, _HSET, _UNLINK, _FLUSH, _SWAP = b"S", b"Z", b"H", b"U", b"F", b"W"
+_ZADD_MANY = b"M"
 _LOAD_STRING, _LOAD_ZSET, _LOAD_HASH = b"s", b"z", b"h"
 
 _APPLY = b"""
@@ -208,6 +212,24 @@ while i <= #ARGV do
             redis.call('ZADD', key, 0, ARGV[i + 2])
             redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[i + 2])
             i = i + 3
+        elseif op == 'M' then
+            local last = i + 2 + tonumber(ARGV[i + 2])
+            local args = {}
+            for j = i + 3, last do
+                args[#args + 1] = 0
+                args[#args + 1] = ARGV[j]
+                if #args >= 2000 then
+                    redis.call('ZADD', key, unpack(args))
+                    args = {}
+                end
+            end
+            if #args > 0 then
+                redis.call('ZADD', key, unpack(args))
+            end
+            for j = i + 3, last do
+                redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[j])
+            end
+            i = last + 1
         elseif op == 'S' then
             redis.call('SET', key, ARGV[i + 2])
             redis.call('PUBLISH', 'update/' .. key, '\\1' .. ARGV[i + 2])
@@ -487,7 +509,10 @@ class RedisSink:
         self.fenced: str | None = None
         self._promotions = PromotionScan(source)
         self._key = mirror_cursor_key(self.db)
-        self._apply_script = self.client.register_script(_APPLY)
+        # Every step of the mirror is this script: called over a Wire, it
+        # costs a round trip and little Python (see telstate.remote.Wire).
+        self._wire = Wire(self.client.connection_pool)
+        self._apply_script = WireScript(self._wire, _APPLY)
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
         self._wake_mark = self.client.register_script(_WAKE_MARK)
         # Why the last script call changed nothing (a failed check, a spare not free).
@@ -589,6 +614,7 @@ class RedisSink:
 
     def close(self) -> None:
         """Close the connections to Redis."""
+        self._wire.close()
         self.client.close()
 
     def _setup_rules(self) -> None:
@@ -881,6 +907,8 @@ class RedisSink:
         for event in self.source.events(after_seq + 1, after_seq + self.batch_events):
             events.append(event)
             size += len(event.value or b"") + len(event.key or b"")
+            if event.values is not None:
+                size += sum(map(len, event.values)) + 8 * len(event.values)
             if size >= self.batch_bytes:
                 break
         return events
@@ -1013,6 +1041,11 @@ def _append_event(ops: _Operations, event: Event) -> None:
         assert event.key is not None
         assert event.timestamp is not None and event.value is not None
         ops.add(_ZADD, event.key, pack_timestamp(event.timestamp) + event.value)
+    elif op is Op.ADD_MUTABLE_MANY:
+        # One ZADD of all the event's samples; an update is published for each.
+        assert event.key is not None
+        members = [pack_timestamp(timestamp) + value for value, timestamp in event.samples()]
+        ops.add(_ZADD_MANY, event.key, len(members), *members)
     elif op is Op.SET_IMMUTABLE:
         assert event.key is not None
         ops.add(_SET, event.key, event.value)

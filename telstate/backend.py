@@ -155,6 +155,12 @@ class PackedMembers(Sequence[bytes]):
     def __iter__(self) -> Iterator[bytes]:
         return iter(split_members(self._buffer, self._size))
 
+    def part(self, start: int, stop: int) -> PackedMembers:
+        """Members `start` to `stop` (as in a slice with step 1), still packed in one buffer."""
+        start, stop, _ = slice(start, stop).indices(self._count)
+        size = self._size
+        return PackedMembers(self._buffer[start * size : max(start, stop) * size], size)
+
     def __repr__(self) -> str:
         return f"<PackedMembers: {self._count} members of {self._size} bytes>"
 

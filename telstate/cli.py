@@ -309,7 +309,8 @@ def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _event_dict(event: Any) -> dict[str, Any]:
-    return {
+    """An event as JSON; an add_mutable_many event adds "samples": [[timestamp, value], ...]."""
+    fields = {
         "seq": event.seq,
         "time": event.time,
         "writer": {"host": event.writer.host, "pid": event.writer.pid, "name": event.writer.name},
@@ -320,6 +321,11 @@ def _event_dict(event: Any) -> dict[str, Any]:
         "timestamp": event.timestamp,
         "chain": event.chain.hex(),
     }
+    if event.values is not None:
+        fields["samples"] = [
+            [timestamp, jsonable(_decoded(value))] for value, timestamp in event.samples()
+        ]
+    return fields
 
 
 def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) -> int:
@@ -340,6 +346,9 @@ def _write_events(events: Iterable[Any], args: argparse.Namespace, out: TextIO) 
             what += f" = {_short(_decoded(event.value))}"
         if event.timestamp is not None:
             what += f" @ {event.timestamp:.6f}"
+        if event.timestamps is not None:
+            first, last = event.timestamps[0], event.timestamps[-1]
+            what += f": {len(event.timestamps)} samples @ {first:.6f} .. {last:.6f}"
         out.write(f"{event.seq:>8}  {format_time(event.time)}  {writer:<24} {op:<14} {what}\n")
     return count
 
@@ -484,13 +493,13 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     # The file is checked whole before anything is written (see import_rules).
     shown: list[Progress] = []  # the phase on screen: checking the file, then importing
 
-    def progress(phase: str, events: int) -> None:
-        label = f"{phase} {args.rdb} (events)"
+    def progress(phase: str, values: int) -> None:
+        label = f"{phase} {args.rdb} (values)"
         if not shown or shown[0].label != label:
             if shown:
                 shown.pop().done()
             shown.append(Progress(label, None))
-        shown[0].advance(events)
+        shown[0].advance(values)
 
     try:
         count = backend.load_from_file(args.rdb, progress=progress)
@@ -594,7 +603,7 @@ def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
     if not os.path.isdir(args.store):
         raise CliError(f"no telstate store at {args.store!r}: not a directory")
     old, events = upgrade(args.store)
-    new = log.FORMAT_VERSION
+    new = max(old, log.BASE_FORMAT)
     if args.json:
         out.write(json.dumps({"store": args.store, "from": old, "to": new, "events": events}))
         out.write("\n")

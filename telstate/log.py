@@ -3,15 +3,19 @@
 Every write that changes a store's state (``set_immutable``,
 ``add_mutable``, ``set_indexed``, ``delete``, ``clear``) is one event, and
 so is the promotion of a follower to primary (``promote``, which changes
-no key; see :mod:`telstate.lmdb.follower`). The
-log is an LMDB table mapping the event's sequence number, as 8 big-endian
+no key; see :mod:`telstate.lmdb.follower`); an import
+(:mod:`telstate.lmdb.bulk`) records a mutable key's samples as
+``add_mutable_many`` events, each holding up to a few thousand samples of
+one key (see below). The log is an LMDB table mapping the event's sequence
+number, as 8 big-endian
 bytes (so the table is in log order), to a record:
 
 ====== ======= ==============================================================
 offset size    field (little-endian)
 ====== ======= ==============================================================
 0      1       operation code: 1 set_immutable, 2 add_mutable,
-               3 set_indexed, 4 delete, 5 clear, 6 promote
+               3 set_indexed, 4 delete, 5 clear, 6 promote,
+               7 add_mutable_many
 1      4       writer id (uint32): a row of the writers table
 5      8       wall-clock time of the append (float64, seconds since the
                epoch; never less than the previous event's time)
@@ -23,9 +27,30 @@ offset size    field (little-endian)
 29+k+s v       value, encoded as stored (set_immutable, add_mutable,
                set_indexed; for promote, an encoded dict that says who
                was promoted when, see :func:`promotion_value`; empty for
-               delete and clear)
+               delete and clear); the samples for add_mutable_many (below)
 end-32 32      chain hash (see below)
 ====== ======= ==============================================================
+
+The samples of an add_mutable_many event
+----------------------------------------
+Its value field holds *n* samples of the key (*n* >= 1), in zset order
+(by timestamp, then value bytes), each as a zset member would hold it:
+
+====== ======= ==============================================================
+offset size    field
+====== ======= ==============================================================
+0      4       *n* (uint32, little-endian)
+4      8n      the timestamps (float64, big-endian, as packed in members)
+4+8n   4n      the value lengths (uint32, little-endian)
+4+12n  sum     the values, encoded as stored, one after another
+====== ======= ==============================================================
+
+Replaying it adds the *n* samples, exactly as *n* add_mutable events with
+these timestamps and values would (a sample already there stays once).
+Its sensor timestamp field is NaN. Only imports write these events, and
+only for samples whose values are shorter than
+:data:`telstate.lmdb.layout.INLINE_LIMIT` (a longer value is the value of
+its own add_mutable event, which the store points at).
 
 The chain
 ---------
@@ -48,9 +73,16 @@ language's standard library) and is hardware-accelerated on current x86
 and ARM CPUs: about 0.45 µs for a small event in CPython, less than the
 call overhead of one LMDB put, and faster than BLAKE2b for large values.
 
+Formats
+-------
 Format 1 (before the chain) had the same records without the last 32
 bytes; ``telstate upgrade`` rewrites such a store's log in place
-(:func:`telstate.lmdb.upgrade.upgrade`).
+(:func:`telstate.lmdb.upgrade.upgrade`). Format 3 is format 2 with
+add_mutable_many events. A store is created with format 2 and becomes
+format 3 in the write transaction that appends its first add_mutable_many
+event (nothing is rewritten), so a store that never imported stays
+readable by telstate releases that know only format 2, and those refuse a
+format 3 store when they open it instead of misreading its events.
 
 The writers table maps a writer id (4 big-endian bytes) to the msgpack
 array ``[host, pid, name]`` of the process that wrote under it.
@@ -73,8 +105,12 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-#: Version of the record layout above (stored in the store's meta table).
-FORMAT_VERSION = 2
+#: The newest version of the record layout above (stored in the store's meta table).
+FORMAT_VERSION = 3
+#: The format a store is created with; it holds no add_mutable_many events.
+BASE_FORMAT = 2
+#: The formats this telstate reads and writes.
+FORMATS = frozenset((BASE_FORMAT, FORMAT_VERSION))
 
 #: Size of a chain hash in bytes.
 CHAIN_SIZE = 32
@@ -92,18 +128,21 @@ class Op(enum.Enum):
     CLEAR = "clear"
     #: A follower became the primary (no key; the value says who and when).
     PROMOTE = "promote"
+    ADD_MUTABLE_MANY = "add_mutable_many"
 
 
 #: Operation codes of the record layout (see the module docstring).
 SET_IMMUTABLE, ADD_MUTABLE, SET_INDEXED, DELETE, CLEAR, PROMOTE = range(1, 7)
+ADD_MUTABLE_MANY = 7
 #: Every operation code a record may have.
-OP_CODES = frozenset(range(1, 7))
+OP_CODES = frozenset(range(1, 8))
 
 _HEADER = struct.Struct("<BIddII")
 _TIME = struct.Struct("<5xd")
 _OP_WRITER = struct.Struct("<BI")
 _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
+_COUNT = struct.Struct("<I")
 _NAN = math.nan
 
 #: Raw fields of a record: (op code, writer id, time, timestamp, key, sub-key, value, chain).
@@ -148,17 +187,35 @@ class Event:
     sub_key
         Encoded (msgpack) sub-key for :attr:`Op.SET_INDEXED`, else None.
     value
-        Encoded value exactly as stored for set and add operations; for
-        :attr:`Op.PROMOTE`, the encoded dict of :func:`promotion_value`;
-        else None.
+        Encoded value exactly as stored for set_immutable, add_mutable and
+        set_indexed; for :attr:`Op.PROMOTE`, the encoded dict of
+        :func:`promotion_value`; else None.
     timestamp
         Sensor timestamp for :attr:`Op.ADD_MUTABLE`, else None.
+    values
+        For :attr:`Op.ADD_MUTABLE_MANY`, the encoded values of its samples
+        exactly as stored, in zset order; else None.
+    timestamps
+        For :attr:`Op.ADD_MUTABLE_MANY`, the sensor timestamps of its
+        samples, one per value; else None.
     chain
         The chain hash of the log up to and including this event (32
         bytes; see :mod:`telstate.log`).
     """
 
-    __slots__ = ("seq", "time", "writer", "op", "key", "sub_key", "value", "timestamp", "chain")
+    __slots__ = (
+        "seq",
+        "time",
+        "writer",
+        "op",
+        "key",
+        "sub_key",
+        "value",
+        "timestamp",
+        "chain",
+        "values",
+        "timestamps",
+    )
 
     def __init__(
         self,
@@ -171,6 +228,8 @@ class Event:
         value: bytes | None = None,
         timestamp: float | None = None,
         chain: bytes = b"",
+        values: list[bytes] | None = None,
+        timestamps: list[float] | None = None,
     ) -> None:
         self.seq = seq
         self.time = time
@@ -181,6 +240,20 @@ class Event:
         self.value = value
         self.timestamp = timestamp
         self.chain = chain
+        self.values = values
+        self.timestamps = timestamps
+
+    def samples(self) -> list[tuple[bytes, float]]:
+        """The (encoded value, timestamp) samples the event adds to its mutable key.
+
+        One for :attr:`Op.ADD_MUTABLE`, all of them for
+        :attr:`Op.ADD_MUTABLE_MANY`, none for other events.
+        """
+        if self.values is not None and self.timestamps is not None:
+            return list(zip(self.values, self.timestamps))
+        if self.op == Op.ADD_MUTABLE and self.value is not None and self.timestamp is not None:
+            return [(self.value, self.timestamp)]
+        return []
 
     def decode_value(self) -> Any:
         """Decode :attr:`value` with :func:`telstate.encoding.decode_value`.
@@ -234,6 +307,9 @@ class Event:
             parts.append(f"value={shown!r}")
         if self.timestamp is not None:
             parts.append(f"timestamp={self.timestamp!r}")
+        if self.timestamps:
+            first, last = self.timestamps[0], self.timestamps[-1]
+            parts.append(f"samples={len(self.timestamps)} from {first!r} to {last!r}")
         parts.append(f"time={self.time!r}")
         parts.append(f"writer={tuple(self.writer)!r}")
         if self.chain:
@@ -361,6 +437,90 @@ def decode_record(record: bytes) -> RawEvent:
     )
 
 
+def encode_samples(members: Sequence[bytes]) -> bytes:
+    """The value field of an add_mutable_many event adding `members`.
+
+    `members` are packed zset members (8-byte big-endian timestamp, then
+    the encoded value), at least one, in zset order.
+    """
+    count = len(members)
+    size = len(members[0])
+    joined = b"".join(members)
+    if len(joined) == count * size and max(map(len, members)) == size:
+        # Lengths that add up to count * size and none above it: all the same.
+        return encode_uniform_samples(joined, size)
+    lengths = np.fromiter(map(len, members), np.int64, count) - 8
+    return b"".join(
+        (
+            _COUNT.pack(count),
+            b"".join([member[:8] for member in members]),
+            lengths.astype("<u4").tobytes(),
+            *[member[8:] for member in members],
+        )
+    )
+
+
+def encode_uniform_samples(buffer: bytes, size: int) -> bytes:
+    """:func:`encode_samples` of members that all have `size` bytes, concatenated in `buffer`.
+
+    Laid out with numpy at once (a sensor's float samples, mostly).
+    """
+    table = np.frombuffer(buffer, np.uint8).reshape(-1, size)
+    count = len(table)
+    return b"".join(
+        (
+            _COUNT.pack(count),
+            table[:, :8].tobytes(),
+            np.full(count, size - 8, "<u4").tobytes(),
+            table[:, 8:].tobytes(),
+        )
+    )
+
+
+def _split_samples(payload: bytes) -> tuple[int, list[bytes]]:
+    """The sample count of an add_mutable_many value field, and its values.
+
+    Raises
+    ------
+    ValueError
+        If the field is not *n* >= 1 samples that fill it exactly.
+    """
+    try:
+        count = _COUNT.unpack_from(payload)[0]
+        lengths = struct.unpack_from(f"<{count}I", payload, 4 + 8 * count)
+    except struct.error:
+        raise ValueError("damaged samples: shorter than their count says") from None
+    start = 4 + 12 * count
+    if not count or start + sum(lengths) != len(payload):
+        raise ValueError(f"damaged samples: {count} samples do not fill {len(payload)} bytes")
+    offsets = list(itertools.accumulate(lengths, initial=start))
+    return count, [payload[begin:end] for begin, end in zip(offsets, offsets[1:])]
+
+
+def decode_samples(payload: bytes) -> tuple[list[float], list[bytes]]:
+    """The (timestamps, values) of an add_mutable_many event's value field.
+
+    Raises
+    ------
+    ValueError
+        If the field is damaged.
+    """
+    count, values = _split_samples(payload)
+    return list(struct.unpack_from(f">{count}d", payload, 4)), values
+
+
+def sample_members(payload: bytes) -> list[bytes]:
+    """The packed zset members (timestamp + value) of an add_mutable_many event's value field.
+
+    Raises
+    ------
+    ValueError
+        If the field is damaged.
+    """
+    _, values = _split_samples(payload)
+    return [payload[4 + 8 * index : 12 + 8 * index] + value for index, value in enumerate(values)]
+
+
 def record_time(record: bytes | memoryview) -> float:
     """The append time of a log record, without decoding the rest."""
     return _TIME.unpack_from(record)[0]
@@ -384,6 +544,11 @@ def make_event(seq: int, raw: RawEvent, writer: Writer) -> Event:
         return Event(seq, time, writer, Op.DELETE, key, None, None, None, chain)
     if op_code == CLEAR:
         return Event(seq, time, writer, Op.CLEAR, None, None, None, None, chain)
+    if op_code == ADD_MUTABLE_MANY:
+        stamps, values = decode_samples(value)
+        return Event(
+            seq, time, writer, Op.ADD_MUTABLE_MANY, key, None, None, None, chain, values, stamps
+        )
     if op_code == PROMOTE:
         return Event(seq, time, writer, Op.PROMOTE, None, None, value, None, chain)
     raise ValueError(f"log record {seq} has unknown operation code {op_code}")
@@ -439,20 +604,15 @@ def encode_records(
     writer_id: int,
     time: float,
     key: bytes,
-    values: Sequence[bytes | memoryview] | np.ndarray,
+    values: Sequence[bytes | memoryview],
     sub_keys: Sequence[bytes] | None = None,
     timestamps: Sequence[float] | np.ndarray | None = None,
 ) -> list[bytes]:
     """The records of events of one kind on one key, as :func:`encode_record` makes each
     (without their chain hashes: :func:`chain_records` adds them).
 
-    `values` is a list of values, or a 2-D uint8 array with one value in
-    each row (small values of one length, a sensor's samples mostly: their
-    records are made all at once); `sub_keys` (set_indexed) and
-    `timestamps` (add_mutable) go with them.
+    `sub_keys` (set_indexed) and `timestamps` (add_mutable) go with the `values`.
     """
-    if isinstance(values, np.ndarray):
-        return _encode_uniform(op_code, writer_id, time, key, values, timestamps)
     return [
         encode_record(op_code, writer_id, time, key, sub_key, value, timestamp)
         for sub_key, value, timestamp in zip(
@@ -461,29 +621,6 @@ def encode_records(
             itertools.repeat(_NAN) if timestamps is None else timestamps,
         )
     ]
-
-
-def _encode_uniform(
-    op_code: int,
-    writer_id: int,
-    time: float,
-    key: bytes,
-    values: np.ndarray,
-    timestamps: Sequence[float] | np.ndarray | None,
-) -> list[bytes]:
-    count, length = values.shape
-    start = _HEADER.size + len(key)
-    size = start + length
-    table = np.empty((count, size), np.uint8)
-    table[:, :start] = np.frombuffer(
-        _HEADER.pack(op_code, writer_id, time, _NAN, len(key), 0) + key, np.uint8
-    )
-    if timestamps is not None:
-        stamps = np.asarray(timestamps, dtype="<f8").reshape(count, 1)
-        table[:, 13:21] = stamps.view(np.uint8)
-    table[:, start:] = values
-    buffer = table.tobytes()
-    return [buffer[offset : offset + size] for offset in range(0, count * size, size)]
 
 
 # --- projections -----------------------------------------------------------------------

@@ -84,11 +84,16 @@ _Handler = Callable[[bytes, int], tuple[KeyType | None, Any, int]]
 
 
 class _NeedMore(Exception):
-    """The buffer ended inside the item being parsed (more input may fix that)."""
+    """The buffer ended inside the item being parsed (more input may fix that).
 
-    def __init__(self, end: int = 0) -> None:
+    `end` is an offset the buffer must reach at least; `expected`, where
+    the item probably ends (a guess; 0 if there is none).
+    """
+
+    def __init__(self, end: int = 0, expected: int = 0) -> None:
         super().__init__(end)
         self.end = end
+        self.expected = expected
 
 
 class _Corrupt(Exception):
@@ -463,42 +468,52 @@ def _read_zset(buf: bytes, pos: int, binary_scores: bool) -> tuple[KeyType, list
     # Materialised only once a non-zero score turns up (never, for telstate).
     scores: list[float] | None = None
     # `count` is not trusted: parsing stops at the end of the buffer.
+    start = pos
     index = 0
-    while index < count:
-        if scores is None and count - index >= _UNIFORM_RUN:
-            taken, pos = _take_uniform_run(buf, pos, count - index, score_size, members)
-            index += taken
-            if taken:
-                continue
-        stop = min(count, index + _SEQUENTIAL_RUN)
-        for index in range(index, stop):  # noqa: B020 - resumes where the run left off
-            # The common case, inlined for speed: short member, score 0. An
-            # IndexError here means the buffer ends inside the item.
-            first = buf[pos]
-            end = pos + 1 + first
-            if first < 0x40 and scores is None:
-                if binary_scores:
-                    if buf[end : end + 8] == _ZERO_DOUBLE:
+    try:
+        while index < count:
+            if scores is None and count - index >= _UNIFORM_RUN:
+                taken, pos = _take_uniform_run(buf, pos, count - index, score_size, members)
+                index += taken
+                if taken:
+                    continue
+            stop = min(count, index + _SEQUENTIAL_RUN)
+            for index in range(index, stop):  # noqa: B020 - resumes where the run left off
+                # The common case, inlined for speed: short member, score 0. An
+                # IndexError here means the buffer ends inside the item.
+                first = buf[pos]
+                end = pos + 1 + first
+                if first < 0x40 and scores is None:
+                    if binary_scores:
+                        if buf[end : end + 8] == _ZERO_DOUBLE:
+                            append(buf[pos + 1 : end])
+                            pos = end + 8
+                            continue
+                    elif buf[end] == 1 and buf[end + 1] == 0x30:
                         append(buf[pos + 1 : end])
-                        pos = end + 8
+                        pos = end + 2
                         continue
-                elif buf[end] == 1 and buf[end + 1] == 0x30:
-                    append(buf[pos + 1 : end])
-                    pos = end + 2
-                    continue
-            member, end = _read_string(buf, pos)
-            append(member)
-            if binary_scores:
-                raw, pos = _read_fixed(buf, end, 8)
-                score = _DOUBLE.unpack(raw)[0]
-            else:
-                score, pos = _read_text_double(buf, end)
-            if scores is None:
-                if score == 0.0:
-                    continue
-                scores = [0.0] * index
-            scores.append(score)
-        index = stop
+                member, end = _read_string(buf, pos)
+                append(member)
+                if binary_scores:
+                    raw, pos = _read_fixed(buf, end, 8)
+                    score = _DOUBLE.unpack(raw)[0]
+                else:
+                    score, pos = _read_text_double(buf, end)
+                if scores is None:
+                    if score == 0.0:
+                        continue
+                    scores = [0.0] * index
+                scores.append(score)
+            index = stop
+    except (_NeedMore, IndexError) as exc:
+        # A zset bigger than the buffer (one of 8 KB arrays can be 80 MB):
+        # guess its end from the members read so far, so that a regular
+        # file is read up to there at once, rather than in doublings of the
+        # buffer that each parse the zset again.
+        done = len(members)
+        expected = start + (pos - start) * (count + 1) // done if done else 0
+        raise _NeedMore(getattr(exc, "end", 0), expected) from None
     return KeyType.MUTABLE, _zset_from_pairs(members, scores), pos
 
 
@@ -842,22 +857,23 @@ class RdbReader:
         offset = self._base + (self._pos if pos is None else pos)
         return RdbParseError(self._filename, f"{reason} (at byte offset {offset})")
 
-    def _fill(self, needed: int) -> None:
+    def _fill(self, needed: int, expected: int = 0) -> None:
         """Read more input so that the buffer holds at least `needed` unparsed bytes.
 
         The buffer at least doubles each time, so re-parsing an item that
-        did not fit costs at most as much again as parsing it.
+        did not fit costs at most as much again as parsing it. From a
+        regular file, it also holds the `expected` bytes the item probably
+        needs, as far as the file goes.
         """
         available = len(self._buf) - self._pos
         if self._remaining is not None and needed > available + self._remaining:
             # A regular file is too short for what the item claims: fail
             # now instead of reading the rest of the file first.
             raise _NeedMore()
-        if self._crc is not None and self._pos:
-            self._crc = crc64(memoryview(self._buf)[: self._pos], self._crc)
-        self._base += self._pos
+        self._checksum_parsed()
         want = max(needed - available, available, _CHUNK_SIZE)
         if self._remaining is not None:
+            want = max(want, expected - available)
             self._refill_regular_file(available, min(want, self._remaining))
             return
         parts = [self._buf[self._pos :]]
@@ -870,6 +886,18 @@ class RdbReader:
             parts.append(data)
             want -= len(data)
         self._buf = b"".join(parts)
+
+    def _checksum_parsed(self) -> None:
+        """Add the parsed bytes of the buffer to the checksum and the base offset."""
+        if self._crc is not None and self._pos:
+            self._crc = crc64(memoryview(self._buf)[: self._pos], self._crc)
+        self._base += self._pos
+
+    def _drop_parsed(self) -> None:
+        """Keep only the unparsed bytes of the buffer."""
+        self._checksum_parsed()
+        self._buf = self._buf[self._pos :]
+        self._pos = 0
 
     def _refill_regular_file(self, available: int, fresh: int) -> None:
         """Replace the buffer by its last `available` bytes and `fresh` new ones, in one read.
@@ -916,7 +944,7 @@ class RdbReader:
                 needed = getattr(exc, "end", 0) - self._pos
                 if not self._eof:
                     try:
-                        self._fill(max(needed, 1))
+                        self._fill(max(needed, 1), getattr(exc, "expected", 0) - self._pos)
                         continue
                     except _NeedMore:
                         pass
@@ -926,6 +954,11 @@ class RdbReader:
             except (ValueError, OverflowError, struct.error) as exc:
                 raise self._error(f"invalid data: {exc}") from None
             self._pos = pos
+            if pos > _CHUNK_SIZE and 2 * pos > len(self._buf):
+                # After a big item (an 80 MB zset of arrays, say) the buffer
+                # is mostly parsed bytes: free them now, not at the next
+                # read, which comes only after the caller has handled the item.
+                self._drop_parsed()
             return result
 
     # -- parsing ----------------------------------------------------------------

@@ -58,6 +58,7 @@ Nothing else in the package knows these layouts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import secrets
@@ -65,9 +66,11 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 
@@ -360,6 +363,124 @@ def control_kwargs(client: Any, db: int) -> dict[str, Any]:
     return kwargs
 
 
+def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """The entries of an XREAD / XREADGROUP reply, in order.
+
+    The reply may be raw (RESP2 or RESP3, fields as a flat list) or parsed
+    by redis-py (fields as a dict). An entry deleted while pending in a
+    consumer group has no fields (None).
+    """
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+    found: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+    for entries in streams:
+        for entry_id, flat in entries:
+            if flat is None or isinstance(flat, dict):
+                found.append((entry_id, flat or None))
+            else:
+                found.append((entry_id, dict(zip(flat[::2], flat[1::2]))))
+    return found
+
+
+class Wire:
+    """One Redis connection for hot paths: commands sent in one write, replies read in order.
+
+    Through a :class:`redis.Redis` client every command also costs about
+    0.1 ms of Python (argument checks, pool bookkeeping, a readiness poll,
+    observability hooks): as much as the round trip itself, and more than
+    Redis takes to run it. Both ends of a remote write (the writer, and
+    the daemon's intake) send a few fixed commands many times a second, so
+    they pack them with hiredis and talk to one connection of their pool
+    directly. Replies come back raw (lists, as the server sent them).
+
+    Parameters
+    ----------
+    pool
+        Where the connection comes from (it is held until :meth:`close`).
+    """
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._connection: Any = None
+        self._pid = os.getpid()
+
+    def call(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send `commands` in one write and read their replies.
+
+        Returns
+        -------
+        One reply per command; a command that failed has its
+        :class:`redis.ResponseError` in its place (the others still count).
+
+        Raises
+        ------
+        redis.ConnectionError, redis.TimeoutError
+            If the connection failed (it is closed, and reopened by the next call).
+        """
+        connection = self._connection
+        if connection is None or self._pid != os.getpid():
+            # After a fork the parent's socket is not ours: the pool gives
+            # the child connections of its own.
+            connection = self._connection = self._pool.get_connection()
+            self._pid = os.getpid()
+        packed = b"".join(hiredis.pack_command(command) for command in commands)
+        try:
+            connection.send_packed_command([packed])
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+        except BaseException:
+            connection.disconnect()
+            raise
+        return replies
+
+    def close(self) -> None:
+        """Close the pool's connections (this one included; the next call opens one)."""
+        self._connection = None
+        self._pool.disconnect()
+
+
+class WireScript:
+    """A Lua script run over a :class:`Wire`: called as a redis-py ``Script`` is.
+
+    Parameters
+    ----------
+    wire
+        The connection to run it on.
+    script
+        The script's source (loaded again if the server lost it).
+    """
+
+    def __init__(self, wire: Wire, script: bytes) -> None:
+        self._wire = wire
+        self.script = script
+        self.sha = hashlib.sha1(script).hexdigest().encode()
+
+    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The EVALSHA of the script, for :meth:`Wire.call`."""
+        return (b"EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run the script; raises its error as :class:`redis.ResponseError`."""
+        (reply,) = self._wire.call(self.command(keys, args))
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            # The server restarted or its scripts were flushed.
+            checked(self._wire.call((b"SCRIPT", b"LOAD", self.script))[0])
+            (reply,) = self._wire.call(self.command(keys, args))
+        return checked(reply)
+
+
+def checked(reply: Any) -> Any:
+    """`reply`, unless it is an error (from :meth:`Wire.call`): then raise it."""
+    if isinstance(reply, redis.ResponseError):
+        raise reply
+    return reply
+
+
 class _Session:
     """What the sync and asyncio writers share: identity, request ids, the format."""
 
@@ -368,28 +489,56 @@ class _Session:
             raise ValueError(f"write timeout must be in (0, {MAX_TIMEOUT}] s, not {timeout!r}")
         self.store = store
         self.timeout = timeout
-        self.token = secrets.token_hex(8).encode()
+        self.mirror_db = mirror_db
         self.requests = request_stream_key(mirror_db)
-        self.replies = reply_stream_key(mirror_db, self.token)
         self.writer_name = writer_name
+        self._new_token()
+
+    def _new_token(self) -> None:
+        """A token (and so request ids and a reply stream) of this process's own."""
+        self.pid = os.getpid()
+        self.token = secrets.token_hex(8).encode()
+        self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
         self.last_reply_id = b"0"
 
     def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
+        if self.pid != os.getpid():
+            # A forked child: its parent goes on with the same counter, and a
+            # request id the daemon has seen is answered, never applied again.
+            self._new_token()
         request_id = b"%b:%d" % (self.token, next(self._counter))
-        writer = Writer(_HOST, os.getpid(), self.writer_name)
+        writer = Writer(_HOST, self.pid, self.writer_name)
         return request_id, encode_request(
             request_id, self.token, self.store, op, timeout=timeout, writer=writer, **write
         )
 
     def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
-        """The reply to `request_id` among an XREAD reply, or None."""
-        for _, entries in reply or ():
-            for entry_id, fields in entries:
-                self.last_reply_id = entry_id
-                if fields.get(b"id") == request_id:
-                    return Reply.from_fields(fields)
+        """The reply to `request_id` among a raw XREAD reply, or None."""
+        for entry_id, fields in stream_entries(reply):
+            self.last_reply_id = entry_id
+            if fields is not None and fields.get(b"id") == request_id:
+                return Reply.from_fields(fields)
         return None
+
+    def read_replies(self, block: int) -> tuple[Any, ...]:
+        """The XREAD that waits up to `block` ms for this writer's next replies."""
+        return (b"XREAD", b"BLOCK", block, b"STREAMS", self.replies, self.last_reply_id)
+
+    def send(self, fields: dict[bytes, bytes], remaining: float) -> tuple[Any, ...]:
+        """The XADD of a request, its timeout set to the `remaining` seconds of the deadline.
+
+        A resend after a lost connection keeps the request id (the daemon
+        answers a duplicate from its record) and the original deadline.
+        """
+        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
+        return (b"XADD", self.requests, b"*", *itertools.chain.from_iterable(fields.items()))
+
+    def refused(self, error: redis.ResponseError) -> ReadOnlyError:
+        return ReadOnlyError(
+            f"the mirror refused the write request: {error} (see the README,"
+            " 'Writers on other hosts', for the ACL rules clients need)"
+        )
 
     def timed_out(self, key: bytes | None, op: Op) -> WriteTimeoutError:
         what = op.value if key is None else f"{op.value} of {display_str(key)}"
@@ -441,10 +590,7 @@ class RemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs = control_kwargs(client, control_db)
-        self._client = redis.Redis(
-            connection_pool=redis.ConnectionPool(**kwargs),
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-        )
+        self._wire = Wire(redis.ConnectionPool(**kwargs))
         socket_timeout = kwargs.get("socket_timeout")
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = threading.Lock()
@@ -477,25 +623,16 @@ class RemoteWriter:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise session.timed_out(key, op)
+                read = session.read_replies(max(1, int(min(remaining, self._block) * 1000)))
                 try:
                     if not sent:
-                        # A resend after a lost connection keeps the request id
-                        # (the daemon answers a duplicate from its record) and
-                        # the original deadline.
-                        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
-                        with self._client.pipeline(transaction=False) as pipe:
-                            pipe.xadd(session.requests, fields)  # type: ignore[arg-type]
-                            pipe.xread(
-                                {session.replies: session.last_reply_id},
-                                block=max(1, int(min(remaining, self._block) * 1000)),
-                            )
-                            reply = pipe.execute()[1]
+                        # The request and the wait for its reply: one write, one blocking read.
+                        added, reply = self._wire.call(session.send(fields, remaining), read)
+                        checked(added)
                         sent = ever_sent = True
                     else:
-                        reply = self._client.xread(
-                            {session.replies: session.last_reply_id},
-                            block=max(1, int(min(remaining, self._block) * 1000)),
-                        )
+                        (reply,) = self._wire.call(read)
+                    reply = checked(reply)
                 except _TRANSIENT as error:
                     if not ever_sent:
                         # Nothing reached the server: fail at once, as a direct write does.
@@ -504,17 +641,14 @@ class RemoteWriter:
                     time.sleep(_RETRY_DELAY)
                     continue
                 except redis.ResponseError as error:
-                    raise ReadOnlyError(
-                        f"the mirror refused the write request: {error} (see the README,"
-                        " 'Writers on other hosts', for the ACL rules clients need)"
-                    ) from error
+                    raise session.refused(error) from error
                 found = session.take_reply(request_id, reply)
                 if found is not None:
                     return found.result()
 
     def close(self) -> None:
         """Close the writer's connections."""
-        self._client.close()
+        self._wire.close()
 
 
 class AsyncRemoteWriter:
@@ -561,9 +695,8 @@ class AsyncRemoteWriter:
                 block = max(1, int(min(remaining, self._block) * 1000))
                 try:
                     if not sent:
-                        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
                         async with self._client.pipeline(transaction=False) as pipe:
-                            pipe.xadd(session.requests, fields)  # type: ignore[arg-type]
+                            pipe.execute_command(*session.send(fields, remaining))
                             pipe.xread({session.replies: session.last_reply_id}, block=block)
                             reply = (await pipe.execute())[1]
                         sent = ever_sent = True
@@ -578,10 +711,7 @@ class AsyncRemoteWriter:
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
                 except redis.ResponseError as error:
-                    raise ReadOnlyError(
-                        f"the mirror refused the write request: {error} (see the README,"
-                        " 'Writers on other hosts', for the ACL rules clients need)"
-                    ) from error
+                    raise session.refused(error) from error
                 found = session.take_reply(request_id, reply)
                 if found is not None:
                     return found.result()

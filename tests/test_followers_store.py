@@ -41,6 +41,9 @@ from telstate.lmdb import (
     writers_of,
 )
 from telstate.lmdb.eventlog import writers_in
+from telstate.lmdb.follower import FollowerTxn
+from telstate.lmdb.layout import key_record, name_key_of
+from telstate.lmdb.samples import add_sample
 from telstate.log import Op, Writer
 from telstate.utils import KeyType, pack_timestamp
 
@@ -196,7 +199,14 @@ def new_follower(path, primary: LmdbBackend) -> LmdbBackend:
 
 def test_follower_of_a_whole_mixed_log_equals_its_primary(tmp_path, primary):
     ops = {event.op for event in primary.events()}
-    assert ops == {Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED, Op.DELETE, Op.CLEAR}
+    assert ops == {
+        Op.SET_IMMUTABLE,
+        Op.ADD_MUTABLE,
+        Op.ADD_MUTABLE_MANY,  # from the import
+        Op.SET_INDEXED,
+        Op.DELETE,
+        Op.CLEAR,
+    }
     assert len(primary._read(writers_in)) >= 5  # three local writers, remote ones
     with new_follower(tmp_path / "follower", primary) as follower:
         assert (follower.role, follower.primary) == ("follower", PRIMARY)
@@ -593,7 +603,8 @@ def test_backup_of_a_big_store_reports_progress(tmp_path, monkeypatch):
         seq, chain = backup_module.backup(
             primary.path, tmp_path / "copy", lambda copied, used: seen.append((copied, used))
         )
-        assert (seq, chain) == primary.head == (300_000, primary.chain_at(300_000))
+        # An import records these samples as a few add_mutable_many events.
+        assert (seq, chain) == primary.head == (primary.last_seq, primary.chain_at(seq))
         assert seen and all(0 <= copied <= used for copied, used in seen)
         with LmdbBackend(tmp_path / "copy", readonly=True) as copy:
             assert copy.head == primary.head and copy.verify() == []
@@ -780,3 +791,42 @@ def test_backup_progress_goes_to_a_terminal_only(tmp_path, primary):
     )
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout.startswith(f"backed up {primary.path} to {tmp_path / 'unseen'}: ")
+
+
+def test_follower_applies_imports_into_new_and_existing_keys(tmp_path):
+    """add_mutable_many events: into a new key, and after an existing key's latest sample."""
+    with LmdbBackend(tmp_path / "primary", durability="none") as primary:
+        primary.add_mutable(b"old", b"\xffa", 5.0)
+        primary.add_mutable(b"old", b"\xffb", 5.0)
+        members = [pack_timestamp(float(i)) + b"\xff" + b"%d" % i for i in range(10_000)]
+        primary.load_records(
+            [(b"old", KeyType.MUTABLE, members), (b"new", KeyType.MUTABLE, members)]
+        )
+        ops = [event.op for event in primary.events()]
+        assert ops.count(Op.ADD_MUTABLE_MANY) >= 4 and Op.ADD_MUTABLE in ops
+        follower = new_follower(tmp_path / "follower", primary)
+        follow(primary, follower, random.Random(1), max_chunk=3)
+        assert_same(primary, follower)
+        follower.close()
+
+
+def test_follower_refuses_an_import_event_its_state_does_not_take(tmp_path):
+    """An add_mutable_many event whose samples do not follow the key's latest: the states differ."""
+    with LmdbBackend(tmp_path / "primary", durability="none") as primary:
+        members = [pack_timestamp(float(i)) + b"\xff" + b"%d" % i for i in range(100)]
+        primary.load_records([(b"k", KeyType.MUTABLE, members)])
+        follower = new_follower(tmp_path / "follower", primary)
+        follow(primary, follower, random.Random(1))
+        # The follower's state gains a later sample behind the primary's back.
+        with FollowerTxn(follower._writable_store(), None, require_follower=True) as ftxn:
+            record = key_record(ftxn.txn, ftxn.tables, name_key_of(b"k"))
+            assert record is not None
+            args = (record.key_id, record.flags, record.sealed, 1000.0, b"\xffz", 0)
+            assert add_sample(ftxn.txn, ftxn.tables, name_key_of(b"k"), *args)
+            ftxn.changed = True
+        primary.load_records([(b"k", KeyType.MUTABLE, [pack_timestamp(500.0) + b"\xffx"])])
+        head = follower.last_seq
+        with pytest.raises(StoreError, match="primary's although their chains agree"):
+            follow(primary, follower, random.Random(2))
+        assert follower.last_seq == head
+        follower.close()

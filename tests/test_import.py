@@ -26,6 +26,7 @@ from telstate import TelescopeState, cli
 from telstate.backend import Backend, Record
 from telstate.errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
 from telstate.lmdb import LmdbBackend, replay, settings
+from telstate.log import Op
 from telstate.memory import MemoryBackend
 from telstate.rdb_writer import RDBWriter
 from telstate.utils import KeyType, pack_timestamp
@@ -212,9 +213,12 @@ def katsdp_state(path: str) -> dict:
     return result
 
 
-@pytest.mark.parametrize("chunk", [100_000, 257])
-def test_import_equals_katsdptelstate_load_and_verifies(store, tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, per_event", [(100_000, 4096), (257, 100)])
+def test_import_equals_katsdptelstate_load_and_verifies(
+    store, tmp_path, monkeypatch, chunk, per_event
+):
     monkeypatch.setattr(settings, "LOAD_CHUNK", chunk)
+    monkeypatch.setattr(settings, "BULK_EVENT_SAMPLES", per_event)
     path = write_rdb(tmp_path / "obs.rdb", sample_records())
     count = store.load_from_file(path)
     assert count == len(sample_records())
@@ -223,8 +227,16 @@ def test_import_equals_katsdptelstate_load_and_verifies(store, tmp_path, monkeyp
     assert ours == katsdp_state(path)
     replayed = replay(store.path).backend
     assert state(replayed) == state(store)
-    # Every element is one event.
-    assert store.last_seq == sum(1 if t == IMMUTABLE else len(v) for _, t, v in sample_records())
+    # Every element is in one event: short samples many to an event, long ones one each.
+    events = list(store.events())
+    assert store.last_seq == len(events)
+    elements = sum(1 if t == IMMUTABLE else len(v) for _, t, v in sample_records())
+    assert sum(len(e.samples()) or 1 for e in events) == elements
+    bulk = [e for e in events if e.op == Op.ADD_MUTABLE_MANY]
+    assert {e.key for e in bulk} == {b"m%03d_sensor" % i for i in range(5)} | {b"burst"}
+    assert all(len(e.values) <= per_event for e in bulk)
+    assert len(bulk) >= 5 * 700 // per_event
+    assert [e.op for e in store.history(b"array")] == [Op.ADD_MUTABLE] * 40
 
 
 def test_samples_go_into_sealed_blocks_that_later_writes_respect(store, tmp_path):

@@ -7,6 +7,8 @@ reply (by dropping it without acknowledging anything).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -64,6 +66,9 @@ class StuckMirror:
 
     def catch_up(self, seq: int) -> int | None:
         return self.seq
+
+    def hold(self) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
 
 
 def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:

@@ -283,15 +283,14 @@ def test_dump_and_load_records_round_trip(backend, tmp_path):
     ]
     with LmdbBackend(tmp_path / "copy") as copy:
         assert copy.load_records(records) == 3
-        assert copy.last_seq == 4  # one event per element
+        assert copy.last_seq == 3  # the two samples in one add_mutable_many event
         assert [e.op for e in copy.events()] == [
             Op.SET_IMMUTABLE,
-            Op.ADD_MUTABLE,
-            Op.ADD_MUTABLE,
+            Op.ADD_MUTABLE_MANY,
             Op.SET_INDEXED,
         ]
         assert copy.load_records(records) == 3
-        assert copy.last_seq == 4  # nothing new
+        assert copy.last_seq == 3  # nothing new
         for key in (b"i", b"m", b"x"):
             assert copy.dump(key) == backend.dump(key)
         assert copy.verify() == []
@@ -301,7 +300,10 @@ def test_load_records_in_batches(backend, monkeypatch):
     monkeypatch.setattr("telstate.lmdb.settings.LOAD_CHUNK", 7)
     samples = [pack_timestamp(float(i)) + b"v%d" % i for i in range(50)]
     assert backend.load_records([(b"m", KeyType.MUTABLE, samples)]) == 1
-    assert backend.last_seq == 50
+    # Pieces of 7 samples, each an add_mutable_many event in a transaction of its own.
+    events = list(backend.events())
+    assert backend.last_seq == len(events) == 8
+    assert [len(event.values) for event in events] == [7] * 7 + [1]
     assert members(backend, b"m") == samples
     with pytest.raises(ImmutableKeyError):
         backend.load_records([(b"m", KeyType.IMMUTABLE, b"v")])

@@ -751,3 +751,37 @@ def test_load_from_file_errors(tmp_path) -> None:
         rdb_reader.load_from_file(RecordingCallback(), io.BytesIO(path.read_bytes()[1:]))
     with pytest.raises(OSError):
         rdb_reader.load_from_file(RecordingCallback(), tmp_path / "missing.rdb")
+
+
+@pytest.mark.parametrize("sizes", ["even", "shrinking"])
+def test_a_zset_bigger_than_the_buffer_is_read_about_once(tmp_path, monkeypatch, sizes) -> None:
+    """The reader guesses a big zset's end from its first members (right or wrong), reads a
+    regular file up to there at once, and frees the big buffer once the zset is parsed."""
+    from telstate.rdb_writer import RDBWriter
+
+    monkeypatch.setattr(rdb_reader, "_CHUNK_SIZE", 64 << 10)
+    lengths = [4000 + i % 7 for i in range(400)]
+    if sizes == "shrinking":
+        lengths = [8000 - 19 * i for i in range(400)]  # the guess overshoots the end of the file
+    members = sorted(struct.pack(">d", i) + b"v" * length for i, length in enumerate(lengths))
+    path = tmp_path / "big.rdb"
+    with RDBWriter(path) as writer:
+        writer.write_record(b"arrays", KeyType.MUTABLE, members)
+        writer.write_record(b"after", KeyType.IMMUTABLE, b"x")
+    requested: list[int] = []
+    refill = RdbReader._refill_regular_file
+
+    def counting(self: RdbReader, available: int, fresh: int) -> None:
+        requested.append(available + fresh)
+        refill(self, available, fresh)
+
+    monkeypatch.setattr(RdbReader, "_refill_regular_file", counting)
+    with RdbReader(path) as reader:
+        records = reader.records()
+        assert next(records) == (b"arrays", KeyType.MUTABLE, members)
+        assert len(reader._buf) < 64 << 10  # the zset's bytes are freed
+        assert list(records) == [(b"after", KeyType.IMMUTABLE, b"x")]
+    size = path.stat().st_size
+    assert size > 20 * (64 << 10)
+    # Doubling alone would read 64 KiB, 128 KiB, ... 4 MiB: about twice the file.
+    assert sum(requested) < 1.3 * size

@@ -281,6 +281,46 @@ def test_results_and_errors_are_those_of_a_local_write(store, server, mirror_url
     assert writers == {(socket.gethostname(), os.getpid(), "ingest1")}
 
 
+def _write_in_child(queue: Any, ts: TelescopeState) -> None:
+    try:
+        ts.add("forked", 2.0, ts=2.0)
+        queue.put("ok")
+    except Exception as error:  # reported to the parent, which fails the test
+        queue.put(repr(error))
+
+
+def test_a_forked_child_writes_on_a_connection_of_its_own(store, server, mirror_url, daemon):
+    # The writer holds one connection (telstate.remote.Wire): a child
+    # sharing its socket with the parent would mix up their replies.
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("forked", 1.0, ts=1.0)
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_write_in_child, args=(queue, ts))
+    child.start()
+    assert queue.get(timeout=SETTLE) == "ok"
+    child.join(SETTLE)
+    assert child.exitcode == 0
+    ts.add("forked", 3.0, ts=3.0)
+    assert [value for value, _ in ts.get_range("forked", st=0)] == [1.0, 2.0, 3.0]
+    ts.backend.close()
+    settle(store, server)
+
+
+def test_writes_go_on_after_the_scripts_are_flushed(store, server, mirror_url, daemon):
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("before", 1, immutable=True)
+    client = server.client()
+    client.script_flush()  # as after a restart: the daemon's scripts are loaded again
+    client.close()
+    ts.add("after", 2, immutable=True)
+    assert ts.get("after") == 2
+    ts.backend.close()
+    settle(store, server)
+
+
 async def test_aio_writes_through_the_mirror(store, server, mirror_url, daemon):
     daemon()
     from telstate.aio.redis import RedisBackend as AioRedisBackend

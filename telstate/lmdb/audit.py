@@ -42,6 +42,16 @@ class _StateModel:
             if members is None:
                 members = data[key] = set()
             members.add(pack_timestamp(timestamp) + value)
+        elif op_code == log.ADD_MUTABLE_MANY:
+            members = data.get(key)
+            if members is None:
+                members = data[key] = set()
+            try:
+                members.update(log.sample_members(value))
+            except ValueError as error:
+                raise StoreError(
+                    f"an add_mutable_many event on {display_str(key)}: {error}"
+                ) from None
         elif op_code == log.SET_IMMUTABLE:
             data[key] = value
         elif op_code == log.SET_INDEXED:
@@ -251,6 +261,11 @@ def _check_log(
         if raw[0] not in log.OP_CODES:
             problems.append(f"log: event {seq} has unknown operation code {raw[0]}")
             continue
+        if raw[0] == log.ADD_MUTABLE_MANY:
+            try:
+                log.decode_samples(raw[6])
+            except ValueError as error:
+                problems.append(f"log: event {seq} cannot be decoded ({error})")
         if raw[1] not in writers:
             problems.append(f"log: event {seq} has unknown writer {raw[1]}")
             writers.add(raw[1])

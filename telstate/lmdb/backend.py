@@ -31,7 +31,7 @@ from .eventlog import (
     chain_in,
     head_in,
     history_chunk,
-    key_update,
+    key_updates,
     last_seq_in,
     log_chunk,
     writers_in,
@@ -453,12 +453,14 @@ class LmdbBackend(Backend):
     ) -> int:
         """Import whole keys (as read from an RDB file) in bulk; return how many.
 
-        Each element is one event: immutable keys set_immutable events, each
-        sample of a mutable key an add_mutable event and each sub-key a
-        set_indexed event. What happens to keys the store has is
+        Every element is in an event: immutable keys in set_immutable events,
+        each sub-key in a set_indexed event, and a mutable key's samples in
+        add_mutable_many events of up to ``settings.BULK_EVENT_SAMPLES``
+        samples (long values: an add_mutable event each; see
+        :mod:`telstate.lmdb.bulk`). What happens to keys the store has is
         :mod:`telstate.import_rules` (elements already present are skipped,
         contradictions raise). Records are committed in chunks of at most
-        ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
+        ``settings.LOAD_CHUNK`` values and about ``settings.LOAD_CHUNK_BYTES``
         bytes, each checked whole before it is written (see
         :mod:`telstate.lmdb.bulk`).
 
@@ -470,7 +472,7 @@ class LmdbBackend(Backend):
             The file they come from, named in errors.
         progress
             Called after each committed chunk with ``"importing"`` and its
-            number of events (:data:`telstate.lmdb.bulk.Progress`).
+            number of values (:data:`telstate.lmdb.bulk.Progress`).
 
         Raises
         ------
@@ -570,9 +572,11 @@ class LmdbBackend(Backend):
         size = 0
         for event in self.events(start_seq, end_seq, keys):
             size += 100 + sum(len(part or b"") for part in (event.key, event.sub_key, event.value))
+            if event.values is not None:
+                size += sum(map(len, event.values)) + 100 * len(event.values)
             if size > settings.MONITOR_MAX_BYTES:
                 return [(None, KeyUpdateBase())]
-            updates.append((event.key, key_update(event)))
+            updates.extend((event.key, update) for update in key_updates(event))
         return updates
 
     def wait_for_commit(self, after_seq: int, timeout: float | None = None) -> int:

@@ -6,20 +6,28 @@ keys are :mod:`telstate.import_rules`; this module makes it fast and
 bounded:
 
 - Records stream in from the reader and are cut into *chunks* of at most
-  ``settings.LOAD_CHUNK`` events and about ``settings.LOAD_CHUNK_BYTES``
-  bytes (a big key is cut into pieces across chunks), one write
-  transaction each, so memory stays bounded whatever the file size (the
-  largest single key is the reader's to hold).
+  ``settings.LOAD_CHUNK`` values (samples, sub-keys, immutable values)
+  and about ``settings.LOAD_CHUNK_BYTES`` bytes (a big key is cut into
+  pieces across chunks), one write transaction each, so memory stays
+  bounded whatever the file size (the largest single key is the
+  reader's to hold).
 - A chunk is checked whole (records, and conflicts with the store inside
   its transaction) before it writes anything. ``load_from_file`` of a
   path or seekable file checks the whole file first, so a bad file
   leaves the store unchanged; ``load_records`` of an iterator can fail
   after earlier chunks committed (each committed chunk is whole keys or
   whole pieces of keys, and the store verifies).
-- Every element is still one event (a set_immutable, one add_mutable per
-  sample, one set_indexed per sub-key), made by the backend's one append
+- Every element is still in an event, made by the backend's one append
   function, so the log, replay and verify see an import as the writes it
-  stands for. Log and history entries go in with LMDB appends.
+  stands for: a set_immutable, one set_indexed per sub-key, and a mutable
+  key's samples in add_mutable_many events of at most
+  ``settings.BULK_EVENT_SAMPLES`` samples and about
+  ``settings.BULK_EVENT_BYTES`` bytes each (see :mod:`telstate.log`); the
+  first of them in a store marks it log format 3. Samples with long values
+  (arrays, mostly) get one add_mutable event each, since the store points
+  at the event that holds such a value, and so do samples that go in
+  among a key's existing ones. Log and history entries go in with LMDB
+  appends.
 - Samples that come after a key's latest sample (always, for a new key)
   go straight into sealed blocks (:func:`~telstate.lmdb.samples.append_samples`);
   samples among existing ones take the per-sample path.
@@ -61,7 +69,8 @@ if TYPE_CHECKING:
     from .backend import LmdbBackend
 
 #: Called after each chunk with the phase (``"checking"`` the file first,
-#: or ``"importing"``) and the number of events the chunk held.
+#: or ``"importing"``) and the number of values (samples, sub-keys and
+#: immutable values) the chunk held.
 Progress = Callable[[str, int], None]
 
 
@@ -107,7 +116,7 @@ def check(
 def _chunks(
     records: Iterable[Record], source: PathType | None
 ) -> Iterator[tuple[list[Record], int]]:
-    """Checked records, cut into pieces and gathered into chunks: (pieces, events) each."""
+    """Checked records, cut into pieces and gathered into chunks: (pieces, values) each."""
     chunk: list[Record] = []
     events = size = 0
     for record in records:
@@ -153,12 +162,15 @@ def _pieces(record: Record) -> Iterator[Record]:
     size = _size_of(record)
     per_piece = max(1, min(settings.LOAD_CHUNK, count * settings.LOAD_CHUNK_BYTES // max(size, 1)))
     if key_type == KeyType.MUTABLE:
-        if count <= per_piece and isinstance(value, list):
+        if count <= per_piece:
             yield record
             return
         for start in range(0, count, per_piece):
-            # Lists of members, also of PackedMembers (whose slices are lists).
-            yield key, key_type, value[start : start + per_piece]  # type: ignore[index]
+            if isinstance(value, PackedMembers):
+                yield key, key_type, value.part(start, start + per_piece)
+            else:
+                assert isinstance(value, list)
+                yield key, key_type, value[start : start + per_piece]
         return
     if count <= per_piece:
         yield record
@@ -206,7 +218,7 @@ def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
             assert isinstance(value, bytes)
             wtxn.set_immutable(key, value)  # the same value if it exists (checked)
         elif key_type == KeyType.MUTABLE:
-            assert isinstance(value, list)
+            assert isinstance(value, (list, PackedMembers))
             _write_mutable(wtxn, key, value)
         else:
             assert isinstance(value, dict)
@@ -219,7 +231,7 @@ def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
     return KEY_ID.unpack(key_id)[0] + 1 == counter
 
 
-def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
+def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMembers) -> None:
     txn, tables = wtxn.txn, wtxn.tables
     name_key = name_key_of(key)
     stored = _stored(txn, tables, key)
@@ -233,17 +245,36 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes]) -> None:
         after = bisect.bisect_right(members, latest)
         for member in members[:after]:
             wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
-        members = members[after:]
-        if not members:
+        if after == len(members):
             return
+        if after:
+            members = members[after:]
         stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
         assert stored is not None
         newest = _is_newest(txn, tables, stored.key_id)
     append_samples(
         txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
     )
-    values, stamps = _split_members(members)
-    wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
+    longest = members.size - 8 if isinstance(members, PackedMembers) else max(map(len, members)) - 8
+    if longest >= INLINE_LIMIT:
+        # The store points at the event of each long value: one event per sample.
+        values = [memoryview(member)[8:] for member in members]
+        stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
+        wtxn.append_events(log.ADD_MUTABLE, name_key, key, values, None, stamps)
+        return
+    per_event = max(1, min(settings.BULK_EVENT_SAMPLES, settings.BULK_EVENT_BYTES // (longest + 8)))
+    starts = range(0, len(members), per_event)
+    if isinstance(members, PackedMembers):
+        size = members.size
+        payloads = [
+            log.encode_uniform_samples(
+                members.buffer[start * size : (start + per_event) * size], size
+            )
+            for start in starts
+        ]
+    else:
+        payloads = [log.encode_samples(members[start : start + per_event]) for start in starts]
+    wtxn.append_events(log.ADD_MUTABLE_MANY, name_key, key, payloads)
 
 
 def _write_indexed(wtxn: WriteTxn, key: bytes, sub_keys: dict[bytes, bytes]) -> None:
@@ -266,21 +297,3 @@ def _write_indexed(wtxn: WriteTxn, key: bytes, sub_keys: dict[bytes, bytes]) -> 
     if added != (len(entries), len(entries)):
         raise StoreError(f"indexed key {display_str(key)}: sub-keys overlap stored ones")
     wtxn.append_events(log.SET_INDEXED, name_key, key, list(sub_keys.values()), list(sub_keys))
-
-
-def _split_members(members: list[bytes]) -> tuple[list[memoryview] | np.ndarray, np.ndarray]:
-    """The values and timestamps of `members`; small values of one length as rows of an array.
-
-    Other values are views into the members (big ones are not copied twice).
-    """
-    count = len(members)
-    length = len(members[0])
-    # Lengths that add up to count * length and none above it: all the same.
-    if length - 8 < INLINE_LIMIT and max(map(len, members)) == length:
-        joined = b"".join(members)
-        if len(joined) == count * length:
-            table = np.frombuffer(joined, np.uint8).reshape(count, length)
-            stamps = np.ascontiguousarray(table[:, :8]).view(">f8").reshape(count)
-            return table[:, 8:], stamps
-    stamps = np.frombuffer(b"".join(map(first8, members)), ">f8")
-    return [memoryview(member)[8:] for member in members], stamps

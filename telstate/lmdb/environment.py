@@ -590,13 +590,14 @@ class Store:
             if version == b"1":
                 raise StoreError(
                     f"{self.path!r} has log format 1 (events without chain hashes); "
-                    f"this telstate reads format {log.FORMAT_VERSION}: run "
+                    f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: run "
                     f"`telstate upgrade {self.path}` (with no process using the store)"
                 )
-            if version != b"%d" % log.FORMAT_VERSION:
+            if version not in {b"%d" % known for known in log.FORMATS}:
                 raise StoreError(
                     f"{self.path!r} has log format {version.decode(errors='replace')}, "
-                    f"this telstate reads format {log.FORMAT_VERSION}: upgrade telstate"
+                    f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: "
+                    "upgrade telstate"
                 )
             return tables, uuid.UUID(bytes=identity_bytes)
 
@@ -950,7 +951,7 @@ def _env_options(map_size: int, writable: bool, sync: bool) -> dict[str, Any]:
 
 def _initialise(txn: Any, tables: Tables, identity: uuid.UUID) -> None:
     """Write the meta entries of a new store with identity `identity`."""
-    txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
+    txn.put(b"format", b"%d" % log.BASE_FORMAT, db=tables.meta)
     txn.put(b"uuid", identity.bytes, db=tables.meta)
     txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
 
@@ -1080,6 +1081,11 @@ def _watch_store(store: Store) -> None:
             if os.fsdecode(event.src_path) == notify_path:
                 store.wake()
 
+    # The notify file alone, if it exists: a watch on the directory would
+    # also see every page LMDB writes to data.mdb, and each event costs two
+    # watchdog threads some Python, competing with the waiter for the GIL.
+    watched = notify_path if os.path.exists(notify_path) else store.path
+
     with _STORES_LOCK:
         if store.watch is not None:
             return
@@ -1088,7 +1094,7 @@ def _watch_store(store: Store) -> None:
                 _OBSERVER = Observer()
                 _OBSERVER.daemon = True
                 _OBSERVER.start()
-            store.watch = _OBSERVER.schedule(CommitHandler(), store.path, recursive=False)
+            store.watch = _OBSERVER.schedule(CommitHandler(), watched, recursive=False)
         except OSError as error:
             # E.g. out of inotify instances: polling still works.
             logger.debug("cannot watch %s (%s); polling for commits", store.path, error)

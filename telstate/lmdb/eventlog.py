@@ -89,7 +89,7 @@ def append_events(
     writer_id: int,
     time: float,
     key: bytes,
-    values: Sequence[bytes | memoryview] | np.ndarray,
+    values: Sequence[bytes | memoryview],
     sub_keys: Sequence[bytes] | None = None,
     timestamps: Sequence[float] | np.ndarray | None = None,
 ) -> bytes:
@@ -201,20 +201,20 @@ def raw_log(txn: Any, tables: Tables, start_seq: int) -> Iterator[tuple[int, byt
         yield _unpack_seq(seq_key), record
 
 
-def key_update(event: Event) -> KeyUpdateBase:
-    """The KeyUpdate the frontend expects for an event."""
+def key_updates(event: Event) -> list[KeyUpdateBase]:
+    """The KeyUpdates the frontend expects for an event: one per sample of add_mutable_many."""
     assert event.key is not None or event.op == Op.CLEAR
-    if event.op == Op.ADD_MUTABLE:
-        assert event.key is not None and event.value is not None
-        assert event.timestamp is not None
-        return MutableKeyUpdate(event.key, event.value, event.timestamp)
+    if event.op == Op.ADD_MUTABLE or event.op == Op.ADD_MUTABLE_MANY:
+        assert event.key is not None
+        key = event.key
+        return [MutableKeyUpdate(key, value, timestamp) for value, timestamp in event.samples()]
     if event.op == Op.SET_IMMUTABLE:
         assert event.key is not None and event.value is not None
-        return ImmutableKeyUpdate(event.key, event.value)
+        return [ImmutableKeyUpdate(event.key, event.value)]
     if event.op == Op.SET_INDEXED:
         assert event.key is not None and event.value is not None and event.sub_key is not None
-        return IndexedKeyUpdate(event.key, event.sub_key, event.value)
-    return KeyUpdateBase()
+        return [IndexedKeyUpdate(event.key, event.sub_key, event.value)]
+    return [KeyUpdateBase()]
 
 
 def log_chunk(

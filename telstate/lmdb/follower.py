@@ -49,8 +49,9 @@ from ..log import Writer
 from ..utils import PathType
 from .environment import Store, create_store
 from .eventlog import append_record, log_chunk, writers_in
-from .layout import FOLLOWS, primary_in
-from .writes import WriteTxn
+from .layout import FOLLOWS, KEY_ID, MUTABLE, key_record, name_key_of, primary_in
+from .samples import append_samples, latest_member
+from .writes import WriteTxn, wrong_type
 
 if TYPE_CHECKING:
     from .backend import LmdbBackend
@@ -160,6 +161,8 @@ class FollowerTxn(WriteTxn):
                 self.clear()
             elif op_code == log.PROMOTE:
                 self._append(log.PROMOTE, None)
+            elif op_code == log.ADD_MUTABLE_MANY:
+                self._add_mutable_many(key, value)
             else:
                 raise StoreError(f"event {seq} has unknown operation code {op_code}")
         except (ImmutableKeyError, InvalidTimestampError) as error:
@@ -167,6 +170,37 @@ class FollowerTxn(WriteTxn):
         if self._record is not None:
             self._record = None
             raise self._diverged(seq, "it changes nothing here")
+
+    def _add_mutable_many(self, key: bytes, payload: bytes) -> None:
+        """Apply an import's add_mutable_many event: its samples, then its record.
+
+        An import records in such events only samples that follow the
+        key's latest one (:func:`telstate.lmdb.bulk.load`), and they go in
+        as the primary's import put them, into sealed blocks.
+        """
+        try:
+            members = log.sample_members(payload)
+        except ValueError as error:
+            raise StoreError(f"event {self.next_seq()}: {error}") from None
+        if not members or members != sorted(set(members)):
+            raise StoreError(f"event {self.next_seq()}: its samples are not sorted and distinct")
+        txn, tables = self.txn, self.tables
+        name_key = name_key_of(key)
+        record = key_record(txn, tables, name_key)
+        if record is None:
+            record = self.new_key(name_key, MUTABLE, key, b"")
+        elif record.type_code != MUTABLE:
+            raise wrong_type(key, record, "mutable")
+        elif latest_member(txn, tables, record.key_id, record.flags) >= members[0]:
+            return  # apply() reports that the event does not change this store as the primary
+        self._mark_format()
+        newest = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0] == (
+            KEY_ID.unpack(record.key_id)[0] + 1
+        )
+        append_samples(
+            txn, tables, name_key, record.key_id, record.flags, members, self.next_seq(), newest
+        )
+        self._append(log.ADD_MUTABLE_MANY, name_key, key)
 
     def _diverged(self, seq: int, reason: str) -> StoreError:
         return StoreError(

@@ -51,8 +51,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from .. import log
+from ..backend import PackedMembers
 from ..errors import StoreError
 from . import settings
 from .layout import (
@@ -73,6 +75,7 @@ from .layout import (
 )
 
 _BYTES_ONLY = {bytes}
+_U16 = struct.Struct(">H")
 
 
 def _encode_block(members: list[bytes]) -> bytes:
@@ -513,7 +516,7 @@ def append_samples(
     name_key: bytes,
     key_id: bytes,
     flags: int,
-    members: list[bytes],
+    members: list[bytes] | PackedMembers,
     first_seq: int,
     newest_key: bool,
 ) -> None:
@@ -527,11 +530,22 @@ def append_samples(
     hold (blocks disjoint in time, split only between timestamps, older
     than the tail). Keys with long values get them in the tail, unsealed,
     as :func:`add_sample` would. `newest_key` says the key id is the
-    greatest of the store, so its blocks go in with LMDB appends.
+    greatest of the store, so its blocks go in with LMDB appends. Short
+    members of one length (:class:`~telstate.backend.PackedMembers`) of a
+    key without a tail are cut into blocks with numpy, without a bytes
+    object per member.
     """
     cursor = txn.cursor(tables.samples)
-    if flags & FLAG_LONG_VALUES or max(map(len, members)) - 8 >= INLINE_LIMIT:
-        if not flags & FLAG_LONG_VALUES:
+    long_values = flags & FLAG_LONG_VALUES
+    if isinstance(members, PackedMembers):
+        if not long_values and members.size - 8 < INLINE_LIMIT and not cursor.set_key(key_id):
+            blocks, tail_part, sealed = _uniform_blocks(key_id, members)
+            _put_blocks(txn, tables, name_key, key_id, blocks, sealed, newest_key)
+            _put_tail(cursor, key_id, tail_part)
+            return
+        members = list(members)
+    if long_values or max(map(len, members)) - 8 >= INLINE_LIMIT:
+        if not long_values:
             update_record(txn, tables, name_key, flags=flags | FLAG_LONG_VALUES)
         for seq, member in enumerate(members, first_seq):
             if len(member) - 8 >= INLINE_LIMIT:
@@ -558,12 +572,81 @@ def append_samples(
         part = combined[start:end]
         blocks.append((key_id + part[0][:8], _encode_block(part)))
         start = end
-    if blocks:
-        added = txn.cursor(tables.blocks).putmulti(blocks, overwrite=False, append=newest_key)
-        if added != (len(blocks), len(blocks)):
-            raise StoreError(f"key id {key_id.hex()}: sealed blocks overlap ones already stored")
-        update_record(txn, tables, name_key, sealed=TIMESTAMP.unpack_from(combined[keep - 1])[0])
-    tail_part = combined[keep:]
-    added = cursor.putmulti(zip(itertools.repeat(key_id), tail_part), dupdata=True, append=True)
-    if added != (len(tail_part), len(tail_part)):
+    sealed = TIMESTAMP.unpack_from(combined[keep - 1])[0] if keep else NO_SEALED
+    _put_blocks(txn, tables, name_key, key_id, blocks, sealed, newest_key)
+    _put_tail(cursor, key_id, combined[keep:])
+
+
+def _uniform_blocks(
+    key_id: bytes, members: PackedMembers
+) -> tuple[list[tuple[bytes, bytes]], list[bytes], float]:
+    """The blocks, tail members and sealed timestamp of short members of one length.
+
+    The same blocks as the list path of :func:`append_samples` makes (the
+    same cuts, and :func:`_encode_block`'s bytes: a msgpack array of bin
+    values, laid out here with numpy).
+    """
+    size = members.size
+    length = size - 8
+    table = np.frombuffer(members.buffer, np.uint8).reshape(-1, size)
+    count = len(table)
+    stamps = np.ascontiguousarray(table[:, :8])
+    times = stamps.view(">u8").ravel().astype(np.uint64)  # sorts like the timestamps
+    keep = int(np.searchsorted(times, times[-1]))  # the samples of the last timestamp stay
+    header = b"\xc4" + bytes((length,)) if length < 256 else b"\xc5" + _U16.pack(length)
+    values = np.empty((count, len(header) + length), np.uint8)
+    values[:, : len(header)] = np.frombuffer(header, np.uint8)
+    values[:, len(header) :] = table[:, 8:]
+    stamp_bytes = stamps.tobytes()
+    value_bytes = values.tobytes()
+    row = values.shape[1]
+    blocks = []
+    start = 0
+    target = max(settings.BLOCK_MAX // 2, 1)
+    while start < keep:
+        end = min(start + target, keep)
+        if times[end] == times[end - 1]:
+            end = min(int(np.searchsorted(times, times[end - 1], "right")), keep)
+        part = end - start
+        array = bytes((0x90 | part,)) if part < 16 else _array_header(part)
+        data = b"".join(
+            (
+                U32.pack(part),
+                stamp_bytes[8 * start : 8 * end],
+                array,
+                value_bytes[row * start : row * end],
+            )
+        )
+        blocks.append((key_id + stamp_bytes[8 * start : 8 * start + 8], data))
+        start = end
+    sealed = TIMESTAMP.unpack_from(stamp_bytes, 8 * (keep - 1))[0] if keep else NO_SEALED
+    return blocks, list(members.part(keep, count)), sealed
+
+
+def _array_header(count: int) -> bytes:
+    """The msgpack header of an array of `count` (>= 16) items."""
+    return b"\xdc" + _U16.pack(count) if count < 1 << 16 else b"\xdd" + U32.pack(count)
+
+
+def _put_blocks(
+    txn: Any,
+    tables: Tables,
+    name_key: bytes,
+    key_id: bytes,
+    blocks: list[tuple[bytes, bytes]],
+    sealed: float,
+    newest_key: bool,
+) -> None:
+    """Add a key's new sealed `blocks`, which end at timestamp `sealed`."""
+    if not blocks:
+        return
+    added = txn.cursor(tables.blocks).putmulti(blocks, overwrite=False, append=newest_key)
+    if added != (len(blocks), len(blocks)):
+        raise StoreError(f"key id {key_id.hex()}: sealed blocks overlap ones already stored")
+    update_record(txn, tables, name_key, sealed=sealed)
+
+
+def _put_tail(cursor: Any, key_id: bytes, members: list[bytes]) -> None:
+    added = cursor.putmulti(zip(itertools.repeat(key_id), members), dupdata=True, append=True)
+    if added != (len(members), len(members)):
         raise StoreError(f"key id {key_id.hex()}: the tail is out of order")

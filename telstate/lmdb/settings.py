@@ -16,8 +16,10 @@ Name                       Default    Meaning
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
 ``LOG_CHUNK``              4096       most events read per read transaction
 ``LOG_CHUNK_BYTES``        1 MiB      a chunk of events ends once its records hold this much
-``LOAD_CHUNK``             100000     most events an import commits per transaction
-``LOAD_CHUNK_BYTES``       32 MiB     about the most bytes an import commits per transaction
+``LOAD_CHUNK``             100000     most values an import commits per transaction
+``LOAD_CHUNK_BYTES``       8 MiB      about the most bytes an import commits per transaction
+``BULK_EVENT_SAMPLES``     4096       most samples of an import's add_mutable_many event
+``BULK_EVENT_BYTES``       256 KiB    about the most bytes of samples in one such event
 ``MONITOR_MAX_SCAN``       10000      more new events than this: monitors get a bare update
 ``MONITOR_MAX_BYTES``      16 MiB     so do new events holding more bytes than this
 ``CACHE_MAX_ENTRIES``      4096       entries of the per-process read cache
@@ -39,7 +41,9 @@ HEARTBEAT = 5.0
 LOG_CHUNK = 4096
 LOG_CHUNK_BYTES = 1 << 20
 LOAD_CHUNK = 100_000
-LOAD_CHUNK_BYTES = 32 << 20
+LOAD_CHUNK_BYTES = 8 << 20
+BULK_EVENT_SAMPLES = 4096
+BULK_EVENT_BYTES = 256 << 10
 MONITOR_MAX_SCAN = 10000
 MONITOR_MAX_BYTES = 16 << 20
 CACHE_MAX_ENTRIES = 4096

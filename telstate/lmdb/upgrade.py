@@ -2,7 +2,7 @@
 
 Format 1 records are format 2 records without their chain hash (see
 :mod:`telstate.log`). The upgrade appends the chain to every record of the
-log, from the first event on, and sets the format, all in one LMDB write
+log, from the first event on, and sets format 2, all in one LMDB write
 transaction: a crash or kill during it leaves the store exactly as it was
 (format 1), and no reader ever sees a half-upgraded log. Nothing else in
 the store changes. No other process may use the store meanwhile (one that
@@ -27,12 +27,16 @@ _CHUNK = 10_000
 
 
 def upgrade(path: PathType) -> tuple[int, int]:
-    """Upgrade the store at `path` to the current log format.
+    """Upgrade the store at `path` to a log format this telstate reads.
+
+    A format 1 store becomes format 2; format 2 and 3 stores need nothing
+    (format 3 is format 2 with add_mutable_many events, and a store takes it
+    when it gets its first one).
 
     Returns
     -------
     The format the store had, and the number of events rewritten (0 if it
-    already had the current format).
+    already had a format this telstate reads).
 
     Raises
     ------
@@ -69,12 +73,14 @@ def _upgrade_in(env: lmdb.Environment, path: str) -> tuple[int, int]:
         identity = txn.get(b"uuid", db=tables.meta)
         if version is None or identity is None:
             raise StoreError(f"{path!r} is not a telstate store: it has no identity")
-        if version == b"%d" % log.FORMAT_VERSION:
-            return log.FORMAT_VERSION, 0
+        for known in log.FORMATS:
+            if version == b"%d" % known:
+                return known, 0
         if version != b"1":
             raise StoreError(
                 f"{path!r} has log format {version.decode(errors='replace')}, which this "
-                f"telstate cannot upgrade (it reads format {log.FORMAT_VERSION})"
+                f"telstate cannot upgrade (it reads formats {log.BASE_FORMAT} and "
+                f"{log.FORMAT_VERSION})"
             )
         chain = log.genesis(uuid.UUID(bytes=identity))
         count = 0
@@ -88,6 +94,6 @@ def _upgrade_in(env: lmdb.Environment, path: str) -> tuple[int, int]:
                 chain = record[-log.CHAIN_SIZE :]
             count += len(chunk)
             start = log.pack_seq(log.unpack_seq(chunk[-1][0]) + 1)
-        txn.put(b"format", b"%d" % log.FORMAT_VERSION, db=tables.meta)
+        txn.put(b"format", b"%d" % log.BASE_FORMAT, db=tables.meta)
     env.sync(True)
     return 1, count

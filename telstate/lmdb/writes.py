@@ -417,7 +417,7 @@ class WriteTxn:
         op_code: int,
         name_key: bytes,
         key: bytes,
-        values: Sequence[bytes | memoryview] | np.ndarray,
+        values: Sequence[bytes | memoryview],
         sub_keys: Sequence[bytes] | None = None,
         timestamps: Sequence[float] | np.ndarray | None = None,
     ) -> None:
@@ -426,6 +426,8 @@ class WriteTxn:
         For bulk paths (:mod:`telstate.lmdb.bulk`); see
         :func:`~telstate.lmdb.eventlog.append_events` for the arguments.
         """
+        if op_code == log.ADD_MUTABLE_MANY:
+            self._mark_format()
         seq, now, chain = self._next_event()
         chain = append_events(
             self.txn,
@@ -451,6 +453,16 @@ class WriteTxn:
         if now < previous_time:
             now = previous_time  # event times never go back, for replay(until_time=...)
         return previous_seq + 1, now, previous_chain
+
+    def _mark_format(self) -> None:
+        """Give the store log format 3, if it has not: it is to hold an add_mutable_many event.
+
+        In the transaction that appends the event, so that no committed
+        store holds one under format 2 (which older telstate would misread).
+        """
+        newest = b"%d" % log.FORMAT_VERSION
+        if self.txn.get(b"format", db=self.tables.meta) != newest:
+            checked_put(self.txn, b"format", newest, self.tables.meta)
 
     def next_seq(self) -> int:
         """The seq the next event appended in this transaction will get."""
