@@ -293,7 +293,11 @@ class Daemon:
         assert self.shared is not None
         with self.shared.turn:  # taken once the intake has committed and projected
             mirrored = sink.seq
-        return mirrored is not None and mirrored >= seq
+        if mirrored is None or mirrored < seq:
+            return False
+        # The intake projects to the mirror only: the log stream is this thread's.
+        stream = self.log_stream
+        return stream is None or (stream.head or 0) >= seq
 
     def _measure_lag(self, sink: RedisSink) -> None:
         """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""
