@@ -27,6 +27,7 @@ from telstate.errors import ReadOnlyError, StoreError
 from telstate.lmdb import LmdbBackend, read_records
 from telstate.redis import MIRROR_CURSOR_DB
 from tests.servers import RedisServer
+from tests.test_remote_writes import wait_ready
 from tests.test_replicator_e2e import Daemon, Writer, settle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,6 +360,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
     # The old primary's daemon, displaced, finds the promotion and stops.
     assert daemon.process.wait(40) == 1, daemon.log_text()
     # Writes through the mirror now go to the promoted store.
+    wait_ready(server)
     remote = TelescopeState(url)
     remote.add("after_promotion", 7, immutable=True)
     backend = LmdbBackend(promoted, readonly=True)
@@ -433,3 +435,23 @@ def test_follow_refuses_the_primary_itself(store, server, url, processes):
     with LmdbBackend(store) as backend:
         assert backend.role == "primary"
         TelescopeState(backend).add("still_writable", 1, immutable=True)
+
+
+def test_writes_through_the_mirror_reach_the_follower(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    daemon = start_daemon(store, url, "--accept-writes")
+    follower = start_follower(follower_path, url)
+    wait_for(lambda: "following store" in follower.log_text(), "the follower", follower)
+    wait_ready(server)
+    remote = TelescopeState(url)
+    for i in range(50):
+        remote.add("remote_sensor", float(i), ts=1e9 + i)
+    remote.add("remote_attr", "x", immutable=True)
+    remote.backend.close()
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+    with LmdbBackend(follower_path, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("remote_sensor", st=0)[-1] == (49.0, 1e9 + 49)
