@@ -48,6 +48,8 @@ class Scale:
     backlog_events: int
     steady_rate: int
     steady_seconds: float
+    #: Followers: backlog a new follower catches up on (events).
+    follower_backlog: int
 
 
 FULL = Scale(
@@ -77,6 +79,7 @@ FULL = Scale(
     backlog_events=200_000,
     steady_rate=5_000,
     steady_seconds=10.0,
+    follower_backlog=1_000_000,
 )
 
 QUICK = Scale(
@@ -106,6 +109,7 @@ QUICK = Scale(
     backlog_events=50_000,
     steady_rate=5_000,
     steady_seconds=1.0,
+    follower_backlog=50_000,
 )
 
 #: Proves the machinery works (the test suite runs it); its figures mean nothing.
@@ -136,6 +140,7 @@ TINY = Scale(
     backlog_events=300,
     steady_rate=1_000,
     steady_seconds=0.2,
+    follower_backlog=300,
 )
 
 SCALES = {scale.name: scale for scale in (FULL, QUICK, TINY)}

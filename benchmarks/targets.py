@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .harness import OK, Row, RowResult, speedup
-from .workloads import archive, log, rdb, reads, remote, replication, writes
+from .workloads import archive, followers, log, rdb, reads, remote, replication, writes
 
 LMDB_BATCH = "telstate lmdb (batch)"
 LMDB_FSYNC = "telstate lmdb (fsync)"
@@ -122,6 +122,20 @@ TARGETS: tuple[Target, ...] = (
         LMDB_BATCH,
         None,
         20.0,
+    ),
+    Target(
+        "follower lag p99 < 50 ms at 5k events/s",
+        (followers.LAG_P99,),
+        LMDB_BATCH,
+        None,
+        50.0,
+    ),
+    Target(
+        "follower catch-up from a 1M-event backlog ≥ 50k events/s",
+        (followers.CATCH_UP,),
+        LMDB_BATCH,
+        None,
+        50_000,
     ),
     Target(
         "remote add p50 within 3x katsdptelstate's direct write (`batch`)",

@@ -1,4 +1,4 @@
-"""Replicator daemon: projects the telstate log into a Redis mirror and RDB snapshots.
+"""Replicator daemon: projects the telstate log into a Redis mirror, RDB snapshots and followers.
 
 Run it as ``telstate-replicator`` or ``python -m replicator`` (see
 :mod:`replicator.__main__`). One module per concern:
@@ -9,6 +9,9 @@ Run it as ``telstate-replicator`` or ``python -m replicator`` (see
 - :mod:`replicator.acl`: the Redis ACL rules that keep clients from writing the mirror;
 - :mod:`replicator.redis_sink`: the state machine that keeps a mirror exact;
 - :mod:`replicator.snapshot_sink`: atomic RDB snapshots, named by store and seq;
+- :mod:`replicator.log_stream`: the log stream that followers read;
+- :mod:`replicator.follow`: the ``follow`` command, keeping a follower store up to date;
+- :mod:`replicator.promotion`: fencing the old primary off after a promotion;
 - :mod:`replicator.daemon`: wake-ups, threads and stopping;
 - :mod:`replicator.status`: the ``status`` command;
 - :mod:`replicator.verify`: comparing a mirror with its store.

@@ -1,8 +1,9 @@
-"""Command line: ``telstate-replicator [run] ...`` and ``telstate-replicator status ...``.
+"""Command line: ``telstate-replicator [run] ...``, ``status ...`` and ``follow ...``.
 
 Exit status: 0 on success (including a clean stop by SIGTERM or SIGINT),
-1 if ``--once`` was stopped before catching up or ``status`` found a
-problem, 2 for a usage error or a store that cannot be opened.
+1 if ``--once`` was stopped before catching up, ``status`` found a
+problem, the daemon was refused after a promotion or the follower cannot
+go on, 2 for a usage error or a store that cannot be opened.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from telstate.errors import StoreError
 
 from .acl import AclError
 from .connection import PASSWORD_VARIABLE, connect, read_password
+from .log_stream import DEFAULT_MAX_LEN
 from .redis_sink import DEFAULT_SPARE_DB
 
-_COMMANDS = ("run", "status")
+_COMMANDS = ("run", "status", "follow")
 
 
 _positive_int = whole_number(1)
 _database = whole_number(0, "database number")
+_count = whole_number(0)
 
 
 def _seconds(text: str) -> float:
@@ -52,9 +55,50 @@ def _parser() -> argparse.ArgumentParser:
             " LMDB store up to date, from its event log."
         ),
     )
-    commands = parser.add_subparsers(dest="command", metavar="{run,status}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,status,follow}")
     run = commands.add_parser("run", help="replicate (the default command)")
-    status = commands.add_parser("status", help="show how far the mirror and snapshots lag")
+    status = commands.add_parser(
+        "status", help="show how far the mirror, the snapshots and the followers lag"
+    )
+    follow = commands.add_parser(
+        "follow",
+        help="keep a follower store (a copy of the log on this host) up to date",
+        description="Keep a follower store up to date from the log stream that the daemon"
+        " of its primary keeps in the mirror's Redis, checking the chain at every event.",
+    )
+    follow.add_argument(
+        "--redis",
+        required=True,
+        metavar="URL",
+        help="the mirror whose log stream to follow (as for `run`, database number included)",
+    )
+    follow.add_argument(
+        "--store",
+        required=True,
+        metavar="PATH",
+        help="the follower store: made from seq 1 if it does not exist, or a `telstate"
+        " backup` of the primary",
+    )
+    follow.add_argument("--name", help="how the follower reports its position (default: HOST:PATH)")
+    follow.add_argument(
+        "--redis-password-file",
+        metavar="FILE",
+        help=f"file whose first line is the Redis user's password (default: ${PASSWORD_VARIABLE})",
+    )
+    follow.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=5000,
+        metavar="EVENTS",
+        help="most events applied in one LMDB transaction (default: %(default)s)",
+    )
+    follow.add_argument(
+        "--durability",
+        choices=("fsync", "batch", "none"),
+        default="batch",
+        help="durability of the follower's commits (default: %(default)s)",
+    )
+    follow.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     for command in (run, status):
         command.add_argument("--log", required=True, metavar="PATH", help="the LMDB store")
         command.add_argument(
@@ -86,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make --client-user read-only with Redis ACLs (needs a replicator user with"
         " @admin rights; without it an administrator sets the rules, see the README)",
+    )
+    run.add_argument(
+        "--follower-user",
+        type=_user,
+        metavar="USER",
+        help="with --acl-setup: the Redis user of followers, given the rules that let it read"
+        " the log stream and report positions, and nothing else",
     )
     run.add_argument(
         "--spare-db",
@@ -134,6 +185,14 @@ def _parser() -> argparse.ArgumentParser:
         help="durability of the writes accepted with --accept-writes (default: %(default)s)",
     )
     run.add_argument(
+        "--log-stream-max-len",
+        type=_count,
+        default=DEFAULT_MAX_LEN,
+        metavar="EVENTS",
+        help="events (about) kept in the log stream that followers read; 0: no log stream"
+        " (default: %(default)s)",
+    )
+    run.add_argument(
         "--metrics-port",
         type=_positive_int,
         metavar="PORT",
@@ -157,10 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.insert(0, "run")
     parser = _parser()
     options = parser.parse_args(args)
+    if options.command == "follow":
+        return _follow(options, parser)
     if options.redis is None and options.rdb_dir is None:
         parser.error("give --redis, --rdb-dir or both")
     if options.redis is None and options.command == "run" and options.acl_setup:
         parser.error("--acl-setup protects the mirror: give --redis too")
+    if options.command == "run" and options.follower_user and not options.acl_setup:
+        parser.error("--follower-user is for --acl-setup")
     if options.rdb_dir is not None and os.path.exists(options.rdb_dir):
         if not os.path.isdir(options.rdb_dir):
             parser.error(f"--rdb-dir {options.rdb_dir!r} is not a directory")
@@ -194,18 +257,58 @@ def _status(options: argparse.Namespace) -> int:
         print(f"telstate-replicator: {error}", file=sys.stderr)
         return 2
     print(format_status(status, as_json=options.json))
-    return 1 if "error" in status.get("mirror", {}) else 0
+    followers = status.get("followers", {}).values()
+    problem = "error" in status.get("mirror", {}) or any("error" in f for f in followers)
+    return 1 if problem else 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _follow(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _setup_logging(options.verbose)
+    from .daemon import stop_on_signals
+    from .follow import Follower, FollowError
+
+    logger = logging.getLogger("replicator")
+    try:
+        password = read_password(options.redis_password_file)
+    except OSError as error:
+        parser.error(f"--redis-password-file: {error}")
+    try:
+        follower = Follower(
+            options.redis,
+            options.store,
+            password=password,
+            name=options.name,
+            batch=options.batch,
+            durability=options.durability,
+        )
+    except ValueError as error:
+        parser.error(f"--redis: {error}")
+    stop_on_signals(follower.stop)
+    try:
+        follower.run()
+        return 0
+    except FollowError as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        follower.close()
+        logger.info("stopped at seq %d", follower.seq)
 
 
 def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if options.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(options.verbose)
     from telstate.lmdb import LmdbBackend
 
     from .daemon import Daemon
     from .intake import Intake, retire
+    from .log_stream import LogStream
     from .redis_sink import RedisSink
     from .snapshot_sink import SnapshotSink
 
@@ -233,6 +336,7 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 client_user=options.client_user,
                 acl_setup=options.acl_setup,
                 accept_writes=options.accept_writes,
+                follower_user=options.follower_user,
             )
         snapshot_sink = None
         if options.rdb_dir is not None:
@@ -261,7 +365,17 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         intake = Intake(source, options.redis, password=options.password)
     elif options.redis is not None:
         retire(options.redis, options.password)
-    daemon = Daemon(source, redis_sink, snapshot_sink, intake)
+    log_stream = None
+    if redis_sink is not None and options.log_stream_max_len:
+        log_stream = LogStream(
+            source,
+            options.redis,
+            owner=redis_sink.owner,
+            password=options.password,
+            max_len=options.log_stream_max_len,
+            batch_events=options.batch,
+        )
+    daemon = Daemon(source, redis_sink, snapshot_sink, intake, log_stream)
     if options.metrics_port is not None:
         try:
             daemon.metrics.serve(options.metrics_port, options.metrics_address)
@@ -271,10 +385,17 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     daemon.handle_signals()
     try:
         if options.once:
-            return 0 if daemon.run_once() else 1
-        daemon.run()
-        return 0
+            done = daemon.run_once()
+        else:
+            daemon.run()
+            done = True
+        if daemon.failure is not None:
+            logging.getLogger("replicator").error("stopping: %s", daemon.failure)
+            return 1
+        return 0 if done else 1
     finally:
+        if log_stream is not None:
+            log_stream.close()
         if redis_sink is not None:
             redis_sink.close()
         source.close()

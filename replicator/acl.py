@@ -68,6 +68,31 @@ CLIENT_RULES: tuple[str, ...] = (
 #: mirror key, cursor or reply (see :mod:`telstate.remote`).
 WRITER_RULES: tuple[str, ...] = ("clearselectors", "(~telstate-replicator:requests:* +xadd)")
 
+#: ACL rules for the Redis user of followers (``telstate-replicator follow``):
+#: read the log stream, its meta hash and its writers (``%R~``: read-only
+#: keys), report positions in the followers hash, and nothing else: no key
+#: of any mirror, no other command. Every key is in the replicators'
+#: database (see :mod:`replicator.log_stream`); the user's passwords and
+#: on/off flag are left as they are.
+FOLLOWER_RULES: tuple[str, ...] = (
+    "clearselectors",
+    "resetkeys",
+    "%R~telstate-replicator:log:*",
+    "%R~telstate-replicator:log-meta:*",
+    "%R~telstate-replicator:log-writers:*",
+    "~telstate-replicator:followers:*",
+    "resetchannels",
+    "-@all",
+    "+select",
+    "+ping",
+    "+client|setname",
+    "+xread",
+    "+xrange",
+    "+hgetall",
+    "+hmget",
+    "+hset",
+)
+
 # What a client must be allowed: the commands of katsdptelstate's and
 # telstate's reads and wait_key. (What it must be refused comes from the
 # server's own command table, see _forbidden_commands.)
@@ -150,6 +175,37 @@ def setup_client_rules(client: redis.Redis, client_user: str, writers: bool = Fa
         raise AclError(
             f"Redis refused the rules for user {client_user!r} ({error}): a read-only mirror"
             " needs Redis 7 ACLs"
+        ) from error
+
+
+def setup_follower_rules(client: redis.Redis, follower_user: str) -> None:
+    """Give `follower_user` :data:`FOLLOWER_RULES` (needs a replicator user with ``@admin``).
+
+    Raises
+    ------
+    AclError
+        If the user does not exist, is the replicator's own, or the
+        replicator's user may not change ACLs.
+    redis.ConnectionError
+        If the server cannot be reached.
+    """
+    me = whoami(client)
+    if me == follower_user:
+        raise AclError(
+            f"the replicator connects as Redis user {me!r}: give followers a user of their own"
+        )
+    try:
+        if client.execute_command("ACL", "GETUSER", follower_user) is None:
+            raise AclError(
+                f"there is no Redis user {follower_user!r}: create it (ACL SETUSER"
+                f" {follower_user} on >PASSWORD) or give another --follower-user"
+            )
+        client.execute_command("ACL", "SETUSER", follower_user, *FOLLOWER_RULES)
+    except redis.exceptions.NoPermissionError as error:
+        raise AclError(
+            f"Redis user {me!r} may not change ACLs ({error}): run the replicator as a user"
+            " with @admin rights, or have an administrator run"
+            f" `ACL SETUSER {follower_user} {' '.join(FOLLOWER_RULES)}`"
         ) from error
 
 

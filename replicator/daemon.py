@@ -13,6 +13,16 @@ once before it replies (the two threads take turns at the sink, see
 :class:`SharedSink`); while the mirror cannot take them (rebuilding,
 Redis down), it waits for the mirror's thread to move it.
 
+The log stream for followers (:mod:`replicator.log_stream`) is stepped
+in the mirror's thread, right after each step of the mirror, while this
+daemon holds the mirror: a batch reaches the stream one Redis round trip
+after it reaches the mirror, and the mirror never waits for the stream
+longer than one append. While the mirror catches up in full batches the
+stream waits, so that a backlog reaches the mirror as fast as without it.
+
+A daemon refused after a promotion (its store is the old primary, see
+:mod:`replicator.promotion`) stops, with the reason in :attr:`Daemon.failure`.
+
 Stopping (SIGTERM, SIGINT, or :attr:`Daemon.stop` set) lets the current
 batch finish: a batch is one atomic script call, so there is never a half
 batch to finish, only the next one not to start.
@@ -29,6 +39,7 @@ from types import FrameType
 from telstate.errors import StoreError
 
 from .intake import Intake
+from .log_stream import LogStream
 from .metrics import Metrics
 from .redis_sink import RedisSink, SinkState, Step
 from .snapshot_sink import SnapshotSink
@@ -43,6 +54,17 @@ _IDLE_WAIT = 0.25
 _PROGRESS_INTERVAL = 60.0
 # How often the mirror's lag is measured for the metrics.
 _LAG_INTERVAL = 1.0
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set `stop` (call from the main thread)."""
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("%s received: stopping after the current batch", signal.strsignal(signum))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
 
 
 class SharedSink:
@@ -105,14 +127,16 @@ class Daemon:
         What to keep up to date (either may be None, not both).
     intake
         Serves write requests for the mirror (needs `redis_sink`).
-    metrics
-        Where to count (the intake's, or a fresh one).
+    log_stream
+        The log stream for followers (needs `redis_sink`).
 
     Attributes
     ----------
     stop
         Set it (or send SIGTERM / SIGINT after :meth:`handle_signals`) to
         make :meth:`run` or :meth:`run_once` return after the current batch.
+    failure
+        Why the daemon stopped on its own (refused after a promotion), or None.
     """
 
     def __init__(
@@ -121,28 +145,25 @@ class Daemon:
         redis_sink: RedisSink | None,
         snapshot_sink: SnapshotSink | None,
         intake: Intake | None = None,
+        log_stream: LogStream | None = None,
     ) -> None:
         if redis_sink is None and snapshot_sink is None:
             raise ValueError("nothing to do: give a Redis URL, a snapshot directory or both")
-        if intake is not None and redis_sink is None:
-            raise ValueError("accepting writes needs the mirror: give a Redis URL")
+        if (intake is not None or log_stream is not None) and redis_sink is None:
+            raise ValueError("writes and the log stream need the mirror: give a Redis URL")
         self.source = source
         self.redis_sink = redis_sink
         self.snapshot_sink = snapshot_sink
         self.intake = intake
+        self.log_stream = log_stream
+        self.failure: str | None = None
         self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
         self.shared = SharedSink(redis_sink) if redis_sink is not None else None
 
     def handle_signals(self) -> None:
         """Make SIGTERM and SIGINT set :attr:`stop` (call from the main thread)."""
-
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            logger.info("%s received: stopping after the current batch", signal.strsignal(signum))
-            self.stop.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        stop_on_signals(self.stop)
 
     def run(self) -> None:
         """Replicate until :attr:`stop` is set."""
@@ -195,20 +216,45 @@ class Daemon:
 
         Returns
         -------
-        Whether `until_seq` was reached.
+        Whether `until_seq` was reached (by the mirror and the log stream).
         """
         reported = time.monotonic()
         measured = 0.0
         rebuilding = False
+        stream = self.log_stream
         while not self.stop.is_set():
             seq = sink.seq
             if until_seq is not None:
-                if seq is not None and seq >= until_seq:
+                if (
+                    seq is not None
+                    and seq >= until_seq
+                    and (stream is None or (stream.head or 0) >= until_seq)
+                ):
                     return True
                 if sink.state == SinkState.CONFLICT:
                     return False  # another replicator has the mirror: nothing to finish
             assert self.shared is not None
             step = self.shared.step()
+            # The mirror first: while it catches up in full batches the stream
+            # waits, then catches up itself in batches as large.
+            if (
+                stream is not None
+                and sink.state == SinkState.TAIL
+                and step.applied < sink.batch_events
+            ):
+                stream_step = stream.step()
+                # A stream waiting out a Redis failure leaves the mirror idle: new
+                # commits, not its retry, call for the next step.
+                step = Step(
+                    step.applied,
+                    wait=min(step.wait, stream_step.wait),
+                    idle=step.idle and not stream_step.applied,
+                )
+            refusal = sink.fenced or (stream.refusal if stream is not None else None)
+            if refusal is not None:
+                self.failure = refusal
+                self.stop.set()
+                return False
             if sink.state == SinkState.REBUILD and not rebuilding:
                 self.metrics.rebuilds.inc()
             rebuilding = sink.state == SinkState.REBUILD
@@ -247,7 +293,11 @@ class Daemon:
         assert self.shared is not None
         with self.shared.turn:  # taken once the intake has committed and projected
             mirrored = sink.seq
-        return mirrored is not None and mirrored >= seq
+        if mirrored is None or mirrored < seq:
+            return False
+        # The intake projects to the mirror only: the log stream is this thread's.
+        stream = self.log_stream
+        return stream is None or (stream.head or 0) >= seq
 
     def _measure_lag(self, sink: RedisSink) -> None:
         """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""

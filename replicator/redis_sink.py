@@ -46,11 +46,18 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
+    CONNECT, CONFLICT  --store lacks the recorded promotion--> FENCED (for good)
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
 replicator: finding itself displaced it stops writing (CONFLICT) until the
 cursor is gone, and says so in the log.
+
+After a follower's promotion, the promoted store's replicator records its
+promote event before it claims the mirror (:mod:`replicator.promotion`);
+a replicator whose store lacks that event (the old primary) is FENCED: it
+never writes the mirror again, and above all never rebuilds it from its
+own, abandoned history.
 """
 
 from __future__ import annotations
@@ -77,9 +84,16 @@ from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
 from telstate.remote import Wire, WireScript
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
-from .acl import AclError, Protection, check_protection, setup_client_rules
+from .acl import (
+    AclError,
+    Protection,
+    check_protection,
+    setup_client_rules,
+    setup_follower_rules,
+)
 from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
+from .promotion import PromotionScan, read_promotion, record_promotion
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -358,6 +372,7 @@ class SinkState(enum.Enum):
     TAIL = "tail"
     BACKOFF = "backoff"
     CONFLICT = "conflict"
+    FENCED = "fenced"
 
 
 @dataclass(frozen=True)
@@ -419,6 +434,9 @@ class RedisSink:
     accept_writes
         The replicator accepts writes: `acl_setup` lets `client_user` send
         write requests too (:data:`replicator.acl.WRITER_RULES`).
+    follower_user
+        The Redis user of followers: `acl_setup` gives it
+        :data:`replicator.acl.FOLLOWER_RULES`.
     stop
         Set to make a rebuild give up between chunks (the daemon is stopping).
 
@@ -445,6 +463,7 @@ class RedisSink:
         client_user: str = "default",
         acl_setup: bool = False,
         accept_writes: bool = False,
+        follower_user: str | None = None,
         stop: threading.Event | None = None,
     ) -> None:
         if batch_events < 1 or batch_bytes < 1:
@@ -477,6 +496,7 @@ class RedisSink:
         self.backoff = backoff
         self.client_user = client_user
         self.acl_setup = acl_setup
+        self.follower_user = follower_user
         self.accept_writes = accept_writes
         self.stop = stop or threading.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -485,6 +505,9 @@ class RedisSink:
         self.cursor: Cursor | None = None
         #: Whether clients of the mirror are kept from writing it, as last checked.
         self.protection: Protection | None = None
+        #: Why the sink is FENCED (None otherwise).
+        self.fenced: str | None = None
+        self._promotions = PromotionScan(source)
         self._key = mirror_cursor_key(self.db)
         # Every step of the mirror is this script: called over a Wire, it
         # costs a round trip and little Python (see telstate.remote.Wire).
@@ -526,6 +549,8 @@ class RedisSink:
                 return self._tail()
             if self.state == SinkState.CONFLICT:
                 return self._conflict()
+            if self.state == SinkState.FENCED:
+                return Step(0, wait=self.backoff[1])
             return self._backoff()
         except _TRANSIENT as error:
             return self._fail(f"Redis at {self.url} failed: {error}")
@@ -570,8 +595,7 @@ class RedisSink:
             spare's number).
         """
         try:
-            if self.acl_setup:
-                setup_client_rules(self.client, self.client_user, self.accept_writes)
+            self._setup_rules()
             self.client.eval(_PROBE, 1, _PROBE_KEY, MIRROR_CURSOR_DB, self.spare_db, self.db)
         except _TRANSIENT:
             return
@@ -593,11 +617,17 @@ class RedisSink:
         self._wire.close()
         self.client.close()
 
+    def _setup_rules(self) -> None:
+        """With `acl_setup`, give the clients' (and the followers') users their rules."""
+        if self.acl_setup:
+            setup_client_rules(self.client, self.client_user, self.accept_writes)
+            if self.follower_user is not None:
+                setup_follower_rules(self.client, self.follower_user)
+
     # The states
 
     def _connect(self) -> Step:
-        if self.acl_setup:
-            setup_client_rules(self.client, self.client_user, self.accept_writes)
+        self._setup_rules()
         protection = check_protection(self.client, self.client_user)
         if protection != self.protection:
             self.protection = protection
@@ -614,6 +644,8 @@ class RedisSink:
                     self.db,
                     protection.detail,
                 )
+        if self._fence():
+            return Step(0, wait=self.backoff[1])
         size, found = read_cursor(self.client)
         if self._failed_since is not None:
             logger.info(
@@ -729,6 +761,8 @@ class RedisSink:
         now = time.monotonic()
         if now < self._retry_at:
             return Step(0, wait=self._retry_at - now)
+        if self._fence():
+            return Step(0, wait=self.backoff[1])
         _, found = read_cursor(self.client)
         if found is None or found.owner == self.owner:
             logger.info("mirror %s db %d is free again", self.url, self.db)
@@ -745,6 +779,34 @@ class RedisSink:
         return Step(0)
 
     # Transitions
+
+    def _fence(self) -> bool:
+        """Check the promotion recorded for the mirror, and record the store's own if newer.
+
+        Returns
+        -------
+        True if the store lacks the recorded promotion: the sink is then
+        FENCED and never writes the mirror again.
+        """
+        recorded = read_promotion(self.client, self.db)
+        if recorded is not None:
+            refusal = recorded.refusal(self.source)
+            if refusal is not None:
+                logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
+                self.fenced = refusal
+                self.state = SinkState.FENCED
+                return True
+        mine = self._promotions.latest(after=recorded)
+        if mine is not None and record_promotion(self.client, self.db, mine, recorded):
+            logger.info(
+                "recorded the promotion of store %s at seq %d for mirror %s db %d: the old"
+                " primary may no longer update it",
+                mine.store,
+                mine.seq,
+                self.url,
+                self.db,
+            )
+        return False
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)
@@ -764,6 +826,8 @@ class RedisSink:
     def _reconcile(self, size: int, found: Cursor | None) -> None:
         """Choose the next state from the mirror's cursor and key count."""
         if found is not None and found.owner != self.owner and self._claimed:
+            if self._fence():
+                return  # displaced by the daemon of a promoted follower
             logger.error(
                 "mirror %s db %d was taken over by replicator %s (store %s at %s:%s);"
                 " not writing to it any more. Two replicators must not share a mirror:"

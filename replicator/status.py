@@ -5,6 +5,12 @@ seconds: the age of the oldest event that the sink does not have yet
 (0 when it is level with the log), which is how stale a reader of the
 mirror or of the newest snapshot may be.
 
+Followers (``telstate-replicator follow``) report their positions through
+Redis about once a second; ``followers`` shows each one's seq, its lag
+behind this store (events, and the age of the oldest event it lacks),
+how long ago it reported, and whether its chain is this store's (a
+follower of another history is ``diverged``).
+
 For a mirror whose replicator accepts writes, ``writes`` shows the
 daemon's metrics as it last published them (:mod:`replicator.metrics`):
 requests applied and rejected, batch sizes, request-to-reply latency,
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,6 +33,7 @@ from telstate.remote import intake_key
 from .acl import check_protection
 from .connection import connect, redact_url
 from .cursor import read_cursor
+from .log_stream import followers_key, positions_from
 from .metrics import read_published
 from .snapshot_sink import list_snapshots
 
@@ -85,8 +93,9 @@ def gather_status(
                     with client.pipeline(transaction=True) as pipe:
                         pipe.execute_command("SELECT", MIRROR_CURSOR_DB)
                         pipe.hgetall(intake_key(db))
+                        pipe.hgetall(followers_key(db))
                         pipe.execute_command("SELECT", db)
-                        intake = pipe.execute()[1]
+                        _, intake, reports, _ = pipe.execute()
                 finally:
                     client.close()
             except (redis.RedisError, ValueError) as error:
@@ -114,6 +123,11 @@ def gather_status(
                         )
                     else:
                         mirror.update(lag(cursor.seq))
+                followers = {}
+                for name, position in sorted(positions_from(reports).items()):
+                    followers[name] = _follower(position, source, last_seq, now, lag)
+                if followers:
+                    status["followers"] = followers
                 if intake:
                     status["writes"] = {
                         "store": intake.get(b"store", b"?").decode(errors="replace"),
@@ -134,6 +148,35 @@ def gather_status(
         source.close()
 
 
+def _follower(
+    position: dict[str, Any],
+    source: LmdbBackend,
+    last_seq: int,
+    now: float,
+    lag: Callable[[int], dict[str, Any]],
+) -> dict[str, Any]:
+    """What ``status`` says of one follower's reported position."""
+    seq = position["seq"]
+    shown: dict[str, Any] = {
+        "seq": seq,
+        "host": position.get("host"),
+        "path": position.get("path"),
+        "reported_seconds_ago": max(0.0, now - float(position.get("time", 0.0))),
+    }
+    try:
+        same = seq <= last_seq and source.chain_at(seq).hex() == position.get("chain")
+    except ValueError:
+        same = False
+    if same:
+        shown.update(lag(seq))
+    else:
+        shown["error"] = (
+            f"diverged: its chain at seq {seq} is not this store's (a follower of another"
+            " history, or of the store before a promotion elsewhere)"
+        )
+    return shown
+
+
 def format_status(status: dict[str, Any], as_json: bool = False) -> str:
     """Render :func:`gather_status`'s result for people, or as JSON."""
     if as_json:
@@ -152,6 +195,12 @@ def format_status(status: dict[str, Any], as_json: bool = False) -> str:
         if "protected" in mirror:
             verdict = {True: "protected", False: "NOT protected", None: "protection unknown"}
             lines.append(f"           {verdict[mirror['protected']]}: {mirror['protection']}")
+    for name, follower in status.get("followers", {}).items():
+        state = follower.get("error") or _lag(follower)
+        lines.append(
+            f"follower   {name}: seq {follower['seq']}, {state}"
+            f" (reported {follower['reported_seconds_ago']:.1f} s ago)"
+        )
     writes = status.get("writes")
     if writes is not None:
         lines.append(_writes(writes))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..harness import Family
 from .archive import Archive
+from .followers import Followers
 from .log import Log
 from .rdb import Rdb
 from .reads import Reads
@@ -25,4 +26,5 @@ FAMILIES: tuple[Family, ...] = (
     Log(),
     Replication(),
     RemoteWrites(),
+    Followers(),
 )

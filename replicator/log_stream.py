@@ -1,0 +1,585 @@
+"""The log stream: every event of the store, verbatim with its chain hash, in Redis for followers.
+
+The daemon appends each event it projects to a bounded Redis stream, from
+which ``telstate-replicator follow`` (:mod:`replicator.follow`) keeps
+copies of the log on other hosts. Keys, all in the replicators' database
+(:data:`telstate.redis.MIRROR_CURSOR_DB`, never the mirror's own, so that
+no client of the mirror lists them), for mirror database *db*:
+
+=========================================  ================================================
+``telstate-replicator:log:<db>``           stream: one entry per event, entry id
+                                           ``<seq>-0``, field ``r`` = the log record
+                                           exactly as the store holds it (it ends with
+                                           the event's chain hash, see :mod:`telstate.log`)
+``telstate-replicator:log-meta:<db>``      hash: ``store`` (UUID), ``host`` and ``path``
+                                           of the primary, ``owner`` (the daemon that
+                                           appends), ``seq`` and ``chain`` (hex) of the
+                                           stream's last entry, ``max_len``
+``telstate-replicator:log-writers:<db>``   hash: writer id (ASCII) -> the writer,
+                                           msgpack ``[host, pid, name]`` as in the
+                                           store's writers table, for every writer id
+                                           that an entry of the stream names
+``telstate-replicator:promotion:<db>``     hash: the last promotion of a follower of
+                                           this mirror's store (:mod:`replicator.promotion`)
+``telstate-replicator:followers:<db>``     hash: follower name -> JSON of its position
+                                           (``seq``, ``chain``, ``time``, ``lag_events``,
+                                           ``lag_seconds``, ``host``, ``path``)
+=========================================  ================================================
+
+Exactly once: an entry's id is its seq, and one Lua script
+(:data:`_APPEND`) appends a batch, the writers it names and the new head
+together, skipping the seqs the stream already has; a daemon killed at
+any moment resumes from the head in the meta hash, so no event is in the
+stream twice and none is missing between its first entry and its head.
+The stream is trimmed (``XADD MAXLEN ~``) to about ``--log-stream-max-len``
+events: a follower further behind than that starts again from a backup.
+
+When the stream cannot be continued (Redis restarted empty, the stream
+holds another store or another history of this one) the daemon starts it
+again: it empties it and refills it with the newest events of the log up
+to the bound, so that followers near the end of the log go on.
+
+Fencing after a promotion: the daemon of a promoted store records its
+promote event (seq and chain) in the promotion hash before it touches the
+mirror. From then on a daemon whose store does not hold that event at that
+seq (the old primary, come back) is refused the mirror
+(:class:`replicator.redis_sink.RedisSink` stops in its FENCED state) and
+the stream: every append names the promotion its daemon knows, and the
+script refuses it once another has been recorded.
+
+States of :class:`LogStream`, advanced by :meth:`LogStream.step` (the
+daemon steps it while it holds the mirror)::
+
+    CONNECT --stream continued or started again--> TAIL (appends batches)
+    TAIL --refused (owner, promotion, head moved)--> CONNECT
+    any state --Redis failed--> BACKOFF --delay over--> CONNECT
+    CONNECT --the store lacks the recorded promotion--> FENCED (for good)
+
+Nothing else in the package knows these layouts.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from telstate import log
+from telstate.errors import StoreError
+from telstate.lmdb import LmdbBackend, read_records, writers_of
+from telstate.log import Writer
+from telstate.redis import MIRROR_CURSOR_DB
+from telstate.remote import control_kwargs
+from telstate.utils import ensure_str
+
+from .connection import connect, redact_url
+from .promotion import Promotion, promotion_key
+from .redis_sink import Step
+
+logger = logging.getLogger(__name__)
+
+#: Events the stream keeps by default (about; Redis trims whole nodes).
+DEFAULT_MAX_LEN = 100_000
+#: The stream entry field that holds the record.
+RECORD_FIELD = b"r"
+
+
+def log_stream_key(db: int) -> bytes:
+    """The stream of the events of mirror database `db`'s store."""
+    return b"telstate-replicator:log:%d" % db
+
+
+def log_meta_key(db: int) -> bytes:
+    """The hash describing the log stream of mirror database `db`."""
+    return b"telstate-replicator:log-meta:%d" % db
+
+
+def log_writers_key(db: int) -> bytes:
+    """The hash of the writers that the log stream of mirror database `db` names."""
+    return b"telstate-replicator:log-writers:%d" % db
+
+
+def followers_key(db: int) -> bytes:
+    """The hash in which the followers of mirror database `db` report their positions."""
+    return b"telstate-replicator:followers:%d" % db
+
+
+def entry_id(seq: int) -> bytes:
+    """The stream entry id of event `seq`."""
+    return b"%d-0" % seq
+
+
+def entry_seq(entry: bytes) -> int:
+    """The seq of a stream entry id.
+
+    Raises
+    ------
+    ValueError
+        If the id is not one the daemon writes (``<seq>-0``).
+    """
+    seq, _, sub = ensure_str(entry).partition("-")
+    if sub != "0" or not seq.isdigit():
+        raise ValueError(f"stream entry {ensure_str(entry)!r} is not an event of the log")
+    return int(seq)
+
+
+# The layout of the hashes as Redis holds them (text), read and written only here.
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    """The log stream's meta hash.
+
+    Attributes
+    ----------
+    store
+        UUID of the store whose events the stream holds.
+    seq, chain
+        The stream's last event and its chain hash (hex); seq is the entry
+        before the first one while a stream is new.
+    host, path
+        Where the primary store lives.
+    owner
+        The daemon that appends (the mirror's owner).
+    max_len
+        The bound the daemon trims the stream to.
+    """
+
+    store: str
+    seq: int
+    chain: str
+    host: str
+    path: str
+    owner: str
+    max_len: int
+
+    def fields(self) -> list[str | int]:
+        """Field/value pairs to HSET."""
+        return [
+            "store",
+            self.store,
+            "seq",
+            self.seq,
+            "chain",
+            self.chain,
+            "host",
+            self.host,
+            "path",
+            self.path,
+            "owner",
+            self.owner,
+            "max_len",
+            self.max_len,
+        ]
+
+    @property
+    def primary(self) -> str:
+        """The primary store, named for messages and for a follower's store."""
+        return f"{self.host}:{self.path}"
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> StreamMeta | None:
+        """Parse the hash; None if it is missing or damaged."""
+        text = {ensure_str(name): ensure_str(value) for name, value in fields.items()}
+        try:
+            return cls(
+                store=text["store"],
+                seq=int(text["seq"]),
+                chain=text["chain"],
+                host=text.get("host", "?"),
+                path=text.get("path", "?"),
+                owner=text.get("owner", ""),
+                max_len=int(text.get("max_len") or 0),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+# KEYS: 1 stream, 2 meta, 3 writers, 4 promotion, all in database ARGV[1].
+# ARGV[2]: the owner the caller expects in the meta hash; ARGV[3]: the seq of
+# the promotion it knows ('' for none); ARGV[4]: MAXLEN; ARGV[5]: seq of the
+# first record; ARGV[6]: the chain (hex) after the last record; ARGV[7]:
+# number n of writer id/identity pairs ARGV[8..7+2n]; the records follow.
+# Returns {1, head} once appended (seqs the stream has are skipped), {0,
+# reason} if the stream is no longer the caller's, {-1, head} if the first
+# record does not follow the head.
+_APPEND = """
+redis.call('SELECT', ARGV[1])
+local m = redis.call('HMGET', KEYS[2], 'owner', 'seq')
+if m[1] ~= ARGV[2] then
+    return {0, 'the stream is not this daemon\\'s any more (taken over, or Redis lost it)'}
+end
+if (redis.call('HGET', KEYS[4], 'seq') or '') ~= ARGV[3] then
+    return {0, 'a promotion was recorded'}
+end
+local head = tonumber(m[2])
+local seq = tonumber(ARGV[5])
+if seq > head + 1 then
+    return {-1, head}
+end
+local n = tonumber(ARGV[7])
+if n > 0 then
+    redis.call('HSET', KEYS[3], unpack(ARGV, 8, 7 + 2 * n))
+end
+for i = 8 + 2 * n, #ARGV do
+    if seq > head then
+        redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], seq .. '-0', 'r', ARGV[i])
+    end
+    seq = seq + 1
+end
+if seq - 1 > head then
+    head = seq - 1
+    redis.call('HSET', KEYS[2], 'seq', head, 'chain', ARGV[6])
+end
+return {1, head}
+"""
+
+# KEYS as _APPEND's. ARGV[2]: 'resume' or 'restart'; ARGV[3]: the owner the
+# caller found ('' for none); ARGV[4]: the promotion seq it found ('' for
+# none); ARGV[5..]: the meta fields. A restart empties the stream first.
+_CLAIM = """
+redis.call('SELECT', ARGV[1])
+if (redis.call('HGET', KEYS[2], 'owner') or '') ~= ARGV[3] then
+    return 0
+end
+if (redis.call('HGET', KEYS[4], 'seq') or '') ~= ARGV[4] then
+    return 0
+end
+if ARGV[2] == 'restart' then
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+return 1
+"""
+
+
+class StreamState(enum.Enum):
+    """What the log stream does on its next step."""
+
+    CONNECT = "connect"
+    TAIL = "tail"
+    BACKOFF = "backoff"
+    FENCED = "fenced"
+
+
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class LogStream:
+    """Appends a store's events to the log stream of one mirror database.
+
+    Parameters
+    ----------
+    source
+        The store (its raw log is read with :func:`telstate.lmdb.read_records`
+        and :func:`telstate.lmdb.writers_of`).
+    url, password
+        The mirror, as for :class:`~replicator.redis_sink.RedisSink`.
+    owner
+        Who appends: the mirror's owner (the daemon steps the stream only
+        while it holds the mirror).
+    max_len
+        About how many events the stream keeps.
+    batch_events, batch_bytes
+        Most events, and roughly most bytes of records, appended in one step.
+    backoff
+        First and longest delay between attempts while Redis fails.
+    socket_timeout
+        Seconds to wait for Redis before treating it as failed.
+
+    Attributes
+    ----------
+    refusal
+        Why the stream is FENCED (None otherwise).
+    """
+
+    def __init__(
+        self,
+        source: LmdbBackend,
+        url: str,
+        *,
+        owner: str,
+        password: str | None = None,
+        max_len: int = DEFAULT_MAX_LEN,
+        batch_events: int = 5000,
+        batch_bytes: int = 8 << 20,
+        backoff: tuple[float, float] = (0.1, 10.0),
+        socket_timeout: float = 10.0,
+    ) -> None:
+        if max_len < 1 or batch_events < 1 or batch_bytes < 1:
+            raise ValueError(
+                f"the log stream needs a bound and batches of at least 1, not {max_len},"
+                f" {batch_events} events and {batch_bytes} bytes"
+            )
+        self.source = source
+        self.url = redact_url(url)
+        mirror, self.db = connect(url, password)
+        kwargs = control_kwargs(mirror, MIRROR_CURSOR_DB)
+        mirror.close()
+        kwargs.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        kwargs.update(client_name="telstate-replicator-log")
+        self.client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**kwargs), retry=Retry(NoBackoff(), 0)
+        )
+        self.owner = owner
+        self.max_len = max_len
+        self.batch_events = batch_events
+        self.batch_bytes = batch_bytes
+        self.backoff = backoff
+        self.state = StreamState.CONNECT
+        self.refusal: str | None = None
+        #: The stream's last event, as this daemon last appended or found it.
+        self.head: int | None = None
+        self._keys = [
+            log_stream_key(self.db),
+            log_meta_key(self.db),
+            log_writers_key(self.db),
+            promotion_key(self.db),
+        ]
+        self._append = self.client.register_script(_APPEND)
+        self._claim = self.client.register_script(_CLAIM)
+        # The promotion (its seq, '' for none) the stream was claimed under.
+        self._promotion = ""
+        # Writer ids whose identity the stream's writers hash holds.
+        self._writers_sent: set[int] = set()
+        self._delay = backoff[0]
+        self._retry_at = 0.0
+
+    def step(self) -> Step:
+        """Do the next piece of work; never raises for Redis failures."""
+        try:
+            if self.state == StreamState.CONNECT:
+                return self._connect()
+            if self.state == StreamState.TAIL:
+                return self._tail()
+            if self.state == StreamState.BACKOFF:
+                now = time.monotonic()
+                if now < self._retry_at:
+                    return Step(0, wait=self._retry_at - now)
+                self.state = StreamState.CONNECT
+                return Step(0)
+            return Step(0, wait=self.backoff[1])
+        except _TRANSIENT as error:
+            return self._fail(f"Redis at {self.url} failed: {error}")
+        except StoreError as error:
+            return self._fail(f"reading the store failed: {error}")
+        except redis.ResponseError as error:
+            return self._fail(f"Redis at {self.url} refused a command: {error}")
+
+    def close(self) -> None:
+        """Close the connection to Redis."""
+        self.client.close()
+
+    def _connect(self) -> Step:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._keys[1])
+            pipe.hgetall(self._keys[3])
+            meta_fields, promotion_fields = pipe.execute()
+        meta = StreamMeta.from_fields(meta_fields)
+        promotion = Promotion.from_fields(promotion_fields)
+        if promotion is not None:
+            refusal = promotion.refusal(self.source)
+            if refusal is not None:
+                self.refusal = refusal
+                self.state = StreamState.FENCED
+                logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
+                return Step(0, wait=self.backoff[1])
+        promoted = "" if promotion is None else str(promotion.seq)
+        reason = self._mismatch(meta)
+        last_seq = self.source.last_seq
+        if reason is None:
+            assert meta is not None
+            start = meta.seq + 1
+            mode = "resume"
+        else:
+            start = max(1, last_seq - self.max_len + 1)
+            mode = "restart"
+        chain = self.source.chain_at(start - 1).hex()
+        new = StreamMeta(
+            store=str(self.source.uuid),
+            seq=start - 1,
+            chain=chain,
+            host=socket.gethostname(),
+            path=self.source.path,
+            owner=self.owner,
+            max_len=self.max_len,
+        )
+        fields = new.fields()
+        if mode == "resume":
+            fields = fields[6:]  # host, path, owner, max_len: the head stays
+        found = "" if meta is None else meta.owner
+        if not self._claim(
+            keys=self._keys, args=[MIRROR_CURSOR_DB, mode, found, promoted, *fields]
+        ):
+            return Step(0)  # changed meanwhile: look again
+        if mode == "restart":
+            logger.info(
+                "log stream of mirror %s db %d starts again at seq %d (%s)",
+                self.url,
+                self.db,
+                start,
+                reason,
+            )
+        else:
+            logger.info(
+                "log stream of mirror %s db %d resumes after seq %d", self.url, self.db, start - 1
+            )
+        self.head = start - 1
+        self._promotion = promoted
+        self._writers_sent = set()
+        self._delay = self.backoff[0]
+        self.state = StreamState.TAIL
+        return Step(0)
+
+    def _mismatch(self, meta: StreamMeta | None) -> str | None:
+        """Why the stream cannot be continued, or None if it can."""
+        if meta is None:
+            return "it has no meta hash: a new stream, or Redis lost its data"
+        if meta.store != str(self.source.uuid):
+            return f"it held store {meta.store}"
+        try:
+            chain = self.source.chain_at(meta.seq).hex()
+        except ValueError:
+            return f"its head (seq {meta.seq}) is past the end of the log"
+        if chain != meta.chain:
+            return (
+                f"its chain at seq {meta.seq} is not the store's: it held another history"
+                " of the store (an old primary's, or the store was restored from an older copy)"
+            )
+        return None
+
+    def _tail(self) -> Step:
+        assert self.head is not None
+        batch: list[tuple[int, bytes]] = []
+        size = 0
+        for seq, record in read_records(self.source, self.head + 1, self.batch_events):
+            batch.append((seq, record))
+            size += len(record)
+            if size >= self.batch_bytes:
+                break
+        if not batch:
+            return Step(0, wait=self.backoff[1], idle=True)
+        ids = {log.record_op_writer(record)[1] for _, record in batch} - self._writers_sent
+        writers: list[Any] = []
+        if ids:
+            for writer_id, writer in writers_of(self.source, ids).items():
+                writers += (writer_id, log.encode_writer(Writer(*writer)))
+        first, last = batch[0][0], batch[-1][0]
+        done, head = self._append(
+            keys=self._keys,
+            args=[
+                MIRROR_CURSOR_DB,
+                self.owner,
+                self._promotion,
+                self.max_len,
+                first,
+                log.record_chain(batch[-1][1]).hex(),
+                len(writers) // 2,
+                *writers,
+                *(record for _, record in batch),
+            ],
+        )
+        if done != 1:
+            why = ensure_str(head) if done == 0 else f"its head is seq {int(head)}"
+            logger.warning(
+                "log stream of mirror %s db %d refused events %d-%d: %s",
+                self.url,
+                self.db,
+                first,
+                last,
+                why,
+            )
+            self.state = StreamState.CONNECT
+            return Step(0)
+        self._writers_sent |= ids
+        self.head = int(head)
+        return Step(last - first + 1)
+
+    def _fail(self, message: str) -> Step:
+        logger.warning("log stream: %s; retrying in %.1f s", message, self._delay)
+        self.state = StreamState.BACKOFF
+        self._retry_at = time.monotonic() + self._delay
+        wait = self._delay
+        self._delay = min(self._delay * 2, self.backoff[1])
+        return Step(0, wait=wait)
+
+
+# --- what followers read and report ----------------------------------------------------
+
+
+def read_meta(client: redis.Redis, db: int) -> StreamMeta | None:
+    """The log stream's meta hash (`client` on the replicators' database)."""
+    fields: Any = client.hgetall(log_meta_key(db))
+    return StreamMeta.from_fields(fields)
+
+
+def first_seq(client: redis.Redis, db: int) -> int | None:
+    """The seq of the stream's first entry; None if it is empty."""
+    entries: Any = client.xrange(log_stream_key(db), count=1)
+    return entry_seq(entries[0][0]) if entries else None
+
+
+def read_entries(
+    client: redis.Redis, db: int, after_seq: int, count: int, block_ms: int | None
+) -> list[tuple[int, bytes]]:
+    """The stream's entries after `after_seq`, as (seq, record), waiting up to `block_ms`.
+
+    Raises
+    ------
+    ValueError
+        If an entry is not an event of the log (a foreign write).
+    """
+    reply: Any = client.xread(
+        {log_stream_key(db): entry_id(after_seq)}, count=count, block=block_ms
+    )
+    entries = []
+    for _, items in reply or ():
+        for entry, fields in items:
+            record = fields.get(RECORD_FIELD)
+            if record is None:
+                raise ValueError(f"stream entry {ensure_str(entry)!r} holds no record")
+            entries.append((entry_seq(entry), record))
+    return entries
+
+
+def read_writers(client: redis.Redis, db: int, ids: Iterable[int]) -> dict[int, Writer]:
+    """The writers with these ids that the stream names (missing ones are left out)."""
+    wanted = sorted(ids)
+    if not wanted:
+        return {}
+    values: Any = client.hmget(log_writers_key(db), wanted)
+    return {
+        writer_id: log.decode_writer(value)
+        for writer_id, value in zip(wanted, values)
+        if value is not None
+    }
+
+
+def report_position(client: redis.Redis, db: int, name: str, position: dict[str, Any]) -> None:
+    """Record follower `name`'s position (JSON) in the followers hash."""
+    client.hset(followers_key(db), name, json.dumps(position, sort_keys=True))
+
+
+def positions_from(fields: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """Every follower's last reported position, by name, from the followers hash's fields.
+
+    Reports that cannot be read are left out.
+    """
+    positions = {}
+    for name, value in fields.items():
+        try:
+            position = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(position, dict) and isinstance(position.get("seq"), int):
+            positions[ensure_str(name)] = position
+    return positions

@@ -1,0 +1,457 @@
+"""Followers as they run: writer process, daemon, redis-server and ``telstate-replicator follow``.
+
+Every scenario ends with the follower's log equal to the primary's, record
+for record (each record carries its chain hash), and ``telstate verify``
+passing on both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from replicator.cursor import read_cursor
+from replicator.log_stream import log_meta_key, log_stream_key
+from replicator.verify import differences, mirror_contents, record_contents
+from telstate import TelescopeState, cli
+from telstate.errors import ReadOnlyError, StoreError
+from telstate.lmdb import LmdbBackend, read_records
+from telstate.redis import MIRROR_CURSOR_DB
+from tests.servers import RedisServer
+from tests.test_remote_writes import wait_ready
+from tests.test_replicator_e2e import Daemon, Writer, settle
+
+REPO = Path(__file__).resolve().parents[1]
+SETTLE = 60.0
+
+
+class Follower:
+    """``python -m replicator follow`` as a subprocess, its log in a file."""
+
+    def __init__(self, store: Path, url: str, log: Path, *args: str) -> None:
+        self.log = log
+        command = [sys.executable, "-m", "replicator", "follow", "--store", str(store)]
+        with open(log, "ab") as output:
+            self.process = subprocess.Popen(
+                [*command, "--redis", url, *args],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        assert self.process.wait(10) == 0, self.log_text()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "primary"
+    LmdbBackend(path, durability="none").close()
+    return path
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "redis").mkdir()
+    with RedisServer(directory=tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def url(server):
+    return server.url + "?db=0"
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Start daemons and followers; every one still running is killed at the end."""
+    started: list[Daemon | Follower] = []
+
+    def daemon(store: Path, url: str, *args: str) -> Daemon:
+        started.append(Daemon(store, url, *args, log=tmp_path / "replicator.log"))
+        return started[-1]  # type: ignore[return-value]
+
+    def follower(store: Path, url: str, *args: str) -> Follower:
+        started.append(Follower(store, url, tmp_path / "follower.log", *args))
+        return started[-1]  # type: ignore[return-value]
+
+    yield daemon, follower
+    for process in started:
+        if process.process.poll() is None:
+            process.kill()
+
+
+def head(path: Path) -> int:
+    """The store's last seq; 0 while a follower is being made there."""
+    if not path.exists():
+        return 0
+    try:
+        backend = LmdbBackend(path, readonly=True)
+    except StoreError:
+        return 0
+    try:
+        return backend.last_seq
+    finally:
+        backend.close()
+
+
+def wait_for(condition, what: str, *watched: Daemon | Follower, timeout: float = SETTLE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in watched:
+            assert process.process.poll() is None, f"{what}: exited\n{process.log_text()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def wait_caught_up(primary: Path, follower: Path, *watched: Daemon | Follower) -> None:
+    target = head(primary)
+    wait_for(
+        lambda: head(follower) >= target,
+        f"the follower to reach seq {target}",
+        *watched,
+    )
+
+
+def all_records(path: Path) -> list[tuple[int, bytes]]:
+    backend = LmdbBackend(path, readonly=True)
+    try:
+        records: list[tuple[int, bytes]] = []
+        while chunk := read_records(backend, len(records) + 1, 100_000):
+            records += chunk
+        return records
+    finally:
+        backend.close()
+
+
+def verify(path: Path) -> None:
+    out = io.StringIO()
+    assert cli.main(["verify", str(path)], out=out) == 0, out.getvalue()
+
+
+def assert_same_log(primary: Path, follower: Path) -> None:
+    """Event for event and chain for chain (the chain is each record's tail); both verify."""
+    ours, theirs = all_records(primary), all_records(follower)
+    assert len(theirs) == len(ours)
+    assert theirs == ours
+    verify(primary)
+    verify(follower)
+    backend = LmdbBackend(follower, readonly=True)
+    try:
+        assert backend.role == "follower"
+    finally:
+        backend.close()
+
+
+def test_kills_of_follower_and_daemon_lose_and_repeat_nothing(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    daemons = [start_daemon(store, url, "--batch", "50")]
+    followers = [start_follower(follower_path, url, "--batch", "40")]
+    writer = Writer(store, count=8000, rate=1500, seed=11)
+    rng = random.Random(12)
+    deadline = time.monotonic() + 25
+    kills = {"daemon": 0, "follower": 0}
+    while writer.process.is_alive() and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.05, 0.4))
+        if rng.random() < 0.5:
+            daemons[-1].kill()
+            kills["daemon"] += 1
+            daemons.append(start_daemon(store, url, "--batch", "50"))
+        else:
+            followers[-1].kill()
+            kills["follower"] += 1
+            followers.append(start_follower(follower_path, url, "--batch", "40"))
+    writer.join()
+    assert min(kills.values()) >= 3, kills
+    settle(store, server.client(db=0), daemons[-1])
+    wait_caught_up(store, follower_path, daemons[-1], followers[-1])
+    followers[-1].stop()
+    daemons[-1].stop()
+    assert_same_log(store, follower_path)
+    log = followers[-1].log_text()
+    assert "made follower" in log and log.count("made follower") == 1
+
+
+def test_follower_from_a_backup_taken_mid_stream(store, server, url, processes, tmp_path):
+    start_daemon, start_follower = processes
+    # The stream keeps about 1000 events: it no longer reaches seq 1 when the follower
+    # starts, but still reaches the backup's end while the slow writer goes on.
+    daemon = start_daemon(store, url, "--log-stream-max-len", "1000")
+    Writer(store, count=2500, rate=5000, seed=21).join()
+    writer = Writer(store, count=3000, rate=300, seed=22)
+    wait_for(lambda: head(store) > 2600, "the slow writer", daemon)
+    backup = tmp_path / "backup"
+    done = subprocess.run(
+        [sys.executable, "-m", "telstate.cli", "backup", str(store), str(backup)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 2600 < head(backup) < head(store) + 1
+    control = server.client(db=MIRROR_CURSOR_DB)
+    first = control.xrange(log_stream_key(0), count=1)[0][0]
+    assert int(first.split(b"-")[0]) > 1
+    follower = start_follower(backup, url)
+    writer.join()
+    wait_caught_up(store, backup, daemon, follower)
+    follower.stop()
+    assert "a follower" in follower.log_text()
+    assert_same_log(store, backup)
+
+
+def test_follower_whose_position_was_trimmed_refuses(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    # The first 300 events stay in the stream (its bound is more); most of the next
+    # 3000 are trimmed away.
+    daemon = start_daemon(store, url, "--log-stream-max-len", "500")
+    follower = start_follower(follower_path, url)
+    Writer(store, count=300, rate=3000, seed=31).join()
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    position = head(follower_path)
+    Writer(store, count=3000, rate=10000, seed=32).join()
+    settle(store, server.client(db=0), daemon)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    wait_for(
+        lambda: int(control.hget(log_meta_key(0), "seq") or 0) == head(store),
+        "the stream to reach the log's end",
+        daemon,
+    )
+    assert control.xlen(log_stream_key(0)) < 1000
+    follower = start_follower(follower_path, url)
+    assert follower.process.wait(30) == 1
+    log = follower.log_text()
+    assert "has moved past" in log and "telstate backup" in log, log
+    assert head(follower_path) == position
+
+    # A new follower cannot start from seq 1 either.
+    fresh = start_follower(store.parent / "fresh", url)
+    assert fresh.process.wait(30) == 1
+    assert "telstate backup" in fresh.log_text().rsplit("\n", 3)[-3]
+    assert not (store.parent / "fresh").exists()
+
+
+def test_redis_restarted_empty_mid_stream(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    writer = Writer(store, count=5000, rate=1500, seed=41)
+    wait_for(lambda: head(follower_path) > 500, "500 events", follower)
+    server.stop()  # no persistence: it comes back empty
+    server.start()
+    writer.join()
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    daemon.stop()
+    assert "starts again" in daemon.log_text()
+    assert_same_log(store, follower_path)
+
+
+def test_wait_key_on_the_follower_wakes_on_followed_events(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    primary = TelescopeState(LmdbBackend(store, durability="none"))
+    primary.add("early", 1, immutable=True)
+    wait_caught_up(store, follower_path, daemon, follower)
+    reader = TelescopeState(LmdbBackend(follower_path, readonly=True))
+    assert reader["early"] == 1
+    woke: list[float] = []
+
+    def wait() -> None:
+        reader.wait_key("late", lambda v, t: v == 42, timeout=20)
+        woke.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    written = time.monotonic()
+    primary.add("late", 42, immutable=True)
+    waiter.join(30)
+    assert len(woke) == 1 and woke[0] > written
+    # The follower is read-only, naming its primary.
+    writable = TelescopeState(LmdbBackend(follower_path))
+    with pytest.raises(ReadOnlyError, match="primary"):
+        writable.add("mine", 1, immutable=True)
+    writable.backend.close()
+    reader.backend.close()
+    primary.backend.close()
+
+
+def test_status_shows_each_follower(store, server, url, processes):
+    start_daemon, start_follower = processes
+    daemon = start_daemon(store, url)
+    follower = start_follower(store.parent / "follower", url, "--name", "dr-site")
+    Writer(store, count=200, rate=2000, seed=51).join()
+    wait_caught_up(store, store.parent / "follower", daemon, follower)
+    command = [sys.executable, "-m", "replicator", "status", "--log", str(store), "--redis", url]
+
+    def status() -> dict:
+        done = subprocess.run([*command, "--json"], cwd=REPO, capture_output=True, text=True)
+        return json.loads(done.stdout)
+
+    wait_for(
+        lambda: status().get("followers", {}).get("dr-site", {}).get("lag_events") == 0,
+        "the follower's report",
+        daemon,
+        follower,
+    )
+    follower.stop()
+    position = head(store)
+    with LmdbBackend(store, durability="none") as backend:
+        TelescopeState(backend).add("more", 1, immutable=True)
+    report = status()["followers"]["dr-site"]
+    assert report["seq"] == position
+    assert report["lag_events"] == 1 and report["lag_seconds"] >= 0
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert f"follower   dr-site: seq {position}, behind by 1 events" in done.stdout, done.stdout
+
+
+def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, processes, tmp_path):
+    start_daemon, start_follower = processes
+    promoted, other = tmp_path / "promoted", tmp_path / "other"
+    daemon = start_daemon(store, url, "--accept-writes")
+    first = start_follower(promoted, url)
+    second = start_follower(other, url)
+    Writer(store, count=300, rate=3000, seed=61).join()
+    wait_caught_up(store, promoted, daemon, first)
+    first.stop()
+    # The second follower gets events that the promoted one never will.
+    Writer(store, count=50, rate=3000, seed=62).join()
+    wait_caught_up(store, other, daemon, second)
+    second.stop()
+
+    # Promoted while the old primary's daemon still runs.
+    out = io.StringIO()
+    assert cli.main(["promote", str(promoted)], out=out) == 0, out.getvalue()
+    new_daemon = start_daemon(promoted, url, "--accept-writes")
+    client = server.client(db=0)
+    wait_for(
+        lambda: (
+            (read_cursor(client)[1] or None) is not None
+            and read_cursor(client)[1].path == str(promoted)
+        ),
+        "the new primary's daemon to take the mirror",
+        new_daemon,
+    )
+    # The old primary's daemon, displaced, finds the promotion and stops.
+    assert daemon.process.wait(40) == 1, daemon.log_text()
+    # Writes through the mirror now go to the promoted store.
+    wait_ready(server)
+    remote = TelescopeState(url)
+    remote.add("after_promotion", 7, immutable=True)
+    backend = LmdbBackend(promoted, readonly=True)
+    assert TelescopeState(backend)["after_promotion"] == 7
+    backend.close()
+    settle(promoted, client, new_daemon)
+
+    # Started again, it is refused at once and leaves the mirror alone.
+    cursor = read_cursor(client)[1]
+    old = Daemon(store, url, log=tmp_path / "old.log")
+    assert old.process.wait(30) == 1
+    assert "promoted" in old.log_text() and "old primary" in old.log_text()
+    assert read_cursor(client)[1] == cursor
+    with LmdbBackend(promoted, readonly=True) as backend:
+        expected = record_contents(backend.records())
+    assert differences(expected, mirror_contents(client)) == []
+
+    # A follower that went on with the old primary's history refuses.
+    diverged = start_follower(other, url)
+    assert diverged.process.wait(30) == 1
+    assert "diverged" in diverged.log_text()
+    remote.backend.close()
+    new_daemon.stop()
+    verify(promoted)
+
+
+def test_acl_follower_user_reads_the_stream_and_writes_nothing_else(tmp_path, processes):
+    start_daemon, start_follower = processes
+    store = tmp_path / "primary"
+    TelescopeState(LmdbBackend(store, durability="none")).add("x", 1, immutable=True)
+    (tmp_path / "redis").mkdir()
+    with RedisServer(directory=tmp_path / "redis") as server:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "replicator", "on", ">rpw", "~*", "&*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "follower", "on", ">fpw")
+        socket = server.socket
+        daemon = start_daemon(
+            store,
+            f"unix://replicator:rpw@{socket}?db=0",
+            "--acl-setup",
+            "--follower-user",
+            "follower",
+        )
+        follower_url = f"unix://follower:fpw@{socket}?db=0"
+        follower = start_follower(tmp_path / "follower", follower_url, "--name", "f1")
+        wait_caught_up(store, tmp_path / "follower", daemon, follower)
+        control = server.client(db=MIRROR_CURSOR_DB)
+        wait_for(lambda: control.hexists(b"telstate-replicator:followers:0", "f1"), "a report")
+        as_follower = redis.Redis(unix_socket_path=socket, username="follower", password="fpw")
+        for command in (("SET", "x", "1"), ("DEL", "x"), ("GET", "x"), ("PUBLISH", "update/x", "")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                as_follower.execute_command(*command)
+        as_follower.execute_command("SELECT", MIRROR_CURSOR_DB)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_follower.xadd(log_stream_key(0), {"r": b"forged"}, id="999999-0")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_follower.hset(log_meta_key(0), "seq", 1)
+        as_follower.close()
+        follower.stop()
+        daemon.stop()
+    assert_same_log(store, tmp_path / "follower")
+
+
+def test_follow_refuses_the_primary_itself(store, server, url, processes):
+    start_daemon, start_follower = processes
+    daemon = start_daemon(store, url)
+    Writer(store, count=50, rate=5000, seed=71).join()
+    settle(store, server.client(db=0), daemon)
+    follower = start_follower(store, url)
+    assert follower.process.wait(30) == 1
+    assert "the primary itself" in follower.log_text()
+    with LmdbBackend(store) as backend:
+        assert backend.role == "primary"
+        TelescopeState(backend).add("still_writable", 1, immutable=True)
+
+
+def test_writes_through_the_mirror_reach_the_follower(store, server, url, processes):
+    start_daemon, start_follower = processes
+    follower_path = store.parent / "follower"
+    daemon = start_daemon(store, url, "--accept-writes")
+    follower = start_follower(follower_path, url)
+    wait_for(lambda: "following store" in follower.log_text(), "the follower", follower)
+    wait_ready(server)
+    remote = TelescopeState(url)
+    for i in range(50):
+        remote.add("remote_sensor", float(i), ts=1e9 + i)
+    remote.add("remote_attr", "x", immutable=True)
+    remote.backend.close()
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+    with LmdbBackend(follower_path, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("remote_sensor", st=0)[-1] == (49.0, 1e9 + 49)
