@@ -48,7 +48,8 @@ A reply is one entry of the reply stream:
 ``error``    for ``error``: ``immutable`` (the key has another type),
              ``timestamp`` (invalid timestamp), ``expired`` (older than its
              timeout: not applied), ``invalid`` (malformed request),
-             ``store`` (the daemon writes another store, or failed)
+             ``store`` (the daemon writes another store, or failed),
+             ``readonly`` (the store takes no writes: it is a follower)
 ``message``  for ``error``: what went wrong, naming the key
 ===========  ================================================================
 
@@ -243,6 +244,8 @@ class Reply:
             raise InvalidTimestampError(self.message)
         if self.error == b"expired":
             raise WriteTimeoutError(self.message)
+        if self.error == b"readonly":
+            raise ReadOnlyError(self.message)
         raise TelstateError(f"the log host refused the write: {self.message}")
 
 
@@ -608,6 +611,8 @@ class RemoteWriter:
             As a local write raises them.
         WriteTimeoutError
             If no reply came within the timeout (the write is not applied).
+        ReadOnlyError
+            If the store takes no writes (it became a follower).
         ConnectionError
             If the Redis server cannot be reached.
         """

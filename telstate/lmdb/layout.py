@@ -322,3 +322,15 @@ class RequestRecord(NamedTuple):
             return cls(*msgpack.unpackb(bytes(data), raw=False))
         except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise ValueError(f"damaged request record: {error}") from None
+
+
+def request_record_in(txn: Any, tables: Tables, request_id: bytes) -> RequestRecord | None:
+    """The recorded outcome of the remote write request `request_id`, or None.
+
+    Raises
+    ------
+    ValueError
+        If the record is damaged.
+    """
+    found = txn.get(REQUEST_PREFIX + request_id, db=tables.meta)
+    return None if found is None else RequestRecord.decode(found)
