@@ -691,3 +691,28 @@ def test_accept_writes_on_a_follower_is_refused_at_start(tmp_path, mirror_url):
     assert done.returncode == 2, done.stderr
     assert "--accept-writes" in done.stderr
     assert "is a follower of primary-host:/data" in done.stderr
+
+
+def test_declared_minimum_versions_have_what_the_wire_calls():
+    """The oldest redis-py and hiredis that pyproject.toml allows have the calls Wire makes.
+
+    redis-py before 5.3 requires a command name in ConnectionPool.get_connection;
+    hiredis before 2.2.1 has no pack_command. (Run against those minimums: the
+    tests of this file pass with redis 5.3.0 and hiredis 2.2.1.)
+    """
+    from packaging.requirements import Requirement
+
+    text = (REPO / "pyproject.toml").read_text()
+    dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    declared = {}
+    for line in dependencies.splitlines():
+        line = line.strip().rstrip(",")
+        if line.startswith('"'):
+            requirement = Requirement(line.strip('"'))
+            declared[requirement.name] = requirement.specifier
+    for name, newest_broken, oldest_working in (
+        ("redis", "5.2.1", "5.3.0"),
+        ("hiredis", "2.2.0", "2.2.1"),
+    ):
+        assert not declared[name].contains(newest_broken), (name, declared[name])
+        assert declared[name].contains(oldest_working), (name, declared[name])
