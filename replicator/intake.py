@@ -352,7 +352,7 @@ class Intake:
             with contextlib.suppress(*_TRANSIENT, redis.ResponseError):
                 self._exchange(read=False)
         self._wire.close()
-        self.client.close()
+        self.client.connection_pool.disconnect()
 
     # The states
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from telstate.redis import MIRROR_CURSOR_DB
 from telstate.remote import (
     InvalidRequest,
     Reply,
+    Wire,
     decode_request,
     intake_key,
     reply_stream_key,
@@ -250,3 +252,19 @@ def test_an_intake_on_a_follower_never_offers_writes(server, backend):
     assert client.redis.hgetall(intake_key(0)) == other  # not ours to retire
     assert backend.last_seq == 0
     intake.close()
+
+
+def test_a_closed_wire_gives_its_connection_back(server):
+    """The intake closes its wire on every Redis failure: that must not use up a bounded pool."""
+    pool = redis.ConnectionPool(
+        path=server.socket, connection_class=redis.UnixDomainSocketConnection, max_connections=2
+    )
+    wire = Wire(pool)
+    others = redis.Redis(connection_pool=pool)
+    assert others.ping()  # a connection of the pool's own, idle, that close leaves alone
+    for _ in range(5):
+        assert wire.call((b"PING",)) == [b"PONG"]
+        wire.close()
+    assert len(pool._in_use_connections) == 0
+    assert others.ping()
+    pool.disconnect()
