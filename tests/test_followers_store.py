@@ -830,3 +830,32 @@ def test_follower_refuses_an_import_event_its_state_does_not_take(tmp_path):
             follow(primary, follower, random.Random(2))
         assert follower.last_seq == head
         follower.close()
+
+
+@pytest.mark.parametrize("damage", ["long value", "NaN", "negative", "repeated"])
+def test_a_chain_valid_add_mutable_many_no_import_writes_is_refused(tmp_path, damage):
+    """Its chain continues the follower's, but its samples are damaged: nothing is applied."""
+    from tests.test_bulk_events import HOSTILE_SAMPLES
+
+    with LmdbBackend(tmp_path / "primary", durability="none") as primary:
+        primary.set_immutable(b"a", encode_value(1))
+        ((_, first),) = read_records(primary, 1, 1)
+        writer_id = log.record_op_writer(first)[1]
+        writers = writers_of(primary, [writer_id])
+        with new_follower(tmp_path / "follower", primary) as follower:
+            apply_records(follower, 1, [first], writers)
+            hostile = log.chained_record(
+                log.record_chain(first),
+                log.ADD_MUTABLE_MANY,
+                writer_id,
+                time.time(),
+                b"k",
+                b"",
+                HOSTILE_SAMPLES[damage],
+                float("nan"),
+            )
+            with pytest.raises(StoreError, match="event 2: damaged samples"):
+                apply_records(follower, 2, [hostile], writers)
+            assert follower.last_seq == 1
+            assert follower.keys(b"*") == [b"a"]
+            assert follower.verify() == []

@@ -61,11 +61,13 @@ from typing import Any, NamedTuple
 import lmdb
 import msgpack
 
+from .. import log
 from ..errors import StoreError
 from ..utils import KeyType
 
-# Inline forms (see the module docstring).
-INLINE_LIMIT = 480
+# Inline forms (see the module docstring). The limit is defined with the log
+# format, whose add_mutable_many events hold only values shorter than it.
+INLINE_LIMIT = log.INLINE_LIMIT
 INLINE_PREFIX = 448
 NAME = b"\x01"
 ALL_KEYS = b"\x00"
