@@ -324,6 +324,14 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except StoreError as error:
         logging.getLogger("replicator").error("%s", error)
         return 2
+    primary = source.primary if options.accept_writes else None
+    if primary is not None:
+        # Its writes must go to its primary's daemon: refuse now, not at the first request.
+        source.close()
+        parser.error(
+            f"--accept-writes: the store at {options.log!r} is a follower of {primary}:"
+            " it takes no writes (run without --accept-writes here, or promote it first)"
+        )
     redis_sink = None
     try:
         if options.redis is not None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import redis
 
+from telstate.remote import Wire, checked
 from telstate.utils import ensure_str
 
 #: ACL rules for the user that clients of the mirror connect as (the
@@ -272,13 +273,20 @@ def _forbidden_commands(client: redis.Redis) -> Iterator[tuple[str, list[str], b
     ``xgroup|create``) in the ``@write`` or ``@admin`` category, and
     ``publish`` and ``spublish``.
     """
-    for name, info in client.command().items():
-        entries = [(name, info["arity"], info["acl_categories"])]
-        if info["subcommands"]:
-            entries = [
-                (ensure_str(sub[0]), sub[1], [ensure_str(category) for category in sub[6]])
-                for sub in info["subcommands"]
-            ]
+    # The raw reply: how redis-py parses COMMAND varies between its versions
+    # (the RESP2 parse of 5.3 and 6.x drops the ACL categories).
+    wire = Wire(client.connection_pool)
+    try:
+        (table,) = wire.call((b"COMMAND",))
+    finally:
+        wire.close()
+    for command in checked(table):
+        # Each entry: name, arity, flags, key positions (3), ACL categories, ..., subcommands.
+        subcommands = command[9] if len(command) > 9 else None
+        entries = [
+            (ensure_str(entry[0]), entry[1], [ensure_str(category) for category in entry[6]])
+            for entry in (subcommands or [command])
+        ]
         for full_name, arity, categories in entries:
             if "@write" in categories or "@admin" in categories or full_name in _PUBLISH:
                 words = full_name.split("|")

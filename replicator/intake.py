@@ -36,8 +36,19 @@ States, advanced by :meth:`Intake.step`::
 
     CONNECT --group and intake key made--> SERVE --Redis failed--> BACKOFF --delay over--> CONNECT
     SERVE --stream or group gone (Redis restarted empty)--> CONNECT
+    SERVE --the store is a follower--> CONNECT (read-only from then on: see below)
 
 Replies already owed when Redis fails are kept and sent once it is back.
+
+A store that is, or becomes, a follower takes no writes (see
+:mod:`telstate.lmdb.follower`). The intake then stops accepting them for
+good (until the daemon restarts): it retires the intake key, so that new
+clients of the mirror find it read-only at once, and answers each request
+still sent by clients that started before (the failed batch's included,
+read again from the pending list) with a ``readonly`` error, which the
+client raises as the :exc:`~telstate.errors.ReadOnlyError` a local write
+to a follower raises. A request applied before is still answered with
+its recorded outcome.
 """
 
 from __future__ import annotations
@@ -56,9 +67,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from telstate.encoding import PICKLE_ERROR, decode_value
-from telstate.errors import DecodeError, ImmutableKeyError, InvalidTimestampError, StoreError
+from telstate.errors import (
+    DecodeError,
+    ImmutableKeyError,
+    InvalidTimestampError,
+    ReadOnlyError,
+    StoreError,
+)
 from telstate.lmdb import LmdbBackend, WriteTxn
-from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put
+from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put, request_record_in
+from telstate.lmdb.writes import follower_error
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.remote import (
@@ -119,6 +137,17 @@ for i = 1, n do
     end
 end
 return n
+"""
+
+# Deletes the intake key if it still names this daemon's store at its path
+# (a daemon that has taken the mirror over since keeps its key).
+# KEYS[1]: the intake key; ARGV[1]: the store (UUID); ARGV[2]: its path.
+_RETIRE = b"""
+local fields = redis.call('HMGET', KEYS[1], 'store', 'path')
+if fields[1] == ARGV[1] and fields[2] == ARGV[2] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -253,6 +282,9 @@ class Intake:
         self._retry_at = 0.0
         self._sweep_from = REQUEST_PREFIX
         self._next_sweep = 0.0
+        self._retire = self.client.register_script(_RETIRE)
+        #: Why the store takes no writes (it is a follower), or None while it does.
+        self.read_only: str | None = None
 
     @property
     def owes_replies(self) -> bool:
@@ -287,6 +319,9 @@ class Intake:
             # Nothing of the batch was committed; its requests stay pending in
             # Redis and are read again (or expire) after the backoff.
             return self._fail(f"writing the store failed: {error}")
+        except ReadOnlyError as error:
+            # The store became a follower; nothing of the batch was committed.
+            return self._refuse_writes(str(error))
 
     def wait_for_requests(self, timeout: float) -> None:
         """Send the ready replies, and block up to `timeout` seconds for new requests.
@@ -317,7 +352,7 @@ class Intake:
             with contextlib.suppress(*_TRANSIENT, redis.ResponseError):
                 self._exchange(read=False)
         self._wire.close()
-        self.client.close()
+        self.client.connection_pool.disconnect()
 
     # The states
 
@@ -327,12 +362,24 @@ class Intake:
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        self.client.hset(self._key, mapping={"store": self.store, "path": self.backend.path})
-        self.metrics.publish(self.client, self._key)
+        if self.read_only is None:
+            primary = self.backend.primary
+            if primary is not None:
+                self.read_only = str(follower_error(self.backend.path, primary))
+        if self.read_only is None:
+            self.client.hset(self._key, mapping={"store": self.store, "path": self.backend.path})
+            self.metrics.publish(self.client, self._key)
+            logger.info(
+                "accepting writes for mirror database %d into store %s", self.db, self.store
+            )
+        else:
+            self._retire(keys=[self._key], args=[self.store, self.backend.path])
+            logger.warning(
+                "not accepting writes for mirror database %d: %s", self.db, self.read_only
+            )
         self._backlog = True
         self._delay = self.backoff[0]
         self.state = IntakeState.SERVE
-        logger.info("accepting writes for mirror database %d into store %s", self.db, self.store)
         return Step(0)
 
     def _serve(self, mirror: Mirror) -> Step:
@@ -345,7 +392,8 @@ class Intake:
             # and blocks for requests in wait_for_requests.
             if self._ready and self._owed:
                 self._exchange(read=False)  # the mirror is behind: the daemon waits for it
-            self.metrics.publish_due(self.client, self._key)
+            if self.read_only is None:
+                self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
         with mirror.hold():
@@ -355,6 +403,16 @@ class Intake:
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready
         return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
+
+    def _refuse_writes(self, reason: str) -> Step:
+        """Refuse every request from now on, for `reason` (the store takes no writes)."""
+        logger.error("intake: %s: refusing writes from now on", reason)
+        self.read_only = reason
+        self._fetched = []
+        # Connect again: it retires the intake key, and reads the failed
+        # batch's requests again from the pending list, to refuse them.
+        self.state = IntakeState.CONNECT
+        return Step(0)
 
     def _fail(self, message: str) -> Step:
         logger.warning("intake: %s; retrying in %.1f s", message, self._delay)
@@ -500,10 +558,14 @@ class Intake:
                 continue
             requests.append(request)
         for chunk in _chunks(requests, self.batch_bytes):
-            for request, record in zip(chunk, apply_requests(self.backend, chunk, now_ms)):
+            if self.read_only is None:
+                outcomes = apply_requests(self.backend, chunk, now_ms)
+                self.metrics.batch_size.observe(len(chunk))
+            else:
+                outcomes = refuse_requests(self.backend, chunk, self.read_only)
+            for request, record in zip(chunk, outcomes):
                 self._owe(request, record, clock_offset)
-            self.metrics.batch_size.observe(len(chunk))
-        if time.monotonic() >= self._next_sweep:
+        if self.read_only is None and time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL
             self._sweep_from = sweep_requests(self.backend, self._sweep_from, now_ms)
         return len(fetched)
@@ -635,16 +697,39 @@ def apply_requests(
         return [_apply_in(wtxn, request, now_ms) for request in requests]
 
 
+def refuse_requests(
+    backend: LmdbBackend, requests: Sequence[Request], reason: str
+) -> list[RequestRecord]:
+    """The outcomes of `requests` to a store that takes no writes, for `reason`.
+
+    A request applied before keeps its recorded outcome (its writer must
+    learn that it was applied); the others get a ``readonly`` error, at
+    seq 0 (the mirror need not move for it).
+    """
+    return [
+        found
+        if found is not None
+        else RequestRecord(
+            request.expires_ms,
+            0,
+            b"error",
+            b"",
+            b"readonly",
+            f"{request.op.value} request {request.request_id!r} not applied: {reason}",
+        )
+        for request, found in zip(requests, backend.request_records(r.request_id for r in requests))
+    ]
+
+
 def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
     """Apply one request in `wtxn` (unless it was before, or is too old) and record it."""
-    txn, meta = wtxn.txn, wtxn.tables.meta
-    record_key = REQUEST_PREFIX + request.request_id
-    found = txn.get(record_key, db=meta)
+    try:
+        found = request_record_in(wtxn.txn, wtxn.tables, request.request_id)
+    except ValueError:
+        logger.error("request %r: its record is damaged: applying it again", request.request_id)
+        found = None
     if found is not None:
-        try:
-            return RequestRecord.decode(found)
-        except ValueError:
-            logger.error("request record %r is damaged: applying the request again", record_key)
+        return found
     margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
     if now_ms > request.expires_ms - margin:
         return RequestRecord(
@@ -660,7 +745,7 @@ def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
     wtxn.write_as(request.writer)
     status, value, error, message = _apply_one(wtxn, request)
     record = RequestRecord(request.expires_ms, wtxn.last_seq, status, value, error, message)
-    checked_put(txn, record_key, record.encode(), meta)
+    checked_put(wtxn.txn, REQUEST_PREFIX + request.request_id, record.encode(), wtxn.tables.meta)
     wtxn.changed = True  # the record alone must be committed too
     return record
 

@@ -48,9 +48,11 @@ offset size    field
 Replaying it adds the *n* samples, exactly as *n* add_mutable events with
 these timestamps and values would (a sample already there stays once).
 Its sensor timestamp field is NaN. Only imports write these events, and
-only for samples whose values are shorter than
-:data:`telstate.lmdb.layout.INLINE_LIMIT` (a longer value is the value of
-its own add_mutable event, which the store points at).
+only for samples whose values are shorter than :data:`INLINE_LIMIT` (a
+longer value is the value of its own add_mutable event, which the store
+points at). The timestamps are canonical (not NaN, not negative, no -0.0)
+and the samples distinct and in zset order: a field that breaks any of
+this is damaged, and reading it raises ValueError.
 
 The chain
 ---------
@@ -143,6 +145,14 @@ _OP_WRITER = struct.Struct("<BI")
 _SEQ = struct.Struct(">Q")
 _WRITER_ID = struct.Struct(">I")
 _COUNT = struct.Struct("<I")
+#: Values of 480 bytes or more do not fit in an LMDB key (511 bytes at most)
+#: beside their timestamp: the store keeps them in the log and points at them
+#: (see :mod:`telstate.lmdb.layout`, which takes this constant from here), so
+#: an add_mutable_many event holds only shorter ones.
+INLINE_LIMIT = 480
+#: The largest packed timestamp that is canonical (+inf, as big-endian bits):
+#: above it are NaNs, and everything with the sign bit set (negatives and -0.0).
+_LARGEST_TIMESTAMP = 0x7FF0_0000_0000_0000
 _NAN = math.nan
 # Offsets in the header (see the table above), for reading many records at once.
 _STAMP = 13
@@ -598,7 +608,9 @@ def _split_samples(payload: bytes) -> tuple[int, list[bytes]]:
     Raises
     ------
     ValueError
-        If the field is not *n* >= 1 samples that fill it exactly.
+        If the field is not *n* >= 1 samples that fill it exactly, with
+        canonical timestamps, values shorter than :data:`INLINE_LIMIT`,
+        distinct and in zset order.
     """
     try:
         count = _COUNT.unpack_from(payload)[0]
@@ -608,8 +620,23 @@ def _split_samples(payload: bytes) -> tuple[int, list[bytes]]:
     start = 4 + 12 * count
     if not count or start + sum(lengths) != len(payload):
         raise ValueError(f"damaged samples: {count} samples do not fill {len(payload)} bytes")
+    longest = max(lengths)
+    if longest >= INLINE_LIMIT:
+        raise ValueError(
+            f"damaged samples: a value of {longest} bytes (they must be under {INLINE_LIMIT})"
+        )
     offsets = list(itertools.accumulate(lengths, initial=start))
-    return count, [payload[begin:end] for begin, end in zip(offsets, offsets[1:])]
+    values = [payload[begin:end] for begin, end in zip(offsets, offsets[1:])]
+    # Canonical timestamps sort as their big-endian bits do.
+    bits = np.frombuffer(payload, ">u8", count, 4)
+    if (bits > _LARGEST_TIMESTAMP).any():
+        raise ValueError("damaged samples: a timestamp is NaN, negative or -0.0")
+    if (bits[1:] < bits[:-1]).any():
+        raise ValueError("damaged samples: the timestamps are not in order")
+    for index in np.flatnonzero(bits[1:] == bits[:-1]).tolist():
+        if values[index] >= values[index + 1]:
+            raise ValueError("damaged samples: samples are repeated or not in order")
+    return count, values
 
 
 def decode_samples(payload: bytes) -> tuple[list[float], list[bytes]]:

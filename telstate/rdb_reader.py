@@ -75,6 +75,9 @@ _MODULE_OPCODE_STRING = 5
 _FIRST_VERSION_WITH_CHECKSUM = 5
 
 _CHUNK_SIZE = 16 << 20
+#: A read guessed from an item's header adds at most this many times the
+#: bytes of the item already in the buffer.
+_GUESS_GROWTH = 4
 _ZERO_DOUBLE = bytes(8)
 _DOUBLE = struct.Struct("<d")
 
@@ -87,13 +90,17 @@ class _NeedMore(Exception):
     """The buffer ended inside the item being parsed (more input may fix that).
 
     `end` is an offset the buffer must reach at least; `expected`, where
-    the item probably ends (a guess; 0 if there is none).
+    the item probably ends (a guess; 0 if there is none); `minimum`, where
+    it ends at the earliest if its header is true (0 if not known): a file
+    too short for that is corrupt, but it is not read in advance (a
+    header may lie).
     """
 
-    def __init__(self, end: int = 0, expected: int = 0) -> None:
+    def __init__(self, end: int = 0, expected: int = 0, minimum: int = 0) -> None:
         super().__init__(end)
         self.end = end
         self.expected = expected
+        self.minimum = minimum
 
 
 class _Corrupt(Exception):
@@ -513,7 +520,9 @@ def _read_zset(buf: bytes, pos: int, binary_scores: bool) -> tuple[KeyType, list
         # buffer that each parse the zset again.
         done = len(members)
         expected = start + (pos - start) * (count + 1) // done if done else 0
-        raise _NeedMore(getattr(exc, "end", 0), expected) from None
+        # Each member left takes a length byte and a score at least.
+        minimum = pos + (count - done) * (1 + (8 if binary_scores else 1))
+        raise _NeedMore(getattr(exc, "end", 0), expected, minimum) from None
     return KeyType.MUTABLE, _zset_from_pairs(members, scores), pos
 
 
@@ -857,23 +866,26 @@ class RdbReader:
         offset = self._base + (self._pos if pos is None else pos)
         return RdbParseError(self._filename, f"{reason} (at byte offset {offset})")
 
-    def _fill(self, needed: int, expected: int = 0) -> None:
+    def _fill(self, needed: int, expected: int = 0, minimum: int = 0) -> None:
         """Read more input so that the buffer holds at least `needed` unparsed bytes.
 
         The buffer at least doubles each time, so re-parsing an item that
         did not fit costs at most as much again as parsing it. From a
         regular file, it also holds the `expected` bytes the item probably
-        needs, as far as the file goes.
+        needs, as far as the file goes and at most :data:`_GUESS_GROWTH`
+        times the unparsed bytes: the guess comes from the item's header,
+        which a corrupt file may inflate, so memory follows the data read.
+        A file shorter than the `minimum` bytes the header implies fails.
         """
         available = len(self._buf) - self._pos
-        if self._remaining is not None and needed > available + self._remaining:
+        if self._remaining is not None and max(needed, minimum) > available + self._remaining:
             # A regular file is too short for what the item claims: fail
             # now instead of reading the rest of the file first.
             raise _NeedMore()
         self._checksum_parsed()
         want = max(needed - available, available, _CHUNK_SIZE)
         if self._remaining is not None:
-            want = max(want, expected - available)
+            want = max(want, min(expected - available, _GUESS_GROWTH * available))
             self._refill_regular_file(available, min(want, self._remaining))
             return
         parts = [self._buf[self._pos :]]
@@ -944,7 +956,11 @@ class RdbReader:
                 needed = getattr(exc, "end", 0) - self._pos
                 if not self._eof:
                     try:
-                        self._fill(max(needed, 1), getattr(exc, "expected", 0) - self._pos)
+                        self._fill(
+                            max(needed, 1),
+                            getattr(exc, "expected", 0) - self._pos,
+                            getattr(exc, "minimum", 0) - self._pos,
+                        )
                         continue
                     except _NeedMore:
                         pass

@@ -48,7 +48,8 @@ A reply is one entry of the reply stream:
 ``error``    for ``error``: ``immutable`` (the key has another type),
              ``timestamp`` (invalid timestamp), ``expired`` (older than its
              timeout: not applied), ``invalid`` (malformed request),
-             ``store`` (the daemon writes another store, or failed)
+             ``store`` (the daemon writes another store, or failed),
+             ``readonly`` (the store takes no writes: it is a follower)
 ``message``  for ``error``: what went wrong, naming the key
 ===========  ================================================================
 
@@ -243,6 +244,8 @@ class Reply:
             raise InvalidTimestampError(self.message)
         if self.error == b"expired":
             raise WriteTimeoutError(self.message)
+        if self.error == b"readonly":
+            raise ReadOnlyError(self.message)
         raise TelstateError(f"the log host refused the write: {self.message}")
 
 
@@ -397,7 +400,8 @@ class Wire:
     Parameters
     ----------
     pool
-        Where the connection comes from (it is held until :meth:`close`).
+        Where the connection comes from (it is held until :meth:`close`,
+        which gives it back).
     """
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
@@ -439,9 +443,14 @@ class Wire:
         return replies
 
     def close(self) -> None:
-        """Close the pool's connections (this one included; the next call opens one)."""
-        self._connection = None
-        self._pool.disconnect()
+        """Close the connection and give it back to the pool (the next call takes one again).
+
+        The pool's other connections stay as they are.
+        """
+        connection, self._connection = self._connection, None
+        if connection is not None and self._pid == os.getpid():
+            connection.disconnect()
+            self._pool.release(connection)
 
 
 class WireScript:
@@ -590,7 +599,8 @@ class RemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs = control_kwargs(client, control_db)
-        self._wire = Wire(redis.ConnectionPool(**kwargs))
+        self._pool = redis.ConnectionPool(**kwargs)
+        self._wire = Wire(self._pool)
         socket_timeout = kwargs.get("socket_timeout")
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = threading.Lock()
@@ -608,6 +618,8 @@ class RemoteWriter:
             As a local write raises them.
         WriteTimeoutError
             If no reply came within the timeout (the write is not applied).
+        ReadOnlyError
+            If the store takes no writes (it became a follower).
         ConnectionError
             If the Redis server cannot be reached.
         """
@@ -649,6 +661,7 @@ class RemoteWriter:
     def close(self) -> None:
         """Close the writer's connections."""
         self._wire.close()
+        self._pool.disconnect()
 
 
 class AsyncRemoteWriter:

@@ -111,6 +111,41 @@ def test_samples_codec_round_trips_and_refuses_damage():
             log.decode_samples(damaged)
 
 
+def samples_field(stamps: list[bytes], values: list[bytes]) -> bytes:
+    """An add_mutable_many value field laid out by hand, whatever it holds."""
+    lengths = struct.pack(f"<{len(values)}I", *map(len, values))
+    return struct.pack("<I", len(values)) + b"".join(stamps) + lengths + b"".join(values)
+
+
+#: Value fields whose layout is whole but whose samples no import writes.
+HOSTILE_SAMPLES = {
+    "long value": samples_field([pack_timestamp(1.0)], [encode_value("v" * 590)]),
+    "value of 480 bytes": samples_field([pack_timestamp(1.0)], [b"\xff" * 480]),
+    "NaN": samples_field([struct.pack(">d", float("nan"))], [b"\x01"]),
+    "raw NaN": samples_field([b"\xff" * 8], [b"\x01"]),
+    "negative": samples_field([struct.pack(">d", -1.0)], [b"\x01"]),
+    "-0.0": samples_field([struct.pack(">d", -0.0)], [b"\x01"]),
+    "out of order": samples_field([pack_timestamp(2.0), pack_timestamp(1.0)], [b"a", b"a"]),
+    "repeated": samples_field([pack_timestamp(1.0)] * 2, [b"a", b"a"]),
+    "values out of order": samples_field([pack_timestamp(1.0)] * 2, [b"b", b"a"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SAMPLES))
+def test_samples_codec_refuses_samples_no_import_writes(name):
+    payload = HOSTILE_SAMPLES[name]
+    with pytest.raises(ValueError, match="damaged samples"):
+        log.decode_samples(payload)
+    with pytest.raises(ValueError, match="damaged samples"):
+        log.sample_members(payload)
+
+
+def test_samples_codec_takes_the_edges_of_what_imports_write():
+    members = [member(0.0, b"\xff" * 479), member(1.0, b"a"), member(1.0, b"b")]
+    members.append(member(float("inf"), b""))
+    assert log.sample_members(log.encode_samples(members)) == members
+
+
 def test_an_import_records_bulk_events_that_add_up_to_the_file(imported, tmp_path):
     with LmdbBackend(imported, readonly=True) as backend:
         assert backend.verify() == []
@@ -202,7 +237,12 @@ def test_a_flipped_byte_in_a_bulk_event_fails_verify_naming_its_seq(imported):
     assert result.stdout.count("does not match its chain") == 1
 
 
-def test_a_bulk_event_with_a_lying_count_fails_verify_naming_its_seq(imported):
+def _one_more_sample(field: bytes) -> bytes:
+    return struct.pack("<I", struct.unpack_from("<I", field)[0] + 1) + field[4:]
+
+
+@pytest.mark.parametrize("damage", ["lying count", "long value", "NaN", "-0.0", "repeated"])
+def test_a_bulk_event_with_damaged_samples_fails_verify_naming_its_seq(imported, damage):
     """Samples damaged and the chain recomputed after them: verify names the event."""
     identity, records = raw_log(imported)
     target = next(seq for seq, record in records if record[0] == log.ADD_MUTABLE_MANY)
@@ -213,8 +253,10 @@ def test_a_bulk_event_with_a_lying_count_fails_verify_naming_its_seq(imported):
         for seq, record in records:
             body = bytearray(record[:-32])
             if seq == target:
-                key_len = struct.unpack_from("<I", body, 21)[0]
-                body[29 + key_len] += 1  # one sample more than the event holds
+                start = 29 + struct.unpack_from("<I", body, 21)[0]  # the value field
+                field = bytes(body[start:])
+                lying = damage == "lying count"
+                body[start:] = _one_more_sample(field) if lying else HOSTILE_SAMPLES[damage]
             chain = log.seal(bytes(body), chain)[-32:]
             txn.put(log.pack_seq(seq), bytes(body) + chain, db=tables.log)
     env.close()

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from telstate.lmdb import (
     replay,
     writers_of,
 )
+from telstate.lmdb.backup import backup
 from telstate.lmdb.eventlog import writers_in
 from telstate.lmdb.follower import FollowerTxn
 from telstate.lmdb.layout import key_record, name_key_of
@@ -592,6 +594,72 @@ def test_backup_refuses_an_existing_destination_and_non_stores(tmp_path, primary
     assert os.listdir(tmp_path / "taken") == []
 
 
+KILLED_BACKUP = """
+    import os, signal, sys
+    from telstate.lmdb import backup
+    backup._fsync = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # just before the rename
+    backup.backup(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_backup_leaves_a_directory_that_the_next_backup_removes(tmp_path, primary):
+    parent = tmp_path / "backups"
+    parent.mkdir()
+    child = spawn(KILLED_BACKUP, primary.path, parent / "first")
+    assert child.wait() == -signal.SIGKILL
+    child.stdout.close()
+    (left,) = os.listdir(parent)
+    host = socket.gethostname()
+    assert left.startswith(f".first.backup-{host}-{child.pid}-"), left
+    # Not to be removed: a live process's, another host's, and a look-alike.
+    kept = [
+        f".x.backup-{host}-{os.getpid()}-abcdefgh",
+        f".x.backup-elsewhere-{child.pid}-abcdefgh",
+        f".x.backup-{host}-{child.pid}-abc",
+    ]
+    for name in kept:
+        (parent / name).mkdir()
+    assert backup(primary.path, parent / "second") == primary.head
+    assert sorted(os.listdir(parent)) == sorted([*kept, "second"])
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_backup_refuses_a_destination_made_during_the_copy(
+    tmp_path, primary, monkeypatch, renameat2
+):
+    from telstate.lmdb import backup as backup_module
+
+    if not renameat2:  # as where the system has no renameat2
+        monkeypatch.setattr(backup_module, "_rename_noreplace", lambda old, new: False)
+        assert backup(primary.path, tmp_path / "plain") == primary.head
+        with LmdbBackend(tmp_path / "plain", readonly=True) as copy:
+            assert copy.verify() == []
+    dest = tmp_path / "dest"
+    fsync = backup_module._fsync
+
+    def racing(path: str) -> None:
+        fsync(path)
+        if ".backup-" in path and os.path.isdir(path):
+            dest.mkdir()  # another process takes DEST as the copy is about to be renamed
+
+    monkeypatch.setattr(backup_module, "_fsync", racing)
+    with pytest.raises(FileExistsError, match="exists already"):
+        backup(primary.path, dest)
+    assert os.listdir(dest) == []
+    assert [name for name in os.listdir(tmp_path) if ".backup-" in name] == []
+    # What the rename must not do: os.rename replaces an empty directory.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data.mdb").write_bytes(b"copy")
+    os.rename(tmp_path / "work", dest)
+    assert os.listdir(dest) == ["data.mdb"]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data.mdb").write_bytes(b"copy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileExistsError, match="exists already"):
+        backup_module._rename_new(str(tmp_path / "work"), str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []
+
+
 def test_backup_of_a_big_store_reports_progress(tmp_path, monkeypatch):
     from telstate.lmdb import backup as backup_module
 
@@ -830,3 +898,32 @@ def test_follower_refuses_an_import_event_its_state_does_not_take(tmp_path):
             follow(primary, follower, random.Random(2))
         assert follower.last_seq == head
         follower.close()
+
+
+@pytest.mark.parametrize("damage", ["long value", "NaN", "negative", "repeated"])
+def test_a_chain_valid_add_mutable_many_no_import_writes_is_refused(tmp_path, damage):
+    """Its chain continues the follower's, but its samples are damaged: nothing is applied."""
+    from tests.test_bulk_events import HOSTILE_SAMPLES
+
+    with LmdbBackend(tmp_path / "primary", durability="none") as primary:
+        primary.set_immutable(b"a", encode_value(1))
+        ((_, first),) = read_records(primary, 1, 1)
+        writer_id = log.record_op_writer(first)[1]
+        writers = writers_of(primary, [writer_id])
+        with new_follower(tmp_path / "follower", primary) as follower:
+            apply_records(follower, 1, [first], writers)
+            hostile = log.chained_record(
+                log.record_chain(first),
+                log.ADD_MUTABLE_MANY,
+                writer_id,
+                time.time(),
+                b"k",
+                b"",
+                HOSTILE_SAMPLES[damage],
+                float("nan"),
+            )
+            with pytest.raises(StoreError, match="event 2: damaged samples"):
+                apply_records(follower, 2, [hostile], writers)
+            assert follower.last_seq == 1
+            assert follower.keys(b"*") == [b"a"]
+            assert follower.verify() == []

@@ -10,15 +10,24 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from replicator.intake import Intake, IntakeState
 from telstate.encoding import encode_value
-from telstate.lmdb import LmdbBackend
+from telstate.errors import ReadOnlyError
+from telstate.lmdb import LmdbBackend, make_follower
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
-from telstate.remote import InvalidRequest, Reply, decode_request, reply_stream_key
+from telstate.remote import (
+    InvalidRequest,
+    Reply,
+    Wire,
+    decode_request,
+    intake_key,
+    reply_stream_key,
+)
 from tests.servers import RedisServer
 
 
@@ -193,3 +202,69 @@ def test_reply_streams_expire(server, backend):
     ttl = client.redis.pttl(reply_stream_key(0, client.session.token))
     assert 0 < ttl <= 10_000 + 60_000
     intake.close()
+
+
+def test_a_store_made_a_follower_gets_its_requests_refused(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    applied, fields = client.session.request(
+        Op.SET_IMMUTABLE, 10.0, key=b"k", value=encode_value(1)
+    )
+    client.redis.xadd(client.session.requests, fields)
+    run(intake, mirror_seq=1)
+    assert client.replies()[applied] == Reply(b"ok")
+    assert client.redis.exists(intake_key(0))
+
+    make_follower(backend.path, "new-primary:/data")
+    refused = client.send(Op.SET_IMMUTABLE, key=b"k2", value=encode_value(2))
+    client.redis.xadd(client.session.requests, fields)  # delivered again
+    run(intake, mirror_seq=1)
+    replies = client.replies()
+    assert replies[applied] == Reply(b"ok")  # it was applied: its writer must learn so
+    assert replies[refused].error == b"readonly"
+    with pytest.raises(ReadOnlyError, match="is a follower of new-primary:/data"):
+        replies[refused].result()
+    assert intake.state == IntakeState.SERVE
+    assert intake.read_only is not None
+    # The intake key is gone (new clients find the mirror read-only), and stays gone.
+    assert not client.redis.exists(intake_key(0))
+    later = client.send(Op.DELETE, key=b"k")
+    run(intake, mirror_seq=1)
+    assert client.replies()[later].error == b"readonly"
+    assert not client.redis.exists(intake_key(0))
+    assert client.redis.xlen(intake._stream) == 0
+    registry = intake.metrics.registry
+    labels = {"reason": "readonly"}
+    assert registry.get_sample_value("telstate_replicator_requests_rejected_total", labels) == 2
+    assert backend.last_seq == 1
+    intake.close()
+
+
+def test_an_intake_on_a_follower_never_offers_writes(server, backend):
+    client = Client(server, str(backend.uuid))
+    make_follower(backend.path, "new-primary:/data")
+    other = {b"store": b"another-store", b"path": backend.path.encode()}
+    client.redis.hset(intake_key(0), mapping=other)  # a daemon that took the mirror over
+    intake = Intake(backend, server.url + "?db=0")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    run(intake, mirror_seq=0)
+    assert client.replies()[request].error == b"readonly"
+    assert client.redis.hgetall(intake_key(0)) == other  # not ours to retire
+    assert backend.last_seq == 0
+    intake.close()
+
+
+def test_a_closed_wire_gives_its_connection_back(server):
+    """The intake closes its wire on every Redis failure: that must not use up a bounded pool."""
+    pool = redis.ConnectionPool(
+        path=server.socket, connection_class=redis.UnixDomainSocketConnection, max_connections=2
+    )
+    wire = Wire(pool)
+    others = redis.Redis(connection_pool=pool)
+    assert others.ping()  # a connection of the pool's own, idle, that close leaves alone
+    for _ in range(5):
+        assert wire.call((b"PING",)) == [b"PONG"]
+        wire.close()
+    assert len(pool._in_use_connections) == 0
+    assert others.ping()
+    pool.disconnect()

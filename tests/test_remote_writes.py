@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,18 @@ import telstate.aio
 from replicator.cursor import MirrorState, read_cursor
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
+from telstate.encoding import encode_value
 from telstate.errors import ConnectionError, ImmutableKeyError, ReadOnlyError, WriteTimeoutError
-from telstate.lmdb import LmdbBackend
-from telstate.log import Op
+from telstate.lmdb import (
+    LmdbBackend,
+    apply_records,
+    create_follower,
+    make_follower,
+    read_records,
+    writers_of,
+)
+from telstate.lmdb.backup import backup
+from telstate.log import Op, record_op_writer
 from telstate.redis import MIRROR_CURSOR_DB, RedisBackend
 from telstate.remote import intake_key, request_stream_key
 from tests.servers import RedisServer
@@ -636,3 +646,73 @@ def test_a_daemon_without_accept_writes_makes_the_mirror_read_only(
     finally:
         plain.terminate()
         plain.wait(10)
+
+
+def test_a_store_made_a_follower_refuses_writes_and_keeps_its_mirror(
+    tmp_path, store, server, mirror_url, daemon
+):
+    running = daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("before", 1, immutable=True)
+    # A promotion: a copy of the store becomes the primary, and this store follows it.
+    backup(store, tmp_path / "new-primary")
+    make_follower(store, "new-primary-host:/data")
+    with pytest.raises(ReadOnlyError, match="is a follower of new-primary-host:/data"):
+        ts.add("after", 2, immutable=True)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    deadline = time.monotonic() + SETTLE
+    while control.exists(intake_key(0)):
+        assert time.monotonic() < deadline, "the intake key stayed"
+        time.sleep(0.05)
+    control.close()
+    with pytest.raises(ReadOnlyError, match="write to the store instead"):
+        TelescopeState(mirror_url).add("new", 3, immutable=True)
+    # The mirror goes on following the log, which the new primary's events now extend.
+    with LmdbBackend(tmp_path / "new-primary", durability="none") as primary:
+        primary.set_immutable(b"promoted", encode_value(4))
+        with LmdbBackend(store, durability="none") as follower:
+            records = [record for _, record in read_records(primary, follower.last_seq + 1, 10)]
+            writers = writers_of(primary, {record_op_writer(record)[1] for record in records})
+            apply_records(follower, follower.last_seq + 1, records, writers)
+    settle(store, server)
+    assert ts["promoted"] == 4
+    assert running.process.poll() is None, running.log.read_text()
+    ts.backend.close()
+    running.stop()
+
+
+def test_accept_writes_on_a_follower_is_refused_at_start(tmp_path, mirror_url):
+    path = tmp_path / "follower"
+    create_follower(path, uuid.uuid4(), "primary-host:/data")
+    command = [sys.executable, "-m", "replicator", "--log", str(path), "--redis", mirror_url]
+    done = subprocess.run(
+        [*command, "--accept-writes"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--accept-writes" in done.stderr
+    assert "is a follower of primary-host:/data" in done.stderr
+
+
+def test_declared_minimum_versions_have_what_the_wire_calls():
+    """The oldest redis-py and hiredis that pyproject.toml allows have the calls Wire makes.
+
+    redis-py before 5.3 requires a command name in ConnectionPool.get_connection;
+    hiredis before 2.2.1 has no pack_command. (Run against those minimums: the
+    tests of this file pass with redis 5.3.0 and hiredis 2.2.1.)
+    """
+    from packaging.requirements import Requirement
+
+    text = (REPO / "pyproject.toml").read_text()
+    dependencies = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    declared = {}
+    for line in dependencies.splitlines():
+        line = line.strip().rstrip(",")
+        if line.startswith('"'):
+            requirement = Requirement(line.strip('"'))
+            declared[requirement.name] = requirement.specifier
+    for name, newest_broken, oldest_working in (
+        ("redis", "5.2.1", "5.3.0"),
+        ("hiredis", "2.2.0", "2.2.1"),
+    ):
+        assert not declared[name].contains(newest_broken), (name, declared[name])
+        assert declared[name].contains(oldest_working), (name, declared[name])

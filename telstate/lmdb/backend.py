@@ -46,12 +46,14 @@ from .layout import (
     MUTABLE,
     NAME,
     TIMESTAMP,
+    RequestRecord,
     Tables,
     key_record,
     key_type_of,
     name_key_of,
     primary_in,
     record_name,
+    request_record_in,
 )
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
@@ -772,6 +774,26 @@ class LmdbBackend(Backend):
         """
         with self.snapshot() as snap:
             yield from snap.records()
+
+    def request_records(self, request_ids: Iterable[bytes]) -> list[RequestRecord | None]:
+        """The recorded outcome of each remote write request, read in one transaction.
+
+        None for a request that has no record (it was never applied) or a
+        damaged one. The write intake (:mod:`replicator.intake`) records
+        them as it applies requests, and answers from them a request
+        delivered again.
+        """
+
+        def read(txn: Any, tables: Tables) -> list[RequestRecord | None]:
+            found: list[RequestRecord | None] = []
+            for request_id in request_ids:
+                try:
+                    found.append(request_record_in(txn, tables, request_id))
+                except ValueError:
+                    found.append(None)
+            return found
+
+        return self._read(read)
 
     def snapshot(self) -> Snapshot:
         """A consistent read-only view of the whole store, for ``with`` blocks.

@@ -7,7 +7,13 @@ whatever writers do meanwhile. The copy goes into a temporary directory
 beside the destination, is opened once as a store (to check it and read
 its head), flushed to disk (file, then directory), and only then renamed
 to the destination and the rename flushed: the destination is either
-absent or a complete store, never a partial one.
+absent or a complete store, never a partial one. The rename refuses a
+destination that appeared meanwhile (a plain rename would replace an
+empty directory): see :func:`_rename_new`.
+
+A backup killed midway (SIGKILL, power cut) leaves its temporary
+directory, named ``.DEST.backup-HOST-PID-XXXXXXXX``: the next backup into
+the same directory on the same host removes those whose process is gone.
 
 The copy is not compacted: LMDB's compacting copy (``MDB_CP_COMPACT``)
 crashes the process (SIGSEGV, in LMDB 0.9 as bundled with py-lmdb) on a
@@ -25,9 +31,12 @@ histories of one store).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -46,6 +55,13 @@ Progress = Callable[[int, int], None]
 PROGRESS_INTERVAL = 0.2
 
 _DATA_FILE = "data.mdb"
+_HOST = socket.gethostname()
+#: Temporary directories of backups on this host: the pid is group 1
+#: (mkdtemp adds 8 characters of [a-z0-9_]).
+_TEMP_NAME = re.compile(rf"\..+\.backup-{re.escape(_HOST)}-(\d+)-[a-z0-9_]{{8}}")
+# renameat2 (Linux): AT_FDCWD, and the flag that makes it refuse an existing target.
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 
 
 def backup(source: PathType, dest: PathType, progress: Progress | None = None) -> tuple[int, bytes]:
@@ -82,7 +98,10 @@ def backup(source: PathType, dest: PathType, progress: Progress | None = None) -
         raise FileNotFoundError(errno.ENOENT, "no such directory for the backup", parent)
     if not os.path.exists(os.path.join(os.fsdecode(source), _DATA_FILE)):
         raise StoreError(f"no telstate store at {os.fsdecode(source)!r}: it has no data.mdb")
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.backup-", dir=parent)
+    _remove_stale(parent)
+    work = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(dest)}.backup-{_HOST}-{os.getpid()}-", dir=parent
+    )
     try:
         with LmdbBackend(source, readonly=True) as backend:
             store = backend._get_store()
@@ -102,8 +121,7 @@ def backup(source: PathType, dest: PathType, progress: Progress | None = None) -
             head = copy.head
         _fsync(os.path.join(work, _DATA_FILE))
         _fsync(work)
-        _check_free(dest)
-        os.rename(work, dest)
+        _rename_new(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -113,7 +131,75 @@ def backup(source: PathType, dest: PathType, progress: Progress | None = None) -
 
 def _check_free(dest: str) -> None:
     if os.path.lexists(dest):
-        raise FileExistsError(errno.EEXIST, "the backup destination exists already", dest)
+        raise _exists(dest)
+
+
+def _exists(dest: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "the backup destination exists already", dest)
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove the temporary directories in `parent` of backups on this host whose process died."""
+    for name in os.listdir(parent):
+        match = _TEMP_NAME.fullmatch(name)
+        if match is None or _alive(int(match[1])):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def _rename_new(work: str, dest: str) -> None:
+    """Rename the copy's directory `work` to `dest`; FileExistsError if `dest` exists.
+
+    ``os.rename`` would silently replace an empty directory made at `dest`
+    after it was checked. Linux's ``renameat2(RENAME_NOREPLACE)`` refuses
+    it atomically; where that is missing, `dest` is made with ``mkdir``
+    (which refuses an existing path) and the copy's data file renamed into it.
+    """
+    if _rename_noreplace(work, dest):
+        return
+    try:
+        os.mkdir(dest)
+    except FileExistsError:
+        raise _exists(dest) from None
+    os.chmod(dest, stat.S_IMODE(os.stat(work).st_mode))
+    os.rename(os.path.join(work, _DATA_FILE), os.path.join(dest, _DATA_FILE))
+    shutil.rmtree(work, ignore_errors=True)
+    _fsync(dest)
+
+
+def _rename_noreplace(old: str, new: str) -> bool:
+    """``renameat2(old, new, RENAME_NOREPLACE)``: True if done, False if unsupported here.
+
+    Raises FileExistsError if `new` exists.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    int_, path = ctypes.c_int, ctypes.c_char_p
+    renameat2.argtypes = [int_, path, int_, path, ctypes.c_uint]
+    done = renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), _RENAME_NOREPLACE)
+    if done == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL):
+        return False  # the kernel or the file system lacks it
+    if error == errno.EEXIST:
+        raise _exists(new)
+    raise OSError(error, os.strerror(error), new)
 
 
 @contextlib.contextmanager

@@ -175,15 +175,15 @@ class FollowerTxn(WriteTxn):
         """Apply an import's add_mutable_many event: its samples, then its record.
 
         An import records in such events only samples that follow the
-        key's latest one (:func:`telstate.lmdb.bulk.load`), and they go in
-        as the primary's import put them, into sealed blocks.
+        key's latest one (:func:`telstate.lmdb.bulk.load`); they go into
+        sealed blocks here too, so the key's samples are the primary's,
+        though not necessarily in the same blocks (the primary seals a
+        whole import piece at once, the follower each event).
         """
         try:
-            members = log.sample_members(payload)
+            members = log.sample_members(payload)  # checked: sorted, distinct, short values
         except ValueError as error:
             raise StoreError(f"event {self.next_seq()}: {error}") from None
-        if not members or members != sorted(set(members)):
-            raise StoreError(f"event {self.next_seq()}: its samples are not sorted and distinct")
         txn, tables = self.txn, self.tables
         name_key = name_key_of(key)
         record = key_record(txn, tables, name_key)

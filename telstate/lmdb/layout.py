@@ -61,11 +61,13 @@ from typing import Any, NamedTuple
 import lmdb
 import msgpack
 
+from .. import log
 from ..errors import StoreError
 from ..utils import KeyType
 
-# Inline forms (see the module docstring).
-INLINE_LIMIT = 480
+# Inline forms (see the module docstring). The limit is defined with the log
+# format, whose add_mutable_many events hold only values shorter than it.
+INLINE_LIMIT = log.INLINE_LIMIT
 INLINE_PREFIX = 448
 NAME = b"\x01"
 ALL_KEYS = b"\x00"
@@ -322,3 +324,15 @@ class RequestRecord(NamedTuple):
             return cls(*msgpack.unpackb(bytes(data), raw=False))
         except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise ValueError(f"damaged request record: {error}") from None
+
+
+def request_record_in(txn: Any, tables: Tables, request_id: bytes) -> RequestRecord | None:
+    """The recorded outcome of the remote write request `request_id`, or None.
+
+    Raises
+    ------
+    ValueError
+        If the record is damaged.
+    """
+    found = txn.get(REQUEST_PREFIX + request_id, db=tables.meta)
+    return None if found is None else RequestRecord.decode(found)
