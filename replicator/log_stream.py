@@ -82,7 +82,7 @@ from telstate.remote import control_kwargs
 from telstate.utils import ensure_str
 
 from .connection import connect, redact_url
-from .promotion import Promotion, promotion_key
+from .promotion import Promotion, damaged_refusal, promotion_key
 from .redis_sink import Step
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class LogStream:
         self._append = self.client.register_script(_APPEND)
         self._claim = self.client.register_script(_CLAIM)
         # The promotion (its seq, '' for none) the stream was claimed under.
-        self._promotion = ""
+        self._promotion = b""
         # Writer ids whose identity the stream's writers hash holds.
         self._writers_sent: set[int] = set()
         self._delay = backoff[0]
@@ -386,15 +386,29 @@ class LogStream:
             meta_fields, promotion_fields = pipe.execute()
         meta = StreamMeta.from_fields(meta_fields)
         promotion = Promotion.from_fields(promotion_fields)
+        refusal = None
         if promotion is not None:
             refusal = promotion.refusal(self.source)
-            if refusal is not None:
-                self.refusal = refusal
-                self.state = StreamState.FENCED
-                logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
-                return Step(0, wait=self.backoff[1])
-        promoted = "" if promotion is None else str(promotion.seq)
+        elif promotion_fields:
+            refusal = damaged_refusal(self.db, promotion_fields)
+        if refusal is not None:
+            self.refusal = refusal
+            self.state = StreamState.FENCED
+            logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
+            return Step(0, wait=self.backoff[1])
+        # The claim compares with the hashes' raw values, as read.
+        promoted: bytes = promotion_fields.get(b"seq", b"")
+        found: bytes = meta_fields.get(b"owner", b"")
         reason = self._mismatch(meta)
+        if meta is None and meta_fields:
+            reason = "its meta hash is damaged (foreign or partial write)"
+            logger.warning(
+                "log stream of mirror %s db %d: the meta hash %r cannot be read; starting the"
+                " stream again",
+                self.url,
+                self.db,
+                ensure_str(self._keys[1]),
+            )
         last_seq = self.source.last_seq
         if reason is None:
             assert meta is not None
@@ -416,11 +430,11 @@ class LogStream:
         fields = new.fields()
         if mode == "resume":
             fields = fields[6:]  # host, path, owner, max_len: the head stays
-        found = "" if meta is None else meta.owner
         if not self._claim(
             keys=self._keys, args=[MIRROR_CURSOR_DB, mode, found, promoted, *fields]
         ):
-            return Step(0)  # changed meanwhile: look again
+            # Changed meanwhile (or another daemon claims it too): look again, later.
+            return self._fail("the stream's meta or promotion hash changed while claiming it")
         if mode == "restart":
             logger.info(
                 "log stream of mirror %s db %d starts again at seq %d (%s)",

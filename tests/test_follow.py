@@ -21,6 +21,7 @@ import redis
 
 from replicator.cursor import read_cursor
 from replicator.log_stream import log_meta_key, log_stream_key
+from replicator.promotion import promotion_key
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState, cli
 from telstate.errors import ReadOnlyError, StoreError
@@ -455,3 +456,45 @@ def test_writes_through_the_mirror_reach_the_follower(store, server, url, proces
     assert_same_log(store, follower_path)
     with LmdbBackend(follower_path, readonly=True) as backend:
         assert TelescopeState(backend).get_range("remote_sensor", st=0)[-1] == (49.0, 1e9 + 49)
+
+
+def commands_per_second(server: RedisServer) -> float:
+    """Commands Redis processed over one second (a daemon spinning on a refusal makes thousands)."""
+    client = server.client()
+    try:
+        before = client.info("stats")["total_commands_processed"]
+        start = time.monotonic()
+        time.sleep(1.0)
+        after = client.info("stats")["total_commands_processed"]
+        return (after - before - 1) / (time.monotonic() - start)
+    finally:
+        client.close()
+
+
+def test_damaged_meta_hash_is_replaced_without_spinning(store, server, url, processes):
+    start_daemon, start_follower = processes
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(log_meta_key(0), mapping={"owner": "someone", "seq": "garbage"})
+    daemon = start_daemon(store, url)
+    follower_path = store.parent / "follower"
+    follower = start_follower(follower_path, url)
+    Writer(store, count=200, rate=5000, seed=81).join()
+    settle(store, server.client(db=0), daemon)
+    wait_caught_up(store, follower_path, daemon, follower)
+    assert commands_per_second(server) < 200
+    assert "meta hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+
+
+def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes):
+    start_daemon, _ = processes
+    Writer(store, count=20, rate=5000, seed=82).join()
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(promotion_key(0), mapping={"seq": "5"})
+    daemon = start_daemon(store, url)
+    assert daemon.process.wait(30) == 1, daemon.log_text()
+    assert "promotion hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
+    assert server.client(db=0).dbsize() == 0
+    assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
