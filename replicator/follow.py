@@ -373,7 +373,12 @@ class Follower:
         ids = {log.record_op_writer(record)[1] for record in records}
         missing = ids - self._writers.keys()
         if missing:
-            self._writers.update(read_writers(self.client, self.db, missing))
+            try:
+                self._writers.update(read_writers(self.client, self.db, missing))
+            except ValueError as error:
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: {error}"
+                ) from None
             if missing - self._writers.keys():
                 return None
         return {writer_id: self._writers[writer_id] for writer_id in ids}
@@ -398,7 +403,12 @@ class Follower:
         behind = max(0, meta.seq - self.seq)
         lag_seconds = 0.0
         if behind:
-            following = read_entries(self.client, self.db, self.seq, 1, None)
+            try:
+                following = read_entries(self.client, self.db, self.seq, 1, None)
+            except ValueError as error:
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: {error}"
+                ) from None
             if following:
                 lag_seconds = max(0.0, time.time() - log.record_time(following[0][1]))
         position: dict[str, Any] = {

@@ -550,7 +550,8 @@ def read_entries(
     Raises
     ------
     ValueError
-        If an entry is not an event of the log (a foreign write).
+        If an entry is not an event of the log (a foreign write): its id is
+        not a seq, or it holds no record or one too short to be a record.
     """
     reply: Any = client.xread(
         {log_stream_key(db): entry_id(after_seq)}, count=count, block=block_ms
@@ -561,21 +562,35 @@ def read_entries(
             record = fields.get(RECORD_FIELD)
             if record is None:
                 raise ValueError(f"stream entry {ensure_str(entry)!r} holds no record")
+            if len(record) < log.MIN_RECORD_SIZE:
+                raise ValueError(
+                    f"stream entry {ensure_str(entry)!r} holds {len(record)} bytes, too few for a"
+                    f" log record (at least {log.MIN_RECORD_SIZE})"
+                )
             entries.append((entry_seq(entry), record))
     return entries
 
 
 def read_writers(client: redis.Redis, db: int, ids: Iterable[int]) -> dict[int, Writer]:
-    """The writers with these ids that the stream names (missing ones are left out)."""
+    """The writers with these ids that the stream names (missing ones are left out).
+
+    Raises
+    ------
+    ValueError
+        If the hash holds something else than a writer for one of them (its id is named).
+    """
     wanted = sorted(ids)
     if not wanted:
         return {}
     values: Any = client.hmget(log_writers_key(db), wanted)
-    return {
-        writer_id: log.decode_writer(value)
-        for writer_id, value in zip(wanted, values)
-        if value is not None
-    }
+    writers = {}
+    for writer_id, value in zip(wanted, values):
+        if value is not None:
+            try:
+                writers[writer_id] = log.decode_writer(value)
+            except ValueError as error:
+                raise ValueError(f"writer {writer_id} of the writers hash: {error}") from None
+    return writers
 
 
 def report_position(client: redis.Redis, db: int, name: str, position: dict[str, Any]) -> None:

@@ -20,10 +20,10 @@ import pytest
 import redis
 
 from replicator.cursor import read_cursor
-from replicator.log_stream import log_meta_key, log_stream_key
+from replicator.log_stream import log_meta_key, log_stream_key, log_writers_key
 from replicator.promotion import promotion_key
 from replicator.verify import differences, mirror_contents, record_contents
-from telstate import TelescopeState, cli
+from telstate import TelescopeState, cli, log
 from telstate.errors import ReadOnlyError, StoreError
 from telstate.lmdb import LmdbBackend, read_records
 from telstate.redis import MIRROR_CURSOR_DB
@@ -498,3 +498,25 @@ def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes)
     assert "promotion hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
     assert server.client(db=0).dbsize() == 0
     assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
+
+
+@pytest.mark.parametrize("damage", ["short record", "garbage writer"])
+def test_hostile_stream_content_stops_the_follower_cleanly(
+    server, url, processes, tmp_path, damage
+):
+    _, start_follower = processes
+    control = server.client(db=MIRROR_CURSOR_DB)
+    meta = {"store": "6b3f1a9e-3f5c-4c55-9a43-0d1f3c2b8e71", "seq": 1, "chain": "00" * 32}
+    control.hset(log_meta_key(0), mapping={**meta, "host": "h", "path": "/p", "owner": "o"})
+    record = b"x" if damage == "short record" else b"x" * 80
+    control.xadd(log_stream_key(0), {b"r": record}, id="1-0")
+    if damage == "garbage writer":
+        control.hset(log_writers_key(0), log.record_op_writer(record)[1], b"\xc1 not msgpack")
+    follower = start_follower(tmp_path / "follower", url)
+    assert follower.process.wait(30) == 1, follower.log_text()
+    text = follower.log_text()
+    assert "Traceback" not in text
+    if damage == "short record":
+        assert "stream entry '1-0' holds 1 bytes, too few" in text
+    else:
+        assert f"writer {log.record_op_writer(record)[1]} of the writers hash" in text
