@@ -154,6 +154,9 @@ class Follower:
         # Entries asked for per read: few at first, then as many as `batch_bytes`
         # holds at the last read's mean record size (XREAD has no bound in bytes).
         self._count = min(batch, _FIRST_COUNT)
+        # The largest record read so far: reads are sized from it, so that a run of
+        # large records after small ones is not read thousands at once.
+        self._largest = 1
         self.durability = durability
         self.backoff = backoff
         self.stop = stop or threading.Event()
@@ -330,8 +333,8 @@ class Follower:
         while count < len(entries) and entries[count][0] == self.seq + 1 + count:
             count += 1
         records = [record for _, record in entries[:count]]
-        mean = sum(map(len, records)) // count + 1
-        self._count = max(1, min(self.batch, self.batch_bytes // mean))
+        self._largest = max(self._largest, *(len(record) for _, record in entries))
+        self._count = max(1, min(self.batch, self.batch_bytes // self._largest))
         writers = self._writers_of(records)
         if writers is None:
             return self._fail(

@@ -20,7 +20,8 @@ import pytest
 import redis
 
 from replicator.cursor import read_cursor
-from replicator.log_stream import log_meta_key, log_stream_key, log_writers_key
+from replicator.follow import Follower as InProcessFollower
+from replicator.log_stream import LogStream, log_meta_key, log_stream_key, log_writers_key
 from replicator.promotion import promotion_key
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState, cli, log
@@ -520,3 +521,36 @@ def test_hostile_stream_content_stops_the_follower_cleanly(
         assert "stream entry '1-0' holds 1 bytes, too few" in text
     else:
         assert f"writer {log.record_op_writer(record)[1]} of the writers hash" in text
+
+
+def test_reads_are_sized_from_the_largest_record_seen(store, url, tmp_path):
+    """After a large record among small ones, a run of large records is read a few at a time."""
+    big = b"b" * 300_000
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", batch_bytes=100 << 20)
+    follower = InProcessFollower(url, str(tmp_path / "follower"), batch_bytes=1 << 20)
+    try:
+
+        def catch_up() -> list[int]:
+            while stream.head != backend.last_seq:
+                stream.step()
+            applied = []
+            while follower.seq < backend.last_seq:
+                applied.append(follower.step().applied)
+            return applied
+
+        ts = TelescopeState(backend)
+        for i in range(30):
+            ts.add(f"small{i}", i, immutable=True)
+        ts.add("big0", big, immutable=True)
+        catch_up()
+        for i in range(1, 21):
+            ts.add(f"big{i}", big, immutable=True)
+        applied = catch_up()
+        assert sum(applied) == 20
+        assert max(applied) <= (1 << 20) // len(big), applied
+    finally:
+        follower.close()
+        stream.close()
+        backend.close()
+    assert_same_log(store, tmp_path / "follower")
