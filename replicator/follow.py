@@ -154,6 +154,9 @@ class Follower:
         # Entries asked for per read: few at first, then as many as `batch_bytes`
         # holds at the last read's mean record size (XREAD has no bound in bytes).
         self._count = min(batch, _FIRST_COUNT)
+        # The largest record read so far: reads are sized from it, so that a run of
+        # large records after small ones is not read thousands at once.
+        self._largest = 1
         self.durability = durability
         self.backoff = backoff
         self.stop = stop or threading.Event()
@@ -330,8 +333,8 @@ class Follower:
         while count < len(entries) and entries[count][0] == self.seq + 1 + count:
             count += 1
         records = [record for _, record in entries[:count]]
-        mean = sum(map(len, records)) // count + 1
-        self._count = max(1, min(self.batch, self.batch_bytes // mean))
+        self._largest = max(self._largest, *(len(record) for _, record in entries))
+        self._count = max(1, min(self.batch, self.batch_bytes // self._largest))
         writers = self._writers_of(records)
         if writers is None:
             return self._fail(
@@ -373,7 +376,12 @@ class Follower:
         ids = {log.record_op_writer(record)[1] for record in records}
         missing = ids - self._writers.keys()
         if missing:
-            self._writers.update(read_writers(self.client, self.db, missing))
+            try:
+                self._writers.update(read_writers(self.client, self.db, missing))
+            except ValueError as error:
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: {error}"
+                ) from None
             if missing - self._writers.keys():
                 return None
         return {writer_id: self._writers[writer_id] for writer_id in ids}
@@ -398,7 +406,12 @@ class Follower:
         behind = max(0, meta.seq - self.seq)
         lag_seconds = 0.0
         if behind:
-            following = read_entries(self.client, self.db, self.seq, 1, None)
+            try:
+                following = read_entries(self.client, self.db, self.seq, 1, None)
+            except ValueError as error:
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: {error}"
+                ) from None
             if following:
                 lag_seconds = max(0.0, time.time() - log.record_time(following[0][1]))
         position: dict[str, Any] = {

@@ -82,7 +82,7 @@ from telstate.remote import control_kwargs
 from telstate.utils import ensure_str
 
 from .connection import connect, redact_url
-from .promotion import Promotion, promotion_key
+from .promotion import Promotion, damaged_refusal, promotion_key
 from .redis_sink import Step
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class LogStream:
         self._append = self.client.register_script(_APPEND)
         self._claim = self.client.register_script(_CLAIM)
         # The promotion (its seq, '' for none) the stream was claimed under.
-        self._promotion = ""
+        self._promotion = b""
         # Writer ids whose identity the stream's writers hash holds.
         self._writers_sent: set[int] = set()
         self._delay = backoff[0]
@@ -386,15 +386,29 @@ class LogStream:
             meta_fields, promotion_fields = pipe.execute()
         meta = StreamMeta.from_fields(meta_fields)
         promotion = Promotion.from_fields(promotion_fields)
+        refusal = None
         if promotion is not None:
             refusal = promotion.refusal(self.source)
-            if refusal is not None:
-                self.refusal = refusal
-                self.state = StreamState.FENCED
-                logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
-                return Step(0, wait=self.backoff[1])
-        promoted = "" if promotion is None else str(promotion.seq)
+        elif promotion_fields:
+            refusal = damaged_refusal(self.db, promotion_fields)
+        if refusal is not None:
+            self.refusal = refusal
+            self.state = StreamState.FENCED
+            logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
+            return Step(0, wait=self.backoff[1])
+        # The claim compares with the hashes' raw values, as read.
+        promoted: bytes = promotion_fields.get(b"seq", b"")
+        found: bytes = meta_fields.get(b"owner", b"")
         reason = self._mismatch(meta)
+        if meta is None and meta_fields:
+            reason = "its meta hash is damaged (foreign or partial write)"
+            logger.warning(
+                "log stream of mirror %s db %d: the meta hash %r cannot be read; starting the"
+                " stream again",
+                self.url,
+                self.db,
+                ensure_str(self._keys[1]),
+            )
         last_seq = self.source.last_seq
         if reason is None:
             assert meta is not None
@@ -416,11 +430,11 @@ class LogStream:
         fields = new.fields()
         if mode == "resume":
             fields = fields[6:]  # host, path, owner, max_len: the head stays
-        found = "" if meta is None else meta.owner
         if not self._claim(
             keys=self._keys, args=[MIRROR_CURSOR_DB, mode, found, promoted, *fields]
         ):
-            return Step(0)  # changed meanwhile: look again
+            # Changed meanwhile (or another daemon claims it too): look again, later.
+            return self._fail("the stream's meta or promotion hash changed while claiming it")
         if mode == "restart":
             logger.info(
                 "log stream of mirror %s db %d starts again at seq %d (%s)",
@@ -536,7 +550,8 @@ def read_entries(
     Raises
     ------
     ValueError
-        If an entry is not an event of the log (a foreign write).
+        If an entry is not an event of the log (a foreign write): its id is
+        not a seq, or it holds no record or one too short to be a record.
     """
     reply: Any = client.xread(
         {log_stream_key(db): entry_id(after_seq)}, count=count, block=block_ms
@@ -547,21 +562,35 @@ def read_entries(
             record = fields.get(RECORD_FIELD)
             if record is None:
                 raise ValueError(f"stream entry {ensure_str(entry)!r} holds no record")
+            if len(record) < log.MIN_RECORD_SIZE:
+                raise ValueError(
+                    f"stream entry {ensure_str(entry)!r} holds {len(record)} bytes, too few for a"
+                    f" log record (at least {log.MIN_RECORD_SIZE})"
+                )
             entries.append((entry_seq(entry), record))
     return entries
 
 
 def read_writers(client: redis.Redis, db: int, ids: Iterable[int]) -> dict[int, Writer]:
-    """The writers with these ids that the stream names (missing ones are left out)."""
+    """The writers with these ids that the stream names (missing ones are left out).
+
+    Raises
+    ------
+    ValueError
+        If the hash holds something else than a writer for one of them (its id is named).
+    """
     wanted = sorted(ids)
     if not wanted:
         return {}
     values: Any = client.hmget(log_writers_key(db), wanted)
-    return {
-        writer_id: log.decode_writer(value)
-        for writer_id, value in zip(wanted, values)
-        if value is not None
-    }
+    writers = {}
+    for writer_id, value in zip(wanted, values):
+        if value is not None:
+            try:
+                writers[writer_id] = log.decode_writer(value)
+            except ValueError as error:
+                raise ValueError(f"writer {writer_id} of the writers hash: {error}") from None
+    return writers
 
 
 def report_position(client: redis.Redis, db: int, name: str, position: dict[str, Any]) -> None:

@@ -129,11 +129,33 @@ def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     return dict(zip(it, it))
 
 
-def read_promotion(client: redis.Redis, db: int) -> Promotion | None:
-    """The promotion recorded for mirror database `db` (on a client of any database)."""
-    return Promotion.from_fields(
-        _pairs(client.eval(_READ_HASH, 1, promotion_key(db), MIRROR_CURSOR_DB))
+class DamagedPromotion(ValueError):
+    """The promotion hash exists but cannot be read: fence, never read it as no promotion."""
+
+
+def damaged_refusal(db: int, fields: dict[bytes, bytes]) -> str:
+    """Why a store is refused the mirror when its promotion hash (`fields`) cannot be read."""
+    return (
+        f"the promotion hash {ensure_str(promotion_key(db))!r} exists but cannot be read"
+        f" (fields {sorted(ensure_str(name) for name in fields)}): it may record a promotion"
+        " that this store lacks, so the store may not update the mirror or the followers;"
+        " repair or delete the hash (only if no follower was promoted) and start again"
     )
+
+
+def read_promotion(client: redis.Redis, db: int) -> Promotion | None:
+    """The promotion recorded for mirror database `db` (on a client of any database).
+
+    Raises
+    ------
+    DamagedPromotion
+        If the hash exists but cannot be parsed.
+    """
+    fields = _pairs(client.eval(_READ_HASH, 1, promotion_key(db), MIRROR_CURSOR_DB))
+    promotion = Promotion.from_fields(fields)
+    if promotion is None and fields:
+        raise DamagedPromotion(damaged_refusal(db, fields))
+    return promotion
 
 
 # KEYS[1]: the promotion hash (database ARGV[1]). ARGV[2]: the seq of the

@@ -93,7 +93,7 @@ from .acl import (
 )
 from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
-from .promotion import PromotionScan, read_promotion, record_promotion
+from .promotion import DamagedPromotion, PromotionScan, read_promotion, record_promotion
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -788,14 +788,16 @@ class RedisSink:
         True if the store lacks the recorded promotion: the sink is then
         FENCED and never writes the mirror again.
         """
-        recorded = read_promotion(self.client, self.db)
-        if recorded is not None:
-            refusal = recorded.refusal(self.source)
-            if refusal is not None:
-                logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
-                self.fenced = refusal
-                self.state = SinkState.FENCED
-                return True
+        try:
+            recorded = read_promotion(self.client, self.db)
+            refusal = None if recorded is None else recorded.refusal(self.source)
+        except DamagedPromotion as error:
+            recorded, refusal = None, str(error)
+        if refusal is not None:
+            logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
+            self.fenced = refusal
+            self.state = SinkState.FENCED
+            return True
         mine = self._promotions.latest(after=recorded)
         if mine is not None and record_promotion(self.client, self.db, mine, recorded):
             logger.info(

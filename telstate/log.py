@@ -140,6 +140,8 @@ ADD_MUTABLE_MANY = 7
 OP_CODES = frozenset(range(1, 8))
 
 _HEADER = struct.Struct("<BIddII")
+#: The size of the shortest record: the header and the chain hash (no key, no value).
+MIN_RECORD_SIZE = _HEADER.size + CHAIN_SIZE
 _TIME = struct.Struct("<5xd")
 _OP_WRITER = struct.Struct("<BI")
 _SEQ = struct.Struct(">Q")

@@ -20,9 +20,11 @@ import pytest
 import redis
 
 from replicator.cursor import read_cursor
-from replicator.log_stream import log_meta_key, log_stream_key
+from replicator.follow import Follower as InProcessFollower
+from replicator.log_stream import LogStream, log_meta_key, log_stream_key, log_writers_key
+from replicator.promotion import promotion_key
 from replicator.verify import differences, mirror_contents, record_contents
-from telstate import TelescopeState, cli
+from telstate import TelescopeState, cli, log
 from telstate.errors import ReadOnlyError, StoreError
 from telstate.lmdb import LmdbBackend, read_records
 from telstate.redis import MIRROR_CURSOR_DB
@@ -455,3 +457,100 @@ def test_writes_through_the_mirror_reach_the_follower(store, server, url, proces
     assert_same_log(store, follower_path)
     with LmdbBackend(follower_path, readonly=True) as backend:
         assert TelescopeState(backend).get_range("remote_sensor", st=0)[-1] == (49.0, 1e9 + 49)
+
+
+def commands_per_second(server: RedisServer) -> float:
+    """Commands Redis processed over one second (a daemon spinning on a refusal makes thousands)."""
+    client = server.client()
+    try:
+        before = client.info("stats")["total_commands_processed"]
+        start = time.monotonic()
+        time.sleep(1.0)
+        after = client.info("stats")["total_commands_processed"]
+        return (after - before - 1) / (time.monotonic() - start)
+    finally:
+        client.close()
+
+
+def test_damaged_meta_hash_is_replaced_without_spinning(store, server, url, processes):
+    start_daemon, start_follower = processes
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(log_meta_key(0), mapping={"owner": "someone", "seq": "garbage"})
+    daemon = start_daemon(store, url)
+    follower_path = store.parent / "follower"
+    follower = start_follower(follower_path, url)
+    Writer(store, count=200, rate=5000, seed=81).join()
+    settle(store, server.client(db=0), daemon)
+    wait_caught_up(store, follower_path, daemon, follower)
+    assert commands_per_second(server) < 200
+    assert "meta hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+
+
+def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes):
+    start_daemon, _ = processes
+    Writer(store, count=20, rate=5000, seed=82).join()
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(promotion_key(0), mapping={"seq": "5"})
+    daemon = start_daemon(store, url)
+    assert daemon.process.wait(30) == 1, daemon.log_text()
+    assert "promotion hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
+    assert server.client(db=0).dbsize() == 0
+    assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
+
+
+@pytest.mark.parametrize("damage", ["short record", "garbage writer"])
+def test_hostile_stream_content_stops_the_follower_cleanly(
+    server, url, processes, tmp_path, damage
+):
+    _, start_follower = processes
+    control = server.client(db=MIRROR_CURSOR_DB)
+    meta = {"store": "6b3f1a9e-3f5c-4c55-9a43-0d1f3c2b8e71", "seq": 1, "chain": "00" * 32}
+    control.hset(log_meta_key(0), mapping={**meta, "host": "h", "path": "/p", "owner": "o"})
+    record = b"x" if damage == "short record" else b"x" * 80
+    control.xadd(log_stream_key(0), {b"r": record}, id="1-0")
+    if damage == "garbage writer":
+        control.hset(log_writers_key(0), log.record_op_writer(record)[1], b"\xc1 not msgpack")
+    follower = start_follower(tmp_path / "follower", url)
+    assert follower.process.wait(30) == 1, follower.log_text()
+    text = follower.log_text()
+    assert "Traceback" not in text
+    if damage == "short record":
+        assert "stream entry '1-0' holds 1 bytes, too few" in text
+    else:
+        assert f"writer {log.record_op_writer(record)[1]} of the writers hash" in text
+
+
+def test_reads_are_sized_from_the_largest_record_seen(store, url, tmp_path):
+    """After a large record among small ones, a run of large records is read a few at a time."""
+    big = b"b" * 300_000
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", batch_bytes=100 << 20)
+    follower = InProcessFollower(url, str(tmp_path / "follower"), batch_bytes=1 << 20)
+    try:
+
+        def catch_up() -> list[int]:
+            while stream.head != backend.last_seq:
+                stream.step()
+            applied = []
+            while follower.seq < backend.last_seq:
+                applied.append(follower.step().applied)
+            return applied
+
+        ts = TelescopeState(backend)
+        for i in range(30):
+            ts.add(f"small{i}", i, immutable=True)
+        ts.add("big0", big, immutable=True)
+        catch_up()
+        for i in range(1, 21):
+            ts.add(f"big{i}", big, immutable=True)
+        applied = catch_up()
+        assert sum(applied) == 20
+        assert max(applied) <= (1 << 20) // len(big), applied
+    finally:
+        follower.close()
+        stream.close()
+        backend.close()
+    assert_same_log(store, tmp_path / "follower")
