@@ -63,6 +63,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable
@@ -609,6 +610,10 @@ def positions_from(fields: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
             position = json.loads(value)
         except ValueError:
             continue
-        if isinstance(position, dict) and isinstance(position.get("seq"), int):
-            positions[ensure_str(name)] = position
+        if not isinstance(position, dict) or type(position.get("seq")) is not int:
+            continue
+        reported = position.get("time", 0.0)
+        if type(reported) not in (int, float) or not math.isfinite(reported):
+            continue  # not a report a follower writes: a foreign or damaged one
+        positions[ensure_str(name)] = position
     return positions

@@ -554,3 +554,16 @@ def test_reads_are_sized_from_the_largest_record_seen(store, url, tmp_path):
         stream.close()
         backend.close()
     assert_same_log(store, tmp_path / "follower")
+
+
+def test_positions_leave_out_reports_whose_time_is_not_a_number():
+    from replicator.log_stream import positions_from
+
+    fields = {
+        b"text": b'{"seq": 1, "time": "x"}',
+        b"null": b'{"seq": 1, "time": null}',
+        b"nan": b'{"seq": 1, "time": NaN}',
+        b"good": b'{"seq": 2, "time": 5.0}',
+        b"untimed": b'{"seq": 3}',
+    }
+    assert sorted(positions_from(fields)) == ["good", "untimed"]
