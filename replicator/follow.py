@@ -253,7 +253,8 @@ class Follower:
             self.url,
             self.db,
         )
-        self._delay = self.backoff[0]
+        # The backoff delay is reset once a batch applies (in _follow), not
+        # here: a stream that connects but cannot be applied keeps backing off.
         self.state = FollowState.FOLLOW
         return Step(0)
 
@@ -349,6 +350,7 @@ class Follower:
             raise FollowError(
                 f"the follower at {self.path} cannot take the events: {error}"
             ) from None
+        self._delay = self.backoff[0]
         return Step(count)
 
     def _diverged(self, detail: str) -> NoReturn:

@@ -567,3 +567,30 @@ def test_positions_leave_out_reports_whose_time_is_not_a_number():
         b"untimed": b'{"seq": 3}',
     }
     assert sorted(positions_from(fields)) == ["good", "untimed"]
+
+
+def test_a_stream_that_cannot_be_applied_backs_off(store, url, server, tmp_path):
+    """A stream whose writers hash lacks a writer: each retry waits twice as long as the last."""
+    from replicator.log_stream import log_writers_key
+
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test")
+    follower = InProcessFollower(url, str(tmp_path / "follower"))
+    try:
+        TelescopeState(backend).add("a", 1, immutable=True)
+        while stream.head != backend.last_seq:
+            stream.step()
+        server.client(db=MIRROR_CURSOR_DB).delete(log_writers_key(0))
+        delays = []
+        for _ in range(5):
+            follower._retry_at = 0.0  # retry now, whatever the wait
+            follower.step()
+            follower._retry_at = 0.0
+            follower.step()  # connected again: the failing read comes next
+            delays.append(follower._delay)
+        assert delays == sorted(delays) and delays[-1] >= 8 * follower.backoff[0], delays
+        assert follower.seq == 0
+    finally:
+        follower.close()
+        stream.close()
+        backend.close()
