@@ -23,6 +23,8 @@ from katsdptelstate.rdb_utility import dump_hash, dump_string, dump_zset
 from katsdptelstate.rdb_writer_base import RDBWriterBase
 from katsdptelstate.utils import pack_timestamp
 
+_TIMESTAMP = struct.Struct(">d")
+
 IMMUTABLE, MUTABLE, INDEXED = "immutable", "mutable", "indexed"
 #: (key, kind, value): value is the encoded bytes (immutable), the sorted
 #: packed members (mutable) or a dict of encoded sub-key to value (indexed).
@@ -350,3 +352,19 @@ def write_katsdp_rdb(path: str | Path, records: Iterable[Record]) -> None:
                 writer.write_key(key, dump_zset(value))
             else:
                 writer.write_key(key, dump_hash(value))
+
+
+def write_sample_events(backend: Any, blocks: Iterable[list[Record]]) -> None:
+    """Write mutable `blocks` into an LMDB store as `add` would: one event per sample.
+
+    For the workloads that measure the log in events (replay, verify,
+    the replicator's and a follower's catch-up). An import
+    (``load_records``) would record a key's samples as a few
+    ``add_mutable_many`` events instead. One write transaction per block.
+    """
+    for block in blocks:
+        with backend.write() as wtxn:
+            for key, kind, members in block:
+                assert kind == MUTABLE
+                for member in members:
+                    wtxn.add_mutable(key, member[8:], _TIMESTAMP.unpack_from(member)[0])

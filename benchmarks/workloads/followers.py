@@ -167,8 +167,9 @@ def _catch_up(contender: Contender, env: BenchEnv) -> Figure:
     processes = None
     try:
         store.ts.add("catchup_first", 1, immutable=True)
-        for block in data.sensor_blocks(env.scale.sensors, env.scale.follower_backlog):
-            store.populate(block)
+        data.write_sample_events(
+            store.ts.backend, data.sensor_blocks(env.scale.sensors, env.scale.follower_backlog)
+        )
         store.ts.add("catchup_last", 1, immutable=True)
         store.ts.backend.flush()
         target = store.ts.backend.last_seq

@@ -1,7 +1,8 @@
 """The event log: replay, verify and backup of a store of about a million events.
 
-The log is written once (untimed) through `load_records`, in blocks of 100
-samples per sensor across every sensor, so that events of different keys
+The log is written once (untimed), one event per sample as `add` makes
+them, in write transactions of 100 samples per sensor across every
+sensor, so that events of different keys
 are interleaved as in an observation; attributes and indexed sub-keys are
 events too. Replay (`telstate.lmdb.replay`, the state rebuilt in memory),
 verify (`LmdbBackend.verify`, rebuilt and compared) and a plain scan of
@@ -107,8 +108,9 @@ class Log(Family):
     def setup(self, store: Store, env: BenchEnv) -> Any:
         backend = store.ts.backend
         store.populate(data.metadata_records(env.scale))
-        for block in data.sensor_blocks(env.scale.sensors, env.scale.log_events):
-            store.populate(block)
+        data.write_sample_events(
+            backend, data.sensor_blocks(env.scale.sensors, env.scale.log_events)
+        )
         backend.flush()
         return _Fixture(
             store, backend.last_seq, len(backend.keys(b"*")), env.scratch("log-backups")

@@ -17,6 +17,7 @@ telstate gets a redis-server and a daemon of its own.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import subprocess
 import sys
@@ -118,9 +119,12 @@ def _writer_process(where: tuple[str, Any], name: str, count: int, barrier: Any,
 def _rate(where: tuple[str, Any], processes: int, count: int) -> float:
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(processes + 1)
+    series = next(_SERIES)  # keys of their own, as in _latency
     queue = context.Queue()
     workers = [
-        context.Process(target=_writer_process, args=(where, f"remote_w{i}", count, barrier, queue))
+        context.Process(
+            target=_writer_process, args=(where, f"remote_{series}_w{i}", count, barrier, queue)
+        )
         for i in range(processes)
     ]
     for worker in workers:
@@ -148,6 +152,10 @@ def _with_writers(fixture: _Fixture, measure: Any) -> Any:
         mirror.close()
 
 
+#: Numbers the measurements, so that each writes keys no earlier one wrote.
+_SERIES = itertools.count()
+
+
 def _ops(scale: Scale) -> int:
     return max(200, min(scale.write_ops, 3000))
 
@@ -158,12 +166,15 @@ def _latency(fixture: _Fixture, round_: int) -> dict[str, Figure]:
     def measure(where: tuple[str, Any]) -> dict[str, Figure]:
         ts = _writer_ts(where)
         add = ts.add
-        add("remote_latency", 0.0, ts=data.T0)
+        # A key of its own per measurement: samples already in the store
+        # (an earlier round's) would make every add a write that changes nothing.
+        key = f"remote_latency_{next(_SERIES)}"
+        add(key, 0.0, ts=data.T0)
         latencies = []
         clock = time.perf_counter
         for i in range(count):
             start = clock()
-            add("remote_latency", float(i), ts=data.T0 + i + 1)
+            add(key, float(i), ts=data.T0 + i + 1)
             latencies.append(clock() - start)
         _close(ts)
         return latency_figures(latencies, (LATENCY_P50, LATENCY_P99))

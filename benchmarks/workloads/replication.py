@@ -166,8 +166,9 @@ def _catch_up(fixture: _Fixture, round_: int) -> Figure:
             daemon.stop()
             before = store.ts.backend.last_seq
             store.ts.add("catchup_first", 1, immutable=True)
-            for block in data.sensor_blocks(env.scale.sensors, env.scale.backlog_events):
-                store.populate(block)
+            data.write_sample_events(
+                store.ts.backend, data.sensor_blocks(env.scale.sensors, env.scale.backlog_events)
+            )
             store.ts.add("catchup_last", 1, immutable=True)
             backlog = store.ts.backend.last_seq - before
             store.ts.backend.flush()
