@@ -486,9 +486,13 @@ def mirror_reason(db: int, replies: list[Any]) -> str | None:
 def mirror_intake(replies: list[Any]) -> str | None:
     """The store (UUID) whose replicator accepts writes, from :func:`queue_mirror_query`'s replies.
 
-    None if the database is no mirror or its replicator does not accept writes.
+    None if no replicator accepts writes for the database. The intake key
+    alone decides: a daemon may announce it before its mirror cursor is
+    written (while it builds the mirror), and a client that took the
+    database for a plain Redis then would write around the log.
     """
-    if mirror_reason(0, replies) is None:
+    selected = replies[0]
+    if isinstance(selected, Exception) or len(replies) < 3:
         return None
     store = replies[2]
     return ensure_str(store) if isinstance(store, bytes) else None

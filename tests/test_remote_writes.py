@@ -716,3 +716,17 @@ def test_declared_minimum_versions_have_what_the_wire_calls():
     ):
         assert not declared[name].contains(newest_broken), (name, declared[name])
         assert declared[name].contains(oldest_working), (name, declared[name])
+
+
+def test_a_database_announced_for_writes_before_its_cursor_is_never_written_directly(
+    server, mirror_url
+):
+    """A daemon announces its intake while it still builds the mirror (no cursor yet).
+
+    A client opened then must send its writes to the log, not write them
+    into the database as a plain Redis (they would be lost to the log).
+    """
+    store = str(uuid.uuid4())
+    server.client(db=MIRROR_CURSOR_DB).hset(intake_key(0), "store", store)
+    backend = RedisBackend(redis.Redis.from_url(mirror_url))
+    assert backend._remote is not None
