@@ -225,7 +225,7 @@ def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
             _write_indexed(wtxn, key, value)
 
 
-def _is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
+def is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
     """Whether `key_id` is the last one given out: no table holds a greater one."""
     counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
     return KEY_ID.unpack(key_id)[0] + 1 == counter
@@ -251,7 +251,7 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMemb
             members = members[after:]
         stored = _stored(txn, tables, key)  # the per-sample path may have changed its flags
         assert stored is not None
-        newest = _is_newest(txn, tables, stored.key_id)
+        newest = is_newest(txn, tables, stored.key_id)
     append_samples(
         txn, tables, name_key, stored.key_id, stored.flags, members, wtxn.next_seq(), newest
     )

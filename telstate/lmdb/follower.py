@@ -47,9 +47,10 @@ from .. import log
 from ..errors import ChainMismatchError, ImmutableKeyError, InvalidTimestampError, StoreError
 from ..log import Writer
 from ..utils import PathType
+from .bulk import is_newest
 from .environment import Store, create_store
 from .eventlog import append_record, log_chunk, writers_in
-from .layout import FOLLOWS, KEY_ID, MUTABLE, key_record, name_key_of, primary_in
+from .layout import FOLLOWS, MUTABLE, key_record, name_key_of, primary_in
 from .samples import append_samples, latest_member
 from .writes import WriteTxn, wrong_type
 
@@ -194,9 +195,7 @@ class FollowerTxn(WriteTxn):
         elif latest_member(txn, tables, record.key_id, record.flags) >= members[0]:
             return  # apply() reports that the event does not change this store as the primary
         self._mark_format()
-        newest = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0] == (
-            KEY_ID.unpack(record.key_id)[0] + 1
-        )
+        newest = is_newest(txn, tables, record.key_id)
         append_samples(
             txn, tables, name_key, record.key_id, record.flags, members, self.next_seq(), newest
         )
