@@ -9,16 +9,24 @@ mirror (the keys and the request format are those of
    recording each request's outcome in the same transaction
    (:class:`telstate.lmdb.layout.RequestRecord`);
 2. has the mirror project the new events at once (:meth:`Mirror.catch_up`),
-   while the mirror's own thread is held off (:meth:`Mirror.hold`);
-3. readies the replies whose events the mirror now holds (a reply never
-   goes out before the mirror shows the write, so a writer that returns
-   can read its write back, and ``wait_key`` on other hosts has woken).
+   while the mirror's own thread is held off (:meth:`Mirror.hold`), and
+   sends the batch's replies in the same write as the mirror's script
+   call: Redis runs the replies' script right after the mirror's, and
+   that script sends them only if the mirror's cursor then holds their
+   events (a reply never goes out before the mirror shows the write, so
+   a writer that returns can read its write back, and ``wait_key`` on
+   other hosts has woken);
+3. keeps the replies that did not go out so (the mirror could not take
+   the events: rebuilding, Redis down) until the mirror holds their
+   events, and sends them then.
 
 The daemon then waits for requests with :meth:`Intake.wait_for_requests`,
-which sends the ready replies and blocks for the next requests in one
-round trip. So a request costs the intake two round trips (this read,
-and the mirror's script call), however many requests share them: the
-more writers, the larger the batches.
+which sends any replies still ready and blocks for the next requests in
+one round trip. So a request costs the intake two round trips (this
+read, and the mirror's script call with the replies), however many
+requests share them: the more writers, the larger the batches; and a
+writer's reply leaves Redis as soon as the mirror shows its write,
+without waiting for the daemon to hear back from the mirror.
 
 Exactly once: a request id found among the records is not applied again;
 its recorded outcome is sent. The stream is read through a consumer
