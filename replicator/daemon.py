@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from telstate.errors import StoreError
 
@@ -52,6 +53,11 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT = 0.25
 # How often the daemon reports its progress in the log.
 _PROGRESS_INTERVAL = 60.0
+# How long the mirror's thread lets pass after a commit the intake projected
+# (see Daemon._wait_for_commit): a bound on how much later than the mirror
+# the log stream shows remote writes, and on how late a local commit made
+# meanwhile reaches the mirror.
+_ECHO_DELAY = 0.005
 # How often the mirror's lag is measured for the metrics.
 _LAG_INTERVAL = 1.0
 
@@ -97,13 +103,31 @@ class SharedSink:
                 self.turn.notify_all()
             return step
 
-    def catch_up(self, seq: int) -> int | None:
-        """Step the sink until the mirror holds `seq` or a step moves nothing."""
+    def catch_up(self, seq: int, then: tuple[Any, ...] | None = None) -> tuple[int | None, Any]:
+        """Step the sink until the mirror holds `seq` or a step moves nothing.
+
+        `then` is sent after the script of each step that applies events,
+        in the same write, until one such step gives a reply to it other
+        than 0 (see :meth:`RedisSink.step`).
+
+        Returns
+        -------
+        The mirror's seq (None while it is incomplete), and the last reply
+        to `then` (None if it was never sent).
+        """
+        answer = None
         with self.turn:
-            while (self.sink.seq or 0) < seq and self.sink.step().applied:
+            while (self.sink.seq or 0) < seq:
+                step = self.sink.step(then)
+                if step.then is not None:
+                    answer = step.then
+                    if not isinstance(answer, int) or answer != 0:
+                        then = None
+                if not step.applied:
+                    break
                 self.moves += 1
                 self.turn.notify_all()
-            return self.sink.seq
+            return self.sink.seq, answer
 
     def hold(self) -> threading.Condition:
         """Hold the turn (a context manager) while the intake commits and projects."""
@@ -278,18 +302,32 @@ class Daemon:
         """Wait up to `timeout` s for a commit after `seq` that this thread has work for.
 
         The intake's commits wake this thread too, but the intake projects
-        them itself (holding the sink's turn meanwhile): this thread only
-        looks whether they are projected, and sleeps on.
+        them to the mirror itself (holding the sink's turn meanwhile). For
+        those, this thread lets :data:`_ECHO_DELAY` pass before it looks
+        again, without waiting for commits meanwhile: so busy remote
+        writers wake it once per delay rather than once per commit (each
+        wake-up costs the intake's thread the GIL), and their events reach
+        the log stream in batches. A commit of another process found then
+        is projected at once.
         """
         deadline = time.monotonic() + timeout
         while True:
             last = self.source.wait_for_commit(seq, max(0.0, deadline - time.monotonic()))
-            if last <= seq or not self._projected(sink, last) or time.monotonic() >= deadline:
+            if last <= seq or not self._projected(sink, last, mirror_only=True):
+                return
+            # The intake projected it: an echo of its own commit.
+            if self.stop.wait(min(_ECHO_DELAY, max(0.0, deadline - time.monotonic()))):
+                return
+            last = self.source.last_seq
+            if not self._projected(sink, last) or time.monotonic() >= deadline:
                 return
             seq = last
 
-    def _projected(self, sink: RedisSink, seq: int) -> bool:
-        """Whether everything this thread keeps up to date already holds `seq`."""
+    def _projected(self, sink: RedisSink, seq: int, mirror_only: bool = False) -> bool:
+        """Whether everything this thread keeps up to date already holds `seq`.
+
+        With `mirror_only`, whether the mirror does (the log stream aside).
+        """
         assert self.shared is not None
         with self.shared.turn:  # taken once the intake has committed and projected
             mirrored = sink.seq
@@ -297,7 +335,7 @@ class Daemon:
             return False
         # The intake projects to the mirror only: the log stream is this thread's.
         stream = self.log_stream
-        return stream is None or (stream.head or 0) >= seq
+        return mirror_only or stream is None or (stream.head or 0) >= seq
 
     def _measure_lag(self, sink: RedisSink) -> None:
         """Set the mirror-lag metrics (events behind, and the age of the oldest missing)."""

@@ -9,16 +9,24 @@ mirror (the keys and the request format are those of
    recording each request's outcome in the same transaction
    (:class:`telstate.lmdb.layout.RequestRecord`);
 2. has the mirror project the new events at once (:meth:`Mirror.catch_up`),
-   while the mirror's own thread is held off (:meth:`Mirror.hold`);
-3. readies the replies whose events the mirror now holds (a reply never
-   goes out before the mirror shows the write, so a writer that returns
-   can read its write back, and ``wait_key`` on other hosts has woken).
+   while the mirror's own thread is held off (:meth:`Mirror.hold`), and
+   sends the batch's replies in the same write as the mirror's script
+   call: Redis runs the replies' script right after the mirror's, and
+   that script sends them only if the mirror's cursor then holds their
+   events (a reply never goes out before the mirror shows the write, so
+   a writer that returns can read its write back, and ``wait_key`` on
+   other hosts has woken);
+3. keeps the replies that did not go out so (the mirror could not take
+   the events: rebuilding, Redis down) until the mirror holds their
+   events, and sends them then.
 
 The daemon then waits for requests with :meth:`Intake.wait_for_requests`,
-which sends the ready replies and blocks for the next requests in one
-round trip. So a request costs the intake two round trips (this read,
-and the mirror's script call), however many requests share them: the
-more writers, the larger the batches.
+which sends any replies still ready and blocks for the next requests in
+one round trip. So a request costs the intake two round trips (this
+read, and the mirror's script call with the replies), however many
+requests share them: the more writers, the larger the batches; and a
+writer's reply leaves Redis as soon as the mirror shows its write,
+without waiting for the daemon to hear back from the mirror.
 
 Exactly once: a request id found among the records is not applied again;
 its recorded outcome is sent. The stream is read through a consumer
@@ -78,7 +86,7 @@ from telstate.lmdb import LmdbBackend, WriteTxn
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put, request_record_in
 from telstate.lmdb.writes import follower_error
 from telstate.log import Op
-from telstate.redis import MIRROR_CURSOR_DB
+from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
 from telstate.remote import (
     MAX_TIMEOUT,
     InvalidRequest,
@@ -119,20 +127,32 @@ _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
 
-# Sends replies and retires their requests in one call.
-# KEYS[1]: the request stream; KEYS[2..n+1]: the reply streams of the n replies.
-# ARGV[1]: the group; ARGV[2]: n; then per reply: its TTL in ms, its request's
-# entry id ('' for none) and its five fields (id, status, value, error, message).
+# Sends replies and retires their requests in one call, if the mirror holds
+# their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
+# KEYS[3..n+2]: the reply streams of the n replies. ARGV[1]: the database of
+# these keys; ARGV[2]: the group; ARGV[3]: n; ARGV[4]: the store (UUID);
+# ARGV[5]: the seq the mirror must hold (0: send without looking); then per
+# reply: its TTL in ms, its request's entry id ('' for none) and its five
+# fields (id, status, value, error, message). Returns n if sent, 0 if the
+# mirror's cursor is not (ready, of this store) at that seq or beyond.
 _REPLY = b"""
-local n = tonumber(ARGV[2])
+redis.call('SELECT', ARGV[1])
+local need = tonumber(ARGV[5])
+if need > 0 then
+    local c = redis.call('HMGET', KEYS[2], 'store', 'seq', 'state')
+    if c[1] ~= ARGV[4] or c[3] ~= 'ready' or (tonumber(c[2]) or -1) < need then
+        return 0
+    end
+end
+local n = tonumber(ARGV[3])
 for i = 1, n do
-    local a = 3 + (i - 1) * 7
-    redis.call('XADD', KEYS[i + 1], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+    local a = 6 + (i - 1) * 7
+    redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
                'id', ARGV[a + 2], 'status', ARGV[a + 3], 'value', ARGV[a + 4],
                'error', ARGV[a + 5], 'message', ARGV[a + 6])
-    redis.call('PEXPIRE', KEYS[i + 1], ARGV[a])
+    redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
     if ARGV[a + 1] ~= '' then
-        redis.call('XACK', KEYS[1], ARGV[1], ARGV[a + 1])
+        redis.call('XACK', KEYS[1], ARGV[2], ARGV[a + 1])
         redis.call('XDEL', KEYS[1], ARGV[a + 1])
     end
 end
@@ -186,8 +206,16 @@ class Mirror(Protocol):
     def seq(self) -> int | None:
         """The last event the mirror holds (None while it is incomplete)."""
 
-    def catch_up(self, seq: int) -> int | None:
-        """Project the log up to `seq` now if the mirror can take it; return :attr:`seq`."""
+    def catch_up(self, seq: int, then: tuple[Any, ...] | None = None) -> tuple[int | None, Any]:
+        """Project the log up to `seq` now if the mirror can take it.
+
+        `then` (the replies' script call) is sent to Redis in the same write
+        as each projecting script call, until it answers other than 0.
+
+        Returns
+        -------
+        :attr:`seq` after it, and the last answer to `then` (None if not sent).
+        """
 
     def hold(self) -> contextlib.AbstractContextManager[object]:
         """Keep other threads from moving the mirror while the intake commits and projects.
@@ -267,6 +295,7 @@ class Intake:
         self.state = IntakeState.CONNECT
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
+        self._cursor = mirror_cursor_key(self.db)
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
         # The server's clock: (its time in ms, monotonic time) when last read.
         self._clock: tuple[int, float] | None = None
@@ -362,6 +391,9 @@ class Intake:
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
+        # Loaded now, so that the first replies sent along with the mirror's
+        # script find it (that call cannot load it: see _project).
+        self.client.script_load(self._reply_script.script)
         if self.read_only is None:
             primary = self.backend.primary
             if primary is not None:
@@ -399,10 +431,30 @@ class Intake:
         with mirror.hold():
             applied = self._process(fetched, self._server_time(fetched))
             if self._owed:
-                self._collect_replies(mirror.catch_up(max(owed.seq for owed in self._owed)))
+                self._project(mirror)
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready
         return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
+
+    def _project(self, mirror: Mirror) -> None:
+        """Have the mirror show the owed replies' events, and send the replies with it.
+
+        The replies ride in the same write as the mirror's script call
+        (see :meth:`Mirror.catch_up`), guarded: Redis sends them only if
+        the mirror's cursor then holds their events. So they reach the
+        writers one round trip sooner than if sent after the mirror's
+        reply came back. Those not sent so stay owed or ready, for the
+        usual path (:meth:`_exchange`).
+        """
+        pending = self._ready + list(self._owed)
+        need = max(owed.seq for owed in pending)
+        seq, answer = mirror.catch_up(need, self._reply_command(pending, need))
+        if isinstance(answer, int) and answer == len(pending):
+            self._ready = []
+            self._owed.clear()
+            self._replied(pending)
+            return
+        self._collect_replies(seq)
 
     def _refuse_writes(self, reason: str) -> Step:
         """Refuse every request from now on, for `reason` (the store takes no writes)."""
@@ -506,14 +558,17 @@ class Intake:
         while self._owed and self._owed[0].seq <= mirror_seq:
             self._ready.append(self._owed.popleft())
 
-    def _reply_command(self, ready: list[_Owed]) -> tuple[Any, ...]:
-        """The script call that sends `ready` and retires their requests."""
-        return self._reply_script.command(**self._reply_arguments(ready))
+    def _reply_command(self, ready: list[_Owed], need: int = 0) -> tuple[Any, ...]:
+        """The script call that sends `ready` and retires their requests.
 
-    def _reply_arguments(self, ready: list[_Owed]) -> dict[str, list[Any]]:
-        """The keys and arguments of the script that sends `ready`."""
-        keys = [self._stream]
-        args: list[Any] = [GROUP, len(ready)]
+        With `need`, only once the mirror holds event `need`.
+        """
+        return self._reply_script.command(**self._reply_arguments(ready, need))
+
+    def _reply_arguments(self, ready: list[_Owed], need: int = 0) -> dict[str, list[Any]]:
+        """The keys and arguments of the script that sends `ready` (see :data:`_REPLY`)."""
+        keys = [self._stream, self._cursor]
+        args: list[Any] = [MIRROR_CURSOR_DB, GROUP, len(ready), self.store, need]
         for owed in ready:
             keys.append(reply_stream_key(self.db, owed.reply_to))
             reply = owed.reply

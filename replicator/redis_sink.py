@@ -387,11 +387,16 @@ class Step:
         Seconds the caller may let pass before the next step; 0 means step again now.
     idle
         The mirror is level with the log: new commits, not only time, call for a step.
+    then
+        The reply to the command given to :meth:`RedisSink.step` to send after
+        the step's script (a :class:`redis.ResponseError` if it failed), or
+        None if it was not sent (the step applied nothing).
     """
 
     applied: int
     wait: float = 0.0
     idle: bool = False
+    then: Any = None
 
 
 class RedisSink:
@@ -533,8 +538,17 @@ class RedisSink:
             return None
         return self.cursor.seq
 
-    def step(self) -> Step:
+    def step(self, then: tuple[Any, ...] | None = None) -> Step:
         """Do the next piece of work; never raises for Redis failures.
+
+        Parameters
+        ----------
+        then
+            A command to send right after the step's script call, in the same
+            write, if the step applies events to the mirror (Redis runs it
+            after the script, whatever the script's outcome: it must check
+            for itself what it relies on). The write intake sends its replies
+            so, sparing them a round trip (see :mod:`replicator.intake`).
 
         Returns
         -------
@@ -546,7 +560,7 @@ class RedisSink:
             if self.state == SinkState.REBUILD:
                 return self._rebuild()
             if self.state == SinkState.TAIL:
-                return self._tail()
+                return self._tail(then)
             if self.state == SinkState.CONFLICT:
                 return self._conflict()
             if self.state == SinkState.FENCED:
@@ -665,7 +679,7 @@ class RedisSink:
             self._wake_waiters()
         return Step(0)
 
-    def _tail(self) -> Step:
+    def _tail(self, then: tuple[Any, ...] | None = None) -> Step:
         assert self.cursor is not None
         events = self._read_batch(self.cursor.seq)
         if not events:
@@ -681,11 +695,12 @@ class RedisSink:
         for event in events:
             _append_event(ops, event)
         moved = replace(self.cursor, seq=events[-1].seq, chain=events[-1].chain.hex())
-        if not self._apply("check", self.cursor, moved, ops, self.db):
+        applied, answer = self._apply("check", self.cursor, moved, ops, self.db, then)
+        if not applied:
             self._recheck()
-            return Step(0)
+            return Step(0, then=answer)
         self._next_check = time.monotonic() + self.check_interval
-        return Step(len(events))
+        return Step(len(events), then=answer)
 
     def _rebuild(self) -> Step:
         """Build the store's current state in the spare database, then swap it in.
@@ -720,7 +735,7 @@ class RedisSink:
             started = time.monotonic()
             flush = _Operations()
             flush.add_keyless(_FLUSH)
-            if not self._apply("claim", None, cursor, flush, self.spare_db):
+            if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:
                 return self._fail(
                     f"database {self.spare_db} of {self.url}, the spare for rebuilds,"
                     f" {self._refusal}: wait, empty it, or give this replicator another"
@@ -743,7 +758,7 @@ class RedisSink:
             assert self.cursor is not None
             ready = replace(self.cursor, state=MirrorState.READY, spare=None)
             ops.add_keyless(_SWAP)
-            if not self._apply("check", self.cursor, ready, ops, self.spare_db):
+            if not self._apply("check", self.cursor, ready, ops, self.spare_db)[0]:
                 self._recheck()
                 return Step(0)
             self.state = SinkState.TAIL
@@ -852,7 +867,7 @@ class RedisSink:
         assert found is not None
         if found.owner != self.owner:
             mine = replace(found, owner=self.owner)
-            if not self._apply("check", found, mine, _Operations(), self.db):
+            if not self._apply("check", found, mine, _Operations(), self.db)[0]:
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
             assert self.cursor is not None
@@ -918,7 +933,7 @@ class RedisSink:
     def _load(self, ops: _Operations) -> bool:
         """Apply part of a rebuild to the spare; False if something changed behind its back."""
         assert self.cursor is not None
-        if not self._apply("check", self.cursor, self.cursor, ops, self.spare_db):
+        if not self._apply("check", self.cursor, self.cursor, ops, self.spare_db)[0]:
             self._recheck()
             return False
         return True
@@ -930,14 +945,18 @@ class RedisSink:
         cursor: Cursor,
         ops: _Operations,
         target: int,
-    ) -> bool:
+        then: tuple[Any, ...] | None = None,
+    ) -> tuple[bool, Any]:
         """Run the script on `target` (the mirror or the spare), leaving `cursor` in Redis.
+
+        `then`, if given, is sent right after the script, in the same write.
 
         Returns
         -------
         Whether it was applied; if so :attr:`cursor` is `cursor` with the
         new key counts. False if the check failed (or, on a claim, the
-        spare is not free), and why is in :attr:`_refusal`.
+        spare is not free), and why is in :attr:`_refusal`. Then the reply
+        to `then` (None if none was given).
         """
         fields = cursor.fields()
         holder = self._key
@@ -951,32 +970,28 @@ class RedisSink:
                     holder = mirror_cursor_key(int(locked_by))
         else:
             check = [expected.owner, expected.store, expected.seq, expected.state.value]
-        done, after, target_after, reason = self._apply_script(
-            keys=[
-                self._key,
-                spare_lock_key(target),
-                mirror_cursor_key(target),
-                holder,
-                wake_key(self.db),
-                *ops.keys,
-            ],
-            args=[
-                MIRROR_CURSOR_DB,
-                self.db,
-                target,
-                mode,
-                *check,
-                len(fields),
-                *fields,
-                *ops.args,
-            ],
-        )
+        keys = [
+            self._key,
+            spare_lock_key(target),
+            mirror_cursor_key(target),
+            holder,
+            wake_key(self.db),
+            *ops.keys,
+        ]
+        args = [MIRROR_CURSOR_DB, self.db, target, mode, *check, len(fields), *fields, *ops.args]
+        if then is None:
+            answer = None
+            done, after, target_after, reason = self._apply_script(keys=keys, args=args)
+        else:
+            (done, after, target_after, reason), answer = self._apply_script.call_then(
+                then, keys=keys, args=args
+            )
         if done != 1:
             self._refusal = ensure_str(reason)
-            return False
+            return False, answer
         self._refusal = ""
         self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
-        return True
+        return True, answer
 
     def _wake_waiters(self) -> None:
         """Publish an update for every key of the mirror (every sub-key of an indexed key).

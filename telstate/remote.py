@@ -482,6 +482,27 @@ class WireScript:
             (reply,) = self._wire.call(self.command(keys, args))
         return checked(reply)
 
+    def call_then(
+        self, then: tuple[Any, ...] | None, *, keys: Sequence[Any], args: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        """Run the script and then the command `then`, sent in one write.
+
+        Redis runs `then` after the script whatever the script's outcome
+        (even if the server had lost the script, which is then loaded and
+        run again alone).
+
+        Returns
+        -------
+        The script's reply (its error raised, as by calling it), and the
+        reply to `then` (None if `then` is None; its error, unraised).
+        """
+        if then is None:
+            return self(keys=keys, args=args), None
+        reply, answer = self._wire.call(self.command(keys, args), then)
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return self(keys=keys, args=args), answer
+        return checked(reply), answer
+
 
 def checked(reply: Any) -> Any:
     """`reply`, unless it is an error (from :meth:`Wire.call`): then raise it."""

@@ -73,8 +73,8 @@ class StuckMirror:
     def __init__(self, seq: int | None) -> None:
         self.seq = seq
 
-    def catch_up(self, seq: int) -> int | None:
-        return self.seq
+    def catch_up(self, seq: int, then=None) -> tuple[int | None, object]:
+        return self.seq, None
 
     def hold(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -268,3 +268,66 @@ def test_a_closed_wire_gives_its_connection_back(server):
     assert len(pool._in_use_connections) == 0
     assert others.ping()
     pool.disconnect()
+
+
+def test_replies_ride_with_the_mirror_script_and_only_once_it_holds_their_events(server, backend):
+    # With a real mirror, a step answers its requests in the same write as
+    # the script that projects them: the reply is there before the intake
+    # waits for more requests (no wait_for_requests, no second round trip).
+    import threading
+
+    from replicator.daemon import SharedSink
+    from replicator.redis_sink import RedisSink
+
+    client = Client(server, str(backend.uuid))
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    mirror = SharedSink(sink)
+    while sink.seq is None:
+        mirror.step()
+    intake = Intake(backend, server.url + "?db=0")
+    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
+        pass
+    request = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
+    intake.wait_for_requests(1.0)  # reads the request
+    intake.step(mirror)  # commits it, projects it, and replies in the same write
+    assert client.replies() == {request: Reply(b"ok")}
+    assert not intake.owes_replies and not intake._ready
+    assert sink.seq == backend.last_seq == 1
+    intake.close()
+    sink.close()
+
+
+def test_the_reply_script_sends_nothing_before_the_mirror_holds_the_events(server, backend):
+    # The replies' script checks the mirror's cursor itself, so replies sent
+    # along with a script call that failed (or with no mirror) never go out early.
+    from replicator.intake import _REPLY, GROUP, _Owed
+    from telstate.redis import mirror_cursor_key
+
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    intake.step(StuckMirror(None))  # connect
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    owed = _Owed(3, None, request, client.session.token, Reply(b"ok"), 10**13, 0, 0.0)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    reply = control.register_script(_REPLY.replace(b"ARGV_MAXLEN", b"100"))
+    arguments = intake._reply_arguments([owed], need=3)
+    cursor = mirror_cursor_key(0)
+    assert arguments["keys"][:2] == [intake._stream, cursor]
+    assert arguments["args"][:5] == [MIRROR_CURSOR_DB, GROUP, 1, str(backend.uuid), 3]
+
+    def send() -> int:
+        return reply(keys=arguments["keys"], args=arguments["args"])
+
+    assert send() == 0  # no cursor at all
+    for store, seq, state in (
+        (str(backend.uuid), 2, "ready"),  # behind
+        (str(backend.uuid), 3, "rebuilding"),  # not complete
+        ("another store", 9, "ready"),
+    ):
+        control.hset(cursor, mapping={"store": store, "seq": seq, "state": state})
+        assert send() == 0
+        assert client.replies() == {}
+    control.hset(cursor, mapping={"store": str(backend.uuid), "seq": 3, "state": "ready"})
+    assert send() == 1
+    assert client.replies() == {request: Reply(b"ok")}
+    intake.close()

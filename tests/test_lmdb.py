@@ -569,3 +569,16 @@ def test_records_come_in_key_order_even_for_long_keys(backend):
     assert backend.record(shared + b"z" * 40) == (shared + b"z" * 40, KeyType.IMMUTABLE, b"z")
     assert backend.record(b"m") == (b"m", KeyType.MUTABLE, [pack_timestamp(1.0) + b"v"])
     assert backend.record(b"absent") is None
+
+
+def test_a_bounded_range_of_events_is_read_whole_across_chunks(backend, monkeypatch):
+    monkeypatch.setattr("telstate.lmdb.settings.LOG_CHUNK", 3)
+    for i in range(10):
+        backend.add_mutable(b"a", b"%d" % i, float(i))
+    assert [e.seq for e in backend.events(2, 9)] == list(range(2, 10))
+    assert [e.seq for e in backend.events(1, 100)] == list(range(1, 11))
+    assert [e.seq for e in backend.events(4, 6)] == [4, 5, 6]
+    # A range past the end stops at the log's end: read again, it finds new events.
+    found = list(backend.events(11, 20))
+    backend.add_mutable(b"a", b"10", 10.0)
+    assert found == [] and [e.seq for e in backend.events(11, 20)] == [11]

@@ -187,6 +187,14 @@ def write_sensor(queue: Any, url: str, name: str, count: int, size: int) -> None
     ts.backend.close()
 
 
+def write_locally(queue: Any, path: str, name: str, count: int) -> None:
+    ts = TelescopeState(f"lmdb://{path}")
+    for i in range(count):
+        ts.add(name, float(i), ts=1000.0 + i)
+    queue.put((name, count))
+    ts.backend.close()
+
+
 def barrier_member(queue: Any, url: str, index: int, members: int) -> None:
     ts = TelescopeState(url)
     ts.add(f"ready{index}", index, immutable=True)
@@ -249,6 +257,46 @@ def test_sensor_stream_and_8mb_array_sensor(store, server, mirror_url, daemon):
     assert np.all(array[3][0] == 3)
     ts.backend.close()
     settle(store, server)
+
+
+def test_local_and_remote_writers_at_once_reach_the_mirror_and_the_log_stream(
+    store, server, mirror_url, daemon
+):
+    # The daemon's write thread projects its own commits; the mirror's
+    # thread takes its time over those (their echo), but not over the
+    # commits of a local writer made meanwhile, and it feeds the log stream.
+    from replicator.log_stream import log_stream_key
+
+    daemon()
+    results = run_processes(
+        _write_remote_or_local,
+        ("remote", mirror_url, "remote_a", 400),
+        ("remote", mirror_url, "remote_b", 400),
+        ("local", str(store), "local", 400),
+    )
+    assert sorted(results) == [("local", 400), ("remote_a", 400), ("remote_b", 400)]
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    try:
+        deadline = time.monotonic() + SETTLE
+        while control.xlen(log_stream_key(0)) < backend.last_seq:
+            assert time.monotonic() < deadline, "the log stream lags behind the log"
+            time.sleep(0.05)
+        entries = control.xrange(log_stream_key(0))
+        assert [entry_id for entry_id, _ in entries] == [
+            b"%d-0" % seq for seq in range(1, backend.last_seq + 1)
+        ]
+    finally:
+        control.close()
+        backend.close()
+
+
+def _write_remote_or_local(queue: Any, how: str, where: str, name: str, count: int) -> None:
+    if how == "local":
+        write_locally(queue, where, name, count)
+    else:
+        write_sensor(queue, where, name, count, 0)
 
 
 def test_wait_key_barrier_across_processes(store, server, mirror_url, daemon):

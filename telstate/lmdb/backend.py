@@ -29,6 +29,7 @@ from .audit import verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
+    chunk_full,
     head_in,
     history_chunk,
     key_updates,
@@ -703,6 +704,10 @@ class LmdbBackend(Backend):
             if not chunk:
                 return
             yield from self._make_events(chunk)
+            if end_seq is not None and not chunk_full(chunk):
+                # The log ended within the range when the chunk was read;
+                # events committed since then are the next call's.
+                return
             seq = chunk[-1][0] + 1
 
     def _events_of_keys(

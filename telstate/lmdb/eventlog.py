@@ -231,6 +231,11 @@ def log_chunk(
     return chunk
 
 
+def chunk_full(chunk: list[tuple[int, bytes]]) -> bool:
+    """Whether a chunk of :func:`log_chunk` stopped for its bounds (more may follow in range)."""
+    return not _room(chunk, sum(len(record) for _, record in chunk))
+
+
 def _room(chunk: list, size: int) -> bool:
     """Whether a chunk of this many events and bytes may take one more."""
     return not chunk or (len(chunk) < settings.LOG_CHUNK and size < settings.LOG_CHUNK_BYTES)
