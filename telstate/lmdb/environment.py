@@ -368,11 +368,11 @@ class _NotifyFile:
         self.map = file_map
         self.words = memoryview(file_map).cast("d")
 
-    def close(self) -> None:
+    def close(self, _close: Any = os.close) -> None:  # os.close held for interpreter exit
         if self.fd >= 0:
             self.words.release()
             self.map.close()
-            os.close(self.fd)
+            _close(self.fd)
             self.fd = -1
 
     __del__ = close

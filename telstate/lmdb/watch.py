@@ -160,6 +160,7 @@ class _Inotify:
             except OSError as error:  # pragma: no cover - the fd is never closed under us
                 logger.debug("reading inotify events failed (%s); waiters poll", error)
                 return
+            # Each store once per read, after all its events.
             woken: set[Store] = set()
             changed: set[Store] = set()
             offset = 0
@@ -169,8 +170,9 @@ class _Inotify:
                 offset += 16 + length
                 store = stores.get(wd)
                 if store is None:
-                    if mask & _IN_Q_OVERFLOW:
-                        woken.update(stores.values())
+                    if mask & _IN_Q_OVERFLOW:  # events were lost: wake everybody
+                        with _LOCK:
+                            woken.update(list(stores.values()))
                 elif wd in directories:
                     if not mask & (_IN_CREATE | _IN_MOVED_TO) or name.rstrip(b"\0") == _NOTIFY_NAME:
                         changed.add(store)
@@ -178,10 +180,13 @@ class _Inotify:
                     changed.add(store)
                 else:
                     woken.add(store)
-            for store in changed:
-                self._rewatch(store)
-            for store in woken | changed:
-                store.wake()
+            try:
+                for store in changed:
+                    self._rewatch(store)
+                for store in woken | changed:
+                    store.wake()
+            except Exception:  # pragma: no cover - a bug; the other stores still need waking
+                logger.exception("waking waiters on commits failed")
 
     def _rewatch(self, store: Store) -> None:
         """Follow `store`'s notify file after it appeared, moved or was deleted."""
