@@ -58,8 +58,11 @@ ANNOUNCED_WRITER = """
     backend = LmdbBackend(path, durability="none")
     print("ready", flush=True)
     for i in range(rounds):
+        deadline = time.time() + 10
         with open(os.path.join(path, "notify"), "rb") as notify:
             while struct.unpack("d", os.pread(notify.fileno(), 8, 0))[0] < time.time():
+                if time.time() > deadline:
+                    sys.exit("no waiter announced itself")
                 time.sleep(0.01)
         backend.add_mutable(b"k", b"%d" % i, float(i))
         print(time.time(), flush=True)
@@ -75,7 +78,7 @@ def wait_in_thread(backend: LmdbBackend, after_seq: int) -> tuple[threading.Thre
     def run() -> None:
         result.append((backend.wait_for_commit(after_seq, timeout=2 * POLL), time.time()))
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, result
 
@@ -172,8 +175,8 @@ def test_a_notify_file_made_after_the_watch_started_is_watched(tmp_path):
     # The writer makes the notify file; the waiter must map it to announce itself.
     writer = spawn(ANNOUNCED_WRITER, path, 1, stdin=True)
     wait_ready(writer)
-    thread.join(2 * POLL)
     committed = float(writer.stdout.readline())
+    thread.join(POLL / 3)
     writer.stdin.write("\n")
     writer.stdin.flush()
     assert writer.wait() == 0
@@ -202,8 +205,8 @@ def test_a_deleted_and_remade_notify_file_is_followed(tmp_path):
     # A new process makes the file anew and commits once the waiter announces itself there.
     writer = spawn(ANNOUNCED_WRITER, path, 1, stdin=True)
     wait_ready(writer)
-    thread.join(2 * POLL)
     committed = float(writer.stdout.readline())
+    thread.join(POLL / 3)
     writer.stdin.write("\n")
     writer.stdin.flush()
     assert writer.wait() == 0
@@ -231,10 +234,12 @@ def test_a_forked_child_waits_with_its_own_reader(tmp_path):
             assert watch._INOTIFY is None and inotify_fds() == 0
             child_store = backend._get_store()
             thread, result = wait_in_thread(backend, 0)
+            deadline = time.monotonic() + POLL / 3
             while heartbeat_of(path) < time.time():
+                assert time.monotonic() < deadline, "the wait did not announce itself"
                 time.sleep(0.01)
             os.write(ready_write, b"r")
-            thread.join(2 * POLL)
+            thread.join(POLL / 3)
             [(seq, _)] = result
             assert seq == 1
             assert watch._INOTIFY is not parent_reader and inotify_fds() == 1
