@@ -201,6 +201,12 @@ def test_a_deleted_and_remade_notify_file_is_followed(tmp_path):
         assert time.monotonic() < deadline, "the deletion was not seen"
         time.sleep(0.01)
     assert store.watch != old_watch
+    # An empty file first (as a process making it has not sized it yet): the
+    # waiter cannot map it until the writer below does.
+    os.close(os.open(os.path.join(path, "notify"), os.O_WRONLY | os.O_CREAT, 0o644))
+    while store.watch in watch._INOTIFY.directories:
+        assert time.monotonic() < deadline, "the new file was not seen"
+        time.sleep(0.01)
     thread, result = wait_in_thread(backend, 0)
     # A new process makes the file anew and commits once the waiter announces itself there.
     writer = spawn(ANNOUNCED_WRITER, path, 1, stdin=True)

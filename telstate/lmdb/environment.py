@@ -427,6 +427,8 @@ class Store:
         self.commit_condition = threading.Condition(threading.Lock())
         self.commit_generation = 0
         self.waiters = 0
+        # None: not watched yet; False: cannot be (waiters poll); else the
+        # watch's own token (see watch.py).
         self.watch: Any = None
         self.housekeeper: threading.Thread | None = None
         self.housekeeper_stop = threading.Event()
@@ -596,10 +598,10 @@ class Store:
         with self.notify_lock:
             if not self.watch:
                 return  # closed (or unwatched) meanwhile
-            notify = self._open_notify(writable=False)
-            if notify is not None:
-                # The old file closes once no thread uses it (see _NotifyFile).
-                self.notify = notify
+            # None while the process making the file has not sized it yet:
+            # the watch calls again on the file's next event. The old file
+            # (deleted or replaced) closes once no thread uses it (see _NotifyFile).
+            self.notify = self._open_notify(writable=False)
 
     def _open_tables(self, env: lmdb.Environment, writable: bool) -> tuple[Tables, uuid.UUID]:
         """Open the tables (creating them and the identity in a new store) and check the format.
