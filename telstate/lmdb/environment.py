@@ -85,9 +85,10 @@ block's transaction: leaving the block in the child raises
 A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
 :meth:`~LmdbBackend.wait_for_commit`) is woken by a filesystem event: while
 a waiter has announced itself in the store's ``notify`` file (a heartbeat
-it renews), each commit writes a byte to that file, watched with
-``watchdog``. The truth is LMDB's last transaction id, polled every
-``settings.POLL_INTERVAL`` as a fallback.
+it renews), each commit writes a byte to that file, which one thread per
+process watches (inotify on Linux, watchdog elsewhere; see
+:mod:`telstate.lmdb.watch`). The truth is LMDB's last transaction id,
+polled every ``settings.POLL_INTERVAL`` as a fallback.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ from ..backend import GetResult
 from ..errors import StoreError
 from ..log import Writer
 from ..utils import PathType
-from . import settings
+from . import settings, watch
 from .layout import KEY_ID, Tables
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ logger = logging.getLogger(__name__)
 
 #: Durability modes, see the module docstring.
 DURABILITIES = ("fsync", "batch", "none")
-_NOTIFY_FILE = "notify"
+_NOTIFY_FILE = watch.NOTIFY_FILE
 # Where LMDB's lock file keeps the last committed transaction id (see _LockWord).
 _LOCK_MAGIC = 0xBEEFC0DE
 _LOCK_TXNID_INDEX = 6
@@ -351,6 +352,32 @@ class ReadCache:
 _ENTRY_OVERHEAD = 200
 
 
+class _NotifyFile:
+    """A store's mapped notify file: 8 bytes of heartbeat (a time), then the byte commits write.
+
+    Closed by :meth:`Store.close`, or else when the last reference goes:
+    the watch thread replaces a store's notify file (see
+    :meth:`Store.reopen_notify`) while other threads may still use the old
+    one, which they hold in a local variable.
+    """
+
+    __slots__ = ("fd", "map", "words")
+
+    def __init__(self, fd: int, file_map: mmap.mmap) -> None:
+        self.fd = fd
+        self.map = file_map
+        self.words = memoryview(file_map).cast("d")
+
+    def close(self, _close: Any = os.close) -> None:  # os.close held for interpreter exit
+        if self.fd >= 0:
+            self.words.release()
+            self.map.close()
+            _close(self.fd)
+            self.fd = -1
+
+    __del__ = close
+
+
 class Store:
     """The one LMDB environment of a store in this process, shared by its backends.
 
@@ -383,9 +410,8 @@ class Store:
         self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self.broken: str | None = None
         self.uuid = uuid.UUID(int=0)
-        self.notify_fd: int | None = None
-        self.notify_map: mmap.mmap | None = None
-        self.notify_words: memoryview[float] | None = None
+        self.notify: _NotifyFile | None = None
+        self.notify_lock = threading.Lock()  # taken to replace or close `notify`
         self.lock_word: _LockWord | None = None
         self.lock_words: memoryview | None = None
         self.writer_ids: dict[str | None, int] = {}
@@ -401,6 +427,8 @@ class Store:
         self.commit_condition = threading.Condition(threading.Lock())
         self.commit_generation = 0
         self.waiters = 0
+        # None: not watched yet; False: cannot be (waiters poll); else the
+        # watch's own token (see watch.py).
         self.watch: Any = None
         self.housekeeper: threading.Thread | None = None
         self.housekeeper_stop = threading.Event()
@@ -470,12 +498,10 @@ class Store:
                 except lmdb.Error as error:
                     logger.warning("final flush of %s failed: %s", self.path, error)
             self._close_env()
-            if self.notify_fd is not None:
-                assert self.notify_map is not None and self.notify_words is not None
-                self.notify_words.release()
-                self.notify_map.close()
-                os.close(self.notify_fd)
-                self.notify_fd = self.notify_map = self.notify_words = None
+            with self.notify_lock:
+                if self.notify is not None:
+                    self.notify.close()
+                    self.notify = None
 
     def _close_env(self) -> None:
         if self.env is not None:
@@ -523,8 +549,8 @@ class Store:
             if writable:
                 env.reader_check()
             self.tables, self.uuid = self._open_tables(env, writable)
-            if self.notify_fd is None:
-                self._open_notify(writable)
+            if self.notify is None:
+                self.notify = self._open_notify(writable)
         except lmdb.Error as error:
             env.close()
             raise StoreError(f"cannot open the telstate store at {path!r}: {error}") from error
@@ -537,8 +563,8 @@ class Store:
         self.lock_word = _LockWord(path, env)
         self.lock_words = self.lock_word.words
 
-    def _open_notify(self, writable: bool) -> None:
-        """Open and map the notify file: 8 bytes of heartbeat, then the byte commits write."""
+    def _open_notify(self, writable: bool) -> _NotifyFile | None:
+        """Open and map the notify file (creating it if `writable`); None if impossible."""
         try:
             fd = os.open(
                 os.path.join(self.path, _NOTIFY_FILE),
@@ -546,23 +572,36 @@ class Store:
                 0o644,
             )
         except OSError:
-            return  # a read-only copy: waiters poll
+            return None  # a read-only copy, or no writer made it yet: waiters poll
         try:
             if writable:
                 # Written through the map below: allocated first, as lock.mdb.
                 self._allocate(fd, 16)
             elif os.fstat(fd).st_size < 16:
                 os.close(fd)
-                return
-            self.notify_map = mmap.mmap(fd, 16)
+                return None
+            return _NotifyFile(fd, mmap.mmap(fd, 16))
         except OSError:
             os.close(fd)
-            return
+            return None
         except BaseException:
             os.close(fd)
             raise
-        self.notify_fd = fd
-        self.notify_words = memoryview(self.notify_map).cast("d")
+
+    def reopen_notify(self) -> None:
+        """Map the notify file anew after it appeared or was replaced (from the watch thread).
+
+        A store opened read-only before any writer made the file, or whose
+        file was deleted and made again, would otherwise announce its waits
+        where no committer looks.
+        """
+        with self.notify_lock:
+            if not self.watch:
+                return  # closed (or unwatched) meanwhile
+            # None while the process making the file has not sized it yet:
+            # the watch calls again on the file's next event. The old file
+            # (deleted or replaced) closes once no thread uses it (see _NotifyFile).
+            self.notify = self._open_notify(writable=False)
 
     def _open_tables(self, env: lmdb.Environment, writable: bool) -> tuple[Tables, uuid.UUID]:
         """Open the tables (creating them and the identity in a new store) and check the format.
@@ -787,9 +826,9 @@ class Store:
         their filesystem watch sees; it is skipped while no process has
         announced that it is waiting (see :meth:`heartbeat`).
         """
-        words = self.notify_words
-        if words is not None and words[0] > time.time():
-            os.pwrite(self.notify_fd, b"\x00", 8)  # type: ignore[arg-type]
+        notify = self.notify
+        if notify is not None and notify.words[0] > time.time():
+            os.pwrite(notify.fd, b"\x00", 8)
         if self.waiters:
             self.wake()
 
@@ -800,8 +839,9 @@ class Store:
         wake-up. A waiter that cannot write the file (a read-only copy)
         relies on polling.
         """
-        words = self.notify_words
-        if words is not None:
+        notify = self.notify
+        if notify is not None:
+            words = notify.words
             now = time.time()
             if words[0] < now + settings.HEARTBEAT / 2:
                 words[0] = now + settings.HEARTBEAT
@@ -821,7 +861,7 @@ class Store:
         with self.commit_condition:
             self.waiters += 1
         if self.watch is None:
-            _watch_store(self)
+            watch.watch(self)
 
     def remove_waiter(self) -> None:
         with self.commit_condition:
@@ -829,7 +869,7 @@ class Store:
 
     def unwatch(self) -> None:
         if self.watch is not None:
-            _unwatch_store(self)
+            watch.unwatch(self)
 
     def start_housekeeper(self) -> None:
         """Start the thread that flushes (batch mode) and clears stale reader slots."""
@@ -1017,11 +1057,10 @@ def _after_fork_parent() -> None:
 
 
 def _after_fork_child() -> None:
-    global _STORES_LOCK, _OBSERVER
+    global _STORES_LOCK
     for store in _STORES.values():
         store.after_fork_child()
     _STORES_LOCK = threading.Lock()
-    _OBSERVER = None
 
 
 os.register_at_fork(
@@ -1059,52 +1098,3 @@ def detach_store(store: Store, batch_interval: float | None) -> None:
     with _STORES_LOCK:
         if store.detach(batch_interval) and _STORES.get(store.path) is store:
             del _STORES[store.path]
-
-
-# --- commit notification across processes (watchdog) ----------------------------------
-
-_OBSERVER: Any = None
-
-
-def _watch_store(store: Store) -> None:
-    """Wake `store`'s waiters on filesystem events of its notify file (best effort)."""
-    global _OBSERVER
-    try:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-    except ImportError:  # pragma: no cover - watchdog is a dependency
-        return
-    notify_path = os.path.join(store.path, _NOTIFY_FILE)
-
-    class CommitHandler(FileSystemEventHandler):
-        def on_any_event(self, event: Any) -> None:
-            if os.fsdecode(event.src_path) == notify_path:
-                store.wake()
-
-    # The notify file alone, if it exists: a watch on the directory would
-    # also see every page LMDB writes to data.mdb, and each event costs two
-    # watchdog threads some Python, competing with the waiter for the GIL.
-    watched = notify_path if os.path.exists(notify_path) else store.path
-
-    with _STORES_LOCK:
-        if store.watch is not None:
-            return
-        try:
-            if _OBSERVER is None:
-                _OBSERVER = Observer()
-                _OBSERVER.daemon = True
-                _OBSERVER.start()
-            store.watch = _OBSERVER.schedule(CommitHandler(), watched, recursive=False)
-        except OSError as error:
-            # E.g. out of inotify instances: polling still works.
-            logger.debug("cannot watch %s (%s); polling for commits", store.path, error)
-            store.watch = False
-
-
-def _unwatch_store(store: Store) -> None:
-    watch, store.watch = store.watch, None
-    if watch and _OBSERVER is not None:
-        try:
-            _OBSERVER.unschedule(watch)
-        except (KeyError, OSError):
-            pass
