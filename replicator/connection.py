@@ -82,11 +82,21 @@ def redact_url(url: str) -> str:
     if "username" in fields or password:
         user = urllib.parse.quote(fields.get("username", ""), safe="")
         userinfo = f"{user}{':***' if password else ''}@"
-    shown_query = "&".join(
-        f"{urllib.parse.quote(name, safe='')}="
-        f"{urllib.parse.quote(value, safe='') if name in _SHOWN_PARAMETERS else '***'}"
-        for name, value in query
-    )
+    shown: list[str] = []
+    for name, value in query:
+        if name in _SHOWN_PARAMETERS:
+            shown.append(
+                f"{urllib.parse.quote(name, safe='')}={urllib.parse.quote(value, safe='')}"
+            )
+        elif name == "password" or shown[-1:] != ["***"]:
+            shown.append(f"{urllib.parse.quote(name, safe='')}=***")
+        if name == "password":
+            break
+    if len(shown) < len(query):
+        # An unencoded '&' in a password makes what follows it look like
+        # parameters (their names included): none of it is shown.
+        shown.append("***")
+    shown_query = "&".join(shown)
     if scheme == "unix":
         location = urllib.parse.quote(fields.get("path", ""), safe="/")
     else:

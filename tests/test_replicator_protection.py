@@ -332,6 +332,8 @@ def test_redacted_urls_never_show_the_password(scheme, user, password, host, db,
         "unix://admin:left-part/right-part@/tmp/x.sock",
         "rediss://admin@host/0?ssl_password=left-part-right-part",
         "redis://admin@host/0?password=left-part&unknown=right-part",
+        "redis://host:6379/0?password=left-part&right-part",  # found by hypothesis
+        "unix:///tmp/x.sock?db=0&password=left-part&db=1right-part",
     ],
 )
 def test_passwords_with_special_characters_are_never_shown(url):
