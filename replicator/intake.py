@@ -83,9 +83,9 @@ from telstate.errors import (
     StoreError,
 )
 from telstate.lmdb import LmdbBackend, WriteTxn
-from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord, checked_put, request_record_in
+from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord
 from telstate.lmdb.writes import follower_error
-from telstate.log import Op
+from telstate.log import Op, Writer
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
 from telstate.remote import (
     MAX_TIMEOUT,
@@ -749,7 +749,8 @@ def apply_requests(
     """
 
     with backend.write() as wtxn:
-        return [_apply_in(wtxn, request, now_ms) for request in requests]
+        applied = _Applied(wtxn)
+        return [applied.apply(request, now_ms) for request in requests]
 
 
 def refuse_requests(
@@ -776,33 +777,61 @@ def refuse_requests(
     ]
 
 
-def _apply_in(wtxn: WriteTxn, request: Request, now_ms: int) -> RequestRecord:
-    """Apply one request in `wtxn` (unless it was before, or is too old) and record it."""
-    try:
-        found = request_record_in(wtxn.txn, wtxn.tables, request.request_id)
-    except ValueError:
-        logger.error("request %r: its record is damaged: applying it again", request.request_id)
-        found = None
-    if found is not None:
-        return found
-    margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
-    if now_ms > request.expires_ms - margin:
-        return RequestRecord(
-            request.expires_ms,
-            0,
-            b"error",
-            b"",
-            b"expired",
-            f"{request.op.value} request {request.request_id!r} arrived"
-            f" {max(0, now_ms - request.sent_ms)} ms after it was sent, too late for its"
-            f" {request.timeout_ms} ms timeout: not applied",
-        )
-    wtxn.write_as(request.writer)
-    status, value, error, message = _apply_one(wtxn, request)
-    record = RequestRecord(request.expires_ms, wtxn.last_seq, status, value, error, message)
-    checked_put(wtxn.txn, REQUEST_PREFIX + request.request_id, record.encode(), wtxn.tables.meta)
-    wtxn.changed = True  # the record alone must be committed too
-    return record
+class _Applied:
+    """The requests of one batch, applied in its write transaction (see :func:`apply_requests`).
+
+    Each request costs a lookup and a put of its record besides its
+    operation, so the per-request path is kept short: LMDB called with
+    positional arguments (py-lmdb parses keywords slowly), the writer
+    identity switched only when it changes within the batch.
+    """
+
+    __slots__ = ("wtxn", "txn", "meta", "writer")
+
+    def __init__(self, wtxn: WriteTxn) -> None:
+        self.wtxn = wtxn
+        self.txn = wtxn.txn
+        self.meta = wtxn.tables.meta
+        # The writer the next events are recorded as: this process until write_as.
+        self.writer: Writer | None = None
+
+    def apply(self, request: Request, now_ms: int) -> RequestRecord:
+        """Apply one request (unless it was before, or is too old) and record it."""
+        record_key = REQUEST_PREFIX + request.request_id
+        # get(key, default, db) by position, as in layout.request_record_in.
+        found = self.txn.get(record_key, None, self.meta)
+        if found is not None:
+            try:
+                return RequestRecord.decode(found)
+            except ValueError:
+                logger.error(
+                    "request %r: its record is damaged: applying it again", request.request_id
+                )
+        sent_ms = entry_time_ms(request.entry_id)
+        expires_ms = sent_ms + request.timeout_ms
+        margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
+        if now_ms > expires_ms - margin:
+            return RequestRecord(
+                expires_ms,
+                0,
+                b"error",
+                b"",
+                b"expired",
+                f"{request.op.value} request {request.request_id!r} arrived"
+                f" {max(0, now_ms - sent_ms)} ms after it was sent, too late for its"
+                f" {request.timeout_ms} ms timeout: not applied",
+            )
+        wtxn = self.wtxn
+        if request.writer != self.writer:
+            wtxn.write_as(request.writer)
+            self.writer = request.writer
+        status, value, error, message = _apply_one(wtxn, request)
+        record = RequestRecord(expires_ms, wtxn.last_seq, status, value, error, message)
+        # put(key, value, dupdata, overwrite, append, db) by position; as checked_put.
+        if not self.txn.put(record_key, record.encode(), True, True, False, self.meta):
+            raise StoreError(f"LMDB put refused: the record of request {request.request_id!r}")
+        wtxn.changed = True  # the record alone must be committed too
+        return record
 
 
 def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, str]:
