@@ -863,33 +863,40 @@ def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, s
     return b"ok", b"", b"", ""
 
 
+#: Each sweep looks at this fraction of the stored records (at least
+#: :data:`SWEEP_CHUNK`), so that a pass over them takes about this many
+#: sweeps however fast requests come (a fixed number per sweep falls
+#: behind any rate above it, and the records pile up without bound).
+SWEEP_PASS = 600
+
+
 def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
-    """Delete up to :data:`SWEEP_CHUNK` expired request records from `start` on.
+    """Delete the expired request records among the next few from `start` on.
 
     A record may go once no copy of its request can be delivered any more:
     its expiry plus the longest timeout (a resend carries the original
-    deadline, so this is generous).
+    deadline, so this is generous). A sweep looks at :data:`SWEEP_CHUNK`
+    records, or at the :data:`SWEEP_PASS`-th part of them if that is more.
 
     Returns
     -------
     Where the next sweep starts.
     """
     horizon = now_ms - int(MAX_TIMEOUT * 1000)
+    expires_of = RequestRecord.expires_of
 
     try:
         with backend.write() as wtxn:
-            cursor = wtxn.txn.cursor(db=wtxn.tables.meta)
+            txn, meta = wtxn.txn, wtxn.tables.meta
+            budget = max(SWEEP_CHUNK, txn.stat(meta)["entries"] // SWEEP_PASS)
+            cursor = txn.cursor(meta)
             if not cursor.set_range(start):
                 return REQUEST_PREFIX
-            for _ in range(SWEEP_CHUNK):
+            for _ in range(budget):
                 key = cursor.key()
                 if not key.startswith(REQUEST_PREFIX):
                     return REQUEST_PREFIX
-                try:
-                    expired = RequestRecord.decode(cursor.value()).expires_ms < horizon
-                except ValueError:
-                    expired = True
-                if not expired:
+                if expires_of(cursor.value()) >= horizon:
                     if not cursor.next():
                         return REQUEST_PREFIX
                     continue

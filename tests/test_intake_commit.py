@@ -1,0 +1,201 @@
+"""The intake's commit of write requests: apply_requests and the sweep of its records.
+
+These call :func:`replicator.intake.apply_requests` and
+:func:`~replicator.intake.sweep_requests` on a real store with requests
+decoded as the intake decodes them (no Redis needed: the intake's
+exchanges are tested in test_intake.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import replicator.intake as intake
+from replicator.intake import apply_requests, sweep_requests
+from telstate.encoding import encode_value
+from telstate.lmdb import LmdbBackend
+from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord
+from telstate.log import Op, Writer
+from telstate.remote import MAX_TIMEOUT, Request, decode_request, encode_request
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def backend(tmp_path):
+    backend = LmdbBackend(tmp_path / "store", durability="none")
+    yield backend
+    backend.close()
+
+
+def request(
+    backend: LmdbBackend,
+    op: Op = Op.ADD_MUTABLE,
+    *,
+    writer: Writer = Writer("elsewhere", 42, "w"),
+    sent_ms: int | None = None,
+    timeout: float = 10.0,
+    request_id: bytes | None = None,
+    **write,
+) -> Request:
+    """A request as the intake decodes it from its stream entry."""
+    if op is Op.ADD_MUTABLE:
+        write.setdefault("key", b"sensor")
+        write.setdefault("value", encode_value(1.0))
+        write.setdefault("timestamp", 1.0)
+    request_id = request_id or b"tok:%d" % next(_ids)
+    fields = encode_request(
+        request_id, b"tok", str(backend.uuid), op, timeout=timeout, writer=writer, **write
+    )
+    sent_ms = int(time.time() * 1000) if sent_ms is None else sent_ms
+    return decode_request(b"%d-0" % sent_ms, fields)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def test_a_request_is_applied_once_however_often_delivered(backend):
+    first = request(backend, value=encode_value(1), timestamp=1.0)
+    # Delivered twice in one batch, then again in a later batch.
+    outcomes = apply_requests(backend, [first, first], now_ms())
+    again = apply_requests(backend, [first], now_ms())
+    assert [event.value for event in backend.events()] == [encode_value(1)]
+    assert outcomes[0] == outcomes[1] == again[0]
+    assert outcomes[0].status == b"ok" and outcomes[0].seq == 1
+    assert backend.request_records([first.request_id]) == [outcomes[0]]
+
+
+def test_each_event_records_its_own_requests_writer(backend):
+    alice = Writer("alice-host", 1, "a")
+    bob = Writer("bob-host", 2, None)
+    writers = [alice, alice, bob, alice, bob, bob]
+    batch = [request(backend, writer=w, timestamp=float(i)) for i, w in enumerate(writers)]
+    apply_requests(backend, batch, now_ms())
+    apply_requests(backend, [request(backend, writer=bob, timestamp=10.0)], now_ms())
+    backend.add_mutable(b"local", encode_value(0), 0.0)
+    events = list(backend.events())
+    assert [event.writer for event in events[:-1]] == [*writers, bob]
+    assert events[-1].writer.host not in ("alice-host", "bob-host")  # this process's own
+
+
+def test_refused_operations_are_recorded_and_the_batch_goes_on(backend):
+    immutable = request(backend, Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    conflict = request(backend, Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    wrong_type = request(backend, key=b"k", timestamp=1.0)
+    after = request(backend, key=b"s", timestamp=1.0)
+    outcomes = apply_requests(backend, [immutable, conflict, wrong_type, after], now_ms())
+    assert [o.status for o in outcomes] == [b"ok", b"exists", b"error", b"ok"]
+    assert outcomes[1].value == encode_value(1)
+    assert outcomes[2].error == b"immutable"
+    assert backend.last_seq == 2
+    # The refusals are recorded too: delivered again, they are answered alike.
+    assert apply_requests(backend, [conflict, wrong_type], now_ms()) == outcomes[1:3]
+
+
+def test_an_expired_request_is_neither_applied_nor_recorded(backend):
+    stale = request(backend, sent_ms=now_ms() - 20_000, timeout=10.0)
+    (outcome,) = apply_requests(backend, [stale], now_ms())
+    assert outcome.error == b"expired" and outcome.seq == 0
+    assert backend.last_seq == 0
+    assert backend.request_records([stale.request_id]) == [None]
+
+
+def test_a_damaged_record_gets_its_request_applied_again(backend):
+    first = request(backend)
+    with backend.write() as wtxn:
+        wtxn.txn.put(REQUEST_PREFIX + first.request_id, b"\xc1junk", db=wtxn.tables.meta)
+        wtxn.changed = True
+    (outcome,) = apply_requests(backend, [first], now_ms())
+    assert outcome.status == b"ok" and backend.last_seq == 1
+    assert backend.request_records([first.request_id]) == [outcome]
+
+
+def put_records(backend: LmdbBackend, records: dict[bytes, bytes]) -> None:
+    with backend.write() as wtxn:
+        for request_id, data in records.items():
+            wtxn.txn.put(REQUEST_PREFIX + request_id, data, db=wtxn.tables.meta)
+        wtxn.changed = True
+
+
+def record_ids(backend: LmdbBackend) -> set[bytes]:
+    with backend.write() as wtxn:
+        cursor = wtxn.txn.cursor(db=wtxn.tables.meta)
+        found = set()
+        if cursor.set_range(REQUEST_PREFIX):
+            for key in cursor.iternext(values=False):
+                if not key.startswith(REQUEST_PREFIX):
+                    break
+                found.add(key[len(REQUEST_PREFIX) :])
+        return found
+
+
+def sweep_all(backend: LmdbBackend, now: int, sweeps: int) -> None:
+    start = REQUEST_PREFIX
+    for _ in range(sweeps):
+        start = sweep_requests(backend, start, now)
+
+
+def test_the_sweep_deletes_expired_and_damaged_records_only(backend):
+    now = now_ms()
+    horizon = now - int(MAX_TIMEOUT * 1000)
+
+    def record(expires_ms: int) -> bytes:
+        return RequestRecord(expires_ms, 1, b"ok", b"", b"", "").encode()
+
+    put_records(
+        backend,
+        {
+            b"old": record(horizon - 1),
+            b"edge": record(horizon),
+            b"live": record(now + 10_000),
+            b"damaged": b"\xc1",
+            b"wrong-type": msgpack.packb(["x", 1, b"ok", b"", b"", ""]),
+        },
+    )
+    backend.set_immutable(b"key", encode_value(1))  # the meta table holds more than records
+    sweep_all(backend, now, 3)
+    assert record_ids(backend) == {b"edge", b"live"}
+    assert backend.get(b"key") == (encode_value(1), None)
+
+
+def test_the_sweep_keeps_up_with_any_rate_of_requests(backend, monkeypatch):
+    # A sweep looks at a share of the records: however many piled up, a pass
+    # over them takes a number of sweeps of the order of SWEEP_PASS (a
+    # fixed 64 records a sweep would take 300 sweeps here).
+    monkeypatch.setattr(intake, "SWEEP_PASS", 10)
+    now = now_ms()
+    expired = RequestRecord(now - int(MAX_TIMEOUT * 1000) - 1, 1, b"ok", b"", b"", "").encode()
+    live = RequestRecord(now + 10_000, 1, b"ok", b"", b"", "").encode()
+    records = {b"tok:%d" % i: expired for i in range(20_000)}
+    records.update({b"tok:live%d" % i: live for i in range(50)})
+    put_records(backend, records)
+    sweep_all(backend, now, 60)
+    assert record_ids(backend) == {b"tok:live%d" % i for i in range(50)}
+
+
+@given(
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.integers(min_value=0, max_value=2**63),
+    st.sampled_from([b"ok", b"exists", b"error"]),
+    st.binary(max_size=20),
+    st.text(max_size=20),
+)
+def test_the_expiry_read_alone_is_the_decoded_one(expires_ms, seq, status, value, message):
+    data = RequestRecord(expires_ms, seq, status, value, b"", message).encode()
+    assert RequestRecord.expires_of(data) == RequestRecord.decode(data).expires_ms
+    assert RequestRecord.expires_of(memoryview(data)) == expires_ms
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x96", b"\xc1", msgpack.packb([1.5, 1, b"ok", b"", b"", ""]), msgpack.packb([1, 2])],
+)
+def test_the_expiry_of_a_damaged_record_is_minus_one(data):
+    assert RequestRecord.expires_of(data) == -1
