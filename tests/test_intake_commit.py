@@ -25,6 +25,7 @@ from telstate.log import Op, Writer
 from telstate.remote import MAX_TIMEOUT, Request, decode_request, encode_request
 
 _ids = itertools.count(1)
+REMOTE = Writer("elsewhere", 42, "w")
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def request(
     backend: LmdbBackend,
     op: Op = Op.ADD_MUTABLE,
     *,
-    writer: Writer = Writer("elsewhere", 42, "w"),
+    writer: Writer = REMOTE,
     sent_ms: int | None = None,
     timeout: float = 10.0,
     request_id: bytes | None = None,
