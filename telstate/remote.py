@@ -488,6 +488,46 @@ class Wire:
             self._pool.release(connection)
 
 
+class AsyncWire:
+    """:class:`Wire` for asyncio: one connection of `pool`, held until :meth:`close`."""
+
+    def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
+        self._pool = pool
+        self._connection: Any = None
+
+    async def send(self, packed: bytes) -> None:
+        """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server)."""
+        if self._connection is None:
+            self._connection = await self._pool.get_connection()
+        try:
+            await self._connection.send_packed_command(packed)
+        except BaseException:
+            await self._connection.disconnect()
+            raise
+
+    async def receive(self, count: int) -> list[Any]:
+        """The replies to `count` commands sent (see :meth:`Wire.receive`)."""
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(await self._connection.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+        except BaseException:
+            await self._connection.disconnect()
+            raise
+        return replies
+
+    async def close(self) -> None:
+        """Close the connection and the pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.disconnect()
+            await self._pool.release(connection)
+        await self._pool.disconnect()
+
+
 class WireScript:
     """A Lua script run over a :class:`Wire`: called as a redis-py ``Script`` is.
 
@@ -570,7 +610,7 @@ class _Session:
     def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
         """A new request, as the fields of its stream entry (the writers send the same)."""
         request_id = self.new_request()
-        flat = self.send(request_id, write_fields(op, **write), timeout)[3:]
+        flat = self._xadd_head[3:] + attempt_fields(request_id, timeout) + write_fields(op, **write)
         return request_id, dict(zip(flat[::2], flat[1::2]))
 
     def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
@@ -585,19 +625,13 @@ class _Session:
         """The XREAD that waits up to `block` ms for this writer's next replies."""
         return (b"XREAD", b"BLOCK", block, b"STREAMS", self.replies, self.last_reply_id)
 
-    def send(
-        self, request_id: bytes, write: tuple[bytes, ...], remaining: float
-    ) -> tuple[Any, ...]:
-        """The XADD of request `request_id` (`write` from :func:`write_fields`).
+    def xadd(self, request_id: bytes, write: tuple[bytes, ...], remaining: float) -> bytes:
+        """The XADD of request `request_id` (`write` from :func:`write_fields`), packed (RESP).
 
         Its timeout is the `remaining` seconds of the deadline: a resend
         after a lost connection keeps the request id (the daemon answers a
         duplicate from its record) and the original deadline.
         """
-        return self._xadd_head + attempt_fields(request_id, remaining) + write
-
-    def send_packed(self, request_id: bytes, write: tuple[bytes, ...], remaining: float) -> bytes:
-        """:meth:`send`, packed (RESP) for :meth:`Wire.call_packed`."""
         tail = attempt_fields(request_id, remaining) + write
         count = b"*%d\r\n" % (len(self._xadd_head) + len(tail))
         return b"".join((count, self._packed_head, _packed_arguments(tail)))
@@ -705,8 +739,7 @@ class RemoteWriter:
                     if not sent:
                         # The request and the wait for its reply: one write, one blocking read.
                         self._wire.send(
-                            session.send_packed(request_id, write, remaining)
-                            + hiredis.pack_command(read)
+                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
                         )
                         # From here the daemon may apply it: a failure means a resend.
                         sent = ever_sent = True
@@ -753,10 +786,7 @@ class AsyncRemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs = control_kwargs(client, control_db)
-        self._client = redis.asyncio.Redis(
-            connection_pool=redis.asyncio.ConnectionPool(**kwargs),
-            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
-        )
+        self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs))
         socket_timeout = kwargs.get("socket_timeout")
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = asyncio.Lock()
@@ -781,18 +811,19 @@ class AsyncRemoteWriter:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise session.timed_out(key, op)
-                block = max(1, int(min(remaining, self._block) * 1000))
+                read = session.read_replies(max(1, int(min(remaining, self._block) * 1000)))
                 try:
                     if not sent:
-                        async with self._client.pipeline(transaction=False) as pipe:
-                            pipe.execute_command(*session.send(request_id, write, remaining))
-                            pipe.xread({session.replies: session.last_reply_id}, block=block)
-                            reply = (await pipe.execute())[1]
-                        sent = ever_sent = True
-                    else:
-                        reply = await self._client.xread(
-                            {session.replies: session.last_reply_id}, block=block
+                        await self._wire.send(
+                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
                         )
+                        sent = ever_sent = True
+                        added, reply = await self._wire.receive(2)
+                        checked(added)
+                    else:
+                        await self._wire.send(hiredis.pack_command(read))
+                        (reply,) = await self._wire.receive(1)
+                    reply = checked(reply)
                 except _TRANSIENT as error:
                     if not ever_sent:
                         raise session.unreachable(error) from error
@@ -807,4 +838,4 @@ class AsyncRemoteWriter:
 
     async def close(self) -> None:
         """Close the writer's connections."""
-        await self._client.aclose()
+        await self._wire.close()

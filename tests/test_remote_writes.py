@@ -8,6 +8,7 @@ exactly once, ``verify`` must pass and the mirror must equal the store.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -759,7 +760,7 @@ def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
 
     session = _Session(3, "0123-store", 10.0, "näme")
     request_id, expected = session.request(op, 7.5, **write)
-    start, fields = _sent_fields(session.send_packed(request_id, write_fields(op, **write), 7.5))
+    start, fields = _sent_fields(session.xadd(request_id, write_fields(op, **write), 7.5))
     assert start == [b"XADD", request_stream_key(3), b"*"]
     assert fields == expected
     request = decode_request(b"1-0", fields)
@@ -774,7 +775,7 @@ def _pack_in_child(queue: Any, session: Any) -> None:
     from telstate.remote import write_fields
 
     request_id = session.new_request()
-    queue.put((request_id, session.send_packed(request_id, write_fields(Op.CLEAR), 1.0)))
+    queue.put((request_id, session.xadd(request_id, write_fields(Op.CLEAR), 1.0)))
 
 
 def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
@@ -794,36 +795,66 @@ def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
     assert child_id.startswith(fields[b"reply"] + b":") and child_id == fields[b"id"]
     # The parent goes on with its own token, its head untouched by the child.
     request_id = session.new_request()
-    _, fields = _sent_fields(session.send_packed(request_id, write_fields(Op.CLEAR), 1.0))
+    _, fields = _sent_fields(session.xadd(request_id, write_fields(Op.CLEAR), 1.0))
     assert fields[b"reply"] == session.token and fields[b"pid"] == b"%d" % os.getpid()
     assert parent_id.startswith(session.token + b":") and request_id != parent_id
 
 
+def _write_after_warming(mirror_url: str, aio: bool, ready: Any, go: Any) -> None:
+    """Open a writer (sync or asyncio), write once, and write "resent" once `go` is set."""
+    if aio:
+        from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+        async def write() -> None:
+            ts = telstate.aio.TelescopeState(await AioRedisBackend.from_url(mirror_url))
+            await ts.add("warm", 1.0, ts=1.0)
+            ready.set()
+            go.wait(SETTLE)
+            await ts.add("resent", 2.0, ts=2.0)
+            ts.backend.close()
+            await ts.backend.wait_closed()
+
+        asyncio.run(write())
+    else:
+        ts = TelescopeState(mirror_url)
+        ts.add("warm", 1.0, ts=1.0)
+        ready.set()
+        go.wait(SETTLE)
+        ts.add("resent", 2.0, ts=2.0)
+        ts.backend.close()
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
 def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
-    store, server, mirror_url, daemon
+    store, server, mirror_url, daemon, aio
 ):
+    """The connection fails while the writer waits for its reply: it was sent, so it is resent.
+
+    (Not a ConnectionError: the daemon may still apply the first sending.)
+    """
     process = daemon()
-    ts = TelescopeState(mirror_url)
-    ts.add("warm", 1.0, ts=1.0)
     control = server.client(db=MIRROR_CURSOR_DB)
+    ready, go = threading.Event(), threading.Event()
     outcome: list[Any] = []
+
+    def write() -> None:
+        try:
+            _write_after_warming(mirror_url, aio, ready, go)
+            outcome.append("ok")
+        except Exception as error:  # reported to the test below
+            outcome.append(error)
 
     def sent() -> list[dict[bytes, bytes]]:
         # The daemon stopped, nothing is taken from the stream meanwhile.
         entries = control.xrange(request_stream_key(0))
         return [fields for _, fields in entries if fields.get(b"key") == b"resent"]
 
-    def write() -> None:
-        try:
-            ts.add("resent", 2.0, ts=2.0)
-            outcome.append("ok")
-        except Exception as error:  # reported to the test below
-            outcome.append(error)
-
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert ready.wait(SETTLE)
     process.process.send_signal(signal.SIGSTOP)  # no reply comes until the daemon goes on
     try:
-        thread = threading.Thread(target=write)
-        thread.start()
+        go.set()
         deadline = time.monotonic() + SETTLE
         while not sent():
             assert time.monotonic() < deadline, "the request was not sent"
@@ -837,6 +868,7 @@ def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
         first, again = sent()
     finally:
         process.process.send_signal(signal.SIGCONT)
+        go.set()
     thread.join(SETTLE)
     assert outcome == ["ok"]
     assert again[b"id"] == first[b"id"]
@@ -844,10 +876,10 @@ def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
     assert {k: v for k, v in again.items() if k != b"timeout"} == {
         k: v for k, v in first.items() if k != b"timeout"
     }
-    assert ts.get_range("resent", st=0) == [(2.0, 2.0)]
     control.close()
-    ts.backend.close()
     settle(store, server)
     backend = LmdbBackend(store, readonly=True)
-    assert len([e for e in backend.events() if e.key == b"resent"]) == 1
+    assert [(e.key, e.value) for e in backend.events() if e.key == b"resent"] == [
+        (b"resent", encode_value(2.0))
+    ]
     backend.close()
