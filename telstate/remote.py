@@ -434,17 +434,11 @@ class Wire:
         redis.ConnectionError, redis.TimeoutError
             If the connection failed (it is closed, and reopened by the next call).
         """
-        return self.call_packed(
-            b"".join(hiredis.pack_command(command) for command in commands), len(commands)
-        )
-
-    def call_packed(self, packed: bytes, count: int) -> list[Any]:
-        """:meth:`call` with `count` commands already packed (RESP) into `packed`."""
-        self.send(packed)
-        return self.receive(count)
+        self.send(b"".join(hiredis.pack_command(command) for command in commands))
+        return self.receive(len(commands))
 
     def send(self, packed: bytes) -> None:
-        """The first half of :meth:`call_packed`: send the commands (then :meth:`receive`).
+        """The first half of :meth:`call`: send commands packed (RESP) into `packed`.
 
         A caller that must know whether its commands may have reached the
         server sends and receives apart: if this raises, the server got
@@ -463,7 +457,7 @@ class Wire:
             raise
 
     def receive(self, count: int) -> list[Any]:
-        """The second half of :meth:`call_packed`: the replies to `count` commands sent."""
+        """The second half of :meth:`call`: the replies to `count` commands sent."""
         connection = self._connection
         replies: list[Any] = []
         try:
