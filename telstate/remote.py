@@ -307,6 +307,32 @@ def attempt_fields(request_id: bytes, timeout: float) -> tuple[bytes, ...]:
     return (b"id", request_id, b"timeout", b"%d" % max(1, int(timeout * 1000)))
 
 
+def encode_request(
+    request_id: bytes,
+    reply_to: bytes,
+    store: str,
+    op: Op,
+    *,
+    key: bytes = b"",
+    sub_key: bytes = b"",
+    value: bytes = b"",
+    timestamp: float | None = None,
+    timeout: float,
+    writer: Writer,
+) -> dict[bytes, bytes]:
+    """The stream entry fields of a request (see the module docstring).
+
+    The writers send the same fields, their identity packed once per token
+    (see :meth:`_Session.xadd`).
+    """
+    flat = (
+        identity_fields(reply_to, store, writer)
+        + attempt_fields(request_id, timeout)
+        + write_fields(op, key=key, sub_key=sub_key, value=value, timestamp=timestamp)
+    )
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     """Check and decode a request stream entry.
 
@@ -604,8 +630,10 @@ class _Session:
     def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
         """A new request, as the fields of its stream entry (the writers send the same)."""
         request_id = self.new_request()
-        flat = self._xadd_head[3:] + attempt_fields(request_id, timeout) + write_fields(op, **write)
-        return request_id, dict(zip(flat[::2], flat[1::2]))
+        writer = Writer(_HOST, self.pid, self.writer_name)
+        return request_id, encode_request(
+            request_id, self.token, self.store, op, timeout=timeout, writer=writer, **write
+        )
 
     def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
         """The reply to `request_id` among a raw XREAD reply, or None."""
