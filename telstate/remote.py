@@ -113,7 +113,8 @@ _FIELDS = {
     Op.DELETE: {b"key"},
     Op.CLEAR: set(),
 }
-_OPS = {op.value.encode(): op for op in _FIELDS}
+_OP_NAMES = {op: op.value.encode() for op in _FIELDS}
+_OPS = {name: op for op, name in _OP_NAMES.items()}
 _COMMON = {b"v", b"id", b"reply", b"store", b"op", b"timeout", b"host", b"pid", b"name"}
 
 
@@ -225,8 +226,11 @@ class Reply:
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Reply:
         """Parse a reply stream entry (missing fields read as empty)."""
+        status = fields.get(b"status", b"")
+        if status == b"ok":
+            return OK  # the common reply: an ok carries nothing else
         return cls(
-            fields.get(b"status", b""),
+            status,
             fields.get(b"value", b""),
             fields.get(b"error", b""),
             ensure_str(fields.get(b"message", b"")),
@@ -257,6 +261,52 @@ def entry_time_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
+def identity_fields(reply_to: bytes, store: str, writer: Writer) -> tuple[bytes, ...]:
+    """The fields every request of one client token repeats, flat (name, value, ...)."""
+    return (
+        b"v",
+        FORMAT_VERSION,
+        b"reply",
+        reply_to,
+        b"store",
+        store.encode(),
+        b"host",
+        writer.host.encode(),
+        b"pid",
+        b"%d" % writer.pid,
+        b"name",
+        (writer.name or "").encode(),
+    )
+
+
+def write_fields(
+    op: Op,
+    *,
+    key: bytes = b"",
+    sub_key: bytes = b"",
+    value: bytes = b"",
+    timestamp: float | None = None,
+) -> tuple[bytes, ...]:
+    """The fields of a request that say what to write, flat (name, value, ...)."""
+    wanted = _FIELDS[op]
+    fields = [b"op", _OP_NAMES[op]]
+    if b"key" in wanted:
+        fields += (b"key", key)
+    if b"sub" in wanted:
+        fields += (b"sub", sub_key)
+    if b"value" in wanted:
+        fields += (b"value", value)
+    if b"ts" in wanted:
+        assert timestamp is not None
+        fields += (b"ts", _TIMESTAMP.pack(timestamp))
+    return tuple(fields)
+
+
+def attempt_fields(request_id: bytes, timeout: float) -> tuple[bytes, ...]:
+    """The fields of one sending of a request: its id, and the `timeout` (s) left to it."""
+    return (b"id", request_id, b"timeout", b"%d" % max(1, int(timeout * 1000)))
+
+
 def encode_request(
     request_id: bytes,
     reply_to: bytes,
@@ -270,29 +320,17 @@ def encode_request(
     timeout: float,
     writer: Writer,
 ) -> dict[bytes, bytes]:
-    """The stream entry fields of a request (see the module docstring)."""
-    fields = {
-        b"v": FORMAT_VERSION,
-        b"id": request_id,
-        b"reply": reply_to,
-        b"store": store.encode(),
-        b"op": op.value.encode(),
-        b"timeout": b"%d" % max(1, int(timeout * 1000)),
-        b"host": writer.host.encode(),
-        b"pid": b"%d" % writer.pid,
-        b"name": (writer.name or "").encode(),
-    }
-    wanted = _FIELDS[op]
-    if b"key" in wanted:
-        fields[b"key"] = key
-    if b"sub" in wanted:
-        fields[b"sub"] = sub_key
-    if b"value" in wanted:
-        fields[b"value"] = value
-    if b"ts" in wanted:
-        assert timestamp is not None
-        fields[b"ts"] = _TIMESTAMP.pack(timestamp)
-    return fields
+    """The stream entry fields of a request (see the module docstring).
+
+    The writers send the same fields, their identity packed once per token
+    (see :meth:`_Session.xadd`).
+    """
+    flat = (
+        identity_fields(reply_to, store, writer)
+        + attempt_fields(request_id, timeout)
+        + write_fields(op, key=key, sub_key=sub_key, value=value, timestamp=timestamp)
+    )
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
@@ -422,17 +460,34 @@ class Wire:
         redis.ConnectionError, redis.TimeoutError
             If the connection failed (it is closed, and reopened by the next call).
         """
+        self.send(b"".join(hiredis.pack_command(command) for command in commands))
+        return self.receive(len(commands))
+
+    def send(self, packed: bytes) -> None:
+        """The first half of :meth:`call`: send commands packed (RESP) into `packed`.
+
+        A caller that must know whether its commands may have reached the
+        server sends and receives apart: if this raises, the server got
+        none of them (in practice: it cannot run a command cut short).
+        """
         connection = self._connection
         if connection is None or self._pid != os.getpid():
             # After a fork the parent's socket is not ours: the pool gives
             # the child connections of its own.
             connection = self._connection = self._pool.get_connection()
             self._pid = os.getpid()
-        packed = b"".join(hiredis.pack_command(command) for command in commands)
         try:
             connection.send_packed_command([packed])
-            replies: list[Any] = []
-            for _ in commands:
+        except BaseException:
+            connection.disconnect()
+            raise
+
+    def receive(self, count: int) -> list[Any]:
+        """The second half of :meth:`call`: the replies to `count` commands sent."""
+        connection = self._connection
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
                 try:
                     replies.append(connection.read_response())
                 except redis.ResponseError as error:
@@ -451,6 +506,46 @@ class Wire:
         if connection is not None and self._pid == os.getpid():
             connection.disconnect()
             self._pool.release(connection)
+
+
+class AsyncWire:
+    """:class:`Wire` for asyncio: one connection of `pool`, held until :meth:`close`."""
+
+    def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
+        self._pool = pool
+        self._connection: Any = None
+
+    async def send(self, packed: bytes) -> None:
+        """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server)."""
+        if self._connection is None:
+            self._connection = await self._pool.get_connection()
+        try:
+            await self._connection.send_packed_command(packed)
+        except BaseException:
+            await self._connection.disconnect()
+            raise
+
+    async def receive(self, count: int) -> list[Any]:
+        """The replies to `count` commands sent (see :meth:`Wire.receive`)."""
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(await self._connection.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+        except BaseException:
+            await self._connection.disconnect()
+            raise
+        return replies
+
+    async def close(self) -> None:
+        """Close the connection and the pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.disconnect()
+            await self._pool.release(connection)
+        await self._pool.disconnect()
 
 
 class WireScript:
@@ -511,6 +606,12 @@ def checked(reply: Any) -> Any:
     return reply
 
 
+def _packed_arguments(arguments: tuple[Any, ...]) -> memoryview:
+    """`arguments` packed as a command's are (RESP), without the count line that starts it."""
+    packed: bytes = hiredis.pack_command(arguments)
+    return memoryview(packed)[packed.index(b"\r\n") + 2 :]
+
+
 class _Session:
     """What the sync and asyncio writers share: identity, request ids, the format."""
 
@@ -531,13 +632,25 @@ class _Session:
         self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
         self.last_reply_id = b"0"
+        # Every request of this token starts with the same XADD arguments:
+        # they are packed once, and each request packs only its own fields.
+        writer = Writer(_HOST, self.pid, self.writer_name)
+        self._xadd_head = (b"XADD", self.requests, b"*") + identity_fields(
+            self.token, self.store, writer
+        )
+        self._packed_head = bytes(_packed_arguments(self._xadd_head))
 
-    def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
+    def new_request(self) -> bytes:
+        """A request id of this process's own."""
         if self.pid != os.getpid():
             # A forked child: its parent goes on with the same counter, and a
             # request id the daemon has seen is answered, never applied again.
             self._new_token()
-        request_id = b"%b:%d" % (self.token, next(self._counter))
+        return b"%b:%d" % (self.token, next(self._counter))
+
+    def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
+        """A new request, as the fields of its stream entry (the writers send the same)."""
+        request_id = self.new_request()
         writer = Writer(_HOST, self.pid, self.writer_name)
         return request_id, encode_request(
             request_id, self.token, self.store, op, timeout=timeout, writer=writer, **write
@@ -555,14 +668,16 @@ class _Session:
         """The XREAD that waits up to `block` ms for this writer's next replies."""
         return (b"XREAD", b"BLOCK", block, b"STREAMS", self.replies, self.last_reply_id)
 
-    def send(self, fields: dict[bytes, bytes], remaining: float) -> tuple[Any, ...]:
-        """The XADD of a request, its timeout set to the `remaining` seconds of the deadline.
+    def xadd(self, request_id: bytes, write: tuple[bytes, ...], remaining: float) -> bytes:
+        """The XADD of request `request_id` (`write` from :func:`write_fields`), packed (RESP).
 
-        A resend after a lost connection keeps the request id (the daemon
-        answers a duplicate from its record) and the original deadline.
+        Its timeout is the `remaining` seconds of the deadline: a resend
+        after a lost connection keeps the request id (the daemon answers a
+        duplicate from its record) and the original deadline.
         """
-        fields[b"timeout"] = b"%d" % max(1, int(remaining * 1000))
-        return (b"XADD", self.requests, b"*", *itertools.chain.from_iterable(fields.items()))
+        tail = attempt_fields(request_id, remaining) + write
+        count = b"*%d\r\n" % (len(self._xadd_head) + len(tail))
+        return b"".join((count, self._packed_head, _packed_arguments(tail)))
 
     def refused(self, error: redis.ResponseError) -> ReadOnlyError:
         return ReadOnlyError(
@@ -626,7 +741,15 @@ class RemoteWriter:
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = threading.Lock()
 
-    def write(self, op: Op, key: bytes | None = None, **write: Any) -> bytes | None:
+    def write(
+        self,
+        op: Op,
+        key: bytes | None = None,
+        *,
+        sub_key: bytes = b"",
+        value: bytes = b"",
+        timestamp: float | None = None,
+    ) -> bytes | None:
         """Send one write and wait for its outcome.
 
         Returns
@@ -645,12 +768,10 @@ class RemoteWriter:
             If the Redis server cannot be reached.
         """
         session = self._session
-        if key is not None:
-            write["key"] = key
+        write = write_fields(op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp)
         with self._lock:
-            start = time.monotonic()
-            deadline = start + session.timeout
-            request_id, fields = session.request(op, session.timeout, **write)
+            deadline = time.monotonic() + session.timeout
+            request_id = session.new_request()
             sent = ever_sent = False
             while True:
                 remaining = deadline - time.monotonic()
@@ -660,9 +781,13 @@ class RemoteWriter:
                 try:
                     if not sent:
                         # The request and the wait for its reply: one write, one blocking read.
-                        added, reply = self._wire.call(session.send(fields, remaining), read)
-                        checked(added)
+                        self._wire.send(
+                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
+                        )
+                        # From here the daemon may apply it: a failure means a resend.
                         sent = ever_sent = True
+                        added, reply = self._wire.receive(2)
+                        checked(added)
                     else:
                         (reply,) = self._wire.call(read)
                     reply = checked(reply)
@@ -704,40 +829,44 @@ class AsyncRemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs = control_kwargs(client, control_db)
-        self._client = redis.asyncio.Redis(
-            connection_pool=redis.asyncio.ConnectionPool(**kwargs),
-            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
-        )
+        self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs))
         socket_timeout = kwargs.get("socket_timeout")
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = asyncio.Lock()
 
-    async def write(self, op: Op, key: bytes | None = None, **write: Any) -> bytes | None:
+    async def write(
+        self,
+        op: Op,
+        key: bytes | None = None,
+        *,
+        sub_key: bytes = b"",
+        value: bytes = b"",
+        timestamp: float | None = None,
+    ) -> bytes | None:
         """Send one write and wait for its outcome (see :meth:`RemoteWriter.write`)."""
         session = self._session
-        if key is not None:
-            write["key"] = key
+        write = write_fields(op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp)
         async with self._lock:
-            start = time.monotonic()
-            deadline = start + session.timeout
-            request_id, fields = session.request(op, session.timeout, **write)
+            deadline = time.monotonic() + session.timeout
+            request_id = session.new_request()
             sent = ever_sent = False
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise session.timed_out(key, op)
-                block = max(1, int(min(remaining, self._block) * 1000))
+                read = session.read_replies(max(1, int(min(remaining, self._block) * 1000)))
                 try:
                     if not sent:
-                        async with self._client.pipeline(transaction=False) as pipe:
-                            pipe.execute_command(*session.send(fields, remaining))
-                            pipe.xread({session.replies: session.last_reply_id}, block=block)
-                            reply = (await pipe.execute())[1]
-                        sent = ever_sent = True
-                    else:
-                        reply = await self._client.xread(
-                            {session.replies: session.last_reply_id}, block=block
+                        await self._wire.send(
+                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
                         )
+                        sent = ever_sent = True
+                        added, reply = await self._wire.receive(2)
+                        checked(added)
+                    else:
+                        await self._wire.send(hiredis.pack_command(read))
+                        (reply,) = await self._wire.receive(1)
+                    reply = checked(reply)
                 except _TRANSIENT as error:
                     if not ever_sent:
                         raise session.unreachable(error) from error
@@ -752,4 +881,4 @@ class AsyncRemoteWriter:
 
     async def close(self) -> None:
         """Close the writer's connections."""
-        await self._client.aclose()
+        await self._wire.close()

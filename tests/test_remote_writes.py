@@ -8,17 +8,20 @@ exactly once, ``verify`` must pass and the mirror must equal the store.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import katsdptelstate
 import katsdptelstate.redis
 import numpy as np
@@ -778,3 +781,153 @@ def test_a_database_announced_for_writes_before_its_cursor_is_never_written_dire
     server.client(db=MIRROR_CURSOR_DB).hset(intake_key(0), "store", store)
     backend = RedisBackend(redis.Redis.from_url(mirror_url))
     assert backend._remote is not None
+
+
+def _sent_fields(packed: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """A packed XADD read back as Redis reads it: its first arguments, and its entry fields."""
+    reader = hiredis.Reader()
+    reader.feed(packed)
+    command = reader.gets()
+    assert reader.gets() is False  # exactly one command
+    return command[:3], dict(zip(command[3::2], command[4::2]))
+
+
+@pytest.mark.parametrize(
+    "op, write",
+    [
+        (Op.SET_IMMUTABLE, dict(key=b"k", value=b"\xff\r\n*3\r\n" + bytes(range(256)) * 40)),
+        (Op.ADD_MUTABLE, dict(key=b"sensor", value=encode_value(1.5), timestamp=1234.5)),
+        (Op.SET_INDEXED, dict(key=b"idx", sub_key=encode_value("gain"), value=b"")),
+        (Op.DELETE, dict(key=b"k")),
+        (Op.CLEAR, {}),
+    ],
+)
+def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
+    """The writer packs each request from a head packed once per token: it must be the request."""
+    from telstate.remote import _Session, decode_request, write_fields
+
+    session = _Session(3, "0123-store", 10.0, "näme")
+    request_id, expected = session.request(op, 7.5, **write)
+    start, fields = _sent_fields(session.xadd(request_id, write_fields(op, **write), 7.5))
+    assert start == [b"XADD", request_stream_key(3), b"*"]
+    assert fields == expected
+    request = decode_request(b"1-0", fields)
+    assert (request.op, request.request_id, request.reply_to) == (op, request_id, session.token)
+    assert request.key == write.get("key", b"")
+    assert request.value == write.get("value", b"")
+    assert request.timeout_ms == 7500
+    assert request.writer == (socket.gethostname(), os.getpid(), "näme")
+
+
+def _pack_in_child(queue: Any, session: Any) -> None:
+    from telstate.remote import write_fields
+
+    request_id = session.new_request()
+    queue.put((request_id, session.xadd(request_id, write_fields(Op.CLEAR), 1.0)))
+
+
+def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
+    from telstate.remote import _Session, write_fields
+
+    session = _Session(0, "store", 10.0, None)
+    parent_id = session.new_request()
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_pack_in_child, args=(queue, session))
+    child.start()
+    child_id, packed = queue.get(timeout=SETTLE)
+    child.join(SETTLE)
+    _, fields = _sent_fields(packed)
+    assert fields[b"pid"] == b"%d" % child.pid
+    assert fields[b"reply"] != session.token
+    assert child_id.startswith(fields[b"reply"] + b":") and child_id == fields[b"id"]
+    # The parent goes on with its own token, its head untouched by the child.
+    request_id = session.new_request()
+    _, fields = _sent_fields(session.xadd(request_id, write_fields(Op.CLEAR), 1.0))
+    assert fields[b"reply"] == session.token and fields[b"pid"] == b"%d" % os.getpid()
+    assert parent_id.startswith(session.token + b":") and request_id != parent_id
+
+
+def _write_after_warming(mirror_url: str, aio: bool, ready: Any, go: Any) -> None:
+    """Open a writer (sync or asyncio), write once, and write "resent" once `go` is set."""
+    if aio:
+        from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+        async def write() -> None:
+            ts = telstate.aio.TelescopeState(await AioRedisBackend.from_url(mirror_url))
+            await ts.add("warm", 1.0, ts=1.0)
+            ready.set()
+            go.wait(SETTLE)
+            await ts.add("resent", 2.0, ts=2.0)
+            ts.backend.close()
+            await ts.backend.wait_closed()
+
+        asyncio.run(write())
+    else:
+        ts = TelescopeState(mirror_url)
+        ts.add("warm", 1.0, ts=1.0)
+        ready.set()
+        go.wait(SETTLE)
+        ts.add("resent", 2.0, ts=2.0)
+        ts.backend.close()
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
+    store, server, mirror_url, daemon, aio
+):
+    """The connection fails while the writer waits for its reply: it was sent, so it is resent.
+
+    (Not a ConnectionError: the daemon may still apply the first sending.)
+    """
+    process = daemon()
+    control = server.client(db=MIRROR_CURSOR_DB)
+    ready, go = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def write() -> None:
+        try:
+            _write_after_warming(mirror_url, aio, ready, go)
+            outcome.append("ok")
+        except Exception as error:  # reported to the test below
+            outcome.append(error)
+
+    def sent() -> list[dict[bytes, bytes]]:
+        # The daemon stopped, nothing is taken from the stream meanwhile.
+        entries = control.xrange(request_stream_key(0))
+        return [fields for _, fields in entries if fields.get(b"key") == b"resent"]
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert ready.wait(SETTLE)
+    process.process.send_signal(signal.SIGSTOP)  # no reply comes until the daemon goes on
+    try:
+        go.set()
+        deadline = time.monotonic() + SETTLE
+        while not sent():
+            assert time.monotonic() < deadline, "the request was not sent"
+            time.sleep(0.01)
+        # The writer's connection is the one reading its reply stream: cut it.
+        (writer,) = [c for c in control.client_list() if c["cmd"] == "xread"]
+        control.client_kill_filter(_id=writer["id"])
+        while len(sent()) < 2:
+            assert time.monotonic() < deadline, "the request was not sent again"
+            time.sleep(0.01)
+        first, again = sent()
+    finally:
+        process.process.send_signal(signal.SIGCONT)
+        go.set()
+    thread.join(SETTLE)
+    assert outcome == ["ok"]
+    assert again[b"id"] == first[b"id"]
+    assert int(again[b"timeout"]) < int(first[b"timeout"])  # the deadline stays the first one's
+    assert {k: v for k, v in again.items() if k != b"timeout"} == {
+        k: v for k, v in first.items() if k != b"timeout"
+    }
+    control.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert [(e.key, e.value) for e in backend.events() if e.key == b"resent"] == [
+        (b"resent", encode_value(2.0))
+    ]
+    backend.close()
