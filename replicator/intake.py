@@ -119,8 +119,9 @@ REPLY_TTL_MS = 60_000
 REPLY_MAXLEN = 100
 #: Request records are swept a few at a time, so no transaction scans them all.
 SWEEP_CHUNK = 64
-#: Seconds between sweeps.
-SWEEP_INTERVAL = 1.0
+#: Seconds between sweeps (short, so that each pauses the intake briefly:
+#: at 1000 requests a second, about 0.6 ms for the 3.6 million records kept).
+SWEEP_INTERVAL = 0.1
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 #: Seconds between readings of the server's clock (between them it is
@@ -865,9 +866,9 @@ def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, s
 
 #: Each sweep looks at this fraction of the stored records (at least
 #: :data:`SWEEP_CHUNK`), so that a pass over them takes about this many
-#: sweeps however fast requests come (a fixed number per sweep falls
+#: sweeps (10 minutes at :data:`SWEEP_INTERVAL`) however fast requests come (a fixed number per sweep falls
 #: behind any rate above it, and the records pile up without bound).
-SWEEP_PASS = 600
+SWEEP_PASS = 6000
 
 
 def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
