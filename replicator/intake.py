@@ -866,8 +866,9 @@ def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, s
 
 #: Each sweep looks at this fraction of the stored records (at least
 #: :data:`SWEEP_CHUNK`), so that a pass over them takes about this many
-#: sweeps (10 minutes at :data:`SWEEP_INTERVAL`) however fast requests come (a fixed number per sweep falls
-#: behind any rate above it, and the records pile up without bound).
+#: sweeps (10 minutes at :data:`SWEEP_INTERVAL`) however fast requests
+#: come (a fixed number per sweep falls behind any rate above it, and the
+#: records pile up without bound).
 SWEEP_PASS = 6000
 
 
