@@ -278,3 +278,40 @@ def test_a_forked_child_is_another_process(backend):
         os._exit(0 if store.notify_token != parent and notify.slot is None else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def older_heartbeat(notify, now: float) -> None:
+    """What an older telstate waiter does on each wake-up."""
+    if notify.words[0] < now + settings.HEARTBEAT / 2:
+        notify.words[0] = now + settings.HEARTBEAT
+
+
+def test_a_waiter_alone_explains_word_0_through_its_renewals(backend):
+    # Explicit times, a waiter's wake-ups 1/50 of a heartbeat apart (as the
+    # poll interval is): the process's own commits never write the file.
+    store = backend._get_store()
+    notify, token, start = store.notify, store.notify_token, time.time()
+    for step in range(500):
+        now = start + step * settings.HEARTBEAT / 50
+        notify.announce(token, now)
+        assert notify.words[0] > now
+        assert not notify.others_wait(token, now), step
+
+
+def test_an_older_waiter_is_not_taken_for_this_processs_own(backend):
+    # An older waiter that starts while this process's announcement is
+    # fresh finds word 0 live and leaves it: it must be able to write its
+    # own there once half its time is left, or this process would never
+    # write the file for it (explicit times, as above).
+    store = backend._get_store()
+    notify, token, start = store.notify, store.notify_token, time.time()
+    older_from, older_until = 50, 400
+    for step in range(500):
+        now = start + step * settings.HEARTBEAT / 50
+        notify.announce(token, now)  # this process's waiter wakes first
+        if older_from <= step < older_until:
+            older_heartbeat(notify, now)
+        if older_from + 25 <= step < older_until:
+            assert notify.others_wait(token, now), step
+        elif step >= older_until + 50:
+            assert not notify.others_wait(token, now), step  # gone, and so is its heartbeat

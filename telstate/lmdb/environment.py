@@ -384,10 +384,10 @@ class _NotifyFile:
     on every commit while word 0 is live, as older telstate does.
 
     `slot` (the word index of this process's slot, once claimed),
-    `changes` (how often this process wrote word 2) and `finding`
-    (:meth:`others_wait`'s last answer) belong to this process and this
-    file: a new file starts without them, and so does a forked child
-    (see :meth:`forget_slot`).
+    `said` (what this process last wrote to word 0), `changes` (how
+    often it wrote word 2) and `finding` (:meth:`others_wait`'s last
+    answer) belong to this process and this file: a new file starts
+    without them, and so does a forked child (see :meth:`forget_slot`).
 
     Closed by :meth:`Store.close`, or else when the last reference goes:
     the watch thread replaces a store's notify file (see
@@ -395,7 +395,7 @@ class _NotifyFile:
     one, which they hold in a local variable.
     """
 
-    __slots__ = ("changes", "fd", "finding", "ints", "map", "slot", "words")
+    __slots__ = ("changes", "fd", "finding", "ints", "map", "said", "slot", "words")
 
     def __init__(self, fd: int, file_map: mmap.mmap) -> None:
         self.fd = fd
@@ -404,6 +404,7 @@ class _NotifyFile:
         # The same words as int64, if the file has waiter slots.
         self.ints = memoryview(file_map).cast("q") if len(file_map) == _NOTIFY_SIZE else None
         self.slot: int | None = None
+        self.said: float | None = None
         self.changes = 0
         # (word 0, word 2, valid until, whether others wait).
         self.finding: tuple[float, int, float, bool] | None = None
@@ -411,16 +412,17 @@ class _NotifyFile:
     def forget_slot(self) -> None:
         """Forget this process's slot and findings (in a forked child: it has a new token)."""
         self.slot = None
+        self.said = None
         self.changes = 0
         self.finding = None
 
     def others_wait(self, token: int, now: float) -> bool:
         """Whether a process other than the one of `token` may wait (word 0 is live).
 
-        Word 0 is explained by this process alone if it holds the expiry
-        of this process's slot and no other slot is live; an older
-        process's heartbeat (it has no slot) never is. Found again only
-        when word 0 or word 2 changes, or a live slot expires.
+        No other process waits if word 0 holds what this process wrote
+        there and no slot but this process's is live; a process without
+        a slot (an older one) writes its own time to word 0. Found again
+        only when word 0 or word 2 changes, or a live slot expires.
         """
         ints = self.ints
         if ints is None:
@@ -431,54 +433,49 @@ class _NotifyFile:
         if finding is not None and finding[0] == heard and finding[1] == changes:
             if now < finding[2]:
                 return finding[3]
-        until, others, explained = heard, False, False
-        for index in range(_NOTIFY_SLOT0, _NOTIFY_SLOT0 + 2 * _NOTIFY_SLOTS, 2):
-            expiry = words[index + 1]
-            if expiry <= now:
-                continue
-            until = min(until, expiry)
-            if ints[index] != token:
-                others = True
-                break
-            explained = explained or expiry == heard
-        others = others or not explained
+        until, others = heard, heard != self.said
+        if not others:
+            for index in range(_NOTIFY_SLOT0, _NOTIFY_SLOT0 + 2 * _NOTIFY_SLOTS, 2):
+                expiry = words[index + 1]
+                if expiry > now:
+                    until = min(until, expiry)
+                    if ints[index] != token:
+                        others = True
+                        break
         self.finding = (heard, changes, until, others)
         return others
 
     def announce(self, token: int, now: float) -> None:
         """Announce that the process of `token` waits: in its slot, if it gets one, and word 0.
 
-        Older waiters renew word 0 when half its time is left; this one
-        only once a quarter is left (or if it wrote the value there), so
-        that an older waiter's announcement is not cut short.
+        Older waiters (and one that finds no free slot) renew word 0 once
+        half its time is left, one with a slot only once a quarter is left:
+        so an older waiter's time is in word 0 within half a heartbeat and
+        stays there while it waits, and no committer takes it for its own.
         """
         words = self.words
-        if self.ints is None or not self._announce_in_slot(token, now):
-            if words[0] < now + settings.HEARTBEAT / 2:
-                words[0] = now + settings.HEARTBEAT
+        if self.ints is not None and self._announce_in_slot(token, now):
+            if words[0] < now + settings.HEARTBEAT / 4:
+                self.said = now + settings.HEARTBEAT
+                words[0] = self.said
+        elif words[0] < now + settings.HEARTBEAT / 2:
+            words[0] = now + settings.HEARTBEAT
 
     def _announce_in_slot(self, token: int, now: float) -> bool:
-        """Renew (or claim) the slot of `token`, and word 0; False if no slot is free."""
+        """Claim a slot for `token`, or renew it at half its time; False if none is free."""
         words, ints = self.words, self.ints
         assert ints is not None
         slot = self.slot
         if slot is not None and ints[slot] == token:
-            previous = words[slot + 1]
-            if previous >= now + settings.HEARTBEAT / 2:
-                if words[0] < now + settings.HEARTBEAT / 4:
-                    words[0] = previous
+            if words[slot + 1] >= now + settings.HEARTBEAT / 2:
                 return True
         else:
             slot = self._free_slot(token, now)
             if slot is None:
                 return False
-            previous = words[slot + 1]
             ints[slot] = token
             self.slot = slot
-        expiry = now + settings.HEARTBEAT
-        words[slot + 1] = expiry
-        if words[0] == previous or words[0] < now + settings.HEARTBEAT / 4:
-            words[0] = expiry
+        words[slot + 1] = now + settings.HEARTBEAT
         # After the slot: a committer that sees the change sees the slot.
         self.changes += 1
         ints[_NOTIFY_CHANGES] = token ^ self.changes
@@ -992,9 +989,9 @@ class Store:
 
         Word 0 says that some process waits: committers of older telstate
         read only it. A process also announces itself in a slot of its own,
-        so that a committer that finds no live slot but its own knows that
-        no other process waits (it still writes the notify file if word 0
-        holds what an older process wrote, see :class:`_NotifyFile`).
+        so that a committer that finds no live slot but its own, and its
+        own time in word 0, knows that no other process waits (see
+        :meth:`_NotifyFile.announce`).
         """
         notify = self.notify
         if notify is not None:
