@@ -87,8 +87,11 @@ A process waiting for a commit (``wait_key``, :meth:`~LmdbBackend.monitor_keys`,
 a waiter has announced itself in the store's ``notify`` file (a heartbeat
 it renews), each commit writes a byte to that file, which one thread per
 process watches (inotify on Linux, watchdog elsewhere; see
-:mod:`telstate.lmdb.watch`). The truth is LMDB's last transaction id,
-polled every ``settings.POLL_INTERVAL`` as a fallback.
+:mod:`telstate.lmdb.watch`); unless the only waiting process is the
+committer's own, whose waiters it wakes directly (each waiting process
+also announces itself in a slot of its own, see :class:`_NotifyFile`).
+The truth is LMDB's last transaction id, polled every
+``settings.POLL_INTERVAL`` as a fallback.
 """
 
 from __future__ import annotations
@@ -126,6 +129,12 @@ logger = logging.getLogger(__name__)
 #: Durability modes, see the module docstring.
 DURABILITIES = ("fsync", "batch", "none")
 _NOTIFY_FILE = watch.NOTIFY_FILE
+# The notify file's layout in 8-byte words, see _NotifyFile.
+_NOTIFY_LEGACY_SIZE = 16
+_NOTIFY_CHANGES = 2
+_NOTIFY_SLOT0 = 8
+_NOTIFY_SLOTS = 16
+_NOTIFY_SIZE = 8 * (_NOTIFY_SLOT0 + 2 * _NOTIFY_SLOTS)
 # Where LMDB's lock file keeps the last committed transaction id (see _LockWord).
 _LOCK_MAGIC = 0xBEEFC0DE
 _LOCK_TXNID_INDEX = 6
@@ -353,7 +362,32 @@ _ENTRY_OVERHEAD = 200
 
 
 class _NotifyFile:
-    """A store's mapped notify file: 8 bytes of heartbeat (a time), then the byte commits write.
+    """A store's mapped notify file, and this process's waiter slot in it.
+
+    ======  ========================================================
+    word    content
+    ======  ========================================================
+    0       the heartbeat: a float64 time until which some process
+            waits (older telstate reads and renews this word only)
+    1       its first byte is the byte commits write (see
+            :meth:`Store.committed`)
+    2       an int64 that changes whenever a waiter claims or renews
+            its slot (the slot written first)
+    3..7    unused (zero)
+    8..39   16 slots, one per waiting process: its token (int64,
+            never 0) and its expiry (float64)
+    ======  ========================================================
+
+    Older telstate made (and maps) the first 16 bytes only. A writable
+    process extends such a file; a process that can only map 16 bytes of
+    it (`ints` None) announces itself in word 0 alone and writes the file
+    on every commit while word 0 is live, as older telstate does.
+
+    `slot` (the word index of this process's slot, once claimed),
+    `said` (what this process last wrote to word 0), `changes` (how
+    often it wrote word 2) and `finding` (:meth:`others_wait`'s last
+    answer) belong to this process and this file: a new file starts
+    without them, and so does a forked child (see :meth:`forget_slot`).
 
     Closed by :meth:`Store.close`, or else when the last reference goes:
     the watch thread replaces a store's notify file (see
@@ -361,16 +395,111 @@ class _NotifyFile:
     one, which they hold in a local variable.
     """
 
-    __slots__ = ("fd", "map", "words")
+    __slots__ = ("changes", "fd", "finding", "ints", "map", "said", "slot", "words")
 
     def __init__(self, fd: int, file_map: mmap.mmap) -> None:
         self.fd = fd
         self.map = file_map
         self.words = memoryview(file_map).cast("d")
+        # The same words as int64, if the file has waiter slots.
+        self.ints = memoryview(file_map).cast("q") if len(file_map) == _NOTIFY_SIZE else None
+        self.slot: int | None = None
+        self.said: float | None = None
+        self.changes = 0
+        # (word 0, word 2, valid until, whether others wait).
+        self.finding: tuple[float, int, float, bool] | None = None
+
+    def forget_slot(self) -> None:
+        """Forget this process's slot and findings (in a forked child: it has a new token)."""
+        self.slot = None
+        self.said = None
+        self.changes = 0
+        self.finding = None
+
+    def others_wait(self, token: int, now: float) -> bool:
+        """Whether a process other than the one of `token` may wait (word 0 is live).
+
+        No other process waits if word 0 holds what this process wrote
+        there and no slot but this process's is live; a process without
+        a slot (an older one) writes its own time to word 0. Found again
+        only when word 0 or word 2 changes, or a live slot expires.
+        """
+        ints = self.ints
+        if ints is None:
+            return True
+        words = self.words
+        heard, changes = words[0], ints[_NOTIFY_CHANGES]
+        finding = self.finding
+        if finding is not None and finding[0] == heard and finding[1] == changes:
+            if now < finding[2]:
+                return finding[3]
+        until, others = heard, heard != self.said
+        if not others:
+            for index in range(_NOTIFY_SLOT0, _NOTIFY_SLOT0 + 2 * _NOTIFY_SLOTS, 2):
+                expiry = words[index + 1]
+                if expiry > now:
+                    until = min(until, expiry)
+                    if ints[index] != token:
+                        others = True
+                        break
+        self.finding = (heard, changes, until, others)
+        return others
+
+    def announce(self, token: int, now: float) -> None:
+        """Announce that the process of `token` waits: in its slot, if it gets one, and word 0.
+
+        Older waiters (and one that finds no free slot) renew word 0 once
+        half its time is left, one with a slot only once a quarter is left:
+        so an older waiter's time is in word 0 within half a heartbeat and
+        stays there while it waits, and no committer takes it for its own.
+        """
+        words = self.words
+        if self.ints is not None and self._announce_in_slot(token, now):
+            if words[0] < now + settings.HEARTBEAT / 4:
+                self.said = now + settings.HEARTBEAT
+                words[0] = self.said
+        elif words[0] < now + settings.HEARTBEAT / 2:
+            words[0] = now + settings.HEARTBEAT
+
+    def _announce_in_slot(self, token: int, now: float) -> bool:
+        """Claim a slot for `token`, or renew it at half its time; False if none is free."""
+        words, ints = self.words, self.ints
+        assert ints is not None
+        slot = self.slot
+        if slot is not None and ints[slot] == token:
+            if words[slot + 1] >= now + settings.HEARTBEAT / 2:
+                return True
+        else:
+            slot = self._free_slot(token, now)
+            if slot is None:
+                return False
+            ints[slot] = token
+            self.slot = slot
+        words[slot + 1] = now + settings.HEARTBEAT
+        # After the slot: a committer that sees the change sees the slot.
+        self.changes += 1
+        ints[_NOTIFY_CHANGES] = token ^ self.changes
+        return True
+
+    def _free_slot(self, token: int, now: float) -> int | None:
+        """The word index of a slot `token` may take (its own, or an expired one)."""
+        words, ints = self.words, self.ints
+        assert ints is not None
+        free = None
+        first = token % _NOTIFY_SLOTS  # processes start apart
+        for n in range(_NOTIFY_SLOTS):
+            index = _NOTIFY_SLOT0 + 2 * ((first + n) % _NOTIFY_SLOTS)
+            if ints[index] == token:
+                return index
+            if free is None and words[index + 1] < now:
+                free = index
+        return free
 
     def close(self, _close: Any = os.close) -> None:  # os.close held for interpreter exit
         if self.fd >= 0:
             self.words.release()
+            if self.ints is not None:
+                self.ints.release()
             self.map.close()
             _close(self.fd)
             self.fd = -1
@@ -425,6 +554,11 @@ class Store:
     def _reset_process_state(self) -> None:
         """Forget what belongs to this process only (called at creation and after fork)."""
         self.commit_condition = threading.Condition(threading.Lock())
+        # Marks this process's waiter slot in the notify file (nonzero).
+        self.notify_token = int.from_bytes(os.urandom(8), "little", signed=True) | 1
+        notify = self.notify
+        if notify is not None:
+            notify.forget_slot()
         self.commit_generation = 0
         self.waiters = 0
         # None: not watched yet; False: cannot be (waiters poll); else the
@@ -549,8 +683,12 @@ class Store:
             if writable:
                 env.reader_check()
             self.tables, self.uuid = self._open_tables(env, writable)
-            if self.notify is None:
-                self.notify = self._open_notify(writable)
+            if self.notify is None or (writable and self.notify.ints is None):
+                # (An older file, mapped while this process could not extend it, gets its slots.)
+                notify = self._open_notify(writable)
+                if notify is not None:
+                    with self.notify_lock:
+                        self.notify = notify
         except lmdb.Error as error:
             env.close()
             raise StoreError(f"cannot open the telstate store at {path!r}: {error}") from error
@@ -564,7 +702,11 @@ class Store:
         self.lock_words = self.lock_word.words
 
     def _open_notify(self, writable: bool) -> _NotifyFile | None:
-        """Open and map the notify file (creating it if `writable`); None if impossible."""
+        """Open and map the notify file (made or extended if `writable`); None if impossible.
+
+        An older telstate's file (16 bytes) that this process cannot
+        extend is mapped as it is (see :class:`_NotifyFile`).
+        """
         try:
             fd = os.open(
                 os.path.join(self.path, _NOTIFY_FILE),
@@ -576,11 +718,13 @@ class Store:
         try:
             if writable:
                 # Written through the map below: allocated first, as lock.mdb.
-                self._allocate(fd, 16)
-            elif os.fstat(fd).st_size < 16:
+                self._allocate(fd, _NOTIFY_SIZE)
+            size = os.fstat(fd).st_size
+            if size < _NOTIFY_LEGACY_SIZE:
                 os.close(fd)
                 return None
-            return _NotifyFile(fd, mmap.mmap(fd, 16))
+            size = _NOTIFY_SIZE if size >= _NOTIFY_SIZE else _NOTIFY_LEGACY_SIZE
+            return _NotifyFile(fd, mmap.mmap(fd, size))
         except OSError:
             os.close(fd)
             return None
@@ -824,11 +968,15 @@ class Store:
 
         Other processes are told through a write to the notify file, which
         their filesystem watch sees; it is skipped while no process has
-        announced that it is waiting (see :meth:`heartbeat`).
+        announced that it is waiting, or only this one (see
+        :meth:`heartbeat`): its waiters are woken directly, and its own
+        watch would only wake them again.
         """
         notify = self.notify
-        if notify is not None and notify.words[0] > time.time():
-            os.pwrite(notify.fd, b"\x00", 8)
+        if notify is not None:
+            now = time.time()
+            if notify.words[0] > now and notify.others_wait(self.notify_token, now):
+                os.pwrite(notify.fd, b"\x00", 8)
         if self.waiters:
             self.wake()
 
@@ -838,13 +986,16 @@ class Store:
         The announcement lasts a few seconds; waiters renew it on every
         wake-up. A waiter that cannot write the file (a read-only copy)
         relies on polling.
+
+        Word 0 says that some process waits: committers of older telstate
+        read only it. A process also announces itself in a slot of its own,
+        so that a committer that finds no live slot but its own, and its
+        own time in word 0, knows that no other process waits (see
+        :meth:`_NotifyFile.announce`).
         """
         notify = self.notify
         if notify is not None:
-            words = notify.words
-            now = time.time()
-            if words[0] < now + settings.HEARTBEAT / 2:
-                words[0] = now + settings.HEARTBEAT
+            notify.announce(self.notify_token, time.time())
 
     def wake(self) -> None:
         with self.commit_condition:
