@@ -247,13 +247,8 @@ class Daemon:
         rebuilding = False
         stream = self.log_stream
         while not self.stop.is_set():
-            seq = sink.seq
             if until_seq is not None:
-                if (
-                    seq is not None
-                    and seq >= until_seq
-                    and (stream is None or (stream.head or 0) >= until_seq)
-                ):
+                if self._reached(sink, until_seq):
                     return True
                 if sink.state == SinkState.CONFLICT:
                     return False  # another replicator has the mirror: nothing to finish
@@ -267,12 +262,14 @@ class Daemon:
                 and step.applied < sink.batch_events
             ):
                 stream_step = stream.step()
-                # A stream waiting out a Redis failure leaves the mirror idle: new
-                # commits, not its retry, call for the next step.
+                # A stream waiting out a Redis failure, or level with the log as it
+                # read it, leaves the mirror idle: new commits, not its retry, call
+                # for the next step (those of the intake after _ECHO_DELAY, so that
+                # busy remote writers' events reach the stream in batches).
                 step = Step(
                     step.applied,
                     wait=min(step.wait, stream_step.wait),
-                    idle=step.idle and not stream_step.applied,
+                    idle=step.idle and (not stream_step.applied or stream_step.idle),
                 )
             refusal = sink.fenced or (stream.refusal if stream is not None else None)
             if refusal is not None:
@@ -292,11 +289,23 @@ class Daemon:
             if step.wait <= 0.0:
                 continue
             seq = sink.seq
+            if until_seq is not None and self._reached(sink, until_seq):
+                return True
             if step.idle and seq is not None:
                 self._wait_for_commit(sink, seq, min(step.wait, _IDLE_WAIT))
             else:
                 self.stop.wait(step.wait)
         return False
+
+    def _reached(self, sink: RedisSink, seq: int) -> bool:
+        """Whether the mirror and the log stream (if any) hold event `seq`."""
+        mirrored = sink.seq
+        stream = self.log_stream
+        return (
+            mirrored is not None
+            and mirrored >= seq
+            and (stream is None or (stream.head or 0) >= seq)
+        )
 
     def _wait_for_commit(self, sink: RedisSink, seq: int, timeout: float) -> None:
         """Wait up to `timeout` s for a commit after `seq` that this thread has work for.

@@ -79,7 +79,7 @@ from telstate.errors import StoreError
 from telstate.lmdb import LmdbBackend, read_records, writers_of
 from telstate.log import Writer
 from telstate.redis import MIRROR_CURSOR_DB
-from telstate.remote import control_kwargs
+from telstate.remote import Wire, WireScript, control_kwargs
 from telstate.utils import ensure_str
 
 from .connection import connect, redact_url
@@ -346,7 +346,10 @@ class LogStream:
             log_writers_key(self.db),
             promotion_key(self.db),
         ]
-        self._append = self.client.register_script(_APPEND)
+        # Appended over a connection of its own (see telstate.remote.Wire):
+        # through redis-py's client the call cost more Python than Redis time.
+        self._wire = Wire(self.client.connection_pool)
+        self._append = WireScript(self._wire, _APPEND.encode())
         self._claim = self.client.register_script(_CLAIM)
         # The promotion (its seq, '' for none) the stream was claimed under.
         self._promotion = b""
@@ -377,7 +380,8 @@ class LogStream:
             return self._fail(f"Redis at {self.url} refused a command: {error}")
 
     def close(self) -> None:
-        """Close the connection to Redis."""
+        """Close the connections to Redis."""
+        self._wire.close()
         self.client.close()
 
     def _connect(self) -> Step:
@@ -517,11 +521,15 @@ class LogStream:
             return Step(0)
         self._writers_sent |= ids
         self.head = int(head)
+        if len(batch) < self.batch_events and size < self.batch_bytes:
+            # Level with the log as it was read: new commits call for the next step.
+            return Step(last - first + 1, wait=self.backoff[1], idle=True)
         return Step(last - first + 1)
 
     def _fail(self, message: str) -> Step:
         logger.warning("log stream: %s; retrying in %.1f s", message, self._delay)
         self.state = StreamState.BACKOFF
+        self._wire.close()
         self._retry_at = time.monotonic() + self._delay
         wait = self._delay
         self._delay = min(self._delay * 2, self.backoff[1])
