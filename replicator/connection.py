@@ -84,18 +84,15 @@ def redact_url(url: str) -> str:
         userinfo = f"{user}{':***' if password else ''}@"
     shown: list[str] = []
     for name, value in query:
-        if name in _SHOWN_PARAMETERS:
-            shown.append(
-                f"{urllib.parse.quote(name, safe='')}={urllib.parse.quote(value, safe='')}"
-            )
-        elif name == "password" or shown[-1:] != ["***"]:
+        if name not in _SHOWN_PARAMETERS:
+            # A secret (password, ssl_password, or a parameter redis-py only
+            # passes on): an unencoded '&' in it would make its tail look like
+            # further parameters, names included, so nothing after it shows.
             shown.append(f"{urllib.parse.quote(name, safe='')}=***")
-        if name == "password":
+            if len(shown) < len(query):
+                shown.append("***")
             break
-    if len(shown) < len(query):
-        # An unencoded '&' in a password makes what follows it look like
-        # parameters (their names included): none of it is shown.
-        shown.append("***")
+        shown.append(f"{urllib.parse.quote(name, safe='')}={urllib.parse.quote(value, safe='')}")
     shown_query = "&".join(shown)
     if scheme == "unix":
         location = urllib.parse.quote(fields.get("path", ""), safe="/")

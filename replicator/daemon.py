@@ -106,9 +106,9 @@ class SharedSink:
     def catch_up(self, seq: int, then: tuple[Any, ...] | None = None) -> tuple[int | None, Any]:
         """Step the sink until the mirror holds `seq` or a step moves nothing.
 
-        `then` is sent after the script of each step that applies events,
-        in the same write, until one such step gives a reply to it other
-        than 0 (see :meth:`RedisSink.step`).
+        `then` is sent after the script of each step whose events reach
+        `seq`, in the same write, until one such step gives a reply to it
+        other than 0 (see :meth:`RedisSink.step`).
 
         Returns
         -------
@@ -118,7 +118,7 @@ class SharedSink:
         answer = None
         with self.turn:
             while (self.sink.seq or 0) < seq:
-                step = self.sink.step(then)
+                step = self.sink.step(then, then_seq=seq)
                 if step.then is not None:
                     answer = step.then
                     if not isinstance(answer, int) or answer != 0:

@@ -429,12 +429,15 @@ class Intake:
                 self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
+        now_ms = self._server_time(fetched)
         with mirror.hold():
-            applied = self._process(fetched, self._server_time(fetched))
+            applied = self._process(fetched, now_ms)
             if self._owed:
                 self._project(mirror)
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready
+        # After the replies, outside the hold: a sweep's commit delays no reply.
+        self._sweep(now_ms)
         return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
 
     def _project(self, mirror: Mirror) -> None:
@@ -553,10 +556,13 @@ class Intake:
         return max(server_ms, newest)
 
     def _collect_replies(self, mirror_seq: int | None) -> None:
-        """Ready the owed replies whose events the mirror holds (at `mirror_seq`)."""
-        if mirror_seq is None:
-            return
-        while self._owed and self._owed[0].seq <= mirror_seq:
+        """Ready the owed replies whose events the mirror holds (at `mirror_seq`).
+
+        Replies owed at seq 0 (refusals: nothing to show) go out even while
+        the mirror is incomplete (None), unless behind a reply that waits.
+        """
+        limit = 0 if mirror_seq is None else mirror_seq
+        while self._owed and self._owed[0].seq <= limit:
             self._ready.append(self._owed.popleft())
 
     def _reply_command(self, ready: list[_Owed], need: int = 0) -> tuple[Any, ...]:
@@ -621,10 +627,13 @@ class Intake:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
             for request, record in zip(chunk, outcomes):
                 self._owe(request, record, clock_offset)
+        return len(fetched)
+
+    def _sweep(self, now_ms: int) -> None:
+        """Delete some expired request records, if a sweep is due."""
         if self.read_only is None and time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL
             self._sweep_from = sweep_requests(self.backend, self._sweep_from, now_ms)
-        return len(fetched)
 
     def _owe(self, request: Request, record: RequestRecord, clock_offset: float) -> None:
         reply = Reply(record.status, record.value, record.error, record.message)
@@ -736,8 +745,9 @@ def apply_requests(
     Each request's outcome is recorded in the same transaction. A request
     recorded before is not applied again: its record is returned. One that
     has (nearly) expired by `now_ms` (the Redis server's time) is not
-    applied and not recorded (a resend, with the same deadline, expires
-    too).
+    applied, and that is recorded: a resend of it, whose own expiry may be
+    a little later (it moves with the network's delays), gets the same
+    answer.
 
     Returns
     -------
@@ -811,8 +821,13 @@ class _Applied:
         sent_ms = entry_time_ms(request.entry_id)
         expires_ms = sent_ms + request.timeout_ms
         margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
+        wtxn = self.wtxn
         if now_ms > expires_ms - margin:
-            return RequestRecord(
+            # Recorded too: a resend of it (whose entry time, and so its
+            # expiry, moves with the network's delays) may come later in
+            # this batch or after, and must get the same answer, never be
+            # applied after its writer was told "not applied".
+            record = RequestRecord(
                 expires_ms,
                 0,
                 b"error",
@@ -822,12 +837,12 @@ class _Applied:
                 f" {max(0, now_ms - sent_ms)} ms after it was sent, too late for its"
                 f" {request.timeout_ms} ms timeout: not applied",
             )
-        wtxn = self.wtxn
-        if request.writer != self.writer:
-            wtxn.write_as(request.writer)
-            self.writer = request.writer
-        status, value, error, message = _apply_one(wtxn, request)
-        record = RequestRecord(expires_ms, wtxn.last_seq, status, value, error, message)
+        else:
+            if request.writer != self.writer:
+                wtxn.write_as(request.writer)
+                self.writer = request.writer
+            status, value, error, message = _apply_one(wtxn, request)
+            record = RequestRecord(expires_ms, wtxn.last_seq, status, value, error, message)
         # put(key, value, dupdata, overwrite, append, db) by position; as checked_put.
         if not self.txn.put(record_key, record.encode(), True, True, False, self.meta):
             raise StoreError(f"LMDB put refused: the record of request {request.request_id!r}")

@@ -538,14 +538,15 @@ class RedisSink:
             return None
         return self.cursor.seq
 
-    def step(self, then: tuple[Any, ...] | None = None) -> Step:
+    def step(self, then: tuple[Any, ...] | None = None, then_seq: int = 0) -> Step:
         """Do the next piece of work; never raises for Redis failures.
 
         Parameters
         ----------
         then
             A command to send right after the step's script call, in the same
-            write, if the step applies events to the mirror (Redis runs it
+            write, if the step applies events to the mirror up to `then_seq`
+            or beyond (Redis runs it
             after the script, whatever the script's outcome: it must check
             for itself what it relies on). The write intake sends its replies
             so, sparing them a round trip (see :mod:`replicator.intake`).
@@ -560,7 +561,7 @@ class RedisSink:
             if self.state == SinkState.REBUILD:
                 return self._rebuild()
             if self.state == SinkState.TAIL:
-                return self._tail(then)
+                return self._tail(then, then_seq)
             if self.state == SinkState.CONFLICT:
                 return self._conflict()
             if self.state == SinkState.FENCED:
@@ -679,7 +680,7 @@ class RedisSink:
             self._wake_waiters()
         return Step(0)
 
-    def _tail(self, then: tuple[Any, ...] | None = None) -> Step:
+    def _tail(self, then: tuple[Any, ...] | None = None, then_seq: int = 0) -> Step:
         assert self.cursor is not None
         events = self._read_batch(self.cursor.seq)
         if not events:
@@ -694,6 +695,8 @@ class RedisSink:
         ops = _Operations()
         for event in events:
             _append_event(ops, event)
+        if events[-1].seq < then_seq:
+            then = None  # a later step's events reach it
         moved = replace(self.cursor, seq=events[-1].seq, chain=events[-1].chain.hex())
         applied, answer = self._apply("check", self.cursor, moved, ops, self.db, then)
         if not applied:

@@ -100,12 +100,26 @@ def test_refused_operations_are_recorded_and_the_batch_goes_on(backend):
     assert apply_requests(backend, [conflict, wrong_type], now_ms()) == outcomes[1:3]
 
 
-def test_an_expired_request_is_neither_applied_nor_recorded(backend):
+def test_an_expired_request_is_not_applied_and_neither_is_its_later_resend(backend):
     stale = request(backend, sent_ms=now_ms() - 20_000, timeout=10.0)
     (outcome,) = apply_requests(backend, [stale], now_ms())
     assert outcome.error == b"expired" and outcome.seq == 0
     assert backend.last_seq == 0
-    assert backend.request_records([stale.request_id]) == [None]
+    assert backend.request_records([stale.request_id]) == [outcome]
+    # A resend of it, sent later with the time its writer had left: its own
+    # entry time makes it look young enough, but its writer may already have
+    # been told "expired, not applied" (found by review).
+    resent = request(backend, request_id=stale.request_id, timeout=5.0)
+    assert apply_requests(backend, [resent], now_ms()) == [outcome]
+    assert backend.last_seq == 0
+    # Both copies in one batch: the same.
+    again = request(backend, sent_ms=now_ms() - 20_000, timeout=10.0)
+    young = request(backend, request_id=again.request_id, timeout=5.0)
+    assert [o.error for o in apply_requests(backend, [again, young], now_ms())] == [
+        b"expired",
+        b"expired",
+    ]
+    assert backend.last_seq == 0
 
 
 def test_a_damaged_record_gets_its_request_applied_again(backend):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -322,3 +324,46 @@ def test_an_older_waiter_is_not_taken_for_this_processs_own(backend):
             assert notify.others_wait(token, now), step
         elif step >= older_until + 50:
             assert not notify.others_wait(token, now), step  # gone, and so is its heartbeat
+
+
+_FORK_DURING_REOPEN = r"""
+import os, sys, threading, time
+import telstate.lmdb.environment as environment
+from telstate.lmdb import LmdbBackend
+
+backend = LmdbBackend(sys.argv[1], durability="none")
+store = backend._get_store()
+original = environment.Store._open_notify
+
+def slow_open(self, writable):
+    time.sleep(1.0)  # widens the window in which the watch thread holds notify_lock
+    return original(self, writable)
+
+environment.Store._open_notify = slow_open
+store.watch = 1  # as if watched: reopen_notify goes ahead
+reopen = threading.Thread(target=store.reopen_notify)
+reopen.start()
+time.sleep(0.2)
+pid = os.fork()
+if pid == 0:
+    environment.Store._open_notify = original
+    store.watch = None
+    backend.close()  # takes notify_lock: hung forever if the child inherited it held
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+reopen.join()
+store.watch = None
+backend.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_the_watch_replaces_the_notify_file_can_close(tmp_path):
+    # Found by review: notify_lock was inherited held by the child.
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_REOPEN, str(tmp_path / "store")],
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr

@@ -334,6 +334,8 @@ def test_redacted_urls_never_show_the_password(scheme, user, password, host, db,
         "redis://admin@host/0?password=left-part&unknown=right-part",
         "redis://host:6379/0?password=left-part&right-part",  # found by hypothesis
         "unix:///tmp/x.sock?db=0&password=left-part&db=1right-part",
+        "rediss://host/0?ssl_password=left-part&right-part",  # found by review
+        "rediss://host/?ssl_password=left-part&db=3right-part",
     ],
 )
 def test_passwords_with_special_characters_are_never_shown(url):

@@ -540,7 +540,6 @@ class Store:
         self.broken: str | None = None
         self.uuid = uuid.UUID(int=0)
         self.notify: _NotifyFile | None = None
-        self.notify_lock = threading.Lock()  # taken to replace or close `notify`
         self.lock_word: _LockWord | None = None
         self.lock_words: memoryview | None = None
         self.writer_ids: dict[str | None, int] = {}
@@ -554,6 +553,9 @@ class Store:
     def _reset_process_state(self) -> None:
         """Forget what belongs to this process only (called at creation and after fork)."""
         self.commit_condition = threading.Condition(threading.Lock())
+        # Taken to replace or close `notify`; new after a fork, which may
+        # have happened while the parent's watch thread held it.
+        self.notify_lock = threading.Lock()
         # Marks this process's waiter slot in the notify file (nonzero).
         self.notify_token = int.from_bytes(os.urandom(8), "little", signed=True) | 1
         notify = self.notify
