@@ -317,6 +317,27 @@ def test_without_watches_waiters_poll(tmp_path, monkeypatch, failure):
     backend.close()
 
 
+def test_no_thread_for_the_reader_means_polling_and_no_leaked_fd(tmp_path, monkeypatch):
+    # Found by review: a reader thread that cannot start leaked its inotify fd.
+    monkeypatch.setattr("telstate.lmdb.settings.POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(watch, "_INOTIFY", None)
+    before = inotify_fds()
+
+    start = threading.Thread.start
+
+    def no_reader_thread(self):
+        if self.name == "telstate-inotify":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_reader_thread)
+    backend = LmdbBackend(str(tmp_path / "store"), durability="none")
+    assert backend.wait_for_commit(0, timeout=0.2) == 0
+    assert backend._get_store().watch is False
+    assert inotify_fds() == before
+    backend.close()
+
+
 def test_the_watchdog_fallback_wakes_waiters(tmp_path, monkeypatch):
     monkeypatch.setattr(watch, "_USE_INOTIFY", False)
     path = str(tmp_path / "store")

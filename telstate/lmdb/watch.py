@@ -101,7 +101,11 @@ class _Inotify:
         self.thread = threading.Thread(
             target=self._read_events, name="telstate-inotify", daemon=True
         )
-        self.thread.start()
+        try:
+            self.thread.start()
+        except RuntimeError as error:  # no thread to be had: waiters poll
+            os.close(fd)
+            raise OSError(errno.EAGAIN, f"cannot start the inotify thread: {error}") from error
 
     def add_watch(self, path: str, mask: int) -> int:
         wd: int = self._add(self.fd, os.fsencode(path), mask)
