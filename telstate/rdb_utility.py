@@ -209,20 +209,23 @@ def crc64(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
         lanes = min(_MAX_LANES, 1 << ((len(view) - pos) // _LANE_BYTES).bit_length() - 1)
         size = lanes * _LANE_BYTES
         block = _crc64_lanes(view[pos : pos + size], lanes)
-        tables = _shift_tables(size)
-        crc = (
-            tables[0][crc & 0xFF]
-            ^ tables[1][(crc >> 8) & 0xFF]
-            ^ tables[2][(crc >> 16) & 0xFF]
-            ^ tables[3][(crc >> 24) & 0xFF]
-            ^ tables[4][(crc >> 32) & 0xFF]
-            ^ tables[5][(crc >> 40) & 0xFF]
-            ^ tables[6][(crc >> 48) & 0xFF]
-            ^ tables[7][crc >> 56]
-            ^ block
-        )
+        crc = _shifted(_shift_tables(size), crc) ^ block
         pos += size
     return _crc64_python(view[pos:], crc)
+
+
+def _shifted(tables: list[list[int]], crc: int) -> int:
+    """The CRC register `crc` after the zero bytes that `tables` (of _shift_tables) stand for."""
+    return (
+        tables[0][crc & 0xFF]
+        ^ tables[1][(crc >> 8) & 0xFF]
+        ^ tables[2][(crc >> 16) & 0xFF]
+        ^ tables[3][(crc >> 24) & 0xFF]
+        ^ tables[4][(crc >> 32) & 0xFF]
+        ^ tables[5][(crc >> 40) & 0xFF]
+        ^ tables[6][(crc >> 48) & 0xFF]
+        ^ tables[7][crc >> 56]
+    )
 
 
 def crc64_shift(crc: int, n_bytes: int) -> int:
@@ -234,17 +237,7 @@ def crc64_shift(crc: int, n_bytes: int) -> int:
     power = 0
     while n_bytes and crc:
         if n_bytes & 1:
-            tables = _shift_tables(1 << power)
-            crc = (
-                tables[0][crc & 0xFF]
-                ^ tables[1][(crc >> 8) & 0xFF]
-                ^ tables[2][(crc >> 16) & 0xFF]
-                ^ tables[3][(crc >> 24) & 0xFF]
-                ^ tables[4][(crc >> 32) & 0xFF]
-                ^ tables[5][(crc >> 40) & 0xFF]
-                ^ tables[6][(crc >> 48) & 0xFF]
-                ^ tables[7][crc >> 56]
-            )
+            crc = _shifted(_shift_tables(1 << power), crc)
         n_bytes >>= 1
         power += 1
     return crc
