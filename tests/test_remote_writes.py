@@ -133,6 +133,18 @@ def wait_ready(server: RedisServer) -> None:
     control.close()
 
 
+def wait_retired(server: RedisServer) -> None:
+    """Wait until no daemon says it accepts writes for mirror database 0."""
+    control = server.client(db=MIRROR_CURSOR_DB)
+    try:
+        deadline = time.monotonic() + SETTLE
+        while control.exists(intake_key(0)):
+            assert time.monotonic() < deadline, "the intake key stayed"
+            time.sleep(0.05)
+    finally:
+        control.close()
+
+
 def settle(store: Path, server: RedisServer) -> None:
     """Wait until the mirror holds the whole log; check it equals the store and verify passes."""
     backend = LmdbBackend(store, readonly=True)
@@ -684,12 +696,7 @@ def test_a_daemon_without_accept_writes_makes_the_mirror_read_only(
     with open(tmp_path / "plain.log", "wb") as output:
         plain = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
     try:
-        control = server.client(db=MIRROR_CURSOR_DB)
-        deadline = time.monotonic() + SETTLE
-        while control.exists(intake_key(0)):
-            assert time.monotonic() < deadline, "the intake key stayed"
-            time.sleep(0.05)
-        control.close()
+        wait_retired(server)
         ts = TelescopeState(mirror_url)
         with pytest.raises(ReadOnlyError, match="write to the store instead"):
             ts.add("k", 1, immutable=True)
@@ -710,12 +717,7 @@ def test_a_store_made_a_follower_refuses_writes_and_keeps_its_mirror(
     make_follower(store, "new-primary-host:/data")
     with pytest.raises(ReadOnlyError, match="is a follower of new-primary-host:/data"):
         ts.add("after", 2, immutable=True)
-    control = server.client(db=MIRROR_CURSOR_DB)
-    deadline = time.monotonic() + SETTLE
-    while control.exists(intake_key(0)):
-        assert time.monotonic() < deadline, "the intake key stayed"
-        time.sleep(0.05)
-    control.close()
+    wait_retired(server)
     with pytest.raises(ReadOnlyError, match="write to the store instead"):
         TelescopeState(mirror_url).add("new", 3, immutable=True)
     # The mirror goes on following the log, which the new primary's events now extend.
