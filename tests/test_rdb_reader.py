@@ -753,6 +753,19 @@ def test_load_from_file_errors(tmp_path) -> None:
         rdb_reader.load_from_file(RecordingCallback(), tmp_path / "missing.rdb")
 
 
+def count_refills(monkeypatch) -> list[int]:
+    """Record the bytes each refill of a regular file asks the buffer to hold."""
+    requested: list[int] = []
+    refill = RdbReader._refill_regular_file
+
+    def counting(self: RdbReader, available: int, fresh: int) -> None:
+        requested.append(available + fresh)
+        refill(self, available, fresh)
+
+    monkeypatch.setattr(RdbReader, "_refill_regular_file", counting)
+    return requested
+
+
 @pytest.mark.parametrize("sizes", ["even", "shrinking"])
 def test_a_zset_bigger_than_the_buffer_is_read_about_once(tmp_path, monkeypatch, sizes) -> None:
     """The reader guesses a big zset's end from its first members (right or wrong), reads a
@@ -768,14 +781,7 @@ def test_a_zset_bigger_than_the_buffer_is_read_about_once(tmp_path, monkeypatch,
     with RDBWriter(path) as writer:
         writer.write_record(b"arrays", KeyType.MUTABLE, members)
         writer.write_record(b"after", KeyType.IMMUTABLE, b"x")
-    requested: list[int] = []
-    refill = RdbReader._refill_regular_file
-
-    def counting(self: RdbReader, available: int, fresh: int) -> None:
-        requested.append(available + fresh)
-        refill(self, available, fresh)
-
-    monkeypatch.setattr(RdbReader, "_refill_regular_file", counting)
+    requested = count_refills(monkeypatch)
     with RdbReader(path) as reader:
         records = reader.records()
         assert next(records) == (b"arrays", KeyType.MUTABLE, members)
@@ -801,14 +807,7 @@ def test_a_zset_whose_count_lies_is_not_read_ahead_to_the_end_of_the_file(
     path = tmp_path / "lying.rdb"
     # After the 40 members, a bad string encoding, then 8 MB the count claims.
     path.write_bytes(rdb_file(key(5, b"z", body + b"\xc5" + bytes(8 << 20))))
-    requested: list[int] = []
-    refill = RdbReader._refill_regular_file
-
-    def counting(self: RdbReader, available: int, fresh: int) -> None:
-        requested.append(available + fresh)
-        refill(self, available, fresh)
-
-    monkeypatch.setattr(RdbReader, "_refill_regular_file", counting)
+    requested = count_refills(monkeypatch)
     with pytest.raises(RdbParseError):
         with RdbReader(path) as reader:
             list(reader.records())
