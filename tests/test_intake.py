@@ -8,6 +8,7 @@ reply (by dropping it without acknowledging anything).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import redis
@@ -347,3 +348,97 @@ def test_refusals_go_out_while_the_mirror_is_incomplete(server, backend):
     assert replies[refused].error == b"readonly"
     assert replies[invalid].error == b"invalid"
     intake.close()
+
+
+def _blocked_reads(server: RedisServer) -> int:
+    """How many clients of the server are blocked in an XREADGROUP."""
+    return sum(
+        1
+        for client in server.client(db=0).client_list()
+        if client["cmd"] == "xreadgroup" and "b" in client["flags"]
+    )
+
+
+def _wait_for_pending(intake: Intake, count: int) -> None:
+    """Wait until `count` requests are delivered (on the consumer group's pending list)."""
+    deadline = time.monotonic() + 5.0
+    while intake.client.xpending(intake._stream, "telstate-replicator")["pending"] != count:
+        assert time.monotonic() < deadline, "the request was never delivered"
+        time.sleep(0.005)
+
+
+def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend):
+    # After a commit the intake sends its next blocking read before the
+    # mirror's script: Redis hands it the next request as soon as a writer
+    # sends one, with no further command from the intake.
+    import threading
+
+    from replicator.daemon import SharedSink
+    from replicator.redis_sink import RedisSink
+
+    client = Client(server, str(backend.uuid))
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    mirror = SharedSink(sink)
+    while sink.seq is None:
+        mirror.step()
+    intake = Intake(backend, server.url + "?db=0")
+    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
+        pass
+    first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
+    intake.wait_for_requests(1.0)
+    assert _blocked_reads(server) == 0  # the request was there: nothing waits
+    intake.step(mirror)  # commits, sends the next read, projects and replies
+    assert client.replies() == {first: Reply(b"ok")}
+    assert _blocked_reads(server) == 1  # the read sent ahead, waiting in Redis
+    second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.5), timestamp=3.0)
+    _wait_for_pending(intake, 1)  # delivered to it, with the intake idle
+    assert _blocked_reads(server) == 0
+    intake.wait_for_requests(1.0)  # takes it
+    intake.step(mirror)
+    assert client.replies() == {first: Reply(b"ok"), second: Reply(b"ok")}
+    assert backend.last_seq == sink.seq == 2
+    intake.close()
+    sink.close()
+
+
+def test_requests_handed_to_a_read_whose_answer_is_lost_are_applied_once(server, backend):
+    # A read sent ahead takes requests off the stream before the intake
+    # sees them: if its answer is lost (Redis drops the connection), they
+    # are on the pending list, which the intake reads first on reconnecting.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
+    first = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    run(intake, mirror_seq=0)  # committed, not yet shown by the "mirror": owed
+    assert intake.owes_replies and intake._reading
+    second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.0), timestamp=2.0)
+    _wait_for_pending(intake, 2)  # the second went to the read sent ahead
+    control = server.client(db=MIRROR_CURSOR_DB)
+    assert control.client_kill_filter(_type="normal", skipme=True) >= 2  # the intake's too
+    run(intake, mirror_seq=backend.last_seq + 1, steps=8)
+    replies = client.replies()
+    assert replies[first] == Reply(b"ok")
+    assert replies[second] == Reply(b"ok")
+    assert backend.last_seq == 2  # each applied once
+    assert control.xpending(intake._stream, "telstate-replicator")["pending"] == 0
+    intake.close()
+
+
+def test_closing_with_a_read_sent_ahead_does_not_wait_for_it(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    intake.step(StuckMirror(None))  # connect
+    intake.step(StuckMirror(None))  # the (empty) pending list
+    client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(5.0)  # reads it at once; reads block up to 5 s from now
+    intake.step(StuckMirror(None))  # commits, and sends a read that blocks up to 5 s
+    assert intake._reading
+    started = time.monotonic()
+    intake.close()
+    assert time.monotonic() - started < 2.0
+    assert _blocked_reads(server) == 0
+    later = client.send(Op.SET_IMMUTABLE, key=b"j", value=encode_value(2))
+    second = Intake(backend, server.url + "?db=0")
+    run(second, mirror_seq=2)
+    assert client.replies()[later] == Reply(b"ok")
+    assert backend.last_seq == 2
+    second.close()
