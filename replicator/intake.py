@@ -510,14 +510,27 @@ class Intake:
     def _exchange(self, *, read: bool) -> None:
         """Send the ready replies and (if `read`) read the pending list, in one round trip.
 
+        A reply is ready once the sink's mirror holds its events, but
+        Redis may have lost the mirror since (a restart the sink has not
+        noticed yet): so the replies with events go out only if the
+        mirror's cursor in Redis holds them, as those sent with the
+        mirror's script (:meth:`_project`); if not, they are owed again.
+        Refusals (nothing to show) go out unguarded.
+
         The requests read are kept in :attr:`_fetched`; replies that may
         not have gone out stay ready, to be sent again (a writer takes the
         first reply to its request id and ignores the others).
         """
-        commands: list[tuple[Any, ...]] = []
         ready, self._ready = self._ready, []
-        if ready:
-            commands.append(self._reply_command(ready))
+        groups = [
+            (group, max((owed.seq for owed in group), default=0))
+            for group in (
+                [owed for owed in ready if not owed.seq],
+                [owed for owed in ready if owed.seq],
+            )
+            if group
+        ]
+        commands = [self._reply_command(group, need) for group, need in groups]
         if read:
             commands.append(self._read_command(None))
         if not commands:
@@ -527,19 +540,26 @@ class Intake:
         except BaseException:
             self._ready = ready + self._ready
             raise
-        if ready:
-            try:
+        unshown: list[_Owed] = []
+        try:
+            for (group, need), answer in zip(groups, replies):
                 try:
-                    checked(replies[0])
+                    sent = checked(answer)
                 except redis.exceptions.NoScriptError:
                     # Redis restarted or its scripts were flushed: send again, loading it.
-                    self._reply_script(**self._reply_arguments(ready))
-            except BaseException:
-                # The requests read with them are read again from the pending
-                # list after the reconnect.
-                self._ready = ready + self._ready
-                raise
-            self._replied(ready)
+                    sent = self._reply_script(**self._reply_arguments(group, need))
+                if sent == len(group):
+                    self._replied(group)
+                else:
+                    unshown += group
+        except BaseException:
+            # The requests read with them are read again from the pending
+            # list after the reconnect.
+            self._ready = ready + self._ready
+            raise
+        if unshown:
+            # Ahead of every reply still owed (they were the first owed).
+            self._owed.extendleft(reversed(unshown))
         if read:
             self._fetched = self._take_requests(checked(replies[-1]))
 

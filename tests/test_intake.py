@@ -81,8 +81,25 @@ class StuckMirror:
         return contextlib.nullcontext()
 
 
+def show(intake: Intake, mirror_seq: int | None) -> None:
+    """Make the mirror's cursor in Redis say what a mirror at `mirror_seq` says.
+
+    (The replies' script checks it: see test_the_reply_script_sends_nothing...)
+    """
+    state = "rebuilding" if mirror_seq is None else "ready"
+    with contextlib.suppress(redis.ConnectionError):
+        intake.client.hset(
+            intake._cursor,
+            mapping={"store": intake.store, "seq": mirror_seq or 0, "state": state},
+        )
+
+
 def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
-    """Step the intake as the daemon does, waiting (briefly) for requests when idle."""
+    """Step the intake as the daemon does, waiting (briefly) for requests when idle.
+
+    The mirror is at `mirror_seq`, by the intake's sink and in Redis.
+    """
+    show(intake, mirror_seq)
     for _ in range(steps):
         if intake.step(StuckMirror(mirror_seq)).idle:
             intake.wait_for_requests(0.05)
@@ -442,3 +459,26 @@ def test_closing_with_a_read_sent_ahead_does_not_wait_for_it(server, backend):
     assert client.replies()[later] == Reply(b"ok")
     assert backend.last_seq == 2
     second.close()
+
+
+def test_replies_a_stale_sink_finds_ready_wait_for_the_mirror_in_redis(server, backend):
+    # Found by review: the sink may not know yet that Redis lost the mirror
+    # (a restart, a flush): by its seq the events are shown, by the cursor
+    # in Redis not. The reply must wait, or its writer would return and not
+    # find its write in the mirror.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    refused = client.send(Op.SET_IMMUTABLE, key=b"k", value=b"\xc1 not an encoded value")
+    run(intake, mirror_seq=None)  # committed, owed
+    assert client.replies().keys() == {refused}  # a refusal waits for nothing
+    show(intake, 0)  # Redis lost the mirror
+    for _ in range(3):
+        if intake.step(StuckMirror(1)).idle:  # the sink still says it holds event 1
+            intake.wait_for_requests(0.05)
+    assert request not in client.replies()
+    assert [owed.request_id for owed in [*intake._owed, *intake._ready]] == [request]  # kept
+    run(intake, mirror_seq=1)  # Redis's mirror holds it again
+    assert client.replies()[request] == Reply(b"ok")
+    assert not intake.owes_replies and not intake._ready
+    intake.close()
