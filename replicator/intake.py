@@ -297,7 +297,8 @@ class Intake:
         self._reader = Wire(self.client.connection_pool)
         # A blocking read sent on _reader whose answer is not taken yet (see _read_ahead).
         self._reading = False
-        self._block_ms = 250
+        # How long a read blocks (the daemon's last wait; well within the socket timeout).
+        self._block_ms = max(1, int(min(0.25, socket_timeout / 2) * 1000))
         self.socket_timeout = socket_timeout
         self.batch = batch
         self.batch_bytes = batch_bytes
