@@ -20,13 +20,17 @@ mirror (the keys and the request format are those of
    the events: rebuilding, Redis down) until the mirror holds their
    events, and sends them then.
 
-The daemon then waits for requests with :meth:`Intake.wait_for_requests`,
-which sends any replies still ready and blocks for the next requests in
-one round trip. So a request costs the intake two round trips (this
-read, and the mirror's script call with the replies), however many
-requests share them: the more writers, the larger the batches; and a
-writer's reply leaves Redis as soon as the mirror shows its write,
-without waiting for the daemon to hear back from the mirror.
+The read of the next requests (a blocking XREADGROUP, over a connection
+of its own) is sent right after the commit, before the mirror's script:
+Redis holds it while the mirror and the replies go out, and hands it
+the next request the moment a writer sends one, while the daemon still
+hears back from the mirror. :meth:`Intake.wait_for_requests` then only
+takes its answer (after sending any replies still ready). So a request
+costs the intake one round trip of its own (the mirror's script call
+with the replies), however many requests share it: the more writers,
+the larger the batches; and a writer's reply leaves Redis as soon as
+the mirror shows its write, without waiting for the daemon to hear back
+from the mirror.
 
 Exactly once: a request id found among the records is not applied again;
 its recorded outcome is sent. The stream is read through a consumer
@@ -70,6 +74,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -285,9 +290,15 @@ class Intake:
         self.client = redis.Redis(
             connection_pool=redis.ConnectionPool(**kwargs), retry=Retry(NoBackoff(), 0)
         )
-        # The hot path (reading requests, sending replies) goes over a
-        # connection of its own, see :class:`telstate.remote.Wire`.
+        # The hot path goes over connections of its own (see
+        # :class:`telstate.remote.Wire`): replies and the pending list on
+        # one, the blocking reads of new requests on the other.
         self._wire = Wire(self.client.connection_pool)
+        self._reader = Wire(self.client.connection_pool)
+        # A blocking read sent on _reader whose answer is not taken yet (see _read_ahead).
+        self._reading = False
+        # How long a read blocks (the daemon's last wait; well within the socket timeout).
+        self._block_ms = max(1, int(min(0.25, socket_timeout / 2) * 1000))
         self.socket_timeout = socket_timeout
         self.batch = batch
         self.batch_bytes = batch_bytes
@@ -356,19 +367,24 @@ class Intake:
     def wait_for_requests(self, timeout: float) -> None:
         """Send the ready replies, and block up to `timeout` seconds for new requests.
 
-        Both in one round trip; the requests are kept for the next step.
+        The requests are kept for the next step. A read sent ahead (see
+        :meth:`_read_ahead`) blocks for as long as it was sent to (the
+        `timeout` of the call before).
         """
         if self.state != IntakeState.SERVE:
             return
         try:
-            if self._fetched or self._backlog:
+            if self._ready:
                 self._exchange(read=False)
-            else:
-                self._exchange(read=True, block_ms=max(1, int(timeout * 1000)))
+            if not (self._fetched or self._backlog):
+                self._block_ms = max(1, int(timeout * 1000))
+                self._read_ahead()
+                self._take_read()
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
             if "NOGROUP" in str(error):
+                self._drop_read()
                 self.state = IntakeState.CONNECT
             else:
                 self._fail(f"Redis refused a command: {error}")
@@ -381,12 +397,16 @@ class Intake:
         if self._ready and self.state == IntakeState.SERVE:
             with contextlib.suppress(*_TRANSIENT, redis.ResponseError):
                 self._exchange(read=False)
+        self._drop_read()
+        self._reader.close()
         self._wire.close()
         self.client.connection_pool.disconnect()
 
     # The states
 
     def _connect(self) -> Step:
+        # Requests a read sent before handed out are on the pending list, read first below.
+        self._drop_read()
         try:
             self.client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
@@ -432,6 +452,9 @@ class Intake:
         now_ms = self._server_time(fetched)
         with mirror.hold():
             applied = self._process(fetched, now_ms)
+            # Before the mirror's script: Redis holds the read meanwhile, and
+            # gives it the next request as soon as a writer sends one.
+            self._read_ahead()
             if self._owed:
                 self._project(mirror)
         if self._owed and self._ready:
@@ -465,6 +488,7 @@ class Intake:
         logger.error("intake: %s: refusing writes from now on", reason)
         self.read_only = reason
         self._fetched = []
+        self._drop_read()
         # Connect again: it retires the intake key, and reads the failed
         # batch's requests again from the pending list, to refuse them.
         self.state = IntakeState.CONNECT
@@ -474,6 +498,8 @@ class Intake:
         logger.warning("intake: %s; retrying in %.1f s", message, self._delay)
         self.state = IntakeState.BACKOFF
         self._fetched = []
+        self._drop_read()
+        self._reader.close()
         self._wire.close()
         self._retry_at = time.monotonic() + self._delay
         wait = self._delay
@@ -482,19 +508,32 @@ class Intake:
 
     # Talking to Redis
 
-    def _exchange(self, *, read: bool, block_ms: int | None = None) -> None:
-        """Send the ready replies and (if `read`) read the next requests, in one round trip.
+    def _exchange(self, *, read: bool) -> None:
+        """Send the ready replies and (if `read`) read the pending list, in one round trip.
+
+        A reply is ready once the sink's mirror holds its events, but
+        Redis may have lost the mirror since (a restart the sink has not
+        noticed yet): so the replies with events go out only if the
+        mirror's cursor in Redis holds them, as those sent with the
+        mirror's script (:meth:`_project`); if not, they are owed again.
+        Refusals (nothing to show) go out unguarded.
 
         The requests read are kept in :attr:`_fetched`; replies that may
         not have gone out stay ready, to be sent again (a writer takes the
         first reply to its request id and ignores the others).
         """
-        commands: list[tuple[Any, ...]] = []
         ready, self._ready = self._ready, []
-        if ready:
-            commands.append(self._reply_command(ready))
+        groups = [
+            (group, max((owed.seq for owed in group), default=0))
+            for group in (
+                [owed for owed in ready if not owed.seq],
+                [owed for owed in ready if owed.seq],
+            )
+            if group
+        ]
+        commands = [self._reply_command(group, need) for group, need in groups]
         if read:
-            commands.append(self._read_command(block_ms))
+            commands.append(self._read_command(None))
         if not commands:
             return
         try:
@@ -502,21 +541,55 @@ class Intake:
         except BaseException:
             self._ready = ready + self._ready
             raise
-        if ready:
-            try:
+        unshown: list[_Owed] = []
+        try:
+            for (group, need), answer in zip(groups, replies):
                 try:
-                    checked(replies[0])
+                    sent = checked(answer)
                 except redis.exceptions.NoScriptError:
                     # Redis restarted or its scripts were flushed: send again, loading it.
-                    self._reply_script(**self._reply_arguments(ready))
-            except BaseException:
-                # The requests read with them are read again from the pending
-                # list after the reconnect.
-                self._ready = ready + self._ready
-                raise
-            self._replied(ready)
+                    sent = self._reply_script(**self._reply_arguments(group, need))
+                if sent == len(group):
+                    self._replied(group)
+                else:
+                    unshown += group
+        except BaseException:
+            # The requests read with them are read again from the pending
+            # list after the reconnect.
+            self._ready = ready + self._ready
+            raise
+        if unshown:
+            # Ahead of every reply still owed (they were the first owed).
+            self._owed.extendleft(reversed(unshown))
         if read:
             self._fetched = self._take_requests(checked(replies[-1]))
+
+    def _read_ahead(self) -> None:
+        """Send the blocking read of new requests (on its own connection), unless one is out.
+
+        Its answer is taken by :meth:`_take_read`. Whatever it hands out
+        is on the consumer group's pending list until acknowledged, so
+        if its answer is lost (a failure, a restart), the pending list,
+        read first after connecting, has those requests.
+        """
+        if self._reading or self._backlog:
+            return
+        self._reader.send(hiredis.pack_command(self._read_command(self._block_ms)))
+        self._reading = True
+
+    def _take_read(self) -> None:
+        """Take the answer of the read sent ahead (blocking until it comes)."""
+        if not self._reading:
+            return
+        self._reading = False  # whatever happens now: on a failure the connection is closed
+        (reply,) = self._reader.receive(1)
+        self._fetched = self._take_requests(checked(reply))
+
+    def _drop_read(self) -> None:
+        """Forget a read sent ahead: close its connection (its requests stay pending)."""
+        if self._reading:
+            self._reading = False
+            self._reader.close()
 
     def _read_command(self, block_ms: int | None) -> tuple[Any, ...]:
         """The XREADGROUP of the next requests (the pending ones first, after a connect)."""

@@ -8,6 +8,7 @@ reply (by dropping it without acknowledging anything).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import redis
@@ -80,8 +81,25 @@ class StuckMirror:
         return contextlib.nullcontext()
 
 
+def show(intake: Intake, mirror_seq: int | None) -> None:
+    """Make the mirror's cursor in Redis say what a mirror at `mirror_seq` says.
+
+    (The replies' script checks it: see test_the_reply_script_sends_nothing...)
+    """
+    state = "rebuilding" if mirror_seq is None else "ready"
+    with contextlib.suppress(redis.ConnectionError):
+        intake.client.hset(
+            intake._cursor,
+            mapping={"store": intake.store, "seq": mirror_seq or 0, "state": state},
+        )
+
+
 def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
-    """Step the intake as the daemon does, waiting (briefly) for requests when idle."""
+    """Step the intake as the daemon does, waiting (briefly) for requests when idle.
+
+    The mirror is at `mirror_seq`, by the intake's sink and in Redis.
+    """
+    show(intake, mirror_seq)
     for _ in range(steps):
         if intake.step(StuckMirror(mirror_seq)).idle:
             intake.wait_for_requests(0.05)
@@ -346,4 +364,121 @@ def test_refusals_go_out_while_the_mirror_is_incomplete(server, backend):
     replies = client.replies()
     assert replies[refused].error == b"readonly"
     assert replies[invalid].error == b"invalid"
+    intake.close()
+
+
+def _blocked_reads(server: RedisServer) -> int:
+    """How many clients of the server are blocked in an XREADGROUP."""
+    return sum(
+        1
+        for client in server.client(db=0).client_list()
+        if client["cmd"] == "xreadgroup" and "b" in client["flags"]
+    )
+
+
+def _wait_for_pending(intake: Intake, count: int) -> None:
+    """Wait until `count` requests are delivered (on the consumer group's pending list)."""
+    deadline = time.monotonic() + 5.0
+    while intake.client.xpending(intake._stream, "telstate-replicator")["pending"] != count:
+        assert time.monotonic() < deadline, "the request was never delivered"
+        time.sleep(0.005)
+
+
+def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend):
+    # After a commit the intake sends its next blocking read before the
+    # mirror's script: Redis hands it the next request as soon as a writer
+    # sends one, with no further command from the intake.
+    import threading
+
+    from replicator.daemon import SharedSink
+    from replicator.redis_sink import RedisSink
+
+    client = Client(server, str(backend.uuid))
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    mirror = SharedSink(sink)
+    while sink.seq is None:
+        mirror.step()
+    intake = Intake(backend, server.url + "?db=0")
+    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
+        pass
+    first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
+    intake.wait_for_requests(1.0)
+    assert _blocked_reads(server) == 0  # the request was there: nothing waits
+    intake.step(mirror)  # commits, sends the next read, projects and replies
+    assert client.replies() == {first: Reply(b"ok")}
+    assert _blocked_reads(server) == 1  # the read sent ahead, waiting in Redis
+    second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.5), timestamp=3.0)
+    _wait_for_pending(intake, 1)  # delivered to it, with the intake idle
+    assert _blocked_reads(server) == 0
+    intake.wait_for_requests(1.0)  # takes it
+    intake.step(mirror)
+    assert client.replies() == {first: Reply(b"ok"), second: Reply(b"ok")}
+    assert backend.last_seq == sink.seq == 2
+    intake.close()
+    sink.close()
+
+
+def test_requests_handed_to_a_read_whose_answer_is_lost_are_applied_once(server, backend):
+    # A read sent ahead takes requests off the stream before the intake
+    # sees them: if its answer is lost (Redis drops the connection), they
+    # are on the pending list, which the intake reads first on reconnecting.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
+    first = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    run(intake, mirror_seq=0)  # committed, not yet shown by the "mirror": owed
+    assert intake.owes_replies and intake._reading
+    second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.0), timestamp=2.0)
+    _wait_for_pending(intake, 2)  # the second went to the read sent ahead
+    control = server.client(db=MIRROR_CURSOR_DB)
+    assert control.client_kill_filter(_type="normal", skipme=True) >= 2  # the intake's too
+    run(intake, mirror_seq=backend.last_seq + 1, steps=8)
+    replies = client.replies()
+    assert replies[first] == Reply(b"ok")
+    assert replies[second] == Reply(b"ok")
+    assert backend.last_seq == 2  # each applied once
+    assert control.xpending(intake._stream, "telstate-replicator")["pending"] == 0
+    intake.close()
+
+
+def test_closing_with_a_read_sent_ahead_does_not_wait_for_it(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    intake.step(StuckMirror(None))  # connect
+    intake.step(StuckMirror(None))  # the (empty) pending list
+    client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(5.0)  # reads it at once; reads block up to 5 s from now
+    intake.step(StuckMirror(None))  # commits, and sends a read that blocks up to 5 s
+    assert intake._reading
+    started = time.monotonic()
+    intake.close()
+    assert time.monotonic() - started < 2.0
+    assert _blocked_reads(server) == 0
+    later = client.send(Op.SET_IMMUTABLE, key=b"j", value=encode_value(2))
+    second = Intake(backend, server.url + "?db=0")
+    run(second, mirror_seq=2)
+    assert client.replies()[later] == Reply(b"ok")
+    assert backend.last_seq == 2
+    second.close()
+
+
+def test_replies_a_stale_sink_finds_ready_wait_for_the_mirror_in_redis(server, backend):
+    # Found by review: the sink may not know yet that Redis lost the mirror
+    # (a restart, a flush): by its seq the events are shown, by the cursor
+    # in Redis not. The reply must wait, or its writer would return and not
+    # find its write in the mirror.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    refused = client.send(Op.SET_IMMUTABLE, key=b"k", value=b"\xc1 not an encoded value")
+    run(intake, mirror_seq=None)  # committed, owed
+    assert client.replies().keys() == {refused}  # a refusal waits for nothing
+    show(intake, 0)  # Redis lost the mirror
+    for _ in range(3):
+        if intake.step(StuckMirror(1)).idle:  # the sink still says it holds event 1
+            intake.wait_for_requests(0.05)
+    assert request not in client.replies()
+    assert [owed.request_id for owed in [*intake._owed, *intake._ready]] == [request]  # kept
+    run(intake, mirror_seq=1)  # Redis's mirror holds it again
+    assert client.replies()[request] == Reply(b"ok")
+    assert not intake.owes_replies and not intake._ready
     intake.close()

@@ -352,3 +352,33 @@ def test_the_watchdog_fallback_wakes_waiters(tmp_path, monkeypatch):
     assert watch._OBSERVER is not None
     backend.close()
     assert not watch._OBSERVER._watches  # unscheduled at close
+
+
+def test_lost_events_make_every_watch_checked_again(tmp_path, monkeypatch):
+    # Found by review: on a queue overflow the waiters were woken but the
+    # watches not checked, so a notify file replaced among the lost events
+    # left its store's watch on the old inode (polling still woke it, late).
+    first = LmdbBackend(str(tmp_path / "a"), durability="none")
+    second = LmdbBackend(str(tmp_path / "b"), durability="none")
+    for backend in (first, second):
+        assert backend.wait_for_commit(0, timeout=0) == 0  # watching the file
+    stores = {first._get_store(), second._get_store()}
+    assert all(store.watch for store in stores)
+    inotify = watch._INOTIFY
+    assert inotify is not None
+    checked, woken = [], []
+    monkeypatch.setattr(inotify, "_rewatch", checked.append)
+    for store in stores:
+        monkeypatch.setattr(store, "wake", lambda store=store: woken.append(store))
+    # What the kernel reads out after an overflow: wd -1, IN_Q_OVERFLOW.
+    inotify._dispatch(struct.pack("iIII", -1, watch._IN_Q_OVERFLOW, 0, 0))
+    assert set(checked) == stores and len(checked) == 2
+    assert set(woken) == stores and len(woken) == 2
+    # The real one: a store's watch checked again is the same watch.
+    monkeypatch.undo()
+    store = first._get_store()
+    watched = store.watch
+    inotify._rewatch(store)
+    assert store.watch == watched and inotify.stores[watched] is store
+    first.close()
+    second.close()

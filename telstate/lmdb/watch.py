@@ -155,42 +155,45 @@ class _Inotify:
         self._remove(self.fd, wd)  # fails harmlessly if the kernel dropped it
 
     def _read_events(self) -> None:
-        fd = self.fd
-        stores = self.stores
-        directories = self.directories
         while True:
             try:
-                data = os.read(fd, _READ_SIZE)
+                data = os.read(self.fd, _READ_SIZE)
             except OSError as error:  # pragma: no cover - the fd is never closed under us
                 logger.debug("reading inotify events failed (%s); waiters poll", error)
                 return
-            # Each store once per read, after all its events.
-            woken: set[Store] = set()
-            changed: set[Store] = set()
-            offset = 0
-            while offset < len(data):
-                wd, mask, _, length = _EVENT.unpack_from(data, offset)
-                name = data[offset + 16 : offset + 16 + length]
-                offset += 16 + length
-                store = stores.get(wd)
-                if store is None:
-                    if mask & _IN_Q_OVERFLOW:  # events were lost: wake everybody
-                        with _LOCK:
-                            woken.update(list(stores.values()))
-                elif wd in directories:
-                    if not mask & (_IN_CREATE | _IN_MOVED_TO) or name.rstrip(b"\0") == _NOTIFY_NAME:
-                        changed.add(store)
-                elif mask & _CHANGED or store.notify is None:
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        """Act on the events of one read: each store once, after all its events."""
+        stores = self.stores
+        woken: set[Store] = set()
+        changed: set[Store] = set()
+        offset = 0
+        while offset < len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + 16 : offset + 16 + length]
+            offset += 16 + length
+            store = stores.get(wd)
+            if store is None:
+                if mask & _IN_Q_OVERFLOW:
+                    # Events were lost, a notify file's move or deletion maybe
+                    # among them: check every watch, and wake everybody.
+                    with _LOCK:
+                        changed.update(list(stores.values()))
+            elif wd in self.directories:
+                if not mask & (_IN_CREATE | _IN_MOVED_TO) or name.rstrip(b"\0") == _NOTIFY_NAME:
                     changed.add(store)
-                else:
-                    woken.add(store)
-            try:
-                for store in changed:
-                    self._rewatch(store)
-                for store in woken | changed:
-                    store.wake()
-            except Exception:  # pragma: no cover - a bug; the other stores still need waking
-                logger.exception("waking waiters on commits failed")
+            elif mask & _CHANGED or store.notify is None:
+                changed.add(store)
+            else:
+                woken.add(store)
+        try:
+            for store in changed:
+                self._rewatch(store)
+            for store in woken | changed:
+                store.wake()
+        except Exception:  # pragma: no cover - a bug; the other stores still need waking
+            logger.exception("waking waiters on commits failed")
 
     def _rewatch(self, store: Store) -> None:
         """Follow `store`'s notify file after it appeared, moved or was deleted."""
