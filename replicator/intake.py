@@ -780,21 +780,28 @@ def _undecodable(request: Request) -> InvalidRequest | None:
     Pickled values are let through undecoded (the daemon never unpickles;
     a katsdptelstate client may write them, and readers decide).
     """
-    parts = []
-    if request.op in (Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED):
-        parts.append(("value", request.value))
-    if request.op is Op.SET_INDEXED:
-        parts.append(("sub-key", request.sub_key))
-    for name, data in parts:
-        try:
-            decode_value(data, allow_pickle=False)
-        except DecodeError as error:
-            if str(error) != PICKLE_ERROR:
-                return InvalidRequest(
-                    f"request {request.request_id!r}: the {name} does not decode: {error}",
-                    request.request_id,
-                    request.reply_to,
-                )
+    op = request.op
+    if op is Op.DELETE or op is Op.CLEAR:
+        return None
+    name, error = "value", _decode_error(request.value)
+    if error is None and op is Op.SET_INDEXED:
+        name, error = "sub-key", _decode_error(request.sub_key)
+    if error is None:
+        return None
+    return InvalidRequest(
+        f"request {request.request_id!r}: the {name} does not decode: {error}",
+        request.request_id,
+        request.reply_to,
+    )
+
+
+def _decode_error(data: bytes) -> str | None:
+    """Why `data` is not an encoded value; None if it is one (or a pickle)."""
+    try:
+        decode_value(data, allow_pickle=False)
+    except DecodeError as error:
+        message = str(error)
+        return None if message == PICKLE_ERROR else message
     return None
 
 
@@ -891,7 +898,7 @@ class _Applied:
                 logger.error(
                     "request %r: its record is damaged: applying it again", request.request_id
                 )
-        sent_ms = entry_time_ms(request.entry_id)
+        sent_ms = request.sent_ms
         expires_ms = sent_ms + request.timeout_ms
         margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
         wtxn = self.wtxn

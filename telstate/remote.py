@@ -69,7 +69,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis
@@ -116,6 +116,9 @@ _FIELDS = {
 _OP_NAMES = {op: op.value.encode() for op in _FIELDS}
 _OPS = {name: op for op, name in _OP_NAMES.items()}
 _COMMON = {b"v", b"id", b"reply", b"store", b"op", b"timeout", b"host", b"pid", b"name"}
+# The fields of a request of each operation, all of them, and the bytes of their names.
+_EXPECTED = {op: frozenset(_COMMON | fields) for op, fields in _FIELDS.items()}
+_NAMES_SIZE = {op: sum(map(len, names)) for op, names in _EXPECTED.items()}
 
 
 def intake_key(db: int) -> bytes:
@@ -148,9 +151,11 @@ class InvalidRequest(TelstateError):
         self.reply_to = reply_to
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A decoded write request.
+
+    A named tuple, as the intake decodes one per request on its path to
+    the commit (a frozen dataclass sets each field by a call).
 
     Attributes
     ----------
@@ -168,6 +173,9 @@ class Request:
         Who asked, recorded in the event.
     size
         Bytes of the entry's fields.
+    sent_ms
+        When the server added the entry, in ms since the epoch (its clock;
+        the first part of `entry_id`).
     """
 
     entry_id: bytes
@@ -182,11 +190,7 @@ class Request:
     timeout_ms: int
     writer: Writer
     size: int
-
-    @property
-    def sent_ms(self) -> int:
-        """When the server added the entry, in ms since the epoch (its clock)."""
-        return entry_time_ms(self.entry_id)
+    sent_ms: int
 
     @property
     def expires_ms(self) -> int:
@@ -347,21 +351,19 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         request_id = None
     if reply_to is not None and not (0 < len(reply_to) <= _MAX_ID and reply_to.isalnum()):
         reply_to = None
-
-    def invalid(reason: str) -> InvalidRequest:
-        return InvalidRequest(f"request {entry_id!r}: {reason}", request_id, reply_to)
-
     if request_id is None or reply_to is None:
-        raise invalid("no valid request id or reply token")
+        raise _invalid(entry_id, "no valid request id or reply token", request_id, reply_to)
     if fields.get(b"v") != FORMAT_VERSION:
-        raise invalid(f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}")
+        reason = f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}"
+        raise _invalid(entry_id, reason, request_id, reply_to)
     op = _OPS.get(fields.get(b"op", b""))
     if op is None:
-        raise invalid(f"unknown operation {fields.get(b'op')!r}")
-    expected = _COMMON | _FIELDS[op]
-    if set(fields) != expected:
-        wrong = sorted(set(fields) ^ expected)
-        raise invalid(f"fields {wrong} missing or unexpected for {op.value}")
+        raise _invalid(entry_id, f"unknown operation {fields.get(b'op')!r}", request_id, reply_to)
+    expected = _EXPECTED[op]
+    if fields.keys() != expected:
+        wrong = sorted(fields.keys() ^ expected)
+        reason = f"fields {wrong} missing or unexpected for {op.value}"
+        raise _invalid(entry_id, reason, request_id, reply_to)
     try:
         timeout_ms = int(fields[b"timeout"])
         pid = int(fields[b"pid"])
@@ -369,30 +371,41 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         host = fields[b"host"].decode()
         name = fields[b"name"].decode() or None
         timestamp = _TIMESTAMP.unpack(fields[b"ts"])[0] if op is Op.ADD_MUTABLE else None
-        entry_time_ms(entry_id)
+        sent_ms = entry_time_ms(entry_id)
     except (ValueError, struct.error) as error:
-        raise invalid(f"malformed field: {error}") from None
+        raise _invalid(entry_id, f"malformed field: {error}", request_id, reply_to) from None
     if not 0 < timeout_ms <= MAX_TIMEOUT * 1000:
-        raise invalid(f"timeout {timeout_ms} ms is not in (0, {int(MAX_TIMEOUT * 1000)}]")
-    if op is not Op.CLEAR and not fields[b"key"]:
-        raise invalid("empty key")
-    size = sum(len(name) + len(value) for name, value in fields.items())
+        reason = f"timeout {timeout_ms} ms is not in (0, {int(MAX_TIMEOUT * 1000)}]"
+        raise _invalid(entry_id, reason, request_id, reply_to)
+    key = fields.get(b"key", b"")
+    if op is not Op.CLEAR and not key:
+        raise _invalid(entry_id, "empty key", request_id, reply_to)
+    size = _NAMES_SIZE[op] + sum(map(len, fields.values()))
     if size > MAX_REQUEST_BYTES:
-        raise invalid(f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have")
+        reason = f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have"
+        raise _invalid(entry_id, reason, request_id, reply_to)
     return Request(
         entry_id=entry_id,
         request_id=request_id,
         reply_to=reply_to,
         store=store,
         op=op,
-        key=fields.get(b"key", b""),
+        key=key,
         sub_key=fields.get(b"sub", b""),
         value=fields.get(b"value", b""),
         timestamp=timestamp,
         timeout_ms=timeout_ms,
         writer=Writer(host, pid, name),
         size=size,
+        sent_ms=sent_ms,
     )
+
+
+def _invalid(
+    entry_id: bytes, reason: str, request_id: bytes | None, reply_to: bytes | None
+) -> InvalidRequest:
+    """The error for the request in stream entry `entry_id`, invalid for `reason`."""
+    return InvalidRequest(f"request {entry_id!r}: {reason}", request_id, reply_to)
 
 
 def control_kwargs(client: Any, db: int) -> dict[str, Any]:

@@ -214,3 +214,45 @@ def test_the_expiry_read_alone_is_the_decoded_one(expires_ms, seq, status, value
 )
 def test_the_expiry_of_a_damaged_record_is_minus_one(data):
     assert RequestRecord.expires_of(data) == -1
+
+
+@given(
+    op=st.sampled_from([Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED, Op.DELETE, Op.CLEAR]),
+    key=st.binary(min_size=1, max_size=40),
+    sub_key=st.binary(max_size=40),
+    value=st.binary(max_size=40),
+    timestamp=st.floats(allow_nan=False),
+    timeout=st.floats(min_value=0.001, max_value=MAX_TIMEOUT),
+    sent_ms=st.integers(min_value=0, max_value=2**53),
+    writer=st.builds(
+        Writer,
+        st.text(max_size=10),
+        st.integers(0, 2**31),
+        st.none() | st.text(min_size=1, max_size=10),
+    ),
+)
+def test_a_decoded_request_is_the_encoded_one(
+    op, key, sub_key, value, timestamp, timeout, sent_ms, writer
+):
+    write = {"key": key}
+    if op is Op.CLEAR:
+        write = {}
+    if op in (Op.SET_IMMUTABLE, Op.ADD_MUTABLE, Op.SET_INDEXED):
+        write["value"] = value
+    if op is Op.SET_INDEXED:
+        write["sub_key"] = sub_key
+    if op is Op.ADD_MUTABLE:
+        write["timestamp"] = timestamp
+    fields = encode_request(b"tok:1", b"tok", "store", op, timeout=timeout, writer=writer, **write)
+    decoded = decode_request(b"%d-3" % sent_ms, fields)
+    assert decoded.op is op and (decoded.request_id, decoded.reply_to) == (b"tok:1", b"tok")
+    assert (decoded.key, decoded.sub_key, decoded.value) == (
+        write.get("key", b""),
+        write.get("sub_key", b""),
+        write.get("value", b""),
+    )
+    assert decoded.timestamp == write.get("timestamp")
+    assert decoded.writer == writer and decoded.store == "store"
+    assert decoded.size == sum(len(name) + len(data) for name, data in fields.items())
+    assert decoded.sent_ms == sent_ms
+    assert decoded.expires_ms == sent_ms + decoded.timeout_ms

@@ -1,5 +1,8 @@
-"""The key-record codec of the LMDB store's keys table."""
+"""The record codecs of the LMDB store: key records, and remote writes' request records."""
 
+import threading
+
+import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -10,6 +13,7 @@ from telstate.lmdb.layout import (
     INLINE_LIMIT,
     MUTABLE,
     KeyRecord,
+    RequestRecord,
     record_name,
 )
 
@@ -44,3 +48,41 @@ def test_key_record_bytes():
     assert data == bytes.fromhex("02 0000000000000007 00 bff0000000000000")
     data = KeyRecord.new(IMMUTABLE, bytes(8), b"k", b"value").encode()
     assert data[18:] == b"value" and data[9] == 0
+
+
+request_records = st.builds(
+    RequestRecord,
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.sampled_from([b"ok", b"exists", b"error"]),
+    st.binary(max_size=300),
+    st.sampled_from([b"", b"immutable", b"expired"]),
+    st.text(max_size=300),
+)
+
+
+@given(st.lists(request_records, max_size=5))
+def test_a_request_record_is_a_msgpack_array_of_its_fields(records):
+    # The stored format: what older telstate wrote with msgpack.packb, and decodes.
+    for record in records:
+        data = record.encode()
+        assert data == msgpack.packb(list(record), use_bin_type=True)
+        assert RequestRecord.decode(data) == record
+
+
+def test_request_records_encode_alike_in_threads():
+    records = [
+        RequestRecord(i, i * 7, b"ok", b"v" * (i % 50), b"", "m" * (i % 30)) for i in range(2000)
+    ]
+    expected = [msgpack.packb(list(record), use_bin_type=True) for record in records]
+    found: list[list[bytes]] = [[] for _ in range(4)]
+
+    def encode_all(out: list[bytes]) -> None:
+        out.extend(record.encode() for record in records)
+
+    threads = [threading.Thread(target=encode_all, args=(out,)) for out in found]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [expected] * 4
