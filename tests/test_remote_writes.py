@@ -806,11 +806,11 @@ def _sent_fields(packed: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
 )
 def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
     """The writer packs each request from a head packed once per token: it must be the request."""
-    from telstate.remote import _Session, decode_request, write_fields
+    from telstate.remote import PackedWrite, _Session, decode_request
 
     session = _Session(3, "0123-store", 10.0, "näme")
     request_id, expected = session.request(op, 7.5, **write)
-    start, fields = _sent_fields(session.xadd(request_id, write_fields(op, **write), 7.5))
+    start, fields = _sent_fields(session.xadd(request_id, PackedWrite.of(op, **write), 7.5))
     assert start == [b"XADD", request_stream_key(3), b"*"]
     assert fields == expected
     request = decode_request(b"1-0", fields)
@@ -822,14 +822,14 @@ def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
 
 
 def _pack_in_child(queue: Any, session: Any) -> None:
-    from telstate.remote import write_fields
+    from telstate.remote import PackedWrite
 
     request_id = session.new_request()
-    queue.put((request_id, session.xadd(request_id, write_fields(Op.CLEAR), 1.0)))
+    queue.put((request_id, session.xadd(request_id, PackedWrite.of(Op.CLEAR), 1.0)))
 
 
 def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
-    from telstate.remote import _Session, write_fields
+    from telstate.remote import PackedWrite, _Session
 
     session = _Session(0, "store", 10.0, None)
     parent_id = session.new_request()
@@ -845,7 +845,7 @@ def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
     assert child_id.startswith(fields[b"reply"] + b":") and child_id == fields[b"id"]
     # The parent goes on with its own token, its head untouched by the child.
     request_id = session.new_request()
-    _, fields = _sent_fields(session.xadd(request_id, write_fields(Op.CLEAR), 1.0))
+    _, fields = _sent_fields(session.xadd(request_id, PackedWrite.of(Op.CLEAR), 1.0))
     assert fields[b"reply"] == session.token and fields[b"pid"] == b"%d" % os.getpid()
     assert parent_id.startswith(session.token + b":") and request_id != parent_id
 
