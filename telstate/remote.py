@@ -748,9 +748,10 @@ class _Session:
 
     def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
         """The reply to `request_id` among a raw XREAD reply, or None."""
-        if reply.__class__ is list and len(reply) == 1:
+        if reply and len(reply) == 1:
             # The common reply, read without building dicts: one entry, ours, ok.
-            entries = reply[0][1]
+            # (A stream's entries are a map's value in RESP3, a pair's second in RESP2.)
+            entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
             if len(entries) == 1:
                 entry_id, flat = entries[0]
                 if flat and flat[:4] == [b"id", request_id, b"status", b"ok"]:

@@ -439,6 +439,9 @@ def test_writers_may_send_requests_and_write_no_mirror_key(store, server, mirror
     ours = TelescopeState(mirror_url)  # user default, as every client without credentials
     ours.add("attr", 1, immutable=True)
     ours.add("sensor", 2.0, ts=1.0)
+    ours.add("sensor", 3.0, ts=2.0)
+    # The rules let writers skip XADD replies (CLIENT REPLY), so they wake once per write.
+    assert ours.backend._remote._session.skip_replies is True
     theirs = katsdptelstate.TelescopeState(mirror_url)
     assert theirs["attr"] == 1
     with pytest.raises(redis.ResponseError, match="can't run this command"):
@@ -932,4 +935,85 @@ def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
     assert [(e.key, e.value) for e in backend.events() if e.key == b"resent"] == [
         (b"resent", encode_value(2.0))
     ]
+    backend.close()
+
+
+def _add_three(ts: TelescopeState, key: str) -> None:
+    for i in range(3):
+        ts.add(key, float(i), ts=float(i))
+
+
+def test_xadd_replies_are_skipped_only_where_the_server_allows_it(
+    store, server, mirror_url, daemon
+):
+    """After its first accepted XADD a writer asks whether the server skips the XADD's reply.
+
+    A Redis user whose rules refuse ``CLIENT`` still writes, waiting for both replies.
+    """
+    admin = server.client()
+    rules = ("on", f">{PASSWORD}", "~*", "&*", "+@all", "-client")
+    admin.execute_command("ACL", "SETUSER", "noclient", *rules)
+    admin.close()
+    daemon()
+    allowed = TelescopeState(mirror_url)
+    refused = TelescopeState(f"unix://noclient:{PASSWORD}@{server.socket}?db=0")
+    for ts, key in ((allowed, "allowed"), (refused, "refused")):
+        assert ts.backend._remote._session.skip_replies is None
+        _add_three(ts, key)
+        assert ts.get_range(key, st=0) == [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)]
+    assert allowed.backend._remote._session.skip_replies is True
+    assert refused.backend._remote._session.skip_replies is False
+    for ts in (allowed, refused):
+        ts.backend.close()
+    settle(store, server)
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
+    store, server, mirror_url, daemon, aio
+):
+    """Out of memory, Redis refuses the XADD: the writer says so, it does not time out.
+
+    (Its first wait for the reply ends empty, and it sends the request again,
+    asking for the XADD's reply this time.)
+    """
+    daemon()
+    control = server.client()
+
+    async def write() -> None:
+        from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+        backend = await AioRedisBackend.from_url(mirror_url, write_timeout=60)
+        ts = telstate.aio.TelescopeState(backend)
+        await ts.add("before", 1.0, ts=1.0)
+        assert backend._remote is not None and backend._remote._session.skip_replies
+        control.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ReadOnlyError, match="maxmemory"):
+                await ts.add("refused", 2.0, ts=2.0)
+        finally:
+            control.config_set("maxmemory", 0)
+        await ts.add("after", 3.0, ts=3.0)
+        backend.close()
+        await backend.wait_closed()
+
+    if aio:
+        asyncio.run(write())
+    else:
+        ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=60))
+        ts.add("before", 1.0, ts=1.0)
+        assert ts.backend._remote._session.skip_replies
+        control.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ReadOnlyError, match="maxmemory"):
+                ts.add("refused", 2.0, ts=2.0)
+        finally:
+            control.config_set("maxmemory", 0)
+        ts.add("after", 3.0, ts=3.0)
+        ts.backend.close()
+    control.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert {e.key for e in backend.events()} >= {b"before", b"after"}
+    assert b"refused" not in {e.key for e in backend.events()}
     backend.close()
