@@ -1017,3 +1017,35 @@ def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
     assert {e.key for e in backend.events()} >= {b"before", b"after"}
     assert b"refused" not in {e.key for e in backend.events()}
     backend.close()
+
+
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+def test_a_writer_takes_the_reply_to_its_request_from_the_xread_reply(resp3):
+    """The common ok reply is matched without dicts; anything else the long way, same answers."""
+    from telstate.remote import OK, Reply, _Session
+
+    session = _Session(0, "store", 10.0, None)
+
+    def xread(*entries: tuple[bytes, list[bytes] | None]) -> Any:
+        listed = [[entry_id, flat] for entry_id, flat in entries]
+        return {session.replies: listed} if resp3 else [[session.replies, listed]]
+
+    def fields(request_id: bytes, status: bytes, value: bytes = b"") -> list[bytes]:
+        return [b"id", request_id, b"status", status, b"value", value]
+
+    fields_tail = [b"error", b"", b"message", b""]
+    assert session.take_reply(b"t:2", None) is None
+    assert session.take_reply(b"t:2", xread((b"1-0", fields(b"t:1", b"ok")))) is None
+    assert session.last_reply_id == b"1-0"  # a stale reply is passed over
+    ok = xread((b"2-0", fields(b"t:2", b"ok") + fields_tail))
+    assert session.take_reply(b"t:2", ok) is OK
+    assert session.last_reply_id == b"2-0"
+    exists = xread((b"3-0", fields(b"t:1", b"ok")), (b"4-0", fields(b"t:3", b"exists", b"v")))
+    assert session.take_reply(b"t:3", exists) == Reply(b"exists", b"v")
+    assert session.last_reply_id == b"4-0"
+    reordered = xread((b"5-0", [b"status", b"ok", b"id", b"t:4"]))
+    assert session.take_reply(b"t:4", reordered) is OK
+    refused = xread((b"6-0", [b"id", b"t:5", b"status", b"error", b"error", b"expired"]))
+    assert session.take_reply(b"t:5", refused) == Reply(b"error", error=b"expired")
+    assert session.take_reply(b"t:6", xread((b"7-0", None))) is None
+    assert session.last_reply_id == b"7-0"
