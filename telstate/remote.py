@@ -774,17 +774,28 @@ class _Session:
             _bulk(self.last_reply_id),
         )
 
-    def xadd(self, request_id: bytes, write: PackedWrite, remaining: float) -> bytes:
+    def xadd(
+        self,
+        request_id: bytes,
+        write: PackedWrite,
+        remaining: float,
+        *,
+        skip_reply: bool = False,
+        then: bytes = b"",
+    ) -> bytes:
         """The XADD of request `request_id`, packed (RESP).
 
         Its timeout is the `remaining` seconds of the deadline: a resend
         after a lost connection keeps the request id (the daemon answers a
         duplicate from its record) and the original deadline. The fields
-        are those of :func:`attempt_fields`, packed here for speed.
+        are those of :func:`attempt_fields`, packed here for speed. With
+        `skip_reply`, it follows ``CLIENT REPLY SKIP``; the packed commands
+        `then` follow it (joined once: the value may be megabytes).
         """
         timeout_ms = b"%d" % max(1, int(remaining * 1000))
         return b"".join(
             (
+                _SKIP_NEXT_REPLY if skip_reply else b"",
                 b"*%d\r\n" % (len(self._xadd_head) + 4 + write.field_count),
                 self._packed_head,
                 b"$2\r\nid\r\n",
@@ -792,6 +803,7 @@ class _Session:
                 b"$7\r\ntimeout\r\n",
                 _bulk(timeout_ms),
                 write.packed,
+                then,
             )
         )
 
@@ -815,12 +827,12 @@ class _Session:
                 elif confirmed:
                     # The request and the wait for its reply: one write, one blocking read.
                     added, reply = yield _Exchange(
-                        self.xadd(request_id, write, remaining) + read, 2
+                        self.xadd(request_id, write, remaining, then=read), 2
                     )
                     checked(added)
                 else:
                     (reply,) = yield _Exchange(
-                        _SKIP_NEXT_REPLY + self.xadd(request_id, write, remaining) + read, 1
+                        self.xadd(request_id, write, remaining, skip_reply=True, then=read), 1
                     )
                 # From here the daemon may apply it: a failure means a resend.
                 sent = ever_sent = True

@@ -822,6 +822,17 @@ def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
     assert request.value == write.get("value", b"")
     assert request.timeout_ms == 7500
     assert request.writer == (socket.gethostname(), os.getpid(), "näme")
+    # Sent after CLIENT REPLY SKIP and before the XREAD of the reply, in one write.
+    read = session.read_replies(900)
+    reader = hiredis.Reader()
+    reader.feed(
+        session.xadd(request_id, PackedWrite.of(op, **write), 7.5, skip_reply=True, then=read)
+    )
+    skip, xadd, xread = reader.gets(), reader.gets(), reader.gets()
+    assert reader.gets() is False
+    assert skip == [b"CLIENT", b"REPLY", b"SKIP"]
+    assert dict(zip(xadd[3::2], xadd[4::2])) == expected
+    assert xread == [b"XREAD", b"BLOCK", b"900", b"STREAMS", session.replies, b"0"]
 
 
 def _pack_in_child(queue: Any, session: Any) -> None:
