@@ -1060,3 +1060,29 @@ def test_a_writer_takes_the_reply_to_its_request_from_the_xread_reply(resp3):
     assert session.take_reply(b"t:5", refused) == Reply(b"error", error=b"expired")
     assert session.take_reply(b"t:6", xread((b"7-0", None))) is None
     assert session.last_reply_id == b"7-0"
+
+
+async def test_an_aio_writer_bounds_its_reads_itself_and_closes_a_connection_that_overran(
+    server, mirror_url
+):
+    """The client's socket timeout bounds the asyncio writer's reads.
+
+    (From Python 3.11 its wire applies it, its connections have none: a
+    BLPOP that outlasts it would answer nil, not raise.)
+    """
+    import redis.asyncio
+
+    from telstate.remote import AsyncRemoteWriter
+
+    client = redis.asyncio.Redis.from_url(mirror_url, socket_timeout=0.3)
+    writer = AsyncRemoteWriter(client, 0, MIRROR_CURSOR_DB, "store")
+    wire = writer._wire
+    if sys.version_info >= (3, 11):
+        assert wire._pool.connection_kwargs["socket_timeout"] is None
+    await wire.send(hiredis.pack_command(("BLPOP", "nothing", 5)))
+    with pytest.raises(redis.TimeoutError):
+        await wire.receive(1)
+    await wire.send(hiredis.pack_command(("PING",)))  # on a new connection: nothing left over
+    assert await wire.receive(1) == [b"PONG"]
+    await writer.close()
+    await client.aclose()
