@@ -104,6 +104,9 @@ _RETRY_DELAY = 0.05
 _MAX_ID = 100
 #: Largest request accepted (all fields), well above an 8 MB array sensor.
 MAX_REQUEST_BYTES = 256 << 20
+#: Largest write whose XADD reply a writer may skip (see _Session.skip_replies):
+#: a larger one would be sent again whenever its reply takes over a second.
+_SKIP_REPLY_MAX_BYTES = 64 << 10
 #: Errors of a writer's connection after which it tries again (a new connection).
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -724,6 +727,7 @@ class _Session:
         Then a skipped XADD that failed (out of memory, say) is reported
         once its first wait for the reply ends empty: the request is sent
         again, with the same id and deadline, asking for the XADD's reply.
+        (So a large write always asks: it is not sent twice.)
     """
 
     def __init__(self, mirror_db: int, store: str, timeout: float, writer_name: str | None):
@@ -840,7 +844,7 @@ class _Session:
         request_id = self.new_request()
         sent = ever_sent = False
         # Whether the next XADD asks for its reply (see skip_replies).
-        confirmed = self.skip_replies is not True
+        confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -1086,3 +1086,37 @@ async def test_an_aio_writer_bounds_its_reads_itself_and_closes_a_connection_tha
     assert await wire.receive(1) == [b"PONG"]
     await writer.close()
     await client.aclose()
+
+
+def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_large_writes():
+    """Skipping XADD replies: the steps a writer takes, replies given by hand."""
+    from telstate.remote import PackedWrite, _Session
+
+    session = _Session(0, "store", 10.0, None)
+    session.skip_replies = True
+
+    def plan(value: bytes) -> Any:
+        write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=value, timestamp=1.0)
+        return session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+
+    def commands(packed: bytes) -> list[list[bytes]]:
+        reader = hiredis.Reader()
+        reader.feed(packed)
+        return list(iter(reader.gets, False))
+
+    small = plan(b"v")
+    skip, xadd, xread = commands(next(small).packed)
+    assert skip == [b"CLIENT", b"REPLY", b"SKIP"] and xadd[0] == b"XADD" and xread[0] == b"XREAD"
+    # The wait ends empty: the same request again, asking for the XADD's reply this time.
+    step = small.send([None])
+    again, xread = commands(step.packed)
+    assert step.replies == 2 and again[0] == b"XADD"
+    assert dict(zip(again[3::2], again[4::2]))[b"id"] == dict(zip(xadd[3::2], xadd[4::2]))[b"id"]
+    request_id = dict(zip(again[3::2], again[4::2]))[b"id"]
+    ok = [[session.replies, [[b"2-0", [b"id", request_id, b"status", b"ok"]]]]]
+    with pytest.raises(StopIteration) as stop:
+        small.send([b"1-0", ok])
+    assert stop.value.value is None
+    # A write of more than 64 KB always asks: it would be costly to send twice.
+    step = next(plan(b"x" * (65 << 10)))
+    assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
