@@ -59,15 +59,17 @@ Nothing else in the package knows these layouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -102,6 +104,11 @@ _RETRY_DELAY = 0.05
 _MAX_ID = 100
 #: Largest request accepted (all fields), well above an 8 MB array sensor.
 MAX_REQUEST_BYTES = 256 << 20
+#: Largest write whose XADD reply a writer may skip (see _Session.skip_replies):
+#: a larger one would be sent again whenever its reply takes over a second.
+_SKIP_REPLY_MAX_BYTES = 64 << 10
+#: Errors of a writer's connection after which it tries again (a new connection).
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _TIMESTAMP = struct.Struct(">d")
 _HOST = socket.gethostname()
@@ -522,33 +529,56 @@ class Wire:
 
 
 class AsyncWire:
-    """:class:`Wire` for asyncio: one connection of `pool`, held until :meth:`close`."""
+    """:class:`Wire` for asyncio: one connection of `pool`, held until :meth:`close`.
 
-    def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
+    Parameters
+    ----------
+    pool
+        Where the connection comes from.
+    timeout
+        If given, the longest a send or a read may take (seconds), for a
+        pool whose connections have no socket timeout of their own (see
+        :class:`AsyncRemoteWriter`); a send or read that takes longer raises
+        :class:`redis.TimeoutError` and closes the connection.
+    """
+
+    def __init__(self, pool: redis.asyncio.ConnectionPool, timeout: float | None = None) -> None:
         self._pool = pool
         self._connection: Any = None
+        self._timeout = timeout
+
+    def _time_limit(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        if self._timeout is None:
+            return contextlib.nullcontext()
+        return asyncio.timeout(self._timeout)  # type: ignore[attr-defined]
 
     async def send(self, packed: bytes) -> None:
         """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server)."""
         if self._connection is None:
             self._connection = await self._pool.get_connection()
         try:
-            await self._connection.send_packed_command(packed)
-        except BaseException:
+            async with self._time_limit():
+                await self._connection.send_packed_command(packed)
+        except BaseException as error:
             await self._connection.disconnect()
+            if isinstance(error, asyncio.TimeoutError):
+                raise redis.TimeoutError("Timeout writing to the redis server") from error
             raise
 
     async def receive(self, count: int) -> list[Any]:
         """The replies to `count` commands sent (see :meth:`Wire.receive`)."""
         replies: list[Any] = []
         try:
-            for _ in range(count):
-                try:
-                    replies.append(await self._connection.read_response())
-                except redis.ResponseError as error:
-                    replies.append(error)
-        except BaseException:
+            async with self._time_limit():
+                for _ in range(count):
+                    try:
+                        replies.append(await self._connection.read_response())
+                    except redis.ResponseError as error:
+                        replies.append(error)
+        except BaseException as error:
             await self._connection.disconnect()
+            if isinstance(error, asyncio.TimeoutError):
+                raise redis.TimeoutError("Timeout reading from the redis server") from error
             raise
         return replies
 
@@ -625,8 +655,93 @@ def _packed_arguments(arguments: tuple[Any, ...]) -> memoryview:
     return memoryview(packed)[packed.index(b"\r\n") + 2 :]
 
 
+def _bulk(data: bytes) -> bytes:
+    """`data` as one RESP bulk string (an argument of a packed command)."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class PackedWrite(NamedTuple):
+    """The fields of a request that say what to write (:func:`write_fields`), packed once.
+
+    A write packs them once, and every sending of it (a resend after a lost
+    connection) reuses them: an 8 MB value is not packed again.
+    """
+
+    field_count: int
+    packed: memoryview
+
+    @classmethod
+    def of(
+        cls,
+        op: Op,
+        *,
+        key: bytes = b"",
+        sub_key: bytes = b"",
+        value: bytes = b"",
+        timestamp: float | None = None,
+    ) -> PackedWrite:
+        """Pack the fields :func:`write_fields` gives for these arguments."""
+        fields = write_fields(op, key=key, sub_key=sub_key, value=value, timestamp=timestamp)
+        return cls(len(fields), _packed_arguments(fields))
+
+
+#: Sent before an XADD whose reply the writer does not wait for (see _Session.skip_replies).
+_SKIP_NEXT_REPLY = b"*3\r\n" + _bulk(b"CLIENT") + _bulk(b"REPLY") + _bulk(b"SKIP")
+#: Whether the server skips a reply when asked: if it does, only the second PING answers.
+_SKIP_PROBE_MARK = b"telstate-skip-probe"
+_SKIP_PROBE = (
+    _SKIP_NEXT_REPLY
+    + b"*1\r\n"
+    + _bulk(b"PING")
+    + b"*2\r\n"
+    + _bulk(b"PING")
+    + _bulk(_SKIP_PROBE_MARK)
+)
+
+
+class _Exchange(NamedTuple):
+    """A step of a write plan: send `packed` (unless empty), then read `replies` replies.
+
+    The plan is sent the replies (a failed command's error in its place), or
+    thrown :class:`_Unsent` if the sending failed, or the transient error
+    (see `_TRANSIENT`) if the reading failed.
+    """
+
+    packed: bytes
+    replies: int
+
+
+class _Unsent(Exception):
+    """Thrown into a write plan: the sending failed, so none of its commands reached the server."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+#: A step of a write plan: an exchange, or a pause (seconds) before trying again.
+_Step = _Exchange | float
+#: A write written once for the sync and asyncio writers (as the frontends' plans are).
+_WritePlan = Generator[_Step, list[Any], "bytes | None"]
+
+
 class _Session:
-    """What the sync and asyncio writers share: identity, request ids, the format."""
+    """What the sync and asyncio writers share: identity, request ids, the format, the write plan.
+
+    Attributes
+    ----------
+    skip_replies
+        Whether a request's XADD is sent after ``CLIENT REPLY SKIP``, so that
+        the writer wakes once per write (for its reply) instead of twice
+        (for the XADD's entry id too). None until found out: after the
+        first XADD the server accepted (so an XADD refused by the ACL rules
+        is reported at once), a probe asks whether the server skips replies
+        (the ACL rules of the writer's Redis user may refuse ``CLIENT``).
+        Then a skipped XADD that failed (out of memory, say) is reported
+        once its first wait for the reply ends empty: the request is sent
+        again, with the same id and deadline, asking for the XADD's reply.
+        (So a large write always asks: it is not sent twice.)
+    """
 
     def __init__(self, mirror_db: int, store: str, timeout: float, writer_name: str | None):
         if not 0 < timeout <= MAX_TIMEOUT:
@@ -636,6 +751,7 @@ class _Session:
         self.mirror_db = mirror_db
         self.requests = request_stream_key(mirror_db)
         self.writer_name = writer_name
+        self.skip_replies: bool | None = None
         self._new_token()
 
     def _new_token(self) -> None:
@@ -652,6 +768,9 @@ class _Session:
             self.token, self.store, writer
         )
         self._packed_head = bytes(_packed_arguments(self._xadd_head))
+        # So is the XREAD of the replies, but for its last two arguments.
+        self._packed_read = b"*6\r\n$5\r\nXREAD\r\n$5\r\nBLOCK\r\n"
+        self._packed_streams = b"$7\r\nSTREAMS\r\n" + _bulk(self.replies)
 
     def new_request(self) -> bytes:
         """A request id of this process's own."""
@@ -671,26 +790,133 @@ class _Session:
 
     def take_reply(self, request_id: bytes, reply: Any) -> Reply | None:
         """The reply to `request_id` among a raw XREAD reply, or None."""
+        if reply and len(reply) == 1:
+            # The common reply, read without building dicts: one entry, ours, ok.
+            # (A stream's entries are a map's value in RESP3, a pair's second in RESP2.)
+            entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+            if len(entries) == 1:
+                entry_id, flat = entries[0]
+                if flat and flat[:4] == [b"id", request_id, b"status", b"ok"]:
+                    self.last_reply_id = entry_id
+                    return OK
         for entry_id, fields in stream_entries(reply):
             self.last_reply_id = entry_id
             if fields is not None and fields.get(b"id") == request_id:
                 return Reply.from_fields(fields)
         return None
 
-    def read_replies(self, block: int) -> tuple[Any, ...]:
-        """The XREAD that waits up to `block` ms for this writer's next replies."""
-        return (b"XREAD", b"BLOCK", block, b"STREAMS", self.replies, self.last_reply_id)
+    def read_replies(self, block: int) -> bytes:
+        """The XREAD that waits up to `block` ms for this writer's next replies, packed."""
+        block_ms = b"%d" % block
+        return b"%b$%d\r\n%b\r\n%b%b" % (
+            self._packed_read,
+            len(block_ms),
+            block_ms,
+            self._packed_streams,
+            _bulk(self.last_reply_id),
+        )
 
-    def xadd(self, request_id: bytes, write: tuple[bytes, ...], remaining: float) -> bytes:
-        """The XADD of request `request_id` (`write` from :func:`write_fields`), packed (RESP).
+    def xadd(
+        self,
+        request_id: bytes,
+        write: PackedWrite,
+        remaining: float,
+        *,
+        skip_reply: bool = False,
+        then: bytes = b"",
+    ) -> bytes:
+        """The XADD of request `request_id`, packed (RESP).
 
         Its timeout is the `remaining` seconds of the deadline: a resend
         after a lost connection keeps the request id (the daemon answers a
-        duplicate from its record) and the original deadline.
+        duplicate from its record) and the original deadline. The fields
+        are those of :func:`attempt_fields`, packed here for speed. With
+        `skip_reply`, it follows ``CLIENT REPLY SKIP``; the packed commands
+        `then` follow it (joined once: the value may be megabytes).
         """
-        tail = attempt_fields(request_id, remaining) + write
-        count = b"*%d\r\n" % (len(self._xadd_head) + len(tail))
-        return b"".join((count, self._packed_head, _packed_arguments(tail)))
+        timeout_ms = b"%d" % max(1, int(remaining * 1000))
+        return b"".join(
+            (
+                _SKIP_NEXT_REPLY if skip_reply else b"",
+                b"*%d\r\n" % (len(self._xadd_head) + 4 + write.field_count),
+                self._packed_head,
+                b"$2\r\nid\r\n",
+                _bulk(request_id),
+                b"$7\r\ntimeout\r\n",
+                _bulk(timeout_ms),
+                write.packed,
+                then,
+            )
+        )
+
+    def write_plan(
+        self, op: Op, key: bytes | None, write: PackedWrite, block_chunk: float
+    ) -> _WritePlan:
+        """Send one write and wait for its outcome, as the steps of :meth:`RemoteWriter.write`."""
+        deadline = time.monotonic() + self.timeout
+        request_id = self.new_request()
+        sent = ever_sent = False
+        # Whether the next XADD asks for its reply (see skip_replies).
+        confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timed_out(key, op)
+            read = self.read_replies(max(1, int(min(remaining, block_chunk) * 1000)))
+            try:
+                if sent:
+                    (reply,) = yield _Exchange(read, 1)
+                elif confirmed:
+                    # The request and the wait for its reply: one write, one blocking read.
+                    added, reply = yield _Exchange(
+                        self.xadd(request_id, write, remaining, then=read), 2
+                    )
+                    checked(added)
+                else:
+                    (reply,) = yield _Exchange(
+                        self.xadd(request_id, write, remaining, skip_reply=True, then=read), 1
+                    )
+                # From here the daemon may apply it: a failure means a resend.
+                sent = ever_sent = True
+                reply = checked(reply)
+            except _Unsent as unsent:
+                if not ever_sent:
+                    # Nothing reached the server: fail at once, as a direct write does.
+                    raise self.unreachable(unsent.error) from unsent.error
+                sent, confirmed = False, True
+                yield _RETRY_DELAY
+                continue
+            except _TRANSIENT:
+                sent, confirmed, ever_sent = False, True, True
+                yield _RETRY_DELAY
+                continue
+            except redis.ResponseError as error:
+                raise self.refused(error) from error
+            found = self.take_reply(request_id, reply)
+            if found is not None:
+                if self.skip_replies is None:
+                    yield from self._probe_skip()
+                return found.result()
+            if reply is None and not confirmed:
+                # No reply within the wait: if the skipped XADD failed, the
+                # caller must hear why, not time out. Send it again, asking.
+                sent, confirmed = False, True
+
+    def _probe_skip(self) -> Generator[_Step, list[Any], None]:
+        """Find out :attr:`skip_replies` (a step of :meth:`write_plan`, after an accepted XADD).
+
+        If the server skips the first PING's reply, only the second's
+        comes; otherwise (``CLIENT`` refused, or not known) all three do.
+        """
+        try:
+            replies = yield _Exchange(_SKIP_PROBE, 1)
+            while replies[-1] != _SKIP_PROBE_MARK and len(replies) < 3:
+                replies += yield _Exchange(b"", 1)
+        except (_Unsent, *_TRANSIENT):
+            # The connection is closed (so not out of step): no skipping, to be safe.
+            self.skip_replies = False
+            return
+        self.skip_replies = replies == [_SKIP_PROBE_MARK]
 
     def refused(self, error: redis.ResponseError) -> ReadOnlyError:
         return ReadOnlyError(
@@ -708,9 +934,6 @@ class _Session:
 
     def unreachable(self, error: Exception) -> ConnectionError:
         return ConnectionError(f"could not send the write to the redis server: {error}")
-
-
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class RemoteWriter:
@@ -780,42 +1003,35 @@ class RemoteWriter:
         ConnectionError
             If the Redis server cannot be reached.
         """
-        session = self._session
-        write = write_fields(op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp)
+        write = PackedWrite.of(
+            op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp
+        )
+        wire = self._wire
         with self._lock:
-            deadline = time.monotonic() + session.timeout
-            request_id = session.new_request()
-            sent = ever_sent = False
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise session.timed_out(key, op)
-                read = session.read_replies(max(1, int(min(remaining, self._block) * 1000)))
-                try:
-                    if not sent:
-                        # The request and the wait for its reply: one write, one blocking read.
-                        self._wire.send(
-                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
-                        )
-                        # From here the daemon may apply it: a failure means a resend.
-                        sent = ever_sent = True
-                        added, reply = self._wire.receive(2)
-                        checked(added)
-                    else:
-                        (reply,) = self._wire.call(read)
-                    reply = checked(reply)
-                except _TRANSIENT as error:
-                    if not ever_sent:
-                        # Nothing reached the server: fail at once, as a direct write does.
-                        raise session.unreachable(error) from error
-                    sent = False
-                    time.sleep(_RETRY_DELAY)
-                    continue
-                except redis.ResponseError as error:
-                    raise session.refused(error) from error
-                found = session.take_reply(request_id, reply)
-                if found is not None:
-                    return found.result()
+            plan = self._session.write_plan(op, key, write, self._block)
+            try:
+                step = next(plan)
+                while True:
+                    if isinstance(step, float):
+                        time.sleep(step)
+                        step = next(plan)
+                        continue
+                    packed, count = step
+                    try:
+                        if packed:
+                            wire.send(packed)
+                    except _TRANSIENT as error:
+                        step = plan.throw(_Unsent(error))
+                        continue
+                    try:
+                        replies = wire.receive(count)
+                    except _TRANSIENT as error:
+                        step = plan.throw(error)
+                        continue
+                    step = plan.send(replies)
+            except StopIteration as stop:
+                result: bytes | None = stop.value
+                return result
 
     def close(self) -> None:
         """Close the writer's connections."""
@@ -842,8 +1058,19 @@ class AsyncRemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs = control_kwargs(client, control_db)
-        self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs))
         socket_timeout = kwargs.get("socket_timeout")
+        wire_limit = None
+        if socket_timeout and sys.version_info >= (3, 11):
+            # redis.asyncio bounds each send by asyncio.wait_for, a task of
+            # its own (and extra turns of the event loop) per send: about a
+            # fifth of a remote write's CPU time. The wire bounds its sends
+            # and reads itself, with asyncio.timeout (Python 3.11+).
+            kwargs["socket_connect_timeout"] = (
+                kwargs.get("socket_connect_timeout") or socket_timeout
+            )
+            kwargs["socket_timeout"] = None
+            wire_limit = socket_timeout
+        self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs), wire_limit)
         self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = asyncio.Lock()
 
@@ -857,40 +1084,35 @@ class AsyncRemoteWriter:
         timestamp: float | None = None,
     ) -> bytes | None:
         """Send one write and wait for its outcome (see :meth:`RemoteWriter.write`)."""
-        session = self._session
-        write = write_fields(op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp)
+        write = PackedWrite.of(
+            op, key=key or b"", sub_key=sub_key, value=value, timestamp=timestamp
+        )
+        wire = self._wire
         async with self._lock:
-            deadline = time.monotonic() + session.timeout
-            request_id = session.new_request()
-            sent = ever_sent = False
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise session.timed_out(key, op)
-                read = session.read_replies(max(1, int(min(remaining, self._block) * 1000)))
-                try:
-                    if not sent:
-                        await self._wire.send(
-                            session.xadd(request_id, write, remaining) + hiredis.pack_command(read)
-                        )
-                        sent = ever_sent = True
-                        added, reply = await self._wire.receive(2)
-                        checked(added)
-                    else:
-                        await self._wire.send(hiredis.pack_command(read))
-                        (reply,) = await self._wire.receive(1)
-                    reply = checked(reply)
-                except _TRANSIENT as error:
-                    if not ever_sent:
-                        raise session.unreachable(error) from error
-                    sent = False
-                    await asyncio.sleep(_RETRY_DELAY)
-                    continue
-                except redis.ResponseError as error:
-                    raise session.refused(error) from error
-                found = session.take_reply(request_id, reply)
-                if found is not None:
-                    return found.result()
+            plan = self._session.write_plan(op, key, write, self._block)
+            try:
+                step = next(plan)
+                while True:
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                        step = next(plan)
+                        continue
+                    packed, count = step
+                    try:
+                        if packed:
+                            await wire.send(packed)
+                    except _TRANSIENT as error:
+                        step = plan.throw(_Unsent(error))
+                        continue
+                    try:
+                        replies = await wire.receive(count)
+                    except _TRANSIENT as error:
+                        step = plan.throw(error)
+                        continue
+                    step = plan.send(replies)
+            except StopIteration as stop:
+                result: bytes | None = stop.value
+                return result
 
     async def close(self) -> None:
         """Close the writer's connections."""

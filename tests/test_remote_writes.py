@@ -439,6 +439,9 @@ def test_writers_may_send_requests_and_write_no_mirror_key(store, server, mirror
     ours = TelescopeState(mirror_url)  # user default, as every client without credentials
     ours.add("attr", 1, immutable=True)
     ours.add("sensor", 2.0, ts=1.0)
+    ours.add("sensor", 3.0, ts=2.0)
+    # The rules let writers skip XADD replies (CLIENT REPLY), so they wake once per write.
+    assert ours.backend._remote._session.skip_replies is True
     theirs = katsdptelstate.TelescopeState(mirror_url)
     assert theirs["attr"] == 1
     with pytest.raises(redis.ResponseError, match="can't run this command"):
@@ -806,11 +809,11 @@ def _sent_fields(packed: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
 )
 def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
     """The writer packs each request from a head packed once per token: it must be the request."""
-    from telstate.remote import _Session, decode_request, write_fields
+    from telstate.remote import PackedWrite, _Session, decode_request
 
     session = _Session(3, "0123-store", 10.0, "näme")
     request_id, expected = session.request(op, 7.5, **write)
-    start, fields = _sent_fields(session.xadd(request_id, write_fields(op, **write), 7.5))
+    start, fields = _sent_fields(session.xadd(request_id, PackedWrite.of(op, **write), 7.5))
     assert start == [b"XADD", request_stream_key(3), b"*"]
     assert fields == expected
     request = decode_request(b"1-0", fields)
@@ -819,17 +822,28 @@ def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
     assert request.value == write.get("value", b"")
     assert request.timeout_ms == 7500
     assert request.writer == (socket.gethostname(), os.getpid(), "näme")
+    # Sent after CLIENT REPLY SKIP and before the XREAD of the reply, in one write.
+    read = session.read_replies(900)
+    reader = hiredis.Reader()
+    reader.feed(
+        session.xadd(request_id, PackedWrite.of(op, **write), 7.5, skip_reply=True, then=read)
+    )
+    skip, xadd, xread = reader.gets(), reader.gets(), reader.gets()
+    assert reader.gets() is False
+    assert skip == [b"CLIENT", b"REPLY", b"SKIP"]
+    assert dict(zip(xadd[3::2], xadd[4::2])) == expected
+    assert xread == [b"XREAD", b"BLOCK", b"900", b"STREAMS", session.replies, b"0"]
 
 
 def _pack_in_child(queue: Any, session: Any) -> None:
-    from telstate.remote import write_fields
+    from telstate.remote import PackedWrite
 
     request_id = session.new_request()
-    queue.put((request_id, session.xadd(request_id, write_fields(Op.CLEAR), 1.0)))
+    queue.put((request_id, session.xadd(request_id, PackedWrite.of(Op.CLEAR), 1.0)))
 
 
 def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
-    from telstate.remote import _Session, write_fields
+    from telstate.remote import PackedWrite, _Session
 
     session = _Session(0, "store", 10.0, None)
     parent_id = session.new_request()
@@ -845,7 +859,7 @@ def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
     assert child_id.startswith(fields[b"reply"] + b":") and child_id == fields[b"id"]
     # The parent goes on with its own token, its head untouched by the child.
     request_id = session.new_request()
-    _, fields = _sent_fields(session.xadd(request_id, write_fields(Op.CLEAR), 1.0))
+    _, fields = _sent_fields(session.xadd(request_id, PackedWrite.of(Op.CLEAR), 1.0))
     assert fields[b"reply"] == session.token and fields[b"pid"] == b"%d" % os.getpid()
     assert parent_id.startswith(session.token + b":") and request_id != parent_id
 
@@ -933,3 +947,176 @@ def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
         (b"resent", encode_value(2.0))
     ]
     backend.close()
+
+
+def _add_three(ts: TelescopeState, key: str) -> None:
+    for i in range(3):
+        ts.add(key, float(i), ts=float(i))
+
+
+def test_xadd_replies_are_skipped_only_where_the_server_allows_it(
+    store, server, mirror_url, daemon
+):
+    """After its first accepted XADD a writer asks whether the server skips the XADD's reply.
+
+    A Redis user whose rules refuse ``CLIENT`` still writes, waiting for both replies.
+    """
+    admin = server.client()
+    rules = ("on", f">{PASSWORD}", "~*", "&*", "+@all", "-client")
+    admin.execute_command("ACL", "SETUSER", "noclient", *rules)
+    admin.close()
+    daemon()
+    allowed = TelescopeState(mirror_url)
+    refused = TelescopeState(f"unix://noclient:{PASSWORD}@{server.socket}?db=0")
+    for ts, key in ((allowed, "allowed"), (refused, "refused")):
+        assert ts.backend._remote._session.skip_replies is None
+        _add_three(ts, key)
+        assert ts.get_range(key, st=0) == [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)]
+    assert allowed.backend._remote._session.skip_replies is True
+    assert refused.backend._remote._session.skip_replies is False
+    for ts in (allowed, refused):
+        ts.backend.close()
+    settle(store, server)
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
+    store, server, mirror_url, daemon, aio
+):
+    """Out of memory, Redis refuses the XADD: the writer says so, it does not time out.
+
+    (Its first wait for the reply ends empty, and it sends the request again,
+    asking for the XADD's reply this time.)
+    """
+    daemon()
+    control = server.client()
+
+    async def write() -> None:
+        from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+        backend = await AioRedisBackend.from_url(mirror_url, write_timeout=60)
+        ts = telstate.aio.TelescopeState(backend)
+        await ts.add("before", 1.0, ts=1.0)
+        assert backend._remote is not None and backend._remote._session.skip_replies
+        control.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ReadOnlyError, match="maxmemory"):
+                await ts.add("refused", 2.0, ts=2.0)
+        finally:
+            control.config_set("maxmemory", 0)
+        await ts.add("after", 3.0, ts=3.0)
+        backend.close()
+        await backend.wait_closed()
+
+    if aio:
+        asyncio.run(write())
+    else:
+        ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=60))
+        ts.add("before", 1.0, ts=1.0)
+        assert ts.backend._remote._session.skip_replies
+        control.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(ReadOnlyError, match="maxmemory"):
+                ts.add("refused", 2.0, ts=2.0)
+        finally:
+            control.config_set("maxmemory", 0)
+        ts.add("after", 3.0, ts=3.0)
+        ts.backend.close()
+    control.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert {e.key for e in backend.events()} >= {b"before", b"after"}
+    assert b"refused" not in {e.key for e in backend.events()}
+    backend.close()
+
+
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+def test_a_writer_takes_the_reply_to_its_request_from_the_xread_reply(resp3):
+    """The common ok reply is matched without dicts; anything else the long way, same answers."""
+    from telstate.remote import OK, Reply, _Session
+
+    session = _Session(0, "store", 10.0, None)
+
+    def xread(*entries: tuple[bytes, list[bytes] | None]) -> Any:
+        listed = [[entry_id, flat] for entry_id, flat in entries]
+        return {session.replies: listed} if resp3 else [[session.replies, listed]]
+
+    def fields(request_id: bytes, status: bytes, value: bytes = b"") -> list[bytes]:
+        return [b"id", request_id, b"status", status, b"value", value]
+
+    fields_tail = [b"error", b"", b"message", b""]
+    assert session.take_reply(b"t:2", None) is None
+    assert session.take_reply(b"t:2", xread((b"1-0", fields(b"t:1", b"ok")))) is None
+    assert session.last_reply_id == b"1-0"  # a stale reply is passed over
+    ok = xread((b"2-0", fields(b"t:2", b"ok") + fields_tail))
+    assert session.take_reply(b"t:2", ok) is OK
+    assert session.last_reply_id == b"2-0"
+    exists = xread((b"3-0", fields(b"t:1", b"ok")), (b"4-0", fields(b"t:3", b"exists", b"v")))
+    assert session.take_reply(b"t:3", exists) == Reply(b"exists", b"v")
+    assert session.last_reply_id == b"4-0"
+    reordered = xread((b"5-0", [b"status", b"ok", b"id", b"t:4"]))
+    assert session.take_reply(b"t:4", reordered) is OK
+    refused = xread((b"6-0", [b"id", b"t:5", b"status", b"error", b"error", b"expired"]))
+    assert session.take_reply(b"t:5", refused) == Reply(b"error", error=b"expired")
+    assert session.take_reply(b"t:6", xread((b"7-0", None))) is None
+    assert session.last_reply_id == b"7-0"
+
+
+async def test_an_aio_writer_bounds_its_reads_itself_and_closes_a_connection_that_overran(
+    server, mirror_url
+):
+    """The client's socket timeout bounds the asyncio writer's reads.
+
+    (From Python 3.11 its wire applies it, its connections have none: a
+    BLPOP that outlasts it would answer nil, not raise.)
+    """
+    import redis.asyncio
+
+    from telstate.remote import AsyncRemoteWriter
+
+    client = redis.asyncio.Redis.from_url(mirror_url, socket_timeout=0.3)
+    writer = AsyncRemoteWriter(client, 0, MIRROR_CURSOR_DB, "store")
+    wire = writer._wire
+    if sys.version_info >= (3, 11):
+        assert wire._pool.connection_kwargs["socket_timeout"] is None
+    await wire.send(hiredis.pack_command(("BLPOP", "nothing", 5)))
+    with pytest.raises(redis.TimeoutError):
+        await wire.receive(1)
+    await wire.send(hiredis.pack_command(("PING",)))  # on a new connection: nothing left over
+    assert await wire.receive(1) == [b"PONG"]
+    await writer.close()
+    await client.aclose()
+
+
+def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_large_writes():
+    """Skipping XADD replies: the steps a writer takes, replies given by hand."""
+    from telstate.remote import PackedWrite, _Session
+
+    session = _Session(0, "store", 10.0, None)
+    session.skip_replies = True
+
+    def plan(value: bytes) -> Any:
+        write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=value, timestamp=1.0)
+        return session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+
+    def commands(packed: bytes) -> list[list[bytes]]:
+        reader = hiredis.Reader()
+        reader.feed(packed)
+        return list(iter(reader.gets, False))
+
+    small = plan(b"v")
+    skip, xadd, xread = commands(next(small).packed)
+    assert skip == [b"CLIENT", b"REPLY", b"SKIP"] and xadd[0] == b"XADD" and xread[0] == b"XREAD"
+    # The wait ends empty: the same request again, asking for the XADD's reply this time.
+    step = small.send([None])
+    again, xread = commands(step.packed)
+    assert step.replies == 2 and again[0] == b"XADD"
+    assert dict(zip(again[3::2], again[4::2]))[b"id"] == dict(zip(xadd[3::2], xadd[4::2]))[b"id"]
+    request_id = dict(zip(again[3::2], again[4::2]))[b"id"]
+    ok = [[session.replies, [[b"2-0", [b"id", request_id, b"status", b"ok"]]]]]
+    with pytest.raises(StopIteration) as stop:
+        small.send([b"1-0", ok])
+    assert stop.value.value is None
+    # A write of more than 64 KB always asks: it would be costly to send twice.
+    step = next(plan(b"x" * (65 << 10)))
+    assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
