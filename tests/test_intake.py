@@ -73,7 +73,7 @@ class StuckMirror:
     def __init__(self, seq: int | None) -> None:
         self.seq = seq
 
-    def catch_up(self, seq: int, then=None) -> tuple[int | None, object]:
+    def catch_up(self, seq: int, then=None, events=()) -> tuple[int | None, object]:
         return self.seq, None
 
     def hold(self) -> contextlib.AbstractContextManager[object]:
