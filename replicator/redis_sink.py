@@ -137,14 +137,23 @@ _APPLY = b"""
 -- {-2, ..., reason} if the spare's lock changed since the caller looked.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
-redis.call('SELECT', target)
-local target_size = redis.call('DBSIZE')
+-- (A tailing step, on the mirror, spares the calls about the spare.)
+local target_size, lock
+if rebuild then
+    redis.call('SELECT', target)
+    target_size = redis.call('DBSIZE')
+end
 redis.call('SELECT', mirror)
 local size = redis.call('DBSIZE')
+if not rebuild then
+    target_size = size
+end
 redis.call('SELECT', ARGV[1])
 local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
                      'spare_keys')
-local lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+if rebuild then
+    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+end
 if ARGV[4] == 'check' then
     if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8] then
         return {0, size, target_size, 'its cursor changed'}
@@ -262,11 +271,12 @@ while i <= #ARGV do
         end
     end
 end
-local target_after = redis.call('DBSIZE')
-redis.call('SELECT', mirror)
 local after = redis.call('DBSIZE')
-if not rebuild then
-    target_after = 0
+local target_after = 0
+if rebuild then
+    target_after = after
+    redis.call('SELECT', mirror)
+    after = redis.call('DBSIZE')
 end
 redis.call('SELECT', ARGV[1])
 if swapped then
