@@ -145,9 +145,7 @@ if rebuild then
 end
 redis.call('SELECT', mirror)
 local size = redis.call('DBSIZE')
-if not rebuild then
-    target_size = size
-end
+target_size = target_size or size
 redis.call('SELECT', ARGV[1])
 local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
                      'spare_keys')
