@@ -105,6 +105,16 @@ class Cursor:
             "" if self.spare is None else self.spare,
         ]
 
+    def moved(self, seq: int, chain: str, keys: int) -> Cursor:
+        """This cursor moved on to `seq` and `chain`, with `keys` keys (and no spare's).
+
+        What :func:`dataclasses.replace` gives, made faster: a tailing
+        mirror moves its cursor at every step.
+        """
+        return Cursor(
+            self.owner, self.store, seq, chain, self.state, keys, self.host, self.path, self.spare
+        )
+
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Cursor | None:
         """Parse the cursor hash; None if it is missing or damaged (both mean: rebuild)."""

@@ -34,10 +34,12 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
 from telstate.errors import StoreError
+from telstate.log import Event
 
 from .intake import Intake
 from .log_stream import LogStream
@@ -103,12 +105,16 @@ class SharedSink:
                 self.turn.notify_all()
             return step
 
-    def catch_up(self, seq: int, then: tuple[Any, ...] | None = None) -> tuple[int | None, Any]:
+    def catch_up(
+        self, seq: int, then: tuple[Any, ...] | None = None, events: Sequence[Event] = ()
+    ) -> tuple[int | None, Any]:
         """Step the sink until the mirror holds `seq` or a step moves nothing.
 
         `then` is sent after the script of each step whose events reach
         `seq`, in the same write, until one such step gives a reply to it
-        other than 0 (see :meth:`RedisSink.step`).
+        other than 0 (see :meth:`RedisSink.step`). `events`, just committed,
+        spare the steps reading those of them that follow the mirror's
+        cursor back from the log.
 
         Returns
         -------
@@ -118,7 +124,7 @@ class SharedSink:
         answer = None
         with self.turn:
             while (self.sink.seq or 0) < seq:
-                step = self.sink.step(then, then_seq=seq)
+                step = self.sink.step(then, then_seq=seq, events=events)
                 if step.then is not None:
                     answer = step.then
                     if not isinstance(answer, int) or answer != 0:

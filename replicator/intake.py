@@ -90,7 +90,7 @@ from telstate.errors import (
 from telstate.lmdb import LmdbBackend, WriteTxn
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord
 from telstate.lmdb.writes import follower_error
-from telstate.log import Op, Writer
+from telstate.log import Event, Op, Writer
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
 from telstate.remote import (
     MAX_TIMEOUT,
@@ -212,11 +212,15 @@ class Mirror(Protocol):
     def seq(self) -> int | None:
         """The last event the mirror holds (None while it is incomplete)."""
 
-    def catch_up(self, seq: int, then: tuple[Any, ...] | None = None) -> tuple[int | None, Any]:
+    def catch_up(
+        self, seq: int, then: tuple[Any, ...] | None = None, events: Sequence[Event] = ()
+    ) -> tuple[int | None, Any]:
         """Project the log up to `seq` now if the mirror can take it.
 
         `then` (the replies' script call) is sent to Redis in the same write
         as each projecting script call, until it answers other than 0.
+        `events` are events just committed (in order): those that follow
+        what the mirror holds are projected without reading them back.
 
         Returns
         -------
@@ -317,6 +321,8 @@ class Intake:
         # Replies waiting for the mirror to show their events, and replies ready to send.
         self._owed: collections.deque[_Owed] = collections.deque()
         self._ready: list[_Owed] = []
+        # The events of the last batch's commits, for the mirror (see _project).
+        self._committed: list[Event] = []
         # Read the pending list (requests delivered before a restart) before new ones.
         self._backlog = True
         self._delay = backoff[0]
@@ -475,7 +481,8 @@ class Intake:
         """
         pending = self._ready + list(self._owed)
         need = max(owed.seq for owed in pending)
-        seq, answer = mirror.catch_up(need, self._reply_command(pending, need))
+        committed, self._committed = self._committed, []
+        seq, answer = mirror.catch_up(need, self._reply_command(pending, need), committed)
         if isinstance(answer, int) and answer == len(pending):
             self._ready = []
             self._owed.clear()
@@ -692,9 +699,10 @@ class Intake:
                 self._reject(entry_id, undecodable, now_ms, clock_offset)
                 continue
             requests.append(request)
+        self._committed = []
         for chunk in _chunks(requests, self.batch_bytes):
             if self.read_only is None:
-                outcomes = apply_requests(self.backend, chunk, now_ms)
+                outcomes = apply_requests(self.backend, chunk, now_ms, self._committed)
                 self.metrics.batch_size.observe(len(chunk))
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
@@ -818,7 +826,10 @@ def _chunks(requests: list[Request], size: int) -> list[list[Request]]:
 
 
 def apply_requests(
-    backend: LmdbBackend, requests: Sequence[Request], now_ms: int
+    backend: LmdbBackend,
+    requests: Sequence[Request],
+    now_ms: int,
+    events: list[Event] | None = None,
 ) -> list[RequestRecord]:
     """Apply `requests` to the store in one write transaction, once each.
 
@@ -828,6 +839,10 @@ def apply_requests(
     applied, and that is recorded: a resend of it, whose own expiry may be
     a little later (it moves with the network's delays), gets the same
     answer.
+
+    The events the transaction appended are added to `events` (if given)
+    once it has committed, as the log gives them: the mirror can project
+    them without reading them back (see :meth:`Mirror.catch_up`).
 
     Returns
     -------
@@ -841,7 +856,10 @@ def apply_requests(
 
     with backend.write() as wtxn:
         applied = _Applied(wtxn)
-        return [applied.apply(request, now_ms) for request in requests]
+        outcomes = [applied.apply(request, now_ms) for request in requests]
+    if events is not None:
+        events += applied.events
+    return outcomes
 
 
 def refuse_requests(
@@ -877,7 +895,7 @@ class _Applied:
     identity switched only when it changes within the batch.
     """
 
-    __slots__ = ("wtxn", "txn", "meta", "writer")
+    __slots__ = ("wtxn", "txn", "meta", "writer", "events")
 
     def __init__(self, wtxn: WriteTxn) -> None:
         self.wtxn = wtxn
@@ -885,6 +903,8 @@ class _Applied:
         self.meta = wtxn.tables.meta
         # The writer the next events are recorded as: this process until write_as.
         self.writer: Writer | None = None
+        #: The events appended so far, as the log gives them once committed.
+        self.events: list[Event] = []
 
     def apply(self, request: Request, now_ms: int) -> RequestRecord:
         """Apply one request (unless it was before, or is too old) and record it."""
@@ -921,13 +941,33 @@ class _Applied:
             if request.writer != self.writer:
                 wtxn.write_as(request.writer)
                 self.writer = request.writer
+            before = wtxn.last_seq
             status, value, error, message = _apply_one(wtxn, request)
-            record = RequestRecord(expires_ms, wtxn.last_seq, status, value, error, message)
+            seq, when, chain = wtxn.last_event
+            if seq != before:
+                self.events.append(_event(seq, when, chain, request))
+            record = RequestRecord(expires_ms, seq, status, value, error, message)
         # put(key, value, dupdata, overwrite, append, db) by position; as checked_put.
         if not self.txn.put(record_key, record.encode(), True, True, False, self.meta):
             raise StoreError(f"LMDB put refused: the record of request {request.request_id!r}")
         wtxn.changed = True  # the record alone must be committed too
         return record
+
+
+def _event(seq: int, when: float, chain: bytes, request: Request) -> Event:
+    """The event that applying `request` appended at `seq`, as the log gives it back."""
+    op = request.op
+    key: bytes | None = request.key
+    sub_key = value = timestamp = None
+    if op is Op.ADD_MUTABLE:
+        value, timestamp = request.value, request.timestamp
+    elif op is Op.SET_IMMUTABLE:
+        value = request.value
+    elif op is Op.SET_INDEXED:
+        sub_key, value = request.sub_key, request.value
+    elif op is Op.CLEAR:
+        key = None
+    return Event(seq, when, request.writer, op, key, sub_key, value, timestamp, chain)
 
 
 def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, str]:

@@ -70,7 +70,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -137,14 +137,21 @@ _APPLY = b"""
 -- {-2, ..., reason} if the spare's lock changed since the caller looked.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
-redis.call('SELECT', target)
-local target_size = redis.call('DBSIZE')
+-- (A tailing step, on the mirror, spares the calls about the spare.)
+local target_size, lock
+if rebuild then
+    redis.call('SELECT', target)
+    target_size = redis.call('DBSIZE')
+end
 redis.call('SELECT', mirror)
 local size = redis.call('DBSIZE')
+target_size = target_size or size
 redis.call('SELECT', ARGV[1])
 local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
                      'spare_keys')
-local lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+if rebuild then
+    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+end
 if ARGV[4] == 'check' then
     if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8] then
         return {0, size, target_size, 'its cursor changed'}
@@ -262,11 +269,12 @@ while i <= #ARGV do
         end
     end
 end
-local target_after = redis.call('DBSIZE')
-redis.call('SELECT', mirror)
 local after = redis.call('DBSIZE')
-if not rebuild then
-    target_after = 0
+local target_after = 0
+if rebuild then
+    target_after = after
+    redis.call('SELECT', mirror)
+    after = redis.call('DBSIZE')
 end
 redis.call('SELECT', ARGV[1])
 if swapped then
@@ -518,6 +526,14 @@ class RedisSink:
         # costs a round trip and little Python (see telstate.remote.Wire).
         self._wire = Wire(self.client.connection_pool)
         self._apply_script = WireScript(self._wire, _APPLY)
+        # The fixed KEYS of a tailing step's call (see _apply, _move).
+        self._tail_keys = [
+            self._key,
+            spare_lock_key(self.db),
+            mirror_cursor_key(self.db),
+            self._key,
+            wake_key(self.db),
+        ]
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
         self._wake_mark = self.client.register_script(_WAKE_MARK)
         # Why the last script call changed nothing (a failed check, a spare not free).
@@ -538,7 +554,12 @@ class RedisSink:
             return None
         return self.cursor.seq
 
-    def step(self, then: tuple[Any, ...] | None = None, then_seq: int = 0) -> Step:
+    def step(
+        self,
+        then: tuple[Any, ...] | None = None,
+        then_seq: int = 0,
+        events: Sequence[Event] = (),
+    ) -> Step:
         """Do the next piece of work; never raises for Redis failures.
 
         Parameters
@@ -550,6 +571,12 @@ class RedisSink:
             after the script, whatever the script's outcome: it must check
             for itself what it relies on). The write intake sends its replies
             so, sparing them a round trip (see :mod:`replicator.intake`).
+        events
+            Events just committed by this process, in order, exactly as the
+            log holds them (the write intake's). A tailing step takes the
+            events it applies from them, without reading the log, as long as
+            they are the very next ones after the mirror's cursor (see
+            :meth:`_read_batch`).
 
         Returns
         -------
@@ -561,7 +588,7 @@ class RedisSink:
             if self.state == SinkState.REBUILD:
                 return self._rebuild()
             if self.state == SinkState.TAIL:
-                return self._tail(then, then_seq)
+                return self._tail(then, then_seq, events)
             if self.state == SinkState.CONFLICT:
                 return self._conflict()
             if self.state == SinkState.FENCED:
@@ -680,25 +707,31 @@ class RedisSink:
             self._wake_waiters()
         return Step(0)
 
-    def _tail(self, then: tuple[Any, ...] | None = None, then_seq: int = 0) -> Step:
-        assert self.cursor is not None
-        events = self._read_batch(self.cursor.seq)
+    def _tail(
+        self,
+        then: tuple[Any, ...] | None = None,
+        then_seq: int = 0,
+        committed: Sequence[Event] = (),
+    ) -> Step:
+        cursor = self.cursor
+        assert cursor is not None
+        events = self._read_batch(cursor.seq, committed)
         if not events:
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + self.check_interval
                 size, found = read_cursor(self.client)
-                if size != self.cursor.keys or found != self.cursor:
+                if size != cursor.keys or found != cursor:
                     self._reconcile(size, found)
                     return Step(0)
             return Step(0, wait=max(0.0, self._next_check - now), idle=True)
         ops = _Operations()
         for event in events:
             _append_event(ops, event)
-        if events[-1].seq < then_seq:
+        last = events[-1]
+        if last.seq < then_seq:
             then = None  # a later step's events reach it
-        moved = replace(self.cursor, seq=events[-1].seq, chain=events[-1].chain.hex())
-        applied, answer = self._apply("check", self.cursor, moved, ops, self.db, then)
+        applied, answer = self._move(cursor, last.seq, last.chain.hex(), ops, then)
         if not applied:
             self._recheck()
             return Step(0, then=answer)
@@ -920,11 +953,29 @@ class RedisSink:
 
     # Talking to Redis
 
-    def _read_batch(self, after_seq: int) -> list[Event]:
-        """The next events after `after_seq`, bounded by count and (roughly) by bytes."""
+    def _read_batch(self, after_seq: int, committed: Sequence[Event] = ()) -> list[Event]:
+        """The next events after `after_seq`, bounded by count and (roughly) by bytes.
+
+        They are taken from `committed` (events just committed, in order,
+        as the log holds them) if it holds event ``after_seq + 1``, and only
+        as long as they follow one another: seqs are dense, so a gap is
+        another commit in between (another process's), and the batch ends
+        before it (the next reads it from the log). Otherwise they are read
+        from the log.
+        """
         events: list[Event] = []
         size = 0
-        for event in self.source.events(after_seq + 1, after_seq + self.batch_events):
+        start = after_seq + 1 - committed[0].seq if committed else -1
+        source: Iterable[Event]
+        if 0 <= start < len(committed) and committed[start].seq == after_seq + 1:
+            source = itertools.islice(committed, start, start + self.batch_events)
+        else:
+            source = self.source.events(after_seq + 1, after_seq + self.batch_events)
+        expected = after_seq + 1
+        for event in source:
+            if event.seq != expected:
+                break
+            expected += 1
             events.append(event)
             size += len(event.value or b"") + len(event.key or b"")
             if event.values is not None:
@@ -982,19 +1033,67 @@ class RedisSink:
             *ops.keys,
         ]
         args = [MIRROR_CURSOR_DB, self.db, target, mode, *check, len(fields), *fields, *ops.args]
-        if then is None:
-            answer = None
-            done, after, target_after, reason = self._apply_script(keys=keys, args=args)
-        else:
-            (done, after, target_after, reason), answer = self._apply_script.call_then(
-                then, keys=keys, args=args
-            )
+        done, after, target_after, reason, answer = self._call(keys, args, then)
         if done != 1:
             self._refusal = ensure_str(reason)
             return False, answer
         self._refusal = ""
         self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
         return True, answer
+
+    def _move(
+        self,
+        cursor: Cursor,
+        seq: int,
+        chain: str,
+        ops: _Operations,
+        then: tuple[Any, ...] | None,
+    ) -> tuple[bool, Any]:
+        """A tailing step: apply `ops` to the mirror and move `cursor` to `seq` and `chain`.
+
+        The same call of the script as :meth:`_apply` (mode 'check', the
+        mirror as target) makes, with fewer arguments: the cursor's fields
+        other than seq and chain are not sent, since HSET would leave them
+        as they are. The check finds the cursor's owner, store, seq and
+        state as expected, and no one else writes the cursor of a mirror
+        that this replicator owns, so its other fields are those of
+        `cursor` (this replicator wrote them, or read them from the hash).
+        """
+        args = [
+            MIRROR_CURSOR_DB,
+            self.db,
+            self.db,
+            "check",
+            cursor.owner,
+            cursor.store,
+            cursor.seq,
+            cursor.state.value,
+            4,
+            "seq",
+            seq,
+            "chain",
+            chain,
+            *ops.args,
+        ]
+        done, after, _, reason, answer = self._call(self._tail_keys + ops.keys, args, then)
+        if done != 1:
+            self._refusal = ensure_str(reason)
+            return False, answer
+        self._refusal = ""
+        self.cursor = cursor.moved(seq, chain, int(after))
+        return True, answer
+
+    def _call(
+        self, keys: list[Any], args: list[Any], then: tuple[Any, ...] | None
+    ) -> tuple[Any, Any, Any, Any, Any]:
+        """Run :data:`_APPLY` (and `then` after it): its four replies, and the answer to `then`."""
+        if then is None:
+            done, after, target_after, reason = self._apply_script(keys=keys, args=args)
+            return done, after, target_after, reason, None
+        (done, after, target_after, reason), answer = self._apply_script.call_then(
+            then, keys=keys, args=args
+        )
+        return done, after, target_after, reason, answer
 
     def _wake_waiters(self) -> None:
         """Publish an update for every key of the mirror (every sub-key of an indexed key).

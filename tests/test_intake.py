@@ -74,7 +74,7 @@ class StuckMirror:
     def __init__(self, seq: int | None) -> None:
         self.seq = seq
 
-    def catch_up(self, seq: int, then=None) -> tuple[int | None, object]:
+    def catch_up(self, seq: int, then=None, events=()) -> tuple[int | None, object]:
         return self.seq, None
 
     def hold(self) -> contextlib.AbstractContextManager[object]:
@@ -311,6 +311,50 @@ def test_replies_ride_with_the_mirror_script_and_only_once_it_holds_their_events
     assert client.replies() == {request: Reply(b"ok")}
     assert not intake.owes_replies and not intake._ready
     assert sink.seq == backend.last_seq == 1
+    intake.close()
+    sink.close()
+
+
+def test_the_mirror_projects_the_intakes_commits_without_reading_them_back(server, backend):
+    # The intake hands its committed events to the mirror; a local commit
+    # made in between is read from the log, and projected before them.
+    import threading
+
+    from replicator.daemon import SharedSink
+    from replicator.redis_sink import RedisSink
+    from replicator.verify import differences, mirror_contents, record_contents
+
+    client = Client(server, str(backend.uuid))
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    mirror = SharedSink(sink)
+    while sink.seq is None:
+        mirror.step()
+    intake = Intake(backend, server.url + "?db=0")
+    while not intake.step(mirror).idle:
+        pass
+    reads = []
+    events = backend.events
+
+    def counted(start_seq=1, end_seq=None, keys=None):
+        reads.append(start_seq)
+        return events(start_seq, end_seq, keys)
+
+    backend.events = counted  # type: ignore[method-assign]
+    sent = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
+        for i in range(3)
+    ]
+    intake.wait_for_requests(1.0)
+    intake.step(mirror)
+    assert client.replies() == {request: Reply(b"ok") for request in sent}
+    assert sink.seq == backend.last_seq == 3 and reads == []
+    backend.set_immutable(b"local", encode_value("here"))  # another writer's commit
+    request = client.send(Op.SET_IMMUTABLE, key=b"remote", value=encode_value(1))
+    intake.wait_for_requests(1.0)
+    intake.step(mirror)
+    assert client.replies()[request] == Reply(b"ok")
+    assert sink.seq == backend.last_seq == 5 and reads == [4]
+    assert differences(record_contents(backend.records()), mirror_contents(sink.client)) == []
     intake.close()
     sink.close()
 

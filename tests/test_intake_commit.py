@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import replicator.intake as intake
 from replicator.intake import apply_requests, sweep_requests
 from telstate.encoding import encode_value
+from telstate.errors import StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord
 from telstate.log import Op, Writer
@@ -256,3 +257,60 @@ def test_a_decoded_request_is_the_encoded_one(
     assert decoded.size == sum(len(name) + len(data) for name, data in fields.items())
     assert decoded.sent_ms == sent_ms
     assert decoded.expires_ms == sent_ms + decoded.timeout_ms
+
+
+def test_the_committed_events_are_those_the_log_gives_back(backend):
+    """apply_requests hands the mirror its events: exactly the log's, and only those."""
+    alice, bob = Writer("alice-host", 1, "a"), Writer("bob-host", 2, None)
+    big = encode_value("x" * 5000)  # a value too long to be stored inline
+    first = request(backend, key=b"s", value=encode_value(1), timestamp=-0.0, writer=alice)
+    batches = [
+        [
+            first,
+            first,  # delivered twice: one event
+            request(backend, key=b"s", value=big, timestamp=2.5, writer=bob),
+            request(backend, key=b"s", value=big, timestamp=2.5),  # the same sample: no event
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(1), writer=bob),
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(2)),  # exists
+            request(backend, key=b"i", timestamp=1.0),  # refused: no event
+            request(backend, Op.SET_INDEXED, key=b"x", sub_key=encode_value("a"), value=big),
+            request(backend, sent_ms=now_ms() - 20_000),  # expired: no event
+        ],
+        [first],  # all seen before: no event
+        [
+            request(backend, Op.DELETE, key=b"s"),
+            request(backend, Op.DELETE, key=b"s"),  # gone already
+            request(backend, Op.CLEAR),
+            request(backend, Op.CLEAR),  # nothing to clear
+            request(backend, Op.SET_INDEXED, key=b"x", sub_key=encode_value(1), value=big),
+        ],
+    ]
+    handed: list = []
+    for batch in batches:
+        apply_requests(backend, batch, now_ms(), handed)
+    assert handed == list(backend.events())
+    assert [event.op for event in handed] == [
+        Op.ADD_MUTABLE,
+        Op.ADD_MUTABLE,
+        Op.SET_IMMUTABLE,
+        Op.SET_INDEXED,
+        Op.DELETE,
+        Op.CLEAR,
+        Op.SET_INDEXED,
+    ]
+
+
+def test_events_of_a_batch_that_fails_are_not_handed_on(backend, monkeypatch):
+    real = intake._apply_one
+
+    def fail_after_one(wtxn, request):
+        if wtxn.last_seq:  # the first request's event is in the transaction
+            raise StoreError("the disk is on fire")
+        return real(wtxn, request)
+
+    monkeypatch.setattr(intake, "_apply_one", fail_after_one)
+    handed: list = []
+    batch = [request(backend, key=b"s", timestamp=1.0), request(backend, key=b"t", timestamp=1.0)]
+    with pytest.raises(StoreError):
+        apply_requests(backend, batch, now_ms(), handed)
+    assert handed == [] and backend.last_seq == 0

@@ -372,6 +372,75 @@ def test_batches_are_bounded(mirror, sinks):
     _assert_exact(log, client)
 
 
+def _count_reads(log: StandInLog) -> list[int]:
+    """Count the sink's reads of `log`'s events (one entry per read, its first seq)."""
+    reads: list[int] = []
+    events = log.events
+
+    def counted(start_seq: int = 1, end_seq: int | None = None) -> Iterator[Event]:
+        reads.append(start_seq)
+        return events(start_seq, end_seq)
+
+    log.events = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_handed_events_are_projected_without_reading_the_log(mirror, sinks):
+    """The write intake hands its just-committed events over: no read of the log."""
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, 3)
+    sink = sinks(log, url, batch_events=2)
+    _run(sink)
+    reads = _count_reads(log)
+    for i in range(5):
+        log.add_mutable(b"s", b"\xff%d" % i, float(i))
+    handed = log.log[-5:]
+    # In bounded batches, each taken from where the last one ended.
+    assert [sink.step(events=handed).applied for _ in range(3)] == [2, 2, 1]
+    assert reads == []
+    _assert_exact(log, client)
+    # Only seq and chain were sent: the cursor's other fields are still there.
+    assert read_cursor(client)[1] == sink.cursor
+    # Events the mirror holds already are no help: the next are read.
+    log.set_immutable(b"later", b"\xff\x01")
+    assert sink.step(events=handed).applied == 1
+    assert reads == [log.last_seq]
+    _assert_exact(log, client)
+
+
+def test_an_event_committed_between_the_handed_ones_is_projected_in_order(mirror, sinks):
+    """Another process's commit before or among the handed events is read from the log.
+
+    Taking the handed events for the next ones regardless would leave that
+    commit out of the mirror (and move its cursor past it).
+    """
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, 3)
+    sink = sinks(log, url)
+    _run(sink)
+    reads = _count_reads(log)
+    # Another process's commit before the handed event: both are read from the log.
+    log.add_mutable(b"local", b"\xff\x00", 1.0)
+    log.set_immutable(b"remote0", b"\xff\x01")
+    assert sink.step(events=log.log[-1:]).applied == 2
+    assert reads == [log.last_seq - 1]
+    _assert_exact(log, client)
+    # Another's commit among the handed events: the batch ends before it.
+    reads.clear()
+    log.set_immutable(b"remote1", b"\xff\x01")
+    first = log.log[-1]
+    log.set_indexed(b"local2", b"\x92\x01", b"\xff\x02")
+    log.set_immutable(b"remote2", b"\xff\x03")
+    handed = [first, log.log[-1]]
+    assert sink.step(events=handed).applied == 1
+    assert reads == []
+    assert sink.step(events=handed).applied == 2
+    assert reads == [log.last_seq - 1]
+    _assert_exact(log, client)
+
+
 def test_cursor_database_is_refused_as_mirror(redis_server):
     with pytest.raises(ValueError, match="cursors"):
         RedisSink(StandInLog(), f"{redis_server.url}?db={MIRROR_CURSOR_DB}")

@@ -482,6 +482,14 @@ class WriteTxn:
         """Seq of the log's last event as this transaction sees it (its own events included)."""
         return self._last_event()[0]
 
+    @property
+    def last_event(self) -> tuple[int, float, bytes]:
+        """(seq, time, chain) of the log's last event as this transaction sees it.
+
+        Right after an operation that appended an event, those of its event.
+        """
+        return self._last_event()
+
     def write_as(self, writer: Writer | None) -> None:
         """Record the events of the operations that follow as written by `writer`.
 
