@@ -177,6 +177,15 @@ return 0
 """
 
 
+def _stream_gone(error: redis.ResponseError) -> bool:
+    """Whether `error` says the request stream or its group is gone (Redis restarted or flushed).
+
+    A read blocked at the time is ended with UNBLOCKED; a read after, NOGROUP.
+    """
+    message = str(error)
+    return "NOGROUP" in message or message.startswith("UNBLOCKED")
+
+
 class IntakeState(enum.Enum):
     """What the intake does on its next step."""
 
@@ -357,7 +366,7 @@ class Intake:
         except _TRANSIENT as error:
             return self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
-            if "NOGROUP" in str(error):
+            if _stream_gone(error):
                 logger.warning("the request stream is gone (Redis restarted?): recreating it")
                 self.state = IntakeState.CONNECT
                 return Step(0)
@@ -389,7 +398,7 @@ class Intake:
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
-            if "NOGROUP" in str(error):
+            if _stream_gone(error):
                 self._drop_read()
                 self.state = IntakeState.CONNECT
             else:
@@ -577,7 +586,9 @@ class Intake:
         Its answer is taken by :meth:`_take_read`. Whatever it hands out
         is on the consumer group's pending list until acknowledged, so
         if its answer is lost (a failure, a restart), the pending list,
-        read first after connecting, has those requests.
+        read first after connecting, has those requests. While replies wait
+        for the mirror, the daemon takes no answer: requests handed out
+        meanwhile wait in the socket, as they would in the stream.
         """
         if self._reading or self._backlog:
             return

@@ -582,6 +582,11 @@ class AsyncWire:
             raise
         return replies
 
+    async def reset(self) -> None:
+        """Close the connection (the next send opens it again): its replies are not wanted."""
+        if self._connection is not None:
+            await self._connection.disconnect()
+
     async def close(self) -> None:
         """Close the connection and the pool."""
         connection, self._connection = self._connection, None
@@ -719,10 +724,23 @@ class _Unsent(Exception):
         self.error = error
 
 
-#: A step of a write plan: an exchange, or a pause (seconds) before trying again.
-_Step = _Exchange | float
-#: A write written once for the sync and asyncio writers (as the frontends' plans are).
-_WritePlan = Generator[_Step, list[Any], "bytes | None"]
+class _Reset:
+    """A step of a write plan: close the connection (its replies are out of step), go on."""
+
+
+_RESET = _Reset()
+
+#: A step of a write plan: an exchange, a pause (seconds) before trying again, or a reset.
+_Step = _Exchange | float | _Reset
+#: A write written once for the sync and asyncio writers: it ends with the reply.
+_WritePlan = Generator[_Step, list[Any], "Reply"]
+#: Errors of a server that cannot run commands for now (a long script, loading
+#: its data, a cluster in the middle of a change): tried again, as a lost connection.
+_BUSY = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN")
+
+
+def _busy(error: redis.ResponseError) -> bool:
+    return str(error).startswith(_BUSY)
 
 
 class _Session:
@@ -852,7 +870,11 @@ class _Session:
     def write_plan(
         self, op: Op, key: bytes | None, write: PackedWrite, block_chunk: float
     ) -> _WritePlan:
-        """Send one write and wait for its outcome, as the steps of :meth:`RemoteWriter.write`."""
+        """Send one write and wait for its reply, as the steps of :meth:`RemoteWriter.write`.
+
+        The drivers close the connection whenever the plan ends otherwise
+        than with the reply (its replies may then be out of step).
+        """
         deadline = time.monotonic() + self.timeout
         request_id = self.new_request()
         sent = ever_sent = False
@@ -876,10 +898,28 @@ class _Session:
                     (reply,) = yield _Exchange(
                         self.xadd(request_id, write, remaining, skip_reply=True, then=read), 1
                     )
+                    if isinstance(reply, redis.ResponseError):
+                        # Whose error is it? If Redis refused CLIENT itself (busy
+                        # with a script, the user's rules changed), the XADD's
+                        # reply comes too: out of step. Start again on a new
+                        # connection, asking for the XADD's reply (the same id:
+                        # applied once), and find out anew whether to skip.
+                        self.skip_replies = None
+                        sent, confirmed, ever_sent = False, True, True
+                        yield _RESET
+                        yield _RETRY_DELAY
+                        continue
                 # From here the daemon may apply it: a failure means a resend.
                 sent = ever_sent = True
                 reply = checked(reply)
             except _Unsent as unsent:
+                if isinstance(unsent.error, redis.ResponseError):
+                    # Refused while connecting (selecting the database, say).
+                    if not _busy(unsent.error):
+                        raise self.refused(unsent.error) from unsent.error
+                    sent, confirmed = False, True
+                    yield _RETRY_DELAY
+                    continue
                 if not ever_sent:
                     # Nothing reached the server: fail at once, as a direct write does.
                     raise self.unreachable(unsent.error) from unsent.error
@@ -891,12 +931,24 @@ class _Session:
                 yield _RETRY_DELAY
                 continue
             except redis.ResponseError as error:
+                if _busy(error):
+                    # Nothing ran (or only the XADD): wait, and send or read again.
+                    ever_sent = True
+                    yield _RETRY_DELAY
+                    continue
+                if sent:
+                    # The request was added: the daemon may apply it.
+                    raise ReadOnlyError(
+                        f"the write request was sent, but the mirror refused the read of"
+                        f" its reply: {error}; the write may be applied (see the README,"
+                        " 'Writers on other hosts', for the ACL rules clients need)"
+                    ) from error
                 raise self.refused(error) from error
             found = self.take_reply(request_id, reply)
             if found is not None:
                 if self.skip_replies is None:
                     yield from self._probe_skip()
-                return found.result()
+                return found
             if reply is None and not confirmed:
                 # No reply within the wait: if the skipped XADD failed, the
                 # caller must hear why, not time out. Send it again, asking.
@@ -905,18 +957,23 @@ class _Session:
     def _probe_skip(self) -> Generator[_Step, list[Any], None]:
         """Find out :attr:`skip_replies` (a step of :meth:`write_plan`, after an accepted XADD).
 
-        If the server skips the first PING's reply, only the second's
-        comes; otherwise (``CLIENT`` refused, or not known) all three do.
+        If the server skips the first PING's reply, the second's comes
+        first. Otherwise (``CLIENT`` refused, not known, or the server busy)
+        an error or the first PING's reply comes first, and how many more
+        follow depends on why: the connection is closed rather than read
+        on. Skipping stays off, for good unless the server was only busy.
         """
         try:
-            replies = yield _Exchange(_SKIP_PROBE, 1)
-            while replies[-1] != _SKIP_PROBE_MARK and len(replies) < 3:
-                replies += yield _Exchange(b"", 1)
+            (first,) = yield _Exchange(_SKIP_PROBE, 1)
         except (_Unsent, *_TRANSIENT):
             # The connection is closed (so not out of step): no skipping, to be safe.
             self.skip_replies = False
             return
-        self.skip_replies = replies == [_SKIP_PROBE_MARK]
+        self.skip_replies = first == _SKIP_PROBE_MARK
+        if not self.skip_replies:
+            if isinstance(first, redis.ResponseError) and _busy(first):
+                self.skip_replies = None  # ask again after the next write
+            yield _RESET
 
     def refused(self, error: redis.ResponseError) -> ReadOnlyError:
         return ReadOnlyError(
@@ -1016,11 +1073,15 @@ class RemoteWriter:
                         time.sleep(step)
                         step = next(plan)
                         continue
+                    if isinstance(step, _Reset):
+                        wire.close()
+                        step = next(plan)
+                        continue
                     packed, count = step
                     try:
                         if packed:
                             wire.send(packed)
-                    except _TRANSIENT as error:
+                    except (*_TRANSIENT, redis.ResponseError) as error:  # the latter: connecting
                         step = plan.throw(_Unsent(error))
                         continue
                     try:
@@ -1030,8 +1091,11 @@ class RemoteWriter:
                         continue
                     step = plan.send(replies)
             except StopIteration as stop:
-                result: bytes | None = stop.value
-                return result
+                reply: Reply = stop.value
+            except BaseException:
+                wire.close()  # whatever was sent may still be answered: not for the next write
+                raise
+        return reply.result()
 
     def close(self) -> None:
         """Close the writer's connections."""
@@ -1097,11 +1161,15 @@ class AsyncRemoteWriter:
                         await asyncio.sleep(step)
                         step = next(plan)
                         continue
+                    if isinstance(step, _Reset):
+                        await wire.reset()
+                        step = next(plan)
+                        continue
                     packed, count = step
                     try:
                         if packed:
                             await wire.send(packed)
-                    except _TRANSIENT as error:
+                    except (*_TRANSIENT, redis.ResponseError) as error:  # the latter: connecting
                         step = plan.throw(_Unsent(error))
                         continue
                     try:
@@ -1111,8 +1179,13 @@ class AsyncRemoteWriter:
                         continue
                     step = plan.send(replies)
             except StopIteration as stop:
-                result: bytes | None = stop.value
-                return result
+                reply: Reply = stop.value
+            except BaseException:
+                # Whatever was sent may still be answered: not for the next
+                # write (cancelled too). Shielded, so that the close completes.
+                await asyncio.shield(wire.reset())
+                raise
+        return reply.result()
 
     async def close(self) -> None:
         """Close the writer's connections."""

@@ -526,3 +526,27 @@ def test_replies_a_stale_sink_finds_ready_wait_for_the_mirror_in_redis(server, b
     assert client.replies()[request] == Reply(b"ok")
     assert not intake.owes_replies and not intake._ready
     intake.close()
+
+
+def test_a_read_sent_ahead_when_redis_is_flushed_reconnects_at_once(server, backend, caplog):
+    # Found by review: a blocked read ended by FLUSHALL gets UNBLOCKED, not
+    # NOGROUP: it was taken for a refused command (a warning and a backoff).
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1), timestamp=1.0)
+    run(intake, mirror_seq=1)
+    assert client.replies().keys() == {first}
+    intake._drop_read()
+    intake._block_ms = 5000
+    intake._read_ahead()  # as after a commit
+    while _blocked_reads(server) != 1:
+        time.sleep(0.001)
+    server.client().flushall()
+    intake.wait_for_requests(0.05)
+    assert intake.state == IntakeState.CONNECT
+    assert "refused a command" not in caplog.text
+    second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2), timestamp=2.0)
+    run(intake, mirror_seq=2)
+    assert client.replies().keys() == {second}  # (the first's reply went with the flush)
+    assert backend.last_seq == 2
+    intake.close()

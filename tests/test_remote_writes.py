@@ -46,7 +46,7 @@ from telstate.lmdb import (
 from telstate.lmdb.backup import backup
 from telstate.log import Op, record_op_writer
 from telstate.redis import MIRROR_CURSOR_DB, RedisBackend
-from telstate.remote import intake_key, request_stream_key
+from telstate.remote import Reply, intake_key, request_stream_key
 from tests.servers import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1116,7 +1116,106 @@ def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_larg
     ok = [[session.replies, [[b"2-0", [b"id", request_id, b"status", b"ok"]]]]]
     with pytest.raises(StopIteration) as stop:
         small.send([b"1-0", ok])
-    assert stop.value.value is None
+    assert stop.value.value == Reply(b"ok")  # the plan ends with the reply
     # A write of more than 64 KB always asks: it would be costly to send twice.
     step = next(plan(b"x" * (65 << 10)))
     assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_writer_whose_reply_skipping_is_refused_later_stays_in_step(
+    store, server, mirror_url, daemon, aio
+):
+    """Found by review: once skipping, a refused ``CLIENT REPLY SKIP`` leaves the XADD's reply.
+
+    The writer read that error as its own outcome ("refused", while the
+    request was added and applied), and every later write read the reply
+    of an earlier command. Now it starts again on a new connection, asking.
+    """
+    admin = server.client()
+    rules = ("on", f">{PASSWORD}", "~*", "&*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "skipper", *rules)
+    url = f"unix://skipper:{PASSWORD}@{server.socket}?db=0"
+    daemon()
+
+    async def write_async() -> object:
+        from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+        backend = await AioRedisBackend.from_url(url, write_timeout=30)
+        ts = telstate.aio.TelescopeState(backend)
+        await ts.add("s", 0.0, ts=0.0)  # the probe: skipping
+        assert backend._remote._session.skip_replies is True
+        admin.execute_command("ACL", "SETUSER", "skipper", "-client")  # the rules change
+        for i in (1, 2, 3):
+            await ts.add("s", float(i), ts=float(i))
+        await ts.set_indexed("i", "a", 1)
+        assert await ts.set_indexed("i", "a", 1) is None  # the same value: the existing one
+        skipping = backend._remote._session.skip_replies
+        backend.close()
+        await backend.wait_closed()
+        return skipping
+
+    if aio:
+        skipping = asyncio.run(write_async())
+    else:
+        ts = TelescopeState(RedisBackend.from_url(url, write_timeout=30))
+        ts.add("s", 0.0, ts=0.0)
+        assert ts.backend._remote._session.skip_replies is True
+        admin.execute_command("ACL", "SETUSER", "skipper", "-client")
+        for i in (1, 2, 3):
+            ts.add("s", float(i), ts=float(i))
+        ts.set_indexed("i", "a", 1)
+        ts.set_indexed("i", "a", 1)
+        skipping = ts.backend._remote._session.skip_replies
+        ts.backend.close()
+    assert skipping is False
+    admin.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    events = [(e.key, e.timestamp) for e in backend.events() if e.key in (b"s", b"i")]
+    assert events == [(b"s", 0.0), (b"s", 1.0), (b"s", 2.0), (b"s", 3.0), (b"i", None)]
+    backend.close()
+
+
+def test_a_busy_server_delays_a_skipping_writer_and_keeps_it_in_step(
+    store, server, mirror_url, daemon
+):
+    """Found by review: a script running past the busy threshold makes Redis answer BUSY.
+
+    To every command, ``CLIENT REPLY SKIP`` included: the writer must wait
+    and write once, not report the write refused (or read stale errors).
+    """
+    daemon()
+    ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=30))
+    ts.add("s", 0.0, ts=0.0)
+    assert ts.backend._remote._session.skip_replies is True
+    admin = server.client()
+    admin.config_set("busy-reply-threshold", 50)
+    busy = threading.Thread(
+        target=server.client().eval,
+        args=(
+            "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2]"
+            " repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] > s + 1500000",
+            0,
+        ),
+    )
+    busy.start()
+    deadline = time.monotonic() + 5
+    while True:  # until Redis answers BUSY
+        try:
+            admin.ping()
+        except redis.ResponseError as error:
+            assert "BUSY" in str(error)
+            break
+        assert time.monotonic() < deadline
+    for i in (1, 2):
+        ts.add("s", float(i), ts=float(i))
+    busy.join()
+    ts.add("s", 3.0, ts=3.0)
+    assert ts.get_range("s", st=0) == [(float(i), float(i)) for i in range(4)]
+    ts.backend.close()
+    admin.close()
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert [e.timestamp for e in backend.events() if e.key == b"s"] == [0.0, 1.0, 2.0, 3.0]
+    backend.close()
