@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -103,6 +104,23 @@ def run(intake: Intake, mirror_seq: int | None, steps: int = 5) -> None:
     for _ in range(steps):
         if intake.step(StuckMirror(mirror_seq)).idle:
             intake.wait_for_requests(0.05)
+
+
+def serving(server: RedisServer, backend: LmdbBackend) -> tuple[Any, Any, Intake]:
+    """A real mirror (its sink, shared as the daemon does) and an intake serving it, idle."""
+    import threading
+
+    from replicator.daemon import SharedSink
+    from replicator.redis_sink import RedisSink
+
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    mirror = SharedSink(sink)
+    while sink.seq is None:
+        mirror.step()
+    intake = Intake(backend, server.url + "?db=0")
+    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
+        pass
+    return sink, mirror, intake
 
 
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
@@ -292,19 +310,8 @@ def test_replies_ride_with_the_mirror_script_and_only_once_it_holds_their_events
     # With a real mirror, a step answers its requests in the same write as
     # the script that projects them: the reply is there before the intake
     # waits for more requests (no wait_for_requests, no second round trip).
-    import threading
-
-    from replicator.daemon import SharedSink
-    from replicator.redis_sink import RedisSink
-
     client = Client(server, str(backend.uuid))
-    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
-    mirror = SharedSink(sink)
-    while sink.seq is None:
-        mirror.step()
-    intake = Intake(backend, server.url + "?db=0")
-    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
-        pass
+    sink, mirror, intake = serving(server, backend)
     request = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
     intake.wait_for_requests(1.0)  # reads the request
     intake.step(mirror)  # commits it, projects it, and replies in the same write
@@ -318,20 +325,10 @@ def test_replies_ride_with_the_mirror_script_and_only_once_it_holds_their_events
 def test_the_mirror_projects_the_intakes_commits_without_reading_them_back(server, backend):
     # The intake hands its committed events to the mirror; a local commit
     # made in between is read from the log, and projected before them.
-    import threading
-
-    from replicator.daemon import SharedSink
-    from replicator.redis_sink import RedisSink
     from replicator.verify import differences, mirror_contents, record_contents
 
     client = Client(server, str(backend.uuid))
-    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
-    mirror = SharedSink(sink)
-    while sink.seq is None:
-        mirror.step()
-    intake = Intake(backend, server.url + "?db=0")
-    while not intake.step(mirror).idle:
-        pass
+    sink, mirror, intake = serving(server, backend)
     reads = []
     events = backend.events
 
@@ -432,19 +429,8 @@ def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backen
     # After a commit the intake sends its next blocking read before the
     # mirror's script: Redis hands it the next request as soon as a writer
     # sends one, with no further command from the intake.
-    import threading
-
-    from replicator.daemon import SharedSink
-    from replicator.redis_sink import RedisSink
-
     client = Client(server, str(backend.uuid))
-    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
-    mirror = SharedSink(sink)
-    while sink.seq is None:
-        mirror.step()
-    intake = Intake(backend, server.url + "?db=0")
-    while not intake.step(mirror).idle:  # connect, read the (empty) pending list
-        pass
+    sink, mirror, intake = serving(server, backend)
     first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
     intake.wait_for_requests(1.0)
     assert _blocked_reads(server) == 0  # the request was there: nothing waits
