@@ -878,12 +878,15 @@ class _Session:
         deadline = time.monotonic() + self.timeout
         request_id = self.new_request()
         sent = ever_sent = False
+        # Whether an XADD of it may have run (the daemon may apply it), and
+        # whether reading its reply failed since (so a timeout is no proof).
+        maybe_added = unread = False
         # Whether the next XADD asks for its reply (see skip_replies).
         confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self.timed_out(key, op)
+                raise self.timed_out(key, op, unsure=maybe_added and unread)
             read = self.read_replies(max(1, int(min(remaining, block_chunk) * 1000)))
             try:
                 if sent:
@@ -894,10 +897,12 @@ class _Session:
                         self.xadd(request_id, write, remaining, then=read), 2
                     )
                     checked(added)
+                    maybe_added = True
                 else:
                     (reply,) = yield _Exchange(
                         self.xadd(request_id, write, remaining, skip_reply=True, then=read), 1
                     )
+                    maybe_added = True
                     if isinstance(reply, redis.ResponseError):
                         # Whose error is it? If Redis refused CLIENT itself (busy
                         # with a script, the user's rules changed), the XADD's
@@ -905,7 +910,7 @@ class _Session:
                         # connection, asking for the XADD's reply (the same id:
                         # applied once), and find out anew whether to skip.
                         self.skip_replies = None
-                        sent, confirmed, ever_sent = False, True, True
+                        sent, confirmed, ever_sent, unread = False, True, True, True
                         yield _RESET
                         yield _RETRY_DELAY
                         continue
@@ -916,7 +921,7 @@ class _Session:
                 if isinstance(unsent.error, redis.ResponseError):
                     # Refused while connecting (selecting the database, say).
                     if not _busy(unsent.error):
-                        raise self.refused(unsent.error) from unsent.error
+                        raise self.refused(unsent.error, maybe_added) from unsent.error
                     sent, confirmed = False, True
                     yield _RETRY_DELAY
                     continue
@@ -927,23 +932,19 @@ class _Session:
                 yield _RETRY_DELAY
                 continue
             except _TRANSIENT:
+                # The send went out: its XADD (if any) may have run.
                 sent, confirmed, ever_sent = False, True, True
+                maybe_added = unread = True
                 yield _RETRY_DELAY
                 continue
             except redis.ResponseError as error:
                 if _busy(error):
                     # Nothing ran (or only the XADD): wait, and send or read again.
-                    ever_sent = True
+                    ever_sent = unread = True
                     yield _RETRY_DELAY
                     continue
-                if sent:
-                    # The request was added: the daemon may apply it.
-                    raise ReadOnlyError(
-                        f"the write request was sent, but the mirror refused the read of"
-                        f" its reply: {error}; the write may be applied (see the README,"
-                        " 'Writers on other hosts', for the ACL rules clients need)"
-                    ) from error
-                raise self.refused(error) from error
+                raise self.refused(error, maybe_added) from error
+            unread = False
             found = self.take_reply(request_id, reply)
             if found is not None:
                 if self.skip_replies is None:
@@ -965,9 +966,11 @@ class _Session:
         """
         try:
             (first,) = yield _Exchange(_SKIP_PROBE, 1)
-        except (_Unsent, *_TRANSIENT):
-            # The connection is closed (so not out of step): no skipping, to be safe.
-            self.skip_replies = False
+        except (_Unsent, *_TRANSIENT) as error:
+            # The connection is closed (so not out of step): no skipping, to be
+            # safe; unless the server was loading its data: ask again later.
+            cause = error.error if isinstance(error, _Unsent) else error
+            self.skip_replies = None if isinstance(cause, redis.BusyLoadingError) else False
             return
         self.skip_replies = first == _SKIP_PROBE_MARK
         if not self.skip_replies:
@@ -975,14 +978,29 @@ class _Session:
                 self.skip_replies = None  # ask again after the next write
             yield _RESET
 
-    def refused(self, error: redis.ResponseError) -> ReadOnlyError:
+    def refused(self, error: redis.ResponseError, maybe_added: bool = False) -> ReadOnlyError:
+        if maybe_added:
+            # An earlier sending of it was added: the daemon may apply it.
+            return ReadOnlyError(
+                f"the mirror refused a command of the write request: {error}; an earlier"
+                " sending of the request reached the mirror, so the write may be applied"
+                " (see the README, 'Writers on other hosts', for the ACL rules clients need)"
+            )
         return ReadOnlyError(
             f"the mirror refused the write request: {error} (see the README,"
             " 'Writers on other hosts', for the ACL rules clients need)"
         )
 
-    def timed_out(self, key: bytes | None, op: Op) -> WriteTimeoutError:
+    def timed_out(self, key: bytes | None, op: Op, unsure: bool = False) -> WriteTimeoutError:
         what = op.value if key is None else f"{op.value} of {display_str(key)}"
+        if unsure:
+            # Added, and then its reply could not be read (the connection
+            # failed, or the server was busy): the daemon may have applied it.
+            return WriteTimeoutError(
+                f"{what}: the request reached the mirror, but its reply could not be"
+                f" read within {self.timeout:g} s (the Redis server failed or was busy);"
+                " the write may have been applied"
+            )
         return WriteTimeoutError(
             f"{what}: no reply from the log host's replicator within {self.timeout:g} s"
             " (is telstate-replicator --accept-writes running?); the request expires"
@@ -1074,7 +1092,8 @@ class RemoteWriter:
                         step = next(plan)
                         continue
                     if isinstance(step, _Reset):
-                        wire.close()
+                        with contextlib.suppress(Exception):  # best effort: it is closed
+                            wire.close()
                         step = next(plan)
                         continue
                     packed, count = step
@@ -1093,7 +1112,9 @@ class RemoteWriter:
             except StopIteration as stop:
                 reply: Reply = stop.value
             except BaseException:
-                wire.close()  # whatever was sent may still be answered: not for the next write
+                # Whatever was sent may still be answered: not for the next write.
+                with contextlib.suppress(Exception):
+                    wire.close()
                 raise
         return reply.result()
 
@@ -1162,7 +1183,8 @@ class AsyncRemoteWriter:
                         step = next(plan)
                         continue
                     if isinstance(step, _Reset):
-                        await wire.reset()
+                        with contextlib.suppress(Exception):  # best effort: it is closed
+                            await wire.reset()
                         step = next(plan)
                         continue
                     packed, count = step
@@ -1180,10 +1202,12 @@ class AsyncRemoteWriter:
                     step = plan.send(replies)
             except StopIteration as stop:
                 reply: Reply = stop.value
-            except BaseException:
+            except BaseException as error:
                 # Whatever was sent may still be answered: not for the next
                 # write (cancelled too). Shielded, so that the close completes.
-                await asyncio.shield(wire.reset())
+                if not isinstance(error, GeneratorExit):
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(wire.reset())
                 raise
         return reply.result()
 

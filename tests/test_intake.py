@@ -525,7 +525,9 @@ def test_a_read_sent_ahead_when_redis_is_flushed_reconnects_at_once(server, back
     intake._drop_read()
     intake._block_ms = 5000
     intake._read_ahead()  # as after a commit
+    deadline = time.monotonic() + 5.0
     while _blocked_reads(server) != 1:
+        assert time.monotonic() < deadline, "the read sent ahead never blocked"
         time.sleep(0.001)
     server.client().flushall()
     intake.wait_for_requests(0.05)

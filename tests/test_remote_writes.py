@@ -1122,6 +1122,75 @@ def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_larg
     assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
 
 
+def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
+    """Found by review: the plan's answers to BUSY, to a refused read after an accepted XADD,
+    to a refused resend after an accepted XADD, to a busy probe, to a read lost near the deadline.
+    """
+    from telstate.remote import PackedWrite, _Reset, _Session
+
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    busy = redis.ResponseError("BUSY Redis is busy running a script.")
+    noperm = redis.ResponseError("NOPERM this user has no permissions")
+    session = _Session(0, "store", 10.0, None)
+    session.skip_replies = False
+
+    def request_id(step: Any) -> bytes:
+        reader = hiredis.Reader()
+        reader.feed(step.packed)
+        xadd = reader.gets()
+        return dict(zip(xadd[3::2], xadd[4::2]))[b"id"]
+
+    # BUSY for the request and its read: a pause, then the same request again.
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    first = next(plan)
+    assert isinstance(plan.send([busy, busy]), float)
+    again = next(plan)
+    assert again.replies == 2 and request_id(again) == request_id(first)
+    # Added, then the read refused: the write may be applied, and the error says so.
+    with pytest.raises(ReadOnlyError, match="may be applied"):
+        plan.send([b"1-0", noperm])
+    # Added, the reply lost with the connection, the resend refused: the same.
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    assert isinstance(plan.throw(redis.ConnectionError("lost")), float)
+    next(plan)
+    with pytest.raises(ReadOnlyError, match="may be applied"):
+        plan.send([redis.ResponseError("OOM command not allowed"), redis.ResponseError("OOM")])
+    # Never added: refused, plainly.
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    with pytest.raises(ReadOnlyError) as refused:
+        plan.send([noperm, noperm])
+    assert "may be applied" not in str(refused.value)
+    # Added, and no reply could be read until the deadline: no "expires unapplied".
+    hasty = _Session(0, "store", 0.05, None)
+    hasty.skip_replies = False
+    plan = hasty.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    time.sleep(plan.throw(redis.ConnectionError("lost")) + 0.05)
+    with pytest.raises(WriteTimeoutError, match="may have been applied"):
+        next(plan)
+    # The probe after a write: BUSY or loading ask again later; a refusal never.
+    for answer, skipping in (
+        (busy, None),
+        (redis.BusyLoadingError("LOADING"), None),
+        (noperm, False),
+    ):
+        probing = _Session(0, "store", 10.0, None)
+        plan = probing.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+        rid = request_id(next(plan))
+        ok = [[probing.replies, [[b"2-0", [b"id", rid, b"status", b"ok"]]]]]
+        probe = plan.send([b"1-0", ok])
+        assert probe.replies == 1
+        with pytest.raises(StopIteration):
+            if isinstance(answer, redis.ConnectionError):  # as redis-py raises LOADING
+                plan.throw(answer)
+            else:
+                assert isinstance(plan.send([answer]), _Reset)
+                next(plan)
+        assert probing.skip_replies is skipping
+
+
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
 def test_a_writer_whose_reply_skipping_is_refused_later_stays_in_step(
     store, server, mirror_url, daemon, aio
