@@ -980,10 +980,11 @@ class _Session:
 
     def refused(self, error: redis.ResponseError, maybe_added: bool = False) -> ReadOnlyError:
         if maybe_added:
-            # An earlier sending of it was added: the daemon may apply it.
+            # A sending of it was added: the daemon may apply it.
             return ReadOnlyError(
-                f"the mirror refused a command of the write request: {error}; an earlier"
-                " sending of the request reached the mirror, so the write may be applied"
+                f"the mirror refused a command of the write request: {error}; the request"
+                " itself reached the mirror (this or an earlier sending of it), so the"
+                " write may be applied"
                 " (see the README, 'Writers on other hosts', for the ACL rules clients need)"
             )
         return ReadOnlyError(
