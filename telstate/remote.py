@@ -315,7 +315,12 @@ def write_fields(
 
 def attempt_fields(request_id: bytes, timeout: float) -> tuple[bytes, ...]:
     """The fields of one sending of a request: its id, and the `timeout` (s) left to it."""
-    return (b"id", request_id, b"timeout", b"%d" % max(1, int(timeout * 1000)))
+    return (b"id", request_id, b"timeout", _timeout_ms(timeout))
+
+
+def _timeout_ms(timeout: float) -> bytes:
+    """The `timeout` field of a request: `timeout` seconds in whole ms (at least 1)."""
+    return b"%d" % max(1, int(timeout * 1000))
 
 
 def encode_request(
@@ -852,7 +857,6 @@ class _Session:
         `skip_reply`, it follows ``CLIENT REPLY SKIP``; the packed commands
         `then` follow it (joined once: the value may be megabytes).
         """
-        timeout_ms = b"%d" % max(1, int(remaining * 1000))
         return b"".join(
             (
                 _SKIP_NEXT_REPLY if skip_reply else b"",
@@ -861,7 +865,7 @@ class _Session:
                 b"$2\r\nid\r\n",
                 _bulk(request_id),
                 b"$7\r\ntimeout\r\n",
-                _bulk(timeout_ms),
+                _bulk(_timeout_ms(remaining)),
                 write.packed,
                 then,
             )
