@@ -135,6 +135,34 @@ class SharedSink:
                 self.turn.notify_all()
             return self.sink.seq, answer
 
+    def send_ahead(self, seq: int, then: tuple[Any, ...], events: Sequence[Event]) -> int | None:
+        """Send the step that projects `events` up to `seq`, and `then`, without waiting.
+
+        See :meth:`RedisSink.send_ahead`; :meth:`collect` (or any later
+        step) reads its answers.
+        """
+        with self.turn:
+            return self.sink.send_ahead(then, seq, events)
+
+    def collect(self, ticket: int) -> tuple[int | None, Any]:
+        """Wait for the answers of the step sent ahead as `ticket`.
+
+        Returns
+        -------
+        The mirror's seq after it, and the answer to its `then` (None if lost).
+        """
+        with self.turn:
+            if self.sink.settle():
+                self.moves += 1
+                self.turn.notify_all()
+            settled = self.sink.settled
+            answer = settled[2] if settled is not None and settled[0] == ticket else None
+            return self.sink.seq, answer
+
+    def fileno(self) -> int | None:
+        """The mirror's socket while a step is ahead (None if none is): readable once answered."""
+        return self.sink.fileno()
+
     def hold(self) -> threading.Condition:
         """Hold the turn (a context manager) while the intake commits and projects."""
         return self.turn
@@ -345,7 +373,8 @@ class Daemon:
         """
         assert self.shared is not None
         with self.shared.turn:  # taken once the intake has committed and projected
-            mirrored = sink.seq
+            # (The intake's step sent ahead counts: the intake reads its answers.)
+            mirrored = sink.sent_seq
         if mirrored is None or mirrored < seq:
             return False
         # The intake projects to the mirror only: the log stream is this thread's.
@@ -384,7 +413,7 @@ class Daemon:
                 if intake.owes_replies:
                     mirror.wait_for_move(moves, wait)
                 elif step.idle:
-                    intake.wait_for_requests(wait)
+                    intake.wait_for_requests(wait, mirror)
                 else:
                     self.stop.wait(step.wait)
         except Exception:
@@ -392,4 +421,4 @@ class Daemon:
             self.stop.set()
             raise
         finally:
-            intake.close()
+            intake.close(mirror)

@@ -522,6 +522,16 @@ class Wire:
             raise
         return replies
 
+    def fileno(self) -> int | None:
+        """The connection's socket, to wait for replies with :func:`select.select` (None if closed).
+
+        Only for a wire whose earlier replies were all read: a reply already
+        buffered would not show as readable.
+        """
+        connection = self._connection
+        sock = None if connection is None else connection._sock
+        return None if sock is None else int(sock.fileno())
+
     def close(self) -> None:
         """Close the connection and give it back to the pool (the next call takes one again).
 

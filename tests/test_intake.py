@@ -78,6 +78,15 @@ class StuckMirror:
     def catch_up(self, seq: int, then=None, events=()) -> tuple[int | None, object]:
         return self.seq, None
 
+    def send_ahead(self, seq: int, then, events) -> int | None:
+        return None  # never: it projects nothing
+
+    def collect(self, ticket: int) -> tuple[int | None, object]:
+        raise AssertionError("nothing was sent ahead")
+
+    def fileno(self) -> int | None:
+        return None
+
     def hold(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
 
@@ -317,7 +326,11 @@ def test_replies_ride_with_the_mirror_script_and_only_once_it_holds_their_events
     intake.step(mirror)  # commits it, projects it, and replies in the same write
     assert client.replies() == {request: Reply(b"ok")}
     assert not intake.owes_replies and not intake._ready
-    assert sink.seq == backend.last_seq == 1
+    # The step was sent ahead: its answers are read while waiting for more requests.
+    assert sink.sent_seq == backend.last_seq == 1
+    intake.wait_for_requests(0.05, mirror)
+    assert sink.seq == 1 and intake._ticket is None
+    assert mirror.moves == 1
     intake.close()
     sink.close()
 
@@ -344,13 +357,13 @@ def test_the_mirror_projects_the_intakes_commits_without_reading_them_back(serve
     intake.wait_for_requests(1.0)
     intake.step(mirror)
     assert client.replies() == {request: Reply(b"ok") for request in sent}
-    assert sink.seq == backend.last_seq == 3 and reads == []
+    assert sink.sent_seq == backend.last_seq == 3 and reads == []
     backend.set_immutable(b"local", encode_value("here"))  # another writer's commit
     request = client.send(Op.SET_IMMUTABLE, key=b"remote", value=encode_value(1))
     intake.wait_for_requests(1.0)
     intake.step(mirror)
     assert client.replies()[request] == Reply(b"ok")
-    assert sink.seq == backend.last_seq == 5 and reads == [4]
+    assert sink.seq == backend.last_seq == 5 and reads == [4]  # the step ahead settled first
     assert differences(record_contents(backend.records()), mirror_contents(sink.client)) == []
     intake.close()
     sink.close()
@@ -443,7 +456,7 @@ def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backen
     intake.wait_for_requests(1.0)  # takes it
     intake.step(mirror)
     assert client.replies() == {first: Reply(b"ok"), second: Reply(b"ok")}
-    assert backend.last_seq == sink.seq == 2
+    assert backend.last_seq == sink.sent_seq == 2
     intake.close()
     sink.close()
 
@@ -538,3 +551,105 @@ def test_a_read_sent_ahead_when_redis_is_flushed_reconnects_at_once(server, back
     assert client.replies().keys() == {second}  # (the first's reply went with the flush)
     assert backend.last_seq == 2
     intake.close()
+
+
+def _same(backend: LmdbBackend, sink: Any) -> list[str]:
+    """How the mirror differs from the store (nothing, if it is exact)."""
+    from replicator.verify import differences, mirror_contents, record_contents
+
+    return differences(record_contents(backend.records()), mirror_contents(sink.client))
+
+
+def test_a_step_sent_ahead_that_the_mirror_refuses_owes_its_replies_until_rebuilt(server, backend):
+    # The mirror's step goes out with the replies, its answers unread while
+    # the intake goes on. A mirror changed behind the sink's back (a stray
+    # key) refuses the step: the replies' script then sends nothing, and the
+    # replies go out only once the mirror, rebuilt, shows their write.
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    server.client(db=0).set(b"stray", b"written by someone else")
+    request = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
+    intake.wait_for_requests(1.0, mirror)
+    intake.step(mirror)
+    assert intake._ticket is not None  # sent ahead
+    time.sleep(0.1)  # Redis has run it (and refused it) by now
+    assert client.replies() == {}
+    assert server.client(db=0).exists(b"s") == 0
+    intake.wait_for_requests(1.0, mirror)  # its answers come first: the mirror is rebuilt
+    assert client.replies() == {request: Reply(b"ok")}
+    assert not intake.owes_replies and intake._ticket is None
+    assert sink.seq == backend.last_seq == 1
+    assert _same(backend, sink) == []
+    intake.close(mirror)
+    sink.close()
+
+
+def test_a_step_sent_ahead_whose_answers_are_lost_owes_its_replies_again(server, backend):
+    # The mirror's connection fails after the step went out: whether Redis
+    # ran it is unknown (here: it did not), so its replies are owed again,
+    # and sent (again, had they gone out: a writer takes the first reply to
+    # its id) once the mirror, reconnected, shows the write, once.
+    import socket
+
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    sink.backoff = (0.0, 0.0)
+    request = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
+    intake.wait_for_requests(1.0, mirror)
+    # Redis holds the step (a write) unrun, and drops it with its connection.
+    server.client(db=0).client_pause(500, all=False)
+    intake.step(mirror)
+    assert intake._ticket is not None
+    sink._wire._connection._sock.shutdown(socket.SHUT_RDWR)
+    intake.wait_for_requests(1.0, mirror)  # the answers are lost
+    deadline = time.monotonic() + 10
+    while intake.owes_replies or intake._ready:
+        assert time.monotonic() < deadline, "the replies were never sent"
+        mirror.step()
+        intake.step(mirror)
+        intake.wait_for_requests(0.01, mirror)
+    assert client.replies() == {request: Reply(b"ok")}
+    assert sink.seq == backend.last_seq == 1
+    assert server.client(db=0).zcard(b"s") == 1
+    assert _same(backend, sink) == []
+    intake.close(mirror)
+    sink.close()
+
+
+def test_a_step_sent_ahead_settled_by_the_mirrors_thread_is_collected_by_the_intake(
+    server, backend
+):
+    # The daemon's other thread may step the mirror while the intake's step
+    # is ahead: it reads the answers first (the connection answers in
+    # order), counts the move, and the intake takes its replies' answer from it.
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(1.0, mirror)
+    intake.step(mirror)
+    assert sink.seq == 0 and sink.sent_seq == 1 and sink.fileno() is not None
+    moves = mirror.moves
+    assert mirror.step().applied == 1  # the other thread: settles the step ahead
+    assert mirror.moves == moves + 1 and sink.seq == 1 and sink.fileno() is None
+    intake.wait_for_requests(0.1, mirror)  # takes the answer, then waits for requests
+    assert intake._ticket is None and not intake.owes_replies
+    assert client.replies() == {request: Reply(b"ok")}
+    assert mirror.moves == moves + 1  # counted once
+    intake.close(mirror)
+    sink.close()
+
+
+def test_closing_with_a_step_sent_ahead_reads_its_answers(server, backend):
+    # The daemon stops with a step ahead: close reads its answers (and would
+    # send any reply the mirror's script did not), instead of dropping them.
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(1.0, mirror)
+    intake.step(mirror)
+    assert intake._ticket is not None
+    intake.close(mirror)
+    assert intake._ticket is None and not intake._owed and not intake._ready
+    assert sink.seq == 1
+    assert client.replies() == {request: Reply(b"ok")}
+    sink.close()
