@@ -138,6 +138,9 @@ SWEEP_CHUNK = 64
 SWEEP_INTERVAL = 0.1
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Longest wait (ms) for new requests before looking again whether the
+#: mirror's thread has read the answers of the step ahead.
+_AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
@@ -259,12 +262,13 @@ class Mirror(Protocol):
         (then :meth:`catch_up` projects them).
         """
 
-    def collect(self, ticket: int) -> tuple[int | None, Any]:
+    def collect(self, ticket: int) -> tuple[int | None, Any, float]:
         """Wait for the answers of the step sent ahead as `ticket`.
 
         Returns
         -------
-        :attr:`seq` after it, and the answer to its `then` (None if lost).
+        :attr:`seq` after it, the answer to its `then` (None if lost), and
+        when that answer was read (monotonic time: for the replies' latency).
         """
 
     def fileno(self) -> int | None:
@@ -438,7 +442,9 @@ class Intake:
                 if self._ticket is not None and mirror is not None:
                     if self._requests_first(mirror, timeout):
                         self._take_read()
-                        return
+                        if self._fetched:
+                            return
+                        # (The read's block ran out: nothing came but time.)
                     self._settle(mirror)
                     if self._ready:
                         self._exchange(read=False)
@@ -589,9 +595,13 @@ class Intake:
             return
         sending, ticket = self._sending, self._ticket
         self._sending, self._ticket = [], None
-        seq, answer = mirror.collect(ticket)
+        try:
+            seq, answer, answered = mirror.collect(ticket)
+        except BaseException:
+            self._owed.extendleft(reversed(sending))
+            raise
         if isinstance(answer, int) and answer == len(sending):
-            self._replied(sending)
+            self._replied(sending, answered)
             return
         self._owed.extendleft(reversed(sending))
         if not catch_up:
@@ -615,11 +625,29 @@ class Intake:
         True if requests came first; False if the answers came first,
         neither did, or they cannot be waited for apart.
         """
-        reader, ahead = self._reader.fileno(), mirror.fileno()
-        if reader is None or ahead is None:
+        reader = self._reader.fileno()
+        if reader is None:
             return False
-        readable, _, _ = select.select([reader, ahead], [], [], timeout)
-        return reader in readable
+        deadline = time.monotonic() + timeout
+        while True:
+            # Taken again each slice: the mirror's thread may read the answers
+            # (then nothing more comes on that socket) or close it meanwhile.
+            ahead = mirror.fileno()
+            if ahead is None:
+                return False  # read by the mirror's thread: collect them
+            poll = select.poll()
+            try:
+                poll.register(reader, select.POLLIN)
+                poll.register(ahead, select.POLLIN)
+                ready = dict(
+                    poll.poll(max(0, min(_AHEAD_SLICE_MS, (deadline - time.monotonic()) * 1000)))
+                )
+            except (OSError, ValueError):
+                return False  # a socket closed under it: collect (which sees the failure)
+            if ready.get(reader):
+                return True
+            if ready.get(ahead) or time.monotonic() >= deadline:
+                return False
 
     def _refuse_writes(self, reason: str) -> Step:
         """Refuse every request from now on, for `reason` (the store takes no writes)."""
@@ -805,8 +833,10 @@ class Intake:
             )
         return {"keys": keys, "args": args}
 
-    def _replied(self, sent: list[_Owed]) -> None:
-        now = time.monotonic()
+    def _replied(self, sent: list[_Owed], now: float | None = None) -> None:
+        """Count `sent` as replied (at monotonic time `now`, if not now)."""
+        if now is None:
+            now = time.monotonic()
         for owed in sent:
             self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
 

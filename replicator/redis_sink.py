@@ -563,8 +563,11 @@ class RedisSink:
         self._ahead: _Ahead | None = None
         self._tickets = itertools.count(1)
         #: What the last step sent ahead did, once settled: its ticket, the
-        #: events it applied, the answer to its `then` (see :meth:`send_ahead`).
-        self.settled: tuple[int, int, Any] | None = None
+        #: events it applied, the answer to its `then` (see :meth:`send_ahead`)
+        #: and when that answer was read (monotonic time).
+        self.settled: tuple[int, int, Any, float] | None = None
+        #: Rebuilds started (by whichever thread steps the sink).
+        self.rebuilds = 0
 
     @property
     def seq(self) -> int | None:
@@ -629,7 +632,8 @@ class RedisSink:
         -------
         A ticket, or None if nothing was sent. Once the step is settled,
         :attr:`settled` holds the ticket, the events it applied (0 if the
-        mirror refused them) and the answer to `then` (None if it was lost).
+        mirror refused them), the answer to `then` (None if it was lost) and
+        when it was read.
         """
         self.settle()
         cursor = self.cursor
@@ -678,9 +682,11 @@ class RedisSink:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return 0
+        answered = time.monotonic()
         applied, answer = 0, None
         try:
             reply, answer = self._wire.receive(2)
+            answered = time.monotonic()
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # Redis lost its scripts (restarted, SCRIPT FLUSH): nothing was
                 # applied. Loaded now, since steps sent ahead cannot load it.
@@ -697,7 +703,7 @@ class RedisSink:
                     self._recheck()
         except (*_TRANSIENT, StoreError, AclError, redis.ResponseError) as error:
             self._failed(error)
-        self.settled = (ahead.ticket, applied, answer)
+        self.settled = (ahead.ticket, applied, answer, answered)
         return applied
 
     @property
@@ -906,6 +912,7 @@ class RedisSink:
                 self.spare_db,
             )
             started = time.monotonic()
+            self.rebuilds += 1
             flush = _Operations()
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:

@@ -653,3 +653,128 @@ def test_closing_with_a_step_sent_ahead_reads_its_answers(server, backend):
     assert sink.seq == 1
     assert client.replies() == {request: Reply(b"ok")}
     sink.close()
+
+
+def _in_window(mirror: Any, between: Any) -> None:
+    """Run `between` (as the mirror's thread would) right after the intake takes the socket."""
+    original = mirror.fileno
+
+    def fileno() -> int | None:
+        found = original()
+        between()
+        return found
+
+    mirror.fileno = fileno
+
+
+def test_a_step_ahead_read_by_the_mirrors_thread_while_the_intake_waits_is_not_waited_for(
+    server, backend
+):
+    # Found by review: the mirror's thread read the answers of a refused
+    # step between the intake taking the socket and waiting on it: nothing
+    # more came on it, and the replies owed again waited the intake's whole
+    # wait. The wait is sliced, and looks again between slices.
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    server.client(db=0).set(b"stray", b"written by someone else")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(1.0, mirror)
+    intake.step(mirror)
+    time.sleep(0.1)  # Redis has refused it by now
+    _in_window(mirror, mirror.step)  # reads the refusal, rebuilds
+    started = time.monotonic()
+    assert not intake._requests_first(mirror, 30.0)
+    assert time.monotonic() - started < 10.0  # not the whole 30 s
+    intake.wait_for_requests(0.01, mirror)
+    assert client.replies() == {request: Reply(b"ok")}
+    intake.close(mirror)
+    sink.close()
+
+
+@pytest.mark.parametrize("closed_in", ["fileno", "window"])
+def test_the_mirrors_socket_closed_under_the_intakes_wait_fails_nothing(
+    server, backend, caplog, closed_in
+):
+    # Found by review: the mirror's thread failed (closing the mirror's
+    # socket) just as the intake was to wait on it: the wait raised
+    # (ValueError for fd -1: it stopped the daemon; EBADF: the intake backed
+    # off although its own connections were fine). A closed socket now means
+    # "collect the answers", which finds the failure.
+    import logging
+    import socket
+
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    sink.backoff = (0.0, 0.0)
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(1.0, mirror)
+    server.client(db=0).client_pause(500, all=False)  # the step waits unrun in Redis
+    intake.step(mirror)
+    assert intake._ticket is not None
+    if closed_in == "fileno":
+        original = sink._wire.fileno
+
+        def fileno() -> int | None:
+            sock = sink._wire._connection._sock
+            sock.shutdown(socket.SHUT_RDWR)
+            mirror.step()  # the mirror's thread: the settle fails, the socket is closed
+            return int(sock.fileno())  # -1
+
+        sink._wire.fileno = fileno
+    else:
+
+        def fail() -> None:
+            sink._wire._connection._sock.shutdown(socket.SHUT_RDWR)
+            mirror.step()
+
+        _in_window(mirror, fail)
+    caplog.set_level(logging.WARNING, logger="replicator.intake")
+    intake.wait_for_requests(0.2, mirror)
+    assert intake.state == IntakeState.SERVE, caplog.text
+    assert not [r for r in caplog.records if r.name == "replicator.intake"]
+    if closed_in == "fileno":
+        sink._wire.fileno = original  # type: ignore[method-assign]
+    else:
+        del mirror.fileno
+    deadline = time.monotonic() + 10
+    while intake.owes_replies or intake._ready or intake._ticket is not None:
+        assert time.monotonic() < deadline, "the replies were never sent"
+        mirror.step()
+        intake.step(mirror)
+        intake.wait_for_requests(0.01, mirror)
+    assert client.replies() == {request: Reply(b"ok")}
+    intake.close(mirror)
+    sink.close()
+
+
+def test_a_rebuild_started_by_the_intakes_thread_is_counted(server, backend):
+    # Found by review: after a refused step ahead, the rebuild runs in the
+    # same call (in whichever thread read the refusal), and the daemon,
+    # counting rebuilds by the states its own thread saw, counted none.
+    import threading
+
+    from replicator.daemon import Daemon
+
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    daemon = Daemon(backend, sink, None, intake)
+    daemon.shared = mirror
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        server.client(db=0).set(b"stray", b"written by someone else")
+        request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+        deadline = time.monotonic() + 10
+        while request not in client.replies():
+            assert time.monotonic() < deadline, "no reply"
+            time.sleep(0.01)
+        while daemon.metrics.rebuilds._value.get() < 1:
+            assert time.monotonic() < deadline, "the rebuild was not counted"
+            time.sleep(0.01)
+        assert server.client(db=0).exists(b"stray") == 0
+    finally:
+        daemon.stop.set()
+        thread.join(10)
+        sink.close()
+    assert daemon.metrics.rebuilds._value.get() == 1
+    assert sink.rebuilds == 2  # serving's first build, then this one
