@@ -131,6 +131,9 @@ APPLY_MARGIN = 0.2
 REPLY_TTL_MS = 60_000
 #: Replies kept in a client's reply stream (it reads them in order).
 REPLY_MAXLEN = 100
+#: Requests retired by one XACK (and one XDEL) of the replies' script (Lua's
+#: unpack takes a few thousand values at most).
+RETIRE_SLICE = 1000
 #: Request records are swept a few at a time, so no transaction scans them all.
 SWEEP_CHUNK = 64
 #: Seconds between sweeps (short, so that each pauses the intake briefly:
@@ -150,9 +153,17 @@ CLOCK_SYNC = 1.0
 # KEYS[3..n+2]: the reply streams of the n replies. ARGV[1]: the database of
 # these keys; ARGV[2]: the group; ARGV[3]: n; ARGV[4]: the store (UUID);
 # ARGV[5]: the seq the mirror must hold (0: send without looking); then per
-# reply: its TTL in ms, its request's entry id ('' for none) and its five
-# fields (id, status, value, error, message). Returns n if sent, 0 if the
-# mirror's cursor is not (ready, of this store) at that seq or beyond.
+# reply: its TTL in ms and its five fields (id, status, value, error,
+# message); then the entry ids of the requests answered (those that came
+# through the stream). Returns n if sent, 0 if the mirror's cursor is not
+# (ready, of this store) at that seq or beyond.
+# The requests leave the stream (acknowledged, then deleted) in the call that
+# sends their replies, never before, by one XACK and one XDEL naming them
+# all (in slices of RETIRE_SLICE): each command a script calls costs about
+# as much as a small command's own work. (Trimming with XTRIM MINID below
+# the oldest pending entry costs Redis more: its blocking reads then walk
+# the live entries left in the stream's first node.) ARGV_MAXLEN and
+# RETIRE_SLICE are filled in by _reply_source.
 _REPLY = b"""
 redis.call('SELECT', ARGV[1])
 local need = tonumber(ARGV[5])
@@ -164,18 +175,27 @@ if need > 0 then
 end
 local n = tonumber(ARGV[3])
 for i = 1, n do
-    local a = 6 + (i - 1) * 7
+    local a = 6 + (i - 1) * 6
     redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
-               'id', ARGV[a + 2], 'status', ARGV[a + 3], 'value', ARGV[a + 4],
-               'error', ARGV[a + 5], 'message', ARGV[a + 6])
+               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
+               'error', ARGV[a + 4], 'message', ARGV[a + 5])
     redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
-    if ARGV[a + 1] ~= '' then
-        redis.call('XACK', KEYS[1], ARGV[2], ARGV[a + 1])
-        redis.call('XDEL', KEYS[1], ARGV[a + 1])
-    end
+end
+for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
+    local last = math.min(first + RETIRE_SLICE - 1, #ARGV)
+    redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, first, last))
+    redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
 return n
 """
+
+
+def _reply_source() -> bytes:
+    """The replies' script (:data:`_REPLY`), its bounds filled in."""
+    return _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN).replace(
+        b"RETIRE_SLICE", b"%d" % RETIRE_SLICE
+    )
+
 
 # Deletes the intake key if it still names this daemon's store at its path
 # (a daemon that has taken the mirror over since keeps its key).
@@ -362,9 +382,7 @@ class Intake:
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
         # The server's clock: (its time in ms, monotonic time) when last read.
         self._clock: tuple[int, float] | None = None
-        self._reply_script = WireScript(
-            self._wire, _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
-        )
+        self._reply_script = WireScript(self._wire, _reply_source())
         # Replies waiting for the mirror to show their events, and replies ready to send.
         self._owed: collections.deque[_Owed] = collections.deque()
         self._ready: list[_Owed] = []
@@ -824,13 +842,13 @@ class Intake:
             reply = owed.reply
             args += (
                 owed.expires_ms - owed.sent_ms + REPLY_TTL_MS,
-                owed.entry_id or b"",
                 owed.request_id,
                 reply.status,
                 reply.value,
                 reply.error,
                 reply.message.encode(),
             )
+        args += [owed.entry_id for owed in ready if owed.entry_id is not None]
         return {"keys": keys, "args": args}
 
     def _replied(self, sent: list[_Owed], now: float | None = None) -> None:

@@ -157,6 +157,31 @@ def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
     second.close()
 
 
+def test_requests_leave_the_stream_only_with_their_replies(server, backend, monkeypatch):
+    # The replies' script retires the requests it answers in slices (one
+    # XACK and one XDEL each): none before its reply goes out, all of them
+    # once it has; the stream holds only requests still to be answered.
+    import replicator.intake
+
+    monkeypatch.setattr(replicator.intake, "RETIRE_SLICE", 2)
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    sent = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i + 1))
+        for i in range(7)
+    ]
+    run(intake, mirror_seq=0)  # committed, but the mirror does not show them yet
+    assert backend.last_seq == 7
+    assert client.replies() == {}
+    assert client.redis.xlen(intake._stream) == 7
+    assert client.redis.xpending(intake._stream, "telstate-replicator")["pending"] == 7
+    run(intake, mirror_seq=7)
+    assert client.replies() == {request: Reply(b"ok") for request in sent}
+    assert client.redis.xlen(intake._stream) == 0
+    assert client.redis.xpending(intake._stream, "telstate-replicator")["pending"] == 0
+    intake.close()
+
+
 def test_expired_request_is_never_applied(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")
@@ -372,7 +397,7 @@ def test_the_mirror_projects_the_intakes_commits_without_reading_them_back(serve
 def test_the_reply_script_sends_nothing_before_the_mirror_holds_the_events(server, backend):
     # The replies' script checks the mirror's cursor itself, so replies sent
     # along with a script call that failed (or with no mirror) never go out early.
-    from replicator.intake import _REPLY, GROUP, _Owed
+    from replicator.intake import GROUP, _Owed, _reply_source
     from telstate.redis import mirror_cursor_key
 
     client = Client(server, str(backend.uuid))
@@ -381,7 +406,7 @@ def test_the_reply_script_sends_nothing_before_the_mirror_holds_the_events(serve
     request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     owed = _Owed(3, None, request, client.session.token, Reply(b"ok"), 10**13, 0, 0.0)
     control = server.client(db=MIRROR_CURSOR_DB)
-    reply = control.register_script(_REPLY.replace(b"ARGV_MAXLEN", b"100"))
+    reply = control.register_script(_reply_source())
     arguments = intake._reply_arguments([owed], need=3)
     cursor = mirror_cursor_key(0)
     assert arguments["keys"][:2] == [intake._stream, cursor]
