@@ -138,21 +138,32 @@ _APPLY = b"""
 -- {-2, ..., reason} if the spare's lock changed since the caller looked.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
--- (A tailing step, on the mirror, spares the calls about the spare.)
-local target_size, lock
-if rebuild then
-    redis.call('SELECT', target)
-    target_size = redis.call('DBSIZE')
+-- A tailing step (on the mirror) spares the calls about the spare, and the
+-- SELECTs that would not change the database: it reads the cursor, works in
+-- the mirror, then moves the cursor. (Each call a script makes costs Redis
+-- about as much as a small command's own work; so does each number passed
+-- to one, which Lua formats: the constants are given as strings.)
+local selected
+local function select(db)
+    if db ~= selected then
+        redis.call('SELECT', db)
+        selected = db
+    end
 end
-redis.call('SELECT', mirror)
+select(ARGV[1])
+local c, lock, target_size
+if rebuild then
+    c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
+                   'spare_keys')
+    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+    select(target)
+    target_size = redis.call('DBSIZE')
+else
+    c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys')
+end
+select(mirror)
 local size = redis.call('DBSIZE')
 target_size = target_size or size
-redis.call('SELECT', ARGV[1])
-local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
-                     'spare_keys')
-if rebuild then
-    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
-end
 if ARGV[4] == 'check' then
     if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8] then
         return {0, size, target_size, 'its cursor changed'}
@@ -170,6 +181,7 @@ if ARGV[4] == 'check' then
                 .. tostring(c[5])}
     end
 else
+    select(ARGV[1])
     if rebuild then
         if redis.call('EXISTS', KEYS[3]) == 1 then
             return {-1, size, target_size, 'is the database of another mirror (it has a cursor)'}
@@ -199,7 +211,7 @@ else
     redis.call('DEL', KEYS[1])
 end
 local swapped = false
-redis.call('SELECT', target)
+select(target)
 local n = tonumber(ARGV[9])
 local i = 10 + n
 while i <= #ARGV do
@@ -217,14 +229,14 @@ while i <= #ARGV do
     else
         local key = KEYS[tonumber(ARGV[i + 1])]
         if op == 'Z' then
-            redis.call('ZADD', key, 0, ARGV[i + 2])
+            redis.call('ZADD', key, '0', ARGV[i + 2])
             redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[i + 2])
             i = i + 3
         elseif op == 'M' then
             local last = i + 2 + tonumber(ARGV[i + 2])
             local args = {}
             for j = i + 3, last do
-                args[#args + 1] = 0
+                args[#args + 1] = '0'
                 args[#args + 1] = ARGV[j]
                 if #args >= 2000 then
                     redis.call('ZADD', key, unpack(args))
@@ -256,7 +268,7 @@ while i <= #ARGV do
         elseif op == 'z' then
             local last = i + 2 + tonumber(ARGV[i + 2])
             for j = i + 3, last do
-                redis.call('ZADD', key, 0, ARGV[j])
+                redis.call('ZADD', key, '0', ARGV[j])
             end
             i = last + 1
         elseif op == 'h' then
@@ -274,10 +286,10 @@ local after = redis.call('DBSIZE')
 local target_after = 0
 if rebuild then
     target_after = after
-    redis.call('SELECT', mirror)
+    select(mirror)
     after = redis.call('DBSIZE')
 end
-redis.call('SELECT', ARGV[1])
+select(ARGV[1])
 if swapped then
     redis.call('DEL', KEYS[2])
     redis.call('SET', KEYS[5], after)
