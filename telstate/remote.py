@@ -775,6 +775,20 @@ def _busy(error: redis.ResponseError) -> bool:
     return str(error).startswith(_BUSY)
 
 
+class _Process:
+    """This process's id, for a check on every write without a system call (os.getpid is one)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        """Run in a forked child (see :func:`os.register_at_fork`): it has an id of its own."""
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Process.forked)
+
+
 class _Session:
     """What the sync and asyncio writers share: identity, request ids, the format, the write plan.
 
@@ -806,7 +820,7 @@ class _Session:
 
     def _new_token(self) -> None:
         """A token (and so request ids and a reply stream) of this process's own."""
-        self.pid = os.getpid()
+        self.pid = _Process.pid
         self.token = secrets.token_hex(8).encode()
         self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
@@ -824,7 +838,7 @@ class _Session:
 
     def new_request(self) -> bytes:
         """A request id of this process's own."""
-        if self.pid != os.getpid():
+        if self.pid != _Process.pid:
             # A forked child: its parent goes on with the same counter, and a
             # request id the daemon has seen is answered, never applied again.
             self._new_token()
