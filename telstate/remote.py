@@ -901,7 +901,7 @@ class _Session:
         `then` follow it (joined once: the value may be megabytes).
         """
         timeout_ms = _timeout_ms(remaining)
-        return b"%b*%d\r\n%b$2\r\nid\r\n$%d\r\n%b\r\n$7\r\ntimeout\r\n$%d\r\n%b\r\n%b%b" % (
+        start = b"%b*%d\r\n%b$2\r\nid\r\n$%d\r\n%b\r\n$7\r\ntimeout\r\n$%d\r\n%b\r\n" % (
             _SKIP_NEXT_REPLY if skip_reply else b"",
             self._xadd_length + write.field_count,
             self._packed_head,
@@ -909,9 +909,8 @@ class _Session:
             request_id,
             len(timeout_ms),
             timeout_ms,
-            write.packed,
-            then,
         )
+        return b"".join((start, write.packed, then))
 
     def write_plan(
         self, op: Op, key: bytes | None, write: PackedWrite, block_chunk: float
