@@ -470,7 +470,7 @@ class Wire:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._connection: Any = None
-        self._pid = os.getpid()
+        self._pid = _Process.pid
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send `commands` in one write and read their replies.
@@ -496,11 +496,11 @@ class Wire:
         none of them (in practice: it cannot run a command cut short).
         """
         connection = self._connection
-        if connection is None or self._pid != os.getpid():
+        if connection is None or self._pid != _Process.pid:
             # After a fork the parent's socket is not ours: the pool gives
             # the child connections of its own.
             connection = self._connection = self._pool.get_connection()
-            self._pid = os.getpid()
+            self._pid = _Process.pid
         try:
             connection.send_packed_command([packed])
         except BaseException:
@@ -538,7 +538,7 @@ class Wire:
         The pool's other connections stay as they are.
         """
         connection, self._connection = self._connection, None
-        if connection is not None and self._pid == os.getpid():
+        if connection is not None and self._pid == _Process.pid:
             connection.disconnect()
             self._pool.release(connection)
 
