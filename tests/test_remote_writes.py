@@ -9,6 +9,7 @@ exactly once, ``verify`` must pass and the mirror must equal the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -882,6 +883,24 @@ def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
     assert parent_id.startswith(session.token + b":") and request_id != parent_id
 
 
+def _wait_stopped(pid: int) -> None:
+    """Wait until every thread of process `pid` is stopped (SIGSTOP takes effect asynchronously).
+
+    Seen on a loaded machine: the daemon applied a request sent right after
+    its SIGSTOP.
+    """
+    deadline = time.monotonic() + SETTLE
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.001)
+
+
 def _write_after_warming(mirror_url: str, aio: bool, ready: Any, go: Any) -> None:
     """Open a writer (sync or asyncio), write once, and write "resent" once `go` is set."""
     if aio:
@@ -935,6 +954,7 @@ def test_a_write_whose_connection_is_lost_is_resent_with_its_id_and_deadline(
     thread.start()
     assert ready.wait(SETTLE)
     process.process.send_signal(signal.SIGSTOP)  # no reply comes until the daemon goes on
+    _wait_stopped(process.process.pid)
     try:
         go.set()
         deadline = time.monotonic() + SETTLE
