@@ -182,6 +182,36 @@ def test_group_commit_applies_a_batch_in_one_transaction(server, backend):
     intake.close()
 
 
+def test_a_batchs_outcomes_are_counted_once_each(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    applied = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
+        for i in range(3)
+    ]
+    client.send(Op.SET_IMMUTABLE, key=b"s", value=encode_value(0))  # s is mutable
+    client.send(Op.SET_IMMUTABLE, key=b"s", value=encode_value(1))
+    first = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(1))
+    exists = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(2))
+    run(intake, mirror_seq=None, steps=3)  # connect, then one read + one commit
+    run(intake, mirror_seq=backend.last_seq)
+    replies = client.replies()
+    assert len(replies) == 7
+    assert all(replies[request_id] == Reply(b"ok") for request_id in [*applied, first])
+    assert replies[exists] == Reply(b"exists", encode_value(1))
+    registry = intake.metrics.registry
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value("telstate_replicator_" + name, labels)
+
+    assert sample("batch_size_count") == 1
+    assert sample("requests_applied_total") == 5  # an existing value is an outcome too
+    assert sample("requests_rejected_total", reason="immutable") == 2
+    assert sample("requests_rejected_total", reason="expired") == 0
+    assert sample("request_seconds_count") == 7
+    intake.close()
+
+
 def test_redis_restarted_empty_keeps_owed_replies(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
