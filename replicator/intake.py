@@ -246,7 +246,7 @@ class Mirror(Protocol):
         """
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: no __dict__ to make
 class _Owed:
     """A reply that goes out once the mirror holds event `seq`."""
 
