@@ -714,22 +714,23 @@ class Intake:
                 continue
             requests.append(request)
         self._committed = []
-        # Counted here, and added to the metric once (each increment takes its lock).
-        applied = 0
         for chunk in _chunks(requests, self.batch_bytes):
             if self.read_only is None:
                 outcomes = apply_requests(self.backend, chunk, now_ms, self._committed)
                 self.metrics.batch_size.observe(len(chunk))
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
+            # Counted here, and added to the metric once a chunk (each increment
+            # takes its lock): a later chunk that fails leaves this one counted.
+            applied = 0
             for request, record in zip(chunk, outcomes):
                 if record.error:
                     self.metrics.rejected.labels(record.error.decode()).inc()
                 else:
                     applied += 1
                 self._owe(request, record, clock_offset)
-        if applied:
-            self.metrics.applied.inc(applied)
+            if applied:
+                self.metrics.applied.inc(applied)
         return len(fetched)
 
     def _sweep(self, now_ms: int) -> None:
