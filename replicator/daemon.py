@@ -135,6 +135,47 @@ class SharedSink:
                 self.turn.notify_all()
             return self.sink.seq, answer
 
+    def send_ahead(self, seq: int, then: tuple[Any, ...], events: Sequence[Event]) -> int | None:
+        """Send the step that projects `events` up to `seq`, and `then`, without waiting.
+
+        See :meth:`RedisSink.send_ahead`; :meth:`collect` (or any later
+        step) reads its answers.
+        """
+        with self.turn:
+            if self.sink.settle():  # one left ahead (the intake's, dropped after a failure)
+                self._moved()
+            return self.sink.send_ahead(then, seq, events)
+
+    def collect(self, ticket: int) -> tuple[int | None, Any, float]:
+        """Wait for the answers of the step sent ahead as `ticket`.
+
+        Returns
+        -------
+        The mirror's seq after it, the answer to its `then` (None if lost),
+        and when it was read (monotonic time).
+        """
+        with self.turn:
+            if self.sink.settle():
+                self._moved()
+            settled = self.sink.settled
+            if settled is None or settled[0] != ticket:
+                return self.sink.seq, None, time.monotonic()
+            return self.sink.seq, settled[2], settled[3]
+
+    def fileno(self) -> int | None:
+        """The mirror's socket while a step is ahead (None if none is): readable once answered.
+
+        Read with the turn held: the mirror's thread may read the answers
+        (and close the socket) once it is let go, so a wait on it must be
+        bounded and must take a closed socket for an answer.
+        """
+        with self.turn:
+            return self.sink.fileno()
+
+    def _moved(self) -> None:
+        self.moves += 1
+        self.turn.notify_all()
+
     def hold(self) -> threading.Condition:
         """Hold the turn (a context manager) while the intake commits and projects."""
         return self.turn
@@ -250,7 +291,7 @@ class Daemon:
         """
         reported = time.monotonic()
         measured = 0.0
-        rebuilding = False
+        rebuilds = sink.rebuilds
         stream = self.log_stream
         while not self.stop.is_set():
             if until_seq is not None:
@@ -282,9 +323,9 @@ class Daemon:
                 self.failure = refusal
                 self.stop.set()
                 return False
-            if sink.state == SinkState.REBUILD and not rebuilding:
-                self.metrics.rebuilds.inc()
-            rebuilding = sink.state == SinkState.REBUILD
+            if sink.rebuilds != rebuilds:  # (the intake's thread may have stepped it too)
+                self.metrics.rebuilds.inc(sink.rebuilds - rebuilds)
+                rebuilds = sink.rebuilds
             now = time.monotonic()
             if now - measured >= _LAG_INTERVAL:
                 measured = now
@@ -345,7 +386,8 @@ class Daemon:
         """
         assert self.shared is not None
         with self.shared.turn:  # taken once the intake has committed and projected
-            mirrored = sink.seq
+            # (The intake's step sent ahead counts: the intake reads its answers.)
+            mirrored = sink.sent_seq
         if mirrored is None or mirrored < seq:
             return False
         # The intake projects to the mirror only: the log stream is this thread's.
@@ -384,7 +426,7 @@ class Daemon:
                 if intake.owes_replies:
                     mirror.wait_for_move(moves, wait)
                 elif step.idle:
-                    intake.wait_for_requests(wait)
+                    intake.wait_for_requests(wait, mirror)
                 else:
                     self.stop.wait(step.wait)
         except Exception:
@@ -392,4 +434,4 @@ class Daemon:
             self.stop.set()
             raise
         finally:
-            intake.close()
+            intake.close(mirror)

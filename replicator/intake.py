@@ -25,12 +25,20 @@ of its own) is sent right after the commit, before the mirror's script:
 Redis holds it while the mirror and the replies go out, and hands it
 the next request the moment a writer sends one, while the daemon still
 hears back from the mirror. :meth:`Intake.wait_for_requests` then only
-takes its answer (after sending any replies still ready). So a request
-costs the intake one round trip of its own (the mirror's script call
-with the replies), however many requests share it: the more writers,
-the larger the batches; and a writer's reply leaves Redis as soon as
-the mirror shows its write, without waiting for the daemon to hear back
-from the mirror.
+takes its answer (after sending any replies still ready).
+
+Nor does the intake wait for the mirror's script: the step is sent ahead
+(:meth:`Mirror.send_ahead`) and its answers are read after the next
+batch's commit, or when they come, if they come before new requests.
+So Redis runs the mirror's and the replies' scripts while the daemon
+commits the next batch (with ``fsync``, while it syncs). A reply still
+never precedes the mirror: the replies' script checks the mirror's
+cursor itself. If the mirror refused the step, or its answers were lost,
+its replies are owed again, and go out once the mirror shows them.
+
+So a writer's reply leaves Redis as soon as the mirror shows its write,
+without waiting for the daemon to hear back from the mirror, and the
+daemon waits for Redis only for new requests.
 
 Exactly once: a request id found among the records is not applied again;
 its recorded outcome is sent. The stream is read through a consumer
@@ -69,6 +77,7 @@ import collections
 import contextlib
 import enum
 import logging
+import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,6 +132,9 @@ APPLY_MARGIN = 0.2
 REPLY_TTL_MS = 60_000
 #: Replies kept in a client's reply stream (it reads them in order).
 REPLY_MAXLEN = 100
+#: Requests retired by one XACK (and one XDEL) of the replies' script (Lua's
+#: unpack takes a few thousand values at most).
+RETIRE_SLICE = 1000
 #: Request records are swept a few at a time, so no transaction scans them all.
 SWEEP_CHUNK = 64
 #: Seconds between sweeps (short, so that each pauses the intake briefly:
@@ -130,6 +142,9 @@ SWEEP_CHUNK = 64
 SWEEP_INTERVAL = 0.1
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Longest wait (ms) for new requests before looking again whether the
+#: mirror's thread has read the answers of the step ahead.
+_AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
@@ -139,9 +154,17 @@ CLOCK_SYNC = 1.0
 # KEYS[3..n+2]: the reply streams of the n replies. ARGV[1]: the database of
 # these keys; ARGV[2]: the group; ARGV[3]: n; ARGV[4]: the store (UUID);
 # ARGV[5]: the seq the mirror must hold (0: send without looking); then per
-# reply: its TTL in ms, its request's entry id ('' for none) and its five
-# fields (id, status, value, error, message). Returns n if sent, 0 if the
-# mirror's cursor is not (ready, of this store) at that seq or beyond.
+# reply: its TTL in ms and its five fields (id, status, value, error,
+# message); then the entry ids of the requests answered (those that came
+# through the stream). Returns n if sent, 0 if the mirror's cursor is not
+# (ready, of this store) at that seq or beyond.
+# The requests leave the stream (acknowledged, then deleted) in the call that
+# sends their replies, never before, by one XACK and one XDEL naming them
+# all (in slices of RETIRE_SLICE): each command a script calls costs about
+# as much as a small command's own work. (Trimming with XTRIM MINID below
+# the oldest pending entry costs Redis more: its blocking reads then walk
+# the live entries left in the stream's first node.) ARGV_MAXLEN and
+# RETIRE_SLICE are filled in by _reply_source.
 _REPLY = b"""
 redis.call('SELECT', ARGV[1])
 local need = tonumber(ARGV[5])
@@ -153,18 +176,27 @@ if need > 0 then
 end
 local n = tonumber(ARGV[3])
 for i = 1, n do
-    local a = 6 + (i - 1) * 7
+    local a = 6 + (i - 1) * 6
     redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
-               'id', ARGV[a + 2], 'status', ARGV[a + 3], 'value', ARGV[a + 4],
-               'error', ARGV[a + 5], 'message', ARGV[a + 6])
+               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
+               'error', ARGV[a + 4], 'message', ARGV[a + 5])
     redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
-    if ARGV[a + 1] ~= '' then
-        redis.call('XACK', KEYS[1], ARGV[2], ARGV[a + 1])
-        redis.call('XDEL', KEYS[1], ARGV[a + 1])
-    end
+end
+for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
+    local last = math.min(first + RETIRE_SLICE - 1, #ARGV)
+    redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, first, last))
+    redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
 return n
 """
+
+
+def _reply_source() -> bytes:
+    """The replies' script (:data:`_REPLY`), its bounds filled in."""
+    return _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN).replace(
+        b"RETIRE_SLICE", b"%d" % RETIRE_SLICE
+    )
+
 
 # Deletes the intake key if it still names this daemon's store at its path
 # (a daemon that has taken the mirror over since keeps its key).
@@ -236,6 +268,32 @@ class Mirror(Protocol):
         -------
         :attr:`seq` after it, and the last answer to `then` (None if not sent).
         """
+
+    def send_ahead(self, seq: int, then: tuple[Any, ...], events: Sequence[Event]) -> int | None:
+        """Send the step that projects `events` (just committed) up to `seq`, and `then`, now.
+
+        The answers are not waited for: the intake commits its next batch
+        meanwhile, and :meth:`collect` reads them later (a mirror's
+        connection answers in order, so any other use of it reads them
+        first). Only one step is ever ahead.
+
+        Returns
+        -------
+        A ticket for :meth:`collect`, or None if the step cannot be sent so
+        (then :meth:`catch_up` projects them).
+        """
+
+    def collect(self, ticket: int) -> tuple[int | None, Any, float]:
+        """Wait for the answers of the step sent ahead as `ticket`.
+
+        Returns
+        -------
+        :attr:`seq` after it, the answer to its `then` (None if lost), and
+        when that answer was read (monotonic time: for the replies' latency).
+        """
+
+    def fileno(self) -> int | None:
+        """A socket that is readable once the step sent ahead is answered (None if none)."""
 
     def hold(self) -> contextlib.AbstractContextManager[object]:
         """Keep other threads from moving the mirror while the intake commits and projects.
@@ -325,12 +383,13 @@ class Intake:
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
         # The server's clock: (its time in ms, monotonic time) when last read.
         self._clock: tuple[int, float] | None = None
-        self._reply_script = WireScript(
-            self._wire, _REPLY.replace(b"ARGV_MAXLEN", b"%d" % REPLY_MAXLEN)
-        )
+        self._reply_script = WireScript(self._wire, _reply_source())
         # Replies waiting for the mirror to show their events, and replies ready to send.
         self._owed: collections.deque[_Owed] = collections.deque()
         self._ready: list[_Owed] = []
+        # Replies sent with the mirror's step sent ahead (see _project), and its ticket.
+        self._sending: list[_Owed] = []
+        self._ticket: int | None = None
         # The events of the last batch's commits, for the mirror (see _project).
         self._committed: list[Event] = []
         # Read the pending list (requests delivered before a restart) before new ones.
@@ -380,12 +439,16 @@ class Intake:
             # The store became a follower; nothing of the batch was committed.
             return self._refuse_writes(str(error))
 
-    def wait_for_requests(self, timeout: float) -> None:
+    def wait_for_requests(self, timeout: float, mirror: Mirror | None = None) -> None:
         """Send the ready replies, and block up to `timeout` seconds for new requests.
 
         The requests are kept for the next step. A read sent ahead (see
         :meth:`_read_ahead`) blocks for as long as it was sent to (the
-        `timeout` of the call before).
+        `timeout` of the call before). While a step of `mirror` is ahead
+        (see :meth:`_project`), whichever comes first is taken: new
+        requests (the step's answers are read after their commit), or the
+        step's answers (then the requests are waited for, unless replies
+        now wait for the mirror: the daemon then waits for it).
         """
         if self.state != IntakeState.SERVE:
             return
@@ -395,6 +458,17 @@ class Intake:
             if not (self._fetched or self._backlog):
                 self._block_ms = max(1, int(timeout * 1000))
                 self._read_ahead()
+                if self._ticket is not None and mirror is not None:
+                    if self._requests_first(mirror, timeout):
+                        self._take_read()
+                        if self._fetched:
+                            return
+                        # (The read's block ran out: nothing came but time.)
+                    self._settle(mirror)
+                    if self._ready:
+                        self._exchange(read=False)
+                    if self._owed:
+                        return  # the mirror is behind: the daemon waits for it
                 self._take_read()
         except _TRANSIENT as error:
             self._fail(f"Redis failed: {error}")
@@ -405,11 +479,17 @@ class Intake:
             else:
                 self._fail(f"Redis refused a command: {error}")
 
-    def close(self) -> None:
+    def close(self, mirror: Mirror | None = None) -> None:
         """Send the ready replies (best effort), and close the connections to Redis.
 
-        The intake key stays: writers then time out.
+        The answers of a step of `mirror` sent ahead are read first (its
+        replies not sent so are sent with the ready ones). The intake key
+        stays: writers then time out.
         """
+        if self._ticket is not None and mirror is not None:
+            with contextlib.suppress(*_TRANSIENT, redis.ResponseError, StoreError):
+                self._settle(mirror, catch_up=False)
+        self._unsend()
         if self._ready and self.state == IntakeState.SERVE:
             with contextlib.suppress(*_TRANSIENT, redis.ResponseError):
                 self._exchange(read=False)
@@ -423,6 +503,7 @@ class Intake:
     def _connect(self) -> Step:
         # Requests a read sent before handed out are on the pending list, read first below.
         self._drop_read()
+        self._unsend()
         try:
             self.client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
@@ -489,10 +570,31 @@ class Intake:
         reply came back. Those not sent so stay owed or ready, for the
         usual path (:meth:`_exchange`).
         """
+        self._settle(mirror)
+        committed, self._committed = self._committed, []
+        if not (self._ready or self._owed):
+            return  # all went out with the step before
         pending = self._ready + list(self._owed)
         need = max(owed.seq for owed in pending)
-        committed, self._committed = self._committed, []
-        seq, answer = mirror.catch_up(need, self._reply_command(pending, need), committed)
+        then = self._reply_command(pending, need)
+        ticket = mirror.send_ahead(need, then, committed)
+        if ticket is not None:
+            self._ready = []
+            self._owed.clear()
+            self._sending, self._ticket = pending, ticket
+            return
+        self._catch_up(mirror, pending, need, then, committed)
+
+    def _catch_up(
+        self,
+        mirror: Mirror,
+        pending: list[_Owed],
+        need: int,
+        then: tuple[Any, ...],
+        committed: Sequence[Event] = (),
+    ) -> None:
+        """Have the mirror show event `need` now, sending `pending` (all replies owed) with it."""
+        seq, answer = mirror.catch_up(need, then, committed)
         if isinstance(answer, int) and answer == len(pending):
             self._ready = []
             self._owed.clear()
@@ -500,12 +602,79 @@ class Intake:
             return
         self._collect_replies(seq)
 
+    def _settle(self, mirror: Mirror, *, catch_up: bool = True) -> None:
+        """Take the answers of the mirror's step sent ahead with replies, if one is.
+
+        Replies its script did not send (the mirror refused the step, Redis
+        failed, the answer was lost) are owed again, first, and (with
+        `catch_up`) the mirror is asked to show them at once, as
+        :meth:`_project` does when it cannot send a step ahead.
+        """
+        if self._ticket is None:
+            return
+        sending, ticket = self._sending, self._ticket
+        self._sending, self._ticket = [], None
+        try:
+            seq, answer, answered = mirror.collect(ticket)
+        except BaseException:
+            self._owed.extendleft(reversed(sending))
+            raise
+        if isinstance(answer, int) and answer == len(sending):
+            self._replied(sending, answered)
+            return
+        self._owed.extendleft(reversed(sending))
+        if not catch_up:
+            self._collect_replies(seq)
+            return
+        pending = self._ready + list(self._owed)
+        need = max(owed.seq for owed in pending)
+        self._catch_up(mirror, pending, need, self._reply_command(pending, need))
+
+    def _unsend(self) -> None:
+        """Owe again the replies of a step sent ahead whose answers will not be taken."""
+        if self._ticket is not None:
+            self._owed.extendleft(reversed(self._sending))
+            self._sending, self._ticket = [], None
+
+    def _requests_first(self, mirror: Mirror, timeout: float) -> bool:
+        """Wait up to `timeout` s for new requests or the answers of the step ahead.
+
+        Returns
+        -------
+        True if requests came first; False if the answers came first,
+        neither did, or they cannot be waited for apart.
+        """
+        reader = self._reader.fileno()
+        if reader is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            # Taken again each slice: the mirror's thread may read the answers
+            # (then nothing more comes on that socket) or close it meanwhile.
+            ahead = mirror.fileno()
+            if ahead is None:
+                return False  # read by the mirror's thread: collect them
+            poll = select.poll()
+            try:
+                poll.register(reader, select.POLLIN)
+                poll.register(ahead, select.POLLIN)
+                ready = dict(
+                    poll.poll(max(0, min(_AHEAD_SLICE_MS, (deadline - time.monotonic()) * 1000)))
+                )
+            except (OSError, ValueError):
+                return False  # a socket closed under it: collect (which sees the failure)
+            if ready.get(reader):
+                return True
+            if ready.get(ahead) or time.monotonic() >= deadline:
+                return False
+
     def _refuse_writes(self, reason: str) -> Step:
         """Refuse every request from now on, for `reason` (the store takes no writes)."""
         logger.error("intake: %s: refusing writes from now on", reason)
         self.read_only = reason
         self._fetched = []
         self._drop_read()
+        self._unsend()
         # Connect again: it retires the intake key, and reads the failed
         # batch's requests again from the pending list, to refuse them.
         self.state = IntakeState.CONNECT
@@ -516,6 +685,7 @@ class Intake:
         self.state = IntakeState.BACKOFF
         self._fetched = []
         self._drop_read()
+        self._unsend()
         self._reader.close()
         self._wire.close()
         self._retry_at = time.monotonic() + self._delay
@@ -674,17 +844,19 @@ class Intake:
             reply = owed.reply
             args += (
                 owed.expires_ms - owed.sent_ms + REPLY_TTL_MS,
-                owed.entry_id or b"",
                 owed.request_id,
                 reply.status,
                 reply.value,
                 reply.error,
                 reply.message.encode(),
             )
+        args += [owed.entry_id for owed in ready if owed.entry_id is not None]
         return {"keys": keys, "args": args}
 
-    def _replied(self, sent: list[_Owed]) -> None:
-        now = time.monotonic()
+    def _replied(self, sent: list[_Owed], now: float | None = None) -> None:
+        """Count `sent` as replied (at monotonic time `now`, if not now)."""
+        if now is None:
+            now = time.monotonic()
         observe = self.metrics.latency.observe
         for owed in sent:
             observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))

@@ -74,6 +74,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -81,7 +82,7 @@ from redis.retry import Retry
 from telstate.errors import StoreError
 from telstate.log import Event, Op
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
-from telstate.remote import Wire, WireScript
+from telstate.remote import Wire, WireScript, checked
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
 from .acl import (
@@ -137,21 +138,32 @@ _APPLY = b"""
 -- {-2, ..., reason} if the spare's lock changed since the caller looked.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
--- (A tailing step, on the mirror, spares the calls about the spare.)
-local target_size, lock
-if rebuild then
-    redis.call('SELECT', target)
-    target_size = redis.call('DBSIZE')
+-- A tailing step (on the mirror) spares the calls about the spare, and the
+-- SELECTs that would not change the database: it reads the cursor, works in
+-- the mirror, then moves the cursor. (Each call a script makes costs Redis
+-- about as much as a small command's own work; so does each number passed
+-- to one, which Lua formats: the constants are given as strings.)
+local selected
+local function select(db)
+    if db ~= selected then
+        redis.call('SELECT', db)
+        selected = db
+    end
 end
-redis.call('SELECT', mirror)
+select(ARGV[1])
+local c, lock, target_size
+if rebuild then
+    c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
+                   'spare_keys')
+    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
+    select(target)
+    target_size = redis.call('DBSIZE')
+else
+    c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys')
+end
+select(mirror)
 local size = redis.call('DBSIZE')
 target_size = target_size or size
-redis.call('SELECT', ARGV[1])
-local c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
-                     'spare_keys')
-if rebuild then
-    lock = redis.call('HMGET', KEYS[2], 'mirror', 'owner')
-end
 if ARGV[4] == 'check' then
     if c[1] ~= ARGV[5] or c[2] ~= ARGV[6] or c[3] ~= ARGV[7] or c[4] ~= ARGV[8] then
         return {0, size, target_size, 'its cursor changed'}
@@ -169,6 +181,7 @@ if ARGV[4] == 'check' then
                 .. tostring(c[5])}
     end
 else
+    select(ARGV[1])
     if rebuild then
         if redis.call('EXISTS', KEYS[3]) == 1 then
             return {-1, size, target_size, 'is the database of another mirror (it has a cursor)'}
@@ -198,7 +211,7 @@ else
     redis.call('DEL', KEYS[1])
 end
 local swapped = false
-redis.call('SELECT', target)
+select(target)
 local n = tonumber(ARGV[9])
 local i = 10 + n
 while i <= #ARGV do
@@ -216,14 +229,14 @@ while i <= #ARGV do
     else
         local key = KEYS[tonumber(ARGV[i + 1])]
         if op == 'Z' then
-            redis.call('ZADD', key, 0, ARGV[i + 2])
+            redis.call('ZADD', key, '0', ARGV[i + 2])
             redis.call('PUBLISH', 'update/' .. key, '\\2' .. ARGV[i + 2])
             i = i + 3
         elseif op == 'M' then
             local last = i + 2 + tonumber(ARGV[i + 2])
             local args = {}
             for j = i + 3, last do
-                args[#args + 1] = 0
+                args[#args + 1] = '0'
                 args[#args + 1] = ARGV[j]
                 if #args >= 2000 then
                     redis.call('ZADD', key, unpack(args))
@@ -255,7 +268,7 @@ while i <= #ARGV do
         elseif op == 'z' then
             local last = i + 2 + tonumber(ARGV[i + 2])
             for j = i + 3, last do
-                redis.call('ZADD', key, 0, ARGV[j])
+                redis.call('ZADD', key, '0', ARGV[j])
             end
             i = last + 1
         elseif op == 'h' then
@@ -273,10 +286,10 @@ local after = redis.call('DBSIZE')
 local target_after = 0
 if rebuild then
     target_after = after
-    redis.call('SELECT', mirror)
+    select(mirror)
     after = redis.call('DBSIZE')
 end
-redis.call('SELECT', ARGV[1])
+select(ARGV[1])
 if swapped then
     redis.call('DEL', KEYS[2])
     redis.call('SET', KEYS[5], after)
@@ -405,6 +418,18 @@ class Step:
     wait: float = 0.0
     idle: bool = False
     then: Any = None
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A tailing step sent ahead (:meth:`RedisSink.send_ahead`), its answers not read yet."""
+
+    ticket: int
+    #: The mirror's cursor before the step.
+    cursor: Cursor
+    seq: int
+    chain: str
+    events: int
 
 
 class RedisSink:
@@ -546,6 +571,15 @@ class RedisSink:
         # When the current run of failures began (None while all is well).
         self._failed_since: float | None = None
         self._next_check = 0.0
+        # The tailing step sent ahead, its answers not read yet (see send_ahead).
+        self._ahead: _Ahead | None = None
+        self._tickets = itertools.count(1)
+        #: What the last step sent ahead did, once settled: its ticket, the
+        #: events it applied, the answer to its `then` (see :meth:`send_ahead`)
+        #: and when that answer was read (monotonic time).
+        self.settled: tuple[int, int, Any, float] | None = None
+        #: Rebuilds started (by whichever thread steps the sink).
+        self.rebuilds = 0
 
     @property
     def seq(self) -> int | None:
@@ -582,43 +616,163 @@ class RedisSink:
         -------
         What was done, and how long the caller may wait before the next step.
         """
+        settled = self.settle()
         try:
-            if self.state == SinkState.CONNECT:
-                return self._connect()
-            if self.state == SinkState.REBUILD:
-                return self._rebuild()
-            if self.state == SinkState.TAIL:
-                return self._tail(then, then_seq, events)
-            if self.state == SinkState.CONFLICT:
-                return self._conflict()
-            if self.state == SinkState.FENCED:
-                return Step(0, wait=self.backoff[1])
-            return self._backoff()
+            step = self._advance(then, then_seq, events)
+        except (*_TRANSIENT, StoreError, AclError, redis.ResponseError) as error:
+            step = self._failed(error)
+        return replace(step, applied=step.applied + settled) if settled else step
+
+    def send_ahead(
+        self, then: tuple[Any, ...], then_seq: int, events: Sequence[Event]
+    ) -> int | None:
+        """Send a tailing step with `events`, and `then`, without waiting for the answers.
+
+        For the write intake: the mirror's script (with its replies in
+        `then`, as in :meth:`step`) runs in Redis while the intake commits
+        its next batch. Only a step that applies the intake's own just
+        committed `events` (the very next ones after the mirror's cursor),
+        up to `then_seq`, in one script call is sent so; otherwise nothing
+        is sent and the caller steps as usual.
+
+        One step at most is ahead: the one before is settled first, and so
+        is it by every other use of the mirror's connection (:meth:`step`,
+        :meth:`close`). Until then :attr:`seq` stays where the mirror was
+        known to be, and :attr:`sent_seq` says where it goes.
+
+        Returns
+        -------
+        A ticket, or None if nothing was sent. Once the step is settled,
+        :attr:`settled` holds the ticket, the events it applied (0 if the
+        mirror refused them), the answer to `then` (None if it was lost) and
+        when it was read.
+        """
+        self.settle()
+        cursor = self.cursor
+        if (
+            self.state != SinkState.TAIL
+            or cursor is None
+            or not events
+            or events[0].seq != cursor.seq + 1
+            or events[-1].seq < then_seq
+        ):
+            return None
+        batch = self._read_batch(cursor.seq, events)
+        last = batch[-1]
+        if last.seq < then_seq:
+            return None  # more than one step's worth: the caller steps
+        ops = _Operations()
+        for event in batch:
+            _append_event(ops, event)
+        chain = last.chain.hex()
+        keys, args = self._move_arguments(cursor, last.seq, chain, ops)
+        try:
+            self._wire.send(
+                b"".join(
+                    hiredis.pack_command(command)
+                    for command in (self._apply_script.command(keys, args), then)
+                )
+            )
         except _TRANSIENT as error:
+            self._fail(f"Redis at {self.url} failed: {error}")
+            return None
+        ticket = next(self._tickets)
+        self._ahead = _Ahead(ticket, cursor, last.seq, chain, len(batch))
+        return ticket
+
+    def settle(self) -> int:
+        """Read the answers to the step sent ahead (see :meth:`send_ahead`), if one is.
+
+        What it did goes to :attr:`settled`. Never raises for Redis failures:
+        a lost answer counts as nothing applied (the next step finds out
+        from the mirror's cursor what Redis did).
+
+        Returns
+        -------
+        The events it applied.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return 0
+        answered = time.monotonic()
+        applied, answer = 0, None
+        try:
+            reply, answer = self._wire.receive(2)
+            answered = time.monotonic()
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # Redis lost its scripts (restarted, SCRIPT FLUSH): nothing was
+                # applied. Loaded now, since steps sent ahead cannot load it.
+                checked(self._wire.call((b"SCRIPT", b"LOAD", self._apply_script.script))[0])
+            else:
+                done, after, _, reason = checked(reply)
+                if done == 1:
+                    self._refusal = ""
+                    self.cursor = ahead.cursor.moved(ahead.seq, ahead.chain, int(after))
+                    self._next_check = time.monotonic() + self.check_interval
+                    applied = ahead.events
+                else:
+                    self._refusal = ensure_str(reason)
+                    self._recheck()
+        except (*_TRANSIENT, StoreError, AclError, redis.ResponseError) as error:
+            self._failed(error)
+        self.settled = (ahead.ticket, applied, answer, answered)
+        return applied
+
+    @property
+    def sent_seq(self) -> int | None:
+        """Where the mirror will be once the step sent ahead is settled (:attr:`seq` if none is)."""
+        if self._ahead is not None:
+            return self._ahead.seq
+        return self.seq
+
+    def fileno(self) -> int | None:
+        """The socket of the mirror's connection while a step is ahead (None if none is).
+
+        It is readable once the step's answers come.
+        """
+        return None if self._ahead is None else self._wire.fileno()
+
+    def _advance(
+        self, then: tuple[Any, ...] | None, then_seq: int, events: Sequence[Event]
+    ) -> Step:
+        if self.state == SinkState.CONNECT:
+            return self._connect()
+        if self.state == SinkState.REBUILD:
+            return self._rebuild()
+        if self.state == SinkState.TAIL:
+            return self._tail(then, then_seq, events)
+        if self.state == SinkState.CONFLICT:
+            return self._conflict()
+        if self.state == SinkState.FENCED:
+            return Step(0, wait=self.backoff[1])
+        return self._backoff()
+
+    def _failed(self, error: BaseException) -> Step:
+        """The state after `error` (a Redis or store failure) in a step."""
+        if isinstance(error, _TRANSIENT):
             return self._fail(f"Redis at {self.url} failed: {error}")
-        except StoreError as error:
+        if isinstance(error, StoreError):
             # E.g. a snapshot invalidated when this process followed the map's growth.
             return self._fail(f"reading the store failed: {error}")
-        except AclError as error:
+        if isinstance(error, AclError):
             return self._fail(f"cannot protect mirror {self.url} db {self.db}: {error}")
-        except redis.ResponseError as error:
-            if "WRONGTYPE" in str(error):
-                # Half applied, cursor unmoved: only a rebuild is certain to help.
-                logger.warning("mirror holds a key of another type (%s): rebuilding", error)
-                self.state = SinkState.REBUILD
-                return Step(0)
-            if _is_permission_error(error):
-                return self._fail(
-                    f"Redis at {self.url} refused the replicator's user a command ({error}):"
-                    " the replicator needs a user with every right (ACL SETUSER"
-                    " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
-                )
-            if str(error).startswith("BUSY"):
-                # A client's script that runs on (EVAL is every reader's right).
-                return self._fail(
-                    f"Redis at {self.url} is busy running a script ({error}); waiting for it"
-                )
-            return self._fail(f"Redis at {self.url} refused a command: {error}")
+        if "WRONGTYPE" in str(error):
+            # Half applied, cursor unmoved: only a rebuild is certain to help.
+            logger.warning("mirror holds a key of another type (%s): rebuilding", error)
+            self.state = SinkState.REBUILD
+            return Step(0)
+        if isinstance(error, redis.ResponseError) and _is_permission_error(error):
+            return self._fail(
+                f"Redis at {self.url} refused the replicator's user a command ({error}):"
+                " the replicator needs a user with every right (ACL SETUSER"
+                " telstate-replicator on >PASSWORD ~* &* +@all), given in the URL"
+            )
+        if str(error).startswith("BUSY"):
+            # A client's script that runs on (EVAL is every reader's right).
+            return self._fail(
+                f"Redis at {self.url} is busy running a script ({error}); waiting for it"
+            )
+        return self._fail(f"Redis at {self.url} refused a command: {error}")
 
     def check_access(self) -> None:
         """Set up the clients' rules if asked, and check that this replicator may write.
@@ -655,7 +809,8 @@ class RedisSink:
             ) from error
 
     def close(self) -> None:
-        """Close the connections to Redis."""
+        """Close the connections to Redis (a step sent ahead is not waited for)."""
+        self._ahead = None
         self._wire.close()
         self.client.close()
 
@@ -769,6 +924,7 @@ class RedisSink:
                 self.spare_db,
             )
             started = time.monotonic()
+            self.rebuilds += 1
             flush = _Operations()
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:
@@ -1059,6 +1215,19 @@ class RedisSink:
         that this replicator owns, so its other fields are those of
         `cursor` (this replicator wrote them, or read them from the hash).
         """
+        keys, args = self._move_arguments(cursor, seq, chain, ops)
+        done, after, _, reason, answer = self._call(keys, args, then)
+        if done != 1:
+            self._refusal = ensure_str(reason)
+            return False, answer
+        self._refusal = ""
+        self.cursor = cursor.moved(seq, chain, int(after))
+        return True, answer
+
+    def _move_arguments(
+        self, cursor: Cursor, seq: int, chain: str, ops: _Operations
+    ) -> tuple[list[Any], list[Any]]:
+        """The keys and arguments of :meth:`_move`'s script call."""
         args = [
             MIRROR_CURSOR_DB,
             self.db,
@@ -1075,13 +1244,7 @@ class RedisSink:
             chain,
             *ops.args,
         ]
-        done, after, _, reason, answer = self._call(self._tail_keys + ops.keys, args, then)
-        if done != 1:
-            self._refusal = ensure_str(reason)
-            return False, answer
-        self._refusal = ""
-        self.cursor = cursor.moved(seq, chain, int(after))
-        return True, answer
+        return self._tail_keys + ops.keys, args
 
     def _call(
         self, keys: list[Any], args: list[Any], then: tuple[Any, ...] | None

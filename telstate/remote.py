@@ -474,7 +474,7 @@ class Wire:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._connection: Any = None
-        self._pid = os.getpid()
+        self._pid = _Process.pid
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send `commands` in one write and read their replies.
@@ -500,11 +500,11 @@ class Wire:
         none of them (in practice: it cannot run a command cut short).
         """
         connection = self._connection
-        if connection is None or self._pid != os.getpid():
+        if connection is None or self._pid != _Process.pid:
             # After a fork the parent's socket is not ours: the pool gives
             # the child connections of its own.
             connection = self._connection = self._pool.get_connection()
-            self._pid = os.getpid()
+            self._pid = _Process.pid
         try:
             connection.send_packed_command([packed])
         except BaseException:
@@ -526,13 +526,23 @@ class Wire:
             raise
         return replies
 
+    def fileno(self) -> int | None:
+        """The connection's socket, to wait for replies with :func:`select.select` (None if closed).
+
+        Only for a wire whose earlier replies were all read: a reply already
+        buffered would not show as readable.
+        """
+        connection = self._connection
+        sock = None if connection is None else connection._sock
+        return None if sock is None else int(sock.fileno())
+
     def close(self) -> None:
         """Close the connection and give it back to the pool (the next call takes one again).
 
         The pool's other connections stay as they are.
         """
         connection, self._connection = self._connection, None
-        if connection is not None and self._pid == os.getpid():
+        if connection is not None and self._pid == _Process.pid:
             connection.disconnect()
             self._pool.release(connection)
 
@@ -695,8 +705,35 @@ class PackedWrite(NamedTuple):
         timestamp: float | None = None,
     ) -> PackedWrite:
         """Pack the fields :func:`write_fields` gives for these arguments."""
+        if op is Op.ADD_MUTABLE:
+            # The common write (a sensor sample), packed by one format.
+            assert timestamp is not None
+            packed = _PACKED_ADD_MUTABLE % (
+                len(key),
+                key,
+                len(value),
+                value,
+                _TIMESTAMP.pack(timestamp),
+            )
+            return cls(_ADD_MUTABLE_FIELD_COUNT, memoryview(packed))
         fields = write_fields(op, key=key, sub_key=sub_key, value=value, timestamp=timestamp)
         return cls(len(fields), _packed_arguments(fields))
+
+
+#: What :meth:`PackedWrite.of` packs for an ``add_mutable``: the format of
+#: :func:`write_fields`'s fields, taking the lengths and values of the key and
+#: value, and the packed timestamp.
+_PACKED_ADD_MUTABLE = (
+    _bulk(b"op")
+    + _bulk(_OP_NAMES[Op.ADD_MUTABLE])
+    + _bulk(b"key")
+    + b"$%d\r\n%b\r\n"
+    + _bulk(b"value")
+    + b"$%d\r\n%b\r\n"
+    + _bulk(b"ts")
+    + b"$%d\r\n%%b\r\n" % _TIMESTAMP.size
+)
+_ADD_MUTABLE_FIELD_COUNT = 2 * (1 + len(_FIELDS[Op.ADD_MUTABLE]))
 
 
 #: Sent before an XADD whose reply the writer does not wait for (see _Session.skip_replies).
@@ -752,6 +789,20 @@ def _busy(error: redis.ResponseError) -> bool:
     return str(error).startswith(_BUSY)
 
 
+class _Process:
+    """This process's id, for a check on every write without a system call (os.getpid is one)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        """Run in a forked child (see :func:`os.register_at_fork`): it has an id of its own."""
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Process.forked)
+
+
 class _Session:
     """What the sync and asyncio writers share: identity, request ids, the format, the write plan.
 
@@ -783,7 +834,7 @@ class _Session:
 
     def _new_token(self) -> None:
         """A token (and so request ids and a reply stream) of this process's own."""
-        self.pid = os.getpid()
+        self.pid = _Process.pid
         self.token = secrets.token_hex(8).encode()
         self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
@@ -791,17 +842,17 @@ class _Session:
         # Every request of this token starts with the same XADD arguments:
         # they are packed once, and each request packs only its own fields.
         writer = Writer(_HOST, self.pid, self.writer_name)
-        self._xadd_head = (b"XADD", self.requests, b"*") + identity_fields(
-            self.token, self.store, writer
-        )
-        self._packed_head = bytes(_packed_arguments(self._xadd_head))
+        head = (b"XADD", self.requests, b"*") + identity_fields(self.token, self.store, writer)
+        self._packed_head = bytes(_packed_arguments(head))
+        # The XADD's count of arguments, but for those of the write.
+        self._xadd_length = len(head) + len(attempt_fields(b"", 1.0))
         # So is the XREAD of the replies, but for its last two arguments.
         self._packed_read = b"*6\r\n$5\r\nXREAD\r\n$5\r\nBLOCK\r\n"
         self._packed_streams = b"$7\r\nSTREAMS\r\n" + _bulk(self.replies)
 
     def new_request(self) -> bytes:
         """A request id of this process's own."""
-        if self.pid != os.getpid():
+        if self.pid != _Process.pid:
             # A forked child: its parent goes on with the same counter, and a
             # request id the daemon has seen is answered, never applied again.
             self._new_token()
@@ -835,12 +886,14 @@ class _Session:
     def read_replies(self, block: int) -> bytes:
         """The XREAD that waits up to `block` ms for this writer's next replies, packed."""
         block_ms = b"%d" % block
-        return b"%b$%d\r\n%b\r\n%b%b" % (
+        last = self.last_reply_id
+        return b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
             self._packed_read,
             len(block_ms),
             block_ms,
             self._packed_streams,
-            _bulk(self.last_reply_id),
+            len(last),
+            last,
         )
 
     def xadd(
@@ -861,19 +914,17 @@ class _Session:
         `skip_reply`, it follows ``CLIENT REPLY SKIP``; the packed commands
         `then` follow it (joined once: the value may be megabytes).
         """
-        return b"".join(
-            (
-                _SKIP_NEXT_REPLY if skip_reply else b"",
-                b"*%d\r\n" % (len(self._xadd_head) + 4 + write.field_count),
-                self._packed_head,
-                b"$2\r\nid\r\n",
-                _bulk(request_id),
-                b"$7\r\ntimeout\r\n",
-                _bulk(_timeout_ms(remaining)),
-                write.packed,
-                then,
-            )
+        timeout_ms = _timeout_ms(remaining)
+        start = b"%b*%d\r\n%b$2\r\nid\r\n$%d\r\n%b\r\n$7\r\ntimeout\r\n$%d\r\n%b\r\n" % (
+            _SKIP_NEXT_REPLY if skip_reply else b"",
+            self._xadd_length + write.field_count,
+            self._packed_head,
+            len(request_id),
+            request_id,
+            len(timeout_ms),
+            timeout_ms,
         )
+        return b"".join((start, write.packed, then))
 
     def write_plan(
         self, op: Op, key: bytes | None, write: PackedWrite, block_chunk: float

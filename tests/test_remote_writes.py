@@ -27,6 +27,8 @@ import katsdptelstate.redis
 import numpy as np
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 import telstate
 import telstate.aio
@@ -833,6 +835,22 @@ def test_a_packed_request_is_the_request_the_daemon_decodes(op, write):
     assert skip == [b"CLIENT", b"REPLY", b"SKIP"]
     assert dict(zip(xadd[3::2], xadd[4::2])) == expected
     assert xread == [b"XREAD", b"BLOCK", b"900", b"STREAMS", session.replies, b"0"]
+
+
+@given(
+    key=st.binary(min_size=1, max_size=40),
+    value=st.binary(max_size=300) | st.just(b"\r\n$3\r\n" * 5000),
+    timestamp=st.floats(min_value=0.0, allow_infinity=False),
+)
+def test_an_add_mutable_is_packed_as_its_write_fields(key, value, timestamp):
+    """An add_mutable has a packing of its own (the common write): it packs write_fields."""
+    from telstate.remote import PackedWrite, _packed_arguments, write_fields
+
+    write = dict(key=key, value=value, timestamp=timestamp)
+    fields = write_fields(Op.ADD_MUTABLE, **write)
+    packed = PackedWrite.of(Op.ADD_MUTABLE, **write)
+    assert packed.field_count == len(fields)
+    assert bytes(packed.packed) == bytes(_packed_arguments(fields))
 
 
 def _pack_in_child(queue: Any, session: Any) -> None:
