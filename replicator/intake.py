@@ -103,6 +103,7 @@ from telstate.log import Event, Op, Writer
 from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key
 from telstate.remote import (
     MAX_TIMEOUT,
+    OK,
     InvalidRequest,
     Reply,
     Request,
@@ -303,7 +304,7 @@ class Mirror(Protocol):
         """
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: no __dict__ to make
 class _Owed:
     """A reply that goes out once the mirror holds event `seq`."""
 
@@ -813,7 +814,8 @@ class Intake:
             seconds, micros = self.client.time()
             self._clock = (seconds * 1000 + micros // 1000, now)
         server_ms = self._clock[0] + int((now - self._clock[1]) * 1000)
-        newest = max(entry_time_ms(entry_id) for entry_id, _ in fetched)
+        # An XREADGROUP hands out entries (new or pending) in the order of their ids.
+        newest = entry_time_ms(fetched[-1][0])
         return max(server_ms, newest)
 
     def _collect_replies(self, mirror_seq: int | None) -> None:
@@ -855,8 +857,9 @@ class Intake:
         """Count `sent` as replied (at monotonic time `now`, if not now)."""
         if now is None:
             now = time.monotonic()
+        observe = self.metrics.latency.observe
         for owed in sent:
-            self.metrics.latency.observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
+            observe(max(0.0, now - owed.clock_offset - owed.sent_ms / 1000))
 
     def _process(self, fetched: list[tuple[bytes, dict[bytes, bytes]]], now_ms: int) -> int:
         # Monotonic time minus server time: when replies go out, their age by the server's clock.
@@ -889,8 +892,17 @@ class Intake:
                 self.metrics.batch_size.observe(len(chunk))
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
+            # Counted here, and added to the metric once a chunk (each increment
+            # takes its lock): a later chunk that fails leaves this one counted.
+            applied = 0
             for request, record in zip(chunk, outcomes):
+                if record.error:
+                    self.metrics.rejected.labels(record.error.decode()).inc()
+                else:
+                    applied += 1
                 self._owe(request, record, clock_offset)
+            if applied:
+                self.metrics.applied.inc(applied)
         return len(fetched)
 
     def _sweep(self, now_ms: int) -> None:
@@ -900,13 +912,12 @@ class Intake:
             self._sweep_from = sweep_requests(self.backend, self._sweep_from, now_ms)
 
     def _owe(self, request: Request, record: RequestRecord, clock_offset: float) -> None:
-        reply = Reply(record.status, record.value, record.error, record.message)
-        if record.error == b"expired":
-            self.metrics.rejected.labels("expired").inc()
-        elif record.error:
-            self.metrics.rejected.labels(record.error.decode()).inc()
+        """Owe `request` the reply its outcome `record` gives (counted by the caller)."""
+        # An ok carries nothing else: the common reply is the one OK.
+        if record.status == b"ok":
+            reply = OK
         else:
-            self.metrics.applied.inc()
+            reply = Reply(record.status, record.value, record.error, record.message)
         self._owed.append(
             _Owed(
                 record.seq,

@@ -121,11 +121,14 @@ _FIELDS = {
     Op.CLEAR: set(),
 }
 _OP_NAMES = {op: op.value.encode() for op in _FIELDS}
-_OPS = {name: op for op, name in _OP_NAMES.items()}
 _COMMON = {b"v", b"id", b"reply", b"store", b"op", b"timeout", b"host", b"pid", b"name"}
-# The fields of a request of each operation, all of them, and the bytes of their names.
-_EXPECTED = {op: frozenset(_COMMON | fields) for op, fields in _FIELDS.items()}
-_NAMES_SIZE = {op: sum(map(len, names)) for op, names in _EXPECTED.items()}
+# By the name in a request's op field: the operation, all the fields of its
+# requests, and the bytes of their names (keyed by the name, as an Op hashes
+# in Python: decode_request looks this up once per request).
+_DECODING = {
+    name: (op, frozenset(_COMMON | _FIELDS[op]), sum(map(len, _COMMON | _FIELDS[op])))
+    for op, name in _OP_NAMES.items()
+}
 
 
 def intake_key(db: int) -> bytes:
@@ -368,10 +371,10 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     if fields.get(b"v") != FORMAT_VERSION:
         reason = f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}"
         raise _invalid(entry_id, reason, request_id, reply_to)
-    op = _OPS.get(fields.get(b"op", b""))
-    if op is None:
+    decoding = _DECODING.get(fields.get(b"op", b""))
+    if decoding is None:
         raise _invalid(entry_id, f"unknown operation {fields.get(b'op')!r}", request_id, reply_to)
-    expected = _EXPECTED[op]
+    op, expected, names_size = decoding
     if fields.keys() != expected:
         wrong = sorted(fields.keys() ^ expected)
         reason = f"fields {wrong} missing or unexpected for {op.value}"
@@ -392,24 +395,25 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     key = fields.get(b"key", b"")
     if op is not Op.CLEAR and not key:
         raise _invalid(entry_id, "empty key", request_id, reply_to)
-    size = _NAMES_SIZE[op] + sum(map(len, fields.values()))
+    size = names_size + sum(map(len, fields.values()))
     if size > MAX_REQUEST_BYTES:
         reason = f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have"
         raise _invalid(entry_id, reason, request_id, reply_to)
+    # By position, in the order of Request's fields (keywords cost a named tuple more).
     return Request(
-        entry_id=entry_id,
-        request_id=request_id,
-        reply_to=reply_to,
-        store=store,
-        op=op,
-        key=key,
-        sub_key=fields.get(b"sub", b""),
-        value=fields.get(b"value", b""),
-        timestamp=timestamp,
-        timeout_ms=timeout_ms,
-        writer=Writer(host, pid, name),
-        size=size,
-        sent_ms=sent_ms,
+        entry_id,
+        request_id,
+        reply_to,
+        store,
+        op,
+        key,
+        fields.get(b"sub", b""),
+        fields.get(b"value", b""),
+        timestamp,
+        timeout_ms,
+        Writer(host, pid, name),
+        size,
+        sent_ms,
     )
 
 

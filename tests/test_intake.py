@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from replicator.intake import Intake, IntakeState
 from telstate.encoding import encode_value
-from telstate.errors import ReadOnlyError
+from telstate.errors import ReadOnlyError, StoreError
 from telstate.lmdb import LmdbBackend, make_follower
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
@@ -213,6 +213,62 @@ def test_group_commit_applies_a_batch_in_one_transaction(server, backend):
     run(intake, mirror_seq=backend.last_seq)
     assert set(client.replies()) == set(ids)
     assert backend.last_seq == 50
+    intake.close()
+
+
+def test_a_batchs_outcomes_are_counted_once_each(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    applied = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
+        for i in range(3)
+    ]
+    client.send(Op.SET_IMMUTABLE, key=b"s", value=encode_value(0))  # s is mutable
+    client.send(Op.SET_IMMUTABLE, key=b"s", value=encode_value(1))
+    first = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(1))
+    exists = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(2))
+    run(intake, mirror_seq=None, steps=3)  # connect, then one read + one commit
+    run(intake, mirror_seq=backend.last_seq)
+    replies = client.replies()
+    assert len(replies) == 7
+    assert all(replies[request_id] == Reply(b"ok") for request_id in [*applied, first])
+    assert replies[exists] == Reply(b"exists", encode_value(1))
+    registry = intake.metrics.registry
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value("telstate_replicator_" + name, labels)
+
+    assert sample("batch_size_count") == 1
+    assert sample("requests_applied_total") == 5  # an existing value is an outcome too
+    assert sample("requests_rejected_total", reason="immutable") == 2
+    assert sample("requests_rejected_total", reason="expired") == 0
+    assert sample("request_seconds_count") == 7
+    intake.close()
+
+
+def test_a_chunk_committed_before_a_failed_one_is_counted(server, backend, monkeypatch):
+    import replicator.intake
+
+    apply_requests = replicator.intake.apply_requests
+    calls = []
+
+    def failing_second(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            raise StoreError("disk full")
+        return apply_requests(*args)
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", failing_second)
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", batch_bytes=1)  # a chunk per request
+    for i in range(2):
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
+    run(intake, mirror_seq=None, steps=3)  # connect, then one read: a commit, a failure
+    assert len(calls) == 2
+    assert intake.state == IntakeState.BACKOFF
+    assert backend.last_seq == 1
+    registry = intake.metrics.registry
+    assert registry.get_sample_value("telstate_replicator_requests_applied_total") == 1
     intake.close()
 
 
