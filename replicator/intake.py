@@ -574,9 +574,7 @@ class Intake:
         committed, self._committed = self._committed, []
         if not (self._ready or self._owed):
             return  # all went out with the step before
-        pending = self._ready + list(self._owed)
-        need = max(owed.seq for owed in pending)
-        then = self._reply_command(pending, need)
+        pending, need, then = self._all_replies()
         ticket = mirror.send_ahead(need, then, committed)
         if ticket is not None:
             self._ready = []
@@ -617,24 +615,32 @@ class Intake:
         try:
             seq, answer, answered = mirror.collect(ticket)
         except BaseException:
-            self._owed.extendleft(reversed(sending))
+            self._owe_first(sending)
             raise
         if isinstance(answer, int) and answer == len(sending):
             self._replied(sending, answered)
             return
-        self._owed.extendleft(reversed(sending))
+        self._owe_first(sending)
         if not catch_up:
             self._collect_replies(seq)
             return
-        pending = self._ready + list(self._owed)
-        need = max(owed.seq for owed in pending)
-        self._catch_up(mirror, pending, need, self._reply_command(pending, need))
+        self._catch_up(mirror, *self._all_replies())
 
     def _unsend(self) -> None:
         """Owe again the replies of a step sent ahead whose answers will not be taken."""
         if self._ticket is not None:
-            self._owed.extendleft(reversed(self._sending))
+            self._owe_first(self._sending)
             self._sending, self._ticket = [], None
+
+    def _owe_first(self, replies: list[_Owed]) -> None:
+        """Owe `replies` again, ahead of every reply owed now (they were owed before them)."""
+        self._owed.extendleft(reversed(replies))
+
+    def _all_replies(self) -> tuple[list[_Owed], int, tuple[Any, ...]]:
+        """Every reply ready or owed, the last event they wait for, and the call that sends them."""
+        pending = self._ready + list(self._owed)
+        need = max(owed.seq for owed in pending)
+        return pending, need, self._reply_command(pending, need)
 
     def _requests_first(self, mirror: Mirror, timeout: float) -> bool:
         """Wait up to `timeout` s for new requests or the answers of the step ahead.
@@ -746,8 +752,7 @@ class Intake:
             self._ready = ready + self._ready
             raise
         if unshown:
-            # Ahead of every reply still owed (they were the first owed).
-            self._owed.extendleft(reversed(unshown))
+            self._owe_first(unshown)
         if read:
             self._fetched = self._take_requests(checked(replies[-1]))
 

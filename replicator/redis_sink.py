@@ -661,11 +661,8 @@ class RedisSink:
         last = batch[-1]
         if last.seq < then_seq:
             return None  # more than one step's worth: the caller steps
-        ops = _Operations()
-        for event in batch:
-            _append_event(ops, event)
         chain = last.chain.hex()
-        keys, args = self._move_arguments(cursor, last.seq, chain, ops)
+        keys, args = self._move_arguments(cursor, last.seq, chain, _event_operations(batch))
         try:
             self._wire.send(
                 b"".join(
@@ -705,13 +702,10 @@ class RedisSink:
                 checked(self._wire.call((b"SCRIPT", b"LOAD", self._apply_script.script))[0])
             else:
                 done, after, _, reason = checked(reply)
-                if done == 1:
-                    self._refusal = ""
-                    self.cursor = ahead.cursor.moved(ahead.seq, ahead.chain, int(after))
+                if self._moved(ahead.cursor, ahead.seq, ahead.chain, done, after, reason):
                     self._next_check = time.monotonic() + self.check_interval
                     applied = ahead.events
                 else:
-                    self._refusal = ensure_str(reason)
                     self._recheck()
         except (*_TRANSIENT, StoreError, AclError, redis.ResponseError) as error:
             self._failed(error)
@@ -880,9 +874,7 @@ class RedisSink:
                     self._reconcile(size, found)
                     return Step(0)
             return Step(0, wait=max(0.0, self._next_check - now), idle=True)
-        ops = _Operations()
-        for event in events:
-            _append_event(ops, event)
+        ops = _event_operations(events)
         last = events[-1]
         if last.seq < then_seq:
             then = None  # a later step's events reach it
@@ -1217,12 +1209,21 @@ class RedisSink:
         """
         keys, args = self._move_arguments(cursor, seq, chain, ops)
         done, after, _, reason, answer = self._call(keys, args, then)
+        return self._moved(cursor, seq, chain, done, after, reason), answer
+
+    def _moved(
+        self, cursor: Cursor, seq: int, chain: str, done: Any, after: Any, reason: Any
+    ) -> bool:
+        """Take the answer of a tailing step from `cursor` to `seq`: whether it was applied.
+
+        If so :attr:`cursor` has moved on; if not, why is in :attr:`_refusal`.
+        """
         if done != 1:
             self._refusal = ensure_str(reason)
-            return False, answer
+            return False
         self._refusal = ""
         self.cursor = cursor.moved(seq, chain, int(after))
-        return True, answer
+        return True
 
     def _move_arguments(
         self, cursor: Cursor, seq: int, chain: str, ops: _Operations
@@ -1314,6 +1315,14 @@ def _is_permission_error(error: redis.ResponseError) -> bool:
     """Whether Redis refused a command (or a script's command) for lack of rights."""
     text = str(error)
     return isinstance(error, redis.exceptions.NoPermissionError) or "can't run this command" in text
+
+
+def _event_operations(events: Iterable[Event]) -> _Operations:
+    """The operations that apply `events` to the mirror, in order."""
+    ops = _Operations()
+    for event in events:
+        _append_event(ops, event)
+    return ops
 
 
 def _append_event(ops: _Operations, event: Event) -> None:
