@@ -527,7 +527,7 @@ class Wire:
         return replies
 
     def fileno(self) -> int | None:
-        """The connection's socket, to wait for replies with :func:`select.select` (None if closed).
+        """The connection's socket, to wait for replies with :mod:`select` (None if closed).
 
         Only for a wire whose earlier replies were all read: a reply already
         buffered would not show as readable.
