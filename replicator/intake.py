@@ -549,11 +549,12 @@ class Intake:
         now_ms = self._server_time(fetched)
         with mirror.hold():
             applied = self._process(fetched, now_ms)
-            # Before the mirror's script: Redis holds the read meanwhile, and
-            # gives it the next request as soon as a writer sends one.
-            self._read_ahead()
             if self._owed:
                 self._project(mirror)
+        # After the mirror's step, whose scripts carry the replies: Redis runs
+        # them first, then holds the read and gives it the next request as
+        # soon as a writer sends one.
+        self._read_ahead()
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready
         # After the replies, outside the hold: a sweep's commit delays no reply.

@@ -519,16 +519,25 @@ def _wait_for_pending(intake: Intake, count: int) -> None:
         time.sleep(0.005)
 
 
-def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend):
-    # After a commit the intake sends its next blocking read before the
-    # mirror's script: Redis hands it the next request as soon as a writer
-    # sends one, with no further command from the intake.
+def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend, monkeypatch):
+    # After a commit the intake sends the mirror's step (which carries the
+    # replies) and then its next blocking read: Redis hands it the next
+    # request as soon as a writer sends one, with no further command from
+    # the intake.
     client = Client(server, str(backend.uuid))
     sink, mirror, intake = serving(server, backend)
     first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
     intake.wait_for_requests(1.0)
     assert _blocked_reads(server) == 0  # the request was there: nothing waits
-    intake.step(mirror)  # commits, sends the next read, projects and replies
+    sent: list[str] = []
+    names = {id(sink._wire): "mirror", id(intake._reader): "read"}
+    send = Wire.send
+    monkeypatch.setattr(
+        Wire, "send", lambda wire, packed: [sent.append(names[id(wire)]), send(wire, packed)]
+    )
+    intake.step(mirror)  # commits, projects and replies, then sends the next read
+    monkeypatch.undo()
+    assert sent == ["mirror", "read"]  # the replies do not wait behind the read's send
     assert client.replies() == {first: Reply(b"ok")}
     assert _blocked_reads(server) == 1  # the read sent ahead, waiting in Redis
     second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.5), timestamp=3.0)
