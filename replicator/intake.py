@@ -157,7 +157,11 @@ CLOCK_SYNC = 1.0
 # reply: its TTL in ms and its five fields (id, status, value, error,
 # message); then the entry ids of the requests answered (those that came
 # through the stream). Returns n if sent, 0 if the mirror's cursor is not
-# (ready, of this store) at that seq or beyond.
+# (ready, of this store) at that seq or beyond, and {n, i, ...} if the
+# replies i, ... (1-based) could not be added to their streams (a key of
+# another type in the place of one: only a client of an unprotected mirror
+# can plant one): the others are sent all the same, and every request of
+# the call is retired, so that one such key blocks no other writer.
 # The requests leave the stream (acknowledged, then deleted) in the call that
 # sends their replies, never before, by one XACK and one XDEL naming them
 # all (in slices of RETIRE_SLICE): each command a script calls costs about
@@ -175,19 +179,25 @@ if need > 0 then
     end
 end
 local n = tonumber(ARGV[3])
+local lost
 for i = 1, n do
     local a = 6 + (i - 1) * 6
-    redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
-               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
-               'error', ARGV[a + 4], 'message', ARGV[a + 5])
-    redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
+    local added = redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+                              'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
+                              'error', ARGV[a + 4], 'message', ARGV[a + 5])
+    if type(added) == 'table' and added.err then
+        lost = lost or {n}
+        lost[#lost + 1] = i
+    else
+        redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
+    end
 end
 for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
     local last = math.min(first + RETIRE_SLICE - 1, #ARGV)
     redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, first, last))
     redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
-return n
+return lost or n
 """
 
 
@@ -208,6 +218,25 @@ if fields[1] == ARGV[1] and fields[2] == ARGV[2] then
 end
 return 0
 """
+
+
+def _sent(answer: Any, replies: list[_Owed]) -> bool:
+    """Whether the replies' script (:data:`_REPLY`) answered that it sent `replies`.
+
+    Replies that it could not add to their streams are logged (their
+    writers time out; their requests were applied and are retired).
+    """
+    if isinstance(answer, list) and answer and answer[0] == len(replies):
+        for index in answer[1:]:
+            lost = replies[index - 1]
+            logger.warning(
+                "the reply to request %r could not be sent: its reply stream %r is a key of"
+                " another type (is the mirror protected? see the README)",
+                lost.request_id,
+                lost.reply_to,
+            )
+        return True
+    return isinstance(answer, int) and answer == len(replies)
 
 
 def _stream_gone(error: redis.ResponseError) -> bool:
@@ -594,7 +623,7 @@ class Intake:
     ) -> None:
         """Have the mirror show event `need` now, sending `pending` (all replies owed) with it."""
         seq, answer = mirror.catch_up(need, then, committed)
-        if isinstance(answer, int) and answer == len(pending):
+        if _sent(answer, pending):
             self._ready = []
             self._owed.clear()
             self._replied(pending)
@@ -618,7 +647,7 @@ class Intake:
         except BaseException:
             self._owe_first(sending)
             raise
-        if isinstance(answer, int) and answer == len(sending):
+        if _sent(answer, sending):
             self._replied(sending, answered)
             return
         self._owe_first(sending)
@@ -743,7 +772,7 @@ class Intake:
                 except redis.exceptions.NoScriptError:
                     # Redis restarted or its scripts were flushed: send again, loading it.
                     sent = self._reply_script(**self._reply_arguments(group, need))
-                if sent == len(group):
+                if _sent(sent, group):
                     self._replied(group)
                 else:
                     unshown += group

@@ -868,3 +868,44 @@ def test_a_rebuild_started_by_the_intakes_thread_is_counted(server, backend):
         sink.close()
     assert daemon.metrics.rebuilds._value.get() == 1
     assert sink.rebuilds == 2  # serving's first build, then this one
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(server, backend, ahead, caplog):
+    # A key of another type where one writer's reply stream should be (a
+    # client of an unprotected mirror can plant one) loses that writer its
+    # replies (it times out), and nobody else's: the others in the same
+    # call are sent, the requests leave the stream, and the intake goes on.
+    # (ahead: the replies ride with a real mirror's step; else they go out
+    # on their own once a stuck mirror shows their events.)
+    good, poisoned = (Client(server, str(backend.uuid)) for _ in range(2))
+    poisoned.redis.set(poisoned.session.replies, b"not a stream")
+    if ahead:
+        sink, mirror, intake = serving(server, backend)
+
+    def serve(seq: int) -> None:
+        if not ahead:
+            run(intake, mirror_seq=seq)
+            return
+        for _ in range(5):
+            if intake.step(mirror).idle:
+                intake.wait_for_requests(0.05, mirror)
+
+    if not ahead:
+        intake = Intake(backend, server.url + "?db=0")
+    requests = [
+        client.send(Op.SET_IMMUTABLE, key=b"k%d" % i, value=encode_value(i))
+        for i, client in enumerate((poisoned, good))
+    ]
+    serve(2)
+    assert good.replies() == {requests[1]: Reply(b"ok")}
+    assert poisoned.redis.get(poisoned.session.replies) == b"not a stream"
+    assert f"the reply to request {requests[0]!r} could not be sent" in caplog.text
+    assert intake.state == IntakeState.SERVE
+    assert good.redis.xlen(good.session.requests) == 0  # both retired
+    later = good.send(Op.SET_IMMUTABLE, key=b"later", value=encode_value(2))
+    serve(3)
+    assert later in good.replies()
+    intake.close()
+    if ahead:
+        sink.close()
