@@ -148,6 +148,9 @@ _AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
+#: A writer counts as active (its next request is expected soon) for this
+#: many seconds after its last request (see Intake._gather).
+ACTIVE_WRITER_S = 1.0
 
 # Sends replies and retires their requests in one call, if the mirror holds
 # their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
@@ -367,6 +370,21 @@ class Intake:
         Where to count (a fresh :class:`Metrics` if None).
     socket_timeout, backoff
         As for :class:`replicator.redis_sink.RedisSink`.
+    max_linger
+        Longest wait (seconds) for more requests before a batch is
+        committed, with ``fsync`` durability (see below).
+
+    With ``fsync`` durability a batch's transaction costs a disk flush, and
+    the writers answered by one batch send their next requests while the
+    next batch's flush runs: without a wait, 8 busy writers settle into
+    two alternating batches of 4, each paying a flush. So before committing
+    a batch smaller than the number of writers active in the last
+    :data:`ACTIVE_WRITER_S`, the intake waits for the missing ones
+    (:meth:`_gather`), up to half the recent transactions' duration and
+    `max_linger`: on a disk whose flush takes milliseconds the batches
+    double, on one that flushes in a fraction of a millisecond the wait is
+    as short. A lone writer never waits, nor does any write with the other
+    durabilities.
     """
 
     def __init__(
@@ -380,6 +398,7 @@ class Intake:
         metrics: Metrics | None = None,
         socket_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.1, 10.0),
+        max_linger: float = 0.002,
     ) -> None:
         self.backend = backend
         self.store = str(backend.uuid)
@@ -404,6 +423,12 @@ class Intake:
         self.batch = batch
         self.batch_bytes = batch_bytes
         self.metrics = metrics or Metrics()
+        # Group commit with fsync (see _gather): the writers seen lately (reply
+        # token -> monotonic time of their last request), and how long the
+        # recent batches' transactions took (seconds, a moving average).
+        self._linger = max_linger if backend.durability == "fsync" else 0.0
+        self._writers: dict[bytes, float] = {}
+        self._commit_s = 0.0
         self.backoff = backoff
         self.state = IntakeState.CONNECT
         self._stream = request_stream_key(self.db)
@@ -575,6 +600,8 @@ class Intake:
                 self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
+        if self._linger:
+            fetched = self._gather(fetched)
         now_ms = self._server_time(fetched)
         with mirror.hold():
             applied = self._process(fetched, now_ms)
@@ -589,6 +616,49 @@ class Intake:
         # After the replies, outside the hold: a sweep's commit delays no reply.
         self._sweep(now_ms)
         return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
+
+    def _gather(
+        self, fetched: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """`fetched`, and the requests that come while writers active lately are missing.
+
+        Waits at most half the recent transactions' duration (their flush,
+        mostly) and `max_linger` (see the class docstring). A request that
+        comes later waits for the next batch as usual (the read sent for it
+        stays out).
+        """
+        now = time.monotonic()
+        active = self._active_writers(now)
+        if len(fetched) >= active or self._backlog:
+            return fetched  # (the pending list first: it is read without waiting)
+        deadline = now + min(self._commit_s / 2, self._linger)
+        while len(fetched) < active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._read_ahead()
+            reader = self._reader.fileno()
+            if reader is None or not self._reading:
+                break
+            poll = select.poll()
+            poll.register(reader, select.POLLIN)
+            if not poll.poll(left * 1000):
+                break
+            self._take_read()
+            fetched += self._fetched
+            self._fetched = []
+        return fetched
+
+    def _active_writers(self, now: float) -> int:
+        """How many writers sent a request in the last :data:`ACTIVE_WRITER_S`."""
+        since = now - ACTIVE_WRITER_S
+        writers = self._writers
+        if len(writers) > 64 and min(writers.values()) < since:
+            # Forget the writers gone quiet (only once many were seen).
+            self._writers = writers = {
+                token: seen for token, seen in writers.items() if seen >= since
+            }
+        return sum(1 for seen in writers.values() if seen >= since)
 
     def _project(self, mirror: Mirror) -> None:
         """Have the mirror show the owed replies' events, and send the replies with it.
@@ -920,6 +990,11 @@ class Intake:
                 self._reject(entry_id, undecodable, now_ms, clock_offset)
                 continue
             requests.append(request)
+        if self._linger:
+            started = time.monotonic()
+            writers = self._writers
+            for request in requests:
+                writers[request.reply_to] = started
         self._committed = []
         for chunk in _chunks(requests, self.batch_bytes):
             if self.read_only is None:
@@ -938,6 +1013,8 @@ class Intake:
                 self._owe(request, record, clock_offset)
             if applied:
                 self.metrics.applied.inc(applied)
+        if self._linger and requests:
+            self._commit_s += (time.monotonic() - started - self._commit_s) / 8
         return len(fetched)
 
     def _sweep(self, now_ms: int) -> None:

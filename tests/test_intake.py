@@ -909,3 +909,68 @@ def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(server, backend,
     intake.close()
     if ahead:
         sink.close()
+
+
+def _batches(intake: Intake) -> tuple[float, float]:
+    """The batch-size metric's count and sum."""
+    samples = {s.name: s.value for m in intake.metrics.batch_size.collect() for s in m.samples}
+    return samples["telstate_replicator_batch_size_count"], samples[
+        "telstate_replicator_batch_size_sum"
+    ]
+
+
+def _lingering(server, path, durability: str) -> tuple[LmdbBackend, Intake, list[Client]]:
+    """An intake that has served two writers once, and would wait up to 30 s for them."""
+    backend = LmdbBackend(path, durability=durability)
+    intake = Intake(backend, server.url + "?db=0", max_linger=30.0)
+    clients = [Client(server, str(backend.uuid)) for _ in range(2)]
+    for i, client in enumerate(clients):
+        client.send(Op.SET_IMMUTABLE, key=b"first%d" % i, value=encode_value(i))
+    run(intake, mirror_seq=2)
+    assert all(client.replies() for client in clients)
+    intake._commit_s = 120.0  # as if a flush took a minute: the wait is max_linger
+    return backend, intake, clients
+
+
+def test_with_fsync_a_batch_waits_for_the_writers_active_lately(server, tmp_path):
+    import threading
+
+    backend, intake, (a, b) = _lingering(server, tmp_path / "store", "fsync")
+    count, total = _batches(intake)
+    sent = []
+    late = threading.Timer(
+        0.5, lambda: sent.append(b.send(Op.SET_IMMUTABLE, key=b"b", value=encode_value(2)))
+    )
+    first = a.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    late.start()
+    run(intake, mirror_seq=4)
+    late.join()
+    # b's request came half a second after a's was read: one transaction all the same.
+    assert _batches(intake) == (count + 1, total + 2)
+    assert first in a.replies() and sent[0] in b.replies()
+    intake.close()
+    backend.close()
+
+
+@pytest.mark.parametrize("case", ["lone writer", "quiet writer", "batch durability"])
+def test_no_batch_waits_for_writers_that_are_not_coming(server, tmp_path, monkeypatch, case):
+    backend, intake, (a, b) = _lingering(
+        server, tmp_path / "store", "batch" if case == "batch durability" else "fsync"
+    )
+    if case == "lone writer":
+        intake._writers.pop(b.session.token)
+    elif case == "quiet writer":
+        monkeypatch.setattr("replicator.intake.ACTIVE_WRITER_S", 0.2)
+        time.sleep(0.3)
+        a.send(Op.SET_IMMUTABLE, key=b"again", value=encode_value(0))
+        run(intake, mirror_seq=3)  # a is active again, b is not
+    count, total = _batches(intake)
+    seq = backend.last_seq
+    started = time.monotonic()
+    request = a.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    run(intake, mirror_seq=seq + 1)
+    assert time.monotonic() - started < 30.0  # it did not wait max_linger for b
+    assert _batches(intake) == (count + 1, total + 1)
+    assert request in a.replies()
+    intake.close()
+    backend.close()
