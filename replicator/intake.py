@@ -148,9 +148,13 @@ _AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
-#: A writer counts as active (its next request is expected soon) for this
-#: many seconds after its last request (see Intake._gather).
-ACTIVE_WRITER_S = 1.0
+#: A writer counts as active (its next request is expected within a
+#: batch's wait, see Intake._gather) if it sent one within the last
+#: ACTIVE_COMMITS transactions' durations (ACTIVE_MIN_S to ACTIVE_MAX_S
+#: seconds): a writer in a loop, not one that writes now and then.
+ACTIVE_COMMITS = 8
+ACTIVE_MIN_S = 0.005
+ACTIVE_MAX_S = 1.0
 
 # Sends replies and retires their requests in one call, if the mirror holds
 # their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
@@ -378,8 +382,9 @@ class Intake:
     the writers answered by one batch send their next requests while the
     next batch's flush runs: without a wait, 8 busy writers settle into
     two alternating batches of 4, each paying a flush. So before committing
-    a batch smaller than the number of writers active in the last
-    :data:`ACTIVE_WRITER_S`, the intake waits for the missing ones
+    a batch smaller than the number of writers active lately (a request
+    within the last few transactions' time, :data:`ACTIVE_COMMITS`), the
+    intake waits for the missing ones
     (:meth:`_gather`), up to half the recent transactions' duration and
     `max_linger`: on a disk whose flush takes milliseconds the batches
     double, on one that flushes in a fraction of a millisecond the wait is
@@ -650,8 +655,8 @@ class Intake:
         return fetched
 
     def _active_writers(self, now: float) -> int:
-        """How many writers sent a request in the last :data:`ACTIVE_WRITER_S`."""
-        since = now - ACTIVE_WRITER_S
+        """How many writers sent a request lately (see :data:`ACTIVE_COMMITS`)."""
+        since = now - min(ACTIVE_MAX_S, max(ACTIVE_MIN_S, ACTIVE_COMMITS * self._commit_s))
         writers = self._writers
         if len(writers) > 64 and min(writers.values()) < since:
             # Forget the writers gone quiet (only once many were seen).

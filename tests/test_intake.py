@@ -932,9 +932,10 @@ def _lingering(server, path, durability: str) -> tuple[LmdbBackend, Intake, list
     return backend, intake, clients
 
 
-def test_with_fsync_a_batch_waits_for_the_writers_active_lately(server, tmp_path):
+def test_with_fsync_a_batch_waits_for_the_writers_active_lately(server, tmp_path, monkeypatch):
     import threading
 
+    monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 60.0)  # however slow the machine
     backend, intake, (a, b) = _lingering(server, tmp_path / "store", "fsync")
     count, total = _batches(intake)
     sent = []
@@ -960,7 +961,7 @@ def test_no_batch_waits_for_writers_that_are_not_coming(server, tmp_path, monkey
     if case == "lone writer":
         intake._writers.pop(b.session.token)
     elif case == "quiet writer":
-        monkeypatch.setattr("replicator.intake.ACTIVE_WRITER_S", 0.2)
+        monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 0.2)
         time.sleep(0.3)
         a.send(Op.SET_IMMUTABLE, key=b"again", value=encode_value(0))
         run(intake, mirror_seq=3)  # a is active again, b is not
