@@ -148,6 +148,13 @@ _AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
 #: extrapolated with the monotonic clock, and never behind a request's id).
 CLOCK_SYNC = 1.0
+#: A writer counts as active (its next request is expected within a
+#: batch's wait, see Intake._gather) if it sent one within the last
+#: ACTIVE_COMMITS transactions' durations (ACTIVE_MIN_S to ACTIVE_MAX_S
+#: seconds): a writer in a loop, not one that writes now and then.
+ACTIVE_COMMITS = 8
+ACTIVE_MIN_S = 0.005
+ACTIVE_MAX_S = 1.0
 
 # Sends replies and retires their requests in one call, if the mirror holds
 # their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
@@ -157,7 +164,11 @@ CLOCK_SYNC = 1.0
 # reply: its TTL in ms and its five fields (id, status, value, error,
 # message); then the entry ids of the requests answered (those that came
 # through the stream). Returns n if sent, 0 if the mirror's cursor is not
-# (ready, of this store) at that seq or beyond.
+# (ready, of this store) at that seq or beyond, and {n, i, ...} if the
+# replies i, ... (1-based) could not be added to their streams (a key of
+# another type in the place of one: only a client of an unprotected mirror
+# can plant one): the others are sent all the same, and every request of
+# the call is retired, so that one such key blocks no other writer.
 # The requests leave the stream (acknowledged, then deleted) in the call that
 # sends their replies, never before, by one XACK and one XDEL naming them
 # all (in slices of RETIRE_SLICE): each command a script calls costs about
@@ -175,19 +186,25 @@ if need > 0 then
     end
 end
 local n = tonumber(ARGV[3])
+local lost
 for i = 1, n do
     local a = 6 + (i - 1) * 6
-    redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
-               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
-               'error', ARGV[a + 4], 'message', ARGV[a + 5])
-    redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
+    local added = redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+                              'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
+                              'error', ARGV[a + 4], 'message', ARGV[a + 5])
+    if type(added) == 'table' and added.err then
+        lost = lost or {n}
+        lost[#lost + 1] = i
+    else
+        redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
+    end
 end
 for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
     local last = math.min(first + RETIRE_SLICE - 1, #ARGV)
     redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, first, last))
     redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
-return n
+return lost or n
 """
 
 
@@ -208,6 +225,25 @@ if fields[1] == ARGV[1] and fields[2] == ARGV[2] then
 end
 return 0
 """
+
+
+def _sent(answer: Any, replies: list[_Owed]) -> bool:
+    """Whether the replies' script (:data:`_REPLY`) answered that it sent `replies`.
+
+    Replies that it could not add to their streams are logged (their
+    writers time out; their requests were applied and are retired).
+    """
+    if isinstance(answer, list) and answer and answer[0] == len(replies):
+        for index in answer[1:]:
+            lost = replies[index - 1]
+            logger.warning(
+                "the reply to request %r could not be sent: its reply stream %r is a key of"
+                " another type (is the mirror protected? see the README)",
+                lost.request_id,
+                lost.reply_to,
+            )
+        return True
+    return isinstance(answer, int) and answer == len(replies)
 
 
 def _stream_gone(error: redis.ResponseError) -> bool:
@@ -338,6 +374,22 @@ class Intake:
         Where to count (a fresh :class:`Metrics` if None).
     socket_timeout, backoff
         As for :class:`replicator.redis_sink.RedisSink`.
+    max_linger
+        Longest wait (seconds) for more requests before a batch is
+        committed, with ``fsync`` durability (see below).
+
+    With ``fsync`` durability a batch's transaction costs a disk flush, and
+    the writers answered by one batch send their next requests while the
+    next batch's flush runs: without a wait, 8 busy writers settle into
+    two alternating batches of 4, each paying a flush. So before committing
+    a batch smaller than the number of writers active lately (a request
+    within the last few transactions' time, :data:`ACTIVE_COMMITS`), the
+    intake waits for the missing ones
+    (:meth:`_gather`), up to half the recent transactions' duration and
+    `max_linger`: on a disk whose flush takes milliseconds the batches
+    double, on one that flushes in a fraction of a millisecond the wait is
+    as short. A lone writer never waits, nor does any write with the other
+    durabilities.
     """
 
     def __init__(
@@ -351,6 +403,7 @@ class Intake:
         metrics: Metrics | None = None,
         socket_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.1, 10.0),
+        max_linger: float = 0.002,
     ) -> None:
         self.backend = backend
         self.store = str(backend.uuid)
@@ -375,6 +428,12 @@ class Intake:
         self.batch = batch
         self.batch_bytes = batch_bytes
         self.metrics = metrics or Metrics()
+        # Group commit with fsync (see _gather): the writers seen lately (reply
+        # token -> monotonic time of their last request), and how long the
+        # recent batches' transactions took (seconds, a moving average).
+        self._linger = max_linger if backend.durability == "fsync" else 0.0
+        self._writers: dict[bytes, float] = {}
+        self._commit_s = 0.0
         self.backoff = backoff
         self.state = IntakeState.CONNECT
         self._stream = request_stream_key(self.db)
@@ -546,19 +605,65 @@ class Intake:
                 self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
         fetched, self._fetched = self._fetched, []
+        if self._linger:
+            fetched = self._gather(fetched)
         now_ms = self._server_time(fetched)
         with mirror.hold():
             applied = self._process(fetched, now_ms)
-            # Before the mirror's script: Redis holds the read meanwhile, and
-            # gives it the next request as soon as a writer sends one.
-            self._read_ahead()
             if self._owed:
                 self._project(mirror)
+        # After the mirror's step, whose scripts carry the replies: Redis runs
+        # them first, then holds the read and gives it the next request as
+        # soon as a writer sends one.
+        self._read_ahead()
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready
         # After the replies, outside the hold: a sweep's commit delays no reply.
         self._sweep(now_ms)
         return Step(applied, wait=self.socket_timeout / 2, idle=not self._owed)
+
+    def _gather(
+        self, fetched: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """`fetched`, and the requests that come while writers active lately are missing.
+
+        Waits at most half the recent transactions' duration (their flush,
+        mostly) and `max_linger` (see the class docstring). A request that
+        comes later waits for the next batch as usual (the read sent for it
+        stays out).
+        """
+        now = time.monotonic()
+        active = self._active_writers(now)
+        if len(fetched) >= active or self._backlog:
+            return fetched  # (the pending list first: it is read without waiting)
+        deadline = now + min(self._commit_s / 2, self._linger)
+        while len(fetched) < active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._read_ahead()
+            reader = self._reader.fileno()
+            if reader is None or not self._reading:
+                break
+            poll = select.poll()
+            poll.register(reader, select.POLLIN)
+            if not poll.poll(left * 1000):
+                break
+            self._take_read()
+            fetched += self._fetched
+            self._fetched = []
+        return fetched
+
+    def _active_writers(self, now: float) -> int:
+        """How many writers sent a request lately (see :data:`ACTIVE_COMMITS`)."""
+        since = now - min(ACTIVE_MAX_S, max(ACTIVE_MIN_S, ACTIVE_COMMITS * self._commit_s))
+        writers = self._writers
+        if len(writers) > 64 and min(writers.values()) < since:
+            # Forget the writers gone quiet (only once many were seen).
+            self._writers = writers = {
+                token: seen for token, seen in writers.items() if seen >= since
+            }
+        return sum(1 for seen in writers.values() if seen >= since)
 
     def _project(self, mirror: Mirror) -> None:
         """Have the mirror show the owed replies' events, and send the replies with it.
@@ -593,7 +698,7 @@ class Intake:
     ) -> None:
         """Have the mirror show event `need` now, sending `pending` (all replies owed) with it."""
         seq, answer = mirror.catch_up(need, then, committed)
-        if isinstance(answer, int) and answer == len(pending):
+        if _sent(answer, pending):
             self._ready = []
             self._owed.clear()
             self._replied(pending)
@@ -617,7 +722,7 @@ class Intake:
         except BaseException:
             self._owe_first(sending)
             raise
-        if isinstance(answer, int) and answer == len(sending):
+        if _sent(answer, sending):
             self._replied(sending, answered)
             return
         self._owe_first(sending)
@@ -742,7 +847,7 @@ class Intake:
                 except redis.exceptions.NoScriptError:
                     # Redis restarted or its scripts were flushed: send again, loading it.
                     sent = self._reply_script(**self._reply_arguments(group, need))
-                if sent == len(group):
+                if _sent(sent, group):
                     self._replied(group)
                 else:
                     unshown += group
@@ -890,6 +995,11 @@ class Intake:
                 self._reject(entry_id, undecodable, now_ms, clock_offset)
                 continue
             requests.append(request)
+        if self._linger:
+            started = time.monotonic()
+            writers = self._writers
+            for request in requests:
+                writers[request.reply_to] = started
         self._committed = []
         for chunk in _chunks(requests, self.batch_bytes):
             if self.read_only is None:
@@ -908,6 +1018,8 @@ class Intake:
                 self._owe(request, record, clock_offset)
             if applied:
                 self.metrics.applied.inc(applied)
+        if self._linger and requests:
+            self._commit_s += (time.monotonic() - started - self._commit_s) / 8
         return len(fetched)
 
     def _sweep(self, now_ms: int) -> None:

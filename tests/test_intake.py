@@ -519,16 +519,25 @@ def _wait_for_pending(intake: Intake, count: int) -> None:
         time.sleep(0.005)
 
 
-def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend):
-    # After a commit the intake sends its next blocking read before the
-    # mirror's script: Redis hands it the next request as soon as a writer
-    # sends one, with no further command from the intake.
+def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backend, monkeypatch):
+    # After a commit the intake sends the mirror's step (which carries the
+    # replies) and then its next blocking read: Redis hands it the next
+    # request as soon as a writer sends one, with no further command from
+    # the intake.
     client = Client(server, str(backend.uuid))
     sink, mirror, intake = serving(server, backend)
     first = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(1.5), timestamp=2.0)
     intake.wait_for_requests(1.0)
     assert _blocked_reads(server) == 0  # the request was there: nothing waits
-    intake.step(mirror)  # commits, sends the next read, projects and replies
+    sent: list[str] = []
+    names = {id(sink._wire): "mirror", id(intake._reader): "read"}
+    send = Wire.send
+    monkeypatch.setattr(
+        Wire, "send", lambda wire, packed: [sent.append(names[id(wire)]), send(wire, packed)]
+    )
+    intake.step(mirror)  # commits, projects and replies, then sends the next read
+    monkeypatch.undo()
+    assert sent == ["mirror", "read"]  # the replies do not wait behind the read's send
     assert client.replies() == {first: Reply(b"ok")}
     assert _blocked_reads(server) == 1  # the read sent ahead, waiting in Redis
     second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.5), timestamp=3.0)
@@ -859,3 +868,110 @@ def test_a_rebuild_started_by_the_intakes_thread_is_counted(server, backend):
         sink.close()
     assert daemon.metrics.rebuilds._value.get() == 1
     assert sink.rebuilds == 2  # serving's first build, then this one
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(server, backend, ahead, caplog):
+    # A key of another type where one writer's reply stream should be (a
+    # client of an unprotected mirror can plant one) loses that writer its
+    # replies (it times out), and nobody else's: the others in the same
+    # call are sent, the requests leave the stream, and the intake goes on.
+    # (ahead: the replies ride with a real mirror's step; else they go out
+    # on their own once a stuck mirror shows their events.)
+    good, poisoned = (Client(server, str(backend.uuid)) for _ in range(2))
+    poisoned.redis.set(poisoned.session.replies, b"not a stream")
+    if ahead:
+        sink, mirror, intake = serving(server, backend)
+
+    def serve(seq: int) -> None:
+        if not ahead:
+            run(intake, mirror_seq=seq)
+            return
+        for _ in range(5):
+            if intake.step(mirror).idle:
+                intake.wait_for_requests(0.05, mirror)
+
+    if not ahead:
+        intake = Intake(backend, server.url + "?db=0")
+    requests = [
+        client.send(Op.SET_IMMUTABLE, key=b"k%d" % i, value=encode_value(i))
+        for i, client in enumerate((poisoned, good))
+    ]
+    serve(2)
+    assert good.replies() == {requests[1]: Reply(b"ok")}
+    assert poisoned.redis.get(poisoned.session.replies) == b"not a stream"
+    assert f"the reply to request {requests[0]!r} could not be sent" in caplog.text
+    assert intake.state == IntakeState.SERVE
+    assert good.redis.xlen(good.session.requests) == 0  # both retired
+    later = good.send(Op.SET_IMMUTABLE, key=b"later", value=encode_value(2))
+    serve(3)
+    assert later in good.replies()
+    intake.close()
+    if ahead:
+        sink.close()
+
+
+def _batches(intake: Intake) -> tuple[float, float]:
+    """The batch-size metric's count and sum."""
+    samples = {s.name: s.value for m in intake.metrics.batch_size.collect() for s in m.samples}
+    return samples["telstate_replicator_batch_size_count"], samples[
+        "telstate_replicator_batch_size_sum"
+    ]
+
+
+def _lingering(server, path, durability: str) -> tuple[LmdbBackend, Intake, list[Client]]:
+    """An intake that has served two writers once, and would wait up to 30 s for them."""
+    backend = LmdbBackend(path, durability=durability)
+    intake = Intake(backend, server.url + "?db=0", max_linger=30.0)
+    clients = [Client(server, str(backend.uuid)) for _ in range(2)]
+    for i, client in enumerate(clients):
+        client.send(Op.SET_IMMUTABLE, key=b"first%d" % i, value=encode_value(i))
+    run(intake, mirror_seq=2)
+    assert all(client.replies() for client in clients)
+    intake._commit_s = 120.0  # as if a flush took a minute: the wait is max_linger
+    return backend, intake, clients
+
+
+def test_with_fsync_a_batch_waits_for_the_writers_active_lately(server, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 60.0)  # however slow the machine
+    backend, intake, (a, b) = _lingering(server, tmp_path / "store", "fsync")
+    count, total = _batches(intake)
+    sent = []
+    late = threading.Timer(
+        0.5, lambda: sent.append(b.send(Op.SET_IMMUTABLE, key=b"b", value=encode_value(2)))
+    )
+    first = a.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    late.start()
+    run(intake, mirror_seq=4)
+    late.join()
+    # b's request came half a second after a's was read: one transaction all the same.
+    assert _batches(intake) == (count + 1, total + 2)
+    assert first in a.replies() and sent[0] in b.replies()
+    intake.close()
+    backend.close()
+
+
+@pytest.mark.parametrize("case", ["lone writer", "quiet writer", "batch durability"])
+def test_no_batch_waits_for_writers_that_are_not_coming(server, tmp_path, monkeypatch, case):
+    backend, intake, (a, b) = _lingering(
+        server, tmp_path / "store", "batch" if case == "batch durability" else "fsync"
+    )
+    if case == "lone writer":
+        intake._writers.pop(b.session.token)
+    elif case == "quiet writer":
+        monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 0.2)
+        time.sleep(0.3)
+        a.send(Op.SET_IMMUTABLE, key=b"again", value=encode_value(0))
+        run(intake, mirror_seq=3)  # a is active again, b is not
+    count, total = _batches(intake)
+    seq = backend.last_seq
+    started = time.monotonic()
+    request = a.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    run(intake, mirror_seq=seq + 1)
+    assert time.monotonic() - started < 30.0  # it did not wait max_linger for b
+    assert _batches(intake) == (count + 1, total + 1)
+    assert request in a.replies()
+    intake.close()
+    backend.close()
