@@ -360,3 +360,31 @@ def test_events_of_a_batch_that_fails_are_not_handed_on(backend, monkeypatch):
     with pytest.raises(StoreError):
         apply_requests(backend, batch, now_ms(), handed)
     assert handed == [] and backend.last_seq == 0
+
+
+def test_a_request_that_appends_nothing_records_the_last_seq_it_saw(backend):
+    """Its reply waits for the mirror to hold what the request saw: the log's last event then."""
+    sample = request(backend, key=b"s", value=encode_value(1), timestamp=1.0)
+    outcomes = apply_requests(
+        backend,
+        [
+            sample,
+            request(backend, key=b"s", value=encode_value(1), timestamp=1.0),  # the same sample
+            request(backend, Op.DELETE, key=b"gone"),
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(1)),
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(2)),  # exists
+            request(backend, key=b"i", timestamp=2.0),  # refused
+        ],
+        now_ms(),
+    )
+    assert [(o.seq, o.status) for o in outcomes] == [
+        (1, b"ok"),
+        (1, b"ok"),
+        (1, b"ok"),
+        (2, b"ok"),
+        (2, b"exists"),
+        (2, b"error"),
+    ]
+    (cleared,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
+    (nothing,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
+    assert (cleared.seq, nothing.seq) == (3, 3)
