@@ -1252,11 +1252,12 @@ class _Applied:
             if request.writer != self.writer:
                 wtxn.write_as(request.writer)
                 self.writer = request.writer
-            before = wtxn.last_seq
-            status, value, error, message = _apply_one(wtxn, request)
-            seq, when, chain = wtxn.last_event
-            if seq != before:
+            appended, status, value, error, message = _apply_one(wtxn, request)
+            if appended:
+                seq, when, chain = wtxn.last_event
                 self.events.append(_event(seq, when, chain, request))
+            else:
+                seq = wtxn.last_seq
             record = RequestRecord(expires_ms, seq, status, value, error, message)
         # put(key, value, dupdata, overwrite, append, db) by position; as checked_put.
         if not self.txn.put(record_key, record.encode(), True, True, False, self.meta):
@@ -1281,33 +1282,40 @@ def _event(seq: int, when: float, chain: bytes, request: Request) -> Event:
     return Event(seq, when, request.writer, op, key, sub_key, value, timestamp, chain)
 
 
-def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bytes, bytes, bytes, str]:
-    """Apply one request in `wtxn`: (status, value, error, message) of its reply.
+def _apply_one(wtxn: WriteTxn, request: Request) -> tuple[bool, bytes, bytes, bytes, str]:
+    """Apply one request in `wtxn`: (appended, status, value, error, message).
+
+    `appended` says whether it appended an event (a write that changes
+    nothing appends none); the rest is its reply.
 
     A refused operation changes nothing (see :class:`WriteTxn`), so the
     batch goes on past it.
     """
     op = request.op
-    existing = None
     try:
-        if op is Op.SET_IMMUTABLE:
-            existing = wtxn.set_immutable(request.key, request.value)
-        elif op is Op.ADD_MUTABLE:
+        if op is Op.ADD_MUTABLE:
             assert request.timestamp is not None
-            wtxn.add_mutable(request.key, request.value, request.timestamp)
+            # False: the same sample was there already (no event, and ok).
+            appended = wtxn.add_mutable(request.key, request.value, request.timestamp)
+        elif op is Op.SET_IMMUTABLE:
+            existing = wtxn.set_immutable(request.key, request.value)
+            if existing is not None:
+                return False, b"exists", existing, b"", ""
+            appended = True
         elif op is Op.SET_INDEXED:
             existing = wtxn.set_indexed(request.key, request.sub_key, request.value)
+            if existing is not None:
+                return False, b"exists", existing, b"", ""
+            appended = True
         elif op is Op.DELETE:
-            wtxn.delete(request.key)
+            appended = wtxn.delete(request.key)
         else:
-            wtxn.clear()
+            appended = wtxn.clear()
     except ImmutableKeyError as error:
-        return b"error", b"", b"immutable", str(error)
+        return False, b"error", b"", b"immutable", str(error)
     except InvalidTimestampError as error:
-        return b"error", b"", b"timestamp", str(error)
-    if existing is not None:
-        return b"exists", existing, b"", ""
-    return b"ok", b"", b"", ""
+        return False, b"error", b"", b"timestamp", str(error)
+    return appended, b"ok", b"", b"", ""
 
 
 #: Each sweep looks at this fraction of the stored records (at least

@@ -23,7 +23,10 @@ A request is one stream entry with these fields (bytes; integers as ASCII):
 
 ===========  ================================================================
 ``v``        format version, ``1``
-``id``       request id, unique to the client: ``<token>:<counter>``
+``id``       request id, unique to the client: ``<time>:<token>:<counter>``
+             (*time*: the client's clock when it made the id, ms since the
+             epoch in 11 hex digits; see :meth:`_Session.new_request`). The
+             daemon treats ids as opaque (older clients send ``<token>:<counter>``)
 ``reply``    the client's token (hex): names its reply stream
 ``store``    UUID of the store the client means to write (the intake key's)
 ``op``       ``set_immutable``, ``add_mutable``, ``set_indexed``, ``delete``, ``clear``
@@ -838,6 +841,8 @@ class _Session:
         self.token = secrets.token_hex(8).encode()
         self.replies = reply_stream_key(self.mirror_db, self.token)
         self._counter = itertools.count(1)
+        # Milliseconds in this token's last request id (see new_request).
+        self._last_ms = 0
         self.last_reply_id = b"0"
         # Every request of this token starts with the same XADD arguments:
         # they are packed once, and each request packs only its own fields.
@@ -851,12 +856,24 @@ class _Session:
         self._packed_streams = b"$7\r\nSTREAMS\r\n" + _bulk(self.replies)
 
     def new_request(self) -> bytes:
-        """A request id of this process's own."""
+        """A request id of this process's own: ``<time>:<token>:<counter>``.
+
+        The token and counter make it unique. The time in front (ms, fixed
+        width, never behind this client's previous id) makes the ids of all
+        clients sort by when they were sent: the daemon records each
+        request under its id in one LMDB table, so the requests of one
+        batch, sent at about the same time by many clients, have their
+        records side by side (one page to write, not one per client), and
+        the part of the table that the daemon looks up and writes stays
+        small however many records it keeps.
+        """
         if self.pid != _Process.pid:
             # A forked child: its parent goes on with the same counter, and a
             # request id the daemon has seen is answered, never applied again.
             self._new_token()
-        return b"%b:%d" % (self.token, next(self._counter))
+        # Racing threads may each keep their own (the counter alone makes ids unique).
+        now_ms = self._last_ms = max(self._last_ms, int(time.time() * 1000))
+        return b"%011x:%b:%d" % (now_ms, self.token, next(self._counter))
 
     def request(self, op: Op, timeout: float, **write: Any) -> tuple[bytes, dict[bytes, bytes]]:
         """A new request, as the fields of its stream entry (the writers send the same)."""

@@ -17,13 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import replicator.intake as intake
+import telstate.remote
 from replicator.intake import apply_requests, sweep_requests
 from telstate.encoding import encode_value
 from telstate.errors import StoreError
 from telstate.lmdb import LmdbBackend
 from telstate.lmdb.layout import REQUEST_PREFIX, RequestRecord
 from telstate.log import Op, Writer
-from telstate.remote import MAX_TIMEOUT, Request, decode_request, encode_request
+from telstate.remote import MAX_TIMEOUT, Request, _Session, decode_request, encode_request
 
 _ids = itertools.count(1)
 REMOTE = Writer("elsewhere", 42, "w")
@@ -131,6 +132,51 @@ def test_a_damaged_record_gets_its_request_applied_again(backend):
     (outcome,) = apply_requests(backend, [first], now_ms())
     assert outcome.status == b"ok" and backend.last_seq == 1
     assert backend.request_records([first.request_id]) == [outcome]
+
+
+class _Clock:
+    """Stands for the time module in telstate.remote: time() gives the readings in turn."""
+
+    def __init__(self, readings: list[float]) -> None:
+        self.readings = iter(readings)
+
+    def time(self) -> float:
+        return next(self.readings)
+
+
+def test_the_records_of_a_batch_from_many_clients_lie_together_and_are_found_again(
+    backend, monkeypatch
+):
+    # Each round, eight clients send one request each (as eight writers whose
+    # requests the daemon reads in one batch): the ids sort by sending time, so
+    # the batch's records lie side by side in the table (one page to write).
+    sessions = [_Session(0, str(backend.uuid), 10.0, f"w{i}") for i in range(8)]
+    rounds = 50
+    start = time.time()
+    # Every client reads the clock once a request, a millisecond later each round.
+    readings = [start + r / 1000 for r in range(rounds) for _ in sessions]
+    monkeypatch.setattr(telstate.remote, "time", _Clock(readings))
+    batches = []
+    for r in range(rounds):
+        batch = []
+        for i, session in enumerate(sessions):
+            request_id, fields = session.request(
+                Op.ADD_MUTABLE, 10.0, key=b"k%d" % i, value=encode_value(r), timestamp=float(r)
+            )
+            batch.append(decode_request(b"%d-%d" % (now_ms(), i), fields))
+        batches.append(batch)
+    monkeypatch.undo()
+    outcomes = [apply_requests(backend, batch, now_ms()) for batch in batches]
+    in_table = sorted(record_ids(backend))
+    sent = [request.request_id for batch in batches for request in batch]
+    assert [rid.split(b":")[0] for rid in in_table] == [rid.split(b":")[0] for rid in sent]
+    for r, batch in enumerate(batches):
+        ids = {request.request_id for request in batch}
+        first = in_table.index(min(ids))
+        assert set(in_table[first : first + len(batch)]) == ids
+        # Found again: delivered once more, every request gets its outcome, none is applied.
+        assert apply_requests(backend, batch, now_ms()) == outcomes[r]
+    assert backend.last_seq == rounds * len(sessions)
 
 
 def put_records(backend: LmdbBackend, records: dict[bytes, bytes]) -> None:
@@ -314,3 +360,31 @@ def test_events_of_a_batch_that_fails_are_not_handed_on(backend, monkeypatch):
     with pytest.raises(StoreError):
         apply_requests(backend, batch, now_ms(), handed)
     assert handed == [] and backend.last_seq == 0
+
+
+def test_a_request_that_appends_nothing_records_the_last_seq_it_saw(backend):
+    """Its reply waits for the mirror to hold what the request saw: the log's last event then."""
+    sample = request(backend, key=b"s", value=encode_value(1), timestamp=1.0)
+    outcomes = apply_requests(
+        backend,
+        [
+            sample,
+            request(backend, key=b"s", value=encode_value(1), timestamp=1.0),  # the same sample
+            request(backend, Op.DELETE, key=b"gone"),
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(1)),
+            request(backend, Op.SET_IMMUTABLE, key=b"i", value=encode_value(2)),  # exists
+            request(backend, key=b"i", timestamp=2.0),  # refused
+        ],
+        now_ms(),
+    )
+    assert [(o.seq, o.status) for o in outcomes] == [
+        (1, b"ok"),
+        (1, b"ok"),
+        (1, b"ok"),
+        (2, b"ok"),
+        (2, b"exists"),
+        (2, b"error"),
+    ]
+    (cleared,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
+    (nothing,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
+    assert (cleared.seq, nothing.seq) == (3, 3)

@@ -854,6 +854,54 @@ def test_an_add_mutable_is_packed_as_its_write_fields(key, value, timestamp):
     assert bytes(packed.packed) == bytes(_packed_arguments(fields))
 
 
+class _Clock:
+    """Stands for the time module in telstate.remote: time() gives the readings in turn."""
+
+    def __init__(self, readings: list[float]) -> None:
+        self.readings = iter(readings)
+
+    def time(self) -> float:
+        return next(self.readings)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.floats(min_value=-5.0, max_value=5.0)),
+        min_size=1,
+        max_size=200,
+    )
+)
+def test_request_ids_are_unique_and_sort_by_sending_time_whatever_the_clocks(steps):
+    """Ids: unique; each client's never go back in time, even when its clock does.
+
+    Two clients; each step, one of them makes an id after its clock moved
+    by the step's seconds (back, too).
+    """
+    from unittest import mock
+
+    import telstate.remote
+    from telstate.remote import _Session
+
+    sessions = [_Session(0, "store", 10.0, None) for _ in range(2)]
+    clocks = [1.7e9, 1.7e9 + 0.5]
+    made: list[list[bytes]] = [[], []]
+    for client, moved in steps:
+        clocks[client] += moved
+        with mock.patch.object(telstate.remote, "time", _Clock([clocks[client]])):
+            made[client].append(sessions[client].new_request())
+
+    def sent_ms(request_id: bytes) -> int:
+        return int(request_id.split(b":")[0], 16)
+
+    every = made[0] + made[1]
+    assert len(set(every)) == len(every)
+    for session, ids in zip(sessions, made):
+        assert [sent_ms(rid) for rid in ids] == sorted(sent_ms(rid) for rid in ids)
+        assert all(rid.split(b":")[1] == session.token for rid in ids)
+    # Across clients, the ids sort as the times they carry.
+    assert [sent_ms(rid) for rid in sorted(every)] == sorted(map(sent_ms, every))
+
+
 def _pack_in_child(queue: Any, session: Any) -> None:
     from telstate.remote import PackedWrite
 
@@ -875,12 +923,12 @@ def test_a_forked_child_packs_requests_with_a_token_and_pid_of_its_own():
     _, fields = _sent_fields(packed)
     assert fields[b"pid"] == b"%d" % child.pid
     assert fields[b"reply"] != session.token
-    assert child_id.startswith(fields[b"reply"] + b":") and child_id == fields[b"id"]
+    assert child_id.split(b":")[1] == fields[b"reply"] and child_id == fields[b"id"]
     # The parent goes on with its own token, its head untouched by the child.
     request_id = session.new_request()
     _, fields = _sent_fields(session.xadd(request_id, PackedWrite.of(Op.CLEAR), 1.0))
     assert fields[b"reply"] == session.token and fields[b"pid"] == b"%d" % os.getpid()
-    assert parent_id.startswith(session.token + b":") and request_id != parent_id
+    assert parent_id.split(b":")[1] == session.token and request_id != parent_id
 
 
 def _wait_stopped(pid: int) -> None:
