@@ -71,7 +71,7 @@ import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import hiredis
 import redis
@@ -537,7 +537,7 @@ class Wire:
         try:
             sock.sendall(packed)
         except BaseException as error:
-            raise self._failed(error, "writing to") from error
+            self._fail(error, "writing to")
 
     def _send_through_connection(self, packed: bytes) -> None:
         """Send as redis-py does: connecting (a new connection after a fork), checking health."""
@@ -590,20 +590,20 @@ class Wire:
                 else:
                     replies.append(reply)
         except BaseException as error:
-            raise self._failed(error, "reading from") from error
+            self._fail(error, "reading from")
         if self._health_check:
             self._connection.next_health_check = time.monotonic() + self._health_check
         return replies
 
-    def _failed(self, error: BaseException, doing: str) -> BaseException:
-        """Close the connection after `error`, and the error to raise: redis-py's for a socket's."""
+    def _fail(self, error: BaseException, doing: str) -> NoReturn:
+        """Close the connection after `error` and raise it (a socket's as redis-py does)."""
         self._disconnect()
         if isinstance(error, (socket.timeout, BlockingIOError)):
             # BlockingIOError: the kernel's timeout of a blocking socket ran out.
-            return redis.TimeoutError(f"Timeout {doing} the redis server")
+            raise redis.TimeoutError(f"Timeout {doing} the redis server") from error
         if isinstance(error, OSError):
-            return redis.ConnectionError(f"Error {doing} the redis server: {error}")
-        return error
+            raise redis.ConnectionError(f"Error {doing} the redis server: {error}") from error
+        raise error
 
     def fileno(self) -> int | None:
         """The connection's socket, to wait for replies with :mod:`select` (None if closed).

@@ -128,8 +128,9 @@ def test_a_connection_closed_in_the_middle_of_a_reply(server):
     # The socket's buffers hold part of the reply, the server the rest: killed then.
     _wait_for_output_pending(server, client_id)
     server.client().client_kill_filter(_id=client_id)
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(redis.ConnectionError) as raised:
         wire.receive(1)
+    assert raised.value.__cause__ is None  # raised as it is, not as its own cause
     assert wire.fileno() is None  # closed
     assert wire.call((b"PING",)) == [b"PONG"]  # and open again on the next call
     assert _client_id(wire) != client_id
@@ -157,8 +158,9 @@ def test_a_read_longer_than_the_socket_timeout(server, timeouts):
     pool = _pool(server, socket_timeout=0.2)
     wire = Wire(pool)
     assert wire.call((b"PING",)) == [b"PONG"]
-    with pytest.raises(redis.TimeoutError):
+    with pytest.raises(redis.TimeoutError) as raised:
         wire.call((b"BLPOP", b"nothing", 0))
+    assert isinstance(raised.value.__cause__, OSError)  # the socket's own
     assert wire.fileno() is None  # closed: its reply would be out of step
     assert wire.call((b"PING",)) == [b"PONG"]
     wire.close()
