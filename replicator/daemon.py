@@ -69,7 +69,12 @@ def stop_on_signals(stop: threading.Event) -> None:
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         logger.info("%s received: stopping after the current batch", signal.strsignal(signum))
-        stop.set()
+        # Not stop.set() here: the handler runs in the main thread between
+        # two bytecodes, maybe inside stop.wait() with the event's lock
+        # held, and set() takes that lock (not reentrant): the daemon would
+        # hang for good. A thread of its own takes it once the main thread
+        # lets it go.
+        threading.Thread(target=stop.set, name="stop-on-signal").start()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

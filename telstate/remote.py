@@ -74,7 +74,7 @@ import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import hiredis
 import redis
@@ -112,6 +112,12 @@ MAX_REQUEST_BYTES = 256 << 20
 _SKIP_REPLY_MAX_BYTES = 64 << 10
 #: Errors of a writer's connection after which it tries again (a new connection).
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Bytes a wire reads from its socket at most at once (redis-py's default read size).
+_READ_SIZE = 65536
+#: What a wire's hiredis reader gives when it holds no whole reply (False is a RESP3 reply).
+_NOT_ENOUGH_DATA = object()
+#: The type of RESP3 push messages (hiredis 3.2 and later; before, they are lists).
+_PUSH_NOTIFICATION = getattr(hiredis, "PushNotification", None)
 
 _TIMESTAMP = struct.Struct(">d")
 _HOST = socket.gethostname()
@@ -467,6 +473,17 @@ class Wire:
     they pack them with hiredis and talk to one connection of their pool
     directly. Replies come back raw (lists, as the server sent them).
 
+    redis-py opens the connection, and opens it again after a failure (it
+    authenticates, selects the database, names the client, agrees on the
+    protocol), and sends whenever its health check is due. Otherwise the
+    wire writes to the connection's socket itself, and parses the replies
+    with a hiredis reader of its own, fed from the socket through a buffer
+    it reuses; a failed command's reply is the exception redis-py would
+    raise for it (:class:`redis.exceptions.NoScriptError` for ``NOSCRIPT``,
+    ...). A socket with a timeout (the pool's ``socket_timeout``) has it
+    kept by the kernel (see :func:`_kernel_timeouts`): a send or a read
+    that waits longer for the server raises :class:`redis.TimeoutError`.
+
     Parameters
     ----------
     pool
@@ -477,6 +494,16 @@ class Wire:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._connection: Any = None
+        # The connection's socket while it is open, and the reader of its
+        # replies (None when closed: the next send opens it again).
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
+        # The socket's own timeout, and whether the kernel keeps it (see _kernel_timeouts).
+        self._timeout: float | None = None
+        self._kernel_timeout = False
+        self._buffer = bytearray(_READ_SIZE)
+        # redis-py's health check interval of the connection (0 for none).
+        self._health_check = 0
         self._pid = _Process.pid
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
@@ -502,42 +529,97 @@ class Wire:
         server sends and receives apart: if this raises, the server got
         none of them (in practice: it cannot run a command cut short).
         """
-        connection = self._connection
-        if connection is None or self._pid != _Process.pid:
+        sock = self._sock
+        if (
+            sock is None
+            or self._pid != _Process.pid
+            or (self._health_check and time.monotonic() > self._connection.next_health_check)
+        ):
+            self._send_through_connection(packed)
+            return
+        try:
+            sock.sendall(packed)
+        except BaseException as error:
+            self._fail(error, "writing to")
+
+    def _send_through_connection(self, packed: bytes) -> None:
+        """Send as redis-py does: connecting (a new connection after a fork), checking health."""
+        if self._connection is None or self._pid != _Process.pid:
             # After a fork the parent's socket is not ours: the pool gives
             # the child connections of its own.
-            connection = self._connection = self._pool.get_connection()
+            self._connection = self._pool.get_connection()
             self._pid = _Process.pid
+            self._sock = self._reader = None
+        connection = self._connection
         try:
+            if self._sock is not None and self._kernel_timeout:
+                self._sock.settimeout(self._timeout)  # as redis-py made it, for its health check
             connection.send_packed_command([packed])
         except BaseException:
-            connection.disconnect()
+            self._disconnect()
             raise
+        sock = connection._sock
+        if sock is not self._sock:
+            self._sock = sock
+            self._reader = _reader_for(connection)
+            self._health_check = connection.health_check_interval
+            self._timeout = sock.gettimeout()
+            self._kernel_timeout = _kernel_timeouts(sock, self._timeout)
+        if self._kernel_timeout:
+            sock.settimeout(None)
 
     def receive(self, count: int) -> list[Any]:
         """The second half of :meth:`call`: the replies to `count` commands sent."""
-        connection = self._connection
+        sock, reader = self._sock, self._reader
+        if sock is None:
+            raise redis.ConnectionError("Connection closed: its replies are lost")
         replies: list[Any] = []
         try:
-            for _ in range(count):
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as error:
-                    replies.append(error)
-        except BaseException:
-            connection.disconnect()
-            raise
+            while len(replies) < count:
+                reply = reader.gets()
+                if reply is _NOT_ENOUGH_DATA:
+                    buffer = self._buffer
+                    size = sock.recv_into(buffer)
+                    if not size:
+                        raise redis.ConnectionError("Connection closed by server.")
+                    reader.feed(buffer, 0, size)
+                elif type(reply) is _PUSH_NOTIFICATION:
+                    # Not a reply: redis-py's parser takes it, as when it reads.
+                    self._connection._parser.handle_push_response(reply)
+                elif isinstance(reply, redis.ConnectionError):
+                    raise reply  # as redis-py does ("max number of clients reached")
+                elif type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
+                    raise reply[0]
+                else:
+                    replies.append(reply)
+        except BaseException as error:
+            self._fail(error, "reading from")
+        if self._health_check:
+            self._connection.next_health_check = time.monotonic() + self._health_check
         return replies
+
+    def _fail(self, error: BaseException, doing: str) -> NoReturn:
+        """Close the connection after `error` and raise it (a socket's as redis-py does)."""
+        self._disconnect()
+        if isinstance(error, (socket.timeout, BlockingIOError)):
+            # BlockingIOError: the kernel's timeout of a blocking socket ran out.
+            raise redis.TimeoutError(f"Timeout {doing} the redis server") from error
+        if isinstance(error, OSError):
+            raise redis.ConnectionError(f"Error {doing} the redis server: {error}") from error
+        raise error
 
     def fileno(self) -> int | None:
         """The connection's socket, to wait for replies with :mod:`select` (None if closed).
 
-        Only for a wire whose earlier replies were all read: a reply already
-        buffered would not show as readable.
+        It turns readable when bytes of a reply come. Replies the wire has
+        already taken from the socket do not show: that only happens to
+        replies beyond those :meth:`receive` was asked for (more commands
+        sent than replies read), and the next :meth:`receive` returns them
+        at once. The intake and the mirror wait on it with every earlier
+        reply read.
         """
-        connection = self._connection
-        sock = None if connection is None else connection._sock
-        return None if sock is None else int(sock.fileno())
+        sock = self._sock
+        return None if sock is None else sock.fileno()
 
     def close(self) -> None:
         """Close the connection and give it back to the pool (the next call takes one again).
@@ -545,9 +627,58 @@ class Wire:
         The pool's other connections stay as they are.
         """
         connection, self._connection = self._connection, None
+        self._sock = self._reader = None
         if connection is not None and self._pid == _Process.pid:
             connection.disconnect()
             self._pool.release(connection)
+
+    def _disconnect(self) -> None:
+        """Close the socket after a failure (the next send opens the connection again)."""
+        self._sock = self._reader = None
+        if self._pid == _Process.pid:
+            self._connection.disconnect()
+
+
+def _reader_for(connection: Any) -> Any:
+    """A hiredis reader of `connection`'s replies, giving what redis-py's parser gives.
+
+    Errors become the exceptions redis-py makes of them, and strings are
+    decoded if the connection decodes them.
+    """
+    encoder = connection.encoder
+    kwargs: dict[str, Any] = {
+        "protocolError": redis.exceptions.InvalidResponse,
+        "replyError": connection._parser.parse_error,
+        "errors": encoder.encoding_errors,
+        "notEnoughData": _NOT_ENOUGH_DATA,
+    }
+    if encoder.decode_responses:
+        kwargs["encoding"] = encoder.encoding
+    return hiredis.Reader(**kwargs)
+
+
+def _kernel_timeouts(sock: socket.socket, timeout: float | None) -> bool:
+    """Have the kernel keep `sock`'s `timeout` (``SO_RCVTIMEO``, ``SO_SNDTIMEO``), if it can.
+
+    Python keeps a socket's timeout by polling before every send and
+    receive: a system call more for each. A blocking socket whose kernel
+    timeouts are set sends and receives at once, and fails with
+    :class:`BlockingIOError` when the time runs out. Only for plain
+    sockets on Linux (an SSL socket keeps its Python timeout).
+
+    Returns
+    -------
+    Whether the kernel keeps it: then the wire makes the socket blocking
+    (and gives it its Python timeout back whenever redis-py sends).
+    """
+    if not timeout or type(sock) is not socket.socket or not sys.platform.startswith("linux"):
+        return False
+    seconds = int(timeout)
+    microseconds = max(int((timeout - seconds) * 1e6), 0 if seconds else 1)
+    timeval = struct.pack("@ll", seconds, microseconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    return True
 
 
 class AsyncWire:

@@ -1,0 +1,243 @@
+"""telstate.remote.Wire against a real redis-server: its own socket I/O gives what redis-py gives.
+
+The wire lets redis-py connect, then sends on the socket and parses the
+replies itself (see the class docstring): replies split across reads,
+errors among good replies, a connection closed under it, timeouts (kept
+by the kernel, or by Python where the kernel cannot), a fork, and what
+its ``fileno`` means.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+
+import hiredis
+import pytest
+import redis
+
+from telstate.remote import Wire
+
+from .servers import RedisServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisServer(directory=tmp_path) as server:
+        yield server
+
+
+def _pool(server: RedisServer, **kwargs) -> redis.ConnectionPool:
+    return redis.ConnectionPool(
+        path=server.socket, connection_class=redis.UnixDomainSocketConnection, **kwargs
+    )
+
+
+@pytest.fixture(params=["kernel", "python"])
+def timeouts(request, monkeypatch):
+    """Who keeps the socket's timeout: the kernel (Linux, a plain socket) or Python (elsewhere)."""
+    if request.param == "python":
+        monkeypatch.setattr(sys, "platform", "darwin")
+    return request.param
+
+
+def _client_id(wire: Wire) -> int:
+    (client_id,) = wire.call((b"CLIENT", b"ID"))
+    return int(client_id)
+
+
+def test_replies_split_across_reads(server):
+    big = os.urandom(8 << 20)
+    server.client().set(b"big", big)
+    wire = Wire(_pool(server))
+    # Three replies, two of them 8 MB: each read takes at most 64 KB.
+    assert wire.call((b"GET", b"big"), (b"PING",), (b"GET", b"big")) == [big, b"PONG", big]
+    assert wire.call((b"STRLEN", b"big")) == [len(big)]
+    wire.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_replies_and_errors_are_what_redis_py_reads(server, protocol):
+    server.client().hset(b"h", mapping={b"a": b"1", b"b": b"2"})
+    server.client().set(b"s", b"text")
+    commands = [
+        (b"HGETALL", b"h"),
+        (b"INCR", b"s"),  # not an integer: ResponseError
+        (b"EVALSHA", b"0" * 40, 0),  # NoScriptError
+        (b"GET", b"nothing"),
+        (b"EVAL", b"return {1, 'two', false}", 0),
+        (b"XADD", b"s", b"*", b"f", b"v"),  # WRONGTYPE
+        (b"ZSCORE", b"nothing", b"m"),
+        (b"GET", b"s"),
+    ]
+    wire = Wire(_pool(server, protocol=protocol))
+    replies = wire.call(*commands)
+    connection = redis.UnixDomainSocketConnection(path=server.socket, protocol=protocol)
+    for command, reply in zip(commands, replies, strict=True):
+        connection.send_packed_command([hiredis.pack_command(command)])
+        try:
+            expected = connection.read_response()
+        except redis.ResponseError as error:
+            expected = error
+        if isinstance(expected, redis.ResponseError):
+            assert type(reply) is type(expected), command
+            assert str(reply) == str(expected), command
+        else:
+            assert reply == expected, command
+    assert type(replies[2]) is redis.exceptions.NoScriptError
+    # The failed commands cost nothing else: the connection goes on.
+    assert wire.call((b"PING",)) == [b"PONG"]
+    connection.disconnect()
+    wire.close()
+
+
+def test_an_error_inside_a_reply_stays_in_its_place(server):
+    server.client().set(b"s", b"text")
+    wire = Wire(_pool(server))
+    *queued, executed = wire.call(
+        (b"MULTI",), (b"SET", b"k", b"v"), (b"INCR", b"s"), (b"GET", b"k"), (b"EXEC",)
+    )
+    assert queued == [b"OK", b"QUEUED", b"QUEUED", b"QUEUED"]
+    assert executed[0] == b"OK" and executed[2] == b"v"
+    assert type(executed[1]) is redis.ResponseError
+    wire.close()
+
+
+def test_decoded_replies_when_the_pool_decodes(server):
+    wire = Wire(_pool(server, decode_responses=True))
+    assert wire.call((b"ECHO", "é".encode()), (b"PING",)) == ["é", "PONG"]
+    wire.close()
+
+
+def _wait_for_output_pending(server: RedisServer, client_id: int) -> None:
+    """Until the server holds part of a reply to `client_id` it could not write yet."""
+    watcher = server.client()
+    while True:
+        (entry,) = watcher.client_list(client_id=[client_id])
+        if int(entry["omem"]) > 0:
+            return
+
+
+def test_a_connection_closed_in_the_middle_of_a_reply(server):
+    server.client().set(b"big", os.urandom(8 << 20))
+    wire = Wire(_pool(server))
+    client_id = _client_id(wire)
+    wire.send(hiredis.pack_command((b"GET", b"big")))
+    # The socket's buffers hold part of the reply, the server the rest: killed then.
+    _wait_for_output_pending(server, client_id)
+    server.client().client_kill_filter(_id=client_id)
+    with pytest.raises(redis.ConnectionError) as raised:
+        wire.receive(1)
+    assert raised.value.__cause__ is None  # raised as it is, not as its own cause
+    assert wire.fileno() is None  # closed
+    assert wire.call((b"PING",)) == [b"PONG"]  # and open again on the next call
+    assert _client_id(wire) != client_id
+    wire.close()
+
+
+def test_a_server_stopped_while_the_wire_waits(tmp_path):
+    server = RedisServer(directory=tmp_path).start()
+    try:
+        wire = Wire(_pool(server))
+        wire.send(hiredis.pack_command((b"BLPOP", b"nothing", 0)))
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            wire.receive(1)
+        with pytest.raises(redis.ConnectionError):
+            wire.call((b"PING",))  # cannot connect
+        server.start()
+        assert wire.call((b"PING",)) == [b"PONG"]
+        wire.close()
+    finally:
+        server.cleanup()
+
+
+def test_a_read_longer_than_the_socket_timeout(server, timeouts):
+    pool = _pool(server, socket_timeout=0.2)
+    wire = Wire(pool)
+    assert wire.call((b"PING",)) == [b"PONG"]
+    with pytest.raises(redis.TimeoutError) as raised:
+        wire.call((b"BLPOP", b"nothing", 0))
+    assert isinstance(raised.value.__cause__, OSError)  # the socket's own
+    assert wire.fileno() is None  # closed: its reply would be out of step
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.close()
+    assert not pool._in_use_connections
+
+
+def test_a_send_longer_than_the_socket_timeout(server, timeouts):
+    wire = Wire(_pool(server, socket_timeout=0.2))
+    assert wire.call((b"PING",)) == [b"PONG"]
+    os.kill(server.process.pid, signal.SIGSTOP)  # reads nothing: the socket's buffers fill
+    try:
+        with pytest.raises(redis.TimeoutError):
+            wire.send(hiredis.pack_command((b"SET", b"k", b"x" * (32 << 20))))
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert wire.fileno() is None
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.close()
+
+
+def test_a_due_health_check_is_redis_pys(server, timeouts):
+    """When its health check is due, redis-py sends (its PING first), then the wire again."""
+    wire = Wire(_pool(server, health_check_interval=30, socket_timeout=0.2))
+    client_id = _client_id(wire)
+    server.client().client_kill_filter(_id=client_id)
+    wire._connection.next_health_check = 0  # due: its PING finds the connection killed
+    with pytest.raises(redis.ConnectionError):
+        wire.call((b"PING",))
+    assert wire.fileno() is None
+    assert _client_id(wire) != client_id
+    pings = server.client().info("commandstats")["cmdstat_ping"]["calls"]
+    wire._connection.next_health_check = 0
+    assert wire.call((b"ECHO", b"x")) == [b"x"]
+    assert server.client().info("commandstats")["cmdstat_ping"]["calls"] == pings + 1
+    # A health check on the same socket leaves it to the wire, timeout and all.
+    wire._connection.next_health_check = 0
+    assert wire.call((b"PING",)) == [b"PONG"]
+    with pytest.raises(redis.TimeoutError):
+        wire.call((b"BLPOP", b"nothing", 0))
+    wire.close()
+
+
+def test_after_a_fork_the_child_has_a_connection_of_its_own(server):
+    wire = Wire(_pool(server))
+    parent_id = _client_id(wire)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            child_id = _client_id(wire)
+            wire.close()  # leaves the parent's connection alone
+            os.write(write_end, b"%d" % child_id)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_id = int(os.read(read_end, 100))
+    os.close(read_end)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert child_id != parent_id
+    assert _client_id(wire) == parent_id  # the parent's connection goes on
+    wire.close()
+
+
+def test_fileno_shows_replies_not_yet_read_from_the_socket(server):
+    wire = Wire(_pool(server))
+    poll = select.poll()
+    wire.send(hiredis.pack_command((b"BLPOP", b"list", 0)))
+    poll.register(wire.fileno(), select.POLLIN)
+    assert poll.poll(0) == []  # no reply yet
+    server.client().rpush(b"list", b"item")
+    assert poll.poll(10_000)  # readable once the reply comes
+    assert wire.receive(1) == [[b"list", b"item"]]
+    # Two replies written at once: the first read takes both. The second is
+    # the wire's then, not the socket's: it does not show, and is not lost.
+    wire.send(hiredis.pack_command((b"ECHO", b"one")) + hiredis.pack_command((b"ECHO", b"two")))
+    assert wire.receive(1) == [b"one"]
+    assert poll.poll(0) == []
+    assert wire.receive(1) == [b"two"]
+    wire.close()
+    assert wire.fileno() is None
