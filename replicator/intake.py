@@ -610,11 +610,17 @@ class Intake:
         now_ms = self._server_time(fetched)
         with mirror.hold():
             applied = self._process(fetched, now_ms)
+            if len(fetched) > 1:
+                # Busy (writers' requests come while a batch commits): the
+                # next read goes first, so that Redis hands it the requests
+                # already waiting before it runs the mirror's scripts, and
+                # the daemon commits them meanwhile.
+                self._read_ahead()
             if self._owed:
                 self._project(mirror)
-        # After the mirror's step, whose scripts carry the replies: Redis runs
-        # them first, then holds the read and gives it the next request as
-        # soon as a writer sends one.
+        # A lone writer: the scripts first, which carry its reply, then the
+        # read (Redis holds it, and gives it the next request as soon as a
+        # writer sends one).
         self._read_ahead()
         if self._owed and self._ready:
             self._exchange(read=False)  # the mirror could not take all: send what is ready

@@ -537,7 +537,7 @@ def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backen
     )
     intake.step(mirror)  # commits, projects and replies, then sends the next read
     monkeypatch.undo()
-    assert sent == ["mirror", "read"]  # the replies do not wait behind the read's send
+    assert sent == ["mirror", "read"]  # a lone reply does not wait behind the read's send
     assert client.replies() == {first: Reply(b"ok")}
     assert _blocked_reads(server) == 1  # the read sent ahead, waiting in Redis
     second = client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2.5), timestamp=3.0)
@@ -547,6 +547,33 @@ def test_the_next_read_waits_in_redis_while_the_mirror_is_stepped(server, backen
     intake.step(mirror)
     assert client.replies() == {first: Reply(b"ok"), second: Reply(b"ok")}
     assert backend.last_seq == sink.sent_seq == 2
+    intake.close()
+    sink.close()
+
+
+def test_after_a_batch_of_several_the_next_read_goes_before_the_mirrors_step(
+    server, backend, monkeypatch
+):
+    # Busy writers: Redis hands the read the requests already waiting before
+    # it runs the mirror's scripts, so the daemon commits them meanwhile.
+    clients = [Client(server, str(backend.uuid)) for _ in range(2)]
+    sink, mirror, intake = serving(server, backend)
+    requests = [
+        client.send(Op.ADD_MUTABLE, key=b"s%d" % i, value=encode_value(1.5), timestamp=2.0)
+        for i, client in enumerate(clients)
+    ]
+    intake.wait_for_requests(1.0)
+    assert len(intake._fetched) == 2
+    sent: list[str] = []
+    names = {id(sink._wire): "mirror", id(intake._reader): "read"}
+    send = Wire.send
+    monkeypatch.setattr(
+        Wire, "send", lambda wire, packed: [sent.append(names[id(wire)]), send(wire, packed)]
+    )
+    intake.step(mirror)
+    monkeypatch.undo()
+    assert sent == ["read", "mirror"]
+    assert [set(client.replies()) for client in clients] == [{r} for r in requests]
     intake.close()
     sink.close()
 
