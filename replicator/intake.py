@@ -21,10 +21,13 @@ mirror (the keys and the request format are those of
    events, and sends them then.
 
 The read of the next requests (a blocking XREADGROUP, over a connection
-of its own) is sent right after the commit, before the mirror's script:
-Redis holds it while the mirror and the replies go out, and hands it
-the next request the moment a writer sends one, while the daemon still
-hears back from the mirror. :meth:`Intake.wait_for_requests` then only
+of its own) is sent right after the commit: before the mirror's script
+if the batch held several requests (Redis then hands it the requests
+already waiting before it runs the script, and the daemon commits them
+meanwhile), after it if the batch held one (a lone writer's reply does
+not wait behind the read's send). Redis holds it, and hands it the next
+request the moment a writer sends one, while the daemon still hears back
+from the mirror. :meth:`Intake.wait_for_requests` then only
 takes its answer (after sending any replies still ready).
 
 Nor does the intake wait for the mirror's script: the step is sent ahead
@@ -165,10 +168,12 @@ ACTIVE_MAX_S = 1.0
 # message); then the entry ids of the requests answered (those that came
 # through the stream). Returns n if sent, 0 if the mirror's cursor is not
 # (ready, of this store) at that seq or beyond, and {n, i, ...} if the
-# replies i, ... (1-based) could not be added to their streams (a key of
-# another type in the place of one: only a client of an unprotected mirror
-# can plant one): the others are sent all the same, and every request of
-# the call is retired, so that one such key blocks no other writer.
+# replies i, ... (1-based) could not be added to their streams because a
+# key of another type is in the place of one (only a client of an
+# unprotected mirror can plant one): the others are sent all the same, and
+# every request of the call is retired, so that one such key blocks no
+# other writer. Any other error (Redis out of memory) fails the call, with
+# no request retired: the replies are sent again later.
 # The requests leave the stream (acknowledged, then deleted) in the call that
 # sends their replies, never before, by one XACK and one XDEL naming them
 # all (in slices of RETIRE_SLICE): each command a script calls costs about
@@ -193,6 +198,9 @@ for i = 1, n do
                               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
                               'error', ARGV[a + 4], 'message', ARGV[a + 5])
     if type(added) == 'table' and added.err then
+        if string.sub(added.err, 1, 9) ~= 'WRONGTYPE' then
+            return added  -- out of memory, ...: nothing is retired, all is sent again
+        end
         lost = lost or {n}
         lost[#lost + 1] = i
     else
@@ -643,11 +651,11 @@ class Intake:
         if len(fetched) >= active or self._backlog:
             return fetched  # (the pending list first: it is read without waiting)
         deadline = now + min(self._commit_s / 2, self._linger)
-        while len(fetched) < active:
+        while len(fetched) < min(active, self.batch):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._read_ahead()
+            self._read_ahead(self.batch - len(fetched))
             reader = self._reader.fileno()
             if reader is None or not self._reading:
                 break
@@ -867,8 +875,10 @@ class Intake:
         if read:
             self._fetched = self._take_requests(checked(replies[-1]))
 
-    def _read_ahead(self) -> None:
+    def _read_ahead(self, count: int | None = None) -> None:
         """Send the blocking read of new requests (on its own connection), unless one is out.
+
+        It takes at most `count` requests (:attr:`batch` if None).
 
         Its answer is taken by :meth:`_take_read`. Whatever it hands out
         is on the consumer group's pending list until acknowledged, so
@@ -879,7 +889,7 @@ class Intake:
         """
         if self._reading or self._backlog:
             return
-        self._reader.send(hiredis.pack_command(self._read_command(self._block_ms)))
+        self._reader.send(hiredis.pack_command(self._read_command(self._block_ms, count)))
         self._reading = True
 
     def _take_read(self) -> None:
@@ -896,9 +906,9 @@ class Intake:
             self._reading = False
             self._reader.close()
 
-    def _read_command(self, block_ms: int | None) -> tuple[Any, ...]:
+    def _read_command(self, block_ms: int | None, count: int | None = None) -> tuple[Any, ...]:
         """The XREADGROUP of the next requests (the pending ones first, after a connect)."""
-        command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", self.batch]
+        command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", count or self.batch]
         if self._backlog:
             command += [b"STREAMS", self._stream, b"0"]  # the pending list: never blocks
         else:

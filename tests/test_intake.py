@@ -1002,3 +1002,62 @@ def test_no_batch_waits_for_writers_that_are_not_coming(server, tmp_path, monkey
     assert request in a.replies()
     intake.close()
     backend.close()
+
+
+def test_replies_refused_for_lack_of_memory_are_sent_again_not_lost(server, backend, caplog):
+    # Only a key of another type loses a reply: when Redis refuses the
+    # replies' writes for another reason (out of memory), nothing is
+    # retired, and the replies go out once Redis takes writes again.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    run(intake, mirror_seq=0)  # committed; the "mirror" does not show it yet
+    assert intake.owes_replies
+    admin = server.client(db=MIRROR_CURSOR_DB)
+    show(intake, 1)
+    admin.config_set("maxmemory", 1)  # every write refused (noeviction)
+    try:
+        for _ in range(5):
+            if intake.step(StuckMirror(1)).idle:
+                intake.wait_for_requests(0.05)
+        assert client.replies() == {}
+        assert admin.xlen(client.session.requests) == 1  # not retired
+        assert "could not be sent" not in caplog.text
+    finally:
+        admin.config_set("maxmemory", 0)
+    run(intake, mirror_seq=1)
+    assert client.replies() == {request: Reply(b"ok")}
+    assert admin.xlen(client.session.requests) == 0
+    intake.close()
+
+
+def test_a_batch_waiting_for_writers_takes_no_more_than_batch_requests(
+    server, tmp_path, monkeypatch
+):
+    import threading
+
+    monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 60.0)
+    backend = LmdbBackend(tmp_path / "store", durability="fsync")
+    intake = Intake(backend, server.url + "?db=0", batch=2, max_linger=2.0)
+    a, b, c = (Client(server, str(backend.uuid)) for _ in range(3))
+    for i, client in enumerate((a, b, c)):
+        client.send(Op.SET_IMMUTABLE, key=b"first%d" % i, value=encode_value(i))
+    run(intake, mirror_seq=3)
+    intake._commit_s = 120.0  # the wait is max_linger
+    count, total = _batches(intake)
+
+    def late() -> None:
+        for client in (b, c):
+            client.send(Op.SET_IMMUTABLE, key=b"late%d" % id(client), value=encode_value(0))
+
+    timer = threading.Timer(0.3, late)
+    a.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    timer.start()
+    run(intake, mirror_seq=6)  # (the last request waits for a and b, up to max_linger)
+    timer.join()
+    run(intake, mirror_seq=6)
+    # Three writers were active, but a batch holds at most two requests.
+    assert _batches(intake) == (count + 2, total + 3)
+    assert all(len(client.replies()) == 2 for client in (a, b, c))
+    intake.close()
+    backend.close()
