@@ -106,8 +106,7 @@ class SharedSink:
         with self.turn:
             step = self.sink.step()
             if step.applied:
-                self.moves += 1
-                self.turn.notify_all()
+                self._moved()
             return step
 
     def catch_up(
@@ -136,8 +135,7 @@ class SharedSink:
                         then = None
                 if not step.applied:
                     break
-                self.moves += 1
-                self.turn.notify_all()
+                self._moved()
             return self.sink.seq, answer
 
     def send_ahead(self, seq: int, then: tuple[Any, ...], events: Sequence[Event]) -> int | None:
@@ -178,6 +176,7 @@ class SharedSink:
             return self.sink.fileno()
 
     def _moved(self) -> None:
+        """Count a step that moved the mirror, and wake those waiting for one."""
         self.moves += 1
         self.turn.notify_all()
 
