@@ -1061,3 +1061,18 @@ def test_a_batch_waiting_for_writers_takes_no_more_than_batch_requests(
     assert all(len(client.replies()) == 2 for client in (a, b, c))
     intake.close()
     backend.close()
+
+
+def test_writers_gone_quiet_are_forgotten(server, tmp_path, monkeypatch):
+    # Many reply tokens (clients that come and go, or a hostile one making a
+    # new token per request) cost the fsync batch's wait memory only for
+    # those seen lately.
+    backend = LmdbBackend(tmp_path / "store", durability="fsync")
+    intake = Intake(backend, server.url + "?db=0")
+    now = time.monotonic()
+    intake._writers = {b"%032x" % i: now - 10.0 for i in range(10_000)}
+    intake._writers[b"busy"] = now
+    assert intake._active_writers(now) == 1
+    assert intake._writers == {b"busy": now}
+    intake.close()
+    backend.close()
