@@ -158,6 +158,10 @@ CLOCK_SYNC = 1.0
 ACTIVE_COMMITS = 8
 ACTIVE_MIN_S = 0.005
 ACTIVE_MAX_S = 1.0
+#: After a batch's wait for writers ran out before they came, the next
+#: 2**misses - 1 batches (misses: such waits in a row, at most
+#: GATHER_MISSES) are taken without one (see Intake._gather).
+GATHER_MISSES = 6
 
 # Sends replies and retires their requests in one call, if the mirror holds
 # their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
@@ -396,8 +400,14 @@ class Intake:
     (:meth:`_gather`), up to half the recent transactions' duration and
     `max_linger`: on a disk whose flush takes milliseconds the batches
     double, on one that flushes in a fraction of a millisecond the wait is
-    as short. A lone writer never waits, nor does any write with the other
-    durabilities.
+    as short. Where the writers need longer than that to send their next
+    requests (their CPU, not the flush, bounds them), the wait would only
+    hold the writers and the disk in lockstep, the writers idle during the
+    flush and the disk idle while they run: so after a wait that ran out
+    before the missing writers came, the next batches go without one, 1,
+    3, 7, ... in a row (:data:`GATHER_MISSES`), and one that succeeds
+    restores it. A lone writer never waits, nor does any write with the
+    other durabilities.
     """
 
     def __init__(
@@ -442,6 +452,10 @@ class Intake:
         self._linger = max_linger if backend.durability == "fsync" else 0.0
         self._writers: dict[bytes, float] = {}
         self._commit_s = 0.0
+        # Waits in a row that ran out before the writers came, and how many
+        # batches are still to go without one.
+        self._gather_misses = 0
+        self._gather_skip = 0
         self.backoff = backoff
         self.state = IntakeState.CONNECT
         self._stream = request_stream_key(self.db)
@@ -650,8 +664,12 @@ class Intake:
         active = self._active_writers(now)
         if len(fetched) >= active or self._backlog:
             return fetched  # (the pending list first: it is read without waiting)
+        if self._gather_skip:
+            self._gather_skip -= 1
+            return fetched
         deadline = now + min(self._commit_s / 2, self._linger)
-        while len(fetched) < min(active, self.batch):
+        wanted = min(active, self.batch)
+        while len(fetched) < wanted:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -666,6 +684,11 @@ class Intake:
             self._take_read()
             fetched += self._fetched
             self._fetched = []
+        if len(fetched) >= wanted:
+            self._gather_misses = 0
+        else:
+            self._gather_misses = min(self._gather_misses + 1, GATHER_MISSES)
+            self._gather_skip = 2**self._gather_misses - 1
         return fetched
 
     def _active_writers(self, now: float) -> int:

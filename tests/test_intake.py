@@ -1004,6 +1004,59 @@ def test_no_batch_waits_for_writers_that_are_not_coming(server, tmp_path, monkey
     backend.close()
 
 
+def test_after_a_wait_that_ran_out_batches_go_without_one_for_a_while(
+    server, tmp_path, monkeypatch
+):
+    # Where the writers are slower to come back than the flush (their CPU
+    # bounds them), the wait only keeps them and the disk in lockstep: after
+    # one that ran out, the next batches are committed without waiting, 1,
+    # then 3 in a row, ...; a wait that succeeds restores it.
+    import threading
+
+    monkeypatch.setattr("replicator.intake.ACTIVE_MAX_S", 60.0)
+    backend = LmdbBackend(tmp_path / "store", durability="fsync")
+    intake = Intake(backend, server.url + "?db=0", max_linger=2.0)
+    a, b = (Client(server, str(backend.uuid)) for _ in range(2))
+    for i, client in enumerate((a, b)):
+        client.send(Op.SET_IMMUTABLE, key=b"first%d" % i, value=encode_value(i))
+    run(intake, mirror_seq=2)
+    intake._commit_s = 120.0  # the wait is max_linger
+    keys = iter(range(100))
+
+    def send(client: Client) -> None:
+        client.send(Op.SET_IMMUTABLE, key=b"k%d" % next(keys), value=encode_value(0))
+
+    def a_then_b() -> tuple[float, float]:
+        """Batches (count, requests) taken for a's request and b's, sent 0.3 s later."""
+        count, total = _batches(intake)
+        timer = threading.Timer(0.3, send, (b,))
+        send(a)
+        timer.start()
+        run(intake, mirror_seq=backend.last_seq + 2)
+        timer.join()
+        run(intake, mirror_seq=backend.last_seq)
+        after = _batches(intake)
+        return after[0] - count, after[1] - total
+
+    send(a)  # b does not come: the wait runs out
+    run(intake, mirror_seq=backend.last_seq + 1)
+    assert (intake._gather_misses, intake._gather_skip) == (1, 1)
+    # The next batch goes at once (a's request alone); b's then waits for a
+    # in vain, the second miss in a row.
+    assert a_then_b() == (2, 2)
+    assert (intake._gather_misses, intake._gather_skip) == (2, 3)
+    for _ in range(3):
+        send(a)
+        run(intake, mirror_seq=backend.last_seq + 1)
+    assert intake._gather_skip == 0
+    # The wait is back, and b comes within it: one batch, and no miss.
+    assert a_then_b() == (1, 2)
+    assert (intake._gather_misses, intake._gather_skip) == (0, 0)
+    assert len(a.replies()) == 7 and len(b.replies()) == 3
+    intake.close()
+    backend.close()
+
+
 def test_replies_refused_for_lack_of_memory_are_sent_again_not_lost(server, backend, caplog):
     # Only a key of another type loses a reply: when Redis refuses the
     # replies' writes for another reason (out of memory), nothing is
