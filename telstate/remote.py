@@ -101,12 +101,18 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 3600.0
 #: Longest XREAD BLOCK of a waiting writer, so that a lost connection is noticed.
 _BLOCK_CHUNK = 1.0
+#: How much longer than its longest XREAD BLOCK a writer whose client has no
+#: socket timeout waits for the server before it counts the connection as lost.
+_SLACK = 0.5
 #: Pause between attempts of a writer whose connection failed.
 _RETRY_DELAY = 0.05
 #: Longest request id and token accepted.
 _MAX_ID = 100
 #: Largest request accepted (all fields), well above an 8 MB array sensor.
 MAX_REQUEST_BYTES = 256 << 20
+#: How much of a bad request a rejection shows: bytes of a field, and names of fields.
+_SHOWN_BYTES = 32
+_SHOWN_FIELDS = 4
 #: Largest write whose XADD reply a writer may skip (see _Session.skip_replies):
 #: a larger one would be sent again whenever its reply takes over a second.
 _SKIP_REPLY_MAX_BYTES = 64 << 10
@@ -378,15 +384,20 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     if request_id is None or reply_to is None:
         raise _invalid(entry_id, "no valid request id or reply token", request_id, reply_to)
     if fields.get(b"v") != FORMAT_VERSION:
-        reason = f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}"
+        version = _shown(fields.get(b"v"))
+        reason = f"format version {version}, this daemon reads {FORMAT_VERSION!r}"
         raise _invalid(entry_id, reason, request_id, reply_to)
     decoding = _DECODING.get(fields.get(b"op", b""))
     if decoding is None:
-        raise _invalid(entry_id, f"unknown operation {fields.get(b'op')!r}", request_id, reply_to)
+        reason = f"unknown operation {_shown(fields.get(b'op'))}"
+        raise _invalid(entry_id, reason, request_id, reply_to)
     op, expected, names_size = decoding
     if fields.keys() != expected:
         wrong = sorted(fields.keys() ^ expected)
-        reason = f"fields {wrong} missing or unexpected for {op.value}"
+        shown = ", ".join(map(_shown, wrong[:_SHOWN_FIELDS]))
+        if len(wrong) > _SHOWN_FIELDS:
+            shown += f" and {len(wrong) - _SHOWN_FIELDS} more"
+        reason = f"fields {shown} missing or unexpected for {op.value}"
         raise _invalid(entry_id, reason, request_id, reply_to)
     try:
         timeout_ms = int(fields[b"timeout"])
@@ -424,6 +435,17 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         size,
         sent_ms,
     )
+
+
+def _shown(data: bytes | None) -> str:
+    """A client's bytes as a rejection shows them (logged, and sent back): their start, if long.
+
+    A hostile request may carry megabytes in any field; its rejection
+    must stay a line.
+    """
+    if data is None or len(data) <= _SHOWN_BYTES:
+        return repr(data)
+    return f"{data[:_SHOWN_BYTES]!r}... ({len(data)} bytes)"
 
 
 def _invalid(
@@ -707,13 +729,15 @@ class AsyncWire:
 
     async def send(self, packed: bytes) -> None:
         """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server)."""
-        if self._connection is None:
-            self._connection = await self._pool.get_connection()
         try:
             async with self._time_limit():
+                if self._connection is None:
+                    # Connecting reads replies too (HELLO, SELECT): bounded as well.
+                    self._connection = await self._pool.get_connection()
                 await self._connection.send_packed_command(packed)
         except BaseException as error:
-            await self._connection.disconnect()
+            if self._connection is not None:
+                await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout writing to the redis server") from error
             raise
@@ -1219,6 +1243,28 @@ class _Session:
         return ConnectionError(f"could not send the write to the redis server: {error}")
 
 
+def _writer_options(client: Any, control_db: int, timeout: float) -> tuple[dict[str, Any], float]:
+    """Options for a writer's connection pool like `client`'s, and its longest XREAD BLOCK (s).
+
+    A writer never waits for the server without a time limit: if `client`
+    has no socket timeout (``redis.Redis(host=...)`` as katsdptelstate's
+    users make them), its connections get one a little longer than the
+    longest the server takes to answer a healthy writer (its XREAD BLOCK,
+    at most the write's `timeout`). So a Redis that hangs (or a network
+    that drops everything) makes a write fail soon after its timeout, as
+    it would with a socket timeout of the client's. Its write plan tries
+    again within the write's timeout: redis-py's retries (10 with backoff
+    by default from redis-py 6) are turned off, as they would multiply it.
+    """
+    kwargs = control_kwargs(client, control_db)
+    kwargs.update(retry=None, retry_on_error=[], retry_on_timeout=False)
+    socket_timeout = kwargs.get("socket_timeout")
+    if socket_timeout:
+        return kwargs, min(_BLOCK_CHUNK, socket_timeout / 2)
+    kwargs["socket_timeout"] = min(_BLOCK_CHUNK, timeout) + _SLACK
+    return kwargs, _BLOCK_CHUNK
+
+
 class RemoteWriter:
     """Writes to a store through its mirror: the write path of a sync RedisBackend on it.
 
@@ -1253,11 +1299,9 @@ class RemoteWriter:
         writer_name: str | None = None,
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
-        kwargs = control_kwargs(client, control_db)
+        kwargs, self._block = _writer_options(client, control_db, timeout)
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
-        socket_timeout = kwargs.get("socket_timeout")
-        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = threading.Lock()
 
     def write(
@@ -1350,10 +1394,10 @@ class AsyncRemoteWriter:
         writer_name: str | None = None,
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
-        kwargs = control_kwargs(client, control_db)
-        socket_timeout = kwargs.get("socket_timeout")
+        kwargs, self._block = _writer_options(client, control_db, timeout)
+        socket_timeout = kwargs["socket_timeout"]
         wire_limit = None
-        if socket_timeout and sys.version_info >= (3, 11):
+        if sys.version_info >= (3, 11):
             # redis.asyncio bounds each send by asyncio.wait_for, a task of
             # its own (and extra turns of the event loop) per send: about a
             # fifth of a remote write's CPU time. The wire bounds its sends
@@ -1364,7 +1408,6 @@ class AsyncRemoteWriter:
             kwargs["socket_timeout"] = None
             wire_limit = socket_timeout
         self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs), wire_limit)
-        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = asyncio.Lock()
 
     async def write(
