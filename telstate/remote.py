@@ -101,12 +101,18 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 3600.0
 #: Longest XREAD BLOCK of a waiting writer, so that a lost connection is noticed.
 _BLOCK_CHUNK = 1.0
+#: How much longer than its longest XREAD BLOCK a writer whose client has no
+#: socket timeout waits for the server before it counts the connection as lost.
+_SLACK = 0.5
 #: Pause between attempts of a writer whose connection failed.
 _RETRY_DELAY = 0.05
 #: Longest request id and token accepted.
 _MAX_ID = 100
 #: Largest request accepted (all fields), well above an 8 MB array sensor.
 MAX_REQUEST_BYTES = 256 << 20
+#: How much of a bad request a rejection shows: bytes of a field, and names of fields.
+_SHOWN_BYTES = 32
+_SHOWN_FIELDS = 4
 #: Largest write whose XADD reply a writer may skip (see _Session.skip_replies):
 #: a larger one would be sent again whenever its reply takes over a second.
 _SKIP_REPLY_MAX_BYTES = 64 << 10
@@ -378,15 +384,20 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     if request_id is None or reply_to is None:
         raise _invalid(entry_id, "no valid request id or reply token", request_id, reply_to)
     if fields.get(b"v") != FORMAT_VERSION:
-        reason = f"format version {fields.get(b'v')!r}, this daemon reads {FORMAT_VERSION!r}"
+        version = _shown(fields.get(b"v"))
+        reason = f"format version {version}, this daemon reads {FORMAT_VERSION!r}"
         raise _invalid(entry_id, reason, request_id, reply_to)
     decoding = _DECODING.get(fields.get(b"op", b""))
     if decoding is None:
-        raise _invalid(entry_id, f"unknown operation {fields.get(b'op')!r}", request_id, reply_to)
+        reason = f"unknown operation {_shown(fields.get(b'op'))}"
+        raise _invalid(entry_id, reason, request_id, reply_to)
     op, expected, names_size = decoding
     if fields.keys() != expected:
         wrong = sorted(fields.keys() ^ expected)
-        reason = f"fields {wrong} missing or unexpected for {op.value}"
+        shown = ", ".join(map(_shown, wrong[:_SHOWN_FIELDS]))
+        if len(wrong) > _SHOWN_FIELDS:
+            shown += f" and {len(wrong) - _SHOWN_FIELDS} more"
+        reason = f"fields {shown} missing or unexpected for {op.value}"
         raise _invalid(entry_id, reason, request_id, reply_to)
     try:
         timeout_ms = int(fields[b"timeout"])
@@ -424,6 +435,17 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         size,
         sent_ms,
     )
+
+
+def _shown(data: bytes | None) -> str:
+    """A client's bytes as a rejection shows them (logged, and sent back): their start, if long.
+
+    A hostile request may carry megabytes in any field; its rejection
+    must stay a line.
+    """
+    if data is None or len(data) <= _SHOWN_BYTES:
+        return repr(data)
+    return f"{data[:_SHOWN_BYTES]!r}... ({len(data)} bytes)"
 
 
 def _invalid(
@@ -692,7 +714,8 @@ class AsyncWire:
         If given, the longest a send or a read may take (seconds), for a
         pool whose connections have no socket timeout of their own (see
         :class:`AsyncRemoteWriter`); a send or read that takes longer raises
-        :class:`redis.TimeoutError` and closes the connection.
+        :class:`redis.TimeoutError` and closes the connection. A send or a
+        read given a shorter `limit` of its own keeps that.
     """
 
     def __init__(self, pool: redis.asyncio.ConnectionPool, timeout: float | None = None) -> None:
@@ -700,29 +723,37 @@ class AsyncWire:
         self._connection: Any = None
         self._timeout = timeout
 
-    def _time_limit(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        if self._timeout is None:
+    def _time_limit(self, limit: float | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The wire's timeout, or `limit` if shorter (Python 3.11+, else none: see the pool's)."""
+        if self._timeout is not None and (limit is None or self._timeout < limit):
+            limit = self._timeout
+        if limit is None or sys.version_info < (3, 11):
             return contextlib.nullcontext()
-        return asyncio.timeout(self._timeout)  # type: ignore[attr-defined]
+        return asyncio.timeout(limit)
 
-    async def send(self, packed: bytes) -> None:
-        """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server)."""
-        if self._connection is None:
-            self._connection = await self._pool.get_connection()
+    async def send(self, packed: bytes, limit: float | None = None) -> None:
+        """Send packed commands (see :meth:`Wire.send`: if this raises, none reached the server).
+
+        It takes `limit` (s) at most, if given (Python 3.11+).
+        """
         try:
-            async with self._time_limit():
+            async with self._time_limit(limit):
+                if self._connection is None:
+                    # Connecting reads replies too (HELLO, SELECT): bounded as well.
+                    self._connection = await self._pool.get_connection()
                 await self._connection.send_packed_command(packed)
         except BaseException as error:
-            await self._connection.disconnect()
+            if self._connection is not None:
+                await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout writing to the redis server") from error
             raise
 
-    async def receive(self, count: int) -> list[Any]:
-        """The replies to `count` commands sent (see :meth:`Wire.receive`)."""
+    async def receive(self, count: int, limit: float | None = None) -> list[Any]:
+        """The replies to `count` commands sent (see :meth:`Wire.receive`), within `limit` s."""
         replies: list[Any] = []
         try:
-            async with self._time_limit():
+            async with self._time_limit(limit):
                 for _ in range(count):
                     try:
                         replies.append(await self._connection.read_response())
@@ -889,11 +920,14 @@ class _Exchange(NamedTuple):
 
     The plan is sent the replies (a failed command's error in its place), or
     thrown :class:`_Unsent` if the sending failed, or the transient error
-    (see `_TRANSIENT`) if the reading failed.
+    (see `_TRANSIENT`) if the reading failed. `time_left` (s) is the write's
+    until its deadline: the asyncio writer gives the exchange that and
+    :data:`_SLACK` at most.
     """
 
     packed: bytes
     replies: int
+    time_left: float
 
 
 class _Unsent(Exception):
@@ -1097,17 +1131,19 @@ class _Session:
             read = self.read_replies(max(1, int(min(remaining, block_chunk) * 1000)))
             try:
                 if sent:
-                    (reply,) = yield _Exchange(read, 1)
+                    (reply,) = yield _Exchange(read, 1, remaining)
                 elif confirmed:
                     # The request and the wait for its reply: one write, one blocking read.
                     added, reply = yield _Exchange(
-                        self.xadd(request_id, write, remaining, then=read), 2
+                        self.xadd(request_id, write, remaining, then=read), 2, remaining
                     )
                     checked(added)
                     maybe_added = True
                 else:
                     (reply,) = yield _Exchange(
-                        self.xadd(request_id, write, remaining, skip_reply=True, then=read), 1
+                        self.xadd(request_id, write, remaining, skip_reply=True, then=read),
+                        1,
+                        remaining,
                     )
                     maybe_added = True
                     if isinstance(reply, redis.ResponseError):
@@ -1155,14 +1191,14 @@ class _Session:
             found = self.take_reply(request_id, reply)
             if found is not None:
                 if self.skip_replies is None:
-                    yield from self._probe_skip()
+                    yield from self._probe_skip(block_chunk)
                 return found
             if reply is None and not confirmed:
                 # No reply within the wait: if the skipped XADD failed, the
                 # caller must hear why, not time out. Send it again, asking.
                 sent, confirmed = False, True
 
-    def _probe_skip(self) -> Generator[_Step, list[Any], None]:
+    def _probe_skip(self, time_left: float) -> Generator[_Step, list[Any], None]:
         """Find out :attr:`skip_replies` (a step of :meth:`write_plan`, after an accepted XADD).
 
         If the server skips the first PING's reply, the second's comes
@@ -1170,9 +1206,10 @@ class _Session:
         an error or the first PING's reply comes first, and how many more
         follow depends on why: the connection is closed rather than read
         on. Skipping stays off, for good unless the server was only busy.
+        The probe takes `time_left` (s) at most, as an exchange of a write.
         """
         try:
-            (first,) = yield _Exchange(_SKIP_PROBE, 1)
+            (first,) = yield _Exchange(_SKIP_PROBE, 1, time_left)
         except (_Unsent, *_TRANSIENT) as error:
             # The connection is closed (so not out of step): no skipping, to be
             # safe; unless the server was loading its data: ask again later.
@@ -1220,6 +1257,33 @@ class _Session:
         return ConnectionError(f"could not send the write to the redis server: {error}")
 
 
+def _writer_options(client: Any, control_db: int) -> tuple[dict[str, Any], float]:
+    """Options for a writer's connection pool like `client`'s, and its longest XREAD BLOCK (s).
+
+    A writer's plan tries again within the write's timeout: redis-py's
+    retries (10 with backoff by default from redis-py 6) are turned off,
+    as they would multiply its waits for a server that hangs.
+    """
+    kwargs = control_kwargs(client, control_db)
+    kwargs.update(retry=None, retry_on_error=[], retry_on_timeout=False)
+    socket_timeout = kwargs.get("socket_timeout")
+    return kwargs, _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
+
+
+def _hang_timeout(timeout: float) -> float:
+    """The socket timeout of a writer whose client has none, for a write `timeout` (s).
+
+    A writer never waits for the server without a time limit: a client
+    without a socket timeout (``redis.Redis(host=...)`` as katsdptelstate's
+    users make them with redis-py 5) would wait for ever for a Redis that
+    hangs (or a network that drops everything). The writer's connections
+    get one a little longer than the longest a healthy server takes to
+    answer (its XREAD BLOCK, at most the write's `timeout`), so such a
+    write fails soon after its timeout.
+    """
+    return min(_BLOCK_CHUNK, timeout) + _SLACK
+
+
 class RemoteWriter:
     """Writes to a store through its mirror: the write path of a sync RedisBackend on it.
 
@@ -1254,11 +1318,10 @@ class RemoteWriter:
         writer_name: str | None = None,
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
-        kwargs = control_kwargs(client, control_db)
+        kwargs, self._block = _writer_options(client, control_db)
+        kwargs["socket_timeout"] = kwargs.get("socket_timeout") or _hang_timeout(timeout)
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
-        socket_timeout = kwargs.get("socket_timeout")
-        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = threading.Lock()
 
     def write(
@@ -1305,7 +1368,7 @@ class RemoteWriter:
                             wire.close()
                         step = next(plan)
                         continue
-                    packed, count = step
+                    packed, count = step.packed, step.replies
                     try:
                         if packed:
                             wire.send(packed)
@@ -1351,21 +1414,24 @@ class AsyncRemoteWriter:
         writer_name: str | None = None,
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
-        kwargs = control_kwargs(client, control_db)
+        kwargs, self._block = _writer_options(client, control_db)
         socket_timeout = kwargs.get("socket_timeout")
         wire_limit = None
-        if socket_timeout and sys.version_info >= (3, 11):
+        if sys.version_info >= (3, 11):
             # redis.asyncio bounds each send by asyncio.wait_for, a task of
             # its own (and extra turns of the event loop) per send: about a
             # fifth of a remote write's CPU time. The wire bounds its sends
-            # and reads itself, with asyncio.timeout (Python 3.11+).
+            # and reads itself, with asyncio.timeout (Python 3.11+): by the
+            # client's socket timeout, and by the time left to the write
+            # (see write), so a client without one never waits for ever.
             kwargs["socket_connect_timeout"] = (
                 kwargs.get("socket_connect_timeout") or socket_timeout
             )
             kwargs["socket_timeout"] = None
             wire_limit = socket_timeout
+        else:
+            kwargs["socket_timeout"] = socket_timeout or _hang_timeout(timeout)
         self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs), wire_limit)
-        self._block = _BLOCK_CHUNK if not socket_timeout else min(_BLOCK_CHUNK, socket_timeout / 2)
         self._lock = asyncio.Lock()
 
     async def write(
@@ -1396,15 +1462,15 @@ class AsyncRemoteWriter:
                             await wire.reset()
                         step = next(plan)
                         continue
-                    packed, count = step
+                    packed, count, limit = step.packed, step.replies, step.time_left + _SLACK
                     try:
                         if packed:
-                            await wire.send(packed)
+                            await wire.send(packed, limit)
                     except (*_TRANSIENT, redis.ResponseError) as error:  # the latter: connecting
                         step = plan.throw(_Unsent(error))
                         continue
                     try:
-                        replies = await wire.receive(count)
+                        replies = await wire.receive(count, limit)
                     except _TRANSIENT as error:
                         step = plan.throw(error)
                         continue

@@ -412,6 +412,37 @@ def test_oversized_request_is_invalid(monkeypatch):
         decode_request(b"1-0", fields)
 
 
+def test_huge_bad_fields_get_a_short_rejection_and_block_nothing(server, backend, caplog):
+    """Found by review: a rejection showed the client's bytes in full.
+
+    A 20 MB op name made an 84 MB log line and a 100 MB reply.
+    """
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    huge = b"\x00" * (20 << 20)
+    rejected = []
+    for change in (
+        {b"op": huge},
+        {b"v": huge},
+        {huge: b"1"},
+        {b"%d" % i + huge[: 1 << 20]: b"" for i in range(10)},
+    ):
+        request_id, fields = client.session.request(Op.DELETE, 10.0, key=b"k")
+        client.redis.xadd(client.session.requests, {**fields, **change})
+        rejected.append(request_id)
+    behind = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    with caplog.at_level("WARNING", logger="replicator.intake"):
+        run(intake, mirror_seq=1)
+    replies = client.replies()
+    assert replies[behind] == Reply(b"ok")
+    for request_id in rejected:
+        assert replies[request_id].error == b"invalid"
+        assert len(replies[request_id].message) < 1000, replies[request_id].message
+    assert len(caplog.text) < 10_000
+    assert "and 6 more" in replies[rejected[-1]].message
+    intake.close()
+
+
 def test_reply_streams_expire(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")

@@ -564,6 +564,85 @@ def test_redis_down_means_connection_error(store, server, mirror_url, daemon):
     ts.backend.close()
 
 
+def _write_to_a_hung_redis(server: RedisServer, aio: bool) -> list[Any]:
+    """Write once, SIGSTOP Redis, then try a write with a warm writer and with a cold one.
+
+    The writers' clients have no socket timeout (as ``redis.Redis(host=...)``
+    has in redis-py 5). Returns what each hung write raised and after how long.
+    """
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+    from telstate.remote import AsyncRemoteWriter, RemoteWriter
+
+    outcomes: list[Any] = []
+
+    def stop() -> None:
+        server.process.send_signal(signal.SIGSTOP)
+        _wait_stopped(server.process.pid)
+
+    def timed(write: Any) -> Any:
+        start = time.monotonic()
+        try:
+            write()
+        except Exception as error:  # reported to the test
+            return type(error), str(error), time.monotonic() - start
+        return None, "", time.monotonic() - start
+
+    async def timed_async(write: Any) -> Any:
+        start = time.monotonic()
+        try:
+            await write
+        except Exception as error:  # reported to the test
+            return type(error), str(error), time.monotonic() - start
+        return None, "", time.monotonic() - start
+
+    def write_sync() -> None:
+        client = redis.Redis(unix_socket_path=server.socket, db=0, socket_timeout=None)
+        ts = TelescopeState(RedisBackend(client, write_timeout=1.0))
+        ts.add("warm", 1.0, ts=1.0)
+        store_id = ts.backend._remote._session.store
+        cold = RemoteWriter(client, 0, MIRROR_CURSOR_DB, store_id, timeout=1.0)
+        stop()
+        outcomes.append(timed(lambda: ts.add("hung", 2.0, ts=2.0)))
+        outcomes.append(timed(lambda: cold.write(Op.DELETE, b"hung")))
+
+    async def write_async() -> None:
+        client = redis.asyncio.Redis(unix_socket_path=server.socket, db=0, socket_timeout=None)
+        ts = telstate.aio.TelescopeState(AioRedisBackend(client, write_timeout=1.0))
+        await ts.add("warm", 1.0, ts=1.0)
+        store_id = ts.backend._remote._session.store
+        cold = AsyncRemoteWriter(client, 0, MIRROR_CURSOR_DB, store_id, timeout=1.0)
+        stop()
+        outcomes.append(await timed_async(ts.add("hung", 2.0, ts=2.0)))
+        outcomes.append(await timed_async(cold.write(Op.DELETE, b"hung")))
+
+    thread = threading.Thread(target=lambda: asyncio.run(write_async()) if aio else write_sync())
+    thread.daemon = True  # left blocked if the test fails
+    try:
+        thread.start()
+        thread.join(SETTLE)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    thread.join(SETTLE)
+    return outcomes
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_writer_whose_client_has_no_socket_timeout_fails_soon_when_redis_hangs(
+    server, mirror_url, daemon, aio
+):
+    """Found by review: such a writer waited for ever for a SIGSTOPped Redis.
+
+    The warm writer's request may have reached Redis (it was sent before the
+    read hung): "may have been applied"; the cold one's never did: as when
+    Redis is down. Both within their 1 s timeout and a little more.
+    """
+    daemon()
+    warm, cold = _write_to_a_hung_redis(server, aio)
+    assert warm[0] is WriteTimeoutError and "may have been applied" in warm[1]
+    assert cold[0] is ConnectionError
+    assert warm[2] < 6 and cold[2] < 6, (warm, cold)
+
+
 def _logged(log_file: Path) -> tuple[list[int], list[int]]:
     returned, failed = [], []
     for line in log_file.read_text().splitlines():
