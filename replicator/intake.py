@@ -65,11 +65,15 @@ than :data:`CLOCK_TOLERANCE_MS` is not applied: it gets a ``clock``
 error reply, recorded as an expiry is (a resend of it gets the same),
 and is logged. One within the tolerance counts as sent now. As long as
 the stream's last id is that far ahead, every new request would be
-refused: so once the stream holds no request left to answer (every one
-got its reply), the intake deletes it and makes it anew with its group,
-in one script (:data:`_RENEW`), and logs a warning. The requests sent
-while it was ahead are all answered, none lost; writers that write
-again afterwards are served as usual.
+refused: so once every request in the stream is one it refused (before
+their replies go out, so their writers cannot have sent again), the
+intake deletes the stream and makes it anew with its group, in one
+script (:data:`_RENEW`), and logs a warning. The requests sent while it
+was ahead are all answered, none lost; writers that write again
+afterwards are served as usual. (A request stamped while the ids were
+ahead but read only once the server's clock had nearly caught up with
+them, the daemon down meanwhile, still looks younger than it is: by up
+to how far ahead they were.)
 
 States, advanced by :meth:`Intake.step`::
 
