@@ -713,7 +713,24 @@ class Intake:
             for owed in (*self._sending, *self._ready, *self._owed)
             if owed.entry_id is not None and owed.reply.status == b"error"
         ]
-        renewed = self._renew(keys=[self._stream], args=[GROUP, CLOCK_TOLERANCE_MS, *refused])
+        try:
+            renewed = self._renew(keys=[self._stream], args=[GROUP, CLOCK_TOLERANCE_MS, *refused])
+        except redis.ResponseError as error:
+            if _stream_gone(error):
+                raise
+            # Not the daemon's rights (see the README)? The replies still go
+            # out; the next refusal tries again.
+            self._stream_ahead = False
+            logger.error(
+                "could not make the request stream %r anew (%s): every request will be"
+                " refused until its ids are no longer ahead of the Redis server's clock,"
+                " or it is deleted (DEL %s in database %d, once no writer waits)",
+                self._stream,
+                error,
+                self._stream.decode(),
+                MIRROR_CURSOR_DB,
+            )
+            return
         if renewed < 0:
             return
         self._stream_ahead = False

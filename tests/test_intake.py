@@ -272,6 +272,38 @@ def test_a_request_sent_while_refusals_are_made_is_refused_too_never_lost(
     intake.close()
 
 
+def test_refusals_go_out_when_the_stream_cannot_be_made_anew(server, backend, caplog):
+    # A daemon's Redis user without DEL: the refusals are answered all the
+    # same, the log says what to do, and deleting the stream by hand recovers.
+    admin = server.client()
+    admin.acl_setuser(
+        "intake",
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-del"],
+    )
+    url = server.url.replace("unix://", "unix://intake:secret@") + "?db=0"
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, url)
+    future = server_ms(intake) + 60_000
+    refused = client.send(
+        Op.SET_IMMUTABLE, entry_id=b"%d-0" % future, key=b"k", value=encode_value(1)
+    )
+    with caplog.at_level(logging.ERROR, "replicator.intake"):
+        run(intake, mirror_seq=0)
+    assert client.replies()[refused].error == b"clock"
+    assert "could not make the request stream" in caplog.text
+    assert intake.state == IntakeState.SERVE
+    client.redis.delete(intake._stream)  # as the log says
+    after = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    run(intake, mirror_seq=1)
+    assert client.replies()[after] == Reply(b"ok")
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    intake.close()
+
+
 def test_a_request_stamped_a_little_ahead_is_applied_as_sent_now(server, backend, caplog):
     # Within the tolerance (more than the error of the intake's extrapolated
     # clock), an id ahead counts as sent now, with all of its timeout left.
