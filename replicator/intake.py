@@ -53,7 +53,11 @@ A request whose timeout has passed by the Redis server's clock (its
 stream entry id is its sending time) is never applied: it gets an
 ``expired`` reply. It must also leave time for the commit and the reply,
 so a request is applied only while :data:`APPLY_MARGIN` of its timeout
-remains.
+remains, and only while the mirror is complete (tailing the log): while
+it is being rebuilt, or Redis failed, requests wait in Redis, since their
+replies could not go out before the mirror is back. (A mirror or daemon
+that fails between a commit and its replies still leaves a writer timed
+out on a write that is in the log.)
 
 "Now" is the server's clock (TIME), never the entry ids: an id can only
 say a request is younger than it is. A client may XADD with an id of
@@ -165,6 +169,9 @@ SWEEP_CHUNK = 64
 SWEEP_INTERVAL = 0.1
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Seconds between looks at whether an incomplete mirror is complete again,
+#: while requests wait for it (see Intake._serve).
+HOLD_WAIT = 0.05
 #: Longest wait (ms) for new requests before looking again whether the
 #: mirror's thread has read the answers of the step ahead.
 _AHEAD_SLICE_MS = 5
@@ -550,8 +557,12 @@ class Intake:
         self._ticket: int | None = None
         # The events of the last batch's commits, for the mirror (see _project).
         self._committed: list[Event] = []
-        # Read the pending list (requests delivered before a restart) before new ones.
+        # Read the pending list (requests delivered before a restart) before
+        # new ones, from its start: the entry id after which the next read of it starts.
         self._backlog = True
+        self._backlog_from = b"0"
+        # Whether requests wait for the mirror to be complete (see _serve).
+        self._holding = False
         self._delay = backoff[0]
         self._retry_at = 0.0
         self._sweep_from = REQUEST_PREFIX
@@ -689,7 +700,7 @@ class Intake:
             logger.warning(
                 "not accepting writes for mirror database %d: %s", self.db, self.read_only
             )
-        self._backlog = True
+        self._backlog, self._backlog_from = True, b"0"
         self._delay = self.backoff[0]
         self.state = IntakeState.SERVE
         return Step(0)
@@ -707,7 +718,7 @@ class Intake:
             # Redis would hand the new stream's requests to the read, or end
             # it: dropped (what it was handed stays pending, read first).
             self._drop_read()
-            self._backlog = True
+            self._backlog, self._backlog_from = True, b"0"
         refused = [
             owed.entry_id
             for owed in (*self._sending, *self._ready, *self._owed)
@@ -755,6 +766,17 @@ class Intake:
             if self.read_only is None:
                 self.metrics.publish_due(self.client, self._key)
             return Step(answered, wait=self.socket_timeout / 2, idle=not self._owed)
+        if self.read_only is None and mirror.seq is None:
+            # The mirror is incomplete (being rebuilt, or Redis failed): a write
+            # committed now could not be answered until it is back, perhaps
+            # after its writer has given up and been told it was not written.
+            # So the requests wait, pending in Redis (those whose time runs
+            # out meanwhile are answered expired, never applied).
+            if not self._holding:
+                self._holding = True
+                logger.info("intake: requests wait until the mirror is complete again")
+            return Step(answered, wait=HOLD_WAIT, idle=False)
+        self._holding = False
         fetched, self._fetched = self._fetched, []
         if self._linger:
             fetched = self._gather(fetched)
@@ -1067,7 +1089,8 @@ class Intake:
         """The XREADGROUP of the next requests (the pending ones first, after a connect)."""
         command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", count or self.batch]
         if self._backlog:
-            command += [b"STREAMS", self._stream, b"0"]  # the pending list: never blocks
+            # The pending list (never blocks), onwards from the last entry read of it.
+            command += [b"STREAMS", self._stream, self._backlog_from]
         else:
             block = [] if block_ms is None else [b"BLOCK", block_ms]
             command += [*block, b"STREAMS", self._stream, b">"]
@@ -1076,8 +1099,17 @@ class Intake:
     def _take_requests(self, reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The requests of an XREADGROUP reply (entries deleted while pending are acknowledged)."""
         entries = stream_entries(reply)
-        if self._backlog and not entries:
-            self._backlog = False  # the pending list is done: new requests from now on
+        if self._backlog:
+            if not entries:
+                self._backlog = False  # the pending list is done: new requests from now on
+                return []
+            self._backlog_from = entries[-1][0]
+            # Requests whose replies are owed already (read before a reconnect,
+            # committed, their replies waiting for the mirror) stay pending
+            # until those go out: not applied, nor owed, again.
+            owed = {owed.entry_id for owed in (*self._owed, *self._ready, *self._sending)}
+            if owed:
+                entries = [entry for entry in entries if entry[0] not in owed]
         # A pending entry deleted meanwhile comes back with no fields: only acknowledge it.
         dropped = [entry_id for entry_id, fields in entries if fields is None]
         if dropped:
@@ -1179,7 +1211,10 @@ class Intake:
             for request in requests:
                 writers[request.reply_to] = started
         self._committed = []
-        for chunk in _chunks(requests, self.batch_bytes):
+        for index, chunk in enumerate(_chunks(requests, self.batch_bytes)):
+            if index:
+                # A later chunk is judged by the time now (the ones before took some).
+                now_ms = int((time.monotonic() - clock_offset) * 1000)
             if self.read_only is None:
                 outcomes = apply_requests(self.backend, chunk, now_ms, self._committed)
                 self.metrics.batch_size.observe(len(chunk))

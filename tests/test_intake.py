@@ -17,7 +17,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.intake import CLOCK_TOLERANCE_MS, Intake, IntakeState
+from replicator.intake import CLOCK_TOLERANCE_MS, GROUP, Intake, IntakeState
 from telstate.encoding import encode_value
 from telstate.errors import ReadOnlyError, StoreError, TelstateError
 from telstate.lmdb import LmdbBackend, make_follower
@@ -133,12 +133,104 @@ def serving(server: RedisServer, backend: LmdbBackend) -> tuple[Any, Any, Intake
     return sink, mirror, intake
 
 
+@pytest.mark.parametrize("reconnects", [1, 3])
+def test_replies_owed_across_a_reconnect_are_owed_once(server, backend, reconnects):
+    # Requests committed whose replies wait for the mirror stay on the
+    # pending list; a reconnect reads that list again: they are neither
+    # applied nor owed a second time, and the list is read onwards (once),
+    # not from its start at every step.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.0, 0.0))
+    sent = [client.send(Op.SET_IMMUTABLE, key=b"k%d" % i, value=encode_value(i)) for i in range(3)]
+    run(intake, mirror_seq=0)  # committed; the mirror does not show them
+    assert len(intake._owed) == 3
+    for _ in range(reconnects):
+        intake._fail("a simulated failure")
+        for _ in range(20):
+            intake.step(StuckMirror(0))
+    assert intake.state == IntakeState.SERVE and not intake._backlog
+    assert [owed.request_id for owed in intake._owed] == sent
+    assert backend.last_seq == 3
+    run(intake, mirror_seq=3)
+    assert client.replies() == {request: Reply(b"ok") for request in sent}
+    assert (
+        server.client(db=MIRROR_CURSOR_DB).xpending(client.session.requests, GROUP)["pending"] == 0
+    )
+    intake.close()
+
+
+def test_requests_wait_while_the_mirror_is_incomplete(server, backend):
+    # A mirror being rebuilt (or whose Redis failed) could not show a write
+    # committed now, perhaps not before its writer gives up and is told it
+    # was not written: the requests wait, and are applied once it is back.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    for _ in range(5):
+        step = intake.step(StuckMirror(None))
+        if step.idle:
+            intake.wait_for_requests(0.05)
+    assert step.wait > 0 and not step.idle  # (the daemon looks again shortly)
+    assert backend.last_seq == 0 and not intake.owes_replies
+    run(intake, mirror_seq=0)
+    assert backend.last_seq == 1
+    run(intake, mirror_seq=1)
+    assert client.replies() == {request: Reply(b"ok")}
+    intake.close()
+
+
+def test_requests_expire_while_the_mirror_is_incomplete(server, backend):
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1), timeout=0.3)
+    for _ in range(5):
+        if intake.step(StuckMirror(None)).idle:
+            intake.wait_for_requests(0.05)
+    assert intake._holding  # read, and waiting
+    time.sleep(0.5)
+    run(intake, mirror_seq=0)
+    assert backend.last_seq == 0  # never applied
+    assert client.replies()[request].error == b"expired"
+    intake.close()
+
+
+def test_a_later_chunk_of_a_batch_is_judged_by_the_time_it_is_committed(
+    server, backend, monkeypatch
+):
+    # A batch too big for one transaction is committed in chunks: a request
+    # whose time ran out while the chunks before it were committed is not
+    # applied (its writer may be about to hear that it was not written).
+    import replicator.intake
+
+    applied = replicator.intake.apply_requests
+    calls = []
+
+    def slow_first(backend, chunk, now_ms, committed):
+        calls.append(len(chunk))
+        if len(calls) == 1:
+            time.sleep(1.2)  # a slow commit
+        return applied(backend, chunk, now_ms, committed)
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", slow_first)
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", batch_bytes=1)  # a chunk per request
+    first = client.send(Op.SET_IMMUTABLE, key=b"a", value=encode_value(1))
+    late = client.send(Op.SET_IMMUTABLE, key=b"b", value=encode_value(2), timeout=1.0)
+    run(intake, mirror_seq=1)
+    assert calls == [1, 1]
+    replies = client.replies()
+    assert replies[first] == Reply(b"ok")
+    assert replies[late].error == b"expired"
+    assert [event.key for event in backend.events()] == [b"a"]
+    intake.close()
+
+
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
     client = Client(server, str(backend.uuid))
     first = Intake(backend, server.url + "?db=0")
     won = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     lost = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
-    run(first, mirror_seq=None)  # committed, but the mirror "never" shows it: no reply
+    run(first, mirror_seq=0)  # committed, but the mirror "never" shows it: no reply
     assert first.owes_replies
     assert backend.last_seq == 1
     assert client.replies() == {}
@@ -337,7 +429,7 @@ def test_group_commit_applies_a_batch_in_one_transaction(server, backend):
         client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
         for i in range(50)
     ]
-    run(intake, mirror_seq=None, steps=3)  # connect, then one read + one commit
+    run(intake, mirror_seq=0, steps=3)  # connect, then one read + one commit
     registry = intake.metrics.registry
     assert registry.get_sample_value("telstate_replicator_batch_size_count") == 1
     assert registry.get_sample_value("telstate_replicator_batch_size_sum") == 50
@@ -358,7 +450,7 @@ def test_a_batchs_outcomes_are_counted_once_each(server, backend):
     client.send(Op.SET_IMMUTABLE, key=b"s", value=encode_value(1))
     first = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(1))
     exists = client.send(Op.SET_IMMUTABLE, key=b"i", value=encode_value(2))
-    run(intake, mirror_seq=None, steps=3)  # connect, then one read + one commit
+    run(intake, mirror_seq=0, steps=3)  # connect, then one read + one commit
     run(intake, mirror_seq=backend.last_seq)
     replies = client.replies()
     assert len(replies) == 7
@@ -394,7 +486,7 @@ def test_a_chunk_committed_before_a_failed_one_is_counted(server, backend, monke
     intake = Intake(backend, server.url + "?db=0", batch_bytes=1)  # a chunk per request
     for i in range(2):
         client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
-    run(intake, mirror_seq=None, steps=3)  # connect, then one read: a commit, a failure
+    run(intake, mirror_seq=0, steps=3)  # connect, then one read: a commit, a failure
     assert len(calls) == 2
     assert intake.state == IntakeState.BACKOFF
     assert backend.last_seq == 1
@@ -409,7 +501,7 @@ def test_redis_restarted_empty_keeps_owed_replies(server, backend):
     request = client.send(
         Op.SET_INDEXED, key=b"i", sub_key=encode_value("a"), value=encode_value(1)
     )
-    run(intake, mirror_seq=None)
+    run(intake, mirror_seq=0)
     assert intake.owes_replies
     server.stop()
     run(intake, mirror_seq=1)
@@ -589,7 +681,7 @@ def test_the_reply_script_sends_nothing_before_the_mirror_holds_the_events(serve
 
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")
-    intake.step(StuckMirror(None))  # connect
+    intake.step(StuckMirror(0))  # connect
     request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     owed = _Owed(3, None, request, client.session.token, Reply(b"ok"), 10**13, 0, 0.0)
     control = server.client(db=MIRROR_CURSOR_DB)
@@ -626,7 +718,7 @@ def test_refusals_go_out_while_the_mirror_is_incomplete(server, backend):
     intake = Intake(backend, server.url + "?db=0")
     refused = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     invalid = client.send(Op.SET_IMMUTABLE, key=b"k", value=b"\xc1 not an encoded value")
-    run(intake, mirror_seq=None)
+    run(intake, mirror_seq=0)
     replies = client.replies()
     assert replies[refused].error == b"readonly"
     assert replies[invalid].error == b"invalid"
@@ -734,11 +826,11 @@ def test_requests_handed_to_a_read_whose_answer_is_lost_are_applied_once(server,
 def test_closing_with_a_read_sent_ahead_does_not_wait_for_it(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")
-    intake.step(StuckMirror(None))  # connect
-    intake.step(StuckMirror(None))  # the (empty) pending list
+    intake.step(StuckMirror(0))  # connect
+    intake.step(StuckMirror(0))  # the (empty) pending list
     client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     intake.wait_for_requests(5.0)  # reads it at once; reads block up to 5 s from now
-    intake.step(StuckMirror(None))  # commits, and sends a read that blocks up to 5 s
+    intake.step(StuckMirror(0))  # commits, and sends a read that blocks up to 5 s
     assert intake._reading
     started = time.monotonic()
     intake.close()
@@ -761,7 +853,7 @@ def test_replies_a_stale_sink_finds_ready_wait_for_the_mirror_in_redis(server, b
     intake = Intake(backend, server.url + "?db=0")
     request = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
     refused = client.send(Op.SET_IMMUTABLE, key=b"k", value=b"\xc1 not an encoded value")
-    run(intake, mirror_seq=None)  # committed, owed
+    run(intake, mirror_seq=0)  # committed, owed
     assert client.replies().keys() == {refused}  # a refusal waits for nothing
     show(intake, 0)  # Redis lost the mirror
     for _ in range(3):
