@@ -59,6 +59,26 @@ replies could not go out before the mirror is back. (A mirror or daemon
 that fails between a commit and its replies still leaves a writer timed
 out on a write that is in the log.)
 
+"Now" is the server's clock (TIME), never the entry ids: an id can only
+say a request is younger than it is. A client may XADD with an id of
+its choice, and from then on Redis stamps every request with at least
+that time (so does a step back of the server's clock, for a while); a
+request stamped so, waiting while the daemon is down, would never look
+expired. So a request whose id is ahead of the server's clock by more
+than :data:`CLOCK_TOLERANCE_MS` is not applied: it gets a ``clock``
+error reply, recorded as an expiry is (a resend of it gets the same),
+and is logged. One within the tolerance counts as sent now. As long as
+the stream's last id is that far ahead, every new request would be
+refused: so once every request in the stream is one it refused (before
+their replies go out, so their writers cannot have sent again), the
+intake deletes the stream and makes it anew with its group, in one
+script (:data:`_RENEW`), and logs a warning. The requests sent while it
+was ahead are all answered, none lost; writers that write again
+afterwards are served as usual. (A request stamped while the ids were
+ahead but read only once the server's clock had nearly caught up with
+them, the daemon down meanwhile, still looks younger than it is: by up
+to how far ahead they were.)
+
 States, advanced by :meth:`Intake.step`::
 
     CONNECT --group and intake key made--> SERVE --Redis failed--> BACKOFF --delay over--> CONNECT
@@ -156,8 +176,14 @@ HOLD_WAIT = 0.05
 #: mirror's thread has read the answers of the step ahead.
 _AHEAD_SLICE_MS = 5
 #: Seconds between readings of the server's clock (between them it is
-#: extrapolated with the monotonic clock, and never behind a request's id).
+#: extrapolated with the monotonic clock).
 CLOCK_SYNC = 1.0
+#: How far (ms) a request's entry id may be ahead of the server's clock and
+#: the request still be applied (as sent now). Well above the error of the
+#: clock's extrapolation (drift over CLOCK_SYNC, a round trip), which is
+#: checked with TIME before a request is refused; below the timeouts
+#: writers use (seconds), since an id ahead hides that much of a request's age.
+CLOCK_TOLERANCE_MS = 2000
 #: A writer counts as active (its next request is expected within a
 #: batch's wait, see Intake._gather) if it sent one within the last
 #: ACTIVE_COMMITS transactions' durations (ACTIVE_MIN_S to ACTIVE_MAX_S
@@ -224,6 +250,57 @@ for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
     redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
 return lost or n
+"""
+
+
+# Makes the request stream anew, with its group, if its last id is ahead of
+# the server's clock by more than a tolerance (every `*` id is then stamped
+# at least that time, see the module docstring) and every request in it is
+# one the daemon has refused and owes a reply (so deleting it loses
+# nothing: the daemon sends those replies after, and had it died first,
+# their writers' timeouts would say the truth, "not applied"). A request
+# not yet read, or handed to a read not taken, or applied and not yet
+# answered, keeps it as it is. KEYS[1]: the request stream; ARGV[1]: the
+# group; ARGV[2]: the tolerance (ms); ARGV[3..]: the entry ids of the
+# refused requests owed a reply. Returns 1 if it made the stream anew; 0 if
+# its last id is not that far ahead (or it is gone); -1 if other requests
+# are in it.
+_RENEW = b"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return 0
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local last = 0
+for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+        last = tonumber(string.match(info[i + 1], '^%d+'))
+    end
+end
+local now = redis.call('TIME')
+if last - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) <= tonumber(ARGV[2]) then
+    return 0
+end
+-- Every entry is pending (delivered: none unread), and every pending one is owed.
+local entries = redis.call('XLEN', KEYS[1])
+if entries > #ARGV - 2 then
+    return -1
+end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', entries + 1)
+if #pending ~= entries then
+    return -1
+end
+local owed = {}
+for i = 3, #ARGV do
+    owed[ARGV[i]] = true
+end
+for _, entry in ipairs(pending) do
+    if not owed[entry[1]] then
+        return -1
+    end
+end
+redis.call('DEL', KEYS[1])
+redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+return 1
 """
 
 
@@ -491,6 +568,10 @@ class Intake:
         self._sweep_from = REQUEST_PREFIX
         self._next_sweep = 0.0
         self._retire = self.client.register_script(_RETIRE)
+        self._renew = self.client.register_script(_RENEW)
+        # Whether a request was refused for an entry id ahead of the server's
+        # clock: the stream is made anew once all its requests are answered.
+        self._stream_ahead = False
         #: Why the store takes no writes (it is a follower), or None while it does.
         self.read_only: str | None = None
 
@@ -624,6 +705,54 @@ class Intake:
         self.state = IntakeState.SERVE
         return Step(0)
 
+    def _renew_stream(self) -> None:
+        """Make the request stream anew if its ids are ahead of the server's clock.
+
+        See :data:`_RENEW`. Called before the replies of a batch that
+        refused such requests go out: their writers cannot have sent again
+        yet. If requests the daemon has not refused are in the stream, it
+        is left as it is: they are read (and refused) next, and this is
+        tried again then.
+        """
+        if self._reading:
+            # Redis would hand the new stream's requests to the read, or end
+            # it: dropped (what it was handed stays pending, read first).
+            self._drop_read()
+            self._backlog, self._backlog_from = True, b"0"
+        refused = [
+            owed.entry_id
+            for owed in (*self._sending, *self._ready, *self._owed)
+            if owed.entry_id is not None and owed.reply.status == b"error"
+        ]
+        try:
+            renewed = self._renew(keys=[self._stream], args=[GROUP, CLOCK_TOLERANCE_MS, *refused])
+        except redis.ResponseError as error:
+            if _stream_gone(error):
+                raise
+            # Not the daemon's rights (see the README)? The replies still go
+            # out; the next refusal tries again.
+            self._stream_ahead = False
+            logger.error(
+                "could not make the request stream %r anew (%s): every request will be"
+                " refused until its ids are no longer ahead of the Redis server's clock,"
+                " or it is deleted (DEL %s in database %d, once no writer waits)",
+                self._stream,
+                error,
+                self._stream.decode(),
+                MIRROR_CURSOR_DB,
+            )
+            return
+        if renewed < 0:
+            return
+        self._stream_ahead = False
+        if renewed:
+            logger.warning(
+                "the request stream %r had ids ahead of the Redis server's clock (a client"
+                " chose one, or the server's clock went back): every request in it was"
+                " refused, and it is made anew",
+                self._stream,
+            )
+
     def _serve(self, mirror: Mirror) -> Step:
         self._collect_replies(mirror.seq)
         answered = len(self._ready)
@@ -733,7 +862,12 @@ class Intake:
         writers one round trip sooner than if sent after the mirror's
         reply came back. Those not sent so stay owed or ready, for the
         usual path (:meth:`_exchange`).
+
+        A batch that refused requests for ids ahead of the server's clock
+        first has the request stream made anew (:meth:`_renew_stream`).
         """
+        if self._stream_ahead:
+            self._renew_stream()
         self._settle(mirror)
         committed, self._committed = self._committed, []
         if not (self._ready or self._owed):
@@ -986,18 +1120,23 @@ class Intake:
         """The Redis server's time now, in ms: read with TIME about once a second.
 
         Between readings it is extrapolated with this host's monotonic
-        clock, and it is never before the newest request's entry id (which
-        the server stamped), so a request is never judged younger than it is
-        by more than the drift of one second.
+        clock. It is read again at once if the newest request's entry id
+        is ahead of that by more than :data:`CLOCK_TOLERANCE_MS` (the
+        server's clock may have stepped forward), so that a request is
+        refused for an id ahead only by the server's own word. It is never
+        raised to an entry id: a client may choose its entry's id (see the
+        module docstring).
         """
         now = time.monotonic()
-        if self._clock is None or now - self._clock[1] >= CLOCK_SYNC:
-            seconds, micros = self.client.time()
-            self._clock = (seconds * 1000 + micros // 1000, now)
-        server_ms = self._clock[0] + int((now - self._clock[1]) * 1000)
         # An XREADGROUP hands out entries (new or pending) in the order of their ids.
         newest = entry_time_ms(fetched[-1][0])
-        return max(server_ms, newest)
+        if self._clock is not None and now - self._clock[1] < CLOCK_SYNC:
+            server_ms = self._clock[0] + int((now - self._clock[1]) * 1000)
+            if newest - server_ms <= CLOCK_TOLERANCE_MS:
+                return server_ms
+        seconds, micros = self.client.time()
+        self._clock = (seconds * 1000 + micros // 1000, now)
+        return self._clock[0]
 
     def _collect_replies(self, mirror_seq: int | None) -> None:
         """Ready the owed replies whose events the mirror holds (at `mirror_seq`).
@@ -1109,6 +1248,8 @@ class Intake:
             reply = OK
         else:
             reply = Reply(record.status, record.value, record.error, record.message)
+            if record.error == b"clock":
+                self._stream_ahead = True
         self._owed.append(
             _Owed(
                 record.seq,
@@ -1303,11 +1444,27 @@ class _Applied:
                 logger.error(
                     "request %r: its record is damaged: applying it again", request.request_id
                 )
-        sent_ms = request.sent_ms
+        # An entry id ahead of `now_ms` by up to the tolerance: the clock's
+        # extrapolation lags (taken as sent now). Beyond it: see below.
+        ahead_ms = request.sent_ms - now_ms
+        sent_ms = min(request.sent_ms, now_ms)
         expires_ms = sent_ms + request.timeout_ms
         margin = min(int(request.timeout_ms * APPLY_MARGIN), 1000)
         wtxn = self.wtxn
-        if now_ms > expires_ms - margin:
+        if ahead_ms > CLOCK_TOLERANCE_MS:
+            # Its id hides how long it waited (Redis stamps every request
+            # with at least the stream's last id): it may be older than its
+            # timeout. Recorded, as an expiry is, so a resend gets the same.
+            message = (
+                f"{request.op.value} request {request.request_id!r} not applied: its stream"
+                f" entry id {request.entry_id.decode()} is {ahead_ms} ms ahead of the Redis"
+                " server's clock (a client chose such an id, or the server's clock went"
+                " back), so its age is unknown; the replicator makes the request stream"
+                " anew: send the write again"
+            )
+            logger.error("%s", message)
+            record = RequestRecord(expires_ms, 0, b"error", b"", b"clock", message)
+        elif now_ms > expires_ms - margin:
             # Recorded too: a resend of it (whose entry time, and so its
             # expiry, moves with the network's delays) may come later in
             # this batch or after, and must get the same answer, never be
@@ -1319,7 +1476,7 @@ class _Applied:
                 b"",
                 b"expired",
                 f"{request.op.value} request {request.request_id!r} arrived"
-                f" {max(0, now_ms - sent_ms)} ms after it was sent, too late for its"
+                f" {now_ms - sent_ms} ms after it was sent, too late for its"
                 f" {request.timeout_ms} ms timeout: not applied",
             )
         else:

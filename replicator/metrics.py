@@ -9,8 +9,8 @@ them:
 ``telstate_replicator_requests_applied``    write requests committed to the log
 ``telstate_replicator_requests_rejected``   requests refused, by ``reason``
                                             (``immutable``, ``timestamp``,
-                                            ``expired``, ``invalid``, ``store``,
-                                            ``readonly``)
+                                            ``expired``, ``clock``, ``invalid``,
+                                            ``store``, ``readonly``)
 ``telstate_replicator_batch_size``          requests per LMDB transaction
 ``telstate_replicator_request_seconds``     request sent to reply sent (server clock)
 ``telstate_replicator_mirror_lag_events``   events in the log not yet in the mirror
@@ -30,7 +30,7 @@ import redis
 #: Seconds between copies of the metrics into Redis.
 PUBLISH_INTERVAL = 1.0
 #: Reasons a request is rejected (the label values of the rejected counter).
-REASONS = ("immutable", "timestamp", "expired", "invalid", "store", "readonly")
+REASONS = ("immutable", "timestamp", "expired", "clock", "invalid", "store", "readonly")
 
 
 class Metrics:

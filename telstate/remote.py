@@ -34,8 +34,10 @@ A request is one stream entry with these fields (bytes; integers as ASCII):
 ``sub``      encoded sub-key (``set_indexed`` only)
 ``value``    encoded value (``set_immutable``, ``add_mutable``, ``set_indexed``)
 ``ts``       sensor timestamp, 8-byte big-endian float64 (``add_mutable`` only)
-``timeout``  milliseconds the client waits from sending; a request whose
-             stream entry id (the server's clock) is older than that is never applied
+``timeout``  milliseconds the client waits from sending; a request older
+             than that by the server's clock (from its stream entry id, its
+             sending time) is never applied, nor is one whose entry id is
+             ahead of the server's clock (its age is then unknown)
 ``host``     writer identity recorded in the event: host name,
 ``pid``      process id,
 ``name``     and writer name (empty for none)
@@ -50,7 +52,9 @@ A reply is one entry of the reply stream:
 ``value``    see ``status``
 ``error``    for ``error``: ``immutable`` (the key has another type),
              ``timestamp`` (invalid timestamp), ``expired`` (older than its
-             timeout: not applied), ``invalid`` (malformed request),
+             timeout: not applied), ``clock`` (its stream entry id is
+             ahead of the server's clock: not applied), ``invalid``
+             (malformed request),
              ``store`` (the daemon writes another store, or failed),
              ``readonly`` (the store takes no writes: it is a follower)
 ``message``  for ``error``: what went wrong, naming the key
@@ -1347,6 +1351,9 @@ class RemoteWriter:
             If no reply came within the timeout (the write is not applied).
         ReadOnlyError
             If the store takes no writes (it became a follower).
+        TelstateError
+            If the log host refused the request, not applying it (its stream
+            entry id was ahead of the Redis server's clock, or it was malformed).
         ConnectionError
             If the Redis server cannot be reached.
         """

@@ -8,6 +8,7 @@ reply (by dropping it without acknowledging anything).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -16,9 +17,9 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replicator.intake import GROUP, Intake, IntakeState
+from replicator.intake import CLOCK_TOLERANCE_MS, GROUP, Intake, IntakeState
 from telstate.encoding import encode_value
-from telstate.errors import ReadOnlyError, StoreError
+from telstate.errors import ReadOnlyError, StoreError, TelstateError
 from telstate.lmdb import LmdbBackend, make_follower
 from telstate.log import Op
 from telstate.redis import MIRROR_CURSOR_DB
@@ -288,6 +289,136 @@ def test_expired_request_is_never_applied(server, backend):
     assert replies[stale].error == b"expired"
     assert replies[fresh] == Reply(b"ok")
     assert [event.value for event in backend.events()] == [encode_value(2)]
+    intake.close()
+
+
+def server_ms(intake: Intake) -> int:
+    seconds, micros = intake.client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def test_requests_stamped_ahead_of_the_servers_clock_are_refused_and_the_stream_made_anew(
+    server, backend, caplog
+):
+    # A client with XADD rights picks an id a year ahead (found by review):
+    # Redis stamps every later request with that time, so a request waiting
+    # while the daemon is down would never look expired.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    future = server_ms(intake) + 365 * 86400 * 1000
+    chosen = client.send(
+        Op.SET_IMMUTABLE, entry_id=b"%d-0" % future, key=b"junk", value=encode_value(0)
+    )
+    stamped = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    assert [entry_id for entry_id, _ in client.redis.xrange(intake._stream)] == [
+        b"%d-0" % future,
+        b"%d-1" % future,
+    ]
+    with caplog.at_level(logging.WARNING, "replicator.intake"):
+        run(intake, mirror_seq=0)
+    replies = client.replies()
+    assert {replies[chosen].error, replies[stamped].error} == {b"clock"}
+    with pytest.raises(TelstateError, match="not applied.*ahead of the Redis server's clock"):
+        replies[stamped].result()
+    assert backend.last_seq == 0
+    assert "made anew" in caplog.text
+    # The stream is new: the server stamps its own time again, and writes are applied.
+    assert client.redis.xlen(intake._stream) == 0
+    after = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    ((entry_id, _),) = client.redis.xrange(intake._stream)
+    assert int(entry_id.split(b"-")[0]) <= server_ms(intake)
+    run(intake, mirror_seq=1)
+    assert client.replies()[after] == Reply(b"ok")
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    assert backend.request_records([chosen, stamped])[1].error == b"clock"
+    intake.close()
+
+
+def test_a_request_sent_while_refusals_are_made_is_refused_too_never_lost(
+    server, backend, monkeypatch
+):
+    # A writer sends (stamped ahead too) after the daemon read the batch it
+    # refuses, before the stream is made anew: the stream is kept until that
+    # request is refused as well.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    future = server_ms(intake) + 60_000
+    sent = [client.send(Op.SET_IMMUTABLE, entry_id=b"%d-0" % future, key=b"a", value=b"\xff\x01")]
+    process = Intake._process
+
+    def racing(self: Intake, *args: Any) -> int:
+        processed = process(self, *args)
+        if len(sent) == 1:
+            sent.append(client.send(Op.SET_IMMUTABLE, key=b"b", value=encode_value(1)))
+        return processed
+
+    monkeypatch.setattr(Intake, "_process", racing)
+    run(intake, mirror_seq=0, steps=1)
+    assert client.replies().keys() <= {sent[0]}
+    assert client.redis.xlen(intake._stream) == 1  # the late request: kept
+    run(intake, mirror_seq=0)
+    replies = client.replies()
+    assert [replies[request].error for request in sent] == [b"clock", b"clock"]
+    assert backend.last_seq == 0
+    assert client.redis.xinfo_stream(intake._stream)["last-generated-id"] == b"0-0"  # anew
+    intake.close()
+
+
+def test_refusals_go_out_when_the_stream_cannot_be_made_anew(server, backend, caplog):
+    # A daemon's Redis user without DEL: the refusals are answered all the
+    # same, the log says what to do, and deleting the stream by hand recovers.
+    admin = server.client()
+    admin.acl_setuser(
+        "intake",
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-del"],
+    )
+    url = server.url.replace("unix://", "unix://intake:secret@") + "?db=0"
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, url)
+    future = server_ms(intake) + 60_000
+    refused = client.send(
+        Op.SET_IMMUTABLE, entry_id=b"%d-0" % future, key=b"k", value=encode_value(1)
+    )
+    with caplog.at_level(logging.ERROR, "replicator.intake"):
+        run(intake, mirror_seq=0)
+    assert client.replies()[refused].error == b"clock"
+    assert "could not make the request stream" in caplog.text
+    assert intake.state == IntakeState.SERVE
+    client.redis.delete(intake._stream)  # as the log says
+    after = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    run(intake, mirror_seq=1)
+    assert client.replies()[after] == Reply(b"ok")
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    intake.close()
+
+
+def test_a_request_stamped_a_little_ahead_is_applied_as_sent_now(server, backend, caplog):
+    # Within the tolerance (more than the error of the intake's extrapolated
+    # clock), an id ahead counts as sent now, with all of its timeout left.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    ahead = server_ms(intake) + CLOCK_TOLERANCE_MS // 2
+    first = client.send(
+        Op.ADD_MUTABLE,
+        timeout=0.5,
+        entry_id=b"%d-0" % ahead,
+        key=b"s",
+        value=encode_value(1),
+        timestamp=1.0,
+    )
+    second = client.send(
+        Op.ADD_MUTABLE, timeout=0.5, key=b"s", value=encode_value(2), timestamp=2.0
+    )
+    with caplog.at_level(logging.WARNING, "replicator.intake"):
+        run(intake, mirror_seq=0)
+        run(intake, mirror_seq=2)
+    assert client.replies() == {first: Reply(b"ok"), second: Reply(b"ok")}
+    assert [event.value for event in backend.events()] == [encode_value(1), encode_value(2)]
+    assert "made anew" not in caplog.text
     intake.close()
 
 

@@ -124,6 +124,30 @@ def test_an_expired_request_is_not_applied_and_neither_is_its_later_resend(backe
     assert backend.last_seq == 0
 
 
+def test_a_request_stamped_ahead_of_the_servers_clock_is_refused_and_so_is_its_resend(backend):
+    # Its id hides how long it waited: it may be older than its timeout.
+    ahead = request(backend, sent_ms=now_ms() + 60_000, timeout=10.0)
+    before = now_ms()
+    (outcome,) = apply_requests(backend, [ahead], before)
+    assert outcome.error == b"clock" and outcome.seq == 0
+    assert backend.last_seq == 0
+    # Kept as long as one sent now (not until a minute after the id's time).
+    assert outcome.expires_ms == before + 10_000
+    assert backend.request_records([ahead.request_id]) == [outcome]
+    # A resend of it, stamped by the server's clock again: the same answer.
+    resent = request(backend, request_id=ahead.request_id, timeout=5.0)
+    assert apply_requests(backend, [resent], now_ms()) == [outcome]
+    assert backend.last_seq == 0
+
+
+def test_a_request_stamped_within_the_tolerance_counts_as_sent_now(backend):
+    now = now_ms()
+    near = request(backend, sent_ms=now + intake.CLOCK_TOLERANCE_MS, timeout=1.0)
+    (outcome,) = apply_requests(backend, [near], now)
+    assert outcome.status == b"ok" and backend.last_seq == 1
+    assert outcome.expires_ms == now + 1000
+
+
 def test_a_damaged_record_gets_its_request_applied_again(backend):
     first = request(backend)
     with backend.write() as wtxn:

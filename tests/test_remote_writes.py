@@ -37,7 +37,13 @@ from replicator.cursor import MirrorState, read_cursor
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
 from telstate.encoding import encode_value
-from telstate.errors import ConnectionError, ImmutableKeyError, ReadOnlyError, WriteTimeoutError
+from telstate.errors import (
+    ConnectionError,
+    ImmutableKeyError,
+    ReadOnlyError,
+    TelstateError,
+    WriteTimeoutError,
+)
 from telstate.lmdb import (
     LmdbBackend,
     apply_records,
@@ -552,6 +558,53 @@ def test_daemon_down_means_timeout_and_the_write_is_never_applied(
     assert [e.key for e in backend.events()] == [b"before", b"after"]
     backend.close()
     ts.backend.close()
+
+
+def _stream_ahead_by(control: redis.Redis) -> int:
+    """How far (ms) the request stream's last id is ahead of the server's clock."""
+    last = control.xinfo_stream(request_stream_key(0))["last-generated-id"]
+    seconds, micros = control.time()
+    return int(last.split(b"-")[0]) - (seconds * 1000 + micros // 1000)
+
+
+def test_request_ids_ahead_of_the_servers_clock_never_get_a_timed_out_write_applied(
+    store, server, mirror_url, daemon
+):
+    # A client may XADD with an id far ahead (found by review): Redis then
+    # stamps every request with that time, and one that waited while the
+    # daemon was down looked young forever, applied long after its writer
+    # was told "not written".
+    control = server.client(db=MIRROR_CURSOR_DB)
+    year = 365 * 86400 * 1000
+    first = daemon()
+    ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=1.0))
+    ts.add("before", 1, immutable=True)
+    first.stop()
+    seconds, _ = control.time()
+    control.xadd(request_stream_key(0), {b"junk": b"1"}, id=b"%d-0" % (seconds * 1000 + year))
+    with pytest.raises(WriteTimeoutError, match="no reply"):
+        ts.add("late", 1, immutable=True)
+    time.sleep(1.0)  # well past its timeout: by the server's clock, expired
+    second = daemon()  # refuses it (its id is ahead) and makes the stream anew
+    deadline = time.monotonic() + SETTLE
+    while _stream_ahead_by(control) > 0:
+        assert time.monotonic() < deadline, "the request stream was not made anew"
+        time.sleep(0.05)
+    ts.add("after", 1, immutable=True)
+    # While the daemon runs: a writer in flight is told at once, and the next write goes.
+    seconds, _ = control.time()
+    control.xadd(request_stream_key(0), {b"junk": b"2"}, id=b"%d-0" % (seconds * 1000 + year))
+    with pytest.raises(TelstateError, match="not applied.*ahead of the Redis server's clock"):
+        ts.add("refused", 1, immutable=True)
+    ts.add("again", 1, immutable=True)
+    settle(store, server)
+    backend = LmdbBackend(store, readonly=True)
+    assert [e.key for e in backend.events()] == [b"before", b"after", b"again"]
+    backend.close()
+    second.stop()
+    assert "made anew" in second.log.read_text()
+    ts.backend.close()
+    control.close()
 
 
 def test_redis_down_means_connection_error(store, server, mirror_url, daemon):
