@@ -1308,7 +1308,11 @@ class RedisSink:
 
 def _size(arguments: tuple[Any, ...]) -> int:
     """Bytes of the keys and values among `arguments` (roughly, what they cost to send)."""
-    return sum(len(argument) for argument in arguments if isinstance(argument, bytes))
+    size = 0
+    for argument in arguments:  # a loop: half the cost of sum() over a generator, per event
+        if isinstance(argument, bytes):
+            size += len(argument)
+    return size
 
 
 def _is_permission_error(error: redis.ResponseError) -> bool:

@@ -130,6 +130,7 @@ _NOT_ENOUGH_DATA = object()
 _PUSH_NOTIFICATION = getattr(hiredis, "PushNotification", None)
 
 _TIMESTAMP = struct.Struct(">d")
+_new_tuple = tuple.__new__
 _HOST = socket.gethostname()
 # The operations a remote writer may request (a promotion is not one), and their fields.
 _FIELDS = {
@@ -423,21 +424,25 @@ def decode_request(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
     if size > MAX_REQUEST_BYTES:
         reason = f"{size} bytes, more than the {MAX_REQUEST_BYTES} a request may have"
         raise _invalid(entry_id, reason, request_id, reply_to)
-    # By position, in the order of Request's fields (keywords cost a named tuple more).
-    return Request(
-        entry_id,
-        request_id,
-        reply_to,
-        store,
-        op,
-        key,
-        fields.get(b"sub", b""),
-        fields.get(b"value", b""),
-        timestamp,
-        timeout_ms,
-        Writer(host, pid, name),
-        size,
-        sent_ms,
+    # By position, in the order of Request's fields, skipping the named
+    # tuple's generated __new__ (a Python call): one per request.
+    return _new_tuple(
+        Request,
+        (
+            entry_id,
+            request_id,
+            reply_to,
+            store,
+            op,
+            key,
+            fields.get(b"sub", b""),
+            fields.get(b"value", b""),
+            timestamp,
+            timeout_ms,
+            Writer(host, pid, name),
+            size,
+            sent_ms,
+        ),
     )
 
 
@@ -484,7 +489,10 @@ def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
             if flat is None or isinstance(flat, dict):
                 found.append((entry_id, flat or None))
             else:
-                found.append((entry_id, dict(zip(flat[::2], flat[1::2]))))
+                # One iterator zipped with itself pairs names and values
+                # without copying the list twice (once per request).
+                pairs = iter(flat)
+                found.append((entry_id, dict(zip(pairs, pairs))))
     return found
 
 
