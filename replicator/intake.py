@@ -184,6 +184,9 @@ CLOCK_SYNC = 1.0
 #: checked with TIME before a request is refused; below the timeouts
 #: writers use (seconds), since an id ahead hides that much of a request's age.
 CLOCK_TOLERANCE_MS = 2000
+#: Tries to make the request stream anew with only refused requests in it,
+#: before it is made anew all the same (see Intake._renew_stream).
+RENEW_TRIES = 3
 #: A writer counts as active (its next request is expected within a
 #: batch's wait, see Intake._gather) if it sent one within the last
 #: ACTIVE_COMMITS transactions' durations (ACTIVE_MIN_S to ACTIVE_MAX_S
@@ -260,11 +263,13 @@ return lost or n
 # nothing: the daemon sends those replies after, and had it died first,
 # their writers' timeouts would say the truth, "not applied"). A request
 # not yet read, or handed to a read not taken, or applied and not yet
-# answered, keeps it as it is. KEYS[1]: the request stream; ARGV[1]: the
-# group; ARGV[2]: the tolerance (ms); ARGV[3..]: the entry ids of the
-# refused requests owed a reply. Returns 1 if it made the stream anew; 0 if
-# its last id is not that far ahead (or it is gone); -1 if other requests
-# are in it.
+# answered, keeps it as it is, unless ARGV[3] is '1' (forced: writers that
+# keep sending would keep it for ever; a request so dropped was never
+# applied, and its writer's timeout says so). KEYS[1]: the request stream;
+# ARGV[1]: the group; ARGV[2]: the tolerance (ms); ARGV[4..]: the entry ids
+# of the refused requests owed a reply. Returns 1 if it made the stream
+# anew; 0 if its last id is not that far ahead (or it is gone); -1 if other
+# requests are in it.
 _RENEW = b"""
 if redis.call('EXISTS', KEYS[1]) == 0 then
     return 0
@@ -281,21 +286,23 @@ if last - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) <= ton
     return 0
 end
 -- Every entry is pending (delivered: none unread), and every pending one is owed.
-local entries = redis.call('XLEN', KEYS[1])
-if entries > #ARGV - 2 then
-    return -1
-end
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', entries + 1)
-if #pending ~= entries then
-    return -1
-end
-local owed = {}
-for i = 3, #ARGV do
-    owed[ARGV[i]] = true
-end
-for _, entry in ipairs(pending) do
-    if not owed[entry[1]] then
+if ARGV[3] ~= '1' then
+    local entries = redis.call('XLEN', KEYS[1])
+    if entries > #ARGV - 3 then
         return -1
+    end
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', entries + 1)
+    if #pending ~= entries then
+        return -1
+    end
+    local owed = {}
+    for i = 4, #ARGV do
+        owed[ARGV[i]] = true
+    end
+    for _, entry in ipairs(pending) do
+        if not owed[entry[1]] then
+            return -1
+        end
     end
 end
 redis.call('DEL', KEYS[1])
@@ -572,6 +579,8 @@ class Intake:
         # Whether a request was refused for an entry id ahead of the server's
         # clock: the stream is made anew once all its requests are answered.
         self._stream_ahead = False
+        # Tries in a row that found requests other than refused ones in it.
+        self._renew_misses = 0
         #: Why the store takes no writes (it is a follower), or None while it does.
         self.read_only: str | None = None
 
@@ -712,7 +721,10 @@ class Intake:
         refused such requests go out: their writers cannot have sent again
         yet. If requests the daemon has not refused are in the stream, it
         is left as it is: they are read (and refused) next, and this is
-        tried again then.
+        tried again then; after :data:`RENEW_TRIES` such tries it is made
+        anew all the same (writers that keep sending would keep it for
+        ever): the requests in it that it did not refuse were never
+        applied, and their writers time out ("not written").
         """
         if self._reading:
             # Redis would hand the new stream's requests to the read, or end
@@ -725,7 +737,10 @@ class Intake:
             if owed.entry_id is not None and owed.reply.status == b"error"
         ]
         try:
-            renewed = self._renew(keys=[self._stream], args=[GROUP, CLOCK_TOLERANCE_MS, *refused])
+            force = b"1" if self._renew_misses >= RENEW_TRIES else b"0"
+            renewed = self._renew(
+                keys=[self._stream], args=[GROUP, CLOCK_TOLERANCE_MS, force, *refused]
+            )
         except redis.ResponseError as error:
             if _stream_gone(error):
                 raise
@@ -743,8 +758,10 @@ class Intake:
             )
             return
         if renewed < 0:
+            self._renew_misses += 1
             return
         self._stream_ahead = False
+        self._renew_misses = 0
         if renewed:
             logger.warning(
                 "the request stream %r had ids ahead of the Redis server's clock (a client"
@@ -775,6 +792,8 @@ class Intake:
             if not self._holding:
                 self._holding = True
                 logger.info("intake: requests wait until the mirror is complete again")
+            if self._ready:
+                self._exchange(read=False)  # (refusals, which need no mirror)
             return Step(answered, wait=HOLD_WAIT, idle=False)
         self._holding = False
         fetched, self._fetched = self._fetched, []

@@ -748,13 +748,21 @@ class AsyncWire:
 
         It takes `limit` (s) at most, if given (Python 3.11+).
         """
+        transport = None
         try:
             async with self._time_limit(limit):
                 if self._connection is None:
                     # Connecting reads replies too (HELLO, SELECT): bounded as well.
                     self._connection = await self._pool.get_connection()
+                writer = getattr(self._connection, "_writer", None)
+                transport = None if writer is None else writer.transport
                 await self._connection.send_packed_command(packed)
         except BaseException as error:
+            if transport is not None:
+                # Aborted, not closed (as redis-py closes it on a timeout): a
+                # close still writes out what the send left buffered, and the
+                # server could run a command that this says it never got.
+                transport.abort()
             if self._connection is not None:
                 await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
@@ -1289,11 +1297,14 @@ def _hang_timeout(timeout: float) -> float:
     without a socket timeout (``redis.Redis(host=...)`` as katsdptelstate's
     users make them with redis-py 5) would wait for ever for a Redis that
     hangs (or a network that drops everything). The writer's connections
-    get one a little longer than the longest a healthy server takes to
-    answer (its XREAD BLOCK, at most the write's `timeout`), so such a
-    write fails soon after its timeout.
+    get the write's `timeout` and a little more: as long as a healthy
+    server may take to answer (its XREAD BLOCK, at most that), and as long
+    as the whole send of a request may take (Python bounds a ``sendall``
+    by the socket's timeout in all, however steadily it goes: a large
+    value over a slow link), so such a write fails at most that long
+    after its deadline.
     """
-    return min(_BLOCK_CHUNK, timeout) + _SLACK
+    return timeout + _SLACK
 
 
 class RemoteWriter:

@@ -364,6 +364,60 @@ def test_a_request_sent_while_refusals_are_made_is_refused_too_never_lost(
     intake.close()
 
 
+def test_a_writer_that_keeps_sending_does_not_keep_the_stream_ahead(server, backend, monkeypatch):
+    # A request sent during every batch would keep the stream for ever (never
+    # only refused requests in it): after RENEW_TRIES tries it is made anew
+    # all the same (a request then dropped was never applied), and the
+    # writer's next requests are applied.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    future = server_ms(intake) + 3_600_000
+    sent = [client.send(Op.SET_IMMUTABLE, entry_id=b"%d-0" % future, key=b"a", value=b"\x01")]
+    process = Intake._process
+
+    def steady(self: Intake, *args: Any) -> int:
+        processed = process(self, *args)
+        sent.append(
+            client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(0), timestamp=len(sent))
+        )
+        return processed
+
+    monkeypatch.setattr(Intake, "_process", steady)
+    run(intake, mirror_seq=0, steps=20)
+    last = client.redis.xinfo_stream(intake._stream)["last-generated-id"]
+    assert int(last.split(b"-")[0]) <= server_ms(intake)  # anew
+    replies = client.replies()
+    errors = [replies[request].error for request in sent if request in replies]
+    assert errors and set(errors) == {b"clock"}
+    assert backend.last_seq == 0
+    monkeypatch.undo()
+    after = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    run(intake, mirror_seq=1)
+    assert client.replies()[after] == Reply(b"ok")
+    intake.close()
+
+
+def test_refusals_ready_go_out_while_requests_wait_for_the_mirror(server, backend):
+    # A refusal needs no mirror: one ready when requests start to wait for an
+    # incomplete mirror goes out all the same.
+    from replicator.intake import _Owed
+
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    run(intake, mirror_seq=0)  # connected, idle
+    client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(5.0)  # read: it waits in _fetched
+    assert intake._fetched
+    refused = b"00000000000:refused:1"
+    invalid = Reply(b"error", error=b"invalid", message="malformed")
+    intake._ready.append(_Owed(0, None, refused, client.session.token, invalid, 10**13, 0, 0.0))
+    step = intake.step(StuckMirror(None))
+    assert intake._holding and not step.idle
+    assert client.replies()[refused].error == b"invalid"
+    assert backend.last_seq == 0
+    intake.close()
+
+
 def test_refusals_go_out_when_the_stream_cannot_be_made_anew(server, backend, caplog):
     # A daemon's Redis user without DEL: the refusals are answered all the
     # same, the log says what to do, and deleting the stream by hand recovers.

@@ -241,3 +241,47 @@ def test_fileno_shows_replies_not_yet_read_from_the_socket(server):
     assert wire.receive(1) == [b"two"]
     wire.close()
     assert wire.fileno() is None
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11+")
+def test_an_async_send_cut_off_by_its_limit_never_reaches_the_server(server):
+    # A send that raises must leave the server without the command: the
+    # writer then says "not written". redis-py closes the connection on a
+    # timeout, and a close still writes out what was buffered; the wire
+    # aborts it instead.
+    import asyncio
+    import threading
+    import time
+
+    import redis.asyncio
+
+    from telstate.remote import AsyncWire
+
+    def stall() -> None:
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(3.0)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+    async def main() -> None:
+        pool = redis.asyncio.ConnectionPool(
+            connection_class=redis.asyncio.UnixDomainSocketConnection, path=server.socket
+        )
+        wire = AsyncWire(pool)
+        await wire.send(hiredis.pack_command(("PING",)))
+        assert await wire.receive(1) == [b"PONG"]
+        stalled = threading.Thread(target=stall)
+        stalled.start()
+        await asyncio.sleep(0.2)
+        packed = hiredis.pack_command(("XADD", "s", "*", "value", b"x" * (64 << 20)))
+        with pytest.raises(redis.TimeoutError):
+            await wire.send(packed, limit=0.5)
+        await asyncio.to_thread(stalled.join)
+        # The loop runs on, the server again: whatever was still to go has gone.
+        await asyncio.sleep(1.5)
+        assert redis.Redis(unix_socket_path=server.socket).xlen("s") == 0
+        await wire.close()
+        await pool.disconnect()
+
+    asyncio.run(main())
