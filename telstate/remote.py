@@ -105,8 +105,8 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 3600.0
 #: Longest XREAD BLOCK of a waiting writer, so that a lost connection is noticed.
 _BLOCK_CHUNK = 1.0
-#: How much longer than its longest XREAD BLOCK a writer whose client has no
-#: socket timeout waits for the server before it counts the connection as lost.
+#: Spare time (s) a writer gives the server beyond the time left to its write
+#: before it counts the connection as lost (see _hang_timeout, AsyncRemoteWriter).
 _SLACK = 0.5
 #: Pause between attempts of a writer whose connection failed.
 _RETRY_DELAY = 0.05
