@@ -536,6 +536,8 @@ class Intake:
         self.socket_timeout = socket_timeout
         self.batch = batch
         self.batch_bytes = batch_bytes
+        # How many requests the next read takes (see _take_requests).
+        self._read_count = batch
         self.metrics = metrics or Metrics()
         # Group commit with fsync (see _gather): the writers seen lately (reply
         # token -> monotonic time of their last request), and how long the
@@ -843,7 +845,7 @@ class Intake:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._read_ahead(self.batch - len(fetched))
+            self._read_ahead(min(self._read_count, self.batch - len(fetched)))
             reader = self._reader.fileno()
             if reader is None or not self._reading:
                 break
@@ -1106,7 +1108,14 @@ class Intake:
 
     def _read_command(self, block_ms: int | None, count: int | None = None) -> tuple[Any, ...]:
         """The XREADGROUP of the next requests (the pending ones first, after a connect)."""
-        command: list[Any] = [b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", count or self.batch]
+        command: list[Any] = [
+            b"XREADGROUP",
+            b"GROUP",
+            GROUP,
+            GROUP,
+            b"COUNT",
+            count or self._read_count,
+        ]
         if self._backlog:
             # The pending list (never blocks), onwards from the last entry read of it.
             command += [b"STREAMS", self._stream, self._backlog_from]
@@ -1129,6 +1138,15 @@ class Intake:
             owed = {owed.entry_id for owed in (*self._owed, *self._ready, *self._sending)}
             if owed:
                 entries = [entry for entry in entries if entry[0] not in owed]
+        # A read is bounded by its count of requests, not by their bytes (a
+        # request may have MAX_REQUEST_BYTES): after large ones, the next reads
+        # take as many as batch_bytes holds of the largest, their count
+        # growing back twofold a read (of some requests) while they are small.
+        if entries:
+            largest = max(sum(map(len, fields.values())) if fields else 0 for _, fields in entries)
+            self._read_count = max(
+                1, min(self.batch, 2 * self._read_count, self.batch_bytes // max(largest, 1))
+            )
         # A pending entry deleted meanwhile comes back with no fields: only acknowledge it.
         dropped = [entry_id for entry_id, fields in entries if fields is None]
         if dropped:

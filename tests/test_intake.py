@@ -1437,3 +1437,27 @@ def test_writers_gone_quiet_are_forgotten(server, tmp_path, monkeypatch):
     assert intake._writers == {b"busy": now}
     intake.close()
     backend.close()
+
+
+def test_after_large_requests_reads_take_what_batch_bytes_holds(server, backend):
+    # A read is bounded by count, not bytes: after large requests the next
+    # reads take as many as batch_bytes holds of the largest (one here),
+    # and their count grows back twofold a read once requests are small.
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", batch_bytes=100_000)
+    run(intake, mirror_seq=0)  # connected, idle
+    large = encode_value(b"x" * 60_000)
+    client.send(Op.SET_IMMUTABLE, key=b"big0", value=large)
+    run(intake, mirror_seq=1)
+    assert intake._read_count == 1
+    for i in range(3):
+        client.send(Op.SET_IMMUTABLE, key=b"big%d" % (i + 1), value=large)
+    count, total = _batches(intake)
+    run(intake, mirror_seq=4, steps=10)
+    assert _batches(intake) == (count + 3, total + 3)  # one a read, one a batch
+    assert len(client.replies()) == 4
+    for i in range(3):
+        client.send(Op.SET_IMMUTABLE, key=b"small%d" % i, value=encode_value(i))
+        run(intake, mirror_seq=5 + i)
+    assert intake._read_count == 8  # 1 -> 2 -> 4 -> 8
+    intake.close()
