@@ -754,6 +754,9 @@ class AsyncWire:
                 if self._connection is None:
                     # Connecting reads replies too (HELLO, SELECT): bounded as well.
                     self._connection = await self._pool.get_connection()
+                elif not self._connection.is_connected:
+                    # Here, not in the send: the transport below is the one it writes to.
+                    await self._connection.connect()
                 writer = getattr(self._connection, "_writer", None)
                 transport = None if writer is None else writer.transport
                 await self._connection.send_packed_command(packed)

@@ -285,3 +285,39 @@ def test_an_async_send_cut_off_by_its_limit_never_reaches_the_server(server):
         await pool.disconnect()
 
     asyncio.run(main())
+
+
+def test_an_async_send_after_a_reset_connects_before_it_sends(server):
+    # So that the transport it aborts on a failure is the one the send writes
+    # to (redis-py would connect inside its send, out of the wire's sight).
+    import asyncio
+
+    import redis.asyncio
+
+    from telstate.remote import AsyncWire
+
+    async def main() -> list[bool]:
+        pool = redis.asyncio.ConnectionPool(
+            connection_class=redis.asyncio.UnixDomainSocketConnection, path=server.socket
+        )
+        wire = AsyncWire(pool)
+        await wire.send(hiredis.pack_command(("PING",)))
+        assert await wire.receive(1) == [b"PONG"]
+        await wire.reset()
+        connection = wire._connection
+        connected: list[bool] = []
+        send = connection.send_packed_command
+
+        async def watched(*args, **kwargs):
+            connected.append(connection.is_connected)
+            return await send(*args, **kwargs)
+
+        connection.send_packed_command = watched
+        await wire.send(hiredis.pack_command(("PING",)), limit=5.0)
+        assert await wire.receive(1) == [b"PONG"]
+        await wire.close()
+        await pool.disconnect()
+        return connected
+
+    connected = asyncio.run(main())
+    assert connected and all(connected)
