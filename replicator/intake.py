@@ -194,6 +194,13 @@ RENEW_TRIES = 3
 ACTIVE_COMMITS = 8
 ACTIVE_MIN_S = 0.005
 ACTIVE_MAX_S = 1.0
+#: Of each kind of message about one request (a rejection, a refusal for
+#: its entry id), at most LOG_BURST are logged in LOG_WINDOW seconds; the
+#: others are counted, and summed up in one line once the window is over
+#: (the metrics count every one): a client sending bad requests in a loop
+#: does not fill the daemon's log.
+LOG_BURST = 10
+LOG_WINDOW = 60.0
 #: After a batch's wait for writers ran out before they came, the next
 #: 2**misses - 1 batches (misses: such waits in a row, at most
 #: GATHER_MISSES) are taken without one (see Intake._gather).
@@ -356,6 +363,44 @@ def _stream_gone(error: redis.ResponseError) -> bool:
     """
     message = str(error)
     return "NOGROUP" in message or message.startswith("UNBLOCKED")
+
+
+class _LimitedLog:
+    """Logs messages of one kind at `level`: at most :data:`LOG_BURST` per :data:`LOG_WINDOW` s.
+
+    The messages beyond are counted, and one line says how many once the
+    window is over (at the next message, or the next :meth:`flush_due`).
+    """
+
+    def __init__(self, level: int, what: str) -> None:
+        self.level = level
+        self.what = what
+        self._window_end = 0.0
+        self._logged = 0
+        self._unlogged = 0
+
+    def log(self, message: str, *args: Any) -> None:
+        self.flush_due()
+        if self._logged == 0:
+            self._window_end = time.monotonic() + LOG_WINDOW
+        if self._logged < LOG_BURST:
+            self._logged += 1
+            logger.log(self.level, message, *args)
+        else:
+            self._unlogged += 1
+
+    def flush_due(self) -> None:
+        """Say how many messages went unlogged, and start anew, if the window is over."""
+        if self._logged and time.monotonic() >= self._window_end:
+            if self._unlogged:
+                logger.log(
+                    self.level,
+                    "%d more %s in the last %.0f s, not logged (see the metrics)",
+                    self._unlogged,
+                    self.what,
+                    LOG_WINDOW,
+                )
+            self._logged = self._unlogged = 0
 
 
 class IntakeState(enum.Enum):
@@ -585,6 +630,9 @@ class Intake:
         self._renew_misses = 0
         #: Why the store takes no writes (it is a follower), or None while it does.
         self.read_only: str | None = None
+        # Messages about single requests, each kind limited (see LOG_BURST).
+        self._rejections = _LimitedLog(logging.WARNING, "rejected requests")
+        self._clock_refusals = _LimitedLog(logging.ERROR, "requests refused for their entry ids")
 
     @property
     def owes_replies(self) -> bool:
@@ -597,6 +645,8 @@ class Intake:
         After a commit the step asks `mirror` to project it at once, so
         that the replies are ready for the next :meth:`wait_for_requests`.
         """
+        self._rejections.flush_due()
+        self._clock_refusals.flush_due()
         try:
             if self.state == IntakeState.CONNECT:
                 return self._connect()
@@ -1263,6 +1313,8 @@ class Intake:
             for request, record in zip(chunk, outcomes):
                 if record.error:
                     self.metrics.rejected.labels(record.error.decode()).inc()
+                    if record.error == b"clock":
+                        self._clock_refusals.log("%s", record.message)
                 else:
                     applied += 1
                 self._owe(request, record, clock_offset)
@@ -1309,7 +1361,7 @@ class Intake:
         kind: bytes = b"invalid",
     ) -> None:
         """Answer a bad request (if it says where to) and drop it; it blocks nothing."""
-        logger.warning("rejected: %s", error)
+        self._rejections.log("rejected: %s", error)
         self.metrics.rejected.labels(kind.decode()).inc()
         if error.request_id is None or error.reply_to is None:
             self.client.xack(self._stream, GROUP, entry_id)
@@ -1499,7 +1551,7 @@ class _Applied:
                 " back), so its age is unknown; the replicator makes the request stream"
                 " anew: send the write again"
             )
-            logger.error("%s", message)
+            # (The intake logs it, a few to a minute.)
             record = RequestRecord(expires_ms, 0, b"error", b"", b"clock", message)
         elif now_ms > expires_ms - margin:
             # Recorded too: a resend of it (whose entry time, and so its

@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import math
 import os
 import secrets
 import socket
@@ -1294,12 +1295,13 @@ def _writer_options(client: Any, control_db: int) -> tuple[dict[str, Any], float
 
 
 def _hang_timeout(timeout: float) -> float:
-    """The socket timeout of a writer whose client has none, for a write `timeout` (s).
+    """The longest socket timeout of a writer's connections, for a write `timeout` (s).
 
     A writer never waits for the server without a time limit: a client
     without a socket timeout (``redis.Redis(host=...)`` as katsdptelstate's
     users make them with redis-py 5) would wait for ever for a Redis that
-    hangs (or a network that drops everything). The writer's connections
+    hangs (or a network that drops everything), and one with a long one
+    that long. The writer's connections
     get the write's `timeout` and a little more: as long as a healthy
     server may take to answer (its XREAD BLOCK, at most that), and as long
     as the whole send of a request may take (Python bounds a ``sendall``
@@ -1345,7 +1347,10 @@ class RemoteWriter:
     ) -> None:
         self._session = _Session(mirror_db, store, timeout, writer_name)
         kwargs, self._block = _writer_options(client, control_db)
-        kwargs["socket_timeout"] = kwargs.get("socket_timeout") or _hang_timeout(timeout)
+        # (A client's own socket timeout, if shorter, still counts.)
+        kwargs["socket_timeout"] = min(
+            kwargs.get("socket_timeout") or math.inf, _hang_timeout(timeout)
+        )
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
         self._lock = threading.Lock()

@@ -628,6 +628,61 @@ def test_huge_bad_fields_get_a_short_rejection_and_block_nothing(server, backend
     intake.close()
 
 
+def test_rejections_are_logged_a_few_to_a_window_and_all_answered(
+    server, backend, caplog, monkeypatch
+):
+    """A client sending bad requests in a loop must not fill the daemon's log."""
+    import replicator.intake
+
+    monkeypatch.setattr(replicator.intake, "LOG_WINDOW", 0.5)
+    burst = replicator.intake.LOG_BURST
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    bad = []
+    for _ in range(burst + 15):
+        request_id, fields = client.session.request(Op.DELETE, 10.0, key=b"k")
+        client.redis.xadd(client.session.requests, {**fields, b"op": b"bogus"})
+        bad.append(request_id)
+    future = server_ms(intake) + 365 * 86400 * 1000
+    ahead = [
+        client.send(Op.DELETE, entry_id=b"%d-%d" % (future, i), key=b"k") for i in range(burst + 3)
+    ]
+    caplog.set_level(logging.WARNING, logger="replicator.intake")
+    run(intake, mirror_seq=0)
+    replies = client.replies()
+    assert all(replies[request_id].error == b"invalid" for request_id in bad)
+    assert all(replies[request_id].error == b"clock" for request_id in ahead)
+    registry = intake.metrics.registry
+
+    def rejected(reason: str) -> float | None:
+        return registry.get_sample_value(
+            "telstate_replicator_requests_rejected_total", {"reason": reason}
+        )
+
+    assert rejected("invalid") == burst + 15
+    assert rejected("clock") == burst + 3
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum(message.startswith("rejected: ") for message in messages) == burst
+    assert sum("not applied: its stream entry id" in message for message in messages) == burst
+    assert not any("not logged" in message for message in messages)
+    # Once the window is over, a step says how many went unlogged.
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    caplog.clear()
+    run(intake, mirror_seq=0, steps=1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "15 more rejected requests in the last 0 s, not logged (see the metrics)" in messages
+    assert any(message.startswith("3 more requests refused") for message in messages)
+    # And the next window logs again.
+    caplog.clear()
+    request_id, fields = client.session.request(Op.DELETE, 10.0, key=b"k")
+    client.redis.xadd(client.session.requests, {**fields, b"op": b"bogus"})
+    run(intake, mirror_seq=0)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+    intake.close()
+
+
 def test_reply_streams_expire(server, backend):
     client = Client(server, str(backend.uuid))
     intake = Intake(backend, server.url + "?db=0")

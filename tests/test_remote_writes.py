@@ -617,7 +617,9 @@ def test_redis_down_means_connection_error(store, server, mirror_url, daemon):
     ts.backend.close()
 
 
-def _write_to_a_hung_redis(server: RedisServer, aio: bool) -> list[Any]:
+def _write_to_a_hung_redis(
+    server: RedisServer, aio: bool, socket_timeout: float | None = None
+) -> list[Any]:
     """Write once, SIGSTOP Redis, then try a write with a warm writer and with a cold one.
 
     The writers' clients have no socket timeout (as ``redis.Redis(host=...)``
@@ -649,7 +651,7 @@ def _write_to_a_hung_redis(server: RedisServer, aio: bool) -> list[Any]:
         return None, "", time.monotonic() - start
 
     def write_sync() -> None:
-        client = redis.Redis(unix_socket_path=server.socket, db=0, socket_timeout=None)
+        client = redis.Redis(unix_socket_path=server.socket, db=0, socket_timeout=socket_timeout)
         ts = TelescopeState(RedisBackend(client, write_timeout=1.0))
         ts.add("warm", 1.0, ts=1.0)
         store_id = ts.backend._remote._session.store
@@ -659,7 +661,9 @@ def _write_to_a_hung_redis(server: RedisServer, aio: bool) -> list[Any]:
         outcomes.append(timed(lambda: cold.write(Op.DELETE, b"hung")))
 
     async def write_async() -> None:
-        client = redis.asyncio.Redis(unix_socket_path=server.socket, db=0, socket_timeout=None)
+        client = redis.asyncio.Redis(
+            unix_socket_path=server.socket, db=0, socket_timeout=socket_timeout
+        )
         ts = telstate.aio.TelescopeState(AioRedisBackend(client, write_timeout=1.0))
         await ts.add("warm", 1.0, ts=1.0)
         store_id = ts.backend._remote._session.store
@@ -680,17 +684,20 @@ def _write_to_a_hung_redis(server: RedisServer, aio: bool) -> list[Any]:
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+@pytest.mark.parametrize("socket_timeout", [None, 60.0], ids=["none", "long"])
 def test_a_writer_whose_client_has_no_socket_timeout_fails_soon_when_redis_hangs(
-    server, mirror_url, daemon, aio
+    server, mirror_url, daemon, aio, socket_timeout
 ):
     """Found by review: such a writer waited for ever for a SIGSTOPped Redis.
 
     The warm writer's request may have reached Redis (it was sent before the
     read hung): "may have been applied"; the cold one's never did: as when
-    Redis is down. Both within their 1 s timeout and a little more.
+    Redis is down. Both within their 1 s timeout and a little more, also
+    when the client's own socket timeout is longer (the sync writer waited
+    that long).
     """
     daemon()
-    warm, cold = _write_to_a_hung_redis(server, aio)
+    warm, cold = _write_to_a_hung_redis(server, aio, socket_timeout)
     assert warm[0] is WriteTimeoutError and "may have been applied" in warm[1]
     assert cold[0] is ConnectionError
     assert warm[2] < 6 and cold[2] < 6, (warm, cold)
