@@ -55,9 +55,11 @@ stream entry id is its sending time) is never applied: it gets an
 so a request is applied only while :data:`APPLY_MARGIN` of its timeout
 remains, and only while the mirror is complete (tailing the log): while
 it is being rebuilt, or Redis failed, requests wait in Redis, since their
-replies could not go out before the mirror is back. (A mirror or daemon
-that fails between a commit and its replies still leaves a writer timed
-out on a write that is in the log.)
+replies could not go out before the mirror is back. A request is judged
+once its transaction has begun (a local writer may hold the store's write
+lock meanwhile). (A mirror or daemon that fails between a commit and its
+replies, or stalls there for longer than that margin, still leaves a
+writer timed out on a write that is in the log.)
 
 "Now" is the server's clock (TIME), never the entry ids: an id can only
 say a request is younger than it is. A client may XADD with an id of
@@ -106,7 +108,7 @@ import enum
 import logging
 import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -1298,12 +1300,16 @@ class Intake:
             for request in requests:
                 writers[request.reply_to] = started
         self._committed = []
-        for index, chunk in enumerate(_chunks(requests, self.batch_bytes)):
-            if index:
-                # A later chunk is judged by the time now (the ones before took some).
-                now_ms = int((time.monotonic() - clock_offset) * 1000)
+
+        def server_now() -> int:
+            return int((time.monotonic() - clock_offset) * 1000)
+
+        for chunk in _chunks(requests, self.batch_bytes):
             if self.read_only is None:
-                outcomes = apply_requests(self.backend, chunk, now_ms, self._committed)
+                # Each chunk is judged by the server's time once its transaction
+                # has begun: the earlier chunks, the mirror's turn, and a local
+                # writer holding the store's write lock may have taken long.
+                outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
                 self.metrics.batch_size.observe(len(chunk))
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
@@ -1443,16 +1449,18 @@ def _chunks(requests: list[Request], size: int) -> list[list[Request]]:
 def apply_requests(
     backend: LmdbBackend,
     requests: Sequence[Request],
-    now_ms: int,
+    now_ms: int | Callable[[], int],
     events: list[Event] | None = None,
 ) -> list[RequestRecord]:
     """Apply `requests` to the store in one write transaction, once each.
 
     Each request's outcome is recorded in the same transaction. A request
     recorded before is not applied again: its record is returned. One that
-    has (nearly) expired by `now_ms` (the Redis server's time) is not
-    applied, and that is recorded: a resend of it, whose own expiry may be
-    a little later (it moves with the network's delays), gets the same
+    has (nearly) expired by `now_ms` (the Redis server's time, or a
+    function that gives it: called once the transaction has begun, so that
+    a wait for the store's write lock, held by a local writer, counts) is
+    not applied, and that is recorded: a resend of it, whose own expiry may
+    be a little later (it moves with the network's delays), gets the same
     answer.
 
     The events the transaction appended are added to `events` (if given)
@@ -1470,8 +1478,9 @@ def apply_requests(
     """
 
     with backend.write() as wtxn:
+        now = now_ms if isinstance(now_ms, int) else now_ms()
         applied = _Applied(wtxn)
-        outcomes = [applied.apply(request, now_ms) for request in requests]
+        outcomes = [applied.apply(request, now) for request in requests]
     if events is not None:
         events += applied.events
     return outcomes

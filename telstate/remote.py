@@ -1273,8 +1273,8 @@ class _Session:
         return WriteTimeoutError(
             f"{what}: no reply from the log host's replicator within {self.timeout:g} s"
             " (is telstate-replicator --accept-writes running?); the request expires"
-            " unapplied (unless the daemon or the mirror failed between applying it and"
-            " replying: `telstate history` on the log host would show it)"
+            " unapplied (unless the daemon or the mirror failed or stalled between applying"
+            " it and replying: `telstate history` on the log host would show it)"
         )
 
     def unreachable(self, error: Exception) -> ConnectionError:

@@ -225,6 +225,40 @@ def test_a_later_chunk_of_a_batch_is_judged_by_the_time_it_is_committed(
     intake.close()
 
 
+def test_a_request_that_expires_while_the_commit_waits_for_the_write_lock_is_not_applied(
+    server, backend
+):
+    """Found by a soak: a local writer on the log host held the store's write lock.
+
+    The request was judged fresh before the intake's transaction began, and
+    applied once the lock was free, after its writer had been told "not written".
+    """
+    import threading
+
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    run(intake, mirror_seq=0, steps=2)  # connected, the pending list read
+    late = client.send(Op.SET_IMMUTABLE, key=b"late", value=encode_value(1), timeout=1.0)
+    locked, release = threading.Event(), threading.Event()
+
+    def local_writer() -> None:
+        with backend.write() as wtxn:
+            wtxn.set_immutable(b"local", encode_value(0))
+            locked.set()
+            release.wait(10)  # a long local transaction
+
+    holder = threading.Thread(target=local_writer)
+    holder.start()
+    assert locked.wait(10)
+    # Released after the request's 1 s timeout has passed.
+    threading.Timer(1.5, release.set).start()
+    run(intake, mirror_seq=1)
+    holder.join(10)
+    assert [event.key for event in backend.events()] == [b"local"]
+    assert client.replies()[late].error == b"expired"
+    intake.close()
+
+
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
     client = Client(server, str(backend.uuid))
     first = Intake(backend, server.url + "?db=0")
