@@ -367,6 +367,104 @@ def test_damaged_state_tables_fail_verify_without_a_traceback(filled):
     assert "state: unreadable" in result.stdout and "Traceback" not in result.stderr
 
 
+def edit_tables(path: Path, edit) -> None:
+    """Run ``edit(txn, tables)`` in a write transaction of plain LMDB (no checksums to fix)."""
+    env = lmdb.open(str(path), max_dbs=len(Tables.NAMES))
+    try:
+        with env.begin(write=True) as txn:
+            edit(txn, Tables(env, txn, create=False))
+    finally:
+        env.close()
+
+
+def seq_key(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def test_verify_fails_when_state_and_history_index_swap_two_keys_events(tmp_path):
+    """The log is intact; two keys' values are swapped in the state and so are their
+    history entries: each key replayed through its entries would match its state."""
+    path = tmp_path / "swapped"
+    with LmdbBackend(path, durability="none") as backend:
+        ts = TelescopeState(backend)
+        ts.add("gain_ok", "x", immutable=True)  # seq 1
+        ts.add("gain_bad", "y", immutable=True)  # seq 2
+
+    def swap(txn, tables):
+        ok, bad = b"\x01gain_ok", b"\x01gain_bad"
+        ok_record, bad_record = txn.get(ok, db=tables.keys), txn.get(bad, db=tables.keys)
+        txn.put(ok, bad_record[:-1] + ok_record[-1:], db=tables.keys)  # same key id
+        txn.put(ok, ok_record[:-1] + bad_record[-1:], db=tables.keys)
+        txn.put(bad, bad_record[:-1] + ok_record[-1:], db=tables.keys)
+        for name_key, old, new in ((ok, 1, 2), (bad, 2, 1)):
+            assert txn.delete(name_key, seq_key(old), db=tables.history)
+            txn.put(name_key, seq_key(new), db=tables.history)
+
+    edit_tables(path, swap)
+    with LmdbBackend(path, readonly=True) as backend:
+        assert dict((k, v) for k, _, v in backend.records()) == {
+            b"gain_ok": b"\xff\xa1y",
+            b"gain_bad": b"\xff\xa1x",
+        }
+        problems = backend.verify()
+    assert "key 'gain_ok': the history index lists 1 event of other keys" in problems[2]
+    assert "key 'gain_ok': in the state but not in the log (its last event: 2)" in problems
+    assert problems[-1].startswith("history index: it does not list the log's events")
+    result = telstate_cli("verify", str(path))
+    assert result.returncode == 1 and "verify FAILED: 5 problems" in result.stdout
+
+
+def test_verify_fails_when_a_history_entry_names_an_event_not_in_the_log(tmp_path):
+    """Same counts and the same replayed values: only the entries' seqs are wrong."""
+    path = tmp_path / "dangling"
+    with LmdbBackend(path, durability="none") as backend:
+        ts = TelescopeState(backend)
+        ts.add("s", 1.0, ts=1.0)  # seq 1
+        ts.add("t", 1.0, ts=1.0)  # seq 2
+        ts.clear()  # seq 3
+        ts.add("s", 1.0, ts=1.0)  # seq 4
+        assert backend.verify() == []
+
+    def move(txn, tables):
+        assert txn.delete(b"\x01s", seq_key(1), db=tables.history)  # before the clear
+        txn.put(b"\x01s", seq_key(99), db=tables.history)  # no such event
+
+    edit_tables(path, move)
+    with LmdbBackend(path, readonly=True) as backend:
+        assert backend.verify() == [
+            "history index: it does not list the log's events under their keys "
+            "(the counts agree, the seqs do not)"
+        ]
+
+    def clear_elsewhere(txn, tables):
+        # The clear's entry names no event, and the clear is listed under a key.
+        assert txn.delete(b"\x00", seq_key(3), db=tables.history)
+        txn.put(b"\x00", seq_key(99), db=tables.history)
+        assert txn.delete(b"\x01s", seq_key(99), db=tables.history)
+        txn.put(b"\x01s", seq_key(3), db=tables.history)
+
+    edit_tables(path, clear_elsewhere)
+    with LmdbBackend(path, readonly=True) as backend:
+        problems = backend.verify()
+    assert problems[-1].startswith("history index: it does not list the log's events")
+
+
+def test_a_log_key_that_is_not_a_seq_is_reported_by_verify(filled):
+    _, records = raw_log(filled)
+
+    def insert(txn, tables):
+        txn.put(seq_key(5) + b"\x00", dict(records)[5], db=tables.log)  # between 5 and 6
+
+    edit_tables(filled, insert)
+    result = telstate_cli("verify", str(filled))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "  log: a key of 9 bytes (000000000000000500) after event 5 is not a seq "
+        "(its entry is ignored)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
 def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     early = tmp_path / "early.rdb"
     assert telstate_cli("export", str(filled), str(early)).returncode == 0
