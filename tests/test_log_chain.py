@@ -505,13 +505,43 @@ def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     failed = telstate_cli("verify", str(filled), "--rdb", str(claimed))
     assert failed.returncode == 1 and "another history" in failed.stdout
 
-    # A file that claims no position: replayed to a time, not a seq.
+    # A file that claims no position (not written by telstate).
+    unclaimed = tmp_path / "unclaimed.rdb"
+    with RDBWriter(unclaimed) as writer:
+        for record in read_records(early):
+            writer.write_record(*record)
+    failed = telstate_cli("verify", str(filled), "--rdb", str(unclaimed))
+    assert failed.returncode == 1 and "claims no log position" in failed.stdout
+
+
+def test_an_export_until_a_time_records_its_position_and_verifies(filled, tmp_path):
+    backend = LmdbBackend(filled, durability="none")
+    events = list(backend.events())
+    middle = events[len(events) // 2]
+    fill(TelescopeState(backend), 40, 5)
+    backend.close()
     replayed = tmp_path / "replayed.rdb"
-    until = f"@{time.time():.3f}"
+    until = f"@{middle.time!r}"
     result = telstate_cli("replay", str(filled), "--until", until, "--rdb", str(replayed))
     assert result.returncode == 0, result.stderr
-    failed = telstate_cli("verify", str(filled), "--rdb", str(replayed))
-    assert failed.returncode == 1 and "claims no log position" in failed.stdout
+    aux = read_aux(replayed)
+    # The events before the first appended after the time (several may share it).
+    seq = next(event.seq for event in events if event.time > middle.time) - 1
+    assert seq >= middle.seq
+    assert aux[b"telstate-seq"] == b"%d" % seq
+    assert aux[b"telstate-chain"] == events[seq - 1].chain.hex().encode()
+    assert aux[b"telstate-replay-until"] == until.encode()
+    ok = telstate_cli("verify", str(filled), "--rdb", str(replayed))
+    assert ok.returncode == 0, ok.stdout
+    assert f"exactly the state at seq {seq}" in ok.stdout
+    exported = tmp_path / "exported.rdb"
+    result = telstate_cli("--json", "export", str(filled), str(exported), "--until", until)
+    assert json.loads(result.stdout)["seq"] == seq
+    assert list(read_records(exported)) == list(read_records(replayed))
+    before = telstate_cli("export", str(filled), str(exported), "--until", "@0")
+    assert before.stdout == f"exported 0 keys (state at @0: seq 0) to {exported}\n"
+    assert read_aux(exported)[b"telstate-seq"] == b"0"
+    assert telstate_cli("verify", str(filled), "--rdb", str(exported)).returncode == 0
 
 
 def test_verify_rdb_of_past_and_selected_exports(filled, tmp_path):
@@ -526,6 +556,82 @@ def test_verify_rdb_of_past_and_selected_exports(filled, tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["complete"] is False
     changed = tmp_path / "changed.rdb"
     with RDBWriter(changed, aux=read_aux(light)) as writer:
+        for key, key_type, value in read_records(light):
+            writer.write_record(key, key_type, value + b"!" if key == b"attr20" else value)
+    failed = telstate_cli("verify", str(filled), "--rdb", str(changed))
+    assert failed.returncode == 1 and "key 'attr20': value differs" in failed.stdout
+
+
+def rewrite_rdb(source: Path, target: Path, aux: dict[bytes, bytes], keep=lambda key: True) -> None:
+    with RDBWriter(target, aux=aux, keep_empty=True) as writer:
+        for record in read_records(source):
+            if keep(record[0]):
+                writer.write_record(*record)
+
+
+def test_verify_rdb_of_a_selection_checks_that_it_holds_exactly_the_selected_keys(filled, tmp_path):
+    light = tmp_path / "light.rdb"
+    args = ("--keys", "attr*", "--keys", "in,dexed", "--view", "")
+    assert telstate_cli("export", str(filled), str(light), *args).returncode == 0
+    aux = read_aux(light)
+    assert json.loads(aux[b"telstate-selection-json"]) == {
+        "patterns": ["attr*", "in,dexed"],
+        "view": "",
+    }
+    assert [key for key, _, _ in read_records(light)] == [b"attr0", b"attr20", b"attr30"]
+    ok = telstate_cli("verify", str(filled), "--rdb", str(light))
+    assert ok.returncode == 0, ok.stdout
+    assert "is exactly the keys selected by 'view= keys=attr*,in,dexed' of the state" in ok.stdout
+
+    # A selected key taken out.
+    missing = tmp_path / "missing.rdb"
+    rewrite_rdb(light, missing, aux, keep=lambda key: key != b"attr20")
+    failed = telstate_cli("--json", "verify", str(filled), "--rdb", str(missing))
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["differences"] == [
+        "key 'attr20': in the log but not in the file"
+    ]
+    # A key of the state that the selection does not hold, put in.
+    extra = tmp_path / "extra.rdb"
+    full = tmp_path / "full.rdb"
+    assert telstate_cli("export", str(filled), str(full)).returncode == 0
+    rewrite_rdb(full, extra, aux, keep=lambda key: key.startswith(b"attr") or key == b"long")
+    failed = telstate_cli("verify", str(filled), "--rdb", str(extra))
+    assert failed.returncode == 1
+    assert failed.stdout.splitlines()[1:] == ["  key 'long': in the file but not in its selection"]
+    # Every key taken out, the selection widened to everything.
+    empty = tmp_path / "empty.rdb"
+    rewrite_rdb(
+        full,
+        empty,
+        {**aux, b"telstate-selection-json": b'{"patterns": ["*"], "view": null}'},
+        keep=lambda key: False,
+    )
+    failed = telstate_cli("verify", str(filled), "--rdb", str(empty))
+    assert (
+        failed.returncode == 1 and "key 'sensor': in the log but not in the file" in failed.stdout
+    )
+    # A selection that cannot be read.
+    garbled = tmp_path / "garbled.rdb"
+    rewrite_rdb(light, garbled, {**aux, b"telstate-selection-json": b"keys=attr*"})
+    failed = telstate_cli("verify", str(filled), "--rdb", str(garbled))
+    assert (
+        failed.returncode == 1 and "selection (telstate-selection-json) is damaged" in failed.stdout
+    )
+
+    # A file of an earlier export: its selection only described, so only its keys are checked.
+    old = tmp_path / "old.rdb"
+    old_aux = {key: value for key, value in aux.items() if key != b"telstate-selection-json"}
+    rewrite_rdb(light, old, old_aux, keep=lambda key: key != b"attr20")
+    ok = telstate_cli("--json", "verify", str(filled), "--rdb", str(old))
+    assert ok.returncode == 0
+    shown = json.loads(ok.stdout)
+    assert (shown["complete"], shown["checked"]) == (False, "keys in the file")
+    ok = telstate_cli("verify", str(filled), "--rdb", str(old))
+    assert "the 2 keys in" in ok.stdout and "not checked" in ok.stdout
+    assert "exactly" not in ok.stdout
+    changed = tmp_path / "changed.rdb"
+    with RDBWriter(changed, aux=old_aux) as writer:
         for key, key_type, value in read_records(light):
             writer.write_record(key, key_type, value + b"!" if key == b"attr20" else value)
     failed = telstate_cli("verify", str(filled), "--rdb", str(changed))

@@ -7,7 +7,7 @@ import collections
 import itertools
 import struct
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from ..errors import StoreError
 from ..utils import KeyType, PathType, display_str, pack_timestamp
 from . import settings
 from .eventlog import raw_log, writers_in
-from .layout import ALL_KEYS, INLINE_LIMIT, Tables, name_key_of
+from .layout import ALL_KEYS, INLINE_LIMIT, LONG_NAME_KEY_LEN, Tables, name_key_of
 from .state import state_records
 
 if TYPE_CHECKING:
@@ -100,6 +100,17 @@ def replay_model(
             break
         apply(raw)
     return model
+
+
+def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
+    """The seq of the last event that :func:`replay_model` applies until `until_time`."""
+    last = 0
+    record_time = log.record_time
+    for seq, record in raw_log(txn, tables, 1):
+        if record_time(record) > until_time:
+            break
+        last = seq
+    return last
 
 
 def replay(
@@ -250,9 +261,18 @@ def _check_history(
 
 
 def verify_rdb_in(
-    txn: Any, tables: Tables, records: Iterable[Record], seq: int, complete: bool = True
+    txn: Any,
+    tables: Tables,
+    records: Iterable[Record],
+    seq: int,
+    complete: bool = True,
+    selected: Callable[[bytes], bool] | None = None,
 ) -> tuple[list[str], int]:
     """Compare RDB `records` with the state at `seq`, replayed key by key.
+
+    With `selected`, the records must be exactly the keys of that state
+    for which it is true; with `complete` false, only the keys in
+    `records` are compared (none is missing from them).
 
     Returns
     -------
@@ -269,6 +289,9 @@ def verify_rdb_in(
             problems.append(f"key {display_str(key)}: more than once in the file")
             continue
         seen.add(name_key)
+        if complete and selected is not None and not selected(key):
+            problems.append(f"key {display_str(key)}: in the file but not in its selection")
+            continue
         logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
         if foreign:
             problems.append(_foreign_problem(key, foreign))
@@ -282,10 +305,13 @@ def verify_rdb_in(
         name_key = bytes(name_key)
         if name_key == ALL_KEYS or name_key in seen:
             continue
+        if selected is not None and len(name_key) != LONG_NAME_KEY_LEN:
+            if not selected(name_key[1:]):  # the key is its name: no need to replay it
+                continue
         logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
         if foreign:
             problems.append(_foreign_problem(name_key[1:], foreign))
-        if logged is not None:
+        if logged is not None and (selected is None or selected(logged[0])):
             problems.append(f"key {display_str(logged[0])}: in the log but not in the file")
     return problems, count
 
