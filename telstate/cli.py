@@ -778,9 +778,18 @@ def build_parser() -> argparse.ArgumentParser:
         "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
     )
     import_.add_argument("rdb")
-    verify = command("verify", cmd_verify, "check the chain and that replay gives the state")
+    verify = command(
+        "verify",
+        cmd_verify,
+        "check the chain, that the history index lists exactly the log's events, and that "
+        "replay gives the state (a log rewritten with recomputed chains passes: check an "
+        "older export or snapshot against it with --rdb)",
+    )
     verify.add_argument(
-        "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
+        "--rdb",
+        metavar="FILE",
+        help="check instead that FILE is exactly the state at the (store, seq, chain) it "
+        "claims, or for an export of selected keys, exactly the keys of it selected",
     )
     command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
     backup = command(

@@ -465,6 +465,36 @@ def test_a_log_key_that_is_not_a_seq_is_reported_by_verify(filled):
     assert "Traceback" not in result.stderr
 
 
+def test_a_log_rewritten_with_recomputed_chains_passes_verify_but_not_an_older_export(
+    filled, tmp_path
+):
+    """The chain has no secret (as the README says): only a position recorded before
+    the rewrite, here an export's, tells the rewritten history from the original."""
+    before = tmp_path / "before.rdb"
+    assert telstate_cli("export", str(filled), str(before)).returncode == 0
+    identity, records = raw_log(filled)
+    attr = b"\x01attr0"
+    target = next(seq for seq, record in records if b"attr0" in record)
+
+    def rewrite(txn, tables):
+        chain = log.genesis(identity)
+        for seq, record in records:
+            body = record[: -log.CHAIN_SIZE]
+            if seq == target:  # attr0 = [0, 'x'] becomes [0, 'y']
+                assert body.endswith(b"x")
+                body = body[:-1] + b"y"
+            record = log.seal(body, chain)
+            chain = record[-log.CHAIN_SIZE :]
+            txn.put(seq_key(seq), record, db=tables.log)
+        state = txn.get(attr, db=tables.keys)
+        txn.put(attr, state[:-1] + b"y", db=tables.keys)
+
+    edit_tables(filled, rewrite)
+    assert telstate_cli("verify", str(filled)).returncode == 0
+    failed = telstate_cli("verify", str(filled), "--rdb", str(before))
+    assert failed.returncode == 1 and "another history" in failed.stdout
+
+
 def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     early = tmp_path / "early.rdb"
     assert telstate_cli("export", str(filled), str(early)).returncode == 0
