@@ -465,6 +465,28 @@ def test_a_log_key_that_is_not_a_seq_is_reported_by_verify(filled):
     assert "Traceback" not in result.stderr
 
 
+def test_history_entries_that_are_not_seqs_are_reported_by_verify(filled):
+    def insert(txn, tables):
+        txn.put(b"\x00", seq_key(5) + b"\x00", db=tables.history)  # a clear of 9 bytes
+        txn.put(b"\x01gone", b"\x00" * 9, db=tables.history)
+
+    edit_tables(filled, insert)
+    result = telstate_cli("verify", str(filled))
+    assert result.returncode == 1, result.stderr
+    assert "history index: its clears are unreadable" in result.stdout
+    assert "key 'gone': its history is unreadable" in result.stdout
+    assert "history index: 2 chunks of entries are not seqs" in result.stdout
+    assert "Traceback" not in result.stderr
+    export = filled.parent / "export.rdb"
+    assert telstate_cli("export", str(filled), str(export), "--until", "10").returncode == 0
+    result = telstate_cli("verify", str(filled), "--rdb", str(export))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "  history index: its clears are unreadable (unpack requires a buffer of 8 bytes)",
+        "  key 'gone': its history is unreadable (unpack requires a buffer of 8 bytes)",
+    ]
+
+
 def test_a_log_rewritten_with_recomputed_chains_passes_verify_but_not_an_older_export(
     filled, tmp_path
 ):

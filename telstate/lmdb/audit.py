@@ -178,7 +178,7 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     to check that it lists exactly the log's events, each under its key.
     """
     problems, counts, digest = _check_log(txn, tables, store)
-    clears = _clear_seqs(txn, tables)
+    clears = _readable_clear_seqs(txn, tables, problems)
     seen: set[bytes] = set()
     key = b""
     try:
@@ -202,7 +202,11 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
         name_key = bytes(name_key)
         if name_key == ALL_KEYS or name_key in seen:
             continue
-        logged, last, foreign = _replay_key(txn, tables, name_key, clears)
+        try:
+            logged, last, foreign = _replay_key(txn, tables, name_key, clears)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+            continue
         if foreign:
             problems.append(_foreign_problem(name_key[1:], foreign))
         if logged is not None:
@@ -279,7 +283,7 @@ def verify_rdb_in(
     The differences found, and the number of keys compared.
     """
     problems: list[str] = []
-    clears = _clear_seqs(txn, tables)
+    clears = _readable_clear_seqs(txn, tables, problems)
     seen: set[bytes] = set()
     count = 0
     for key, key_type, value in records:
@@ -292,7 +296,11 @@ def verify_rdb_in(
         if complete and selected is not None and not selected(key):
             problems.append(f"key {display_str(key)}: in the file but not in its selection")
             continue
-        logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        try:
+            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(key)}: its history is unreadable ({error})")
+            continue
         if foreign:
             problems.append(_foreign_problem(key, foreign))
         difference = _difference(key_type, value, logged)
@@ -308,7 +316,11 @@ def verify_rdb_in(
         if selected is not None and len(name_key) != LONG_NAME_KEY_LEN:
             if not selected(name_key[1:]):  # the key is its name: no need to replay it
                 continue
-        logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        try:
+            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+            continue
         if foreign:
             problems.append(_foreign_problem(name_key[1:], foreign))
         if logged is not None and (selected is None or selected(logged[0])):
@@ -481,6 +493,15 @@ def _mix(values: np.ndarray) -> np.ndarray:
     values = values ^ (values >> np.uint64(27))
     values = values * np.uint64(0x94D049BB133111EB)
     return values ^ (values >> np.uint64(31))
+
+
+def _readable_clear_seqs(txn: Any, tables: Tables, problems: list[str]) -> list[int]:
+    """The seqs of the clears, as the history index lists them; none if it cannot be read."""
+    try:
+        return _clear_seqs(txn, tables)
+    except _DAMAGE as error:
+        problems.append(f"history index: its clears are unreadable ({error})")
+        return []
 
 
 def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
