@@ -450,7 +450,8 @@ class _HistoryDigest:
     entries of the history table, it is the same exactly when the index
     lists every event under its own key (bar a chance of 2**-64), in
     memory of one chunk. Python's hash of bytes is keyed anew in every
-    process, so no one can make entries that collide beforehand.
+    process (unless ``PYTHONHASHSEED`` fixes it), so entries cannot be
+    made beforehand to collide.
     """
 
     def __init__(self) -> None:

@@ -829,8 +829,14 @@ class LmdbBackend(Backend):
         number of keys and the largest key (the log is streamed, each key
         replayed alone through the history index). Also checks that
         sequence numbers are dense, every record decodes, every event's
-        writer is known and the history index counts every event. Each
-        problem names the event (seq) or key it concerns.
+        writer is known and the history index lists exactly the log's
+        events, each under its own key. Each problem names the event (seq)
+        or key it concerns.
+
+        The chain has no secret: a log rewritten with every chain after
+        the change recomputed (and the state edited to match) passes. A
+        position recorded before, such as an export's (see
+        :meth:`verify_rdb`), tells the histories apart.
 
         Returns
         -------
