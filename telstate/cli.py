@@ -434,25 +434,35 @@ def _export(
     The state as of `until` is rebuilt from the log by :func:`telstate.lmdb.replay`
     (in memory); the current state is streamed from one snapshot.
     """
-    from .export import select_records
+    from .export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, select_records
 
     backend = _open_store(args)
     aux = {log.AUX_STORE: str(backend.uuid).encode()}
     if not selection.everything:
-        aux[b"telstate-selection"] = selection.describe()
+        aux[AUX_SELECTION_DESCRIPTION] = selection.describe()
+        aux[AUX_SELECTION] = selection.to_json()
     selected = selection.matcher()
     if until is not None:
         from .lmdb import replay
 
         until_seq, until_time = parse_until(until)
-        if until_seq is not None:  # a seq: the position is known, chain included
-            until_seq = max(0, min(until_seq, backend.last_seq))
-            aux.update(log.position_aux(backend.uuid, until_seq, backend.chain_at(until_seq)))
-        memory = replay(args.store, until_seq=until_seq, until_time=until_time).backend
+        if until_time is not None:  # the events before the first appended after it
+            until_seq = backend.seq_until(until_time)
+        assert until_seq is not None
+        until_seq = max(0, min(until_seq, backend.last_seq))
+        chain = backend.chain_at(until_seq)
+        aux.update(log.position_aux(backend.uuid, until_seq, chain))
+        memory = replay(args.store, until_seq=until_seq).backend
         aux[b"telstate-replay-until"] = until.encode()
         total = sum(1 for key in memory.keys(b"*") if selected(key))
         count = _write_rdb(select_records(memory, selection), target, aux, total)
-        return {"rdb": target, "keys": count, "until": until}
+        return {
+            "rdb": target,
+            "keys": count,
+            "until": until,
+            "seq": until_seq,
+            "chain": chain.hex(),
+        }
     with backend.snapshot() as snap:
         aux.update(log.position_aux(snap.uuid, snap.seq, snap.chain))
         total = sum(1 for key in backend.keys(b"*") if selected(key))
@@ -477,7 +487,9 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:
-        state = f"state at seq {result['seq']}" if "seq" in result else f"state at {args.until}"
+        state = f"state at seq {result['seq']}"
+        if args.until is not None and not args.until.isdigit():
+            state = f"state at {args.until}: seq {result['seq']}"
         out.write(f"exported {result['keys']} keys ({state}) to {args.rdb}\n")
     return EXIT_OK
 
@@ -538,7 +550,14 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
-    """``verify STORE --rdb FILE``: is FILE exactly the state at the position it claims?"""
+    """``verify STORE --rdb FILE``: is FILE exactly the state at the position it claims?
+
+    A file of selected keys (``export --keys/--view``) must hold exactly the
+    keys of that state that its selection (AUX field ``telstate-selection-json``)
+    selects; a file whose selection is only described (``telstate-selection``,
+    as earlier exports wrote it) can only have the keys it holds checked.
+    """
+    from .export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, KeySelection
     from .rdb_reader import read_aux, read_records
 
     if not os.path.isfile(args.rdb):
@@ -546,11 +565,20 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
     problems: list[str] = []
     position = None
     keys = 0
-    complete = True
+    selection: KeySelection | None = None
+    described = None  # the description of a selection that cannot be read back
     try:
         aux = read_aux(args.rdb)
         position = log.position_from_aux(aux)
-        complete = b"telstate-selection" not in aux
+        if AUX_SELECTION in aux:
+            try:
+                selection = KeySelection.from_json(aux[AUX_SELECTION])
+            except ValueError as error:
+                problems.append(
+                    f"the file's selection ({AUX_SELECTION.decode()}) is damaged: {error}"
+                )
+        elif AUX_SELECTION_DESCRIPTION in aux:
+            described = display_str(aux[AUX_SELECTION_DESCRIPTION])
     except RdbParseError as error:
         problems.append(f"the file is damaged: {error}")
     if position is None and not problems:
@@ -558,7 +586,7 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
             "the file claims no log position (AUX fields telstate-store, telstate-seq, "
             "telstate-chain): it was not written by telstate export or a snapshot"
         )
-    elif position is not None:
+    elif position is not None and not problems:
         store, seq, chain = position
         last_seq = backend.last_seq
         if store != backend.uuid:
@@ -573,24 +601,43 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
         else:
             try:
                 records = read_records(args.rdb)
-                differences, keys = backend.verify_rdb(records, seq, complete)
+                complete = described is None
+                differences, keys = backend.verify_rdb(records, seq, complete, selection)
                 problems.extend(differences)
             except RdbParseError as error:
                 problems.append(f"the file is damaged: {error}")
     ok = not problems
+    # What was checked: the whole state, its selected keys, or only the keys in the file.
+    scope = "state" if selection is None and described is None else "selection"
+    if described is not None:
+        scope = "keys in the file"
     if args.json:
         result: dict[str, Any] = {"ok": ok, "rdb": args.rdb, "differences": problems[:100]}
-        result["complete"] = complete
+        result["complete"] = scope == "state"
+        result["checked"] = scope
+        if selection is not None:
+            result["selection"] = display_str(selection.describe())
+        elif described is not None:
+            result["selection"] = described
         if position is not None:
             result.update(store=str(position[0]), seq=position[1], chain=position[2].hex())
         out.write(json.dumps(result) + "\n")
     elif ok:
         assert position is not None
-        what = "exactly the state" if complete else "exactly the selected keys of the state"
-        out.write(
-            f"verify OK: {args.rdb} is {what} at seq {position[1]} "
-            f"(chain {position[2].hex()[:16]}) of store {position[0]} ({keys} keys)\n"
-        )
+        where = f"at seq {position[1]} (chain {position[2].hex()[:16]}) of store {position[0]}"
+        if scope == "state":
+            out.write(f"verify OK: {args.rdb} is exactly the state {where} ({keys} keys)\n")
+        elif selection is not None:
+            out.write(
+                f"verify OK: {args.rdb} is exactly the keys selected by "
+                f"{display_str(selection.describe())} of the state {where} ({keys} keys)\n"
+            )
+        else:
+            out.write(
+                f"verify OK: the {keys} keys in {args.rdb} are as in the state {where}; "
+                f"its selection ({described}) is recorded in a form that cannot be read "
+                f"back, so whether it lacks selected keys was not checked\n"
+            )
     else:
         out.write(f"verify FAILED: {args.rdb} is not the state it claims\n")
         out.writelines(f"  {p}\n" for p in problems[:100])
@@ -731,9 +778,18 @@ def build_parser() -> argparse.ArgumentParser:
         "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
     )
     import_.add_argument("rdb")
-    verify = command("verify", cmd_verify, "check the chain and that replay gives the state")
+    verify = command(
+        "verify",
+        cmd_verify,
+        "check the chain, that the history index lists exactly the log's events, and that "
+        "replay gives the state (a log rewritten with recomputed chains passes: check an "
+        "older export or snapshot against it with --rdb)",
+    )
     verify.add_argument(
-        "--rdb", metavar="FILE", help="check instead that FILE is the state at the seq it claims"
+        "--rdb",
+        metavar="FILE",
+        help="check instead that FILE is exactly the state at the (store, seq, chain) it "
+        "claims, or for an export of selected keys, exactly the keys of it selected",
     )
     command("upgrade", cmd_upgrade, "upgrade a store of an older log format in place")
     backup = command(

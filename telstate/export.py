@@ -19,6 +19,7 @@ finds the same keys in both.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -28,6 +29,13 @@ from .utils import PathType, compile_pattern, ensure_binary
 
 #: What separates a namespace from a key name (as in TelescopeState views).
 SEPARATOR = b"_"
+
+#: The RDB AUX field with the selection of an export that is not of every key,
+#: as :meth:`KeySelection.to_json` writes it (read back by ``telstate verify --rdb``).
+AUX_SELECTION = b"telstate-selection-json"
+#: The AUX field with :meth:`KeySelection.describe` (for people; before
+#: :data:`AUX_SELECTION` existed, the only record of the selection).
+AUX_SELECTION_DESCRIPTION = b"telstate-selection"
 
 
 @runtime_checkable
@@ -96,6 +104,42 @@ class KeySelection:
 
         return selected
 
+    def to_json(self) -> bytes:
+        """The selection as JSON that :meth:`from_json` reads back exactly.
+
+        An object with ``patterns`` (a list of strings) and ``view`` (a
+        string or null); bytes that are not UTF-8 are kept as the
+        surrogates of Python's ``surrogateescape``.
+        """
+        return json.dumps(
+            {"patterns": [_text(pattern) for pattern in self.patterns], "view": _view(self.view)}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> KeySelection:
+        """The selection that :meth:`to_json` wrote as `data`.
+
+        Raises
+        ------
+        ValueError
+            If `data` is not such JSON.
+        """
+        try:
+            fields = json.loads(data)
+            patterns, view = fields["patterns"], fields["view"]
+            if not (
+                isinstance(patterns, list)
+                and all(isinstance(pattern, str) for pattern in patterns)
+                and (view is None or isinstance(view, str))
+            ):
+                raise ValueError("patterns must be a list of strings, view a string or null")
+            return cls(
+                tuple(pattern.encode("utf-8", "surrogateescape") for pattern in patterns),
+                None if view is None else view.encode("utf-8", "surrogateescape"),
+            )
+        except (TypeError, KeyError, UnicodeError, ValueError) as error:
+            raise ValueError(f"not a key selection: {error}") from None
+
     def describe(self) -> bytes:
         """A one-line description, for an exported file's AUX field (``*`` for everything)."""
         parts = []
@@ -104,6 +148,14 @@ class KeySelection:
         if self.patterns:
             parts.append(b"keys=" + b",".join(self.patterns))
         return b" ".join(parts) or b"*"
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _view(view: bytes | None) -> str | None:
+    return None if view is None else _text(view)
 
 
 def select_records(

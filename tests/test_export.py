@@ -14,6 +14,8 @@ import json
 import katsdptelstate
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from telstate import TelescopeState, cli
 from telstate.backend import Record
@@ -228,3 +230,18 @@ def test_bad_pattern_lists(store, tmp_path, capsys):
     assert run("export", store, out, "--keys-from", str(empty))[0] == 2
     assert "no patterns" in capsys.readouterr().err
     assert run("export", store, out, "--until", "yesterday")[0] == 2
+
+
+@given(st.lists(st.binary(max_size=12), max_size=4), st.none() | st.binary(max_size=12))
+def test_a_selection_reads_back_from_its_json_exactly(patterns, view):
+    """Any bytes, commas, spaces and non-UTF-8 included (the description cannot do that)."""
+    selection = KeySelection(tuple(patterns), view)
+    assert KeySelection.from_json(selection.to_json()) == selection
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"keys=a*", b"[]", b'{"patterns": "a*", "view": null}', b'{"patterns": []}']
+)
+def test_a_selection_that_is_not_its_json_raises_value_error(data):
+    with pytest.raises(ValueError, match="not a key selection"):
+        KeySelection.from_json(data)

@@ -367,6 +367,156 @@ def test_damaged_state_tables_fail_verify_without_a_traceback(filled):
     assert "state: unreadable" in result.stdout and "Traceback" not in result.stderr
 
 
+def edit_tables(path: Path, edit) -> None:
+    """Run ``edit(txn, tables)`` in a write transaction of plain LMDB (no checksums to fix)."""
+    env = lmdb.open(str(path), max_dbs=len(Tables.NAMES))
+    try:
+        with env.begin(write=True) as txn:
+            edit(txn, Tables(env, txn, create=False))
+    finally:
+        env.close()
+
+
+def seq_key(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def test_verify_fails_when_state_and_history_index_swap_two_keys_events(tmp_path):
+    """The log is intact; two keys' values are swapped in the state and so are their
+    history entries: each key replayed through its entries would match its state."""
+    path = tmp_path / "swapped"
+    with LmdbBackend(path, durability="none") as backend:
+        ts = TelescopeState(backend)
+        ts.add("gain_ok", "x", immutable=True)  # seq 1
+        ts.add("gain_bad", "y", immutable=True)  # seq 2
+
+    def swap(txn, tables):
+        ok, bad = b"\x01gain_ok", b"\x01gain_bad"
+        ok_record, bad_record = txn.get(ok, db=tables.keys), txn.get(bad, db=tables.keys)
+        txn.put(ok, bad_record[:-1] + ok_record[-1:], db=tables.keys)  # same key id
+        txn.put(ok, ok_record[:-1] + bad_record[-1:], db=tables.keys)
+        txn.put(bad, bad_record[:-1] + ok_record[-1:], db=tables.keys)
+        for name_key, old, new in ((ok, 1, 2), (bad, 2, 1)):
+            assert txn.delete(name_key, seq_key(old), db=tables.history)
+            txn.put(name_key, seq_key(new), db=tables.history)
+
+    edit_tables(path, swap)
+    with LmdbBackend(path, readonly=True) as backend:
+        assert dict((k, v) for k, _, v in backend.records()) == {
+            b"gain_ok": b"\xff\xa1y",
+            b"gain_bad": b"\xff\xa1x",
+        }
+        problems = backend.verify()
+    assert "key 'gain_ok': the history index lists 1 event of other keys" in problems[2]
+    assert "key 'gain_ok': in the state but not in the log (its last event: 2)" in problems
+    assert problems[-1].startswith("history index: it does not list the log's events")
+    result = telstate_cli("verify", str(path))
+    assert result.returncode == 1 and "verify FAILED: 5 problems" in result.stdout
+
+
+def test_verify_fails_when_a_history_entry_names_an_event_not_in_the_log(tmp_path):
+    """Same counts and the same replayed values: only the entries' seqs are wrong."""
+    path = tmp_path / "dangling"
+    with LmdbBackend(path, durability="none") as backend:
+        ts = TelescopeState(backend)
+        ts.add("s", 1.0, ts=1.0)  # seq 1
+        ts.add("t", 1.0, ts=1.0)  # seq 2
+        ts.clear()  # seq 3
+        ts.add("s", 1.0, ts=1.0)  # seq 4
+        assert backend.verify() == []
+
+    def move(txn, tables):
+        assert txn.delete(b"\x01s", seq_key(1), db=tables.history)  # before the clear
+        txn.put(b"\x01s", seq_key(99), db=tables.history)  # no such event
+
+    edit_tables(path, move)
+    with LmdbBackend(path, readonly=True) as backend:
+        assert backend.verify() == [
+            "history index: it does not list the log's events under their keys "
+            "(the counts agree, the seqs do not)"
+        ]
+
+    def clear_elsewhere(txn, tables):
+        # The clear's entry names no event, and the clear is listed under a key.
+        assert txn.delete(b"\x00", seq_key(3), db=tables.history)
+        txn.put(b"\x00", seq_key(99), db=tables.history)
+        assert txn.delete(b"\x01s", seq_key(99), db=tables.history)
+        txn.put(b"\x01s", seq_key(3), db=tables.history)
+
+    edit_tables(path, clear_elsewhere)
+    with LmdbBackend(path, readonly=True) as backend:
+        problems = backend.verify()
+    assert problems[-1].startswith("history index: it does not list the log's events")
+
+
+def test_a_log_key_that_is_not_a_seq_is_reported_by_verify(filled):
+    _, records = raw_log(filled)
+
+    def insert(txn, tables):
+        txn.put(seq_key(5) + b"\x00", dict(records)[5], db=tables.log)  # between 5 and 6
+
+    edit_tables(filled, insert)
+    result = telstate_cli("verify", str(filled))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "  log: a key of 9 bytes (000000000000000500) after event 5 is not a seq "
+        "(its entry is ignored)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_history_entries_that_are_not_seqs_are_reported_by_verify(filled):
+    def insert(txn, tables):
+        txn.put(b"\x00", seq_key(5) + b"\x00", db=tables.history)  # a clear of 9 bytes
+        txn.put(b"\x01gone", b"\x00" * 9, db=tables.history)
+
+    edit_tables(filled, insert)
+    result = telstate_cli("verify", str(filled))
+    assert result.returncode == 1, result.stderr
+    assert "history index: its clears are unreadable" in result.stdout
+    assert "key 'gone': its history is unreadable" in result.stdout
+    assert "history index: 2 chunks of entries are not seqs" in result.stdout
+    assert "Traceback" not in result.stderr
+    export = filled.parent / "export.rdb"
+    assert telstate_cli("export", str(filled), str(export), "--until", "10").returncode == 0
+    result = telstate_cli("verify", str(filled), "--rdb", str(export))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "  history index: its clears are unreadable (unpack requires a buffer of 8 bytes)",
+        "  key 'gone': its history is unreadable (unpack requires a buffer of 8 bytes)",
+    ]
+
+
+def test_a_log_rewritten_with_recomputed_chains_passes_verify_but_not_an_older_export(
+    filled, tmp_path
+):
+    """The chain has no secret (as the README says): only a position recorded before
+    the rewrite, here an export's, tells the rewritten history from the original."""
+    before = tmp_path / "before.rdb"
+    assert telstate_cli("export", str(filled), str(before)).returncode == 0
+    identity, records = raw_log(filled)
+    attr = b"\x01attr0"
+    target = next(seq for seq, record in records if b"attr0" in record)
+
+    def rewrite(txn, tables):
+        chain = log.genesis(identity)
+        for seq, record in records:
+            body = record[: -log.CHAIN_SIZE]
+            if seq == target:  # attr0 = [0, 'x'] becomes [0, 'y']
+                assert body.endswith(b"x")
+                body = body[:-1] + b"y"
+            record = log.seal(body, chain)
+            chain = record[-log.CHAIN_SIZE :]
+            txn.put(seq_key(seq), record, db=tables.log)
+        state = txn.get(attr, db=tables.keys)
+        txn.put(attr, state[:-1] + b"y", db=tables.keys)
+
+    edit_tables(filled, rewrite)
+    assert telstate_cli("verify", str(filled)).returncode == 0
+    failed = telstate_cli("verify", str(filled), "--rdb", str(before))
+    assert failed.returncode == 1 and "another history" in failed.stdout
+
+
 def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     early = tmp_path / "early.rdb"
     assert telstate_cli("export", str(filled), str(early)).returncode == 0
@@ -407,13 +557,43 @@ def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     failed = telstate_cli("verify", str(filled), "--rdb", str(claimed))
     assert failed.returncode == 1 and "another history" in failed.stdout
 
-    # A file that claims no position: replayed to a time, not a seq.
+    # A file that claims no position (not written by telstate).
+    unclaimed = tmp_path / "unclaimed.rdb"
+    with RDBWriter(unclaimed) as writer:
+        for record in read_records(early):
+            writer.write_record(*record)
+    failed = telstate_cli("verify", str(filled), "--rdb", str(unclaimed))
+    assert failed.returncode == 1 and "claims no log position" in failed.stdout
+
+
+def test_an_export_until_a_time_records_its_position_and_verifies(filled, tmp_path):
+    backend = LmdbBackend(filled, durability="none")
+    events = list(backend.events())
+    middle = events[len(events) // 2]
+    fill(TelescopeState(backend), 40, 5)
+    backend.close()
     replayed = tmp_path / "replayed.rdb"
-    until = f"@{time.time():.3f}"
+    until = f"@{middle.time!r}"
     result = telstate_cli("replay", str(filled), "--until", until, "--rdb", str(replayed))
     assert result.returncode == 0, result.stderr
-    failed = telstate_cli("verify", str(filled), "--rdb", str(replayed))
-    assert failed.returncode == 1 and "claims no log position" in failed.stdout
+    aux = read_aux(replayed)
+    # The events before the first appended after the time (several may share it).
+    seq = next(event.seq for event in events if event.time > middle.time) - 1
+    assert seq >= middle.seq
+    assert aux[b"telstate-seq"] == b"%d" % seq
+    assert aux[b"telstate-chain"] == events[seq - 1].chain.hex().encode()
+    assert aux[b"telstate-replay-until"] == until.encode()
+    ok = telstate_cli("verify", str(filled), "--rdb", str(replayed))
+    assert ok.returncode == 0, ok.stdout
+    assert f"exactly the state at seq {seq}" in ok.stdout
+    exported = tmp_path / "exported.rdb"
+    result = telstate_cli("--json", "export", str(filled), str(exported), "--until", until)
+    assert json.loads(result.stdout)["seq"] == seq
+    assert list(read_records(exported)) == list(read_records(replayed))
+    before = telstate_cli("export", str(filled), str(exported), "--until", "@0")
+    assert before.stdout == f"exported 0 keys (state at @0: seq 0) to {exported}\n"
+    assert read_aux(exported)[b"telstate-seq"] == b"0"
+    assert telstate_cli("verify", str(filled), "--rdb", str(exported)).returncode == 0
 
 
 def test_verify_rdb_of_past_and_selected_exports(filled, tmp_path):
@@ -428,6 +608,82 @@ def test_verify_rdb_of_past_and_selected_exports(filled, tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["complete"] is False
     changed = tmp_path / "changed.rdb"
     with RDBWriter(changed, aux=read_aux(light)) as writer:
+        for key, key_type, value in read_records(light):
+            writer.write_record(key, key_type, value + b"!" if key == b"attr20" else value)
+    failed = telstate_cli("verify", str(filled), "--rdb", str(changed))
+    assert failed.returncode == 1 and "key 'attr20': value differs" in failed.stdout
+
+
+def rewrite_rdb(source: Path, target: Path, aux: dict[bytes, bytes], keep=lambda key: True) -> None:
+    with RDBWriter(target, aux=aux, keep_empty=True) as writer:
+        for record in read_records(source):
+            if keep(record[0]):
+                writer.write_record(*record)
+
+
+def test_verify_rdb_of_a_selection_checks_that_it_holds_exactly_the_selected_keys(filled, tmp_path):
+    light = tmp_path / "light.rdb"
+    args = ("--keys", "attr*", "--keys", "in,dexed", "--view", "")
+    assert telstate_cli("export", str(filled), str(light), *args).returncode == 0
+    aux = read_aux(light)
+    assert json.loads(aux[b"telstate-selection-json"]) == {
+        "patterns": ["attr*", "in,dexed"],
+        "view": "",
+    }
+    assert [key for key, _, _ in read_records(light)] == [b"attr0", b"attr20", b"attr30"]
+    ok = telstate_cli("verify", str(filled), "--rdb", str(light))
+    assert ok.returncode == 0, ok.stdout
+    assert "is exactly the keys selected by 'view= keys=attr*,in,dexed' of the state" in ok.stdout
+
+    # A selected key taken out.
+    missing = tmp_path / "missing.rdb"
+    rewrite_rdb(light, missing, aux, keep=lambda key: key != b"attr20")
+    failed = telstate_cli("--json", "verify", str(filled), "--rdb", str(missing))
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["differences"] == [
+        "key 'attr20': in the log but not in the file"
+    ]
+    # A key of the state that the selection does not hold, put in.
+    extra = tmp_path / "extra.rdb"
+    full = tmp_path / "full.rdb"
+    assert telstate_cli("export", str(filled), str(full)).returncode == 0
+    rewrite_rdb(full, extra, aux, keep=lambda key: key.startswith(b"attr") or key == b"long")
+    failed = telstate_cli("verify", str(filled), "--rdb", str(extra))
+    assert failed.returncode == 1
+    assert failed.stdout.splitlines()[1:] == ["  key 'long': in the file but not in its selection"]
+    # Every key taken out, the selection widened to everything.
+    empty = tmp_path / "empty.rdb"
+    rewrite_rdb(
+        full,
+        empty,
+        {**aux, b"telstate-selection-json": b'{"patterns": ["*"], "view": null}'},
+        keep=lambda key: False,
+    )
+    failed = telstate_cli("verify", str(filled), "--rdb", str(empty))
+    assert (
+        failed.returncode == 1 and "key 'sensor': in the log but not in the file" in failed.stdout
+    )
+    # A selection that cannot be read.
+    garbled = tmp_path / "garbled.rdb"
+    rewrite_rdb(light, garbled, {**aux, b"telstate-selection-json": b"keys=attr*"})
+    failed = telstate_cli("verify", str(filled), "--rdb", str(garbled))
+    assert (
+        failed.returncode == 1 and "selection (telstate-selection-json) is damaged" in failed.stdout
+    )
+
+    # A file of an earlier export: its selection only described, so only its keys are checked.
+    old = tmp_path / "old.rdb"
+    old_aux = {key: value for key, value in aux.items() if key != b"telstate-selection-json"}
+    rewrite_rdb(light, old, old_aux, keep=lambda key: key != b"attr20")
+    ok = telstate_cli("--json", "verify", str(filled), "--rdb", str(old))
+    assert ok.returncode == 0
+    shown = json.loads(ok.stdout)
+    assert (shown["complete"], shown["checked"]) == (False, "keys in the file")
+    ok = telstate_cli("verify", str(filled), "--rdb", str(old))
+    assert "the 2 keys in" in ok.stdout and "not checked" in ok.stdout
+    assert "exactly" not in ok.stdout
+    changed = tmp_path / "changed.rdb"
+    with RDBWriter(changed, aux=old_aux) as writer:
         for key, key_type, value in read_records(light):
             writer.write_record(key, key_type, value + b"!" if key == b"attr20" else value)
     failed = telstate_cli("verify", str(filled), "--rdb", str(changed))

@@ -7,7 +7,7 @@ import collections
 import itertools
 import struct
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from ..errors import StoreError
 from ..utils import KeyType, PathType, display_str, pack_timestamp
 from . import settings
 from .eventlog import raw_log, writers_in
-from .layout import ALL_KEYS, Tables, name_key_of
+from .layout import ALL_KEYS, INLINE_LIMIT, LONG_NAME_KEY_LEN, Tables, name_key_of
 from .state import state_records
 
 if TYPE_CHECKING:
@@ -102,6 +102,17 @@ def replay_model(
     return model
 
 
+def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
+    """The seq of the last event that :func:`replay_model` applies until `until_time`."""
+    last = 0
+    record_time = log.record_time
+    for seq, record in raw_log(txn, tables, 1):
+        if record_time(record) > until_time:
+            break
+        last = seq
+    return last
+
+
 def replay(
     path: PathType, until_seq: int | None = None, until_time: float | None = None
 ) -> TelescopeState:
@@ -153,22 +164,30 @@ _MAX_LISTED = 20
 _PLAIN_OPS = frozenset((log.SET_IMMUTABLE, log.ADD_MUTABLE, log.SET_INDEXED, log.DELETE))
 
 
+#: The operations on one key: those the history index lists under the key.
+_KEY_OPS = log.OP_CODES - {log.CLEAR, log.PROMOTE}
+
+
 def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     """The checks of :meth:`LmdbBackend.verify`, in one read transaction.
 
     Memory is bounded by the number of keys and the largest key: the log
-    is streamed once (seqs, chain, writers, history counts), then each key
-    is replayed alone through the history index and compared with its state.
+    is streamed once (seqs, chain, writers, and a digest of the history
+    index's entries), then each key is replayed alone through the history
+    index and compared with its state, and the history table is read once
+    to check that it lists exactly the log's events, each under its key.
     """
-    problems, counts = _check_log(txn, tables, store)
-    clears = _clear_seqs(txn, tables)
+    problems, counts, digest = _check_log(txn, tables, store)
+    clears = _readable_clear_seqs(txn, tables, problems)
     seen: set[bytes] = set()
     key = b""
     try:
         for key, key_type, value in state_records(txn, tables):
             name_key = name_key_of(key)
             seen.add(name_key)
-            logged, last = _replay_key(txn, tables, name_key, clears)
+            logged, last, foreign = _replay_key(txn, tables, name_key, clears)
+            if foreign:
+                problems.append(_foreign_problem(key, foreign))
             difference = _difference(key_type, value, logged)
             if difference:
                 where = f" (its last event: {last})" if last else ""
@@ -183,35 +202,88 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
         name_key = bytes(name_key)
         if name_key == ALL_KEYS or name_key in seen:
             continue
-        logged, last = _replay_key(txn, tables, name_key, clears)
+        try:
+            logged, last, foreign = _replay_key(txn, tables, name_key, clears)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+            continue
+        if foreign:
+            problems.append(_foreign_problem(name_key[1:], foreign))
         if logged is not None:
             problems.append(
                 f"key {display_str(logged[0])}: in the log but not in the state "
                 f"(its last event: {last})"
             )
+    problems.extend(_check_history(txn, tables, counts, digest))
+    return problems
+
+
+def _foreign_problem(key: bytes, count: int) -> str:
+    events = "1 event" if count == 1 else f"{count} events"
+    return (
+        f"key {display_str(key)}: the history index lists {events} of other keys "
+        f"under it (not replayed for it)"
+    )
+
+
+def _check_history(
+    txn: Any, tables: Tables, counts: collections.Counter[bytes], digest: int
+) -> list[str]:
+    """Whether the history table lists exactly the events `counts` and `digest` sum up.
+
+    Read one key at a time, ``settings.VERIFY_CHUNK`` entries at a time.
+    """
     indexed: collections.Counter[bytes] = collections.Counter()
+    found = _HistoryDigest()
+    damaged = 0
     history = txn.cursor(db=tables.history)
-    for name_key in history.iternext_nodup(keys=True, values=False):
-        indexed[bytes(name_key)] = history.count()
+    more = history.first()
+    while more:
+        name_key = bytes(history.key())
+        entries = history.iternext_dup(keys=False)
+        while chunk := b"".join(itertools.islice(entries, settings.VERIFY_CHUNK)):
+            if len(chunk) % _SEQ_SIZE:
+                damaged += 1
+                continue
+            indexed[name_key] += len(chunk) // _SEQ_SIZE
+            found.add_entries(name_key, chunk)
+        more = history.next_nodup()
+    problems = []
+    if damaged:
+        problems.append(f"history index: {damaged} chunks of entries are not seqs")
     wrong = sum(
         1 for name_key in indexed.keys() | counts.keys() if indexed[name_key] != counts[name_key]
     )
     if wrong:
         problems.append(f"history index: wrong event counts for {wrong} keys")
+    elif found.value != digest:
+        problems.append(
+            "history index: it does not list the log's events under their keys "
+            "(the counts agree, the seqs do not)"
+        )
     return problems
 
 
 def verify_rdb_in(
-    txn: Any, tables: Tables, records: Iterable[Record], seq: int, complete: bool = True
+    txn: Any,
+    tables: Tables,
+    records: Iterable[Record],
+    seq: int,
+    complete: bool = True,
+    selected: Callable[[bytes], bool] | None = None,
 ) -> tuple[list[str], int]:
     """Compare RDB `records` with the state at `seq`, replayed key by key.
+
+    With `selected`, the records must be exactly the keys of that state
+    for which it is true; with `complete` false, only the keys in
+    `records` are compared (none is missing from them).
 
     Returns
     -------
     The differences found, and the number of keys compared.
     """
     problems: list[str] = []
-    clears = _clear_seqs(txn, tables)
+    clears = _readable_clear_seqs(txn, tables, problems)
     seen: set[bytes] = set()
     count = 0
     for key, key_type, value in records:
@@ -221,7 +293,16 @@ def verify_rdb_in(
             problems.append(f"key {display_str(key)}: more than once in the file")
             continue
         seen.add(name_key)
-        logged, _ = _replay_key(txn, tables, name_key, clears, seq)
+        if complete and selected is not None and not selected(key):
+            problems.append(f"key {display_str(key)}: in the file but not in its selection")
+            continue
+        try:
+            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(key)}: its history is unreadable ({error})")
+            continue
+        if foreign:
+            problems.append(_foreign_problem(key, foreign))
         difference = _difference(key_type, value, logged)
         if difference:
             problems.append(f"key {display_str(key)}: {difference.replace('state', 'file')}")
@@ -232,18 +313,28 @@ def verify_rdb_in(
         name_key = bytes(name_key)
         if name_key == ALL_KEYS or name_key in seen:
             continue
-        logged, _ = _replay_key(txn, tables, name_key, clears, seq)
-        if logged is not None:
+        if selected is not None and len(name_key) != LONG_NAME_KEY_LEN:
+            if not selected(name_key[1:]):  # the key is its name: no need to replay it
+                continue
+        try:
+            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
+        except _DAMAGE as error:
+            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+            continue
+        if foreign:
+            problems.append(_foreign_problem(name_key[1:], foreign))
+        if logged is not None and (selected is None or selected(logged[0])):
             problems.append(f"key {display_str(logged[0])}: in the log but not in the file")
     return problems, count
 
 
 def _check_log(
     txn: Any, tables: Tables, store: uuid.UUID
-) -> tuple[list[str], collections.Counter[bytes]]:
+) -> tuple[list[str], collections.Counter[bytes], int]:
     """Stream the log: dense seqs, chain links, decodable records, known writers.
 
-    Returns the problems and the number of events per history-table entry.
+    Returns the problems, the number of events per history-table entry
+    and the :class:`_HistoryDigest` the history table should have.
     The log is read in chunks of ``settings.VERIFY_CHUNK`` events, each checked in bulk;
     a chunk with anything unusual in it (a gap, a clear, a damaged record)
     is gone through event by event.
@@ -252,6 +343,7 @@ def _check_log(
     writers = set(writers_in(txn, tables))
     # Events per key as recorded (clears under None), turned into name keys at the end.
     key_counts: collections.Counter[bytes | None] = collections.Counter()
+    digest = _HistoryDigest()
     chain = log.genesis(store)
     expected_seq = 1
     broken_links = 0
@@ -259,6 +351,11 @@ def _check_log(
     entries = cursor.iternext() if cursor.set_range(log.pack_seq(1)) else iter(())
     while chunk := list(itertools.islice(entries, settings.VERIFY_CHUNK)):
         seq_keys, records = zip(*chunk)
+        if set(map(len, seq_keys)) != {_SEQ_SIZE}:
+            chunk = _drop_bad_seq_keys(chunk, expected_seq, problems)
+            if not chunk:
+                continue
+            seq_keys, records = zip(*chunk)
         del chunk
         seqs: Sequence[int] = range(expected_seq, expected_seq + len(seq_keys))
         if b"".join(seq_keys) == np.arange(seqs[0], seqs[0] + len(seqs), dtype=">u8").tobytes():
@@ -280,7 +377,12 @@ def _check_log(
         ops, writer_ids, keys = log.record_fields(records)
         if _PLAIN_OPS.issuperset(ops) and writers.issuperset(writer_ids):
             key_counts.update(keys)
+            digest.add_events(seqs, keys)
             continue
+        # The seqs and keys of the events in the history index, and where the clears are.
+        indexed_seqs: list[int] = []
+        indexed_keys: list[bytes] = []
+        indexed_clears: list[int] = []
         for seq, record, op_code, writer_id, key in zip(seqs, records, ops, writer_ids, keys):
             if not op_code:
                 try:
@@ -301,13 +403,106 @@ def _check_log(
                 writers.add(writer_id)
             if op_code == log.PROMOTE:
                 continue  # touches no key: not in the history index
+            if op_code == log.CLEAR:
+                indexed_clears.append(len(indexed_keys))
             key_counts[key if op_code != log.CLEAR else None] += 1
+            indexed_seqs.append(seq)
+            indexed_keys.append(key)
+        digest.add_events(indexed_seqs, indexed_keys, indexed_clears)
     if broken_links > _MAX_LISTED:
         problems.append(f"log: {broken_links - _MAX_LISTED} more events do not match their chain")
     counts: collections.Counter[bytes] = collections.Counter()
     for key_or_none, count in key_counts.items():
         counts[ALL_KEYS if key_or_none is None else name_key_of(key_or_none)] += count
-    return problems, counts
+    return problems, counts, digest.value
+
+
+def _drop_bad_seq_keys(
+    chunk: list[tuple[bytes, bytes]], expected_seq: int, problems: list[str]
+) -> list[tuple[bytes, bytes]]:
+    """The entries of `chunk` whose log table keys are seqs; the others are reported."""
+    kept = []
+    for seq_key, record in chunk:
+        if len(seq_key) == _SEQ_SIZE:
+            kept.append((seq_key, record))
+            expected_seq = log.unpack_seq(seq_key) + 1
+        else:
+            problems.append(
+                f"log: a key of {len(seq_key)} bytes ({bytes(seq_key[:16]).hex()}) "
+                f"after event {expected_seq - 1} is not a seq (its entry is ignored)"
+            )
+    return kept
+
+
+#: The size of a log table key (a seq) and of a history table entry.
+_SEQ_SIZE = 8
+
+#: The name hashes of the :class:`_HistoryDigest` of clears, which the history
+#: index lists under ``ALL_KEYS`` (a tuple's hash: no key's bytes hash to it by design).
+_CLEAR_HASH = hash((ALL_KEYS,))
+
+
+class _HistoryDigest:
+    """An order-independent digest of (name key, seq) pairs: the history index's entries.
+
+    Summed, modulo 2**64, over every pair: a 64-bit mix of the name key's
+    hash and the seq's. Computed over the events of the log and over the
+    entries of the history table, it is the same exactly when the index
+    lists every event under its own key (bar a chance of 2**-64), in
+    memory of one chunk. Python's hash of bytes is keyed anew in every
+    process (unless ``PYTHONHASHSEED`` fixes it), so entries cannot be
+    made beforehand to collide.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def add_events(
+        self, seqs: Sequence[int], keys: Sequence[bytes], clears: Sequence[int] = ()
+    ) -> None:
+        """Add events with these seqs on these keys; those at the indices `clears` are clears."""
+        if not seqs:
+            return
+        hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+        if max(map(len, keys)) >= INLINE_LIMIT:
+            for index, key in enumerate(keys):
+                if len(key) >= INLINE_LIMIT:
+                    hashes[index] = hash(name_key_of(key)[1:])
+        hashes[list(clears)] = _CLEAR_HASH
+        if isinstance(seqs, range):
+            seq_array = np.arange(seqs.start, seqs.stop, dtype=np.uint64)
+        else:
+            seq_array = np.array(seqs, np.uint64)
+        self._add(hashes.view(np.uint64), seq_array)
+
+    def add_entries(self, name_key: bytes, seq_keys: bytes) -> None:
+        """Add the history table's entries of `name_key`: its packed seqs, concatenated."""
+        name_hash = _CLEAR_HASH if name_key == ALL_KEYS else hash(name_key[1:])
+        seqs = np.frombuffer(seq_keys, ">u8").astype(np.uint64)
+        self._add(np.full(len(seqs), np.int64(name_hash)).view(np.uint64), seqs)
+
+    def _add(self, hashes: np.ndarray, seqs: np.ndarray) -> None:
+        with np.errstate(over="ignore"):
+            terms = _mix(hashes + _mix(seqs))
+            self.value = (self.value + int(terms.sum(dtype=np.uint64))) % 2**64
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of each uint64 (a bijection that spreads every bit)."""
+    values = values ^ (values >> np.uint64(30))
+    values = values * np.uint64(0xBF58476D1CE4E5B9)
+    values = values ^ (values >> np.uint64(27))
+    values = values * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+def _readable_clear_seqs(txn: Any, tables: Tables, problems: list[str]) -> list[int]:
+    """The seqs of the clears, as the history index lists them; none if it cannot be read."""
+    try:
+        return _clear_seqs(txn, tables)
+    except _DAMAGE as error:
+        problems.append(f"history index: its clears are unreadable ({error})")
+        return []
 
 
 def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
@@ -319,7 +514,7 @@ def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
 
 def _replay_key(
     txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
-) -> tuple[tuple[bytes, Any] | None, int]:
+) -> tuple[tuple[bytes, Any] | None, int, int]:
     """Replay the events of one key (from the history index) up to `until_seq`.
 
     Only the events after the last clear before the key's last event are
@@ -329,31 +524,32 @@ def _replay_key(
     -------
     (key, model value) — bytes, a set of packed members or a dict, as in
     :class:`_StateModel`, or :class:`_SortedRows` for members replayed in
-    bulk — or None if the key does not exist then; and the seq of the
-    key's last event (0 if none). Undecodable events are skipped (the log
-    check reports them).
+    bulk — or None if the key does not exist then; the seq of the
+    key's last event (0 if none); and how many of the events the index
+    lists are not on this key (skipped: the history index is damaged).
+    Undecodable events are skipped (the log check reports them).
     """
     cursor = txn.cursor(db=tables.history)
     seq_keys = list(cursor.iternext_dup(keys=False)) if cursor.set_key(name_key) else []
     if until_seq is not None:
         del seq_keys[bisect.bisect_right(seq_keys, log.pack_seq(until_seq)) :]
     if not seq_keys:
-        return None, 0
+        return None, 0, 0
     last = log.unpack_seq(seq_keys[-1])
     end = len(clears) if until_seq is None else bisect.bisect_right(clears, until_seq)
     before_last = bisect.bisect_left(clears, last)
     if before_last < end:
-        return None, last  # cleared after its last event
+        return None, last, 0  # cleared after its last event
     if before_last:
         # Seq keys sort as their seqs: drop the events that a clear wiped.
         del seq_keys[: bisect.bisect_right(seq_keys, log.pack_seq(clears[before_last - 1]))]
-    replay = _KeyReplay()
+    replay = _KeyReplay(name_key)
     log_cursor = txn.cursor(db=tables.log)
     chunk = settings.VERIFY_CHUNK
     for start in range(0, len(seq_keys), chunk):
         # A missing event is left out, as an undecodable one is skipped.
         replay.apply([record for _, record in log_cursor.getmulti(seq_keys[start : start + chunk])])
-    return replay.result(), last
+    return replay.result(), last, replay.foreign
 
 
 class _KeyReplay:
@@ -364,8 +560,11 @@ class _KeyReplay:
     them into the :class:`_StateModel`, one by one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name_key: bytes) -> None:
         self.model = _StateModel()
+        self.name_key = name_key
+        #: Events skipped for not being on the key (whose history index is damaged).
+        self.foreign = 0
         self.key = b""
         self.rows: list[np.ndarray] = []
         self.pending = 0
@@ -376,6 +575,9 @@ class _KeyReplay:
         samples = log.sample_rows(records)
         if samples is not None:
             key, rows = samples
+            if name_key_of(key) != self.name_key:
+                self.foreign += len(records)
+                return
             if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
                 self._move_rows()  # rows of one key and one width wait together
             self.key = key
@@ -390,6 +592,9 @@ class _KeyReplay:
         for record in records:
             try:
                 raw = log.decode_record(record)
+                if raw[0] not in _KEY_OPS or name_key_of(raw[4]) != self.name_key:
+                    self.foreign += 1
+                    continue
                 self.model.apply(raw)
             except (ValueError, StoreError):
                 continue

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import lmdb
 
@@ -25,7 +25,7 @@ from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
-from .audit import verify_in, verify_rdb_in
+from .audit import seq_until_in, verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
@@ -59,6 +59,9 @@ from .layout import (
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
 from .writes import WriteTxn, follower_error, wrong_type
+
+if TYPE_CHECKING:
+    from ..export import KeySelection
 
 _T = TypeVar("_T")
 _HOST = socket.gethostname()
@@ -668,6 +671,15 @@ class LmdbBackend(Backend):
             raise ValueError(f"the store at {self.path!r} has no event {seq}")
         return chain
 
+    def seq_until(self, until_time: float) -> int:
+        """The last event that a replay until `until_time` applies (0 if none).
+
+        Replaying up to this seq gives the state that ``replay(path,
+        until_time=until_time)`` gives: the events before the first one
+        appended after `until_time`. The log is read up to that event.
+        """
+        return self._read(seq_until_in, until_time, buffers=True)
+
     def events(
         self,
         start_seq: int = 1,
@@ -817,8 +829,14 @@ class LmdbBackend(Backend):
         number of keys and the largest key (the log is streamed, each key
         replayed alone through the history index). Also checks that
         sequence numbers are dense, every record decodes, every event's
-        writer is known and the history index counts every event. Each
-        problem names the event (seq) or key it concerns.
+        writer is known and the history index lists exactly the log's
+        events, each under its own key. Each problem names the event (seq)
+        or key it concerns.
+
+        The chain has no secret: a log rewritten with every chain after
+        the change recomputed (and the state edited to match) passes. A
+        position recorded before, such as an export's (see
+        :meth:`verify_rdb`), tells the histories apart.
 
         Returns
         -------
@@ -829,20 +847,28 @@ class LmdbBackend(Backend):
     # --- durability and lifetime ------------------------------------------------------
 
     def verify_rdb(
-        self, records: Iterable[Record], seq: int, complete: bool = True
+        self,
+        records: Iterable[Record],
+        seq: int,
+        complete: bool = True,
+        selection: KeySelection | None = None,
     ) -> tuple[list[str], int]:
         """Compare `records` (an RDB file's) with the state as of event `seq`.
 
         Each key is replayed alone from the log up to `seq`, so `seq` may be
-        older than the current state. With `complete` false (the file holds
-        a selection of keys), keys missing from `records` are not differences.
+        older than the current state. With a `selection` (the file holds
+        some keys, as ``telstate export --keys/--view`` writes), `records`
+        must be exactly the keys of that state that it selects. With
+        `complete` false (the file holds keys of an unknown selection),
+        keys missing from `records` are not differences.
 
         Returns
         -------
         A description of each difference (empty if the records are exactly
         the state at `seq`), and the number of records compared.
         """
-        return self._read(verify_rdb_in, records, seq, complete)
+        selected = None if selection is None else selection.matcher()
+        return self._read(verify_rdb_in, records, seq, complete, selected)
 
     def flush(self) -> None:
         """Flush every commit so far (by any process) to disk.
