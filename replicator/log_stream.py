@@ -296,6 +296,10 @@ class LogStream:
         First and longest delay between attempts while Redis fails.
     socket_timeout
         Seconds to wait for Redis before treating it as failed.
+    check_interval
+        While idle, how often to check that the promotion hash still records
+        the promotion the stream was claimed under (an old primary's daemon
+        is fenced once another is recorded, even if no event comes).
 
     Attributes
     ----------
@@ -315,6 +319,7 @@ class LogStream:
         batch_bytes: int = 8 << 20,
         backoff: tuple[float, float] = (0.1, 10.0),
         socket_timeout: float = 10.0,
+        check_interval: float = 1.0,
     ) -> None:
         if max_len < 1 or batch_events < 1 or batch_bytes < 1:
             raise ValueError(
@@ -357,6 +362,8 @@ class LogStream:
         self._writers_sent: set[int] = set()
         self._delay = backoff[0]
         self._retry_at = 0.0
+        self.check_interval = check_interval
+        self._next_check = 0.0
 
     def step(self) -> Step:
         """Do the next piece of work; never raises for Redis failures."""
@@ -486,6 +493,19 @@ class LogStream:
             if size >= self.batch_bytes:
                 break
         if not batch:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self.check_interval
+                promoted: Any = self.client.hget(self._keys[3], "seq")
+                if (promoted or b"") != self._promotion:
+                    # CONNECT fences the stream if the store lacks it, or claims it again.
+                    logger.info(
+                        "log stream of mirror %s db %d: the promotion hash changed",
+                        self.url,
+                        self.db,
+                    )
+                    self.state = StreamState.CONNECT
+                    return Step(0)
             return Step(0, wait=self.backoff[1], idle=True)
         ids = {log.record_op_writer(record)[1] for _, record in batch} - self._writers_sent
         writers: list[Any] = []

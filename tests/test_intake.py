@@ -73,6 +73,8 @@ class Client:
 class StuckMirror:
     """A mirror that holds the events up to a given seq, and moves no further."""
 
+    promotion = b""  # none recorded
+
     def __init__(self, seq: int | None) -> None:
         self.seq = seq
 
