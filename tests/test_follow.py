@@ -594,3 +594,27 @@ def test_a_stream_that_cannot_be_applied_backs_off(store, url, server, tmp_path)
         follower.close()
         stream.close()
         backend.close()
+
+
+def test_an_idle_log_stream_notices_a_promotion_recorded_again(store, url, server):
+    """An old primary's stream with nothing to append reads the promotion hash at each check."""
+    from replicator.log_stream import StreamState
+    from replicator.promotion import Promotion, record_promotion
+
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", check_interval=0.0)
+    try:
+        TelescopeState(backend).add("a", 1, immutable=True)
+        while stream.head != backend.last_seq:
+            stream.step()
+        assert stream.step().idle and stream.state == StreamState.TAIL
+        control = server.client(db=MIRROR_CURSOR_DB)
+        promotion = Promotion(str(backend.uuid), 2, "00" * 32, "new-host", "/new")
+        assert record_promotion(control, 0, promotion, None)
+        for _ in range(3):
+            stream.step()
+        assert stream.state == StreamState.FENCED
+        assert stream.refusal is not None and "does not hold that event" in stream.refusal
+    finally:
+        stream.close()
+        backend.close()
