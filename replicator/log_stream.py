@@ -45,13 +45,16 @@ mirror. From then on a daemon whose store does not hold that event at that
 seq (the old primary, come back) is refused the mirror
 (:class:`replicator.redis_sink.RedisSink` stops in its FENCED state) and
 the stream: every append names the promotion its daemon knows, and the
-script refuses it once another has been recorded.
+script refuses it once another has been recorded. A stream with nothing
+to append reads the promotion hash at each check interval, so that an
+idle old primary's daemon is refused too (it would otherwise append
+nothing, and learn nothing).
 
 States of :class:`LogStream`, advanced by :meth:`LogStream.step` (the
 daemon steps it while it holds the mirror)::
 
     CONNECT --stream continued or started again--> TAIL (appends batches)
-    TAIL --refused (owner, promotion, head moved)--> CONNECT
+    TAIL --refused (owner, promotion, head moved), or idle and the promotion changed--> CONNECT
     any state --Redis failed--> BACKOFF --delay over--> CONNECT
     CONNECT --the store lacks the recorded promotion--> FENCED (for good)
 

@@ -45,8 +45,9 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
+    CONFLICT  --the other's cursor is not of this store's promoted history--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
-    CONNECT, CONFLICT  --store lacks the recorded promotion--> FENCED (for good)
+    any state but BACKOFF  --store lacks the recorded promotion--> FENCED (for good)
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
@@ -57,7 +58,17 @@ After a follower's promotion, the promoted store's replicator records its
 promote event before it claims the mirror (:mod:`replicator.promotion`);
 a replicator whose store lacks that event (the old primary) is FENCED: it
 never writes the mirror again, and above all never rebuilds it from its
-own, abandoned history.
+own, abandoned history. Every call of :data:`_APPLY` names the promotion
+its replicator knows (the one recorded, which its store holds) and
+changes nothing if the promotion hash records another: the check is
+atomic with the step, so once a promotion is recorded (again, if Redis
+forgot it) no step of the old primary's replicator, and no reply sent
+with one, goes through; the refused replicator reads the hash and is
+FENCED. An idle replicator reads the hash at each check of its cursor.
+The promoted store's replicator takes the mirror over even after it has
+claimed it once, from a replicator whose cursor is not of its history
+(the old primary's, which Redis let claim the mirror after forgetting the
+promotion): it does not wait in CONFLICT for a replicator that is fenced.
 """
 
 from __future__ import annotations
