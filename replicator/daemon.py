@@ -101,6 +101,11 @@ class SharedSink:
         """The last event the mirror holds, while it is complete."""
         return self.sink.seq
 
+    @property
+    def promotion(self) -> bytes | None:
+        """The promotion the sink knows (None once it is fenced), for the intake's replies."""
+        return self.sink.promotion
+
     def step(self) -> Step:
         """One step of the sink."""
         with self.turn:

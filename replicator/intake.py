@@ -150,6 +150,7 @@ from telstate.remote import (
 
 from .connection import connect
 from .metrics import Metrics
+from .promotion import promotion_key
 
 logger = logging.getLogger(__name__)
 
@@ -210,13 +211,18 @@ GATHER_MISSES = 6
 
 # Sends replies and retires their requests in one call, if the mirror holds
 # their events. KEYS[1]: the request stream; KEYS[2]: the mirror's cursor;
-# KEYS[3..n+2]: the reply streams of the n replies. ARGV[1]: the database of
-# these keys; ARGV[2]: the group; ARGV[3]: n; ARGV[4]: the store (UUID);
-# ARGV[5]: the seq the mirror must hold (0: send without looking); then per
-# reply: its TTL in ms and its five fields (id, status, value, error,
-# message); then the entry ids of the requests answered (those that came
-# through the stream). Returns n if sent, 0 if the mirror's cursor is not
-# (ready, of this store) at that seq or beyond, and {n, i, ...} if the
+# KEYS[3]: the promotion hash (replicator.promotion); KEYS[4..n+3]: the reply
+# streams of the n replies. ARGV[1]: the database of these keys; ARGV[2]: the
+# group; ARGV[3]: n; ARGV[4]: the store (UUID); ARGV[5]: the seq the mirror
+# must hold (0: send without looking); ARGV[6]: the seq of the promotion the
+# daemon knows ('' for none); then per reply: its TTL in ms and its five
+# fields (id, status, value, error, message); then the entry ids of the
+# requests answered (those that came through the stream). Returns n if sent,
+# 0 if the mirror's cursor is not (ready, of this store) at that seq or
+# beyond, or (with a seq to hold) the promotion hash records another
+# promotion than the daemon's (its store, the old primary, lacks it: a
+# write it applied is not in the promoted history, and must never be
+# acknowledged once the promotion is recorded), and {n, i, ...} if the
 # replies i, ... (1-based) could not be added to their streams because a
 # key of another type is in the place of one (only a client of an
 # unprotected mirror can plant one): the others are sent all the same, and
@@ -234,6 +240,9 @@ _REPLY = b"""
 redis.call('SELECT', ARGV[1])
 local need = tonumber(ARGV[5])
 if need > 0 then
+    if (redis.call('HGET', KEYS[3], 'seq') or '') ~= ARGV[6] then
+        return 0
+    end
     local c = redis.call('HMGET', KEYS[2], 'store', 'seq', 'state')
     if c[1] ~= ARGV[4] or c[3] ~= 'ready' or (tonumber(c[2]) or -1) < need then
         return 0
@@ -242,8 +251,8 @@ end
 local n = tonumber(ARGV[3])
 local lost
 for i = 1, n do
-    local a = 6 + (i - 1) * 6
-    local added = redis.pcall('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV_MAXLEN, '*',
+    local a = 7 + (i - 1) * 6
+    local added = redis.pcall('XADD', KEYS[i + 3], 'MAXLEN', '~', ARGV_MAXLEN, '*',
                               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
                               'error', ARGV[a + 4], 'message', ARGV[a + 5])
     if type(added) == 'table' and added.err then
@@ -253,10 +262,10 @@ for i = 1, n do
         lost = lost or {n}
         lost[#lost + 1] = i
     else
-        redis.call('PEXPIRE', KEYS[i + 2], ARGV[a])
+        redis.call('PEXPIRE', KEYS[i + 3], ARGV[a])
     end
 end
-for first = 6 + n * 6, #ARGV, RETIRE_SLICE do
+for first = 7 + n * 6, #ARGV, RETIRE_SLICE do
     local last = math.min(first + RETIRE_SLICE - 1, #ARGV)
     redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, first, last))
     redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
@@ -318,6 +327,11 @@ redis.call('DEL', KEYS[1])
 redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 return 1
 """
+
+
+# What the replies' script is given as the promotion of a daemon refused
+# after one: never a promotion's seq, so no reply that needs the mirror goes out.
+_FENCED = b"fenced"
 
 
 def _reply_source() -> bytes:
@@ -481,6 +495,14 @@ class Mirror(Protocol):
     def fileno(self) -> int | None:
         """A socket that is readable once the step sent ahead is answered (None if none)."""
 
+    @property
+    def promotion(self) -> bytes | None:
+        """The seq of the promotion recorded for the mirror that the store holds (b"" if none).
+
+        None once the daemon is refused after a promotion (fenced): then no
+        reply that needs the mirror goes out any more.
+        """
+
     def hold(self) -> contextlib.AbstractContextManager[object]:
         """Keep other threads from moving the mirror while the intake commits and projects.
 
@@ -601,6 +623,10 @@ class Intake:
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
         self._cursor = mirror_cursor_key(self.db)
+        self._promotion_key = promotion_key(self.db)
+        # The seq of the promotion the mirror's daemon knows (see
+        # Mirror.promotion), as the replies' script compares it.
+        self._promotion = b""
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []
         # The server's clock: (its time in ms, monotonic time) when last read.
         self._clock: tuple[int, float] | None = None
@@ -649,6 +675,7 @@ class Intake:
         """
         self._rejections.flush_due()
         self._clock_refusals.flush_due()
+        self._learn_promotion(mirror)
         try:
             if self.state == IntakeState.CONNECT:
                 return self._connect()
@@ -688,6 +715,8 @@ class Intake:
         """
         if self.state != IntakeState.SERVE:
             return
+        if mirror is not None:
+            self._learn_promotion(mirror)
         try:
             if self._ready:
                 self._exchange(read=False)
@@ -733,6 +762,16 @@ class Intake:
         self._reader.close()
         self._wire.close()
         self.client.connection_pool.disconnect()
+
+    def _learn_promotion(self, mirror: Mirror) -> None:
+        """Take the promotion the mirror's daemon knows, for the replies' script.
+
+        A daemon refused after a promotion (None) sends no reply that
+        needs the mirror any more: no seq matches :data:`_FENCED`.
+        """
+        promotion = mirror.promotion
+        if self._promotion != _FENCED:
+            self._promotion = _FENCED if promotion is None else promotion
 
     # The states
 
@@ -1246,8 +1285,15 @@ class Intake:
 
     def _reply_arguments(self, ready: list[_Owed], need: int = 0) -> dict[str, list[Any]]:
         """The keys and arguments of the script that sends `ready` (see :data:`_REPLY`)."""
-        keys = [self._stream, self._cursor]
-        args: list[Any] = [MIRROR_CURSOR_DB, GROUP, len(ready), self.store, need]
+        keys = [self._stream, self._cursor, self._promotion_key]
+        args: list[Any] = [
+            MIRROR_CURSOR_DB,
+            GROUP,
+            len(ready),
+            self.store,
+            need,
+            self._promotion,
+        ]
         for owed in ready:
             keys.append(reply_stream_key(self.db, owed.reply_to))
             reply = owed.reply

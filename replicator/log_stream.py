@@ -45,13 +45,16 @@ mirror. From then on a daemon whose store does not hold that event at that
 seq (the old primary, come back) is refused the mirror
 (:class:`replicator.redis_sink.RedisSink` stops in its FENCED state) and
 the stream: every append names the promotion its daemon knows, and the
-script refuses it once another has been recorded.
+script refuses it once another has been recorded. A stream with nothing
+to append reads the promotion hash at each check interval, so that an
+idle old primary's daemon is refused too (it would otherwise append
+nothing, and learn nothing).
 
 States of :class:`LogStream`, advanced by :meth:`LogStream.step` (the
 daemon steps it while it holds the mirror)::
 
     CONNECT --stream continued or started again--> TAIL (appends batches)
-    TAIL --refused (owner, promotion, head moved)--> CONNECT
+    TAIL --refused (owner, promotion, head moved), or idle and the promotion changed--> CONNECT
     any state --Redis failed--> BACKOFF --delay over--> CONNECT
     CONNECT --the store lacks the recorded promotion--> FENCED (for good)
 
@@ -296,6 +299,10 @@ class LogStream:
         First and longest delay between attempts while Redis fails.
     socket_timeout
         Seconds to wait for Redis before treating it as failed.
+    check_interval
+        While idle, how often to check that the promotion hash still records
+        the promotion the stream was claimed under (an old primary's daemon
+        is fenced once another is recorded, even if no event comes).
 
     Attributes
     ----------
@@ -315,6 +322,7 @@ class LogStream:
         batch_bytes: int = 8 << 20,
         backoff: tuple[float, float] = (0.1, 10.0),
         socket_timeout: float = 10.0,
+        check_interval: float = 1.0,
     ) -> None:
         if max_len < 1 or batch_events < 1 or batch_bytes < 1:
             raise ValueError(
@@ -357,6 +365,8 @@ class LogStream:
         self._writers_sent: set[int] = set()
         self._delay = backoff[0]
         self._retry_at = 0.0
+        self.check_interval = check_interval
+        self._next_check = 0.0
 
     def step(self) -> Step:
         """Do the next piece of work; never raises for Redis failures."""
@@ -486,6 +496,19 @@ class LogStream:
             if size >= self.batch_bytes:
                 break
         if not batch:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self.check_interval
+                promoted: Any = self.client.hget(self._keys[3], "seq")
+                if (promoted or b"") != self._promotion:
+                    # CONNECT fences the stream if the store lacks it, or claims it again.
+                    logger.info(
+                        "log stream of mirror %s db %d: the promotion hash changed",
+                        self.url,
+                        self.db,
+                    )
+                    self.state = StreamState.CONNECT
+                    return Step(0)
             return Step(0, wait=self.backoff[1], idle=True)
         ids = {log.record_op_writer(record)[1] for _, record in batch} - self._writers_sent
         writers: list[Any] = []

@@ -16,7 +16,15 @@ From then on a daemon whose store has this UUID but does not hold that
 event at that seq (the old primary come back, or a copy of another
 history) is refused: the Redis sink stops in its FENCED state
 (:mod:`replicator.redis_sink`) and the log stream refuses its appends
-(:mod:`replicator.log_stream`). A store of another UUID is not concerned.
+(:mod:`replicator.log_stream`). Every script that changes the mirror or
+the stream, or sends replies to remote writes, names the promotion seq
+its daemon knows and does nothing if the hash records another, so the
+fence holds from the instant a promotion is recorded. A store of another
+UUID is not concerned.
+
+The hash lives in Redis: it is lost with Redis's data (a restart without
+persistence). The promoted store's daemon records it again when it finds
+it gone; until then an old primary's daemon is not fenced (see the README).
 A later promotion (a higher seq in a store that holds the recorded one)
 replaces the record.
 

@@ -45,8 +45,9 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
+    CONFLICT  --the other's cursor is not of this store's promoted history--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
-    CONNECT, CONFLICT  --store lacks the recorded promotion--> FENCED (for good)
+    any state but BACKOFF  --store lacks the recorded promotion--> FENCED (for good)
 
 A replicator claims the mirror when it starts (rebuilding it if it does
 not match the store). After that it never takes the mirror from another
@@ -57,7 +58,17 @@ After a follower's promotion, the promoted store's replicator records its
 promote event before it claims the mirror (:mod:`replicator.promotion`);
 a replicator whose store lacks that event (the old primary) is FENCED: it
 never writes the mirror again, and above all never rebuilds it from its
-own, abandoned history.
+own, abandoned history. Every call of :data:`_APPLY` names the promotion
+its replicator knows (the one recorded, which its store holds) and
+changes nothing if the promotion hash records another: the check is
+atomic with the step, so once a promotion is recorded (again, if Redis
+forgot it) no step of the old primary's replicator, and no reply sent
+with one, goes through; the refused replicator reads the hash and is
+FENCED. An idle replicator reads the hash at each check of its cursor.
+The promoted store's replicator takes the mirror over even after it has
+claimed it once, from a replicator whose cursor is not of its history
+(the old primary's, which Redis let claim the mirror after forgetting the
+promotion): it does not wait in CONFLICT for a replicator that is fenced.
 """
 
 from __future__ import annotations
@@ -94,7 +105,14 @@ from .acl import (
 )
 from .connection import connect, redact_url
 from .cursor import Cursor, MirrorState, read_cursor
-from .promotion import DamagedPromotion, PromotionScan, read_promotion, record_promotion
+from .promotion import (
+    DamagedPromotion,
+    Promotion,
+    PromotionScan,
+    promotion_key,
+    read_promotion,
+    record_promotion,
+)
 from .source import EventSource
 
 logger = logging.getLogger(__name__)
@@ -122,7 +140,8 @@ _APPLY = b"""
 -- would have if it were a mirror; KEYS[4]: the cursor of the mirror that
 -- held the spare's lock when the caller looked (KEYS[1] if none); KEYS[5]:
 -- the mark, set by the swap, that the mirror's waiters are yet to be woken;
--- KEYS[6], ...: the keys that the operations name (by their index in KEYS).
+-- KEYS[6]: the promotion hash (same database, see replicator.promotion);
+-- KEYS[7], ...: the keys that the operations name (by their index in KEYS).
 -- ARGV[2]: the mirror database; ARGV[3]: the target of the operations, the
 -- mirror or (during a rebuild) the spare database.
 -- ARGV[4]: 'check' (go on only if the cursor has owner, store, seq, state
@@ -131,11 +150,16 @@ _APPLY = b"""
 -- (and owner) holds the spare's lock and the spare's DBSIZE is the
 -- cursor's spare key count) or 'claim' (replace the cursor; a spare target
 -- is locked for owner ARGV[5], see the module docstring).
--- ARGV[9]: number n of cursor field/value arguments ARGV[10..9+n]; the
+-- ARGV[9]: the seq of the promotion the caller knows ('' for none): in
+-- either mode nothing is done unless the promotion hash records that one,
+-- so that a daemon whose store lacks a promotion recorded since (the old
+-- primary) never moves the mirror again, nor has replies sent with its steps.
+-- ARGV[10]: number n of cursor field/value arguments ARGV[11..10+n]; the
 -- operations follow.
 -- Returns {1, mirror keys, target keys, ''} once applied, or {0, ...,
 -- reason} if the check failed, {-1, ..., reason} if the spare is not free,
--- {-2, ..., reason} if the spare's lock changed since the caller looked.
+-- {-2, ..., reason} if the spare's lock changed since the caller looked,
+-- {-3, ..., reason} if the promotion recorded is not the caller's.
 local mirror, target = ARGV[2], ARGV[3]
 local rebuild = target ~= mirror
 -- A tailing step (on the mirror) spares the calls about the spare, and the
@@ -151,6 +175,9 @@ local function select(db)
     end
 end
 select(ARGV[1])
+if (redis.call('HGET', KEYS[6], 'seq') or '') ~= ARGV[9] then
+    return {-3, 0, 0, 'a promotion was recorded that this replicator does not know'}
+end
 local c, lock, target_size
 if rebuild then
     c = redis.call('HMGET', KEYS[1], 'owner', 'store', 'seq', 'state', 'keys', 'spare',
@@ -212,8 +239,8 @@ else
 end
 local swapped = false
 select(target)
-local n = tonumber(ARGV[9])
-local i = 10 + n
+local n = tonumber(ARGV[10])
+local i = 11 + n
 while i <= #ARGV do
     local op = ARGV[i]
     if op == 'F' then
@@ -294,7 +321,7 @@ if swapped then
     redis.call('DEL', KEYS[2])
     redis.call('SET', KEYS[5], after)
 end
-redis.call('HSET', KEYS[1], 'keys', after, 'spare_keys', target_after, unpack(ARGV, 10, 9 + n))
+redis.call('HSET', KEYS[1], 'keys', after, 'spare_keys', target_after, unpack(ARGV, 11, 10 + n))
 return {1, after, target_after, ''}
 """
 
@@ -313,9 +340,10 @@ return 1
 _PROBE_KEY = b"telstate-replicator:probe"
 
 
-# KEYS[1..5] of _APPLY are the cursor, the spare's lock, the cursors the
-# claim looks at and the wake-up mark; the operations' keys follow.
-_FIXED_KEYS = 5
+# KEYS[1..6] of _APPLY are the cursor, the spare's lock, the cursors the
+# claim looks at, the wake-up mark and the promotion hash; the operations'
+# keys follow.
+_FIXED_KEYS = 6
 
 # The mirror that holds the lock of spare database KEYS[1] (in database ARGV[1]).
 _READ_SPARE_LOCK = """
@@ -546,6 +574,11 @@ class RedisSink:
         #: Why the sink is FENCED (None otherwise).
         self.fenced: str | None = None
         self._promotions = PromotionScan(source)
+        # The seq of the promotion recorded for the mirror that this store
+        # holds, as the promotion hash gives it (b"" for none): every script
+        # call passes it, and changes nothing if the hash records another.
+        self._promotion = b""
+        self._known: Promotion | None = None
         self._key = mirror_cursor_key(self.db)
         # Every step of the mirror is this script: called over a Wire, it
         # costs a round trip and little Python (see telstate.remote.Wire).
@@ -558,11 +591,14 @@ class RedisSink:
             mirror_cursor_key(self.db),
             self._key,
             wake_key(self.db),
+            promotion_key(self.db),
         ]
         self._read_spare_lock = self.client.register_script(_READ_SPARE_LOCK)
         self._wake_mark = self.client.register_script(_WAKE_MARK)
-        # Why the last script call changed nothing (a failed check, a spare not free).
+        # Why the last script call changed nothing (a failed check, a spare not
+        # free), and whether it was because another promotion was recorded.
         self._refusal = ""
+        self._promotion_changed = False
         # Whether this process has owned the mirror: from then on a foreign
         # owner is a conflict, not something to take over.
         self._claimed = False
@@ -869,6 +905,8 @@ class RedisSink:
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + self.check_interval
+                if self._promotion_moved() and self._fence():
+                    return Step(0, wait=self.backoff[1])
                 size, found = read_cursor(self.client)
                 if size != cursor.keys or found != cursor:
                     self._reconcile(size, found)
@@ -920,6 +958,9 @@ class RedisSink:
             flush = _Operations()
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:
+                if self._promotion_changed:
+                    self._recheck()
+                    return Step(0)
                 return self._fail(
                     f"database {self.spare_db} of {self.url}, the spare for rebuilds,"
                     f" {self._refusal}: wait, empty it, or give this replicator another"
@@ -963,7 +1004,7 @@ class RedisSink:
         if self._fence():
             return Step(0, wait=self.backoff[1])
         _, found = read_cursor(self.client)
-        if found is None or found.owner == self.owner:
+        if found is None or found.owner == self.owner or self._superseded(found):
             logger.info("mirror %s db %d is free again", self.url, self.db)
             self.state = SinkState.CONNECT
             return Step(0)
@@ -1007,7 +1048,56 @@ class RedisSink:
                 self.url,
                 self.db,
             )
+            recorded = mine
+        # (If another was recorded meanwhile, the next script call is refused,
+        # and the sink looks again.)
+        self._known = recorded
+        self._promotion = b"" if recorded is None else b"%d" % recorded.seq
         return False
+
+    def _promotion_moved(self) -> bool:
+        """Whether the promotion hash records another promotion than the one the sink knows.
+
+        One read, for the idle sink's periodic check: an old primary's
+        daemon that holds the mirror while no write comes notices a
+        promotion recorded since (again, if Redis forgot it) without a step
+        of the mirror being refused first.
+        """
+        try:
+            recorded = read_promotion(self.client, self.db)
+        except DamagedPromotion:
+            return True
+        return (b"" if recorded is None else b"%d" % recorded.seq) != self._promotion
+
+    def _superseded(self, found: Cursor) -> bool:
+        """Whether another replicator's cursor `found` is of a history this store's promotion ended.
+
+        True if the promotion recorded for the mirror is one this store
+        holds, and `found` (of the same store) does not include it in this
+        store's history: its seq is before the promote event, or its chain
+        there is not this store's. Its owner is then the old primary's
+        daemon (fenced, or about to be: its next step is refused), or one
+        of a copy of that history: this replicator takes the mirror over.
+        """
+        known = self._known
+        if known is None or known.store != str(self.source.uuid) or found.store != known.store:
+            return False
+        if found.seq < known.seq:
+            return True
+        try:
+            return self.source.chain_at(found.seq).hex() != found.chain
+        except ValueError:  # ahead of this store's log
+            return True
+
+    @property
+    def promotion(self) -> bytes | None:
+        """The seq of the promotion recorded for the mirror that this store holds (b"" for none).
+
+        None once the sink is FENCED. The write intake passes it to its
+        replies' script, which sends nothing if the promotion hash records
+        another (see :mod:`replicator.intake`).
+        """
+        return None if self.fenced is not None else self._promotion
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)
@@ -1020,7 +1110,13 @@ class RedisSink:
         return Step(0, wait=wait)
 
     def _recheck(self) -> None:
-        """A checked step found the mirror elsewhere than expected: find out where it is."""
+        """A checked step found the mirror elsewhere than expected: find out where it is.
+
+        The promotion hash first: a step refused because a promotion was
+        recorded that this store lacks fences the sink.
+        """
+        if self._fence():
+            return
         size, found = read_cursor(self.client)
         self._reconcile(size, found)
 
@@ -1029,20 +1125,34 @@ class RedisSink:
         if found is not None and found.owner != self.owner and self._claimed:
             if self._fence():
                 return  # displaced by the daemon of a promoted follower
-            logger.error(
-                "mirror %s db %d was taken over by replicator %s (store %s at %s:%s);"
-                " not writing to it any more. Two replicators must not share a mirror:"
-                " stop one, or restart this one to claim the mirror back",
+            if not self._superseded(found):
+                logger.error(
+                    "mirror %s db %d was taken over by replicator %s (store %s at %s:%s);"
+                    " not writing to it any more. Two replicators must not share a mirror:"
+                    " stop one, or restart this one to claim the mirror back",
+                    self.url,
+                    self.db,
+                    found.owner,
+                    found.store,
+                    found.host,
+                    found.path,
+                )
+                self.state = SinkState.CONFLICT
+                self._retry_at = time.monotonic() + self.backoff[1]
+                return
+            # Continued (its cursor is a prefix of this store's history) or rebuilt below.
+            logger.warning(
+                "mirror %s db %d is held by replicator %s of the store at %s:%s, at seq %d"
+                " of a history that this store's promotion (seq %d) ended: the old"
+                " primary's daemon, refused from now on; taking the mirror over",
                 self.url,
                 self.db,
                 found.owner,
-                found.store,
                 found.host,
                 found.path,
+                found.seq,
+                self._known.seq if self._known is not None else 0,
             )
-            self.state = SinkState.CONFLICT
-            self._retry_at = time.monotonic() + self.backoff[1]
-            return
         reason = self._mismatch(size, found)
         if reason is not None:
             logger.warning("mirror %s db %d must be rebuilt: %s", self.url, self.db, reason)
@@ -1050,7 +1160,9 @@ class RedisSink:
             return
         assert found is not None
         if found.owner != self.owner:
-            mine = replace(found, owner=self.owner)
+            mine = replace(
+                found, owner=self.owner, host=socket.gethostname(), path=self.source.path
+            )
             if not self._apply("check", found, mine, _Operations(), self.db)[0]:
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
@@ -1178,12 +1290,24 @@ class RedisSink:
             mirror_cursor_key(target),
             holder,
             wake_key(self.db),
+            promotion_key(self.db),
             *ops.keys,
         ]
-        args = [MIRROR_CURSOR_DB, self.db, target, mode, *check, len(fields), *fields, *ops.args]
+        args = [
+            MIRROR_CURSOR_DB,
+            self.db,
+            target,
+            mode,
+            *check,
+            self._promotion,
+            len(fields),
+            *fields,
+            *ops.args,
+        ]
         done, after, target_after, reason, answer = self._call(keys, args, then)
         if done != 1:
             self._refusal = ensure_str(reason)
+            self._promotion_changed = done == -3
             return False, answer
         self._refusal = ""
         self.cursor = replace(cursor, keys=int(after), spare_keys=int(target_after))
@@ -1220,6 +1344,7 @@ class RedisSink:
         """
         if done != 1:
             self._refusal = ensure_str(reason)
+            self._promotion_changed = done == -3
             return False
         self._refusal = ""
         self.cursor = cursor.moved(seq, chain, int(after))
@@ -1238,6 +1363,7 @@ class RedisSink:
             cursor.store,
             cursor.seq,
             cursor.state.value,
+            self._promotion,
             4,
             "seq",
             seq,

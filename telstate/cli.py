@@ -700,15 +700,28 @@ def cmd_backup(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_promote(args: argparse.Namespace, out: TextIO) -> int:
-    from .lmdb import promote
+    from .lmdb import LmdbBackend, promote
 
     _check_store_path(args.store)
     seq = promote(args.store, args.name)
-    out.write(
-        json.dumps({"store": args.store, "seq": seq}) + "\n"
-        if args.json
-        else f"promoted {args.store} to primary: promotion event {seq}\n"
-    )
+    # The follower's last known position: what the old primary may have
+    # acknowledged after it (followers are asynchronous) is not in the new history.
+    with LmdbBackend(args.store, readonly=True) as backend:
+        events = {event.seq: event for event in backend.events(max(1, seq - 1), seq)}
+    last = events.get(seq - 1)
+    age = events[seq].time - last.time if last is not None and seq in events else None
+    if args.json:
+        out.write(json.dumps({"store": args.store, "seq": seq, "last_event_age": age}) + "\n")
+        return EXIT_OK
+    out.write(f"promoted {args.store} to primary: promotion event {seq}\n")
+    if last is None:
+        out.write("the follower held none of the old primary's events\n")
+    else:
+        out.write(
+            f"the follower held the old primary's events up to seq {seq - 1}, the last"
+            f" written {age:.1f} s before the promotion: writes the old primary"
+            " acknowledged after it are not in the new history\n"
+        )
     return EXIT_OK
 
 

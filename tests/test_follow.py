@@ -594,3 +594,98 @@ def test_a_stream_that_cannot_be_applied_backs_off(store, url, server, tmp_path)
         follower.close()
         stream.close()
         backend.close()
+
+
+def test_an_idle_log_stream_notices_a_promotion_recorded_again(store, url, server):
+    """An old primary's stream with nothing to append reads the promotion hash at each check."""
+    from replicator.log_stream import StreamState
+    from replicator.promotion import Promotion, record_promotion
+
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", check_interval=0.0)
+    try:
+        TelescopeState(backend).add("a", 1, immutable=True)
+        while stream.head != backend.last_seq:
+            stream.step()
+        assert stream.step().idle and stream.state == StreamState.TAIL
+        control = server.client(db=MIRROR_CURSOR_DB)
+        promotion = Promotion(str(backend.uuid), 2, "00" * 32, "new-host", "/new")
+        assert record_promotion(control, 0, promotion, None)
+        for _ in range(3):
+            stream.step()
+        assert stream.state == StreamState.FENCED
+        assert stream.refusal is not None and "does not hold that event" in stream.refusal
+    finally:
+        stream.close()
+        backend.close()
+
+
+def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promotion(
+    store, server, url, processes
+):
+    """Found by review: Redis restarted empty while the new primary's daemon was stopped.
+
+    The old primary's daemon, started again, was not fenced (the promotion
+    hash was gone): it rebuilt the mirror from its abandoned history and
+    acknowledged remote writes into it, also after the new primary's daemon
+    had recorded the promotion again; that one waited in CONFLICT for good.
+    Now the new primary's daemon takes the mirror back, and the old one is
+    fenced and stops.
+    """
+    import os
+    import signal
+
+    start_daemon, start_follower = processes
+    promoted = store.parent / "promoted"
+    old_daemon = start_daemon(store, url, "--accept-writes")
+    follower = start_follower(promoted, url)
+    Writer(store, count=50, rate=3000, seed=71).join()
+    wait_caught_up(store, promoted, old_daemon, follower)
+    follower.stop()
+    old_daemon.kill()  # the primary's host dies
+    assert cli.main(["promote", str(promoted)], out=io.StringIO()) == 0
+    promote_seq = head(promoted)
+    new_daemon = start_daemon(promoted, url, "--accept-writes")
+    client = server.client(db=0)
+
+    def cursor_of(path: Path, seq: int = 0) -> bool:
+        cursor = read_cursor(client)[1]
+        return (
+            cursor is not None
+            and cursor.path == str(path)
+            and cursor.state.value == "ready"
+            and cursor.seq >= seq
+        )
+
+    wait_for(lambda: cursor_of(promoted, promote_seq), "the new primary's mirror", new_daemon)
+    os.kill(new_daemon.process.pid, signal.SIGSTOP)
+    try:
+        server.stop()
+        server.start()  # empty: the promotion hash is gone
+        client = server.client(db=0)
+        old_again = start_daemon(store, url, "--accept-writes")
+        wait_for(lambda: cursor_of(store), "the old primary's daemon to take the mirror", old_again)
+        wait_ready(server)
+        # The window that remains (see the README): acknowledged into the old primary.
+        remote = TelescopeState(url)
+        remote.add("acked_by_old_primary", 2, immutable=True)
+        remote.backend.close()
+    finally:
+        os.kill(new_daemon.process.pid, signal.SIGCONT)
+    # The new primary's daemon records the promotion again, takes the mirror
+    # back; the old one is refused and stops.
+    assert old_again.process.wait(60) == 1, old_again.log_text()
+    assert "taking the mirror over" in new_daemon.log_text()
+    wait_for(lambda: cursor_of(promoted, promote_seq), "the mirror taken back", new_daemon)
+    wait_ready(server)
+    remote = TelescopeState(url)
+    remote.add("after", 3, immutable=True)
+    remote.backend.close()
+    with LmdbBackend(promoted, readonly=True) as backend:
+        assert TelescopeState(backend)["after"] == 3
+        assert "acked_by_old_primary" not in TelescopeState(backend)
+    with LmdbBackend(store, readonly=True) as backend:
+        assert "after" not in TelescopeState(backend)
+    settle(promoted, client, new_daemon)
+    new_daemon.stop()
+    verify(promoted)

@@ -699,9 +699,11 @@ def test_backup_follow_promote_end_to_end(tmp_path, primary):
         head = follower.last_seq
         out = io.StringIO()
         assert cli.main(["promote", follower.path, "--name", "new-primary"], out=out) == 0
-        assert (
-            out.getvalue() == f"promoted {follower.path} to primary: promotion event {head + 1}\n"
-        )
+        first, second = out.getvalue().splitlines()
+        assert first == f"promoted {follower.path} to primary: promotion event {head + 1}"
+        # Its last known position: writes acknowledged after it are lost.
+        assert second.startswith(f"the follower held the old primary's events up to seq {head},")
+        assert "not in the new history" in second
         assert (follower.role, follower.primary) == ("primary", None)
         (event,) = follower.events(head + 1)
         assert (event.op, event.key, event.sub_key, event.timestamp) == (

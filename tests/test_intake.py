@@ -73,6 +73,8 @@ class Client:
 class StuckMirror:
     """A mirror that holds the events up to a given seq, and moves no further."""
 
+    promotion = b""  # none recorded
+
     def __init__(self, seq: int | None) -> None:
         self.seq = seq
 
@@ -1550,3 +1552,86 @@ def test_after_large_requests_reads_take_what_batch_bytes_holds(server, backend)
         run(intake, mirror_seq=5 + i)
     assert intake._read_count == 8  # 1 -> 2 -> 4 -> 8
     intake.close()
+
+
+def test_the_reply_script_sends_nothing_once_a_promotion_the_daemon_lacks_is_recorded(
+    server, backend
+):
+    # Found by review: an old primary's daemon that held the mirror after a
+    # promotion (Redis had forgotten it) acknowledged writes into its abandoned
+    # history, also after the new primary's daemon had recorded the promotion
+    # again. The replies' script now compares the promotion hash with the one
+    # the daemon knows; refusals (nothing applied) still go out.
+    from replicator.intake import _Owed, _reply_source
+    from replicator.promotion import Promotion, promotion_key, record_promotion
+    from telstate.redis import mirror_cursor_key
+
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    intake.step(StuckMirror(0))  # connect
+    control = server.client(db=MIRROR_CURSOR_DB)
+    reply = control.register_script(_reply_source())
+    control.hset(
+        mirror_cursor_key(0), mapping={"store": str(backend.uuid), "seq": 3, "state": "ready"}
+    )
+    promotion = Promotion(str(backend.uuid), 2, "00" * 32, "new-host", "/new")
+    assert record_promotion(control, 0, promotion, None)
+
+    def send(owed: _Owed, need: int) -> int:
+        arguments = intake._reply_arguments([owed], need=need)
+        assert arguments["keys"][2] == promotion_key(0)
+        return reply(keys=arguments["keys"], args=arguments["args"])
+
+    applied = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    ok = _Owed(3, None, applied, client.session.token, Reply(b"ok"), 10**13, 0, 0.0)
+    assert send(ok, 3) == 0  # the daemon knows no promotion
+    assert client.replies() == {}
+    fenced = StuckMirror(3)
+    fenced.promotion = None
+    intake.step(fenced)
+    assert send(ok, 3) == 0
+    refused = client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(2))
+    error = Reply(b"error", error=b"ReadOnlyError", message="refused")
+    assert send(_Owed(0, None, refused, client.session.token, error, 10**13, 0, 0.0), 0) == 1
+    assert client.replies() == {refused: error}
+    # A daemon whose store holds the promotion sends its replies.
+    holder = Intake(backend, server.url + "?db=0")
+    holder.step(StuckMirror(0))
+    knows = StuckMirror(3)
+    knows.promotion = b"2"
+    holder.step(knows)
+    arguments = holder._reply_arguments([ok], need=3)
+    assert reply(keys=arguments["keys"], args=arguments["args"]) == 1
+    assert client.replies()[applied] == Reply(b"ok")
+    intake.close()
+    holder.close()
+
+
+def test_an_old_primarys_intake_acknowledges_nothing_once_a_promotion_is_recorded(server, backend):
+    # The whole path: the intake commits a request into the old primary, its
+    # reply rides with the mirror's step (sent ahead); the step is refused,
+    # the sink fenced, and the reply never goes out, then or later.
+    from replicator.cursor import read_cursor
+    from replicator.promotion import Promotion, record_promotion
+    from replicator.redis_sink import SinkState
+
+    client = Client(server, str(backend.uuid))
+    sink, mirror, intake = serving(server, backend)
+    before = read_cursor(sink.client)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    promotion = Promotion(str(backend.uuid), 1, "00" * 32, "new-host", "/new")
+    assert record_promotion(control, 0, promotion, None)
+    client.send(Op.SET_IMMUTABLE, key=b"k", value=encode_value(1))
+    intake.wait_for_requests(1.0)
+    intake.step(mirror)  # commits it into the old primary; the step is refused
+    for _ in range(3):
+        intake.wait_for_requests(0.05, mirror)
+        intake.step(mirror)
+        mirror.step()
+    assert backend.last_seq == 1  # committed into the abandoned history
+    assert client.replies() == {}
+    assert sink.state == SinkState.FENCED and mirror.promotion is None
+    intake.close(mirror)
+    assert client.replies() == {}
+    assert read_cursor(sink.client) == before
+    sink.close()

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import logging
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -807,3 +808,136 @@ def test_a_clients_endless_script_is_waited_out(tmp_path, sinks, caplog):
 def _eval_quietly(client: redis.Redis, script: str) -> None:
     with contextlib.suppress(redis.ResponseError):
         client.eval(script, 0)
+
+
+# --- fencing after a promotion ------------------------------------------------------------
+
+
+def _promoted(old: StandInLog, n: int, path: str = "/new") -> StandInLog:
+    """A follower of `old` made at event `n`, then promoted (its promote event is n + 1)."""
+    new = old.truncated(n)
+    new.path = path
+    new._append(Op.PROMOTE, None)
+    return new
+
+
+def _record(client: redis.Redis, new: StandInLog) -> None:
+    """Record `new`'s promotion, as the daemon of the promoted store does."""
+    from replicator.promotion import PromotionScan, read_promotion, record_promotion
+
+    promotion = PromotionScan(new).latest()
+    assert promotion is not None
+    assert record_promotion(client, 0, promotion, read_promotion(client, 0))
+
+
+def test_a_step_of_the_old_primary_is_refused_once_a_promotion_is_recorded(mirror, sinks):
+    # Found by review: the mirror's script checked the cursor's owner, not the
+    # promotion, so an old primary that held the mirror (Redis had forgotten the
+    # promotion, then the new primary's daemon recorded it again) went on
+    # moving it, and the replies sent with its steps went out.
+    url, client = mirror
+    old = StandInLog()
+    old.path = "/old"
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    sink = sinks(old, url, check_interval=3600.0)  # its idle check does not come
+    _run(sink)
+    _record(client, new)
+    before = read_cursor(client)
+    old.set_immutable(b"written into the old primary", b"\xff\x01")
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.FENCED and "does not hold that event" in sink.fenced
+    assert sink.promotion is None
+    assert read_cursor(client) == before
+    assert b"written into the old primary" not in client.keys()
+
+
+def test_an_idle_old_primary_notices_a_promotion_recorded_again(mirror, sinks):
+    # An old primary's daemon that holds the mirror while no write comes reads
+    # the promotion hash at each check: it is fenced before any step of its.
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    sink = sinks(old, url)
+    _run(sink)
+    assert sink.state == SinkState.TAIL and sink.promotion == b""
+    _record(client, new)
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.FENCED
+
+
+def test_the_promoted_stores_replicator_takes_the_mirror_back_from_the_old_primary(
+    mirror, sinks, caplog
+):
+    # Found by review: Redis restarted empty (the promotion hash gone) while the
+    # new primary's daemon was stopped; the old primary's daemon rebuilt the
+    # mirror from its abandoned history. The new primary's daemon recorded the
+    # promotion again but then waited in CONFLICT for good: nobody served the
+    # mirror once the old primary was fenced.
+    url, client = mirror
+    old = StandInLog()
+    old.path = "/old"
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    new.set_immutable(b"written to the new primary", b"\xff\x02")
+    new_sink = sinks(new, url, backoff=(0.01, 60.0))
+    _run(new_sink)
+    _assert_exact(new, client)
+    client.flushall()  # Redis restarted empty
+    old_sink = sinks(old, url)
+    _run(old_sink)
+    old.set_immutable(b"written into the old primary", b"\xff\x01")  # past the promote event
+    _run(old_sink)
+    _assert_exact(old, client)
+    _run(new_sink, until=lambda: new_sink.state == SinkState.TAIL and new_sink.rebuilds == 2)
+    _run(new_sink)
+    assert "taking the mirror over" in caplog.text
+    _assert_exact(new, client)
+    cursor = read_cursor(client)[1]
+    assert cursor.owner == new_sink.owner and cursor.path == "/new"
+    for _ in range(3):
+        old_sink.step()
+    assert old_sink.state == SinkState.FENCED
+    _assert_exact(new, client)
+
+
+def test_a_takeover_from_an_old_primary_at_a_prefix_continues_its_mirror(mirror, sinks):
+    # The old primary's cursor is before the promote event (its history and the
+    # promoted store's agree up to it): continued, not rebuilt, and the cursor
+    # names the new store, not the old primary.
+    url, client = mirror
+    old = StandInLog()
+    old.path = "/old"
+    _fill(old)
+    old_sink = sinks(old, url)
+    _run(old_sink)
+    assert read_cursor(client)[1].path == "/old"
+    new = _promoted(old, old.last_seq)
+    new_sink = sinks(new, url)
+    _run(new_sink)
+    _assert_exact(new, client)
+    assert new_sink.rebuilds == 0
+    cursor = read_cursor(client)[1]
+    assert (cursor.owner, cursor.path, cursor.host) == (
+        new_sink.owner,
+        "/new",
+        socket.gethostname(),
+    )
+    # Displaced by the promoted store's claim, the old primary is fenced.
+    old.set_immutable(b"written into the old primary", b"\xff\x01")
+    for _ in range(3):
+        old_sink.step()
+    assert old_sink.state == SinkState.FENCED
+    # Redis forgets the promotion and the cursor is the old primary's again, at
+    # a seq before the promote event: the promoted store's replicator continues it.
+    client.flushall()
+    prefix = old.truncated(old.last_seq - 1)  # up to the promote event's seq, excluded
+    _run(sinks(prefix, url))
+    assert new_sink.rebuilds == 0
+    _run(new_sink, until=lambda: read_cursor(client)[1].owner == new_sink.owner)
+    _run(new_sink)
+    _assert_exact(new, client)
+    assert new_sink.rebuilds == 0
