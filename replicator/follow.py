@@ -57,6 +57,7 @@ from .connection import connect, redact_url
 from .log_stream import (
     StreamMeta,
     first_seq,
+    log_meta_key,
     read_entries,
     read_meta,
     read_writers,
@@ -173,6 +174,8 @@ class Follower:
         self._failed_since: float | None = None
         # Whether Redis refused a position report (said once).
         self._unreported = False
+        # Whether the meta hash was found damaged while following (said once).
+        self._damage_said = False
 
     def run(self) -> None:
         """Follow until :attr:`stop` is set.
@@ -222,6 +225,12 @@ class Follower:
     def _connect(self) -> Step:
         meta = read_meta(self.client, self.db)
         if meta is None:
+            if self._meta_damaged():
+                return self._fail(
+                    f"the log stream's meta hash in mirror {self.url} db {self.db} cannot be"
+                    " read (damaged, or written by something else than a daemon): waiting"
+                    " for the daemon to replace it"
+                )
             return self._fail(
                 f"mirror {self.url} db {self.db} has no log stream (yet): is"
                 " `telstate-replicator run` running on the primary, with its log stream?"
@@ -394,17 +403,36 @@ class Follower:
         meta = read_meta(self.client, self.db)
         self._next_report = time.monotonic() + REPORT_INTERVAL
         if meta is None:
-            return  # Redis restarted empty: the daemon refills the stream
+            # Redis restarted empty, or the hash is damaged: the daemon refills the
+            # stream, or replaces the hash when it next appends.
+            if self._meta_damaged() and not self._damage_said:
+                logger.warning(
+                    "the log stream's meta hash in mirror %s db %d cannot be read (damaged, or"
+                    " written by something else than a daemon): waiting for the daemon to"
+                    " replace it",
+                    self.url,
+                    self.db,
+                )
+                self._damage_said = True
+            return
+        self._damage_said = False
         if meta.store != str(self.store.uuid):
             raise FollowError(
                 f"the log stream of mirror {self.url} db {self.db} is now of store"
                 f" {meta.store} ({meta.primary}), not of {self.store.uuid}: stopping"
             )
         self._meta = meta
-        if meta.seq <= self.seq and self.store.chain_at(meta.seq).hex() != meta.chain:
-            # The stream's head is in the follower's past, and of another history:
-            # no entry to come will ever continue the follower.
-            self._diverged(f"the stream's chain at seq {meta.seq} is not the follower's")
+        if meta.seq <= self.seq:
+            try:
+                chain = self.store.chain_at(meta.seq).hex()
+            except ValueError as error:  # from_fields admits no such seq: defence in depth
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: its head: {error}"
+                ) from None
+            if chain != meta.chain:
+                # The stream's head is in the follower's past, and of another history:
+                # no entry to come will ever continue the follower.
+                self._diverged(f"the stream's chain at seq {meta.seq} is not the follower's")
         behind = max(0, meta.seq - self.seq)
         lag_seconds = 0.0
         if behind:
@@ -436,6 +464,10 @@ class Follower:
                     error,
                 )
             self._unreported = True
+
+    def _meta_damaged(self) -> bool:
+        """Whether the stream's meta hash exists (read_meta gave None: so it is damaged)."""
+        return bool(self.client.exists(log_meta_key(self.db)))
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)

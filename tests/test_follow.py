@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from replicator.cursor import read_cursor
 from replicator.follow import Follower as InProcessFollower
@@ -594,3 +597,117 @@ def test_a_stream_that_cannot_be_applied_backs_off(store, url, server, tmp_path)
         follower.close()
         stream.close()
         backend.close()
+
+
+def _caught_up_follower(store: Path, url: str, follower_path: Path, events: int):
+    """A primary with `events` events, streamed, and an in-process follower level with it."""
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test")
+    ts = TelescopeState(backend)
+    for i in range(events):
+        ts.add("sensor", float(i), ts=1e9 + i)
+    while stream.head != backend.last_seq:
+        stream.step()
+    follower = InProcessFollower(url, str(follower_path))
+    while follower.seq < backend.last_seq:
+        follower.step()
+    return backend, stream, follower
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq", "-1"),
+        ("seq", "1e3"),
+        ("seq", str(1 << 64)),
+        ("store", "not-a-uuid"),
+        ("chain", "zz"),
+        ("chain", "00"),
+        ("max_len", "-5"),
+    ],
+)
+def test_a_damaged_meta_hash_makes_the_follower_wait_not_crash(
+    store, url, server, tmp_path, caplog, field, value
+):
+    """The follower, level with the stream, waits out a damaged meta hash, then goes on."""
+    backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 5)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    try:
+        good = control.hget(log_meta_key(0), field)
+        control.hset(log_meta_key(0), field, value)
+        follower._next_report = 0.0
+        assert follower.step().applied == 0  # neither a traceback nor a FollowError
+        assert "meta hash" in caplog.text and "cannot be read" in caplog.text
+        assert follower.seq == 5
+        control.hset(log_meta_key(0), field, good)
+        TelescopeState(backend).add("sensor", 5.0, ts=1e9 + 5)
+        while stream.head != backend.last_seq:
+            stream.step()
+        while follower.seq < backend.last_seq:
+            follower._next_report = 0.0
+            follower.step()
+    finally:
+        follower.close()
+        stream.close()
+        backend.close()
+    assert_same_log(store, tmp_path / "follower")
+
+
+def test_a_new_follower_waits_for_a_meta_hash_naming_no_store(server, url, tmp_path, caplog):
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(log_meta_key(0), mapping={"store": "not-a-uuid", "seq": 0, "chain": "00" * 32})
+    follower = InProcessFollower(url, str(tmp_path / "follower"))
+    try:
+        follower.step()
+        assert follower.state.value == "backoff"
+        assert "meta hash" in caplog.text and "cannot be read" in caplog.text
+    finally:
+        follower.close()
+    assert not (tmp_path / "follower").exists()
+
+
+_HOSTILE = st.one_of(
+    st.integers(-(1 << 70), 1 << 70).map(str),
+    st.sampled_from(["", " 1", "1_0", "0x10", "nan", "-0", "١", "00" * 32, "0" * 63]),
+    st.binary(max_size=80),
+    st.text(max_size=80),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    damage=st.dictionaries(
+        st.sampled_from(["store", "seq", "chain", "host", "path", "owner", "max_len"]),
+        _HOSTILE,
+        min_size=1,
+    ),
+    new=st.booleans(),
+)
+def test_any_meta_hash_gives_a_step_or_a_follow_error(store, url, server, tmp_path, damage, new):
+    """Fuzzed fields of the meta hash over a real stream: the follower never raises anything
+    but FollowError, whether it makes its store or is level with the stream."""
+    from replicator.follow import FollowError
+
+    control = server.client(db=MIRROR_CURSOR_DB)
+    if not control.exists(log_meta_key(0)):
+        backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 3)
+        follower.close()
+        stream.close()
+        backend.close()
+    good = control.hgetall(log_meta_key(0))
+    target = tmp_path / ("new" if new else "follower")
+    shutil.rmtree(tmp_path / "new", ignore_errors=True)
+    control.hset(log_meta_key(0), mapping=damage)
+    follower = InProcessFollower(url, str(target))
+    try:
+        for _ in range(4):
+            follower._retry_at = follower._next_report = 0.0
+            follower.step()
+    except FollowError:
+        pass
+    finally:
+        follower.close()
+        control.delete(log_meta_key(0))
+        control.hset(log_meta_key(0), mapping=good)
