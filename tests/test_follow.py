@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -504,7 +505,7 @@ def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes)
     assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
 
 
-@pytest.mark.parametrize("damage", ["short record", "garbage writer"])
+@pytest.mark.parametrize("damage", ["short record", "garbage writer", "mistyped writer"])
 def test_hostile_stream_content_stops_the_follower_cleanly(
     server, url, processes, tmp_path, damage
 ):
@@ -516,6 +517,9 @@ def test_hostile_stream_content_stops_the_follower_cleanly(
     control.xadd(log_stream_key(0), {b"r": record}, id="1-0")
     if damage == "garbage writer":
         control.hset(log_writers_key(0), log.record_op_writer(record)[1], b"\xc1 not msgpack")
+    if damage == "mistyped writer":
+        writer = msgpack.packb([7, "host", None])  # msgpack, but not [host, pid, name]
+        control.hset(log_writers_key(0), log.record_op_writer(record)[1], writer)
     follower = start_follower(tmp_path / "follower", url)
     assert follower.process.wait(30) == 1, follower.log_text()
     text = follower.log_text()
