@@ -102,9 +102,10 @@ class Follower:
     url, password
         The mirror (its URL names the database whose log stream to follow).
     path
-        The follower store: made from seq 1 if it does not exist (the
-        stream must still reach seq 1), or a backup of the primary (made
-        a follower), or a follower of the same store.
+        The follower store: made from seq 1 if it does not exist, or is
+        an empty directory, or holds an LMDB environment with nothing in
+        it (the stream must still reach seq 1), or a backup of the primary
+        (made a follower), or a follower of the same store.
     name
         How the follower reports itself (default: host and path).
     batch
@@ -270,8 +271,11 @@ class Follower:
     def _open_store(self, meta: StreamMeta) -> LmdbBackend:
         """Open the follower store, making it first if need be."""
         from telstate.lmdb import create_follower, make_follower
+        from telstate.lmdb.environment import holds_no_store
 
-        if not os.path.exists(self.path):
+        # An empty directory (a mount point), or a follower killed while it made its
+        # store there, holds no store: the follower is made there as where none exists.
+        if holds_no_store(self.path):
             first = first_seq(self.client, self.db)
             if first is None:
                 first = meta.seq + 1  # the stream's next entry

@@ -191,8 +191,12 @@ class StreamMeta:
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> StreamMeta | None:
         """Parse the hash; None if it is missing or damaged (a field out of range included)."""
-        text = {ensure_str(name): ensure_str(value) for name, value in fields.items()}
         try:
+            # Strictly UTF-8: the primary's name goes into the follower store.
+            text = {
+                ensure_str(name): ensure_str(value, errors="strict")
+                for name, value in fields.items()
+            }
             meta = cls(
                 store=str(uuid.UUID(text["store"])),
                 seq=_count(text["seq"]),

@@ -628,6 +628,7 @@ def _caught_up_follower(store: Path, url: str, follower_path: Path, events: int)
         ("chain", "zz"),
         ("chain", "00"),
         ("max_len", "-5"),
+        ("host", b"\xff"),  # not UTF-8: the primary's name could not be recorded
     ],
 )
 def test_a_damaged_meta_hash_makes_the_follower_wait_not_crash(
@@ -715,3 +716,42 @@ def test_any_meta_hash_gives_a_step_or_a_follow_error(store, url, server, tmp_pa
         follower.close()
         control.delete(log_meta_key(0))
         control.hset(log_meta_key(0), mapping=good)
+
+
+@pytest.mark.parametrize("left", ["empty directory", "empty environment"])
+def test_follow_makes_its_store_where_none_was_made(store, server, url, processes, left):
+    """An empty directory (a mount point), or the LMDB environment that a `follow` killed
+    while it made its store leaves, is followed into as a path that does not exist."""
+    import lmdb
+
+    start_daemon, start_follower = processes
+    Writer(store, count=50, rate=5000, seed=91).join()
+    follower_path = store.parent / "follower"
+    follower_path.mkdir()
+    if left == "empty environment":
+        lmdb.open(str(follower_path)).close()
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+
+
+def test_follow_never_takes_a_directory_with_other_files(store, server, url, processes):
+    import lmdb
+
+    start_daemon, start_follower = processes
+    Writer(store, count=5, rate=5000, seed=92).join()
+    follower_path = store.parent / "follower"
+    follower_path.mkdir()
+    lmdb.open(str(follower_path)).close()
+    (follower_path / "notes.txt").write_text("mine")
+    before = sorted(follower_path.iterdir())
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    assert follower.process.wait(30) == 1, follower.log_text()
+    assert "is an LMDB environment but not a telstate store" in follower.log_text()
+    assert "Traceback" not in follower.log_text()
+    assert sorted(follower_path.iterdir()) == before
+    daemon.stop()
