@@ -755,3 +755,33 @@ def test_follow_never_takes_a_directory_with_other_files(store, server, url, pro
     assert "Traceback" not in follower.log_text()
     assert sorted(follower_path.iterdir()) == before
     daemon.stop()
+
+
+def test_an_adopted_writer_never_takes_another_identity(store, url, server, tmp_path):
+    """The writers hash is not chained: a writer forged after the follower adopted the id
+    stops the follower (a new process, which reads the hash again), and changes nothing."""
+    from replicator.follow import FollowError
+
+    follower_path = tmp_path / "follower"
+    backend, stream, follower = _caught_up_follower(store, url, follower_path, 5)
+    follower.close()
+    control = server.client(db=MIRROR_CURSOR_DB)
+    ids = list(control.hgetall(log_writers_key(0)))
+    for writer_id in ids:
+        control.hset(log_writers_key(0), writer_id, msgpack.packb(["mallory", 666, "mallory"]))
+    try:
+        TelescopeState(backend).add("sensor", 5.0, ts=1e9 + 5)
+        while stream.head != backend.last_seq:
+            stream.step()
+        follower = InProcessFollower(url, str(follower_path))
+        with pytest.raises(FollowError, match="their writers differ"):
+            for _ in range(10):
+                follower.step()
+        follower.close()
+    finally:
+        stream.close()
+        backend.close()
+    with LmdbBackend(follower_path, readonly=True) as copy:
+        assert copy.last_seq == 5
+        assert "mallory" not in {event.writer.host for event in copy.events()}
+    assert all_records(follower_path) == all_records(store)[:5]
