@@ -11,6 +11,7 @@ import io
 import json
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -785,3 +786,74 @@ def test_an_adopted_writer_never_takes_another_identity(store, url, server, tmp_
         assert copy.last_seq == 5
         assert "mallory" not in {event.writer.host for event in copy.events()}
     assert all_records(follower_path) == all_records(store)[:5]
+
+
+@st.composite
+def _hostile_entry(draw, chain: bytes, writer_id: int):
+    """A stream entry: an id, and fields that may hold a record, sealed to `chain` or not
+    (a record of any operation code, mostly by a writer that the writers hash holds)."""
+    seq = draw(st.sampled_from([4, 4, 4, 5, 9]))  # mostly the follower's next (4)
+    op_code = draw(st.integers(0, 9))
+    writer = draw(st.sampled_from([writer_id, writer_id, 12345]))
+    times = draw(st.tuples(st.floats(), st.floats()))
+    lengths = draw(st.tuples(st.integers(0, 40), st.integers(0, 40)) | st.just((1 << 32 - 1, 0)))
+    rest = draw(st.binary(max_size=120))
+    body = struct.pack("<BIddII", op_code, writer, *times, *lengths) + rest
+    record = draw(
+        st.one_of(
+            st.just(log.seal(body, chain)),  # continues the follower's chain
+            st.binary(max_size=120),
+        )
+    )
+    fields = draw(
+        st.one_of(
+            st.just({b"r": record}),
+            st.just({b"other": record}),
+            st.just({b"r": record, b"x": b"y"}),
+        )
+    )
+    return f"{seq}-{draw(st.sampled_from([0, 0, 0, 1]))}", fields
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_stream_entry_gives_a_step_or_a_follow_error(store, url, server, tmp_path, data):
+    """Fuzzed entries after the follower's head (ids, fields, records sealed to its chain or
+    not): the follower never raises anything but FollowError, and its log stays a prefix
+    of the primary's or takes the sealed records as events."""
+    from replicator.follow import FollowError
+
+    control = server.client(db=MIRROR_CURSOR_DB)
+    follower_path = tmp_path / "follower"
+    if not control.exists(log_meta_key(0)):
+        backend, stream, follower = _caught_up_follower(store, url, follower_path, 3)
+        follower.close()
+        stream.close()
+        backend.close()
+        shutil.copytree(follower_path, tmp_path / "pristine")
+    shutil.rmtree(follower_path)
+    shutil.copytree(tmp_path / "pristine", follower_path)
+    kept = control.xrange(log_stream_key(0))
+    with LmdbBackend(follower_path, readonly=True) as copy:
+        chain = copy.head[1]
+    writer_id = int(next(iter(control.hgetall(log_writers_key(0)))))
+    entries = data.draw(st.lists(_hostile_entry(chain, writer_id), min_size=1, max_size=3))
+    for entry_id, fields in entries:
+        try:
+            control.xadd(log_stream_key(0), fields, id=entry_id)
+        except redis.ResponseError:
+            pass  # an id not after the stream's last: Redis refuses it
+    follower = InProcessFollower(url, str(follower_path))
+    try:
+        for _ in range(4):
+            follower._retry_at = follower._next_report = 0.0
+            follower.step()
+    except FollowError:
+        pass
+    finally:
+        follower.close()
+        control.delete(log_stream_key(0))
+        for entry_id, fields in kept:
+            control.xadd(log_stream_key(0), fields, id=entry_id)
