@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import socket
 import time
@@ -50,7 +49,7 @@ from .. import log
 from ..errors import ChainMismatchError, ImmutableKeyError, InvalidTimestampError, StoreError
 from ..log import Writer
 from ..utils import PathType
-from .backup import _alive, _fsync, _rename_new
+from .backup import _fsync, _remove_stale, _rename_new
 from .bulk import is_newest
 from .environment import Store, create_store
 from .eventlog import append_record, log_chunk, writers_in
@@ -346,7 +345,7 @@ def create_follower(path: PathType, store_uuid: uuid.UUID, primary: str) -> None
             return
         parent, name = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
-        _remove_dead_creations(parent)
+        _remove_stale(parent, "follower")
         work = os.path.join(parent, f".{name}.follower-{_HOST}-{os.getpid()}-{token_hex(4)}")
         os.mkdir(work)
         try:
@@ -364,21 +363,6 @@ def create_follower(path: PathType, store_uuid: uuid.UUID, primary: str) -> None
         ) from None
     except OSError as error:
         raise StoreError(f"cannot create a telstate store at {path!r}: {error}") from error
-
-
-#: Temporary directories of follower creations on this host: the pid is group 1.
-_CREATION = re.compile(rf"\..+\.follower-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{8}}")
-
-
-def _remove_dead_creations(parent: str) -> None:
-    """Remove the temporary directories in `parent` of creations whose process died."""
-    for name in os.listdir(parent):
-        match = _CREATION.fullmatch(name)
-        if match is None or _alive(int(match[1])):
-            continue
-        path = os.path.join(parent, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def apply_records(
