@@ -9,8 +9,11 @@ the chain at every event and commits each batch in one LMDB transaction.
 Its position is its store's head: nothing is kept anywhere else, so a
 follower killed at any moment resumes after the last batch it committed,
 with no event applied twice and none lost. Redis failing (or restarting
-empty) is waited out with backoff; once the daemon has refilled the
+empty), and a meta hash that cannot be read (damaged: the daemon replaces
+it), are waited out with backoff; once the daemon has refilled the
 stream, the follower goes on if the stream still reaches its position.
+Other stream content that is not the daemon's (an entry that is not an
+event, a writer that is not one) stops it, as below.
 
 It stops for good (:class:`FollowError`, exit status 1) when it cannot go
 on without losing or inventing history:
