@@ -12,8 +12,6 @@ with no event applied twice and none lost. Redis failing (or restarting
 empty), and a meta hash that cannot be read (damaged: the daemon replaces
 it), are waited out with backoff; once the daemon has refilled the
 stream, the follower goes on if the stream still reaches its position.
-Other stream content that is not the daemon's (an entry that is not an
-event, a writer that is not one) stops it, as below.
 
 It stops for good (:class:`FollowError`, exit status 1) when it cannot go
 on without losing or inventing history:
@@ -23,12 +21,15 @@ on without losing or inventing history:
 - an event does not continue its chain (the primary and the follower have
   diverged: the primary was restored from an older copy, or promoted
   elsewhere);
-- the stream is of another store than the follower's.
+- the stream is of another store than the follower's;
+- the stream holds what the daemon never writes (an entry that is not an
+  event, a writer of the writers hash that is not one, a writer id that
+  comes back with another identity than the follower adopted).
 
 States, advanced by :meth:`Follower.step`::
 
     CONNECT --store open, stream of its store--> FOLLOW (applies batches)
-    any state --Redis failed, no stream yet--> BACKOFF --delay over--> CONNECT
+    any state --Redis failed, no stream yet, meta hash damaged--> BACKOFF --delay over--> CONNECT
 
 About once a second (:data:`REPORT_INTERVAL`) the follower reports its
 position in the followers hash, where ``telstate-replicator status`` reads it.
