@@ -29,7 +29,8 @@ on without losing or inventing history:
 States, advanced by :meth:`Follower.step`::
 
     CONNECT --store open, stream of its store--> FOLLOW (applies batches)
-    any state --Redis failed, no stream yet, meta hash damaged--> BACKOFF --delay over--> CONNECT
+    any state --Redis failed, no stream yet--> BACKOFF --delay over--> CONNECT
+    CONNECT --meta hash damaged--> BACKOFF (in FOLLOW it is said once, and skipped)
 
 About once a second (:data:`REPORT_INTERVAL`) the follower reports its
 position in the followers hash, where ``telstate-replicator status`` reads it.
