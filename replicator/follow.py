@@ -9,7 +9,8 @@ the chain at every event and commits each batch in one LMDB transaction.
 Its position is its store's head: nothing is kept anywhere else, so a
 follower killed at any moment resumes after the last batch it committed,
 with no event applied twice and none lost. Redis failing (or restarting
-empty) is waited out with backoff; once the daemon has refilled the
+empty), and a meta hash that cannot be read (damaged: the daemon replaces
+it), are waited out with backoff; once the daemon has refilled the
 stream, the follower goes on if the stream still reaches its position.
 
 It stops for good (:class:`FollowError`, exit status 1) when it cannot go
@@ -20,12 +21,16 @@ on without losing or inventing history:
 - an event does not continue its chain (the primary and the follower have
   diverged: the primary was restored from an older copy, or promoted
   elsewhere);
-- the stream is of another store than the follower's.
+- the stream is of another store than the follower's;
+- the stream holds what the daemon never writes (an entry that is not an
+  event, a writer of the writers hash that is not one, a writer id that
+  comes back with another identity than the follower adopted).
 
 States, advanced by :meth:`Follower.step`::
 
     CONNECT --store open, stream of its store--> FOLLOW (applies batches)
     any state --Redis failed, no stream yet--> BACKOFF --delay over--> CONNECT
+    CONNECT --meta hash damaged--> BACKOFF (in FOLLOW it is said once, and skipped)
 
 About once a second (:data:`REPORT_INTERVAL`) the follower reports its
 position in the followers hash, where ``telstate-replicator status`` reads it.
@@ -57,6 +62,7 @@ from .connection import connect, redact_url
 from .log_stream import (
     StreamMeta,
     first_seq,
+    log_meta_key,
     read_entries,
     read_meta,
     read_writers,
@@ -101,9 +107,10 @@ class Follower:
     url, password
         The mirror (its URL names the database whose log stream to follow).
     path
-        The follower store: made from seq 1 if it does not exist (the
-        stream must still reach seq 1), or a backup of the primary (made
-        a follower), or a follower of the same store.
+        The follower store: made from seq 1 if it does not exist, or is
+        an empty directory, or holds an LMDB environment with nothing in
+        it (the stream must still reach seq 1), or a backup of the primary
+        (made a follower), or a follower of the same store.
     name
         How the follower reports itself (default: host and path).
     batch
@@ -173,6 +180,8 @@ class Follower:
         self._failed_since: float | None = None
         # Whether Redis refused a position report (said once).
         self._unreported = False
+        # Whether the meta hash was found damaged while following (said once).
+        self._damage_said = False
 
     def run(self) -> None:
         """Follow until :attr:`stop` is set.
@@ -222,6 +231,12 @@ class Follower:
     def _connect(self) -> Step:
         meta = read_meta(self.client, self.db)
         if meta is None:
+            if self._meta_damaged():
+                return self._fail(
+                    f"the log stream's meta hash in mirror {self.url} db {self.db} cannot be"
+                    " read (damaged, or written by something else than a daemon): waiting"
+                    " for the daemon to replace it"
+                )
             return self._fail(
                 f"mirror {self.url} db {self.db} has no log stream (yet): is"
                 " `telstate-replicator run` running on the primary, with its log stream?"
@@ -261,8 +276,11 @@ class Follower:
     def _open_store(self, meta: StreamMeta) -> LmdbBackend:
         """Open the follower store, making it first if need be."""
         from telstate.lmdb import create_follower, make_follower
+        from telstate.lmdb.environment import holds_no_store
 
-        if not os.path.exists(self.path):
+        # An empty directory (a mount point), or a follower killed while it made its
+        # store there, holds no store: the follower is made there as where none exists.
+        if holds_no_store(self.path):
             first = first_seq(self.client, self.db)
             if first is None:
                 first = meta.seq + 1  # the stream's next entry
@@ -394,17 +412,36 @@ class Follower:
         meta = read_meta(self.client, self.db)
         self._next_report = time.monotonic() + REPORT_INTERVAL
         if meta is None:
-            return  # Redis restarted empty: the daemon refills the stream
+            # Redis restarted empty, or the hash is damaged: the daemon refills the
+            # stream, or replaces the hash when it next appends.
+            if self._meta_damaged() and not self._damage_said:
+                logger.warning(
+                    "the log stream's meta hash in mirror %s db %d cannot be read (damaged, or"
+                    " written by something else than a daemon): waiting for the daemon to"
+                    " replace it",
+                    self.url,
+                    self.db,
+                )
+                self._damage_said = True
+            return
+        self._damage_said = False
         if meta.store != str(self.store.uuid):
             raise FollowError(
                 f"the log stream of mirror {self.url} db {self.db} is now of store"
                 f" {meta.store} ({meta.primary}), not of {self.store.uuid}: stopping"
             )
         self._meta = meta
-        if meta.seq <= self.seq and self.store.chain_at(meta.seq).hex() != meta.chain:
-            # The stream's head is in the follower's past, and of another history:
-            # no entry to come will ever continue the follower.
-            self._diverged(f"the stream's chain at seq {meta.seq} is not the follower's")
+        if meta.seq <= self.seq:
+            try:
+                chain = self.store.chain_at(meta.seq).hex()
+            except ValueError as error:  # from_fields admits no such seq: defence in depth
+                raise FollowError(
+                    f"the log stream of mirror {self.url} db {self.db}: its head: {error}"
+                ) from None
+            if chain != meta.chain:
+                # The stream's head is in the follower's past, and of another history:
+                # no entry to come will ever continue the follower.
+                self._diverged(f"the stream's chain at seq {meta.seq} is not the follower's")
         behind = max(0, meta.seq - self.seq)
         lag_seconds = 0.0
         if behind:
@@ -436,6 +473,10 @@ class Follower:
                     error,
                 )
             self._unreported = True
+
+    def _meta_damaged(self) -> bool:
+        """Whether the stream's meta hash exists (read_meta gave None: so it is damaged)."""
+        return bool(self.client.exists(log_meta_key(self.db)))
 
     def _fail(self, message: str) -> Step:
         logger.warning("%s; retrying in %.1f s", message, self._delay)

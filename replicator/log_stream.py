@@ -69,6 +69,7 @@ import logging
 import math
 import socket
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -192,20 +193,32 @@ class StreamMeta:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> StreamMeta | None:
-        """Parse the hash; None if it is missing or damaged."""
-        text = {ensure_str(name): ensure_str(value) for name, value in fields.items()}
+        """Parse the hash; None if it is missing or damaged (a field out of range included)."""
         try:
-            return cls(
-                store=text["store"],
-                seq=int(text["seq"]),
-                chain=text["chain"],
+            # Strictly UTF-8: the primary's name goes into the follower store.
+            text = {
+                ensure_str(name): ensure_str(value, errors="strict")
+                for name, value in fields.items()
+            }
+            meta = cls(
+                store=str(uuid.UUID(text["store"])),
+                seq=_count(text["seq"]),
+                chain=bytes.fromhex(text["chain"]).hex(),
                 host=text.get("host", "?"),
                 path=text.get("path", "?"),
                 owner=text.get("owner", ""),
-                max_len=int(text.get("max_len") or 0),
+                max_len=_count(text.get("max_len") or "0"),
             )
         except (KeyError, ValueError):
             return None
+        return meta if len(meta.chain) == 2 * log.CHAIN_SIZE else None
+
+
+def _count(text: str) -> int:
+    """A seq or a length as the daemon writes it (decimal digits, below 2**63); else ValueError."""
+    if not text.isascii() or not text.isdigit() or int(text) >= 1 << 63:
+        raise ValueError(f"not a count: {text!r}")
+    return int(text)
 
 
 # KEYS: 1 stream, 2 meta, 3 writers, 4 promotion, all in database ARGV[1].
@@ -619,9 +632,16 @@ def read_writers(client: redis.Redis, db: int, ids: Iterable[int]) -> dict[int, 
     for writer_id, value in zip(wanted, values):
         if value is not None:
             try:
-                writers[writer_id] = log.decode_writer(value)
+                writer = log.decode_writer(value)
             except ValueError as error:
                 raise ValueError(f"writer {writer_id} of the writers hash: {error}") from None
+            if not (
+                isinstance(writer.host, str)
+                and type(writer.pid) is int
+                and isinstance(writer.name, (str, type(None)))
+            ):
+                raise ValueError(f"writer {writer_id} of the writers hash is not one: {writer!r}")
+            writers[writer_id] = writer
     return writers
 
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from replicator.cursor import read_cursor
 from replicator.follow import Follower as InProcessFollower
@@ -501,7 +506,7 @@ def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes)
     assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
 
 
-@pytest.mark.parametrize("damage", ["short record", "garbage writer"])
+@pytest.mark.parametrize("damage", ["short record", "garbage writer", "mistyped writer"])
 def test_hostile_stream_content_stops_the_follower_cleanly(
     server, url, processes, tmp_path, damage
 ):
@@ -513,6 +518,9 @@ def test_hostile_stream_content_stops_the_follower_cleanly(
     control.xadd(log_stream_key(0), {b"r": record}, id="1-0")
     if damage == "garbage writer":
         control.hset(log_writers_key(0), log.record_op_writer(record)[1], b"\xc1 not msgpack")
+    if damage == "mistyped writer":
+        writer = msgpack.packb([7, "host", None])  # msgpack, but not [host, pid, name]
+        control.hset(log_writers_key(0), log.record_op_writer(record)[1], writer)
     follower = start_follower(tmp_path / "follower", url)
     assert follower.process.wait(30) == 1, follower.log_text()
     text = follower.log_text()
@@ -689,3 +697,258 @@ def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promot
     settle(promoted, client, new_daemon)
     new_daemon.stop()
     verify(promoted)
+
+
+def _caught_up_follower(store: Path, url: str, follower_path: Path, events: int):
+    """A primary with `events` events, streamed, and an in-process follower level with it."""
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test")
+    ts = TelescopeState(backend)
+    for i in range(events):
+        ts.add("sensor", float(i), ts=1e9 + i)
+    while stream.head != backend.last_seq:
+        stream.step()
+    follower = InProcessFollower(url, str(follower_path))
+    while follower.seq < backend.last_seq:
+        follower.step()
+    return backend, stream, follower
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq", "-1"),
+        ("seq", "1e3"),
+        ("seq", str(1 << 64)),
+        ("store", "not-a-uuid"),
+        ("chain", "zz"),
+        ("chain", "00"),
+        ("max_len", "-5"),
+        ("host", b"\xff"),  # not UTF-8: the primary's name could not be recorded
+    ],
+)
+def test_a_damaged_meta_hash_makes_the_follower_wait_not_crash(
+    store, url, server, tmp_path, caplog, field, value
+):
+    """The follower, level with the stream, waits out a damaged meta hash, then goes on."""
+    backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 5)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    try:
+        good = control.hget(log_meta_key(0), field)
+        control.hset(log_meta_key(0), field, value)
+        follower._next_report = 0.0
+        assert follower.step().applied == 0  # neither a traceback nor a FollowError
+        assert "meta hash" in caplog.text and "cannot be read" in caplog.text
+        assert follower.seq == 5
+        control.hset(log_meta_key(0), field, good)
+        TelescopeState(backend).add("sensor", 5.0, ts=1e9 + 5)
+        while stream.head != backend.last_seq:
+            stream.step()
+        while follower.seq < backend.last_seq:
+            follower._next_report = 0.0
+            follower.step()
+    finally:
+        follower.close()
+        stream.close()
+        backend.close()
+    assert_same_log(store, tmp_path / "follower")
+
+
+def test_a_new_follower_waits_for_a_meta_hash_naming_no_store(server, url, tmp_path, caplog):
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(log_meta_key(0), mapping={"store": "not-a-uuid", "seq": 0, "chain": "00" * 32})
+    follower = InProcessFollower(url, str(tmp_path / "follower"))
+    try:
+        follower.step()
+        assert follower.state.value == "backoff"
+        assert "meta hash" in caplog.text and "cannot be read" in caplog.text
+    finally:
+        follower.close()
+    assert not (tmp_path / "follower").exists()
+
+
+_HOSTILE = st.one_of(
+    st.integers(-(1 << 70), 1 << 70).map(str),
+    st.sampled_from(["", " 1", "1_0", "0x10", "nan", "-0", "١", "00" * 32, "0" * 63]),
+    st.binary(max_size=80),
+    st.text(max_size=80),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    damage=st.dictionaries(
+        st.sampled_from(["store", "seq", "chain", "host", "path", "owner", "max_len"]),
+        _HOSTILE,
+        min_size=1,
+    ),
+    new=st.booleans(),
+)
+def test_any_meta_hash_gives_a_step_or_a_follow_error(store, url, server, tmp_path, damage, new):
+    """Fuzzed fields of the meta hash over a real stream: the follower never raises anything
+    but FollowError, whether it makes its store or is level with the stream."""
+    from replicator.follow import FollowError
+
+    control = server.client(db=MIRROR_CURSOR_DB)
+    if not control.exists(log_meta_key(0)):
+        backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 3)
+        follower.close()
+        stream.close()
+        backend.close()
+    good = control.hgetall(log_meta_key(0))
+    target = tmp_path / ("new" if new else "follower")
+    shutil.rmtree(tmp_path / "new", ignore_errors=True)
+    control.hset(log_meta_key(0), mapping=damage)
+    follower = InProcessFollower(url, str(target))
+    try:
+        for _ in range(4):
+            follower._retry_at = follower._next_report = 0.0
+            follower.step()
+    except FollowError:
+        pass
+    finally:
+        follower.close()
+        control.delete(log_meta_key(0))
+        control.hset(log_meta_key(0), mapping=good)
+
+
+@pytest.mark.parametrize("left", ["empty directory", "empty environment"])
+def test_follow_makes_its_store_where_none_was_made(store, server, url, processes, left):
+    """An empty directory (a mount point), or the LMDB environment that a `follow` killed
+    while it made its store leaves, is followed into as a path that does not exist."""
+    import lmdb
+
+    start_daemon, start_follower = processes
+    Writer(store, count=50, rate=5000, seed=91).join()
+    follower_path = store.parent / "follower"
+    follower_path.mkdir()
+    if left == "empty environment":
+        lmdb.open(str(follower_path)).close()
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    wait_caught_up(store, follower_path, daemon, follower)
+    follower.stop()
+    daemon.stop()
+    assert_same_log(store, follower_path)
+
+
+def test_follow_never_takes_a_directory_with_other_files(store, server, url, processes):
+    import lmdb
+
+    start_daemon, start_follower = processes
+    Writer(store, count=5, rate=5000, seed=92).join()
+    follower_path = store.parent / "follower"
+    follower_path.mkdir()
+    lmdb.open(str(follower_path)).close()
+    (follower_path / "notes.txt").write_text("mine")
+    before = sorted(follower_path.iterdir())
+    daemon = start_daemon(store, url)
+    follower = start_follower(follower_path, url)
+    assert follower.process.wait(30) == 1, follower.log_text()
+    assert "is an LMDB environment but not a telstate store" in follower.log_text()
+    assert "Traceback" not in follower.log_text()
+    assert sorted(follower_path.iterdir()) == before
+    daemon.stop()
+
+
+def test_an_adopted_writer_never_takes_another_identity(store, url, server, tmp_path):
+    """The writers hash is not chained: a writer forged after the follower adopted the id
+    stops the follower (a new process, which reads the hash again), and changes nothing."""
+    from replicator.follow import FollowError
+
+    follower_path = tmp_path / "follower"
+    backend, stream, follower = _caught_up_follower(store, url, follower_path, 5)
+    follower.close()
+    control = server.client(db=MIRROR_CURSOR_DB)
+    ids = list(control.hgetall(log_writers_key(0)))
+    for writer_id in ids:
+        control.hset(log_writers_key(0), writer_id, msgpack.packb(["mallory", 666, "mallory"]))
+    try:
+        TelescopeState(backend).add("sensor", 5.0, ts=1e9 + 5)
+        while stream.head != backend.last_seq:
+            stream.step()
+        follower = InProcessFollower(url, str(follower_path))
+        with pytest.raises(FollowError, match="their writers differ"):
+            for _ in range(10):
+                follower.step()
+        follower.close()
+    finally:
+        stream.close()
+        backend.close()
+    with LmdbBackend(follower_path, readonly=True) as copy:
+        assert copy.last_seq == 5
+        assert "mallory" not in {event.writer.host for event in copy.events()}
+    assert all_records(follower_path) == all_records(store)[:5]
+
+
+@st.composite
+def _hostile_entry(draw, chain: bytes, writer_id: int):
+    """A stream entry: an id, and fields that may hold a record, sealed to `chain` or not
+    (a record of any operation code, mostly by a writer that the writers hash holds)."""
+    seq = draw(st.sampled_from([4, 4, 4, 5, 9]))  # mostly the follower's next (4)
+    op_code = draw(st.integers(0, 9))
+    writer = draw(st.sampled_from([writer_id, writer_id, 12345]))
+    times = draw(st.tuples(st.floats(), st.floats()))
+    lengths = draw(st.tuples(st.integers(0, 40), st.integers(0, 40)) | st.just((1 << 32 - 1, 0)))
+    rest = draw(st.binary(max_size=120))
+    body = struct.pack("<BIddII", op_code, writer, *times, *lengths) + rest
+    record = draw(
+        st.one_of(
+            st.just(log.seal(body, chain)),  # continues the follower's chain
+            st.binary(max_size=120),
+        )
+    )
+    fields = draw(
+        st.one_of(
+            st.just({b"r": record}),
+            st.just({b"other": record}),
+            st.just({b"r": record, b"x": b"y"}),
+        )
+    )
+    return f"{seq}-{draw(st.sampled_from([0, 0, 0, 1]))}", fields
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_stream_entry_gives_a_step_or_a_follow_error(store, url, server, tmp_path, data):
+    """Fuzzed entries after the follower's head (ids, fields, records sealed to its chain or
+    not): the follower never raises anything but FollowError, and its log stays a prefix
+    of the primary's or takes the sealed records as events."""
+    from replicator.follow import FollowError
+
+    control = server.client(db=MIRROR_CURSOR_DB)
+    follower_path = tmp_path / "follower"
+    if not control.exists(log_meta_key(0)):
+        backend, stream, follower = _caught_up_follower(store, url, follower_path, 3)
+        follower.close()
+        stream.close()
+        backend.close()
+        shutil.copytree(follower_path, tmp_path / "pristine")
+    shutil.rmtree(follower_path)
+    shutil.copytree(tmp_path / "pristine", follower_path)
+    kept = control.xrange(log_stream_key(0))
+    with LmdbBackend(follower_path, readonly=True) as copy:
+        chain = copy.head[1]
+    writer_id = int(next(iter(control.hgetall(log_writers_key(0)))))
+    entries = data.draw(st.lists(_hostile_entry(chain, writer_id), min_size=1, max_size=3))
+    for entry_id, fields in entries:
+        try:
+            control.xadd(log_stream_key(0), fields, id=entry_id)
+        except redis.ResponseError:
+            pass  # an id not after the stream's last: Redis refuses it
+    follower = InProcessFollower(url, str(follower_path))
+    try:
+        for _ in range(4):
+            follower._retry_at = follower._next_report = 0.0
+            follower.step()
+    except FollowError:
+        pass
+    finally:
+        follower.close()
+        control.delete(log_stream_key(0))
+        for entry_id, fields in kept:
+            control.xadd(log_stream_key(0), fields, id=entry_id)

@@ -929,3 +929,112 @@ def test_a_chain_valid_add_mutable_many_no_import_writes_is_refused(tmp_path, da
             assert follower.last_seq == 1
             assert follower.keys(b"*") == [b"a"]
             assert follower.verify() == []
+
+
+# --- making a follower where there is no store ------------------------------------------
+
+
+def _uninitialised_environment(path) -> None:
+    """What a creation killed before its commit leaves: an LMDB environment holding nothing."""
+    import lmdb
+
+    os.makedirs(path)
+    lmdb.open(str(path)).close()
+
+
+@pytest.mark.parametrize("left", ["empty directory", "empty environment", "empty data file"])
+def test_create_follower_uses_a_directory_that_holds_no_store(tmp_path, primary, left):
+    base = tmp_path / "followers"
+    base.mkdir()
+    path = base / "follower"
+    if left == "empty directory":
+        os.makedirs(path)  # a mount point, say
+    elif left == "empty environment":
+        _uninitialised_environment(path)
+    else:
+        os.makedirs(path)
+        (path / "data.mdb").touch()
+        (path / "lock.mdb").touch()
+    create_follower(path, primary.uuid, PRIMARY)
+    with LmdbBackend(path) as follower:
+        assert follower.role == "follower" and follower.uuid == primary.uuid
+        follow(primary, follower, random.Random(0))
+        assert_same(primary, follower)
+    assert os.listdir(base) == ["follower"]
+
+
+@pytest.mark.parametrize("other", ["notes.txt", "subdirectory"])
+def test_create_follower_never_touches_a_directory_with_other_files(tmp_path, primary, other):
+    path = tmp_path / "follower"
+    _uninitialised_environment(path)
+    if other == "notes.txt":
+        (path / other).write_text("mine")
+    else:
+        (path / other).mkdir()
+    before = sorted(os.listdir(path))
+    with pytest.raises(StoreError, match="not empty"):
+        create_follower(path, primary.uuid, PRIMARY)
+    assert sorted(os.listdir(path)) == before
+    with pytest.raises(StoreError, match="LMDB environment but not a telstate store"):
+        LmdbBackend(path, readonly=True)
+
+
+def test_create_follower_renames_a_whole_store_into_place(tmp_path, primary):
+    """A new directory appears whole: made beside it, then renamed; a dead creation's
+    temporary directory beside it is removed, a live one's and anything else kept."""
+    tmp_path = tmp_path / "followers"
+    tmp_path.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".follower.follower-{host}-{dead.pid}-0123abcd"
+    live = tmp_path / f".other.follower-{host}-{os.getpid()}-0123abcd"
+    foreign = tmp_path / f".follower.follower-elsewhere-{dead.pid}-0123abcd"
+    for directory in (stale, live, foreign):
+        _uninitialised_environment(directory)
+    create_follower(tmp_path / "deep" / "follower", primary.uuid, PRIMARY)  # parents made
+    create_follower(tmp_path / "follower", primary.uuid, PRIMARY)
+    assert sorted(os.listdir(tmp_path)) == sorted(["deep", "follower", live.name, foreign.name])
+    assert os.listdir(tmp_path / "deep") == ["follower"]
+    mode = os.stat(tmp_path / "follower").st_mode & 0o777
+    assert mode == 0o777 & ~_umask(), oct(mode)  # not mkdtemp's private mode
+    with LmdbBackend(tmp_path / "follower", readonly=True) as follower:
+        assert follower.role == "follower" and follower.last_seq == 0
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+CREATING_FOLLOWERS = """
+    import sys, uuid
+    from telstate.lmdb import create_follower
+    print("ready", flush=True)
+    for i in range(1_000_000):
+        create_follower(f"{sys.argv[1]}/f{i}", uuid.UUID(sys.argv[2]), "p")
+"""
+
+
+def test_a_creation_killed_at_any_moment_leaves_a_whole_store_or_nothing(tmp_path, primary):
+    """SIGKILL at random moments of back-to-back creations: every path is absent or a whole
+    follower, and a follower can be made at the next one."""
+    rng = random.Random(5)
+    for round_ in range(4):
+        base = tmp_path / f"round{round_}"
+        base.mkdir()
+        child = spawn(CREATING_FOLLOWERS, base, primary.uuid)
+        wait_ready(child)
+        time.sleep(rng.uniform(0.05, 0.3))  # a random moment, not a synchronisation
+        child.kill()
+        child.wait()
+        made = sorted(name for name in os.listdir(base) if not name.startswith("."))
+        for name in made:
+            with LmdbBackend(base / name, readonly=True) as follower:
+                assert follower.role == "follower" and follower.uuid == primary.uuid
+        create_follower(base / f"f{len(made)}", primary.uuid, PRIMARY)
+        assert [name for name in os.listdir(base) if name.startswith(".")] == []
+        with LmdbBackend(base / f"f{len(made)}") as follower:
+            follow(primary, follower, random.Random(0))
+            assert_same(primary, follower)

@@ -56,9 +56,10 @@ PROGRESS_INTERVAL = 0.2
 
 _DATA_FILE = "data.mdb"
 _HOST = socket.gethostname()
-#: Temporary directories of backups on this host: the pid is group 1
+#: Temporary directories of backups (and follower creations) on this host,
+#: ``.NAME.KIND-HOST-PID-XXXXXXXX``: the kind is group 1, the pid group 2
 #: (mkdtemp adds 8 characters of [a-z0-9_]).
-_TEMP_NAME = re.compile(rf"\..+\.backup-{re.escape(_HOST)}-(\d+)-[a-z0-9_]{{8}}")
+_TEMP_NAME = re.compile(rf"\..+\.([a-z]+)-{re.escape(_HOST)}-(\d+)-[a-z0-9_]{{8}}")
 # renameat2 (Linux): AT_FDCWD, and the flag that makes it refuse an existing target.
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -138,11 +139,12 @@ def _exists(dest: str) -> FileExistsError:
     return FileExistsError(errno.EEXIST, "the backup destination exists already", dest)
 
 
-def _remove_stale(parent: str) -> None:
-    """Remove the temporary directories in `parent` of backups on this host whose process died."""
+def _remove_stale(parent: str, kind: str = "backup") -> None:
+    """Remove the temporary directories in `parent` of `kind` (backup, or follower for
+    :func:`telstate.lmdb.follower.create_follower`) on this host whose process died."""
     for name in os.listdir(parent):
         match = _TEMP_NAME.fullmatch(name)
-        if match is None or _alive(int(match[1])):
+        if match is None or match[1] != kind or _alive(int(match[2])):
             continue
         path = os.path.join(parent, name)
         if os.path.isdir(path) and not os.path.islink(path):

@@ -1149,24 +1149,66 @@ def _initialise(txn: Any, tables: Tables, identity: uuid.UUID) -> None:
     txn.put(b"next_key_id", KEY_ID.pack(1), db=tables.meta)
 
 
+#: The files of a store's directory: LMDB's two, and the notify file.
+_STORE_FILES = frozenset({"data.mdb", "lock.mdb", _NOTIFY_FILE})
+
+
+def holds_no_store(path: PathType) -> bool:
+    """Whether there is nothing at `path` that a new store there would replace.
+
+    True if `path` does not exist, is an empty directory (a mount point,
+    say), or a directory that holds only an LMDB environment with nothing
+    in it (no table, no entry): what a process killed while it created a
+    store, before its first commit, leaves. False for anything else, a
+    directory with any other file in it included.
+    """
+    path = os.fsdecode(path)
+    try:
+        if not os.path.lexists(path):
+            return True
+        if not os.path.isdir(path):
+            return False
+        names = set(os.listdir(path))
+        if names - _STORE_FILES:
+            return False
+        data_file = os.path.join(path, "data.mdb")
+        if "data.mdb" not in names or os.path.getsize(data_file) == 0:
+            return True
+    except OSError:
+        return False
+    try:
+        # Without the lock file: this process may have the environment open (a
+        # second lock-file descriptor, closed, would release that one's locks).
+        env = lmdb.open(path, subdir=True, readonly=True, lock=False, max_dbs=0)
+    except lmdb.Error:
+        return False
+    try:
+        return bool(env.stat()["entries"] == 0)
+    finally:
+        env.close()
+
+
 def create_store(path: PathType, identity: uuid.UUID, meta: dict[bytes, bytes]) -> None:
     """Create an empty store at `path` with the given identity and extra meta entries.
 
     For a follower (:func:`telstate.lmdb.follower.create_follower`), whose
-    identity is its primary's. The store is flushed and closed; open it
-    with :class:`~telstate.lmdb.LmdbBackend`.
+    identity is its primary's. `path` may exist if :func:`holds_no_store`
+    (an empty directory, or what a creation killed before its commit
+    left). The store is flushed and closed; open it with
+    :class:`~telstate.lmdb.LmdbBackend`.
 
     Raises
     ------
     StoreError
-        If `path` is a file, a directory that is not empty, or already
-        holds a store (a process creating one at the same moment included).
+        If `path` is a file, a directory that holds anything else, or
+        already holds a store (a process creating one at the same moment
+        included).
     """
     path = os.path.realpath(os.fsdecode(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreError(f"cannot create a telstate store at {path!r}: it is a file")
     os.makedirs(path, exist_ok=True)
-    if os.listdir(path):
+    if not holds_no_store(path):
         raise StoreError(
             f"cannot create a telstate store at {path!r}: the directory is not empty "
             f"(it holds {sorted(os.listdir(path))[:3]}); choose a new directory"

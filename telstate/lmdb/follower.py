@@ -37,16 +37,19 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from secrets import token_hex
 from typing import TYPE_CHECKING
 
 from .. import log
 from ..errors import ChainMismatchError, ImmutableKeyError, InvalidTimestampError, StoreError
 from ..log import Writer
 from ..utils import PathType
+from .backup import _fsync, _remove_stale, _rename_new
 from .bulk import is_newest
 from .environment import Store, create_store
 from .eventlog import append_record, log_chunk, writers_in
@@ -316,16 +319,50 @@ def create_follower(path: PathType, store_uuid: uuid.UUID, primary: str) -> None
     primary's UUID), so :func:`apply_records` takes the primary's log from
     seq 1.
 
+    A new directory (parents included) is made as a temporary sibling,
+    ``.NAME.follower-HOST-PID-XXXXXXXX``, and renamed to `path` once the
+    store is committed and flushed, so a process killed meanwhile leaves
+    no `path` (the next creation beside it removes the dead process's
+    temporary directory). An existing `path` is used in place if it holds
+    no store (:func:`~telstate.lmdb.environment.holds_no_store`: an empty
+    directory, such as a mount point, or what a creation there killed
+    before its commit left): the store appears there in one commit.
+
     Raises
     ------
     ValueError
         If `primary` is empty.
     StoreError
-        If `path` is a file, or a directory that is not empty (a store
-        already, say).
+        If `path` is a file, or a directory that holds anything else (a
+        store already, say), or it cannot be made.
     """
     _check_primary_name(primary)
-    create_store(path, store_uuid, {FOLLOWS: primary.encode()})
+    meta = {FOLLOWS: primary.encode()}
+    path = os.path.abspath(os.fsdecode(path))
+    try:
+        if os.path.lexists(path):
+            create_store(path, store_uuid, meta)
+            return
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale(parent, "follower")
+        work = os.path.join(parent, f".{name}.follower-{_HOST}-{os.getpid()}-{token_hex(4)}")
+        os.mkdir(work)
+        try:
+            create_store(work, store_uuid, meta)
+            _fsync(os.path.join(work, "data.mdb"))
+            _fsync(work)
+            _rename_new(work, path)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _fsync(parent)
+    except FileExistsError:
+        raise StoreError(
+            f"cannot create a telstate store at {path!r}: another process made it meanwhile"
+        ) from None
+    except OSError as error:
+        raise StoreError(f"cannot create a telstate store at {path!r}: {error}") from error
 
 
 def apply_records(
