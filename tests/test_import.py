@@ -482,3 +482,58 @@ def test_a_key_twice_in_one_file(backend, tmp_path):
     if isinstance(store, LmdbBackend):
         assert store.verify() == []
     assert store.key_type(b"x") is None
+
+
+FILE_CONFLICTS = {
+    "immutable value": ((b"x", IMMUTABLE, b"1"), (b"x", IMMUTABLE, b"2")),
+    "immutable as mutable": ((b"x", IMMUTABLE, b"1"), (b"x", MUTABLE, [member(1.0, b"a")])),
+    "mutable as indexed": ((b"x", MUTABLE, [member(1.0, b"a")]), (b"x", INDEXED, {b"s": b"1"})),
+    "sub-key value": (
+        (b"x", INDEXED, {b"s%d" % i: b"%d" % i for i in range(30)}),
+        (b"x", INDEXED, {b"new": b"fine", b"s29": b"other"}),
+    ),
+    "long name": ((b"x" * 600, IMMUTABLE, b"1"), (b"x" * 600, IMMUTABLE, b"2")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_CONFLICTS))
+@pytest.mark.parametrize("where", ["two databases", "one database"])
+def test_a_file_that_contradicts_itself_changes_nothing(store, tmp_path, monkeypatch, name, where):
+    """Two copies of a key many chunks apart must agree, or the check pass refuses the file."""
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)  # the copies are many chunks apart
+    store.set_immutable(b"before", b"x")
+    before = state(store)
+    first, second = FILE_CONFLICTS[name]
+    filler = sample_records(2, 50)
+    if where == "two databases":
+        path = two_databases(tmp_path / "bad.rdb", [first] + filler, [second])
+    else:
+        path = write_rdb(tmp_path / "bad.rdb", [first] + filler + [second])
+    with pytest.raises(ImmutableKeyError, match="the file has"):
+        store.load_from_file(path)
+    assert state(store) == before
+    with open(path, "rb") as file, pytest.raises(ImmutableKeyError, match="the file has"):
+        store.load_from_file(file)
+    assert state(store) == before
+    assert store.verify() == []
+
+
+def test_copies_of_a_key_that_agree_across_chunks(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    first = [
+        (b"imm", IMMUTABLE, b"same"),
+        (b"mut", MUTABLE, [member(1.0, b"a"), member(3.0, b"c")]),
+        (b"idx", INDEXED, {b"a": b"1", b"b": b"2"}),
+    ]
+    second = [
+        (b"imm", IMMUTABLE, b"same"),
+        (b"mut", MUTABLE, [member(2.0, b"b"), member(3.0, b"c")]),
+        (b"idx", INDEXED, {b"b": b"2", b"c": b"3"}),
+    ]
+    filler = sample_records(2, 50)
+    path = two_databases(tmp_path / "good.rdb", first + filler, second)
+    store.load_from_file(path)
+    expected = MemoryBackend()
+    expected.load_records(first + filler + second)
+    assert state(store) == state(expected)
+    assert store.verify() == []

@@ -13,8 +13,10 @@ bounded:
   reader's to hold).
 - A chunk is checked whole (records, and conflicts with the store inside
   its transaction) before it writes anything. ``load_from_file`` of a
-  path or seekable file checks the whole file first, so a bad file
-  leaves the store unchanged; ``load_records`` of an iterator can fail
+  path or seekable file checks the whole file first, each record against
+  the store and against what the file's earlier records say of its key
+  (kept as digests), so a bad file, or one that contradicts itself, leaves
+  the store unchanged; ``load_records`` of an iterator can fail
   after earlier chunks committed (each committed chunk is whole keys or
   whole pieces of keys, and the store verifies).
 - Every element is still in an event, made by the backend's one append
@@ -36,15 +38,17 @@ bounded:
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from .. import log
 from ..backend import PackedMembers, Record
-from ..errors import StoreError
+from ..errors import ImmutableKeyError, StoreError
 from ..import_rules import check_record, raise_contradiction
 from ..utils import KeyType, PathType, display_str
 from . import settings
@@ -103,12 +107,19 @@ def check(
     source: PathType | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """Check `records` against the rules and the store, chunk by chunk, writing nothing.
+    """Check `records` against the rules, the store and each other, chunk by chunk, writing nothing.
 
-    Each chunk is checked in a short read transaction of its own.
+    Each chunk is checked in a short read transaction of its own. A record
+    must agree with the store and with the earlier records of `records`
+    (a key may be in two databases of an RDB file, maybe many chunks apart):
+    the write pass commits chunk by chunk, so a contradiction it would meet
+    only there would leave the chunks before it.
     """
+    earlier = _FileKeys(source)
     for chunk, events in _chunks(records, source):
         backend._read(_check_chunk, chunk)
+        for piece in chunk:
+            earlier.check_and_add(piece)
         if progress is not None:
             progress("checking", events)
 
@@ -179,6 +190,68 @@ def _pieces(record: Record) -> Iterator[Record]:
     items = iter(value.items())
     while part := dict(itertools.islice(items, per_piece)):
         yield key, key_type, part
+
+
+_A = {
+    KeyType.IMMUTABLE: "an immutable",
+    KeyType.MUTABLE: "a mutable",
+    KeyType.INDEXED: "an indexed",
+}
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class _FileKeys:
+    """What the records checked so far establish about each key, in digests.
+
+    Per key (by its keys-table key, at most 481 bytes): its type, and the
+    digest of an immutable key's value or the digests of an indexed key's
+    sub-keys and their values. Memory grows with the number of keys and
+    sub-keys, not with the size of their values.
+    """
+
+    def __init__(self, source: PathType | None) -> None:
+        self._where = f" (in {os.fsdecode(source)!r})" if source is not None else ""
+        self._keys: dict[bytes, tuple[KeyType, Any]] = {}
+
+    def check_and_add(self, record: Record) -> None:
+        """Raise :exc:`ImmutableKeyError` if `record` contradicts an earlier one; else note it."""
+        key, key_type, value = record
+        name_key = name_key_of(key)
+        known: tuple[KeyType, Any] | None = self._keys.get(name_key)
+        if known is None:
+            if key_type == KeyType.IMMUTABLE:
+                assert isinstance(value, bytes)
+                self._keys[name_key] = (key_type, _digest(value))
+                return
+            sub_keys: dict[bytes, bytes] | None = {} if key_type == KeyType.INDEXED else None
+            known = self._keys[name_key] = (key_type, sub_keys)
+        name = display_str(key)
+        if known[0] != key_type:
+            self._raise(
+                f"cannot import {name} as {_A[key_type]} key: "
+                f"the file has it as {_A[known[0]]} key too"
+            )
+        if key_type == KeyType.IMMUTABLE:
+            assert isinstance(value, bytes)
+            if _digest(value) != known[1]:
+                self._raise(f"cannot import immutable key {name}: the file has another value too")
+        elif key_type == KeyType.INDEXED:
+            assert isinstance(value, dict)
+            sub_keys = known[1]
+            assert sub_keys is not None
+            for sub_key, sub_value in value.items():
+                digest = _digest(sub_value)
+                if sub_keys.setdefault(_digest(sub_key), digest) != digest:
+                    self._raise(
+                        f"cannot import indexed key {name}: the file has sub-key "
+                        f"{display_str(sub_key)} with another value too"
+                    )
+
+    def _raise(self, reason: str) -> NoReturn:
+        raise ImmutableKeyError(reason + self._where)
 
 
 class _SubKeys:
