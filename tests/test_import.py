@@ -26,6 +26,7 @@ from telstate import TelescopeState, cli
 from telstate.backend import Backend, Record
 from telstate.errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
 from telstate.lmdb import LmdbBackend, replay, settings
+from telstate.lmdb.layout import ImportRecord
 from telstate.log import Op
 from telstate.memory import MemoryBackend
 from telstate.rdb_writer import RDBWriter
@@ -355,15 +356,25 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
     child.send_signal(signal.SIGKILL)
     output, _ = child.communicate()
     assert "finished" not in output
+    status = os.stat(path)
     with LmdbBackend(store) as backend:
-        assert backend.verify() == []
+        # The store is sound, and says it holds part of the file.
+        assert backend.unfinished_imports() == [
+            ImportRecord(path, status.st_size, status.st_mtime_ns)
+        ]
+        [problem] = backend.verify()
+        assert problem.startswith(f"unfinished import of {path!r}")
         assert 0 < backend.last_seq < sum(len(v) for _, t, v in records if t == MUTABLE)
+    assert f"unfinished import of {path}" in run_cli("info", store)[1]
+    with LmdbBackend(store) as backend:
         # Importing the whole file again completes it (the rules make that safe).
         backend.load_from_file(path)
         expected = MemoryBackend()
         expected.load_records(records)
         assert state(backend) == state(expected)
+        assert backend.unfinished_imports() == []
         assert backend.verify() == []
+    assert "unfinished" not in run_cli("info", store)[1]
 
 
 # --- telstate import ---------------------------------------------------------------------
@@ -536,4 +547,49 @@ def test_copies_of_a_key_that_agree_across_chunks(store, tmp_path, monkeypatch):
     expected = MemoryBackend()
     expected.load_records(first + filler + second)
     assert state(store) == state(expected)
+    assert store.verify() == []
+
+
+def test_an_import_failing_half_way_is_recorded_until_done(store, tmp_path, monkeypatch):
+    """A conflicting write between the check and write passes leaves an unfinished import."""
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    records = sample_records(2, 50) + [(b"z_attr", IMMUTABLE, b"file's")]
+    path = write_rdb(tmp_path / "a.rdb", records)
+    other = write_rdb(tmp_path / "other.rdb", [(b"other", IMMUTABLE, b"1")])
+
+    def another_writer(phase: str, values: int) -> None:
+        if phase == "importing" and store.key_type(b"z_attr") is None:
+            store.set_immutable(b"z_attr", b"another writer's")
+
+    with pytest.raises(ImmutableKeyError, match="z_attr"):
+        store.load_from_file(path, progress=another_writer)
+    status = os.stat(path)
+    unfinished = [ImportRecord(path, status.st_size, status.st_mtime_ns)]
+    assert store.unfinished_imports() == unfinished
+    assert len(store.verify()) == 1
+    # An import of another file (one chunk) finishes without clearing it.
+    store.load_from_file(other)
+    assert store.unfinished_imports() == unfinished
+    store.delete(b"z_attr")
+    assert store.load_from_file(path) == len(records)
+    assert store.unfinished_imports() == []
+    assert store.verify() == []
+
+
+def test_a_one_chunk_import_records_nothing_and_clears_its_file(store, tmp_path):
+    path = write_rdb(tmp_path / "a.rdb", sample_records(1, 10))
+    status = os.stat(path)
+    record = ImportRecord(path, status.st_size, status.st_mtime_ns)
+    store.load_from_file(path)
+    assert store.unfinished_imports() == []
+    with store.write() as wtxn:  # as if an earlier import of it had been killed
+        wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+        wtxn.changed = True
+    assert store.unfinished_imports() == [record]
+    # Imported again: it adds nothing, and its one chunk clears the record.
+    seq = store.last_seq
+    with open(path, "rb") as file:
+        store.load_from_file(file)
+    assert store.unfinished_imports() == []
+    assert store.last_seq == seq
     assert store.verify() == []

@@ -19,6 +19,13 @@ bounded:
   the store unchanged; ``load_records`` of an iterator can fail
   after earlier chunks committed (each committed chunk is whole keys or
   whole pieces of keys, and the store verifies).
+- The write pass is not one transaction: a process killed between
+  chunks, or another writer creating a contradicting key after the check
+  pass, leaves the chunks committed so far. ``load_from_file`` therefore
+  records the file in the meta table (:class:`~telstate.lmdb.layout.ImportRecord`)
+  in its first chunk's transaction and deletes it in its last one's (the
+  chunk after each is read before it is written, to know the last), so
+  an unfinished import shows; importing the file again completes it.
 - Every element is still in an event, made by the backend's one append
   function, so the log, replay and verify see an import as the writes it
   stands for: a set_immutable, one set_indexed per sub-key, and a mutable
@@ -59,8 +66,10 @@ from .layout import (
     MUTABLE,
     TIMESTAMP,
     U32,
+    ImportRecord,
     KeyRecord,
     Tables,
+    checked_put,
     first8,
     inline,
     name_key_of,
@@ -83,8 +92,15 @@ def load(
     records: Iterable[Record],
     source: PathType | None = None,
     progress: Progress | None = None,
+    unfinished: ImportRecord | None = None,
 ) -> int:
-    """Import `records` chunk by chunk; return the number of keys (see the module docstring)."""
+    """Import `records` chunk by chunk; return the number of keys (see the module docstring).
+
+    With `unfinished`, an import of more than one chunk records it in the
+    store's meta table in its first chunk and deletes it in its last (and
+    an import of one chunk deletes it), so that a store holding part of
+    the file says so.
+    """
     keys = 0
 
     def counted() -> Iterator[Record]:
@@ -93,12 +109,33 @@ def load(
             keys += 1
             yield record
 
-    for chunk, events in _chunks(counted(), source):
+    chunks = _chunks(counted(), source)
+    current = next(chunks, None)
+    first = True
+    while current is not None:
+        chunk, events = current
+        # The chunk after this one, read before this one is written: so the
+        # last chunk is known, and its transaction clears the import's record.
+        current = next(chunks, None)
         with backend.write() as wtxn:
             _write_chunk(wtxn, chunk)
+            if unfinished is not None and (first or current is None):
+                _record_import(wtxn, unfinished, finished=current is None)
+        first = False
         if progress is not None:
             progress("importing", events)
     return keys
+
+
+def _record_import(wtxn: WriteTxn, unfinished: ImportRecord, finished: bool) -> None:
+    """Record `unfinished` in the meta table, or delete it there if `finished`."""
+    meta = wtxn.tables.meta
+    if finished:
+        if wtxn.txn.delete(unfinished.entry, db=meta):
+            wtxn.changed = True  # committed even if the chunk added nothing (a file again)
+        return
+    checked_put(wtxn.txn, unfinished.entry, unfinished.encode(), meta)
+    wtxn.changed = True
 
 
 def check(
