@@ -593,3 +593,42 @@ def test_a_one_chunk_import_records_nothing_and_clears_its_file(store, tmp_path)
     assert store.unfinished_imports() == []
     assert store.last_seq == seq
     assert store.verify() == []
+
+
+def test_samples_a_key_has_are_not_added_one_by_one(store, tmp_path, monkeypatch):
+    """A file imported again finds its samples by one merge with the stored ones."""
+    from telstate.lmdb.writes import WriteTxn
+
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 500)  # several pieces of a key
+    records = sample_records(3, 700)
+    path = write_rdb(tmp_path / "a.rdb", records)
+    store.load_from_file(path)
+    added = []
+    per_sample = WriteTxn.add_mutable
+
+    def counted(wtxn, key, value, timestamp):
+        added.append((key, value, timestamp))
+        return per_sample(wtxn, key, value, timestamp)
+
+    monkeypatch.setattr(WriteTxn, "add_mutable", counted)
+    before = state(store)
+    seq = store.last_seq
+    store.load_from_file(path)
+    assert added == []
+    assert store.last_seq == seq
+    assert state(store) == before
+    # Late samples a key lacks, among sealed blocks and among long values, still go one by one.
+    late = [
+        (
+            b"m000_sensor",
+            MUTABLE,
+            [member(1000.25, b"late"), member(1001.0, b"\xcb" + struct.pack(">d", 2 * 0.1))],
+        ),
+        (b"array", MUTABLE, [member(3.0, bytes(600) + b"3"), member(3.0, bytes(600) + b"x")]),
+    ]
+    store.load_from_file(write_rdb(tmp_path / "late.rdb", records + late))
+    assert added == [(b"m000_sensor", b"late", 1000.25), (b"array", bytes(600) + b"x", 3.0)]
+    expected = MemoryBackend()
+    expected.load_records(records + late)
+    assert state(store) == state(expected)
+    assert store.verify() == []

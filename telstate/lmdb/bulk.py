@@ -39,7 +39,10 @@ bounded:
   appends.
 - Samples that come after a key's latest sample (always, for a new key)
   go straight into sealed blocks (:func:`~telstate.lmdb.samples.append_samples`);
-  samples among existing ones take the per-sample path.
+  samples among existing ones are merged with the stored ones once
+  (:func:`~telstate.lmdb.samples.absent_members`), and only those the key
+  lacks take the per-sample path, so a file imported again (or an
+  unfinished import completed) costs a read of what the store has.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from .layout import (
     inline,
     name_key_of,
 )
-from .samples import append_samples, latest_member
+from .samples import absent_members, append_samples, latest_member
 from .state import indexed_value
 from .writes import WriteTxn
 
@@ -349,11 +352,14 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMemb
         stored = wtxn.new_key(name_key, MUTABLE, key, b"")
         newest = True
     else:
-        # Samples up to the key's latest take the per-sample path, which finds
-        # duplicates (a file imported again) and puts late ones in their blocks.
+        # Samples up to the key's latest that it lacks take the per-sample
+        # path, which puts late ones in their blocks; those it has (a file
+        # imported again) are found by one merge with the stored ones.
         latest = latest_member(txn, tables, stored.key_id, stored.flags)
         after = bisect.bisect_right(members, latest)
-        for member in members[:after]:
+        early = members.part(0, after) if isinstance(members, PackedMembers) else members[:after]
+        absent = absent_members(txn, tables, stored.key_id, stored.flags, stored.sealed, early)
+        for member in absent:
             wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
         if after == len(members):
             return
