@@ -632,3 +632,21 @@ def test_samples_a_key_has_are_not_added_one_by_one(store, tmp_path, monkeypatch
     expected.load_records(records + late)
     assert state(store) == state(expected)
     assert store.verify() == []
+
+
+def test_a_copy_made_during_an_import_forgets_it_as_a_follower(tmp_path):
+    """A follower's imports are its primary's: the primary's events finish them."""
+    from telstate.lmdb.follower import make_follower
+
+    record = ImportRecord("/data/a.rdb", 10, 20)
+    with LmdbBackend(tmp_path / "copy") as backend:
+        with backend.write() as wtxn:  # as a backup taken during an import holds it
+            wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+            wtxn.txn.put(b"z", b"other meta entries stay", db=wtxn.tables.meta)
+            wtxn.changed = True
+        assert backend.unfinished_imports() == [record]
+    make_follower(tmp_path / "copy", "primary")
+    with LmdbBackend(tmp_path / "copy", readonly=True) as backend:
+        assert backend.unfinished_imports() == []
+        assert backend.verify() == []
+        assert backend._read(lambda txn, tables: txn.get(b"z", db=tables.meta)) is not None

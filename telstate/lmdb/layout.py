@@ -21,7 +21,8 @@ record. Long sample values are handled differently (see ``samples``).
     progress (:class:`ImportRecord`): written in the transaction of an
     import's first chunk when it has more than one, deleted in that of its
     last, so it stays if the import was killed or failed half-way (see
-    :mod:`telstate.lmdb.bulk`). Stores without such entries (all stores
+    :mod:`telstate.lmdb.bulk`); deleted when the store becomes a follower
+    (a copy made during an import: the primary finishes it). Stores without such entries (all stores
     of earlier releases) have no unfinished import.
 ``log``
     8-byte big-endian seq → event record (:mod:`telstate.log`).
@@ -423,3 +424,12 @@ def unfinished_imports_in(txn: Any, tables: Tables) -> list[ImportRecord]:
                 break
             found.append(ImportRecord.decode(data))
     return found
+
+
+def clear_imports_in(txn: Any, tables: Tables) -> None:
+    """Delete every record of an import in progress (a follower's imports are its primary's)."""
+    cursor = txn.cursor(tables.meta)
+    if cursor.set_range(IMPORT_PREFIX):
+        while bytes(cursor.key()).startswith(IMPORT_PREFIX):
+            if not cursor.delete():
+                return
