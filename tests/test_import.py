@@ -504,6 +504,11 @@ FILE_CONFLICTS = {
         (b"x", INDEXED, {b"new": b"fine", b"s29": b"other"}),
     ),
     "long name": ((b"x" * 600, IMMUTABLE, b"1"), (b"x" * 600, IMMUTABLE, b"2")),
+    "long value": ((b"x", IMMUTABLE, b"v" * 100), (b"x", IMMUTABLE, b"v" * 99 + b"w")),
+    "long sub-key value": (
+        (b"x", INDEXED, {b"s" * 700: b"v" * 100}),
+        (b"x", INDEXED, {b"s" * 700: b"v" * 16}),
+    ),
 }
 
 

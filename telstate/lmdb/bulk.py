@@ -240,7 +240,12 @@ _A = {
 
 
 def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+    """What stands for `data` in :class:`_FileKeys`: itself if short, else its digest.
+
+    The two forms differ in length, so they never stand for each other, and
+    the many short sub-keys and values cost no hashing.
+    """
+    return data if len(data) < 16 else hashlib.blake2b(data, digest_size=16).digest()
 
 
 class _FileKeys:
@@ -248,8 +253,9 @@ class _FileKeys:
 
     Per key (by its keys-table key, at most 481 bytes): its type, and the
     digest of an immutable key's value or the digests of an indexed key's
-    sub-keys and their values. Memory grows with the number of keys and
-    sub-keys, not with the size of their values.
+    sub-keys and their values (at most 16 bytes each, see :func:`_digest`).
+    Memory grows with the number of keys and sub-keys, not with the size
+    of their values.
     """
 
     def __init__(self, source: PathType | None) -> None:
