@@ -655,3 +655,19 @@ def test_a_copy_made_during_an_import_forgets_it_as_a_follower(tmp_path):
         assert backend.unfinished_imports() == []
         assert backend.verify() == []
         assert backend._read(lambda txn, tables: txn.get(b"z", db=tables.meta)) is not None
+
+
+def test_an_unfinished_import_from_a_pipe_is_named_as_the_stream(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    records = sample_records(1, 50) + [(b"z_attr", IMMUTABLE, b"file's")]
+    write_rdb(tmp_path / "a.rdb", records)
+    data = (tmp_path / "a.rdb").read_bytes()
+    assert len(data) < 65536  # fits a pipe's buffer, so one thread can write and read it
+    store.set_immutable(b"z_attr", b"the store's")
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe:  # not seekable: checked chunk by chunk
+        with open(write_end, "wb") as writer:
+            writer.write(data)
+        with pytest.raises(ImmutableKeyError, match="z_attr"):
+            store.load_from_file(pipe)
+    assert store.unfinished_imports() == [ImportRecord("<stream>", None, None)]

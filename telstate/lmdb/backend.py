@@ -1003,7 +1003,7 @@ def _import_record(file: PathType | BinaryIO, source: PathType | None) -> Import
             status = os.fstat(file.fileno())
     except (AttributeError, OSError, ValueError):
         status = None
-    name = os.path.abspath(os.fsdecode(source)) if source is not None else "<stream>"
+    name = "<stream>" if source is None else os.fsdecode(source)
     if status is None or not stat.S_ISREG(status.st_mode):
-        return ImportRecord(name, None, None)
-    return ImportRecord(name, status.st_size, status.st_mtime_ns)
+        return ImportRecord(name, None, None)  # a pipe, say: "<stdin>", not a path
+    return ImportRecord(os.path.abspath(name), status.st_size, status.st_mtime_ns)
