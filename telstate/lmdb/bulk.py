@@ -9,8 +9,8 @@ bounded:
   ``settings.LOAD_CHUNK`` values (samples, sub-keys, immutable values)
   and about ``settings.LOAD_CHUNK_BYTES`` bytes (a big key is cut into
   pieces across chunks), one write transaction each, so memory stays
-  bounded whatever the file size (the largest single key is the
-  reader's to hold).
+  bounded whatever the file size (two chunks at a time, the one written
+  and the next; the largest single key is the reader's to hold).
 - A chunk is checked whole (records, and conflicts with the store inside
   its transaction) before it writes anything. ``load_from_file`` of a
   path or seekable file checks the whole file first, each record against
