@@ -239,6 +239,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         "size_bytes": size,
         "role": backend.role,
         "primary": backend.primary,
+        "unfinished_imports": [record._asdict() for record in backend.unfinished_imports()],
     }
     if args.json:
         json.dump(info, out, indent=2)
@@ -257,6 +258,10 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             f"keys       {len(keys)} ("
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
+            + "".join(
+                f"unfinished import of {record['file']}: import it again to complete it\n"
+                for record in info["unfinished_imports"]
+            )
         )
     return EXIT_OK
 
@@ -787,8 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     import_ = command(
         "import",
         cmd_import,
-        "append an RDB file's keys to the store as events (all or nothing: a bad file "
-        "exits 3, one that contradicts the store's keys exits 2, and neither writes anything)",
+        "append an RDB file's keys to the store as events; a bad file exits 3, one that "
+        "contradicts the store's keys or itself exits 2, and neither writes anything. The "
+        "import commits in chunks: if it is killed (or another writer makes a contradicting "
+        "key meanwhile) it stays unfinished, as info and verify report; import again to "
+        "complete it",
     )
     import_.add_argument("rdb")
     verify = command(

@@ -38,7 +38,8 @@ a file twice therefore changes nothing the second time.
 
 When an import fails, the store is unchanged where the backend can
 promise it. The LMDB store's ``load_from_file`` of a path or seekable
-file checks the whole file (records and conflicts) before it writes
+file checks the whole file (records, conflicts with the store, and
+copies of a key in the file that contradict each other) before it writes
 anything; the memory backend's loads are all or nothing. The Redis
 backend (and the asyncio ones) check each batch of about 10,000 elements
 before writing it, so a bad record leaves the batches before it, as

@@ -26,6 +26,7 @@ from telstate import TelescopeState, cli
 from telstate.backend import Backend, Record
 from telstate.errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
 from telstate.lmdb import LmdbBackend, replay, settings
+from telstate.lmdb.layout import ImportRecord
 from telstate.log import Op
 from telstate.memory import MemoryBackend
 from telstate.rdb_writer import RDBWriter
@@ -355,15 +356,25 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
     child.send_signal(signal.SIGKILL)
     output, _ = child.communicate()
     assert "finished" not in output
+    status = os.stat(path)
     with LmdbBackend(store) as backend:
-        assert backend.verify() == []
+        # The store is sound, and says it holds part of the file.
+        assert backend.unfinished_imports() == [
+            ImportRecord(path, status.st_size, status.st_mtime_ns)
+        ]
+        [problem] = backend.verify()
+        assert problem.startswith(f"unfinished import of {path!r}")
         assert 0 < backend.last_seq < sum(len(v) for _, t, v in records if t == MUTABLE)
+    assert f"unfinished import of {path}" in run_cli("info", store)[1]
+    with LmdbBackend(store) as backend:
         # Importing the whole file again completes it (the rules make that safe).
         backend.load_from_file(path)
         expected = MemoryBackend()
         expected.load_records(records)
         assert state(backend) == state(expected)
+        assert backend.unfinished_imports() == []
         assert backend.verify() == []
+    assert "unfinished" not in run_cli("info", store)[1]
 
 
 # --- telstate import ---------------------------------------------------------------------
@@ -482,3 +493,181 @@ def test_a_key_twice_in_one_file(backend, tmp_path):
     if isinstance(store, LmdbBackend):
         assert store.verify() == []
     assert store.key_type(b"x") is None
+
+
+FILE_CONFLICTS = {
+    "immutable value": ((b"x", IMMUTABLE, b"1"), (b"x", IMMUTABLE, b"2")),
+    "immutable as mutable": ((b"x", IMMUTABLE, b"1"), (b"x", MUTABLE, [member(1.0, b"a")])),
+    "mutable as indexed": ((b"x", MUTABLE, [member(1.0, b"a")]), (b"x", INDEXED, {b"s": b"1"})),
+    "sub-key value": (
+        (b"x", INDEXED, {b"s%d" % i: b"%d" % i for i in range(30)}),
+        (b"x", INDEXED, {b"new": b"fine", b"s29": b"other"}),
+    ),
+    "long name": ((b"x" * 600, IMMUTABLE, b"1"), (b"x" * 600, IMMUTABLE, b"2")),
+    "long value": ((b"x", IMMUTABLE, b"v" * 100), (b"x", IMMUTABLE, b"v" * 99 + b"w")),
+    "long sub-key value": (
+        (b"x", INDEXED, {b"s" * 700: b"v" * 100}),
+        (b"x", INDEXED, {b"s" * 700: b"v" * 16}),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_CONFLICTS))
+@pytest.mark.parametrize("where", ["two databases", "one database"])
+def test_a_file_that_contradicts_itself_changes_nothing(store, tmp_path, monkeypatch, name, where):
+    """Two copies of a key many chunks apart must agree, or the check pass refuses the file."""
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)  # the copies are many chunks apart
+    store.set_immutable(b"before", b"x")
+    before = state(store)
+    first, second = FILE_CONFLICTS[name]
+    filler = sample_records(2, 50)
+    if where == "two databases":
+        path = two_databases(tmp_path / "bad.rdb", [first] + filler, [second])
+    else:
+        path = write_rdb(tmp_path / "bad.rdb", [first] + filler + [second])
+    with pytest.raises(ImmutableKeyError, match="the file has"):
+        store.load_from_file(path)
+    assert state(store) == before
+    with open(path, "rb") as file, pytest.raises(ImmutableKeyError, match="the file has"):
+        store.load_from_file(file)
+    assert state(store) == before
+    assert store.verify() == []
+
+
+def test_copies_of_a_key_that_agree_across_chunks(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    first = [
+        (b"imm", IMMUTABLE, b"same"),
+        (b"mut", MUTABLE, [member(1.0, b"a"), member(3.0, b"c")]),
+        (b"idx", INDEXED, {b"a": b"1", b"b": b"2"}),
+    ]
+    second = [
+        (b"imm", IMMUTABLE, b"same"),
+        (b"mut", MUTABLE, [member(2.0, b"b"), member(3.0, b"c")]),
+        (b"idx", INDEXED, {b"b": b"2", b"c": b"3"}),
+    ]
+    filler = sample_records(2, 50)
+    path = two_databases(tmp_path / "good.rdb", first + filler, second)
+    store.load_from_file(path)
+    expected = MemoryBackend()
+    expected.load_records(first + filler + second)
+    assert state(store) == state(expected)
+    assert store.verify() == []
+
+
+def test_an_import_failing_half_way_is_recorded_until_done(store, tmp_path, monkeypatch):
+    """A conflicting write between the check and write passes leaves an unfinished import."""
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    records = sample_records(2, 50) + [(b"z_attr", IMMUTABLE, b"file's")]
+    path = write_rdb(tmp_path / "a.rdb", records)
+    other = write_rdb(tmp_path / "other.rdb", [(b"other", IMMUTABLE, b"1")])
+
+    def another_writer(phase: str, values: int) -> None:
+        if phase == "importing" and store.key_type(b"z_attr") is None:
+            store.set_immutable(b"z_attr", b"another writer's")
+
+    with pytest.raises(ImmutableKeyError, match="z_attr"):
+        store.load_from_file(path, progress=another_writer)
+    status = os.stat(path)
+    unfinished = [ImportRecord(path, status.st_size, status.st_mtime_ns)]
+    assert store.unfinished_imports() == unfinished
+    assert len(store.verify()) == 1
+    # An import of another file (one chunk) finishes without clearing it.
+    store.load_from_file(other)
+    assert store.unfinished_imports() == unfinished
+    store.delete(b"z_attr")
+    assert store.load_from_file(path) == len(records)
+    assert store.unfinished_imports() == []
+    assert store.verify() == []
+
+
+def test_a_one_chunk_import_records_nothing_and_clears_its_file(store, tmp_path):
+    path = write_rdb(tmp_path / "a.rdb", sample_records(1, 10))
+    status = os.stat(path)
+    record = ImportRecord(path, status.st_size, status.st_mtime_ns)
+    store.load_from_file(path)
+    assert store.unfinished_imports() == []
+    with store.write() as wtxn:  # as if an earlier import of it had been killed
+        wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+        wtxn.changed = True
+    assert store.unfinished_imports() == [record]
+    # Imported again: it adds nothing, and its one chunk clears the record.
+    seq = store.last_seq
+    with open(path, "rb") as file:
+        store.load_from_file(file)
+    assert store.unfinished_imports() == []
+    assert store.last_seq == seq
+    assert store.verify() == []
+
+
+def test_samples_a_key_has_are_not_added_one_by_one(store, tmp_path, monkeypatch):
+    """A file imported again finds its samples by one merge with the stored ones."""
+    from telstate.lmdb.writes import WriteTxn
+
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 500)  # several pieces of a key
+    records = sample_records(3, 700)
+    path = write_rdb(tmp_path / "a.rdb", records)
+    store.load_from_file(path)
+    added = []
+    per_sample = WriteTxn.add_mutable
+
+    def counted(wtxn, key, value, timestamp):
+        added.append((key, value, timestamp))
+        return per_sample(wtxn, key, value, timestamp)
+
+    monkeypatch.setattr(WriteTxn, "add_mutable", counted)
+    before = state(store)
+    seq = store.last_seq
+    store.load_from_file(path)
+    assert added == []
+    assert store.last_seq == seq
+    assert state(store) == before
+    # Late samples a key lacks, among sealed blocks and among long values, still go one by one.
+    late = [
+        (
+            b"m000_sensor",
+            MUTABLE,
+            [member(1000.25, b"late"), member(1001.0, b"\xcb" + struct.pack(">d", 2 * 0.1))],
+        ),
+        (b"array", MUTABLE, [member(3.0, bytes(600) + b"3"), member(3.0, bytes(600) + b"x")]),
+    ]
+    store.load_from_file(write_rdb(tmp_path / "late.rdb", records + late))
+    assert added == [(b"m000_sensor", b"late", 1000.25), (b"array", bytes(600) + b"x", 3.0)]
+    expected = MemoryBackend()
+    expected.load_records(records + late)
+    assert state(store) == state(expected)
+    assert store.verify() == []
+
+
+def test_a_copy_made_during_an_import_forgets_it_as_a_follower(tmp_path):
+    """A follower's imports are its primary's: the primary's events finish them."""
+    from telstate.lmdb.follower import make_follower
+
+    record = ImportRecord("/data/a.rdb", 10, 20)
+    with LmdbBackend(tmp_path / "copy") as backend:
+        with backend.write() as wtxn:  # as a backup taken during an import holds it
+            wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+            wtxn.txn.put(b"z", b"other meta entries stay", db=wtxn.tables.meta)
+            wtxn.changed = True
+        assert backend.unfinished_imports() == [record]
+    make_follower(tmp_path / "copy", "primary")
+    with LmdbBackend(tmp_path / "copy", readonly=True) as backend:
+        assert backend.unfinished_imports() == []
+        assert backend.verify() == []
+        assert backend._read(lambda txn, tables: txn.get(b"z", db=tables.meta)) is not None
+
+
+def test_an_unfinished_import_from_a_pipe_is_named_as_the_stream(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)
+    records = sample_records(1, 50) + [(b"z_attr", IMMUTABLE, b"file's")]
+    write_rdb(tmp_path / "a.rdb", records)
+    data = (tmp_path / "a.rdb").read_bytes()
+    assert len(data) < 65536  # fits a pipe's buffer, so one thread can write and read it
+    store.set_immutable(b"z_attr", b"the store's")
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe:  # not seekable: checked chunk by chunk
+        with open(write_end, "wb") as writer:
+            writer.write(data)
+        with pytest.raises(ImmutableKeyError, match="z_attr"):
+            store.load_from_file(pipe)
+    assert store.unfinished_imports() == [ImportRecord("<stream>", None, None)]

@@ -11,6 +11,7 @@ import collections
 import itertools
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from .layout import (
     MUTABLE,
     NAME,
     TIMESTAMP,
+    ImportRecord,
     RequestRecord,
     Tables,
     key_record,
@@ -55,6 +57,7 @@ from .layout import (
     primary_in,
     record_name,
     request_record_in,
+    unfinished_imports_in,
 )
 from .samples import latest_member, sample_range
 from .state import indexed_items, indexed_value, key_state_record, state_records
@@ -489,8 +492,9 @@ class LmdbBackend(Backend):
         ReadOnlyError
             If the store was opened read-only.
 
-        Chunks committed before an error stay committed; use
-        :meth:`load_from_file` for all or nothing.
+        Chunks committed before an error (or before the process died) stay
+        committed, and nothing in the store says so; :meth:`load_from_file`
+        checks a file whole first and records an import in progress.
         """
         return bulk.load(self, records, source, progress)
 
@@ -500,10 +504,16 @@ class LmdbBackend(Backend):
         """Import the keys of an RDB file in bulk (see :meth:`load_records`).
 
         A path or seekable file is read twice: first every record is checked
-        (its shape, and against the store's keys), then it is imported, so a
-        bad file leaves the store unchanged (unless another writer creates a
-        contradicting key between the two passes: then the chunks before it
-        stay). A file object that cannot seek is checked chunk by chunk.
+        (its shape, against the store's keys and against the file's other
+        copies of its key), then it is imported, so a bad file leaves the
+        store unchanged. The import itself is not one transaction: if the
+        process dies, or another writer creates a contradicting key between
+        the two passes, the chunks committed before stay. An import of more
+        than one chunk is therefore recorded in the store while it runs
+        (:meth:`unfinished_imports`, reported by :meth:`verify` and
+        ``telstate info``); importing the same file again completes it and
+        clears the record. A file object that cannot seek is checked chunk
+        by chunk.
 
         Raises
         ------
@@ -524,7 +534,16 @@ class LmdbBackend(Backend):
             if start is not None:
                 file.seek(start)  # type: ignore[union-attr]
         records = rdb_reader.read_records(file, packed_members=True)
-        return self.load_records(records, source, progress)
+        return bulk.load(self, records, source, progress, _import_record(file, source))
+
+    def unfinished_imports(self) -> list[ImportRecord]:
+        """The imports (:meth:`load_from_file`) begun in the store and not finished.
+
+        Each names the file, with its size and modification time when the
+        import began; the store holds part of it. Importing the file again
+        completes it and removes it from this list.
+        """
+        return self._read(unfinished_imports_in)
 
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
@@ -840,9 +859,10 @@ class LmdbBackend(Backend):
 
         Returns
         -------
-        A description of each difference found; empty if the store is sound.
+        A description of each difference found, and of each unfinished
+        import (:meth:`unfinished_imports`); empty if the store is sound.
         """
-        return self._read(verify_in, self.uuid)
+        return self._read(_verify_with_imports, self.uuid)
 
     # --- durability and lifetime ------------------------------------------------------
 
@@ -990,3 +1010,26 @@ def _result_size(value: object) -> int:
     if type(value) is dict:
         return sum(len(sub_key) + len(item) + 100 for sub_key, item in value.items())
     return len(value)  # type: ignore[arg-type]
+
+
+def _verify_with_imports(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
+    return verify_in(txn, tables, store) + [
+        f"unfinished import of {record.file!r}: the store holds part of it; "
+        "import the file again to complete it"
+        for record in unfinished_imports_in(txn, tables)
+    ]
+
+
+def _import_record(file: PathType | BinaryIO, source: PathType | None) -> ImportRecord:
+    """The record of an import of `file` in progress: its name, and size and time if it has them."""
+    try:
+        if isinstance(file, (str, bytes, os.PathLike)):
+            status = os.stat(file)
+        else:
+            status = os.fstat(file.fileno())
+    except (AttributeError, OSError, ValueError):
+        status = None
+    name = "<stream>" if source is None else os.fsdecode(source)
+    if status is None or not stat.S_ISREG(status.st_mode):
+        return ImportRecord(name, None, None)  # a pipe, say: "<stdin>", not a path
+    return ImportRecord(os.path.abspath(name), status.st_size, status.st_mtime_ns)

@@ -9,14 +9,23 @@ bounded:
   ``settings.LOAD_CHUNK`` values (samples, sub-keys, immutable values)
   and about ``settings.LOAD_CHUNK_BYTES`` bytes (a big key is cut into
   pieces across chunks), one write transaction each, so memory stays
-  bounded whatever the file size (the largest single key is the
-  reader's to hold).
+  bounded whatever the file size (two chunks at a time, the one written
+  and the next; the largest single key is the reader's to hold).
 - A chunk is checked whole (records, and conflicts with the store inside
   its transaction) before it writes anything. ``load_from_file`` of a
-  path or seekable file checks the whole file first, so a bad file
-  leaves the store unchanged; ``load_records`` of an iterator can fail
+  path or seekable file checks the whole file first, each record against
+  the store and against what the file's earlier records say of its key
+  (kept as digests), so a bad file, or one that contradicts itself, leaves
+  the store unchanged; ``load_records`` of an iterator can fail
   after earlier chunks committed (each committed chunk is whole keys or
   whole pieces of keys, and the store verifies).
+- The write pass is not one transaction: a process killed between
+  chunks, or another writer creating a contradicting key after the check
+  pass, leaves the chunks committed so far. ``load_from_file`` therefore
+  records the file in the meta table (:class:`~telstate.lmdb.layout.ImportRecord`)
+  in its first chunk's transaction and deletes it in its last one's (the
+  chunk after each is read before it is written, to know the last), so
+  an unfinished import shows; importing the file again completes it.
 - Every element is still in an event, made by the backend's one append
   function, so the log, replay and verify see an import as the writes it
   stands for: a set_immutable, one set_indexed per sub-key, and a mutable
@@ -30,21 +39,26 @@ bounded:
   appends.
 - Samples that come after a key's latest sample (always, for a new key)
   go straight into sealed blocks (:func:`~telstate.lmdb.samples.append_samples`);
-  samples among existing ones take the per-sample path.
+  samples among existing ones are merged with the stored ones once
+  (:func:`~telstate.lmdb.samples.absent_members`), and only those the key
+  lacks take the per-sample path, so a file imported again (or an
+  unfinished import completed) costs a read of what the store has.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from .. import log
 from ..backend import PackedMembers, Record
-from ..errors import StoreError
+from ..errors import ImmutableKeyError, StoreError
 from ..import_rules import check_record, raise_contradiction
 from ..utils import KeyType, PathType, display_str
 from . import settings
@@ -55,13 +69,15 @@ from .layout import (
     MUTABLE,
     TIMESTAMP,
     U32,
+    ImportRecord,
     KeyRecord,
     Tables,
+    checked_put,
     first8,
     inline,
     name_key_of,
 )
-from .samples import append_samples, latest_member
+from .samples import absent_members, append_samples, latest_member
 from .state import indexed_value
 from .writes import WriteTxn
 
@@ -79,8 +95,15 @@ def load(
     records: Iterable[Record],
     source: PathType | None = None,
     progress: Progress | None = None,
+    unfinished: ImportRecord | None = None,
 ) -> int:
-    """Import `records` chunk by chunk; return the number of keys (see the module docstring)."""
+    """Import `records` chunk by chunk; return the number of keys (see the module docstring).
+
+    With `unfinished`, an import of more than one chunk records it in the
+    store's meta table in its first chunk and deletes it in its last (and
+    an import of one chunk deletes it), so that a store holding part of
+    the file says so.
+    """
     keys = 0
 
     def counted() -> Iterator[Record]:
@@ -89,12 +112,33 @@ def load(
             keys += 1
             yield record
 
-    for chunk, events in _chunks(counted(), source):
+    chunks = _chunks(counted(), source)
+    current = next(chunks, None)
+    first = True
+    while current is not None:
+        chunk, events = current
+        # The chunk after this one, read before this one is written: so the
+        # last chunk is known, and its transaction clears the import's record.
+        current = next(chunks, None)
         with backend.write() as wtxn:
             _write_chunk(wtxn, chunk)
+            if unfinished is not None and (first or current is None):
+                _record_import(wtxn, unfinished, finished=current is None)
+        first = False
         if progress is not None:
             progress("importing", events)
     return keys
+
+
+def _record_import(wtxn: WriteTxn, unfinished: ImportRecord, finished: bool) -> None:
+    """Record `unfinished` in the meta table, or delete it there if `finished`."""
+    meta = wtxn.tables.meta
+    if finished:
+        if wtxn.txn.delete(unfinished.entry, db=meta):
+            wtxn.changed = True  # committed even if the chunk added nothing (a file again)
+        return
+    checked_put(wtxn.txn, unfinished.entry, unfinished.encode(), meta)
+    wtxn.changed = True
 
 
 def check(
@@ -103,12 +147,19 @@ def check(
     source: PathType | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """Check `records` against the rules and the store, chunk by chunk, writing nothing.
+    """Check `records` against the rules, the store and each other, chunk by chunk, writing nothing.
 
-    Each chunk is checked in a short read transaction of its own.
+    Each chunk is checked in a short read transaction of its own. A record
+    must agree with the store and with the earlier records of `records`
+    (a key may be in two databases of an RDB file, maybe many chunks apart):
+    the write pass commits chunk by chunk, so a contradiction it would meet
+    only there would leave the chunks before it.
     """
+    earlier = _FileKeys(source)
     for chunk, events in _chunks(records, source):
         backend._read(_check_chunk, chunk)
+        for piece in chunk:
+            earlier.check_and_add(piece)
         if progress is not None:
             progress("checking", events)
 
@@ -181,6 +232,74 @@ def _pieces(record: Record) -> Iterator[Record]:
         yield key, key_type, part
 
 
+_A = {
+    KeyType.IMMUTABLE: "an immutable",
+    KeyType.MUTABLE: "a mutable",
+    KeyType.INDEXED: "an indexed",
+}
+
+
+def _digest(data: bytes) -> bytes:
+    """What stands for `data` in :class:`_FileKeys`: itself if short, else its digest.
+
+    The two forms differ in length, so they never stand for each other, and
+    the many short sub-keys and values cost no hashing.
+    """
+    return data if len(data) < 16 else hashlib.blake2b(data, digest_size=16).digest()
+
+
+class _FileKeys:
+    """What the records checked so far establish about each key, in digests.
+
+    Per key (by its keys-table key, at most 481 bytes): its type, and the
+    digest of an immutable key's value or the digests of an indexed key's
+    sub-keys and their values (at most 16 bytes each, see :func:`_digest`).
+    Memory grows with the number of keys and sub-keys, not with the size
+    of their values.
+    """
+
+    def __init__(self, source: PathType | None) -> None:
+        self._where = f" (in {os.fsdecode(source)!r})" if source is not None else ""
+        self._keys: dict[bytes, tuple[KeyType, Any]] = {}
+
+    def check_and_add(self, record: Record) -> None:
+        """Raise :exc:`ImmutableKeyError` if `record` contradicts an earlier one; else note it."""
+        key, key_type, value = record
+        name_key = name_key_of(key)
+        known: tuple[KeyType, Any] | None = self._keys.get(name_key)
+        if known is None:
+            if key_type == KeyType.IMMUTABLE:
+                assert isinstance(value, bytes)
+                self._keys[name_key] = (key_type, _digest(value))
+                return
+            sub_keys: dict[bytes, bytes] | None = {} if key_type == KeyType.INDEXED else None
+            known = self._keys[name_key] = (key_type, sub_keys)
+        name = display_str(key)
+        if known[0] != key_type:
+            self._raise(
+                f"cannot import {name} as {_A[key_type]} key: "
+                f"the file has it as {_A[known[0]]} key too"
+            )
+        if key_type == KeyType.IMMUTABLE:
+            assert isinstance(value, bytes)
+            if _digest(value) != known[1]:
+                self._raise(f"cannot import immutable key {name}: the file has another value too")
+        elif key_type == KeyType.INDEXED:
+            assert isinstance(value, dict)
+            sub_keys = known[1]
+            assert sub_keys is not None
+            for sub_key, sub_value in value.items():
+                digest = _digest(sub_value)
+                if sub_keys.setdefault(_digest(sub_key), digest) != digest:
+                    self._raise(
+                        f"cannot import indexed key {name}: the file has sub-key "
+                        f"{display_str(sub_key)} with another value too"
+                    )
+
+    def _raise(self, reason: str) -> NoReturn:
+        raise ImmutableKeyError(reason + self._where)
+
+
 class _SubKeys:
     """The stored sub-keys of an indexed key, looked up one at a time (for the conflict rules)."""
 
@@ -239,11 +358,14 @@ def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMemb
         stored = wtxn.new_key(name_key, MUTABLE, key, b"")
         newest = True
     else:
-        # Samples up to the key's latest take the per-sample path, which finds
-        # duplicates (a file imported again) and puts late ones in their blocks.
+        # Samples up to the key's latest that it lacks take the per-sample
+        # path, which puts late ones in their blocks; those it has (a file
+        # imported again) are found by one merge with the stored ones.
         latest = latest_member(txn, tables, stored.key_id, stored.flags)
         after = bisect.bisect_right(members, latest)
-        for member in members[:after]:
+        early = members.part(0, after) if isinstance(members, PackedMembers) else members[:after]
+        absent = absent_members(txn, tables, stored.key_id, stored.flags, stored.sealed, early)
+        for member in absent:
             wtxn.add_mutable(key, member[8:], TIMESTAMP.unpack_from(member)[0])
         if after == len(members):
             return

@@ -53,7 +53,7 @@ from .backup import _fsync, _remove_stale, _rename_new
 from .bulk import is_newest
 from .environment import Store, create_store
 from .eventlog import append_record, log_chunk, writers_in
-from .layout import FOLLOWS, MUTABLE, key_record, name_key_of, primary_in
+from .layout import FOLLOWS, MUTABLE, clear_imports_in, key_record, name_key_of, primary_in
 from .samples import append_samples, latest_member
 from .writes import WriteTxn, wrong_type
 
@@ -120,6 +120,8 @@ class FollowerTxn(WriteTxn):
     def follow(self, primary: str) -> None:
         """Make the store a follower of `primary` (or record a new name for its primary)."""
         self.txn.put(FOLLOWS, primary.encode(), db=self.tables.meta)
+        # A copy made during an import: the primary's events will finish it.
+        clear_imports_in(self.txn, self.tables)
         self.primary = primary
         self._primary_after = False
         self.changed = True

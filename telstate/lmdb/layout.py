@@ -17,6 +17,13 @@ record. Long sample values are handled differently (see ``samples``).
     (:class:`RequestRecord`), written in the transaction that applied it,
     so that a request delivered twice is applied once
     (:mod:`replicator.intake`; removed once it can no longer be delivered).
+    ``import:`` + 16-byte digest of the record → an import of a file in
+    progress (:class:`ImportRecord`): written in the transaction of an
+    import's first chunk when it has more than one, deleted in that of its
+    last, so it stays if the import was killed or failed half-way (see
+    :mod:`telstate.lmdb.bulk`); deleted when the store becomes a follower
+    (a copy made during an import: the primary finishes it). Stores without such entries (all stores
+    of earlier releases) have no unfinished import.
 ``log``
     8-byte big-endian seq → event record (:mod:`telstate.log`).
 ``writers``
@@ -364,3 +371,65 @@ def request_record_in(txn: Any, tables: Tables, request_id: bytes) -> RequestRec
     """
     found = txn.get(REQUEST_PREFIX + request_id, db=tables.meta)
     return None if found is None else RequestRecord.decode(found)
+
+
+#: Prefix of the records of imports in progress (see the module docstring).
+IMPORT_PREFIX = b"import:"
+
+
+class ImportRecord(NamedTuple):
+    """A file whose import into the store has begun and not finished.
+
+    `file` is its absolute path (or the name of a stream); `size` and
+    `mtime_ns` are its size and modification time when the import began,
+    None if it is not a regular file.
+    """
+
+    file: str
+    size: int | None
+    mtime_ns: int | None
+
+    def encode(self) -> bytes:
+        """The record as stored: a msgpack array of the three fields."""
+        return msgpack.packb(tuple(self), use_bin_type=True)
+
+    @property
+    def entry(self) -> bytes:
+        """Its meta table key: one per file (and size and time), so imports of others keep it."""
+        return IMPORT_PREFIX + hashlib.blake2b(self.encode(), digest_size=16).digest()
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> ImportRecord:
+        """The record stored as `data`.
+
+        Raises
+        ------
+        StoreError
+            If `data` is not an import record (the store is damaged).
+        """
+        try:
+            file, size, mtime_ns = msgpack.unpackb(bytes(data), raw=False)
+            return cls(str(file), size, mtime_ns)
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
+            raise StoreError(f"damaged import record in the meta table: {error}") from None
+
+
+def unfinished_imports_in(txn: Any, tables: Tables) -> list[ImportRecord]:
+    """The imports begun in the store and not finished (in the order of their digests)."""
+    found = []
+    cursor = txn.cursor(tables.meta)
+    if cursor.set_range(IMPORT_PREFIX):
+        for entry, data in cursor:
+            if not bytes(entry).startswith(IMPORT_PREFIX):
+                break
+            found.append(ImportRecord.decode(data))
+    return found
+
+
+def clear_imports_in(txn: Any, tables: Tables) -> None:
+    """Delete every record of an import in progress (a follower's imports are its primary's)."""
+    cursor = txn.cursor(tables.meta)
+    if cursor.set_range(IMPORT_PREFIX):
+        while bytes(cursor.key()).startswith(IMPORT_PREFIX):
+            if not cursor.delete():
+                return

@@ -47,7 +47,7 @@ import bisect
 import itertools
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -345,8 +345,19 @@ def member_chunks(txn: Any, tables: Tables, key_id: bytes, flags: int) -> Iterat
     """
     for block in _blocks_from(txn, tables, key_id, -1.0):
         yield block.members()
+    yield from _tail_chunks(txn, tables, key_id, flags, 0.0)
+
+
+def _tail_chunks(
+    txn: Any, tables: Tables, key_id: bytes, flags: int, start: float
+) -> Iterator[list[bytes]]:
+    """The tail members from timestamp `start` on, in order, in lists (see member_chunks)."""
     cursor = txn.cursor(tables.samples)
-    if not cursor.set_key(key_id):
+    if not (
+        cursor.set_range_dup(key_id, TIMESTAMP.pack(start))
+        if start > 0.0
+        else cursor.set_key(key_id)
+    ):
         return
     tail = cursor.iternext_dup(keys=False)
     size = settings.MEMBER_CHUNK
@@ -362,6 +373,34 @@ def member_chunks(txn: Any, tables: Tables, key_id: bytes, flags: int) -> Iterat
             chunk = []
     if chunk:
         yield chunk
+
+
+def absent_members(
+    txn: Any, tables: Tables, key_id: bytes, flags: int, sealed: float, members: Sequence[bytes]
+) -> list[bytes]:
+    """The members of sorted, distinct `members` that a mutable key lacks, in order.
+
+    The key's stored members from the first timestamp of `members` on are
+    read once, a block or ``settings.MEMBER_CHUNK`` at a time, and merged
+    with `members`: a file imported again costs a read of what it holds,
+    not a lookup per sample.
+    """
+    if not members:
+        return []
+    start = TIMESTAMP.unpack_from(members[0])[0]
+    chunks = _tail_chunks(txn, tables, key_id, flags, start)
+    if start <= sealed:
+        blocks = (block.members() for block in _blocks_from(txn, tables, key_id, start))
+        chunks = itertools.chain(blocks, chunks)
+    stored = itertools.chain.from_iterable(chunks)
+    absent = []
+    current = next(stored, None)
+    for member in members:
+        while current is not None and current < member:
+            current = next(stored, None)
+        if current != member:
+            absent.append(member)
+    return absent
 
 
 def _stored_prefix(member: bytes) -> bytes:
