@@ -1353,6 +1353,38 @@ def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_larg
     assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
 
 
+@pytest.mark.parametrize("stall", [0.0, 2.3])
+def test_a_request_the_server_took_late_times_out_as_maybe_applied(monkeypatch, stall):
+    """Found by a soak: Redis SIGSTOPped while a writer sent stamped its request
+    on resuming, so the daemon found it young and applied it, while the writer,
+    its deadline past, said "expires unapplied". An exchange that sent a request
+    and came back much later than its read's block now makes that "may have been
+    applied"."""
+    import types
+
+    import telstate.remote
+    from telstate.remote import PackedWrite, _Session
+
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time, sleep=time.sleep)
+    monkeypatch.setattr(telstate.remote, "time", clock)
+    session = _Session(0, "store", 2.0, None)
+    session.skip_replies = False
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    assert next(plan).replies == 2  # the XADD and a 1 s XREAD
+    now[0] += 1.0 + stall  # the read's block, and the server's stall
+    with pytest.raises(WriteTimeoutError) as timed_out:
+        step = plan.send([b"1-0", None])
+        while True:  # reads until the deadline, nothing comes
+            now[0] += step.time_left
+            step = plan.send([None])
+    if stall:
+        assert "may have been applied" in str(timed_out.value)
+    else:
+        assert "expires unapplied" in str(timed_out.value)
+
+
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
     """Found by review: the plan's answers to BUSY, to a refused read after an accepted XADD,
     to a refused resend after an accepted XADD, to a busy probe, to a read lost near the deadline.
