@@ -786,6 +786,38 @@ def test_daemon_killed_and_restarted_in_the_middle(
     settle(store, server)
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
+    store, server, mirror_url, daemon, monkeypatch, aio
+):
+    """Found by a soak: a client made while Redis was empty (restarted, its
+    replicator not back yet) found no mirror, and wrote around the log for its
+    whole life: its writes were lost at the mirror's next rebuild."""
+    import telstate.aio.redis
+    import telstate.redis
+
+    for module in (telstate.redis, telstate.aio.redis):
+        monkeypatch.setattr(module, "MIRROR_RECHECK", 0.0)  # looked at again on every write
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    async def write_async() -> None:
+        backend = await AioRedisBackend.from_url(mirror_url)
+        assert await backend._check_writable() is None  # as for a write: no mirror yet
+        daemon()
+        await telstate.aio.TelescopeState(backend).add("late", 1.0, ts=1.0)
+        backend.close()
+
+    if aio:
+        asyncio.run(write_async())
+    else:
+        ts = TelescopeState(mirror_url)
+        daemon()
+        ts.add("late", 1.0, ts=1.0)
+        ts.backend.close()
+    with LmdbBackend(store, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
+
+
 def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url, daemon):
     daemon()
     started, stop_file, logs = _start_writers(mirror_url, tmp_path, 3)
