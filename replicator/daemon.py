@@ -216,7 +216,8 @@ class Daemon:
         Set it (or send SIGTERM / SIGINT after :meth:`handle_signals`) to
         make :meth:`run` or :meth:`run_once` return after the current batch.
     failure
-        Why the daemon stopped on its own (refused after a promotion), or None.
+        Why the daemon stopped on its own (refused after a promotion, or its
+        write intake failed), or None.
     """
 
     def __init__(
@@ -438,8 +439,10 @@ class Daemon:
                     intake.wait_for_requests(wait, mirror)
                 else:
                     self.stop.wait(step.wait)
-        except Exception:
+        except Exception as error:
             logger.exception("the write intake failed: stopping the daemon")
+            # The daemon exits with status 1 (a supervisor restarts it).
+            self.failure = f"the write intake failed: {error!r}"
             self.stop.set()
             raise
         finally:

@@ -1418,16 +1418,26 @@ class RedisSink:
                             read.get(key)
                         elif kind == b"zset":
                             read.zrange(key, -1, -1)  # the newest sample
-                    values = iter(read.execute())
+                    # A key deleted or replaced by another type since its TYPE was
+                    # read (a client of an unprotected mirror, Redis restarted)
+                    # gives None or an error: it has no waiter to wake with it.
+                    values = iter(read.execute(raise_on_error=False))
                 for key, kind in zip(batch, kinds):
                     if kind == b"string":
-                        send(key, update_message(KeyType.IMMUTABLE, next(values)))
+                        value = next(values)
+                        if isinstance(value, bytes):
+                            send(key, update_message(KeyType.IMMUTABLE, value))
                     elif kind == b"zset":
-                        for member in next(values):
+                        members = next(values)
+                        for member in members if isinstance(members, list) else ():
                             send(key, update_message(KeyType.MUTABLE, member))
                     elif kind == b"hash":
-                        for sub_key, value in self.client.hscan_iter(key, count=_WAKE_BATCH):
-                            send(key, update_message(KeyType.INDEXED, value, sub_key))
+                        try:
+                            for sub_key, value in self.client.hscan_iter(key, count=_WAKE_BATCH):
+                                send(key, update_message(KeyType.INDEXED, value, sub_key))
+                        except redis.ResponseError as error:
+                            if "WRONGTYPE" not in str(error):
+                                raise
             publish.execute()
         self._wake_mark(keys=[wake_key(self.db)], args=[MIRROR_CURSOR_DB, "done"])
 

@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import struct
+import time
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, BinaryIO, cast
 
@@ -64,6 +65,12 @@ from .utils import (
     pack_timestamp,
     split_timestamp,
 )
+
+#: Seconds between looks at whether a database that was no mirror (or a
+#: mirror that took no writes) has become one that takes them: a client
+#: made while Redis was empty (restarted, its replicator not yet back)
+#: must not write around the log for its whole life.
+MIRROR_RECHECK = 1.0
 
 _SET_IMMUTABLE = b"""
 if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then
@@ -175,7 +182,12 @@ class RedisBackend(Backend):
     method raises :exc:`~telstate.errors.ReadOnlyError`, unless the
     replicator accepts writes: then writes go to the store's log (see
     :mod:`telstate.remote`), with the results and errors of a local write.
-    That is found out once, here, so reads cost nothing extra.
+    That is found out here, so reads cost nothing extra, and looked at
+    again by a write at most once a second (:data:`MIRROR_RECHECK`) while
+    writes do not go to a log, and at once if the server refuses a write
+    (an ACL rule of a protected mirror): a client made while Redis was
+    empty (restarted, before the replicator was back) then writes to the
+    log within a second of the mirror's return, never around it for good.
     """
 
     def __init__(
@@ -190,17 +202,12 @@ class RedisBackend(Backend):
             _ping_without_retries(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             raise ConnectionError(f"could not connect to redis server: {error}") from error
-        self._read_only_reason, intake_store = _mirror_description(client)
+        self._write_timeout = write_timeout
+        self._writer_name = writer_name
         self._remote: RemoteWriter | None = None
-        if intake_store is not None:
-            self._remote = RemoteWriter(
-                client,
-                client_db(client),
-                MIRROR_CURSOR_DB,
-                intake_store,
-                timeout=write_timeout,
-                writer_name=writer_name,
-            )
+        self._read_only_reason: str | None = None
+        self._described_at = 0.0
+        self._describe()
         self._set_immutable = client.register_script(_SET_IMMUTABLE)
         self._add_mutable = client.register_script(_ADD_MUTABLE)
         self._set_indexed = client.register_script(_SET_INDEXED)
@@ -259,47 +266,38 @@ class RedisBackend(Backend):
         return cast(list[bytes], self.client.keys(filter))
 
     def delete(self, key: bytes) -> None:
-        if self._remote is not None:
-            self._remote.write(Op.DELETE, key)
-            return
-        self._check_writable()
-        self.client.unlink(key)
+        self._write(Op.DELETE, key, lambda: self.client.unlink(key))
 
     def clear(self) -> None:
-        if self._remote is not None:
-            self._remote.write(Op.CLEAR)
-            return
-        self._check_writable()
-        self.client.flushdb(asynchronous=True)
+        self._write(Op.CLEAR, None, lambda: self.client.flushdb(asynchronous=True))
 
     def key_type(self, key: bytes) -> KeyType | None:
         return _KEY_TYPES.get(cast(bytes, self.client.type(key)))
 
     def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
-        if self._remote is not None:
-            return self._remote.write(Op.SET_IMMUTABLE, key, value=value)
-        self._check_writable()
-        with _wrong_type(key):
-            return self._set_immutable([key], [value])
+        def direct() -> bytes | None:
+            with _wrong_type(key):
+                return cast("bytes | None", self._set_immutable([key], [value]))
+
+        return self._write(Op.SET_IMMUTABLE, key, direct, value=value)
 
     def get(self, key: bytes) -> GetResult:
         with _wrong_type(key):
             return decode_get_reply(self._get([key]))
 
     def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
-        if self._remote is not None:
-            self._remote.write(Op.ADD_MUTABLE, key, value=value, timestamp=timestamp)
-            return
-        self._check_writable()
-        with _wrong_type(key):
-            self._add_mutable([key], [pack_timestamp(timestamp) + value])
+        def direct() -> None:
+            with _wrong_type(key):
+                self._add_mutable([key], [pack_timestamp(timestamp) + value])
+
+        self._write(Op.ADD_MUTABLE, key, direct, value=value, timestamp=timestamp)
 
     def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
-        if self._remote is not None:
-            return self._remote.write(Op.SET_INDEXED, key, sub_key=sub_key, value=value)
-        self._check_writable()
-        with _wrong_type(key):
-            return self._set_indexed([key], [sub_key, value])
+        def direct() -> bytes | None:
+            with _wrong_type(key):
+                return cast("bytes | None", self._set_indexed([key], [sub_key, value]))
+
+        return self._write(Op.SET_INDEXED, key, direct, sub_key=sub_key, value=value)
 
     def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
         with _wrong_type(key):
@@ -336,11 +334,11 @@ class RedisBackend(Backend):
         Records are checked, and checked against the server's keys, a
         batch at a time before the batch is written.
         """
+        self._check_writable()
         if self._remote is not None:
             raise ReadOnlyError(
                 "load RDB files into the store on the log host, not through a mirror"
             )
-        self._check_writable()
         count = 0
         with self.client.pipeline(transaction=False) as pipe:
             for batch in import_rules.batches(records, source, LOAD_BATCH):
@@ -425,9 +423,54 @@ class RedisBackend(Backend):
         self.client.close()
 
     def _check_writable(self) -> None:
-        """Raise :exc:`~telstate.errors.ReadOnlyError` if the database is a mirror."""
-        if self._read_only_reason is not None:
+        """Raise :exc:`~telstate.errors.ReadOnlyError` if the database is a mirror
+        that takes no writes (looked at again if due, see :data:`MIRROR_RECHECK`)."""
+        if self._remote is None and (
+            self._read_only_reason is not None
+            or time.monotonic() - self._described_at >= MIRROR_RECHECK
+        ):
+            self._describe()
+        if self._remote is None and self._read_only_reason is not None:
             raise ReadOnlyError(self._read_only_reason)
+
+    def _describe(self) -> None:
+        """Find out whether the database is a mirror, and whether its writes go to a log."""
+        self._read_only_reason, intake_store = _mirror_description(self.client)
+        self._described_at = time.monotonic()
+        if intake_store is not None and self._remote is None:
+            self._remote = RemoteWriter(
+                self.client,
+                client_db(self.client),
+                MIRROR_CURSOR_DB,
+                intake_store,
+                timeout=self._write_timeout,
+                writer_name=self._writer_name,
+            )
+
+    def _write(self, op: Op, key: bytes | None, direct: Any, **write: Any) -> Any:
+        """Write through the mirror's log if it takes writes, else `direct()` to the database.
+
+        A direct write that the server refuses for lack of rights (a
+        protected mirror, found since) is looked at again: sent to the log
+        if the mirror now takes writes, else :exc:`ReadOnlyError`.
+        """
+        if self._remote is None:
+            self._check_writable()
+        if self._remote is not None:
+            return self._remote.write(op, key, **write)
+        try:
+            return direct()
+        except redis.ResponseError as error:
+            if "NOPERM" not in str(error) and not isinstance(
+                error, redis.exceptions.NoPermissionError
+            ):
+                raise
+            self._describe()
+            if self._remote is not None:
+                return self._remote.write(op, key, **write)
+            raise ReadOnlyError(
+                self._read_only_reason or f"the Redis server refused the write: {error}"
+            ) from error
 
 
 def _ping_without_retries(client: redis.Redis) -> None:

@@ -109,6 +109,12 @@ _BLOCK_CHUNK = 1.0
 #: Spare time (s) a writer gives the server beyond the time left to its write
 #: before it counts the connection as lost (see _hang_timeout, AsyncRemoteWriter).
 _SLACK = 0.5
+#: How much longer (s) than its XREAD's block an exchange that sent a
+#: request may take before the writer counts the server as stalled then
+#: (see _Session.write_plan): a SIGSTOPped or swapping Redis stamps the
+#: request when it runs the XADD, late, so the daemon may find it young
+#: and apply it after the writer's deadline.
+_STALL = 0.25
 #: Pause between attempts of a writer whose connection failed.
 _RETRY_DELAY = 0.05
 #: Longest request id and token accepted.
@@ -1144,15 +1150,18 @@ class _Session:
         request_id = self.new_request()
         sent = ever_sent = False
         # Whether an XADD of it may have run (the daemon may apply it), and
-        # whether reading its reply failed since (so a timeout is no proof).
-        maybe_added = unread = False
+        # whether reading its reply failed since, or the server stalled while
+        # it took the XADD (so a timeout is no proof).
+        maybe_added = unread = stalled = False
         # Whether the next XADD asks for its reply (see skip_replies).
         confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self.timed_out(key, op, unsure=maybe_added and unread)
-            read = self.read_replies(max(1, int(min(remaining, block_chunk) * 1000)))
+                raise self.timed_out(key, op, unsure=maybe_added and (unread or stalled))
+            block_ms = max(1, int(min(remaining, block_chunk) * 1000))
+            read = self.read_replies(block_ms)
+            adds, started = not sent, time.monotonic()
             try:
                 if sent:
                     (reply,) = yield _Exchange(read, 1, remaining)
@@ -1183,6 +1192,11 @@ class _Session:
                         continue
                 # From here the daemon may apply it: a failure means a resend.
                 sent = ever_sent = True
+                if adds and time.monotonic() - started > block_ms / 1000 + _STALL:
+                    # The server answered late (it stalled, or the network did):
+                    # it may have stamped the request late too, and then the
+                    # daemon may apply it after the deadline.
+                    stalled = True
                 reply = checked(reply)
             except _Unsent as unsent:
                 if isinstance(unsent.error, redis.ResponseError):
@@ -1267,8 +1281,8 @@ class _Session:
             # failed, or the server was busy): the daemon may have applied it.
             return WriteTimeoutError(
                 f"{what}: the request reached the mirror, but its reply could not be"
-                f" read within {self.timeout:g} s (the Redis server failed or was busy);"
-                " the write may have been applied"
+                f" read within {self.timeout:g} s (the Redis server failed, stalled or was"
+                " busy); the write may have been applied"
             )
         return WriteTimeoutError(
             f"{what}: no reply from the log host's replicator within {self.timeout:g} s"

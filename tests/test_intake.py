@@ -261,6 +261,32 @@ def test_a_request_that_expires_while_the_commit_waits_for_the_write_lock_is_not
     intake.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_daemon_whose_intake_fails_stops_with_the_reason(server, backend, monkeypatch, caplog):
+    """Found by a soak: the daemon exited with status 0 (a supervisor's
+    restart-on-failure would not restart it); `failure` makes it 1."""
+    import threading
+
+    from replicator.daemon import Daemon
+    from replicator.redis_sink import RedisSink
+
+    sink = RedisSink(backend, server.url + "?db=0", stop=threading.Event())
+    intake = Intake(backend, server.url + "?db=0")
+
+    def broken(mirror: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(intake, "step", broken)
+    daemon = Daemon(backend, sink, None, intake)
+    caplog.set_level(logging.ERROR, logger="replicator.daemon")
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert daemon.failure is not None and "a bug" in daemon.failure
+    assert "the write intake failed" in caplog.text
+
+
 def test_killed_between_commit_and_reply_answers_on_restart(server, backend):
     client = Client(server, str(backend.uuid))
     first = Intake(backend, server.url + "?db=0")

@@ -786,6 +786,38 @@ def test_daemon_killed_and_restarted_in_the_middle(
     settle(store, server)
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
+    store, server, mirror_url, daemon, monkeypatch, aio
+):
+    """Found by a soak: a client made while Redis was empty (restarted, its
+    replicator not back yet) found no mirror, and wrote around the log for its
+    whole life: its writes were lost at the mirror's next rebuild."""
+    import telstate.aio.redis
+    import telstate.redis
+
+    for module in (telstate.redis, telstate.aio.redis):
+        monkeypatch.setattr(module, "MIRROR_RECHECK", 0.0)  # looked at again on every write
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    async def write_async() -> None:
+        backend = await AioRedisBackend.from_url(mirror_url)
+        assert await backend._check_writable() is None  # as for a write: no mirror yet
+        daemon()
+        await telstate.aio.TelescopeState(backend).add("late", 1.0, ts=1.0)
+        backend.close()
+
+    if aio:
+        asyncio.run(write_async())
+    else:
+        ts = TelescopeState(mirror_url)
+        daemon()
+        ts.add("late", 1.0, ts=1.0)
+        ts.backend.close()
+    with LmdbBackend(store, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
+
+
 def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url, daemon):
     daemon()
     started, stop_file, logs = _start_writers(mirror_url, tmp_path, 3)
@@ -1351,6 +1383,38 @@ def test_the_write_plan_asks_for_the_xadd_reply_after_an_empty_wait_and_for_larg
     # A write of more than 64 KB always asks: it would be costly to send twice.
     step = next(plan(b"x" * (65 << 10)))
     assert step.replies == 2 and [c[0] for c in commands(step.packed)] == [b"XADD", b"XREAD"]
+
+
+@pytest.mark.parametrize("stall", [0.0, 2.3])
+def test_a_request_the_server_took_late_times_out_as_maybe_applied(monkeypatch, stall):
+    """Found by a soak: Redis SIGSTOPped while a writer sent stamped its request
+    on resuming, so the daemon found it young and applied it, while the writer,
+    its deadline past, said "expires unapplied". An exchange that sent a request
+    and came back much later than its read's block now makes that "may have been
+    applied"."""
+    import types
+
+    import telstate.remote
+    from telstate.remote import PackedWrite, _Session
+
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time, sleep=time.sleep)
+    monkeypatch.setattr(telstate.remote, "time", clock)
+    session = _Session(0, "store", 2.0, None)
+    session.skip_replies = False
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    assert next(plan).replies == 2  # the XADD and a 1 s XREAD
+    now[0] += 1.0 + stall  # the read's block, and the server's stall
+    with pytest.raises(WriteTimeoutError) as timed_out:
+        step = plan.send([b"1-0", None])
+        while True:  # reads until the deadline, nothing comes
+            now[0] += step.time_left
+            step = plan.send([None])
+    if stall:
+        assert "may have been applied" in str(timed_out.value)
+    else:
+        assert "expires unapplied" in str(timed_out.value)
 
 
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():

@@ -757,6 +757,42 @@ def test_waiters_are_woken_by_the_next_replicator_if_one_dies_after_the_swap(mir
     pubsub.close()
 
 
+def test_keys_that_vanish_while_waiters_are_woken_are_skipped(mirror, sinks, monkeypatch):
+    """Found by a soak: a key deleted between the wake-up's TYPE and GET crashed the daemon.
+
+    (A client of an unprotected mirror deleted keys; Redis restarting does the same.)
+    """
+    url, client = mirror
+    log = StandInLog()
+    _fill(log, n=5)
+    dying = sinks(log, url)
+    dying._wake_waiters = lambda: None  # killed right after the swap
+    _run(dying)
+    pipeline = type(client.pipeline())
+    execute = pipeline.execute
+
+    def vanishing(self, *args, **kwargs):
+        types = all(command[0][0] == "TYPE" for command in self.command_stack)
+        result = execute(self, *args, **kwargs)
+        if types and result:
+            # Between the TYPE and the reads: gone, or replaced by another type.
+            client.delete(b"immutable", b"sensor")
+            client.set(b"indexed", b"now a string")
+        return result
+
+    monkeypatch.setattr(pipeline, "execute", vanishing)
+    pubsub = client.pubsub()
+    pubsub.psubscribe(b"update/*")
+    assert pubsub.get_message(timeout=1)["type"] == "psubscribe"
+    resumed = sinks(log, url)
+    resumed._wake_waiters()  # raised TypeError (a None value) before
+    channels = set()
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        channels.add(message["channel"])
+    assert channels == {b"update/other"}
+    pubsub.close()
+
+
 def test_rebuild_calls_are_bounded_by_bytes(mirror, sinks):
     """Large samples: no script call carries much more than batch_bytes."""
     url, client = mirror

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -39,6 +40,7 @@ from ..redis import (
     _SET_INDEXED,
     LOAD_BATCH,
     MIRROR_CURSOR_DB,
+    MIRROR_RECHECK,
     _wrong_type,
     client_db,
     decode_get_indexed_reply,
@@ -114,7 +116,8 @@ class RedisBackend(Backend):
         self._close_task: asyncio.Task[None] | None = None
         # Whether the database is a replicator's mirror is found out on the
         # first write (the constructor cannot await), then cached.
-        self._mirror_checked = False
+        # When the database was last found to be no mirror taking writes (see _check_writable).
+        self._mirror_checked: float | None = None
         self._read_only_reason: str | None = None
         self._remote: AsyncRemoteWriter | None = None
         self._write_timeout = write_timeout
@@ -214,43 +217,50 @@ class RedisBackend(Backend):
         return cast(list[bytes], await self._command(None, self.client.keys, filter))
 
     async def delete(self, key: bytes) -> None:
-        remote = await self._check_writable()
-        if remote is not None:
-            await remote.write(Op.DELETE, key)
-            return
-        await self._command(None, self.client.unlink, key)
+        await self._write(Op.DELETE, key, lambda: self._command(None, self.client.unlink, key))
 
     async def clear(self) -> None:
-        remote = await self._check_writable()
-        if remote is not None:
-            await remote.write(Op.CLEAR)
-            return
-        await self._command(None, functools.partial(self.client.flushdb, asynchronous=True))
+        flush = functools.partial(self.client.flushdb, asynchronous=True)
+        await self._write(Op.CLEAR, None, lambda: self._command(None, flush))
 
     async def key_type(self, key: bytes) -> KeyType | None:
         return _KEY_TYPES.get(cast(bytes, await self._command(None, self.client.type, key)))
 
     async def set_immutable(self, key: bytes, value: bytes) -> bytes | None:
-        remote = await self._check_writable()
-        if remote is not None:
-            return await remote.write(Op.SET_IMMUTABLE, key, value=value)
-        return await self._command(key, self._set_immutable, [key], [value])
+        return cast(
+            "bytes | None",
+            await self._write(
+                Op.SET_IMMUTABLE,
+                key,
+                lambda: self._command(key, self._set_immutable, [key], [value]),
+                value=value,
+            ),
+        )
 
     async def get(self, key: bytes) -> GetResult:
         return decode_get_reply(await self._command(key, self._get, [key]))
 
     async def add_mutable(self, key: bytes, value: bytes, timestamp: float) -> None:
-        remote = await self._check_writable()
-        if remote is not None:
-            await remote.write(Op.ADD_MUTABLE, key, value=value, timestamp=timestamp)
-            return
-        await self._command(key, self._add_mutable, [key], [pack_timestamp(timestamp) + value])
+        member = pack_timestamp(timestamp) + value
+        await self._write(
+            Op.ADD_MUTABLE,
+            key,
+            lambda: self._command(key, self._add_mutable, [key], [member]),
+            value=value,
+            timestamp=timestamp,
+        )
 
     async def set_indexed(self, key: bytes, sub_key: bytes, value: bytes) -> bytes | None:
-        remote = await self._check_writable()
-        if remote is not None:
-            return await remote.write(Op.SET_INDEXED, key, sub_key=sub_key, value=value)
-        return await self._command(key, self._set_indexed, [key], [sub_key, value])
+        return cast(
+            "bytes | None",
+            await self._write(
+                Op.SET_INDEXED,
+                key,
+                lambda: self._command(key, self._set_indexed, [key], [sub_key, value]),
+                sub_key=sub_key,
+                value=value,
+            ),
+        )
 
     async def get_indexed(self, key: bytes, sub_key: bytes) -> bytes | None:
         reply = await self._command(key, self._get_indexed, [key], [sub_key])
@@ -301,37 +311,73 @@ class RedisBackend(Backend):
         ------
         ReadOnlyError
             If the database is a mirror that does not accept writes.
+
+        Looked at on the first write, and again at most once a second
+        (:data:`telstate.redis.MIRROR_RECHECK`) while writes do not go to a
+        log (see :class:`telstate.redis.RedisBackend`).
         """
-        if not self._mirror_checked:
-            db = client_db(self.client)
-
-            async def query() -> list[Any]:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    queue_mirror_query(pipe, db)
-                    return await pipe.execute(raise_on_error=False)
-
-            try:
-                replies = await self._command(None, query)
-            except redis.RedisError:
-                replies = None
-            if replies is not None:
-                self._read_only_reason = mirror_reason(db, replies)
-                store = mirror_intake(replies)
-                if store is not None:
-                    self._remote = AsyncRemoteWriter(
-                        self.client,
-                        db,
-                        MIRROR_CURSOR_DB,
-                        store,
-                        timeout=self._write_timeout,
-                        writer_name=self._writer_name,
-                    )
-            self._mirror_checked = True
+        checked = self._mirror_checked
+        if self._remote is None and (
+            checked is None
+            or self._read_only_reason is not None
+            or time.monotonic() - checked >= MIRROR_RECHECK
+        ):
+            await self._describe()
         if self._remote is not None:
             return self._remote
         if self._read_only_reason is not None:
             raise ReadOnlyError(self._read_only_reason)
         return None
+
+    async def _write(self, op: Op, key: bytes | None, direct: Any, **write: Any) -> Any:
+        """Write through the mirror's log if it takes writes, else `direct()` to the database.
+
+        As :meth:`telstate.redis.RedisBackend._write`: a direct write refused
+        for lack of rights is looked at again.
+        """
+        remote = await self._check_writable()
+        if remote is not None:
+            return await remote.write(op, key, **write)
+        try:
+            return await direct()
+        except redis.ResponseError as error:
+            if "NOPERM" not in str(error) and not isinstance(
+                error, redis.exceptions.NoPermissionError
+            ):
+                raise
+            await self._describe()
+            if self._remote is not None:
+                return await self._remote.write(op, key, **write)
+            raise ReadOnlyError(
+                self._read_only_reason or f"the Redis server refused the write: {error}"
+            ) from error
+
+    async def _describe(self) -> None:
+        """Find out whether the database is a mirror, and whether its writes go to a log."""
+        db = client_db(self.client)
+
+        async def query() -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                queue_mirror_query(pipe, db)
+                return await pipe.execute(raise_on_error=False)
+
+        try:
+            replies = await self._command(None, query)
+        except redis.RedisError:
+            replies = None
+        if replies is not None:
+            self._read_only_reason = mirror_reason(db, replies)
+            store = mirror_intake(replies)
+            if store is not None and self._remote is None:
+                self._remote = AsyncRemoteWriter(
+                    self.client,
+                    db,
+                    MIRROR_CURSOR_DB,
+                    store,
+                    timeout=self._write_timeout,
+                    writer_name=self._writer_name,
+                )
+        self._mirror_checked = time.monotonic()
 
     async def monitor_keys(self, keys: Iterable[bytes]) -> AsyncGenerator[KeyUpdateBase, None]:
         keys = list(dict.fromkeys(keys))
