@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import struct
+import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, BinaryIO, cast
@@ -207,6 +208,8 @@ class RedisBackend(Backend):
         self._remote: RemoteWriter | None = None
         self._read_only_reason: str | None = None
         self._described_at = 0.0
+        # Held while the mirror is looked at again (writers of several threads).
+        self._describing = threading.Lock()
         self._describe()
         self._set_immutable = client.register_script(_SET_IMMUTABLE)
         self._add_mutable = client.register_script(_ADD_MUTABLE)
@@ -434,18 +437,28 @@ class RedisBackend(Backend):
             raise ReadOnlyError(self._read_only_reason)
 
     def _describe(self) -> None:
-        """Find out whether the database is a mirror, and whether its writes go to a log."""
-        self._read_only_reason, intake_store = _mirror_description(self.client)
-        self._described_at = time.monotonic()
-        if intake_store is not None and self._remote is None:
-            self._remote = RemoteWriter(
-                self.client,
-                client_db(self.client),
-                MIRROR_CURSOR_DB,
-                intake_store,
-                timeout=self._write_timeout,
-                writer_name=self._writer_name,
-            )
+        """Find out whether the database is a mirror, and whether its writes go to a log.
+
+        If the server cannot be asked (busy, restarting), what was found
+        before stands, and is looked at again at the next write.
+        """
+        with self._describing:
+            if self._remote is not None:
+                return  # another thread found it meanwhile
+            found = _mirror_description(self.client)
+            if found is None:
+                return
+            self._read_only_reason, intake_store = found
+            self._described_at = time.monotonic()
+            if intake_store is not None:
+                self._remote = RemoteWriter(
+                    self.client,
+                    client_db(self.client),
+                    MIRROR_CURSOR_DB,
+                    intake_store,
+                    timeout=self._write_timeout,
+                    writer_name=self._writer_name,
+                )
 
     def _write(self, op: Op, key: bytes | None, direct: Any, **write: Any) -> Any:
         """Write through the mirror's log if it takes writes, else `direct()` to the database.
@@ -468,9 +481,9 @@ class RedisBackend(Backend):
             self._describe()
             if self._remote is not None:
                 return self._remote.write(op, key, **write)
-            raise ReadOnlyError(
-                self._read_only_reason or f"the Redis server refused the write: {error}"
-            ) from error
+            if self._read_only_reason is None:
+                raise  # no mirror: the server's own refusal, as katsdptelstate gives it
+            raise ReadOnlyError(self._read_only_reason) from error
 
 
 def _ping_without_retries(client: redis.Redis) -> None:
@@ -541,16 +554,17 @@ def mirror_intake(replies: list[Any]) -> str | None:
     return ensure_str(store) if isinstance(store, bytes) else None
 
 
-def _mirror_description(client: redis.Redis) -> tuple[str | None, str | None]:
+def _mirror_description(client: redis.Redis) -> tuple[str | None, str | None] | None:
     """Why the client's database is read-only (None if it is no mirror), and the
-    store whose replicator accepts writes for it (None if none does)."""
+    store whose replicator accepts writes for it (None if none does); None if
+    the server could not be asked."""
     db = client_db(client)
     try:
         with client.pipeline(transaction=True) as pipe:
             queue_mirror_query(pipe, db)
             replies = pipe.execute(raise_on_error=False)
     except redis.RedisError:
-        return None, None
+        return None
     return mirror_reason(db, replies), mirror_intake(replies)
 
 

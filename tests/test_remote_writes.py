@@ -818,6 +818,90 @@ def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
         assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
 
 
+def test_a_failed_look_at_the_mirror_leaves_it_read_only(server, monkeypatch):
+    """Found by review: one look that failed (BUSY, a timeout) made a mirror
+    that takes no writes writable, directly, for a second."""
+    import telstate.redis
+
+    answers: list[Any] = [("db 0 is a mirror", None)]
+    monkeypatch.setattr(telstate.redis, "_mirror_description", lambda client: answers[0])
+    backend = telstate.redis.RedisBackend(server.client(db=0))
+    with pytest.raises(ReadOnlyError, match="is a mirror"):
+        backend.add_mutable(b"k", b"v", 1.0)
+    answers[0] = None  # the server could not be asked
+    with pytest.raises(ReadOnlyError, match="is a mirror"):
+        backend.add_mutable(b"k", b"v", 1.0)
+    assert server.client(db=0).dbsize() == 0
+    backend.close()
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_write_refused_by_acl_on_a_plain_redis_raises_redis_own_error(server, aio):
+    """Found by review: on a plain Redis (no mirror) a write the user may not make
+    raised ReadOnlyError; katsdptelstate (and so its users' code) gets redis's error."""
+    import telstate.aio.redis
+    import telstate.redis
+
+    admin = server.client(db=0)
+    admin.acl_setuser("limited", enabled=True, passwords=["+pw"], keys=["ok:*"], commands=["+@all"])
+    kwargs = {"unix_socket_path": server.socket, "username": "limited", "password": "pw"}
+    if aio:
+
+        async def write() -> None:
+            backend = telstate.aio.redis.RedisBackend(redis.asyncio.Redis(**kwargs))
+            try:
+                await backend.add_mutable(b"other", b"v", 1.0)
+            finally:
+                backend.close()
+
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            asyncio.run(write())
+    else:
+        backend = telstate.redis.RedisBackend(redis.Redis(**kwargs))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            backend.add_mutable(b"other", b"v", 1.0)
+        backend.close()
+
+
+def test_threads_that_find_the_mirror_together_share_one_remote_writer(server, monkeypatch):
+    """Found by review: threads writing when the look was due each made a writer."""
+    import telstate.redis
+
+    made = []
+
+    class Counted:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(self)
+            time.sleep(0.02)  # a pool and a session to make
+
+        def write(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def close(self) -> None:
+            pass
+
+    answers: list[Any] = [(None, None)]
+
+    def described(client: Any) -> Any:
+        time.sleep(0.02)  # a round trip, during which the other threads come
+        return answers[0]
+
+    monkeypatch.setattr(telstate.redis, "RemoteWriter", Counted)
+    monkeypatch.setattr(telstate.redis, "_mirror_description", described)
+    backend = telstate.redis.RedisBackend(server.client(db=0))
+    answers[0] = ("db 0 is a mirror", "0123-store")
+    backend._described_at = 0.0  # the look is due
+    threads = [
+        threading.Thread(target=backend.add_mutable, args=(b"k", b"v", float(i))) for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(made) == 1
+    backend.close()
+
+
 def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url, daemon):
     daemon()
     started, stop_file, logs = _start_writers(mirror_url, tmp_path, 3)

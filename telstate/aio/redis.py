@@ -348,9 +348,9 @@ class RedisBackend(Backend):
             await self._describe()
             if self._remote is not None:
                 return await self._remote.write(op, key, **write)
-            raise ReadOnlyError(
-                self._read_only_reason or f"the Redis server refused the write: {error}"
-            ) from error
+            if self._read_only_reason is None:
+                raise  # no mirror: the server's own refusal, as katsdptelstate gives it
+            raise ReadOnlyError(self._read_only_reason) from error
 
     async def _describe(self) -> None:
         """Find out whether the database is a mirror, and whether its writes go to a log."""
