@@ -439,17 +439,17 @@ class RedisBackend(Backend):
     def _describe(self) -> None:
         """Find out whether the database is a mirror, and whether its writes go to a log.
 
-        If the server cannot be asked (busy, restarting), what was found
-        before stands, and is looked at again at the next write.
+        If the server cannot be asked (busy, restarting, or the user may
+        not), what was found before stands, until the next look is due.
         """
         with self._describing:
             if self._remote is not None:
                 return  # another thread found it meanwhile
             found = _mirror_description(self.client)
+            self._described_at = time.monotonic()  # (a look that failed, too: once a second)
             if found is None:
                 return
             self._read_only_reason, intake_store = found
-            self._described_at = time.monotonic()
             if intake_store is not None:
                 self._remote = RemoteWriter(
                     self.client,
