@@ -92,7 +92,7 @@ from redis.retry import Retry
 
 from telstate.errors import StoreError
 from telstate.log import Event, Op
-from telstate.redis import MIRROR_CURSOR_DB, mirror_cursor_key, update_message
+from telstate.redis import MIRROR_CURSOR_DB, is_permission_error, mirror_cursor_key, update_message
 from telstate.remote import Wire, WireScript, checked
 from telstate.utils import KeyType, ensure_str, pack_timestamp
 
@@ -791,7 +791,7 @@ class RedisSink:
             logger.warning("mirror holds a key of another type (%s): rebuilding", error)
             self.state = SinkState.REBUILD
             return Step(0)
-        if isinstance(error, redis.ResponseError) and _is_permission_error(error):
+        if isinstance(error, redis.ResponseError) and is_permission_error(error):
             return self._fail(
                 f"Redis at {self.url} refused the replicator's user a command ({error}):"
                 " the replicator needs a user with every right (ACL SETUSER"
@@ -826,7 +826,7 @@ class RedisSink:
         except _TRANSIENT:
             return
         except redis.ResponseError as error:
-            if not _is_permission_error(error):
+            if not is_permission_error(error):
                 # E.g. a server with fewer databases than the spare's number.
                 raise ValueError(
                     f"Redis at {self.url} refused the replicator's first commands ({error});"
@@ -1449,12 +1449,6 @@ def _size(arguments: tuple[Any, ...]) -> int:
         if isinstance(argument, bytes):
             size += len(argument)
     return size
-
-
-def _is_permission_error(error: redis.ResponseError) -> bool:
-    """Whether Redis refused a command (or a script's command) for lack of rights."""
-    text = str(error)
-    return isinstance(error, redis.exceptions.NoPermissionError) or "can't run this command" in text
 
 
 def _event_operations(events: Iterable[Event]) -> _Operations:

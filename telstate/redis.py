@@ -474,9 +474,7 @@ class RedisBackend(Backend):
         try:
             return direct()
         except redis.ResponseError as error:
-            if "NOPERM" not in str(error) and not isinstance(
-                error, redis.exceptions.NoPermissionError
-            ):
+            if not is_permission_error(error):
                 raise
             self._describe()
             if self._remote is not None:
@@ -484,6 +482,13 @@ class RedisBackend(Backend):
             if self._read_only_reason is None:
                 raise  # no mirror: the server's own refusal, as katsdptelstate gives it
             raise ReadOnlyError(self._read_only_reason) from error
+
+
+def is_permission_error(error: redis.ResponseError) -> bool:
+    """Whether Redis refused a command (or a script's command) for lack of rights."""
+    return isinstance(error, redis.exceptions.NoPermissionError) or (
+        "can't run this command" in str(error)
+    )
 
 
 def _ping_without_retries(client: redis.Redis) -> None:

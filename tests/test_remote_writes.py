@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
@@ -812,6 +813,45 @@ def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
     else:
         ts = TelescopeState(mirror_url)
         daemon()
+        ts.add("late", 1.0, ts=1.0)
+        ts.backend.close()
+    with LmdbBackend(store, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_a_write_a_protected_mirror_refuses_goes_to_the_log_at_once(
+    store, server, mirror_url, daemon, monkeypatch, aio
+):
+    """A client made before the daemon (not due to look again for an hour):
+    the write the mirror's ACL rules refuse (a script's command, refused with
+    "can't run this command", not NOPERM) makes it look at once, and the
+    write goes to the log."""
+    import telstate.aio.redis
+    import telstate.redis
+
+    for module in (telstate.redis, telstate.aio.redis):
+        monkeypatch.setattr(module, "MIRROR_RECHECK", 3600.0)
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "admin", "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    admin.close()
+    start = functools.partial(
+        daemon, "--acl-setup", url=f"unix://admin:{PASSWORD}@{server.socket}?db=0"
+    )
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    async def write_async() -> None:
+        backend = await AioRedisBackend.from_url(mirror_url)
+        assert await backend._check_writable() is None  # as for a write: no mirror yet
+        start()
+        await telstate.aio.TelescopeState(backend).add("late", 1.0, ts=1.0)
+        backend.close()
+
+    if aio:
+        asyncio.run(write_async())
+    else:
+        ts = TelescopeState(mirror_url)
+        start()
         ts.add("late", 1.0, ts=1.0)
         ts.backend.close()
     with LmdbBackend(store, readonly=True) as backend:

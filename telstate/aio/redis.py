@@ -46,6 +46,7 @@ from ..redis import (
     decode_get_indexed_reply,
     decode_get_reply,
     decode_range_replies,
+    is_permission_error,
     mirror_intake,
     mirror_reason,
     parse_update_message,
@@ -341,9 +342,7 @@ class RedisBackend(Backend):
         try:
             return await direct()
         except redis.ResponseError as error:
-            if "NOPERM" not in str(error) and not isinstance(
-                error, redis.exceptions.NoPermissionError
-            ):
+            if not is_permission_error(error):
                 raise
             await self._describe()
             if self._remote is not None:
