@@ -24,7 +24,12 @@ from hypothesis import strategies as st
 
 from telstate import TelescopeState, cli
 from telstate.backend import Backend, Record
-from telstate.errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
+from telstate.errors import (
+    ImmutableKeyError,
+    InvalidTimestampError,
+    RdbParseError,
+    ReadOnlyError,
+)
 from telstate.lmdb import LmdbBackend, replay, settings
 from telstate.lmdb.layout import ImportRecord
 from telstate.log import Op
@@ -375,6 +380,72 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
         assert backend.unfinished_imports() == []
         assert backend.verify() == []
     assert "unfinished" not in run_cli("info", store)[1]
+
+
+def test_an_import_killed_before_its_file_changed_can_be_forgotten(tmp_path, capsys):
+    """A file that cannot be imported again to complete it: --forget ends the report."""
+    records = sample_records(40, 2000)
+    path = write_rdb(tmp_path / "big.rdb", records)
+    store = str(tmp_path / "store")
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(KILLED_IMPORT), store, path],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        text=True,
+    )
+    line = child.stdout.readline()
+    while not line.startswith("importing"):
+        assert line, "the import ended before it began to write"
+        line = child.stdout.readline()
+    child.send_signal(signal.SIGKILL)
+    assert "finished" not in child.communicate()[0]
+    with LmdbBackend(store, readonly=True) as backend:
+        [killed] = backend.unfinished_imports()
+        brought = backend.last_seq
+        assert brought > 0
+    # The file is written again with other content: importing it cannot complete the first.
+    write_rdb(tmp_path / "big.rdb", sample_records(2, 10))
+    os.utime(path, ns=(killed.mtime_ns + 10**9, killed.mtime_ns + 10**9))
+    assert run_cli("import", store, path)[0] == 0
+    with LmdbBackend(store, readonly=True) as backend:
+        assert backend.unfinished_imports() == [killed]
+        assert backend.verify() != []
+    # A read-only store forgets nothing.
+    with LmdbBackend(store, readonly=True) as backend:
+        with pytest.raises(ReadOnlyError):
+            backend.forget_import(path)
+    # Forgotten by the path as given (relative here); the keys it brought stay.
+    os.remove(path)
+    status, text = run_cli("import", "--forget", store, os.path.relpath(path))
+    assert status == 0, text
+    assert f"forgot the unfinished import of {path}" in text
+    with LmdbBackend(store, readonly=True) as backend:
+        assert backend.unfinished_imports() == []
+        assert backend.verify() == []
+        assert backend.last_seq > brought
+    assert run_cli("verify", store)[0] == 0
+    assert "unfinished" not in run_cli("info", store)[1]
+    # Nothing left to forget: says so, and exits 1.
+    capsys.readouterr()
+    assert run_cli("import", "--forget", store, path) == (1, "")
+    assert "no unfinished import of" in capsys.readouterr().err
+
+
+def test_forget_import_takes_only_the_file_named(store, tmp_path):
+    records = {name: ImportRecord(name, None, None) for name in ("<stream>", "/data/a.rdb")}
+    later = ImportRecord("/data/a.rdb", 10, 20)
+    with store.write() as wtxn:  # as imports cut short leave them
+        for record in [*records.values(), later]:
+            wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+        wtxn.changed = True
+    seq = store.last_seq
+    assert store.forget_import("/data/b.rdb") == []
+    assert set(store.forget_import("/data/a.rdb")) == {records["/data/a.rdb"], later}
+    assert store.unfinished_imports() == [records["<stream>"]]
+    assert store.forget_import("<stream>") == [records["<stream>"]]
+    assert store.unfinished_imports() == []
+    assert store.last_seq == seq  # no event: the record is not part of the state
+    assert store.verify() == []
 
 
 # --- telstate import ---------------------------------------------------------------------

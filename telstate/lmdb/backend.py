@@ -545,6 +545,35 @@ class LmdbBackend(Backend):
         """
         return self._read(unfinished_imports_in)
 
+    def forget_import(self, file: PathType) -> list[ImportRecord]:
+        """Stop reporting the unfinished imports of `file`; return those forgotten.
+
+        For a file that cannot be imported again to complete it (changed or
+        deleted since the import was cut short): the keys it brought stay,
+        as events in the log; only the record that the store holds part of
+        a file goes (of every size and modification time the file had).
+        `file` is matched as :meth:`load_from_file` records it: a path made
+        absolute, or the name of a stream (``<stream>``) as listed.
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only.
+        """
+        name = os.fsdecode(file)
+        names = {name, os.path.abspath(name)}
+
+        with self.write() as wtxn:
+            found = [
+                record
+                for record in unfinished_imports_in(wtxn.txn, wtxn.tables)
+                if record.file in names
+            ]
+            for record in found:
+                wtxn.txn.delete(record.entry, db=wtxn.tables.meta)
+            wtxn.changed = bool(found)  # (nothing else written: committed only if it forgot one)
+        return found
+
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
         bulk.check(self, [record])
@@ -1015,7 +1044,7 @@ def _result_size(value: object) -> int:
 def _verify_with_imports(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     return verify_in(txn, tables, store) + [
         f"unfinished import of {record.file!r}: the store holds part of it; "
-        "import the file again to complete it"
+        "import the file again to complete it (or forget_import it, if it changed since)"
         for record in unfinished_imports_in(txn, tables)
     ]
 
