@@ -1585,8 +1585,21 @@ class _Applied:
             try:
                 return RequestRecord.decode(found)
             except ValueError:
+                # Whether it was applied is unknown, and applying it again
+                # could undo later writes (a delete, a clear): its writer is
+                # told so, and the record is left for the sweep.
                 logger.error(
-                    "request %r: its record is damaged: applying it again", request.request_id
+                    "request %r: its record is damaged: not applied again", request.request_id
+                )
+                return RequestRecord(
+                    request.sent_ms + request.timeout_ms,
+                    0,
+                    b"error",
+                    b"",
+                    b"damaged",
+                    f"{request.op.value} request {request.request_id!r}: the log host's record"
+                    " of it is damaged, so whether it was applied is unknown: not applied again"
+                    " (see telstate history and telstate verify on the log host)",
                 )
         # An entry id ahead of `now_ms` by up to the tolerance: the clock's
         # extrapolation lags (taken as sent now). Beyond it: see below.

@@ -148,14 +148,22 @@ def test_a_request_stamped_within_the_tolerance_counts_as_sent_now(backend):
     assert outcome.expires_ms == now + 1000
 
 
-def test_a_damaged_record_gets_its_request_applied_again(backend):
-    first = request(backend)
+@pytest.mark.parametrize("op", [Op.ADD_MUTABLE, Op.CLEAR])
+def test_a_request_whose_record_is_damaged_is_not_applied_again(backend, op):
+    """Its outcome is unknown: a clear applied again would undo the writes after it."""
+    first = request(backend) if op is Op.ADD_MUTABLE else request(backend, op=Op.CLEAR)
     with backend.write() as wtxn:
         wtxn.txn.put(REQUEST_PREFIX + first.request_id, b"\xc1junk", db=wtxn.tables.meta)
         wtxn.changed = True
     (outcome,) = apply_requests(backend, [first], now_ms())
-    assert outcome.status == b"ok" and backend.last_seq == 1
-    assert backend.request_records([first.request_id]) == [outcome]
+    assert (outcome.status, outcome.error, outcome.seq) == (b"error", b"damaged", 0)
+    assert "whether it was applied is unknown" in outcome.message
+    assert backend.last_seq == 0
+    # The writer raises the store's error; the damaged record is left for the sweep.
+    with pytest.raises(StoreError, match="damaged"):
+        telstate.remote.Reply(b"error", b"", outcome.error, outcome.message).result()
+    with backend.write() as wtxn:
+        assert wtxn.txn.get(REQUEST_PREFIX + first.request_id, db=wtxn.tables.meta) == b"\xc1junk"
 
 
 class _Clock:
