@@ -661,6 +661,7 @@ class Intake:
         # Messages about single requests, each kind limited (see LOG_BURST).
         self._rejections = _LimitedLog(logging.WARNING, "rejected requests")
         self._clock_refusals = _LimitedLog(logging.ERROR, "requests refused for their entry ids")
+        self._store_failures = _LimitedLog(logging.ERROR, "store failures")
 
     @property
     def owes_replies(self) -> bool:
@@ -675,6 +676,7 @@ class Intake:
         """
         self._rejections.flush_due()
         self._clock_refusals.flush_due()
+        self._store_failures.flush_due()
         self._learn_promotion(mirror)
         try:
             if self.state == IntakeState.CONNECT:
@@ -685,7 +687,9 @@ class Intake:
                     return Step(0, wait=self._retry_at - now)
                 self.state = IntakeState.CONNECT
                 return Step(0)
-            return self._serve(mirror)
+            step = self._serve(mirror)
+            self._delay = self.backoff[0]
+            return step
         except _TRANSIENT as error:
             return self._fail(f"Redis failed: {error}")
         except redis.ResponseError as error:
@@ -695,9 +699,8 @@ class Intake:
                 return Step(0)
             return self._fail(f"Redis refused a command: {error}")
         except StoreError as error:
-            # Nothing of the batch was committed; its requests stay pending in
-            # Redis and are read again (or expire) after the backoff.
-            return self._fail(f"writing the store failed: {error}")
+            # (Not a commit of requests: those are answered, see _apply.)
+            return self._fail(f"the store failed: {error}")
         except ReadOnlyError as error:
             # The store became a follower; nothing of the batch was committed.
             return self._refuse_writes(str(error))
@@ -803,7 +806,8 @@ class Intake:
                 "not accepting writes for mirror database %d: %s", self.db, self.read_only
             )
         self._backlog, self._backlog_from = True, b"0"
-        self._delay = self.backoff[0]
+        # (The backoff restarts from its shortest once a step has served: a
+        # failure that comes right after each connect makes it grow.)
         self.state = IntakeState.SERVE
         return Step(0)
 
@@ -1355,8 +1359,7 @@ class Intake:
                 # Each chunk is judged by the server's time once its transaction
                 # has begun: the earlier chunks, the mirror's turn, and a local
                 # writer holding the store's write lock may have taken long.
-                outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
-                self.metrics.batch_size.observe(len(chunk))
+                outcomes = self._apply(chunk, server_now)
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
             # Counted here, and added to the metric once a chunk (each increment
@@ -1375,6 +1378,37 @@ class Intake:
         if self._linger and requests:
             self._commit_s += (time.monotonic() - started - self._commit_s) / 8
         return len(fetched)
+
+    def _apply(self, chunk: list[Request], server_now: Callable[[], int]) -> list[RequestRecord]:
+        """Apply `chunk` in one transaction; if the store fails it, each request alone.
+
+        A request whose own transaction fails too (the disk is full, a
+        value too large for what is left of it, the store is damaged) is
+        answered with the store's error, a ``failed`` reply, as a local
+        write raises it, rather than left to time out; nothing of it was
+        committed, and no record of it is kept (one could not be written):
+        a resend is tried again. The others are not held up by it.
+        """
+        try:
+            outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
+        except StoreError as error:
+            failure = error
+        else:
+            self.metrics.batch_size.observe(len(chunk))
+            return outcomes
+        if len(chunk) == 1:
+            return [self._failed(chunk[0], failure)]
+        self._store_failures.log("a batch of %d requests failed: %s", len(chunk), failure)
+        return [self._apply([request], server_now)[0] for request in chunk]
+
+    def _failed(self, request: Request, error: StoreError) -> RequestRecord:
+        """The outcome of `request`, whose transaction the store failed with `error`."""
+        message = (
+            f"{request.op.value} request {request.request_id!r}: the log host's store"
+            f" failed to write it: {error}"
+        )
+        self._store_failures.log("%s", message)
+        return RequestRecord(request.expires_ms, 0, b"error", b"", b"failed", message)
 
     def _sweep(self, now_ms: int) -> None:
         """Delete some expired request records, if a sweep is due."""

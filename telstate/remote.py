@@ -58,6 +58,8 @@ A reply is one entry of the reply stream:
              ``store`` (the daemon writes another store, or failed),
              ``damaged`` (the store's record of the request id is damaged:
              whether it was applied is unknown, and it is not applied again),
+             ``failed`` (the store failed the request's transaction: a full
+             disk, say; nothing of it was committed),
              ``readonly`` (the store takes no writes: it is a follower)
 ``message``  for ``error``: what went wrong, naming the key
 ===========  ================================================================
@@ -294,7 +296,7 @@ class Reply:
             raise WriteTimeoutError(self.message)
         if self.error == b"readonly":
             raise ReadOnlyError(self.message)
-        if self.error == b"damaged":
+        if self.error in (b"damaged", b"failed"):
             raise StoreError(self.message)
         raise TelstateError(f"the log host refused the write: {self.message}")
 
