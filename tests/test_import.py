@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import katsdptelstate
 import pytest
@@ -741,4 +742,13 @@ def test_an_unfinished_import_from_a_pipe_is_named_as_the_stream(store, tmp_path
             writer.write(data)
         with pytest.raises(ImmutableKeyError, match="z_attr"):
             store.load_from_file(pipe)
-    assert store.unfinished_imports() == [ImportRecord("<stream>", None, None)]
+    [unfinished] = store.unfinished_imports()
+    assert unfinished[:3] == ("<stream>", None, None)
+    # Another stream's import, finished, leaves it: it is not the same file.
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe:
+        with open(write_end, "wb") as writer:
+            writer.write(Path(write_rdb(tmp_path / "b.rdb", sample_records(1, 5))).read_bytes())
+        store.load_from_file(pipe)
+    assert store.unfinished_imports() == [unfinished]
+    assert store.forget_import("<stream>") == [unfinished]

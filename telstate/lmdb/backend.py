@@ -1060,5 +1060,6 @@ def _import_record(file: PathType | BinaryIO, source: PathType | None) -> Import
         status = None
     name = "<stream>" if source is None else os.fsdecode(source)
     if status is None or not stat.S_ISREG(status.st_mode):
-        return ImportRecord(name, None, None)  # a pipe, say: "<stdin>", not a path
+        # A pipe, say: "<stdin>", not a path; its own, whatever others are named.
+        return ImportRecord(name, None, None, os.urandom(8).hex())
     return ImportRecord(os.path.abspath(name), status.st_size, status.st_mtime_ns)
