@@ -499,6 +499,27 @@ class LogStream:
             )
         return None
 
+    def _meta_changed(self, fields: dict[bytes, bytes]) -> str | None:
+        """What differs in the meta hash from what this stream wrote (None if nothing).
+
+        Appends check only its owner, and move its seq and chain: a field
+        damaged otherwise (by hand, or a foreign write) would stay while
+        appends go on, and new followers would wait for it to be replaced.
+        """
+        meta = StreamMeta.from_fields(fields)
+        if meta is None:
+            return "its meta hash is missing or damaged: replacing it"
+        if (meta.store, meta.seq, meta.host, meta.path, meta.owner, meta.max_len) != (
+            str(self.source.uuid),
+            self.head,
+            socket.gethostname(),
+            self.source.path,
+            self.owner,
+            self.max_len,
+        ):
+            return "its meta hash is not as this replicator wrote it: claiming it again"
+        return None
+
     def _tail(self) -> Step:
         assert self.head is not None
         batch: list[tuple[int, bytes]] = []
@@ -512,14 +533,19 @@ class LogStream:
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + self.check_interval
-                promoted: Any = self.client.hget(self._keys[3], "seq")
-                if (promoted or b"") != self._promotion:
-                    # CONNECT fences the stream if the store lacks it, or claims it again.
-                    logger.info(
-                        "log stream of mirror %s db %d: the promotion hash changed",
-                        self.url,
-                        self.db,
-                    )
+                with self.client.pipeline(transaction=False) as pipe:
+                    pipe.hget(self._keys[3], "seq")
+                    pipe.hgetall(self._keys[1])
+                    promoted, meta_fields = pipe.execute()
+                changed = (
+                    "the promotion hash changed"
+                    if (promoted or b"") != self._promotion
+                    else self._meta_changed(meta_fields)
+                )
+                if changed is not None:
+                    # CONNECT fences the stream if the store lacks the promotion,
+                    # replaces a damaged meta hash, or claims the stream again.
+                    logger.info("log stream of mirror %s db %d: %s", self.url, self.db, changed)
                     self.state = StreamState.CONNECT
                     return Step(0)
             return Step(0, wait=self.backoff[1], idle=True)

@@ -17,9 +17,10 @@ bounded:
   the store and against what the file's earlier records say of its key
   (kept as digests: this pass's memory grows with the file's number of
   keys and sub-keys, about 200 bytes each, not with their values), so a
-  bad file, or one that contradicts itself, leaves the store unchanged; ``load_records`` of an iterator can fail
-  after earlier chunks committed (each committed chunk is whole keys or
-  whole pieces of keys, and the store verifies).
+  bad file, or one that contradicts itself, leaves the store unchanged;
+  ``load_records`` of an iterator can fail after earlier chunks committed
+  (each committed chunk is whole keys or whole pieces of keys, and the
+  store verifies).
 - The write pass is not one transaction: a process killed between
   chunks, or another writer creating a contradicting key after the check
   pass, leaves the chunks committed so far. ``load_from_file`` therefore
