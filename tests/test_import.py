@@ -343,10 +343,8 @@ KILLED_IMPORT = """
 """
 
 
-def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
-    records = sample_records(40, 2000)
-    path = write_rdb(tmp_path / "big.rdb", records)
-    store = str(tmp_path / "store")
+def kill_import(store: str, path: str, chunks: int) -> None:
+    """Import `path` into `store` in a child process, SIGKILLed once `chunks` are committed."""
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED_IMPORT), store, path],
         stdout=subprocess.PIPE,
@@ -356,12 +354,19 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
     line = child.stdout.readline()
     while line.startswith("checking"):
         line = child.stdout.readline()
-    for _ in range(3):  # a few chunks committed
+    for _ in range(chunks):
         assert line.startswith("importing"), line
         line = child.stdout.readline()
     child.send_signal(signal.SIGKILL)
     output, _ = child.communicate()
     assert "finished" not in output
+
+
+def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
+    records = sample_records(40, 2000)
+    path = write_rdb(tmp_path / "big.rdb", records)
+    store = str(tmp_path / "store")
+    kill_import(store, path, 3)  # a few chunks committed
     status = os.stat(path)
     with LmdbBackend(store) as backend:
         # The store is sound, and says it holds part of the file.
@@ -385,21 +390,9 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
 
 def test_an_import_killed_before_its_file_changed_can_be_forgotten(tmp_path, capsys):
     """A file that cannot be imported again to complete it: --forget ends the report."""
-    records = sample_records(40, 2000)
-    path = write_rdb(tmp_path / "big.rdb", records)
+    path = write_rdb(tmp_path / "big.rdb", sample_records(40, 2000))
     store = str(tmp_path / "store")
-    child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(KILLED_IMPORT), store, path],
-        stdout=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        text=True,
-    )
-    line = child.stdout.readline()
-    while not line.startswith("importing"):
-        assert line, "the import ended before it began to write"
-        line = child.stdout.readline()
-    child.send_signal(signal.SIGKILL)
-    assert "finished" not in child.communicate()[0]
+    kill_import(store, path, 1)
     with LmdbBackend(store, readonly=True) as backend:
         [killed] = backend.unfinished_imports()
         brought = backend.last_seq
