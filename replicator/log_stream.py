@@ -361,6 +361,8 @@ class LogStream:
         self.refusal: str | None = None
         #: The stream's last event, as this daemon last appended or found it.
         self.head: int | None = None
+        # The chain (hex) after the stream's last event, as this daemon wrote it.
+        self._chain = ""
         self._keys = [
             log_stream_key(self.db),
             log_meta_key(self.db),
@@ -476,6 +478,7 @@ class LogStream:
                 "log stream of mirror %s db %d resumes after seq %d", self.url, self.db, start - 1
             )
         self.head = start - 1
+        self._chain = chain
         self._promotion = promoted
         self._writers_sent = set()
         self._delay = self.backoff[0]
@@ -509,9 +512,10 @@ class LogStream:
         meta = StreamMeta.from_fields(fields)
         if meta is None:
             return "its meta hash is missing or damaged: replacing it"
-        if (meta.store, meta.seq, meta.host, meta.path, meta.owner, meta.max_len) != (
+        if (meta.store, meta.seq, meta.chain, meta.host, meta.path, meta.owner, meta.max_len) != (
             str(self.source.uuid),
             self.head,
+            self._chain,
             socket.gethostname(),
             self.source.path,
             self.owner,
@@ -583,6 +587,11 @@ class LogStream:
             return Step(0)
         self._writers_sent |= ids
         self.head = int(head)
+        self._chain = (
+            log.record_chain(batch[-1][1]).hex()
+            if self.head == last
+            else self.source.chain_at(self.head).hex()
+        )
         if len(batch) < self.batch_events and size < self.batch_bytes:
             # Level with the log as it was read: new commits call for the next step.
             return Step(last - first + 1, wait=self.backoff[1], idle=True)

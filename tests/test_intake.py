@@ -610,7 +610,7 @@ def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_ot
         client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2), timestamp=2.0),
     ]
     run(intake, mirror_seq=2, steps=4)  # connect, then one read of all three
-    assert batches == [3, 1, 1, 1]  # the batch, then each request alone
+    assert batches == [3, 1, 2, 1, 1]  # the batch, then its halves, and theirs
     assert intake.state == IntakeState.SERVE  # no backoff: the others were served
     assert backend.last_seq == 2
     replies = client.replies()
@@ -630,6 +630,48 @@ def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_ot
         == 1
     )
     assert "failed to write it: mdb_txn_commit: Input/output error" in caplog.text
+    intake.close()
+
+
+def test_a_copy_of_a_request_the_store_failed_gets_the_same_answer(server, backend, monkeypatch):
+    """Found by review: a failed request is not recorded (the store failed), so a copy
+    of it (sent when a reply is late) was applied once the store had room again."""
+    import replicator.intake
+
+    apply_requests = replicator.intake.apply_requests
+    failing = [True]
+
+    def full_for_a_while(*args: Any) -> Any:
+        if failing[0]:
+            raise StoreError("mdb_txn_commit: No space left on device")
+        return apply_requests(*args)
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", full_for_a_while)
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0")
+    request_id, fields = client.session.request(
+        Op.ADD_MUTABLE, 10.0, key=b"s", value=encode_value(1), timestamp=1.0
+    )
+    client.redis.xadd(client.session.requests, fields)
+    run(intake, mirror_seq=0, steps=3)
+    first = client.replies()[request_id]
+    assert first.error == b"failed"
+    failing[0] = False  # room again
+    client.redis.xadd(client.session.requests, fields)  # the copy, sent meanwhile
+    client.redis.xadd(
+        client.session.requests,
+        client.session.request(
+            Op.ADD_MUTABLE, 10.0, key=b"s", value=encode_value(2), timestamp=2.0
+        )[1],
+    )  # another write: applied
+    run(intake, mirror_seq=1, steps=3)
+    assert backend.last_seq == 1
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    # Forgotten once it has expired (copies would then be expired too).
+    monkeypatch.setattr(replicator.intake, "FAILURE_MARGIN_MS", -20_000)
+    intake._failures_pruned = 0.0
+    intake._prune_failures(int(time.time() * 1000))
+    assert intake._failures == {}
     intake.close()
 
 
@@ -654,6 +696,34 @@ def test_a_failure_right_after_each_connect_backs_off_longer_each_time(
     monkeypatch.undo()
     run(intake, mirror_seq=0, steps=2)  # a step that serves: the backoff starts again
     assert intake._delay == 0.1
+    intake.close()
+
+
+def test_a_read_that_fails_after_each_served_step_backs_off_longer(server, backend):
+    """Found by review: the step reading the pending list served (over one connection),
+    then the blocking read on the other failed; the backoff restarted each time."""
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.1, 1.0))
+    show(intake, 0)
+    admin = server.client(db=0)
+    waits = []
+    for _ in range(5):
+        intake._retry_at = 0.0
+        while intake.state != IntakeState.SERVE:
+            intake.step(StuckMirror(0))
+        assert intake.step(StuckMirror(0)).idle  # the (empty) pending list read: served
+        # Room for the connections made so far, none for the reader's (maxclients).
+        admin.config_set("maxclients", len(admin.client_list()))
+        try:
+            intake.wait_for_requests(0.01)
+        finally:
+            admin.config_set("maxclients", 10000)
+        assert intake.state == IntakeState.BACKOFF
+        waits.append(intake._delay)
+    assert waits == [0.2, 0.4, 0.8, 1.0, 1.0]
+    intake._retry_at = 0.0
+    run(intake, mirror_seq=0, steps=4)  # both connections work again
+    assert intake._delay == 0.1
+    admin.close()
     intake.close()
 
 

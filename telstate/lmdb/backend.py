@@ -42,6 +42,7 @@ from .follower import FOLLOWER, PRIMARY
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
+    IMPORT_PREFIX,
     INDEXED,
     INLINE_PREFIX,
     LONG_NAME_KEY_LEN,
@@ -558,20 +559,22 @@ class LmdbBackend(Backend):
         Raises
         ------
         ReadOnlyError
-            If the store was opened read-only.
+            If the store was opened read-only, or is a follower.
         """
         name = os.fsdecode(file)
         names = {name, os.path.abspath(name)}
-
+        found = []
         with self.write() as wtxn:
-            found = [
-                record
-                for record in unfinished_imports_in(wtxn.txn, wtxn.tables)
-                if record.file in names
-            ]
-            for record in found:
-                wtxn.txn.delete(record.entry, db=wtxn.tables.meta)
-            wtxn.changed = bool(found)  # (nothing else written: committed only if it forgot one)
+            cursor = wtxn.txn.cursor(wtxn.tables.meta)
+            going = cursor.set_range(IMPORT_PREFIX)
+            while going and bytes(cursor.key()).startswith(IMPORT_PREFIX):
+                record = ImportRecord.decode(cursor.value())
+                if record.file in names:
+                    found.append(record)
+                    wtxn.changed = True  # (nothing else written: committed if it forgot one)
+                    going = cursor.delete()  # the entry found (then at the next one)
+                else:
+                    going = cursor.next()
         return found
 
     def check_import(self, record: Record) -> None:
@@ -843,10 +846,10 @@ class LmdbBackend(Backend):
     def request_records(self, request_ids: Iterable[bytes]) -> list[RequestRecord | None]:
         """The recorded outcome of each remote write request, read in one transaction.
 
-        None for a request that has no record (it was never applied) or a
-        damaged one. The write intake (:mod:`replicator.intake`) records
-        them as it applies requests, and answers from them a request
-        delivered again.
+        None for a request that has no record (it was never applied), and
+        :meth:`RequestRecord.damaged` for a damaged one. The write intake
+        (:mod:`replicator.intake`) records them as it applies requests, and
+        answers from them a request delivered again.
         """
 
         def read(txn: Any, tables: Tables) -> list[RequestRecord | None]:
@@ -855,7 +858,7 @@ class LmdbBackend(Backend):
                 try:
                     found.append(request_record_in(txn, tables, request_id))
                 except ValueError:
-                    found.append(None)
+                    found.append(RequestRecord.damaged(0, f"request {request_id!r}"))
             return found
 
         return self._read(read)

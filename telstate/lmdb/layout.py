@@ -336,6 +336,24 @@ class RequestRecord(NamedTuple):
         return pack(self)
 
     @classmethod
+    def damaged(cls, expires_ms: int, what: str) -> RequestRecord:
+        """The record that stands for a damaged one: its request's outcome is unknown.
+
+        `what` names the request in the message. Never applied again (a
+        clear or delete applied twice would undo the writes between).
+        """
+        return cls(
+            expires_ms,
+            0,
+            b"error",
+            b"",
+            b"damaged",
+            f"{what}: the log host's record of it is damaged, so whether it was applied is"
+            " unknown: not applied again (see telstate history and telstate verify on the"
+            " log host)",
+        )
+
+    @classmethod
     def decode(cls, data: bytes | memoryview) -> RequestRecord:
         """The record stored as `data` (ValueError if it is not one)."""
         try:
