@@ -197,6 +197,10 @@ RENEW_TRIES = 3
 ACTIVE_COMMITS = 8
 ACTIVE_MIN_S = 0.005
 ACTIVE_MAX_S = 1.0
+#: How long (ms) past its expiry (and CLOCK_TOLERANCE_MS) the outcome of a
+#: request the store failed is kept in memory, for its copies (see
+#: Intake._apply): memory is bounded by the failing requests of that long.
+FAILURE_MARGIN_MS = 60_000
 #: Of each kind of message about one request (a rejection, a refusal for
 #: its entry id), at most LOG_BURST are logged in LOG_WINDOW seconds; the
 #: others are counted, and summed up in one line once the window is over
@@ -647,6 +651,11 @@ class Intake:
         self._holding = False
         self._delay = backoff[0]
         self._retry_at = 0.0
+        # The connections that did a round trip since the last connect (see _worked).
+        self._working: set[str] = set()
+        # Requests the store failed (see _apply): request id -> their outcome.
+        self._failures: dict[bytes, RequestRecord] = {}
+        self._failures_pruned = 0.0
         self._sweep_from = REQUEST_PREFIX
         self._next_sweep = 0.0
         self._retire = self.client.register_script(_RETIRE)
@@ -661,6 +670,7 @@ class Intake:
         # Messages about single requests, each kind limited (see LOG_BURST).
         self._rejections = _LimitedLog(logging.WARNING, "rejected requests")
         self._clock_refusals = _LimitedLog(logging.ERROR, "requests refused for their entry ids")
+        self._store_failures = _LimitedLog(logging.ERROR, "store failures")
 
     @property
     def owes_replies(self) -> bool:
@@ -675,6 +685,7 @@ class Intake:
         """
         self._rejections.flush_due()
         self._clock_refusals.flush_due()
+        self._store_failures.flush_due()
         self._learn_promotion(mirror)
         try:
             if self.state == IntakeState.CONNECT:
@@ -695,9 +706,8 @@ class Intake:
                 return Step(0)
             return self._fail(f"Redis refused a command: {error}")
         except StoreError as error:
-            # Nothing of the batch was committed; its requests stay pending in
-            # Redis and are read again (or expire) after the backoff.
-            return self._fail(f"writing the store failed: {error}")
+            # (Not a commit of requests: those are answered, see _apply.)
+            return self._fail(f"the store failed: {error}")
         except ReadOnlyError as error:
             # The store became a follower; nothing of the batch was committed.
             return self._refuse_writes(str(error))
@@ -803,7 +813,10 @@ class Intake:
                 "not accepting writes for mirror database %d: %s", self.db, self.read_only
             )
         self._backlog, self._backlog_from = True, b"0"
-        self._delay = self.backoff[0]
+        # The backoff restarts from its shortest once both connections have
+        # done a round trip (see _worked): a failure that comes right after
+        # each connect, on either, makes it grow.
+        self._working = set()
         self.state = IntakeState.SERVE
         return Step(0)
 
@@ -1165,6 +1178,7 @@ class Intake:
             self._owe_first(unshown)
         if read:
             self._fetched = self._take_requests(checked(replies[-1]))
+        self._worked("wire")
 
     def _read_ahead(self, count: int | None = None) -> None:
         """Send the blocking read of new requests (on its own connection), unless one is out.
@@ -1190,6 +1204,14 @@ class Intake:
         self._reading = False  # whatever happens now: on a failure the connection is closed
         (reply,) = self._reader.receive(1)
         self._fetched = self._take_requests(checked(reply))
+        self._worked("reader")
+
+    def _worked(self, connection: str) -> None:
+        """Note a round trip on `connection`; once both have done one, restart the backoff."""
+        if len(self._working) < 2:
+            self._working.add(connection)
+            if len(self._working) == 2:
+                self._delay = self.backoff[0]
 
     def _drop_read(self) -> None:
         """Forget a read sent ahead: close its connection (its requests stay pending)."""
@@ -1355,8 +1377,7 @@ class Intake:
                 # Each chunk is judged by the server's time once its transaction
                 # has begun: the earlier chunks, the mirror's turn, and a local
                 # writer holding the store's write lock may have taken long.
-                outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
-                self.metrics.batch_size.observe(len(chunk))
+                outcomes = self._apply(chunk, server_now)
             else:
                 outcomes = refuse_requests(self.backend, chunk, self.read_only)
             # Counted here, and added to the metric once a chunk (each increment
@@ -1375,6 +1396,69 @@ class Intake:
         if self._linger and requests:
             self._commit_s += (time.monotonic() - started - self._commit_s) / 8
         return len(fetched)
+
+    def _apply(self, chunk: list[Request], server_now: Callable[[], int]) -> list[RequestRecord]:
+        """Apply `chunk` in one transaction; if the store fails it, each half apart.
+
+        A request whose own transaction fails too (the disk is full, a
+        value too large for what is left of it, the store is damaged) is
+        answered with the store's error, a ``failed`` reply, as a local
+        write raises it, rather than left to time out; nothing of it was
+        committed. Its outcome cannot be recorded in the store, so it is
+        kept in memory (:attr:`_failures`) until the request has expired: a
+        copy of it (a client sends one when a reply is late, or after a
+        lost connection) gets the same answer, and is never applied once
+        its writer was told it failed. (A daemon restarted meanwhile has
+        forgotten it: a copy still in flight would be applied.) Halving
+        the batch keeps the others in few transactions: one bad request
+        among n costs about 2 log2(n) failed ones.
+        """
+        failures = self._failures
+        if failures:
+            self._prune_failures(server_now())
+            if any(request.request_id in failures for request in chunk):
+                rest = [request for request in chunk if request.request_id not in failures]
+                applied = iter(self._apply(rest, server_now) if rest else ())
+                return [failures.get(request.request_id) or next(applied) for request in chunk]
+        try:
+            outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
+        except StoreError as error:
+            failure = error
+        else:
+            self.metrics.batch_size.observe(len(chunk))
+            return outcomes
+        if len(chunk) == 1:
+            return [self._failed(chunk[0], failure)]
+        self._store_failures.log("a batch of %d requests failed: %s", len(chunk), failure)
+        half = len(chunk) // 2
+        return self._apply(chunk[:half], server_now) + self._apply(chunk[half:], server_now)
+
+    def _failed(self, request: Request, error: StoreError) -> RequestRecord:
+        """The outcome of `request`, whose transaction the store failed with `error`."""
+        message = (
+            f"{request.op.value} request {request.request_id!r}: the log host's store"
+            f" failed to write it: {error}"
+        )
+        self._store_failures.log("%s", message)
+        record = RequestRecord(request.expires_ms, 0, b"error", b"", b"failed", message)
+        self._failures[request.request_id] = record
+        return record
+
+    def _prune_failures(self, now_ms: int) -> None:
+        """Forget the failed requests that have expired (looked at most once a second)."""
+        now = time.monotonic()
+        if now < self._failures_pruned + 1.0:
+            return
+        self._failures_pruned = now
+        # A copy carries the first's deadline (what is left of its timeout),
+        # so it expires about when the first does: later by the network's
+        # delays, and up to the clock's tolerance; expired, it is never applied.
+        since = now_ms - CLOCK_TOLERANCE_MS - FAILURE_MARGIN_MS
+        self._failures = {
+            request_id: record
+            for request_id, record in self._failures.items()
+            if record.expires_ms > since
+        }
 
     def _sweep(self, now_ms: int) -> None:
         """Delete some expired request records, if a sweep is due."""
@@ -1585,9 +1669,20 @@ class _Applied:
             try:
                 return RequestRecord.decode(found)
             except ValueError:
-                logger.error(
-                    "request %r: its record is damaged: applying it again", request.request_id
-                )
+                pass
+            # Whether it was applied is unknown, and applying it again could
+            # undo later writes (a delete, a clear): its writer is told so,
+            # and so are its copies, for as long as the record of any request
+            # is kept (the damaged one had no expiry).
+            logger.error("request %r: its record is damaged: not applied again", request.request_id)
+            record = RequestRecord.damaged(
+                request.sent_ms + request.timeout_ms,
+                f"{request.op.value} request {request.request_id!r}",
+            )
+            if not self.txn.put(record_key, record.encode(), True, True, False, self.meta):
+                raise StoreError(f"LMDB put refused: the record of {request.request_id!r}")
+            self.wtxn.changed = True
+            return record
         # An entry id ahead of `now_ms` by up to the tolerance: the clock's
         # extrapolation lags (taken as sent now). Beyond it: see below.
         ahead_ms = request.sent_ms - now_ms
@@ -1727,7 +1822,17 @@ def sweep_requests(backend: LmdbBackend, start: bytes, now_ms: int) -> bytes:
                 key = cursor.key()
                 if not key.startswith(REQUEST_PREFIX):
                     return REQUEST_PREFIX
-                if expires_of(cursor.value()) >= horizon:
+                expires_ms = expires_of(cursor.value())
+                if expires_ms == -1:
+                    # Damaged: kept as such (its request's outcome unknown) for
+                    # as long as any record, from now on.
+                    request_id = bytes(key[len(REQUEST_PREFIX) :])
+                    record = RequestRecord.damaged(now_ms, f"request {request_id!r}")
+                    logger.error("the record of request %r is damaged", request_id)
+                    cursor.put(key, record.encode())
+                    wtxn.changed = True
+                    expires_ms = now_ms
+                if expires_ms >= horizon:
                     if not cursor.next():
                         return REQUEST_PREFIX
                     continue

@@ -361,6 +361,8 @@ class LogStream:
         self.refusal: str | None = None
         #: The stream's last event, as this daemon last appended or found it.
         self.head: int | None = None
+        # The chain (hex) after the stream's last event, as this daemon wrote it.
+        self._chain = ""
         self._keys = [
             log_stream_key(self.db),
             log_meta_key(self.db),
@@ -476,6 +478,7 @@ class LogStream:
                 "log stream of mirror %s db %d resumes after seq %d", self.url, self.db, start - 1
             )
         self.head = start - 1
+        self._chain = chain
         self._promotion = promoted
         self._writers_sent = set()
         self._delay = self.backoff[0]
@@ -499,6 +502,28 @@ class LogStream:
             )
         return None
 
+    def _meta_changed(self, fields: dict[bytes, bytes]) -> str | None:
+        """What differs in the meta hash from what this stream wrote (None if nothing).
+
+        Appends check only its owner, and move its seq and chain: a field
+        damaged otherwise (by hand, or a foreign write) would stay while
+        appends go on, and new followers would wait for it to be replaced.
+        """
+        meta = StreamMeta.from_fields(fields)
+        if meta is None:
+            return "its meta hash is missing or damaged: replacing it"
+        if (meta.store, meta.seq, meta.chain, meta.host, meta.path, meta.owner, meta.max_len) != (
+            str(self.source.uuid),
+            self.head,
+            self._chain,
+            socket.gethostname(),
+            self.source.path,
+            self.owner,
+            self.max_len,
+        ):
+            return "its meta hash is not as this replicator wrote it: claiming it again"
+        return None
+
     def _tail(self) -> Step:
         assert self.head is not None
         batch: list[tuple[int, bytes]] = []
@@ -512,14 +537,19 @@ class LogStream:
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + self.check_interval
-                promoted: Any = self.client.hget(self._keys[3], "seq")
-                if (promoted or b"") != self._promotion:
-                    # CONNECT fences the stream if the store lacks it, or claims it again.
-                    logger.info(
-                        "log stream of mirror %s db %d: the promotion hash changed",
-                        self.url,
-                        self.db,
-                    )
+                with self.client.pipeline(transaction=False) as pipe:
+                    pipe.hget(self._keys[3], "seq")
+                    pipe.hgetall(self._keys[1])
+                    promoted, meta_fields = pipe.execute()
+                changed = (
+                    "the promotion hash changed"
+                    if (promoted or b"") != self._promotion
+                    else self._meta_changed(meta_fields)
+                )
+                if changed is not None:
+                    # CONNECT fences the stream if the store lacks the promotion,
+                    # replaces a damaged meta hash, or claims the stream again.
+                    logger.info("log stream of mirror %s db %d: %s", self.url, self.db, changed)
                     self.state = StreamState.CONNECT
                     return Step(0)
             return Step(0, wait=self.backoff[1], idle=True)
@@ -557,6 +587,11 @@ class LogStream:
             return Step(0)
         self._writers_sent |= ids
         self.head = int(head)
+        self._chain = (
+            log.record_chain(batch[-1][1]).hex()
+            if self.head == last
+            else self.source.chain_at(self.head).hex()
+        )
         if len(batch) < self.batch_events and size < self.batch_bytes:
             # Level with the log as it was read: new commits call for the next step.
             return Step(last - first + 1, wait=self.backoff[1], idle=True)

@@ -259,7 +259,8 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
             + ", ".join(f"{n} {t}" for t, n in types.items())
             + f")\nsize       {size / 1e6:.1f} MB on disk\n"
             + "".join(
-                f"unfinished import of {record['file']}: import it again to complete it\n"
+                f"unfinished import of {record['file']}: import it again to complete it"
+                " (or telstate import --forget it)\n"
                 for record in info["unfinished_imports"]
             )
         )
@@ -503,6 +504,8 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
 
+    if args.forget:
+        return _forget_import(args, out)
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
     backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
@@ -531,6 +534,25 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         if args.json
         else f"imported {count} keys from {args.rdb} as {events} events\n"
     )
+    return EXIT_OK
+
+
+def _forget_import(args: argparse.Namespace, out: TextIO) -> int:
+    """``import --forget``: stop reporting the unfinished imports of a file."""
+    backend = _open_store(args, readonly=False)
+    forgotten = backend.forget_import(args.rdb)
+    if not forgotten:
+        unfinished = [record.file for record in backend.unfinished_imports()]
+        raise CliError(
+            f"no unfinished import of {args.rdb!r} in {args.store!r}"
+            + (f" (unfinished: {', '.join(map(repr, unfinished))})" if unfinished else ""),
+            EXIT_NO,
+        )
+    if args.json:
+        out.write(json.dumps({"forgotten": [record._asdict() for record in forgotten]}) + "\n")
+    else:
+        for record in forgotten:
+            out.write(f"forgot the unfinished import of {record.file}: the keys it brought stay\n")
     return EXIT_OK
 
 
@@ -796,9 +818,15 @@ def build_parser() -> argparse.ArgumentParser:
         "contradicts the store's keys or itself exits 2, and neither writes anything. The "
         "import commits in chunks: if it is killed (or another writer makes a contradicting "
         "key meanwhile) it stays unfinished, as info and verify report; import again to "
-        "complete it",
+        "complete it, or --forget it",
     )
     import_.add_argument("rdb")
+    import_.add_argument(
+        "--forget",
+        action="store_true",
+        help="import nothing: stop reporting an unfinished import of RDB (changed or deleted "
+        "since, so it cannot be completed); the keys it brought stay. Exits 1 if there is none",
+    )
     verify = command(
         "verify",
         cmd_verify,

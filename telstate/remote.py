@@ -56,6 +56,10 @@ A reply is one entry of the reply stream:
              ahead of the server's clock: not applied), ``invalid``
              (malformed request),
              ``store`` (the daemon writes another store, or failed),
+             ``damaged`` (the store's record of the request id is damaged:
+             whether it was applied is unknown, and it is not applied again),
+             ``failed`` (the store failed the request's transaction: a full
+             disk, say; nothing of it was committed),
              ``readonly`` (the store takes no writes: it is a follower)
 ``message``  for ``error``: what went wrong, naming the key
 ===========  ================================================================
@@ -90,6 +94,7 @@ from .errors import (
     ImmutableKeyError,
     InvalidTimestampError,
     ReadOnlyError,
+    StoreError,
     TelstateError,
     WriteTimeoutError,
 )
@@ -291,6 +296,8 @@ class Reply:
             raise WriteTimeoutError(self.message)
         if self.error == b"readonly":
             raise ReadOnlyError(self.message)
+        if self.error in (b"damaged", b"failed"):
+            raise StoreError(self.message)
         raise TelstateError(f"the log host refused the write: {self.message}")
 
 

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from telstate import TelescopeState, cli
-from telstate.lmdb import LmdbBackend
+from telstate.lmdb import LmdbBackend, replay
 
 T0 = 1_700_000_000.0
 
@@ -207,6 +209,15 @@ def test_damaged_log_record_is_a_store_error(store, capsys):
     backend.close()
     assert run("log", store)[0] == cli.EXIT_DAMAGED
     assert "event 2" in capsys.readouterr().err
+    # Replays as of a time or a seq beyond it too (they gave tracebacks).
+    with pytest.raises(StoreError, match="damaged at event 2"):
+        replay(store, until_seq=3)
+    output = str(Path(store).parent / "out.rdb")
+    for until in (f"@{time.time() + 100:.0f}", "3"):
+        assert run("replay", store, "--until", until, "--rdb", output)[0] == cli.EXIT_DAMAGED
+        assert "damaged at event 2" in capsys.readouterr().err
+        assert run("export", store, output, "--until", until)[0] == cli.EXIT_DAMAGED
+        assert "damaged at event 2" in capsys.readouterr().err
 
 
 def test_directory_without_a_store_and_unwritable_output(store, tmp_path, capsys):

@@ -754,6 +754,67 @@ def test_a_damaged_meta_hash_makes_the_follower_wait_not_crash(
     assert_same_log(store, tmp_path / "follower")
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("store", "not-a-uuid"),
+        ("host", "elsewhere"),
+        ("max_len", "7"),
+        ("seq", "2"),
+        ("chain", "ab" * 32),  # well-formed: caught-up followers would take it for divergence
+        (None, None),
+    ],
+)
+def test_the_daemon_replaces_a_meta_hash_damaged_while_its_appends_go_on(
+    store, url, server, tmp_path, field, value
+):
+    """Found by review: appends check only the owner, so a field damaged otherwise stayed
+    while they went on, and a new follower waited for a replacement that never came."""
+    backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 5)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    late = InProcessFollower(url, str(tmp_path / "late"))
+    try:
+        good = control.hgetall(log_meta_key(0))
+
+        def damage() -> None:
+            if field is None:
+                control.delete(log_meta_key(0))
+            else:
+                control.hset(log_meta_key(0), field, value)
+
+        if field != "chain":  # (an append writes the chain anew)
+            damage()
+        for i in range(3):  # appends go on meanwhile
+            TelescopeState(backend).add("sensor", 100.0 + i, ts=2e9 + i)
+            while stream.head != backend.last_seq:
+                stream.step()
+        if field == "chain":
+            damage()
+        stream._next_check = 0.0  # (its next look, due once a second)
+        stream.step()
+        while stream.state.value != "tail" or stream.head != backend.last_seq:
+            stream.step()
+        meta = control.hgetall(log_meta_key(0))
+        for name in (b"store", b"host", b"path", b"owner", b"max_len"):
+            assert meta[name] == good[name]
+        assert (int(meta[b"seq"]), meta[b"chain"].decode()) == (
+            backend.last_seq,
+            backend.head[1].hex(),
+        )
+        while late.seq < backend.last_seq:
+            late._retry_at = 0.0
+            assert late.step().applied or late.state.value != "backoff"
+        while follower.seq < backend.last_seq:
+            follower.step()
+    finally:
+        late.close()
+        follower.close()
+        stream.close()
+        backend.close()
+    assert_same_log(store, tmp_path / "late")
+    assert_same_log(store, tmp_path / "follower")
+
+
 def test_a_new_follower_waits_for_a_meta_hash_naming_no_store(server, url, tmp_path, caplog):
     control = server.client(db=MIRROR_CURSOR_DB)
     control.hset(log_meta_key(0), mapping={"store": "not-a-uuid", "seq": 0, "chain": "00" * 32})

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import katsdptelstate
 import pytest
@@ -24,7 +25,12 @@ from hypothesis import strategies as st
 
 from telstate import TelescopeState, cli
 from telstate.backend import Backend, Record
-from telstate.errors import ImmutableKeyError, InvalidTimestampError, RdbParseError
+from telstate.errors import (
+    ImmutableKeyError,
+    InvalidTimestampError,
+    RdbParseError,
+    ReadOnlyError,
+)
 from telstate.lmdb import LmdbBackend, replay, settings
 from telstate.lmdb.layout import ImportRecord
 from telstate.log import Op
@@ -337,10 +343,8 @@ KILLED_IMPORT = """
 """
 
 
-def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
-    records = sample_records(40, 2000)
-    path = write_rdb(tmp_path / "big.rdb", records)
-    store = str(tmp_path / "store")
+def kill_import(store: str, path: str, chunks: int) -> None:
+    """Import `path` into `store` in a child process, SIGKILLed once `chunks` are committed."""
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED_IMPORT), store, path],
         stdout=subprocess.PIPE,
@@ -350,12 +354,19 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
     line = child.stdout.readline()
     while line.startswith("checking"):
         line = child.stdout.readline()
-    for _ in range(3):  # a few chunks committed
+    for _ in range(chunks):
         assert line.startswith("importing"), line
         line = child.stdout.readline()
     child.send_signal(signal.SIGKILL)
     output, _ = child.communicate()
     assert "finished" not in output
+
+
+def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
+    records = sample_records(40, 2000)
+    path = write_rdb(tmp_path / "big.rdb", records)
+    store = str(tmp_path / "store")
+    kill_import(store, path, 3)  # a few chunks committed
     status = os.stat(path)
     with LmdbBackend(store) as backend:
         # The store is sound, and says it holds part of the file.
@@ -375,6 +386,60 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
         assert backend.unfinished_imports() == []
         assert backend.verify() == []
     assert "unfinished" not in run_cli("info", store)[1]
+
+
+def test_an_import_killed_before_its_file_changed_can_be_forgotten(tmp_path, capsys):
+    """A file that cannot be imported again to complete it: --forget ends the report."""
+    path = write_rdb(tmp_path / "big.rdb", sample_records(40, 2000))
+    store = str(tmp_path / "store")
+    kill_import(store, path, 1)
+    with LmdbBackend(store, readonly=True) as backend:
+        [killed] = backend.unfinished_imports()
+        brought = backend.last_seq
+        assert brought > 0
+    # The file is written again with other content: importing it cannot complete the first.
+    write_rdb(tmp_path / "big.rdb", sample_records(2, 10))
+    os.utime(path, ns=(killed.mtime_ns + 10**9, killed.mtime_ns + 10**9))
+    assert run_cli("import", store, path)[0] == 0
+    with LmdbBackend(store, readonly=True) as backend:
+        assert backend.unfinished_imports() == [killed]
+        assert backend.verify() != []
+    # A read-only store forgets nothing.
+    with LmdbBackend(store, readonly=True) as backend:
+        with pytest.raises(ReadOnlyError):
+            backend.forget_import(path)
+    # Forgotten by the path as given (relative here); the keys it brought stay.
+    os.remove(path)
+    status, text = run_cli("import", "--forget", store, os.path.relpath(path))
+    assert status == 0, text
+    assert f"forgot the unfinished import of {path}" in text
+    with LmdbBackend(store, readonly=True) as backend:
+        assert backend.unfinished_imports() == []
+        assert backend.verify() == []
+        assert backend.last_seq > brought
+    assert run_cli("verify", store)[0] == 0
+    assert "unfinished" not in run_cli("info", store)[1]
+    # Nothing left to forget: says so, and exits 1.
+    capsys.readouterr()
+    assert run_cli("import", "--forget", store, path) == (1, "")
+    assert "no unfinished import of" in capsys.readouterr().err
+
+
+def test_forget_import_takes_only_the_file_named(store, tmp_path):
+    records = {name: ImportRecord(name, None, None) for name in ("<stream>", "/data/a.rdb")}
+    later = ImportRecord("/data/a.rdb", 10, 20)
+    with store.write() as wtxn:  # as imports cut short leave them
+        for record in [*records.values(), later]:
+            wtxn.txn.put(record.entry, record.encode(), db=wtxn.tables.meta)
+        wtxn.changed = True
+    seq = store.last_seq
+    assert store.forget_import("/data/b.rdb") == []
+    assert set(store.forget_import("/data/a.rdb")) == {records["/data/a.rdb"], later}
+    assert store.unfinished_imports() == [records["<stream>"]]
+    assert store.forget_import("<stream>") == [records["<stream>"]]
+    assert store.unfinished_imports() == []
+    assert store.last_seq == seq  # no event: the record is not part of the state
+    assert store.verify() == []
 
 
 # --- telstate import ---------------------------------------------------------------------
@@ -670,4 +735,13 @@ def test_an_unfinished_import_from_a_pipe_is_named_as_the_stream(store, tmp_path
             writer.write(data)
         with pytest.raises(ImmutableKeyError, match="z_attr"):
             store.load_from_file(pipe)
-    assert store.unfinished_imports() == [ImportRecord("<stream>", None, None)]
+    [unfinished] = store.unfinished_imports()
+    assert unfinished[:3] == ("<stream>", None, None)
+    # Another stream's import, finished, leaves it: it is not the same file.
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe:
+        with open(write_end, "wb") as writer:
+            writer.write(Path(write_rdb(tmp_path / "b.rdb", sample_records(1, 5))).read_bytes())
+        store.load_from_file(pipe)
+    assert store.unfinished_imports() == [unfinished]
+    assert store.forget_import("<stream>") == [unfinished]

@@ -585,29 +585,145 @@ def test_a_batchs_outcomes_are_counted_once_each(server, backend):
     intake.close()
 
 
-def test_a_chunk_committed_before_a_failed_one_is_counted(server, backend, monkeypatch):
+def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_other(
+    server, backend, monkeypatch, caplog
+):
+    """A full disk, or a value too large for what is left of it: a local write raises
+    StoreError at once, so does the remote one; the requests beside it are applied."""
     import replicator.intake
 
     apply_requests = replicator.intake.apply_requests
-    calls = []
+    batches = []
 
-    def failing_second(*args: Any) -> Any:
-        calls.append(args)
-        if len(calls) == 2:
-            raise StoreError("disk full")
+    def failing_large(store: Any, requests: Any, *args: Any) -> Any:
+        batches.append(len(requests))
+        if any(len(request.value or b"") > 1000 for request in requests):
+            raise StoreError("mdb_txn_commit: Input/output error")
+        return apply_requests(store, requests, *args)
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", failing_large)
+    client = Client(server, str(backend.uuid))
+    intake = Intake(backend, server.url + "?db=0", backoff=(5.0, 10.0))
+    sent = [
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(0), timestamp=0.0),
+        client.send(Op.ADD_MUTABLE, key=b"big", value=encode_value(b"x" * 2000), timestamp=0.0),
+        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(2), timestamp=2.0),
+    ]
+    run(intake, mirror_seq=2, steps=4)  # connect, then one read of all three
+    assert batches == [3, 1, 2, 1, 1]  # the batch, then its halves, and theirs
+    assert intake.state == IntakeState.SERVE  # no backoff: the others were served
+    assert backend.last_seq == 2
+    replies = client.replies()
+    assert replies[sent[0]] == replies[sent[2]] == Reply(b"ok")
+    failed = replies[sent[1]]
+    assert (failed.status, failed.error) == (b"error", b"failed")
+    with pytest.raises(StoreError, match="Input/output error"):
+        failed.result()
+    # Nothing recorded (a record could not be written either): a resend is tried again.
+    assert backend.request_records([sent[1]]) == [None]
+    registry = intake.metrics.registry
+    assert registry.get_sample_value("telstate_replicator_requests_applied_total") == 2
+    assert (
+        registry.get_sample_value(
+            "telstate_replicator_requests_rejected_total", {"reason": "failed"}
+        )
+        == 1
+    )
+    assert "failed to write it: mdb_txn_commit: Input/output error" in caplog.text
+    intake.close()
+
+
+def test_a_copy_of_a_request_the_store_failed_gets_the_same_answer(server, backend, monkeypatch):
+    """Found by review: a failed request is not recorded (the store failed), so a copy
+    of it (sent when a reply is late) was applied once the store had room again."""
+    import replicator.intake
+
+    apply_requests = replicator.intake.apply_requests
+    failing = [True]
+
+    def full_for_a_while(*args: Any) -> Any:
+        if failing[0]:
+            raise StoreError("mdb_txn_commit: No space left on device")
         return apply_requests(*args)
 
-    monkeypatch.setattr(replicator.intake, "apply_requests", failing_second)
+    monkeypatch.setattr(replicator.intake, "apply_requests", full_for_a_while)
     client = Client(server, str(backend.uuid))
-    intake = Intake(backend, server.url + "?db=0", batch_bytes=1)  # a chunk per request
-    for i in range(2):
-        client.send(Op.ADD_MUTABLE, key=b"s", value=encode_value(i), timestamp=float(i))
-    run(intake, mirror_seq=0, steps=3)  # connect, then one read: a commit, a failure
-    assert len(calls) == 2
-    assert intake.state == IntakeState.BACKOFF
+    intake = Intake(backend, server.url + "?db=0")
+    request_id, fields = client.session.request(
+        Op.ADD_MUTABLE, 10.0, key=b"s", value=encode_value(1), timestamp=1.0
+    )
+    client.redis.xadd(client.session.requests, fields)
+    run(intake, mirror_seq=0, steps=3)
+    first = client.replies()[request_id]
+    assert first.error == b"failed"
+    failing[0] = False  # room again
+    client.redis.xadd(client.session.requests, fields)  # the copy, sent meanwhile
+    client.redis.xadd(
+        client.session.requests,
+        client.session.request(
+            Op.ADD_MUTABLE, 10.0, key=b"s", value=encode_value(2), timestamp=2.0
+        )[1],
+    )  # another write: applied
+    run(intake, mirror_seq=1, steps=3)
     assert backend.last_seq == 1
-    registry = intake.metrics.registry
-    assert registry.get_sample_value("telstate_replicator_requests_applied_total") == 1
+    assert [event.value for event in backend.events()] == [encode_value(2)]
+    # Forgotten once it has expired (copies would then be expired too).
+    monkeypatch.setattr(replicator.intake, "FAILURE_MARGIN_MS", -20_000)
+    intake._failures_pruned = 0.0
+    intake._prune_failures(int(time.time() * 1000))
+    assert intake._failures == {}
+    intake.close()
+
+
+def test_a_failure_right_after_each_connect_backs_off_longer_each_time(
+    server, backend, monkeypatch
+):
+    """Found with a full disk: each reconnect reset the backoff, so a lasting failure
+    was retried (and logged) ten times a second."""
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.1, 1.0))
+
+    def refused(mirror: Any) -> Any:
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(intake, "_serve", refused)
+    waits = []
+    for _ in range(6):
+        assert intake.step(StuckMirror(0)).wait == 0  # (connect)
+        waits.append(intake.step(StuckMirror(0)).wait)  # the failure
+        intake._retry_at = 0.0  # (its backoff over)
+        assert intake.step(StuckMirror(0)).wait == 0  # (back to connect)
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    monkeypatch.undo()
+    run(intake, mirror_seq=0, steps=2)  # a step that serves: the backoff starts again
+    assert intake._delay == 0.1
+    intake.close()
+
+
+def test_a_read_that_fails_after_each_served_step_backs_off_longer(server, backend):
+    """Found by review: the step reading the pending list served (over one connection),
+    then the blocking read on the other failed; the backoff restarted each time."""
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.1, 1.0))
+    show(intake, 0)
+    admin = server.client(db=0)
+    waits = []
+    for _ in range(5):
+        intake._retry_at = 0.0
+        while intake.state != IntakeState.SERVE:
+            intake.step(StuckMirror(0))
+        assert intake.step(StuckMirror(0)).idle  # the (empty) pending list read: served
+        # Room for the connections made so far, none for the reader's (maxclients).
+        admin.config_set("maxclients", len(admin.client_list()))
+        try:
+            intake.wait_for_requests(0.01)
+        finally:
+            admin.config_set("maxclients", 10000)
+        assert intake.state == IntakeState.BACKOFF
+        waits.append(intake._delay)
+    assert waits == [0.2, 0.4, 0.8, 1.0, 1.0]
+    intake._retry_at = 0.0
+    run(intake, mirror_seq=0, steps=4)  # both connections work again
+    assert intake._delay == 0.1
+    admin.close()
     intake.close()
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import replicator.intake as intake
 import telstate.remote
 from replicator.intake import apply_requests, sweep_requests
+from telstate import TelescopeState
 from telstate.encoding import encode_value
 from telstate.errors import StoreError
 from telstate.lmdb import LmdbBackend
@@ -148,14 +149,43 @@ def test_a_request_stamped_within_the_tolerance_counts_as_sent_now(backend):
     assert outcome.expires_ms == now + 1000
 
 
-def test_a_damaged_record_gets_its_request_applied_again(backend):
-    first = request(backend)
+@pytest.mark.parametrize("op", [Op.ADD_MUTABLE, Op.CLEAR])
+def test_a_request_whose_record_is_damaged_is_not_applied_again(backend, op):
+    """Its outcome is unknown: a clear applied again would undo the writes after it."""
+    first = request(backend) if op is Op.ADD_MUTABLE else request(backend, op=Op.CLEAR)
     with backend.write() as wtxn:
         wtxn.txn.put(REQUEST_PREFIX + first.request_id, b"\xc1junk", db=wtxn.tables.meta)
         wtxn.changed = True
     (outcome,) = apply_requests(backend, [first], now_ms())
-    assert outcome.status == b"ok" and backend.last_seq == 1
+    assert (outcome.status, outcome.error, outcome.seq) == (b"error", b"damaged", 0)
+    assert "whether it was applied is unknown" in outcome.message
+    assert backend.last_seq == 0
+    # The writer raises the store's error; the record says so from now on.
+    with pytest.raises(StoreError, match="damaged"):
+        telstate.remote.Reply(b"error", b"", outcome.error, outcome.message).result()
     assert backend.request_records([first.request_id]) == [outcome]
+
+
+def test_a_damaged_record_keeps_its_request_from_being_applied_past_a_sweep(backend):
+    """Found by review: the sweep deleted a damaged record at once (it has no expiry),
+    and a copy of its clear, still within its deadline, undid the write after it."""
+    ts = TelescopeState(backend)
+    ts["before"] = 1
+    clear = request(backend, op=Op.CLEAR)
+    assert apply_requests(backend, [clear], now_ms())[0].status == b"ok"
+    ts["after"] = 2
+    for sweep_first in (False, True):
+        with backend.write() as wtxn:
+            wtxn.txn.put(REQUEST_PREFIX + clear.request_id, b"\xc1junk", db=wtxn.tables.meta)
+            wtxn.changed = True
+        if sweep_first:  # the sweep reaches the damaged record before any copy
+            sweep_requests(backend, REQUEST_PREFIX, now_ms())
+        (copy,) = apply_requests(backend, [clear], now_ms())
+        assert copy.error == b"damaged"
+        sweep_requests(backend, REQUEST_PREFIX, now_ms())
+        (again,) = apply_requests(backend, [clear], now_ms())
+        assert again.error == b"damaged"
+        assert ts["after"] == 2 and backend.last_seq == 3
 
 
 class _Clock:
@@ -228,7 +258,7 @@ def sweep_all(backend: LmdbBackend, now: int, sweeps: int) -> None:
         start = sweep_requests(backend, start, now)
 
 
-def test_the_sweep_deletes_expired_and_damaged_records_only(backend):
+def test_the_sweep_deletes_expired_records_and_keeps_damaged_ones_an_expiry_long(backend):
     now = now_ms()
     horizon = now - int(MAX_TIMEOUT * 1000)
 
@@ -247,7 +277,12 @@ def test_the_sweep_deletes_expired_and_damaged_records_only(backend):
     )
     backend.set_immutable(b"key", encode_value(1))  # the meta table holds more than records
     sweep_all(backend, now, 3)
-    assert record_ids(backend) == {b"edge", b"live"}
+    assert record_ids(backend) == {b"edge", b"live", b"damaged", b"wrong-type"}
+    # A damaged record's request's outcome is unknown: it says so, from now on.
+    for damaged in backend.request_records([b"damaged", b"wrong-type"]):
+        assert (damaged.expires_ms, damaged.error) == (now, b"damaged")
+    sweep_all(backend, now + int(MAX_TIMEOUT * 1000) + 1, 3)
+    assert record_ids(backend) == {b"live"}
     assert backend.get(b"key") == (encode_value(1), None)
 
 
@@ -412,3 +447,14 @@ def test_a_request_that_appends_nothing_records_the_last_seq_it_saw(backend):
     (cleared,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
     (nothing,) = apply_requests(backend, [request(backend, Op.CLEAR)], now_ms())
     assert (cleared.seq, nothing.seq) == (3, 3)
+
+
+def test_a_follower_refusing_a_request_whose_record_is_damaged_says_it_is_unknown(backend):
+    from replicator.intake import refuse_requests
+
+    first = request(backend)
+    with backend.write() as wtxn:
+        wtxn.txn.put(REQUEST_PREFIX + first.request_id, b"\xc1junk", db=wtxn.tables.meta)
+        wtxn.changed = True
+    (outcome,) = refuse_requests(backend, [first], "the store is a follower")
+    assert (outcome.error, outcome.seq) == (b"damaged", 0)  # not "readonly: not applied"

@@ -3,6 +3,7 @@
 import threading
 
 import msgpack
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -86,3 +87,18 @@ def test_request_records_encode_alike_in_threads():
     for thread in threads:
         thread.join()
     assert found == [expected] * 4
+
+
+def test_import_records_of_files_keep_their_layout_and_streams_have_a_nonce():
+    """A record written before nonces existed is found by the import that completes it."""
+    from telstate.errors import StoreError
+    from telstate.lmdb.layout import ImportRecord
+
+    record = ImportRecord("/data/a.rdb", 10, 20)
+    assert record.encode() == msgpack.packb(("/data/a.rdb", 10, 20))
+    assert ImportRecord.decode(record.encode()) == record
+    stream = ImportRecord("<stream>", None, None, "00ff")
+    assert ImportRecord.decode(stream.encode()) == stream
+    assert stream.entry != ImportRecord("<stream>", None, None, "0100").entry
+    with pytest.raises(StoreError, match="damaged import record"):
+        ImportRecord.decode(msgpack.packb(("<stream>", None, None, "00", "extra")))

@@ -42,6 +42,7 @@ from telstate.errors import (
     ConnectionError,
     ImmutableKeyError,
     ReadOnlyError,
+    StoreError,
     TelstateError,
     WriteTimeoutError,
 )
@@ -956,6 +957,46 @@ def test_redis_restarted_empty_in_the_middle(tmp_path, store, server, mirror_url
     control = server.client(db=MIRROR_CURSOR_DB)
     assert control.hget(intake_key(0), "store") is not None
     control.close()
+
+
+def test_a_full_disk_at_the_log_host_fails_remote_writes_at_once_and_loses_none(
+    tmp_path, server, mirror_url
+):
+    """A local write on a full disk raises StoreError at once; so does a remote one (it
+    waited out its timeout, told it came too late), and the daemon serves on."""
+    from tests.test_lmdb_environment import small_filesystem
+
+    with small_filesystem(str(tmp_path / "fs"), "4M") as directory:
+        store = Path(directory) / "store"
+        LmdbBackend(store, durability="none").close()
+        spare = Path(directory) / "spare"
+        spare.write_bytes(bytes(256 << 10))  # freed below, to make room again
+        daemon = Daemon(store, mirror_url, tmp_path / "replicator.log")
+        try:
+            wait_ready(server)
+            ts = TelescopeState(RedisBackend.from_url(mirror_url, write_timeout=60.0))
+            written = []
+            with pytest.raises(StoreError, match="failed to write it") as failure:
+                for i in range(10_000):
+                    ts.add("m", b"%d:" % i + bytes(8000), ts=float(i))
+                    written.append(i)
+            assert "No space left" in str(failure.value) or "Input/output" in str(failure.value)
+            assert written  # (some fitted)
+            spare.unlink()
+            ts.add("m", b"after", ts=1e6)
+            assert daemon.process.poll() is None
+            daemon.stop()
+        finally:
+            if daemon.process.poll() is None:
+                daemon.kill()
+        # Every write that returned is in the log, once; none that failed is.
+        with LmdbBackend(store, readonly=True) as backend:
+            values = [value for value, _ in TelescopeState(backend).get_range("m", st=0)]
+            assert values == [b"%d:" % i + bytes(8000) for i in written] + [b"after"]
+            assert backend.last_seq == len(written) + 1
+            assert backend.verify() == []
+        log = (tmp_path / "replicator.log").read_text()
+        assert "retrying" not in log  # answered, not retried until the writer gave up
 
 
 def test_status_and_prometheus_show_the_intake(store, server, mirror_url, daemon):

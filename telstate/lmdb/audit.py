@@ -95,11 +95,20 @@ def replay_model(
     for seq, record in raw_log(txn, tables, 1):
         if until_seq is not None and seq > until_seq:
             break
-        raw = decode(record)
+        try:
+            raw = decode(record)
+        except ValueError as error:
+            raise _damaged_event(seq, error) from None
         if until_time is not None and raw[2] > until_time:
             break
         apply(raw)
     return model
+
+
+def _damaged_event(seq: int, error: Exception) -> StoreError:
+    return StoreError(
+        f"the log is damaged at event {seq} ({error}): telstate verify lists the damage"
+    )
 
 
 def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
@@ -107,7 +116,11 @@ def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
     last = 0
     record_time = log.record_time
     for seq, record in raw_log(txn, tables, 1):
-        if record_time(record) > until_time:
+        try:
+            appended = record_time(record)
+        except struct.error as error:
+            raise _damaged_event(seq, error) from None
+        if appended > until_time:
             break
         last = seq
     return last

@@ -42,6 +42,7 @@ from .follower import FOLLOWER, PRIMARY
 from .layout import (
     ALL_KEYS,
     IMMUTABLE,
+    IMPORT_PREFIX,
     INDEXED,
     INLINE_PREFIX,
     LONG_NAME_KEY_LEN,
@@ -545,6 +546,37 @@ class LmdbBackend(Backend):
         """
         return self._read(unfinished_imports_in)
 
+    def forget_import(self, file: PathType) -> list[ImportRecord]:
+        """Stop reporting the unfinished imports of `file`; return those forgotten.
+
+        For a file that cannot be imported again to complete it (changed or
+        deleted since the import was cut short): the keys it brought stay,
+        as events in the log; only the record that the store holds part of
+        a file goes (of every size and modification time the file had).
+        `file` is matched as :meth:`load_from_file` records it: a path made
+        absolute, or the name of a stream (``<stream>``) as listed.
+
+        Raises
+        ------
+        ReadOnlyError
+            If the store was opened read-only, or is a follower.
+        """
+        name = os.fsdecode(file)
+        names = {name, os.path.abspath(name)}
+        found = []
+        with self.write() as wtxn:
+            cursor = wtxn.txn.cursor(wtxn.tables.meta)
+            going = cursor.set_range(IMPORT_PREFIX)
+            while going and bytes(cursor.key()).startswith(IMPORT_PREFIX):
+                record = ImportRecord.decode(cursor.value())
+                if record.file in names:
+                    found.append(record)
+                    wtxn.changed = True  # (nothing else written: committed if it forgot one)
+                    going = cursor.delete()  # the entry found (then at the next one)
+                else:
+                    going = cursor.next()
+        return found
+
     def check_import(self, record: Record) -> None:
         """Raise :exc:`ImmutableKeyError` if importing a checked `record` would change a key."""
         bulk.check(self, [record])
@@ -814,10 +846,10 @@ class LmdbBackend(Backend):
     def request_records(self, request_ids: Iterable[bytes]) -> list[RequestRecord | None]:
         """The recorded outcome of each remote write request, read in one transaction.
 
-        None for a request that has no record (it was never applied) or a
-        damaged one. The write intake (:mod:`replicator.intake`) records
-        them as it applies requests, and answers from them a request
-        delivered again.
+        None for a request that has no record (it was never applied), and
+        :meth:`RequestRecord.damaged` for a damaged one. The write intake
+        (:mod:`replicator.intake`) records them as it applies requests, and
+        answers from them a request delivered again.
         """
 
         def read(txn: Any, tables: Tables) -> list[RequestRecord | None]:
@@ -826,7 +858,7 @@ class LmdbBackend(Backend):
                 try:
                     found.append(request_record_in(txn, tables, request_id))
                 except ValueError:
-                    found.append(None)
+                    found.append(RequestRecord.damaged(0, f"request {request_id!r}"))
             return found
 
         return self._read(read)
@@ -1015,7 +1047,7 @@ def _result_size(value: object) -> int:
 def _verify_with_imports(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
     return verify_in(txn, tables, store) + [
         f"unfinished import of {record.file!r}: the store holds part of it; "
-        "import the file again to complete it"
+        "import the file again to complete it (or forget_import it, if it changed since)"
         for record in unfinished_imports_in(txn, tables)
     ]
 
@@ -1031,5 +1063,6 @@ def _import_record(file: PathType | BinaryIO, source: PathType | None) -> Import
         status = None
     name = "<stream>" if source is None else os.fsdecode(source)
     if status is None or not stat.S_ISREG(status.st_mode):
-        return ImportRecord(name, None, None)  # a pipe, say: "<stdin>", not a path
+        # A pipe, say: "<stdin>", not a path; its own, whatever others are named.
+        return ImportRecord(name, None, None, os.urandom(8).hex())
     return ImportRecord(os.path.abspath(name), status.st_size, status.st_mtime_ns)

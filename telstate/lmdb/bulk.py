@@ -15,10 +15,12 @@ bounded:
   its transaction) before it writes anything. ``load_from_file`` of a
   path or seekable file checks the whole file first, each record against
   the store and against what the file's earlier records say of its key
-  (kept as digests), so a bad file, or one that contradicts itself, leaves
-  the store unchanged; ``load_records`` of an iterator can fail
-  after earlier chunks committed (each committed chunk is whole keys or
-  whole pieces of keys, and the store verifies).
+  (kept as digests: this pass's memory grows with the file's number of
+  keys and sub-keys, about 200 bytes each, not with their values), so a
+  bad file, or one that contradicts itself, leaves the store unchanged;
+  ``load_records`` of an iterator can fail after earlier chunks committed
+  (each committed chunk is whole keys or whole pieces of keys, and the
+  store verifies).
 - The write pass is not one transaction: a process killed between
   chunks, or another writer creating a contradicting key after the check
   pass, leaves the chunks committed so far. ``load_from_file`` therefore

@@ -336,6 +336,24 @@ class RequestRecord(NamedTuple):
         return pack(self)
 
     @classmethod
+    def damaged(cls, expires_ms: int, what: str) -> RequestRecord:
+        """The record that stands for a damaged one: its request's outcome is unknown.
+
+        `what` names the request in the message. Never applied again (a
+        clear or delete applied twice would undo the writes between).
+        """
+        return cls(
+            expires_ms,
+            0,
+            b"error",
+            b"",
+            b"damaged",
+            f"{what}: the log host's record of it is damaged, so whether it was applied is"
+            " unknown: not applied again (see telstate history and telstate verify on the"
+            " log host)",
+        )
+
+    @classmethod
     def decode(cls, data: bytes | memoryview) -> RequestRecord:
         """The record stored as `data` (ValueError if it is not one)."""
         try:
@@ -382,16 +400,20 @@ class ImportRecord(NamedTuple):
 
     `file` is its absolute path (or the name of a stream); `size` and
     `mtime_ns` are its size and modification time when the import began,
-    None if it is not a regular file.
+    None if it is not a regular file. A stream, which has neither, has a
+    random `nonce` instead (hex), so that the import of another stream,
+    named alike, never takes it for its own (None for a regular file).
     """
 
     file: str
     size: int | None
     mtime_ns: int | None
+    nonce: str | None = None
 
     def encode(self) -> bytes:
-        """The record as stored: a msgpack array of the three fields."""
-        return msgpack.packb(tuple(self), use_bin_type=True)
+        """The record as stored: a msgpack array of the fields (three without a nonce)."""
+        fields = tuple(self) if self.nonce is not None else tuple(self)[:3]
+        return msgpack.packb(fields, use_bin_type=True)
 
     @property
     def entry(self) -> bytes:
@@ -408,8 +430,10 @@ class ImportRecord(NamedTuple):
             If `data` is not an import record (the store is damaged).
         """
         try:
-            file, size, mtime_ns = msgpack.unpackb(bytes(data), raw=False)
-            return cls(str(file), size, mtime_ns)
+            file, size, mtime_ns, *nonce = msgpack.unpackb(bytes(data), raw=False)
+            if len(nonce) > 1:
+                raise ValueError(f"{3 + len(nonce)} fields")
+            return cls(str(file), size, mtime_ns, str(nonce[0]) if nonce else None)
         except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise StoreError(f"damaged import record in the meta table: {error}") from None
 
