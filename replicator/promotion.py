@@ -34,13 +34,14 @@ Nothing else in the package knows this layout.
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from telstate.log import Op
+from telstate.log import CHAIN_SIZE, Op
 from telstate.redis import MIRROR_CURSOR_DB
 from telstate.utils import ensure_str
 
@@ -89,18 +90,34 @@ class Promotion:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Promotion | None:
-        """Parse the hash; None if there is none (or it is damaged)."""
-        text = {ensure_str(name): ensure_str(value) for name, value in fields.items()}
+        """Parse the hash; None if there is none (or it is damaged).
+
+        Each field must be exactly as a daemon writes it (see
+        :func:`_canonical`): the scripts compare the hash's raw values with
+        the ones the daemon derives from what it parsed, so a value another
+        spelling of the same one ("+5", "05", an upper-case UUID) is damage,
+        not the same promotion.
+        """
         try:
-            return cls(
+            text = {
+                ensure_str(name): ensure_str(value, errors="strict")
+                for name, value in fields.items()
+            }
+            promotion = cls(
                 store=text["store"],
-                seq=int(text["seq"]),
+                seq=_canonical_seq(text["seq"]),
                 chain=text["chain"],
                 host=text.get("host", "?"),
                 path=text.get("path", "?"),
             )
+            if str(uuid.UUID(promotion.store)) != promotion.store or (
+                len(promotion.chain) != 2 * CHAIN_SIZE
+                or bytes.fromhex(promotion.chain).hex() != promotion.chain
+            ):
+                return None
         except (KeyError, ValueError):
             return None
+        return promotion
 
     def refusal(self, source: EventSource) -> str | None:
         """Why `source` may no longer update this mirror or its followers; None if it may.
@@ -123,6 +140,20 @@ class Promotion:
             " no longer update the mirror or the followers; make it a follower of the new"
             " primary (start it again from `telstate backup` of the new primary)"
         )
+
+
+def _canonical_seq(text: str) -> int:
+    """A seq as a daemon writes it (``b"%d"``: ASCII digits, no sign or leading zero, below 2**63).
+
+    Raises
+    ------
+    ValueError
+        Otherwise (Python's int() alone would take "+5", " 5", "05" or "1_0",
+        which the scripts' raw comparison does not).
+    """
+    if not (text.isascii() and text.isdigit()) or str(int(text)) != text or int(text) >= 1 << 63:
+        raise ValueError(f"not a seq: {text!r}")
+    return int(text)
 
 
 # Runs on any client: the keys live in database ARGV[1], selected here.

@@ -918,8 +918,7 @@ class RedisSink:
             then = None  # a later step's events reach it
         applied, answer = self._move(cursor, last.seq, last.chain.hex(), ops, then)
         if not applied:
-            self._recheck()
-            return Step(0, then=answer)
+            return replace(self._recheck(), then=answer)
         self._next_check = time.monotonic() + self.check_interval
         return Step(len(events), then=answer)
 
@@ -959,8 +958,7 @@ class RedisSink:
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:
                 if self._promotion_changed:
-                    self._recheck()
-                    return Step(0)
+                    return self._recheck()
                 return self._fail(
                     f"database {self.spare_db} of {self.url}, the spare for rebuilds,"
                     f" {self._refusal}: wait, empty it, or give this replicator another"
@@ -984,8 +982,7 @@ class RedisSink:
             ready = replace(self.cursor, state=MirrorState.READY, spare=None)
             ops.add_keyless(_SWAP)
             if not self._apply("check", self.cursor, ready, ops, self.spare_db)[0]:
-                self._recheck()
-                return Step(0)
+                return self._recheck()
             self.state = SinkState.TAIL
             self._next_check = time.monotonic() + self.check_interval
             self._wake_waiters()
@@ -1109,16 +1106,33 @@ class RedisSink:
         self._delay = min(self._delay * 2, self.backoff[1])
         return Step(0, wait=wait)
 
-    def _recheck(self) -> None:
+    def _recheck(self) -> Step:
         """A checked step found the mirror elsewhere than expected: find out where it is.
 
         The promotion hash first: a step refused because a promotion was
-        recorded that this store lacks fences the sink.
+        recorded that this store lacks fences the sink. A step refused for
+        the promotion while the hash, read again, gives the very promotion
+        the step named (the script and the parser disagree on it) waits
+        like a failure: stepping again at once would be refused again.
+
+        Returns
+        -------
+        The step to return (its wait).
         """
+        named, refused = self._promotion, self._promotion_changed
+        self._promotion_changed = False
         if self._fence():
-            return
+            return Step(0, wait=self.backoff[1])
+        if refused and self._promotion == named:
+            return self._fail(
+                f"mirror {self.url} db {self.db} refused a step for its promotion hash"
+                f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"
+                f" the step named (seq {ensure_str(named) or 'none'}): is it written by"
+                " something else than a replicator?"
+            )
         size, found = read_cursor(self.client)
         self._reconcile(size, found)
+        return Step(0)
 
     def _reconcile(self, size: int, found: Cursor | None) -> None:
         """Choose the next state from the mirror's cursor and key count."""
@@ -1164,6 +1178,9 @@ class RedisSink:
                 found, owner=self.owner, host=socket.gethostname(), path=self.source.path
             )
             if not self._apply("check", found, mine, _Operations(), self.db)[0]:
+                if self._promotion_changed:
+                    self._recheck()  # fenced, or waits, or looks again
+                    return
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
             assert self.cursor is not None

@@ -977,3 +977,91 @@ def test_a_takeover_from_an_old_primary_at_a_prefix_continues_its_mirror(mirror,
     _run(new_sink)
     _assert_exact(new, client)
     assert new_sink.rebuilds == 0
+
+
+def _write_promotion(client: redis.Redis, new: StandInLog, **changed: str) -> None:
+    """Write `new`'s promotion hash by hand, with the fields in `changed` spelled as given."""
+    from replicator.promotion import PromotionScan, promotion_key
+
+    promotion = PromotionScan(new).latest()
+    assert promotion is not None
+    fields = promotion.fields()
+    mapping = {**dict(zip(fields[::2], fields[1::2])), **changed}
+    client.execute_command("SELECT", MIRROR_CURSOR_DB)
+    try:
+        client.hset(promotion_key(0), mapping=mapping)
+    finally:
+        client.execute_command("SELECT", 0)
+
+
+@pytest.mark.parametrize("spelling", ["+{}", "0{}", " {}", "{} ", "{}_0", "{}.0", "\u0661{}"])
+def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(mirror, sinks, spelling):
+    # Found by review: int() read "+5" (or "05", " 5", "1_0") as 5, the sink
+    # passed b"5" to its script, which compared it with the raw "+5" and refused
+    # every step: 3815 steps in 2 s, none waiting, each logging a warning.
+    from replicator.promotion import DamagedPromotion, read_promotion
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    seq = old.last_seq + 1
+    _write_promotion(client, new, seq=spelling.format(seq))
+    with pytest.raises(DamagedPromotion):
+        read_promotion(client, 0)
+    sink = sinks(new, url)
+    steps = [sink.step() for _ in range(5)]
+    assert sink.state == SinkState.FENCED and "cannot be read" in sink.fenced
+    assert all(step.wait > 0 for step in steps)
+    assert read_cursor(client)[1] is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq", "9" * 30),  # struct.error in the store's chain_at: a traceback, not a fence
+        ("seq", str(1 << 63)),
+        ("store", "UPPER"),  # the store's UUID in upper case: "not concerned" without the check
+        ("chain", "AB" * 32),
+        ("chain", "ab" * 31),
+    ],
+)
+def test_a_promotion_field_out_of_range_fences_a_real_store(tmp_path, mirror, sinks, field, value):
+    from telstate.lmdb import LmdbBackend
+
+    url, client = mirror
+    store = LmdbBackend(str(tmp_path / "store"), durability="none")
+    try:
+        store.set_immutable(b"k", b"\xff\x01")
+        if value == "UPPER":
+            value = str(store.uuid).upper()
+        client.execute_command("SELECT", MIRROR_CURSOR_DB)
+        fields = {"store": str(store.uuid), "seq": "1", "chain": "00" * 32, field: value}
+        client.hset(b"telstate-replicator:promotion:0", mapping=fields)
+        client.execute_command("SELECT", 0)
+        sink = sinks(store, url)
+        for _ in range(3):
+            sink.step()
+        assert sink.state == SinkState.FENCED and "cannot be read" in sink.fenced
+    finally:
+        store.close()
+
+
+def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(mirror, sinks, monkeypatch):
+    # The parser and the script disagreeing on the promotion (here: the lax
+    # parser of before, which reads "+N" as N): the script refuses every step
+    # for the promotion, the hash read again names the same one. The sink
+    # backs off instead of stepping again at once, for ever.
+    import replicator.promotion
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    _write_promotion(client, new, seq=f"+{old.last_seq + 1}")
+    monkeypatch.setattr(replicator.promotion, "_canonical_seq", int)
+    sink = sinks(new, url, backoff=(0.5, 5.0))
+    steps = [sink.step() for _ in range(20)]
+    assert sum(1 for step in steps if step.wait == 0) <= 2, steps
+    assert sink.state == SinkState.BACKOFF
+    assert read_cursor(client)[1] is None
