@@ -73,6 +73,11 @@ class Promotion:
     host: str = "?"
     path: str = "?"
 
+    @property
+    def tag(self) -> str:
+        """The promotion in one string (``SEQ:CHAIN``), as a mirror's cursor names it."""
+        return f"{self.seq}:{self.chain}"
+
     def fields(self) -> list[str | int]:
         """Field/value pairs to HSET."""
         return [
@@ -140,6 +145,11 @@ class Promotion:
             " no longer update the mirror or the followers; make it a follower of the new"
             " primary (start it again from `telstate backup` of the new primary)"
         )
+
+
+def promotion_tag(promotion: Promotion | None) -> str:
+    """`promotion`'s :attr:`~Promotion.tag`; "" for none."""
+    return "" if promotion is None else promotion.tag
 
 
 def _canonical_seq(text: str) -> int:

@@ -45,7 +45,7 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
-    CONFLICT  --the other's cursor is not of this store's promoted history--> CONNECT
+    CONFLICT  --the other's cursor names another promotion than the recorded one--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
     any state but BACKOFF  --store lacks the recorded promotion--> FENCED (for good)
 
@@ -65,10 +65,15 @@ atomic with the step, so once a promotion is recorded (again, if Redis
 forgot it) no step of the old primary's replicator, and no reply sent
 with one, goes through; the refused replicator reads the hash and is
 FENCED. An idle replicator reads the hash at each check of its cursor.
-The promoted store's replicator takes the mirror over even after it has
-claimed it once, from a replicator whose cursor is not of its history
-(the old primary's, which Redis let claim the mirror after forgetting the
-promotion): it does not wait in CONFLICT for a replicator that is fenced.
+Every claim and step also writes the promotion its replicator knows in
+the mirror's cursor (:mod:`replicator.cursor`). The promoted store's
+replicator takes the mirror over even after it has claimed it once, from
+a replicator whose cursor names another promotion (the old primary's,
+which Redis let claim the mirror after forgetting the promotion, whatever
+its seq): it does not wait in CONFLICT for a replicator that is fenced. A
+cursor that names the recorded promotion is of a copy of the promoted
+store (a follower or backup of it with its own replicator, lagging or
+diverged): the displaced replicator waits in CONFLICT, as for any other.
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ from .promotion import (
     Promotion,
     PromotionScan,
     promotion_key,
+    promotion_tag,
     read_promotion,
     record_promotion,
 )
@@ -458,6 +464,8 @@ class _Ahead:
     seq: int
     chain: str
     events: int
+    #: The promotion the step wrote in the cursor.
+    promotion: str
 
 
 class RedisSink:
@@ -579,6 +587,12 @@ class RedisSink:
         # call passes it, and changes nothing if the hash records another.
         self._promotion = b""
         self._known: Promotion | None = None
+        # That promotion as the mirror's cursor names it: every claim and
+        # step writes it there (see _superseded).
+        self._tag = ""
+        # The seq the promotion hash gave when last read (before the sink
+        # recorded its own promotion, if it did), as the scripts compare it.
+        self._read = b""
         self._key = mirror_cursor_key(self.db)
         # Every step of the mirror is this script: called over a Wire, it
         # costs a round trip and little Python (see telstate.remote.Wire).
@@ -710,7 +724,7 @@ class RedisSink:
             self._fail(f"Redis at {self.url} failed: {error}")
             return None
         ticket = next(self._tickets)
-        self._ahead = _Ahead(ticket, cursor, last.seq, chain, len(batch))
+        self._ahead = _Ahead(ticket, cursor, last.seq, chain, len(batch), self._tag)
         return ticket
 
     def settle(self) -> int:
@@ -738,7 +752,9 @@ class RedisSink:
                 checked(self._wire.call((b"SCRIPT", b"LOAD", self._apply_script.script))[0])
             else:
                 done, after, _, reason = checked(reply)
-                if self._moved(ahead.cursor, ahead.seq, ahead.chain, done, after, reason):
+                if self._moved(
+                    ahead.cursor, ahead.seq, ahead.chain, ahead.promotion, done, after, reason
+                ):
                     self._next_check = time.monotonic() + self.check_interval
                     applied = ahead.events
                 else:
@@ -943,6 +959,7 @@ class RedisSink:
                 host=socket.gethostname(),
                 path=self.source.path,
                 spare=self.spare_db,
+                promotion=self._tag,
             )
             logger.info(
                 "rebuilding mirror %s db %d from store %s at seq %d in spare db %d",
@@ -1030,6 +1047,7 @@ class RedisSink:
             refusal = None if recorded is None else recorded.refusal(self.source)
         except DamagedPromotion as error:
             recorded, refusal = None, str(error)
+        self._read = b"" if recorded is None else b"%d" % recorded.seq
         if refusal is not None:
             logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
             self.fenced = refusal
@@ -1050,6 +1068,7 @@ class RedisSink:
         # and the sink looks again.)
         self._known = recorded
         self._promotion = b"" if recorded is None else b"%d" % recorded.seq
+        self._tag = promotion_tag(recorded)
         return False
 
     def _promotion_moved(self) -> bool:
@@ -1070,21 +1089,29 @@ class RedisSink:
         """Whether another replicator's cursor `found` is of a history this store's promotion ended.
 
         True if the promotion recorded for the mirror is one this store
-        holds, and `found` (of the same store) does not include it in this
-        store's history: its seq is before the promote event, or its chain
-        there is not this store's. Its owner is then the old primary's
-        daemon (fenced, or about to be: its next step is refused), or one
-        of a copy of that history: this replicator takes the mirror over.
+        holds, and `found` (of the same store) names another promotion than
+        that one: its writer knew none, or an older one (the old primary's
+        daemon, which Redis let claim the mirror after forgetting the
+        promotion: fenced, or about to be, since its next step is refused).
+        This replicator then takes the mirror over. A cursor that names the
+        recorded promotion is of a copy of this store's own promoted history
+        (a follower or backup of it, lagging or diverged): never taken over,
+        whatever its seq. A cursor written before cursors named their
+        promotion is read by its history: taken over if it ends before the
+        promote event or its chain there is not this store's; one ahead of
+        this store's log is left alone (it may be a copy further ahead).
         """
         known = self._known
         if known is None or known.store != str(self.source.uuid) or found.store != known.store:
             return False
+        if found.promotion is not None:
+            return found.promotion != self._tag
         if found.seq < known.seq:
             return True
         try:
             return self.source.chain_at(found.seq).hex() != found.chain
         except ValueError:  # ahead of this store's log
-            return True
+            return False
 
     @property
     def promotion(self) -> bytes | None:
@@ -1123,7 +1150,7 @@ class RedisSink:
         self._promotion_changed = False
         if self._fence():
             return Step(0, wait=self.backoff[1])
-        if refused and self._promotion == named:
+        if refused and self._read == named:
             return self._fail(
                 f"mirror {self.url} db {self.db} refused a step for its promotion hash"
                 f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"
@@ -1173,9 +1200,13 @@ class RedisSink:
             self.state = SinkState.REBUILD
             return
         assert found is not None
-        if found.owner != self.owner:
+        if found.owner != self.owner or found.promotion != self._tag:
             mine = replace(
-                found, owner=self.owner, host=socket.gethostname(), path=self.source.path
+                found,
+                owner=self.owner,
+                host=socket.gethostname(),
+                path=self.source.path,
+                promotion=self._tag,
             )
             if not self._apply("check", found, mine, _Operations(), self.db)[0]:
                 if self._promotion_changed:
@@ -1184,15 +1215,16 @@ class RedisSink:
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
             assert self.cursor is not None
+            if found.owner != self.owner:
+                logger.info(
+                    "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
+                    self.url,
+                    self.db,
+                    found.store,
+                    found.seq,
+                    found.chain[:16],
+                )
             found = self.cursor
-            logger.info(
-                "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
-                self.url,
-                self.db,
-                found.store,
-                found.seq,
-                found.chain[:16],
-            )
         self._claimed = True
         self.cursor = found
         self.state = SinkState.TAIL
@@ -1342,35 +1374,52 @@ class RedisSink:
 
         The same call of the script as :meth:`_apply` (mode 'check', the
         mirror as target) makes, with fewer arguments: the cursor's fields
-        other than seq and chain are not sent, since HSET would leave them
-        as they are. The check finds the cursor's owner, store, seq and
-        state as expected, and no one else writes the cursor of a mirror
+        other than seq and chain (and its promotion, if the sink knows
+        another since) are not sent, since HSET would leave them as they
+        are. The check finds the cursor's owner, store, seq and state as
+        expected, and no one else writes the cursor of a mirror
         that this replicator owns, so its other fields are those of
         `cursor` (this replicator wrote them, or read them from the hash).
         """
         keys, args = self._move_arguments(cursor, seq, chain, ops)
         done, after, _, reason, answer = self._call(keys, args, then)
-        return self._moved(cursor, seq, chain, done, after, reason), answer
+        return self._moved(cursor, seq, chain, self._tag, done, after, reason), answer
 
     def _moved(
-        self, cursor: Cursor, seq: int, chain: str, done: Any, after: Any, reason: Any
+        self,
+        cursor: Cursor,
+        seq: int,
+        chain: str,
+        promotion: str,
+        done: Any,
+        after: Any,
+        reason: Any,
     ) -> bool:
         """Take the answer of a tailing step from `cursor` to `seq`: whether it was applied.
 
-        If so :attr:`cursor` has moved on; if not, why is in :attr:`_refusal`.
+        If so :attr:`cursor` has moved on (naming `promotion`); if not, why
+        is in :attr:`_refusal`.
         """
         if done != 1:
             self._refusal = ensure_str(reason)
             self._promotion_changed = done == -3
             return False
         self._refusal = ""
-        self.cursor = cursor.moved(seq, chain, int(after))
+        self.cursor = cursor.moved(seq, chain, int(after), promotion)
         return True
 
     def _move_arguments(
         self, cursor: Cursor, seq: int, chain: str, ops: _Operations
     ) -> tuple[list[Any], list[Any]]:
-        """The keys and arguments of :meth:`_move`'s script call."""
+        """The keys and arguments of :meth:`_move`'s script call.
+
+        The cursor's promotion is sent too if the sink has come to know
+        another since the cursor was written (a later one of its store).
+        """
+        if cursor.promotion != self._tag:
+            fields: list[Any] = ["seq", seq, "chain", chain, "promotion", self._tag]
+        else:
+            fields = ["seq", seq, "chain", chain]
         args = [
             MIRROR_CURSOR_DB,
             self.db,
@@ -1381,11 +1430,8 @@ class RedisSink:
             cursor.seq,
             cursor.state.value,
             self._promotion,
-            4,
-            "seq",
-            seq,
-            "chain",
-            chain,
+            len(fields),
+            *fields,
             *ops.args,
         ]
         return self._tail_keys + ops.keys, args

@@ -1065,3 +1065,136 @@ def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(mirror, si
     assert sum(1 for step in steps if step.wait == 0) <= 2, steps
     assert sink.state == SinkState.BACKOFF
     assert read_cursor(client)[1] is None
+
+
+def _copy_of(new: StandInLog) -> StandInLog:
+    """Another copy of `new` as it is now (a follower or backup of it: same events, chains)."""
+    copy = StandInLog(new.uuid)
+    copy.log = list(new.log)
+    for event in new.log:  # its keys (a stand-in log's truncated() takes a promotion for a clear)
+        if event.op is Op.ADD_MUTABLE:
+            copy.state.add_mutable(event.key, event.value, event.timestamp)
+        elif event.op is Op.SET_IMMUTABLE:
+            copy.state.set_immutable(event.key, event.value)
+        elif event.op is Op.SET_INDEXED:
+            copy.state.set_indexed(event.key, event.sub_key, event.value)
+        else:
+            assert event.op is Op.PROMOTE
+    copy.path = "/copy"
+    return copy
+
+
+def test_a_lagging_copy_of_the_promoted_store_leaves_the_mirror_to_it(mirror, sinks):
+    # Found by review: a copy of the promoted store (it holds the recorded
+    # promotion) whose replicator had claimed the mirror, displaced by the
+    # promoted store's own replicator further ahead, took "ahead of my log" for
+    # "of the old primary's history": it took the mirror back and rebuilt it at
+    # its older seq (the new primary's acknowledged write vanished from it).
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    lagging = _copy_of(new)
+    lag_sink = sinks(lagging, url)
+    _run(lag_sink)
+    assert lag_sink.state == SinkState.TAIL
+    new.set_immutable(b"acknowledged by the new primary", b"\xff\x07")
+    new_sink = sinks(new, url)
+    _run(new_sink)
+    _assert_exact(new, client)
+    for _ in range(10):
+        lag_sink.step()
+    assert lag_sink.state == SinkState.CONFLICT
+    for _ in range(10):
+        new_sink.step()
+    assert new_sink.state == SinkState.TAIL
+    _assert_exact(new, client)
+    assert read_cursor(client)[1].owner == new_sink.owner
+    assert lag_sink.rebuilds == 1 and new_sink.rebuilds == 0  # (the first build)
+
+
+def test_two_diverged_copies_of_the_promoted_store_do_not_take_the_mirror_from_each_other(
+    mirror, sinks
+):
+    # Found by review: two copies that hold the recorded promotion, then
+    # diverged (a backup of the new primary started with its own daemon on the
+    # same mirror), each took the other's cursor for the old primary's and took
+    # the mirror back, rebuilding it, for ever.
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    copy = _copy_of(new)
+    new.set_immutable(b"new's", b"\xff\x01")
+    copy.set_immutable(b"copy's", b"\xff\x02")
+    a, b = sinks(new, url), sinks(copy, url)
+    _run(a)
+    owners = []
+    for _ in range(6):
+        for sink in (b, a):
+            for _ in range(20):
+                sink.step()
+            owners.append(read_cursor(client)[1].owner)
+    # b claims the mirror first (it had never claimed it), then a is displaced
+    # for good: neither takes it back.
+    assert set(owners) == {b.owner}
+    assert a.state == SinkState.CONFLICT and a.rebuilds == 1 and b.rebuilds == 1
+    _assert_exact(copy, client)
+
+
+def test_the_promoted_stores_replicator_records_the_promotion_again_while_it_writes(mirror, sinks):
+    # Redis forgets the promotion (its hash alone here) while the promoted
+    # store's replicator holds the mirror: its next step is refused, it records
+    # the promotion again and steps on, without waiting.
+    from replicator.promotion import promotion_key, read_promotion
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    sink = sinks(new, url, check_interval=3600.0)  # no idle check: the step is refused
+    _run(sink)
+    _eval_quietly(
+        client,
+        f"redis.call('SELECT', {MIRROR_CURSOR_DB});"
+        f" redis.call('DEL', '{promotion_key(0).decode()}')",
+    )
+    assert read_promotion(client, 0) is None
+    new.set_immutable(b"after the promotion was forgotten", b"\xff\x03")
+    steps = [sink.step() for _ in range(3)]
+    assert sink.state == SinkState.TAIL and all(step.wait == 0 for step in steps[:2])
+    _assert_exact(new, client)
+    assert read_promotion(client, 0).seq == old.last_seq + 1
+
+
+def test_a_cursor_of_before_is_read_by_its_history(mirror, sinks, caplog):
+    # A cursor without the promotion field (written by a replicator of before):
+    # taken over if it ends before the promote event, left alone if it is
+    # ahead of this store's log.
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    new_sink = sinks(new, url)
+    _run(new_sink)
+    assert read_cursor(client)[1].promotion == f"{old.last_seq + 1}:{new.log[-1].chain.hex()}"
+    key = mirror_cursor_key(0).decode()
+
+    def rewrite(owner: str, seq: int) -> None:
+        _eval_quietly(
+            client,
+            f"redis.call('SELECT', {MIRROR_CURSOR_DB});"
+            f" redis.call('HDEL', '{key}', 'promotion');"
+            f" redis.call('HSET', '{key}', 'owner', '{owner}', 'seq', '{seq}')",
+        )
+
+    rewrite("before:1", old.last_seq - 1)
+    assert read_cursor(client)[1].promotion is None
+    new_sink.step()
+    assert "taking the mirror over" in caplog.text
+    _run(new_sink)
+    _assert_exact(new, client)
+    rewrite("before:2", new.last_seq + 5)
+    for _ in range(5):
+        new_sink.step()
+    assert new_sink.state == SinkState.CONFLICT
