@@ -24,6 +24,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replicator.__main__ import EXIT_FENCED
 from replicator.cursor import read_cursor
 from replicator.follow import Follower as InProcessFollower
 from replicator.log_stream import LogStream, log_meta_key, log_stream_key, log_writers_key
@@ -365,7 +366,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
         new_daemon,
     )
     # The old primary's daemon, displaced, finds the promotion and stops.
-    assert daemon.process.wait(40) == 1, daemon.log_text()
+    assert daemon.process.wait(40) == EXIT_FENCED, daemon.log_text()
     # Writes through the mirror now go to the promoted store.
     wait_ready(server)
     remote = TelescopeState(url)
@@ -378,7 +379,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
     # Started again, it is refused at once and leaves the mirror alone.
     cursor = read_cursor(client)[1]
     old = Daemon(store, url, log=tmp_path / "old.log")
-    assert old.process.wait(30) == 1
+    assert old.process.wait(30) == EXIT_FENCED
     assert "promoted" in old.log_text() and "old primary" in old.log_text()
     assert read_cursor(client)[1] == cursor
     with LmdbBackend(promoted, readonly=True) as backend:
@@ -500,7 +501,7 @@ def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes)
     control = server.client(db=MIRROR_CURSOR_DB)
     control.hset(promotion_key(0), mapping={"seq": "5"})
     daemon = start_daemon(store, url)
-    assert daemon.process.wait(30) == 1, daemon.log_text()
+    assert daemon.process.wait(30) == EXIT_FENCED, daemon.log_text()
     assert "promotion hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
     assert server.client(db=0).dbsize() == 0
     assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
@@ -682,7 +683,7 @@ def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promot
         os.kill(new_daemon.process.pid, signal.SIGCONT)
     # The new primary's daemon records the promotion again, takes the mirror
     # back; the old one is refused and stops.
-    assert old_again.process.wait(60) == 1, old_again.log_text()
+    assert old_again.process.wait(60) == EXIT_FENCED, old_again.log_text()
     assert "taking the mirror over" in new_daemon.log_text()
     wait_for(lambda: cursor_of(promoted, promote_seq), "the mirror taken back", new_daemon)
     wait_ready(server)
