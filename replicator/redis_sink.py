@@ -156,7 +156,7 @@ _APPLY = b"""
 -- (and owner) holds the spare's lock and the spare's DBSIZE is the
 -- cursor's spare key count) or 'claim' (replace the cursor; a spare target
 -- is locked for owner ARGV[5], see the module docstring).
--- ARGV[9]: the seq of the promotion the caller knows ('' for none): in
+-- ARGV[9]: the promotion the caller knows, SEQ:CHAIN ('' for none): in
 -- either mode nothing is done unless the promotion hash records that one,
 -- so that a daemon whose store lacks a promotion recorded since (the old
 -- primary) never moves the mirror again, nor has replies sent with its steps.
@@ -181,7 +181,8 @@ local function select(db)
     end
 end
 select(ARGV[1])
-if (redis.call('HGET', KEYS[6], 'seq') or '') ~= ARGV[9] then
+local p = redis.call('HMGET', KEYS[6], 'seq', 'chain')
+if (p[1] and p[1] .. ':' .. (p[2] or '') or '') ~= ARGV[9] then
     return {-3, 0, 0, 'a promotion was recorded that this replicator does not know'}
 end
 local c, lock, target_size
@@ -582,8 +583,8 @@ class RedisSink:
         #: Why the sink is FENCED (None otherwise).
         self.fenced: str | None = None
         self._promotions = PromotionScan(source)
-        # The seq of the promotion recorded for the mirror that this store
-        # holds, as the promotion hash gives it (b"" for none): every script
+        # The promotion recorded for the mirror that this store holds, as the
+        # scripts compare it (SEQ:CHAIN, b"" for none): every script
         # call passes it, and changes nothing if the hash records another.
         self._promotion = b""
         self._known: Promotion | None = None
@@ -1047,7 +1048,7 @@ class RedisSink:
             refusal = None if recorded is None else recorded.refusal(self.source)
         except DamagedPromotion as error:
             recorded, refusal = None, str(error)
-        self._read = b"" if recorded is None else b"%d" % recorded.seq
+        self._read = promotion_tag(recorded).encode()
         if refusal is not None:
             logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
             self.fenced = refusal
@@ -1067,8 +1068,8 @@ class RedisSink:
         # (If another was recorded meanwhile, the next script call is refused,
         # and the sink looks again.)
         self._known = recorded
-        self._promotion = b"" if recorded is None else b"%d" % recorded.seq
         self._tag = promotion_tag(recorded)
+        self._promotion = self._tag.encode()
         return False
 
     def _promotion_moved(self) -> bool:
@@ -1083,7 +1084,7 @@ class RedisSink:
             recorded = read_promotion(self.client, self.db)
         except DamagedPromotion:
             return True
-        return (b"" if recorded is None else b"%d" % recorded.seq) != self._promotion
+        return promotion_tag(recorded).encode() != self._promotion
 
     def _superseded(self, found: Cursor) -> bool:
         """Whether another replicator's cursor `found` is of a history this store's promotion ended.
@@ -1115,7 +1116,7 @@ class RedisSink:
 
     @property
     def promotion(self) -> bytes | None:
-        """The seq of the promotion recorded for the mirror that this store holds (b"" for none).
+        """The promotion recorded for the mirror that this store holds, SEQ:CHAIN (b"" for none).
 
         None once the sink is FENCED. The write intake passes it to its
         replies' script, which sends nothing if the promotion hash records
@@ -1154,7 +1155,7 @@ class RedisSink:
             return self._fail(
                 f"mirror {self.url} db {self.db} refused a step for its promotion hash"
                 f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"
-                f" the step named (seq {ensure_str(named) or 'none'}): is it written by"
+                f" the step named ({ensure_str(named) or 'none'}): is it written by"
                 " something else than a replicator?"
             )
         size, found = read_cursor(self.client)

@@ -629,6 +629,47 @@ def test_an_idle_log_stream_notices_a_promotion_recorded_again(store, url, serve
         backend.close()
 
 
+def test_a_log_stream_is_fenced_by_a_promotion_at_its_seq_of_another_chain(store, url, server):
+    """Found by review: the fence compared the promotion's seq, not its chain.
+
+    Two followers promoted at the same seq (split brain), Redis forgot the
+    first one's record and the second recorded its own: the first's stream
+    went on appending.
+    """
+    from replicator.log_stream import StreamState
+    from replicator.promotion import Promotion, PromotionScan, record_promotion
+    from telstate.lmdb import make_follower, promote
+
+    backend = LmdbBackend(store, durability="none")
+    TelescopeState(backend).add("a", 1, immutable=True)
+    backend.close()
+    make_follower(store, "old-host:/old")
+    promote(store)
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", check_interval=3600.0)
+    try:
+        control = server.client(db=MIRROR_CURSOR_DB)
+        mine = PromotionScan(backend).latest()
+        assert mine is not None and mine.seq == backend.last_seq
+        assert record_promotion(control, 0, mine, None)
+        while stream.head != backend.last_seq:
+            stream.step()
+        assert stream.state == StreamState.TAIL
+        control.delete(promotion_key(0))  # Redis forgot it; the other follower records its own
+        other = Promotion(str(backend.uuid), mine.seq, "bb" * 32, "other-host", "/other")
+        assert record_promotion(control, 0, other, None)
+        TelescopeState(backend).add("b", 2, immutable=True)
+        for _ in range(3):
+            stream.step()
+        assert stream.state == StreamState.FENCED
+        assert stream.refusal is not None and "does not hold that event" in stream.refusal
+        assert stream.head == mine.seq
+        assert control.xlen(log_stream_key(0)) == mine.seq
+    finally:
+        stream.close()
+        backend.close()
+
+
 def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promotion(
     store, server, url, processes
 ):

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -979,7 +980,7 @@ def test_a_takeover_from_an_old_primary_at_a_prefix_continues_its_mirror(mirror,
     assert new_sink.rebuilds == 0
 
 
-def _write_promotion(client: redis.Redis, new: StandInLog, **changed: str) -> None:
+def _write_promotion(server: Any, new: StandInLog, **changed: str) -> None:
     """Write `new`'s promotion hash by hand, with the fields in `changed` spelled as given."""
     from replicator.promotion import PromotionScan, promotion_key
 
@@ -987,15 +988,15 @@ def _write_promotion(client: redis.Redis, new: StandInLog, **changed: str) -> No
     assert promotion is not None
     fields = promotion.fields()
     mapping = {**dict(zip(fields[::2], fields[1::2])), **changed}
-    client.execute_command("SELECT", MIRROR_CURSOR_DB)
-    try:
-        client.hset(promotion_key(0), mapping=mapping)
-    finally:
-        client.execute_command("SELECT", 0)
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(promotion_key(0), mapping=mapping)
+    control.close()
 
 
 @pytest.mark.parametrize("spelling", ["+{}", "0{}", " {}", "{} ", "{}_0", "{}.0", "\u0661{}"])
-def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(mirror, sinks, spelling):
+def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(
+    mirror, sinks, redis_server, spelling
+):
     # Found by review: int() read "+5" (or "05", " 5", "1_0") as 5, the sink
     # passed b"5" to its script, which compared it with the raw "+5" and refused
     # every step: 3815 steps in 2 s, none waiting, each logging a warning.
@@ -1006,7 +1007,7 @@ def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(mirror, sinks,
     _fill(old)
     new = _promoted(old, old.last_seq)
     seq = old.last_seq + 1
-    _write_promotion(client, new, seq=spelling.format(seq))
+    _write_promotion(redis_server, new, seq=spelling.format(seq))
     with pytest.raises(DamagedPromotion):
         read_promotion(client, 0)
     sink = sinks(new, url)
@@ -1026,7 +1027,9 @@ def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(mirror, sinks,
         ("chain", "ab" * 31),
     ],
 )
-def test_a_promotion_field_out_of_range_fences_a_real_store(tmp_path, mirror, sinks, field, value):
+def test_a_promotion_field_out_of_range_fences_a_real_store(
+    tmp_path, mirror, sinks, redis_server, field, value
+):
     from telstate.lmdb import LmdbBackend
 
     url, client = mirror
@@ -1035,10 +1038,10 @@ def test_a_promotion_field_out_of_range_fences_a_real_store(tmp_path, mirror, si
         store.set_immutable(b"k", b"\xff\x01")
         if value == "UPPER":
             value = str(store.uuid).upper()
-        client.execute_command("SELECT", MIRROR_CURSOR_DB)
         fields = {"store": str(store.uuid), "seq": "1", "chain": "00" * 32, field: value}
-        client.hset(b"telstate-replicator:promotion:0", mapping=fields)
-        client.execute_command("SELECT", 0)
+        control = redis_server.client(db=MIRROR_CURSOR_DB)
+        control.hset(b"telstate-replicator:promotion:0", mapping=fields)
+        control.close()
         sink = sinks(store, url)
         for _ in range(3):
             sink.step()
@@ -1047,7 +1050,9 @@ def test_a_promotion_field_out_of_range_fences_a_real_store(tmp_path, mirror, si
         store.close()
 
 
-def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(mirror, sinks, monkeypatch):
+def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(
+    mirror, sinks, redis_server, monkeypatch
+):
     # The parser and the script disagreeing on the promotion (here: the lax
     # parser of before, which reads "+N" as N): the script refuses every step
     # for the promotion, the hash read again names the same one. The sink
@@ -1058,7 +1063,7 @@ def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(mirror, si
     old = StandInLog()
     _fill(old)
     new = _promoted(old, old.last_seq)
-    _write_promotion(client, new, seq=f"+{old.last_seq + 1}")
+    _write_promotion(redis_server, new, seq=f"+{old.last_seq + 1}")
     monkeypatch.setattr(replicator.promotion, "_canonical_seq", int)
     sink = sinks(new, url, backoff=(0.5, 5.0))
     steps = [sink.step() for _ in range(20)]
@@ -1198,3 +1203,47 @@ def test_a_cursor_of_before_is_read_by_its_history(mirror, sinks, caplog):
     for _ in range(5):
         new_sink.step()
     assert new_sink.state == SinkState.CONFLICT
+
+
+def test_a_promotion_at_the_same_seq_of_another_chain_fences_steps_and_replies(
+    mirror, sinks, redis_server
+):
+    # Found by review: the scripts compared the promotion's seq, not its chain.
+    # Two followers promoted at the same seq (split brain), Redis forgot the
+    # first one's record and the second recorded its own: the first's daemon
+    # still moved the mirror, and its replies still went out.
+    from replicator.intake import GROUP, _reply_source
+    from replicator.promotion import PromotionScan, promotion_key, record_promotion
+    from telstate.remote import reply_stream_key, request_stream_key
+
+    url, client = mirror
+    old = StandInLog()
+    old.path = "/old"
+    _fill(old)
+    first = _promoted(old, old.last_seq, "/first")
+    second = old.truncated(old.last_seq)
+    second._append(Op.PROMOTE, None, None, b"another promotion")
+    ours, theirs = PromotionScan(first).latest(), PromotionScan(second).latest()
+    assert ours.seq == theirs.seq and ours.chain != theirs.chain
+    sink = sinks(first, url, check_interval=3600.0)  # no idle check: the step is refused
+    _run(sink)
+    promotion = sink.promotion
+    assert promotion
+    control = redis_server.client(db=MIRROR_CURSOR_DB)
+    control.delete(promotion_key(0))  # Redis forgot it; the other follower records its own
+    assert record_promotion(control, 0, theirs, None)
+    # The replies' script, with the promotion the first's daemon knows.
+    reply = control.register_script(_reply_source())
+    keys = [request_stream_key(0), mirror_cursor_key(0), promotion_key(0)]
+    keys.append(reply_stream_key(0, b"w"))
+    args = [MIRROR_CURSOR_DB, GROUP, 1, str(first.uuid), first.last_seq, promotion]
+    args += [10**6, b"id", b"ok", b"", b"", b""]
+    assert reply(keys=keys, args=args) == 0
+    control.close()
+    before = read_cursor(client)
+    first.set_immutable(b"written into the first", b"\xff\x01")
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.FENCED and "does not hold that event" in sink.fenced
+    assert read_cursor(client) == before
+    assert b"written into the first" not in client.keys()
