@@ -116,6 +116,7 @@ from .promotion import (
     PromotionScan,
     promotion_key,
     promotion_tag,
+    promotion_token,
     read_promotion,
     record_promotion,
 )
@@ -156,7 +157,7 @@ _APPLY = b"""
 -- (and owner) holds the spare's lock and the spare's DBSIZE is the
 -- cursor's spare key count) or 'claim' (replace the cursor; a spare target
 -- is locked for owner ARGV[5], see the module docstring).
--- ARGV[9]: the promotion the caller knows, SEQ:CHAIN ('' for none): in
+-- ARGV[9]: the chain of the promotion the caller knows ('' for none): in
 -- either mode nothing is done unless the promotion hash records that one,
 -- so that a daemon whose store lacks a promotion recorded since (the old
 -- primary) never moves the mirror again, nor has replies sent with its steps.
@@ -181,8 +182,7 @@ local function select(db)
     end
 end
 select(ARGV[1])
-local p = redis.call('HMGET', KEYS[6], 'seq', 'chain')
-if (p[1] and p[1] .. ':' .. (p[2] or '') or '') ~= ARGV[9] then
+if (redis.call('HGET', KEYS[6], 'chain') or '') ~= ARGV[9] then
     return {-3, 0, 0, 'a promotion was recorded that this replicator does not know'}
 end
 local c, lock, target_size
@@ -584,7 +584,7 @@ class RedisSink:
         self.fenced: str | None = None
         self._promotions = PromotionScan(source)
         # The promotion recorded for the mirror that this store holds, as the
-        # scripts compare it (SEQ:CHAIN, b"" for none): every script
+        # scripts compare it (its chain, b"" for none; promotion_token): every script
         # call passes it, and changes nothing if the hash records another.
         self._promotion = b""
         self._known: Promotion | None = None
@@ -1048,7 +1048,7 @@ class RedisSink:
             refusal = None if recorded is None else recorded.refusal(self.source)
         except DamagedPromotion as error:
             recorded, refusal = None, str(error)
-        self._read = promotion_tag(recorded).encode()
+        self._read = promotion_token(recorded)
         if refusal is not None:
             logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
             self.fenced = refusal
@@ -1069,7 +1069,7 @@ class RedisSink:
         # and the sink looks again.)
         self._known = recorded
         self._tag = promotion_tag(recorded)
-        self._promotion = self._tag.encode()
+        self._promotion = promotion_token(recorded)
         return False
 
     def _promotion_moved(self) -> bool:
@@ -1084,7 +1084,7 @@ class RedisSink:
             recorded = read_promotion(self.client, self.db)
         except DamagedPromotion:
             return True
-        return promotion_tag(recorded).encode() != self._promotion
+        return promotion_token(recorded) != self._promotion
 
     def _superseded(self, found: Cursor) -> bool:
         """Whether another replicator's cursor `found` is of a history this store's promotion ended.
@@ -1116,7 +1116,7 @@ class RedisSink:
 
     @property
     def promotion(self) -> bytes | None:
-        """The promotion recorded for the mirror that this store holds, SEQ:CHAIN (b"" for none).
+        """The promotion recorded for the mirror that this store holds, as its chain (b"" for none).
 
         None once the sink is FENCED. The write intake passes it to its
         replies' script, which sends nothing if the promotion hash records

@@ -1053,18 +1053,23 @@ def test_a_promotion_field_out_of_range_fences_a_real_store(
 def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(
     mirror, sinks, redis_server, monkeypatch
 ):
-    # The parser and the script disagreeing on the promotion (here: the lax
-    # parser of before, which reads "+N" as N): the script refuses every step
-    # for the promotion, the hash read again names the same one. The sink
-    # backs off instead of stepping again at once, for ever.
-    import replicator.promotion
+    # The sink and the scripts disagreeing on how the promotion is named
+    # (here: a sink that names it in upper case; before the parser was strict,
+    # a seq of "+N" read as N did it): the script refuses every step for the
+    # promotion, the hash read again names the same one. The sink backs off
+    # instead of stepping again at once, for ever.
+    import replicator.redis_sink
 
     url, client = mirror
     old = StandInLog()
     _fill(old)
     new = _promoted(old, old.last_seq)
-    _write_promotion(redis_server, new, seq=f"+{old.last_seq + 1}")
-    monkeypatch.setattr(replicator.promotion, "_canonical_seq", int)
+    _record(client, new)
+    monkeypatch.setattr(
+        replicator.redis_sink,
+        "promotion_token",
+        lambda promotion: b"" if promotion is None else promotion.chain.upper().encode(),
+    )
     sink = sinks(new, url, backoff=(0.5, 5.0))
     steps = [sink.step() for _ in range(20)]
     assert sum(1 for step in steps if step.wait == 0) <= 2, steps
