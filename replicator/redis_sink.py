@@ -1141,7 +1141,8 @@ class RedisSink:
         recorded that this store lacks fences the sink. A step refused for
         the promotion while the hash, read again, gives the very promotion
         the step named (the script and the parser disagree on it) waits
-        like a failure: stepping again at once would be refused again.
+        the longest delay of a failure: stepping again soon would be
+        refused again.
 
         Returns
         -------
@@ -1152,6 +1153,8 @@ class RedisSink:
         if self._fence():
             return Step(0, wait=self.backoff[1])
         if refused and self._read == named:
+            # Not a Redis failure: no quick retry (connecting resets the delay).
+            self._delay = self.backoff[1]
             return self._fail(
                 f"mirror {self.url} db {self.db} refused a step for its promotion hash"
                 f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"

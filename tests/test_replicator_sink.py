@@ -1073,6 +1073,7 @@ def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(
     sink = sinks(new, url, backoff=(0.5, 5.0))
     steps = [sink.step() for _ in range(20)]
     assert sum(1 for step in steps if step.wait == 0) <= 2, steps
+    assert max(step.wait for step in steps) > 4.0  # the longest delay, at once
     assert sink.state == SinkState.BACKOFF
     assert read_cursor(client)[1] is None
 
