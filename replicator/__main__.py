@@ -2,8 +2,12 @@
 
 Exit status: 0 on success (including a clean stop by SIGTERM or SIGINT),
 1 if ``--once`` was stopped before catching up, ``status`` found a
-problem, the daemon was refused after a promotion or the follower cannot
-go on, 2 for a usage error or a store that cannot be opened.
+problem, the daemon failed (its write intake) or the follower cannot go
+on, 2 for a usage error or a store that cannot be opened,
+:data:`EXIT_FENCED` (3) if the daemon was refused after a promotion (its
+store is the old primary, or the promotion hash cannot be read): not a
+failure that a restart mends, so a supervisor should not restart it
+(systemd: ``RestartPreventExitStatus=3``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from .log_stream import DEFAULT_MAX_LEN
 from .redis_sink import DEFAULT_SPARE_DB
 
 _COMMANDS = ("run", "status", "follow")
+
+#: Exit status of a daemon refused after a promotion (see :mod:`replicator.promotion`).
+EXIT_FENCED = 3
 
 
 _positive_int = whole_number(1)
@@ -402,6 +409,13 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             daemon.run()
             done = True
+        if daemon.fenced is not None:
+            logging.getLogger("replicator").error(
+                "stopping, fenced after a promotion (exit status %d: do not restart): %s",
+                EXIT_FENCED,
+                daemon.fenced,
+            )
+            return EXIT_FENCED
         if daemon.failure is not None:
             logging.getLogger("replicator").error("stopping: %s", daemon.failure)
             return 1

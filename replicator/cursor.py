@@ -18,6 +18,8 @@ database ends with the script). Fields:
 ``keys``        the number of keys in the mirror database once the step is done
 ``spare``       while rebuilding: the database the new mirror is built in
 ``spare_keys``  the number of keys in that database once the step is done
+``promotion``   the promotion recorded for the mirror that its writer knows
+                (``SEQ:CHAIN``, see :mod:`replicator.promotion`; empty for none)
 ==============  ==============================================================
 
 ``keys`` (and ``spare_keys`` during a rebuild) is how a flushed or
@@ -25,7 +27,11 @@ foreign-written mirror is noticed: every step compares it with DBSIZE
 before changing anything. (``store``, ``seq``, ``chain``) is how a store
 restored from an older copy, rolled back by a power cut or otherwise of
 another history is noticed: before resuming, the replicator compares
-``chain`` with the store's chain at ``seq``.
+``chain`` with the store's chain at ``seq``. ``promotion`` is how a
+replicator displaced from the mirror tells the old primary's daemon
+(which knew no promotion, or an older one: it is taken over) from one of a
+copy of its own store's promoted history (a follower or backup of it,
+which it leaves alone); a cursor written before it lacks the field.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ class Cursor:
         While rebuilding, the database the new mirror is built in.
     spare_keys
         Number of keys in that database.
+    promotion
+        The promotion its writer knew (:func:`replicator.promotion.promotion_tag`),
+        None in a cursor written before the field existed.
     """
 
     owner: str
@@ -83,6 +92,7 @@ class Cursor:
     path: str
     spare: int | None = None
     spare_keys: int = 0
+    promotion: str | None = None
 
     def fields(self) -> list[bytes | str | int]:
         """Field/value pairs to HSET, except the key counts (the script sets those)."""
@@ -103,16 +113,28 @@ class Cursor:
             self.path,
             "spare",
             "" if self.spare is None else self.spare,
+            "promotion",
+            self.promotion or "",
         ]
 
-    def moved(self, seq: int, chain: str, keys: int) -> Cursor:
+    def moved(self, seq: int, chain: str, keys: int, promotion: str | None) -> Cursor:
         """This cursor moved on to `seq` and `chain`, with `keys` keys (and no spare's).
 
         What :func:`dataclasses.replace` gives, made faster: a tailing
         mirror moves its cursor at every step.
         """
         return Cursor(
-            self.owner, self.store, seq, chain, self.state, keys, self.host, self.path, self.spare
+            self.owner,
+            self.store,
+            seq,
+            chain,
+            self.state,
+            keys,
+            self.host,
+            self.path,
+            self.spare,
+            0,
+            promotion,
         )
 
     @classmethod
@@ -131,6 +153,7 @@ class Cursor:
                 path=text.get("path", "?"),
                 spare=int(text["spare"]) if text.get("spare") else None,
                 spare_keys=int(text.get("spare_keys") or 0),
+                promotion=text.get("promotion"),
             )
         except (KeyError, ValueError):
             return None

@@ -21,7 +21,9 @@ longer than one append. While the mirror catches up in full batches the
 stream waits, so that a backlog reaches the mirror as fast as without it.
 
 A daemon refused after a promotion (its store is the old primary, see
-:mod:`replicator.promotion`) stops, with the reason in :attr:`Daemon.failure`.
+:mod:`replicator.promotion`) stops, with the reason in :attr:`Daemon.failure`
+and :attr:`Daemon.fenced` (the command exits with its own status, which a
+supervisor should not restart).
 
 Stopping (SIGTERM, SIGINT, or :attr:`Daemon.stop` set) lets the current
 batch finish: a batch is one atomic script call, so there is never a half
@@ -218,6 +220,10 @@ class Daemon:
     failure
         Why the daemon stopped on its own (refused after a promotion, or its
         write intake failed), or None.
+    fenced
+        Why it was refused after a promotion (the promotion hash records one
+        its store lacks, or cannot be read), or None: restarting it cannot
+        help, unlike after another failure.
     """
 
     def __init__(
@@ -238,6 +244,7 @@ class Daemon:
         self.intake = intake
         self.log_stream = log_stream
         self.failure: str | None = None
+        self.fenced: str | None = None
         self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
         self.shared = SharedSink(redis_sink) if redis_sink is not None else None
@@ -330,7 +337,7 @@ class Daemon:
                 )
             refusal = sink.fenced or (stream.refusal if stream is not None else None)
             if refusal is not None:
-                self.failure = refusal
+                self.failure = self.fenced = refusal
                 self.stop.set()
                 return False
             if sink.rebuilds != rebuilds:  # (the intake's thread may have stepped it too)

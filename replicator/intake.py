@@ -218,9 +218,10 @@ GATHER_MISSES = 6
 # KEYS[3]: the promotion hash (replicator.promotion); KEYS[4..n+3]: the reply
 # streams of the n replies. ARGV[1]: the database of these keys; ARGV[2]: the
 # group; ARGV[3]: n; ARGV[4]: the store (UUID); ARGV[5]: the seq the mirror
-# must hold (0: send without looking); ARGV[6]: the seq of the promotion the
-# daemon knows ('' for none); then per reply: its TTL in ms and its five
-# fields (id, status, value, error, message); then the entry ids of the
+# must hold (0: send without looking); ARGV[6]: the promotion the daemon
+# knows (its chain, '' for none: replicator.promotion.promotion_token); then
+# per reply: its TTL in ms and its five fields (id, status, value, error,
+# message); then the entry ids of the
 # requests answered (those that came through the stream). Returns n if sent,
 # 0 if the mirror's cursor is not (ready, of this store) at that seq or
 # beyond, or (with a seq to hold) the promotion hash records another
@@ -244,7 +245,7 @@ _REPLY = b"""
 redis.call('SELECT', ARGV[1])
 local need = tonumber(ARGV[5])
 if need > 0 then
-    if (redis.call('HGET', KEYS[3], 'seq') or '') ~= ARGV[6] then
+    if (redis.call('HGET', KEYS[3], 'chain') or '') ~= ARGV[6] then
         return 0
     end
     local c = redis.call('HMGET', KEYS[2], 'store', 'seq', 'state')
@@ -501,7 +502,7 @@ class Mirror(Protocol):
 
     @property
     def promotion(self) -> bytes | None:
-        """The seq of the promotion recorded for the mirror that the store holds (b"" if none).
+        """The promotion recorded for the mirror that the store holds, its chain (b"" if none).
 
         None once the daemon is refused after a promotion (fenced): then no
         reply that needs the mirror goes out any more.
@@ -628,7 +629,7 @@ class Intake:
         self._key = intake_key(self.db)
         self._cursor = mirror_cursor_key(self.db)
         self._promotion_key = promotion_key(self.db)
-        # The seq of the promotion the mirror's daemon knows (see
+        # The promotion (its chain) the mirror's daemon knows (see
         # Mirror.promotion), as the replies' script compares it.
         self._promotion = b""
         self._fetched: list[tuple[bytes, dict[bytes, bytes]]] = []

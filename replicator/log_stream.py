@@ -222,8 +222,9 @@ def _count(text: str) -> int:
 
 
 # KEYS: 1 stream, 2 meta, 3 writers, 4 promotion, all in database ARGV[1].
-# ARGV[2]: the owner the caller expects in the meta hash; ARGV[3]: the seq of
-# the promotion it knows ('' for none); ARGV[4]: MAXLEN; ARGV[5]: seq of the
+# ARGV[2]: the owner the caller expects in the meta hash; ARGV[3]: the chain
+# of the promotion it knows ('' for none, see replicator.promotion); ARGV[4]:
+# MAXLEN; ARGV[5]: seq of the
 # first record; ARGV[6]: the chain (hex) after the last record; ARGV[7]:
 # number n of writer id/identity pairs ARGV[8..7+2n]; the records follow.
 # Returns {1, head} once appended (seqs the stream has are skipped), {0,
@@ -235,7 +236,7 @@ local m = redis.call('HMGET', KEYS[2], 'owner', 'seq')
 if m[1] ~= ARGV[2] then
     return {0, 'the stream is not this daemon\\'s any more (taken over, or Redis lost it)'}
 end
-if (redis.call('HGET', KEYS[4], 'seq') or '') ~= ARGV[3] then
+if (redis.call('HGET', KEYS[4], 'chain') or '') ~= ARGV[3] then
     return {0, 'a promotion was recorded'}
 end
 local head = tonumber(m[2])
@@ -261,14 +262,14 @@ return {1, head}
 """
 
 # KEYS as _APPEND's. ARGV[2]: 'resume' or 'restart'; ARGV[3]: the owner the
-# caller found ('' for none); ARGV[4]: the promotion seq it found ('' for
-# none); ARGV[5..]: the meta fields. A restart empties the stream first.
+# caller found ('' for none); ARGV[4]: the chain of the promotion it found
+# ('' for none); ARGV[5..]: the meta fields. A restart empties the stream first.
 _CLAIM = """
 redis.call('SELECT', ARGV[1])
 if (redis.call('HGET', KEYS[2], 'owner') or '') ~= ARGV[3] then
     return 0
 end
-if (redis.call('HGET', KEYS[4], 'seq') or '') ~= ARGV[4] then
+if (redis.call('HGET', KEYS[4], 'chain') or '') ~= ARGV[4] then
     return 0
 end
 if ARGV[2] == 'restart' then
@@ -427,7 +428,7 @@ class LogStream:
             logger.error("log stream of mirror %s db %d: %s", self.url, self.db, refusal)
             return Step(0, wait=self.backoff[1])
         # The claim compares with the hashes' raw values, as read.
-        promoted: bytes = promotion_fields.get(b"seq", b"")
+        promoted: bytes = promotion_fields.get(b"chain", b"")
         found: bytes = meta_fields.get(b"owner", b"")
         reason = self._mismatch(meta)
         if meta is None and meta_fields:
@@ -538,7 +539,7 @@ class LogStream:
             if now >= self._next_check:
                 self._next_check = now + self.check_interval
                 with self.client.pipeline(transaction=False) as pipe:
-                    pipe.hget(self._keys[3], "seq")
+                    pipe.hget(self._keys[3], "chain")
                     pipe.hgetall(self._keys[1])
                     promoted, meta_fields = pipe.execute()
                 changed = (

@@ -45,7 +45,7 @@ The sink is a small state machine, advanced by :meth:`RedisSink.step`::
     CONNECT  --cursor consistent with the store-->   TAIL  (applies batches)
     CONNECT, TAIL  --mirror not as expected-->       REBUILD --loaded, swapped in--> TAIL
     CONNECT, TAIL  --claimed by another replicator--> CONFLICT --cursor gone--> CONNECT
-    CONFLICT  --the other's cursor is not of this store's promoted history--> CONNECT
+    CONFLICT  --the other's cursor names another promotion than the recorded one--> CONNECT
     any state  --Redis failed, spare db in use-->    BACKOFF --delay over--> CONNECT
     any state but BACKOFF  --store lacks the recorded promotion--> FENCED (for good)
 
@@ -65,10 +65,15 @@ atomic with the step, so once a promotion is recorded (again, if Redis
 forgot it) no step of the old primary's replicator, and no reply sent
 with one, goes through; the refused replicator reads the hash and is
 FENCED. An idle replicator reads the hash at each check of its cursor.
-The promoted store's replicator takes the mirror over even after it has
-claimed it once, from a replicator whose cursor is not of its history
-(the old primary's, which Redis let claim the mirror after forgetting the
-promotion): it does not wait in CONFLICT for a replicator that is fenced.
+Every claim and step also writes the promotion its replicator knows in
+the mirror's cursor (:mod:`replicator.cursor`). The promoted store's
+replicator takes the mirror over even after it has claimed it once, from
+a replicator whose cursor names another promotion (the old primary's,
+which Redis let claim the mirror after forgetting the promotion, whatever
+its seq): it does not wait in CONFLICT for a replicator that is fenced. A
+cursor that names the recorded promotion is of a copy of the promoted
+store (a follower or backup of it with its own replicator, lagging or
+diverged): the displaced replicator waits in CONFLICT, as for any other.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ from .promotion import (
     Promotion,
     PromotionScan,
     promotion_key,
+    promotion_tag,
+    promotion_token,
     read_promotion,
     record_promotion,
 )
@@ -150,7 +157,7 @@ _APPLY = b"""
 -- (and owner) holds the spare's lock and the spare's DBSIZE is the
 -- cursor's spare key count) or 'claim' (replace the cursor; a spare target
 -- is locked for owner ARGV[5], see the module docstring).
--- ARGV[9]: the seq of the promotion the caller knows ('' for none): in
+-- ARGV[9]: the chain of the promotion the caller knows ('' for none): in
 -- either mode nothing is done unless the promotion hash records that one,
 -- so that a daemon whose store lacks a promotion recorded since (the old
 -- primary) never moves the mirror again, nor has replies sent with its steps.
@@ -175,7 +182,7 @@ local function select(db)
     end
 end
 select(ARGV[1])
-if (redis.call('HGET', KEYS[6], 'seq') or '') ~= ARGV[9] then
+if (redis.call('HGET', KEYS[6], 'chain') or '') ~= ARGV[9] then
     return {-3, 0, 0, 'a promotion was recorded that this replicator does not know'}
 end
 local c, lock, target_size
@@ -458,6 +465,8 @@ class _Ahead:
     seq: int
     chain: str
     events: int
+    #: The promotion the step wrote in the cursor.
+    promotion: str
 
 
 class RedisSink:
@@ -574,11 +583,17 @@ class RedisSink:
         #: Why the sink is FENCED (None otherwise).
         self.fenced: str | None = None
         self._promotions = PromotionScan(source)
-        # The seq of the promotion recorded for the mirror that this store
-        # holds, as the promotion hash gives it (b"" for none): every script
+        # The promotion recorded for the mirror that this store holds, as the
+        # scripts compare it (its chain, b"" for none; promotion_token): every script
         # call passes it, and changes nothing if the hash records another.
         self._promotion = b""
         self._known: Promotion | None = None
+        # That promotion as the mirror's cursor names it: every claim and
+        # step writes it there (see _superseded).
+        self._tag = ""
+        # The seq the promotion hash gave when last read (before the sink
+        # recorded its own promotion, if it did), as the scripts compare it.
+        self._read = b""
         self._key = mirror_cursor_key(self.db)
         # Every step of the mirror is this script: called over a Wire, it
         # costs a round trip and little Python (see telstate.remote.Wire).
@@ -710,7 +725,7 @@ class RedisSink:
             self._fail(f"Redis at {self.url} failed: {error}")
             return None
         ticket = next(self._tickets)
-        self._ahead = _Ahead(ticket, cursor, last.seq, chain, len(batch))
+        self._ahead = _Ahead(ticket, cursor, last.seq, chain, len(batch), self._tag)
         return ticket
 
     def settle(self) -> int:
@@ -738,7 +753,9 @@ class RedisSink:
                 checked(self._wire.call((b"SCRIPT", b"LOAD", self._apply_script.script))[0])
             else:
                 done, after, _, reason = checked(reply)
-                if self._moved(ahead.cursor, ahead.seq, ahead.chain, done, after, reason):
+                if self._moved(
+                    ahead.cursor, ahead.seq, ahead.chain, ahead.promotion, done, after, reason
+                ):
                     self._next_check = time.monotonic() + self.check_interval
                     applied = ahead.events
                 else:
@@ -918,8 +935,7 @@ class RedisSink:
             then = None  # a later step's events reach it
         applied, answer = self._move(cursor, last.seq, last.chain.hex(), ops, then)
         if not applied:
-            self._recheck()
-            return Step(0, then=answer)
+            return replace(self._recheck(), then=answer)
         self._next_check = time.monotonic() + self.check_interval
         return Step(len(events), then=answer)
 
@@ -944,6 +960,7 @@ class RedisSink:
                 host=socket.gethostname(),
                 path=self.source.path,
                 spare=self.spare_db,
+                promotion=self._tag,
             )
             logger.info(
                 "rebuilding mirror %s db %d from store %s at seq %d in spare db %d",
@@ -959,8 +976,7 @@ class RedisSink:
             flush.add_keyless(_FLUSH)
             if not self._apply("claim", None, cursor, flush, self.spare_db)[0]:
                 if self._promotion_changed:
-                    self._recheck()
-                    return Step(0)
+                    return self._recheck()
                 return self._fail(
                     f"database {self.spare_db} of {self.url}, the spare for rebuilds,"
                     f" {self._refusal}: wait, empty it, or give this replicator another"
@@ -984,8 +1000,7 @@ class RedisSink:
             ready = replace(self.cursor, state=MirrorState.READY, spare=None)
             ops.add_keyless(_SWAP)
             if not self._apply("check", self.cursor, ready, ops, self.spare_db)[0]:
-                self._recheck()
-                return Step(0)
+                return self._recheck()
             self.state = SinkState.TAIL
             self._next_check = time.monotonic() + self.check_interval
             self._wake_waiters()
@@ -1033,6 +1048,7 @@ class RedisSink:
             refusal = None if recorded is None else recorded.refusal(self.source)
         except DamagedPromotion as error:
             recorded, refusal = None, str(error)
+        self._read = promotion_token(recorded)
         if refusal is not None:
             logger.error("refused mirror %s db %d: %s", self.url, self.db, refusal)
             self.fenced = refusal
@@ -1052,7 +1068,8 @@ class RedisSink:
         # (If another was recorded meanwhile, the next script call is refused,
         # and the sink looks again.)
         self._known = recorded
-        self._promotion = b"" if recorded is None else b"%d" % recorded.seq
+        self._tag = promotion_tag(recorded)
+        self._promotion = promotion_token(recorded)
         return False
 
     def _promotion_moved(self) -> bool:
@@ -1067,31 +1084,39 @@ class RedisSink:
             recorded = read_promotion(self.client, self.db)
         except DamagedPromotion:
             return True
-        return (b"" if recorded is None else b"%d" % recorded.seq) != self._promotion
+        return promotion_token(recorded) != self._promotion
 
     def _superseded(self, found: Cursor) -> bool:
         """Whether another replicator's cursor `found` is of a history this store's promotion ended.
 
         True if the promotion recorded for the mirror is one this store
-        holds, and `found` (of the same store) does not include it in this
-        store's history: its seq is before the promote event, or its chain
-        there is not this store's. Its owner is then the old primary's
-        daemon (fenced, or about to be: its next step is refused), or one
-        of a copy of that history: this replicator takes the mirror over.
+        holds, and `found` (of the same store) names another promotion than
+        that one: its writer knew none, or an older one (the old primary's
+        daemon, which Redis let claim the mirror after forgetting the
+        promotion: fenced, or about to be, since its next step is refused).
+        This replicator then takes the mirror over. A cursor that names the
+        recorded promotion is of a copy of this store's own promoted history
+        (a follower or backup of it, lagging or diverged): never taken over,
+        whatever its seq. A cursor written before cursors named their
+        promotion is read by its history: taken over if it ends before the
+        promote event or its chain there is not this store's; one ahead of
+        this store's log is left alone (it may be a copy further ahead).
         """
         known = self._known
         if known is None or known.store != str(self.source.uuid) or found.store != known.store:
             return False
+        if found.promotion is not None:
+            return found.promotion != self._tag
         if found.seq < known.seq:
             return True
         try:
             return self.source.chain_at(found.seq).hex() != found.chain
         except ValueError:  # ahead of this store's log
-            return True
+            return False
 
     @property
     def promotion(self) -> bytes | None:
-        """The seq of the promotion recorded for the mirror that this store holds (b"" for none).
+        """The promotion recorded for the mirror that this store holds, as its chain (b"" for none).
 
         None once the sink is FENCED. The write intake passes it to its
         replies' script, which sends nothing if the promotion hash records
@@ -1109,16 +1134,36 @@ class RedisSink:
         self._delay = min(self._delay * 2, self.backoff[1])
         return Step(0, wait=wait)
 
-    def _recheck(self) -> None:
+    def _recheck(self) -> Step:
         """A checked step found the mirror elsewhere than expected: find out where it is.
 
         The promotion hash first: a step refused because a promotion was
-        recorded that this store lacks fences the sink.
+        recorded that this store lacks fences the sink. A step refused for
+        the promotion while the hash, read again, gives the very promotion
+        the step named (the script and the parser disagree on it) waits
+        the longest delay of a failure: stepping again soon would be
+        refused again.
+
+        Returns
+        -------
+        The step to return (its wait).
         """
+        named, refused = self._promotion, self._promotion_changed
+        self._promotion_changed = False
         if self._fence():
-            return
+            return Step(0, wait=self.backoff[1])
+        if refused and self._read == named:
+            # Not a Redis failure: no quick retry (connecting resets the delay).
+            self._delay = self.backoff[1]
+            return self._fail(
+                f"mirror {self.url} db {self.db} refused a step for its promotion hash"
+                f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"
+                f" the step named ({ensure_str(named) or 'none'}): is it written by"
+                " something else than a replicator?"
+            )
         size, found = read_cursor(self.client)
         self._reconcile(size, found)
+        return Step(0)
 
     def _reconcile(self, size: int, found: Cursor | None) -> None:
         """Choose the next state from the mirror's cursor and key count."""
@@ -1159,23 +1204,31 @@ class RedisSink:
             self.state = SinkState.REBUILD
             return
         assert found is not None
-        if found.owner != self.owner:
+        if found.owner != self.owner or found.promotion != self._tag:
             mine = replace(
-                found, owner=self.owner, host=socket.gethostname(), path=self.source.path
+                found,
+                owner=self.owner,
+                host=socket.gethostname(),
+                path=self.source.path,
+                promotion=self._tag,
             )
             if not self._apply("check", found, mine, _Operations(), self.db)[0]:
+                if self._promotion_changed:
+                    self._recheck()  # fenced, or waits, or looks again
+                    return
                 self.state = SinkState.CONNECT  # changed in the meantime: look again
                 return
             assert self.cursor is not None
+            if found.owner != self.owner:
+                logger.info(
+                    "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
+                    self.url,
+                    self.db,
+                    found.store,
+                    found.seq,
+                    found.chain[:16],
+                )
             found = self.cursor
-            logger.info(
-                "resuming mirror %s db %d of store %s after seq %d (chain %s matches)",
-                self.url,
-                self.db,
-                found.store,
-                found.seq,
-                found.chain[:16],
-            )
         self._claimed = True
         self.cursor = found
         self.state = SinkState.TAIL
@@ -1325,35 +1378,52 @@ class RedisSink:
 
         The same call of the script as :meth:`_apply` (mode 'check', the
         mirror as target) makes, with fewer arguments: the cursor's fields
-        other than seq and chain are not sent, since HSET would leave them
-        as they are. The check finds the cursor's owner, store, seq and
-        state as expected, and no one else writes the cursor of a mirror
+        other than seq and chain (and its promotion, if the sink knows
+        another since) are not sent, since HSET would leave them as they
+        are. The check finds the cursor's owner, store, seq and state as
+        expected, and no one else writes the cursor of a mirror
         that this replicator owns, so its other fields are those of
         `cursor` (this replicator wrote them, or read them from the hash).
         """
         keys, args = self._move_arguments(cursor, seq, chain, ops)
         done, after, _, reason, answer = self._call(keys, args, then)
-        return self._moved(cursor, seq, chain, done, after, reason), answer
+        return self._moved(cursor, seq, chain, self._tag, done, after, reason), answer
 
     def _moved(
-        self, cursor: Cursor, seq: int, chain: str, done: Any, after: Any, reason: Any
+        self,
+        cursor: Cursor,
+        seq: int,
+        chain: str,
+        promotion: str,
+        done: Any,
+        after: Any,
+        reason: Any,
     ) -> bool:
         """Take the answer of a tailing step from `cursor` to `seq`: whether it was applied.
 
-        If so :attr:`cursor` has moved on; if not, why is in :attr:`_refusal`.
+        If so :attr:`cursor` has moved on (naming `promotion`); if not, why
+        is in :attr:`_refusal`.
         """
         if done != 1:
             self._refusal = ensure_str(reason)
             self._promotion_changed = done == -3
             return False
         self._refusal = ""
-        self.cursor = cursor.moved(seq, chain, int(after))
+        self.cursor = cursor.moved(seq, chain, int(after), promotion)
         return True
 
     def _move_arguments(
         self, cursor: Cursor, seq: int, chain: str, ops: _Operations
     ) -> tuple[list[Any], list[Any]]:
-        """The keys and arguments of :meth:`_move`'s script call."""
+        """The keys and arguments of :meth:`_move`'s script call.
+
+        The cursor's promotion is sent too if the sink has come to know
+        another since the cursor was written (a later one of its store).
+        """
+        if cursor.promotion != self._tag:
+            fields: list[Any] = ["seq", seq, "chain", chain, "promotion", self._tag]
+        else:
+            fields = ["seq", seq, "chain", chain]
         args = [
             MIRROR_CURSOR_DB,
             self.db,
@@ -1364,11 +1434,8 @@ class RedisSink:
             cursor.seq,
             cursor.state.value,
             self._promotion,
-            4,
-            "seq",
-            seq,
-            "chain",
-            chain,
+            len(fields),
+            *fields,
             *ops.args,
         ]
         return self._tail_keys + ops.keys, args

@@ -24,6 +24,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replicator.__main__ import EXIT_FENCED
 from replicator.cursor import read_cursor
 from replicator.follow import Follower as InProcessFollower
 from replicator.log_stream import LogStream, log_meta_key, log_stream_key, log_writers_key
@@ -365,7 +366,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
         new_daemon,
     )
     # The old primary's daemon, displaced, finds the promotion and stops.
-    assert daemon.process.wait(40) == 1, daemon.log_text()
+    assert daemon.process.wait(40) == EXIT_FENCED, daemon.log_text()
     # Writes through the mirror now go to the promoted store.
     wait_ready(server)
     remote = TelescopeState(url)
@@ -378,7 +379,7 @@ def test_promotion_moves_writes_and_fences_the_old_primary(store, server, url, p
     # Started again, it is refused at once and leaves the mirror alone.
     cursor = read_cursor(client)[1]
     old = Daemon(store, url, log=tmp_path / "old.log")
-    assert old.process.wait(30) == 1
+    assert old.process.wait(30) == EXIT_FENCED
     assert "promoted" in old.log_text() and "old primary" in old.log_text()
     assert read_cursor(client)[1] == cursor
     with LmdbBackend(promoted, readonly=True) as backend:
@@ -500,7 +501,7 @@ def test_damaged_promotion_hash_fences_the_daemon(store, server, url, processes)
     control = server.client(db=MIRROR_CURSOR_DB)
     control.hset(promotion_key(0), mapping={"seq": "5"})
     daemon = start_daemon(store, url)
-    assert daemon.process.wait(30) == 1, daemon.log_text()
+    assert daemon.process.wait(30) == EXIT_FENCED, daemon.log_text()
     assert "promotion hash" in daemon.log_text() and "cannot be read" in daemon.log_text()
     assert server.client(db=0).dbsize() == 0
     assert control.hgetall(promotion_key(0)) == {b"seq": b"5"}
@@ -628,6 +629,47 @@ def test_an_idle_log_stream_notices_a_promotion_recorded_again(store, url, serve
         backend.close()
 
 
+def test_a_log_stream_is_fenced_by_a_promotion_at_its_seq_of_another_chain(store, url, server):
+    """Found by review: the fence compared the promotion's seq, not its chain.
+
+    Two followers promoted at the same seq (split brain), Redis forgot the
+    first one's record and the second recorded its own: the first's stream
+    went on appending.
+    """
+    from replicator.log_stream import StreamState
+    from replicator.promotion import Promotion, PromotionScan, record_promotion
+    from telstate.lmdb import make_follower, promote
+
+    backend = LmdbBackend(store, durability="none")
+    TelescopeState(backend).add("a", 1, immutable=True)
+    backend.close()
+    make_follower(store, "old-host:/old")
+    promote(store)
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test", check_interval=3600.0)
+    try:
+        control = server.client(db=MIRROR_CURSOR_DB)
+        mine = PromotionScan(backend).latest()
+        assert mine is not None and mine.seq == backend.last_seq
+        assert record_promotion(control, 0, mine, None)
+        while stream.head != backend.last_seq:
+            stream.step()
+        assert stream.state == StreamState.TAIL
+        control.delete(promotion_key(0))  # Redis forgot it; the other follower records its own
+        other = Promotion(str(backend.uuid), mine.seq, "bb" * 32, "other-host", "/other")
+        assert record_promotion(control, 0, other, None)
+        TelescopeState(backend).add("b", 2, immutable=True)
+        for _ in range(3):
+            stream.step()
+        assert stream.state == StreamState.FENCED
+        assert stream.refusal is not None and "does not hold that event" in stream.refusal
+        assert stream.head == mine.seq
+        assert control.xlen(log_stream_key(0)) == mine.seq
+    finally:
+        stream.close()
+        backend.close()
+
+
 def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promotion(
     store, server, url, processes
 ):
@@ -682,7 +724,7 @@ def test_the_promoted_daemon_takes_the_mirror_back_after_redis_forgot_the_promot
         os.kill(new_daemon.process.pid, signal.SIGCONT)
     # The new primary's daemon records the promotion again, takes the mirror
     # back; the old one is refused and stops.
-    assert old_again.process.wait(60) == 1, old_again.log_text()
+    assert old_again.process.wait(60) == EXIT_FENCED, old_again.log_text()
     assert "taking the mirror over" in new_daemon.log_text()
     wait_for(lambda: cursor_of(promoted, promote_seq), "the mirror taken back", new_daemon)
     wait_ready(server)

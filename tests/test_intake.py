@@ -1740,7 +1740,7 @@ def test_the_reply_script_sends_nothing_once_a_promotion_the_daemon_lacks_is_rec
     holder = Intake(backend, server.url + "?db=0")
     holder.step(StuckMirror(0))
     knows = StuckMirror(3)
-    knows.promotion = b"2"
+    knows.promotion = promotion.chain.encode()
     holder.step(knows)
     arguments = holder._reply_arguments([ok], need=3)
     assert reply(keys=arguments["keys"], args=arguments["args"]) == 1

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -977,3 +978,278 @@ def test_a_takeover_from_an_old_primary_at_a_prefix_continues_its_mirror(mirror,
     _run(new_sink)
     _assert_exact(new, client)
     assert new_sink.rebuilds == 0
+
+
+def _write_promotion(server: Any, new: StandInLog, **changed: str) -> None:
+    """Write `new`'s promotion hash by hand, with the fields in `changed` spelled as given."""
+    from replicator.promotion import PromotionScan, promotion_key
+
+    promotion = PromotionScan(new).latest()
+    assert promotion is not None
+    fields = promotion.fields()
+    mapping = {**dict(zip(fields[::2], fields[1::2])), **changed}
+    control = server.client(db=MIRROR_CURSOR_DB)
+    control.hset(promotion_key(0), mapping=mapping)
+    control.close()
+
+
+@pytest.mark.parametrize("spelling", ["+{}", "0{}", " {}", "{} ", "{}_0", "{}.0", "\u0661{}"])
+def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(
+    mirror, sinks, redis_server, spelling
+):
+    # Found by review: int() read "+5" (or "05", " 5", "1_0") as 5, the sink
+    # passed b"5" to its script, which compared it with the raw "+5" and refused
+    # every step: 3815 steps in 2 s, none waiting, each logging a warning.
+    from replicator.promotion import DamagedPromotion, read_promotion
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    seq = old.last_seq + 1
+    _write_promotion(redis_server, new, seq=spelling.format(seq))
+    with pytest.raises(DamagedPromotion):
+        read_promotion(client, 0)
+    sink = sinks(new, url)
+    steps = [sink.step() for _ in range(5)]
+    assert sink.state == SinkState.FENCED and "cannot be read" in sink.fenced
+    assert all(step.wait > 0 for step in steps)
+    assert read_cursor(client)[1] is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq", "9" * 30),  # struct.error in the store's chain_at: a traceback, not a fence
+        ("seq", str(1 << 63)),
+        ("store", "UPPER"),  # the store's UUID in upper case: "not concerned" without the check
+        ("chain", "AB" * 32),
+        ("chain", "ab" * 31),
+    ],
+)
+def test_a_promotion_field_out_of_range_fences_a_real_store(
+    tmp_path, mirror, sinks, redis_server, field, value
+):
+    from telstate.lmdb import LmdbBackend
+
+    url, client = mirror
+    store = LmdbBackend(str(tmp_path / "store"), durability="none")
+    try:
+        store.set_immutable(b"k", b"\xff\x01")
+        if value == "UPPER":
+            value = str(store.uuid).upper()
+        fields = {"store": str(store.uuid), "seq": "1", "chain": "00" * 32, field: value}
+        control = redis_server.client(db=MIRROR_CURSOR_DB)
+        control.hset(b"telstate-replicator:promotion:0", mapping=fields)
+        control.close()
+        sink = sinks(store, url)
+        for _ in range(3):
+            sink.step()
+        assert sink.state == SinkState.FENCED and "cannot be read" in sink.fenced
+    finally:
+        store.close()
+
+
+def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(
+    mirror, sinks, redis_server, monkeypatch
+):
+    # The sink and the scripts disagreeing on how the promotion is named
+    # (here: a sink that names it in upper case; before the parser was strict,
+    # a seq of "+N" read as N did it): the script refuses every step for the
+    # promotion, the hash read again names the same one. The sink backs off
+    # instead of stepping again at once, for ever.
+    import replicator.redis_sink
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    _record(client, new)
+    monkeypatch.setattr(
+        replicator.redis_sink,
+        "promotion_token",
+        lambda promotion: b"" if promotion is None else promotion.chain.upper().encode(),
+    )
+    sink = sinks(new, url, backoff=(0.5, 5.0))
+    steps = [sink.step() for _ in range(20)]
+    assert sum(1 for step in steps if step.wait == 0) <= 2, steps
+    assert max(step.wait for step in steps) > 4.0  # the longest delay, at once
+    assert sink.state == SinkState.BACKOFF
+    assert read_cursor(client)[1] is None
+
+
+def _copy_of(new: StandInLog) -> StandInLog:
+    """Another copy of `new` as it is now (a follower or backup of it: same events, chains)."""
+    copy = StandInLog(new.uuid)
+    copy.log = list(new.log)
+    for event in new.log:  # its keys (a stand-in log's truncated() takes a promotion for a clear)
+        if event.op is Op.ADD_MUTABLE:
+            copy.state.add_mutable(event.key, event.value, event.timestamp)
+        elif event.op is Op.SET_IMMUTABLE:
+            copy.state.set_immutable(event.key, event.value)
+        elif event.op is Op.SET_INDEXED:
+            copy.state.set_indexed(event.key, event.sub_key, event.value)
+        else:
+            assert event.op is Op.PROMOTE
+    copy.path = "/copy"
+    return copy
+
+
+def test_a_lagging_copy_of_the_promoted_store_leaves_the_mirror_to_it(mirror, sinks):
+    # Found by review: a copy of the promoted store (it holds the recorded
+    # promotion) whose replicator had claimed the mirror, displaced by the
+    # promoted store's own replicator further ahead, took "ahead of my log" for
+    # "of the old primary's history": it took the mirror back and rebuilt it at
+    # its older seq (the new primary's acknowledged write vanished from it).
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    lagging = _copy_of(new)
+    lag_sink = sinks(lagging, url)
+    _run(lag_sink)
+    assert lag_sink.state == SinkState.TAIL
+    new.set_immutable(b"acknowledged by the new primary", b"\xff\x07")
+    new_sink = sinks(new, url)
+    _run(new_sink)
+    _assert_exact(new, client)
+    for _ in range(10):
+        lag_sink.step()
+    assert lag_sink.state == SinkState.CONFLICT
+    for _ in range(10):
+        new_sink.step()
+    assert new_sink.state == SinkState.TAIL
+    _assert_exact(new, client)
+    assert read_cursor(client)[1].owner == new_sink.owner
+    assert lag_sink.rebuilds == 1 and new_sink.rebuilds == 0  # (the first build)
+
+
+def test_two_diverged_copies_of_the_promoted_store_do_not_take_the_mirror_from_each_other(
+    mirror, sinks
+):
+    # Found by review: two copies that hold the recorded promotion, then
+    # diverged (a backup of the new primary started with its own daemon on the
+    # same mirror), each took the other's cursor for the old primary's and took
+    # the mirror back, rebuilding it, for ever.
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    copy = _copy_of(new)
+    new.set_immutable(b"new's", b"\xff\x01")
+    copy.set_immutable(b"copy's", b"\xff\x02")
+    a, b = sinks(new, url), sinks(copy, url)
+    _run(a)
+    owners = []
+    for _ in range(6):
+        for sink in (b, a):
+            for _ in range(20):
+                sink.step()
+            owners.append(read_cursor(client)[1].owner)
+    # b claims the mirror first (it had never claimed it), then a is displaced
+    # for good: neither takes it back.
+    assert set(owners) == {b.owner}
+    assert a.state == SinkState.CONFLICT and a.rebuilds == 1 and b.rebuilds == 1
+    _assert_exact(copy, client)
+
+
+def test_the_promoted_stores_replicator_records_the_promotion_again_while_it_writes(mirror, sinks):
+    # Redis forgets the promotion (its hash alone here) while the promoted
+    # store's replicator holds the mirror: its next step is refused, it records
+    # the promotion again and steps on, without waiting.
+    from replicator.promotion import promotion_key, read_promotion
+
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    sink = sinks(new, url, check_interval=3600.0)  # no idle check: the step is refused
+    _run(sink)
+    _eval_quietly(
+        client,
+        f"redis.call('SELECT', {MIRROR_CURSOR_DB});"
+        f" redis.call('DEL', '{promotion_key(0).decode()}')",
+    )
+    assert read_promotion(client, 0) is None
+    new.set_immutable(b"after the promotion was forgotten", b"\xff\x03")
+    steps = [sink.step() for _ in range(3)]
+    assert sink.state == SinkState.TAIL and all(step.wait == 0 for step in steps[:2])
+    _assert_exact(new, client)
+    assert read_promotion(client, 0).seq == old.last_seq + 1
+
+
+def test_a_cursor_of_before_is_read_by_its_history(mirror, sinks, caplog):
+    # A cursor without the promotion field (written by a replicator of before):
+    # taken over if it ends before the promote event, left alone if it is
+    # ahead of this store's log.
+    url, client = mirror
+    old = StandInLog()
+    _fill(old)
+    new = _promoted(old, old.last_seq)
+    new_sink = sinks(new, url)
+    _run(new_sink)
+    assert read_cursor(client)[1].promotion == f"{old.last_seq + 1}:{new.log[-1].chain.hex()}"
+    key = mirror_cursor_key(0).decode()
+
+    def rewrite(owner: str, seq: int) -> None:
+        _eval_quietly(
+            client,
+            f"redis.call('SELECT', {MIRROR_CURSOR_DB});"
+            f" redis.call('HDEL', '{key}', 'promotion');"
+            f" redis.call('HSET', '{key}', 'owner', '{owner}', 'seq', '{seq}')",
+        )
+
+    rewrite("before:1", old.last_seq - 1)
+    assert read_cursor(client)[1].promotion is None
+    new_sink.step()
+    assert "taking the mirror over" in caplog.text
+    _run(new_sink)
+    _assert_exact(new, client)
+    rewrite("before:2", new.last_seq + 5)
+    for _ in range(5):
+        new_sink.step()
+    assert new_sink.state == SinkState.CONFLICT
+
+
+def test_a_promotion_at_the_same_seq_of_another_chain_fences_steps_and_replies(
+    mirror, sinks, redis_server
+):
+    # Found by review: the scripts compared the promotion's seq, not its chain.
+    # Two followers promoted at the same seq (split brain), Redis forgot the
+    # first one's record and the second recorded its own: the first's daemon
+    # still moved the mirror, and its replies still went out.
+    from replicator.intake import GROUP, _reply_source
+    from replicator.promotion import PromotionScan, promotion_key, record_promotion
+    from telstate.remote import reply_stream_key, request_stream_key
+
+    url, client = mirror
+    old = StandInLog()
+    old.path = "/old"
+    _fill(old)
+    first = _promoted(old, old.last_seq, "/first")
+    second = old.truncated(old.last_seq)
+    second._append(Op.PROMOTE, None, None, b"another promotion")
+    ours, theirs = PromotionScan(first).latest(), PromotionScan(second).latest()
+    assert ours.seq == theirs.seq and ours.chain != theirs.chain
+    sink = sinks(first, url, check_interval=3600.0)  # no idle check: the step is refused
+    _run(sink)
+    promotion = sink.promotion
+    assert promotion
+    control = redis_server.client(db=MIRROR_CURSOR_DB)
+    control.delete(promotion_key(0))  # Redis forgot it; the other follower records its own
+    assert record_promotion(control, 0, theirs, None)
+    # The replies' script, with the promotion the first's daemon knows.
+    reply = control.register_script(_reply_source())
+    keys = [request_stream_key(0), mirror_cursor_key(0), promotion_key(0)]
+    keys.append(reply_stream_key(0, b"w"))
+    args = [MIRROR_CURSOR_DB, GROUP, 1, str(first.uuid), first.last_seq, promotion]
+    args += [10**6, b"id", b"ok", b"", b"", b""]
+    assert reply(keys=keys, args=args) == 0
+    control.close()
+    before = read_cursor(client)
+    first.set_immutable(b"written into the first", b"\xff\x01")
+    for _ in range(3):
+        sink.step()
+    assert sink.state == SinkState.FENCED and "does not hold that event" in sink.fenced
+    assert read_cursor(client) == before
+    assert b"written into the first" not in client.keys()
