@@ -201,6 +201,9 @@ ACTIVE_MAX_S = 1.0
 #: request the store failed is kept in memory, for its copies (see
 #: Intake._apply): memory is bounded by the failing requests of that long.
 FAILURE_MARGIN_MS = 60_000
+#: Most outcomes of requests the store failed kept in memory until it takes
+#: writes again (about 500 bytes each).
+MAX_FAILURES = 100_000
 #: Of each kind of message about one request (a rejection, a refusal for
 #: its entry id), at most LOG_BURST are logged in LOG_WINDOW seconds; the
 #: others are counted, and summed up in one line once the window is over
@@ -1409,41 +1412,76 @@ class Intake:
         kept in memory (:attr:`_failures`) until the request has expired: a
         copy of it (a client sends one when a reply is late, or after a
         lost connection) gets the same answer, and is never applied once
-        its writer was told it failed. (A daemon restarted meanwhile has
-        forgotten it: a copy still in flight would be applied.) Halving
-        the batch keeps the others in few transactions: one bad request
-        among n costs about 2 log2(n) failed ones.
+        its writer was told it failed; once the store takes a write again,
+        those outcomes are recorded in it, as any other (so a daemon
+        restarted after that knows them too; one restarted before has
+        forgotten them: a copy still in flight would be applied). At most
+        :data:`MAX_FAILURES` are kept (the oldest go first). Halving the
+        batch keeps the others in few transactions: one bad request among n
+        costs about 2 log2(n) failed ones.
         """
-        failures = self._failures
-        if failures:
+        if self._failures:
             self._prune_failures(server_now())
-            if any(request.request_id in failures for request in chunk):
-                rest = [request for request in chunk if request.request_id not in failures]
+            known = [self._failures.get(request.request_id) for request in chunk]
+            if any(record is not None for record in known):
+                rest = [request for request, record in zip(chunk, known) if record is None]
                 applied = iter(self._apply(rest, server_now) if rest else ())
-                return [failures.get(request.request_id) or next(applied) for request in chunk]
+                return [record if record is not None else next(applied) for record in known]
         try:
             outcomes = apply_requests(self.backend, chunk, server_now, self._committed)
         except StoreError as error:
             failure = error
         else:
             self.metrics.batch_size.observe(len(chunk))
+            if self._failures:
+                self._record_failures()
             return outcomes
         if len(chunk) == 1:
-            return [self._failed(chunk[0], failure)]
+            return [self._failed(chunk[0], failure, server_now())]
         self._store_failures.log("a batch of %d requests failed: %s", len(chunk), failure)
         half = len(chunk) // 2
         return self._apply(chunk[:half], server_now) + self._apply(chunk[half:], server_now)
 
-    def _failed(self, request: Request, error: StoreError) -> RequestRecord:
+    def _failed(self, request: Request, error: StoreError, now_ms: int) -> RequestRecord:
         """The outcome of `request`, whose transaction the store failed with `error`."""
         message = (
             f"{request.op.value} request {request.request_id!r}: the log host's store"
             f" failed to write it: {error}"
         )
         self._store_failures.log("%s", message)
-        record = RequestRecord(request.expires_ms, 0, b"error", b"", b"failed", message)
-        self._failures[request.request_id] = record
+        # (Its expiry as a record's: an entry id ahead of the clock counts as now.)
+        expires_ms = min(request.sent_ms, now_ms) + request.timeout_ms
+        record = RequestRecord(expires_ms, 0, b"error", b"", b"failed", message)
+        failures = self._failures
+        failures[request.request_id] = record
+        if len(failures) > MAX_FAILURES:
+            del failures[next(iter(failures))]
+            self._store_failures.log(
+                "more than %d requests failed and wait to be recorded: forgetting the oldest"
+                " (a copy of it would be applied once the store takes writes again)",
+                MAX_FAILURES,
+            )
         return record
+
+    def _record_failures(self) -> None:
+        """Record the outcomes of the requests the store failed, now that it takes writes.
+
+        A request applied meanwhile (a copy, sent to a daemon restarted in
+        between) keeps its own record. If the store fails again, they stay
+        in memory for the next try.
+        """
+        failures = self._failures
+        try:
+            with self.backend.write() as wtxn:
+                txn, meta = wtxn.txn, wtxn.tables.meta
+                for request_id, record in failures.items():
+                    # put(key, value, dupdata, overwrite, append, db) by position.
+                    txn.put(REQUEST_PREFIX + request_id, record.encode(), True, False, False, meta)
+                wtxn.changed = True
+        except StoreError as error:
+            self._store_failures.log("recording %d failed requests: %s", len(failures), error)
+            return
+        self._failures = {}
 
     def _prune_failures(self, now_ms: int) -> None:
         """Forget the failed requests that have expired (looked at most once a second)."""

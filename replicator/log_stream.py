@@ -587,6 +587,19 @@ class LogStream:
             self.state = StreamState.CONNECT
             return Step(0)
         self._writers_sent |= ids
+        if int(head) > last:
+            # The meta hash says the stream holds events the log does not (its
+            # seq raised by hand): start it again.
+            logger.warning(
+                "log stream of mirror %s db %d: its meta hash says it holds seq %d, past the"
+                " log's %d: starting it again",
+                self.url,
+                self.db,
+                int(head),
+                last,
+            )
+            self.state = StreamState.CONNECT
+            return Step(0)
         self.head = int(head)
         self._chain = (
             log.record_chain(batch[-1][1]).hex()

@@ -857,6 +857,29 @@ def test_the_daemon_replaces_a_meta_hash_damaged_while_its_appends_go_on(
     assert_same_log(store, tmp_path / "follower")
 
 
+def test_a_stream_whose_meta_seq_was_raised_by_hand_starts_again(store, url, server, caplog):
+    """Found by review: the append answered a head past the log's end, and the stream
+    died with a ValueError looking up its chain."""
+    backend = LmdbBackend(store, durability="none")
+    stream = LogStream(backend, url, owner="test")
+    try:
+        ts = TelescopeState(backend)
+        ts.add("a", 1, immutable=True)
+        while stream.head != backend.last_seq:
+            stream.step()
+        server.client(db=MIRROR_CURSOR_DB).hset(log_meta_key(0), "seq", 1000)
+        ts.add("b", 2, immutable=True)
+        for _ in range(4):
+            stream.step()
+        assert "past the log's" in caplog.text
+        assert stream.state.value == "tail" and stream.head == backend.last_seq
+        meta = server.client(db=MIRROR_CURSOR_DB).hgetall(log_meta_key(0))
+        assert int(meta[b"seq"]) == backend.last_seq
+    finally:
+        stream.close()
+        backend.close()
+
+
 def test_a_new_follower_waits_for_a_meta_hash_naming_no_store(server, url, tmp_path, caplog):
     control = server.client(db=MIRROR_CURSOR_DB)
     control.hset(log_meta_key(0), mapping={"store": "not-a-uuid", "seq": 0, "chain": "00" * 32})

@@ -619,8 +619,9 @@ def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_ot
     assert (failed.status, failed.error) == (b"error", b"failed")
     with pytest.raises(StoreError, match="Input/output error"):
         failed.result()
-    # Nothing recorded (a record could not be written either): a resend is tried again.
-    assert backend.request_records([sent[1]]) == [None]
+    # Recorded once the store took a write (the last request): a copy gets the same.
+    assert backend.request_records([sent[1]])[0].error == b"failed"
+    assert backend.last_seq == 2  # (the record is no event)
     registry = intake.metrics.registry
     assert registry.get_sample_value("telstate_replicator_requests_applied_total") == 2
     assert (
@@ -667,11 +668,81 @@ def test_a_copy_of_a_request_the_store_failed_gets_the_same_answer(server, backe
     run(intake, mirror_seq=1, steps=3)
     assert backend.last_seq == 1
     assert [event.value for event in backend.events()] == [encode_value(2)]
-    # Forgotten once it has expired (copies would then be expired too).
-    monkeypatch.setattr(replicator.intake, "FAILURE_MARGIN_MS", -20_000)
-    intake._failures_pruned = 0.0
-    intake._prune_failures(int(time.time() * 1000))
+    # Once the store took a write, the failure is recorded there (a restart keeps it).
     assert intake._failures == {}
+    assert backend.request_records([request_id])[0].error == b"failed"
+    intake.close()
+
+
+def test_failures_are_forgotten_once_expired(server, backend, monkeypatch):
+    import replicator.intake
+    from tests.test_intake_commit import request
+
+    def full(*args: Any) -> Any:
+        raise StoreError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", full)
+    intake = Intake(backend, server.url + "?db=0")
+    intake._apply([request(backend, timeout=1.0)], lambda: int(time.time() * 1000))
+    assert len(intake._failures) == 1
+    later = int(time.time() * 1000) + 1000 + replicator.intake.CLOCK_TOLERANCE_MS
+    intake._failures_pruned = 0.0
+    intake._prune_failures(later + replicator.intake.FAILURE_MARGIN_MS - 100)
+    assert len(intake._failures) == 1  # (a copy could still come)
+    intake._failures_pruned = 0.0
+    intake._prune_failures(later + replicator.intake.FAILURE_MARGIN_MS + 100)
+    assert intake._failures == {}
+    intake.close()
+
+
+def test_outcomes_stay_with_their_requests_when_a_known_failure_is_in_the_batch(
+    server, backend, monkeypatch
+):
+    """Found by review: a request failing beside one that had failed before shifted
+    the outcomes of those after it (an applied write was answered 'failed')."""
+    import replicator.intake
+    from tests.test_intake_commit import request
+
+    apply_requests = replicator.intake.apply_requests
+
+    def failing_large(store: Any, requests: Any, *args: Any) -> Any:
+        if any(len(request.value or b"") > 1000 for request in requests):
+            raise StoreError("mdb_txn_commit: No space left on device")
+        return apply_requests(store, requests, *args)
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", failing_large)
+    intake = Intake(backend, server.url + "?db=0")
+
+    def now() -> int:
+        return int(time.time() * 1000)
+
+    large = [request(backend, key=b"%d" % i, value=encode_value(bytes(2000))) for i in range(2)]
+    assert intake._apply(large[:1], now)[0].error == b"failed"
+    intake._failures_pruned = time.monotonic()  # (pruned lately: the dict stays as it is)
+    small = request(backend, key=b"s", value=encode_value(3), timestamp=3.0)
+    outcomes = intake._apply([*large, small], now)
+    assert [outcome.error for outcome in outcomes] == [b"failed", b"failed", b""]
+    assert outcomes[2].seq == backend.last_seq == 1
+    # The store took a write: the failures are recorded in it, as any outcome.
+    assert intake._failures == {}
+    assert backend.request_records([r.request_id for r in large]) == outcomes[:2]
+    intake.close()
+
+
+def test_failures_kept_in_memory_are_bounded(server, backend, monkeypatch):
+    import replicator.intake
+    from tests.test_intake_commit import request
+
+    def full(*args: Any) -> Any:
+        raise StoreError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(replicator.intake, "apply_requests", full)
+    monkeypatch.setattr(replicator.intake, "MAX_FAILURES", 5)
+    intake = Intake(backend, server.url + "?db=0")
+    requests = [request(backend, key=b"k") for _ in range(8)]
+    for sent in requests:
+        intake._apply([sent], lambda: int(time.time() * 1000))
+    assert list(intake._failures) == [sent.request_id for sent in requests[3:]]
     intake.close()
 
 
