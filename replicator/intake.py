@@ -338,7 +338,7 @@ return 1
 
 
 # What the replies' script is given as the promotion of a daemon refused
-# after one: never a promotion's seq, so no reply that needs the mirror goes out.
+# after one: never a promotion's chain, so no reply that needs the mirror goes out.
 _FENCED = b"fenced"
 
 

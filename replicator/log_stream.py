@@ -375,7 +375,7 @@ class LogStream:
         self._wire = Wire(self.client.connection_pool)
         self._append = WireScript(self._wire, _APPEND.encode())
         self._claim = self.client.register_script(_CLAIM)
-        # The promotion (its seq, '' for none) the stream was claimed under.
+        # The promotion (its chain, '' for none) the stream was claimed under.
         self._promotion = b""
         # Writer ids whose identity the stream's writers hash holds.
         self._writers_sent: set[int] = set()

@@ -1158,8 +1158,9 @@ class RedisSink:
             return self._fail(
                 f"mirror {self.url} db {self.db} refused a step for its promotion hash"
                 f" ({ensure_str(promotion_key(self.db))!r}), which records the promotion"
-                f" the step named ({ensure_str(named) or 'none'}): is it written by"
-                " something else than a replicator?"
+                f" the step named ({ensure_str(named) or 'none'}): another replicator of"
+                " the promoted store recorded it again meanwhile (Redis lost it), or"
+                " something else than a replicator writes it"
             )
         size, found = read_cursor(self.client)
         self._reconcile(size, found)
