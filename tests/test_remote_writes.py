@@ -800,12 +800,19 @@ def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
 
     for module in (telstate.redis, telstate.aio.redis):
         monkeypatch.setattr(module, "MIRROR_RECHECK", 0.0)  # looked at again on every write
+    _write_with_a_client_made_before_the_daemon(mirror_url, daemon, aio)
+    with LmdbBackend(store, readonly=True) as backend:
+        assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
+
+
+def _write_with_a_client_made_before_the_daemon(mirror_url: str, start: Any, aio: bool) -> None:
+    """Make a client (sync or aio) that finds no mirror, `start` the daemon, and write "late"."""
     from telstate.aio.redis import RedisBackend as AioRedisBackend
 
     async def write_async() -> None:
         backend = await AioRedisBackend.from_url(mirror_url)
         assert await backend._check_writable() is None  # as for a write: no mirror yet
-        daemon()
+        start()
         await telstate.aio.TelescopeState(backend).add("late", 1.0, ts=1.0)
         backend.close()
 
@@ -813,11 +820,9 @@ def test_a_client_made_before_the_daemon_came_writes_to_the_log_once_it_does(
         asyncio.run(write_async())
     else:
         ts = TelescopeState(mirror_url)
-        daemon()
+        start()
         ts.add("late", 1.0, ts=1.0)
         ts.backend.close()
-    with LmdbBackend(store, readonly=True) as backend:
-        assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
 
 
 @pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
@@ -839,22 +844,7 @@ def test_a_write_a_protected_mirror_refuses_goes_to_the_log_at_once(
     start = functools.partial(
         daemon, "--acl-setup", url=f"unix://admin:{PASSWORD}@{server.socket}?db=0"
     )
-    from telstate.aio.redis import RedisBackend as AioRedisBackend
-
-    async def write_async() -> None:
-        backend = await AioRedisBackend.from_url(mirror_url)
-        assert await backend._check_writable() is None  # as for a write: no mirror yet
-        start()
-        await telstate.aio.TelescopeState(backend).add("late", 1.0, ts=1.0)
-        backend.close()
-
-    if aio:
-        asyncio.run(write_async())
-    else:
-        ts = TelescopeState(mirror_url)
-        start()
-        ts.add("late", 1.0, ts=1.0)
-        ts.backend.close()
+    _write_with_a_client_made_before_the_daemon(mirror_url, start, aio)
     with LmdbBackend(store, readonly=True) as backend:
         assert TelescopeState(backend).get_range("late", st=0) == [(1.0, 1.0)]
 
