@@ -893,6 +893,23 @@ def test_a_new_follower_waits_for_a_meta_hash_naming_no_store(server, url, tmp_p
     assert not (tmp_path / "follower").exists()
 
 
+def _step_until_it_stops(follower: InProcessFollower) -> None:
+    """Step `follower` a few times, retrying at once, until a FollowError stops it; close it.
+
+    Any other exception (a traceback on hostile content) fails the test.
+    """
+    from replicator.follow import FollowError
+
+    try:
+        for _ in range(4):
+            follower._retry_at = follower._next_report = 0.0
+            follower.step()
+    except FollowError:
+        pass
+    finally:
+        follower.close()
+
+
 _HOSTILE = st.one_of(
     st.integers(-(1 << 70), 1 << 70).map(str),
     st.sampled_from(["", " 1", "1_0", "0x10", "nan", "-0", "١", "00" * 32, "0" * 63]),
@@ -915,8 +932,6 @@ _HOSTILE = st.one_of(
 def test_any_meta_hash_gives_a_step_or_a_follow_error(store, url, server, tmp_path, damage, new):
     """Fuzzed fields of the meta hash over a real stream: the follower never raises anything
     but FollowError, whether it makes its store or is level with the stream."""
-    from replicator.follow import FollowError
-
     control = server.client(db=MIRROR_CURSOR_DB)
     if not control.exists(log_meta_key(0)):
         backend, stream, follower = _caught_up_follower(store, url, tmp_path / "follower", 3)
@@ -927,15 +942,9 @@ def test_any_meta_hash_gives_a_step_or_a_follow_error(store, url, server, tmp_pa
     target = tmp_path / ("new" if new else "follower")
     shutil.rmtree(tmp_path / "new", ignore_errors=True)
     control.hset(log_meta_key(0), mapping=damage)
-    follower = InProcessFollower(url, str(target))
     try:
-        for _ in range(4):
-            follower._retry_at = follower._next_report = 0.0
-            follower.step()
-    except FollowError:
-        pass
+        _step_until_it_stops(InProcessFollower(url, str(target)))
     finally:
-        follower.close()
         control.delete(log_meta_key(0))
         control.hset(log_meta_key(0), mapping=good)
 
@@ -1044,8 +1053,6 @@ def test_any_stream_entry_gives_a_step_or_a_follow_error(store, url, server, tmp
     """Fuzzed entries after the follower's head (ids, fields, records sealed to its chain or
     not): the follower never raises anything but FollowError, and its log stays a prefix
     of the primary's or takes the sealed records as events."""
-    from replicator.follow import FollowError
-
     control = server.client(db=MIRROR_CURSOR_DB)
     follower_path = tmp_path / "follower"
     if not control.exists(log_meta_key(0)):
@@ -1066,15 +1073,9 @@ def test_any_stream_entry_gives_a_step_or_a_follow_error(store, url, server, tmp
             control.xadd(log_stream_key(0), fields, id=entry_id)
         except redis.ResponseError:
             pass  # an id not after the stream's last: Redis refuses it
-    follower = InProcessFollower(url, str(follower_path))
     try:
-        for _ in range(4):
-            follower._retry_at = follower._next_report = 0.0
-            follower.step()
-    except FollowError:
-        pass
+        _step_until_it_stops(InProcessFollower(url, str(follower_path)))
     finally:
-        follower.close()
         control.delete(log_stream_key(0))
         for entry_id, fields in kept:
             control.xadd(log_stream_key(0), fields, id=entry_id)
