@@ -858,6 +858,15 @@ def _promoted(old: StandInLog, n: int, path: str = "/new") -> StandInLog:
     return new
 
 
+def _old_and_promoted(old_path: str | None = None) -> tuple[StandInLog, StandInLog]:
+    """A filled store (at `old_path`, if given) and a follower of it promoted at its end."""
+    old = StandInLog()
+    if old_path is not None:
+        old.path = old_path
+    _fill(old)
+    return old, _promoted(old, old.last_seq)
+
+
 def _record(client: redis.Redis, new: StandInLog) -> None:
     """Record `new`'s promotion, as the daemon of the promoted store does."""
     from replicator.promotion import PromotionScan, read_promotion, record_promotion
@@ -873,10 +882,7 @@ def test_a_step_of_the_old_primary_is_refused_once_a_promotion_is_recorded(mirro
     # promotion, then the new primary's daemon recorded it again) went on
     # moving it, and the replies sent with its steps went out.
     url, client = mirror
-    old = StandInLog()
-    old.path = "/old"
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted("/old")
     sink = sinks(old, url, check_interval=3600.0)  # its idle check does not come
     _run(sink)
     _record(client, new)
@@ -894,9 +900,7 @@ def test_an_idle_old_primary_notices_a_promotion_recorded_again(mirror, sinks):
     # An old primary's daemon that holds the mirror while no write comes reads
     # the promotion hash at each check: it is fenced before any step of its.
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     sink = sinks(old, url)
     _run(sink)
     assert sink.state == SinkState.TAIL and sink.promotion == b""
@@ -915,10 +919,7 @@ def test_the_promoted_stores_replicator_takes_the_mirror_back_from_the_old_prima
     # promotion again but then waited in CONFLICT for good: nobody served the
     # mirror once the old primary was fenced.
     url, client = mirror
-    old = StandInLog()
-    old.path = "/old"
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted("/old")
     new.set_immutable(b"written to the new primary", b"\xff\x02")
     new_sink = sinks(new, url, backoff=(0.01, 60.0))
     _run(new_sink)
@@ -1003,9 +1004,7 @@ def test_a_promotion_seq_not_spelled_as_a_daemon_writes_it_fences(
     from replicator.promotion import DamagedPromotion, read_promotion
 
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     seq = old.last_seq + 1
     _write_promotion(redis_server, new, seq=spelling.format(seq))
     with pytest.raises(DamagedPromotion):
@@ -1061,9 +1060,7 @@ def test_a_step_refused_for_a_promotion_the_sink_cannot_explain_waits(
     import replicator.redis_sink
 
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     _record(client, new)
     monkeypatch.setattr(
         replicator.redis_sink,
@@ -1102,9 +1099,7 @@ def test_a_lagging_copy_of_the_promoted_store_leaves_the_mirror_to_it(mirror, si
     # "of the old primary's history": it took the mirror back and rebuilt it at
     # its older seq (the new primary's acknowledged write vanished from it).
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     lagging = _copy_of(new)
     lag_sink = sinks(lagging, url)
     _run(lag_sink)
@@ -1132,9 +1127,7 @@ def test_two_diverged_copies_of_the_promoted_store_do_not_take_the_mirror_from_e
     # same mirror), each took the other's cursor for the old primary's and took
     # the mirror back, rebuilding it, for ever.
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     copy = _copy_of(new)
     new.set_immutable(b"new's", b"\xff\x01")
     copy.set_immutable(b"copy's", b"\xff\x02")
@@ -1160,9 +1153,7 @@ def test_the_promoted_stores_replicator_records_the_promotion_again_while_it_wri
     from replicator.promotion import promotion_key, read_promotion
 
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     sink = sinks(new, url, check_interval=3600.0)  # no idle check: the step is refused
     _run(sink)
     _eval_quietly(
@@ -1183,9 +1174,7 @@ def test_a_cursor_of_before_is_read_by_its_history(mirror, sinks, caplog):
     # taken over if it ends before the promote event, left alone if it is
     # ahead of this store's log.
     url, client = mirror
-    old = StandInLog()
-    _fill(old)
-    new = _promoted(old, old.last_seq)
+    old, new = _old_and_promoted()
     new_sink = sinks(new, url)
     _run(new_sink)
     assert read_cursor(client)[1].promotion == f"{old.last_seq + 1}:{new.log[-1].chain.hex()}"
