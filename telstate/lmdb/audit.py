@@ -215,13 +215,10 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
         name_key = bytes(name_key)
         if name_key == ALL_KEYS or name_key in seen:
             continue
-        try:
-            logged, last, foreign = _replay_key(txn, tables, name_key, clears)
-        except _DAMAGE as error:
-            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+        replayed = _replayed(txn, tables, name_key, name_key[1:], clears, problems)
+        if replayed is None:
             continue
-        if foreign:
-            problems.append(_foreign_problem(name_key[1:], foreign))
+        logged, last = replayed
         if logged is not None:
             problems.append(
                 f"key {display_str(logged[0])}: in the log but not in the state "
@@ -229,6 +226,27 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
             )
     problems.extend(_check_history(txn, tables, counts, digest))
     return problems
+
+
+def _replayed(
+    txn: Any,
+    tables: Tables,
+    name_key: bytes,
+    key: bytes,
+    clears: list[int],
+    problems: list[str],
+    until_seq: int | None = None,
+) -> tuple[tuple[bytes, Any] | None, int] | None:
+    """:func:`_replay_key`'s model value and last seq of `key`, or None if its history
+    is unreadable; that, and events of other keys listed under it, go to `problems`."""
+    try:
+        logged, last, foreign = _replay_key(txn, tables, name_key, clears, until_seq)
+    except _DAMAGE as error:
+        problems.append(f"key {display_str(key)}: its history is unreadable ({error})")
+        return None
+    if foreign:
+        problems.append(_foreign_problem(key, foreign))
+    return logged, last
 
 
 def _foreign_problem(key: bytes, count: int) -> str:
@@ -309,13 +327,10 @@ def verify_rdb_in(
         if complete and selected is not None and not selected(key):
             problems.append(f"key {display_str(key)}: in the file but not in its selection")
             continue
-        try:
-            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
-        except _DAMAGE as error:
-            problems.append(f"key {display_str(key)}: its history is unreadable ({error})")
+        replayed = _replayed(txn, tables, name_key, key, clears, problems, seq)
+        if replayed is None:
             continue
-        if foreign:
-            problems.append(_foreign_problem(key, foreign))
+        logged = replayed[0]
         difference = _difference(key_type, value, logged)
         if difference:
             problems.append(f"key {display_str(key)}: {difference.replace('state', 'file')}")
@@ -329,13 +344,10 @@ def verify_rdb_in(
         if selected is not None and len(name_key) != LONG_NAME_KEY_LEN:
             if not selected(name_key[1:]):  # the key is its name: no need to replay it
                 continue
-        try:
-            logged, _, foreign = _replay_key(txn, tables, name_key, clears, seq)
-        except _DAMAGE as error:
-            problems.append(f"key {display_str(name_key[1:])}: its history is unreadable ({error})")
+        replayed = _replayed(txn, tables, name_key, name_key[1:], clears, problems, seq)
+        if replayed is None:
             continue
-        if foreign:
-            problems.append(_foreign_problem(name_key[1:], foreign))
+        logged = replayed[0]
         if logged is not None and (selected is None or selected(logged[0])):
             problems.append(f"key {display_str(logged[0])}: in the log but not in the file")
     return problems, count
