@@ -745,3 +745,17 @@ def test_an_unfinished_import_from_a_pipe_is_named_as_the_stream(store, tmp_path
         store.load_from_file(pipe)
     assert store.unfinished_imports() == [unfinished]
     assert store.forget_import("<stream>") == [unfinished]
+
+
+def test_a_follower_forgets_no_import(tmp_path, capsys):
+    """A follower takes no writes: --forget on it says so (exit 2) and changes nothing."""
+    from telstate.lmdb.follower import make_follower
+
+    path = str(tmp_path / "copy")
+    LmdbBackend(path).close()
+    make_follower(path, "primary")
+    with LmdbBackend(path) as backend:
+        with pytest.raises(ReadOnlyError, match="primary"):
+            backend.forget_import("/data/a.rdb")
+    assert run_cli("import", "--forget", path, "/data/a.rdb")[0] == cli.EXIT_USAGE
+    assert "primary" in capsys.readouterr().err
