@@ -417,7 +417,7 @@ class ImportRecord(NamedTuple):
 
     @property
     def entry(self) -> bytes:
-        """Its meta table key: one per file (and size and time), so imports of others keep it."""
+        """Its meta table key: one per file (and size and time, or nonce): others keep theirs."""
         return IMPORT_PREFIX + hashlib.blake2b(self.encode(), digest_size=16).digest()
 
     @classmethod
