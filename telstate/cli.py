@@ -12,6 +12,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -148,13 +149,16 @@ def parse_until(text: str) -> tuple[int | None, float | None]:
     CliError
         If `text` is none of those.
     """
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text), None
     if text.startswith("@"):
         try:
-            return None, float(text[1:])
+            moment = float(text[1:])
         except ValueError:
             pass
+        else:
+            if math.isfinite(moment):
+                return None, moment
     else:
         try:
             moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -476,10 +480,23 @@ def _export(
         return {"rdb": target, "keys": count, "seq": snap.seq, "chain": snap.chain.hex()}
 
 
+def _summary_stream(target: str, out: TextIO) -> TextIO:
+    """Where to say what was written to `target`: stderr if `target` is `out` itself.
+
+    (``export STORE /dev/stdout | ...``: a line on `out` would end the RDB stream.)
+    """
+    try:
+        same = os.path.samestat(os.stat(target), os.fstat(out.fileno()))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        same = False
+    return sys.stderr if same else out
+
+
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     from .export import KeySelection
 
     result = _export(args, args.rdb, KeySelection(), args.until)
+    out = _summary_stream(args.rdb, out)
     out.write(
         json.dumps(result) + "\n"
         if args.json
@@ -490,11 +507,12 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     result = _export(args, args.rdb, _selection(args), args.until)
+    out = _summary_stream(args.rdb, out)
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:
         state = f"state at seq {result['seq']}"
-        if args.until is not None and not args.until.isdigit():
+        if args.until is not None and parse_until(args.until)[0] is None:
             state = f"state at {args.until}: seq {result['seq']}"
         out.write(f"exported {result['keys']} keys ({state}) to {args.rdb}\n")
     return EXIT_OK
