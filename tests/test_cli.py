@@ -207,7 +207,7 @@ def test_import_reads_a_pipe_once(store, tmp_path):
 
 
 def test_export_to_a_piped_stdout(store, tmp_path):
-    """``telstate export STORE /dev/stdout | ...`` writes the file to the pipe, its summary to stderr."""
+    """`export STORE /dev/stdout | ...`: the file goes to the pipe, the summary to stderr."""
     for command in (["export", store, "/dev/stdout"], ["replay", store, "--until", "6"]):
         if command[0] == "replay":
             command += ["--rdb", "/dev/stdout"]
