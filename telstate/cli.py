@@ -153,12 +153,12 @@ def parse_until(text: str) -> tuple[int | None, float | None]:
         return int(text), None
     if text.startswith("@"):
         try:
-            moment = float(text[1:])
+            seconds = float(text[1:])
         except ValueError:
             pass
         else:
-            if math.isfinite(moment):
-                return None, moment
+            if math.isfinite(seconds):
+                return None, seconds
     else:
         try:
             moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
