@@ -603,7 +603,7 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
     as earlier exports wrote it) can only have the keys it holds checked.
     """
     from .export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, KeySelection
-    from .rdb_reader import read_aux, read_records
+    from .rdb_reader import RdbReader, read_aux
 
     if not os.path.isfile(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
@@ -645,10 +645,18 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
             )
         else:
             try:
-                records = read_records(args.rdb)
-                complete = described is None
-                differences, keys = backend.verify_rdb(records, seq, complete, selection)
-                problems.extend(differences)
+                with RdbReader(args.rdb) as reader:
+                    complete = described is None
+                    differences, keys = backend.verify_rdb(
+                        reader.records(), seq, complete, selection
+                    )
+                    problems.extend(differences)
+                    # Keys the reader passes over (lists, sets, streams, empty
+                    # collections) are in the file but no state holds them.
+                    problems.extend(
+                        f"the file holds {count} {what} key(s) that are no telstate keys"
+                        for what, count in sorted(reader.skipped.items())
+                    )
             except RdbParseError as error:
                 problems.append(f"the file is damaged: {error}")
     ok = not problems
