@@ -174,8 +174,9 @@ def compile_pattern(pattern: bytes) -> re.Pattern[bytes]:
         i += 1
     first, *starred = (b"".join(run) for run in runs)
     # Redis's matcher takes an empty key for no pattern but an empty one;
-    # KEYS takes it for "*" (every key) too.
-    parts = [first if pattern in (b"", b"*") else b"(?=.)" + first]
+    # KEYS takes it for "*" (every key) too. (A pattern with more than stars
+    # needs a character anyway.)
+    parts = [b"(?=.)" if pattern not in (b"", b"*") and not any(runs) else b"", first]
     if starred:
         *middle, last = starred
         for number, run in enumerate(middle):
