@@ -22,10 +22,19 @@ differs from the store's at its seq (the store was restored from an older
 copy, rolled back by a power cut, ...) is of another history. It is moved
 into the ``diverged`` subdirectory, kept but no longer counted or pruned,
 and the reason is logged; the store's state is then snapshotted anew.
+
+One sink at a time writes a store's snapshots into a directory: it holds
+a lock (``flock`` on ``.telstate-<store uuid>.lock`` there) for its life,
+and a second is refused (:class:`SnapshotDirectoryBusy`). A lagging copy of
+the store (a follower, a backup being caught up, with the same UUID) would
+otherwise take the primary's newer snapshots for another history and move
+them aside at each of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -57,6 +66,10 @@ CHAIN_DIGITS = 16
 _NAME = re.compile(
     r"telstate-(?P<store>[0-9a-f-]{36})-(?P<seq>[0-9]{16,})(?:-(?P<chain>[0-9a-f]{16}))?\.rdb"
 )
+
+
+class SnapshotDirectoryBusy(OSError):
+    """Another sink (in this process or another) writes the store's snapshots into the directory."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,37 @@ def list_snapshots(
     return sorted(found, key=lambda snapshot: (snapshot.store, snapshot.seq))
 
 
+def _lock_directory(directory: Path, store: str) -> int:
+    """Take the lock on writing `store`'s snapshots into `directory`: its descriptor.
+
+    Raises
+    ------
+    SnapshotDirectoryBusy
+        If another holds it.
+    """
+    path = directory / f".telstate-{store}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = os.pread(fd, 64, 0).decode().strip()
+        os.close(fd)
+        raise SnapshotDirectoryBusy(
+            f"another replicator{f' (pid {holder})' if holder.isdigit() else ''} writes the"
+            f" snapshots of store {store} into {directory} (one at a time: a follower or"
+            " backup of the store needs a directory of its own)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class SnapshotSink:
     """Writes snapshots of a store into a directory, every `interval` seconds while it changes.
 
@@ -141,6 +185,9 @@ class SnapshotSink:
     ------
     ValueError
         If `keep` is less than 1 or `interval` is not positive.
+    SnapshotDirectoryBusy
+        If another sink writes the store's snapshots into `directory`
+        (see the module docstring); :meth:`close` lets the next one in.
     """
 
     def __init__(
@@ -156,6 +203,7 @@ class SnapshotSink:
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store = str(source.uuid)
+        self._lock = _lock_directory(self.directory, self._store)
         # Left by a replicator killed while writing a snapshot of this store.
         remove_stale_temporaries(
             self.directory, rf"telstate-{self._store}-[0-9]+(?:-[0-9a-f]{{16}})?\.rdb"
@@ -169,6 +217,11 @@ class SnapshotSink:
         if self.latest is not None:
             age = time.time() - self.latest.path.stat().st_mtime
             self._due += min(max(interval - age, 0.0), interval)
+
+    def close(self) -> None:
+        """Let another sink write the store's snapshots into the directory (its lock goes)."""
+        os.close(self._lock)
+        self._lock = -1
 
     def until_due(self) -> float:
         """Seconds until the next snapshot is due (0 if it is due now)."""
@@ -222,8 +275,11 @@ class SnapshotSink:
         """
         moved = []
         kept = []
+        # Listed first: a snapshot listed was of a seq the log had reached
+        # before this reads its end (none can be beyond it but of another history).
+        snapshots = list_snapshots(self.directory, self._store)
         last_seq = self.source.last_seq
-        for snapshot in list_snapshots(self.directory, self._store):
+        for snapshot in snapshots:
             if not snapshot.chain:
                 reason = "it has no chain hash (written before chains existed)"
             elif snapshot.seq > last_seq:

@@ -374,9 +374,10 @@ class Backend(ABC):
     def load_from_file(self, file: PathType | BinaryIO) -> int:
         """Load the keys of an RDB file; implements :meth:`TelescopeState.load_from_file`.
 
-        Follows :mod:`telstate.import_rules`: a path or seekable file is
-        checked whole (records, and conflicts with existing keys) before
-        anything is written, so a bad file leaves the store unchanged.
+        Follows :mod:`telstate.import_rules`: a regular file (by path, read
+        twice through one descriptor, or seekable file object) is checked
+        whole (records, and conflicts with existing keys) before anything is
+        written, so a bad file leaves the store unchanged.
 
         Returns
         -------
@@ -394,13 +395,16 @@ class Backend(ABC):
         """
         from . import import_rules, rdb_reader
 
+        if isinstance(file, (str, bytes, os.PathLike)):
+            # Opened once, for both passes (see LmdbBackend.load_from_file).
+            with open(file, "rb") as handle:
+                return Backend.load_from_file(self, handle)
         source = import_rules.file_source(file)
         if import_rules.rereadable(file):
-            start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
+            start = file.tell()
             for batch in import_rules.batches(rdb_reader.read_records(file), source):
                 self.check_imports(batch)
-            if start is not None:
-                file.seek(start)  # type: ignore[union-attr]
+            file.seek(start)
         return self.load_records(rdb_reader.read_records(file), source=source)
 
     def check_imports(self, records: list[Record]) -> None:

@@ -12,6 +12,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -148,13 +149,16 @@ def parse_until(text: str) -> tuple[int | None, float | None]:
     CliError
         If `text` is none of those.
     """
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text), None
     if text.startswith("@"):
         try:
-            return None, float(text[1:])
+            seconds = float(text[1:])
         except ValueError:
             pass
+        else:
+            if math.isfinite(seconds):
+                return None, seconds
     else:
         try:
             moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -476,10 +480,23 @@ def _export(
         return {"rdb": target, "keys": count, "seq": snap.seq, "chain": snap.chain.hex()}
 
 
+def _summary_stream(target: str, out: TextIO) -> TextIO:
+    """Where to say what was written to `target`: stderr if `target` is `out` itself.
+
+    (``export STORE /dev/stdout | ...``: a line on `out` would end the RDB stream.)
+    """
+    try:
+        same = os.path.samestat(os.stat(target), os.fstat(out.fileno()))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        same = False
+    return sys.stderr if same else out
+
+
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     from .export import KeySelection
 
     result = _export(args, args.rdb, KeySelection(), args.until)
+    out = _summary_stream(args.rdb, out)
     out.write(
         json.dumps(result) + "\n"
         if args.json
@@ -490,11 +507,12 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     result = _export(args, args.rdb, _selection(args), args.until)
+    out = _summary_stream(args.rdb, out)
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:
         state = f"state at seq {result['seq']}"
-        if args.until is not None and not args.until.isdigit():
+        if args.until is not None and parse_until(args.until)[0] is None:
             state = f"state at {args.until}: seq {result['seq']}"
         out.write(f"exported {result['keys']} keys ({state}) to {args.rdb}\n")
     return EXIT_OK
@@ -585,7 +603,7 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
     as earlier exports wrote it) can only have the keys it holds checked.
     """
     from .export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, KeySelection
-    from .rdb_reader import read_aux, read_records
+    from .rdb_reader import RdbReader, read_aux
 
     if not os.path.isfile(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
@@ -627,10 +645,18 @@ def _verify_rdb(backend: Any, args: argparse.Namespace, out: TextIO) -> int:
             )
         else:
             try:
-                records = read_records(args.rdb)
-                complete = described is None
-                differences, keys = backend.verify_rdb(records, seq, complete, selection)
-                problems.extend(differences)
+                with RdbReader(args.rdb) as reader:
+                    complete = described is None
+                    differences, keys = backend.verify_rdb(
+                        reader.records(), seq, complete, selection
+                    )
+                    problems.extend(differences)
+                    # Keys the reader passes over (lists, sets, streams, empty
+                    # collections) are in the file but no state holds them.
+                    problems.extend(
+                        f"the file holds {count} {what} key(s) that are no telstate keys"
+                        for what, count in sorted(reader.skipped.items())
+                    )
             except RdbParseError as error:
                 problems.append(f"the file is damaged: {error}")
     ok = not problems

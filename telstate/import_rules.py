@@ -204,10 +204,8 @@ def raise_contradiction(record: Record, existing_type: KeyType | None, existing:
         raise ImmutableKeyError(reason)
 
 
-def rereadable(file: PathType | BinaryIO) -> bool:
-    """Whether `file` can be read twice: a path, or a seekable file object."""
-    if isinstance(file, (str, bytes, os.PathLike)):
-        return True
+def rereadable(file: BinaryIO) -> bool:
+    """Whether the file object `file` can be read twice: a seekable one (not a pipe)."""
     try:
         return bool(file.seekable())
     except (AttributeError, OSError, ValueError):

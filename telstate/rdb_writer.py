@@ -146,15 +146,19 @@ class RDBWriter:
             ]
         header.append(_SELECT_DB_0)
         self._buffer = bytearray(b"".join(header))
-        # A symbolic link stays one: the file it points to is replaced.
-        target = os.path.realpath(os.fsdecode(filename))
-        self._target = target
         #: The temporary file that becomes `filename` when :meth:`close` completes
         #: it; None when `filename` is a pipe or device, written to directly.
         self.temporary: str | None = None
-        if _is_stream(target):
-            self._file = open(target, "wb")  # noqa: SIM115 - closed by close() or abort()
+        name = os.fsdecode(filename)
+        # Judged by the name as given: /dev/stdout on a pipe is a link to
+        # "pipe:[N]", which is no path (os.stat follows it; realpath cannot).
+        if _is_stream(name):
+            self._target = name
+            self._file = open(name, "wb")  # noqa: SIM115 - closed by close() or abort()
             return
+        # A symbolic link stays one: the file it points to is replaced.
+        target = os.path.realpath(name)
+        self._target = target
         directory, name = os.path.split(target)
         remove_stale_temporaries(directory, re.escape(name))
         self.temporary, fd = _create_temporary(directory, name)

@@ -157,8 +157,69 @@ def test_parse_until():
     assert cli.parse_until("42") == (42, None)
     assert cli.parse_until("@1.5") == (None, 1.5)
     assert cli.parse_until("1970-01-01T00:00:10Z") == (None, 10.0)
-    with pytest.raises(cli.CliError):
-        cli.parse_until("@soon")
+    for text in ("@soon", "\u00b2", "4\u00b2", "@nan", "@inf", "@-inf"):
+        with pytest.raises(cli.CliError):
+            cli.parse_until(text)
+
+
+def _cli(*argv, **kwargs):
+    """The ``telstate`` command as a process of its own (its stdin and stdout real files)."""
+    return subprocess.run(
+        [sys.executable, "-m", "telstate.cli", *argv],
+        capture_output=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        **kwargs,
+    )
+
+
+def test_import_reads_a_pipe_once(store, tmp_path):
+    """``... | telstate import STORE /dev/stdin``, and a named FIFO, import the whole file.
+
+    Both passes (the check, then the import) read one descriptor: a path was
+    opened twice, and the second open of a pipe found it empty (refused as a
+    truncated file), or of a FIFO, waited for a writer for ever.
+    """
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    data = full.read_bytes()
+    copy = tmp_path / "from-stdin"
+    result = _cli("import", str(copy), "/dev/stdin", input=data)
+    assert result.returncode == 0, result.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    feeder = subprocess.Popen(
+        [sys.executable, "-c", f"open({str(fifo)!r}, 'wb').write(open({str(full)!r}, 'rb').read())"]
+    )
+    try:
+        result = _cli("import", str(tmp_path / "from-fifo"), str(fifo))
+    finally:
+        feeder.kill()
+        feeder.wait()
+    assert result.returncode == 0, result.stderr
+    for path in (copy, tmp_path / "from-fifo"):
+        assert run("verify", str(path))[0] == 0
+        imported = TelescopeState(LmdbBackend(str(path), readonly=True))
+        assert imported.keys() == ["attr", "idx", "other", "sensor"]
+        assert len(imported.get_range("sensor", st=0)) == 10
+        assert imported.backend.unfinished_imports() == []
+        imported.backend.close()
+
+
+def test_export_to_a_piped_stdout(store, tmp_path):
+    """`export STORE /dev/stdout | ...`: the file goes to the pipe, the summary to stderr."""
+    for command in (["export", store, "/dev/stdout"], ["replay", store, "--until", "6"]):
+        if command[0] == "replay":
+            command += ["--rdb", "/dev/stdout"]
+        result = _cli(*command)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(b"REDIS")
+        assert b" keys" in result.stderr
+        piped = tmp_path / f"{command[0]}.rdb"
+        piped.write_bytes(result.stdout)
+        state = TelescopeState()
+        state.load_from_file(str(piped))
+        assert "attr" in state.keys()
 
 
 def test_jsonable():

@@ -759,3 +759,47 @@ def test_a_follower_forgets_no_import(tmp_path, capsys):
             backend.forget_import("/data/a.rdb")
     assert run_cli("import", "--forget", path, "/data/a.rdb")[0] == cli.EXIT_USAGE
     assert "primary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend_name", ["lmdb", "memory"])
+def test_the_file_checked_is_the_file_imported(tmp_path, backend_name):
+    """A path is opened once: a file put in its place during the check is not what is imported.
+
+    (The check found the first file good; importing the second, unchecked,
+    could stop half-way on a record the check never saw.)
+    """
+    checked = write_rdb(tmp_path / "checked.rdb", sample_records(2, 50))
+    other = write_rdb(tmp_path / "other.rdb", [(b"m000_sensor", MUTABLE, [member(-1.0, b"x")])])
+    path = tmp_path / "in.rdb"
+    os.replace(checked, path)
+    if backend_name == "lmdb":
+        backend = LmdbBackend(tmp_path / "store", durability="none")
+        replaced = []
+
+        def progress(phase: str, values: int) -> None:
+            if not replaced:  # during the check: the path now names another file
+                os.replace(other, path)
+                replaced.append(phase)
+
+        count = backend.load_from_file(str(path), progress=progress)
+        assert replaced
+    else:
+        backend = MemoryBackend()
+        original = backend.check_imports
+
+        def check_imports(records):
+            if os.path.exists(other):
+                os.replace(other, path)
+            original(records)
+
+        backend.check_imports = check_imports  # type: ignore[method-assign]
+        count = Backend.load_from_file(backend, str(path))
+        assert not os.path.exists(other)
+    assert count == len(sample_records(2, 50))
+    assert sorted(state(backend)) == sorted(
+        (key, key_type, value if key_type != MUTABLE else sorted(value))
+        for key, key_type, value in sample_records(2, 50)
+    )
+    if backend_name == "lmdb":
+        assert backend.unfinished_imports() == []
+        backend.close()

@@ -517,6 +517,25 @@ def test_a_log_rewritten_with_recomputed_chains_passes_verify_but_not_an_older_e
     assert failed.returncode == 1 and "another history" in failed.stdout
 
 
+def test_verify_rdb_reports_keys_the_reader_passes_over(filled, tmp_path):
+    """A list, or an empty hash, added to an export is in the file: not "exactly the state"."""
+    from telstate.rdb_utility import crc64
+
+    export = tmp_path / "export.rdb"
+    assert telstate_cli("export", str(filled), str(export)).returncode == 0
+    body = export.read_bytes()[:-9]  # less the end opcode and the checksum
+    for extra, what in (
+        (b"\x01\x05extra\x01\x03abc", "1 list key(s)"),  # a list ['abc']
+        (b"\x04\x05extra\x00", "1 empty hash key(s)"),
+    ):
+        edited = tmp_path / "edited.rdb"
+        data = body + extra + b"\xff"
+        edited.write_bytes(data + crc64(data).to_bytes(8, "little"))
+        result = telstate_cli("verify", str(filled), "--rdb", str(edited))
+        assert result.returncode == 1, result.stdout
+        assert f"the file holds {what} that are no telstate keys" in result.stdout
+
+
 def test_verify_rdb_against_the_position_the_file_claims(filled, tmp_path):
     early = tmp_path / "early.rdb"
     assert telstate_cli("export", str(filled), str(early)).returncode == 0

@@ -5,13 +5,24 @@ from __future__ import annotations
 import fcntl
 import importlib
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from replicator.daemon import Daemon
-from replicator.snapshot_sink import AUX_CHAIN, AUX_SEQ, AUX_STORE, SnapshotSink, list_snapshots
+from replicator.snapshot_sink import (
+    AUX_CHAIN,
+    AUX_SEQ,
+    AUX_STORE,
+    DIVERGED,
+    SnapshotDirectoryBusy,
+    SnapshotSink,
+    list_snapshots,
+)
 from replicator.verify import differences, mirror_contents, record_contents
 from telstate import TelescopeState
 from telstate.lmdb import LmdbBackend, replay
@@ -99,7 +110,7 @@ def test_failed_snapshot_leaves_no_file(store, tmp_path, monkeypatch):
     monkeypatch.setattr("telstate.rdb_writer.RDBWriter.write_record", fail)
     with pytest.raises(OSError):
         sink.write()
-    assert os.listdir(tmp_path / "rdb") == []
+    assert os.listdir(tmp_path / "rdb") == [f".telstate-{store.backend.uuid}.lock"]
     monkeypatch.undo()
     assert sink.write() is not None
 
@@ -163,7 +174,48 @@ def test_snapshots_fall_due_by_the_monotonic_clock(store, tmp_path, monkeypatch)
     # A snapshot file dated in the future (the clock was stepped back since)
     # delays the next one by at most the interval.
     os.utime(written.path, (wall + 1e6, wall + 1e6))
+    sink.close()
     again = SnapshotSink(store.backend, tmp_path / "rdb", interval=100.0, keep=2)
     assert 99.0 < again.until_due() <= 100.0
+    again.close()
     os.utime(written.path, (wall - 1e6, wall - 1e6))
     assert SnapshotSink(store.backend, tmp_path / "rdb", interval=100.0, keep=2).until_due() == 0
+
+
+def test_a_lagging_copy_of_the_store_cannot_share_the_snapshot_directory(store, tmp_path):
+    """A follower or backup of the store (its UUID) with a daemon of its own on the same directory.
+
+    Its log ends before the primary's newest snapshot, which it would take
+    for another history and move aside at each of its own snapshots (and
+    ``diverged/`` would grow for ever). One sink per store and directory:
+    the second is refused, in this process or another, and the primary's
+    snapshots stay.
+    """
+    _write(store, 0, 5)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "store", copy)
+    _write(store, 5, 5)
+    rdb = tmp_path / "rdb"
+    primary = SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    newest = primary.write()
+    assert newest is not None
+    with LmdbBackend(copy, readonly=True) as lagging:
+        assert lagging.uuid == store.backend.uuid and lagging.last_seq < newest.seq
+        with pytest.raises(SnapshotDirectoryBusy, match=f"pid {os.getpid()}"):
+            SnapshotSink(lagging, rdb, interval=3600, keep=2)
+    daemon = subprocess.run(
+        [sys.executable, "-m", "replicator", "run", "--log", str(copy), "--rdb-dir", str(rdb)]
+        + ["--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert daemon.returncode == 2
+    assert f"another replicator (pid {os.getpid()}) writes the snapshots" in daemon.stderr
+    assert list_snapshots(rdb) == [newest] and not (rdb / DIVERGED).exists()
+    # Once the primary's sink is gone, another may write there.
+    primary.close()
+    again = SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    assert again.latest == newest
+    again.close()

@@ -504,7 +504,8 @@ class LmdbBackend(Backend):
     ) -> int:
         """Import the keys of an RDB file in bulk (see :meth:`load_records`).
 
-        A path or seekable file is read twice: first every record is checked
+        A regular file (by path or seekable file object) is read twice,
+        through one descriptor: first every record is checked
         (its shape, against the store's keys and against the file's other
         copies of its key), then it is imported, so a bad file leaves the
         store unchanged. The import itself is not one transaction: if the
@@ -513,8 +514,8 @@ class LmdbBackend(Backend):
         than one chunk is therefore recorded in the store while it runs
         (:meth:`unfinished_imports`, reported by :meth:`verify` and
         ``telstate info``); importing the same file again completes it and
-        clears the record. A file object that cannot seek is checked chunk
-        by chunk.
+        clears the record. A pipe (``/dev/stdin``, a FIFO, by path or file
+        object) is read once, and checked chunk by chunk.
 
         Raises
         ------
@@ -523,17 +524,21 @@ class LmdbBackend(Backend):
         """
         from .. import import_rules, rdb_reader
 
+        if isinstance(file, (str, bytes, os.PathLike)):
+            # Opened once, for both passes: a pipe (/dev/stdin, a FIFO) read
+            # once, and the file checked is the file imported.
+            with open(file, "rb") as handle:
+                return LmdbBackend.load_from_file(self, handle, progress)
         source = import_rules.file_source(file)
         if import_rules.rereadable(file):
             self._writable_store()
             primary = self.primary
             if primary is not None:
                 raise follower_error(self.path, primary)
-            start = None if isinstance(file, (str, bytes, os.PathLike)) else file.tell()
+            start = file.tell()
             records = rdb_reader.read_records(file, packed_members=True)
             bulk.check(self, records, source, progress)
-            if start is not None:
-                file.seek(start)  # type: ignore[union-attr]
+            file.seek(start)
         records = rdb_reader.read_records(file, packed_members=True)
         return bulk.load(self, records, source, progress, _import_record(file, source))
 
