@@ -425,6 +425,8 @@ def _run(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             log_stream.close()
         if redis_sink is not None:
             redis_sink.close()
+        if snapshot_sink is not None:
+            snapshot_sink.close()
         source.close()
         logging.getLogger("replicator").info("stopped")
 

@@ -40,6 +40,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,14 @@ def _lock_directory(directory: Path, store: str) -> int:
         If another holds it.
     """
     path = directory / f".telstate-{store}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # Left in place: whoever made it first (its mode as the umask says)
+    # leaves the others at least its reading, which is enough to lock it.
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        writable = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -158,9 +166,10 @@ def _lock_directory(directory: Path, store: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if writable:  # (for the message of a sink refused)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -187,7 +196,8 @@ class SnapshotSink:
         If `keep` is less than 1 or `interval` is not positive.
     SnapshotDirectoryBusy
         If another sink writes the store's snapshots into `directory`
-        (see the module docstring); :meth:`close` lets the next one in.
+        (see the module docstring); :meth:`close` (or leaving its ``with``
+        block) lets the next one in.
     """
 
     def __init__(
@@ -203,25 +213,40 @@ class SnapshotSink:
         self.keep = keep
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store = str(source.uuid)
-        self._lock = _lock_directory(self.directory, self._store)
-        # Left by a replicator killed while writing a snapshot of this store.
-        remove_stale_temporaries(
-            self.directory, rf"telstate-{self._store}-[0-9]+(?:-[0-9a-f]{{16}})?\.rdb"
+        # Released by close(), or once the sink is collected (or fails to start).
+        self._unlock = weakref.finalize(
+            self, os.close, _lock_directory(self.directory, self._store)
         )
-        existing = list_snapshots(self.directory, self._store)
-        #: The newest snapshot of the store, if any.
-        self.latest: SnapshotFile | None = existing[-1] if existing else None
-        # The file's age is the only wall-clock reading, taken once and
-        # bounded to [0, interval]: from here on only monotonic time counts.
-        self._due = time.monotonic()
-        if self.latest is not None:
-            age = time.time() - self.latest.path.stat().st_mtime
-            self._due += min(max(interval - age, 0.0), interval)
+        try:
+            # Left by a replicator killed while writing a snapshot of this store.
+            remove_stale_temporaries(
+                self.directory, rf"telstate-{self._store}-[0-9]+(?:-[0-9a-f]{{16}})?\.rdb"
+            )
+            existing = list_snapshots(self.directory, self._store)
+            #: The newest snapshot of the store, if any.
+            self.latest: SnapshotFile | None = existing[-1] if existing else None
+            # The file's age is the only wall-clock reading, taken once and
+            # bounded to [0, interval]: from here on only monotonic time counts.
+            self._due = time.monotonic()
+            if self.latest is not None:
+                age = time.time() - self.latest.path.stat().st_mtime
+                self._due += min(max(interval - age, 0.0), interval)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def __enter__(self) -> SnapshotSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
-        """Let another sink write the store's snapshots into the directory (its lock goes)."""
-        os.close(self._lock)
-        self._lock = -1
+        """Let another sink write the store's snapshots into the directory (its lock goes).
+
+        Once is enough; again does nothing. A sink collected unclosed lets go too.
+        """
+        self._unlock()
 
     def until_due(self) -> float:
         """Seconds until the next snapshot is due (0 if it is due now)."""

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -137,6 +138,10 @@ class Progress:
 # --- argument parsing ------------------------------------------------------------------
 
 
+#: A unix time as ``--until @...`` takes it: ASCII digits, a fraction, an exponent.
+_UNIX_TIME = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+")
+
+
 def parse_until(text: str) -> tuple[int | None, float | None]:
     """Parse ``--until``: an integer is a seq; ``@<unix seconds>`` or ISO 8601 is a time.
 
@@ -152,11 +157,8 @@ def parse_until(text: str) -> tuple[int | None, float | None]:
     if text.isascii() and text.isdigit():
         return int(text), None
     if text.startswith("@"):
-        try:
+        if _UNIX_TIME.fullmatch(text[1:]):
             seconds = float(text[1:])
-        except ValueError:
-            pass
-        else:
             if math.isfinite(seconds):
                 return None, seconds
     else:

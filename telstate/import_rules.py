@@ -37,16 +37,16 @@ one, and the frontend raises the same error for the same write. Importing
 a file twice therefore changes nothing the second time.
 
 When an import fails, the store is unchanged where the backend can
-promise it. The LMDB store's ``load_from_file`` of a path or seekable
-file checks the whole file (records, conflicts with the store, and
-copies of a key in the file that contradict each other) before it writes
-anything; the memory backend's loads are all or nothing. The Redis
-backend (and the asyncio ones) check each batch of about 10,000 elements
-before writing it, so a bad record leaves the batches before it, as
-katsdptelstate's Redis load would: checking a file whole first would
-parse it twice, and Redis loads are meant to be fast. The LMDB store's
-``load_records`` of an iterator checks each chunk in the transaction that
-writes it.
+promise it. The LMDB store's ``load_from_file`` of a regular file (by
+path, opened once, or a seekable file object) checks the whole file
+(records, conflicts with the store, and copies of a key in the file that
+contradict each other) before it writes anything; the memory backend's
+loads are all or nothing. The Redis backend (and the asyncio ones) check
+each batch of about 10,000 elements before writing it, so a bad record
+leaves the batches before it, as katsdptelstate's Redis load would:
+checking a file whole first would parse it twice, and Redis loads are
+meant to be fast. The LMDB store's ``load_records`` of an iterator
+checks each chunk in the transaction that writes it.
 """
 
 from __future__ import annotations

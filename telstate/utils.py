@@ -121,7 +121,8 @@ def compile_pattern(pattern: bytes) -> re.Pattern[bytes]:
     """Compile a Redis glob pattern (as used by KEYS) into an equivalent regex.
 
     Follows Redis's matcher exactly: ``*``, ``?``, ``\\`` escapes, and
-    ``[...]`` classes with ``^`` negation, ranges in either order, escapes
+    ``[...]`` classes with ``^`` negation, ranges in either order (of
+    bytes compared as signed, as Redis on x86 compares them), escapes
     inside the class, and an unclosed class ending at the end of the pattern;
     and as KEYS, an empty key matches ``*`` (and an empty pattern) only.
     Use ``compile_pattern(p).fullmatch(key)``.
@@ -159,8 +160,7 @@ def compile_pattern(pattern: bytes) -> re.Pattern[bytes]:
                     i += 1
                     members.append(_class_byte(pattern[i]))
                 elif i + 2 < n and pattern[i + 1] == 0x2D:  # 'a-z' (either order)
-                    lo, hi = sorted((pattern[i], pattern[i + 2]))
-                    members.append(_class_byte(lo) + b"-" + _class_byte(hi))
+                    members += _class_range(pattern[i], pattern[i + 2])
                     i += 2
                 else:
                     members.append(_class_byte(pattern[i]))
@@ -185,6 +185,19 @@ def compile_pattern(pattern: bytes) -> re.Pattern[bytes]:
             parts.append(b"(?=(?P<s%d>.*?%s))(?P=s%d)" % (number, run, number))
         parts.append(b".*" + last)
     return re.compile(b"".join(parts), re.DOTALL)
+
+
+def _class_range(a: int, b: int) -> list[bytes]:
+    """The class members for the range between bytes `a` and `b` (either order), as Redis has it.
+
+    Redis compares its bytes as C ``char``, signed on x86: a range from
+    ``a`` to ``\xff`` (-1) is the one from -1 to ``a``, that is ``\xff``
+    and ``\x00`` to ``a``.
+    """
+    low, high = sorted(c - 256 if c >= 128 else c for c in (a, b))
+    if low < 0 <= high:
+        return [b"\\x00-" + _class_byte(high), _class_byte(low + 256) + b"-\\xff"]
+    return [_class_byte(low % 256) + b"-" + _class_byte(high % 256)]
 
 
 def _class_byte(c: int) -> bytes:

@@ -157,7 +157,10 @@ def test_parse_until():
     assert cli.parse_until("42") == (42, None)
     assert cli.parse_until("@1.5") == (None, 1.5)
     assert cli.parse_until("1970-01-01T00:00:10Z") == (None, 10.0)
-    for text in ("@soon", "\u00b2", "4\u00b2", "@nan", "@inf", "@-inf"):
+    assert cli.parse_until("@1e9") == (None, 1e9)
+    assert cli.parse_until("@.5") == (None, 0.5)
+    refused = ("@soon", "\u00b2", "4\u00b2", "@nan", "@inf", "@-inf", "@1e400", "@-5")
+    for text in (*refused, "@\u0661\u0662", "@1_000", "@ 5 ", "@+5", "@0x10"):
         with pytest.raises(cli.CliError):
             cli.parse_until(text)
 

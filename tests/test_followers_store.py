@@ -403,6 +403,14 @@ def test_every_write_to_a_follower_names_its_primary(tmp_path, primary):
         assert cli.main(["export", source.path, str(rdb)], out=io.StringIO()) == 0
     with pytest.raises(ReadOnlyError, match=expected):
         follower.load_from_file(rdb)
+    # A pipe too, before a byte of it is read (nothing of it would be left).
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as pipe, open(write_end, "wb") as writer:
+        writer.write(rdb.read_bytes()[:10])
+        writer.flush()
+        with pytest.raises(ReadOnlyError, match=expected):
+            follower.load_from_file(pipe)
+        assert pipe.read(10) == rdb.read_bytes()[:10]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         status = cli.main(["import", follower.path, str(rdb)], out=io.StringIO())

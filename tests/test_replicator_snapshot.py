@@ -219,3 +219,46 @@ def test_a_lagging_copy_of_the_store_cannot_share_the_snapshot_directory(store, 
     again = SnapshotSink(store.backend, rdb, interval=3600, keep=2)
     assert again.latest == newest
     again.close()
+
+
+def test_a_sink_lets_go_of_the_directory_however_it_ends(store, tmp_path, monkeypatch):
+    """Closed (once or twice), left by its ``with``, collected unclosed, or failing to start."""
+    import gc
+
+    rdb = tmp_path / "rdb"
+    sink = SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    sink.close()
+    sink.close()
+    with SnapshotSink(store.backend, rdb, interval=3600, keep=2) as sink:
+        with pytest.raises(SnapshotDirectoryBusy):
+            SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    SnapshotSink(store.backend, rdb, interval=3600, keep=2)  # dropped unclosed
+    gc.collect()
+
+    def fail(*args, **kwargs):
+        raise OSError("the directory cannot be read")
+
+    monkeypatch.setattr("replicator.snapshot_sink.list_snapshots", fail)
+    with pytest.raises(OSError, match="cannot be read"):
+        SnapshotSink(store.backend, rdb, interval=3600, keep=2)
+    monkeypatch.undo()
+    SnapshotSink(store.backend, rdb, interval=3600, keep=2).close()
+
+
+def test_a_lock_file_made_by_another_user_is_locked_read_only(store, tmp_path, monkeypatch):
+    """The lock file stays, with its first maker's mode: another user can still lock it."""
+    rdb = tmp_path / "rdb"
+    SnapshotSink(store.backend, rdb, interval=3600, keep=2).close()
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args):
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    with SnapshotSink(store.backend, rdb, interval=3600, keep=2) as sink:
+        _write(store, 0, 5)
+        assert sink.write() is not None
+        with pytest.raises(SnapshotDirectoryBusy, match="another replicator"):
+            SnapshotSink(store.backend, rdb, interval=3600, keep=2)

@@ -524,6 +524,11 @@ class LmdbBackend(Backend):
         """
         from .. import import_rules, rdb_reader
 
+        # Refused before anything is read (a pipe's bytes would be lost).
+        self._writable_store()
+        primary = self.primary
+        if primary is not None:
+            raise follower_error(self.path, primary)
         if isinstance(file, (str, bytes, os.PathLike)):
             # Opened once, for both passes: a pipe (/dev/stdin, a FIFO) read
             # once, and the file checked is the file imported.
@@ -531,10 +536,6 @@ class LmdbBackend(Backend):
                 return LmdbBackend.load_from_file(self, handle, progress)
         source = import_rules.file_source(file)
         if import_rules.rereadable(file):
-            self._writable_store()
-            primary = self.primary
-            if primary is not None:
-                raise follower_error(self.path, primary)
             start = file.tell()
             records = rdb_reader.read_records(file, packed_members=True)
             bulk.check(self, records, source, progress)
