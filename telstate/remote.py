@@ -81,6 +81,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
@@ -1005,7 +1006,36 @@ class _Process:
         cls.pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_Process.forked)
+class ProcessLock:
+    """A threading lock that a forked child gets anew, free.
+
+    A child forked while another thread held a plain lock has it held for
+    ever: the holder is not in the child to let it go, and the child's first
+    write would wait on it without end. (Made anew in the child's only
+    thread, right after the fork, before any other can take it.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _PROCESS_LOCKS.add(self)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+_PROCESS_LOCKS: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    _Process.forked()
+    for lock in list(_PROCESS_LOCKS):
+        lock._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _Session:
@@ -1374,7 +1404,7 @@ class RemoteWriter:
         )
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
-        self._lock = threading.Lock()
+        self._lock = ProcessLock()
 
     def write(
         self,

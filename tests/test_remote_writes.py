@@ -392,6 +392,44 @@ def test_a_forked_child_writes_on_a_connection_of_its_own(store, server, mirror_
     settle(store, server)
 
 
+def test_a_child_forked_while_another_thread_writes_can_write(store, server, mirror_url, daemon):
+    """The writer's lock is held by a thread for its whole round trip; a fork then copies it
+    held, and nothing in the child would let it go: the child's first write waited for ever."""
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("busy", 0.0, ts=1.0)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ts.add("busy", float(i), ts=1.0 + i)
+
+    busy = threading.Thread(target=keep_writing)
+    busy.start()
+    fork = multiprocessing.get_context("fork")
+    try:
+        for _ in range(5):
+            time.sleep(0.01)
+            queue = fork.Queue()
+            child = fork.Process(target=_write_in_child, args=(queue, ts))
+            child.start()
+            try:
+                assert queue.get(timeout=SETTLE) == "ok"
+            finally:
+                child.join(SETTLE)
+                if child.is_alive():
+                    child.kill()
+            assert child.exitcode == 0
+    finally:
+        stop.set()
+        busy.join(SETTLE)
+    assert [value for value, _ in ts.get_range("forked", st=0)] == [2.0]
+    ts.backend.close()
+    settle(store, server)
+
+
 def test_writes_go_on_after_the_scripts_are_flushed(store, server, mirror_url, daemon):
     daemon()
     ts = TelescopeState(mirror_url)
