@@ -1185,7 +1185,7 @@ class _Session:
         """
         deadline = time.monotonic() + self.timeout
         request_id = self.new_request()
-        sent = ever_sent = False
+        sent = ever_sent = resent = False
         # Whether an XADD of it may have run (the daemon may apply it), and
         # whether reading its reply failed since, or the server stalled while
         # it took the XADD (so a timeout is no proof).
@@ -1244,6 +1244,12 @@ class _Session:
                     yield _RETRY_DELAY
                     continue
                 if not ever_sent:
+                    if not resent:
+                        # A connection the server closed while it was idle (its
+                        # `timeout`, CLIENT KILL, a restart) fails the first send
+                        # on a unix socket: once more, on a new connection.
+                        resent = True
+                        continue
                     # Nothing reached the server: fail at once, as a direct write does.
                     raise self.unreachable(unsent.error) from unsent.error
                 sent, confirmed = False, True
