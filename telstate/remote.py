@@ -1244,10 +1244,11 @@ class _Session:
                     yield _RETRY_DELAY
                     continue
                 if not ever_sent:
-                    if not resent:
+                    if not (resent or isinstance(unsent.error, redis.TimeoutError)):
                         # A connection the server closed while it was idle (its
                         # `timeout`, CLIENT KILL, a restart) fails the first send
-                        # on a unix socket: once more, on a new connection.
+                        # on a unix socket: once more, on a new connection. (Not
+                        # after a timeout: the server hangs, the time is spent.)
                         resent = True
                         continue
                     # Nothing reached the server: fail at once, as a direct write does.
