@@ -232,8 +232,9 @@ GATHER_MISSES = 6
 # write it applied is not in the promoted history, and must never be
 # acknowledged once the promotion is recorded), and {n, i, ...} if the
 # replies i, ... (1-based) could not be added to their streams because a
-# key of another type is in the place of one (only a client of an
-# unprotected mirror can plant one): the others are sent all the same, and
+# key of another type is in the place of one, or a stream whose last entry
+# id is the largest there is (only a client of an unprotected mirror can
+# plant either): the others are sent all the same, and
 # every request of the call is retired, so that one such key blocks no
 # other writer. Any other error (Redis out of memory) fails the call, with
 # no request retired: the replies are sent again later.
@@ -264,7 +265,8 @@ for i = 1, n do
                               'id', ARGV[a + 1], 'status', ARGV[a + 2], 'value', ARGV[a + 3],
                               'error', ARGV[a + 4], 'message', ARGV[a + 5])
     if type(added) == 'table' and added.err then
-        if string.sub(added.err, 1, 9) ~= 'WRONGTYPE' then
+        if string.sub(added.err, 1, 9) ~= 'WRONGTYPE'
+                and not string.find(added.err, 'exhausted the last possible ID', 1, true) then
             return added  -- out of memory, ...: nothing is retired, all is sent again
         end
         lost = lost or {n}

@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import logging
 import struct
-import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any, BinaryIO, cast
@@ -56,7 +55,7 @@ from .backend import (
 from .errors import ConnectionError, ImmutableKeyError, ReadOnlyError
 from .log import Op
 from .rdb_reader import BackendCallback
-from .remote import DEFAULT_TIMEOUT, RemoteWriter, intake_key
+from .remote import DEFAULT_TIMEOUT, ProcessLock, RemoteWriter, intake_key
 from .utils import (
     KeyType,
     PathType,
@@ -209,7 +208,7 @@ class RedisBackend(Backend):
         self._read_only_reason: str | None = None
         self._described_at = 0.0
         # Held while the mirror is looked at again (writers of several threads).
-        self._describing = threading.Lock()
+        self._describing = ProcessLock()
         self._describe()
         self._set_immutable = client.register_script(_SET_IMMUTABLE)
         self._add_mutable = client.register_script(_ADD_MUTABLE)

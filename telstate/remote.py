@@ -81,6 +81,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
@@ -1005,7 +1006,36 @@ class _Process:
         cls.pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_Process.forked)
+class ProcessLock:
+    """A threading lock that a forked child gets anew, free.
+
+    A child forked while another thread held a plain lock has it held for
+    ever: the holder is not in the child to let it go, and the child's first
+    write would wait on it without end. (Made anew in the child's only
+    thread, right after the fork, before any other can take it.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        _PROCESS_LOCKS.add(self)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+_PROCESS_LOCKS: weakref.WeakSet[ProcessLock] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    _Process.forked()
+    for lock in list(_PROCESS_LOCKS):
+        lock._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _Session:
@@ -1155,7 +1185,7 @@ class _Session:
         """
         deadline = time.monotonic() + self.timeout
         request_id = self.new_request()
-        sent = ever_sent = False
+        sent = ever_sent = resent = False
         # Whether an XADD of it may have run (the daemon may apply it), and
         # whether reading its reply failed since, or the server stalled while
         # it took the XADD (so a timeout is no proof).
@@ -1214,6 +1244,13 @@ class _Session:
                     yield _RETRY_DELAY
                     continue
                 if not ever_sent:
+                    if not (resent or isinstance(unsent.error, redis.TimeoutError)):
+                        # A connection the server closed while it was idle (its
+                        # `timeout`, CLIENT KILL, a restart) fails the first send
+                        # on a unix socket: once more, on a new connection. (Not
+                        # after a timeout: the server hangs, the time is spent.)
+                        resent = True
+                        continue
                     # Nothing reached the server: fail at once, as a direct write does.
                     raise self.unreachable(unsent.error) from unsent.error
                 sent, confirmed = False, True
@@ -1374,7 +1411,7 @@ class RemoteWriter:
         )
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
-        self._lock = threading.Lock()
+        self._lock = ProcessLock()
 
     def write(
         self,

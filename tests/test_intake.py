@@ -1509,16 +1509,24 @@ def test_a_rebuild_started_by_the_intakes_thread_is_counted(server, backend):
     assert sink.rebuilds == 2  # serving's first build, then this one
 
 
+@pytest.mark.parametrize("planted", ["another type", "the last id"])
 @pytest.mark.parametrize("ahead", [True, False])
-def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(server, backend, ahead, caplog):
-    # A key of another type where one writer's reply stream should be (a
-    # client of an unprotected mirror can plant one) loses that writer its
-    # replies (it times out), and nobody else's: the others in the same
-    # call are sent, the requests leave the stream, and the intake goes on.
-    # (ahead: the replies ride with a real mirror's step; else they go out
-    # on their own once a stuck mirror shows their events.)
+def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(
+    server, backend, ahead, planted, caplog
+):
+    # A key of another type where one writer's reply stream should be, or a
+    # stream whose last entry id is the largest there is (no XADD '*' can
+    # follow it; a client of an unprotected mirror can plant either), loses
+    # that writer its replies (it times out), and nobody else's: the others
+    # in the same call are sent, the requests leave the stream, and the
+    # intake goes on. (ahead: the replies ride with a real mirror's step;
+    # else they go out on their own once a stuck mirror shows their events.)
     good, poisoned = (Client(server, str(backend.uuid)) for _ in range(2))
-    poisoned.redis.set(poisoned.session.replies, b"not a stream")
+    if planted == "another type":
+        poisoned.redis.set(poisoned.session.replies, b"not a stream")
+    else:
+        last = b"18446744073709551615-18446744073709551615"
+        poisoned.redis.xadd(poisoned.session.replies, {b"id": b"x"}, id=last)
     if ahead:
         sink, mirror, intake = serving(server, backend)
 
@@ -1538,7 +1546,10 @@ def test_a_reply_stream_of_the_wrong_type_blocks_no_other_reply(server, backend,
     ]
     serve(2)
     assert good.replies() == {requests[1]: Reply(b"ok")}
-    assert poisoned.redis.get(poisoned.session.replies) == b"not a stream"
+    if planted == "another type":
+        assert poisoned.redis.get(poisoned.session.replies) == b"not a stream"
+    else:
+        assert poisoned.redis.xlen(poisoned.session.replies) == 1
     assert f"the reply to request {requests[0]!r} could not be sent" in caplog.text
     assert intake.state == IntakeState.SERVE
     assert good.redis.xlen(good.session.requests) == 0  # both retired

@@ -392,6 +392,99 @@ def test_a_forked_child_writes_on_a_connection_of_its_own(store, server, mirror_
     settle(store, server)
 
 
+def test_a_child_forked_while_another_thread_writes_can_write(store, server, mirror_url, daemon):
+    """The writer's lock is held by a thread for its whole round trip; a fork then copies it
+    held, and nothing in the child would let it go: the child's first write waited for ever."""
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("busy", 0.0, ts=1.0)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ts.add("busy", float(i), ts=1.0 + i)
+
+    busy = threading.Thread(target=keep_writing)
+    busy.start()
+    fork = multiprocessing.get_context("fork")
+    try:
+        for _ in range(5):
+            time.sleep(0.01)
+            queue = fork.Queue()
+            child = fork.Process(target=_write_in_child, args=(queue, ts))
+            child.start()
+            try:
+                assert queue.get(timeout=SETTLE) == "ok"
+            finally:
+                child.join(SETTLE)
+                if child.is_alive():
+                    child.kill()
+            assert child.exitcode == 0
+    finally:
+        stop.set()
+        busy.join(SETTLE)
+    assert [value for value, _ in ts.get_range("forked", st=0)] == [2.0]
+    ts.backend.close()
+    settle(store, server)
+
+
+def _kill_writer_connections(server) -> int:
+    """Close, from the server's side, the idle connections of writers (db 15, not the daemon's)."""
+    admin = server.client()
+    try:
+        me = admin.client_id()
+        killed = 0
+        for client in admin.client_list():
+            if (
+                int(client["id"]) != me
+                and client["db"] == "15"
+                and "replicator" not in client.get("name", "")
+            ):
+                admin.client_kill_filter(_id=client["id"])
+                killed += 1
+        return killed
+    finally:
+        admin.close()
+
+
+def test_a_write_on_a_connection_the_server_closed_meanwhile_goes_through(
+    store, server, mirror_url, daemon
+):
+    """Its `timeout`, CLIENT KILL or a restart close an idle writer's connection: on a unix
+    socket the next send fails at once (EPIPE), before anything reached the server. It was
+    reported as ConnectionError ("could not send"); it is sent again on a new connection."""
+    daemon()
+    ts = TelescopeState(mirror_url)
+    ts.add("idle", 0.0, ts=1.0)
+    for i in range(1, 4):
+        assert _kill_writer_connections(server) >= 1
+        time.sleep(0.05)
+        ts.add("idle", float(i), ts=1.0 + i)
+    assert [value for value, _ in ts.get_range("idle", st=0)] == [0.0, 1.0, 2.0, 3.0]
+    ts.backend.close()
+    settle(store, server)
+
+
+async def test_an_aio_write_on_a_connection_the_server_closed_meanwhile_goes_through(
+    store, server, mirror_url, daemon
+):
+    daemon()
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    ts = telstate.aio.TelescopeState(await AioRedisBackend.from_url(mirror_url))
+    await ts.add("idle", 0.0, ts=1.0)
+    for i in range(1, 4):
+        assert _kill_writer_connections(server) >= 1
+        await asyncio.sleep(0.05)
+        await ts.add("idle", float(i), ts=1.0 + i)
+    assert [value for value, _ in await ts.get_range("idle", st=0)] == [0.0, 1.0, 2.0, 3.0]
+    ts.backend.close()
+    await ts.backend.wait_closed()
+    settle(store, server)
+
+
 def test_writes_go_on_after_the_scripts_are_flushed(store, server, mirror_url, daemon):
     daemon()
     ts = TelescopeState(mirror_url)
