@@ -23,7 +23,7 @@ from telstate.lmdb import LmdbBackend
 from telstate.lmdb import settings as lmdb_settings
 from telstate.lmdb.writes import WriteTxn
 from telstate.log import Op
-from telstate.utils import pack_timestamp
+from telstate.utils import KeyType, pack_timestamp
 
 INF = math.inf
 
@@ -463,3 +463,74 @@ def test_cli_reports_damaged_records_with_exit_3(tmp_path, table, damage):
         assert result.returncode == 3, result.stderr
         assert "Traceback" not in result.stderr
         assert "damaged" in result.stderr
+
+
+def _put_meta(path, name: bytes, value: bytes) -> None:
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(name, value, db=env.open_db(b"meta", txn=txn))
+    env.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(b"\x01" * 15, "damaged identity"), (b"", "damaged identity")],
+)
+def test_a_damaged_identity_is_a_store_error(tmp_path, value, message):
+    path = tmp_path / "store"
+    LmdbBackend(path, durability="none").close()
+    _put_meta(path, b"uuid", value)
+    for writable in (True, False):
+        with pytest.raises(StoreError, match=message):
+            LmdbBackend(path, durability="none", readonly=not writable)
+
+
+def test_an_unknown_format_is_named_readably(tmp_path):
+    path = tmp_path / "store"
+    LmdbBackend(path, durability="none").close()
+    _put_meta(path, b"format", b"\xff\x00")
+    with pytest.raises(StoreError, match=r"log format b'\\xff\\x00'"):
+        LmdbBackend(path, durability="none")
+
+
+def test_a_key_id_counter_behind_the_data_refuses_new_keys(tmp_path):
+    """A damaged counter must not hand a new key the id, and so the samples, of another."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+        backend.set_indexed(b"second", encode_value("sub"), encode_value(2))
+    _put_meta(path, b"next_key_id", struct.pack(">Q", 1))
+    with LmdbBackend(path, durability="none") as backend:
+        for write in (
+            lambda: backend.add_mutable(b"third", encode_value(3), 1.0),
+            lambda: backend.set_indexed(b"third", encode_value("x"), encode_value(3)),
+            lambda: backend.set_immutable(b"third", encode_value(3)),
+        ):
+            with pytest.raises(StoreError, match="key id counter"):
+                write()
+        # The existing keys are untouched and still writable.
+        backend.add_mutable(b"first", encode_value(4), 2.0)
+        assert backend.keys(b"*") == [b"first", b"second"]
+        assert [value for value, _ in backend.get_range(b"first", 0, math.inf, False, True)] == [
+            encode_value(1),
+            encode_value(4),
+        ]
+
+
+@pytest.mark.parametrize("value", [b"", b"\x00" * 7, b"\x00" * 9])
+def test_a_damaged_key_id_counter_is_a_store_error_on_every_write_path(tmp_path, value):
+    from telstate.rdb_writer import RDBWriter
+
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+    _put_meta(path, b"next_key_id", value)
+    rdb = tmp_path / "more.rdb"
+    with RDBWriter(rdb) as writer:
+        writer.write_record(b"first", KeyType.MUTABLE, [pack_timestamp(2.0) + encode_value(2)])
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="key id counter"):
+            backend.add_mutable(b"new", encode_value(1), 1.0)
+        with pytest.raises(StoreError, match="key id counter"):
+            backend.load_from_file(str(rdb))
+        assert backend.keys(b"*") == [b"first"]

@@ -117,7 +117,7 @@ from .. import log
 from ..backend import GetResult
 from ..errors import StoreError
 from ..log import Writer
-from ..utils import PathType
+from ..utils import PathType, display_str
 from . import settings, watch
 from .layout import KEY_ID, Tables
 
@@ -780,9 +780,13 @@ class Store:
                 )
             if version not in {b"%d" % known for known in log.FORMATS}:
                 raise StoreError(
-                    f"{self.path!r} has log format {version.decode(errors='replace')}, "
+                    f"{self.path!r} has log format {display_str(version)}, "
                     f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: "
                     "upgrade telstate"
+                )
+            if len(identity_bytes) != 16:
+                raise StoreError(
+                    f"{self.path!r} has a damaged identity (meta uuid {identity_bytes!r})"
                 )
             return tables, uuid.UUID(bytes=identity_bytes)
 

@@ -526,15 +526,29 @@ class WriteTxn:
     def new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
         """Create the keys-table entry of a new key; return its record (for bulk paths too)."""
         txn, tables = self.txn, self.tables
-        counter_data = txn.get(b"next_key_id", db=tables.meta)
-        if counter_data is None or len(counter_data) != KEY_ID.size:
-            raise StoreError("the store's key id counter is missing or damaged")
-        counter = KEY_ID.unpack(counter_data)[0]
+        counter = key_counter(txn, tables)
+        # A counter at or below an id whose data are stored would give a new
+        # key another key's samples: refuse rather than mix them.
+        for table in (tables.samples, tables.blocks, tables.indexed):
+            cursor = txn.cursor(table)
+            if cursor.last() and KEY_ID.unpack(cursor.key()[: KEY_ID.size])[0] >= counter:
+                raise StoreError(
+                    f"the store's key id counter ({counter}) is behind the ids its data use: "
+                    "the store is damaged"
+                )
         checked_put(txn, b"next_key_id", KEY_ID.pack(counter + 1), tables.meta)
         key_id = KEY_ID.pack(counter)
         record = KeyRecord.new(key_type, key_id, key, value)
         checked_put(txn, name_key, record.encode(), tables.keys)
         return record
+
+
+def key_counter(txn: Any, tables: Tables) -> int:
+    """The next key id to give out (meta ``next_key_id``), checked to be a counter."""
+    counter_data = txn.get(b"next_key_id", db=tables.meta)
+    if counter_data is None or len(counter_data) != KEY_ID.size:
+        raise StoreError("the store's key id counter is missing or damaged")
+    return int(KEY_ID.unpack(counter_data)[0])
 
 
 def follower_error(path: str, primary: str) -> ReadOnlyError:
