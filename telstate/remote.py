@@ -995,6 +995,13 @@ def _busy(error: redis.ResponseError) -> bool:
     return str(error).startswith(_BUSY)
 
 
+def _refused_rights(error: redis.ResponseError) -> bool:
+    """Whether Redis refused a command for the client's rights (ACL rules, a read-only replica)."""
+    return isinstance(
+        error, (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError)
+    ) or str(error).startswith(("NOPERM", "READONLY"))
+
+
 class _Process:
     """This process's id, for a check on every write without a system call (os.getpid is one)."""
 
@@ -1304,13 +1311,28 @@ class _Session:
                 self.skip_replies = None  # ask again after the next write
             yield _RESET
 
-    def refused(self, error: redis.ResponseError, maybe_added: bool = False) -> ReadOnlyError:
+    def refused(
+        self, error: redis.ResponseError, maybe_added: bool = False
+    ) -> ReadOnlyError | redis.ResponseError:
+        """The error for a command of the write that Redis refused with `error`.
+
+        A refusal of the rights (``NOPERM``, a read-only replica) is
+        :class:`ReadOnlyError`; any other (out of memory, say) is Redis's
+        own error class, as a direct write would raise.
+        """
         if maybe_added:
             # A sending of it was added: the daemon may apply it.
+            detail = (
+                "; the request itself reached the mirror (this or an earlier sending of it),"
+                " so the write may be applied"
+            )
+        else:
+            detail = ""
+        if not _refused_rights(error):
+            return type(error)(f"{error}{detail}")
+        if maybe_added:
             return ReadOnlyError(
-                f"the mirror refused a command of the write request: {error}; the request"
-                " itself reached the mirror (this or an earlier sending of it), so the"
-                " write may be applied"
+                f"the mirror refused a command of the write request: {error}{detail}"
                 " (see the README, 'Writers on other hosts', for the ACL rules clients need)"
             )
         return ReadOnlyError(
