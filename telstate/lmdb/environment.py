@@ -958,17 +958,16 @@ class Store:
         txns = self.txns
         with txns.lock:
             try:
-                # Unregistered after the write lock goes, but under txns.lock,
-                # which a fork takes after the write lock: it never finds an
-                # ended write still registered, which would leave the child
-                # unable to use the store. (Held by this thread only for this
-                # write: writes do not nest.)
-                if self.write_lock._is_owned():  # type: ignore[attr-defined]
-                    self.write_lock.release()
-            finally:
+                # Unregistered before the write lock goes: a fork (which takes
+                # the write lock first) never finds an ended write still
+                # registered, which would leave the child unable to use the store.
                 txns.live.pop(txn, None)
                 if txns.pending:
                     txns.cond.notify_all()
+            finally:
+                # Held by this thread only for this write (writes do not nest).
+                if self.write_lock._is_owned():  # type: ignore[attr-defined]
+                    self.write_lock.release()
 
     def adopt_map_size(self) -> None:
         """Follow another process that opened the store with a larger map than this one.
