@@ -534,3 +534,66 @@ def test_a_damaged_key_id_counter_is_a_store_error_on_every_write_path(tmp_path,
         with pytest.raises(StoreError, match="key id counter"):
             backend.load_from_file(str(rdb))
         assert backend.keys(b"*") == [b"first"]
+
+
+def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
+    """Found by review: a counter set back passed verify, and then mixed keys."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+        assert backend.verify() == []
+    _put_meta(path, b"next_key_id", struct.pack(">Q", 1))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"\xff\xff\xff\xff", b"\x93\xa1h\x01\xc0", db=env.open_db(b"writers", txn=txn))
+    env.close()
+    with LmdbBackend(path, durability="none", readonly=True) as backend:
+        problems = backend.verify()
+    assert any("key id counter (1)" in problem for problem in problems), problems
+    assert any("ffffffff" in problem for problem in problems), problems
+    with LmdbBackend(path, durability="none", writer_name="new") as backend:
+        with pytest.raises(StoreError, match="writers table is damaged"):
+            backend.add_mutable(b"first", encode_value(2), 2.0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda key: key + b"\x00",  # not 8 bytes
+        lambda key: b"\xff" * 8,  # a seq that cannot be followed
+        lambda key: b"\x80" + key[1:],  # the top bit flipped
+    ],
+)
+def test_a_damaged_last_log_key_is_a_store_error(tmp_path, damage):
+    """Found by review: struct.error tracebacks from verify, info, export and writes."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        for i in range(3):
+            backend.add_mutable(b"sensor", encode_value(i), float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"log", txn=txn)
+        cursor = txn.cursor(db)
+        assert cursor.last()
+        key, value = cursor.key(), cursor.value()
+        txn.delete(key, db=db)
+        txn.put(damage(key), value, db=db)
+    env.close()
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="damaged"):
+            backend.head  # noqa: B018
+        with pytest.raises(StoreError, match="damaged"):
+            backend.add_mutable(b"sensor", encode_value(9), 9.0)
+    for command in (["verify", str(path)], ["info", str(path)], ["log", str(path)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "telstate.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in result.stderr, (command, result.stderr)
+        assert result.returncode in (1, 3) if command[0] == "verify" else result.returncode == 3, (
+            command,
+            result.returncode,
+            result.stderr,
+        )

@@ -20,6 +20,7 @@ from . import settings
 from .eventlog import raw_log, writers_in
 from .layout import ALL_KEYS, INLINE_LIMIT, LONG_NAME_KEY_LEN, Tables, name_key_of
 from .state import state_records
+from .writes import highest_key_id, key_counter
 
 if TYPE_CHECKING:
     from ..telescope_state import TelescopeState
@@ -225,6 +226,27 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
                 f"(its last event: {last})"
             )
     problems.extend(_check_history(txn, tables, counts, digest))
+    problems.extend(_check_counters(txn, tables))
+    return problems
+
+
+def _check_counters(txn: Any, tables: Tables) -> list[str]:
+    """What the next key and the next writer would get: ids no one has."""
+    problems = []
+    try:
+        counter = key_counter(txn, tables)
+    except StoreError as error:
+        problems.append(f"meta: {error}")
+    else:
+        highest = highest_key_id(txn, tables)
+        if highest >= counter:
+            problems.append(
+                f"meta: the key id counter ({counter}) is not above the highest id the data "
+                f"use ({highest}): a new key would share another's samples"
+            )
+    writers = txn.cursor(db=tables.writers)
+    if writers.last() and writers.key() == b"\xff\xff\xff\xff":
+        problems.append("writers table: its last id is ffffffff, which no new writer can follow")
     return problems
 
 

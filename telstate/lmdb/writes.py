@@ -545,7 +545,15 @@ class WriteTxn:
     def _register(self, writer: Writer) -> int:
         """Add `writer` to the writers table; return its new id."""
         cursor = self.txn.cursor(self.tables.writers)
-        writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
+        writer_id = 1
+        if cursor.last():
+            last = cursor.key()
+            if len(last) != 4 or last == b"\xff\xff\xff\xff":
+                raise StoreError(
+                    f"the writers table is damaged: its last key {last.hex()} is not a writer "
+                    "id that another can follow"
+                )
+            writer_id = log.unpack_writer_id(last) + 1
         checked_put(
             self.txn, log.pack_writer_id(writer_id), log.encode_writer(writer), self.tables.writers
         )
@@ -557,13 +565,11 @@ class WriteTxn:
         counter = key_counter(txn, tables)
         # A counter at or below an id whose data are stored would give a new
         # key another key's samples: refuse rather than mix them.
-        for table in (tables.samples, tables.blocks, tables.indexed):
-            cursor = txn.cursor(table)
-            if cursor.last() and KEY_ID.unpack(cursor.key()[: KEY_ID.size])[0] >= counter:
-                raise StoreError(
-                    f"the store's key id counter ({counter}) is behind the ids its data use: "
-                    "the store is damaged"
-                )
+        if highest_key_id(txn, tables) >= counter:
+            raise StoreError(
+                f"the store's key id counter ({counter}) is behind the ids its data use: "
+                "the store is damaged"
+            )
         checked_put(txn, b"next_key_id", KEY_ID.pack(counter + 1), tables.meta)
         key_id = KEY_ID.pack(counter)
         record = KeyRecord.new(key_type, key_id, key, value)
@@ -577,6 +583,18 @@ def key_counter(txn: Any, tables: Tables) -> int:
     if counter_data is None or len(counter_data) != KEY_ID.size:
         raise StoreError("the store's key id counter is missing or damaged")
     return int(KEY_ID.unpack(counter_data)[0])
+
+
+def highest_key_id(txn: Any, tables: Tables) -> int:
+    """The highest key id the samples, blocks and indexed tables use (0 if none)."""
+    highest = 0
+    for table in (tables.samples, tables.blocks, tables.indexed):
+        cursor = txn.cursor(table)
+        if cursor.last():
+            prefix = cursor.key()[: KEY_ID.size]
+            if len(prefix) == KEY_ID.size:
+                highest = max(highest, int(KEY_ID.unpack(prefix)[0]))
+    return highest
 
 
 def follower_error(path: str, primary: str) -> ReadOnlyError:
