@@ -93,6 +93,7 @@ def replay_model(
     model = _StateModel()
     apply = model.apply
     decode = log.decode_record
+    previous = 0.0
     for seq, record in raw_log(txn, tables, 1):
         if until_seq is not None and seq > until_seq:
             break
@@ -100,10 +101,39 @@ def replay_model(
             raw = decode(record)
         except ValueError as error:
             raise _damaged_event(seq, error) from None
-        if until_time is not None and raw[2] > until_time:
-            break
+        if until_time is not None:
+            appended = raw[2]
+            _check_time(txn, tables, seq, appended, previous, until_time)
+            if appended > until_time:
+                break
+            previous = appended
         apply(raw)
     return model
+
+
+def _check_time(
+    txn: Any, tables: Tables, seq: int, appended: float, previous: float, until_time: float
+) -> None:
+    """Raise if event `seq`'s append time cannot be right, as a replay until a time sees it.
+
+    Event times never go back (see WriteTxn._next_event): one before the
+    event's before it, or (for the event a replay stops at) after the next
+    event's, is damage, which would make the replay stop early, silently.
+    """
+    if appended < previous:
+        raise _damaged_event(
+            seq, ValueError(f"its append time {appended!r} is before the event before it")
+        )
+    if appended > until_time:
+        following = txn.get(log.pack_seq(seq + 1), db=tables.log)
+        try:
+            later = following is not None and log.record_time(following) < appended
+        except struct.error as error:
+            raise _damaged_event(seq + 1, error) from None
+        if later:
+            raise _damaged_event(
+                seq, ValueError(f"its append time {appended!r} is after the event after it")
+            )
 
 
 def _damaged_event(seq: int, error: Exception) -> StoreError:
@@ -115,15 +145,18 @@ def _damaged_event(seq: int, error: Exception) -> StoreError:
 def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
     """The seq of the last event that :func:`replay_model` applies until `until_time`."""
     last = 0
+    previous = 0.0
     record_time = log.record_time
     for seq, record in raw_log(txn, tables, 1):
         try:
             appended = record_time(record)
         except struct.error as error:
             raise _damaged_event(seq, error) from None
+        _check_time(txn, tables, seq, appended, previous, until_time)
         if appended > until_time:
             break
         last = seq
+        previous = appended
     return last
 
 
