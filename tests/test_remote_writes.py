@@ -1767,22 +1767,39 @@ def test_a_request_the_server_took_late_times_out_as_maybe_applied(monkeypatch, 
         assert "expires unapplied" in str(timed_out.value)
 
 
-def test_a_pause_of_the_writer_before_it_sends_counts_as_a_stall(monkeypatch):
-    """Found by review: the request's timeout was taken before the stall clock
-    started, so a pause of the writer's thread in between (a long GC pass,
-    another thread holding the GIL) delayed the request's stamp unseen: the
-    daemon applied it after the writer said "expires unapplied"
-    (/tmp/s12/revF/pause_before_send.py)."""
+def _session_on_a_clock(monkeypatch) -> tuple[Any, list[float]]:
+    """A remote-write session (no reply skipping) whose monotonic clock is the list's number."""
     import types
 
     import telstate.remote
-    from telstate.remote import PackedWrite, _Session
+    from telstate.remote import _Session
 
     now = [1000.0]
     clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time, sleep=time.sleep)
     monkeypatch.setattr(telstate.remote, "time", clock)
     session = _Session(0, "store", 2.0, None)
     session.skip_replies = False
+    return session, now
+
+
+def _run_out(plan: Any, first: list[Any], now: list[float]) -> WriteTimeoutError:
+    """Answer `plan`'s exchange with `first`, then nothing until it times out."""
+    with pytest.raises(WriteTimeoutError) as timed_out:
+        step = plan.send(first)
+        while True:
+            now[0] += step.time_left
+            step = plan.send([None])
+    return timed_out.value
+
+
+def test_a_pause_of_the_writer_before_it_sends_counts_as_a_stall(monkeypatch):
+    """Found by review: the request's timeout was taken before the stall clock
+    started, so a pause of the writer's thread in between (a long GC pass,
+    another thread holding the GIL) delayed the request's stamp unseen: the
+    daemon applied it after the writer said "expires unapplied"."""
+    from telstate.remote import PackedWrite
+
+    session, now = _session_on_a_clock(monkeypatch)
     read_replies = session.read_replies
     paused: list[bool] = []
 
@@ -1797,30 +1814,17 @@ def test_a_pause_of_the_writer_before_it_sends_counts_as_a_stall(monkeypatch):
     plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
     assert next(plan).replies == 2
     now[0] += 1.0  # the read's block
-    with pytest.raises(WriteTimeoutError) as timed_out:
-        step = plan.send([b"1-0", None])
-        while True:
-            now[0] += step.time_left
-            step = plan.send([None])
-    assert "may have been applied" in str(timed_out.value)
+    assert "may have been applied" in str(_run_out(plan, [b"1-0", None], now))
 
 
 def test_a_stall_hidden_by_a_stale_reply_still_counts(monkeypatch):
     """Found by review: an XREAD that returned at once with a stale reply (to an
     earlier write that timed out) let an exchange that Redis answered a second
     late look like a normal wait of its block, so the writer said "expires
-    unapplied" for a request Redis stamped late, which the daemon then applied
-    (/tmp/s12/revF/stale_reply.py)."""
-    import types
+    unapplied" for a request Redis stamped late, which the daemon then applied."""
+    from telstate.remote import PackedWrite
 
-    import telstate.remote
-    from telstate.remote import PackedWrite, _Session
-
-    now = [1000.0]
-    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time, sleep=time.sleep)
-    monkeypatch.setattr(telstate.remote, "time", clock)
-    session = _Session(0, "store", 2.0, None)
-    session.skip_replies = False
+    session, now = _session_on_a_clock(monkeypatch)
     write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
     plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
     assert next(plan).replies == 2
@@ -1831,12 +1835,7 @@ def test_a_stall_hidden_by_a_stale_reply_still_counts(monkeypatch):
             [[b"5-0", [b"id", b"earlier", b"status", b"error", b"error", b"expired"]]],
         ]
     ]
-    with pytest.raises(WriteTimeoutError) as timed_out:
-        step = plan.send([b"1-0", stale])
-        while True:
-            now[0] += step.time_left
-            step = plan.send([None])
-    assert "may have been applied" in str(timed_out.value)
+    assert "may have been applied" in str(_run_out(plan, [b"1-0", stale], now))
 
 
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
