@@ -780,7 +780,8 @@ class Store:
                 )
             if version not in {b"%d" % known for known in log.FORMATS}:
                 raise StoreError(
-                    f"{self.path!r} has log format {display_str(version)}, "
+                    f"{self.path!r} has log format "
+                    f"{version.decode() if version.isdigit() else display_str(version)}, "
                     f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: "
                     "upgrade telstate"
                 )
