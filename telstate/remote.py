@@ -135,6 +135,8 @@ _SHOWN_FIELDS = 4
 _SKIP_REPLY_MAX_BYTES = 64 << 10
 #: Errors of a writer's connection after which it tries again (a new connection).
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: How much shorter than a wire's socket timeout a limit must be to change it (s).
+_LIMIT_SLACK = 0.05
 #: Bytes a wire reads from its socket at most at once (redis-py's default read size).
 _READ_SIZE = 65536
 #: What a wire's hiredis reader gives when it holds no whole reply (False is a RESP3 reply).
@@ -554,6 +556,40 @@ class Wire:
         # redis-py's health check interval of the connection (0 for none).
         self._health_check = 0
         self._pid = _Process.pid
+        # The longest the next sends and reads may block (see limit), and the
+        # timeout the socket has now (its own, or that limit if shorter).
+        self._limit: float | None = None
+        self._applied: float | None = None
+
+    def limit(self, seconds: float | None) -> None:
+        """Bound each send and read of the next calls by `seconds`, if shorter than the socket's.
+
+        A caller with a deadline (a remote write) gives the time left to it,
+        so that a server that stalls mid-exchange cannot hold it a whole
+        socket timeout past the deadline. None restores the socket's own
+        timeout. It costs system calls only when the bound changes the
+        socket's timeout.
+        """
+        self._limit = seconds
+        if self._sock is not None:
+            self._apply_limit(self._sock)
+
+    def _bounded(self) -> float | None:
+        """The timeout the socket should have now: its own, or the limit if shorter."""
+        limit, own = self._limit, self._timeout
+        if limit is None or (own is not None and limit >= own - _LIMIT_SLACK):
+            return own  # (within a few ms of it: no system calls on the hot path)
+        return max(limit, 0.001)
+
+    def _apply_limit(self, sock: socket.socket) -> None:
+        wanted = self._bounded()
+        if wanted == self._applied:
+            return
+        if self._kernel_timeout:
+            _kernel_timeouts(sock, wanted if wanted is not None else self._timeout)
+        else:
+            sock.settimeout(wanted)
+        self._applied = wanted
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send `commands` in one write and read their replies.
@@ -586,6 +622,8 @@ class Wire:
         ):
             self._send_through_connection(packed)
             return
+        if self._limit is not None or self._applied != self._timeout:
+            self._apply_limit(sock)
         try:
             sock.sendall(packed)
         except BaseException as error:
@@ -600,22 +638,44 @@ class Wire:
             self._pid = _Process.pid
             self._sock = self._reader = None
         connection = self._connection
+        bounded = self._bounded()
+        saved = None
         try:
-            if self._sock is not None and self._kernel_timeout:
-                self._sock.settimeout(self._timeout)  # as redis-py made it, for its health check
+            if self._sock is not None:
+                # As redis-py made it (or shorter), for its health check.
+                if self._kernel_timeout:
+                    self._apply_limit(self._sock)
+                self._sock.settimeout(bounded)
+            elif bounded != self._timeout and self._limit is not None:
+                # Connecting (and its HELLO, SELECT, ...) within the limit too.
+                assert bounded is not None  # (the limit: the socket's own differs)
+                saved = connection.socket_timeout, connection.socket_connect_timeout
+                connection.socket_timeout = min(saved[0] or math.inf, bounded)
+                connection.socket_connect_timeout = min(saved[1] or math.inf, bounded)
             connection.send_packed_command([packed])
         except BaseException:
             self._disconnect()
             raise
+        finally:
+            if saved is not None:
+                connection.socket_timeout, connection.socket_connect_timeout = saved
         sock = connection._sock
         if sock is not self._sock:
             self._sock = sock
             self._reader = _reader_for(connection)
             self._health_check = connection.health_check_interval
-            self._timeout = sock.gettimeout()
+            # The socket's own timeout (not the limit it may have been made with).
+            self._timeout = sock.gettimeout() if saved is None else saved[0]
+            self._applied = sock.gettimeout()
             self._kernel_timeout = _kernel_timeouts(sock, self._timeout)
+            if self._kernel_timeout:
+                self._applied = self._timeout
+        elif not self._kernel_timeout:
+            self._applied = bounded
+        # (An old socket with kernel timeouts keeps those last applied.)
         if self._kernel_timeout:
             sock.settimeout(None)
+        self._apply_limit(sock)
 
     def receive(self, count: int) -> list[Any]:
         """The second half of :meth:`call`: the replies to `count` commands sent."""
@@ -995,6 +1055,13 @@ def _busy(error: redis.ResponseError) -> bool:
     return str(error).startswith(_BUSY)
 
 
+def _refused_rights(error: redis.ResponseError) -> bool:
+    """Whether Redis refused a command for the client's rights (ACL rules, a read-only replica)."""
+    return isinstance(
+        error, (redis.exceptions.NoPermissionError, redis.exceptions.ReadOnlyError)
+    ) or str(error).startswith(("NOPERM", "READONLY"))
+
+
 class _Process:
     """This process's id, for a check on every write without a system call (os.getpid is one)."""
 
@@ -1193,12 +1260,16 @@ class _Session:
         # Whether the next XADD asks for its reply (see skip_replies).
         confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
         while True:
-            remaining = deadline - time.monotonic()
+            # The clock that finds a stall starts when the request's timeout is
+            # taken: a pause of this thread before the send (a long GC pass,
+            # another thread holding the GIL) delays the request's stamp too.
+            started = time.monotonic()
+            remaining = deadline - started
             if remaining <= 0:
                 raise self.timed_out(key, op, unsure=maybe_added and (unread or stalled))
             block_ms = max(1, int(min(remaining, block_chunk) * 1000))
             read = self.read_replies(block_ms)
-            adds, started = not sent, time.monotonic()
+            adds = not sent
             try:
                 if sent:
                     (reply,) = yield _Exchange(read, 1, remaining)
@@ -1229,7 +1300,11 @@ class _Session:
                         continue
                 # From here the daemon may apply it: a failure means a resend.
                 sent = ever_sent = True
-                if adds and time.monotonic() - started > block_ms / 1000 + _STALL:
+                # How long the read may have blocked: its block if it came back
+                # empty, else none (it returned entries, such as a stale reply
+                # to an earlier write, as soon as the server ran it).
+                allowed = block_ms / 1000 if reply is None else 0.0
+                if adds and time.monotonic() - started > allowed + _STALL:
                     # The server answered late (it stalled, or the network did):
                     # it may have stamped the request late too, and then the
                     # daemon may apply it after the deadline.
@@ -1304,13 +1379,28 @@ class _Session:
                 self.skip_replies = None  # ask again after the next write
             yield _RESET
 
-    def refused(self, error: redis.ResponseError, maybe_added: bool = False) -> ReadOnlyError:
+    def refused(
+        self, error: redis.ResponseError, maybe_added: bool = False
+    ) -> ReadOnlyError | redis.ResponseError:
+        """The error for a command of the write that Redis refused with `error`.
+
+        A refusal of the rights (``NOPERM``, a read-only replica) is
+        :class:`ReadOnlyError`; any other (out of memory, say) is Redis's
+        own error class, as a direct write would raise.
+        """
         if maybe_added:
             # A sending of it was added: the daemon may apply it.
+            detail = (
+                "; the request itself reached the mirror (this or an earlier sending of it),"
+                " so the write may be applied"
+            )
+        else:
+            detail = ""
+        if not _refused_rights(error):
+            return type(error)(f"{error}{detail}")
+        if maybe_added:
             return ReadOnlyError(
-                f"the mirror refused a command of the write request: {error}; the request"
-                " itself reached the mirror (this or an earlier sending of it), so the"
-                " write may be applied"
+                f"the mirror refused a command of the write request: {error}{detail}"
                 " (see the README, 'Writers on other hosts', for the ACL rules clients need)"
             )
         return ReadOnlyError(
@@ -1409,6 +1499,10 @@ class RemoteWriter:
         kwargs["socket_timeout"] = min(
             kwargs.get("socket_timeout") or math.inf, _hang_timeout(timeout)
         )
+        # Connecting too (redis-py 8 gives redis.Redis(host=...) a 5 s connect timeout of its own).
+        kwargs["socket_connect_timeout"] = min(
+            kwargs.get("socket_connect_timeout") or math.inf, kwargs["socket_timeout"]
+        )
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
         self._lock = ProcessLock()
@@ -1461,6 +1555,8 @@ class RemoteWriter:
                         step = next(plan)
                         continue
                     packed, count = step.packed, step.replies
+                    # No send or read may block past the deadline (and the slack).
+                    wire.limit(step.time_left + _SLACK)
                     try:
                         if packed:
                             wire.send(packed)

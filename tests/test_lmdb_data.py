@@ -23,7 +23,7 @@ from telstate.lmdb import LmdbBackend
 from telstate.lmdb import settings as lmdb_settings
 from telstate.lmdb.writes import WriteTxn
 from telstate.log import Op
-from telstate.utils import pack_timestamp
+from telstate.utils import KeyType, pack_timestamp
 
 INF = math.inf
 
@@ -463,3 +463,137 @@ def test_cli_reports_damaged_records_with_exit_3(tmp_path, table, damage):
         assert result.returncode == 3, result.stderr
         assert "Traceback" not in result.stderr
         assert "damaged" in result.stderr
+
+
+def _put_meta(path, name: bytes, value: bytes) -> None:
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(name, value, db=env.open_db(b"meta", txn=txn))
+    env.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(b"\x01" * 15, "damaged identity"), (b"", "damaged identity")],
+)
+def test_a_damaged_identity_is_a_store_error(tmp_path, value, message):
+    path = tmp_path / "store"
+    LmdbBackend(path, durability="none").close()
+    _put_meta(path, b"uuid", value)
+    for writable in (True, False):
+        with pytest.raises(StoreError, match=message):
+            LmdbBackend(path, durability="none", readonly=not writable)
+
+
+def test_an_unknown_format_is_named_readably(tmp_path):
+    path = tmp_path / "store"
+    LmdbBackend(path, durability="none").close()
+    _put_meta(path, b"format", b"\xff\x00")
+    with pytest.raises(StoreError, match=r"log format b'\\xff\\x00'"):
+        LmdbBackend(path, durability="none")
+
+
+def test_a_key_id_counter_behind_the_data_refuses_new_keys(tmp_path):
+    """A damaged counter must not hand a new key the id, and so the samples, of another."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+        backend.set_indexed(b"second", encode_value("sub"), encode_value(2))
+    _put_meta(path, b"next_key_id", struct.pack(">Q", 1))
+    with LmdbBackend(path, durability="none") as backend:
+        for write in (
+            lambda: backend.add_mutable(b"third", encode_value(3), 1.0),
+            lambda: backend.set_indexed(b"third", encode_value("x"), encode_value(3)),
+            lambda: backend.set_immutable(b"third", encode_value(3)),
+        ):
+            with pytest.raises(StoreError, match="key id counter"):
+                write()
+        # The existing keys are untouched and still writable.
+        backend.add_mutable(b"first", encode_value(4), 2.0)
+        assert backend.keys(b"*") == [b"first", b"second"]
+        assert [value for value, _ in backend.get_range(b"first", 0, math.inf, False, True)] == [
+            encode_value(1),
+            encode_value(4),
+        ]
+
+
+@pytest.mark.parametrize("value", [b"", b"\x00" * 7, b"\x00" * 9])
+def test_a_damaged_key_id_counter_is_a_store_error_on_every_write_path(tmp_path, value):
+    from telstate.rdb_writer import RDBWriter
+
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+    _put_meta(path, b"next_key_id", value)
+    rdb = tmp_path / "more.rdb"
+    with RDBWriter(rdb) as writer:
+        writer.write_record(b"first", KeyType.MUTABLE, [pack_timestamp(2.0) + encode_value(2)])
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="key id counter"):
+            backend.add_mutable(b"new", encode_value(1), 1.0)
+        with pytest.raises(StoreError, match="key id counter"):
+            backend.load_from_file(str(rdb))
+        assert backend.keys(b"*") == [b"first"]
+
+
+def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
+    """Found by review: a counter set back passed verify, and then mixed keys."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"first", encode_value(1), 1.0)
+        assert backend.verify() == []
+    _put_meta(path, b"next_key_id", struct.pack(">Q", 1))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"\xff\xff\xff\xff", b"\x93\xa1h\x01\xc0", db=env.open_db(b"writers", txn=txn))
+    env.close()
+    with LmdbBackend(path, durability="none", readonly=True) as backend:
+        problems = backend.verify()
+    assert any("key id counter (1)" in problem for problem in problems), problems
+    assert any("ffffffff" in problem for problem in problems), problems
+    with LmdbBackend(path, durability="none", writer_name="new") as backend:
+        with pytest.raises(StoreError, match="writers table is damaged"):
+            backend.add_mutable(b"first", encode_value(2), 2.0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda key: key + b"\x00",  # not 8 bytes
+        lambda key: b"\xff" * 8,  # a seq that cannot be followed
+        lambda key: b"\x80" + key[1:],  # the top bit flipped
+    ],
+)
+def test_a_damaged_last_log_key_is_a_store_error(tmp_path, damage):
+    """Found by review: struct.error tracebacks from verify, info, export and writes."""
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        for i in range(3):
+            backend.add_mutable(b"sensor", encode_value(i), float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"log", txn=txn)
+        cursor = txn.cursor(db)
+        assert cursor.last()
+        key, value = cursor.key(), cursor.value()
+        txn.delete(key, db=db)
+        txn.put(damage(key), value, db=db)
+    env.close()
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="damaged"):
+            backend.head  # noqa: B018
+        with pytest.raises(StoreError, match="damaged"):
+            backend.add_mutable(b"sensor", encode_value(9), 9.0)
+    for command in (["verify", str(path)], ["info", str(path)], ["log", str(path)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "telstate.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in result.stderr, (command, result.stderr)
+        assert result.returncode in (1, 3) if command[0] == "verify" else result.returncode == 3, (
+            command,
+            result.returncode,
+            result.stderr,
+        )

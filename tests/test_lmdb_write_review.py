@@ -134,6 +134,9 @@ class _CheckedLock:
         self.seen.append(dict(self.store.txns.live))
         self.lock.release()
 
+    def _is_owned(self) -> bool:
+        return self.lock._is_owned()
+
 
 @pytest.mark.parametrize("outcome", ["commit", "abort", "error"])
 def test_a_write_is_unregistered_before_its_write_lock_is_released(backend, outcome):

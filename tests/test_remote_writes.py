@@ -798,6 +798,105 @@ def test_a_writer_whose_client_has_no_socket_timeout_fails_soon_when_redis_hangs
     assert warm[2] < 6 and cold[2] < 6, (warm, cold)
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+@pytest.mark.parametrize("socket_timeout", [None, 5.0], ids=["none", "from_url"])
+def test_a_write_whose_redis_stalls_just_before_its_deadline_raises_soon_after_it(
+    server, mirror_url, daemon, aio, socket_timeout
+):
+    """Found by review: Redis SIGSTOPped while a sync writer waited in its last
+    XREAD BLOCK held the write a whole socket timeout (up to write_timeout +
+    0.5 s) past its deadline: 19.7 s for a 10 s write. Every exchange is now
+    bounded by the time left to the write (and the slack), as asyncio's are.
+    """
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    timeout = 4.0
+    process = daemon()
+    process.process.send_signal(signal.SIGSTOP)  # no reply comes
+    _wait_stopped(process.process.pid)
+    stopper = threading.Timer(timeout - 0.3, lambda: server.process.send_signal(signal.SIGSTOP))
+    outcome: list[Any] = []
+
+    def write_sync() -> None:
+        client = redis.Redis(unix_socket_path=server.socket, db=0, socket_timeout=socket_timeout)
+        ts = TelescopeState(RedisBackend(client, write_timeout=timeout))
+        ts.backend._check_writable()  # finds the intake before Redis stops
+        stopper.start()
+        start = time.monotonic()
+        with pytest.raises(WriteTimeoutError) as raised:
+            ts.add("late", 1.0, ts=1.0)
+        outcome.append((time.monotonic() - start, str(raised.value)))
+
+    async def write_async() -> None:
+        client = redis.asyncio.Redis(
+            unix_socket_path=server.socket, db=0, socket_timeout=socket_timeout
+        )
+        ts = telstate.aio.TelescopeState(AioRedisBackend(client, write_timeout=timeout))
+        await ts.backend._check_writable()
+        stopper.start()
+        start = time.monotonic()
+        with pytest.raises(WriteTimeoutError) as raised:
+            await ts.add("late", 1.0, ts=1.0)
+        outcome.append((time.monotonic() - start, str(raised.value)))
+
+    thread = threading.Thread(target=lambda: asyncio.run(write_async()) if aio else write_sync())
+    thread.daemon = True
+    try:
+        thread.start()
+        thread.join(SETTLE)
+    finally:
+        stopper.cancel()
+        server.process.send_signal(signal.SIGCONT)
+        process.process.send_signal(signal.SIGCONT)
+    thread.join(SETTLE)
+    ((elapsed, message),) = outcome
+    assert "may have been applied" in message
+    assert elapsed < timeout + 1.0, (
+        elapsed
+    )  # was 2 * timeout + 0.2 for sync without a socket timeout
+
+
+def test_a_writer_connects_within_its_timeout(tmp_path, store):
+    """Found by review: a writer's new connection waited for the client's own
+    socket_connect_timeout (redis-py 8: 5 s for redis.Redis(host=...)) for a
+    Redis that accepts no connections (hung with a full accept queue, a network
+    dropping SYNs), however short the write's timeout.
+    """
+    from telstate.remote import RemoteWriter
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "tcp").mkdir()
+    with RedisServer(directory=tmp_path / "tcp", port=port) as server:
+        process = Daemon(store, server.url + "?db=0", tmp_path / "replicator.log")
+        wait_ready(server)
+        client = redis.Redis(host="127.0.0.1", port=port, db=0, socket_connect_timeout=20)
+        backend = RedisBackend(client, write_timeout=1.0)
+        backend._check_writable()
+        store_id = backend._remote._session.store
+        server.process.send_signal(signal.SIGSTOP)
+        _wait_stopped(server.process.pid)
+        fillers = []
+        try:
+            for _ in range(600):  # more than its accept queue (511): later SYNs are dropped
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            writer = RemoteWriter(client, 0, MIRROR_CURSOR_DB, store_id, timeout=1.0)
+            start = time.monotonic()
+            with pytest.raises(ConnectionError):
+                writer.write(Op.DELETE, b"x")
+            assert time.monotonic() - start < 2.5
+        finally:
+            for filler in fillers:
+                filler.close()
+            server.process.send_signal(signal.SIGCONT)
+            process.kill()
+
+
 def _logged(log_file: Path) -> tuple[list[int], list[int]]:
     returned, failed = [], []
     for line in log_file.read_text().splitlines():
@@ -1496,6 +1595,9 @@ def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
 ):
     """Out of memory, Redis refuses the XADD: the writer says so, it does not time out.
 
+    The error is Redis's own (a direct write raises it), not ReadOnlyError:
+    the mirror does take writes.
+
     (Its first wait for the reply ends empty, and it sends the request again,
     asking for the XADD's reply this time.)
     """
@@ -1511,7 +1613,7 @@ def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
         assert backend._remote is not None and backend._remote._session.skip_replies
         control.config_set("maxmemory", 1)
         try:
-            with pytest.raises(ReadOnlyError, match="maxmemory"):
+            with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
                 await ts.add("refused", 2.0, ts=2.0)
         finally:
             control.config_set("maxmemory", 0)
@@ -1527,7 +1629,7 @@ def test_a_refused_xadd_whose_reply_was_skipped_still_raises_its_error(
         assert ts.backend._remote._session.skip_replies
         control.config_set("maxmemory", 1)
         try:
-            with pytest.raises(ReadOnlyError, match="maxmemory"):
+            with pytest.raises(redis.exceptions.OutOfMemoryError, match="maxmemory"):
                 ts.add("refused", 2.0, ts=2.0)
         finally:
             control.config_set("maxmemory", 0)
@@ -1665,6 +1767,77 @@ def test_a_request_the_server_took_late_times_out_as_maybe_applied(monkeypatch, 
         assert "expires unapplied" in str(timed_out.value)
 
 
+def _session_on_a_clock(monkeypatch) -> tuple[Any, list[float]]:
+    """A remote-write session (no reply skipping) whose monotonic clock is the list's number."""
+    import types
+
+    import telstate.remote
+    from telstate.remote import _Session
+
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time, sleep=time.sleep)
+    monkeypatch.setattr(telstate.remote, "time", clock)
+    session = _Session(0, "store", 2.0, None)
+    session.skip_replies = False
+    return session, now
+
+
+def _run_out(plan: Any, first: list[Any], now: list[float]) -> WriteTimeoutError:
+    """Answer `plan`'s exchange with `first`, then nothing until it times out."""
+    with pytest.raises(WriteTimeoutError) as timed_out:
+        step = plan.send(first)
+        while True:
+            now[0] += step.time_left
+            step = plan.send([None])
+    return timed_out.value
+
+
+def test_a_pause_of_the_writer_before_it_sends_counts_as_a_stall(monkeypatch):
+    """Found by review: the request's timeout was taken before the stall clock
+    started, so a pause of the writer's thread in between (a long GC pass,
+    another thread holding the GIL) delayed the request's stamp unseen: the
+    daemon applied it after the writer said "expires unapplied"."""
+    from telstate.remote import PackedWrite
+
+    session, now = _session_on_a_clock(monkeypatch)
+    read_replies = session.read_replies
+    paused: list[bool] = []
+
+    def pausing(block: int) -> bytes:
+        if not paused:
+            paused.append(True)
+            now[0] += 1.0  # the writer's thread paused between its timeout and its send
+        return read_replies(block)
+
+    monkeypatch.setattr(session, "read_replies", pausing)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    assert next(plan).replies == 2
+    now[0] += 1.0  # the read's block
+    assert "may have been applied" in str(_run_out(plan, [b"1-0", None], now))
+
+
+def test_a_stall_hidden_by_a_stale_reply_still_counts(monkeypatch):
+    """Found by review: an XREAD that returned at once with a stale reply (to an
+    earlier write that timed out) let an exchange that Redis answered a second
+    late look like a normal wait of its block, so the writer said "expires
+    unapplied" for a request Redis stamped late, which the daemon then applied."""
+    from telstate.remote import PackedWrite
+
+    session, now = _session_on_a_clock(monkeypatch)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    assert next(plan).replies == 2
+    now[0] += 1.0  # Redis stalled 1 s, then the XREAD returned at once
+    stale = [
+        [
+            session.replies,
+            [[b"5-0", [b"id", b"earlier", b"status", b"error", b"error", b"expired"]]],
+        ]
+    ]
+    assert "may have been applied" in str(_run_out(plan, [b"1-0", stale], now))
+
+
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
     """Found by review: the plan's answers to BUSY, to a refused read after an accepted XADD,
     to a refused resend after an accepted XADD, to a busy probe, to a read lost near the deadline.
@@ -1697,8 +1870,13 @@ def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
     next(plan)
     assert isinstance(plan.throw(redis.ConnectionError("lost")), float)
     next(plan)
-    with pytest.raises(ReadOnlyError, match="may be applied"):
-        plan.send([redis.ResponseError("OOM command not allowed"), redis.ResponseError("OOM")])
+    with pytest.raises(redis.exceptions.OutOfMemoryError, match="may be applied"):
+        plan.send(
+            [
+                redis.exceptions.OutOfMemoryError("command not allowed"),
+                redis.exceptions.OutOfMemoryError("command not allowed"),
+            ]
+        )
     # Never added: refused, plainly.
     plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
     next(plan)

@@ -20,6 +20,7 @@ from . import settings
 from .eventlog import raw_log, writers_in
 from .layout import ALL_KEYS, INLINE_LIMIT, LONG_NAME_KEY_LEN, Tables, name_key_of
 from .state import state_records
+from .writes import highest_key_id, key_counter
 
 if TYPE_CHECKING:
     from ..telescope_state import TelescopeState
@@ -92,6 +93,7 @@ def replay_model(
     model = _StateModel()
     apply = model.apply
     decode = log.decode_record
+    previous = 0.0
     for seq, record in raw_log(txn, tables, 1):
         if until_seq is not None and seq > until_seq:
             break
@@ -99,10 +101,39 @@ def replay_model(
             raw = decode(record)
         except ValueError as error:
             raise _damaged_event(seq, error) from None
-        if until_time is not None and raw[2] > until_time:
-            break
+        if until_time is not None:
+            appended = raw[2]
+            _check_time(txn, tables, seq, appended, previous, until_time)
+            if appended > until_time:
+                break
+            previous = appended
         apply(raw)
     return model
+
+
+def _check_time(
+    txn: Any, tables: Tables, seq: int, appended: float, previous: float, until_time: float
+) -> None:
+    """Raise if event `seq`'s append time cannot be right, as a replay until a time sees it.
+
+    Event times never go back (see WriteTxn._next_event): one before the
+    event's before it, or (for the event a replay stops at) after the next
+    event's, is damage, which would make the replay stop early, silently.
+    """
+    if appended < previous:
+        raise _damaged_event(
+            seq, ValueError(f"its append time {appended!r} is before the event before it")
+        )
+    if appended > until_time:
+        following = txn.get(log.pack_seq(seq + 1), db=tables.log)
+        try:
+            later = following is not None and log.record_time(following) < appended
+        except struct.error as error:
+            raise _damaged_event(seq + 1, error) from None
+        if later:
+            raise _damaged_event(
+                seq, ValueError(f"its append time {appended!r} is after the event after it")
+            )
 
 
 def _damaged_event(seq: int, error: Exception) -> StoreError:
@@ -114,15 +145,18 @@ def _damaged_event(seq: int, error: Exception) -> StoreError:
 def seq_until_in(txn: Any, tables: Tables, until_time: float) -> int:
     """The seq of the last event that :func:`replay_model` applies until `until_time`."""
     last = 0
+    previous = 0.0
     record_time = log.record_time
     for seq, record in raw_log(txn, tables, 1):
         try:
             appended = record_time(record)
         except struct.error as error:
             raise _damaged_event(seq, error) from None
+        _check_time(txn, tables, seq, appended, previous, until_time)
         if appended > until_time:
             break
         last = seq
+        previous = appended
     return last
 
 
@@ -225,6 +259,27 @@ def verify_in(txn: Any, tables: Tables, store: uuid.UUID) -> list[str]:
                 f"(its last event: {last})"
             )
     problems.extend(_check_history(txn, tables, counts, digest))
+    problems.extend(_check_counters(txn, tables))
+    return problems
+
+
+def _check_counters(txn: Any, tables: Tables) -> list[str]:
+    """What the next key and the next writer would get: ids no one has."""
+    problems = []
+    try:
+        counter = key_counter(txn, tables)
+    except StoreError as error:
+        problems.append(f"meta: {error}")
+    else:
+        highest = highest_key_id(txn, tables)
+        if highest >= counter:
+            problems.append(
+                f"meta: the key id counter ({counter}) is not above the highest id the data "
+                f"use ({highest}): a new key would share another's samples"
+            )
+    writers = txn.cursor(db=tables.writers)
+    if writers.last() and writers.key() == b"\xff\xff\xff\xff":
+        problems.append("writers table: its last id is ffffffff, which no new writer can follow")
     return problems
 
 

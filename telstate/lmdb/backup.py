@@ -107,8 +107,9 @@ def backup(source: PathType, dest: PathType, progress: Progress | None = None) -
         with LmdbBackend(source, readonly=True) as backend:
             store = backend._get_store()
             # Registered like any read, so that nothing remaps the environment under the copy.
-            token = store.txns.enter(threading.get_ident())
+            token = object()
             try:
+                store.txns.enter(threading.get_ident(), token)
                 env = store.ensure_open()
                 used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
                 with _reporting(progress, os.path.join(work, _DATA_FILE), used):

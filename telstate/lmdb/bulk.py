@@ -81,7 +81,7 @@ from .layout import (
 )
 from .samples import absent_members, append_samples, latest_member
 from .state import indexed_value
-from .writes import WriteTxn
+from .writes import WriteTxn, key_counter
 
 if TYPE_CHECKING:
     from .backend import LmdbBackend
@@ -348,8 +348,7 @@ def _write_chunk(wtxn: WriteTxn, chunk: list[Record]) -> None:
 
 def is_newest(txn: Any, tables: Tables, key_id: bytes) -> bool:
     """Whether `key_id` is the last one given out: no table holds a greater one."""
-    counter = KEY_ID.unpack(txn.get(b"next_key_id", db=tables.meta))[0]
-    return KEY_ID.unpack(key_id)[0] + 1 == counter
+    return KEY_ID.unpack(key_id)[0] + 1 == key_counter(txn, tables)
 
 
 def _write_mutable(wtxn: WriteTxn, key: bytes, members: list[bytes] | PackedMembers) -> None:

@@ -117,7 +117,7 @@ from .. import log
 from ..backend import GetResult
 from ..errors import StoreError
 from ..log import Writer
-from ..utils import PathType
+from ..utils import PathType, display_str
 from . import settings, watch
 from .layout import KEY_ID, Tables
 
@@ -207,25 +207,25 @@ class _Transactions:
             self.live[txn] = ident
         return txn
 
-    def enter(self, ident: int) -> object:
-        """Register a transaction about to begin in thread `ident` (a write).
+    def enter(self, ident: int, token: object) -> None:
+        """Register a transaction about to begin in thread `ident` (a write), as `token`.
 
-        Returns its token for :meth:`leave` (or to be replaced in `live`
-        by the transaction once it began).
+        The token is for :meth:`leave` (or to be replaced in `live` by the
+        transaction once it began).
         """
-        token = object()
         with self.lock:
             if self.pending:
                 self._admit(ident)
             self.live[token] = ident
-        return token
 
     def leave(self, key: Any) -> None:
         """Unregister an ended transaction (or a token), letting a waiting remap go ahead."""
         with self.lock:
-            del self.live[key]
-            if self.pending:
-                self.cond.notify_all()
+            try:
+                self.live.pop(key, None)  # (absent if an interrupt came before it was added)
+            finally:
+                if self.pending:
+                    self.cond.notify_all()
 
     def end_read(self, txn: Any) -> None:
         """End a read transaction from :meth:`begin_read` (under `lock`, see Store.before_fork)."""
@@ -780,9 +780,14 @@ class Store:
                 )
             if version not in {b"%d" % known for known in log.FORMATS}:
                 raise StoreError(
-                    f"{self.path!r} has log format {version.decode(errors='replace')}, "
+                    f"{self.path!r} has log format "
+                    f"{version.decode() if version.isdigit() else display_str(version)}, "
                     f"this telstate reads formats {log.BASE_FORMAT} and {log.FORMAT_VERSION}: "
                     "upgrade telstate"
+                )
+            if len(identity_bytes) != 16:
+                raise StoreError(
+                    f"{self.path!r} has a damaged identity (meta uuid {identity_bytes!r})"
                 )
             return tables, uuid.UUID(bytes=identity_bytes)
 
@@ -870,8 +875,12 @@ class Store:
                 continue
             self.adopt_map_size()
 
-    def begin_write(self) -> Any:
+    def begin_write(self, owner: Any) -> Any:
         """A write transaction; the caller holds `write_lock` until :meth:`end_write`.
+
+        The transaction is also set as ``owner.begun`` before it is returned,
+        so that the caller can end it after an exception that comes as the
+        call returns (KeyboardInterrupt), before it could keep the result.
 
         Raises
         ------
@@ -883,26 +892,51 @@ class Store:
         while True:
             env = self.env or self.ensure_open()
             txns = self.txns
-            token = txns.enter(ident)
-            self.write_lock.acquire()
+            # Made here, not by enter: an exception (KeyboardInterrupt) as enter
+            # returns must find it (see _unwind_write; so must one as the lock
+            # is taken or the transaction begins).
+            token = object()
+            txn = None
             try:
+                txns.enter(ident, token)
+                self.write_lock.acquire()
                 if env is self.env:
                     # begin(db, parent, write) by position: py-lmdb parses keywords slowly.
                     txn = env.begin(None, None, True)
                     live = txns.live
                     live[txn] = ident
                     del live[token]
+                    owner.begun = txn
                     return txn
             except lmdb.MapResizedError:
                 pass
             except BaseException:
-                txns.leave(token)
-                self.write_lock.release()
+                owner.begun = None  # undone here, not by the caller
+                self._unwind_write(token, txn)
                 raise
-            txns.leave(token)
-            self.write_lock.release()
+            self._unwind_write(token, txn)
             if env is self.env:
                 self.adopt_map_size()
+
+    def _unwind_write(self, token: object, txn: Any) -> None:
+        """Undo what of :meth:`begin_write` was done: `txn` (if begun), `token`, the lock."""
+        try:
+            if txn is not None:
+                abort(txn)
+        finally:
+            try:
+                with self.txns.lock:
+                    try:
+                        self.txns.live.pop(token, None)
+                        if txn is not None:
+                            self.txns.live.pop(txn, None)
+                    finally:
+                        if self.txns.pending:
+                            self.txns.cond.notify_all()
+            finally:
+                # Held by this thread only if begin_write took it (writes do not nest).
+                if self.write_lock._is_owned():  # type: ignore[attr-defined]
+                    self.write_lock.release()
 
     def end_write(self, txn: Any) -> None:
         """Release a write transaction from :meth:`begin_write`, after its commit or abort.
@@ -912,6 +946,9 @@ class Store:
         slot that pins the pages it saw, and the file would grow until the
         housekeeper's next check.
         """
+        # Each step may be done again (see WriteTxn._release): an exception
+        # between two lines (KeyboardInterrupt) must not leave the write lock
+        # held, nor release it twice.
         self.writes += 1
         if self.writes % settings.READER_CHECK_WRITES == 0:
             assert self.env is not None
@@ -919,11 +956,19 @@ class Store:
                 self.env.reader_check()
             except lmdb.Error as error:
                 logger.warning("clearing stale readers of %s failed: %s", self.path, error)
-        # Unregistered before the write lock goes: a fork (which takes the
-        # write lock first) never finds an ended write still registered,
-        # which would leave the child unable to use the store.
-        self.txns.leave(txn)
-        self.write_lock.release()
+        txns = self.txns
+        with txns.lock:
+            try:
+                # Unregistered before the write lock goes: a fork (which takes
+                # the write lock first) never finds an ended write still
+                # registered, which would leave the child unable to use the store.
+                txns.live.pop(txn, None)
+                if txns.pending:
+                    txns.cond.notify_all()
+            finally:
+                # Held by this thread only for this write (writes do not nest).
+                if self.write_lock._is_owned():  # type: ignore[attr-defined]
+                    self.write_lock.release()
 
     def adopt_map_size(self) -> None:
         """Follow another process that opened the store with a larger map than this one.

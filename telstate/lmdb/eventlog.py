@@ -175,7 +175,7 @@ def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, 
         record = cursor.value()
         if len(record) < log.CHAIN_SIZE:
             raise ValueError(f"a record of {len(record)} bytes has no chain")
-        return log.unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
+        return _unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
     except (struct.error, ValueError) as error:
         raise StoreError(f"the last event of the log is damaged: {error}") from None
 
@@ -186,10 +186,17 @@ def last_seq_in(txn: Any, tables: Tables) -> int:
     return _unpack_seq(cursor.key()) if cursor.last() else 0
 
 
+#: Seqs count events from 1: one this large (its top bit set) is a damaged key.
+_MAX_SEQ = (1 << 63) - 1
+
+
 def _unpack_seq(seq_key: bytes) -> int:
     if len(seq_key) != 8:
         raise StoreError(f"damaged log: a key of {len(seq_key)} bytes is not a seq")
-    return log.unpack_seq(seq_key)
+    seq = log.unpack_seq(seq_key)
+    if seq > _MAX_SEQ:
+        raise StoreError(f"damaged log: {seq} is not a seq (a key {seq_key.hex()})")
+    return seq
 
 
 def raw_log(txn: Any, tables: Tables, start_seq: int) -> Iterator[tuple[int, bytes]]:
@@ -286,7 +293,10 @@ def head_in(txn: Any, tables: Tables, genesis: bytes) -> tuple[int, bytes]:
     cursor = txn.cursor(db=tables.log)
     if not cursor.last():
         return 0, genesis
-    return log.unpack_seq(cursor.key()), log.record_chain(cursor.value())
+    record = cursor.value()
+    if len(record) < log.CHAIN_SIZE:
+        raise StoreError(f"the last event of the log is damaged: a record of {len(record)} bytes")
+    return _unpack_seq(cursor.key()), log.record_chain(record)
 
 
 def chain_in(txn: Any, tables: Tables, seq: int) -> bytes | None:

@@ -153,12 +153,18 @@ class WriteTxn:
         "_state",
         "_forks",
         "_primary_after",
+        "begun",
+        "_committed",
     )
 
     def __init__(self, store: Store, writer_name: str | None) -> None:
         self._store = store
         self._writer_name = writer_name
         self._state = _NEW
+        # The transaction begun (set by Store.begin_write) until released, and
+        # whether it was committed.
+        self.begun: Any = None
+        self._committed = False
         self.txn: Any = _CLOSED
         self.tables: Tables = _CLOSED
         self.changed = False
@@ -184,13 +190,11 @@ class WriteTxn:
                 f"a write transaction on the store at {store.path!r} is already open in "
                 "this thread: use its WriteTxn (backend.write() blocks do not nest)"
             )
+        # begin_write sets self.begun before it returns: an exception
+        # (KeyboardInterrupt) from here on finds the transaction to end, and
+        # the write lock to release, even one that comes as the call returns.
         try:
-            txn = store.begin_write()
-        except lmdb.Error as error:
-            raise StoreError(f"writing to the store at {store.path!r} failed: {error}") from error
-        # From here on the write lock is held: release it even if an
-        # exception (KeyboardInterrupt included) arrives before the block runs.
-        try:
+            txn = store.begin_write(self)
             _OPEN[id(store)] = get_ident()
             self.txn = txn
             self._txnid = txn.id()
@@ -200,13 +204,19 @@ class WriteTxn:
             self._last_commit = store.last_commit
             self._forks = _forks
             self._state = _OPEN_STATE
-        except BaseException:
+            return self
+        except BaseException as error:
             _OPEN.pop(id(store), None)
             self.txn = _Closed()
-            abort(txn)
-            store.end_write(txn)
+            try:
+                self._release()
+            finally:
+                self._release()  # again, if an exception cut the first short
+            if isinstance(error, lmdb.Error):
+                raise StoreError(
+                    f"writing to the store at {store.path!r} failed: {error}"
+                ) from error
             raise
-        return self
 
     def _check_role(self) -> None:
         """Refuse to write to a follower: only its primary's events change it.
@@ -221,60 +231,78 @@ class WriteTxn:
             raise follower_error(self._store.path, primary)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        store, txn = self._store, self.txn
-        if self._state != _OPEN_STATE:
-            return  # __enter__ failed, or a misuse already raised
-        self._state = _DONE
-        self.txn = _CLOSED
-        _OPEN.pop(id(store), None)
-        if self._forks != _forks:
-            # Forked inside the block: the transaction is the parent's.
-            raise StoreError(
-                f"this process was forked inside a write block on the store at {store.path!r}: "
-                "the block belongs to the parent, and is not committed here"
-            )
-        if exc is not None:
-            self._fail(txn, exc)
-            return  # the block's own exception propagates
-        ended = False
+        # An exception may come between any two lines (KeyboardInterrupt, or
+        # one a signal handler raises): from the first line, the finally
+        # ends the transaction and releases the write lock whatever happens,
+        # and does it twice over (each step of _release may be done again).
+        # One left held would hang every writer of the store, in every
+        # process, for as long as this process lives.
         try:
+            if self._state != _OPEN_STATE:
+                return  # __enter__ failed, or a misuse already raised
+            self._state = _DONE
+            self.txn = _CLOSED
+            store = self._store
+            _OPEN.pop(id(store), None)
+            if self._forks != _forks:
+                self.begun = None  # forked inside the block: the transaction is the parent's
+                raise StoreError(
+                    f"this process was forked inside a write block on the store at "
+                    f"{store.path!r}: the block belongs to the parent, and is not committed here"
+                )
+            if exc is not None:
+                meaning = self._meaning(exc)
+                if meaning is not None:
+                    raise meaning from exc
+                return  # aborted below; the block's own exception propagates
             if not self.changed:
-                txn.abort()
-                store.end_write(txn)
-                ended = True
-                return
-            txn.commit()
-            self._store.primary_txnid = self._txnid if self._primary_after else -1
+                return  # nothing to commit: aborted below
+            try:
+                self.begun.commit()
+            except lmdb.Error as error:
+                meaning = self._meaning(error)
+                assert meaning is not None
+                raise meaning from error
+            self._committed = True
+            store.primary_txnid = self._txnid if self._primary_after else -1
             if self._new_writer_id is not None:
                 store.writer_ids[self._writer_name] = self._new_writer_id
             if self._new_remote_ids:
                 store.remote_writer_ids.update(self._new_remote_ids)
             if self._appended is not None:
                 store.last_commit = (self._txnid, *self._appended)
-        except BaseException as error:
-            ended = True
-            self._fail(txn, error)
-            raise
         finally:
-            # Reached with ended False after a commit, or if an exception
-            # (e.g. KeyboardInterrupt) came between commit and here.
-            if not ended:
-                store.end_write(txn)
+            try:
+                self._release()
+            finally:
+                self._release()
         store.committed()
 
-    def _fail(self, txn: Any, error: BaseException) -> None:
-        """Abort after `error` and release the write lock; raise what it means for callers."""
+    def _release(self) -> None:
+        """End the transaction (abort it unless committed) and release the write lock, once.
+
+        Each step may be done again (by a second call, after an exception
+        cut the first short).
+        """
+        txn = self.begun
+        if txn is None:
+            return
+        if not self._committed:
+            abort(txn)  # (a no-op once aborted, or committed after all)
+        self._store.end_write(txn)  # (a no-op once done)
+        self.begun = None
+
+    def _meaning(self, error: BaseException) -> StoreError | None:
+        """What LMDB's `error` means for callers, if it is LMDB's (the write was not committed)."""
         store = self._store
-        abort(txn)
-        store.end_write(txn)
         if isinstance(error, lmdb.MapFullError):
-            raise StoreError(
+            return StoreError(
                 f"the telstate store at {store.path!r} is full: it reached its map size "
                 f"({store.map_size} bytes); open it with a larger map_size"
-            ) from error
+            )
         if isinstance(error, lmdb.Error):
-            message = f"writing to the store at {store.path!r} failed: {error}"
-            raise StoreError(message) from error
+            return StoreError(f"writing to the store at {store.path!r} failed: {error}")
+        return None
 
     # --- the operations -------------------------------------------------------------
 
@@ -517,7 +545,15 @@ class WriteTxn:
     def _register(self, writer: Writer) -> int:
         """Add `writer` to the writers table; return its new id."""
         cursor = self.txn.cursor(self.tables.writers)
-        writer_id = log.unpack_writer_id(cursor.key()) + 1 if cursor.last() else 1
+        writer_id = 1
+        if cursor.last():
+            last = cursor.key()
+            if len(last) != 4 or last == b"\xff\xff\xff\xff":
+                raise StoreError(
+                    f"the writers table is damaged: its last key {last.hex()} is not a writer "
+                    "id that another can follow"
+                )
+            writer_id = log.unpack_writer_id(last) + 1
         checked_put(
             self.txn, log.pack_writer_id(writer_id), log.encode_writer(writer), self.tables.writers
         )
@@ -526,15 +562,39 @@ class WriteTxn:
     def new_key(self, name_key: bytes, key_type: int, key: bytes, value: bytes) -> KeyRecord:
         """Create the keys-table entry of a new key; return its record (for bulk paths too)."""
         txn, tables = self.txn, self.tables
-        counter_data = txn.get(b"next_key_id", db=tables.meta)
-        if counter_data is None or len(counter_data) != KEY_ID.size:
-            raise StoreError("the store's key id counter is missing or damaged")
-        counter = KEY_ID.unpack(counter_data)[0]
+        counter = key_counter(txn, tables)
+        # A counter at or below an id whose data are stored would give a new
+        # key another key's samples: refuse rather than mix them.
+        if highest_key_id(txn, tables) >= counter:
+            raise StoreError(
+                f"the store's key id counter ({counter}) is behind the ids its data use: "
+                "the store is damaged"
+            )
         checked_put(txn, b"next_key_id", KEY_ID.pack(counter + 1), tables.meta)
         key_id = KEY_ID.pack(counter)
         record = KeyRecord.new(key_type, key_id, key, value)
         checked_put(txn, name_key, record.encode(), tables.keys)
         return record
+
+
+def key_counter(txn: Any, tables: Tables) -> int:
+    """The next key id to give out (meta ``next_key_id``), checked to be a counter."""
+    counter_data = txn.get(b"next_key_id", db=tables.meta)
+    if counter_data is None or len(counter_data) != KEY_ID.size:
+        raise StoreError("the store's key id counter is missing or damaged")
+    return int(KEY_ID.unpack(counter_data)[0])
+
+
+def highest_key_id(txn: Any, tables: Tables) -> int:
+    """The highest key id the samples, blocks and indexed tables use (0 if none)."""
+    highest = 0
+    for table in (tables.samples, tables.blocks, tables.indexed):
+        cursor = txn.cursor(table)
+        if cursor.last():
+            prefix = cursor.key()[: KEY_ID.size]
+            if len(prefix) == KEY_ID.size:
+                highest = max(highest, int(KEY_ID.unpack(prefix)[0]))
+    return highest
 
 
 def follower_error(path: str, primary: str) -> ReadOnlyError:
