@@ -76,6 +76,7 @@ import itertools
 import math
 import os
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -556,6 +557,10 @@ class Wire:
         # redis-py's health check interval of the connection (0 for none).
         self._health_check = 0
         self._pid = _Process.pid
+        # Whether a send first looks for a connection the server closed (for
+        # writers: they read every reply before they send again; a wire with
+        # replies still to read must not open a new connection under them).
+        self.check_closed = False
         # The longest the next sends and reads may block (see limit), and the
         # timeout the socket has now (its own, or that limit if shorter).
         self._limit: float | None = None
@@ -620,6 +625,14 @@ class Wire:
             or self._pid != _Process.pid
             or (self._health_check and time.monotonic() > self._connection.next_health_check)
         ):
+            self._send_through_connection(packed)
+            return
+        if self.check_closed and _closed_by_server(sock):
+            # Redis went down (or closed the connection) since the last
+            # exchange: over TCP a send would go out all the same, and only
+            # the read would fail, when the request may have reached it. A
+            # new connection now fails (or works) before anything is sent.
+            self._disconnect()
             self._send_through_connection(packed)
             return
         if self._limit is not None or self._applied != self._timeout:
@@ -748,6 +761,20 @@ class Wire:
             self._connection.disconnect()
 
 
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed (or reset) `sock`, which holds no reply not yet read."""
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    if not poll.poll(0):
+        return False  # (one system call when it is open and quiet: the usual case)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _reader_for(connection: Any) -> Any:
     """A hiredis reader of `connection`'s replies, giving what redis-py's parser gives.
 
@@ -790,6 +817,12 @@ def _kernel_timeouts(sock: socket.socket, timeout: float | None) -> bool:
     return True
 
 
+def _at_eof(connection: Any) -> bool:
+    """Whether the server closed an asyncio connection that holds no reply not yet read."""
+    reader = getattr(connection, "_reader", None)
+    return reader is not None and reader.at_eof()
+
+
 class AsyncWire:
     """:class:`Wire` for asyncio: one connection of `pool`, held until :meth:`close`.
 
@@ -829,8 +862,14 @@ class AsyncWire:
                 if self._connection is None:
                     # Connecting reads replies too (HELLO, SELECT): bounded as well.
                     self._connection = await self._pool.get_connection()
-                elif not self._connection.is_connected:
+                elif not self._connection.is_connected or _at_eof(self._connection):
                     # Here, not in the send: the transport below is the one it writes to.
+                    # (A connection the server closed since the last exchange is
+                    # made anew: over TCP a send to it would go out all the same,
+                    # and only the read would fail, when the request may have
+                    # reached the server; a new one fails before anything is sent.)
+                    if self._connection.is_connected:
+                        await self._connection.disconnect()
                     await self._connection.connect()
                 writer = getattr(self._connection, "_writer", None)
                 transport = None if writer is None else writer.transport
@@ -1505,6 +1544,7 @@ class RemoteWriter:
         )
         self._pool = redis.ConnectionPool(**kwargs)
         self._wire = Wire(self._pool)
+        self._wire.check_closed = True
         self._lock = ProcessLock()
 
     def write(

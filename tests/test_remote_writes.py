@@ -712,6 +712,57 @@ def test_redis_down_means_connection_error(store, server, mirror_url, daemon):
     ts.backend.close()
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_redis_down_means_connection_error_over_tcp_too(tmp_path, store, aio):
+    """Found by review: over TCP, a warm writer's send to a Redis that had gone
+    down went out (into the closed connection), and only the read failed, so the
+    write waited its whole timeout and said "may have been applied"; on a unix
+    socket the send fails at once. The writer now finds the closed connection
+    before it sends, and a new one fails before anything is sent."""
+    from telstate.aio.redis import RedisBackend as AioRedisBackend
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "tcp").mkdir()
+    timeout = 5.0
+    with RedisServer(directory=tmp_path / "tcp", port=port) as server:
+        process = Daemon(store, server.url + "?db=0", tmp_path / "replicator.log")
+        url = f"redis://127.0.0.1:{port}/0"  # the writers' connections: TCP
+        try:
+            wait_ready(server)
+
+            async def write_async() -> float:
+                backend = await AioRedisBackend.from_url(url, write_timeout=timeout)
+                ts = telstate.aio.TelescopeState(backend)
+                await ts.add("before", 1.0, ts=1.0)
+                server.stop()
+                await asyncio.sleep(0.2)  # the close reaches the writer's connection
+                start = time.monotonic()
+                with pytest.raises(ConnectionError):
+                    await ts.add("during", 2.0, ts=2.0)
+                elapsed = time.monotonic() - start
+                backend.close()
+                await backend.wait_closed()
+                return elapsed
+
+            if aio:
+                elapsed = asyncio.run(write_async())
+            else:
+                ts = TelescopeState(RedisBackend.from_url(url, write_timeout=timeout))
+                ts.add("before", 1.0, ts=1.0)
+                server.stop()
+                time.sleep(0.2)
+                start = time.monotonic()
+                with pytest.raises(ConnectionError):
+                    ts.add("during", 2.0, ts=2.0)
+                elapsed = time.monotonic() - start
+                ts.backend.close()
+        finally:
+            process.kill()
+    assert elapsed < 1.5, elapsed  # at once (one resend on a new connection), not its timeout
+
+
 def _write_to_a_hung_redis(
     server: RedisServer, aio: bool, socket_timeout: float | None = None
 ) -> list[Any]:
