@@ -89,6 +89,13 @@ class Daemon:
         assert self.process.wait(10) == 0, self.log.read_text()
 
 
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a RedisServer on TCP as well)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture
 def store(tmp_path):
     path = tmp_path / "store"
@@ -721,9 +728,7 @@ def test_redis_down_means_connection_error_over_tcp_too(tmp_path, store, aio):
     before it sends, and a new one fails before anything is sent."""
     from telstate.aio.redis import RedisBackend as AioRedisBackend
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     (tmp_path / "tcp").mkdir()
     timeout = 5.0
     with RedisServer(directory=tmp_path / "tcp", port=port) as server:
@@ -915,9 +920,7 @@ def test_a_writer_connects_within_its_timeout(tmp_path, store):
     """
     from telstate.remote import RemoteWriter
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     (tmp_path / "tcp").mkdir()
     with RedisServer(directory=tmp_path / "tcp", port=port) as server:
         process = Daemon(store, server.url + "?db=0", tmp_path / "replicator.log")
@@ -1234,12 +1237,9 @@ def test_a_full_disk_at_the_log_host_fails_remote_writes_at_once_and_loses_none(
 
 def test_status_and_prometheus_show_the_intake(store, server, mirror_url, daemon):
     import json
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     daemon("--metrics-port", str(port), "--metrics-address", "127.0.0.1")
     ts = TelescopeState(mirror_url)
     for i in range(10):
