@@ -666,6 +666,9 @@ class Wire:
                 connection.socket_timeout = min(saved[0] or math.inf, bounded)
                 connection.socket_connect_timeout = min(saved[1] or math.inf, bounded)
             connection.send_packed_command([packed])
+        except redis.exceptions.InvalidResponse as error:  # (its handshake's replies)
+            self._disconnect()
+            raise _garbled(error, "connecting to") from error
         except BaseException:
             self._disconnect()
             raise
@@ -728,6 +731,8 @@ class Wire:
             raise redis.TimeoutError(f"Timeout {doing} the redis server") from error
         if isinstance(error, OSError):
             raise redis.ConnectionError(f"Error {doing} the redis server: {error}") from error
+        if isinstance(error, redis.exceptions.InvalidResponse):
+            raise _garbled(error, doing) from error
         raise error
 
     def fileno(self) -> int | None:
@@ -759,6 +764,16 @@ class Wire:
         self._sock = self._reader = None
         if self._pid == _Process.pid:
             self._connection.disconnect()
+
+
+def _garbled(error: redis.exceptions.InvalidResponse, doing: str) -> redis.ConnectionError:
+    """A reply that is not RESP (a proxy, or another service on the port), as a lost connection.
+
+    The connection is out of step (its later replies cannot be told
+    apart): the caller closes it, and treats what it sent as it would
+    after a connection lost while it waited for the reply.
+    """
+    return redis.ConnectionError(f"Error {doing} the redis server: not a Redis reply ({error})")
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
@@ -884,6 +899,8 @@ class AsyncWire:
                 await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout writing to the redis server") from error
+            if isinstance(error, redis.exceptions.InvalidResponse):  # (connecting)
+                raise _garbled(error, "connecting to") from error
             raise
 
     async def receive(self, count: int, limit: float | None = None) -> list[Any]:
@@ -900,6 +917,8 @@ class AsyncWire:
             await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout reading from the redis server") from error
+            if isinstance(error, redis.exceptions.InvalidResponse):
+                raise _garbled(error, "reading from") from error
             raise
         return replies
 
