@@ -167,17 +167,41 @@ def append_record(
 
 
 def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:
-    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty."""
+    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty.
+
+    For a write to follow: the event must follow the one before it (its
+    seq the next, its chain hash that of its record after the one before's),
+    or the write would chain onto garbage, or go on from a seq a damaged
+    key made up, and the log could never verify again.
+
+    Raises
+    ------
+    StoreError
+        If the last event is damaged (``telstate verify`` says how).
+    """
     cursor = txn.cursor(db=tables.log)
     if not cursor.last():
         return 0, 0.0, log.genesis(store)
+    seq = 0
     try:
+        seq = _unpack_seq(cursor.key())
         record = cursor.value()
-        if len(record) < log.CHAIN_SIZE:
-            raise ValueError(f"a record of {len(record)} bytes has no chain")
-        return _unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
-    except (struct.error, ValueError) as error:
-        raise StoreError(f"the last event of the log is damaged: {error}") from None
+        if seq == 1:
+            previous = log.genesis(store)
+        else:
+            before = txn.get(log.pack_seq(seq - 1), None, tables.log)
+            if before is None or len(before) < log.CHAIN_SIZE:
+                raise ValueError(f"event {seq - 1} before it is missing or damaged")
+            previous = log.record_chain(before)
+        if not log.chain_matches(previous, record):
+            raise ValueError("its record does not carry its chain hash")
+        return seq, log.record_time(record), log.record_chain(record)
+    except (struct.error, ValueError, StoreError) as error:
+        raise StoreError(
+            f"the last event of the log is damaged{f' (event {seq})' if seq else ''}: {error}; no"
+            " write can follow it (`telstate verify` shows the damage: restore the store"
+            " from a backup or a follower)"
+        ) from None
 
 
 def last_seq_in(txn: Any, tables: Tables) -> int:
