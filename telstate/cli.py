@@ -523,13 +523,12 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
+    from .lmdb.backend import check_file
 
     if args.forget:
         return _forget_import(args, out)
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
-    backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
-    before = backend.last_seq
     # The file is checked whole before anything is written (see import_rules).
     shown: list[Progress] = []  # the phase on screen: checking the file, then importing
 
@@ -542,7 +541,18 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         shown[0].advance(values)
 
     try:
-        count = backend.load_from_file(args.rdb, progress=progress)
+        if _no_store_yet(args.store) and os.path.isfile(args.rdb):
+            # Checked before the store is made: a file refused leaves none behind.
+            with open(args.rdb, "rb") as handle:
+                check_file(handle, progress)
+                handle.seek(0)
+                backend = args.stores.enter_context(LmdbBackend(args.store))
+                before = backend.last_seq
+                count = backend._load_checked(handle, progress)
+        else:
+            backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
+            before = backend.last_seq
+            count = backend.load_from_file(args.rdb, progress=progress)
     except InvalidTimestampError as error:
         raise CliError(f"{args.rdb!r}: {error}", EXIT_DAMAGED) from None
     finally:
@@ -555,6 +565,16 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         else f"imported {count} keys from {args.rdb} as {events} events\n"
     )
     return EXIT_OK
+
+
+def _no_store_yet(path: str) -> bool:
+    """Whether there is nothing at `path`, or an empty directory: an import makes the store."""
+    try:
+        return not os.listdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # (not a directory, say: opening the store says why)
 
 
 def _forget_import(args: argparse.Namespace, out: TextIO) -> int:

@@ -209,6 +209,30 @@ def test_import_reads_a_pipe_once(store, tmp_path):
         imported.backend.close()
 
 
+@pytest.mark.parametrize("where", ["new", "empty directory"])
+def test_a_refused_import_leaves_no_store_behind(store, tmp_path, where):
+    """Found by review: a file refused on its check left an empty store at a new path."""
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    data = full.read_bytes()
+    truncated = tmp_path / "truncated.rdb"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.rdb"
+    garbage.write_bytes(b"REDIS0011" + b"\xfe" * 100)
+    target = tmp_path / "new-store"
+    if where == "empty directory":
+        target.mkdir()
+    for bad in (truncated, garbage):
+        status = run("import", str(target), str(bad))[0]
+        assert status == cli.EXIT_DAMAGED
+        if where == "new":
+            assert not target.exists()
+        else:
+            assert list(target.iterdir()) == []
+    assert run("import", str(target), str(full))[0] == 0
+    assert run("verify", str(target))[0] == 0
+
+
 def test_export_to_a_piped_stdout(store, tmp_path):
     """`export STORE /dev/stdout | ...`: the file goes to the pipe, the summary to stderr."""
     for command in (["export", store, "/dev/stdout"], ["replay", store, "--until", "6"]):
