@@ -897,6 +897,7 @@ class Store:
             # is taken or the transaction begins).
             token = object()
             txn = None
+            begun = False
             try:
                 txns.enter(ident, token)
                 self.write_lock.acquire()
@@ -907,14 +908,21 @@ class Store:
                     live[txn] = ident
                     del live[token]
                     owner.begun = txn
+                    begun = True
                     return txn
             except lmdb.MapResizedError:
-                pass
-            except BaseException:
-                owner.begun = None  # undone here, not by the caller
-                self._unwind_write(token, txn)
-                raise
-            self._unwind_write(token, txn)
+                pass  # (another process grew the map: undone below, then tried again)
+            finally:
+                if not begun:
+                    # Undone whatever happened, from a finally (an exception may
+                    # come as any function starts, _unwind_write too), and twice
+                    # over: each of its steps may be done again. (An exception
+                    # after owner.begun was set leaves the caller's _release
+                    # nothing more to undo.)
+                    try:
+                        self._unwind_write(token, txn)
+                    finally:
+                        self._unwind_write(token, txn)
             if env is self.env:
                 self.adopt_map_size()
 

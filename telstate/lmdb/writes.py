@@ -206,12 +206,15 @@ class WriteTxn:
             self._state = _OPEN_STATE
             return self
         except BaseException as error:
-            _OPEN.pop(id(store), None)
-            self.txn = _Closed()
+            # (Each line may be cut short too: the releases run from a finally.)
             try:
-                self._release()
+                _OPEN.pop(id(store), None)
+                self.txn = _Closed()
             finally:
-                self._release()  # again, if an exception cut the first short
+                try:
+                    self._release()
+                finally:
+                    self._release()  # again, if an exception cut the first short
             if isinstance(error, lmdb.Error):
                 raise StoreError(
                     f"writing to the store at {store.path!r} failed: {error}"
