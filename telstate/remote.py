@@ -748,6 +748,17 @@ class Wire:
         sock = self._sock
         return None if sock is None else sock.fileno()
 
+    def reset(self) -> None:
+        """Close the connection (its replies are not wanted); the next send opens it again.
+
+        Unlike :meth:`close`, the wire keeps the connection object, so that
+        opening it again (connecting, its handshake) is bounded by the
+        :meth:`limit` too: the pool would connect a new one within its own
+        timeouts.
+        """
+        if self._connection is not None:
+            self._disconnect()
+
     def close(self) -> None:
         """Close the connection and give it back to the pool (the next call takes one again).
 
@@ -777,11 +788,18 @@ def _garbled(error: redis.exceptions.InvalidResponse, doing: str) -> redis.Conne
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
-    """Whether the server closed (or reset) `sock`, which holds no reply not yet read."""
+    """Whether the server closed (or reset) `sock`, which holds no reply not yet read.
+
+    A TLS socket cannot be peeked at: one that turned readable while no
+    reply was due holds the server's close (or bytes out of step), so it
+    counts as closed either way (the caller connects anew, before it sends).
+    """
     poll = select.poll()
     poll.register(sock, select.POLLIN)
     if not poll.poll(0):
         return False  # (one system call when it is open and quiet: the usual case)
+    if type(sock) is not socket.socket:
+        return True
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -1386,7 +1404,10 @@ class _Session:
                         continue
                     # Nothing reached the server: fail at once, as a direct write does.
                     raise self.unreachable(unsent.error) from unsent.error
+                # The connection was lost since an earlier sending: if its XADD
+                # ran, the reply is lost with it, as if a read had failed.
                 sent, confirmed = False, True
+                unread = unread or maybe_added
                 yield _RETRY_DELAY
                 continue
             except _TRANSIENT:
@@ -1610,7 +1631,7 @@ class RemoteWriter:
                         continue
                     if isinstance(step, _Reset):
                         with contextlib.suppress(Exception):  # best effort: it is closed
-                            wire.close()
+                            wire.reset()  # (connected again within the write's time left)
                         step = next(plan)
                         continue
                     packed, count = step.packed, step.replies

@@ -1889,6 +1889,34 @@ def test_a_stall_hidden_by_a_stale_reply_still_counts(monkeypatch):
     assert "may have been applied" in str(_run_out(plan, [b"1-0", stale], now))
 
 
+@pytest.mark.parametrize("found_by", ["read", "send"])
+def test_a_connection_lost_after_an_accepted_request_means_it_may_have_been_applied(
+    monkeypatch, found_by
+):
+    """Found by review: Redis gone after it accepted the request and a wait for the
+    reply ended empty, found by the next send (a unix socket; TCP since the writer
+    looks for a closed connection before it sends), ended in "expires unapplied",
+    though the daemon may have applied it and only its reply was lost."""
+    from telstate.remote import PackedWrite, _Exchange, _Unsent
+
+    session, now = _session_on_a_clock(monkeypatch)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    now[0] += 1.0  # the first wait ran out: no reply yet
+    with pytest.raises(WriteTimeoutError, match="may have been applied"):
+        step = plan.send([b"1-0", None])  # the request was accepted
+        while True:  # Redis is down from here on
+            if not isinstance(step, _Exchange):
+                if isinstance(step, float):
+                    now[0] += step
+                step = next(plan)
+                continue
+            now[0] += 0.001
+            lost = redis.ConnectionError("Connection closed by server.")
+            step = plan.throw(lost if found_by == "read" else _Unsent(lost))
+
+
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
     """Found by review: the plan's answers to BUSY, to a refused read after an accepted XADD,
     to a refused resend after an accepted XADD, to a busy probe, to a read lost near the deadline.

@@ -9,6 +9,7 @@ its ``fileno`` means.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -439,3 +440,114 @@ def test_a_remote_write_answered_with_garbage_times_out_unsure(garbling, kind):
 
             asyncio.run(write())
     assert time.monotonic() - start < 3.0
+
+
+class _TlsProxy:
+    """A TLS front (on loopback) to a redis-server's unix socket; it can drop every connection."""
+
+    def __init__(self, server: RedisServer) -> None:
+        import socket
+        import ssl
+        import threading
+
+        here = os.path.join(os.path.dirname(__file__), "tls")
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(
+            os.path.join(here, "test-cert.pem"), os.path.join(here, "test-key.pem")
+        )
+        self.server = server
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client = self.context.wrap_socket(self.listener.accept()[0], server_side=True)
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            redis_side = socket.socket(socket.AF_UNIX)
+            redis_side.connect(self.server.socket)
+            self.open += [client, redis_side]
+            for source, sink in ((client, redis_side), (redis_side, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def drop_all(self) -> None:
+        import socket
+
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.open.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_all()
+
+
+def test_a_tls_connection_the_server_closed_is_made_anew_before_a_send(server):
+    # Found by review: a writer's wire peeked at its socket (MSG_PEEK), which a
+    # TLS socket refuses: ValueError out of every write after the server closed
+    # an idle connection (its `timeout`, a restart, CLIENT KILL).
+    import time
+
+    proxy = _TlsProxy(server)
+    try:
+        pool = redis.ConnectionPool(
+            connection_class=redis.SSLConnection,
+            host="127.0.0.1",
+            port=proxy.port,
+            ssl_cert_reqs="none",
+            socket_timeout=5,
+        )
+        wire = Wire(pool)
+        wire.check_closed = True
+        for _ in range(3):
+            assert wire.call((b"PING",)) == [b"PONG"]
+        proxy.drop_all()
+        time.sleep(0.2)
+        assert wire.call((b"PING",)) == [b"PONG"]  # (on a new connection)
+        wire.close()
+        pool.disconnect()
+    finally:
+        proxy.close()
+
+
+def test_a_connection_made_again_after_a_reset_keeps_the_limit(server):
+    # Found by review: after close(), the pool connected anew within its own
+    # timeouts (3 s here), not the limit: a write that starts again on a new
+    # connection could overrun its deadline by a whole socket timeout.
+    import time
+
+    pool = _pool(server, socket_timeout=3.0, socket_connect_timeout=3.0)
+    wire = Wire(pool)
+    wire.check_closed = True
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.reset()
+    wire.limit(0.3)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            wire.call((b"PING",))
+        assert time.monotonic() - start < 2.0
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    wire.limit(None)
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.close()
