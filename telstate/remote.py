@@ -1476,7 +1476,12 @@ class _Session:
         else:
             detail = ""
         if not _refused_rights(error):
-            return type(error)(f"{error}{detail}")
+            if not detail:
+                return error
+            try:
+                return type(error)(f"{error}{detail}")
+            except (TypeError, ValueError):  # a class that parses its message (MOVED, ASK)
+                return redis.ResponseError(f"{error}{detail}")
         if maybe_added:
             return ReadOnlyError(
                 f"the mirror refused a command of the write request: {error}{detail}"

@@ -1917,6 +1917,22 @@ def test_a_connection_lost_after_an_accepted_request_means_it_may_have_been_appl
             step = plan.throw(lost if found_by == "read" else _Unsent(lost))
 
 
+def test_a_refusal_whose_class_parses_its_message_is_still_reported():
+    """Found by review: MOVED and ASK (a Redis Cluster) rebuilt with "may be applied"
+    appended failed to parse, and the writer raised a ValueError of its own."""
+    from telstate.remote import _Session
+
+    session = _Session(0, "store", 10.0, None)
+    for error in (
+        redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+        redis.exceptions.AskError("3999 127.0.0.1:6381"),
+    ):
+        refused = session.refused(error, maybe_added=True)
+        assert isinstance(refused, redis.ResponseError)
+        assert "3999 127.0.0.1:6381" in str(refused) and "may be applied" in str(refused)
+        assert session.refused(error) is error
+
+
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():
     """Found by review: the plan's answers to BUSY, to a refused read after an accepted XADD,
     to a refused resend after an accepted XADD, to a busy probe, to a read lost near the deadline.

@@ -239,7 +239,9 @@ class WriteTxn:
         # ends the transaction and releases the write lock whatever happens,
         # and does it twice over (each step of _release may be done again).
         # One left held would hang every writer of the store, in every
-        # process, for as long as this process lives.
+        # process, for as long as this process lives. (Not one that comes as
+        # this method starts, before its first line: no Python code can
+        # guard that point.)
         try:
             if self._state != _OPEN_STATE:
                 return  # __enter__ failed, or a misuse already raised
