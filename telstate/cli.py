@@ -548,7 +548,12 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
                 handle.seek(0)
                 backend = args.stores.enter_context(LmdbBackend(args.store))
                 before = backend.last_seq
-                count = backend._load_checked(handle, progress)
+                if before:
+                    # Another process made the store meanwhile, and wrote to it:
+                    # the file is checked again, against what it holds.
+                    count = backend.load_from_file(handle, progress=progress)
+                else:
+                    count = backend._load_checked(handle, progress)
         else:
             backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
             before = backend.last_seq
