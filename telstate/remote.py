@@ -1703,7 +1703,12 @@ class AsyncRemoteWriter:
             kwargs["socket_timeout"] = None
             wire_limit = socket_timeout
         else:
-            kwargs["socket_timeout"] = socket_timeout or _hang_timeout(timeout)
+            # Capped as the sync writer's (no asyncio.timeout to bound the wire),
+            # connecting too.
+            kwargs["socket_timeout"] = min(socket_timeout or math.inf, _hang_timeout(timeout))
+            kwargs["socket_connect_timeout"] = min(
+                kwargs.get("socket_connect_timeout") or math.inf, kwargs["socket_timeout"]
+            )
         self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs), wire_limit)
         self._lock = asyncio.Lock()
 

@@ -912,6 +912,21 @@ def test_a_write_whose_redis_stalls_just_before_its_deadline_raises_soon_after_i
     )  # was 2 * timeout + 0.2 for sync without a socket timeout
 
 
+def test_an_asyncio_writer_before_python_3_11_connects_within_its_timeout(monkeypatch):
+    """Found by review: without asyncio.timeout (Python 3.10), the asyncio writer's
+    connections kept the client's own connect timeout (none for a client made with
+    redis.asyncio.Redis(host=...)), where the sync writer's are capped."""
+    import redis.asyncio
+
+    from telstate.remote import AsyncRemoteWriter
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14))
+    client = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=20)
+    writer = AsyncRemoteWriter(client, 0, MIRROR_CURSOR_DB, "store", timeout=1.0)
+    kwargs = writer._wire._pool.connection_kwargs
+    assert kwargs["socket_timeout"] <= 1.5 and kwargs["socket_connect_timeout"] <= 1.5
+
+
 def test_a_writer_connects_within_its_timeout(tmp_path, store):
     """Found by review: a writer's new connection waited for the client's own
     socket_connect_timeout (redis-py 8: 5 s for redis.Redis(host=...)) for a
