@@ -808,9 +808,11 @@ def _last_event(history: Any, name_key: bytes, until_seq: int | None) -> int:
 class _KeyReplay:
     """The events of one key applied in order, runs of a sensor's samples in bulk.
 
-    Members added in bulk wait as arrays (:func:`telstate.log.sample_rows`)
-    while nothing else happens to the key; any other event first moves
-    them into the :class:`_StateModel`, one by one.
+    Members added in bulk wait as arrays (:func:`telstate.log.sample_rows`
+    of add_mutable events, :func:`telstate.log.sample_member_rows` of an
+    import's add_mutable_many events) while nothing else happens to the
+    key; any other event first moves them into the :class:`_StateModel`,
+    one by one.
     """
 
     def __init__(self, name_key: bytes) -> None:
@@ -833,33 +835,50 @@ class _KeyReplay:
             key, rows = samples
             if name_key_of(key) != self.name_key:
                 self.foreign += len(records)
-                return
-            if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
-                self._move_rows()  # rows of one key and one width wait together
-            self.key = key
-            self.rows.append(rows)
-            self.pending += len(rows)
-            if self.pending > 2 * self.compacted + settings.VERIFY_CHUNK:
-                # A sample added again is stored once: keep memory to the distinct ones.
-                self.rows = [_sorted_unique(np.concatenate(self.rows))]
-                self.pending = self.compacted = len(self.rows[0])
+            else:
+                self._add_rows(key, rows)
             return
-        self._move_rows()
         for record in records:
             try:
                 raw = log.decode_record(record)
                 if raw[0] not in _KEY_OPS or name_key_of(raw[4]) != self.name_key:
                     self.foreign += 1
                     continue
+                members = self._rows_of(raw)
+                if members is not None:
+                    self._add_rows(raw[4], members)
+                    continue
+                self._move_rows()
                 self.model.apply(raw)
             except (ValueError, StoreError):
                 continue
             self.key = raw[4]
 
+    def _rows_of(self, raw: log.RawEvent) -> np.ndarray | None:
+        """The members event `raw` adds, as rows, if it adds members that can wait so."""
+        if raw[0] == log.ADD_MUTABLE_MANY:
+            return log.sample_member_rows(raw[6])
+        if raw[0] == log.ADD_MUTABLE and self.rows:  # a sample after an import's, say
+            return np.frombuffer(pack_timestamp(raw[3]) + raw[6], np.uint8).reshape(1, -1)
+        return None
+
+    def _add_rows(self, key: bytes, rows: np.ndarray) -> None:
+        if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
+            self._move_rows()  # rows of one key and one width wait together
+        self.key = key
+        self.rows.append(rows)
+        self.pending += len(rows)
+        if self.pending > 2 * self.compacted + settings.VERIFY_CHUNK:
+            # A sample added again is stored once: keep memory to the distinct ones.
+            self.rows = [_sorted_unique(np.concatenate(self.rows))]
+            self.pending = self.compacted = len(self.rows[0])
+
     def result(self) -> tuple[bytes, Any] | None:
         """(key, model value), or None if the key does not exist after the events."""
         if self.rows and not self.model.data:
-            return self.key, _SortedRows(np.concatenate(self.rows))
+            # Kept as one array, not two: a sensor's samples may be most of the memory.
+            self.rows = [np.concatenate(self.rows)]
+            return self.key, _SortedRows(self.rows[0])
         self._move_rows()
         value = self.model.data.get(self.key)
         return None if value is None else (self.key, value)
@@ -897,13 +916,14 @@ def _sorted_unique(rows: np.ndarray) -> np.ndarray:
     count, width = rows.shape
     if count < 2:
         return rows
+    stamps = np.ascontiguousarray(rows[:, :8]).view(">u8")[:, 0]
+    if (stamps[1:] > stamps[:-1]).all():
+        return rows  # timestamps increase (a sensor's samples mostly): sorted and distinct
     # Big-endian words of the rows, zero-padded at the end: they sort as the bytes do.
     words = -(-width // 8)
     padded = np.zeros((count, words * 8), np.uint8)
     padded[:, :width] = rows
     columns = padded.view(">u8").astype(np.uint64)
-    if (columns[1:, 0] > columns[:-1, 0]).all():
-        return rows  # timestamps increase (a sensor's samples mostly): sorted and distinct
     order = np.lexsort(columns.T[::-1])
     columns = columns[order]
     distinct = np.ones(count, bool)
