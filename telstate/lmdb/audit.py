@@ -307,16 +307,8 @@ def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list
     counts: collections.Counter[bytes] = collections.Counter()
     deleted: set[bytes] = set()
     clears: list[int] = []
-    end = log.pack_seq(seq)
-    cursor = txn.cursor(db=tables.log)
-    entries = cursor.iternext() if cursor.set_range(log.pack_seq(1)) else iter(())
-    while chunk := list(itertools.islice(entries, settings.VERIFY_CHUNK)):
-        last_chunk = chunk[-1][0] >= end
-        if last_chunk:
-            chunk = [entry for entry in chunk if entry[0] <= end]
-            if not chunk:
-                break
-        seq_keys, records = zip(*chunk)
+    for chunk in _log_chunks(txn, tables, seq):
+        records = [record for _, record in chunk]
         ops, _, keys = log.record_fields(records)
         if _PLAIN_OPS.issuperset(ops):
             counts.update(keys)
@@ -335,13 +327,37 @@ def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list
                     continue
                 if op_code not in log.OP_CODES:
                     raise _unknown_operation(op_code)
-                if op_code == log.ADD_MUTABLE_MANY:
-                    _sample_members(key, value)
+                if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
+                    _sample_members(key, value)  # not a sensor's samples: checked one by one
                 counts[key] += 1
                 (deleted.add if op_code == log.DELETE else deleted.discard)(key)
-        if last_chunk:
-            break
     return {key: count for key, count in counts.items() if key not in deleted}, clears
+
+
+def _log_chunks(txn: Any, tables: Tables, seq: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The log's (seq key, record) entries up to event `seq`, in chunks.
+
+    A chunk has at most ``settings.VERIFY_CHUNK`` events and ends once its
+    records hold ``settings.LOG_CHUNK_BYTES``: an import's events hold up to
+    ``settings.BULK_EVENT_BYTES`` each.
+    """
+    end = log.pack_seq(seq)
+    cursor = txn.cursor(db=tables.log)
+    if not cursor.set_range(log.pack_seq(1)):
+        return
+    chunk: list[tuple[bytes, bytes]] = []
+    size = 0
+    for seq_key, record in cursor.iternext():
+        if seq_key > end:
+            break
+        chunk.append((seq_key, record))
+        size += len(record)
+        if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES:
+            yield chunk
+            chunk = []
+            size = 0
+    if chunk:
+        yield chunk
 
 
 #: What reading damaged state tables can raise (reported by verify, not raised).
