@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from telstate import ImmutableKeyError, cli, log
+from telstate.errors import StoreError
 from telstate.export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, KeySelection, select_records
 from telstate.lmdb import LmdbBackend, replay
 from telstate.lmdb import settings as store_settings
@@ -139,6 +140,24 @@ def test_streamed_export_writes_the_bytes_of_the_in_memory_replay(operations, se
         assert aux.pop(b"telstate-replay-until") == str(last + 5).encode()
         assert aux == {k: v for k, v in read_aux(expected).items() if k != b"telstate-replay-until"}
         assert list(read_records(streamed)) == list(read_records(expected))
+
+
+def test_state_at_is_read_while_its_snapshot_is_open(tmp_path):
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="none") as backend:
+        backend.set_immutable(b"a", b"1")
+        backend.set_immutable(b"b", b"2")
+        with backend.snapshot() as snap:
+            with pytest.raises(ValueError, match="not in the snapshot"):
+                snap.state_at(snap.seq + 1)
+            assert snap.state_at(0).keys == []
+            state = snap.state_at(1)
+            assert state.keys == [b"a"]
+            assert list(state.records()) == [(b"a", KeyType.IMMUTABLE, b"1")]
+            records = snap.state_at(2).records()
+            assert next(records) == (b"a", KeyType.IMMUTABLE, b"1")
+        with pytest.raises(StoreError, match="not open"):
+            next(records)
 
 
 # --- damage --------------------------------------------------------------------------------
