@@ -268,8 +268,8 @@ class ReplayedState:
         Raises
         ------
         StoreError
-            If the history index does not list a key's events as the log
-            has them (it is damaged; nothing else reads the log by key).
+            If the history index, which the keys are replayed through, does
+            not list a key's events as the log has them (it is damaged).
         InvalidTimestampError
             If a sample's timestamp is negative or not finite (as loading
             the state into a :class:`~telstate.memory.MemoryBackend` would).
