@@ -665,6 +665,36 @@ def sample_members(payload: bytes) -> list[bytes]:
     return [payload[4 + 8 * index : 12 + 8 * index] + value for index, value in enumerate(values)]
 
 
+def sample_member_rows(payload: bytes) -> np.ndarray | None:
+    """The members of an add_mutable_many event's value field as rows of a 2-D uint8 array.
+
+    Each row is a packed member (timestamp, then value), as
+    :func:`sample_rows` gives those of add_mutable events, read at once.
+    Only for a field whose values all have one length and whose timestamps
+    increase (a sensor's samples, mostly); None for any other, damaged or
+    not: :func:`sample_members` reads those, or says why they are damaged.
+    """
+    if len(payload) < _COUNT.size:
+        return None
+    count = _COUNT.unpack_from(payload)[0]
+    start = 4 + 12 * count
+    if not count or len(payload) < start or (len(payload) - start) % count:
+        return None
+    width = (len(payload) - start) // count
+    if (
+        width >= INLINE_LIMIT
+        or (np.frombuffer(payload, "<u4", count, 4 + 8 * count) != width).any()
+    ):
+        return None
+    bits = np.frombuffer(payload, ">u8", count, 4)
+    if bits[-1] > _LARGEST_TIMESTAMP or not (bits[1:] > bits[:-1]).all():
+        return None  # (increasing: the last is the largest)
+    rows = np.empty((count, 8 + width), np.uint8)
+    rows[:, :8] = bits.view(np.uint8).reshape(count, 8)
+    rows[:, 8:] = np.frombuffer(payload, np.uint8, count * width, start).reshape(count, width)
+    return rows
+
+
 def record_time(record: bytes | memoryview) -> float:
     """The append time of a log record, without decoding the rest."""
     return _TIME.unpack_from(record)[0]

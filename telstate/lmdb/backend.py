@@ -26,7 +26,7 @@ from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
-from .audit import seq_until_in, verify_in, verify_rdb_in
+from .audit import ReplayedState, seq_until_in, verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
@@ -1045,6 +1045,31 @@ class Snapshot:
         txn = self._check()
         try:
             yield from state_records(txn, self._tables, self._check)
+        except lmdb.Error as error:
+            self._check()
+            raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
+
+    def state_at(self, seq: int) -> ReplayedState:
+        """The state as of event `seq`, rebuilt from the log one key at a time.
+
+        What :func:`~telstate.lmdb.replay` gives (the same keys, the same
+        records), in memory bounded by the number of keys and the largest
+        key instead of the whole state; its records are read while the
+        snapshot is open. Making it reads the log up to `seq` once.
+
+        Raises
+        ------
+        ValueError
+            If `seq` is negative or after the snapshot's.
+        StoreError
+            If an event up to `seq` is damaged (it is named), or the
+            snapshot was closed, or opened before this process was forked.
+        """
+        if not 0 <= seq <= self.seq:
+            raise ValueError(f"event {seq} is not in the snapshot (its events are 1 to {self.seq})")
+        txn = self._check()
+        try:
+            return ReplayedState(txn, self._tables, seq, self._check)
         except lmdb.Error as error:
             self._check()
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error

@@ -30,7 +30,7 @@ Name                       Default    Meaning
 ``BLOCK_MAX``              512        samples of a block before a late sample splits it
 ``RECORD_LIST_MAX``        65536      a snapshot gives mutable keys with more members lazily
 ``MEMBER_CHUNK``           4096       most tail members read at once by a lazy record
-``VERIFY_CHUNK``           1024       events that verify reads and checks at once
+``VERIFY_CHUNK``           1024       events that verify (and export --until) read and check at once
 =========================  =========  ==============================================
 """
 
