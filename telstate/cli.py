@@ -524,6 +524,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
     from .lmdb.backend import check_file
+    from .lmdb.environment import holds_no_store
 
     if args.forget:
         return _forget_import(args, out)
@@ -541,7 +542,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         shown[0].advance(values)
 
     try:
-        if _no_store_yet(args.store) and os.path.isfile(args.rdb):
+        if holds_no_store(args.store) and os.path.isfile(args.rdb):
             # Checked before the store is made: a file refused leaves none behind.
             with open(args.rdb, "rb") as handle:
                 check_file(handle, progress)
@@ -570,16 +571,6 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         else f"imported {count} keys from {args.rdb} as {events} events\n"
     )
     return EXIT_OK
-
-
-def _no_store_yet(path: str) -> bool:
-    """Whether there is nothing at `path`, or an empty directory: an import makes the store."""
-    try:
-        return not os.listdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False  # (not a directory, say: opening the store says why)
 
 
 def _forget_import(args: argparse.Namespace, out: TextIO) -> int:

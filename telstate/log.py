@@ -418,7 +418,7 @@ def chain_matches(previous_chain: bytes, record: bytes | memoryview) -> bool:
     if len(record) < _HEADER.size + CHAIN_SIZE:
         return False
     digest = _sha256(previous_chain)
-    digest.update(record[:-CHAIN_SIZE])
+    digest.update(memoryview(record)[:-CHAIN_SIZE])  # (no copy of a long record)
     return digest.digest() == bytes(record[-CHAIN_SIZE:])
 
 
@@ -531,6 +531,26 @@ def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
     rows[:, :8] = stamps.astype(">u8").view(np.uint8).reshape(count, 8)
     rows[:, 8:] = table[:, key_end : key_end + value_len]
     return first[start:key_end], rows
+
+
+def decode_header(record: bytes | memoryview) -> tuple[int, int]:
+    """The op code and writer id of a log record, once its shape is checked.
+
+    Raises
+    ------
+    ValueError
+        If the record is too short for its header, chain hash and keys, or
+        its op code is unknown.
+    """
+    try:
+        op_code, writer_id, _, _, key_len, sub_key_len = _HEADER.unpack_from(record)
+    except (struct.error, TypeError) as error:
+        raise ValueError(f"damaged log record: {error}") from None
+    if _HEADER.size + key_len + sub_key_len + CHAIN_SIZE > len(record):
+        raise ValueError("damaged log record: its key lengths overrun it")
+    if op_code not in OP_CODES:
+        raise ValueError(f"damaged log record: unknown operation code {op_code}")
+    return op_code, writer_id
 
 
 def decode_record(record: bytes) -> RawEvent:

@@ -209,7 +209,7 @@ def test_import_reads_a_pipe_once(store, tmp_path):
         imported.backend.close()
 
 
-@pytest.mark.parametrize("where", ["new", "empty directory"])
+@pytest.mark.parametrize("where", ["new", "empty directory", "a creation cut short"])
 def test_a_refused_import_leaves_no_store_behind(store, tmp_path, where):
     """Found by review: a file refused on its check left an empty store at a new path."""
     full = tmp_path / "full.rdb"
@@ -219,15 +219,22 @@ def test_a_refused_import_leaves_no_store_behind(store, tmp_path, where):
     truncated.write_bytes(data[: len(data) // 2])
     garbage = tmp_path / "garbage.rdb"
     garbage.write_bytes(b"REDIS0011" + b"\xfe" * 100)
+    from telstate.lmdb.environment import holds_no_store
+
     target = tmp_path / "new-store"
-    if where == "empty directory":
+    if where != "new":
         target.mkdir()
+    if where == "a creation cut short":
+        import lmdb
+
+        lmdb.open(str(target), max_dbs=16).close()  # before its first commit
     for bad in (truncated, garbage):
         status = run("import", str(target), str(bad))[0]
         assert status == cli.EXIT_DAMAGED
+        assert holds_no_store(target)
         if where == "new":
             assert not target.exists()
-        else:
+        elif where == "empty directory":
             assert list(target.iterdir()) == []
     assert run("import", str(target), str(full))[0] == 0
     assert run("verify", str(target))[0] == 0

@@ -650,3 +650,34 @@ def test_no_write_follows_a_damaged_last_event(tmp_path, damage):
     assert _log_keys(path) == damaged  # nothing appended
     with LmdbBackend(path, durability="none", readonly=True) as backend:
         assert backend.verify()  # (it reports the damage)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda key, value: (_flip(key, 2), value), id="a seq far ahead"),
+        pytest.param(lambda key, value: (_flip(key, 7, 0x04), value), id="a seq a little ahead"),
+        pytest.param(lambda key, value: (key, value[:40]), id="cut into its key"),
+    ],
+)
+def test_no_write_follows_a_long_last_event_damaged_in_its_shape(tmp_path, damage):
+    """A record longer than CHECKED_RECORD_MAX (an array sample) is not hashed on
+    each write after another process's (milliseconds each): its seq and shape are."""
+    from telstate.lmdb.eventlog import CHECKED_RECORD_MAX
+
+    path = tmp_path / "store"
+    with LmdbBackend(path, durability="none") as backend:
+        for i in range(3):
+            backend.add_mutable(b"array", b"x" * (CHECKED_RECORD_MAX + 1), float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"log", txn=txn)
+        cursor = txn.cursor(db)
+        assert cursor.last()
+        key, value = cursor.key(), cursor.value()
+        txn.delete(key, db=db)
+        txn.put(*damage(key, value), db=db)
+    env.close()
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="last event of the log is damaged"):
+            backend.add_mutable(b"sensor", encode_value(9), 9.0)

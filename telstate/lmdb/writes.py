@@ -506,7 +506,10 @@ class WriteTxn:
         if self._appended is None:
             committed_txnid, seq, previous_time, chain = self._last_commit
             if committed_txnid != self._txnid - 1 or not chain:
-                seq, previous_time, chain = last_event(self.txn, self.tables, self._store.uuid)
+                known = (seq, chain) if chain else None  # (this process's last event)
+                seq, previous_time, chain = last_event(
+                    self.txn, self.tables, self._store.uuid, known
+                )
             self._appended = (seq, previous_time, chain)
         return self._appended
 
