@@ -1476,8 +1476,6 @@ class _Session:
         else:
             detail = ""
         if not _refused_rights(error):
-            if not detail:
-                return error
             try:
                 return type(error)(f"{error}{detail}")
             except (TypeError, ValueError):  # a class that parses its message (MOVED, ASK)
