@@ -556,6 +556,22 @@ def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
             backend.add_mutable(b"first", encode_value(2), 2.0)
 
 
+def _damage_last_event(path, key: bytes, values: list[bytes], damage) -> None:
+    """A store of `key`'s samples `values`, whose last log entry is replaced by `damage`'s."""
+    with LmdbBackend(path, durability="none") as backend:
+        for i, value in enumerate(values):
+            backend.add_mutable(key, value, float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"log", txn=txn)
+        cursor = txn.cursor(db)
+        assert cursor.last()
+        seq_key, record = cursor.key(), cursor.value()
+        txn.delete(seq_key, db=db)
+        txn.put(*damage(seq_key, record), db=db)
+    env.close()
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -567,18 +583,12 @@ def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
 def test_a_damaged_last_log_key_is_a_store_error(tmp_path, damage):
     """Found by review: struct.error tracebacks from verify, info, export and writes."""
     path = tmp_path / "store"
-    with LmdbBackend(path, durability="none") as backend:
-        for i in range(3):
-            backend.add_mutable(b"sensor", encode_value(i), float(i))
-    env = lmdb.open(str(path), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"log", txn=txn)
-        cursor = txn.cursor(db)
-        assert cursor.last()
-        key, value = cursor.key(), cursor.value()
-        txn.delete(key, db=db)
-        txn.put(damage(key), value, db=db)
-    env.close()
+    _damage_last_event(
+        path,
+        b"sensor",
+        [encode_value(i) for i in range(3)],
+        lambda key, value: (damage(key), value),
+    )
     with LmdbBackend(path, durability="none") as backend:
         with pytest.raises(StoreError, match="damaged"):
             backend.head  # noqa: B018
@@ -627,18 +637,7 @@ def test_no_write_follows_a_damaged_last_event(tmp_path, damage):
     (a garbled chain, or a seq key with a bit flipped: the log went on from there),
     growing a history that can never verify and that followers refuse."""
     path = tmp_path / "store"
-    with LmdbBackend(path, durability="none") as backend:
-        for i in range(3):
-            backend.add_mutable(b"sensor", encode_value(i), float(i))
-    env = lmdb.open(str(path), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"log", txn=txn)
-        cursor = txn.cursor(db)
-        assert cursor.last()
-        key, value = cursor.key(), cursor.value()
-        txn.delete(key, db=db)
-        txn.put(*damage(key, value), db=db)
-    env.close()
+    _damage_last_event(path, b"sensor", [encode_value(i) for i in range(3)], damage)
     damaged = _log_keys(path)
     with LmdbBackend(path, durability="none") as backend:
         with pytest.raises(StoreError, match="last event of the log is damaged"):
@@ -666,18 +665,7 @@ def test_no_write_follows_a_long_last_event_damaged_in_its_shape(tmp_path, damag
     from telstate.lmdb.eventlog import CHECKED_RECORD_MAX
 
     path = tmp_path / "store"
-    with LmdbBackend(path, durability="none") as backend:
-        for i in range(3):
-            backend.add_mutable(b"array", b"x" * (CHECKED_RECORD_MAX + 1), float(i))
-    env = lmdb.open(str(path), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"log", txn=txn)
-        cursor = txn.cursor(db)
-        assert cursor.last()
-        key, value = cursor.key(), cursor.value()
-        txn.delete(key, db=db)
-        txn.put(*damage(key, value), db=db)
-    env.close()
+    _damage_last_event(path, b"array", [b"x" * (CHECKED_RECORD_MAX + 1)] * 3, damage)
     with LmdbBackend(path, durability="none") as backend:
         with pytest.raises(StoreError, match="last event of the log is damaged"):
             backend.add_mutable(b"sensor", encode_value(9), 9.0)
