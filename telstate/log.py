@@ -508,12 +508,12 @@ def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
     start = _HEADER.size
     if length < start + CHAIN_SIZE:
         return None
-    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
     first = records[0]
     op_code, _, _, _, key_len, sub_key_len = _HEADER.unpack_from(first)
     key_end = start + key_len
     if op_code != ADD_MUTABLE or sub_key_len or key_end > length - CHAIN_SIZE:
-        return None
+        return None  # (looked at before the records are joined: they may be long)
+    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
     # Every record has the first one's op code, lengths and key.
     fixed = np.frombuffer(first, np.uint8)
     if not (

@@ -800,15 +800,31 @@ def _key_replay(
     entries = history.iternext_dup(keys=False)
     stop = log.pack_seq(last)
     log_cursor = txn.cursor(db=tables.log)
-    while seq_keys := list(itertools.islice(entries, settings.VERIFY_CHUNK)):
-        last_chunk = seq_keys[-1] >= stop
-        if last_chunk:
+    # Applied in chunks of VERIFY_CHUNK events or LOG_CHUNK_BYTES, read a few
+    # at a time: the key's past may hold many long values (an array sensor, a
+    # key deleted and made again), which only the state bounds.
+    chunk: list[bytes] = []
+    size = 0
+    while seq_keys := list(itertools.islice(entries, _HISTORY_GROUP)):
+        last_group = seq_keys[-1] >= stop
+        if last_group:
             del seq_keys[bisect.bisect_right(seq_keys, stop) :]
         # A missing event is left out, as an undecodable one is skipped.
-        replay.apply([record for _, record in log_cursor.getmulti(seq_keys)])
-        if last_chunk:
+        for _, record in log_cursor.getmulti(seq_keys):
+            chunk.append(record)
+            size += len(record)
+        if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES or last_group:
+            replay.apply(chunk)
+            chunk, size = [], 0
+        if last_group:
             break
+    if chunk:
+        replay.apply(chunk)
     return replay, last
+
+
+#: How many of a key's events :func:`_key_replay` reads from the log at once.
+_HISTORY_GROUP = 8
 
 
 def _last_event(history: Any, name_key: bytes, until_seq: int | None) -> int:
@@ -864,7 +880,10 @@ class _KeyReplay:
                 if members is not None:
                     self._add_rows(raw[4], members)
                     continue
-                self._move_rows()
+                if raw[0] == log.DELETE:
+                    self._drop_rows()  # (the samples waiting go with the key)
+                else:
+                    self._move_rows()
                 self.model.apply(raw)
             except (ValueError, StoreError):
                 continue
@@ -898,6 +917,10 @@ class _KeyReplay:
         self._move_rows()
         value = self.model.data.get(self.key)
         return None if value is None else (self.key, value)
+
+    def _drop_rows(self) -> None:
+        self.rows = []
+        self.pending = self.compacted = 0
 
     def _move_rows(self) -> None:
         if not self.rows:
