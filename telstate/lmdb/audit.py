@@ -285,11 +285,11 @@ class ReplayedState:
         replay = _key_replay(txn, tables, name_key_of(key), self._clears, self.seq)[0]
         logged = replay.result()
         expected = self._event_counts[key]
-        if replay.foreign or replay.events != expected or logged is None or logged[0] != key:
+        if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
             raise StoreError(
                 f"the history index does not list the events of key {display_str(key)} "
-                f"up to event {self.seq} (it lists {replay.events} since the last clear, "
-                f"{replay.foreign} of them of other keys; the log has {expected}): "
+                f"up to event {self.seq} (it lists {replay.alive} since it was last deleted"
+                f" or cleared, and {replay.foreign} of other keys; the log has {expected}): "
                 f"telstate verify lists the damage"
             )
         return _record(*logged)
@@ -298,40 +298,47 @@ class ReplayedState:
 def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list[int]]:
     """The keys that exist after event `seq`, and the seqs of the clears up to it.
 
-    Each key comes with the number of its events since the last clear
-    before `seq` (the events :func:`_key_replay` reads for it). Every event
-    is checked as :meth:`_StateModel.apply` would apply it, with the same
-    errors; chunks of plain writes (the op codes and keys read in bulk
-    with :func:`telstate.log.record_fields`) in bulk.
+    Each key comes with the number of its events since it was last deleted
+    or cleared before `seq` (as :class:`_KeyReplay` counts them): a key
+    deleted is forgotten, so memory grows with the keys of the state, not
+    with every key there ever was. Every event is checked as
+    :meth:`_StateModel.apply` would apply it, with the same errors; chunks
+    of plain writes (the op codes and keys read in bulk with
+    :func:`telstate.log.record_fields`) in bulk.
     """
     counts: collections.Counter[bytes] = collections.Counter()
-    deleted: set[bytes] = set()
     clears: list[int] = []
     for chunk in _log_chunks(txn, tables, seq):
         records = [record for _, record in chunk]
         ops, _, keys = log.record_fields(records)
         if _PLAIN_OPS.issuperset(ops):
-            counts.update(keys)
-            for key, op_code in dict(zip(keys, ops)).items():  # each key's last event
-                (deleted.add if op_code == log.DELETE else deleted.discard)(key)
-        else:
-            for seq_key, record in chunk:
-                event_seq = log.unpack_seq(seq_key)
-                op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
-                if op_code == log.CLEAR:
-                    counts.clear()
-                    deleted.clear()
-                    clears.append(event_seq)
-                    continue
-                if op_code == log.PROMOTE:
-                    continue
-                if op_code not in log.OP_CODES:
-                    raise _unknown_operation(op_code)
-                if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
-                    _sample_members(key, value)  # not a sensor's samples: checked one by one
+            if log.DELETE not in ops:
+                counts.update(keys)
+                continue
+            for key, op_code in zip(keys, ops):
+                if op_code == log.DELETE:
+                    counts.pop(key, None)
+                else:
+                    counts[key] += 1
+            continue
+        for seq_key, record in chunk:
+            event_seq = log.unpack_seq(seq_key)
+            op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
+            if op_code == log.CLEAR:
+                counts.clear()
+                clears.append(event_seq)
+                continue
+            if op_code == log.PROMOTE:
+                continue
+            if op_code not in log.OP_CODES:
+                raise _unknown_operation(op_code)
+            if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
+                _sample_members(key, value)  # not a sensor's samples: checked one by one
+            if op_code == log.DELETE:
+                counts.pop(key, None)
+            else:
                 counts[key] += 1
-                (deleted.add if op_code == log.DELETE else deleted.discard)(key)
-    return {key: count for key, count in counts.items() if key not in deleted}, clears
+    return dict(counts), clears
 
 
 def _log_chunks(txn: Any, tables: Tables, seq: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -854,6 +861,8 @@ class _KeyReplay:
         #: the key (whose history index is damaged).
         self.events = 0
         self.foreign = 0
+        #: Events of the key applied since it was last deleted (or from the start).
+        self.alive = 0
         self.key = b""
         self.rows: list[np.ndarray] = []
         self.pending = 0
@@ -869,6 +878,7 @@ class _KeyReplay:
                 self.foreign += len(records)
             else:
                 self._add_rows(key, rows)
+                self.alive += len(records)
             return
         for record in records:
             try:
@@ -879,6 +889,7 @@ class _KeyReplay:
                 members = self._rows_of(raw)
                 if members is not None:
                     self._add_rows(raw[4], members)
+                    self.alive += 1
                     continue
                 if raw[0] == log.DELETE:
                     self._drop_rows()  # (the samples waiting go with the key)
@@ -887,6 +898,7 @@ class _KeyReplay:
                 self.model.apply(raw)
             except (ValueError, StoreError):
                 continue
+            self.alive = 0 if raw[0] == log.DELETE else self.alive + 1
             self.key = raw[4]
 
     def _rows_of(self, raw: log.RawEvent) -> np.ndarray | None:
