@@ -96,7 +96,14 @@ class FollowState(enum.Enum):
     BACKOFF = "backoff"
 
 
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Failures of a connection (a reply that is not RESP too: a proxy, another
+#: service on the port): the daemon retries, after a backoff.
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.InvalidResponse,
+)
 
 
 class Follower:

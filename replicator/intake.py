@@ -171,7 +171,14 @@ SWEEP_CHUNK = 64
 #: at 1000 requests a second, about 0.6 ms for the 3.6 million records kept).
 SWEEP_INTERVAL = 0.1
 
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Failures of a connection (a reply that is not RESP too: a proxy, another
+#: service on the port): the daemon retries, after a backoff.
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.InvalidResponse,
+)
 #: Seconds between looks at whether an incomplete mirror is complete again,
 #: while requests wait for it (see Intake._serve).
 HOLD_WAIT = 0.05

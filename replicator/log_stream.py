@@ -289,7 +289,14 @@ class StreamState(enum.Enum):
     FENCED = "fenced"
 
 
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Failures of a connection (a reply that is not RESP too: a proxy, another
+#: service on the port): the daemon retries, after a backoff.
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.InvalidResponse,
+)
 
 
 class LogStream:

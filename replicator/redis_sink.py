@@ -415,9 +415,15 @@ class _Operations:
         self.args.append(code)
 
 
-# Redis failures that mean "try again later". A WRONGTYPE reply is not one
-# of them: it means the mirror holds something the store never wrote.
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Redis failures that mean "try again later", after a backoff: a connection's
+#: (a reply that is not RESP too: a proxy, another service on the port). A
+#: WRONGTYPE reply is not one: the mirror holds something the store never wrote.
+_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.InvalidResponse,
+)
 
 
 class SinkState(enum.Enum):

@@ -443,8 +443,10 @@ def _export(
 ) -> dict[str, Any]:
     """Write the selected keys of the store's state, now or as of `until`, to `target`.
 
-    The state as of `until` is rebuilt from the log by :func:`telstate.lmdb.replay`
-    (in memory); the current state is streamed from one snapshot.
+    Both are read from one snapshot, one key at a time: the current state
+    from the state tables, the state as of `until` replayed from the log
+    key by key (:meth:`~telstate.lmdb.Snapshot.state_at`), so either takes
+    memory for the largest key, not the store.
     """
     from .export import AUX_SELECTION, AUX_SELECTION_DESCRIPTION, select_records
 
@@ -454,20 +456,23 @@ def _export(
         aux[AUX_SELECTION_DESCRIPTION] = selection.describe()
         aux[AUX_SELECTION] = selection.to_json()
     selected = selection.matcher()
-    if until is not None:
-        from .lmdb import replay
-
+    with backend.snapshot() as snap:
+        if until is None:
+            aux.update(log.position_aux(snap.uuid, snap.seq, snap.chain))
+            total = sum(1 for key in backend.keys(b"*") if selected(key))
+            count = _write_rdb(select_records(snap, selection), target, aux, total)
+            return {"rdb": target, "keys": count, "seq": snap.seq, "chain": snap.chain.hex()}
         until_seq, until_time = parse_until(until)
         if until_time is not None:  # the events before the first appended after it
             until_seq = backend.seq_until(until_time)
         assert until_seq is not None
-        until_seq = max(0, min(until_seq, backend.last_seq))
+        until_seq = max(0, min(until_seq, snap.seq))
         chain = backend.chain_at(until_seq)
         aux.update(log.position_aux(backend.uuid, until_seq, chain))
-        memory = replay(args.store, until_seq=until_seq).backend
         aux[b"telstate-replay-until"] = until.encode()
-        total = sum(1 for key in memory.keys(b"*") if selected(key))
-        count = _write_rdb(select_records(memory, selection), target, aux, total)
+        state = snap.state_at(until_seq)
+        total = sum(1 for key in state.keys if selected(key))
+        count = _write_rdb(state.records(selected), target, aux, total)
         return {
             "rdb": target,
             "keys": count,
@@ -475,11 +480,6 @@ def _export(
             "seq": until_seq,
             "chain": chain.hex(),
         }
-    with backend.snapshot() as snap:
-        aux.update(log.position_aux(snap.uuid, snap.seq, snap.chain))
-        total = sum(1 for key in backend.keys(b"*") if selected(key))
-        count = _write_rdb(select_records(snap, selection), target, aux, total)
-        return {"rdb": target, "keys": count, "seq": snap.seq, "chain": snap.chain.hex()}
 
 
 def _summary_stream(target: str, out: TextIO) -> TextIO:
@@ -523,13 +523,13 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
+    from .lmdb.backend import check_file
+    from .lmdb.environment import holds_no_store
 
     if args.forget:
         return _forget_import(args, out)
     if not os.path.exists(args.rdb):
         raise CliError(f"no such RDB file: {args.rdb!r}")
-    backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
-    before = backend.last_seq
     # The file is checked whole before anything is written (see import_rules).
     shown: list[Progress] = []  # the phase on screen: checking the file, then importing
 
@@ -542,7 +542,23 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
         shown[0].advance(values)
 
     try:
-        count = backend.load_from_file(args.rdb, progress=progress)
+        if holds_no_store(args.store) and os.path.isfile(args.rdb):
+            # Checked before the store is made: a file refused leaves none behind.
+            with open(args.rdb, "rb") as handle:
+                check_file(handle, progress)
+                handle.seek(0)
+                backend = args.stores.enter_context(LmdbBackend(args.store))
+                before = backend.last_seq
+                if before:
+                    # Another process made the store meanwhile, and wrote to it:
+                    # the file is checked again, against what it holds.
+                    count = backend.load_from_file(handle, progress=progress)
+                else:
+                    count = backend._load_checked(handle, progress)
+        else:
+            backend = args.stores.enter_context(LmdbBackend(args.store))  # created if new
+            before = backend.last_seq
+            count = backend.load_from_file(args.rdb, progress=progress)
     except InvalidTimestampError as error:
         raise CliError(f"{args.rdb!r}: {error}", EXIT_DAMAGED) from None
     finally:

@@ -6,8 +6,10 @@ such as ``*_obs_*``, ``m???_observer``, ``m???_target``). A
 :class:`KeySelection` says which keys to keep; :func:`select_records`
 streams the selected records of a store, a snapshot or a replayed state,
 one key at a time, so an export of any size needs memory for one key
-only. ``telstate export`` (and ``telstate replay``, which is an export of
-a past state) are built on these.
+only. ``telstate export`` is built on these; an export of a past state
+(``--until``, or ``telstate replay``) selects with the same
+:meth:`KeySelection.matcher`, before each key is replayed
+(:meth:`telstate.lmdb.Snapshot.state_at`).
 
 Selected keys keep their full names. A ``view`` selects one capture
 block's namespace, the keys that :meth:`TelescopeState.view` of that name

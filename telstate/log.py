@@ -418,7 +418,7 @@ def chain_matches(previous_chain: bytes, record: bytes | memoryview) -> bool:
     if len(record) < _HEADER.size + CHAIN_SIZE:
         return False
     digest = _sha256(previous_chain)
-    digest.update(record[:-CHAIN_SIZE])
+    digest.update(memoryview(record)[:-CHAIN_SIZE])  # (no copy of a long record)
     return digest.digest() == bytes(record[-CHAIN_SIZE:])
 
 
@@ -508,12 +508,12 @@ def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
     start = _HEADER.size
     if length < start + CHAIN_SIZE:
         return None
-    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
     first = records[0]
     op_code, _, _, _, key_len, sub_key_len = _HEADER.unpack_from(first)
     key_end = start + key_len
     if op_code != ADD_MUTABLE or sub_key_len or key_end > length - CHAIN_SIZE:
-        return None
+        return None  # (looked at before the records are joined: they may be long)
+    table = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), length)
     # Every record has the first one's op code, lengths and key.
     fixed = np.frombuffer(first, np.uint8)
     if not (
@@ -531,6 +531,26 @@ def sample_rows(records: Sequence[bytes]) -> tuple[bytes, np.ndarray] | None:
     rows[:, :8] = stamps.astype(">u8").view(np.uint8).reshape(count, 8)
     rows[:, 8:] = table[:, key_end : key_end + value_len]
     return first[start:key_end], rows
+
+
+def decode_header(record: bytes | memoryview) -> tuple[int, int]:
+    """The op code and writer id of a log record, once its shape is checked.
+
+    Raises
+    ------
+    ValueError
+        If the record is too short for its header, chain hash and keys, or
+        its op code is unknown.
+    """
+    try:
+        op_code, writer_id, _, _, key_len, sub_key_len = _HEADER.unpack_from(record)
+    except (struct.error, TypeError) as error:
+        raise ValueError(f"damaged log record: {error}") from None
+    if _HEADER.size + key_len + sub_key_len + CHAIN_SIZE > len(record):
+        raise ValueError("damaged log record: its key lengths overrun it")
+    if op_code not in OP_CODES:
+        raise ValueError(f"damaged log record: unknown operation code {op_code}")
+    return op_code, writer_id
 
 
 def decode_record(record: bytes) -> RawEvent:
@@ -663,6 +683,36 @@ def sample_members(payload: bytes) -> list[bytes]:
     """
     _, values = _split_samples(payload)
     return [payload[4 + 8 * index : 12 + 8 * index] + value for index, value in enumerate(values)]
+
+
+def sample_member_rows(payload: bytes) -> np.ndarray | None:
+    """The members of an add_mutable_many event's value field as rows of a 2-D uint8 array.
+
+    Each row is a packed member (timestamp, then value), as
+    :func:`sample_rows` gives those of add_mutable events, read at once.
+    Only for a field whose values all have one length and whose timestamps
+    increase (a sensor's samples, mostly); None for any other, damaged or
+    not: :func:`sample_members` reads those, or says why they are damaged.
+    """
+    if len(payload) < _COUNT.size:
+        return None
+    count = _COUNT.unpack_from(payload)[0]
+    start = 4 + 12 * count
+    if not count or len(payload) < start or (len(payload) - start) % count:
+        return None
+    width = (len(payload) - start) // count
+    if (
+        width >= INLINE_LIMIT
+        or (np.frombuffer(payload, "<u4", count, 4 + 8 * count) != width).any()
+    ):
+        return None
+    bits = np.frombuffer(payload, ">u8", count, 4)
+    if bits[-1] > _LARGEST_TIMESTAMP or not (bits[1:] > bits[:-1]).all():
+        return None  # (increasing: the last is the largest)
+    rows = np.empty((count, 8 + width), np.uint8)
+    rows[:, :8] = bits.view(np.uint8).reshape(count, 8)
+    rows[:, 8:] = np.frombuffer(payload, np.uint8, count * width, start).reshape(count, width)
+    return rows
 
 
 def record_time(record: bytes | memoryview) -> float:

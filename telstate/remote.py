@@ -666,6 +666,9 @@ class Wire:
                 connection.socket_timeout = min(saved[0] or math.inf, bounded)
                 connection.socket_connect_timeout = min(saved[1] or math.inf, bounded)
             connection.send_packed_command([packed])
+        except redis.exceptions.InvalidResponse as error:  # (its handshake's replies)
+            self._disconnect()
+            raise _garbled(error, "connecting to") from error
         except BaseException:
             self._disconnect()
             raise
@@ -728,6 +731,8 @@ class Wire:
             raise redis.TimeoutError(f"Timeout {doing} the redis server") from error
         if isinstance(error, OSError):
             raise redis.ConnectionError(f"Error {doing} the redis server: {error}") from error
+        if isinstance(error, redis.exceptions.InvalidResponse):
+            raise _garbled(error, doing) from error
         raise error
 
     def fileno(self) -> int | None:
@@ -742,6 +747,17 @@ class Wire:
         """
         sock = self._sock
         return None if sock is None else sock.fileno()
+
+    def reset(self) -> None:
+        """Close the connection (its replies are not wanted); the next send opens it again.
+
+        Unlike :meth:`close`, the wire keeps the connection object, so that
+        opening it again (connecting, its handshake) is bounded by the
+        :meth:`limit` too: the pool would connect a new one within its own
+        timeouts.
+        """
+        if self._connection is not None:
+            self._disconnect()
 
     def close(self) -> None:
         """Close the connection and give it back to the pool (the next call takes one again).
@@ -761,12 +777,29 @@ class Wire:
             self._connection.disconnect()
 
 
+def _garbled(error: redis.exceptions.InvalidResponse, doing: str) -> redis.ConnectionError:
+    """A reply that is not RESP (a proxy, or another service on the port), as a lost connection.
+
+    The connection is out of step (its later replies cannot be told
+    apart): the caller closes it, and treats what it sent as it would
+    after a connection lost while it waited for the reply.
+    """
+    return redis.ConnectionError(f"Error {doing} the redis server: not a Redis reply ({error})")
+
+
 def _closed_by_server(sock: socket.socket) -> bool:
-    """Whether the server closed (or reset) `sock`, which holds no reply not yet read."""
+    """Whether the server closed (or reset) `sock`, which holds no reply not yet read.
+
+    A TLS socket cannot be peeked at: one that turned readable while no
+    reply was due holds the server's close (or bytes out of step), so it
+    counts as closed either way (the caller connects anew, before it sends).
+    """
     poll = select.poll()
     poll.register(sock, select.POLLIN)
     if not poll.poll(0):
         return False  # (one system call when it is open and quiet: the usual case)
+    if type(sock) is not socket.socket:
+        return True
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -884,6 +917,8 @@ class AsyncWire:
                 await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout writing to the redis server") from error
+            if isinstance(error, redis.exceptions.InvalidResponse):  # (connecting)
+                raise _garbled(error, "connecting to") from error
             raise
 
     async def receive(self, count: int, limit: float | None = None) -> list[Any]:
@@ -900,6 +935,8 @@ class AsyncWire:
             await self._connection.disconnect()
             if isinstance(error, asyncio.TimeoutError):
                 raise redis.TimeoutError("Timeout reading from the redis server") from error
+            if isinstance(error, redis.exceptions.InvalidResponse):
+                raise _garbled(error, "reading from") from error
             raise
         return replies
 
@@ -1367,7 +1404,10 @@ class _Session:
                         continue
                     # Nothing reached the server: fail at once, as a direct write does.
                     raise self.unreachable(unsent.error) from unsent.error
+                # The connection was lost since an earlier sending: if its XADD
+                # ran, the reply is lost with it, as if a read had failed.
                 sent, confirmed = False, True
+                unread = unread or maybe_added
                 yield _RETRY_DELAY
                 continue
             except _TRANSIENT:
@@ -1436,7 +1476,10 @@ class _Session:
         else:
             detail = ""
         if not _refused_rights(error):
-            return type(error)(f"{error}{detail}")
+            try:
+                return type(error)(f"{error}{detail}")
+            except (TypeError, ValueError):  # a class that parses its message (MOVED, ASK)
+                return redis.ResponseError(f"{error}{detail}")
         if maybe_added:
             return ReadOnlyError(
                 f"the mirror refused a command of the write request: {error}{detail}"
@@ -1591,7 +1634,7 @@ class RemoteWriter:
                         continue
                     if isinstance(step, _Reset):
                         with contextlib.suppress(Exception):  # best effort: it is closed
-                            wire.close()
+                            wire.reset()  # (connected again within the write's time left)
                         step = next(plan)
                         continue
                     packed, count = step.packed, step.replies
@@ -1658,7 +1701,12 @@ class AsyncRemoteWriter:
             kwargs["socket_timeout"] = None
             wire_limit = socket_timeout
         else:
-            kwargs["socket_timeout"] = socket_timeout or _hang_timeout(timeout)
+            # Capped as the sync writer's (no asyncio.timeout to bound the wire),
+            # connecting too.
+            kwargs["socket_timeout"] = min(socket_timeout or math.inf, _hang_timeout(timeout))
+            kwargs["socket_connect_timeout"] = min(
+                kwargs.get("socket_connect_timeout") or math.inf, kwargs["socket_timeout"]
+            )
         self._wire = AsyncWire(redis.asyncio.ConnectionPool(**kwargs), wire_limit)
         self._lock = asyncio.Lock()
 

@@ -140,6 +140,32 @@ def test_samples_codec_refuses_samples_no_import_writes(name):
         log.sample_members(payload)
 
 
+@pytest.mark.parametrize("name", sorted(HOSTILE_SAMPLES))
+def test_samples_read_as_rows_leave_damage_to_sample_members(name):
+    assert log.sample_member_rows(HOSTILE_SAMPLES[name]) is None
+
+
+@hypothesis_settings(max_examples=200)
+@given(
+    stamps=st.lists(st.sampled_from([0.0, 1.0, 1.5, 2.0, 1e9, float("inf")]), min_size=1),
+    widths=st.lists(st.integers(0, 3), min_size=1),
+    cut=st.integers(-20, 0),
+)
+def test_samples_read_as_rows_are_the_members(stamps, widths, cut):
+    """Whenever a value field reads as rows, they are its members, as sample_members reads them."""
+    members = sorted(
+        {member(stamp, b"v" * widths[i % len(widths)]) for i, stamp in enumerate(stamps)}
+    )
+    payload = log.encode_samples(members)
+    payload = payload[: len(payload) + cut] if cut else payload
+    rows = log.sample_member_rows(payload)
+    if rows is None:
+        uniform = len(set(map(len, members))) == 1 and len({m[:8] for m in members}) == len(members)
+        assert cut or not uniform  # a sensor's samples (one width, increasing times) are rows
+        return
+    assert [bytes(row) for row in rows] == log.sample_members(payload) == members
+
+
 def test_samples_codec_takes_the_edges_of_what_imports_write():
     members = [member(0.0, b"\xff" * 479), member(1.0, b"a"), member(1.0, b"b")]
     members.append(member(float("inf"), b""))

@@ -209,6 +209,76 @@ def test_import_reads_a_pipe_once(store, tmp_path):
         imported.backend.close()
 
 
+@pytest.mark.parametrize("where", ["new", "empty directory", "a creation cut short"])
+def test_a_refused_import_leaves_no_store_behind(store, tmp_path, where):
+    """Found by review: a file refused on its check left an empty store at a new path."""
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    data = full.read_bytes()
+    truncated = tmp_path / "truncated.rdb"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.rdb"
+    garbage.write_bytes(b"REDIS0011" + b"\xfe" * 100)
+    from telstate.lmdb.environment import holds_no_store
+
+    target = tmp_path / "new-store"
+    if where != "new":
+        target.mkdir()
+    if where == "a creation cut short":
+        import lmdb
+
+        lmdb.open(str(target), max_dbs=16).close()  # before its first commit
+    for bad in (truncated, garbage):
+        status = run("import", str(target), str(bad))[0]
+        assert status == cli.EXIT_DAMAGED
+        assert holds_no_store(target)
+        if where == "new":
+            assert not target.exists()
+        elif where == "empty directory":
+            assert list(target.iterdir()) == []
+    assert run("import", str(target), str(full))[0] == 0
+    assert run("verify", str(target))[0] == 0
+
+
+def test_an_import_into_a_store_made_meanwhile_is_checked_against_it(tmp_path, monkeypatch):
+    """Found by review: a new store's file was checked alone, and then only written:
+    keys another process wrote into the store meanwhile were met by the write pass
+    only, after the chunks before the conflict had been committed."""
+    import telstate.lmdb.bulk as bulk
+    from telstate.lmdb import settings
+
+    source = LmdbBackend(str(tmp_path / "source"), durability="none")
+    ts = TelescopeState(source)
+    for i in range(50):
+        ts.add(f"a{i:03d}", i, immutable=True)
+    ts.add("zz", "the file's", immutable=True)
+    source.close()
+    rdb = tmp_path / "file.rdb"
+    assert run("export", str(tmp_path / "source"), str(rdb))[0] == 0
+    monkeypatch.setattr(settings, "LOAD_CHUNK", 10)  # many chunks, 'zz' in the last
+    target = tmp_path / "new-store"
+    other = (
+        "from telstate import TelescopeState\n"
+        "from telstate.lmdb import LmdbBackend\n"
+        f"with LmdbBackend({str(target)!r}, durability='fsync') as backend:\n"
+        "    TelescopeState(backend).add('zz', 'another process', immutable=True)\n"
+    )
+    check_and_add = bulk._FileKeys.check_and_add
+    made: list[bool] = []
+
+    def making_the_store_meanwhile(self, piece):
+        if not made:
+            made.append(True)
+            subprocess.run([sys.executable, "-c", other], check=True, timeout=60)
+        return check_and_add(self, piece)
+
+    monkeypatch.setattr(bulk._FileKeys, "check_and_add", making_the_store_meanwhile)
+    assert run("import", str(target), str(rdb))[0] != 0
+    with LmdbBackend(str(target), readonly=True) as backend:
+        assert backend.keys(b"*") == [b"zz"]  # nothing of the file
+        assert backend.unfinished_imports() == []
+
+
 def test_export_to_a_piped_stdout(store, tmp_path):
     """`export STORE /dev/stdout | ...`: the file goes to the pipe, the summary to stderr."""
     for command in (["export", store, "/dev/stdout"], ["replay", store, "--until", "6"]):

@@ -578,6 +578,40 @@ def state_at(path, seq: int) -> list:
     ]
 
 
+def test_an_interrupt_as_a_backup_ends_leaves_the_store_closable(tmp_path):
+    """Found by review: a KeyboardInterrupt as the copy's registration was undone left it
+    registered: closing the store then raised StoreError (as if a snapshot were open),
+    which hid the interrupt, and the store stayed open."""
+    script = f"""
+import sys
+from telstate.lmdb import LmdbBackend, backup
+source = {str(tmp_path / "source")!r}
+with LmdbBackend(source, durability="none") as backend:
+    backend.add_mutable(b"k", b"v", 1.0)
+
+def trace(frame, event, arg):
+    if frame.f_code.co_name == "leave" and event == "call":
+        sys.settrace(None)
+        raise KeyboardInterrupt("as leave starts")
+    return None
+
+sys.settrace(trace)
+try:
+    backup.backup(source, {str(tmp_path / "copy")!r})
+except KeyboardInterrupt:
+    print("interrupted")
+finally:
+    sys.settrace(None)
+with LmdbBackend(source, durability="none") as backend:
+    backend.add_mutable(b"k", b"w", 2.0)
+print("usable")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.split() == ["interrupted", "usable"], result.stderr[-2000:]
+
+
 def test_backup_refuses_an_existing_destination_and_non_stores(tmp_path, primary):
     (tmp_path / "taken").mkdir()
     (tmp_path / "file").write_text("x")

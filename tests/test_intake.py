@@ -770,6 +770,25 @@ def test_a_failure_right_after_each_connect_backs_off_longer_each_time(
     intake.close()
 
 
+def test_a_reply_that_is_not_resp_backs_off_as_a_lost_connection(server, backend, monkeypatch):
+    """Found by review: redis-py's InvalidResponse (a proxy, another service on the
+    port) escaped the step and stopped the daemon."""
+    intake = Intake(backend, server.url + "?db=0", backoff=(0.1, 1.0))
+
+    def garbled(mirror: Any) -> Any:
+        raise redis.exceptions.InvalidResponse('Protocol error, got "?" as reply type byte')
+
+    monkeypatch.setattr(intake, "_serve", garbled)
+    assert intake.step(StuckMirror(0)).wait == 0  # (connect)
+    assert intake.step(StuckMirror(0)).wait == 0.1
+    assert intake.state == IntakeState.BACKOFF
+    monkeypatch.undo()
+    intake._retry_at = 0.0
+    run(intake, mirror_seq=0, steps=4)
+    assert intake.state == IntakeState.SERVE
+    intake.close()
+
+
 def test_a_read_that_fails_after_each_served_step_backs_off_longer(server, backend):
     """Found by review: the step reading the pending list served (over one connection),
     then the blocking read on the other failed; the backoff restarted each time."""

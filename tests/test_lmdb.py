@@ -504,6 +504,22 @@ def test_flush_and_batch_mode_housekeeper(path):
     assert not housekeeper.is_alive()
 
 
+def test_a_reader_has_a_housekeeper_replaced_when_a_writer_reopens_the_store(path):
+    LmdbBackend(path).close()
+    reader = LmdbBackend(path, readonly=True)
+    first = reader._store.housekeeper  # clears the reader slots of killed processes
+    assert first is not None and first.is_alive()
+    # Reopened for writing: the new housekeeper flushes at the writer's interval,
+    # where the reader's would first sleep out its own (seconds).
+    writer = LmdbBackend(path, durability="batch", flush_interval=0.01)
+    assert not first.is_alive()
+    second = writer._store.housekeeper
+    assert second is not None and second.is_alive()
+    writer.close()
+    reader.close()
+    assert not second.is_alive()
+
+
 def test_readonly_backend_refuses_every_write(path):
     LmdbBackend(path).close()
     backend = LmdbBackend(path, readonly=True)

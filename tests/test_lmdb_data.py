@@ -556,6 +556,22 @@ def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
             backend.add_mutable(b"first", encode_value(2), 2.0)
 
 
+def _damage_last_event(path, key: bytes, values: list[bytes], damage) -> None:
+    """A store of `key`'s samples `values`, whose last log entry is replaced by `damage`'s."""
+    with LmdbBackend(path, durability="none") as backend:
+        for i, value in enumerate(values):
+            backend.add_mutable(key, value, float(i))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"log", txn=txn)
+        cursor = txn.cursor(db)
+        assert cursor.last()
+        seq_key, record = cursor.key(), cursor.value()
+        txn.delete(seq_key, db=db)
+        txn.put(*damage(seq_key, record), db=db)
+    env.close()
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -567,18 +583,12 @@ def test_verify_reports_counters_that_would_reuse_ids(tmp_path):
 def test_a_damaged_last_log_key_is_a_store_error(tmp_path, damage):
     """Found by review: struct.error tracebacks from verify, info, export and writes."""
     path = tmp_path / "store"
-    with LmdbBackend(path, durability="none") as backend:
-        for i in range(3):
-            backend.add_mutable(b"sensor", encode_value(i), float(i))
-    env = lmdb.open(str(path), max_dbs=16)
-    with env.begin(write=True) as txn:
-        db = env.open_db(b"log", txn=txn)
-        cursor = txn.cursor(db)
-        assert cursor.last()
-        key, value = cursor.key(), cursor.value()
-        txn.delete(key, db=db)
-        txn.put(damage(key), value, db=db)
-    env.close()
+    _damage_last_event(
+        path,
+        b"sensor",
+        [encode_value(i) for i in range(3)],
+        lambda key, value: (damage(key), value),
+    )
     with LmdbBackend(path, durability="none") as backend:
         with pytest.raises(StoreError, match="damaged"):
             backend.head  # noqa: B018
@@ -597,3 +607,65 @@ def test_a_damaged_last_log_key_is_a_store_error(tmp_path, damage):
             result.returncode,
             result.stderr,
         )
+
+
+def _flip(data: bytes, at: int, bit: int = 0x01) -> bytes:
+    return data[:at] + bytes([data[at] ^ bit]) + data[at + 1 :]
+
+
+def _log_keys(path) -> list[bytes]:
+    env = lmdb.open(str(path), max_dbs=16, readonly=True)
+    with env.begin() as txn:
+        keys = list(txn.cursor(env.open_db(b"log", txn=txn, create=False)).iternext(values=False))
+    env.close()
+    return keys
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda key, value: (key, _flip(value, 12)), id="a garbled body"),
+        pytest.param(lambda key, value: (key, _flip(value, len(value) - 1)), id="a garbled chain"),
+        pytest.param(lambda key, value: (key, value[: len(value) // 2]), id="half a record"),
+        pytest.param(lambda key, value: (_flip(key, 2), value), id="a seq far ahead"),
+        pytest.param(lambda key, value: (_flip(key, 7, 0x04), value), id="a seq a little ahead"),
+        pytest.param(lambda key, value: (_flip(key, 7), value), id="over the one before"),
+    ],
+)
+def test_no_write_follows_a_damaged_last_event(tmp_path, damage):
+    """Found by review: a write chained its event onto whatever the last record held
+    (a garbled chain, or a seq key with a bit flipped: the log went on from there),
+    growing a history that can never verify and that followers refuse."""
+    path = tmp_path / "store"
+    _damage_last_event(path, b"sensor", [encode_value(i) for i in range(3)], damage)
+    damaged = _log_keys(path)
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="last event of the log is damaged"):
+            backend.add_mutable(b"sensor", encode_value(9), 9.0)
+        with pytest.raises(StoreError, match="last event of the log is damaged"):
+            backend.set_indexed(b"other", b"sub", encode_value(1))
+        # Reads go on: they come from the state tables, not the log.
+        assert len(backend.get_range(b"sensor", 0.0, 10.0, False, False)) == 3
+    assert _log_keys(path) == damaged  # nothing appended
+    with LmdbBackend(path, durability="none", readonly=True) as backend:
+        assert backend.verify()  # (it reports the damage)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda key, value: (_flip(key, 2), value), id="a seq far ahead"),
+        pytest.param(lambda key, value: (_flip(key, 7, 0x04), value), id="a seq a little ahead"),
+        pytest.param(lambda key, value: (key, value[:40]), id="cut into its key"),
+    ],
+)
+def test_no_write_follows_a_long_last_event_damaged_in_its_shape(tmp_path, damage):
+    """A record longer than CHECKED_RECORD_MAX (an array sample) is not hashed on
+    each write after another process's (milliseconds each): its seq and shape are."""
+    from telstate.lmdb.eventlog import CHECKED_RECORD_MAX
+
+    path = tmp_path / "store"
+    _damage_last_event(path, b"array", [b"x" * (CHECKED_RECORD_MAX + 1)] * 3, damage)
+    with LmdbBackend(path, durability="none") as backend:
+        with pytest.raises(StoreError, match="last event of the log is damaged"):
+            backend.add_mutable(b"sensor", encode_value(9), 9.0)

@@ -15,11 +15,12 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from telstate.errors import StoreError
-from telstate.lmdb import LmdbBackend
+from telstate.lmdb import LmdbBackend, settings
 from telstate.lmdb.layout import TIMESTAMP
 from telstate.utils import KeyType
 
@@ -263,6 +264,148 @@ def test_a_snapshot_open_at_fork_stays_the_parents(tmp_path):
     assert backend.get(b"m") == (b"w", 2.0)
     assert backend.verify() == []
     backend.close()
+
+
+# --- reader slots: readers killed mid-read ---------------------------------------------
+
+# Every process of these tests has a small reader table (the store's lock file
+# is sized for it by its first opener) and clears stale slots often.
+SMALL_READER_TABLE = """
+    from telstate.lmdb import settings
+    settings.MAX_READERS = 8
+    settings.READER_CHECK_INTERVAL = 0.5
+"""
+
+# Keeps the store open, read-only, without reading: only its housekeeping runs,
+# and more slowly than a new process starts, which thus finds the table full.
+IDLE_READER = (
+    SMALL_READER_TABLE
+    + """
+    import sys
+    from telstate.lmdb import LmdbBackend
+    settings.READER_CHECK_INTERVAL = 2.0
+    backend = LmdbBackend(sys.argv[1], readonly=True)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+)
+
+# Keeps the store open as a program other than telstate would: it never clears a slot.
+FOREIGN_READER = (
+    SMALL_READER_TABLE
+    + """
+    import sys, lmdb
+    env = lmdb.open(sys.argv[1], readonly=True, max_readers=settings.MAX_READERS, max_dbs=8)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+)
+
+# Takes every free reader slot (a snapshot each), then waits to be killed.
+SLOT_FILLER = (
+    SMALL_READER_TABLE
+    + """
+    import sys, time
+    from telstate.errors import StoreError
+    from telstate.lmdb import LmdbBackend
+    backend = LmdbBackend(sys.argv[1], readonly=True)
+    snaps = []
+    try:
+        while True:
+            snaps.append(backend.snapshot().__enter__())
+    except StoreError:
+        pass
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+)
+
+# Opens the store anew (read-only or not) and reads; says "ok" or the error.
+LATE_OPENER = (
+    SMALL_READER_TABLE
+    + """
+    import sys
+    from telstate.errors import StoreError
+    from telstate.lmdb import LmdbBackend
+    settings.READERS_FULL_WAIT = float(sys.argv[3])
+    try:
+        backend = LmdbBackend(sys.argv[1], readonly=sys.argv[2] == "readonly")
+        assert backend.get(b"k") == (b"v", None)
+        backend.close()
+    except StoreError as error:
+        print(type(error).__name__, error, flush=True)
+    else:
+        print("ok", flush=True)
+"""
+)
+
+
+@pytest.fixture
+def small_reader_table(tmp_path, monkeypatch):
+    """A store whose lock file has 8 reader slots (made by this process, then closed)."""
+    monkeypatch.setattr(settings, "MAX_READERS", 8)
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="fsync") as backend:
+        backend.set_immutable(b"k", b"v")
+    return path
+
+
+def fill_reader_table_with_dead_slots(path: str) -> None:
+    filler = spawn(SLOT_FILLER, path)
+    try:
+        wait_ready(filler)
+    finally:
+        filler.send_signal(signal.SIGKILL)
+        filler.wait()
+
+
+@contextlib.contextmanager
+def holding_open(code: str, path: str) -> Iterator[subprocess.Popen]:
+    """A process that keeps the store open until the block ends."""
+    holder = spawn(code, path, stdin=True)
+    try:
+        wait_ready(holder)
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["readonly", "writable"])
+def test_slots_of_killed_readers_are_cleared_by_a_process_that_only_reads(small_reader_table, mode):
+    """A store held open by readers alone does not lock new processes out for good."""
+    path = small_reader_table
+    with holding_open(IDLE_READER, path):
+        fill_reader_table_with_dead_slots(path)
+        opener = spawn(LATE_OPENER, path, mode, 60)
+        output, _ = opener.communicate(timeout=120)
+        assert output.strip() == "ok"
+
+
+def test_more_reads_than_reader_slots_are_a_clear_error(small_reader_table):
+    with LmdbBackend(small_reader_table, readonly=True) as backend:
+        with contextlib.ExitStack() as snapshots:
+            with pytest.raises(StoreError, match="held by a live process"):
+                for _ in range(9):
+                    snapshots.enter_context(backend.snapshot())
+        assert backend.get(b"k") == (b"v", None)
+
+
+@pytest.mark.parametrize("mode", ["readonly", "writable"])
+def test_a_reader_table_nobody_clears_is_a_clear_error_after_a_bounded_wait(
+    small_reader_table, mode
+):
+    path = small_reader_table
+    with holding_open(FOREIGN_READER, path):
+        fill_reader_table_with_dead_slots(path)
+        opener = spawn(LATE_OPENER, path, mode, 1)
+        output, _ = opener.communicate(timeout=60)  # never hangs
+        assert output.startswith("StoreError "), output
+        assert "killed" in output and "max_readers" not in output, output
+    # Once every process using the store has exited, LMDB resets the reader table.
+    opener = spawn(LATE_OPENER, path, mode, 1)
+    output, _ = opener.communicate(timeout=60)
+    assert output.strip() == "ok"
 
 
 # --- creation: full disks, concurrent creators ------------------------------------------

@@ -912,6 +912,21 @@ def test_a_write_whose_redis_stalls_just_before_its_deadline_raises_soon_after_i
     )  # was 2 * timeout + 0.2 for sync without a socket timeout
 
 
+def test_an_asyncio_writer_before_python_3_11_connects_within_its_timeout(monkeypatch):
+    """Found by review: without asyncio.timeout (Python 3.10), the asyncio writer's
+    connections kept the client's own connect timeout (none for a client made with
+    redis.asyncio.Redis(host=...)), where the sync writer's are capped."""
+    import redis.asyncio
+
+    from telstate.remote import AsyncRemoteWriter
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14))
+    client = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=20)
+    writer = AsyncRemoteWriter(client, 0, MIRROR_CURSOR_DB, "store", timeout=1.0)
+    kwargs = writer._wire._pool.connection_kwargs
+    assert kwargs["socket_timeout"] <= 1.5 and kwargs["socket_connect_timeout"] <= 1.5
+
+
 def test_a_writer_connects_within_its_timeout(tmp_path, store):
     """Found by review: a writer's new connection waited for the client's own
     socket_connect_timeout (redis-py 8: 5 s for redis.Redis(host=...)) for a
@@ -1887,6 +1902,51 @@ def test_a_stall_hidden_by_a_stale_reply_still_counts(monkeypatch):
         ]
     ]
     assert "may have been applied" in str(_run_out(plan, [b"1-0", stale], now))
+
+
+@pytest.mark.parametrize("found_by", ["read", "send"])
+def test_a_connection_lost_after_an_accepted_request_means_it_may_have_been_applied(
+    monkeypatch, found_by
+):
+    """Found by review: Redis gone after it accepted the request and a wait for the
+    reply ended empty, found by the next send (a unix socket; TCP since the writer
+    looks for a closed connection before it sends), ended in "expires unapplied",
+    though the daemon may have applied it and only its reply was lost."""
+    from telstate.remote import PackedWrite, _Exchange, _Unsent
+
+    session, now = _session_on_a_clock(monkeypatch)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    now[0] += 1.0  # the first wait ran out: no reply yet
+    with pytest.raises(WriteTimeoutError, match="may have been applied"):
+        step = plan.send([b"1-0", None])  # the request was accepted
+        while True:  # Redis is down from here on
+            if not isinstance(step, _Exchange):
+                if isinstance(step, float):
+                    now[0] += step
+                step = next(plan)
+                continue
+            now[0] += 0.001
+            lost = redis.ConnectionError("Connection closed by server.")
+            step = plan.throw(lost if found_by == "read" else _Unsent(lost))
+
+
+def test_a_refusal_whose_class_parses_its_message_is_still_reported():
+    """Found by review: MOVED and ASK (a Redis Cluster) rebuilt with "may be applied"
+    appended failed to parse, and the writer raised a ValueError of its own."""
+    from telstate.remote import _Session
+
+    session = _Session(0, "store", 10.0, None)
+    for error in (
+        redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+        redis.exceptions.AskError("3999 127.0.0.1:6381"),
+    ):
+        refused = session.refused(error, maybe_added=True)
+        assert isinstance(refused, redis.ResponseError)
+        assert "3999 127.0.0.1:6381" in str(refused) and "may be applied" in str(refused)
+        plain = session.refused(error)
+        assert type(plain) is type(error) and str(plain) == str(error)
 
 
 def test_the_write_plan_waits_out_busy_and_says_when_a_write_may_be_applied():

@@ -9,6 +9,7 @@ its ``fileno`` means.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -321,3 +322,232 @@ def test_an_async_send_after_a_reset_connects_before_it_sends(server):
 
     connected = asyncio.run(main())
     assert connected and all(connected)
+
+
+class _GarblingServer:
+    """A TCP server on loopback that answers every command OK, but `trigger` with a non-RESP byte.
+
+    What a proxy, a middlebox or another service on the port might send.
+    """
+
+    def __init__(self, trigger: bytes) -> None:
+        import socket
+        import threading
+
+        self.trigger = trigger
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection) -> None:
+        reader = hiredis.Reader()
+        with connection:
+            while data := connection.recv(65536):
+                reader.feed(data)
+                while (command := reader.gets()) is not False:
+                    garbled = any(self.trigger in part for part in command)
+                    connection.sendall(b"?garbled\r\n" if garbled else b"+OK\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def garbling():
+    server = _GarblingServer(b"GARBLE")
+    yield server
+    server.close()
+
+
+def test_a_reply_that_is_not_resp_is_a_lost_connection(garbling):
+    # Not redis-py's InvalidResponse, which no caller of the wire expects: the
+    # connection is out of step (closed), and the next call opens a new one.
+    wire = Wire(redis.ConnectionPool(host="127.0.0.1", port=garbling.port, protocol=2))
+    assert wire.call((b"ECHO", b"fine")) == [b"OK"]
+    with pytest.raises(redis.ConnectionError, match="not a Redis reply"):
+        wire.call((b"ECHO", b"GARBLE"))
+    assert wire.fileno() is None
+    assert wire.call((b"ECHO", b"fine")) == [b"OK"]
+    wire.close()
+
+
+def test_an_async_reply_that_is_not_resp_is_a_lost_connection(garbling):
+    import asyncio
+
+    import redis.asyncio
+
+    from telstate.remote import AsyncWire
+
+    async def main() -> None:
+        pool = redis.asyncio.ConnectionPool(host="127.0.0.1", port=garbling.port, protocol=2)
+        wire = AsyncWire(pool)
+        await wire.send(hiredis.pack_command((b"ECHO", b"fine")))
+        assert await wire.receive(1) == [b"OK"]
+        await wire.send(hiredis.pack_command((b"ECHO", b"GARBLE")))
+        with pytest.raises(redis.ConnectionError, match="not a Redis reply"):
+            await wire.receive(1)
+        await wire.send(hiredis.pack_command((b"ECHO", b"fine")))
+        assert await wire.receive(1) == [b"OK"]
+        await wire.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_remote_write_answered_with_garbage_times_out_unsure(garbling, kind):
+    # The XADD went out and its answer is unreadable: as a lost connection,
+    # the writer sends it again until its time runs out, then says it may
+    # have been applied (a documented error, not a raw redis-py one).
+    import asyncio
+    import time
+
+    import redis.asyncio
+
+    from telstate.errors import WriteTimeoutError
+    from telstate.log import Op
+    from telstate.remote import AsyncRemoteWriter, RemoteWriter
+
+    garbling.trigger = b"XADD"
+    store = "00000000-0000-0000-0000-000000000000"
+    start = time.monotonic()
+    with pytest.raises(WriteTimeoutError, match="may have been applied"):
+        if kind == "sync":
+            client = redis.Redis(host="127.0.0.1", port=garbling.port, protocol=2)
+            writer = RemoteWriter(client, 0, 15, store, timeout=1.0)
+            try:
+                writer.write(Op.DELETE, b"x")
+            finally:
+                writer.close()
+        else:
+
+            async def write() -> None:
+                client = redis.asyncio.Redis(host="127.0.0.1", port=garbling.port, protocol=2)
+                writer = AsyncRemoteWriter(client, 0, 15, store, timeout=1.0)
+                try:
+                    await writer.write(Op.DELETE, b"x")
+                finally:
+                    await writer.close()
+
+            asyncio.run(write())
+    assert time.monotonic() - start < 3.0
+
+
+class _TlsProxy:
+    """A TLS front (on loopback) to a redis-server's unix socket; it can drop every connection."""
+
+    def __init__(self, server: RedisServer) -> None:
+        import socket
+        import ssl
+        import threading
+
+        here = os.path.join(os.path.dirname(__file__), "tls")
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(
+            os.path.join(here, "test-cert.pem"), os.path.join(here, "test-key.pem")
+        )
+        self.server = server
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client = self.context.wrap_socket(self.listener.accept()[0], server_side=True)
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            redis_side = socket.socket(socket.AF_UNIX)
+            redis_side.connect(self.server.socket)
+            self.open += [client, redis_side]
+            for source, sink in ((client, redis_side), (redis_side, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def drop_all(self) -> None:
+        import socket
+
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.open.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_all()
+
+
+def test_a_tls_connection_the_server_closed_is_made_anew_before_a_send(server):
+    # Found by review: a writer's wire peeked at its socket (MSG_PEEK), which a
+    # TLS socket refuses: ValueError out of every write after the server closed
+    # an idle connection (its `timeout`, a restart, CLIENT KILL).
+    import time
+
+    proxy = _TlsProxy(server)
+    try:
+        pool = redis.ConnectionPool(
+            connection_class=redis.SSLConnection,
+            host="127.0.0.1",
+            port=proxy.port,
+            ssl_cert_reqs="none",
+            socket_timeout=5,
+        )
+        wire = Wire(pool)
+        wire.check_closed = True
+        for _ in range(3):
+            assert wire.call((b"PING",)) == [b"PONG"]
+        proxy.drop_all()
+        time.sleep(0.2)
+        assert wire.call((b"PING",)) == [b"PONG"]  # (on a new connection)
+        wire.close()
+        pool.disconnect()
+    finally:
+        proxy.close()
+
+
+def test_a_connection_made_again_after_a_reset_keeps_the_limit(server):
+    # Found by review: after close(), the pool connected anew within its own
+    # timeouts (3 s here), not the limit: a write that starts again on a new
+    # connection could overrun its deadline by a whole socket timeout.
+    import time
+
+    pool = _pool(server, socket_timeout=3.0, socket_connect_timeout=3.0)
+    wire = Wire(pool)
+    wire.check_closed = True
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.reset()
+    wire.limit(0.3)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            wire.call((b"PING",))
+        assert time.monotonic() - start < 2.0
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    wire.limit(None)
+    assert wire.call((b"PING",)) == [b"PONG"]
+    wire.close()

@@ -38,8 +38,10 @@ Modules, one concern each:
     Imports of RDB records: checked chunks, samples straight into sealed
     blocks, events appended many at a time.
 :mod:`~telstate.lmdb.audit`
-    The state rebuilt from the log: :func:`replay` and ``verify``'s checks
-    (the chain, and each key replayed alone against its state or an RDB file).
+    The state rebuilt from the log: :func:`replay` (whole, in memory),
+    :class:`~telstate.lmdb.audit.ReplayedState` (key by key, for ``export
+    --until``) and ``verify``'s checks (the chain, and each key replayed
+    alone against its state or an RDB file).
 :mod:`~telstate.lmdb.upgrade`
     ``telstate upgrade``: a format 1 store (no chain) rewritten as format 2.
 :mod:`~telstate.lmdb.follower`

@@ -1,4 +1,4 @@
-"""Rebuilding the state from the log: :func:`replay` and the checks of ``verify``."""
+"""The state rebuilt from the log: :func:`replay`, :class:`ReplayedState`, ``verify``'s checks."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import log
-from ..backend import Record
+from ..backend import PackedMembers, Record
 from ..errors import StoreError
+from ..import_rules import check_record
 from ..utils import KeyType, PathType, display_str, pack_timestamp
 from . import settings
 from .eventlog import raw_log, writers_in
 from .layout import ALL_KEYS, INLINE_LIMIT, LONG_NAME_KEY_LEN, Tables, name_key_of
-from .state import state_records
+from .state import TxnCheck, state_records
 from .writes import highest_key_id, key_counter
 
 if TYPE_CHECKING:
@@ -51,12 +52,7 @@ class _StateModel:
             members = data.get(key)
             if members is None:
                 members = data[key] = set()
-            try:
-                members.update(log.sample_members(value))
-            except ValueError as error:
-                raise StoreError(
-                    f"an add_mutable_many event on {display_str(key)}: {error}"
-                ) from None
+            members.update(_sample_members(key, value))
         elif op_code == log.SET_IMMUTABLE:
             data[key] = value
         elif op_code == log.SET_INDEXED:
@@ -69,18 +65,44 @@ class _StateModel:
         elif op_code == log.CLEAR:
             data.clear()
         elif op_code != log.PROMOTE:  # a promotion changes no key
-            raise StoreError(f"unknown operation code {op_code} in the log")
+            raise _unknown_operation(op_code)
 
     def records(self) -> Iterator[Record]:
         """Every key as a Record, in key order."""
         for key in sorted(self.data):
-            value = self.data[key]
-            if isinstance(value, bytes):
-                yield key, KeyType.IMMUTABLE, value
-            elif isinstance(value, set):
-                yield key, KeyType.MUTABLE, sorted(value)
-            else:
-                yield key, KeyType.INDEXED, dict(value)
+            yield _record(key, self.data[key])
+
+
+def _record(key: bytes, value: Any) -> Record:
+    """The Record of a key replayed as `value` (by :class:`_StateModel` or :func:`_replay_key`)."""
+    if isinstance(value, bytes):
+        return key, KeyType.IMMUTABLE, value
+    if isinstance(value, set):
+        return key, KeyType.MUTABLE, sorted(value)
+    if isinstance(value, _SortedRows):
+        rows = value.rows
+        return key, KeyType.MUTABLE, PackedMembers.from_buffer(rows.tobytes(), rows.shape[1])
+    return key, KeyType.INDEXED, dict(value)
+
+
+def _sample_members(key: bytes, payload: bytes) -> list[bytes]:
+    """The members an add_mutable_many event on `key` adds; StoreError if they are damaged."""
+    try:
+        return log.sample_members(payload)
+    except ValueError as error:
+        raise StoreError(f"an add_mutable_many event on {display_str(key)}: {error}") from None
+
+
+def _unknown_operation(op_code: int) -> StoreError:
+    return StoreError(f"unknown operation code {op_code} in the log")
+
+
+def _decoded(seq: int, record: bytes) -> log.RawEvent:
+    """Event `seq`'s fields; StoreError naming it if it cannot be decoded."""
+    try:
+        return log.decode_record(record)
+    except ValueError as error:
+        raise _damaged_event(seq, error) from None
 
 
 def replay_model(
@@ -92,15 +114,11 @@ def replay_model(
     """Apply the log, up to the limits, to an empty model."""
     model = _StateModel()
     apply = model.apply
-    decode = log.decode_record
     previous = 0.0
     for seq, record in raw_log(txn, tables, 1):
         if until_seq is not None and seq > until_seq:
             break
-        try:
-            raw = decode(record)
-        except ValueError as error:
-            raise _damaged_event(seq, error) from None
+        raw = _decoded(seq, record)
         if until_time is not None:
             appended = raw[2]
             _check_time(txn, tables, seq, appended, previous, until_time)
@@ -196,6 +214,157 @@ def replay(
     memory = MemoryBackend()
     memory.load_records(model.records())
     return TelescopeState(memory)
+
+
+class ReplayedState:
+    """The state as of event `seq`, rebuilt from the log one key at a time.
+
+    What :func:`replay` gives, in memory bounded by the number of keys and
+    the largest key rather than by the whole state: made in a read
+    transaction, it reads the log up to `seq` once, in chunks of
+    ``settings.VERIFY_CHUNK`` events, to check every event as
+    :func:`replay` does and to find the keys that exist then; :meth:`records`
+    replays each key alone through the history index, as ``verify`` does.
+    ``telstate export --until`` writes its file from it.
+
+    Parameters
+    ----------
+    txn, tables
+        A read transaction, open while the records are read, and its tables.
+    seq
+        The last event applied.
+    check
+        Called before each key is replayed: raises if `txn` has ended (a
+        snapshot's check).
+
+    Attributes
+    ----------
+    keys : list[bytes]
+        The keys of the state, in key order.
+
+    Raises
+    ------
+    StoreError
+        If an event up to `seq` is damaged: the same error, naming the same
+        event, as :func:`replay` raises.
+    """
+
+    def __init__(self, txn: Any, tables: Tables, seq: int, check: TxnCheck | None = None) -> None:
+        self._txn = txn
+        self._tables = tables
+        self._check = check
+        self.seq = seq
+        self._event_counts, self._clears = _keys_at(txn, tables, seq)
+        self.keys = sorted(self._event_counts)
+
+    def records(self, selected: Callable[[bytes], bool] | None = None) -> Iterator[Record]:
+        """The keys (those `selected` is true for) as Records, in key order, one at a time.
+
+        Values are as :meth:`Backend.records` gives them (checked as
+        :func:`telstate.import_rules.check_record` checks an import): a mutable
+        key's members in one buffer if they all have one length, which is
+        what bounds the memory of a sensor's millions of samples.
+
+        Raises
+        ------
+        StoreError
+            If the history index, which the keys are replayed through, does
+            not list a key's events as the log has them (it is damaged).
+        InvalidTimestampError
+            If a sample's timestamp is negative or not finite (as loading
+            the state into a :class:`~telstate.memory.MemoryBackend` would).
+        """
+        for key in self.keys:
+            if selected is None or selected(key):
+                if self._check is not None:
+                    self._check()
+                yield check_record(self._record(key))
+
+    def _record(self, key: bytes) -> Record:
+        txn, tables = self._txn, self._tables
+        replay = _key_replay(txn, tables, name_key_of(key), self._clears, self.seq)[0]
+        logged = replay.result()
+        expected = self._event_counts[key]
+        if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
+            raise StoreError(
+                f"the history index does not list the events of key {display_str(key)} "
+                f"up to event {self.seq} (it lists {replay.alive} since it was last deleted"
+                f" or cleared, and {replay.foreign} of other keys; the log has {expected}): "
+                f"telstate verify lists the damage"
+            )
+        return _record(*logged)
+
+
+def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list[int]]:
+    """The keys that exist after event `seq`, and the seqs of the clears up to it.
+
+    Each key comes with the number of its events since it was last deleted
+    or cleared before `seq` (as :class:`_KeyReplay` counts them): a key
+    deleted is forgotten, so memory grows with the keys of the state, not
+    with every key there ever was. Every event is checked as
+    :meth:`_StateModel.apply` would apply it, with the same errors; chunks
+    of plain writes (the op codes and keys read in bulk with
+    :func:`telstate.log.record_fields`) in bulk.
+    """
+    counts: collections.Counter[bytes] = collections.Counter()
+    clears: list[int] = []
+    for chunk in _log_chunks(txn, tables, seq):
+        records = [record for _, record in chunk]
+        ops, _, keys = log.record_fields(records)
+        if _PLAIN_OPS.issuperset(ops):
+            if log.DELETE not in ops:
+                counts.update(keys)
+                continue
+            for key, op_code in zip(keys, ops):
+                if op_code == log.DELETE:
+                    counts.pop(key, None)
+                else:
+                    counts[key] += 1
+            continue
+        for seq_key, record in chunk:
+            event_seq = log.unpack_seq(seq_key)
+            op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
+            if op_code == log.CLEAR:
+                counts.clear()
+                clears.append(event_seq)
+                continue
+            if op_code == log.PROMOTE:
+                continue
+            if op_code not in log.OP_CODES:
+                raise _unknown_operation(op_code)
+            if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
+                _sample_members(key, value)  # not a sensor's samples: checked one by one
+            if op_code == log.DELETE:
+                counts.pop(key, None)
+            else:
+                counts[key] += 1
+    return dict(counts), clears
+
+
+def _log_chunks(txn: Any, tables: Tables, seq: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The log's (seq key, record) entries up to event `seq`, in chunks.
+
+    A chunk has at most ``settings.VERIFY_CHUNK`` events and ends once its
+    records hold ``settings.LOG_CHUNK_BYTES``: an import's events hold up to
+    ``settings.BULK_EVENT_BYTES`` each.
+    """
+    end = log.pack_seq(seq)
+    cursor = txn.cursor(db=tables.log)
+    if not cursor.set_range(log.pack_seq(1)):
+        return
+    chunk: list[tuple[bytes, bytes]] = []
+    size = 0
+    for seq_key, record in cursor.iternext():
+        if seq_key > end:
+            break
+        chunk.append((seq_key, record))
+        size += len(record)
+        if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES:
+            yield chunk
+            chunk = []
+            size = 0
+    if chunk:
+        yield chunk
 
 
 #: What reading damaged state tables can raise (reported by verify, not raised).
@@ -597,9 +766,6 @@ def _replay_key(
 ) -> tuple[tuple[bytes, Any] | None, int, int]:
     """Replay the events of one key (from the history index) up to `until_seq`.
 
-    Only the events after the last clear before the key's last event are
-    read, ``settings.VERIFY_CHUNK`` at a time.
-
     Returns
     -------
     (key, model value) — bytes, a set of packed members or a dict, as in
@@ -609,42 +775,94 @@ def _replay_key(
     lists are not on this key (skipped: the history index is damaged).
     Undecodable events are skipped (the log check reports them).
     """
-    cursor = txn.cursor(db=tables.history)
-    seq_keys = list(cursor.iternext_dup(keys=False)) if cursor.set_key(name_key) else []
-    if until_seq is not None:
-        del seq_keys[bisect.bisect_right(seq_keys, log.pack_seq(until_seq)) :]
-    if not seq_keys:
-        return None, 0, 0
-    last = log.unpack_seq(seq_keys[-1])
+    replay, last = _key_replay(txn, tables, name_key, clears, until_seq)
+    return replay.result(), last, replay.foreign
+
+
+def _key_replay(
+    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+) -> tuple[_KeyReplay, int]:
+    """The events of one key (from the history index) up to `until_seq`, applied.
+
+    Only the events after the last clear before the key's last event are
+    read, and those ``settings.VERIFY_CHUNK`` at a time from the index as
+    from the log: a key of any number of events needs memory for its state.
+
+    Returns
+    -------
+    The replay, and the seq of the key's last event (0 if none).
+    """
+    replay = _KeyReplay(name_key)
+    history = txn.cursor(db=tables.history)
+    last = _last_event(history, name_key, until_seq)
+    if not last:
+        return replay, 0
     end = len(clears) if until_seq is None else bisect.bisect_right(clears, until_seq)
     before_last = bisect.bisect_left(clears, last)
     if before_last < end:
-        return None, last, 0  # cleared after its last event
-    if before_last:
-        # Seq keys sort as their seqs: drop the events that a clear wiped.
-        del seq_keys[: bisect.bisect_right(seq_keys, log.pack_seq(clears[before_last - 1]))]
-    replay = _KeyReplay(name_key)
+        return replay, last  # cleared after its last event
+    # Seq keys sort as their seqs: start after the last clear, stop at `last`.
+    first = clears[before_last - 1] + 1 if before_last else 0
+    history.set_range_dup(name_key, log.pack_seq(first))  # true: `last` is at or after it
+    entries = history.iternext_dup(keys=False)
+    stop = log.pack_seq(last)
     log_cursor = txn.cursor(db=tables.log)
-    chunk = settings.VERIFY_CHUNK
-    for start in range(0, len(seq_keys), chunk):
+    # Applied in chunks of VERIFY_CHUNK events or LOG_CHUNK_BYTES, read a few
+    # at a time: the key's past may hold many long values (an array sensor, a
+    # key deleted and made again), which only the state bounds.
+    chunk: list[bytes] = []
+    size = 0
+    while seq_keys := list(itertools.islice(entries, _HISTORY_GROUP)):
+        last_group = seq_keys[-1] >= stop
+        if last_group:
+            del seq_keys[bisect.bisect_right(seq_keys, stop) :]
         # A missing event is left out, as an undecodable one is skipped.
-        replay.apply([record for _, record in log_cursor.getmulti(seq_keys[start : start + chunk])])
-    return replay.result(), last, replay.foreign
+        for _, record in log_cursor.getmulti(seq_keys):
+            chunk.append(record)
+            size += len(record)
+        if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES or last_group:
+            replay.apply(chunk)
+            chunk, size = [], 0
+        if last_group:
+            break
+    if chunk:
+        replay.apply(chunk)
+    return replay, last
+
+
+#: How many of a key's events :func:`_key_replay` reads from the log at once.
+_HISTORY_GROUP = 8
+
+
+def _last_event(history: Any, name_key: bytes, until_seq: int | None) -> int:
+    """The seq of the last event up to `until_seq` that the history index lists
+    under `name_key`, read with the `history` cursor; 0 if none."""
+    if until_seq is not None and history.set_range_dup(name_key, log.pack_seq(until_seq + 1)):
+        found = history.prev_dup()  # the event before the first one after `until_seq`
+    else:
+        found = history.set_key(name_key) and history.last_dup()
+    return log.unpack_seq(history.value()) if found else 0
 
 
 class _KeyReplay:
     """The events of one key applied in order, runs of a sensor's samples in bulk.
 
-    Members added in bulk wait as arrays (:func:`telstate.log.sample_rows`)
-    while nothing else happens to the key; any other event first moves
-    them into the :class:`_StateModel`, one by one.
+    Members added in bulk wait as arrays (:func:`telstate.log.sample_rows`
+    of add_mutable events, :func:`telstate.log.sample_member_rows` of an
+    import's add_mutable_many events) while nothing else happens to the
+    key; any other event first moves them into the :class:`_StateModel`,
+    one by one.
     """
 
     def __init__(self, name_key: bytes) -> None:
         self.model = _StateModel()
         self.name_key = name_key
-        #: Events skipped for not being on the key (whose history index is damaged).
+        #: Events read from the log, and of them those skipped for not being on
+        #: the key (whose history index is damaged).
+        self.events = 0
         self.foreign = 0
+        #: Events of the key applied since it was last deleted (or from the start).
+        self.alive = 0
         self.key = b""
         self.rows: list[np.ndarray] = []
         self.pending = 0
@@ -652,41 +870,69 @@ class _KeyReplay:
 
     def apply(self, records: list[bytes]) -> None:
         """Apply the next events of the key, in log order."""
+        self.events += len(records)
         samples = log.sample_rows(records)
         if samples is not None:
             key, rows = samples
             if name_key_of(key) != self.name_key:
                 self.foreign += len(records)
-                return
-            if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
-                self._move_rows()  # rows of one key and one width wait together
-            self.key = key
-            self.rows.append(rows)
-            self.pending += len(rows)
-            if self.pending > 2 * self.compacted + settings.VERIFY_CHUNK:
-                # A sample added again is stored once: keep memory to the distinct ones.
-                self.rows = [_sorted_unique(np.concatenate(self.rows))]
-                self.pending = self.compacted = len(self.rows[0])
+            else:
+                self._add_rows(key, rows)
+                self.alive += len(records)
             return
-        self._move_rows()
         for record in records:
             try:
                 raw = log.decode_record(record)
                 if raw[0] not in _KEY_OPS or name_key_of(raw[4]) != self.name_key:
                     self.foreign += 1
                     continue
+                members = self._rows_of(raw)
+                if members is not None:
+                    self._add_rows(raw[4], members)
+                    self.alive += 1
+                    continue
+                if raw[0] == log.DELETE:
+                    self._drop_rows()  # (the samples waiting go with the key)
+                else:
+                    self._move_rows()
                 self.model.apply(raw)
             except (ValueError, StoreError):
                 continue
+            self.alive = 0 if raw[0] == log.DELETE else self.alive + 1
             self.key = raw[4]
+
+    def _rows_of(self, raw: log.RawEvent) -> np.ndarray | None:
+        """The members event `raw` adds, as rows, if it adds members that can wait so."""
+        if raw[0] == log.ADD_MUTABLE_MANY:
+            return log.sample_member_rows(raw[6])
+        if raw[0] == log.ADD_MUTABLE and self.rows:  # a sample after an import's, say
+            return np.frombuffer(pack_timestamp(raw[3]) + raw[6], np.uint8).reshape(1, -1)
+        return None
+
+    def _add_rows(self, key: bytes, rows: np.ndarray) -> None:
+        if self.rows and (key != self.key or rows.shape[1] != self.rows[0].shape[1]):
+            self._move_rows()  # rows of one key and one width wait together
+        self.key = key
+        self.rows.append(rows)
+        self.pending += len(rows)
+        if self.pending > 2 * self.compacted + settings.VERIFY_CHUNK:
+            # A sample added again is stored once: keep memory to the distinct ones.
+            self.rows = [_sorted_unique(np.concatenate(self.rows))]
+            self.pending = self.compacted = len(self.rows[0])
 
     def result(self) -> tuple[bytes, Any] | None:
         """(key, model value), or None if the key does not exist after the events."""
         if self.rows and not self.model.data:
-            return self.key, _SortedRows(np.concatenate(self.rows))
+            # Kept as one array, not two: a sensor's samples may be most of the memory.
+            self.rows = [np.concatenate(self.rows)]
+            return self.key, _SortedRows(self.rows[0])
         self._move_rows()
         value = self.model.data.get(self.key)
         return None if value is None else (self.key, value)
+
+    def _drop_rows(self) -> None:
+        self.rows = []
+        self.pending = self.compacted = 0
 
     def _move_rows(self) -> None:
         if not self.rows:
@@ -721,13 +967,14 @@ def _sorted_unique(rows: np.ndarray) -> np.ndarray:
     count, width = rows.shape
     if count < 2:
         return rows
+    stamps = np.ascontiguousarray(rows[:, :8]).view(">u8")[:, 0]
+    if (stamps[1:] > stamps[:-1]).all():
+        return rows  # timestamps increase (a sensor's samples mostly): sorted and distinct
     # Big-endian words of the rows, zero-padded at the end: they sort as the bytes do.
     words = -(-width // 8)
     padded = np.zeros((count, words * 8), np.uint8)
     padded[:, :width] = rows
     columns = padded.view(">u8").astype(np.uint64)
-    if (columns[1:, 0] > columns[:-1, 0]).all():
-        return rows  # timestamps increase (a sensor's samples mostly): sorted and distinct
     order = np.lexsort(columns.T[::-1])
     columns = columns[order]
     distinct = np.ones(count, bool)

@@ -26,7 +26,7 @@ from ..errors import ReadOnlyError, StoreError
 from ..log import Event, Op, Writer
 from ..utils import KeyType, PathType, compile_pattern
 from . import bulk, settings
-from .audit import seq_until_in, verify_in, verify_rdb_in
+from .audit import ReplayedState, seq_until_in, verify_in, verify_rdb_in
 from .environment import DURABILITIES, Store, attach_store, detach_store
 from .eventlog import (
     chain_in,
@@ -522,26 +522,35 @@ class LmdbBackend(Backend):
         RdbParseError, InvalidTimestampError, ImmutableKeyError, ReadOnlyError
             As :meth:`load_records`.
         """
-        from .. import import_rules, rdb_reader
+        from .. import import_rules
 
-        # Refused before anything is read (a pipe's bytes would be lost).
-        self._writable_store()
-        primary = self.primary
-        if primary is not None:
-            raise follower_error(self.path, primary)
+        self._importable()  # before anything is read (a pipe's bytes would be lost)
         if isinstance(file, (str, bytes, os.PathLike)):
             # Opened once, for both passes: a pipe (/dev/stdin, a FIFO) read
             # once, and the file checked is the file imported.
             with open(file, "rb") as handle:
                 return LmdbBackend.load_from_file(self, handle, progress)
-        source = import_rules.file_source(file)
         if import_rules.rereadable(file):
             start = file.tell()
-            records = rdb_reader.read_records(file, packed_members=True)
-            bulk.check(self, records, source, progress)
+            check_file(file, progress, self)
             file.seek(start)
+        return self._load_checked(file, progress)
+
+    def _load_checked(self, file: BinaryIO, progress: bulk.Progress | None) -> int:
+        """The write pass of :meth:`load_from_file` (a rereadable `file` checked already)."""
+        from .. import import_rules, rdb_reader
+
+        self._importable()
+        source = import_rules.file_source(file)
         records = rdb_reader.read_records(file, packed_members=True)
         return bulk.load(self, records, source, progress, _import_record(file, source))
+
+    def _importable(self) -> None:
+        """Raise ReadOnlyError unless the store takes imports (opened writable, not a follower)."""
+        self._writable_store()
+        primary = self.primary
+        if primary is not None:
+            raise follower_error(self.path, primary)
 
     def unfinished_imports(self) -> list[ImportRecord]:
         """The imports (:meth:`load_from_file`) begun in the store and not finished.
@@ -1040,6 +1049,31 @@ class Snapshot:
             self._check()
             raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
 
+    def state_at(self, seq: int) -> ReplayedState:
+        """The state as of event `seq`, rebuilt from the log one key at a time.
+
+        What :func:`~telstate.lmdb.replay` gives (the same keys, the same
+        records), in memory bounded by the number of keys and the largest
+        key instead of the whole state; its records are read while the
+        snapshot is open. Making it reads the log up to `seq` once.
+
+        Raises
+        ------
+        ValueError
+            If `seq` is negative or after the snapshot's.
+        StoreError
+            If an event up to `seq` is damaged (it is named), or the
+            snapshot was closed, or opened before this process was forked.
+        """
+        if not 0 <= seq <= self.seq:
+            raise ValueError(f"event {seq} is not in the snapshot (its events are 1 to {self.seq})")
+        txn = self._check()
+        try:
+            return ReplayedState(txn, self._tables, seq, self._check)
+        except lmdb.Error as error:
+            self._check()
+            raise StoreError(f"reading snapshot of seq {self.seq} failed: {error}") from error
+
 
 def _result_size(value: object) -> int:
     """About how many bytes a get result holds (an indexed key's dict: its keys and values)."""
@@ -1056,6 +1090,25 @@ def _verify_with_imports(txn: Any, tables: Tables, store: uuid.UUID) -> list[str
         "import the file again to complete it (or forget_import it, if it changed since)"
         for record in unfinished_imports_in(txn, tables)
     ]
+
+
+def check_file(
+    file: BinaryIO, progress: bulk.Progress | None = None, backend: LmdbBackend | None = None
+) -> None:
+    """The check pass of :meth:`LmdbBackend.load_from_file`: read `file` whole, writing nothing.
+
+    Against the store of `backend`, or as against an empty store (for an
+    import into a store not made yet, so that a refused file leaves none).
+
+    Raises
+    ------
+    RdbParseError, InvalidTimestampError, ImmutableKeyError
+        As :meth:`LmdbBackend.load_records`.
+    """
+    from .. import import_rules, rdb_reader
+
+    records = rdb_reader.read_records(file, packed_members=True)
+    bulk.check(backend, records, import_rules.file_source(file), progress)
 
 
 def _import_record(file: PathType | BinaryIO, source: PathType | None) -> ImportRecord:

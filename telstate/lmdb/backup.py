@@ -117,7 +117,10 @@ def backup(source: PathType, dest: PathType, progress: Progress | None = None) -
             except lmdb.Error as error:
                 raise StoreError(f"backing up {store.path!r} failed: {error}") from error
             finally:
-                store.txns.leave(token)
+                try:
+                    store.txns.leave(token)
+                finally:
+                    store.txns.leave(token)  # again, if an exception cut the first short
         os.chmod(work, stat.S_IMODE(os.stat(source).st_mode))  # mkdtemp made it private
         with LmdbBackend(work, readonly=True) as copy:
             head = copy.head

@@ -144,7 +144,7 @@ def _record_import(wtxn: WriteTxn, unfinished: ImportRecord, finished: bool) -> 
 
 
 def check(
-    backend: LmdbBackend,
+    backend: LmdbBackend | None,
     records: Iterable[Record],
     source: PathType | None = None,
     progress: Progress | None = None,
@@ -155,11 +155,13 @@ def check(
     must agree with the store and with the earlier records of `records`
     (a key may be in two databases of an RDB file, maybe many chunks apart):
     the write pass commits chunk by chunk, so a contradiction it would meet
-    only there would leave the chunks before it.
+    only there would leave the chunks before it. With no `backend`, as
+    against an empty store (for a store not made yet).
     """
     earlier = _FileKeys(source)
     for chunk, events in _chunks(records, source):
-        backend._read(_check_chunk, chunk)
+        if backend is not None:
+            backend._read(_check_chunk, chunk)
         for piece in chunk:
             earlier.check_and_add(piece)
         if progress is not None:

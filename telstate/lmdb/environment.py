@@ -67,10 +67,17 @@ reads. The child reopens the store on first use, unless another thread
 was reading it (a snapshot included) at the moment of the fork: then the
 child cannot use the store, as py-lmdb can neither close the inherited
 environment safely nor open a second one on the same files (see
-:meth:`Store.after_fork_child`). Stale reader
-slots of killed processes are cleared at open and every 10 s by a
-housekeeping thread of each writing process, and every 32 writes of a
-process.
+:meth:`Store.after_fork_child`).
+
+A process killed during a read leaves its LMDB reader slot taken. Such
+stale slots are cleared at open, every 10 s by a housekeeping thread of
+each process that has the store open (readers included), every 32 writes
+of a process, and by a read that finds no free slot; LMDB frees them all
+when a process opens the store while no other has it open. A process
+that cannot open the store because every slot is taken (py-lmdb begins a
+read inside ``lmdb.open``, and clearing needs an open environment) tries
+again for 15 s, long enough for any process using the store to clear
+them, then raises :exc:`StoreError` (see :meth:`Store._open_lmdb`).
 
 Results of ``get`` and ``get_indexed`` are cached per process while no
 transaction has committed since they were read (LMDB's last transaction
@@ -595,13 +602,22 @@ class Store:
             if self.broken:
                 raise StoreError(self.broken)
             self.map_size = max(self.map_size, map_size) if self.env is not None else map_size
-            if self.env is None or (writable and not self.writable) or (sync and not self.sync):
+            reopen = (
+                self.env is None or (writable and not self.writable) or (sync and not self.sync)
+            )
+            if reopen:
                 with self.txns.exclusive(self.path), self.sync_lock:
                     self._close_env()
                     self._open_env(writable or self.writable, sync or self.sync)
             self.users += 1
+            # A housekeeper already running (for readers, or a longer flush
+            # interval) sleeps out its old interval: a new one starts with the new.
+            restart = reopen
             if batch_interval is not None:
+                restart |= batch_interval < min(self.batch_intervals, default=float("inf"))
                 self.batch_intervals.append(batch_interval)
+        if restart:
+            self.stop_housekeeper()
         self.start_housekeeper()
 
     def detach(self, batch_interval: float | None) -> bool:
@@ -671,19 +687,11 @@ class Store:
             self._allocate(os.path.join(path, "lock.mdb"), _lock_file_size())
         options = _env_options(self.map_size, writable, sync)
         try:
-            try:
-                env = lmdb.open(path, **options)
-            except lmdb.Error as error:
-                # A read-only copy without write access to its directory: no lock
-                # file can exist, so open without locking (nobody can write to it).
-                if writable or "ermission denied" not in str(error):
-                    raise
-                env = lmdb.open(path, lock=False, **options)
+            env = self._open_lmdb(options)
         except lmdb.Error as error:
             raise StoreError(f"cannot open the telstate store at {path!r}: {error}") from error
         try:
-            if writable:
-                env.reader_check()
+            env.reader_check()
             self.tables, self.uuid = self._open_tables(env, writable)
             if self.notify is None or (writable and self.notify.ints is None):
                 # (An older file, mapped while this process could not extend it, gets its slots.)
@@ -702,6 +710,56 @@ class Store:
         self.sync = sync
         self.lock_word = _LockWord(path, env)
         self.lock_words = self.lock_word.words
+
+    def _open_lmdb(self, options: dict[str, Any]) -> lmdb.Environment:
+        """``lmdb.open`` the store, trying again while every reader slot is taken.
+
+        py-lmdb begins a read transaction inside ``lmdb.open`` (writable
+        or not), which fails if every slot of the reader table is taken.
+        Slots that processes killed during a read left stay taken until a
+        process that has the store open clears them (each does every
+        ``settings.READER_CHECK_INTERVAL``, see :meth:`_housekeeping`), or
+        until every process using the store has exited (LMDB resets the
+        table when a process opens the store alone). This process cannot
+        clear them itself: that needs an open environment, and a helper
+        process would fail to open just the same. So the open is tried
+        again for ``settings.READERS_FULL_WAIT``, longer than that interval.
+
+        Raises
+        ------
+        StoreError
+            If every reader slot stays taken that long.
+        lmdb.Error
+            If the open fails otherwise.
+        """
+        path = self.path
+        deadline = time.monotonic() + settings.READERS_FULL_WAIT
+        pause = 0.01
+        while True:
+            try:
+                return lmdb.open(path, **options)
+            except lmdb.ReadersFullError as error:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(
+                        f"cannot open the telstate store at {path!r}: every reader slot in "
+                        f"its lock file stayed taken for {settings.READERS_FULL_WAIT:g} s, most "
+                        "likely by processes killed while reading the store. A process of this "
+                        "telstate that has the store open clears those within "
+                        f"{settings.READER_CHECK_INTERVAL:g} s, and LMDB frees every slot once "
+                        "no process has the store open: so the processes that have it open do "
+                        "not clear them (an older telstate, another LMDB program, a stopped "
+                        "process); end them and open the store again. Less likely, that many "
+                        "read transactions are really open at once"
+                    ) from error
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, 0.5)
+            except lmdb.Error as error:
+                # A read-only copy without write access to its directory: no lock
+                # file can exist, so open without locking (nobody can write to it).
+                if not options["readonly"] or "ermission denied" not in str(error):
+                    raise
+                return lmdb.open(path, lock=False, **options)
 
     def _open_notify(self, writable: bool) -> _NotifyFile | None:
         """Open and map the notify file (made or extended if `writable`); None if impossible.
@@ -860,14 +918,21 @@ class Store:
         Raises
         ------
         StoreError
-            If the store is closed, or must be remapped while this thread
-            holds a snapshot.
-        lmdb.ReadersFullError
-            If every reader slot is taken even after clearing those of dead processes.
+            If the store is closed, must be remapped while this thread
+            holds a snapshot, or every reader slot is taken even after
+            clearing those of dead processes.
         """
         while True:
             env = self.env or self.ensure_open()
-            txn = self.txns.begin_read(env, buffers)
+            try:
+                txn = self.txns.begin_read(env, buffers)
+            except lmdb.ReadersFullError as error:
+                raise StoreError(
+                    f"cannot read the telstate store at {self.path!r}: every reader slot "
+                    "of its lock file is held by a live process (those of dead processes "
+                    "were just cleared), so more read transactions are open at once than "
+                    "it has slots; close snapshots, or read from fewer threads or processes"
+                ) from error
             if txn is not None:
                 if env is self.env:
                     return txn
@@ -897,6 +962,7 @@ class Store:
             # is taken or the transaction begins).
             token = object()
             txn = None
+            begun = False
             try:
                 txns.enter(ident, token)
                 self.write_lock.acquire()
@@ -907,14 +973,21 @@ class Store:
                     live[txn] = ident
                     del live[token]
                     owner.begun = txn
+                    begun = True
                     return txn
             except lmdb.MapResizedError:
-                pass
-            except BaseException:
-                owner.begun = None  # undone here, not by the caller
-                self._unwind_write(token, txn)
-                raise
-            self._unwind_write(token, txn)
+                pass  # (another process grew the map: undone below, then tried again)
+            finally:
+                if not begun:
+                    # Undone whatever happened, from a finally (an exception may
+                    # come as any function starts, _unwind_write too), and twice
+                    # over: each of its steps may be done again. (An exception
+                    # after owner.begun was set leaves the caller's _release
+                    # nothing more to undo.)
+                    try:
+                        self._unwind_write(token, txn)
+                    finally:
+                        self._unwind_write(token, txn)
             if env is self.env:
                 self.adopt_map_size()
 
@@ -1070,9 +1143,14 @@ class Store:
             watch.unwatch(self)
 
     def start_housekeeper(self) -> None:
-        """Start the thread that flushes (batch mode) and clears stale reader slots."""
+        """Start the thread that flushes (batch mode) and clears stale reader slots.
+
+        Every process runs one, readers too: were the store held open by
+        readers alone, the slots of killed readers would stay taken, until
+        new processes could not open it at all (see :meth:`_open_lmdb`).
+        """
         with self.sync_lock:
-            if self.housekeeper is not None or not self.writable or self.env is None:
+            if self.housekeeper is not None or self.env is None:
                 return
             self.housekeeper_stop = threading.Event()
             self.housekeeper = threading.Thread(

@@ -166,18 +166,61 @@ def append_record(
         raise _out_of_order(seq)
 
 
-def last_event(txn: Any, tables: Tables, store: uuid.UUID) -> tuple[int, float, bytes]:
-    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty."""
+#: The largest last record a write hashes to check it follows the event before
+#: (a write after another process's commit): a larger one (an array sensor's
+#: sample, megabytes) has only its shape checked, as hashing it would cost
+#: milliseconds on every such write.
+CHECKED_RECORD_MAX = 1 << 16
+
+
+def last_event(
+    txn: Any, tables: Tables, store: uuid.UUID, known: tuple[int, bytes] | None = None
+) -> tuple[int, float, bytes]:
+    """(seq, time, chain) of the last event; (0, 0.0, genesis of `store`) if the log is empty.
+
+    For a write to follow: the event must follow the one before it (its
+    seq the next, and, for a record of at most :data:`CHECKED_RECORD_MAX`
+    bytes, its chain hash that of its record after the one before's; a
+    larger one must have its shape), or the write would chain onto garbage,
+    or go on from a seq a damaged key made up, and the log could never
+    verify again. `known` is (seq, chain) of an event this process knows,
+    which spares reading the event before if it is that one.
+
+    Raises
+    ------
+    StoreError
+        If the last event is damaged (``telstate verify`` says how).
+    """
     cursor = txn.cursor(db=tables.log)
     if not cursor.last():
         return 0, 0.0, log.genesis(store)
+    seq = 0
     try:
+        seq = _unpack_seq(cursor.key())
         record = cursor.value()
-        if len(record) < log.CHAIN_SIZE:
-            raise ValueError(f"a record of {len(record)} bytes has no chain")
-        return _unpack_seq(cursor.key()), log.record_time(record), log.record_chain(record)
-    except (struct.error, ValueError) as error:
-        raise StoreError(f"the last event of the log is damaged: {error}") from None
+        if len(record) > CHECKED_RECORD_MAX:
+            log.decode_header(record)  # (its shape: ValueError if it has none)
+            if seq > 1 and not (cursor.prev() and cursor.key() == log.pack_seq(seq - 1)):
+                raise ValueError(f"event {seq - 1} before it is missing")
+        else:
+            if seq == 1:
+                previous = log.genesis(store)
+            elif known is not None and known[0] == seq - 1:
+                previous = known[1]
+            else:
+                before = txn.get(log.pack_seq(seq - 1), None, tables.log)
+                if before is None or len(before) < log.CHAIN_SIZE:
+                    raise ValueError(f"event {seq - 1} before it is missing or damaged")
+                previous = log.record_chain(before)
+            if not log.chain_matches(previous, record):
+                raise ValueError("its record does not carry its chain hash")
+        return seq, log.record_time(record), log.record_chain(record)
+    except (struct.error, ValueError, StoreError) as error:
+        raise StoreError(
+            f"the last event of the log is damaged{f' (event {seq})' if seq else ''}: {error}; no"
+            " write can follow it (`telstate verify` shows the damage: restore the store"
+            " from a backup or a follower)"
+        ) from None
 
 
 def last_seq_in(txn: Any, tables: Tables) -> int:

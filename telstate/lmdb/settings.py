@@ -10,8 +10,9 @@ Name                       Default    Meaning
 =========================  =========  ==============================================
 ``MAP_SIZE``               1 TiB      memory map (address space only): the most a store holds
 ``MAX_READERS``            1024       LMDB reader slots (concurrent read transactions)
-``READER_CHECK_INTERVAL``  10 s       housekeeper clears stale reader slots this often
+``READER_CHECK_INTERVAL``  10 s       every process clears stale reader slots this often
 ``READER_CHECK_WRITES``    32         and each process after this many write transactions
+``READERS_FULL_WAIT``      15 s       an open finding every reader slot taken retries this long
 ``POLL_INTERVAL``          0.05 s     waiters check the last transaction id this often
 ``HEARTBEAT``              5 s        how long a waiter's announcement in ``notify`` lasts
 ``LOG_CHUNK``              4096       most events read per read transaction
@@ -29,7 +30,7 @@ Name                       Default    Meaning
 ``BLOCK_MAX``              512        samples of a block before a late sample splits it
 ``RECORD_LIST_MAX``        65536      a snapshot gives mutable keys with more members lazily
 ``MEMBER_CHUNK``           4096       most tail members read at once by a lazy record
-``VERIFY_CHUNK``           1024       events that verify reads and checks at once
+``VERIFY_CHUNK``           1024       events that verify (and export --until) read and check at once
 =========================  =========  ==============================================
 """
 
@@ -37,6 +38,8 @@ MAP_SIZE = 1 << 40
 MAX_READERS = 1024
 READER_CHECK_INTERVAL = 10.0
 READER_CHECK_WRITES = 32
+# Longer than READER_CHECK_INTERVAL: any live process clears dead slots meanwhile.
+READERS_FULL_WAIT = 15.0
 POLL_INTERVAL = 0.05
 HEARTBEAT = 5.0
 LOG_CHUNK = 4096

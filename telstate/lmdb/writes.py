@@ -206,12 +206,15 @@ class WriteTxn:
             self._state = _OPEN_STATE
             return self
         except BaseException as error:
-            _OPEN.pop(id(store), None)
-            self.txn = _Closed()
+            # (Each line may be cut short too: the releases run from a finally.)
             try:
-                self._release()
+                _OPEN.pop(id(store), None)
+                self.txn = _Closed()
             finally:
-                self._release()  # again, if an exception cut the first short
+                try:
+                    self._release()
+                finally:
+                    self._release()  # again, if an exception cut the first short
             if isinstance(error, lmdb.Error):
                 raise StoreError(
                     f"writing to the store at {store.path!r} failed: {error}"
@@ -236,7 +239,9 @@ class WriteTxn:
         # ends the transaction and releases the write lock whatever happens,
         # and does it twice over (each step of _release may be done again).
         # One left held would hang every writer of the store, in every
-        # process, for as long as this process lives.
+        # process, for as long as this process lives. (Not one that comes as
+        # this method starts, before its first line: no Python code can
+        # guard that point.)
         try:
             if self._state != _OPEN_STATE:
                 return  # __enter__ failed, or a misuse already raised
@@ -501,7 +506,10 @@ class WriteTxn:
         if self._appended is None:
             committed_txnid, seq, previous_time, chain = self._last_commit
             if committed_txnid != self._txnid - 1 or not chain:
-                seq, previous_time, chain = last_event(self.txn, self.tables, self._store.uuid)
+                known = (seq, chain) if chain else None  # (this process's last event)
+                seq, previous_time, chain = last_event(
+                    self.txn, self.tables, self._store.uuid, known
+                )
             self._appended = (seq, previous_time, chain)
         return self._appended
 
