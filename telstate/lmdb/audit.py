@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import itertools
@@ -295,7 +296,7 @@ class ReplayedState:
         return _record(*logged)
 
 
-def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list[int]]:
+def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], Sequence[int]]:
     """The keys that exist after event `seq`, and the seqs of the clears up to it.
 
     Each key comes with the number of its events since it was last deleted
@@ -307,7 +308,7 @@ def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list
     :func:`telstate.log.record_fields`) in bulk.
     """
     counts: collections.Counter[bytes] = collections.Counter()
-    clears: list[int] = []
+    clears = array.array("q")  # (8 bytes a clear: a store may hold many)
     for chunk in _log_chunks(txn, tables, seq):
         records = [record for _, record in chunk]
         ops, _, keys = log.record_fields(records)
@@ -762,7 +763,7 @@ def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
 
 
 def _replay_key(
-    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+    txn: Any, tables: Tables, name_key: bytes, clears: Sequence[int], until_seq: int | None = None
 ) -> tuple[tuple[bytes, Any] | None, int, int]:
     """Replay the events of one key (from the history index) up to `until_seq`.
 
@@ -780,7 +781,7 @@ def _replay_key(
 
 
 def _key_replay(
-    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+    txn: Any, tables: Tables, name_key: bytes, clears: Sequence[int], until_seq: int | None = None
 ) -> tuple[_KeyReplay, int]:
     """The events of one key (from the history index) up to `until_seq`, applied.
 
