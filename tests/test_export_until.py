@@ -236,6 +236,31 @@ def test_damaged_samples_of_an_import_stop_the_export(tmp_path, capsys):
     assert "an add_mutable_many event on 's': damaged samples" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["export", "replay"])
+def test_an_event_its_key_type_does_not_take_stops_the_export(store, tmp_path, capsys, how):
+    """Found by review: an op code changed into another valid one (a sample's event made
+    a set_immutable) raised a raw AttributeError traceback, in the old path too."""
+    with LmdbBackend(store, readonly=True) as backend:
+        first, *_, last = [e.seq for e in backend.history(b"sensor")]
+
+    def retype(txn, tables):
+        record = txn.get(log.pack_seq(first), db=tables.log)
+        txn.put(log.pack_seq(first), bytes([log.SET_IMMUTABLE]) + record[1:], db=tables.log)
+
+    damage(store, retype)
+    out = str(tmp_path / "out.rdb")
+    if how == "export":
+        status = run("export", store, out, "--until", str(last))[0]
+    else:
+        status = run("replay", store, "--until", str(last), "--rdb", out)[0]
+    assert status == cli.EXIT_DAMAGED
+    error = capsys.readouterr().err
+    assert "sensor" in error and "another type" in error and "Traceback" not in error
+    assert not Path(out).exists()
+    with pytest.raises(StoreError, match=f"the log is damaged at event {first + 1}"):
+        replay(store, until_seq=last)
+
+
 # --- memory --------------------------------------------------------------------------------
 
 MEASURE = textwrap.dedent(

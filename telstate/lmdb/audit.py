@@ -48,11 +48,15 @@ class _StateModel:
             members = data.get(key)
             if members is None:
                 members = data[key] = set()
+            elif type(members) is not set:
+                raise _of_another_type(key, "a sample added to")
             members.add(pack_timestamp(timestamp) + value)
         elif op_code == log.ADD_MUTABLE_MANY:
             members = data.get(key)
             if members is None:
                 members = data[key] = set()
+            elif type(members) is not set:
+                raise _of_another_type(key, "samples added to")
             members.update(_sample_members(key, value))
         elif op_code == log.SET_IMMUTABLE:
             data[key] = value
@@ -60,6 +64,8 @@ class _StateModel:
             sub_keys = data.get(key)
             if sub_keys is None:
                 sub_keys = data[key] = {}
+            elif type(sub_keys) is not dict:
+                raise _of_another_type(key, "a sub-key set in")
             sub_keys[sub_key] = value
         elif op_code == log.DELETE:
             data.pop(key, None)
@@ -94,6 +100,11 @@ def _sample_members(key: bytes, payload: bytes) -> list[bytes]:
         raise StoreError(f"an add_mutable_many event on {display_str(key)}: {error}") from None
 
 
+def _of_another_type(key: bytes, what: str) -> StoreError:
+    """A write to `key` that its type does not take: no log holds one unless damaged."""
+    return StoreError(f"{what} {display_str(key)}, a key of another type")
+
+
 def _unknown_operation(op_code: int) -> StoreError:
     return StoreError(f"unknown operation code {op_code} in the log")
 
@@ -126,7 +137,10 @@ def replay_model(
             if appended > until_time:
                 break
             previous = appended
-        apply(raw)
+        try:
+            apply(raw)
+        except StoreError as error:
+            raise _damaged_event(seq, error) from None
     return model
 
 
@@ -284,6 +298,11 @@ class ReplayedState:
     def _record(self, key: bytes) -> Record:
         txn, tables = self._txn, self._tables
         replay = _key_replay(txn, tables, name_key_of(key), self._clears, self.seq)[0]
+        if replay.damage is not None:
+            raise StoreError(
+                f"the log is damaged: an event of key {display_str(key)} up to event"
+                f" {self.seq} cannot be applied ({replay.damage}): telstate verify lists the damage"
+            )
         logged = replay.result()
         expected = self._event_counts[key]
         if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
@@ -864,6 +883,9 @@ class _KeyReplay:
         self.foreign = 0
         #: Events of the key applied since it was last deleted (or from the start).
         self.alive = 0
+        #: Why the first event that could not be applied could not (the log is
+        #: damaged: an event the key's type does not take, say), or None.
+        self.damage: str | None = None
         self.key = b""
         self.rows: list[np.ndarray] = []
         self.pending = 0
@@ -897,7 +919,11 @@ class _KeyReplay:
                 else:
                     self._move_rows()
                 self.model.apply(raw)
-            except (ValueError, StoreError):
+            except ValueError:
+                continue  # (undecodable: the log's check reports it)
+            except StoreError as error:
+                if self.damage is None:
+                    self.damage = str(error)
                 continue
             self.alive = 0 if raw[0] == log.DELETE else self.alive + 1
             self.key = raw[4]
