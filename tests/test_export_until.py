@@ -261,6 +261,29 @@ def test_an_event_its_key_type_does_not_take_stops_the_export(store, tmp_path, c
         replay(store, until_seq=last)
 
 
+def test_the_state_before_a_damaged_last_event_can_be_exported(store, tmp_path, capsys):
+    """Found by review: a damaged last record stopped every export --until, even to a
+    point before it, where the in-memory replay salvaged the state before the damage
+    (what a user reaches for once writes refuse the store)."""
+    with LmdbBackend(store, readonly=True) as backend:
+        last = backend.last_seq
+        before = replay(store, until_seq=last - 1).backend
+
+    def truncate(txn, tables):
+        record = txn.get(log.pack_seq(last), db=tables.log)
+        txn.put(log.pack_seq(last), record[:20], db=tables.log)
+
+    damage(store, truncate)
+    out = str(tmp_path / "out.rdb")
+    assert run("replay", store, "--until", str(last - 1), "--rdb", out)[0] == cli.EXIT_OK
+    assert sorted(read_records(out)) == sorted(before.records())
+    for argv in (["export", store, out, "--until", str(last)], ["export", store, out]):
+        Path(out).unlink(missing_ok=True)
+        assert run(*argv)[0] == cli.EXIT_DAMAGED, argv
+        assert "damaged" in capsys.readouterr().err
+        assert not Path(out).exists()
+
+
 # --- memory --------------------------------------------------------------------------------
 
 MEASURE = textwrap.dedent(
