@@ -261,6 +261,33 @@ def test_an_event_its_key_type_does_not_take_stops_the_export(store, tmp_path, c
         replay(store, until_seq=last)
 
 
+@pytest.mark.parametrize("retyped", [log.SET_IMMUTABLE, log.SET_INDEXED])
+def test_samples_waiting_for_a_key_of_another_type_stop_export_and_verify(
+    tmp_path, capsys, retyped
+):
+    """Found by review: an import's first event made another type, the samples after it
+    (waiting as arrays) went onto that type: raw AttributeError or ValueError tracebacks
+    from export --until, and from verify."""
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="none") as backend:
+        members = [pack_timestamp(1.0 + i) + b"v%02d" % i for i in range(9)]
+        with mock.patch.object(store_settings, "BULK_EVENT_SAMPLES", 3):
+            backend.load_records([(b"s", KeyType.MUTABLE, members)])  # 3 events
+        first, last = 1, backend.last_seq
+
+    def retype(txn, tables):
+        record = txn.get(log.pack_seq(first), db=tables.log)
+        txn.put(log.pack_seq(first), bytes([retyped]) + record[1:], db=tables.log)
+
+    damage(path, retype)
+    out = str(tmp_path / "out.rdb")
+    assert run("export", path, out, "--until", str(last))[0] == cli.EXIT_DAMAGED
+    error = capsys.readouterr().err
+    assert "'s'" in error and "another type" in error and "Traceback" not in error
+    with LmdbBackend(path, readonly=True) as backend:
+        assert any("another type" in problem for problem in backend.verify())
+
+
 def test_the_state_before_a_damaged_last_event_can_be_exported(store, tmp_path, capsys):
     """Found by review: a damaged last record stopped every export --until, even to a
     point before it, where the in-memory replay salvaged the state before the damage

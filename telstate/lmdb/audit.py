@@ -298,12 +298,13 @@ class ReplayedState:
     def _record(self, key: bytes) -> Record:
         txn, tables = self._txn, self._tables
         replay = _key_replay(txn, tables, name_key_of(key), self._clears, self.seq)[0]
-        if replay.damage is not None:
+        try:
+            logged = replay.result()
+        except StoreError as error:
             raise StoreError(
                 f"the log is damaged: an event of key {display_str(key)} up to event"
-                f" {self.seq} cannot be applied ({replay.damage}): telstate verify lists the damage"
-            )
-        logged = replay.result()
+                f" {self.seq} cannot be applied ({error}): telstate verify lists the damage"
+            ) from None
         expected = self._event_counts[key]
         if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
             raise StoreError(
@@ -899,9 +900,13 @@ class _KeyReplay:
             key, rows = samples
             if name_key_of(key) != self.name_key:
                 self.foreign += len(records)
-            else:
+                return
+            try:
                 self._add_rows(key, rows)
-                self.alive += len(records)
+            except StoreError as error:  # (rows that waited, moved onto another type)
+                if self.damage is None:
+                    self.damage = str(error)
+            self.alive += len(records)
             return
         for record in records:
             try:
@@ -948,7 +953,17 @@ class _KeyReplay:
             self.pending = self.compacted = len(self.rows[0])
 
     def result(self) -> tuple[bytes, Any] | None:
-        """(key, model value), or None if the key does not exist after the events."""
+        """(key, model value), or None if the key does not exist after the events.
+
+        Raises
+        ------
+        StoreError
+            If an event could not be applied: one its key's type does not take
+            (the log is damaged; undecodable events are skipped, the log's
+            check reports them).
+        """
+        if self.damage is not None:
+            raise StoreError(self.damage)
         if self.rows and not self.model.data:
             # Kept as one array, not two: a sensor's samples may be most of the memory.
             self.rows = [np.concatenate(self.rows)]
@@ -972,6 +987,8 @@ class _KeyReplay:
         members = self.model.data.get(self.key)
         if members is None:
             members = self.model.data[self.key] = set()
+        elif type(members) is not set:
+            raise _of_another_type(self.key, "samples added to")
         members.update(data[start : start + width] for start in range(0, len(data), width))
 
 
