@@ -219,6 +219,27 @@ def test_a_history_index_that_misses_an_event_stops_the_export(store, tmp_path, 
     assert run("export", store, out, "--until", "12", "--keys", "g*")[0] == cli.EXIT_OK
 
 
+def test_a_history_index_that_lost_a_delete_stops_the_export(tmp_path, capsys):
+    """Found by review: counting a key's events only since its last delete, an index
+    that lost the delete and the sample after it replayed the deleted sample as live,
+    with the counts equal; the first event's seq is compared too."""
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"s", b"one", 1.0)
+        backend.delete(b"s")
+        backend.add_mutable(b"s", b"two", 2.0)
+        backend.add_mutable(b"s", b"three", 3.0)
+        seqs = [event.seq for event in backend.history(b"s")]
+
+    def forget(txn, tables):
+        for seq in seqs[1:3]:  # the delete and the sample after it
+            assert txn.delete(name_key_of(b"s"), log.pack_seq(seq), db=tables.history)
+
+    damage(path, forget)
+    assert run("export", path, str(tmp_path / "out.rdb"), "--until", str(seqs[-1]))[0] == 3
+    assert "the history index does not list the events of key 's'" in capsys.readouterr().err
+
+
 def test_damaged_samples_of_an_import_stop_the_export(tmp_path, capsys):
     path = str(tmp_path / "store")
     with LmdbBackend(path, durability="none") as backend:

@@ -305,61 +305,75 @@ class ReplayedState:
                 f"the log is damaged: an event of key {display_str(key)} up to event"
                 f" {self.seq} cannot be applied ({error}): telstate verify lists the damage"
             ) from None
-        expected = self._event_counts[key]
-        if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
+        expected, since = self._event_counts[key]
+        if (
+            replay.foreign
+            or (replay.alive, replay.alive_from) != (expected, since)
+            or logged is None
+            or logged[0] != key
+        ):
             raise StoreError(
                 f"the history index does not list the events of key {display_str(key)} "
-                f"up to event {self.seq} (it lists {replay.alive} since it was last deleted"
-                f" or cleared, and {replay.foreign} of other keys; the log has {expected}): "
+                f"up to event {self.seq} (since it was last deleted or cleared, it lists"
+                f" {replay.alive} from event {_seq_of(replay.alive_from)}, and"
+                f" {replay.foreign} of other keys; the log has {expected} from event"
+                f" {_seq_of(since)}): "
                 f"telstate verify lists the damage"
             )
         return _record(*logged)
 
 
-def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], Sequence[int]]:
+def _seq_of(seq_key: bytes | None) -> int:
+    return 0 if seq_key is None else log.unpack_seq(seq_key)
+
+
+def _keys_at(
+    txn: Any, tables: Tables, seq: int
+) -> tuple[dict[bytes, tuple[int, bytes]], Sequence[int]]:
     """The keys that exist after event `seq`, and the seqs of the clears up to it.
 
     Each key comes with the number of its events since it was last deleted
-    or cleared before `seq` (as :class:`_KeyReplay` counts them): a key
-    deleted is forgotten, so memory grows with the keys of the state, not
-    with every key there ever was. Every event is checked as
-    :meth:`_StateModel.apply` would apply it, with the same errors; chunks
-    of plain writes (the op codes and keys read in bulk with
-    :func:`telstate.log.record_fields`) in bulk.
+    or cleared before `seq`, and the seq key of the first of them (as
+    :class:`_KeyReplay` finds them): a key deleted is forgotten, so memory
+    grows with the keys of the state, not with every key there ever was.
+    Every event is checked as :meth:`_StateModel.apply` would apply it,
+    with the same errors; chunks of plain writes (the op codes and keys
+    read in bulk with :func:`telstate.log.record_fields`) in bulk.
     """
     counts: collections.Counter[bytes] = collections.Counter()
+    since: dict[bytes, bytes] = {}
     clears = array.array("q")  # (8 bytes a clear: a store may hold many)
     for chunk in _log_chunks(txn, tables, seq):
         records = [record for _, record in chunk]
         ops, _, keys = log.record_fields(records)
-        if _PLAIN_OPS.issuperset(ops):
-            if log.DELETE not in ops:
-                counts.update(keys)
-                continue
-            for key, op_code in zip(keys, ops):
-                if op_code == log.DELETE:
-                    counts.pop(key, None)
-                else:
-                    counts[key] += 1
+        if _PLAIN_OPS.issuperset(ops) and log.DELETE not in ops:
+            if not since.keys() >= set(keys):  # (keys made anew in the chunk)
+                for (seq_key, _), key in zip(chunk, keys):
+                    since.setdefault(key, seq_key)
+            counts.update(keys)
             continue
-        for seq_key, record in chunk:
-            event_seq = log.unpack_seq(seq_key)
-            op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
-            if op_code == log.CLEAR:
-                counts.clear()
-                clears.append(event_seq)
-                continue
-            if op_code == log.PROMOTE:
-                continue
-            if op_code not in log.OP_CODES:
-                raise _unknown_operation(op_code)
-            if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
-                _sample_members(key, value)  # not a sensor's samples: checked one by one
+        for (seq_key, record), op_code, key in zip(chunk, ops, keys):
+            if op_code not in _PLAIN_OPS:
+                event_seq = log.unpack_seq(seq_key)
+                op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
+                if op_code == log.CLEAR:
+                    counts.clear()
+                    since.clear()
+                    clears.append(event_seq)
+                    continue
+                if op_code == log.PROMOTE:
+                    continue
+                if op_code not in log.OP_CODES:
+                    raise _unknown_operation(op_code)
+                if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
+                    _sample_members(key, value)  # not a sensor's samples: checked one by one
             if op_code == log.DELETE:
                 counts.pop(key, None)
+                since.pop(key, None)
             else:
+                since.setdefault(key, seq_key)
                 counts[key] += 1
-    return dict(counts), clears
+    return {key: (count, since[key]) for key, count in counts.items()}, clears
 
 
 def _log_chunks(txn: Any, tables: Tables, seq: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -832,22 +846,24 @@ def _key_replay(
     # at a time: the key's past may hold many long values (an array sensor, a
     # key deleted and made again), which only the state bounds.
     chunk: list[bytes] = []
+    chunk_keys: list[bytes] = []
     size = 0
     while seq_keys := list(itertools.islice(entries, _HISTORY_GROUP)):
         last_group = seq_keys[-1] >= stop
         if last_group:
             del seq_keys[bisect.bisect_right(seq_keys, stop) :]
         # A missing event is left out, as an undecodable one is skipped.
-        for _, record in log_cursor.getmulti(seq_keys):
+        for seq_key, record in log_cursor.getmulti(seq_keys):
+            chunk_keys.append(seq_key)
             chunk.append(record)
             size += len(record)
         if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES or last_group:
-            replay.apply(chunk)
-            chunk, size = [], 0
+            replay.apply(chunk, chunk_keys)
+            chunk, chunk_keys, size = [], [], 0
         if last_group:
             break
     if chunk:
-        replay.apply(chunk)
+        replay.apply(chunk, chunk_keys)
     return replay, last
 
 
@@ -882,8 +898,10 @@ class _KeyReplay:
         #: the key (whose history index is damaged).
         self.events = 0
         self.foreign = 0
-        #: Events of the key applied since it was last deleted (or from the start).
+        #: Events of the key applied since it was last deleted (or from the start),
+        #: and the seq key of the first of them (if the caller gave seq keys).
         self.alive = 0
+        self.alive_from: bytes | None = None
         #: Why the first event that could not be applied could not (the log is
         #: damaged: an event the key's type does not take, say), or None.
         self.damage: str | None = None
@@ -892,8 +910,8 @@ class _KeyReplay:
         self.pending = 0
         self.compacted = 0
 
-    def apply(self, records: list[bytes]) -> None:
-        """Apply the next events of the key, in log order."""
+    def apply(self, records: list[bytes], seq_keys: Sequence[bytes] = ()) -> None:
+        """Apply the next events of the key, in log order (`seq_keys`: theirs, if known)."""
         self.events += len(records)
         samples = log.sample_rows(records)
         if samples is not None:
@@ -906,9 +924,11 @@ class _KeyReplay:
             except StoreError as error:  # (rows that waited, moved onto another type)
                 if self.damage is None:
                     self.damage = str(error)
+            if not self.alive and seq_keys:
+                self.alive_from = seq_keys[0]
             self.alive += len(records)
             return
-        for record in records:
+        for index, record in enumerate(records):
             try:
                 raw = log.decode_record(record)
                 if raw[0] not in _KEY_OPS or name_key_of(raw[4]) != self.name_key:
@@ -917,7 +937,7 @@ class _KeyReplay:
                 members = self._rows_of(raw)
                 if members is not None:
                     self._add_rows(raw[4], members)
-                    self.alive += 1
+                    self._alive(seq_keys, index)
                     continue
                 if raw[0] == log.DELETE:
                     self._drop_rows()  # (the samples waiting go with the key)
@@ -930,8 +950,17 @@ class _KeyReplay:
                 if self.damage is None:
                     self.damage = str(error)
                 continue
-            self.alive = 0 if raw[0] == log.DELETE else self.alive + 1
+            if raw[0] == log.DELETE:
+                self.alive, self.alive_from = 0, None
+            else:
+                self._alive(seq_keys, index)
             self.key = raw[4]
+
+    def _alive(self, seq_keys: Sequence[bytes], index: int) -> None:
+        """Count an event of the key, the `index`-th of those being applied, as alive."""
+        if not self.alive and seq_keys:
+            self.alive_from = seq_keys[index]
+        self.alive += 1
 
     def _rows_of(self, raw: log.RawEvent) -> np.ndarray | None:
         """The members event `raw` adds, as rows, if it adds members that can wait so."""
