@@ -219,6 +219,27 @@ def test_a_history_index_that_misses_an_event_stops_the_export(store, tmp_path, 
     assert run("export", store, out, "--until", "12", "--keys", "g*")[0] == cli.EXIT_OK
 
 
+def test_a_history_index_that_lost_a_delete_stops_the_export(tmp_path, capsys):
+    """Found by review: counting a key's events only since its last delete, an index
+    that lost the delete and the sample after it replayed the deleted sample as live,
+    with the counts equal; the first event's seq is compared too."""
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="none") as backend:
+        backend.add_mutable(b"s", b"one", 1.0)
+        backend.delete(b"s")
+        backend.add_mutable(b"s", b"two", 2.0)
+        backend.add_mutable(b"s", b"three", 3.0)
+        seqs = [event.seq for event in backend.history(b"s")]
+
+    def forget(txn, tables):
+        for seq in seqs[1:3]:  # the delete and the sample after it
+            assert txn.delete(name_key_of(b"s"), log.pack_seq(seq), db=tables.history)
+
+    damage(path, forget)
+    assert run("export", path, str(tmp_path / "out.rdb"), "--until", str(seqs[-1]))[0] == 3
+    assert "the history index does not list the events of key 's'" in capsys.readouterr().err
+
+
 def test_damaged_samples_of_an_import_stop_the_export(tmp_path, capsys):
     path = str(tmp_path / "store")
     with LmdbBackend(path, durability="none") as backend:
@@ -234,6 +255,81 @@ def test_damaged_samples_of_an_import_stop_the_export(tmp_path, capsys):
     damage(path, truncate)
     assert run("export", path, str(tmp_path / "out.rdb"), "--until", str(seq))[0] == 3
     assert "an add_mutable_many event on 's': damaged samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["export", "replay"])
+def test_an_event_its_key_type_does_not_take_stops_the_export(store, tmp_path, capsys, how):
+    """Found by review: an op code changed into another valid one (a sample's event made
+    a set_immutable) raised a raw AttributeError traceback, in the old path too."""
+    with LmdbBackend(store, readonly=True) as backend:
+        first, *_, last = [e.seq for e in backend.history(b"sensor")]
+
+    def retype(txn, tables):
+        record = txn.get(log.pack_seq(first), db=tables.log)
+        txn.put(log.pack_seq(first), bytes([log.SET_IMMUTABLE]) + record[1:], db=tables.log)
+
+    damage(store, retype)
+    out = str(tmp_path / "out.rdb")
+    if how == "export":
+        status = run("export", store, out, "--until", str(last))[0]
+    else:
+        status = run("replay", store, "--until", str(last), "--rdb", out)[0]
+    assert status == cli.EXIT_DAMAGED
+    error = capsys.readouterr().err
+    assert "sensor" in error and "another type" in error and "Traceback" not in error
+    assert not Path(out).exists()
+    with pytest.raises(StoreError, match=f"the log is damaged at event {first + 1}"):
+        replay(store, until_seq=last)
+
+
+@pytest.mark.parametrize("retyped", [log.SET_IMMUTABLE, log.SET_INDEXED])
+def test_samples_waiting_for_a_key_of_another_type_stop_export_and_verify(
+    tmp_path, capsys, retyped
+):
+    """Found by review: an import's first event made another type, the samples after it
+    (waiting as arrays) went onto that type: raw AttributeError or ValueError tracebacks
+    from export --until, and from verify."""
+    path = str(tmp_path / "store")
+    with LmdbBackend(path, durability="none") as backend:
+        members = [pack_timestamp(1.0 + i) + b"v%02d" % i for i in range(9)]
+        with mock.patch.object(store_settings, "BULK_EVENT_SAMPLES", 3):
+            backend.load_records([(b"s", KeyType.MUTABLE, members)])  # 3 events
+        first, last = 1, backend.last_seq
+
+    def retype(txn, tables):
+        record = txn.get(log.pack_seq(first), db=tables.log)
+        txn.put(log.pack_seq(first), bytes([retyped]) + record[1:], db=tables.log)
+
+    damage(path, retype)
+    out = str(tmp_path / "out.rdb")
+    assert run("export", path, out, "--until", str(last))[0] == cli.EXIT_DAMAGED
+    error = capsys.readouterr().err
+    assert "'s'" in error and "another type" in error and "Traceback" not in error
+    with LmdbBackend(path, readonly=True) as backend:
+        assert any("another type" in problem for problem in backend.verify())
+
+
+def test_the_state_before_a_damaged_last_event_can_be_exported(store, tmp_path, capsys):
+    """Found by review: a damaged last record stopped every export --until, even to a
+    point before it, where the in-memory replay salvaged the state before the damage
+    (what a user reaches for once writes refuse the store)."""
+    with LmdbBackend(store, readonly=True) as backend:
+        last = backend.last_seq
+        before = replay(store, until_seq=last - 1).backend
+
+    def truncate(txn, tables):
+        record = txn.get(log.pack_seq(last), db=tables.log)
+        txn.put(log.pack_seq(last), record[:20], db=tables.log)
+
+    damage(store, truncate)
+    out = str(tmp_path / "out.rdb")
+    assert run("replay", store, "--until", str(last - 1), "--rdb", out)[0] == cli.EXIT_OK
+    assert sorted(read_records(out)) == sorted(before.records())
+    for argv in (["export", store, out, "--until", str(last)], ["export", store, out]):
+        Path(out).unlink(missing_ok=True)
+        assert run(*argv)[0] == cli.EXIT_DAMAGED, argv
+        assert "damaged" in capsys.readouterr().err
+        assert not Path(out).exists()
 
 
 # --- memory --------------------------------------------------------------------------------

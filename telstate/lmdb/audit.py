@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import itertools
@@ -47,11 +48,15 @@ class _StateModel:
             members = data.get(key)
             if members is None:
                 members = data[key] = set()
+            elif type(members) is not set:
+                raise _of_another_type(key, "a sample added to")
             members.add(pack_timestamp(timestamp) + value)
         elif op_code == log.ADD_MUTABLE_MANY:
             members = data.get(key)
             if members is None:
                 members = data[key] = set()
+            elif type(members) is not set:
+                raise _of_another_type(key, "samples added to")
             members.update(_sample_members(key, value))
         elif op_code == log.SET_IMMUTABLE:
             data[key] = value
@@ -59,6 +64,8 @@ class _StateModel:
             sub_keys = data.get(key)
             if sub_keys is None:
                 sub_keys = data[key] = {}
+            elif type(sub_keys) is not dict:
+                raise _of_another_type(key, "a sub-key set in")
             sub_keys[sub_key] = value
         elif op_code == log.DELETE:
             data.pop(key, None)
@@ -93,6 +100,11 @@ def _sample_members(key: bytes, payload: bytes) -> list[bytes]:
         raise StoreError(f"an add_mutable_many event on {display_str(key)}: {error}") from None
 
 
+def _of_another_type(key: bytes, what: str) -> StoreError:
+    """A write to `key` that its type does not take: no log holds one unless damaged."""
+    return StoreError(f"{what} {display_str(key)}, a key of another type")
+
+
 def _unknown_operation(op_code: int) -> StoreError:
     return StoreError(f"unknown operation code {op_code} in the log")
 
@@ -125,7 +137,10 @@ def replay_model(
             if appended > until_time:
                 break
             previous = appended
-        apply(raw)
+        try:
+            apply(raw)
+        except StoreError as error:
+            raise _damaged_event(seq, error) from None
     return model
 
 
@@ -283,62 +298,82 @@ class ReplayedState:
     def _record(self, key: bytes) -> Record:
         txn, tables = self._txn, self._tables
         replay = _key_replay(txn, tables, name_key_of(key), self._clears, self.seq)[0]
-        logged = replay.result()
-        expected = self._event_counts[key]
-        if replay.foreign or replay.alive != expected or logged is None or logged[0] != key:
+        try:
+            logged = replay.result()
+        except StoreError as error:
+            raise StoreError(
+                f"the log is damaged: an event of key {display_str(key)} up to event"
+                f" {self.seq} cannot be applied ({error}): telstate verify lists the damage"
+            ) from None
+        expected, since = self._event_counts[key]
+        if (
+            replay.foreign
+            or (replay.alive, replay.alive_from) != (expected, since)
+            or logged is None
+            or logged[0] != key
+        ):
             raise StoreError(
                 f"the history index does not list the events of key {display_str(key)} "
-                f"up to event {self.seq} (it lists {replay.alive} since it was last deleted"
-                f" or cleared, and {replay.foreign} of other keys; the log has {expected}): "
+                f"up to event {self.seq} (since it was last deleted or cleared, it lists"
+                f" {replay.alive} from event {_seq_of(replay.alive_from)}, and"
+                f" {replay.foreign} of other keys; the log has {expected} from event"
+                f" {_seq_of(since)}): "
                 f"telstate verify lists the damage"
             )
         return _record(*logged)
 
 
-def _keys_at(txn: Any, tables: Tables, seq: int) -> tuple[dict[bytes, int], list[int]]:
+def _seq_of(seq_key: bytes | None) -> int:
+    return 0 if seq_key is None else log.unpack_seq(seq_key)
+
+
+def _keys_at(
+    txn: Any, tables: Tables, seq: int
+) -> tuple[dict[bytes, tuple[int, bytes]], Sequence[int]]:
     """The keys that exist after event `seq`, and the seqs of the clears up to it.
 
     Each key comes with the number of its events since it was last deleted
-    or cleared before `seq` (as :class:`_KeyReplay` counts them): a key
-    deleted is forgotten, so memory grows with the keys of the state, not
-    with every key there ever was. Every event is checked as
-    :meth:`_StateModel.apply` would apply it, with the same errors; chunks
-    of plain writes (the op codes and keys read in bulk with
-    :func:`telstate.log.record_fields`) in bulk.
+    or cleared before `seq`, and the seq key of the first of them (as
+    :class:`_KeyReplay` finds them): a key deleted is forgotten, so memory
+    grows with the keys of the state, not with every key there ever was.
+    Every event is checked as :meth:`_StateModel.apply` would apply it,
+    with the same errors; chunks of plain writes (the op codes and keys
+    read in bulk with :func:`telstate.log.record_fields`) in bulk.
     """
     counts: collections.Counter[bytes] = collections.Counter()
-    clears: list[int] = []
+    since: dict[bytes, bytes] = {}
+    clears = array.array("q")  # (8 bytes a clear: a store may hold many)
     for chunk in _log_chunks(txn, tables, seq):
         records = [record for _, record in chunk]
         ops, _, keys = log.record_fields(records)
-        if _PLAIN_OPS.issuperset(ops):
-            if log.DELETE not in ops:
-                counts.update(keys)
-                continue
-            for key, op_code in zip(keys, ops):
-                if op_code == log.DELETE:
-                    counts.pop(key, None)
-                else:
-                    counts[key] += 1
+        if _PLAIN_OPS.issuperset(ops) and log.DELETE not in ops:
+            if not since.keys() >= set(keys):  # (keys made anew in the chunk)
+                for (seq_key, _), key in zip(chunk, keys):
+                    since.setdefault(key, seq_key)
+            counts.update(keys)
             continue
-        for seq_key, record in chunk:
-            event_seq = log.unpack_seq(seq_key)
-            op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
-            if op_code == log.CLEAR:
-                counts.clear()
-                clears.append(event_seq)
-                continue
-            if op_code == log.PROMOTE:
-                continue
-            if op_code not in log.OP_CODES:
-                raise _unknown_operation(op_code)
-            if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
-                _sample_members(key, value)  # not a sensor's samples: checked one by one
+        for (seq_key, record), op_code, key in zip(chunk, ops, keys):
+            if op_code not in _PLAIN_OPS:
+                event_seq = log.unpack_seq(seq_key)
+                op_code, _, _, _, key, _, value, _ = _decoded(event_seq, record)
+                if op_code == log.CLEAR:
+                    counts.clear()
+                    since.clear()
+                    clears.append(event_seq)
+                    continue
+                if op_code == log.PROMOTE:
+                    continue
+                if op_code not in log.OP_CODES:
+                    raise _unknown_operation(op_code)
+                if op_code == log.ADD_MUTABLE_MANY and log.sample_member_rows(value) is None:
+                    _sample_members(key, value)  # not a sensor's samples: checked one by one
             if op_code == log.DELETE:
                 counts.pop(key, None)
+                since.pop(key, None)
             else:
+                since.setdefault(key, seq_key)
                 counts[key] += 1
-    return dict(counts), clears
+    return {key: (count, since[key]) for key, count in counts.items()}, clears
 
 
 def _log_chunks(txn: Any, tables: Tables, seq: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -762,7 +797,7 @@ def _clear_seqs(txn: Any, tables: Tables) -> list[int]:
 
 
 def _replay_key(
-    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+    txn: Any, tables: Tables, name_key: bytes, clears: Sequence[int], until_seq: int | None = None
 ) -> tuple[tuple[bytes, Any] | None, int, int]:
     """Replay the events of one key (from the history index) up to `until_seq`.
 
@@ -780,7 +815,7 @@ def _replay_key(
 
 
 def _key_replay(
-    txn: Any, tables: Tables, name_key: bytes, clears: list[int], until_seq: int | None = None
+    txn: Any, tables: Tables, name_key: bytes, clears: Sequence[int], until_seq: int | None = None
 ) -> tuple[_KeyReplay, int]:
     """The events of one key (from the history index) up to `until_seq`, applied.
 
@@ -811,22 +846,24 @@ def _key_replay(
     # at a time: the key's past may hold many long values (an array sensor, a
     # key deleted and made again), which only the state bounds.
     chunk: list[bytes] = []
+    chunk_keys: list[bytes] = []
     size = 0
     while seq_keys := list(itertools.islice(entries, _HISTORY_GROUP)):
         last_group = seq_keys[-1] >= stop
         if last_group:
             del seq_keys[bisect.bisect_right(seq_keys, stop) :]
         # A missing event is left out, as an undecodable one is skipped.
-        for _, record in log_cursor.getmulti(seq_keys):
+        for seq_key, record in log_cursor.getmulti(seq_keys):
+            chunk_keys.append(seq_key)
             chunk.append(record)
             size += len(record)
         if len(chunk) >= settings.VERIFY_CHUNK or size >= settings.LOG_CHUNK_BYTES or last_group:
-            replay.apply(chunk)
-            chunk, size = [], 0
+            replay.apply(chunk, chunk_keys)
+            chunk, chunk_keys, size = [], [], 0
         if last_group:
             break
     if chunk:
-        replay.apply(chunk)
+        replay.apply(chunk, chunk_keys)
     return replay, last
 
 
@@ -861,26 +898,37 @@ class _KeyReplay:
         #: the key (whose history index is damaged).
         self.events = 0
         self.foreign = 0
-        #: Events of the key applied since it was last deleted (or from the start).
+        #: Events of the key applied since it was last deleted (or from the start),
+        #: and the seq key of the first of them (if the caller gave seq keys).
         self.alive = 0
+        self.alive_from: bytes | None = None
+        #: Why the first event that could not be applied could not (the log is
+        #: damaged: an event the key's type does not take, say), or None.
+        self.damage: str | None = None
         self.key = b""
         self.rows: list[np.ndarray] = []
         self.pending = 0
         self.compacted = 0
 
-    def apply(self, records: list[bytes]) -> None:
-        """Apply the next events of the key, in log order."""
+    def apply(self, records: list[bytes], seq_keys: Sequence[bytes] = ()) -> None:
+        """Apply the next events of the key, in log order (`seq_keys`: theirs, if known)."""
         self.events += len(records)
         samples = log.sample_rows(records)
         if samples is not None:
             key, rows = samples
             if name_key_of(key) != self.name_key:
                 self.foreign += len(records)
-            else:
+                return
+            try:
                 self._add_rows(key, rows)
-                self.alive += len(records)
+            except StoreError as error:  # (rows that waited, moved onto another type)
+                if self.damage is None:
+                    self.damage = str(error)
+            if not self.alive and seq_keys:
+                self.alive_from = seq_keys[0]
+            self.alive += len(records)
             return
-        for record in records:
+        for index, record in enumerate(records):
             try:
                 raw = log.decode_record(record)
                 if raw[0] not in _KEY_OPS or name_key_of(raw[4]) != self.name_key:
@@ -889,17 +937,30 @@ class _KeyReplay:
                 members = self._rows_of(raw)
                 if members is not None:
                     self._add_rows(raw[4], members)
-                    self.alive += 1
+                    self._alive(seq_keys, index)
                     continue
                 if raw[0] == log.DELETE:
                     self._drop_rows()  # (the samples waiting go with the key)
                 else:
                     self._move_rows()
                 self.model.apply(raw)
-            except (ValueError, StoreError):
+            except ValueError:
+                continue  # (undecodable: the log's check reports it)
+            except StoreError as error:
+                if self.damage is None:
+                    self.damage = str(error)
                 continue
-            self.alive = 0 if raw[0] == log.DELETE else self.alive + 1
+            if raw[0] == log.DELETE:
+                self.alive, self.alive_from = 0, None
+            else:
+                self._alive(seq_keys, index)
             self.key = raw[4]
+
+    def _alive(self, seq_keys: Sequence[bytes], index: int) -> None:
+        """Count an event of the key, the `index`-th of those being applied, as alive."""
+        if not self.alive and seq_keys:
+            self.alive_from = seq_keys[index]
+        self.alive += 1
 
     def _rows_of(self, raw: log.RawEvent) -> np.ndarray | None:
         """The members event `raw` adds, as rows, if it adds members that can wait so."""
@@ -921,7 +982,17 @@ class _KeyReplay:
             self.pending = self.compacted = len(self.rows[0])
 
     def result(self) -> tuple[bytes, Any] | None:
-        """(key, model value), or None if the key does not exist after the events."""
+        """(key, model value), or None if the key does not exist after the events.
+
+        Raises
+        ------
+        StoreError
+            If an event could not be applied: one its key's type does not take
+            (the log is damaged; undecodable events are skipped, the log's
+            check reports them).
+        """
+        if self.damage is not None:
+            raise StoreError(self.damage)
         if self.rows and not self.model.data:
             # Kept as one array, not two: a sensor's samples may be most of the memory.
             self.rows = [np.concatenate(self.rows)]
@@ -945,6 +1016,8 @@ class _KeyReplay:
         members = self.model.data.get(self.key)
         if members is None:
             members = self.model.data[self.key] = set()
+        elif type(members) is not set:
+            raise _of_another_type(self.key, "samples added to")
         members.update(data[start : start + width] for start in range(0, len(data), width))
 
 

@@ -976,8 +976,6 @@ class Snapshot:
     ----------
     seq
         The last event included in the view.
-    chain
-        The chain hash at `seq` (see :mod:`telstate.log`).
     uuid
         The store's identity.
     """
@@ -989,7 +987,9 @@ class Snapshot:
         self._invalid: str | None = None
         self.seq = 0
         self.uuid = backend.uuid
-        self.chain = log.genesis(self.uuid)
+        self._chain = log.genesis(self.uuid)
+        # Why the last event's chain hash cannot be read (its record is damaged), or None.
+        self._head_damage: StoreError | None = None
 
     def __enter__(self) -> Snapshot:
         store = self._backend._get_store()
@@ -1001,8 +1001,21 @@ class Snapshot:
         self._store = store
         store.snapshots.add(self)
         self._tables = store.tables
-        self.seq, self.chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
+        try:
+            self.seq, self._chain = head_in(self._txn, self._tables, log.genesis(self.uuid))
+        except StoreError as error:
+            # The last event's record is damaged: the view still serves the
+            # state before it (state_at, a salvage); its chain raises.
+            self.seq = last_seq_in(self._txn, self._tables)  # (a damaged key raises)
+            self._head_damage = error
         return self
+
+    @property
+    def chain(self) -> bytes:
+        """The chain hash at :attr:`seq` (StoreError if the last event's record is damaged)."""
+        if self._head_damage is not None:
+            raise StoreError(str(self._head_damage))
+        return self._chain
 
     def __exit__(self, *exc: object) -> None:
         self.close()
