@@ -377,7 +377,9 @@ def test_export_until_needs_memory_for_one_key_not_the_store(tmp_path):
     assert peaks["streamed"] < peaks["in_memory"] / 8, peaks
 
 
-@pytest.mark.parametrize("past", ["made again", "deleted samples", "deleted keys"])
+@pytest.mark.parametrize(
+    "past", ["made again", "deleted samples", "deleted keys", "samples after a delete"]
+)
 def test_export_until_needs_memory_for_the_state_not_the_past(tmp_path, past):
     """Found by review: a key's events were read 1024 at a time however long they
     were (a key deleted and made again 300 times with a 1 MB value: 317 MB for a
@@ -385,7 +387,14 @@ def test_export_until_needs_memory_for_the_state_not_the_past(tmp_path, past):
     and every key deleted since the last clear was kept (500,000: 73 MB)."""
     path = str(tmp_path / "store")
     with LmdbBackend(path, durability="none") as backend:
-        if past == "deleted keys":
+        if past == "samples after a delete":
+            with backend.write() as wtxn:
+                for i in range(10):
+                    wtxn.add_mutable(b"key", b"\xcb%08d" % i, float(i))
+                wtxn.delete(b"key")
+                for i in range(300_000):
+                    wtxn.add_mutable(b"key", b"\xcb%08d" % i, 1e9 + i)
+        elif past == "deleted keys":
             with backend.write() as wtxn:
                 for i in range(100_000):
                     wtxn.set_immutable(b"key_%06d" % i, b"x")

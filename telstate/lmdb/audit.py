@@ -966,7 +966,8 @@ class _KeyReplay:
         """The members event `raw` adds, as rows, if it adds members that can wait so."""
         if raw[0] == log.ADD_MUTABLE_MANY:
             return log.sample_member_rows(raw[6])
-        if raw[0] == log.ADD_MUTABLE and self.rows:  # a sample after an import's, say
+        if raw[0] == log.ADD_MUTABLE and (self.rows or raw[4] not in self.model.data):
+            # (A sample after an import's, or the first of a key made anew.)
             return np.frombuffer(pack_timestamp(raw[3]) + raw[6], np.uint8).reshape(1, -1)
         return None
 
