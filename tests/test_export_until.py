@@ -353,6 +353,14 @@ MEASURE = textwrap.dedent(
 )
 
 
+def _peaks(path: str, target: str) -> dict[str, int]:
+    """Peak memory of export --until and of the in-memory replay of the store at `path`."""
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, path, target], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout)
+
+
 def test_export_until_needs_memory_for_one_key_not_the_store(tmp_path):
     """Forty sensors of 20,000 samples: the peak is well below that of the store replayed whole.
 
@@ -367,13 +375,7 @@ def test_export_until_needs_memory_for_one_key_not_the_store(tmp_path):
             backend.load_records([(b"sensor_%02d" % sensor, KeyType.MUTABLE, members)])
         for attribute in range(1000):
             backend.set_immutable(b"attribute_%04d" % attribute, b"x" * 100)
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, path, str(tmp_path / "out.rdb")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    peaks = json.loads(result.stdout)
+    peaks = _peaks(path, str(tmp_path / "out.rdb"))
     assert peaks["streamed"] < peaks["in_memory"] / 8, peaks
 
 
@@ -409,13 +411,7 @@ def test_export_until_needs_memory_for_the_state_not_the_past(tmp_path, past):
             backend.load_records([(b"key", KeyType.MUTABLE, members)])
             backend.delete(b"key")
             backend.set_immutable(b"key", b"tiny")
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, path, str(tmp_path / "out.rdb")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    peaks = json.loads(result.stdout)
+    peaks = _peaks(path, str(tmp_path / "out.rdb"))
     # The streamed export holds the state and a chunk of its past; as much as
     # the whole state replayed at once, at most.
     assert peaks["streamed"] < (8 << 20 if past == "deleted keys" else 20 << 20), peaks
