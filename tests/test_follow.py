@@ -49,6 +49,8 @@ class Follower:
         self.log = log
         command = [sys.executable, "-m", "replicator", "follow", "--store", str(store)]
         with open(log, "ab") as output:
+            # Where this process's lines start (the followers of a test share the file).
+            self.start = output.tell()
             self.process = subprocess.Popen(
                 [*command, "--redis", url, *args],
                 cwd=REPO,
@@ -62,6 +64,13 @@ class Follower:
         self.process.wait()
 
     def stop(self) -> None:
+        # Once it runs (so handles SIGTERM): one started just before, still
+        # importing, would die of the signal (found by a CI run under load).
+        deadline = time.monotonic() + SETTLE
+        while b"following store" not in self.log.read_bytes()[self.start :]:
+            assert self.process.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
         self.process.terminate()
         assert self.process.wait(10) == 0, self.log_text()
 
