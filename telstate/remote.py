@@ -561,6 +561,9 @@ class Wire:
         # writers: they read every reply before they send again; a wire with
         # replies still to read must not open a new connection under them).
         self.check_closed = False
+        # Whether the socket is one a send to a closed connection goes out on
+        # (TCP, TLS), so that check_closed must look; on a unix socket the send fails.
+        self._sends_blind = False
         # The longest the next sends and reads may block (see limit), and the
         # timeout the socket has now (its own, or that limit if shorter).
         self._limit: float | None = None
@@ -627,7 +630,7 @@ class Wire:
         ):
             self._send_through_connection(packed)
             return
-        if self.check_closed and _closed_by_server(sock):
+        if self.check_closed and self._sends_blind and _closed_by_server(sock):
             # Redis went down (or closed the connection) since the last
             # exchange: over TCP a send would go out all the same, and only
             # the read would fail, when the request may have reached it. A
@@ -680,6 +683,7 @@ class Wire:
             self._sock = sock
             self._reader = _reader_for(connection)
             self._health_check = connection.health_check_interval
+            self._sends_blind = sock.family != socket.AF_UNIX
             # The socket's own timeout (not the limit it may have been made with).
             self._timeout = sock.gettimeout() if saved is None else saved[0]
             self._applied = sock.gettimeout()

@@ -388,6 +388,61 @@ def test_import_killed_midway_leaves_a_store_that_verifies(tmp_path):
     assert "unfinished" not in run_cli("info", store)[1]
 
 
+KILLED_CLI_IMPORT = """
+    import sys
+    from telstate import cli
+    from telstate.lmdb import settings
+    settings.LOAD_CHUNK = 2000
+
+    class Shown:  # each step of the command's progress, on stdout
+        def __init__(self, label, total):
+            self.label = label
+
+        def advance(self, values):
+            print(self.label.split()[0], values, flush=True)
+
+        def done(self):
+            pass
+
+    cli.Progress = Shown
+    status = cli.main(["import", sys.argv[1], sys.argv[2]])
+    print("finished", status, flush=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["checking", "importing"])
+def test_an_import_into_a_new_store_killed_midway_is_completed_again(tmp_path, when):
+    """`telstate import NEW FILE` checks the file before it makes the store: killed in
+    the check, no store is left; killed in the write pass, importing again completes it."""
+    from telstate.lmdb.environment import holds_no_store
+
+    records = sample_records(40, 2000)
+    path = write_rdb(tmp_path / "big.rdb", records)
+    store = str(tmp_path / "store")
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(KILLED_CLI_IMPORT), store, path],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        text=True,
+    )
+    seen = 0
+    while seen < 3:  # three steps of the phase
+        line = child.stdout.readline()
+        assert line and not line.startswith("finished"), line
+        seen += line.startswith(when)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    if when == "checking":
+        assert holds_no_store(store)
+    assert run_cli("import", store, path)[0] == 0
+    with LmdbBackend(store, readonly=True) as backend:
+        expected = MemoryBackend()
+        expected.load_records(records)
+        assert state(backend) == state(expected)
+        assert backend.unfinished_imports() == []
+        assert backend.verify() == []
+
+
 def test_an_import_killed_before_its_file_changed_can_be_forgotten(tmp_path, capsys):
     """A file that cannot be imported again to complete it: --forget ends the report."""
     path = write_rdb(tmp_path / "big.rdb", sample_records(40, 2000))

@@ -669,3 +669,63 @@ def test_no_write_follows_a_long_last_event_damaged_in_its_shape(tmp_path, damag
     with LmdbBackend(path, durability="none") as backend:
         with pytest.raises(StoreError, match="last event of the log is damaged"):
             backend.add_mutable(b"sensor", encode_value(9), 9.0)
+
+
+_ALTERNATE = r"""
+import sys
+from telstate.lmdb import LmdbBackend
+backend = LmdbBackend(sys.argv[1], durability="none")
+for line in sys.stdin:
+    kind, size = line.split()
+    size = int(size)
+    try:
+        if kind == "long":
+            backend.add_mutable(b"long", b"x" * size, float(size))
+        else:
+            backend.add_mutable(b"small", sys.argv[2].encode(), float(size))
+        print("ok", flush=True)
+    except Exception as error:
+        print("failed", type(error).__name__, error, flush=True)
+"""
+
+
+def test_writers_in_two_processes_follow_each_others_last_events(tmp_path):
+    """Each write after the other process's commit checks the last event (its chain hash
+    up to CHECKED_RECORD_MAX bytes, its shape beyond): no sound event is refused, around
+    the bound and with the chain before it known to this process or read."""
+    from telstate.lmdb.eventlog import CHECKED_RECORD_MAX
+
+    path = str(tmp_path / "store")
+    LmdbBackend(path, durability="none").close()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ALTERNATE, path, str(index)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+
+    def write(index: int, kind: str, size: int) -> str:
+        writers[index].stdin.write(f"{kind} {size}\n")
+        writers[index].stdin.flush()
+        return writers[index].stdout.readline().strip()
+
+    try:
+        answers = []
+        for size in (100, CHECKED_RECORD_MAX - 100, CHECKED_RECORD_MAX, CHECKED_RECORD_MAX + 100):
+            for first in (0, 1):
+                answers += [
+                    write(first, "small", size),
+                    write(first, "long", size),  # its last record of about `size` bytes
+                    write(1 - first, "small", size + 1),  # after the other's
+                    write(first, "small", size + 2),  # and after that one's
+                ]
+    finally:
+        for writer in writers:
+            writer.stdin.close()
+            writer.wait(60)
+    assert set(answers) == {"ok"}, answers
+    with LmdbBackend(path, readonly=True) as backend:
+        assert backend.verify() == []

@@ -72,6 +72,7 @@ CODES = {
     environment._Transactions.leave.__code__,
     environment.abort.__code__,
     environment.Store._unwind_write.__code__,
+    environment.Store._leave_write.__code__,
     writes.WriteTxn._release.__code__,
 }
 NO_FALL_THROUGH = {

@@ -894,9 +894,7 @@ class _KeyReplay:
     def __init__(self, name_key: bytes) -> None:
         self.model = _StateModel()
         self.name_key = name_key
-        #: Events read from the log, and of them those skipped for not being on
-        #: the key (whose history index is damaged).
-        self.events = 0
+        #: Events read from the log that are not on the key (its history index is damaged).
         self.foreign = 0
         #: Events of the key applied since it was last deleted (or from the start),
         #: and the seq key of the first of them (if the caller gave seq keys).
@@ -912,7 +910,6 @@ class _KeyReplay:
 
     def apply(self, records: list[bytes], seq_keys: Sequence[bytes] = ()) -> None:
         """Apply the next events of the key, in log order (`seq_keys`: theirs, if known)."""
-        self.events += len(records)
         samples = log.sample_rows(records)
         if samples is not None:
             key, rows = samples

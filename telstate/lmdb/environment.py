@@ -225,11 +225,12 @@ class _Transactions:
                 self._admit(ident)
             self.live[token] = ident
 
-    def leave(self, key: Any) -> None:
-        """Unregister an ended transaction (or a token), letting a waiting remap go ahead."""
+    def leave(self, *keys: Any) -> None:
+        """Unregister ended transactions (or tokens), letting a waiting remap go ahead."""
         with self.lock:
             try:
-                self.live.pop(key, None)  # (absent if an interrupt came before it was added)
+                for key in keys:
+                    self.live.pop(key, None)  # (absent if an interrupt came before it was added)
             finally:
                 if self.pending:
                     self.cond.notify_all()
@@ -997,19 +998,24 @@ class Store:
             if txn is not None:
                 abort(txn)
         finally:
-            try:
-                with self.txns.lock:
-                    try:
-                        self.txns.live.pop(token, None)
-                        if txn is not None:
-                            self.txns.live.pop(txn, None)
-                    finally:
-                        if self.txns.pending:
-                            self.txns.cond.notify_all()
-            finally:
-                # Held by this thread only if begin_write took it (writes do not nest).
-                if self.write_lock._is_owned():  # type: ignore[attr-defined]
-                    self.write_lock.release()
+            self._leave_write(token, txn)
+
+    def _leave_write(self, *keys: Any) -> None:
+        """Unregister a write (its token, its transaction), then release the write lock.
+
+        Each step may be done again (see WriteTxn._release): an exception
+        between two lines (KeyboardInterrupt) must not leave the write lock
+        held, nor release it twice. Unregistered before the write lock
+        goes: a fork (which takes the write lock first) never finds an
+        ended write still registered, which would leave the child unable to
+        use the store.
+        """
+        try:
+            self.txns.leave(*keys)
+        finally:
+            # Held by this thread only for this write (writes do not nest).
+            if self.write_lock._is_owned():  # type: ignore[attr-defined]
+                self.write_lock.release()
 
     def end_write(self, txn: Any) -> None:
         """Release a write transaction from :meth:`begin_write`, after its commit or abort.
@@ -1019,9 +1025,6 @@ class Store:
         slot that pins the pages it saw, and the file would grow until the
         housekeeper's next check.
         """
-        # Each step may be done again (see WriteTxn._release): an exception
-        # between two lines (KeyboardInterrupt) must not leave the write lock
-        # held, nor release it twice.
         self.writes += 1
         if self.writes % settings.READER_CHECK_WRITES == 0:
             assert self.env is not None
@@ -1029,19 +1032,7 @@ class Store:
                 self.env.reader_check()
             except lmdb.Error as error:
                 logger.warning("clearing stale readers of %s failed: %s", self.path, error)
-        txns = self.txns
-        with txns.lock:
-            try:
-                # Unregistered before the write lock goes: a fork (which takes
-                # the write lock first) never finds an ended write still
-                # registered, which would leave the child unable to use the store.
-                txns.live.pop(txn, None)
-                if txns.pending:
-                    txns.cond.notify_all()
-            finally:
-                # Held by this thread only for this write (writes do not nest).
-                if self.write_lock._is_owned():  # type: ignore[attr-defined]
-                    self.write_lock.release()
+        self._leave_write(txn)
 
     def adopt_map_size(self) -> None:
         """Follow another process that opened the store with a larger map than this one.
