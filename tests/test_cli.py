@@ -481,3 +481,29 @@ def test_export_killed_at_random_points_leaves_the_old_or_the_new_file(tmp_path)
     # The next export removes what the killed ones left behind.
     assert run("export", path, str(target))[0] == 0
     assert target.read_bytes() == new and os.listdir(out) == ["export.rdb"]
+
+
+@pytest.mark.parametrize("where", ["dangling symlink above", "symlink then .."])
+def test_an_import_into_a_store_that_can_be_made_through_a_symlink_is_not_refused(
+    store, tmp_path, capsys, where
+):
+    """Found by review (revK): creation_refused took the path lexically (abspath)
+    while the store is made at its realpath, and refused paths it could make."""
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    if where == "dangling symlink above":
+        (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+        target, made = tmp_path / "dangling" / "store", tmp_path / "missing" / "store"
+    else:
+        (tmp_path / "A").mkdir()
+        (tmp_path / "A" / "B").write_bytes(b"")  # lexically A/link/../B is below a file
+        (tmp_path / "C" / "sub").mkdir(parents=True)
+        (tmp_path / "A" / "link").symlink_to(tmp_path / "C" / "sub")
+        target, made = (
+            tmp_path / "A" / "link" / ".." / "B" / "store",
+            tmp_path / "C" / "B" / "store",
+        )
+    capsys.readouterr()
+    status = run("import", str(target), str(full))[0]
+    assert status == 0, capsys.readouterr().err
+    assert run("verify", str(made))[0] == 0

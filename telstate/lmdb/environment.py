@@ -1277,7 +1277,10 @@ def creation_refused(path: PathType) -> str | None:
     learns before it starts what creating the store would only find out
     after; creating it can still fail otherwise (a full disk).
     """
-    path = os.path.abspath(os.fsdecode(path))
+    # Resolved as creating it resolves it (create_store, attach_store): a
+    # symlink followed, then '..' (abspath would take '..' lexically), and a
+    # dangling symlink to its target, which os.makedirs then makes.
+    path = os.path.realpath(os.fsdecode(path))
     nearest = path
     while not os.path.lexists(nearest):
         nearest = os.path.dirname(nearest)
