@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import hiredis
@@ -164,10 +165,13 @@ def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) ->
         + (b"STREAMS", _FLOOR_REQUESTS, b">")
     )
     ready.set()
-    while not stop.is_set():
-        redis_.socket.sendall(read)
+    redis_.socket.sendall(read)
+    while True:
         (reply,) = redis_.receive(1)
         if not reply:
+            if stop.is_set():
+                break
+            redis_.socket.sendall(read)
             continue
         entries = reply[0][1]
         # Fields: id, reply token, key, timestamp (packed), value (encoded).
@@ -182,8 +186,12 @@ def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) ->
         ids = [entry_id for entry_id, _ in entries]
         commands.append((b"XACK", _FLOOR_REQUESTS, _FLOOR_GROUP, *ids))
         commands.append((b"XDEL", _FLOOR_REQUESTS, *ids))
-        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)))
+        # The next read goes out with the replies (Redis runs it after them):
+        # the consumer does not wait for their answers before it reads again.
+        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
         redis_.receive(len(commands))
+        if stop.is_set():
+            break
     redis_.close()
     env.close()
 
@@ -194,6 +202,7 @@ class _FloorWriter:
     def __init__(self, path: str) -> None:
         self.backend = self
         self._redis = _Connection(path)
+        self._redis.socket.settimeout(_FLOOR_TIMEOUT)
         self._token = os.urandom(8).hex().encode()
         self._counter = itertools.count()
         self._last = b"0"
@@ -238,16 +247,25 @@ class _Floor:
         self.consumer = context.Process(
             target=_floor_consumer,
             args=(self.server.socket, str(directory / "store"), sync, ready, self.stop),
+            daemon=True,
         )
-        self.consumer.start()
-        if not ready.wait(START_TIMEOUT):
+        try:
+            self.consumer.start()
+            deadline = time.monotonic() + START_TIMEOUT
+            while not ready.wait(0.1):
+                if not self.consumer.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the floor's consumer did not start (exit code {self.consumer.exitcode})"
+                    )
+        except BaseException:
             self.close()
-            raise RuntimeError("the floor's consumer did not start")
+            raise
 
     def close(self) -> None:
         self.stop.set()
-        self.consumer.join(10)
-        if self.consumer.exitcode is None:
+        if self.consumer.pid is not None:
+            self.consumer.join(10)
+        if self.consumer.pid is not None and self.consumer.exitcode is None:
             self.consumer.kill()
             self.consumer.join()
         self.server.cleanup()
@@ -292,16 +310,29 @@ def _rate(where: tuple[str, Any], processes: int, count: int) -> float:
         )
         for i in range(processes)
     ]
-    for worker in workers:
-        worker.start()
-    barrier.wait(START_TIMEOUT)
-    start = time.monotonic()
-    ends = [queue.get(timeout=600) for _ in workers]
-    for worker in workers:
-        worker.join(30)
-        if worker.exitcode != 0:
-            raise RuntimeError("a writer process failed")
-    return processes * count / (max(ends) - start)
+    try:
+        for worker in workers:
+            worker.start()
+        barrier.wait(START_TIMEOUT)
+        start = time.monotonic()
+        ends: list[float] = []
+        while len(ends) < processes:
+            try:
+                ends.append(queue.get(timeout=1.0))
+            except Empty:
+                failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if failed or time.monotonic() - start > 600:
+                    raise RuntimeError(f"a writer process failed (exit codes {failed})") from None
+        for worker in workers:
+            worker.join(30)
+            if worker.exitcode != 0:
+                raise RuntimeError("a writer process failed")
+        return processes * count / (max(ends) - start)
+    finally:
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                worker.kill()
+                worker.join()
 
 
 def _with_writers(fixture: _Fixture, measure: Any) -> Any:
