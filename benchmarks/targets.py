@@ -158,6 +158,21 @@ TARGETS: tuple[Target, ...] = (
         None,
         5.0,
     ),
+    Target(
+        "8 remote writers against the floor: a bare consumer, one bare LMDB commit a batch"
+        " (no sync)",
+        (remote.THROUGHPUT,),
+        LMDB_BATCH,
+        BARE_NO_SYNC,
+        None,
+    ),
+    Target(
+        "remote group-commit gain against the floor's (`fsync`)",
+        (remote.GAIN,),
+        LMDB_FSYNC,
+        BARE,
+        None,
+    ),
 )
 
 

@@ -524,7 +524,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import InvalidTimestampError
     from .lmdb import LmdbBackend
     from .lmdb.backend import check_file
-    from .lmdb.environment import holds_no_store
+    from .lmdb.environment import creation_refused, holds_no_store
 
     if args.forget:
         return _forget_import(args, out)
@@ -544,6 +544,10 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     try:
         if holds_no_store(args.store) and os.path.isfile(args.rdb):
             # Checked before the store is made: a file refused leaves none behind.
+            # (And first, whether the store could be made: not after the check.)
+            refused = creation_refused(args.store)
+            if refused is not None:
+                raise CliError(f"cannot create a telstate store at {args.store!r}: {refused}")
             with open(args.rdb, "rb") as handle:
                 check_file(handle, progress)
                 handle.seek(0)

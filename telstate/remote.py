@@ -1135,6 +1135,11 @@ def _busy(error: redis.ResponseError) -> bool:
     return str(error).startswith(_BUSY)
 
 
+def _restarted(error: redis.ResponseError) -> bool:
+    """Whether `error` says the server is loading its data: it restarted (or failed over)."""
+    return str(error).startswith("LOADING")
+
+
 def _refused_rights(error: redis.ResponseError) -> bool:
     """Whether Redis refused a command for the client's rights (ACL rules, a read-only replica)."""
     return isinstance(
@@ -1333,10 +1338,14 @@ class _Session:
         deadline = time.monotonic() + self.timeout
         request_id = self.new_request()
         sent = ever_sent = resent = False
-        # Whether an XADD of it may have run (the daemon may apply it), and
-        # whether reading its reply failed since, or the server stalled while
-        # it took the XADD (so a timeout is no proof).
-        maybe_added = unread = stalled = False
+        # Whether an XADD of it may have run (the daemon may apply it); whether
+        # reading its reply failed since (until a read succeeds); whether its
+        # reply may be gone for good: the connection was lost, or the server
+        # was loading its data (a restart, a failover), and a reply stream
+        # lost with the server is not there for a later read to find; and
+        # whether the server stalled while it took the XADD. Any of them
+        # with the first: a timeout is no proof that it was not applied.
+        maybe_added = unread = lost = stalled = False
         # Whether the next XADD asks for its reply (see skip_replies).
         confirmed = self.skip_replies is not True or len(write.packed) > _SKIP_REPLY_MAX_BYTES
         while True:
@@ -1346,7 +1355,7 @@ class _Session:
             started = time.monotonic()
             remaining = deadline - started
             if remaining <= 0:
-                raise self.timed_out(key, op, unsure=maybe_added and (unread or stalled))
+                raise self.timed_out(key, op, unsure=maybe_added and (unread or lost or stalled))
             block_ms = max(1, int(min(remaining, block_chunk) * 1000))
             read = self.read_replies(block_ms)
             adds = not sent
@@ -1395,6 +1404,7 @@ class _Session:
                     # Refused while connecting (selecting the database, say).
                     if not _busy(unsent.error):
                         raise self.refused(unsent.error, maybe_added) from unsent.error
+                    lost = lost or (maybe_added and _restarted(unsent.error))
                     sent, confirmed = False, True
                     yield _RETRY_DELAY
                     continue
@@ -1411,19 +1421,20 @@ class _Session:
                 # The connection was lost since an earlier sending: if its XADD
                 # ran, the reply is lost with it, as if a read had failed.
                 sent, confirmed = False, True
-                unread = unread or maybe_added
+                unread = lost = unread or maybe_added
                 yield _RETRY_DELAY
                 continue
             except _TRANSIENT:
                 # The send went out: its XADD (if any) may have run.
                 sent, confirmed, ever_sent = False, True, True
-                maybe_added = unread = True
+                maybe_added = unread = lost = True
                 yield _RETRY_DELAY
                 continue
             except redis.ResponseError as error:
                 if _busy(error):
                     # Nothing ran (or only the XADD): wait, and send or read again.
                     ever_sent = unread = True
+                    lost = lost or (maybe_added and _restarted(error))
                     yield _RETRY_DELAY
                     continue
                 raise self.refused(error, maybe_added) from error

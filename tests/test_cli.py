@@ -240,6 +240,47 @@ def test_a_refused_import_leaves_no_store_behind(store, tmp_path, where):
     assert run("verify", str(target))[0] == 0
 
 
+@pytest.mark.parametrize("where", ["below a file", "deep below a file", "read-only"])
+def test_an_import_that_cannot_make_its_store_says_so_before_checking_the_file(
+    store, tmp_path, monkeypatch, capsys, where
+):
+    """Found by review: a store that could not be made was reported only after
+    the check pass over the whole file (minutes, for a large one)."""
+    import telstate.lmdb.backend as backend
+
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    capsys.readouterr()
+    (tmp_path / "a-file").write_bytes(b"")
+    target = {
+        "below a file": tmp_path / "a-file" / "store",
+        "deep below a file": tmp_path / "a-file" / "x" / "store",
+        "read-only": tmp_path / "ro" / "store",
+    }[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+
+        def access(path, mode, **kwargs):  # as a read-only file system answers (root included)
+            if os.fsdecode(path) == str(tmp_path / "ro") and mode & os.W_OK:
+                return False
+            return real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    checked = []
+    real_check = backend.check_file
+    monkeypatch.setattr(
+        backend,
+        "check_file",
+        lambda *args, **kwargs: checked.append(1) or real_check(*args, **kwargs),
+    )
+    status = run("import", str(target), str(full))[0]
+    assert status == cli.EXIT_USAGE
+    assert "cannot create a telstate store" in capsys.readouterr().err
+    assert checked == []
+    assert not target.exists()
+
+
 def test_an_import_into_a_store_made_meanwhile_is_checked_against_it(tmp_path, monkeypatch):
     """Found by review: a new store's file was checked alone, and then only written:
     keys another process wrote into the store meanwhile were met by the write pass
@@ -440,3 +481,29 @@ def test_export_killed_at_random_points_leaves_the_old_or_the_new_file(tmp_path)
     # The next export removes what the killed ones left behind.
     assert run("export", path, str(target))[0] == 0
     assert target.read_bytes() == new and os.listdir(out) == ["export.rdb"]
+
+
+@pytest.mark.parametrize("where", ["dangling symlink above", "symlink then .."])
+def test_an_import_into_a_store_that_can_be_made_through_a_symlink_is_not_refused(
+    store, tmp_path, capsys, where
+):
+    """Found by review (revK): creation_refused took the path lexically (abspath)
+    while the store is made at its realpath, and refused paths it could make."""
+    full = tmp_path / "full.rdb"
+    assert run("export", store, str(full))[0] == 0
+    if where == "dangling symlink above":
+        (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+        target, made = tmp_path / "dangling" / "store", tmp_path / "missing" / "store"
+    else:
+        (tmp_path / "A").mkdir()
+        (tmp_path / "A" / "B").write_bytes(b"")  # lexically A/link/../B is below a file
+        (tmp_path / "C" / "sub").mkdir(parents=True)
+        (tmp_path / "A" / "link").symlink_to(tmp_path / "C" / "sub")
+        target, made = (
+            tmp_path / "A" / "link" / ".." / "B" / "store",
+            tmp_path / "C" / "B" / "store",
+        )
+    capsys.readouterr()
+    status = run("import", str(target), str(full))[0]
+    assert status == 0, capsys.readouterr().err
+    assert run("verify", str(made))[0] == 0

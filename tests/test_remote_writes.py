@@ -1932,6 +1932,34 @@ def test_a_connection_lost_after_an_accepted_request_means_it_may_have_been_appl
             step = plan.throw(lost if found_by == "read" else _Unsent(lost))
 
 
+def test_a_reply_lost_with_its_server_leaves_the_write_maybe_applied(monkeypatch):
+    """Found by a soak: the request was handed to the daemon, then Redis restarted
+    empty (the reply stream lost with it) and the writer's wait failed; the writer
+    sent the request again to the new server, read nothing more until its deadline
+    (the daemon applied the first copy in time, then died before it could reply)
+    and said "expires unapplied": a read that succeeded after the failed one had
+    cleared the doubt, though it could not see a reply that the restart lost."""
+    from telstate.remote import PackedWrite, _Exchange
+
+    session, now = _session_on_a_clock(monkeypatch)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    now[0] += 0.2
+    # Accepted, and the wait for the reply failed: the server went away.
+    step = plan.throw(redis.ConnectionError("Connection closed by server."))
+    while not isinstance(step, _Exchange):
+        if isinstance(step, float):
+            now[0] += step
+        step = next(plan)
+    # Sent again (the same id) to the server started anew, which takes it; no reply comes.
+    reader = hiredis.Reader()
+    reader.feed(step.packed)
+    assert [command[0] for command in iter(reader.gets, False)] == [b"XADD", b"XREAD"]
+    now[0] += 0.5
+    assert "may have been applied" in str(_run_out(plan, [b"1-0", None], now))
+
+
 def test_a_refusal_whose_class_parses_its_message_is_still_reported():
     """Found by review: MOVED and ASK (a Redis Cluster) rebuilt with "may be applied"
     appended failed to parse, and the writer raised a ValueError of its own."""

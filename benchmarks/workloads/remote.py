@@ -13,23 +13,46 @@ telstate gets a redis-server and a daemon of its own.
   add float samples to sensors of their own as fast as they can; the rate
   is all their adds over the time from the start barrier to the last
   process done.
+
+The bare LMDB commit columns are the floor under telstate's: the same
+round trips through Redis (a request XADDed with its reply skipped, a
+blocking XREAD of the writer's own reply stream), to a bare consumer that
+reads the waiting requests (XREADGROUP), stores each batch's samples in
+one bare LMDB transaction (with or without sync, no writemap), and replies
+with one pipelined write. No request records, chain, index or mirror, no
+decoding beyond the fields; its writers pack the commands themselves.
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
+
+import hiredis
+from katsdptelstate.encoding import encode_value
+from katsdptelstate.utils import pack_timestamp
 
 from tests.servers import RedisServer
 
 from .. import data
-from ..contenders import KATSDPTELSTATE, Contender, KatsdpRedis, Store, TelstateLmdb, open_peer
+from ..contenders import (
+    KATSDPTELSTATE,
+    BareLmdb,
+    Contender,
+    KatsdpRedis,
+    Store,
+    TelstateLmdb,
+    open_peer,
+)
 from ..environment import BenchEnv
 from ..harness import MILLISECONDS, OPS, Case, Family, Figure, Row, Unit, latency_figures
 from ..scale import Scale
@@ -90,13 +113,173 @@ class _Mirror:
         self.server.cleanup()
 
 
+#: The floor's request stream, consumer group, and prefix of reply streams.
+_FLOOR_REQUESTS = b"floor:requests"
+_FLOOR_GROUP = b"floor"
+_FLOOR_REPLIES = b"floor:reply:"
+#: Longest a floor writer waits for a reply (s) before it fails.
+_FLOOR_TIMEOUT = 30.0
+
+
+class _Connection:
+    """A raw RESP connection to a unix socket: send packed commands, read replies."""
+
+    def __init__(self, path: str) -> None:
+        self.socket = socket.socket(socket.AF_UNIX)
+        self.socket.connect(path)
+        self.reader = hiredis.Reader()
+
+    def receive(self, count: int) -> list[Any]:
+        replies: list[Any] = []
+        while len(replies) < count:
+            reply = self.reader.gets()
+            if reply is False:
+                data = self.socket.recv(1 << 20)
+                if not data:
+                    raise ConnectionError("redis-server closed the connection")
+                self.reader.feed(data)
+            elif isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"redis-server refused a command: {reply}")
+            else:
+                replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) -> None:
+    """The bare consumer: each batch of requests in one LMDB transaction, then its replies."""
+    import lmdb
+
+    env = lmdb.open(store, map_size=1 << 32, sync=sync, metasync=sync, writemap=False)
+    redis_ = _Connection(path)
+    redis_.socket.sendall(
+        hiredis.pack_command(
+            (b"XGROUP", b"CREATE", _FLOOR_REQUESTS, _FLOOR_GROUP, b"0", b"MKSTREAM")
+        )
+    )
+    redis_.receive(1)
+    read = hiredis.pack_command(
+        (b"XREADGROUP", b"GROUP", _FLOOR_GROUP, b"c", b"COUNT", 256, b"BLOCK", 100)
+        + (b"STREAMS", _FLOOR_REQUESTS, b">")
+    )
+    ready.set()
+    redis_.socket.sendall(read)
+    while True:
+        (reply,) = redis_.receive(1)
+        if not reply:
+            if stop.is_set():
+                break
+            redis_.socket.sendall(read)
+            continue
+        entries = reply[0][1]
+        # Fields: id, reply token, key, timestamp (packed), value (encoded).
+        with env.begin(write=True) as txn:
+            for _, fields in entries:
+                txn.put(fields[5] + fields[7], fields[9])
+        commands = []
+        for _, fields in entries:
+            stream = _FLOOR_REPLIES + fields[3]
+            commands.append((b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", fields[1]))
+            commands.append((b"PEXPIRE", stream, b"60000"))
+        ids = [entry_id for entry_id, _ in entries]
+        commands.append((b"XACK", _FLOOR_REQUESTS, _FLOOR_GROUP, *ids))
+        commands.append((b"XDEL", _FLOOR_REQUESTS, *ids))
+        # The next read goes out with the replies (Redis runs it after them):
+        # the consumer does not wait for their answers before it reads again.
+        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
+        redis_.receive(len(commands))
+        if stop.is_set():
+            break
+    redis_.close()
+    env.close()
+
+
+class _FloorWriter:
+    """A writer of the floor: `add` sends a request and waits for its reply, as telstate's."""
+
+    def __init__(self, path: str) -> None:
+        self.backend = self
+        self._redis = _Connection(path)
+        self._redis.socket.settimeout(_FLOOR_TIMEOUT)
+        self._token = os.urandom(8).hex().encode()
+        self._counter = itertools.count()
+        self._last = b"0"
+        self._skip = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))
+        self._replies = _FLOOR_REPLIES + self._token
+
+    def add(self, key: str, value: Any, ts: float) -> None:
+        request_id = b"%d" % next(self._counter)
+        request = (b"XADD", _FLOOR_REQUESTS, b"*", b"id", request_id, b"reply", self._token)
+        request += (b"key", key.encode(), b"ts", pack_timestamp(ts), b"value", encode_value(value))
+        send = self._redis.socket.sendall
+        send(self._skip + hiredis.pack_command(request) + self._read())
+        deadline = time.monotonic() + _FLOOR_TIMEOUT
+        while True:
+            (reply,) = self._redis.receive(1)
+            if reply:
+                entries = reply[0][1]
+                self._last = entries[-1][0]
+                if any(fields[1] == request_id for _, fields in entries):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError("the floor's consumer did not reply")
+            send(self._read())
+
+    def _read(self) -> bytes:
+        """The blocking read of this writer's replies after the last one read."""
+        read = (b"XREAD", b"BLOCK", 1000, b"STREAMS", self._replies, self._last)
+        return hiredis.pack_command(read)
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+class _Floor:
+    """A redis-server and the bare consumer, writing a bare LMDB store with or without sync."""
+
+    def __init__(self, env: BenchEnv, sync: bool) -> None:
+        directory = env.scratch("remote-floor")
+        self.server = RedisServer(directory=directory).start()
+        context = multiprocessing.get_context("spawn")
+        ready, self.stop = context.Event(), context.Event()
+        self.consumer = context.Process(
+            target=_floor_consumer,
+            args=(self.server.socket, str(directory / "store"), sync, ready, self.stop),
+            daemon=True,
+        )
+        try:
+            self.consumer.start()
+            deadline = time.monotonic() + START_TIMEOUT
+            while not ready.wait(0.1):
+                if not self.consumer.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the floor's consumer did not start (exit code {self.consumer.exitcode})"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.consumer.pid is not None:
+            self.consumer.join(10)
+        if self.consumer.pid is not None and self.consumer.exitcode is None:
+            self.consumer.kill()
+            self.consumer.join()
+        self.server.cleanup()
+
+
 def _writer_ts(where: tuple[str, Any]) -> Any:
-    """The TelescopeState a writer uses: telstate on the mirror, or a contender's peer."""
+    """The TelescopeState a writer uses: telstate on the mirror, the floor's, or a peer."""
     kind, location = where
     if kind == "mirror":
         import telstate
 
         return telstate.TelescopeState(location)
+    if kind == "floor":
+        return _FloorWriter(location)
     return open_peer((kind, location))
 
 
@@ -127,16 +310,29 @@ def _rate(where: tuple[str, Any], processes: int, count: int) -> float:
         )
         for i in range(processes)
     ]
-    for worker in workers:
-        worker.start()
-    barrier.wait(START_TIMEOUT)
-    start = time.monotonic()
-    ends = [queue.get(timeout=600) for _ in workers]
-    for worker in workers:
-        worker.join(30)
-        if worker.exitcode != 0:
-            raise RuntimeError("a writer process failed")
-    return processes * count / (max(ends) - start)
+    try:
+        for worker in workers:
+            worker.start()
+        barrier.wait(START_TIMEOUT)
+        start = time.monotonic()
+        ends: list[float] = []
+        while len(ends) < processes:
+            try:
+                ends.append(queue.get(timeout=1.0))
+            except Empty:
+                failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if failed or time.monotonic() - start > 600:
+                    raise RuntimeError(f"a writer process failed (exit codes {failed})") from None
+        for worker in workers:
+            worker.join(30)
+            if worker.exitcode != 0:
+                raise RuntimeError("a writer process failed")
+        return processes * count / (max(ends) - start)
+    finally:
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                worker.kill()
+                worker.join()
 
 
 def _with_writers(fixture: _Fixture, measure: Any) -> Any:
@@ -145,6 +341,12 @@ def _with_writers(fixture: _Fixture, measure: Any) -> Any:
     if store.contender.package == KATSDPTELSTATE:
         assert store.peer is not None
         return measure(store.peer)
+    if store.contender.is_baseline:
+        floor = _Floor(fixture.env, store.contender.durability == "fsync")
+        try:
+            return measure(("floor", floor.server.socket))
+        finally:
+            floor.close()
     mirror = _Mirror(fixture.env, Path(store.location), store.contender.durability)
     try:
         return measure(("mirror", mirror.url))
@@ -208,7 +410,10 @@ class RemoteWrites(Family):
             " --durability` as the column says) and replies once the mirror shows the write;"
             " katsdptelstate writes its Redis directly. Latency: one writer, "
             f"{_ops(scale)} float adds. Throughput: {WRITERS} writer processes (and 1, for the"
-            f" gain) of {max(50, _ops(scale) // 4)} adds each, from a start barrier."
+            f" gain) of {max(50, _ops(scale) // 4)} adds each, from a start barrier. The bare"
+            " LMDB commit columns are the floor: the same round trips through Redis to a bare"
+            " consumer that stores each batch's samples in one bare LMDB transaction (with or"
+            " without sync) and replies, with no request records, chain or mirror."
         )
 
     def repeats(self, scale: Scale) -> int:
@@ -217,7 +422,7 @@ class RemoteWrites(Family):
     def applies(self, contender: Contender) -> bool:
         if contender.kind is TelstateLmdb:
             return contender.durability in ("batch", "fsync")
-        return contender.kind is KatsdpRedis
+        return contender.kind in (BareLmdb, KatsdpRedis)
 
     def setup(self, store: Store, env: BenchEnv) -> Any:
         return _Fixture(store, env)

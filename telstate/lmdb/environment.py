@@ -1267,6 +1267,31 @@ def _initialise(txn: Any, tables: Tables, identity: uuid.UUID) -> None:
 _STORE_FILES = frozenset({"data.mdb", "lock.mdb", _NOTIFY_FILE})
 
 
+def creation_refused(path: PathType) -> str | None:
+    """Why no store could be made at `path`, which holds none yet; None if nothing says so.
+
+    Looks at the nearest directory that exists (`path` itself, or the
+    parent the store's directories would be made in): it must be a
+    directory this process may write in (a read-only file system counts
+    as not writable). Cheap, so that a long job (checking a large file)
+    learns before it starts what creating the store would only find out
+    after; creating it can still fail otherwise (a full disk).
+    """
+    # Resolved as creating it resolves it (create_store, attach_store): a
+    # symlink followed, then '..' (abspath would take '..' lexically), and a
+    # dangling symlink to its target, which os.makedirs then makes.
+    path = os.path.realpath(os.fsdecode(path))
+    nearest = path
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        return f"{nearest!r} is not a directory"
+    effective = os.access in os.supports_effective_ids
+    if not os.access(nearest, os.W_OK | os.X_OK, effective_ids=effective):
+        return f"no permission to write in {nearest!r} (or its file system is read-only)"
+    return None
+
+
 def holds_no_store(path: PathType) -> bool:
     """Whether there is nothing at `path` that a new store there would replace.
 
