@@ -685,6 +685,13 @@ class Intake:
         self._clock_refusals = _LimitedLog(logging.ERROR, "requests refused for their entry ids")
         self._store_failures = _LimitedLog(logging.ERROR, "store failures")
 
+    def wake(self) -> None:
+        """End the retry delay after a Redis failure now (Redis is back: the mirror's side
+        found it so). Called from another thread; best effort: a failure of this
+        thread's at the same moment may set its delay again."""
+        if self.state == IntakeState.BACKOFF:
+            self._retry_at = 0.0
+
     @property
     def owes_replies(self) -> bool:
         """Whether replies wait for the mirror to catch up."""

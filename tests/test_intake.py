@@ -634,6 +634,38 @@ def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_ot
     intake.close()
 
 
+def test_a_woken_intake_connects_at_once_after_a_redis_failure(backend):
+    """Found by a soak: the intake waited out its retry delay (up to 10 s) after Redis
+    came back, while the mirror was already there: clients found it read-only.
+    The daemon wakes it when the mirror's side has reconnected."""
+    from replicator.daemon import Daemon
+    from replicator.redis_sink import RedisSink
+    from telstate.remote import intake_key
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        intake = Intake(backend, server.url + "?db=0", backoff=(30.0, 60.0))
+        assert intake.step(StuckMirror(None)).wait == 0  # CONNECT: announced
+        server.stop()
+        step = intake.step(StuckMirror(None))
+        assert intake.state == IntakeState.BACKOFF and step.wait == 30.0
+        server.start()
+        assert intake.step(StuckMirror(None)).wait > 29  # still waiting out its delay
+        sink = RedisSink(backend, server.url + "?db=0")
+        try:
+            daemon = Daemon(backend, sink, None, intake)
+            assert sink.on_reconnect is not None
+            sink.on_reconnect()  # as the sink calls it once Redis is back
+            assert daemon._intake_bell.is_set()
+        finally:
+            sink.close()
+        assert intake.step(StuckMirror(None)).wait == 0  # its delay is over
+        assert intake.step(StuckMirror(None)).wait == 0  # CONNECT: announced again
+        assert intake.state == IntakeState.SERVE
+        assert server.client(db=15).exists(intake_key(0))
+        intake.close()
+
+
 def test_a_copy_of_a_request_the_store_failed_gets_the_same_answer(server, backend, monkeypatch):
     """Found by review: a failed request is not recorded (the store failed), so a copy
     of it (sent when a reply is late) was applied once the store had room again."""
