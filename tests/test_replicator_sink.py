@@ -359,7 +359,13 @@ def test_the_sink_says_when_redis_is_back_before_it_looks_at_the_mirror(sinks):
         _fill(log)
         sink = sinks(log, server.url)
         cursors: list[Any] = []
-        sink.on_reconnect = lambda: cursors.append(read_cursor(server.client())[1])
+        states: list[SinkState] = []
+
+        def reconnected() -> None:
+            cursors.append(read_cursor(server.client())[1])
+            states.append(sink.state)
+
+        sink.on_reconnect = reconnected
         _run(sink)
         assert cursors == []  # (the first connect is no reconnect)
         server.stop()
@@ -370,7 +376,7 @@ def test_the_sink_says_when_redis_is_back_before_it_looks_at_the_mirror(sinks):
         _run(sink, until=lambda: sink.seq == log.last_seq)
         # Once a reconnect (twice if a pooled connection of before failed first),
         # and each time before the cursor was written again.
-        assert cursors and set(cursors) == {None}
+        assert cursors and set(cursors) == {None} and set(states) == {SinkState.CONNECT}
         calls = len(cursors)
         _run(sink)
         assert len(cursors) == calls  # (steps while connected call nothing)
