@@ -248,6 +248,18 @@ class Daemon:
         self.metrics = intake.metrics if intake is not None else Metrics()
         self.stop = redis_sink.stop if redis_sink is not None else threading.Event()
         self.shared = SharedSink(redis_sink) if redis_sink is not None else None
+        # Rung when the mirror's side is connected to Redis again after a
+        # failure: the intake, waiting out its own retry delay, connects at
+        # once and announces that writes are accepted (until then a client
+        # made meanwhile finds the mirror read-only).
+        self._intake_bell = threading.Event()
+        if intake is not None and redis_sink is not None:
+            redis_sink.on_reconnect = self._wake_intake
+
+    def _wake_intake(self) -> None:
+        assert self.intake is not None
+        self.intake.wake()
+        self._intake_bell.set()
 
     def handle_signals(self) -> None:
         """Make SIGTERM and SIGINT set :attr:`stop` (call from the main thread)."""
@@ -444,8 +456,8 @@ class Daemon:
                     mirror.wait_for_move(moves, wait)
                 elif step.idle:
                     intake.wait_for_requests(wait, mirror)
-                else:
-                    self.stop.wait(step.wait)
+                elif self._intake_bell.wait(wait):  # (a retry delay: see _wake_intake)
+                    self._intake_bell.clear()
         except Exception as error:
             logger.exception("the write intake failed: stopping the daemon")
             # The daemon exits with status 1 (a supervisor restarts it).

@@ -637,6 +637,8 @@ class Intake:
         self._gather_skip = 0
         self.backoff = backoff
         self.state = IntakeState.CONNECT
+        # Wakes counted (see wake), and their count when the last try to connect began.
+        self._wakes = self._woken = 0
         self._stream = request_stream_key(self.db)
         self._key = intake_key(self.db)
         self._cursor = mirror_cursor_key(self.db)
@@ -685,6 +687,18 @@ class Intake:
         self._clock_refusals = _LimitedLog(logging.ERROR, "requests refused for their entry ids")
         self._store_failures = _LimitedLog(logging.ERROR, "store failures")
 
+    def wake(self) -> None:
+        """Say that Redis is back (the mirror's side found it so): a retry delay ends now.
+
+        Called from another thread: it only counts the call. The intake's
+        own thread skips the delay of a failure once if a wake came since
+        its last try to connect began (one that came while it connected,
+        then failed, included), so a wake is never lost, and each buys one
+        try at most (the delays grow as before against a Redis that keeps
+        failing).
+        """
+        self._wakes += 1
+
     @property
     def owes_replies(self) -> bool:
         """Whether replies wait for the mirror to catch up."""
@@ -702,10 +716,11 @@ class Intake:
         self._learn_promotion(mirror)
         try:
             if self.state == IntakeState.CONNECT:
+                self._woken = self._wakes
                 return self._connect()
             if self.state == IntakeState.BACKOFF:
                 now = time.monotonic()
-                if now < self._retry_at:
+                if now < self._retry_at and self._wakes == self._woken:
                     return Step(0, wait=self._retry_at - now)
                 self.state = IntakeState.CONNECT
                 return Step(0)

@@ -86,7 +86,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -627,6 +627,11 @@ class RedisSink:
         self._retry_at = 0.0
         # When the current run of failures began (None while all is well).
         self._failed_since: float | None = None
+        #: Called (in the thread that steps the sink) once it is connected to
+        #: Redis again after a failure, before it looks at the mirror: the
+        #: daemon wakes its write intake then, which may still be waiting out
+        #: a retry delay of its own (see Daemon).
+        self.on_reconnect: Callable[[], None] | None = None
         self._next_check = 0.0
         # The tailing step sent ahead, its answers not read yet (see send_ahead).
         self._ahead: _Ahead | None = None
@@ -904,6 +909,8 @@ class RedisSink:
                 time.monotonic() - self._failed_since,
             )
             self._failed_since = None
+            if self.on_reconnect is not None:
+                self.on_reconnect()
         self._delay = self.backoff[0]
         self._reconcile(size, found)
         if self.state == SinkState.TAIL and self._wake_mark(

@@ -1421,7 +1421,8 @@ class _Session:
                 # The connection was lost since an earlier sending: if its XADD
                 # ran, the reply is lost with it, as if a read had failed.
                 sent, confirmed = False, True
-                unread = lost = unread or maybe_added
+                unread = unread or maybe_added
+                lost = lost or maybe_added
                 yield _RETRY_DELAY
                 continue
             except _TRANSIENT:

@@ -634,6 +634,98 @@ def test_a_request_the_store_fails_is_answered_with_its_error_and_holds_up_no_ot
     intake.close()
 
 
+def test_a_woken_intake_connects_at_once_after_a_redis_failure(backend, monkeypatch):
+    """Found by a soak: the intake waited out its retry delay (up to 10 s) after Redis
+    came back, while the mirror was already there: clients found it read-only.
+    The daemon wakes it when the mirror's side has reconnected. A wake that comes
+    while the intake tries to connect (and fails) is not lost (found by review),
+    and each wake buys one try: the delays go on growing after it."""
+    from replicator.daemon import Daemon
+    from replicator.redis_sink import RedisSink
+    from telstate.remote import intake_key
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        intake = Intake(backend, server.url + "?db=0", backoff=(60.0, 120.0))
+        assert intake.step(StuckMirror(None)).wait == 0  # CONNECT: announced
+        server.stop()
+        step = intake.step(StuckMirror(None))
+        assert intake.state == IntakeState.BACKOFF and step.wait == 60.0
+        server.start()
+        assert intake.step(StuckMirror(None)).wait > 50  # still waiting out its delay
+        sink = RedisSink(backend, server.url + "?db=0")
+        try:
+            daemon = Daemon(backend, sink, None, intake)
+            assert sink.on_reconnect is not None
+            sink.on_reconnect()  # as the sink calls it once Redis is back
+            assert daemon._intake_bell.is_set()
+        finally:
+            sink.close()
+        assert intake.step(StuckMirror(None)).wait == 0  # its delay is over
+        assert intake.step(StuckMirror(None)).wait == 0  # CONNECT: announced again
+        assert intake.state == IntakeState.SERVE
+        assert server.client(db=15).exists(intake_key(0))
+        # A wake while the intake connects, and the connect fails: one more try at once.
+        server.stop()
+        intake.step(StuckMirror(None))
+        assert intake.state == IntakeState.BACKOFF
+        assert intake.step(StuckMirror(None)).wait > 50
+        intake._retry_at = 0.0
+        assert intake.step(StuckMirror(None)).wait == 0  # the delay is over: CONNECT
+        connect = intake._connect
+
+        def woken_then_failing() -> Any:
+            intake.wake()
+            return connect()  # (Redis is down: it fails)
+
+        monkeypatch.setattr(intake, "_connect", woken_then_failing)
+        assert intake.step(StuckMirror(None)).wait > 0 and intake.state == IntakeState.BACKOFF
+        monkeypatch.setattr(intake, "_connect", connect)
+        assert intake.step(StuckMirror(None)).wait == 0  # the wake: no delay
+        assert intake.step(StuckMirror(None)).wait > 50  # CONNECT failed again: a full delay
+        assert intake.step(StuckMirror(None)).wait > 50  # and no more tries
+        intake.close()
+
+
+def test_after_a_redis_restart_the_daemon_announces_its_intake_with_its_mirror(backend):
+    """Found by a soak (the whole daemon, as it runs): the mirror's cursor was back
+    long before the intake key, the intake waiting out its own retry delay."""
+    import threading
+
+    from replicator.daemon import Daemon
+    from replicator.redis_sink import RedisSink
+    from telstate.redis import mirror_cursor_key
+    from telstate.remote import intake_key
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        url = server.url + "?db=0"
+        sink = RedisSink(backend, url, stop=threading.Event(), backoff=(0.05, 0.2))
+        intake = Intake(backend, url, backoff=(30.0, 60.0))
+        daemon = Daemon(backend, sink, None, intake)
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        try:
+            control = server.client(db=15)
+            deadline = time.monotonic() + 10
+            while not control.exists(intake_key(0)):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            server.stop()
+            time.sleep(1.0)  # both sides fail, and back off
+            server.start()
+            control = server.client(db=15)
+            deadline = time.monotonic() + 10
+            while not (control.exists(intake_key(0)) and control.exists(mirror_cursor_key(0))):
+                assert time.monotonic() < deadline, "the intake did not come back with the mirror"
+                time.sleep(0.01)
+        finally:
+            daemon.stop.set()
+            thread.join(10)
+            sink.close()
+        assert not thread.is_alive()
+
+
 def test_a_copy_of_a_request_the_store_failed_gets_the_same_answer(server, backend, monkeypatch):
     """Found by review: a failed request is not recorded (the store failed), so a copy
     of it (sent when a reply is late) was applied once the store had room again."""

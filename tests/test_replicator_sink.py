@@ -347,6 +347,41 @@ def test_redis_down_then_back_empty(sinks):
         _assert_exact(log, server.client())
 
 
+def test_the_sink_says_when_redis_is_back_before_it_looks_at_the_mirror(sinks):
+    """Found by a soak: after a Redis restart the mirror's cursor was back seconds
+    before the write intake (waiting out its own retry delay) announced itself, and
+    a client made in between found a read-only mirror. The daemon wakes the intake
+    from this hook, which runs before the cursor is written again."""
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        log = StandInLog()
+        _fill(log)
+        sink = sinks(log, server.url)
+        cursors: list[Any] = []
+        states: list[SinkState] = []
+
+        def reconnected() -> None:
+            cursors.append(read_cursor(server.client())[1])
+            states.append(sink.state)
+
+        sink.on_reconnect = reconnected
+        _run(sink)
+        assert cursors == []  # (the first connect is no reconnect)
+        server.stop()
+        step = sink.step()
+        assert sink.state == SinkState.BACKOFF
+        server.start()
+        time.sleep(step.wait)
+        _run(sink, until=lambda: sink.seq == log.last_seq)
+        # Once a reconnect (twice if a pooled connection of before failed first),
+        # and each time before the cursor was written again.
+        assert cursors and set(cursors) == {None} and set(states) == {SinkState.CONNECT}
+        calls = len(cursors)
+        _run(sink)
+        assert len(cursors) == calls  # (steps while connected call nothing)
+
+
 def test_rebuild_in_chunks_and_a_cut_short_rebuild_is_redone(mirror, sinks):
     url, client = mirror
     log = StandInLog()

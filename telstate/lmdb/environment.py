@@ -1288,7 +1288,10 @@ def creation_refused(path: PathType) -> str | None:
         return f"{nearest!r} is not a directory"
     effective = os.access in os.supports_effective_ids
     if not os.access(nearest, os.W_OK | os.X_OK, effective_ids=effective):
-        return f"no permission to write in {nearest!r} (or its file system is read-only)"
+        return (
+            f"no permission to make files in {nearest!r} (to write in it and search it),"
+            " or its file system is read-only"
+        )
     return None
 
 
