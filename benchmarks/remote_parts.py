@@ -37,7 +37,7 @@ from tests.servers import RedisServer
 
 from .environment import BenchEnv
 from .scale import SCALES
-from .workloads.remote import START_TIMEOUT, WRITERS, _Connection, _Mirror, _rate
+from .workloads.remote import START_TIMEOUT, WRITERS, _Connection, _Mirror, _rate, consume
 
 #: The database of the mirror's control keys (telstate.redis.MIRROR_CURSOR_DB).
 _CONTROL_DB = 15
@@ -67,16 +67,9 @@ def _consumer(path: str, store: str | None, durability: str, ready: Any, stop: A
         (b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", 256, b"BLOCK", 100)
         + (b"STREAMS", requests, b">")
     )
-    ready.set()
-    redis_.socket.sendall(read)
-    while True:
-        (reply,) = redis_.receive(1)
-        if not reply:
-            if stop.is_set():
-                break
-            redis_.socket.sendall(read)
-            continue
-        entries = [(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in reply[0][1]]
+
+    def answer(flat_entries: list[Any]) -> list[tuple[Any, ...]]:
+        entries = [(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in flat_entries]
         if backend is not None:
             batch = [decode_request(entry_id, fields) for entry_id, fields in entries]
             apply_requests(backend, batch, int(time.time() * 1000))
@@ -91,10 +84,10 @@ def _consumer(path: str, store: str | None, durability: str, ready: Any, stop: A
         ids = [entry_id for entry_id, _ in entries]
         commands.append((b"XACK", requests, GROUP, *ids))
         commands.append((b"XDEL", requests, *ids))
-        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
-        redis_.receive(len(commands))
-        if stop.is_set():
-            break
+        return commands
+
+    ready.set()
+    consume(redis_, read, stop, answer)
     redis_.close()
     if backend is not None:
         backend.close()
