@@ -37,7 +37,15 @@ from tests.servers import RedisServer
 
 from .environment import BenchEnv
 from .scale import SCALES
-from .workloads.remote import START_TIMEOUT, WRITERS, _Connection, _Mirror, _rate, consume
+from .workloads.remote import (
+    START_TIMEOUT,
+    WRITERS,
+    _Connection,
+    _Mirror,
+    _rate,
+    consume,
+    replies,
+)
 
 #: The database of the mirror's control keys (telstate.redis.MIRROR_CURSOR_DB).
 _CONTROL_DB = 15
@@ -73,18 +81,12 @@ def _consumer(path: str, store: str | None, durability: str, ready: Any, stop: A
         if backend is not None:
             batch = [decode_request(entry_id, fields) for entry_id, fields in entries]
             apply_requests(backend, batch, int(time.time() * 1000))
-        commands: list[tuple[Any, ...]] = []
-        for _, fields in entries:
-            stream = reply_stream_key(0, fields[b"reply"])
-            commands.append(
-                (b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", fields[b"id"])
-                + (b"status", b"ok", b"value", b"", b"error", b"", b"message", b"")
-            )
-            commands.append((b"PEXPIRE", stream, b"60000"))
-        ids = [entry_id for entry_id, _ in entries]
-        commands.append((b"XACK", requests, GROUP, *ids))
-        commands.append((b"XDEL", requests, *ids))
-        return commands
+        answered = [
+            (entry_id, reply_stream_key(0, fields[b"reply"]), fields[b"id"])
+            for entry_id, fields in entries
+        ]
+        ok = (b"status", b"ok", b"value", b"", b"error", b"", b"message", b"")
+        return replies(requests, GROUP, answered, *ok)
 
     ready.set()
     consume(redis_, read, stop, answer)

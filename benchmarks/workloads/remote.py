@@ -175,6 +175,26 @@ def consume(
             break
 
 
+def replies(
+    requests: bytes, group: bytes, answered: list[tuple[bytes, bytes, bytes]], *fields: bytes
+) -> list[tuple[Any, ...]]:
+    """The commands that answer requests and retire them from stream `requests`.
+
+    `answered`: (entry id, reply stream, request id) of each request; each
+    reply holds its request id and then `fields`.
+    """
+    commands: list[tuple[Any, ...]] = []
+    for _, stream, request_id in answered:
+        commands.append(
+            (b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", request_id, *fields)
+        )
+        commands.append((b"PEXPIRE", stream, b"60000"))
+    ids = [entry_id for entry_id, _, _ in answered]
+    commands.append((b"XACK", requests, group, *ids))
+    commands.append((b"XDEL", requests, *ids))
+    return commands
+
+
 def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) -> None:
     """The bare consumer: each batch of requests in one LMDB transaction, then its replies."""
     import lmdb
@@ -197,15 +217,8 @@ def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) ->
         with env.begin(write=True) as txn:
             for _, fields in entries:
                 txn.put(fields[5] + fields[7], fields[9])
-        commands: list[tuple[Any, ...]] = []
-        for _, fields in entries:
-            stream = _FLOOR_REPLIES + fields[3]
-            commands.append((b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", fields[1]))
-            commands.append((b"PEXPIRE", stream, b"60000"))
-        ids = [entry_id for entry_id, _ in entries]
-        commands.append((b"XACK", _FLOOR_REQUESTS, _FLOOR_GROUP, *ids))
-        commands.append((b"XDEL", _FLOOR_REQUESTS, *ids))
-        return commands
+        answered = [(entry_id, _FLOOR_REPLIES + f[3], f[1]) for entry_id, f in entries]
+        return replies(_FLOOR_REQUESTS, _FLOOR_GROUP, answered)
 
     ready.set()
     consume(redis_, read, stop, answer)
