@@ -37,7 +37,15 @@ from tests.servers import RedisServer
 
 from .environment import BenchEnv
 from .scale import SCALES
-from .workloads.remote import START_TIMEOUT, WRITERS, _Connection, _Mirror, _rate
+from .workloads.remote import (
+    START_TIMEOUT,
+    WRITERS,
+    _Connection,
+    _Mirror,
+    _rate,
+    consume,
+    replies,
+)
 
 #: The database of the mirror's control keys (telstate.redis.MIRROR_CURSOR_DB).
 _CONTROL_DB = 15
@@ -67,34 +75,21 @@ def _consumer(path: str, store: str | None, durability: str, ready: Any, stop: A
         (b"XREADGROUP", b"GROUP", GROUP, GROUP, b"COUNT", 256, b"BLOCK", 100)
         + (b"STREAMS", requests, b">")
     )
-    ready.set()
-    redis_.socket.sendall(read)
-    while True:
-        (reply,) = redis_.receive(1)
-        if not reply:
-            if stop.is_set():
-                break
-            redis_.socket.sendall(read)
-            continue
-        entries = [(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in reply[0][1]]
+
+    def answer(flat_entries: list[Any]) -> list[tuple[Any, ...]]:
+        entries = [(entry_id, dict(zip(flat[::2], flat[1::2]))) for entry_id, flat in flat_entries]
         if backend is not None:
             batch = [decode_request(entry_id, fields) for entry_id, fields in entries]
             apply_requests(backend, batch, int(time.time() * 1000))
-        commands: list[tuple[Any, ...]] = []
-        for _, fields in entries:
-            stream = reply_stream_key(0, fields[b"reply"])
-            commands.append(
-                (b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", fields[b"id"])
-                + (b"status", b"ok", b"value", b"", b"error", b"", b"message", b"")
-            )
-            commands.append((b"PEXPIRE", stream, b"60000"))
-        ids = [entry_id for entry_id, _ in entries]
-        commands.append((b"XACK", requests, GROUP, *ids))
-        commands.append((b"XDEL", requests, *ids))
-        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
-        redis_.receive(len(commands))
-        if stop.is_set():
-            break
+        answered = [
+            (entry_id, reply_stream_key(0, fields[b"reply"]), fields[b"id"])
+            for entry_id, fields in entries
+        ]
+        ok = (b"status", b"ok", b"value", b"", b"error", b"", b"message", b"")
+        return replies(requests, GROUP, answered, *ok)
+
+    ready.set()
+    consume(redis_, read, stop, answer)
     redis_.close()
     if backend is not None:
         backend.close()

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
@@ -148,6 +149,52 @@ class _Connection:
         self.socket.close()
 
 
+def consume(
+    redis_: _Connection,
+    read: bytes,
+    stop: Any,
+    answer: Callable[[list[Any]], list[tuple[Any, ...]]],
+) -> None:
+    """Serve requests until `stop` is set: send `read` (a blocking XREADGROUP), and
+    for each batch it hands out, send the commands `answer` gives for the batch's
+    entries (its replies, retiring the requests) together with the next read."""
+    redis_.socket.sendall(read)
+    while True:
+        (reply,) = redis_.receive(1)
+        if not reply:
+            if stop.is_set():
+                break
+            redis_.socket.sendall(read)
+            continue
+        commands = answer(reply[0][1])
+        # The next read goes out with the replies (Redis runs it after them):
+        # the consumer does not wait for their answers before it reads again.
+        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
+        redis_.receive(len(commands))
+        if stop.is_set():
+            break
+
+
+def replies(
+    requests: bytes, group: bytes, answered: list[tuple[bytes, bytes, bytes]], *fields: bytes
+) -> list[tuple[Any, ...]]:
+    """The commands that answer requests and retire them from stream `requests`.
+
+    `answered`: (entry id, reply stream, request id) of each request; each
+    reply holds its request id and then `fields`.
+    """
+    commands: list[tuple[Any, ...]] = []
+    for _, stream, request_id in answered:
+        commands.append(
+            (b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", request_id, *fields)
+        )
+        commands.append((b"PEXPIRE", stream, b"60000"))
+    ids = [entry_id for entry_id, _, _ in answered]
+    commands.append((b"XACK", requests, group, *ids))
+    commands.append((b"XDEL", requests, *ids))
+    return commands
+
+
 def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) -> None:
     """The bare consumer: each batch of requests in one LMDB transaction, then its replies."""
     import lmdb
@@ -164,34 +211,17 @@ def _floor_consumer(path: str, store: str, sync: bool, ready: Any, stop: Any) ->
         (b"XREADGROUP", b"GROUP", _FLOOR_GROUP, b"c", b"COUNT", 256, b"BLOCK", 100)
         + (b"STREAMS", _FLOOR_REQUESTS, b">")
     )
-    ready.set()
-    redis_.socket.sendall(read)
-    while True:
-        (reply,) = redis_.receive(1)
-        if not reply:
-            if stop.is_set():
-                break
-            redis_.socket.sendall(read)
-            continue
-        entries = reply[0][1]
+
+    def answer(entries: list[Any]) -> list[tuple[Any, ...]]:
         # Fields: id, reply token, key, timestamp (packed), value (encoded).
         with env.begin(write=True) as txn:
             for _, fields in entries:
                 txn.put(fields[5] + fields[7], fields[9])
-        commands = []
-        for _, fields in entries:
-            stream = _FLOOR_REPLIES + fields[3]
-            commands.append((b"XADD", stream, b"MAXLEN", b"~", b"100", b"*", b"id", fields[1]))
-            commands.append((b"PEXPIRE", stream, b"60000"))
-        ids = [entry_id for entry_id, _ in entries]
-        commands.append((b"XACK", _FLOOR_REQUESTS, _FLOOR_GROUP, *ids))
-        commands.append((b"XDEL", _FLOOR_REQUESTS, *ids))
-        # The next read goes out with the replies (Redis runs it after them):
-        # the consumer does not wait for their answers before it reads again.
-        redis_.socket.sendall(b"".join(map(hiredis.pack_command, commands)) + read)
-        redis_.receive(len(commands))
-        if stop.is_set():
-            break
+        answered = [(entry_id, _FLOOR_REPLIES + f[3], f[1]) for entry_id, f in entries]
+        return replies(_FLOOR_REQUESTS, _FLOOR_GROUP, answered)
+
+    ready.set()
+    consume(redis_, read, stop, answer)
     redis_.close()
     env.close()
 
