@@ -25,7 +25,6 @@ katsdptelstate's.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ from tests.servers import RedisServer
 from .environment import BenchEnv
 from .scale import SCALES
 from .workloads.remote import (
-    START_TIMEOUT,
     WRITERS,
+    Consumer,
     _Connection,
     _Mirror,
     _rate,
@@ -96,26 +95,12 @@ def _consumer(path: str, store: str | None, durability: str, ready: Any, stop: A
 
 
 def _with_consumer(env: BenchEnv, apply: bool, durability: str, count: int) -> float:
-    directory = env.scratch("remote-parts")
-    server = RedisServer(directory=directory).start()
-    context = multiprocessing.get_context("spawn")
-    ready, stop = context.Event(), context.Event()
-    store = str(directory / "store") if apply else None
-    consumer = context.Process(
-        target=_consumer, args=(server.socket, store, durability, ready, stop), daemon=True
-    )
+    store = str(env.scratch("remote-parts") / "store") if apply else None
+    consumer = Consumer(env, _consumer, store, durability)
     try:
-        consumer.start()
-        if not ready.wait(START_TIMEOUT):
-            raise RuntimeError("the consumer did not start")
-        return _rate(("mirror", f"unix://{server.socket}?db=0"), WRITERS, count)
+        return _rate(("mirror", f"unix://{consumer.server.socket}?db=0"), WRITERS, count)
     finally:
-        stop.set()
-        consumer.join(10)
-        if consumer.exitcode is None:
-            consumer.kill()
-            consumer.join()
-        server.cleanup()
+        consumer.close()
 
 
 def _with_daemon(env: BenchEnv, durability: str, count: int) -> float:

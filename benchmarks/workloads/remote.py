@@ -18,8 +18,8 @@ The bare LMDB commit columns are the floor under telstate's: the same
 round trips through Redis (a request XADDed with its reply skipped, a
 blocking XREAD of the writer's own reply stream), to a bare consumer that
 reads the waiting requests (XREADGROUP), stores each batch's samples in
-one bare LMDB transaction (with or without sync, no writemap), and replies
-with one pipelined write. No request records, chain, index or mirror, no
+one bare LMDB transaction (with or without sync, no writemap), and sends
+the replies and its next read in one write. No request records, chain, index or mirror, no
 decoding beyond the fields; its writers pack the commands themselves.
 """
 
@@ -230,7 +230,7 @@ class _FloorWriter:
     """A writer of the floor: `add` sends a request and waits for its reply, as telstate's."""
 
     def __init__(self, path: str) -> None:
-        self.backend = self
+        self.backend = self  # (what _close looks at, as on a TelescopeState)
         self._redis = _Connection(path)
         self._redis.socket.settimeout(_FLOOR_TIMEOUT)
         self._token = os.urandom(8).hex().encode()
@@ -266,26 +266,27 @@ class _FloorWriter:
         self._redis.close()
 
 
-class _Floor:
-    """A redis-server and the bare consumer, writing a bare LMDB store with or without sync."""
+class Consumer:
+    """A redis-server, and a process that serves the requests sent through it.
 
-    def __init__(self, env: BenchEnv, sync: bool) -> None:
-        directory = env.scratch("remote-floor")
-        self.server = RedisServer(directory=directory).start()
+    The process runs ``target(socket, *args, ready, stop)``: it sets
+    `ready` once it serves, and returns once `stop` is set.
+    """
+
+    def __init__(self, env: BenchEnv, target: Callable[..., None], *args: Any) -> None:
+        self.server = RedisServer(directory=env.scratch("remote-consumer")).start()
         context = multiprocessing.get_context("spawn")
         ready, self.stop = context.Event(), context.Event()
-        self.consumer = context.Process(
-            target=_floor_consumer,
-            args=(self.server.socket, str(directory / "store"), sync, ready, self.stop),
-            daemon=True,
+        self.process = context.Process(
+            target=target, args=(self.server.socket, *args, ready, self.stop), daemon=True
         )
         try:
-            self.consumer.start()
+            self.process.start()
             deadline = time.monotonic() + START_TIMEOUT
             while not ready.wait(0.1):
-                if not self.consumer.is_alive() or time.monotonic() > deadline:
+                if not self.process.is_alive() or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"the floor's consumer did not start (exit code {self.consumer.exitcode})"
+                        f"the consumer did not start (exit code {self.process.exitcode})"
                     )
         except BaseException:
             self.close()
@@ -293,11 +294,11 @@ class _Floor:
 
     def close(self) -> None:
         self.stop.set()
-        if self.consumer.pid is not None:
-            self.consumer.join(10)
-        if self.consumer.pid is not None and self.consumer.exitcode is None:
-            self.consumer.kill()
-            self.consumer.join()
+        if self.process.pid is not None:
+            self.process.join(10)
+        if self.process.pid is not None and self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
         self.server.cleanup()
 
 
@@ -372,7 +373,8 @@ def _with_writers(fixture: _Fixture, measure: Any) -> Any:
         assert store.peer is not None
         return measure(store.peer)
     if store.contender.is_baseline:
-        floor = _Floor(fixture.env, store.contender.durability == "fsync")
+        path = str(fixture.env.scratch("remote-floor") / "store")
+        floor = Consumer(fixture.env, _floor_consumer, path, store.contender.durability == "fsync")
         try:
             return measure(("floor", floor.server.socket))
         finally:
