@@ -1960,6 +1960,38 @@ def test_a_reply_lost_with_its_server_leaves_the_write_maybe_applied(monkeypatch
     assert "may have been applied" in str(_run_out(plan, [b"1-0", None], now))
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "LOADING Redis is loading the dataset in memory",
+        "BUSY Redis is busy running a script.",
+    ],
+)
+def test_a_read_refused_by_a_restarted_server_leaves_the_write_maybe_applied(monkeypatch, refusal):
+    """The read after an accepted request met a server loading its data (it restarted,
+    or failed over): a reply may have been lost with the old one, so a timeout after
+    empty reads says "may have been applied". A busy server kept its data: an empty
+    read after it still proves that no reply came, so a timeout says "unapplied"."""
+    from telstate.remote import PackedWrite, _Exchange
+
+    session, now = _session_on_a_clock(monkeypatch)
+    write = PackedWrite.of(Op.ADD_MUTABLE, key=b"k", value=b"v", timestamp=1.0)
+    plan = session.write_plan(Op.ADD_MUTABLE, b"k", write, 1.0)
+    next(plan)
+    now[0] += 0.2
+    step = plan.send([b"1-0", redis.ResponseError(refusal)])  # accepted; its read refused
+    while not isinstance(step, _Exchange):
+        if isinstance(step, float):
+            now[0] += step
+        step = next(plan)
+    assert step.replies == 1  # the read again, not the request
+    timed_out = str(_run_out(plan, [None], now))
+    if refusal.startswith("LOADING"):
+        assert "may have been applied" in timed_out
+    else:
+        assert "expires unapplied" in timed_out
+
+
 def test_a_refusal_whose_class_parses_its_message_is_still_reported():
     """Found by review: MOVED and ASK (a Redis Cluster) rebuilt with "may be applied"
     appended failed to parse, and the writer raised a ValueError of its own."""
